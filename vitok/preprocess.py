@@ -1,0 +1,191 @@
+"""RGB image -> encoder input, exactly as transformers' Qwen2-VL/Qwen3-VL image processor does it.
+
+The work is split where it is cheapest to move: a DataLoader worker turns a file into **uint8 patches** in the
+encoder's row order (decode, resize, patchify); the device then turns them into float pixels (rescale, normalise,
+repeat to T frames). uint8 is a quarter of the bytes of float32, and the arithmetic is the same IEEE float32
+either side, so the result equals the reference's ``pixel_values`` wherever it runs.
+
+Qwen mode (``PreprocessConfig.mode == "qwen"``):
+    smart_resize to multiples of patch*merge within [min_pixels, max_pixels] (Python's banker's rounding,
+    aspect ratio <= 200), bicubic antialiased resize of the uint8 image (torchvision backend, the reference's
+    default; PIL backend on request), (x - mean*255) / (std*255) in float32, the frame repeated T times,
+    rows in 2x2 merge-block order, each row flattened as (C, T, p, p).
+Fixed mode: resize to image_size x image_size; otherwise the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from .decode import DecodedImage, decode_image, load_any_image
+from .errors import ImageError
+
+
+def smart_resize(
+    height: int, width: int, factor: int, min_pixels: int, max_pixels: int, max_ratio: float = 200.0
+) -> tuple[int, int]:
+    """Target (height, width): multiples of ``factor``, area within [min_pixels, max_pixels], aspect kept."""
+    if max(height, width) / min(height, width) > max_ratio:
+        raise ImageError(
+            f"aspect ratio {max(height, width) / min(height, width):.1f} exceeds {max_ratio:g} ({width}x{height})"
+        )
+    h_bar = round(height / factor) * factor  # round() is banker's rounding, as in the reference
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def target_size(config: PreprocessConfig, height: int, width: int) -> tuple[int, int]:
+    """Resized (height, width) for an upright image of the given size."""
+    if config.mode == "fixed":
+        return int(config.image_size), int(config.image_size)
+    return smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels, config.max_aspect_ratio)
+
+
+def resize_uint8(image: Image.Image, height: int, width: int, config: PreprocessConfig) -> torch.Tensor:
+    """RGB PIL image -> (3, height, width) uint8 tensor, resized even when the size is unchanged (as the reference)."""
+    if config.backend == "pil":
+        resample = Image.Resampling.BICUBIC if config.resample == "bicubic" else Image.Resampling.BILINEAR
+        return torch.from_numpy(np.array(image.resize((width, height), resample=resample))).permute(2, 0, 1)
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvF
+
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+    mode = InterpolationMode.BICUBIC if config.resample == "bicubic" else InterpolationMode.BILINEAR
+    return tvF.resize(pixels, [height, width], interpolation=mode, antialias=True)
+
+
+def patchify(pixels: torch.Tensor, patch_size: int, merge_size: int) -> torch.Tensor:
+    """(C, H, W) -> (H/p * W/p, C, p, p), rows in merge-block order (raster order when merge_size is 1)."""
+    c, height, width = pixels.shape
+    gh, gw, p, m = height // patch_size, width // patch_size, patch_size, merge_size
+    x = pixels.reshape(c, gh // m, m, p, gw // m, m, p)  # (c, bh, mh, ph, bw, mw, pw)
+    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # (bh, bw, mh, mw, c, ph, pw)
+    return x.reshape(gh * gw, c, p, p)
+
+
+def normalize_patches(patches: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """uint8 (N, C, p, p) -> float32 (N, C*T*p*p) pixel_values, on whatever device the patches are.
+
+    torchvision backend: rescale and normalise fused, (x - mean/rescale) / (std/rescale), as the reference.
+    PIL backend: float32(x * rescale), then (x - mean) / std, as the reference's NumPy path.
+    """
+    n, c, p, _ = patches.shape
+    shape = (1, c, 1, 1)
+    if config.backend == "pil":
+        x = (patches.to(torch.float64) * config.rescale_factor).to(torch.float32)
+        mean = torch.tensor(config.image_mean, dtype=torch.float32, device=patches.device).view(shape)
+        std = torch.tensor(config.image_std, dtype=torch.float32, device=patches.device).view(shape)
+        x = (x - mean) / std
+    else:
+        mean = torch.tensor(config.image_mean, device=patches.device) * (1.0 / config.rescale_factor)
+        std = torch.tensor(config.image_std, device=patches.device) * (1.0 / config.rescale_factor)
+        x = patches.to(torch.float32).sub_(mean.view(shape)).div_(std.view(shape))
+    t = config.temporal_patch_size
+    return x[:, :, None].expand(n, c, t, p, p).reshape(n, c * t * p * p)
+
+
+@dataclass
+class PreparedImage:
+    """One image ready for the encoder, as produced in a DataLoader worker."""
+
+    patches: torch.Tensor  # (t*h*w, C, p, p) uint8, merge-block order
+    grid_thw: tuple[int, int, int]  # in patches
+    original_size: tuple[int, int]  # (width, height), upright
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches.shape[0]
+
+    def pin_memory(self) -> PreparedImage:
+        """Called by the DataLoader's pinning thread, so the copy to the GPU can be asynchronous."""
+        self.patches = self.patches.pin_memory()
+        return self
+
+
+class Preprocessor:
+    """File or image -> :class:`PreparedImage`. Picklable, so it runs the same in DataLoader workers."""
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.config = config
+
+    def _draft_size(self, width: int, height: int) -> tuple[int, int] | None:
+        try:
+            h, w = target_size(self.config, height, width)
+        except ImageError:
+            return None
+        return w, h
+
+    def load(self, path) -> PreparedImage:
+        """Decode and prepare one file; raises ImageError with a one-line reason."""
+        decoded = decode_image(
+            path,
+            max_image_pixels=self.config.max_image_pixels,
+            allow_truncated=self.config.allow_truncated,
+            draft_size=self._draft_size if self.config.fast_decode else None,
+        )
+        return self.prepare(decoded)
+
+    def prepare(self, decoded: DecodedImage | Image.Image) -> PreparedImage:
+        if isinstance(decoded, Image.Image):
+            decoded = DecodedImage(load_any_image(decoded), decoded.size)
+        width, height = decoded.original_size
+        th, tw = target_size(self.config, height, width)
+        pixels = resize_uint8(decoded.image, th, tw, self.config)
+        patches = patchify(pixels, self.config.patch_size, self.config.merge_size)
+        grid = (1, th // self.config.patch_size, tw // self.config.patch_size)
+        return PreparedImage(patches.contiguous(), grid, decoded.original_size, list(decoded.notes))
+
+    def pixel_values(self, prepared: PreparedImage) -> torch.Tensor:
+        return normalize_patches(prepared.patches, self.config)
+
+
+class ImagePreprocessor:
+    """The original API: resize to ``img_size`` x ``img_size``, ImageNet mean/std, (1, 3, H, W) float tensor.
+
+    >>> ImagePreprocessor(img_size=224).preprocess("photo.jpg").shape
+    torch.Size([1, 3, 224, 224])
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        resample: str = "bilinear",
+    ) -> None:
+        self.img_size = img_size
+        self.config = PreprocessConfig(
+            mode="fixed",
+            image_size=img_size,
+            patch_size=1,
+            merge_size=1,
+            temporal_patch_size=1,
+            image_mean=tuple(mean),
+            image_std=tuple(std),
+            resample=resample,
+        )
+
+    def preprocess(self, image) -> torch.Tensor:
+        """A path, PIL image or uint8 array (H x W x 3 or H x W) -> (1, 3, img_size, img_size) float32."""
+        rgb = load_any_image(image)
+        pixels = resize_uint8(rgb, self.img_size, self.img_size, self.config)  # (3, S, S) uint8
+        mean = torch.tensor(self.config.image_mean) * 255.0
+        std = torch.tensor(self.config.image_std) * 255.0
+        return ((pixels.float() - mean.view(3, 1, 1)) / std.view(3, 1, 1)).unsqueeze(0)
+
+    __call__ = preprocess
