@@ -289,7 +289,8 @@ def main() -> None:
     from .errors import VitokError
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except VitokError as exc:
         if _state["debug"]:
             raise

@@ -29,7 +29,8 @@ def check_shard(out: Path, sidecar: dict[str, Any]) -> list[str]:
     try:
         reader = ShardReader(path, sidecar["format"])
         keys = reader.keys()
-        expected = [r["key"] for r in sidecar["records"] if r["status"] == "ok"]
+        ok = sorted((r for r in sidecar["records"] if r["status"] == "ok"), key=lambda r: r["row"])
+        expected = [r["key"] for r in ok]
         if keys != expected:
             return [f"{sidecar['shard']}: keys in the data do not match the manifest"]
         for feature, rows in sidecar["features"].items():

@@ -105,7 +105,7 @@ class ShardWriter:
                 "num_ok": len(self._keys),
                 "num_skipped": len(self.records) - len(self._keys),
                 "features": {f: int(sum(self._counts.get(f, []))) for f in self.features},
-                "records": self.records,
+                "records": sorted(self.records, key=lambda r: r["key"]),
                 **(extra or {}),
             }
             atomic_write_text(sidecar_path(self.out, self.name), json.dumps(sidecar, ensure_ascii=False))

@@ -1,0 +1,55 @@
+"""Builders for generated image folders and subprocess runs of the real CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from conftest import ODD, ROOT
+
+TINY = ["--model", "qwen3-vl-tiny", "--workers", "0", "--quiet"]
+
+
+def make_folder(folder: Path, count: int = 10, with_odd: bool = True, seed: int = 0) -> Path:
+    """Random photos of a few sizes (some repeated, so batches share grids), nested, plus the odd files."""
+    rng = np.random.default_rng(seed)
+    sizes = [(64, 64), (96, 64), (64, 128), (80, 80)]
+    for i in range(count):
+        w, h = sizes[i % len(sizes)]
+        sub = folder / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        ext = ".png" if i % 3 else ".JPG"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(sub / f"img{i:02d}{ext}",
+                                                                              format="PNG" if ext == ".png" else "JPEG")
+    if with_odd:
+        shutil.copytree(ODD, folder / "odd")
+    (folder / "notes.txt").write_text("not an image, ignored by the walk")
+    return folder
+
+
+def vitok(*args: str, input: str | None = None, env: dict | None = None, check: bool = False):
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    result = subprocess.run([sys.executable, "-m", "vitok", *args], capture_output=True, text=True, input=input,
+                            env=full_env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"vitok {' '.join(args)} -> {result.returncode}\n{result.stderr}")
+    return result
+
+
+def popen_vitok(*args: str, env: dict | None = None) -> subprocess.Popen:
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "vitok", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=full_env)
+
+
+def all_tokens(out: Path, feature: str | None = None) -> dict[str, np.ndarray]:
+    import vitok
+
+    store = vitok.open(out)
+    return {key: store.get(key, feature) for key in store.keys()}

@@ -1,0 +1,161 @@
+"""Loading towers from checkpoint folders, sharded indexes, single files and a Hugging Face cache layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import TINY_VISION, reference_model
+from vitok.checkpoint import resolve_model, save_tower
+from vitok.errors import CheckpointError, UsageError
+from vitok.runtime import load_encoder
+
+GRIDS = [(1, 4, 6), (1, 2, 2)]
+
+
+def write_released_layout(folder, reference, config, prefix="model.visual."):
+    """config.json + two safetensors shards + index, as released: tower keys plus language-model tensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tower = {prefix + k: v.contiguous() for k, v in reference.state_dict().items()}
+    keys = sorted(tower)
+    half = len(keys) // 2
+    lm = {"model.language_model.embed_tokens.weight": torch.randn(32, 16), "lm_head.weight": torch.randn(32, 16)}
+    shard1 = {k: tower[k] for k in keys[:half]} | {"model.language_model.norm.weight": torch.ones(16)}
+    shard2 = {k: tower[k] for k in keys[half:]}
+    save_file(shard1, str(folder / "model-00001-of-00003.safetensors"))
+    save_file(shard2, str(folder / "model-00002-of-00003.safetensors"))
+    # A language-model-only shard that is not even valid safetensors: reading it would fail the load.
+    (folder / "model-00003-of-00003.safetensors").write_bytes(b"not read by vitok")
+    weight_map = {k: "model-00001-of-00003.safetensors" for k in shard1}
+    weight_map |= {k: "model-00002-of-00003.safetensors" for k in shard2}
+    weight_map |= {k: "model-00003-of-00003.safetensors" for k in lm}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    vision = {**config.to_dict(), "model_type": "qwen3_vl"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "vision_config": vision}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"longest_edge": 1048576, "shortest_edge": 4096}, "patch_size": 16, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+    }))
+    return folder
+
+
+def _outputs(model, pixels, grids):
+    with torch.no_grad():
+        return model(pixels, grids, features=("patch", "merged", "deepstack")).features
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    reference, config = reference_model(seed=7)
+    folder = write_released_layout(tmp_path_factory.mktemp("ckpt") / "Qwen3-VL-Tiny", reference, config)
+    return reference, config, folder
+
+
+def test_sharded_folder_loads_only_the_tower_and_matches_reference(released):
+    reference, _, folder = released
+    encoder = load_encoder(str(folder), device="cpu", dtype="float32")
+    assert encoder.source.name == "Qwen3-VL-Tiny"
+    assert encoder.preprocess.max_pixels == 1048576 and encoder.preprocess.min_pixels == 4096
+    assert encoder.weights_hash.startswith("blake2b:")
+    n = sum(t * h * w for t, h, w in GRIDS)
+    pixels = torch.randn(n, encoder.config.patch_dim)
+    got = _outputs(encoder.model, pixels, GRIDS)
+    with torch.no_grad():
+        expected = reference(pixels, torch.tensor(GRIDS))
+    torch.testing.assert_close(got["merged"], expected.pooler_output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["deepstack"][1], expected.deepstack_features[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix", ["visual.", ""])
+def test_other_prefixes(tmp_path, prefix):
+    reference, config = reference_model(seed=2)
+    state = {prefix + k: v.contiguous() for k, v in reference.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": config.to_dict()}))
+    encoder = load_encoder(str(tmp_path), device="cpu", dtype="float32")
+    torch.testing.assert_close(encoder.model.pos_embed.weight, reference.pos_embed.weight)
+
+
+def test_single_tower_file_round_trip(tmp_path, released):
+    encoder = load_encoder(str(released[2]), device="cpu", dtype="float32")
+    path = tmp_path / "tower.safetensors"
+    save_tower(encoder.model, path, encoder.config)
+    again = load_encoder(str(path), device="cpu", dtype="float32")
+    assert again.weights_hash == encoder.weights_hash
+    assert again.config.deepstack_visual_indexes == tuple(TINY_VISION["deepstack_visual_indexes"])
+
+
+def test_wrong_shape_names_the_key(tmp_path):
+    reference, config = reference_model()
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    state["blocks.1.attn.qkv.weight"] = torch.zeros(5, 5)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": config.to_dict()}))
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.attn\.qkv\.weight"):
+        load_encoder(str(tmp_path), device="cpu")
+
+
+def test_missing_key_is_named(tmp_path):
+    reference, config = reference_model()
+    state = {k: v.contiguous() for k, v in reference.state_dict().items() if k != "merger.norm.bias"}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": config.to_dict()}))
+    with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): merger\.norm\.bias"):
+        load_encoder(str(tmp_path), device="cpu")
+
+
+def test_unexpected_key_is_named(tmp_path):
+    reference, config = reference_model()
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()} | {"blocks.9.extra": torch.zeros(1)}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": config.to_dict()}))
+    with pytest.raises(CheckpointError, match=r"unexpected 1 tensor\(s\): blocks\.9\.extra"):
+        load_encoder(str(tmp_path), device="cpu")
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(UsageError, match="valid presets: .*base.*qwen3-vl-2b"):
+        resolve_model("no-such-model")
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": reference_model()[1].to_dict()}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        resolve_model(str(tmp_path))
+
+
+def test_repo_id_resolves_through_a_local_cache(tmp_path, monkeypatch, released):
+    reference, config, _ = released
+    repo = tmp_path / "hub" / "models--Qwen--Qwen3-VL-Tiny"
+    write_released_layout(repo / "snapshots" / "0123abcd", reference, config)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    source = resolve_model("Qwen/Qwen3-VL-Tiny")
+    assert source.name == "Qwen/Qwen3-VL-Tiny" and len(source.weight_files) == 2
+
+
+def test_repo_id_without_cache_or_network_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="pass the folder with --model|pass a local checkpoint folder"):
+        resolve_model("Qwen/Not-Cached")
+
+
+def test_random_preset_is_deterministic_and_says_so(caplog):
+    import logging
+
+    from vitok import runtime
+
+    runtime._warned_random.discard("qwen3-vl-tiny")
+    with caplog.at_level(logging.WARNING, logger="vitok"):
+        first = load_encoder("qwen3-vl-tiny", device="cpu")
+    second = load_encoder("qwen3-vl-tiny", device="cpu")
+    assert sum("NOT meaningful" in r.getMessage() for r in caplog.records) == 1
+    for a, b in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)

@@ -1,0 +1,37 @@
+"""The original pipeline API: shapes and output formats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import PHOTOS
+from vitok import Qwen3VLPipeline
+from vitok.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def base():
+    return Qwen3VLPipeline(model_size="base", device="cpu")
+
+
+def test_base_shapes(base):
+    photo = PHOTOS / "rocket.jpg"
+    assert base.process_image(photo).shape == (1, 256, 1024)
+    assert base.process_batch([photo, Image.open(PHOTOS / "coffee.png")]).shape == (2, 256, 1024)
+
+
+@pytest.mark.parametrize("pool", ["mean", "max", "cls"])
+def test_pooled_shapes(pool):
+    pipe = Qwen3VLPipeline(model_size="small", pooling_strategy=pool, device="cpu")
+    assert pipe.process_image(np.zeros((40, 60, 3), dtype=np.uint8)).shape == (1, 1, 512)
+
+
+def test_output_formats():
+    image = np.full((30, 30), 128, dtype=np.uint8)
+    assert isinstance(Qwen3VLPipeline("small", output_format="numpy").process_image(image), np.ndarray)
+    as_list = Qwen3VLPipeline("small", pooling_strategy="mean", output_format="list").process_image(image)
+    assert isinstance(as_list, list) and len(as_list[0][0]) == 512
+    with pytest.raises(UsageError):
+        Qwen3VLPipeline("small", output_format="xml")

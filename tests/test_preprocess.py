@@ -1,0 +1,129 @@
+"""Pixel parity with the reference image processor, smart_resize branches, end-to-end parity, workers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from conftest import PHOTOS, rel_error, reference_model, vitok_from_reference
+from vitok.config import PreprocessConfig
+from vitok.errors import ImageError
+from vitok.preprocess import ImagePreprocessor, Preprocessor, smart_resize
+
+QWEN3 = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+             size={"shortest_edge": 65536, "longest_edge": 16777216})
+PHOTO_FILES = sorted(p for p in PHOTOS.iterdir() if p.suffix in (".png", ".jpg"))
+
+
+def reference_processor(backend: str, **overrides):
+    if backend == "pil":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as cls
+    else:
+        from transformers import Qwen2VLImageProcessor as cls
+    return cls(**{**QWEN3, **overrides})
+
+
+def reference_pixels(processor, path):
+    image = ImageOps.exif_transpose(Image.open(path))
+    out = processor(images=[image], return_tensors="pt")
+    return out["pixel_values"], tuple(out["image_grid_thw"][0].tolist())
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+@pytest.mark.parametrize("path", PHOTO_FILES, ids=lambda p: p.name)
+def test_pixel_parity_on_photos(path, backend):
+    expected, grid = reference_pixels(reference_processor(backend), path)
+    pre = Preprocessor(PreprocessConfig(backend=backend))
+    prepared = pre.load(path)
+    assert prepared.grid_thw == grid
+    torch.testing.assert_close(pre.pixel_values(prepared), expected, rtol=0, atol=1e-6)
+
+
+SIZES = [  # (width, height): tiny, exact .5 rounding, huge, extreme aspect, min/max branches
+    (1, 1), (7, 300), (100, 60), (80, 112), (48, 80), (112, 112), (640, 480), (1001, 333), (200, 30),
+    (5000, 3000), (6000, 30), (30, 5999), (256, 256), (4097, 4095),
+]
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_smart_resize_matches_reference(size):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as reference
+
+    width, height = size
+    for min_pixels, max_pixels in ((65536, 16777216), (4096, 262144), (3136, 12845056)):
+        try:
+            expected = reference(height, width, 32, min_pixels, max_pixels)
+        except ValueError:
+            with pytest.raises(ImageError, match="aspect ratio"):
+                smart_resize(height, width, 32, min_pixels, max_pixels)
+            continue
+        assert smart_resize(height, width, 32, min_pixels, max_pixels) == expected
+
+
+@pytest.mark.parametrize("size", [(100, 60), (80, 112), (1001, 333), (33, 65)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_pixel_parity_on_synthetic_sizes(tmp_path, size):
+    rng = np.random.default_rng(sum(size))
+    path = tmp_path / "x.png"
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    expected, grid = reference_pixels(reference_processor("torchvision"), path)
+    pre = Preprocessor(PreprocessConfig())
+    prepared = pre.load(path)
+    assert prepared.grid_thw == grid
+    torch.testing.assert_close(pre.pixel_values(prepared), expected, rtol=0, atol=1e-6)
+
+
+def test_user_pixel_limits_and_fixed_size_match_reference():
+    path = PHOTOS / "rocket.jpg"
+    expected, grid = reference_pixels(
+        reference_processor("torchvision", size={"shortest_edge": 4096, "longest_edge": 65536}), path
+    )
+    pre = Preprocessor(PreprocessConfig(min_pixels=4096, max_pixels=65536))
+    prepared = pre.load(path)
+    assert prepared.grid_thw == grid
+    torch.testing.assert_close(pre.pixel_values(prepared), expected, rtol=0, atol=1e-6)
+    fixed = Preprocessor(PreprocessConfig(mode="fixed", image_size=224)).load(path)
+    assert fixed.grid_thw == (1, 14, 14)
+
+
+def test_end_to_end_merged_parity_with_reference():
+    reference, config = reference_model(seed=11)
+    model = vitok_from_reference(reference, config)
+    path = PHOTOS / "chelsea.png"
+    pixels, grid = reference_pixels(reference_processor("torchvision", size={"shortest_edge": 4096,
+                                                                              "longest_edge": 65536}), path)
+    pre = Preprocessor(PreprocessConfig(min_pixels=4096, max_pixels=65536))
+    prepared = pre.load(path)
+    with torch.no_grad():
+        expected = reference(pixels, torch.tensor([grid])).pooler_output
+        got = model(pre.pixel_values(prepared), [prepared.grid_thw], features=("merged",)).features["merged"]
+    assert rel_error(got, expected) <= 1e-5
+
+
+def _load_in_worker(pre, paths):
+    loader = torch.utils.data.DataLoader(paths, batch_size=None, num_workers=2, collate_fn=pre.load)
+    return list(loader)
+
+
+def test_preprocessing_in_dataloader_workers_equals_main_process():
+    pre = Preprocessor(PreprocessConfig(max_pixels=262144))
+    paths = [str(p) for p in PHOTO_FILES[:3]]
+    in_workers = _load_in_worker(pre, paths)
+    for path, prepared in zip(paths, in_workers):
+        main = pre.load(path)
+        assert prepared.grid_thw == main.grid_thw
+        assert torch.equal(prepared.patches, main.patches)
+
+
+def test_original_image_preprocessor_accepts_paths_pil_and_arrays():
+    pre = ImagePreprocessor(img_size=224)
+    path = PHOTOS / "coffee.png"
+    from_path = pre.preprocess(path)
+    from_pil = pre.preprocess(Image.open(path))
+    from_array = pre.preprocess(np.asarray(Image.open(path).convert("RGB")))
+    gray = pre.preprocess(np.zeros((50, 70), dtype=np.uint8))
+    assert from_path.shape == from_pil.shape == from_array.shape == gray.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(from_path, from_array)
+    # ImageNet normalisation: black is -mean/std
+    torch.testing.assert_close(gray[0, :, 0, 0], torch.tensor([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225]))

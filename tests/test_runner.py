@@ -1,0 +1,188 @@
+"""`vitok extract` end to end: real subprocesses, formats, round trips, resume after SIGKILL, refusals."""
+
+from __future__ import annotations
+
+import errno
+import json
+import signal
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import vitok
+from helpers import TINY, all_tokens, make_folder, popen_vitok, vitok as run_vitok
+from vitok.errors import SettingsMismatchError, UsageError, VitokError
+from vitok.preprocess import Preprocessor
+from vitok.runtime import load_encoder
+from vitok.writer import to_store_array
+
+FEATURES = ["--features", "patch,merged,deepstack"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("imgs") / "imgs")
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "npy"])
+def test_cli_round_trip_every_token(folder, tmp_path, fmt):
+    out = tmp_path / "out"
+    result = run_vitok("extract", str(folder), "-o", str(out), *TINY, *FEATURES, "--format", fmt,
+                       "--shard-size", "4", "--store-dtype", "float32", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    store = vitok.open(out)
+    assert summary["ok"] == len(store) and summary["skipped"] == len(store.skipped) >= 5
+    assert "odd/empty.jpg" in store.skipped and "empty" in store.skipped["odd/empty.jpg"]
+    assert store.meta["settings"]["features"] == ["patch", "merged", "deepstack"]
+    assert store.meta["settings"]["model"]["weights"] == "seeded-random:0"
+    # every stored token equals a direct encode of the same file
+    encoder = load_encoder("qwen3-vl-tiny", device="cpu")
+    pre = Preprocessor(encoder.preprocess)
+    for key in store.keys():
+        info = store.info(key)
+        prepared = pre.load(info["source"])
+        direct = encoder.encode([prepared], ("patch", "merged", "deepstack")).split()[0]
+        assert info["grid_thw"] == list(prepared.grid_thw)
+        for feature in ("patch", "merged", "deepstack"):
+            np.testing.assert_allclose(store.get(key, feature), direct[feature].numpy(), rtol=1e-4, atol=1e-5)
+    assert run_vitok("verify", str(out)).returncode == 0
+
+
+def test_stores_are_readable_without_vitok(folder, tmp_path):
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, model="qwen3-vl-tiny", workers=0, store_dtype="bfloat16", shard_size=100)
+    shard = next((out / "shards").glob("*.h5"))
+    with h5py.File(shard) as handle:
+        keys = [k.decode() for k in handle["keys"][()]]
+        offsets = handle["merged_offsets"][()]
+        raw = handle["merged"][offsets[0]:offsets[1]]
+        assert handle["merged"].attrs["vitok_dtype"] == "bfloat16" and raw.dtype == np.uint16
+    widened = (raw.astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(widened, vitok.open(out)[keys[0]])
+    sidecar = json.loads(next((out / "shards").glob("*.json")).read_text())
+    record = next(r for r in sidecar["records"] if r["status"] == "ok")
+    assert {"key", "source", "status", "row", "grid", "size", "tokens"} <= set(record)
+    assert [r["key"] for r in sidecar["records"]] == sorted(r["key"] for r in sidecar["records"])
+
+
+def test_pooling_and_dataset_view(folder, tmp_path):
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, model="qwen3-vl-tiny", workers=0, pool="mean", features=["merged", "deepstack"])
+    store = vitok.open(out)
+    key = store.keys()[0]
+    assert store[key].shape == (1, 96)
+    assert store.get(key, "deepstack").shape == (1, 1, 96)
+    dataset = store.torch_dataset()
+    name, tensor = dataset[0]
+    assert name == key and tensor.shape == (1, 96) and len(dataset) == len(store)
+
+
+def test_stdin_source_and_nothing_matched(folder, tmp_path):
+    paths = "\n".join(str(p) for p in sorted(folder.rglob("*.png")))
+    result = run_vitok("extract", "-", "-o", str(tmp_path / "out"), *TINY, input=paths)
+    assert result.returncode == 0, result.stderr
+    assert len(vitok.open(tmp_path / "out")) >= 6
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
+    result = run_vitok("extract", str(empty), "-o", str(tmp_path / "out2"), *TINY)
+    assert result.returncode == 2 and "no images found" in result.stderr
+
+
+def test_settings_change_is_refused_naming_the_difference(folder, tmp_path):
+    out = tmp_path / "out"
+    assert run_vitok("extract", str(folder), "-o", str(out), *TINY).returncode == 0
+    result = run_vitok("extract", str(folder), "-o", str(out), *TINY, "--pool", "max")
+    assert result.returncode == 2 and "pool: 'none' -> 'max'" in result.stderr
+    with pytest.raises(SettingsMismatchError, match="store_dtype"):
+        vitok.extract([str(folder)], out, model="qwen3-vl-tiny", workers=0, store_dtype="float32")
+    assert run_vitok("extract", str(folder), "-o", str(out), *TINY, "--pool", "max", "--overwrite").returncode == 0
+
+
+def test_unavailable_feature_is_a_usage_error(folder, tmp_path):
+    result = run_vitok("extract", str(folder), "-o", str(tmp_path / "o"), "--size", "small", "--features", "merged",
+                       "--quiet")
+    assert result.returncode == 2 and "offers: patch" in result.stderr
+
+
+def test_resume_after_sigkill_redoes_nothing_finished(tmp_path):
+    folder = make_folder(tmp_path / "imgs", count=16, with_odd=False)
+    out = tmp_path / "out"
+    args = ["extract", str(folder), "-o", str(out), "--size", "small", "--workers", "0", "--shard-size", "2",
+            "--quiet", "--store-dtype", "float32"]
+    proc = popen_vitok(*args)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "shards").glob("*.json"))) < 2 if (out / "shards").exists() \
+            else time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.json")}
+    assert 1 <= len(done_before) < 8, "the kill should land part-way"
+    assert run_vitok("verify", str(out)).returncode == 1  # incomplete
+    result = run_vitok(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["shards_already_done"] == len(done_before)
+    assert summary["ok"] == 16 - summary["already_done"]
+    for name, mtime in done_before.items():
+        assert (out / "shards" / name).stat().st_mtime_ns == mtime
+    store = vitok.open(out)
+    assert sorted(store.keys()) == sorted(p.relative_to(folder).as_posix() for p in folder.rglob("img*"))
+    assert run_vitok("verify", str(out)).returncode == 0
+
+
+def test_token_budget_batching_equals_one_image_at_a_time(folder, tmp_path):
+    common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", features=["patch", "merged"])
+    vitok.extract([str(folder)], tmp_path / "one", token_budget=1, **common)
+    vitok.extract([str(folder)], tmp_path / "many", token_budget=100_000, **common)
+    for feature in ("patch", "merged"):
+        one, many = all_tokens(tmp_path / "one", feature), all_tokens(tmp_path / "many", feature)
+        assert one.keys() == many.keys()
+        for key in one:
+            np.testing.assert_allclose(many[key], one[key], rtol=1e-5, atol=1e-5)
+
+
+def test_float16_overflow_is_counted():
+    array, overflow = to_store_array(torch.tensor([[1.0, 7e4, -1e5, float("inf")]]), "float16")
+    assert overflow == 2 and np.isinf(array).sum() == 3
+
+
+def test_disk_full_is_a_clear_error_with_nothing_listed(folder, tmp_path, monkeypatch):
+    from vitok import writer
+
+    def no_space(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer.ShardWriter, "_write_hdf5", no_space)
+    out = tmp_path / "out"
+    with pytest.raises(VitokError, match="out of disk space"):
+        vitok.extract([str(folder)], out, model="qwen3-vl-tiny", workers=0)
+    assert not list((out / "shards").glob("*.json")) if (out / "shards").exists() else True
+
+
+def test_keys_from_two_folders_are_prefixed(tmp_path):
+    a = make_folder(tmp_path / "x" / "one", count=2, with_odd=False)
+    b = make_folder(tmp_path / "y" / "two", count=2, with_odd=False)
+    vitok.extract([str(a), str(b)], tmp_path / "out", model="qwen3-vl-tiny", workers=0)
+    keys = vitok.open(tmp_path / "out").keys()
+    assert {k.split("/")[0] for k in keys} == {"one", "two"} and len(keys) == 4
+    same = make_folder(tmp_path / "z" / "one", count=1, with_odd=False)
+    with pytest.raises(UsageError, match="same key"):
+        vitok.extract([str(a), str(same)], tmp_path / "out2", model="qwen3-vl-tiny", workers=0)
+
+
+def test_multiworker_loader_gives_the_same_tokens(folder, tmp_path):
+    common = dict(model="qwen3-vl-tiny", store_dtype="float32")
+    vitok.extract([str(folder)], tmp_path / "w0", workers=0, **common)
+    vitok.extract([str(folder)], tmp_path / "w2", workers=2, **common)
+    w0, w2 = all_tokens(tmp_path / "w0"), all_tokens(tmp_path / "w2")
+    assert w0.keys() == w2.keys()
+    for key in w0:
+        np.testing.assert_array_equal(w0[key], w2[key])
