@@ -29,7 +29,10 @@ class Preset:
 
 
 def _config_files() -> dict[str, str]:
-    root = resources.files("vitok.configs")
+    try:  # installed: configs/ is the package vitok.configs
+        root = resources.files("vitok.configs")
+    except ModuleNotFoundError:  # a source tree on PYTHONPATH: configs/ sits beside vitok/
+        root = Path(__file__).resolve().parent.parent / "configs"
     return {Path(entry.name).stem: entry.read_text() for entry in root.iterdir() if entry.name.endswith(".toml")}
 
 
