@@ -191,9 +191,10 @@ def bench_data(args, folder: Path) -> None:
 
 
 def bench_e2e(args, device, dtype, folder: Path) -> None:
-    import vitok
     from PIL import Image
     from transformers import Qwen2VLImageProcessor
+
+    import vitok
 
     preset = get_preset(args.preset).encoder
     depth = preset.depth if args.full else args.depth
@@ -238,9 +239,10 @@ def bench_e2e(args, device, dtype, folder: Path) -> None:
 
 
 def bench_memory(device) -> None:
-    from vitok.runtime import load_encoder
-    from vitok.preprocess import Preprocessor
     from PIL import Image
+
+    from vitok.preprocess import Preprocessor
+    from vitok.runtime import load_encoder
 
     for name in ("small", "base", "large"):
         torch.cuda.empty_cache()

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from conftest import ODD, ROOT
+from PIL import Image
 
 TINY = ["--model", "qwen3-vl-tiny", "--workers", "0", "--quiet"]
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_VISION, reference_model
 from safetensors.torch import save_file
 
-from conftest import TINY_VISION, reference_model
 from vitok.checkpoint import resolve_model, save_tower
 from vitok.errors import CheckpointError, UsageError
 from vitok.runtime import load_encoder

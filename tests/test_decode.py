@@ -6,9 +6,9 @@ import io
 
 import numpy as np
 import pytest
+from conftest import ODD, PHOTOS
 from PIL import Image
 
-from conftest import ODD, PHOTOS
 from vitok.config import PreprocessConfig
 from vitok.decode import decode_image
 from vitok.errors import ImageError

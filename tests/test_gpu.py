@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import reference_model, rel_error, vitok_from_reference
 
-from conftest import rel_error, reference_model, vitok_from_reference
 from vitok.errors import UsageError
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -53,8 +53,9 @@ def test_device_selection():
 
 
 def test_extract_on_cuda_matches_cpu(tmp_path):
-    import vitok
     from helpers import all_tokens, make_folder
+
+    import vitok
 
     folder = make_folder(tmp_path / "imgs", count=8)
     common = dict(model="qwen3-vl-tiny", store_dtype="float32", workers=2, features=["merged"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import reference_model, rel_error, vitok_from_reference
 
-from conftest import rel_error, reference_model, vitok_from_reference
 from vitok.config import EncoderConfig
 from vitok.errors import UsageError
 from vitok.model import VisionEncoder, block_order_positions

@@ -12,10 +12,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT
+from helpers import TINY, all_tokens, make_folder, popen_vitok
+from helpers import vitok as run_vitok
 
 import vitok
-from conftest import ROOT
-from helpers import TINY, all_tokens, make_folder, popen_vitok, vitok as run_vitok
 from vitok.errors import UsageError
 from vitok.parallel import detect_part
 

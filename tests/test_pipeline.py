@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import PHOTOS
 from PIL import Image
 
-from conftest import PHOTOS
 from vitok import Qwen3VLPipeline
 from vitok.errors import UsageError
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import PHOTOS, reference_model, rel_error, vitok_from_reference
 from PIL import Image, ImageOps
 
-from conftest import PHOTOS, rel_error, reference_model, vitok_from_reference
 from vitok.config import PreprocessConfig
 from vitok.errors import ImageError
 from vitok.preprocess import ImagePreprocessor, Preprocessor, smart_resize

@@ -11,9 +11,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, all_tokens, make_folder, popen_vitok
+from helpers import vitok as run_vitok
 
 import vitok
-from helpers import TINY, all_tokens, make_folder, popen_vitok, vitok as run_vitok
 from vitok.errors import SettingsMismatchError, UsageError, VitokError
 from vitok.preprocess import Preprocessor
 from vitok.runtime import load_encoder

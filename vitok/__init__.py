@@ -34,11 +34,11 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from .config import EncoderConfig, PreprocessConfig
     from .errors import VitokError
-    from .runner import ExtractOptions, extract
     from .model import VisionEncoder
     from .original import Qwen3VisionTransformer, create_qwen3_vl_vit
     from .pipeline import Qwen3VLPipeline
     from .preprocess import ImagePreprocessor, Preprocessor
+    from .runner import ExtractOptions, extract
     from .runtime import load_encoder
     from .store import open_store as open
     from .store import verify_store as verify

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -92,32 +92,32 @@ class _Progress:
 
 @app.command()
 def extract(
-    sources: Annotated[Optional[list[str]], typer.Argument(help="Image folders or files; '-' reads paths from stdin.", show_default=False)] = None,  # noqa: E501
+    sources: Annotated[list[str] | None, typer.Argument(help="Image folders or files; '-' reads paths from stdin.", show_default=False)] = None,  # noqa: E501
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (resumed if it holds a store).")] = Path("vitok-out"),  # noqa: E501
-    size: Annotated[Optional[str], typer.Option("--size", help="Preset name (same as --model); see 'vitok models'.")] = None,  # noqa: E501
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Preset, checkpoint folder, .safetensors file or HF repo id. [default: base]")] = None,  # noqa: E501
-    features: Annotated[Optional[str], typer.Option(help="Comma list of patch, merged, deepstack. [default: merged for Qwen towers, patch for small/base/large]")] = None,  # noqa: E501
+    size: Annotated[str | None, typer.Option("--size", help="Preset name (same as --model); see 'vitok models'.")] = None,  # noqa: E501
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Preset, checkpoint folder, .safetensors file or HF repo id. [default: base]")] = None,  # noqa: E501
+    features: Annotated[str | None, typer.Option(help="Comma list of patch, merged, deepstack. [default: merged for Qwen towers, patch for small/base/large]")] = None,  # noqa: E501
     pool: Annotated[str, typer.Option(help="none | mean | max | cls. 'cls' returns the FIRST token: the encoder has no class token.")] = "none",  # noqa: E501
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (bf16 on GPUs that support it, else fp32) | float32 | bfloat16 | float16.")] = "auto",  # noqa: E501
     store_dtype: Annotated[str, typer.Option(help="Stored dtype: float16 | float32 | bfloat16 (lossless bits, read back as float32).")] = "float16",  # noqa: E501
     format: Annotated[str, typer.Option("--format", help="hdf5 | npy.")] = "hdf5",
     shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of resume and of parallel work).")] = 1000,
-    compression: Annotated[Optional[str], typer.Option(help="HDF5 compression: gzip | lzf.")] = None,
-    token_budget: Annotated[Optional[int], typer.Option(help="Patches per encoder batch. [default: 4096 CPU, 32768 CUDA]")] = None,  # noqa: E501
-    workers: Annotated[Optional[int], typer.Option(help="Decode/preprocess worker processes. [default: from CPU count]")] = None,  # noqa: E501
+    compression: Annotated[str | None, typer.Option(help="HDF5 compression: gzip | lzf.")] = None,
+    token_budget: Annotated[int | None, typer.Option(help="Patches per encoder batch. [default: 4096 CPU, 32768 CUDA]")] = None,  # noqa: E501
+    workers: Annotated[int | None, typer.Option(help="Decode/preprocess worker processes. [default: from CPU count]")] = None,  # noqa: E501
     token_order: Annotated[str, typer.Option(help="Order of 'patch' rows: block (reference 2x2-block order) | raster (row-major).")] = "block",  # noqa: E501
-    min_pixels: Annotated[Optional[int], typer.Option(help="Qwen resize: least pixels after resize.")] = None,
-    max_pixels: Annotated[Optional[int], typer.Option(help="Qwen resize: most pixels after resize.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Resize every image to this square size instead.")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="Resize backend: torchvision (reference default) | pil.")] = None,  # noqa: E501
+    min_pixels: Annotated[int | None, typer.Option(help="Qwen resize: least pixels after resize.")] = None,
+    max_pixels: Annotated[int | None, typer.Option(help="Qwen resize: most pixels after resize.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Resize every image to this square size instead.")] = None,
+    backend: Annotated[str | None, typer.Option(help="Resize backend: torchvision (reference default) | pil.")] = None,  # noqa: E501
     fast_decode: Annotated[bool, typer.Option(help="Decode JPEGs at reduced DCT scale when the target is >=2x smaller (faster, not bit-exact).")] = False,  # noqa: E501
     allow_truncated: Annotated[bool, typer.Option(help="Decode truncated files as far as they go (recorded in the manifest).")] = False,  # noqa: E501
-    max_image_pixels: Annotated[Optional[int], typer.Option(help="Refuse images whose header claims more pixels. [default: 178956970]")] = None,  # noqa: E501
-    files_from: Annotated[Optional[str], typer.Option(help="File with one image path per line ('-' = stdin).")] = None,
-    part: Annotated[Optional[int], typer.Option(help="This process's part (0-based) of --num-parts.")] = None,
-    num_parts: Annotated[Optional[int], typer.Option(help="Split the plan's shards over this many processes.")] = None,
-    gpus: Annotated[Optional[str], typer.Option(help="Run one process per GPU on this machine: '0,1,2,3' or 'all'.")] = None,  # noqa: E501
+    max_image_pixels: Annotated[int | None, typer.Option(help="Refuse images whose header claims more pixels. [default: 178956970]")] = None,  # noqa: E501
+    files_from: Annotated[str | None, typer.Option(help="File with one image path per line ('-' = stdin).")] = None,
+    part: Annotated[int | None, typer.Option(help="This process's part (0-based) of --num-parts.")] = None,
+    num_parts: Annotated[int | None, typer.Option(help="Split the plan's shards over this many processes.")] = None,
+    gpus: Annotated[str | None, typer.Option(help="Run one process per GPU on this machine: '0,1,2,3' or 'all'.")] = None,  # noqa: E501
     overwrite: Annotated[bool, typer.Option(help="Delete the store in OUT and start over.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights of a preset without a checkpoint.")] = 0,
     attention: Annotated[str, typer.Option(help="auto | sdpa | varlen | eager.")] = "auto",
@@ -205,7 +205,7 @@ def plan(
     sources: Annotated[list[str], typer.Argument(help="Image folders or files; '-' reads paths from stdin.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder that will hold the plan.")] = Path("vitok-out"),  # noqa: E501
     shard_size: Annotated[int, typer.Option(help="Images per shard.")] = 1000,
-    files_from: Annotated[Optional[str], typer.Option(help="File with one image path per line ('-' = stdin).")] = None,
+    files_from: Annotated[str | None, typer.Option(help="File with one image path per line ('-' = stdin).")] = None,
 ) -> None:
     """List SOURCES once and write OUT/plan.jsonl, so the processes of a big job need not list millions of files.
 
@@ -275,7 +275,7 @@ def verify(out: Annotated[Path, typer.Argument(help="A store written by vitok ex
 
 @app.command()
 def bench(
-    args: Annotated[Optional[list[str]], typer.Argument(help="Arguments passed to scripts/bench.py.")] = None,
+    args: Annotated[list[str] | None, typer.Argument(help="Arguments passed to scripts/bench.py.")] = None,
 ) -> None:
     """Run the benchmark (scripts/bench.py) from a source checkout."""
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import FEATURES
 from .errors import ImageError, UsageError, VitokError
 from .manifest import (
     META_FILE,
