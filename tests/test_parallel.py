@@ -154,3 +154,12 @@ def test_plan_command_is_reused_by_extract(folder, tmp_path):
     other = make_folder(tmp_path / "other", count=2, with_odd=False)
     result = run_vitok("extract", str(other), "-o", str(out), *ARGS)
     assert result.returncode == 2 and "planned from" in result.stderr
+
+
+def test_parts_started_at_the_same_moment_into_a_new_folder(folder, single, tmp_path):
+    """Regression: a second process saw the first one's temporary header file and refused the folder."""
+    out = tmp_path / "out"
+    procs = [popen_vitok("extract", str(folder), "-o", str(out), *ARGS, "--part", str(i), "--num-parts", "3")
+             for i in range(3)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+    assert_same_store(out, single)

@@ -184,7 +184,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     elif out.exists() and not out.is_dir():
         raise UsageError(f"-o {out} exists and is not a folder")
     elif out.is_dir() and not (out / META_FILE).exists() and any(
-        p.name not in (PLAN_FILE, SHARDS_DIR) for p in out.iterdir()
+        # another process of the same job may be writing the header right now (hidden temporary files)
+        p.name not in (PLAN_FILE, SHARDS_DIR) and not p.name.startswith(".")
+        for p in out.iterdir()
     ):
         raise UsageError(f"-o {out} is a non-empty folder that is not a vitok store; choose an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
