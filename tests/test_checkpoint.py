@@ -73,10 +73,8 @@ def test_sharded_folder_loads_only_the_tower_and_matches_reference(released):
 @pytest.mark.parametrize("prefix", ["visual.", ""])
 def test_other_prefixes(tmp_path, prefix):
     reference, config = reference_model(seed=2)
-    state = {prefix + k: v.contiguous() for k, v in reference.state_dict().items()}
-    save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"vision_config": config.to_dict()}))
-    encoder = load_encoder(str(tmp_path), device="cpu", dtype="float32")
+    folder = checkpoint_folder(tmp_path, lambda state: {prefix + k: v for k, v in state.items()}, reference, config)
+    encoder = load_encoder(folder, device="cpu", dtype="float32")
     torch.testing.assert_close(encoder.model.pos_embed.weight, reference.pos_embed.weight)
 
 
@@ -89,32 +87,32 @@ def test_single_tower_file_round_trip(tmp_path, released):
     assert again.config.deepstack_visual_indexes == tuple(TINY_VISION["deepstack_visual_indexes"])
 
 
+def checkpoint_folder(folder, change=lambda state: state, reference=None, config=None):
+    """A one-file checkpoint folder (config.json + model.safetensors) of a tower state dict after ``change``."""
+    if reference is None:
+        reference, config = reference_model()
+    state = change({k: v.contiguous() for k, v in reference.state_dict().items()})
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"vision_config": config.to_dict()}))
+    return str(folder)
+
+
 def test_wrong_shape_names_the_key(tmp_path):
-    reference, config = reference_model()
-    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
-    state["blocks.1.attn.qkv.weight"] = torch.zeros(5, 5)
-    save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"vision_config": config.to_dict()}))
+    folder = checkpoint_folder(tmp_path, lambda state: state | {"blocks.1.attn.qkv.weight": torch.zeros(5, 5)})
     with pytest.raises(CheckpointError, match=r"blocks\.1\.attn\.qkv\.weight"):
-        load_encoder(str(tmp_path), device="cpu")
+        load_encoder(folder, device="cpu")
 
 
 def test_missing_key_is_named(tmp_path):
-    reference, config = reference_model()
-    state = {k: v.contiguous() for k, v in reference.state_dict().items() if k != "merger.norm.bias"}
-    save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"vision_config": config.to_dict()}))
+    folder = checkpoint_folder(tmp_path, lambda state: {k: v for k, v in state.items() if k != "merger.norm.bias"})
     with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): merger\.norm\.bias"):
-        load_encoder(str(tmp_path), device="cpu")
+        load_encoder(folder, device="cpu")
 
 
 def test_unexpected_key_is_named(tmp_path):
-    reference, config = reference_model()
-    state = {k: v.contiguous() for k, v in reference.state_dict().items()} | {"blocks.9.extra": torch.zeros(1)}
-    save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"vision_config": config.to_dict()}))
+    folder = checkpoint_folder(tmp_path, lambda state: state | {"blocks.9.extra": torch.zeros(1)})
     with pytest.raises(CheckpointError, match=r"unexpected 1 tensor\(s\): blocks\.9\.extra"):
-        load_encoder(str(tmp_path), device="cpu")
+        load_encoder(folder, device="cpu")
 
 
 def test_unknown_preset_lists_valid_ones():

@@ -28,7 +28,7 @@ import torch
 
 from .config import EncoderConfig, PreprocessConfig
 from .errors import CheckpointError, UsageError
-from .presets import get_preset, registry
+from .presets import registry
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,13 @@ def _read_json(path: Path) -> dict:
 
 
 def _resolve_folder(folder: Path, name: str) -> ModelSource:
+    encoder, preprocess = _read_folder_configs(folder, name)
+    files, prefix = _tower_files(folder)
+    return ModelSource(name, encoder, preprocess, files, prefix)
+
+
+def _read_folder_configs(folder: Path, name: str) -> tuple[EncoderConfig, PreprocessConfig]:
+    """The tower's architecture from config.json, and its preprocessor_config.json when there is one."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: no config.json; a checkpoint folder needs config.json and safetensors weights")
@@ -106,8 +113,7 @@ def _resolve_folder(folder: Path, name: str) -> ModelSource:
         preprocess = PreprocessConfig.from_hf_preprocessor_config(
             _read_json(folder / "preprocessor_config.json"), preprocess
         )
-    files, prefix = _tower_files(folder)
-    return ModelSource(name, encoder, preprocess, files, prefix)
+    return encoder, preprocess
 
 
 def _tower_files(folder: Path) -> tuple[list[Path], str]:
@@ -166,8 +172,8 @@ def _resolve_single_file(path: Path) -> ModelSource:
         encoder = EncoderConfig.from_dict({**json.loads(metadata[CONFIG_METADATA_KEY]), "name": name})
         return ModelSource(name, encoder, PreprocessConfig(), [path], prefix)
     if (path.parent / "config.json").is_file():
-        folder = _resolve_folder_config_only(path.parent, name)
-        return replace(folder, weight_files=[path], prefix=prefix)
+        encoder, preprocess = _read_folder_configs(path.parent, name)
+        return ModelSource(name, encoder, preprocess, [path], prefix)
     for preset in registry().values():
         if _expected_shapes(preset.encoder) == shapes:
             logger.info("%s: tensor shapes match preset %s; using its architecture", path, preset.name)
@@ -176,18 +182,6 @@ def _resolve_single_file(path: Path) -> ModelSource:
         f"{path}: cannot tell its architecture: no '{CONFIG_METADATA_KEY}' metadata, no config.json beside it, "
         "and its tensor shapes match no preset; put the checkpoint's config.json next to it"
     )
-
-
-def _resolve_folder_config_only(folder: Path, name: str) -> ModelSource:
-    config = _read_json(folder / "config.json")
-    vision = config.get("vision_config", config)
-    encoder = EncoderConfig.from_hf_vision_config(vision, name)
-    preprocess = PreprocessConfig()
-    if (folder / "preprocessor_config.json").is_file():
-        preprocess = PreprocessConfig.from_hf_preprocessor_config(
-            _read_json(folder / "preprocessor_config.json"), preprocess
-        )
-    return ModelSource(name, encoder, preprocess, [], "")
 
 
 # ---- Hugging Face hub and cache ----------------------------------------------------------------------------------
@@ -319,5 +313,3 @@ def save_tower(model: torch.nn.Module, path: str | os.PathLike, config: EncoderC
     data.pop("name")
     save_file(state, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(data)})
 
-
-__all__ = ["ModelSource", "resolve_model", "read_tower_state_dict", "check_state_dict", "weights_hash", "get_preset"]

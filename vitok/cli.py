@@ -184,7 +184,7 @@ def _run_per_gpu(gpus: str, out: Path, sources: list[str], json_summary: bool) -
         raise UsageError("--gpus cannot share stdin between processes; write the paths to a file and use --files-from")
     argv = sys.argv[1:]
     base = [a for i, a in enumerate(argv) if not (a.startswith("--gpus") or (i > 0 and argv[i - 1] == "--gpus"))]
-    # The first child writes the plan; the rest wait for it so they do not list the sources concurrently.
+    # Every child lists the sources; the first to finish writes the plan and the others check theirs equals it.
     children = []
     for rank, gpu in enumerate(ids):
         cmd = [sys.executable, "-m", "vitok", *base, "--part", str(rank), "--num-parts", str(len(ids)),

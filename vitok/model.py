@@ -26,6 +26,7 @@ row-major (reshape-able to (h, w, D)). ``merged`` and ``deepstack`` rows are alw
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -112,7 +113,7 @@ class Segments:
 
     lengths: list[int]
     runs: list[tuple[int, int, int]] = field(init=False)  # (first row, number of segments, segment length)
-    cu_seqlens: torch.Tensor | None = None  # int32 (S+1,), on the device; for the varlen kernel
+    _cu_seqlens: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.runs = []
@@ -128,6 +129,13 @@ class Segments:
     @property
     def max_length(self) -> int:
         return max(self.lengths)
+
+    def cu_seqlens(self, device: torch.device) -> torch.Tensor:
+        """int32 (S+1,) segment boundaries on the device, built once per batch (the varlen kernel's input)."""
+        if self._cu_seqlens is None:
+            cu = torch.tensor([0, *self.lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            self._cu_seqlens = cu.to(device, non_blocking=True)
+        return self._cu_seqlens
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -177,7 +185,7 @@ def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: 
     usable = kernel is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     if not usable or len(segments.runs) == 1:
         return _attend_sdpa(q, k, v, segments, scale)
-    cu = segments.cu_seqlens
+    cu = segments.cu_seqlens(q.device)
     return kernel(q, k, v, cu, cu, segments.max_length, segments.max_length, scale=scale)
 
 
@@ -364,12 +372,12 @@ class VisionEncoder(nn.Module):
             self._grid_cache[key] = tables
         return tables
 
-    def _batch_tables(self, grid_thw: Sequence[Grid], device: torch.device):
-        tables = [self.grid_tables(h, w, device) for _, h, w in grid_thw]
-        repeats = [t for t, _, _ in grid_thw]
+    def _batch_tables(self, grid_thw: Sequence[Grid], device: torch.device, raster: bool):
+        """Per-batch tables: one entry per temporal slice of each image (slices share their grid's tables)."""
+        slices = [self.grid_tables(h, w, device) for t, h, w in grid_thw for _ in range(t)]
 
         def cat(name: str) -> torch.Tensor:
-            parts = [getattr(tab, name) for tab, t in zip(tables, repeats) for _ in range(t)]
+            parts = [getattr(tab, name) for tab in slices]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
         cos, sin = cat("cos"), cat("sin")
@@ -378,20 +386,12 @@ class VisionEncoder(nn.Module):
             index, weight = cat("pos_index"), cat("pos_weight")
             # fp32 products and sum, cast once, as transformers 5.x does
             pos = (self.pos_embed(index) * weight[:, :, None]).sum(1)
-        lengths = [h * w for t, h, w in grid_thw for _ in range(t)]
-        segments = Segments(lengths)
-        if device.type == "cuda":
-            cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-            segments.cu_seqlens = cu.to(device, non_blocking=True)
-        raster = None
-        offset = 0
-        parts = []
-        for tab, (t, h, w) in zip(tables, grid_thw):
-            for _ in range(t):
-                parts.append(tab.to_raster + offset)
-                offset += h * w
-        raster = torch.cat(parts)
-        return pos, cos, sin, segments, raster
+        segments = Segments([h * w for t, h, w in grid_thw for _ in range(t)])
+        to_raster = None
+        if raster:
+            starts = itertools.accumulate(segments.lengths[:-1], initial=0)
+            to_raster = torch.cat([tab.to_raster + start for tab, start in zip(slices, starts)])
+        return pos, cos, sin, segments, to_raster
 
     # ---- forward -----------------------------------------------------------------------------------------------
 
@@ -421,7 +421,9 @@ class VisionEncoder(nn.Module):
                 f"for grids {grid_thw}"
             )
         device = pixel_values.device
-        pos, cos, sin, segments, raster = self._batch_tables(grid_thw, device)
+        merge_unit = self.config.spatial_merge_size**2
+        reorder = "patch" in features and token_order == "raster" and merge_unit > 1
+        pos, cos, sin, segments, to_raster = self._batch_tables(grid_thw, device, reorder)
 
         x = self.patch_embed(pixel_values)  # (N, D)
         if pos is not None:
@@ -436,12 +438,11 @@ class VisionEncoder(nn.Module):
             if index in taps:
                 deepstack.append(self.deepstack_merger_list[taps.index(index)](x))  # (N/4, O)
 
-        merge_unit = self.config.spatial_merge_size**2
         patch_rows = [t * h * w for t, h, w in grid_thw]
         out: dict[str, torch.Tensor] = {}
         rows: dict[str, list[int]] = {}
         if "patch" in features:
-            out["patch"] = x[raster] if token_order == "raster" and merge_unit > 1 else x
+            out["patch"] = x[to_raster] if reorder else x
             rows["patch"] = patch_rows
         if "merged" in features:
             out["merged"] = self.merger(x)

@@ -6,11 +6,10 @@ A preset is data, not a class: one encoder implementation serves them all.
 from __future__ import annotations
 
 import functools
+import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-
-import tomllib
 
 from .config import EncoderConfig, PreprocessConfig
 from .errors import UsageError

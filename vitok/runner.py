@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -244,9 +245,8 @@ def extract(sources: Sequence[str] | str, out: str | os.PathLike = "vitok-out", 
     features = encoder.model.check_features(features)
     preprocess = encoder.preprocess.replace(
         min_pixels=opts.min_pixels, max_pixels=opts.max_pixels, backend=opts.backend,
-        max_image_pixels=opts.max_image_pixels,
+        max_image_pixels=opts.max_image_pixels, fast_decode=opts.fast_decode, allow_truncated=opts.allow_truncated,
     )
-    preprocess = preprocess.replace(fast_decode=opts.fast_decode, allow_truncated=opts.allow_truncated)
     if opts.image_size:
         preprocess = preprocess.replace(mode="fixed", image_size=opts.image_size)
     encoder.preprocess = preprocess
@@ -267,7 +267,6 @@ class _Run:
     def __init__(self, encoder: Encoder, plan: Plan, out: Path, opts: ExtractOptions, features, part: Part) -> None:
         self.encoder, self.plan, self.out, self.opts, self.features, self.part = encoder, plan, out, opts, features, part
         self.budget = opts.token_budget or (32768 if encoder.device.type == "cuda" else 4096)
-        self.model_features = features
         self.ok = self.skipped = self.tokens = 0
         self.skipped_reasons: dict[str, str] = {}
         self.encode_seconds = self.wait_seconds = 0.0
@@ -278,9 +277,12 @@ class _Run:
 
     # ---- shard bookkeeping ----------------------------------------------------------------------------------
 
-    def _done_shards(self) -> set[str]:
+    def _done_shards(self, wanted: set[str]) -> set[str]:
+        """The wanted shards whose sidecar and data check out (other parts' shards are not opened)."""
         done = set()
         for shard, sidecar in iter_sidecars(self.out):
+            if shard not in wanted:
+                continue
             problems = check_shard(self.out, sidecar)
             if problems:
                 logger.warning("shard %s will be redone: %s", shard, problems[0])
@@ -312,30 +314,41 @@ class _Run:
         batch.sort(key=lambda item: item[1].grid_thw)  # equal grids side by side: one attention call per run
         start = time.perf_counter()
         try:
-            outputs = self.encoder.encode([im for _, im in batch], self.model_features, self.opts.token_order).split()
+            output = self.encoder.encode([im for _, im in batch], self.features, self.opts.token_order)
         except torch.OutOfMemoryError:
             if self.encoder.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(batch) == 1:
                 index, image = batch[0]
-                writer.skip(self._record(index, image), f"out of memory encoding {image.num_patches} patches")
+                reason = f"out of memory encoding {image.num_patches} patches"
+                writer.skip(self._record(index, image), reason)
                 self.skipped += 1
+                self.skipped_reasons[self.plan.keys[index]] = reason
                 return
             for item in batch:
                 self._encode([item], writer)
             return
-        for (index, image), output in zip(batch, outputs):
-            arrays, overflow = {}, 0
-            for feature in self.features:
-                tokens = pool_tokens(output[feature], self.opts.pool)
-                arrays[feature], n = to_store_array(tokens, self.opts.store_dtype)
-                overflow += n
+        arrays: list[dict[str, np.ndarray]] = [{} for _ in batch]
+        overflow = [0] * len(batch)
+        for feature in self.features:
+            # One device-to-host copy per feature for the whole batch; rows are split per image on the host.
+            packed, rows = output.features[feature], output.rows[feature]
+            if self.opts.pool != "none":
+                packed = torch.cat([pool_tokens(t, self.opts.pool) for t in packed.split(rows, dim=-2)], dim=-2)
+                rows = [1] * len(rows)
+            array, overflowed = to_store_array(packed, self.opts.store_dtype)
+            if overflowed:  # rare: find out which images overflowed
+                for i, tokens in enumerate(packed.split(rows, dim=-2)):
+                    overflow[i] += to_store_array(tokens, self.opts.store_dtype)[1]
+            for item, part in zip(arrays, np.split(array, np.cumsum(rows)[:-1], axis=-2)):
+                item[feature] = part
+        for (index, image), image_arrays, image_overflow in zip(batch, arrays, overflow):
             record = self._record(index, image)
-            if overflow:
-                record["float16_overflow"] = overflow
+            if image_overflow:
+                record["float16_overflow"] = image_overflow
                 logger.warning("%s: %d value(s) exceed float16 range and are stored as inf; use --store-dtype "
-                               "bfloat16 or float32", record["key"], overflow)
-            writer.add(record, arrays)
+                               "bfloat16 or float32", record["key"], image_overflow)
+            writer.add(record, image_arrays)
             self.ok += 1
             self.tokens += image.num_patches
         self.encode_seconds += time.perf_counter() - start
@@ -354,7 +367,7 @@ class _Run:
     def run(self) -> ExtractSummary:
         started = time.perf_counter()
         mine = [s for s in range(self.plan.num_shards) if self.part.owns(s)]
-        done = self._done_shards()
+        done = self._done_shards({self.plan.shard_name(s) for s in mine})
         todo = [s for s in mine if self.plan.shard_name(s) not in done]
         already = sum(len(self.plan.shard_range(s)) for s in mine if s not in todo)
         items = [(i, self.plan.paths[i]) for s in todo for i in self.plan.shard_range(s)]

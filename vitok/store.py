@@ -26,6 +26,7 @@ def check_shard(out: Path, sidecar: dict[str, Any]) -> list[str]:
     size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
     if size != sidecar["bytes"]:
         return [f"{sidecar['shard']}: data {path.name} has {size} bytes, the manifest says {sidecar['bytes']}"]
+    reader = None
     try:
         reader = ShardReader(path, sidecar["format"])
         keys = reader.keys()
@@ -41,6 +42,9 @@ def check_shard(out: Path, sidecar: dict[str, Any]) -> list[str]:
         return [str(exc)]
     except Exception as exc:  # h5py/numpy raise many types for damaged files
         return [f"{sidecar['shard']}: cannot read {path.name} ({type(exc).__name__}: {exc})"]
+    finally:
+        if reader is not None:
+            reader.close()
     return []
 
 
@@ -50,6 +54,8 @@ class ShardReader:
     def __init__(self, path: Path, fmt: str) -> None:
         self.path, self.fmt = path, fmt
         self._handle = None
+        self._offsets: dict[str, np.ndarray] = {}  # read once per feature, not once per key
+        self._arrays: dict[str, tuple] = {}
         if fmt == "hdf5":
             import h5py
 
@@ -66,14 +72,20 @@ class ShardReader:
         return [str(k) for k in np.load(self.path / "keys.npy")]
 
     def offsets(self, feature: str) -> np.ndarray:
-        if self._handle is not None:
-            return self._handle[f"{feature}_offsets"][()]
-        return np.load(self.path / f"{feature}_offsets.npy")
+        if feature not in self._offsets:
+            if self._handle is not None:
+                self._offsets[feature] = self._handle[f"{feature}_offsets"][()]
+            else:
+                self._offsets[feature] = np.load(self.path / f"{feature}_offsets.npy")
+        return self._offsets[feature]
 
     def _data(self, feature: str):
-        if self._handle is not None:
-            return self._handle[feature], self._handle[feature].attrs["vitok_dtype"]
-        return np.load(self.path / f"{feature}.npy", mmap_mode="r"), self._npy_dtype
+        if feature not in self._arrays:
+            if self._handle is not None:
+                self._arrays[feature] = (self._handle[feature], self._handle[feature].attrs["vitok_dtype"])
+            else:
+                self._arrays[feature] = (np.load(self.path / f"{feature}.npy", mmap_mode="r"), self._npy_dtype)
+        return self._arrays[feature]
 
     def rows(self, feature: str) -> int:
         data, _ = self._data(feature)
@@ -86,6 +98,7 @@ class ShardReader:
         return from_store_array(data[..., start:stop, :], str(dtype))
 
     def close(self) -> None:
+        self._arrays.clear()
         if self._handle is not None:
             self._handle.close()
 
@@ -215,14 +228,14 @@ def verify_store(out: str | Path) -> VerifyReport:
     incomplete: list[str] = []
     plan = read_plan(root)
     if plan is not None:
+        missing: list[str] = []
         for index in range(plan.num_shards):
             name = plan.shard_name(index)
             if name not in done:
                 incomplete.append(name)
-                continue
+            else:
+                missing += [plan.keys[j] for j in plan.shard_range(index) if plan.keys[j] not in seen]
         planned = set(plan.keys)
-        missing = [k for i in range(plan.num_shards) if plan.shard_name(i) in done for k in
-                   (plan.keys[j] for j in plan.shard_range(i)) if k not in seen]
         problems += [f"key {k!r} is planned but missing from its shard" for k in missing[:20]]
         problems += [f"key {k!r} is not in the plan" for k in seen if k not in planned][:20]
     return VerifyReport(shards_ok, images_ok, images_skipped, problems, incomplete)
