@@ -127,3 +127,19 @@ def test_original_image_preprocessor_accepts_paths_pil_and_arrays():
     torch.testing.assert_close(from_path, from_array)
     # ImageNet normalisation: black is -mean/std
     torch.testing.assert_close(gray[0, :, 0, 0], torch.tensor([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225]))
+
+
+def test_prepare_a_pil_image_with_exif_rotation_uses_its_upright_size():
+    """Regression: the target size came from the stored (unrotated) size, distorting EXIF-rotated images."""
+    import io
+
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 200, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif)
+    pre = Preprocessor(PreprocessConfig(min_pixels=4096, max_pixels=65536))
+    rotated = pre.prepare(Image.open(io.BytesIO(buffer.getvalue())))
+    upright = pre.prepare(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))))
+    assert rotated.grid_thw == upright.grid_thw
+    assert rotated.original_size == (60, 200)

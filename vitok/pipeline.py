@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .decode import DecodedImage, load_any_image
 from .errors import UsageError
 from .pool import check_pool, pool_tokens
 from .preprocess import PreparedImage, Preprocessor
@@ -51,10 +50,6 @@ class Qwen3VLPipeline:
         self.feature = feature or ("merged" if self.encoder.config.has_merger else "patch")
         self.encoder.model.check_features([self.feature])
 
-    def _prepare(self, image) -> PreparedImage:
-        rgb = load_any_image(image)
-        return self.preprocessor.prepare(DecodedImage(rgb, rgb.size))
-
     def _encode(self, prepared: Sequence[PreparedImage]) -> list[torch.Tensor]:
         order = "raster" if self.feature == "patch" else "block"
         outputs = self.encoder.encode(list(prepared), (self.feature,), order).split()
@@ -69,11 +64,11 @@ class Qwen3VLPipeline:
 
     def process_image(self, image) -> torch.Tensor | np.ndarray | list:
         """One image -> (1, N, D) tokens ((1, 1, D) when pooled)."""
-        return self._format(self._encode([self._prepare(image)])[0].unsqueeze(0))
+        return self._format(self._encode([self.preprocessor.prepare(image)])[0].unsqueeze(0))
 
     def process_batch(self, images: Sequence) -> torch.Tensor | np.ndarray | list:
         """Several images -> (B, N, D); images whose token counts differ (native resolution) need pooling."""
-        tokens = self._encode([self._prepare(im) for im in images])
+        tokens = self._encode([self.preprocessor.prepare(im) for im in images])
         if len({t.shape for t in tokens}) > 1:
             raise UsageError(
                 "images give different token counts at native resolution; use pooling_strategy='mean', resize them "

@@ -140,9 +140,11 @@ class Preprocessor:
         )
         return self.prepare(decoded)
 
-    def prepare(self, decoded: DecodedImage | Image.Image) -> PreparedImage:
-        if isinstance(decoded, Image.Image):
-            decoded = DecodedImage(load_any_image(decoded), decoded.size)
+    def prepare(self, decoded) -> PreparedImage:
+        """A DecodedImage, or a path / PIL image / uint8 array (the original API's inputs)."""
+        if not isinstance(decoded, DecodedImage):
+            rgb = load_any_image(decoded)
+            decoded = DecodedImage(rgb, rgb.size)
         width, height = decoded.original_size
         th, tw = target_size(self.config, height, width)
         pixels = resize_uint8(decoded.image, th, tw, self.config)
