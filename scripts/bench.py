@@ -6,8 +6,13 @@
     python scripts/bench.py --json results.json      # also write the table as JSON
 
 Sections:
-  encoder   vitok vs transformers Qwen3VLVisionModel (default SDPA), a packed batch of mixed-size images
-  e2e       vitok.extract on a folder of large JPEGs vs the loop a user writes (reference processor + model)
+  machine   the fp32/bf16 matmul rate of each GEMM kernel available (the best is the MFU denominator)
+  encoder   vitok vs transformers Qwen3VLVisionModel (default SDPA), a packed batch of same- and mixed-size images;
+            on CPU also vitok on torch's default GEMM, to show what the oneDNN kernels add
+  e2e       vitok vs the loop a user writes (reference processor + model, a batch at a time) on a folder of JPEGs.
+            CPU: whole processes timed start to finish (`python -m vitok extract` vs the loop as a script).
+            GPU: the run loops in one process, plus the share of the encoder-only rate vitok keeps end to end,
+            exact decoding and --fast-decode.
   data      decode + preprocess images/s in one process (one worker), exact vs --fast-decode, token difference
   memory    (CUDA) peak memory of small/base/large at 224x224, batch 1
 Needs the test extra (transformers) for the reference.
@@ -16,8 +21,11 @@ Needs the test extra (transformers) for the reference.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from vitok import kernels  # noqa: E402
 from vitok.config import EncoderConfig  # noqa: E402
 from vitok.model import VisionEncoder  # noqa: E402
 from vitok.presets import get_preset  # noqa: E402
@@ -66,16 +75,24 @@ def encoder_flops(config: EncoderConfig, grids) -> float:
         flops += config.depth * (2 * n * (4 * d * d + 2 * d * i) + 4 * n * n * d)
         if config.out_hidden_size:
             wide = d * config.spatial_merge_size**2
-            flops += (1 + len(config.deepstack_visual_indexes)) * 2 * (n / 4) * (wide * wide + wide * config.out_hidden_size)
+            mergers = 1 + len(config.deepstack_visual_indexes)
+            flops += mergers * 2 * (n / 4) * (wide * wide + wide * config.out_hidden_size)
     return flops
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    size = 8192 if device.type == "cuda" else 1536
+def matmul_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """FLOP/s of a large square matmul on each GEMM kernel vitok can use here (the MFU denominator is the best)."""
+    from vitok import kernels
+
+    size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = timeit(lambda: a @ b, device, 2, 10 if device.type == "cuda" else 3)
-    return 2 * size**3 / seconds
+    iters = 10 if device.type == "cuda" else 3
+    rates = {"torch_mm": 2 * size**3 / timeit(lambda: a @ b, device, 2, iters)}
+    if device.type == "cpu" and kernels.onednn_linear_available():
+        with torch.inference_mode():
+            rates["onednn"] = 2 * size**3 / timeit(lambda: kernels.linear(a, b, None), device, 2, iters)
+    return rates
 
 
 def reference_and_vitok(config: EncoderConfig, device, dtype, attention="auto"):
@@ -105,14 +122,14 @@ def reference_and_vitok(config: EncoderConfig, device, dtype, attention="auto"):
     return reference, model
 
 
-def bench_encoder(args, device, dtype) -> None:
+def bench_encoder(args, device, dtype, full: bool, grid_sets) -> None:
     preset = get_preset(args.preset).encoder
-    depth = preset.depth if args.full else args.depth
+    depth = preset.depth if full else args.depth
     config = EncoderConfig.from_dict({**preset.to_dict(), "depth": depth,
                                       "deepstack_visual_indexes": [i for i in preset.deepstack_visual_indexes
                                                                    if i < depth]})
     reference, model = reference_and_vitok(config, device, dtype, args.attention)
-    for label, grids in _grid_sets(args, device):
+    for label, grids in grid_sets:
         n = sum(t * h * w for t, h, w in grids)
         pixels = torch.randn(n, config.patch_dim, device=device, dtype=dtype)
         grid_tensor = torch.tensor(grids, device=device)
@@ -131,9 +148,26 @@ def bench_encoder(args, device, dtype) -> None:
             values["vitok_mfu"] = flops / vitok_time / args.peak_flops
             values["ref_mfu"] = flops / ref_time / args.peak_flops
         row("encoder", f"{args.preset} {label} {str(dtype).removeprefix('torch.')}", **values)
+        if device.type == "cpu" and kernels.onednn_linear_available():
+            with torch.inference_mode(), torch_default_gemm():
+                default_time = timeit(lambda: model(pixels, grids, features=features), device, args.warmup, args.iters)
+            row("encoder", f"{args.preset} {label}, vitok on torch's default CPU GEMM (VITOK_ONEDNN=0)",
+                ref_ms=ref_time * 1e3, vitok_ms=default_time * 1e3, ratio=ref_time / default_time)
     del reference, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def torch_default_gemm():
+    from vitok import kernels
+
+    available = kernels.onednn_linear_available
+    kernels.onednn_linear_available = lambda: False
+    try:
+        yield
+    finally:
+        kernels.onednn_linear_available = available
 
 
 def _grid_sets(args, device):
@@ -143,16 +177,22 @@ def _grid_sets(args, device):
     return [("4x768-patch", [(1, 24, 32)] * 4), ("mixed x4", [(1, 24, 32), (1, 16, 16), (1, 30, 40), (1, 20, 20)])]
 
 
-def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
+def make_jpegs(folder: Path, count: int, size: tuple[int, int], distinct: int = 16) -> list[Path]:
+    """``count`` JPEGs: ``distinct`` photos resized and re-encoded, then copies of them (decoding costs the same)."""
     from PIL import Image
 
     photos = sorted((ROOT / "examples" / "images").glob("*.*"))
     photos = [p for p in photos if p.suffix in (".png", ".jpg")]
     paths = []
     for i in range(count):
-        image = Image.open(photos[i % len(photos)]).convert("RGB").resize(size, Image.Resampling.BICUBIC)
-        path = folder / f"photo{i:03d}.jpg"
-        image.save(path, quality=90)
+        path = folder / f"photo{i:05d}.jpg"
+        if i < distinct:
+            source = Image.open(photos[i % len(photos)]).convert("RGB")
+            if i >= len(photos):  # a different crop, so the distinct files differ
+                source = source.rotate(90 * (i // len(photos)), expand=True)
+            source.resize(size, Image.Resampling.BICUBIC).save(path, quality=90)
+        else:
+            shutil.copyfile(paths[i % distinct], path)
         paths.append(path)
     return paths
 
@@ -161,7 +201,7 @@ def bench_data(args, folder: Path) -> None:
     from vitok.config import PreprocessConfig
     from vitok.preprocess import Preprocessor
 
-    paths = sorted(folder.glob("*.jpg"))
+    paths = sorted(folder.glob("*.jpg"))[: args.data_images]
     for label, config in (("exact", PreprocessConfig(max_pixels=args.max_pixels)),
                           ("fast-decode", PreprocessConfig(max_pixels=args.max_pixels, fast_decode=True))):
         pre = Preprocessor(config)
@@ -171,7 +211,8 @@ def bench_data(args, folder: Path) -> None:
             pre.load(path)
         seconds = time.perf_counter() - start
         row("data", f"decode+preprocess {label} ({args.jpeg_size[0]}x{args.jpeg_size[1]} JPEG, max_pixels "
-            f"{args.max_pixels})", images_per_s_per_worker=len(paths) / seconds, ms_per_image=seconds / len(paths) * 1e3)
+            f"{args.max_pixels})", images_per_s_per_worker=len(paths) / seconds,
+            ms_per_image=seconds / len(paths) * 1e3)
     # token difference of fast decoding: merged tokens of a random-weight tower (cosine similarity)
     from vitok.runtime import load_encoder
 
@@ -190,52 +231,126 @@ def bench_data(args, folder: Path) -> None:
         min_token_cosine=min(sims), mean_token_cosine=sum(sims) / len(sims))
 
 
-def bench_e2e(args, device, dtype, folder: Path) -> None:
-    from PIL import Image
-    from transformers import Qwen2VLImageProcessor
+NAIVE_LOOP = """
+import sys
+from pathlib import Path
 
-    import vitok
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Qwen2VLImageProcessor
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+checkpoint, folder, batch, device, dtype, out = sys.argv[1:7]
+batch, dtype = int(batch), getattr(torch, dtype)
+model = Qwen3VLVisionModel.from_pretrained(checkpoint).to(device, dtype).eval()
+processor = Qwen2VLImageProcessor.from_pretrained(checkpoint)
+paths = sorted(Path(folder).glob("*.jpg"))
+tokens = []
+with torch.inference_mode():
+    for start in range(0, len(paths), batch):
+        images = [Image.open(p).convert("RGB") for p in paths[start:start + batch]]
+        inputs = processor(images=images, return_tensors="pt")
+        output = model(inputs["pixel_values"].to(device, dtype), inputs["image_grid_thw"].to(device))
+        tokens.extend(t.numpy() for t in output.pooler_output.float().cpu().split(
+            (inputs["image_grid_thw"].prod(-1) // 4).tolist()))
+np.save(out, np.concatenate(tokens))
+"""
+
+
+def _e2e_models(args, device, dtype, folder: Path, tmp: Path):
+    """Reference + vitok with the same random weights, and a checkpoint folder both can load."""
+    from transformers import Qwen2VLImageProcessor
 
     preset = get_preset(args.preset).encoder
     depth = preset.depth if args.full else args.depth
     config = EncoderConfig.from_dict({**preset.to_dict(), "depth": depth, "deepstack_visual_indexes": []})
     reference, model = reference_and_vitok(config, device, dtype)
+    size = {"shortest_edge": 65536, "longest_edge": args.max_pixels}
     processor = Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
-                                      image_std=[0.5] * 3, size={"shortest_edge": 65536, "longest_edge": args.max_pixels})
+                                      image_std=[0.5] * 3, size=size)
+    checkpoint = tmp / "checkpoint"
+    reference.float().save_pretrained(checkpoint)  # config.json (the vision config) + model.safetensors
+    reference.to(dtype)
+    processor.save_pretrained(checkpoint)  # preprocessor_config.json, read by both
+    return config, reference, model, processor, checkpoint
+
+
+def _wall(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return time.perf_counter() - start
+
+
+def bench_e2e_processes(args, device, dtype, folder: Path, tmp: Path) -> None:
+    """Whole processes, start to finish (imports, model load, decode, encode, write): what a user waits for."""
+    config, _, _, _, checkpoint = _e2e_models(args, device, dtype, folder, tmp)
     paths = sorted(folder.glob("*.jpg"))
+    dtype_name = str(dtype).removeprefix("torch.")
+    naive = [sys.executable, "-c", NAIVE_LOOP, str(checkpoint), str(folder), str(args.naive_batch), str(device),
+             dtype_name, str(tmp / "naive.npy")]
+    vitok_cli = [sys.executable, "-m", "vitok", "extract", str(folder), "-o", str(tmp / "vitok-out"), "--model",
+                 str(checkpoint), "--device", str(device), "--dtype", dtype_name, "--features", "merged", "--quiet",
+                 "--overwrite"] + (["--workers", str(args.workers)] if args.workers is not None else [])
+    naive_s = min(_wall(naive) for _ in range(args.process_repeats))
+    vitok_s = min(_wall(vitok_cli) for _ in range(args.process_repeats))
+    row("e2e", f"whole processes: {len(paths)} JPEGs {args.jpeg_size[0]}x{args.jpeg_size[1]}, {args.preset} depth "
+        f"{config.depth}, best of {args.process_repeats}", naive_s=naive_s, vitok_s=vitok_s, ratio=naive_s / vitok_s,
+        naive_img_s=len(paths) / naive_s, vitok_img_s=len(paths) / vitok_s)
+
+
+def bench_e2e_inprocess(args, device, dtype, folder: Path, tmp: Path) -> None:
+    """Steady-state throughput of the run loop (model loaded), against the encoder alone on the same image size."""
+    from PIL import Image
+
+    import vitok
+    from vitok.config import PreprocessConfig
+    from vitok.preprocess import Preprocessor
+
+    config, reference, model, processor, checkpoint = _e2e_models(args, device, dtype, folder, tmp)
+    paths = sorted(folder.glob("*.jpg"))
+    naive_paths = paths[: args.naive_images]
     batch = args.naive_batch
 
-    def naive() -> None:
+    def naive(subset) -> None:
         with torch.inference_mode():
-            for start in range(0, len(paths), batch):
-                images = [Image.open(p).convert("RGB") for p in paths[start:start + batch]]
+            for start in range(0, len(subset), batch):
+                images = [Image.open(p).convert("RGB") for p in subset[start:start + batch]]
                 inputs = processor(images=images, return_tensors="pt")
                 out = reference(inputs["pixel_values"].to(device, dtype), inputs["image_grid_thw"].to(device))
                 out.pooler_output.float().cpu()
 
-    naive()  # warm caches
+    naive(naive_paths[:batch])  # warm up
     sync(device)
     start = time.perf_counter()
-    naive()
+    naive(naive_paths)
     sync(device)
-    naive_seconds = time.perf_counter() - start
-    # vitok with the same weights: save them as a tower file and extract through the real runner
-    from vitok.checkpoint import save_tower
+    naive_img_s = len(naive_paths) / (time.perf_counter() - start)
+    del reference
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tower = Path(tmp) / "tower.safetensors"
-        save_tower(model.float().cpu(), tower, config)
-        del model
-        options = dict(model=str(tower), device=str(device), dtype=str(dtype).removeprefix("torch."),
-                       features=["merged"], max_pixels=args.max_pixels, workers=args.workers)
-        vitok.extract([str(folder)], Path(tmp) / "warm", **options)
-        start = time.perf_counter()
-        summary = vitok.extract([str(folder)], Path(tmp) / "out", **options)
-        vitok_seconds = summary.seconds  # the run loop, model loading excluded as for the naive loop
-    row("e2e", f"{len(paths)} JPEGs {args.jpeg_size[0]}x{args.jpeg_size[1]}, {args.preset} depth {depth}",
-        naive_img_s=len(paths) / naive_seconds, vitok_img_s=len(paths) / vitok_seconds,
-        ratio=naive_seconds / vitok_seconds, data_wait_share=summary.data_wait_seconds / max(summary.seconds, 1e-9),
-        workers=args.workers if args.workers is not None else -1)
+    # the encoder alone, on batches of the size the runner forms for these images
+    grid = Preprocessor(PreprocessConfig(max_pixels=args.max_pixels)).load(paths[0]).grid_thw
+    budget = args.token_budget or (32768 if device.type == "cuda" else 4096)
+    per_batch = max(1, budget // (grid[0] * grid[1] * grid[2]))
+    grids = [grid] * per_batch
+    pixels = torch.randn(per_batch * grid[0] * grid[1] * grid[2], config.patch_dim, device=device, dtype=dtype)
+    with torch.inference_mode():
+        seconds = timeit(lambda: model(pixels, grids, features=("merged",)), device, args.warmup, args.iters)
+    encoder_img_s = per_batch / seconds
+    del model
+
+    options = dict(model=str(checkpoint), device=str(device), dtype=str(dtype).removeprefix("torch."),
+                   features=["merged"], workers=args.workers, token_budget=args.token_budget)
+    vitok.extract([str(p) for p in paths[: 2 * per_batch]], tmp / "warm", **options)  # kernels, allocator
+    for label, fast in (("exact decode", False), ("--fast-decode", True)):
+        summary = vitok.extract([str(folder)], tmp / f"out-{fast}", fast_decode=fast, **options)
+        vitok_img_s = summary.ok / summary.seconds  # the run loop, model loading excluded as for the naive loop
+        row("e2e", f"{len(paths)} JPEGs {args.jpeg_size[0]}x{args.jpeg_size[1]} -> grid {grid[1]}x{grid[2]}, "
+            f"{args.preset} depth {config.depth}, {label}", naive_img_s=naive_img_s, vitok_img_s=vitok_img_s,
+            ratio=vitok_img_s / naive_img_s, encoder_only_img_s=encoder_img_s,
+            share_of_encoder_only=vitok_img_s / encoder_img_s,
+            data_wait_share=summary.data_wait_seconds / max(summary.seconds, 1e-9),
+            workers=args.workers if args.workers is not None else -1)
 
 
 def bench_memory(device) -> None:
@@ -263,8 +378,13 @@ def main() -> None:
     parser.add_argument("--preset", default="qwen3-vl-2b")
     parser.add_argument("--depth", type=int, default=2, help="tower depth when not --full")
     parser.add_argument("--full", action="store_true", help="full-depth tower")
-    parser.add_argument("--sections", default="encoder,data,e2e,memory")
-    parser.add_argument("--images", type=int, default=16, help="JPEGs for e2e/data")
+    parser.add_argument("--sections", default="encoder,encoder-full,data,e2e,memory",
+                        help="comma list of: encoder, encoder-full (CPU: full depth, one image), data, e2e, memory")
+    parser.add_argument("--images", type=int, default=16, help="JPEGs for e2e (16 distinct, the rest copies)")
+    parser.add_argument("--data-images", type=int, default=16, help="JPEGs timed in the data section")
+    parser.add_argument("--naive-images", type=int, default=256, help="JPEGs timed for the in-process naive loop")
+    parser.add_argument("--process-repeats", type=int, default=2, help="CPU e2e: best of this many process runs")
+    parser.add_argument("--token-budget", type=int, default=None)
     parser.add_argument("--jpeg-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(800, 600))
     parser.add_argument("--max-pixels", type=int, default=16777216)
     parser.add_argument("--naive-batch", type=int, default=4)
@@ -283,18 +403,27 @@ def main() -> None:
     print(f"# torch {torch.__version__}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"threads {torch.get_num_threads()}, cpus {os.cpu_count()}", flush=True)
-    args.peak_flops = matmul_rate(device, dtype)
-    row("machine", f"measured {str(dtype).removeprefix('torch.')} matmul rate", tflops=args.peak_flops / 1e12)
+    rates = matmul_rates(device, dtype)
+    args.peak_flops = max(rates.values())
+    row("machine", f"measured {str(dtype).removeprefix('torch.')} matmul rate (MFU uses the best)",
+        **{f"{name}_tflops": rate / 1e12 for name, rate in rates.items()})
     if "encoder" in sections:
-        bench_encoder(args, device, dtype)
+        bench_encoder(args, device, dtype, args.full, _grid_sets(args, device))
+    if "encoder-full" in sections and device.type == "cpu" and not args.full:
+        # the full-depth target on a CPU: one 448x448 image through all 24 blocks
+        bench_encoder(args, device, dtype, True, [("448x448 x1", [(1, 28, 28)])])
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
+        folder = Path(tmp) / "jpegs"
+        folder.mkdir()
         if "data" in sections or "e2e" in sections:
             make_jpegs(folder, args.images, args.jpeg_size)
         if "data" in sections:
             bench_data(args, folder)
         if "e2e" in sections:
-            bench_e2e(args, device, dtype, folder)
+            if device.type == "cpu":
+                bench_e2e_processes(args, device, dtype, folder, Path(tmp))
+            else:
+                bench_e2e_inprocess(args, device, dtype, folder, Path(tmp))
     if "memory" in sections and device.type == "cuda":
         bench_memory(device)
     if args.json:

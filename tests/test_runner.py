@@ -187,3 +187,27 @@ def test_multiworker_loader_gives_the_same_tokens(folder, tmp_path):
     assert w0.keys() == w2.keys()
     for key in w0:
         np.testing.assert_array_equal(w0[key], w2[key])
+
+
+def test_out_of_memory_batch_is_split_without_losing_the_batch_in_flight(folder, tmp_path, monkeypatch):
+    """A batch that runs out of memory is retried image by image; the batch launched before it still lands."""
+    from vitok.runtime import Encoder
+
+    common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", token_budget=2000)
+    vitok.extract([str(folder)], tmp_path / "plain", **common)
+    encode = Encoder.encode
+    calls = []
+
+    def encode_or_oom(self, images, *args, **kwargs):
+        calls.append(len(images))
+        if len(calls) % 2 == 0 and len(images) > 1:  # every other multi-image batch "runs out of memory"
+            raise torch.OutOfMemoryError("simulated")
+        return encode(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "encode", encode_or_oom)
+    summary = vitok.extract([str(folder)], tmp_path / "oom", **common)
+    assert any(n > 1 for n in calls[1::2]), calls  # the simulated failure happened after a launched batch
+    plain, oom = all_tokens(tmp_path / "plain"), all_tokens(tmp_path / "oom")
+    assert plain.keys() == oom.keys() and summary.ok == len(plain)
+    for key in plain:
+        np.testing.assert_allclose(oom[key], plain[key], rtol=1e-5, atol=1e-5)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import FEATURES, EncoderConfig
 from .errors import UsageError
 
@@ -79,8 +80,8 @@ class GridTables:
 
     pos_index: torch.Tensor | None  # (n, 4) long: taps into the flattened position table
     pos_weight: torch.Tensor | None  # (n, 4) float32: bilinear weights
-    cos: torch.Tensor  # (n, head_dim) float32
-    sin: torch.Tensor  # (n, head_dim) float32
+    cos: torch.Tensor  # (n, head_dim/2) float32, angles [h | w]; both halves of a head use the same angles
+    sin: torch.Tensor  # (n, head_dim/2) float32
     to_raster: torch.Tensor  # (n,) long: block-order rows -> raster order
 
 
@@ -93,11 +94,10 @@ def build_grid_tables(config: EncoderConfig, inv_freq: torch.Tensor, h: int, w: 
         col_taps, col_weights = _bilinear_axis(cols, w, side)
         pos_index = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
         pos_weight = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
-    # Rotary angles: row and column each use head_dim/4 frequencies, laid out [h | w | h | w].
+    # Rotary angles: row and column each use head_dim/4 frequencies. The reference lays them out [h | w | h | w]
+    # over a head; the two halves are equal, so only [h | w] is kept (see apply_rotary).
     freqs = torch.stack([rows, cols], dim=-1)[..., None].float() * inv_freq.float().cpu()  # (n, 2, hd/4)
-    cos, sin = freqs.cos(), freqs.sin()
-    cos = torch.cat([cos[:, 0], cos[:, 1]], dim=-1).repeat(1, 2)  # (n, hd)
-    sin = torch.cat([sin[:, 0], sin[:, 1]], dim=-1).repeat(1, 2)
+    cos, sin = freqs.cos().flatten(1), freqs.sin().flatten(1)  # (n, hd/2)
     to_raster = torch.empty(h * w, dtype=torch.long)
     to_raster[rows * w + cols] = torch.arange(h * w)
     return GridTables(pos_index, pos_weight, cos, sin, to_raster)
@@ -167,6 +167,9 @@ def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Se
 
 def _attend_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int, length: int, scale: float):
     heads, head_dim = q.shape[1:]
+    if kernels.cpu_attention_applies(q, length):
+        qb, kb, vb = (t.view(count, length, heads, head_dim) for t in (q, k, v))  # (B, S, H, hd)
+        return kernels.cpu_attention(qb, kb, vb, scale).view(count * length, heads, head_dim)
     qb, kb, vb = (t.view(count, length, heads, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, S, hd)
     out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
     return out.transpose(1, 2).reshape(count * length, heads, head_dim)
@@ -208,7 +211,7 @@ class PatchEmbed(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight  # (D, C, T, p, p)
         # The reference casts pixels to the weight dtype before its conv; so do we (bf16 rounds the pixels).
-        return F.linear(pixel_values.to(weight.dtype), weight.view(weight.shape[0], -1), self.proj.bias)  # (N, D)
+        return kernels.linear(pixel_values.to(weight.dtype), weight.view(weight.shape[0], -1), self.proj.bias)  # (N, D)
 
 
 class VisionRotaryEmbedding(nn.Module):
@@ -221,17 +224,32 @@ class VisionRotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+@dataclass
+class Rotary:
+    """A batch's rotary angles, (N, head_dim/2) float32 each; ``neg_sin`` is kept so no pass negates a head half."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    neg_sin: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.neg_sin = -self.sin
 
 
-def apply_rotary(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate q and k together, in float32 like the reference, and round once back to their dtype."""
-    dtype = qk.dtype
-    qk = qk.float()  # (N, 2, H, hd)
-    cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # (N, 1, 1, hd)
-    return ((qk * cos) + (rotate_half(qk) * sin)).to(dtype)
+def apply_rotary(qk: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """Rotate q and k together in float32, like the reference, rounding once back to their dtype.
+
+    The reference computes ``q * cos + rotate_half(q) * sin`` with cos/sin repeated over both head halves, i.e.
+    per half ``(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)``. Written per half, a bf16 input is read directly
+    by float32 arithmetic (no float32 copy of q and k, no concatenation): two passes instead of seven.
+    """
+    x = qk.unflatten(-1, (2, -1))  # (N, 2, H, 2, hd/2): [q|k], heads, [first|second half]
+    first, second = x[..., 0, :], x[..., 1, :]
+    cos, sin, neg_sin = (t[:, None, None, :] for t in (rotary.cos, rotary.sin, rotary.neg_sin))  # (N, 1, 1, hd/2)
+    out = torch.empty_like(x)
+    torch.addcmul(first * cos, second, neg_sin, out=out[..., 0, :])
+    torch.addcmul(second * cos, first, sin, out=out[..., 1, :])
+    return out.flatten(-2)
 
 
 class Attention(nn.Module):
@@ -244,12 +262,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
         self.kernel = "sdpa"
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary, segments: Segments) -> torch.Tensor:
         n = x.shape[0]
-        qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)  # (N, 3, H, hd), rows [Q | K | V], head-major
-        qk = apply_rotary(qkv[:, :2], cos, sin)  # (N, 2, H, hd)
+        qkv = kernels.apply(x, self.qkv).view(n, 3, self.num_heads, self.head_dim)  # (N, 3, H, hd), rows [Q | K | V], head-major
+        qk = apply_rotary(qkv[:, :2], rotary)  # (N, 2, H, hd)
         out = ATTENTION_KERNELS[self.kernel](qk[:, 0], qk[:, 1], qkv[:, 2], segments, self.scale)  # (N, H, hd)
-        return self.proj(out.reshape(n, -1))
+        return kernels.apply(out.reshape(n, -1), self.proj)
 
 
 class MLP(nn.Module):
@@ -258,9 +276,14 @@ class MLP(nn.Module):
         self.linear_fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
         self.linear_fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
         self.approximate = "tanh" if config.hidden_act == "gelu_pytorch_tanh" else "none"
+        # CPU row chunks of at most 16 MiB of fp32 activations: a whole batch's 4D-wide activations exceed malloc's
+        # mmap threshold, and each call would fault in fresh zeroed pages (~3% of a CPU forward).
+        self.cpu_rows = max(256, (4 << 20) // config.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate=self.approximate))
+        if x.device.type == "cpu" and x.shape[0] > self.cpu_rows:
+            return torch.cat([self(chunk) for chunk in x.split(self.cpu_rows)])
+        return kernels.apply(kernels.apply(x, self.linear_fc1, gelu=self.approximate), self.linear_fc2)
 
 
 class Block(nn.Module):
@@ -271,8 +294,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, segments)
+    def forward(self, x: torch.Tensor, rotary: Rotary, segments: Segments) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rotary, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -296,7 +319,7 @@ class PatchMerger(nn.Module):
             x = self.norm(x.view(-1, self.wide))  # (N/4, 4D), features [(0,0) | (0,1) | (1,0) | (1,1)] x D
         else:
             x = self.norm(x).view(-1, self.wide)
-        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+        return kernels.apply(kernels.apply(x, self.linear_fc1, gelu="none"), self.linear_fc2)
 
 
 @dataclass
@@ -374,24 +397,28 @@ class VisionEncoder(nn.Module):
 
     def _batch_tables(self, grid_thw: Sequence[Grid], device: torch.device, raster: bool):
         """Per-batch tables: one entry per temporal slice of each image (slices share their grid's tables)."""
-        slices = [self.grid_tables(h, w, device) for t, h, w in grid_thw for _ in range(t)]
+        slice_grids = [(h, w) for t, h, w in grid_thw for _ in range(t)]
+        slices = [self.grid_tables(h, w, device) for h, w in slice_grids]
 
-        def cat(name: str) -> torch.Tensor:
-            parts = [getattr(tab, name) for tab in slices]
+        def cat(parts: list[torch.Tensor]) -> torch.Tensor:
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        cos, sin = cat("cos"), cat("sin")
+        rotary = Rotary(cat([tab.cos for tab in slices]), cat([tab.sin for tab in slices]))
         pos = None
         if self.pos_embed is not None:
-            index, weight = cat("pos_index"), cat("pos_weight")
-            # fp32 products and sum, cast once, as transformers 5.x does
-            pos = (self.pos_embed(index) * weight[:, :, None]).sum(1)
-        segments = Segments([h * w for t, h, w in grid_thw for _ in range(t)])
+            # Resampled once per distinct grid in the batch (a uniform batch pays for one image), in fp32 products
+            # and sum, cast once, as transformers 5.x does.
+            per_grid = {}
+            for grid, tab in zip(slice_grids, slices):
+                if grid not in per_grid:
+                    per_grid[grid] = (self.pos_embed(tab.pos_index) * tab.pos_weight[:, :, None]).sum(1)
+            pos = cat([per_grid[grid] for grid in slice_grids])
+        segments = Segments([h * w for h, w in slice_grids])
         to_raster = None
         if raster:
             starts = itertools.accumulate(segments.lengths[:-1], initial=0)
             to_raster = torch.cat([tab.to_raster + start for tab, start in zip(slices, starts)])
-        return pos, cos, sin, segments, to_raster
+        return pos, rotary, segments, to_raster
 
     # ---- forward -----------------------------------------------------------------------------------------------
 
@@ -423,18 +450,18 @@ class VisionEncoder(nn.Module):
         device = pixel_values.device
         merge_unit = self.config.spatial_merge_size**2
         reorder = "patch" in features and token_order == "raster" and merge_unit > 1
-        pos, cos, sin, segments, to_raster = self._batch_tables(grid_thw, device, reorder)
+        pos, rotary, segments, to_raster = self._batch_tables(grid_thw, device, reorder)
 
         x = self.patch_embed(pixel_values)  # (N, D)
         if pos is not None:
-            x = x + pos.to(x.dtype)
+            x += pos.to(x.dtype)
 
         need_last = "patch" in features or "merged" in features
         taps = self.config.deepstack_visual_indexes if "deepstack" in features else ()
         last_block = self.config.depth if need_last else max(taps) + 1
         deepstack = []
         for index, block in enumerate(self.blocks[:last_block]):
-            x = block(x, cos, sin, segments)  # (N, D)
+            x = block(x, rotary, segments)  # (N, D)
             if index in taps:
                 deepstack.append(self.deepstack_merger_list[taps.index(index)](x))  # (N/4, O)
 

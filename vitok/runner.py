@@ -36,7 +36,7 @@ from .preprocess import PreparedImage, Preprocessor
 from .runtime import Encoder, load_encoder
 from .sources import list_sources
 from .store import check_shard
-from .writer import STORE_DTYPES, ShardWriter, to_store_array
+from .writer import STORE_DTYPES, ShardWriter, stored_to_numpy, to_store_array, to_store_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +263,26 @@ def extract(sources: Sequence[str] | str, out: str | os.PathLike = "vitok-out", 
     return _Run(encoder, plan, out_path, opts, features, part).run()
 
 
+@dataclass
+class _Launched:
+    """A batch whose encoding and copies to the host are queued on the device but maybe not done."""
+
+    batch: list[tuple[int, PreparedImage]]
+    writer: ShardWriter
+    device: dict[str, torch.Tensor] = field(default_factory=dict)  # tokens on the device (kept for the rare recount)
+    rows: dict[str, list[int]] = field(default_factory=dict)
+    host: dict[str, torch.Tensor] = field(default_factory=dict)  # stored dtype, pinned host memory on CUDA
+    overflow: dict[str, torch.Tensor] = field(default_factory=dict)  # float16 overflow counts, host
+    copied: torch.cuda.Event | None = None
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
 class _Run:
     def __init__(self, encoder: Encoder, plan: Plan, out: Path, opts: ExtractOptions, features, part: Part) -> None:
         self.encoder, self.plan, self.out, self.opts, self.features, self.part = encoder, plan, out, opts, features, part
@@ -271,6 +291,7 @@ class _Run:
         self.skipped_reasons: dict[str, str] = {}
         self.encode_seconds = self.wait_seconds = 0.0
         self._commits: queue.Queue = queue.Queue(maxsize=2)
+        self._in_flight: _Launched | None = None
         self._commit_error: BaseException | None = None
         self.output_bytes = 0
         self.shards_written = 0
@@ -304,6 +325,7 @@ class _Run:
                 self._commit_error = exc
 
     def _submit(self, writer: ShardWriter) -> None:
+        self._drain()
         if self._commit_error is not None:
             raise self._commit_error
         self._commits.put(writer)
@@ -311,13 +333,15 @@ class _Run:
     # ---- encoding -------------------------------------------------------------------------------------------
 
     def _encode(self, batch: list[tuple[int, PreparedImage]], writer: ShardWriter) -> None:
+        """Launch a batch; while the device runs it, finish the batch before (one batch in flight)."""
         batch.sort(key=lambda item: item[1].grid_thw)  # equal grids side by side: one attention call per run
         start = time.perf_counter()
         try:
-            output = self.encoder.encode([im for _, im in batch], self.features, self.opts.token_order)
+            launched = self._launch(batch, writer)
         except torch.OutOfMemoryError:
             if self.encoder.device.type == "cuda":
                 torch.cuda.empty_cache()
+            self._drain()
             if len(batch) == 1:
                 index, image = batch[0]
                 reason = f"out of memory encoding {image.num_patches} patches"
@@ -327,19 +351,52 @@ class _Run:
                 return
             for item in batch:
                 self._encode([item], writer)
+                self._drain()
             return
-        arrays: list[dict[str, np.ndarray]] = [{} for _ in batch]
-        overflow = [0] * len(batch)
+        finally:
+            self.encode_seconds += time.perf_counter() - start
+        self._drain()
+        self._in_flight = launched
+
+    def _drain(self) -> None:
+        """Finish the batch in flight, if any: wait for its copies and hand its arrays to its writer."""
+        if self._in_flight is not None:
+            start = time.perf_counter()
+            launched, self._in_flight = self._in_flight, None
+            self._finish(launched)
+            self.encode_seconds += time.perf_counter() - start
+
+    def _launch(self, batch: list[tuple[int, PreparedImage]], writer: ShardWriter) -> _Launched:
+        """Queue encoder, pooling, store-dtype cast and device-to-host copies; nothing here waits for the device."""
+        output = self.encoder.encode([im for _, im in batch], self.features, self.opts.token_order)
+        launched = _Launched(batch, writer)
         for feature in self.features:
             # One device-to-host copy per feature for the whole batch; rows are split per image on the host.
             packed, rows = output.features[feature], output.rows[feature]
             if self.opts.pool != "none":
                 packed = torch.cat([pool_tokens(t, self.opts.pool) for t in packed.split(rows, dim=-2)], dim=-2)
                 rows = [1] * len(rows)
-            array, overflowed = to_store_array(packed, self.opts.store_dtype)
-            if overflowed:  # rare: find out which images overflowed
-                for i, tokens in enumerate(packed.split(rows, dim=-2)):
+            stored, overflow = to_store_tensor(packed, self.opts.store_dtype)
+            launched.device[feature], launched.rows[feature] = packed, rows
+            launched.host[feature] = _to_host(stored)
+            launched.overflow[feature] = _to_host(overflow)
+        if self.encoder.device.type == "cuda":
+            launched.copied = torch.cuda.Event()
+            launched.copied.record(torch.cuda.current_stream(self.encoder.device))
+        return launched
+
+    def _finish(self, launched: _Launched) -> None:
+        if launched.copied is not None:
+            launched.copied.synchronize()
+        batch = launched.batch
+        arrays: list[dict[str, np.ndarray]] = [{} for _ in batch]
+        overflow = [0] * len(batch)
+        for feature, host in launched.host.items():
+            rows = launched.rows[feature]
+            if int(launched.overflow[feature]):  # rare: find out which images overflowed
+                for i, tokens in enumerate(launched.device[feature].split(rows, dim=-2)):
                     overflow[i] += to_store_array(tokens, self.opts.store_dtype)[1]
+            array = stored_to_numpy(host, self.opts.store_dtype)
             for item, part in zip(arrays, np.split(array, np.cumsum(rows)[:-1], axis=-2)):
                 item[feature] = part
         for (index, image), image_arrays, image_overflow in zip(batch, arrays, overflow):
@@ -348,10 +405,9 @@ class _Run:
                 record["float16_overflow"] = image_overflow
                 logger.warning("%s: %d value(s) exceed float16 range and are stored as inf; use --store-dtype "
                                "bfloat16 or float32", record["key"], image_overflow)
-            writer.add(record, image_arrays)
+            launched.writer.add(record, image_arrays)
             self.ok += 1
             self.tokens += image.num_patches
-        self.encode_seconds += time.perf_counter() - start
 
     def _record(self, index: int, image: PreparedImage | None) -> dict[str, Any]:
         record: dict[str, Any] = {"key": self.plan.keys[index], "source": self.plan.paths[index]}

@@ -33,16 +33,29 @@ STORE_DTYPES = ("float16", "float32", "bfloat16")
 FLOAT16_MAX = 65504.0
 
 
-def to_store_array(tensor: torch.Tensor, store_dtype: str) -> tuple[np.ndarray, int]:
-    """Convert tokens to the stored numpy array; also return how many finite values overflowed float16."""
+def to_store_tensor(tensor: torch.Tensor, store_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens in their stored dtype, still on their device (bfloat16 as int16 bits), and the number of finite
+    values that overflow float16 as a 0-d tensor (zero for the other dtypes). Nothing here waits for the device."""
     tensor = tensor.detach()
     if store_dtype == "bfloat16":
-        return tensor.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16), 0
+        return tensor.to(torch.bfloat16).view(torch.int16), tensor.new_zeros((), dtype=torch.int64)
     if store_dtype == "float16":
         as_float = tensor.float()
-        overflow = int(((as_float.abs() > FLOAT16_MAX) & torch.isfinite(as_float)).sum())
-        return tensor.to(torch.float16).cpu().numpy(), overflow
-    return tensor.float().cpu().numpy(), 0
+        overflow = ((as_float.abs() > FLOAT16_MAX) & torch.isfinite(as_float)).sum()
+        return tensor.to(torch.float16), overflow
+    return tensor.float(), tensor.new_zeros((), dtype=torch.int64)
+
+
+def stored_to_numpy(stored: torch.Tensor, store_dtype: str) -> np.ndarray:
+    """A host tensor from ``to_store_tensor`` -> the numpy array written to the shard."""
+    array = stored.numpy()
+    return array.view(np.uint16) if store_dtype == "bfloat16" else array
+
+
+def to_store_array(tensor: torch.Tensor, store_dtype: str) -> tuple[np.ndarray, int]:
+    """Convert tokens to the stored numpy array; also return how many finite values overflowed float16."""
+    stored, overflow = to_store_tensor(tensor, store_dtype)
+    return stored_to_numpy(stored.cpu(), store_dtype), int(overflow)
 
 
 def from_store_array(array: np.ndarray, store_dtype: str) -> np.ndarray:

@@ -1,0 +1,89 @@
+"""Fast paths of the linear layers and the rotary: each equals the plain computation it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import reference_model, rel_error, vitok_from_reference
+
+from vitok import kernels
+from vitok.config import EncoderConfig
+from vitok.model import MLP, Rotary, apply_rotary
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("gelu", [None, "none", "tanh"])
+def test_linear_equals_plain_linear_and_gelu(dtype, tolerance, gelu):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 96, generator=generator).to(dtype)
+    weight = (0.1 * torch.randn(160, 96, generator=generator)).to(dtype)
+    bias = (0.1 * torch.randn(160, generator=generator)).to(dtype)
+    expected = F.linear(x.double(), weight.double(), bias.double())
+    expected = F.gelu(expected, approximate=gelu) if gelu else expected
+    with torch.inference_mode():
+        got = kernels.linear(x, weight, bias, gelu)
+    assert got.dtype == dtype and got.shape == (300, 160)
+    assert rel_error(got, expected) <= tolerance
+
+
+def test_linear_records_autograd_when_asked():
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(5, 8, requires_grad=True)
+    out = kernels.apply(x, layer, gelu="tanh")
+    out.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    torch.testing.assert_close(out, F.gelu(layer(x), approximate="tanh"))
+
+
+def test_unknown_gelu_form_is_refused():
+    with pytest.raises(ValueError, match="gelu"):
+        kernels.linear(torch.ones(1, 2), torch.ones(3, 2), None, gelu="sigmoid")
+
+
+def test_parity_with_torch_default_kernels(monkeypatch):
+    """The encoder on torch's own CPU GEMM (what VITOK_ONEDNN=0 gives) matches the reference too."""
+    monkeypatch.setattr(kernels, "onednn_linear_available", lambda: False)
+    reference, config = reference_model(seed=5)
+    model = vitok_from_reference(reference, config)
+    grids = [(1, 6, 8), (1, 4, 4)]
+    pixels = torch.randn(64, model.config.patch_dim)
+    with torch.no_grad():
+        expected = reference(pixels, torch.tensor(grids)).pooler_output
+        got = model(pixels, grids, features=("merged",)).features["merged"]
+    assert rel_error(got, expected) <= 1e-5
+
+
+def test_mlp_row_chunks_equal_one_pass():
+    config = EncoderConfig(name="t", hidden_size=32, depth=1, num_heads=2, intermediate_size=64, out_hidden_size=16)
+    mlp = MLP(config).eval()
+    x = torch.randn(1000, 32)
+    with torch.inference_mode():
+        whole = mlp(x)
+        mlp.cpu_rows = 128  # 8 chunks, the last one short
+        chunked = mlp(x)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_reference_formula(dtype):
+    """Per-half addcmul == transformers' q * cos + rotate_half(q) * sin over [h|w|h|w] angles, in float32."""
+    n, heads, head_dim = 50, 3, 16
+    generator = torch.Generator().manual_seed(0)
+    qk = torch.randn(n, 2, heads, head_dim, generator=generator).to(dtype)
+    angles = torch.rand(n, head_dim // 2, generator=generator) * 40
+    cos, sin = angles.cos(), angles.sin()
+    full_cos, full_sin = cos.repeat(1, 2)[:, None, None], sin.repeat(1, 2)[:, None, None]
+    expected = (qk.float() * full_cos + _rotate_half(qk.float()) * full_sin).to(dtype)
+    got = apply_rotary(qk, Rotary(cos, sin))
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    else:  # one rounding to bf16 of float32 results that differ at most in their last float32 bit
+        assert (got.float() - expected.float()).abs().max() <= 2 ** -7 * expected.float().abs().max()
+        assert (got == expected).float().mean() > 0.99
