@@ -340,17 +340,37 @@ def bench_e2e_inprocess(args, device, dtype, folder: Path, tmp: Path) -> None:
     del model
 
     options = dict(model=str(checkpoint), device=str(device), dtype=str(dtype).removeprefix("torch."),
-                   features=["merged"], workers=args.workers, token_budget=args.token_budget)
+                   features=["merged"], workers=args.workers, token_budget=args.token_budget,
+                   shard_size=args.shard_size)
     vitok.extract([str(p) for p in paths[: 2 * per_batch]], tmp / "warm", **options)  # kernels, allocator
     for label, fast in (("exact decode", False), ("--fast-decode", True)):
+        supply = loader_supply(paths, args, fast)
         summary = vitok.extract([str(folder)], tmp / f"out-{fast}", fast_decode=fast, **options)
         vitok_img_s = summary.ok / summary.seconds  # the run loop, model loading excluded as for the naive loop
         row("e2e", f"{len(paths)} JPEGs {args.jpeg_size[0]}x{args.jpeg_size[1]} -> grid {grid[1]}x{grid[2]}, "
-            f"{args.preset} depth {config.depth}, {label}", naive_img_s=naive_img_s, vitok_img_s=vitok_img_s,
-            ratio=vitok_img_s / naive_img_s, encoder_only_img_s=encoder_img_s,
-            share_of_encoder_only=vitok_img_s / encoder_img_s,
-            data_wait_share=summary.data_wait_seconds / max(summary.seconds, 1e-9),
+            f"{args.preset} depth {config.depth}, {label}, shards of {args.shard_size}", naive_img_s=naive_img_s,
+            vitok_img_s=vitok_img_s, ratio=vitok_img_s / naive_img_s, encoder_only_img_s=encoder_img_s,
+            share_of_encoder_only=vitok_img_s / encoder_img_s, loader_alone_img_s=supply,
+            data_wait_share=summary.data_wait_seconds / summary.seconds,
+            device_wait_share=summary.device_wait_seconds / summary.seconds,
+            encode_share=summary.encode_seconds / summary.seconds, seconds=summary.seconds,
             workers=args.workers if args.workers is not None else -1)
+
+
+def loader_supply(paths, args, fast: bool) -> float:
+    """Images/s the run's DataLoader delivers with nothing else running: the ceiling of an end-to-end run."""
+    from vitok.config import PreprocessConfig
+    from vitok.preprocess import Preprocessor
+    from vitok.runner import LOADER_CHUNK, _Chunk, _Images, default_workers
+
+    workers = args.workers if args.workers is not None else default_workers(torch.device("cuda"))
+    dataset = _Images(list(enumerate(map(str, paths))), Preprocessor(PreprocessConfig(max_pixels=args.max_pixels,
+                                                                                      fast_decode=fast)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=LOADER_CHUNK, num_workers=workers, prefetch_factor=2,
+                                         collate_fn=_Chunk.collate, pin_memory=torch.cuda.is_available())
+    start = time.perf_counter()
+    count = sum(len(chunk.indices) for chunk in loader)
+    return count / (time.perf_counter() - start)
 
 
 def bench_memory(device) -> None:
@@ -385,6 +405,7 @@ def main() -> None:
     parser.add_argument("--naive-images", type=int, default=256, help="JPEGs timed for the in-process naive loop")
     parser.add_argument("--process-repeats", type=int, default=2, help="CPU e2e: best of this many process runs")
     parser.add_argument("--token-budget", type=int, default=None)
+    parser.add_argument("--shard-size", type=int, default=256, help="e2e (GPU): images per shard")
     parser.add_argument("--jpeg-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(800, 600))
     parser.add_argument("--max-pixels", type=int, default=16777216)
     parser.add_argument("--naive-batch", type=int, default=4)

@@ -14,6 +14,6 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 } 2>&1 | tee "$RESULTS/env.txt"
 timeout 150 python -m pytest -p no:cacheprovider -q -s -m gpu tests/test_gpu.py 2>&1 | tail -40 | tee "$RESULTS/gpu_tests.txt"
 timeout 60 python scripts/profile_encoder.py --device cuda --full 2>&1 | tail -30 > "$RESULTS/profile.txt"
-timeout 300 python scripts/bench.py --device cuda --full --images 1024 --naive-images 256 --data-images 64 \
+timeout 300 python scripts/bench.py --device cuda --full --images 2048 --naive-images 256 --data-images 64 \
   --jpeg-size 1600x1200 --max-pixels 200704 --naive-batch 16 --iters 5 --json "$RESULTS/bench.json" 2>&1 \
   | grep -v "NO CHECKPOINT\|Loading weights\|Writing model" | tee "$RESULTS/bench.txt"

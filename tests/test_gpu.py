@@ -69,3 +69,27 @@ def test_extract_on_cuda_matches_cpu(tmp_path, dtype, tolerance):
     for key in cpu:
         err = np.abs(cpu[key] - gpu[key]).max() / np.abs(cpu[key]).max()
         assert err <= tolerance, (key, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, head_dim", [(16, 64), (16, 72), (3, 20)])
+def test_triton_rotary_equals_eager_rotary(dtype, heads, head_dim, monkeypatch):
+    pytest.importorskip("triton")
+    from vitok import kernels
+    from vitok.model import Rotary, apply_rotary
+
+    assert kernels._triton_rotary() is not None, "the Triton rotary failed its self-check (see the log)"
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(3000, 3, heads, head_dim, generator=generator).to("cuda", dtype)
+    angles = (torch.rand(3000, head_dim // 2, generator=generator) * 40).cuda()
+    rotary = Rotary(angles.cos(), angles.sin())
+    with torch.inference_mode():
+        fused = apply_rotary(qkv[:, :2], rotary)
+        monkeypatch.setattr(kernels, "fused_rotary", lambda *args: None)
+        eager = apply_rotary(qkv[:, :2], rotary)
+    equal = (fused == eager).float().mean().item()
+    error = rel_error(fused, eager)
+    print(f"rotary {dtype} {heads}x{head_dim}: equal {equal:.4f}, max rel error {error:.2e}")
+    assert fused.shape == eager.shape and fused.dtype == dtype
+    # both round float32 arithmetic once; they may differ by a fused multiply-add, i.e. one last bit
+    assert equal >= 0.98 and error <= {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]

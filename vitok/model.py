@@ -243,6 +243,9 @@ def apply_rotary(qk: torch.Tensor, rotary: Rotary) -> torch.Tensor:
     per half ``(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)``. Written per half, a bf16 input is read directly
     by float32 arithmetic (no float32 copy of q and k, no concatenation): two passes instead of seven.
     """
+    fused = kernels.fused_rotary(qk, rotary.cos, rotary.sin)  # CUDA: the same arithmetic in one Triton kernel
+    if fused is not None:
+        return fused
     x = qk.unflatten(-1, (2, -1))  # (N, 2, H, 2, hd/2): [q|k], heads, [first|second half]
     first, second = x[..., 0, :], x[..., 1, :]
     cos, sin, neg_sin = (t[:, None, None, :] for t in (rotary.cos, rotary.sin, rotary.neg_sin))  # (N, 1, 1, hd/2)

@@ -41,6 +41,7 @@ from .writer import STORE_DTYPES, ShardWriter, stored_to_numpy, to_store_array, 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("hdf5", "npy")
+LOADER_CHUNK = 8  # images per DataLoader message
 
 
 @dataclass
@@ -97,8 +98,9 @@ class ExtractSummary:
     images_per_second: float
     tokens: int
     output_bytes: int
-    data_wait_seconds: float  # time the encoder waited for decoded images
-    encode_seconds: float
+    data_wait_seconds: float  # time the loop waited for decoded images
+    encode_seconds: float  # time the loop spent launching batches and finishing them (device waits included)
+    device_wait_seconds: float  # of which: waiting for the device to finish a batch (the device was the bottleneck)
     part: str = "0/1"
     skipped_reasons: dict[str, str] = field(default_factory=dict)
 
@@ -125,8 +127,39 @@ class _Images(torch.utils.data.Dataset):
             return index, None, f"internal error while decoding: {type(exc).__name__}: {exc}"
 
 
-def _identity(item):
-    return item
+@dataclass
+class _Chunk:
+    """Consecutive plan items decoded by one worker, their patches in one tensor: one message and one pinned copy
+    per chunk instead of per image, which keeps the loop that feeds the GPU short."""
+
+    indices: list[int]
+    reasons: list[str | None]
+    images: list[PreparedImage | None]
+    patches: torch.Tensor | None  # all images' patches, concatenated
+
+    @classmethod
+    def collate(cls, items: list[tuple[int, PreparedImage | None, str | None]]) -> _Chunk:
+        images = [image for _, image, _ in items]
+        present = [image.patches for image in images if image is not None]
+        patches = torch.cat(present) if present else None
+        for image in images:
+            if image is not None:
+                image.patches = None  # sent once, inside ``patches``
+        return cls([i for i, _, _ in items], [reason for _, _, reason in items], images, patches)
+
+    def pin_memory(self) -> _Chunk:
+        if self.patches is not None:
+            self.patches = self.patches.pin_memory()
+        return self
+
+    def __iter__(self):
+        start = 0
+        for index, image, reason in zip(self.indices, self.images, self.reasons):
+            if image is not None:
+                count = image.grid_thw[0] * image.grid_thw[1] * image.grid_thw[2]
+                image.patches = self.patches[start : start + count]
+                start += count
+            yield index, image, reason
 
 
 def default_workers(device: torch.device) -> int:
@@ -289,7 +322,7 @@ class _Run:
         self.budget = opts.token_budget or (32768 if encoder.device.type == "cuda" else 4096)
         self.ok = self.skipped = self.tokens = 0
         self.skipped_reasons: dict[str, str] = {}
-        self.encode_seconds = self.wait_seconds = 0.0
+        self.encode_seconds = self.wait_seconds = self.device_wait_seconds = 0.0
         self._commits: queue.Queue = queue.Queue(maxsize=2)
         self._in_flight: _Launched | None = None
         self._commit_error: BaseException | None = None
@@ -387,7 +420,9 @@ class _Run:
 
     def _finish(self, launched: _Launched) -> None:
         if launched.copied is not None:
+            start = time.perf_counter()
             launched.copied.synchronize()
+            self.device_wait_seconds += time.perf_counter() - start
         batch = launched.batch
         arrays: list[dict[str, np.ndarray]] = [{} for _ in batch]
         overflow = [0] * len(batch)
@@ -397,6 +432,10 @@ class _Run:
                 for i, tokens in enumerate(launched.device[feature].split(rows, dim=-2)):
                     overflow[i] += to_store_array(tokens, self.opts.store_dtype)[1]
             array = stored_to_numpy(host, self.opts.store_dtype)
+            if launched.copied is not None:
+                # Out of the pinned staging buffer, so the shard does not hold page-locked memory and the next
+                # batch reuses the buffer (a fresh pinned allocation costs more than this copy).
+                array = array.copy()
             for item, part in zip(arrays, np.split(array, np.cumsum(rows)[:-1], axis=-2)):
                 item[feature] = part
         for (index, image), image_arrays, image_overflow in zip(batch, arrays, overflow):
@@ -447,7 +486,8 @@ class _Run:
             shards_already_done=len(mine) - len(todo), seconds=round(seconds, 3),
             images_per_second=round((self.ok + self.skipped) / seconds, 3) if seconds else 0.0, tokens=self.tokens,
             output_bytes=self.output_bytes, data_wait_seconds=round(self.wait_seconds, 3),
-            encode_seconds=round(self.encode_seconds, 3), part=f"{self.part.index}/{self.part.count}",
+            encode_seconds=round(self.encode_seconds, 3), device_wait_seconds=round(self.device_wait_seconds, 3),
+            part=f"{self.part.index}/{self.part.count}",
             skipped_reasons=self.skipped_reasons,
         )
 
@@ -455,10 +495,22 @@ class _Run:
         workers = self.opts.workers if self.opts.workers is not None else default_workers(self.encoder.device)
         dataset = _Images(items, Preprocessor(self.encoder.preprocess))
         return torch.utils.data.DataLoader(
-            dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-            pin_memory=self.encoder.device.type == "cuda", prefetch_factor=4 if workers else None,
+            dataset, batch_size=LOADER_CHUNK, shuffle=False, num_workers=workers, collate_fn=_Chunk.collate,
+            pin_memory=self.encoder.device.type == "cuda", prefetch_factor=2 if workers else None,
             persistent_workers=False,
         )
+
+    def _images(self, items):
+        """(plan index, image or None, skip reason) in plan order, timing the waits for the workers."""
+        chunks = iter(self._loader(items))
+        while True:
+            wait = time.perf_counter()
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            self.wait_seconds += time.perf_counter() - wait
+            yield from chunk
 
     def _loop(self, items, total: int, started: float) -> None:
         size = self.plan.shard_size
@@ -466,14 +518,7 @@ class _Run:
         batch: list[tuple[int, PreparedImage]] = []
         batch_tokens = 0
         seen = 0
-        iterator = iter(self._loader(items))
-        while True:
-            wait = time.perf_counter()
-            try:
-                index, image, reason = next(iterator)
-            except StopIteration:
-                break
-            self.wait_seconds += time.perf_counter() - wait
+        for index, image, reason in self._images(items):
             shard = index // size
             if writer is None:
                 writer = ShardWriter(self.out, self.plan.shard_name(shard), self.opts.format, self.features,
