@@ -52,7 +52,9 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    print(trace.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+    table = trace.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=args.rows,
+                                                                max_name_column_width=60)
+    print(table)
 
 
 if __name__ == "__main__":

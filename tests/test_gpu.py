@@ -91,5 +91,38 @@ def test_triton_rotary_equals_eager_rotary(dtype, heads, head_dim, monkeypatch):
     error = rel_error(fused, eager)
     print(f"rotary {dtype} {heads}x{head_dim}: equal {equal:.4f}, max rel error {error:.2e}")
     assert fused.shape == eager.shape and fused.dtype == dtype
-    # both round float32 arithmetic once; they may differ by a fused multiply-add, i.e. one last bit
-    assert equal >= 0.98 and error <= {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    # both compute in float32 and may differ by a fused multiply-add in the last float32 bit, which the single
+    # rounding to half precision hides almost always
+    assert error <= {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    if dtype != torch.float32:
+        assert equal >= 0.98
+
+
+@pytest.mark.parametrize("sizes", [[(64, 64), (64, 64)], [(64, 64), (96, 64), (64, 64)]])
+def test_encoding_a_batch_never_waits_for_the_gpu(sizes):
+    """Queuing a batch (normalise, encoder, pooling, store cast, copy to pinned memory) issues no synchronising CUDA
+    call, so the runner queues the next batch while the GPU works on this one (uniform: sdpa; mixed: varlen)."""
+    from PIL import Image
+
+    from vitok.pool import pool_tokens
+    from vitok.preprocess import Preprocessor
+    from vitok.runner import _to_host
+    from vitok.runtime import load_encoder
+    from vitok.writer import to_store_tensor
+
+    encoder = load_encoder("qwen3-vl-tiny", device="cuda", dtype="bfloat16")
+    preprocessor = Preprocessor(encoder.preprocess)
+    images = [preprocessor.prepare(Image.new("RGB", size, (i * 40, 90, 200))).pin_memory() for i, size in
+              enumerate(sizes)]
+    encoder.encode(images, ("merged",))  # the first batch of a grid builds its tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        output = encoder.encode(images, ("merged", "patch"))
+        pooled = torch.cat([pool_tokens(t, "mean") for t in output.features["merged"].split(output.rows["merged"])])
+        stored, overflow = to_store_tensor(pooled, "float16")
+        host = _to_host(stored)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert host.shape == (len(sizes), encoder.config.out_hidden_size) and int(overflow) == 0

@@ -99,7 +99,9 @@ def _read_folder_configs(folder: Path, name: str) -> tuple[EncoderConfig, Prepro
     """The tower's architecture from config.json, and its preprocessor_config.json when there is one."""
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise CheckpointError(f"{folder}: no config.json; a checkpoint folder needs config.json and safetensors weights")
+        raise CheckpointError(
+            f"{folder}: no config.json; a checkpoint folder needs config.json and safetensors weights"
+        )
     config = _read_json(config_path)
     vision = config.get("vision_config", config if "depth" in config and "out_hidden_size" in config else None)
     if vision is None:
@@ -283,10 +285,12 @@ def check_state_dict(expected: dict[str, torch.Tensor], state: dict[str, torch.T
     ]
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        more = " ..." if len(missing) > 8 else ""
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{more}")
     if unexpected:
         problems.append(
-            f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+            f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}"
+            f"{' ...' if len(unexpected) > 8 else ''}"
         )
     if misshaped:
         problems.append("wrong shape: " + "; ".join(misshaped[:8]))

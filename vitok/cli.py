@@ -136,7 +136,9 @@ def extract(
     """
     _setup_logging(quiet)
     if size and model and size != model:
-        raise typer.BadParameter(f"--size {size} and --model {model} name different models; give one", param_hint="--model")
+        raise typer.BadParameter(
+            f"--size {size} and --model {model} name different models; give one", param_hint="--model"
+        )
     sources = list(sources or [])
     if not sources and not files_from:
         raise typer.BadParameter("give at least one source folder or file, '-' for stdin, or --files-from")
@@ -312,5 +314,7 @@ def main() -> None:
             sys.exit(exc.exit_code)
         if _state["debug"]:
             raise
-        typer.echo(f"vitok: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        typer.echo(
+            f"vitok: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True
+        )
         sys.exit(1)

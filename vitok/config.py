@@ -39,7 +39,9 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise UsageError(f"{self.name}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise UsageError(
+                f"{self.name}: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
         if self.head_dim % 4:
             raise UsageError(f"{self.name}: head_dim {self.head_dim} must be a multiple of 4 for the 2D rotary")
         if self.hidden_act not in ("gelu_pytorch_tanh", "gelu"):

@@ -134,7 +134,9 @@ def _load(img: Image.Image, allow_truncated: bool, notes: list[str]) -> None:
         if "truncated" not in str(exc) and "broken data stream" not in str(exc):
             raise
         if not allow_truncated:
-            raise ImageError(f"truncated file ({_one_line(exc)}); pass --allow-truncated to decode what is there")
+            raise ImageError(
+                f"truncated file ({_one_line(exc)}); pass --allow-truncated to decode what is there"
+            ) from None
     with _TRUNCATED_LOCK:
         previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
         try:

@@ -206,7 +206,9 @@ class PatchEmbed(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
-        self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel, stride=kernel, bias=config.patch_embed_bias)
+        self.proj = nn.Conv3d(
+            config.in_channels, config.hidden_size, kernel, stride=kernel, bias=config.patch_embed_bias
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight  # (D, C, T, p, p)
@@ -267,7 +269,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: Rotary, segments: Segments) -> torch.Tensor:
         n = x.shape[0]
-        qkv = kernels.apply(x, self.qkv).view(n, 3, self.num_heads, self.head_dim)  # (N, 3, H, hd), rows [Q | K | V], head-major
+        # (N, 3, H, hd): rows [Q | K | V], head-major
+        qkv = kernels.apply(x, self.qkv).view(n, 3, self.num_heads, self.head_dim)
         qk = apply_rotary(qkv[:, :2], rotary)  # (N, 2, H, hd)
         out = ATTENTION_KERNELS[self.kernel](qk[:, 0], qk[:, 1], qkv[:, 2], segments, self.scale)  # (N, H, hd)
         return kernels.apply(out.reshape(n, -1), self.proj)
@@ -392,7 +395,10 @@ class VisionEncoder(nn.Module):
             if h % self.config.spatial_merge_size or w % self.config.spatial_merge_size:
                 raise UsageError(f"grid {h}x{w} is not a multiple of the merge size {self.config.spatial_merge_size}")
             cpu = build_grid_tables(self.config, self.rotary_pos_emb.inv_freq, h, w)
-            tables = GridTables(*(t.to(device) if t is not None else None for t in vars(cpu).values()))
+            # non_blocking: a blocking copy would wait for the batches already queued on the GPU
+            tables = GridTables(
+                *(t.to(device, non_blocking=True) if t is not None else None for t in vars(cpu).values())
+            )
             if len(self._grid_cache) > 4096:  # native-resolution streams have many grids; keep memory bounded
                 self._grid_cache.clear()
             self._grid_cache[key] = tables

@@ -75,7 +75,8 @@ class Qwen3VisionTransformer(VisionEncoder):
         if h % (p * m) or w % (p * m):
             raise UsageError(f"image size {h}x{w} is not a multiple of the patch size {p * m}")
         gh, gw = h // p, w // p
-        x = images.reshape(b, c, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, bh, bw, mh, mw, c, p, p)
+        x = images.reshape(b, c, gh // m, m, p, gw // m, m, p)
+        x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, bh, bw, mh, mw, c, p, p)
         x = x[:, :, :, :, :, :, None].expand(-1, -1, -1, -1, -1, -1, t, -1, -1)  # (..., c, T, p, p)
         pixel_values = x.reshape(b * gh * gw, c * t * p * p)
         out = super().forward(pixel_values, [(1, gh, gw)] * b, ("patch",), "raster")

@@ -77,6 +77,22 @@ def patchify(pixels: torch.Tensor, patch_size: int, merge_size: int) -> torch.Te
     return x.reshape(gh * gw, c, p, p)
 
 
+_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _channel_constants(config: PreprocessConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, C, 1, 1) float32 mean and std as the backend applies them, made once per device: a tensor built from
+    Python numbers on a GPU is a blocking copy, which would wait for every batch already queued."""
+    key = (config.backend, tuple(config.image_mean), tuple(config.image_std), config.rescale_factor, str(device))
+    if key not in _CONSTANTS:
+        mean = torch.tensor(config.image_mean, dtype=torch.float32)
+        std = torch.tensor(config.image_std, dtype=torch.float32)
+        if config.backend != "pil":  # rescale folded into the constants, as the reference's fused normalize
+            mean, std = mean * (1.0 / config.rescale_factor), std * (1.0 / config.rescale_factor)
+        _CONSTANTS[key] = tuple(t.view(1, -1, 1, 1).to(device) for t in (mean, std))
+    return _CONSTANTS[key]
+
+
 def normalize_patches(patches: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
     """uint8 (N, C, p, p) -> float32 (N, C*T*p*p) pixel_values, on whatever device the patches are.
 
@@ -84,16 +100,12 @@ def normalize_patches(patches: torch.Tensor, config: PreprocessConfig) -> torch.
     PIL backend: float32(x * rescale), then (x - mean) / std, as the reference's NumPy path.
     """
     n, c, p, _ = patches.shape
-    shape = (1, c, 1, 1)
+    mean, std = _channel_constants(config, patches.device)
     if config.backend == "pil":
         x = (patches.to(torch.float64) * config.rescale_factor).to(torch.float32)
-        mean = torch.tensor(config.image_mean, dtype=torch.float32, device=patches.device).view(shape)
-        std = torch.tensor(config.image_std, dtype=torch.float32, device=patches.device).view(shape)
         x = (x - mean) / std
     else:
-        mean = torch.tensor(config.image_mean, device=patches.device) * (1.0 / config.rescale_factor)
-        std = torch.tensor(config.image_std, device=patches.device) * (1.0 / config.rescale_factor)
-        x = patches.to(torch.float32).sub_(mean.view(shape)).div_(std.view(shape))
+        x = patches.to(torch.float32).sub_(mean).div_(std)
     t = config.temporal_patch_size
     return x[:, :, None].expand(n, c, t, p, p).reshape(n, c * t * p * p)
 

@@ -250,7 +250,9 @@ def build_plan(sources: Sequence[str], out: Path, options: ExtractOptions, stdin
     return write_or_check_plan(out, plan)
 
 
-def extract(sources: Sequence[str] | str, out: str | os.PathLike = "vitok-out", stdin=None, **options: Any) -> ExtractSummary:
+def extract(
+    sources: Sequence[str] | str, out: str | os.PathLike = "vitok-out", stdin=None, **options: Any
+) -> ExtractSummary:
     """Extract visual tokens for every image in ``sources`` into the store ``out`` (resumable).
 
     Args:
@@ -318,7 +320,8 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 class _Run:
     def __init__(self, encoder: Encoder, plan: Plan, out: Path, opts: ExtractOptions, features, part: Part) -> None:
-        self.encoder, self.plan, self.out, self.opts, self.features, self.part = encoder, plan, out, opts, features, part
+        self.encoder, self.plan, self.out, self.opts = encoder, plan, out, opts
+        self.features, self.part = features, part
         self.budget = opts.token_budget or (32768 if encoder.device.type == "cuda" else 4096)
         self.ok = self.skipped = self.tokens = 0
         self.skipped_reasons: dict[str, str] = {}
@@ -351,7 +354,8 @@ class _Run:
                 return
             try:
                 if self._commit_error is None:
-                    sidecar = writer.commit({"vitok_version": __version__, "part": f"{self.part.index}/{self.part.count}"})
+                    part = f"{self.part.index}/{self.part.count}"
+                    sidecar = writer.commit({"vitok_version": __version__, "part": part})
                     self.output_bytes += sidecar["bytes"]
                     self.shards_written += 1
             except BaseException as exc:  # surfaced in the main thread

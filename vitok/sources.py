@@ -107,5 +107,7 @@ def _unique(entries: Iterable[tuple[str, str]]) -> list[SourceItem]:
     for key, path in entries:
         previous = by_key.setdefault(key, path)
         if previous != path and os.path.realpath(previous) != os.path.realpath(path):
-            raise UsageError(f"two inputs have the same key {key!r}: {previous} and {path}; rename one or pass them separately")
+            raise UsageError(
+                f"two inputs have the same key {key!r}: {previous} and {path}; rename one or pass them separately"
+            )
     return [SourceItem(key, by_key[key]) for key in sorted(by_key)]

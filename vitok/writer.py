@@ -126,8 +126,10 @@ class ShardWriter:
             with contextlib.suppress(OSError):
                 _remove(tmp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise VitokError(f"out of disk space writing {self.data_path}: shard {self.name} is not listed as done; "
-                                 "free space and rerun the same command to resume") from None
+                raise VitokError(
+                    f"out of disk space writing {self.data_path}: shard {self.name} is not listed as done; "
+                    "free space and rerun the same command to resume"
+                ) from None
             raise StoreError(f"cannot write {self.data_path}: {exc}") from None
         return sidecar
 
