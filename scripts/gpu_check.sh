@@ -12,8 +12,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'transformers', transformers.__version__); import importlib.util as u; print('varlen_attn', u.find_spec('torch.nn.attention.varlen') is not None)"
   nproc
 } 2>&1 | tee "$RESULTS/env.txt"
-timeout 150 python -m pytest -p no:cacheprovider -q -s -m gpu tests/test_gpu.py 2>&1 | tail -40 | tee "$RESULTS/gpu_tests.txt"
-timeout 60 python scripts/profile_encoder.py --device cuda --full 2>&1 | tail -30 > "$RESULTS/profile.txt"
+timeout 150 python -m pytest -p no:cacheprovider -q -s -m gpu tests/test_gpu.py 2>&1 | tail -150 | tee "$RESULTS/gpu_tests.txt"
+[ -n "${SKIP_PROFILE:-}" ] || timeout 60 python scripts/profile_encoder.py --device cuda --full 2>&1 | tail -30 > "$RESULTS/profile.txt"
 timeout 300 python scripts/bench.py --device cuda --full --images 2048 --naive-images 256 --data-images 64 \
-  --jpeg-size 1600x1200 --max-pixels 200704 --naive-batch 16 --iters 5 --json "$RESULTS/bench.json" 2>&1 \
+  --jpeg-size 1600x1200 --max-pixels 200704 --naive-batch 16 --iters 5 --sections "${BENCH_SECTIONS:-encoder,data,e2e,memory}" --json "$RESULTS/bench.json" 2>&1 \
   | grep -v "NO CHECKPOINT\|Loading weights\|Writing model" | tee "$RESULTS/bench.txt"

@@ -102,6 +102,10 @@ def test_triton_rotary_equals_eager_rotary(dtype, heads, head_dim, monkeypatch):
 def test_encoding_a_batch_never_waits_for_the_gpu(sizes):
     """Queuing a batch (normalise, encoder, pooling, store cast, copy to pinned memory) issues no synchronising CUDA
     call, so the runner queues the next batch while the GPU works on this one (uniform: sdpa; mixed: varlen)."""
+    import time
+    import traceback
+    import warnings
+
     from PIL import Image
 
     from vitok.pool import pool_tokens
@@ -114,15 +118,31 @@ def test_encoding_a_batch_never_waits_for_the_gpu(sizes):
     preprocessor = Preprocessor(encoder.preprocess)
     images = [preprocessor.prepare(Image.new("RGB", size, (i * 40, 90, 200))).pin_memory() for i, size in
               enumerate(sizes)]
-    encoder.encode(images, ("merged",))  # the first batch of a grid builds its tables
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+
+    def queue_batch():
         output = encoder.encode(images, ("merged", "patch"))
         pooled = torch.cat([pool_tokens(t, "mean") for t in output.features["merged"].split(output.rows["merged"])])
         stored, overflow = to_store_tensor(pooled, "float16")
-        host = _to_host(stored)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+        return _to_host(stored), overflow
+
+    queue_batch()  # the first batch of a grid builds its tables
     torch.cuda.synchronize()
+    stacks: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda *args, **kwargs: stacks.append("".join(traceback.format_stack(limit=10)))
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            torch.cuda._sleep(1_000_000_000)  # keep the GPU busy for a while: a hidden wait would show in the time
+            start = time.perf_counter()
+            host, overflow = queue_batch()
+            queued = time.perf_counter() - start
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    start = time.perf_counter()
+    torch.cuda.synchronize()
+    drained = time.perf_counter() - start
+    print(f"{len(sizes)} images queued in {queued * 1e3:.1f} ms, GPU done {drained * 1e3:.1f} ms later")
+    assert not stacks, "synchronising CUDA calls while queuing:\n" + "\n---\n".join(stacks)
+    assert queued < drained
     assert host.shape == (len(sizes), encoder.config.out_hidden_size) and int(overflow) == 0
