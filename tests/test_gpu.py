@@ -129,9 +129,10 @@ def test_encoding_a_batch_never_waits_for_the_gpu(sizes):
     torch.cuda.synchronize()
     stacks: list[str] = []
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # set_sync_debug_mode's own notice that it is a prototype
+        torch.cuda.set_sync_debug_mode("warn")
         warnings.simplefilter("always")
         warnings.showwarning = lambda *args, **kwargs: stacks.append("".join(traceback.format_stack(limit=10)))
-        torch.cuda.set_sync_debug_mode("warn")
         try:
             torch.cuda._sleep(1_000_000_000)  # keep the GPU busy for a while: a hidden wait would show in the time
             start = time.perf_counter()

@@ -211,3 +211,20 @@ def test_out_of_memory_batch_is_split_without_losing_the_batch_in_flight(folder,
     assert plain.keys() == oom.keys() and summary.ok == len(plain)
     for key in plain:
         np.testing.assert_allclose(oom[key], plain[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_deeper_pipeline_commits_every_shard_with_the_same_tokens(folder, tmp_path, monkeypatch, depth):
+    """Batches still queued when a shard ends: the shard is committed once they finish, nothing lost or mixed up."""
+    from vitok import runner
+
+    common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", shard_size=3, token_budget=600)
+    vitok.extract([str(folder)], tmp_path / "one", **common)
+    monkeypatch.setattr(runner, "pipeline_depth", lambda device: depth)
+    summary = vitok.extract([str(folder)], tmp_path / "deep", **common)
+    report = vitok.verify(tmp_path / "deep")
+    assert report.clean and report.shards_ok == summary.shards_written > 3
+    one, deep = all_tokens(tmp_path / "one"), all_tokens(tmp_path / "deep")
+    assert one.keys() == deep.keys()
+    for key in one:
+        np.testing.assert_array_equal(deep[key], one[key])

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -318,6 +319,11 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host.copy_(tensor, non_blocking=True)
 
 
+def pipeline_depth(device: torch.device) -> int:
+    """Batches kept queued on the device before the oldest is finished on the host."""
+    return 2 if device.type == "cuda" else 1
+
+
 class _Run:
     def __init__(self, encoder: Encoder, plan: Plan, out: Path, opts: ExtractOptions, features, part: Part) -> None:
         self.encoder, self.plan, self.out, self.opts = encoder, plan, out, opts
@@ -327,7 +333,11 @@ class _Run:
         self.skipped_reasons: dict[str, str] = {}
         self.encode_seconds = self.wait_seconds = self.device_wait_seconds = 0.0
         self._commits: queue.Queue = queue.Queue(maxsize=2)
-        self._in_flight: _Launched | None = None
+        # Batches queued on the device and not yet finished: two on a GPU, so the host's hiccups (a slow image, a
+        # shard boundary) do not leave it idle; on a CPU encoding is synchronous anyway.
+        self._in_flight: collections.deque[_Launched] = collections.deque()
+        self._depth = pipeline_depth(encoder.device)
+        self._closing: list[ShardWriter] = []  # shards complete in the plan, waiting for their batches to finish
         self._commit_error: BaseException | None = None
         self.output_bytes = 0
         self.shards_written = 0
@@ -362,15 +372,20 @@ class _Run:
                 self._commit_error = exc
 
     def _submit(self, writer: ShardWriter) -> None:
-        self._drain()
-        if self._commit_error is not None:
-            raise self._commit_error
-        self._commits.put(writer)
+        """Commit a shard whose images are all seen, as soon as its last batches are off the device."""
+        self._closing.append(writer)
+        self._submit_closed()
+
+    def _submit_closed(self) -> None:
+        while self._closing and not any(launched.writer is self._closing[0] for launched in self._in_flight):
+            if self._commit_error is not None:
+                raise self._commit_error
+            self._commits.put(self._closing.pop(0))
 
     # ---- encoding -------------------------------------------------------------------------------------------
 
     def _encode(self, batch: list[tuple[int, PreparedImage]], writer: ShardWriter) -> None:
-        """Launch a batch; while the device runs it, finish the batch before (one batch in flight)."""
+        """Queue a batch on the device; finish the oldest batch in flight beyond the pipeline depth."""
         batch.sort(key=lambda item: item[1].grid_thw)  # equal grids side by side: one attention call per run
         start = time.perf_counter()
         try:
@@ -392,16 +407,22 @@ class _Run:
             return
         finally:
             self.encode_seconds += time.perf_counter() - start
-        self._drain()
-        self._in_flight = launched
+        self._in_flight.append(launched)
+        while len(self._in_flight) > self._depth:
+            self._finish_oldest()
 
     def _drain(self) -> None:
-        """Finish the batch in flight, if any: wait for its copies and hand its arrays to its writer."""
-        if self._in_flight is not None:
-            start = time.perf_counter()
-            launched, self._in_flight = self._in_flight, None
-            self._finish(launched)
-            self.encode_seconds += time.perf_counter() - start
+        """Finish every batch in flight (and commit the shards they complete)."""
+        while self._in_flight:
+            self._finish_oldest()
+        self._submit_closed()
+
+    def _finish_oldest(self) -> None:
+        """Wait for the oldest batch's copies, hand its arrays to its writer, commit any shard it completes."""
+        start = time.perf_counter()
+        self._finish(self._in_flight.popleft())
+        self.encode_seconds += time.perf_counter() - start
+        self._submit_closed()
 
     def _launch(self, batch: list[tuple[int, PreparedImage]], writer: ShardWriter) -> _Launched:
         """Queue encoder, pooling, store-dtype cast and device-to-host copies; nothing here waits for the device."""
@@ -546,5 +567,6 @@ class _Run:
                 writer = None
             if self.opts.progress is not None:
                 self.opts.progress(ProgressEvent(seen, total, self.tokens, self.skipped, time.perf_counter() - started))
+        self._drain()
         if writer is not None:  # cannot happen with a consistent plan; never drop work silently
             raise VitokError(f"internal error: shard {writer.name} ended early")
