@@ -228,3 +228,11 @@ def test_deeper_pipeline_commits_every_shard_with_the_same_tokens(folder, tmp_pa
     assert one.keys() == deep.keys()
     for key in one:
         np.testing.assert_array_equal(deep[key], one[key])
+
+
+def test_progress_counts_the_tokens_of_every_image_by_the_last_event(folder, tmp_path):
+    """Batches finish after later images are read: the progress must still count every image's tokens."""
+    events = []
+    summary = vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0, progress=events.append)
+    assert events[-1].images_done == events[-1].images_total
+    assert summary.tokens > 0 and events[-1].tokens_done == summary.tokens

@@ -408,6 +408,7 @@ class _Run:
         finally:
             self.encode_seconds += time.perf_counter() - start
         self._in_flight.append(launched)
+        self.tokens += sum(image.num_patches for _, image in batch)  # queued: progress counts them now
         while len(self._in_flight) > self._depth:
             self._finish_oldest()
 
@@ -471,7 +472,6 @@ class _Run:
                                "bfloat16 or float32", record["key"], image_overflow)
             launched.writer.add(record, image_arrays)
             self.ok += 1
-            self.tokens += image.num_patches
 
     def _record(self, index: int, image: PreparedImage | None) -> dict[str, Any]:
         record: dict[str, Any] = {"key": self.plan.keys[index], "source": self.plan.paths[index]}
