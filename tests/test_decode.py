@@ -113,3 +113,81 @@ def test_fast_decode_keeps_the_grid_and_stays_close(tmp_path):
     assert any("fast decode" in n for n in fast.notes)
     diff = (fast.patches.float() - exact.patches.float()).abs()
     assert diff.mean() < 3.0
+
+
+# ---- JPEGs decoded straight through libjpeg-turbo (simplejpeg) must give Pillow's pixels --------------------------
+
+JPEG_VARIANTS = {
+    "420": dict(quality=90), "444": dict(quality=60, subsampling=0), "422": dict(quality=95, subsampling=1),
+    "progressive": dict(quality=85, progressive=True), "restarts": dict(quality=75, restart_marker_blocks=2),
+    "gray": dict(quality=90),
+}
+
+
+@pytest.fixture(scope="module")
+def jpeg_variants(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jpegs")
+    paths = []
+    for photo in sorted(p for p in PHOTOS.iterdir() if p.suffix in (".png", ".jpg")):
+        image = Image.open(photo).convert("RGB")
+        for size in [(801, 603), (33, 17)]:
+            for name, options in JPEG_VARIANTS.items():
+                path = folder / f"{photo.stem}-{size[0]}-{name}.jpg"
+                image.resize(size).convert("L" if name == "gray" else "RGB").save(path, "JPEG", **options)
+                paths.append(path)
+    return paths + [ODD / "hopper_orientation_3.jpg", ODD / "hopper_orientation_6.jpg", ODD / "hopper.jpg"]
+
+
+def _pillow_only(monkeypatch):
+    from vitok import decode
+
+    monkeypatch.setattr(decode, "_simplejpeg", lambda: None)
+
+
+def test_direct_jpeg_decoding_gives_pillows_pixels(jpeg_variants, monkeypatch):
+    pytest.importorskip("simplejpeg")
+    from vitok import decode
+
+    assert decode._simplejpeg() is not None, "simplejpeg failed its self-check against Pillow (see the log)"
+    direct = [decode_image(path) for path in jpeg_variants]
+    assert sum(d.pixels is not None for d in direct) >= len(jpeg_variants) - 2  # the rotated ones go through PIL
+    _pillow_only(monkeypatch)
+    for path, fast in zip(jpeg_variants, direct):
+        slow = decode_image(path)
+        assert slow.pixels is None and fast.original_size == slow.original_size, path.name
+        np.testing.assert_array_equal(np.asarray(fast.image), np.asarray(slow.image), err_msg=path.name)
+
+
+def test_direct_jpeg_decoding_gives_the_same_patches(jpeg_variants, monkeypatch):
+    pytest.importorskip("simplejpeg")
+    pre = Preprocessor(PreprocessConfig(max_pixels=262144))
+    fast = [pre.load(path).patches for path in jpeg_variants[:6]]
+    _pillow_only(monkeypatch)
+    for path, patches in zip(jpeg_variants, fast):
+        assert torch_equal(pre.load(path).patches, patches), path.name
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def test_truncated_jpeg_is_still_refused_with_direct_decoding():
+    pytest.importorskip("simplejpeg")
+    with pytest.raises(ImageError, match="truncated"):
+        decode_image(ODD / "truncated.jpg")
+    decoded = decode_image(ODD / "truncated.jpg", allow_truncated=True)
+    assert decoded.pixels is None and any("truncated" in note for note in decoded.notes)
+
+
+def test_a_decoder_that_disagrees_with_pillow_is_not_used(monkeypatch):
+    simplejpeg = pytest.importorskip("simplejpeg")
+    from vitok import decode
+
+    real = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *args, **kwargs: real(*args, **kwargs) ^ 1)
+    decode._simplejpeg.cache_clear()
+    try:
+        assert decode._simplejpeg() is None
+        assert decode_image(ODD / "hopper.jpg").pixels is None
+    finally:
+        decode._simplejpeg.cache_clear()

@@ -11,10 +11,21 @@ batch job can record the reason and go on. What "expected" means here:
 - the pixel count checked from the header before any decoding (decompression bombs are refused);
 - truncated files refused unless ``allow_truncated``, in which case the notes say so;
 - library warnings (palette transparency, odd EXIF) are kept as notes, never turned into failures.
+
+Baseline and progressive JPEGs (YCbCr 4:4:4 / 4:2:2 / 4:2:0, or grayscale) are decoded by simplejpeg, which calls
+libjpeg-turbo directly with the same settings as Pillow (accurate integer IDCT, smooth chroma upsampling) into a
+numpy array that the resize reads without copying: the same pixels, and decode + preprocess of a 1600x1200 photo
+takes 6.7-7.0 instead of 7.7-8.0 ms on one core here. At first use a set of JPEGs is decoded both ways and the
+direct path is kept only if every pixel agrees; ``VITOK_SIMPLEJPEG=0`` turns it off. Anything else, and any file it
+cannot decode (truncated, damaged), goes through Pillow, which gives the reason.
 """
 
 from __future__ import annotations
 
+import functools
+import io
+import logging
+import os
 import threading
 import warnings
 from collections.abc import Callable
@@ -26,7 +37,15 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
+logger = logging.getLogger(__name__)
+
 ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose)
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _TRUNCATED_LOCK = threading.Lock()  # LOAD_TRUNCATED_IMAGES is a Pillow global
 
 
@@ -35,6 +54,7 @@ class DecodedImage:
     image: Image.Image  # RGB, upright
     original_size: tuple[int, int]  # (width, height) upright, before any reduced-scale decoding
     notes: list[str] = field(default_factory=list)  # things worth recording that are not failures
+    pixels: np.ndarray | None = None  # (H, W, 3) uint8, the same pixels as ``image`` when it is a view of them
 
 
 def _one_line(exc: BaseException) -> str:
@@ -109,6 +129,12 @@ def _decode_open_image(img, max_image_pixels, allow_truncated, draft_size) -> De
                 img.draft("RGB", (tw, th))
                 if img.size != (width, height):
                     notes.append(f"fast decode at {img.size[0]}x{img.size[1]}")
+    pixels = _decode_jpeg_directly(img) if img.size == (width, height) else None  # not after a draft
+    if pixels is not None:
+        if orientation in UPRIGHT:
+            return DecodedImage(Image.fromarray(pixels).transpose(UPRIGHT[orientation]), upright, notes)
+        view = Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)  # no copy
+        return DecodedImage(view, upright, notes, pixels)
     _load(img, allow_truncated, notes)
     if orientation not in (None, 1):
         try:
@@ -116,6 +142,60 @@ def _decode_open_image(img, max_image_pixels, allow_truncated, draft_size) -> De
         except Exception as exc:  # broken EXIF must not cost the image
             notes.append(f"EXIF orientation not applied ({_one_line(exc)})")
     return DecodedImage(to_rgb(img), upright, notes)
+
+
+# ---- JPEGs straight through libjpeg-turbo ------------------------------------------------------------------------
+
+_CHECKED_LUMA_SAMPLING = {(1, 1), (2, 1), (2, 2)}  # 4:4:4, 4:2:2, 4:2:0 (chroma 1x1): the layouts self-checked
+
+
+def _decode_jpeg_directly(img: Image.Image) -> np.ndarray | None:
+    """The (H, W, 3) RGB pixels of a plain JPEG decoded by simplejpeg; None to use Pillow instead."""
+    if img.format != "JPEG" or img.mode not in ("RGB", "L") or not getattr(img, "filename", None):
+        return None
+    layers = getattr(img, "layer", None) or []
+    if img.mode == "RGB" and (
+        len(layers) != 3 or (layers[0][1], layers[0][2]) not in _CHECKED_LUMA_SAMPLING
+        or any((h, v) != (1, 1) for _, h, v, _ in layers[1:])
+    ):
+        return None
+    decoder = _simplejpeg()
+    if decoder is None:
+        return None
+    try:
+        data = Path(img.filename).read_bytes()
+        # grayscale JPEGs come out as RGB with three equal channels, as Pillow's convert("RGB") makes them
+        pixels = decoder.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
+    except (OSError, ValueError):  # truncated or damaged: Pillow decides and gives the reason
+        return None
+    return pixels if pixels.shape == (img.size[1], img.size[0], 3) else None
+
+
+@functools.cache
+def _simplejpeg():
+    """The simplejpeg module when it is installed and decodes like Pillow on every checked JPEG layout, else None."""
+    if os.environ.get("VITOK_SIMPLEJPEG", "1") == "0":
+        return None
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    smooth = np.linspace(0, 255, 61 * 47 * 3).reshape(47, 61, 3)
+    photo = Image.fromarray(np.clip(smooth + rng.normal(0, 30, smooth.shape), 0, 255).astype(np.uint8))
+    variants = [("RGB", dict(subsampling=s, quality=q)) for s in (0, 1, 2) for q in (50, 95)]
+    variants += [("RGB", dict(progressive=True, quality=85)), ("L", dict(quality=90))]
+    for mode, options in variants:
+        buffer = io.BytesIO()
+        photo.convert(mode).save(buffer, "JPEG", **options)
+        with Image.open(io.BytesIO(buffer.getvalue())) as decoded:
+            expected = np.asarray(decoded.convert("RGB"))
+        got = simplejpeg.decode_jpeg(buffer.getvalue(), colorspace="RGB", fastdct=False, fastupsample=False)
+        if not np.array_equal(expected, got):
+            logger.warning("simplejpeg %s decodes %s JPEGs (%s) unlike Pillow here; decoding with Pillow only",
+                           simplejpeg.__version__, mode, options)
+            return None
+    return simplejpeg
 
 
 def _orientation(img: Image.Image) -> int | None:

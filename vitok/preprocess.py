@@ -55,15 +55,21 @@ def target_size(config: PreprocessConfig, height: int, width: int) -> tuple[int,
     return smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels, config.max_aspect_ratio)
 
 
-def resize_uint8(image: Image.Image, height: int, width: int, config: PreprocessConfig) -> torch.Tensor:
-    """RGB PIL image -> (3, height, width) uint8 tensor, resized even when the size is unchanged (as the reference)."""
+def resize_uint8(
+    image: Image.Image, height: int, width: int, config: PreprocessConfig, pixels: np.ndarray | None = None
+) -> torch.Tensor:
+    """RGB PIL image -> (3, height, width) uint8 tensor, resized even when the size is unchanged (as the reference).
+
+    ``pixels``: the image's (H, W, 3) uint8 array when there is one already (saves a copy on the torchvision path).
+    """
     if config.backend == "pil":
         resample = Image.Resampling.BICUBIC if config.resample == "bicubic" else Image.Resampling.BILINEAR
         return torch.from_numpy(np.array(image.resize((width, height), resample=resample))).permute(2, 0, 1)
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as tvF
 
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+    array = pixels if pixels is not None else np.array(image, dtype=np.uint8)
+    pixels = torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
     mode = InterpolationMode.BICUBIC if config.resample == "bicubic" else InterpolationMode.BILINEAR
     return tvF.resize(pixels, [height, width], interpolation=mode, antialias=True)
 
@@ -159,7 +165,7 @@ class Preprocessor:
             decoded = DecodedImage(rgb, rgb.size)
         width, height = decoded.original_size
         th, tw = target_size(self.config, height, width)
-        pixels = resize_uint8(decoded.image, th, tw, self.config)
+        pixels = resize_uint8(decoded.image, th, tw, self.config, decoded.pixels)
         patches = patchify(pixels, self.config.patch_size, self.config.merge_size)
         grid = (1, th // self.config.patch_size, tw // self.config.patch_size)
         return PreparedImage(patches.contiguous(), grid, decoded.original_size, list(decoded.notes))
