@@ -43,6 +43,16 @@ def onednn_linear_available() -> bool:
         return False
 
 
+@functools.cache
+def _onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """float32 always; bfloat16 only where the CPU has native bf16 (oneDNN would emulate it slowly elsewhere)."""
+    try:
+        native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native_bf16 = False
+    return (torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, followed by ``F.gelu(approximate=gelu)`` when ``gelu`` is given."""
     if gelu is not None and gelu not in GELU_FORMS:
@@ -51,7 +61,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     if not recording:
         if x.is_cuda and gelu == "tanh" and x.dim() == 2 and bias is not None:
             return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and onednn_linear_available():
+        if x.device.type == "cpu" and x.dtype in _onednn_dtypes() and onednn_linear_available():
             attr, algorithm = ("gelu", gelu) if gelu is not None else ("none", "")
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
     out = F.linear(x, weight, bias)
