@@ -7,7 +7,9 @@
   linears), GELU fused. torch's default CPU GEMM is MKL, whose fp32 GEMM on AMD CPUs runs its AVX2 code:
   on a 2-core AVX-512 EPYC oneDNN measured 365 vs 204 GFLOP/s (3072x1024 @ 1024x4096) at the same fp32
   accuracy (max relative error ~1e-6 against float64). Set ``VITOK_ONEDNN=0`` to keep torch's default.
-- Anything else, and whenever autograd has to record the op: plain ``F.linear`` + ``F.gelu``.
+  fp32 attention of images up to 4096 patches runs as two oneDNN GEMMs per head (``cpu_attention``), since
+  torch's CPU flash attention does its GEMMs on MKL too. bf16 only where the CPU has native bf16.
+- Anything else, and whenever autograd has to record the op: plain ``F.linear`` + ``F.gelu`` and SDPA.
 
 The rotary of q and k runs as one Triton kernel on CUDA (``vitok.rotary_triton``) when Triton imports and the
 kernel passes a check against the float64 formula on the GPU at first use; ``VITOK_TRITON=0`` turns it off.
