@@ -258,7 +258,7 @@ np.save(out, np.concatenate(tokens))
 """
 
 
-def _e2e_models(args, device, dtype, folder: Path, tmp: Path):
+def _e2e_models(args, device, dtype, tmp: Path):
     """Reference + vitok with the same random weights, and a checkpoint folder both can load."""
     from transformers import Qwen2VLImageProcessor
 
@@ -284,7 +284,7 @@ def _wall(command: list[str]) -> float:
 
 def bench_e2e_processes(args, device, dtype, folder: Path, tmp: Path) -> None:
     """Whole processes, start to finish (imports, model load, decode, encode, write): what a user waits for."""
-    config, _, _, _, checkpoint = _e2e_models(args, device, dtype, folder, tmp)
+    config, _, _, _, checkpoint = _e2e_models(args, device, dtype, tmp)
     paths = sorted(folder.glob("*.jpg"))
     dtype_name = str(dtype).removeprefix("torch.")
     naive = [sys.executable, "-c", NAIVE_LOOP, str(checkpoint), str(folder), str(args.naive_batch), str(device),
@@ -307,7 +307,7 @@ def bench_e2e_inprocess(args, device, dtype, folder: Path, tmp: Path) -> None:
     from vitok.config import PreprocessConfig
     from vitok.preprocess import Preprocessor
 
-    config, reference, model, processor, checkpoint = _e2e_models(args, device, dtype, folder, tmp)
+    config, reference, model, processor, checkpoint = _e2e_models(args, device, dtype, tmp)
     paths = sorted(folder.glob("*.jpg"))
     naive_paths = paths[: args.naive_images]
     batch = args.naive_batch

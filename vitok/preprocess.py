@@ -15,6 +15,7 @@ Fixed mode: resize to image_size x image_size; otherwise the same.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -83,20 +84,17 @@ def patchify(pixels: torch.Tensor, patch_size: int, merge_size: int) -> torch.Te
     return x.reshape(gh * gw, c, p, p)
 
 
-_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _channel_constants(config: PreprocessConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.cache
+def _channel_constants(
+    backend: str, image_mean: tuple[float, ...], image_std: tuple[float, ...], rescale: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, C, 1, 1) float32 mean and std as the backend applies them, made once per device: a tensor built from
     Python numbers on a GPU is a blocking copy, which would wait for every batch already queued."""
-    key = (config.backend, tuple(config.image_mean), tuple(config.image_std), config.rescale_factor, str(device))
-    if key not in _CONSTANTS:
-        mean = torch.tensor(config.image_mean, dtype=torch.float32)
-        std = torch.tensor(config.image_std, dtype=torch.float32)
-        if config.backend != "pil":  # rescale folded into the constants, as the reference's fused normalize
-            mean, std = mean * (1.0 / config.rescale_factor), std * (1.0 / config.rescale_factor)
-        _CONSTANTS[key] = tuple(t.view(1, -1, 1, 1).to(device) for t in (mean, std))
-    return _CONSTANTS[key]
+    mean = torch.tensor(image_mean, dtype=torch.float32)
+    std = torch.tensor(image_std, dtype=torch.float32)
+    if backend != "pil":  # rescale folded into the constants, as the reference's fused normalize
+        mean, std = mean * (1.0 / rescale), std * (1.0 / rescale)
+    return tuple(t.view(1, -1, 1, 1).to(device) for t in (mean, std))
 
 
 def normalize_patches(patches: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
@@ -106,7 +104,8 @@ def normalize_patches(patches: torch.Tensor, config: PreprocessConfig) -> torch.
     PIL backend: float32(x * rescale), then (x - mean) / std, as the reference's NumPy path.
     """
     n, c, p, _ = patches.shape
-    mean, std = _channel_constants(config, patches.device)
+    mean, std = _channel_constants(config.backend, tuple(config.image_mean), tuple(config.image_std),
+                                   config.rescale_factor, patches.device)
     if config.backend == "pil":
         x = (patches.to(torch.float64) * config.rescale_factor).to(torch.float32)
         x = (x - mean) / std

@@ -136,6 +136,7 @@ class _Chunk:
     indices: list[int]
     reasons: list[str | None]
     images: list[PreparedImage | None]
+    rows: list[int]  # patch rows of each decoded image, in order
     patches: torch.Tensor | None  # all images' patches, concatenated
 
     @classmethod
@@ -146,7 +147,8 @@ class _Chunk:
         for image in images:
             if image is not None:
                 image.patches = None  # sent once, inside ``patches``
-        return cls([i for i, _, _ in items], [reason for _, _, reason in items], images, patches)
+        rows = [len(p) for p in present]
+        return cls([i for i, _, _ in items], [reason for _, _, reason in items], images, rows, patches)
 
     def pin_memory(self) -> _Chunk:
         if self.patches is not None:
@@ -154,12 +156,10 @@ class _Chunk:
         return self
 
     def __iter__(self):
-        start = 0
+        views = iter(self.patches.split(self.rows) if self.patches is not None else ())
         for index, image, reason in zip(self.indices, self.images, self.reasons):
             if image is not None:
-                count = image.grid_thw[0] * image.grid_thw[1] * image.grid_thw[2]
-                image.patches = self.patches[start : start + count]
-                start += count
+                image.patches = next(views)
             yield index, image, reason
 
 

@@ -76,18 +76,15 @@ class Encoder:
         self, images: Sequence[PreparedImage], features: Sequence[str] = ("patch",), token_order: str = "block"
     ) -> EncoderOutput:
         """Run a packed batch of prepared images; uint8 patches go to the device and are normalised there."""
-        if self.device.type == "cuda" and len(images) > 1:
-            # Copy each image's (pinned, when it comes from the DataLoader) patches straight into one device buffer:
-            # asynchronous, and no host-side concatenation on the thread that feeds the GPU.
+        if len(images) == 1:
+            patches = images[0].patches.to(self.device, non_blocking=True)
+        else:
+            # Each image's (pinned, when it comes from the DataLoader) patches straight into one buffer on the device:
+            # asynchronous on a GPU, and no host-side concatenation on the thread that feeds it.
             patches = torch.empty((sum(im.num_patches for im in images), *images[0].patches.shape[1:]),
                                   dtype=images[0].patches.dtype, device=self.device)
-            start = 0
-            for im in images:
-                patches[start : start + im.num_patches].copy_(im.patches, non_blocking=True)
-                start += im.num_patches
-        else:
-            patches = torch.cat([im.patches for im in images]) if len(images) > 1 else images[0].patches
-            patches = patches.to(self.device, non_blocking=True)
+            for im, rows in zip(images, patches.split([im.num_patches for im in images])):
+                rows.copy_(im.patches, non_blocking=True)
         pixel_values = normalize_patches(patches, self.preprocess)
         return self.model(pixel_values, [im.grid_thw for im in images], features=features, token_order=token_order)
 
