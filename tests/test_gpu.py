@@ -42,7 +42,7 @@ def test_cuda_parity_with_reference(dtype, tolerance, attention):
 
 def test_device_selection():
     from vitok.parallel import Part, device_for
-    from vitok.runtime import resolve_device, resolve_dtype
+    from vitok.inference import resolve_device, resolve_dtype
 
     assert resolve_device("auto").type == "cuda"
     assert resolve_device("cuda:0") == torch.device("cuda:0")
@@ -108,22 +108,22 @@ def test_encoding_a_batch_never_waits_for_the_gpu(sizes):
 
     from PIL import Image
 
-    from vitok.pool import pool_tokens
+    from vitok.device import Batch, DevicePipeline
+    from vitok.inference import load_encoder
+    from vitok.loader import Item
     from vitok.preprocess import Preprocessor
-    from vitok.runner import _to_host
-    from vitok.runtime import load_encoder
-    from vitok.writer import to_store_tensor
+    from vitok.storage.records import ImageRecord
 
     encoder = load_encoder("qwen3-vl-tiny", device="cuda", dtype="bfloat16")
     preprocessor = Preprocessor(encoder.preprocess)
     images = [preprocessor.prepare(Image.new("RGB", size, (i * 40, 90, 200))).pin_memory() for i, size in
               enumerate(sizes)]
+    pipeline = DevicePipeline(encoder, ("merged", "patch"), "mean", "float16", depth=8)
 
-    def queue_batch():
-        output = encoder.encode(images, ("merged", "patch"))
-        pooled = torch.cat([pool_tokens(t, "mean") for t in output.features["merged"].split(output.rows["merged"])])
-        stored, overflow = to_store_tensor(pooled, "float16")
-        return _to_host(stored), overflow
+    def queue_batch():  # the device stage's launch: encoder, pooling, stored-dtype cast, copies to pinned memory
+        items = [Item(ImageRecord(f"k{i}", "ok", "x"), image) for i, image in enumerate(images)]
+        launched = pipeline._launch(Batch(0, items))
+        return launched.host["merged"], launched.overflow["merged"]
 
     queue_batch()  # the first batch of a grid builds its tables
     torch.cuda.synchronize()

@@ -153,7 +153,7 @@ def test_plan_command_is_reused_by_extract(folder, tmp_path):
     run_vitok("extract", str(folder), "-o", str(out), *ARGS, check=True)
     other = make_folder(tmp_path / "other", count=2, with_odd=False)
     result = run_vitok("extract", str(other), "-o", str(out), *ARGS)
-    assert result.returncode == 2 and "planned from" in result.stderr
+    assert result.returncode == 2 and "changed since" in result.stderr
 
 
 def test_parts_started_at_the_same_moment_into_a_new_folder(folder, single, tmp_path):

@@ -17,8 +17,8 @@ from helpers import vitok as run_vitok
 import vitok
 from vitok.errors import SettingsMismatchError, UsageError, VitokError
 from vitok.preprocess import Preprocessor
-from vitok.runtime import load_encoder
-from vitok.writer import to_store_array
+from vitok.inference import load_encoder
+from vitok.storage.dtypes import to_store_array
 
 FEATURES = ["--features", "patch,merged,deepstack"]
 
@@ -156,14 +156,14 @@ def test_float16_overflow_is_counted():
 
 
 def test_disk_full_is_a_clear_error_with_nothing_listed(folder, tmp_path, monkeypatch):
-    from vitok import writer
+    from vitok.storage.hdf5 import Hdf5Writer
 
-    def no_space(self, path):
+    def no_space(self, feature, array):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer.ShardWriter, "_write_hdf5", no_space)
+    monkeypatch.setattr(Hdf5Writer, "append", no_space)
     out = tmp_path / "out"
-    with pytest.raises(VitokError, match="out of disk space"):
+    with pytest.raises(VitokError, match="no space left"):
         vitok.extract([str(folder)], out, model="qwen3-vl-tiny", workers=0)
     assert not list((out / "shards").glob("*.json")) if (out / "shards").exists() else True
 
@@ -191,7 +191,7 @@ def test_multiworker_loader_gives_the_same_tokens(folder, tmp_path):
 
 def test_out_of_memory_batch_is_split_without_losing_the_batch_in_flight(folder, tmp_path, monkeypatch):
     """A batch that runs out of memory is retried image by image; the batch launched before it still lands."""
-    from vitok.runtime import Encoder
+    from vitok.inference import Encoder
 
     common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", token_budget=2000)
     vitok.extract([str(folder)], tmp_path / "plain", **common)
@@ -216,11 +216,11 @@ def test_out_of_memory_batch_is_split_without_losing_the_batch_in_flight(folder,
 @pytest.mark.parametrize("depth", [2, 3])
 def test_deeper_pipeline_commits_every_shard_with_the_same_tokens(folder, tmp_path, monkeypatch, depth):
     """Batches still queued when a shard ends: the shard is committed once they finish, nothing lost or mixed up."""
-    from vitok import runner
+    from vitok import device as device_stage
 
     common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", shard_size=3, token_budget=600)
     vitok.extract([str(folder)], tmp_path / "one", **common)
-    monkeypatch.setattr(runner, "pipeline_depth", lambda device: depth)
+    monkeypatch.setattr(device_stage, "pipeline_depth", lambda device: depth)
     summary = vitok.extract([str(folder)], tmp_path / "deep", **common)
     report = vitok.verify(tmp_path / "deep")
     assert report.clean and report.shards_ok == summary.shards_written > 3

@@ -16,32 +16,32 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "extract": ("vitok.runner", "extract"),
-    "ExtractOptions": ("vitok.runner", "ExtractOptions"),
+    "ExtractOptions": ("vitok.options", "ExtractOptions"),
     "open": ("vitok.store", "open_store"),
-    "verify": ("vitok.store", "verify_store"),
-    "load_encoder": ("vitok.runtime", "load_encoder"),
+    "verify": ("vitok.verify", "verify_store"),
+    "load_encoder": ("vitok.inference", "load_encoder"),
     "VisionEncoder": ("vitok.model", "VisionEncoder"),
     "EncoderConfig": ("vitok.config", "EncoderConfig"),
     "PreprocessConfig": ("vitok.config", "PreprocessConfig"),
     "Preprocessor": ("vitok.preprocess", "Preprocessor"),
     "ImagePreprocessor": ("vitok.preprocess", "ImagePreprocessor"),
-    "Qwen3VisionTransformer": ("vitok.original", "Qwen3VisionTransformer"),
-    "create_qwen3_vl_vit": ("vitok.original", "create_qwen3_vl_vit"),
-    "Qwen3VLPipeline": ("vitok.pipeline", "Qwen3VLPipeline"),
+    "Qwen3VisionTransformer": ("vitok.original_api", "Qwen3VisionTransformer"),
+    "create_qwen3_vl_vit": ("vitok.original_api", "create_qwen3_vl_vit"),
+    "Qwen3VLPipeline": ("vitok.original_api", "Qwen3VLPipeline"),
     "VitokError": ("vitok.errors", "VitokError"),
 }
 
 if TYPE_CHECKING:
     from .config import EncoderConfig, PreprocessConfig
     from .errors import VitokError
+    from .inference import load_encoder
     from .model import VisionEncoder
-    from .original import Qwen3VisionTransformer, create_qwen3_vl_vit
-    from .pipeline import Qwen3VLPipeline
+    from .options import ExtractOptions
+    from .original_api import Qwen3VisionTransformer, Qwen3VLPipeline, create_qwen3_vl_vit
     from .preprocess import ImagePreprocessor, Preprocessor
-    from .runner import ExtractOptions, extract
-    from .runtime import load_encoder
+    from .runner import extract
     from .store import open_store as open
-    from .store import verify_store as verify
+    from .verify import verify_store as verify
 
 
 def __getattr__(name: str) -> Any:

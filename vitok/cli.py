@@ -1,36 +1,47 @@
-"""The ``vitok`` command: a thin Typer layer over the library. Heavy imports happen inside commands."""
+"""The ``vitok`` command: a thin Typer layer over the library. Heavy imports happen inside commands.
+
+``vitok extract``'s flags are generated from the fields of :class:`vitok.options.ExtractOptions` (help, panel,
+choices and defaults come from there), so an option is declared once. Output hygiene: progress and logs go to
+stderr; stdout carries only what a command prints on purpose (``--json``, ``info``, ``verify``).
+"""
 
 from __future__ import annotations
 
+import enum
+import inspect
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from .options import ExtractOptions, flag_of
+
 app = typer.Typer(
     name="vitok",
-    help="Extract Qwen3-VL vision-encoder tokens from image collections into HDF5/NPY shards with a manifest.",
+    help="Extract Qwen vision-encoder tokens from image collections (folders, webdataset tars, parquet) into "
+         "HDF5/NPY/webdataset shards with a manifest.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
 )
 logger = logging.getLogger("vitok")
 _state = {"debug": False}
 
 
 def _setup_logging(quiet: bool = False) -> None:
-    level = logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("vitok: %(message)s"))
     root = logging.getLogger("vitok")
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
     root.propagate = False
 
 
@@ -47,12 +58,127 @@ def _main(
         raise typer.Exit()
 
 
-def _csv(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+# ---- extract: flags generated from ExtractOptions ----------------------------------------------------------------
+
+
+def _choices(name: str, choices: tuple[str, ...]) -> type[enum.Enum]:
+    return enum.Enum(f"{name}_choice", {c: c for c in choices}, type=str)  # typer shows [a|b|c]
+
+
+def _option_parameters() -> list[inspect.Parameter]:
+    import typing
+
+    hints = typing.get_type_hints(ExtractOptions)
+    params = []
+    for f in fields(ExtractOptions):
+        meta = f.metadata["cli"]
+        flag = flag_of(f)
+        decls = list(meta["flags"]) or [flag]
+        kind: Any = hints[f.name]
+        if meta["choices"]:
+            kind = _choices(f.name, meta["choices"])
+            kind = kind | None if f.default is None else kind
+        elif meta["listing"]:
+            kind = str | None
+        elif f.default is False:
+            kind, decls = bool, [f"{flag}/--no-{flag[2:]}"]
+        info = typer.Option(*decls, help=meta["help"], rich_help_panel=meta["panel"], metavar=meta["metavar"],
+                            show_default=f.default not in (None, False))
+        default = f.default if f.default is not MISSING else None
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[kind, info]))
+    return params
+
+
+def _extract_command(
+    sources: list[str] | None,
+    out: Path,
+    size: str | None,
+    gpus: str | None,
+    json_summary: bool,
+    quiet: bool,
+    **values: Any,
+) -> None:
+    """Extract tokens for every input of SOURCES into OUT (resumable: rerun the same command to continue).
+
+    SOURCES are image folders or files, webdataset tars (a file, a folder of tars, or a quoted pattern such as
+    '/data/{00000..00099}.tar'), parquet files, URLs, or '-' for a list on stdin. With no SOURCES, the plan already
+    in OUT is resumed.
+
+    Examples:
+
+        vitok extract ./imgs --size base --pool mean
+
+        vitok extract ./imgs -o out/ --model ~/models/Qwen3-VL-2B-Instruct --features merged,deepstack
+
+        find /data -name '*.jpg' | vitok extract - -o out/ --format npy
+
+        vitok extract '/data/laion/{00000..00099}.tar' -o out/ --pool mean
+    """
+    _setup_logging(quiet)
+    from .errors import UsageError
+    from .options import make_options
+
+    values = {k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()}
+    if size and values["model"] not in ("base", size):
+        raise UsageError(f"--size {size} and --model {values['model']} name different models; give one")
+    if size:
+        values["model"] = size
+    options = make_options(**values)
+    sources = list(sources or [])
+    if gpus:
+        _run_per_gpu(gpus, out, sources, options, json_summary, quiet)
+        return
+    from .runner import extract as run_extract
+
+    with _Progress(not quiet) as progress:
+        summary = run_extract(sources, out, progress=progress, **{f.name: getattr(options, f.name)
+                                                                  for f in fields(options)})
+    _report(summary, out)
+    if json_summary:
+        typer.echo(json.dumps(summary.to_dict()))
+    if summary.all_skipped:
+        raise typer.Exit(1)
+
+
+def _report(summary, out) -> None:
+    if summary.all_skipped:
+        logger.error("ALL %d input(s) of this run were skipped or failed: nothing was extracted. Check the sources "
+                     "and settings; reasons: vitok info %s", summary.skipped + summary.failed, out)
+    elif summary.skipped or summary.failed:
+        logger.info("skipped %d, failed %d input(s); reasons are in the manifest (vitok info %s)", summary.skipped,
+                    summary.failed, out)
+    if summary.failed:
+        logger.info("%d input(s) could not be read; rerun the same command once they are readable", summary.failed)
+    logger.info("done: %d ok, %d skipped, %d failed, %d already done, %.1f s, %.2f images/s -> %s", summary.ok,
+                summary.skipped, summary.failed, summary.already_done, summary.seconds, summary.images_per_second, out)
+    if summary.shards_elsewhere:
+        logger.info("%d shard(s) are still being written by another process", summary.shards_elsewhere)
+
+
+_extract_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("sources", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+        list[str] | None, typer.Argument(help="Inputs; '-' reads one per line from stdin.", show_default=False)]),
+    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=Path("vitok-out"), annotation=Annotated[
+        Path, typer.Option("-o", "--out", help="Output folder (resumed if it holds a store).",
+                           rich_help_panel="Outputs")]),
+    inspect.Parameter("size", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        str | None, typer.Option("--size", help="Preset name (same as --model).", rich_help_panel="Model")]),
+    inspect.Parameter("gpus", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        str | None, typer.Option(help="One process per GPU of this machine: '0,1,2,3' or 'all'.",
+                                 rich_help_panel="Cluster")]),
+    inspect.Parameter("json_summary", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--json", help="Print a one-line JSON summary on stdout at the end.")]),
+    inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress output.")]),
+    *_option_parameters(),
+])
+_extract_command.__annotations__ = {}
+app.command("extract")(_extract_command)
 
 
 class _Progress:
-    """A rich progress bar on a terminal; a plain log line every few seconds otherwise."""
+    """A rich progress bar on a terminal (stderr); a plain log line every few seconds otherwise."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -63,11 +189,13 @@ class _Progress:
 
     def __enter__(self):
         if self.enabled and self.tty:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self._bar = Progress(
                 TextColumn("[bold]extract"), BarColumn(), TextColumn("{task.completed}/{task.total} images"),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
             )
             self._bar.__enter__()
         return self
@@ -80,95 +208,21 @@ class _Progress:
         if self._bar is not None:
             if self._task is None:
                 self._task = self._bar.add_task("extract", total=event.images_total, rate=rate)
-            self._bar.update(self._task, completed=event.images_done, rate=rate)
-        elif time.monotonic() - self._last > 10 or event.images_done == event.images_total:
+            self._bar.update(self._task, completed=event.images_done, total=event.images_total, rate=rate)
+        elif time.monotonic() - self._last > 10 or event.shards_done == event.shards_total:
             self._last = time.monotonic()
-            logger.info("%d/%d images, %d skipped, %s", event.images_done, event.images_total, event.skipped, rate)
+            total = event.images_total if event.images_total is not None else "?"
+            logger.info("%d/%s images, %d/%d shards, %d skipped, %s", event.images_done, total, event.shards_done,
+                        event.shards_total, event.skipped, rate)
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
 
 
-@app.command()
-def extract(
-    sources: Annotated[list[str] | None, typer.Argument(help="Image folders or files; '-' reads paths from stdin.", show_default=False)] = None,  # noqa: E501
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (resumed if it holds a store).")] = Path("vitok-out"),  # noqa: E501
-    size: Annotated[str | None, typer.Option("--size", help="Preset name (same as --model); see 'vitok models'.")] = None,  # noqa: E501
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Preset, checkpoint folder, .safetensors file or HF repo id. [default: base]")] = None,  # noqa: E501
-    features: Annotated[str | None, typer.Option(help="Comma list of patch, merged, deepstack. [default: merged for Qwen towers, patch for small/base/large]")] = None,  # noqa: E501
-    pool: Annotated[str, typer.Option(help="none | mean | max | cls. 'cls' returns the FIRST token: the encoder has no class token.")] = "none",  # noqa: E501
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (bf16 on GPUs that support it, else fp32) | float32 | bfloat16 | float16.")] = "auto",  # noqa: E501
-    store_dtype: Annotated[str, typer.Option(help="Stored dtype: float16 | float32 | bfloat16 (lossless bits, read back as float32).")] = "float16",  # noqa: E501
-    format: Annotated[str, typer.Option("--format", help="hdf5 | npy.")] = "hdf5",
-    shard_size: Annotated[int, typer.Option(help="Images per shard (the unit of resume and of parallel work).")] = 1000,
-    compression: Annotated[str | None, typer.Option(help="HDF5 compression: gzip | lzf.")] = None,
-    token_budget: Annotated[int | None, typer.Option(help="Patches per encoder batch. [default: 4096 CPU, 32768 CUDA]")] = None,  # noqa: E501
-    workers: Annotated[int | None, typer.Option(help="Decode/preprocess worker processes. [default: from CPU count]")] = None,  # noqa: E501
-    token_order: Annotated[str, typer.Option(help="Order of 'patch' rows: block (reference 2x2-block order) | raster (row-major).")] = "block",  # noqa: E501
-    min_pixels: Annotated[int | None, typer.Option(help="Qwen resize: least pixels after resize.")] = None,
-    max_pixels: Annotated[int | None, typer.Option(help="Qwen resize: most pixels after resize.")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Resize every image to this square size instead.")] = None,
-    backend: Annotated[str | None, typer.Option(help="Resize backend: torchvision (reference default) | pil.")] = None,  # noqa: E501
-    fast_decode: Annotated[bool, typer.Option(help="Decode JPEGs at reduced DCT scale when the target is >=2x smaller (faster, not bit-exact).")] = False,  # noqa: E501
-    allow_truncated: Annotated[bool, typer.Option(help="Decode truncated files as far as they go (recorded in the manifest).")] = False,  # noqa: E501
-    max_image_pixels: Annotated[int | None, typer.Option(help="Refuse images whose header claims more pixels. [default: 178956970]")] = None,  # noqa: E501
-    files_from: Annotated[str | None, typer.Option(help="File with one image path per line ('-' = stdin).")] = None,
-    part: Annotated[int | None, typer.Option(help="This process's part (0-based) of --num-parts.")] = None,
-    num_parts: Annotated[int | None, typer.Option(help="Split the plan's shards over this many processes.")] = None,
-    gpus: Annotated[str | None, typer.Option(help="Run one process per GPU on this machine: '0,1,2,3' or 'all'.")] = None,  # noqa: E501
-    overwrite: Annotated[bool, typer.Option(help="Delete the store in OUT and start over.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the random weights of a preset without a checkpoint.")] = 0,
-    attention: Annotated[str, typer.Option(help="auto | sdpa | varlen | eager.")] = "auto",
-    json_summary: Annotated[bool, typer.Option("--json", help="Print a one-line JSON summary at the end.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
-) -> None:
-    """Extract tokens for every image in SOURCES into OUT (resumable: rerun the same command to continue).
-
-    Examples:
-
-        vitok extract ./imgs --size base --pool mean
-
-        vitok extract ./imgs -o out/ --model ~/models/Qwen3-VL-2B-Instruct --features merged,deepstack
-
-        find /data -name '*.jpg' | vitok extract - -o out/ --format npy
-    """
-    _setup_logging(quiet)
-    if size and model and size != model:
-        raise typer.BadParameter(
-            f"--size {size} and --model {model} name different models; give one", param_hint="--model"
-        )
-    sources = list(sources or [])
-    if not sources and not files_from:
-        raise typer.BadParameter("give at least one source folder or file, '-' for stdin, or --files-from")
-    options = dict(
-        model=model or size or "base", device=device, dtype=dtype, features=_csv(features), pool=pool,
-        store_dtype=store_dtype, format=format, shard_size=shard_size, compression=compression,
-        token_budget=token_budget, workers=workers, token_order=token_order, min_pixels=min_pixels,
-        max_pixels=max_pixels, image_size=image_size, backend=backend, fast_decode=fast_decode,
-        allow_truncated=allow_truncated, max_image_pixels=max_image_pixels, overwrite=overwrite, part=part,
-        num_parts=num_parts, files_from=files_from, seed=seed, attention=attention,
-    )
-    if gpus:
-        _run_per_gpu(gpus, out, sources, json_summary)
-        return
-    from .runner import extract as run_extract
-
-    with _Progress(not quiet) as progress:
-        summary = run_extract(sources, out, progress=progress, **options)
-    if summary.skipped:
-        logger.info("skipped %d image(s); reasons are in the manifest (vitok info %s)", summary.skipped, out)
-    logger.info(
-        "done: %d ok, %d skipped, %d already done, %.1f s, %.2f images/s -> %s",
-        summary.ok, summary.skipped, summary.already_done, summary.seconds, summary.images_per_second, out,
-    )
-    if json_summary:
-        typer.echo(json.dumps(summary.to_dict()))
-
-
-def _run_per_gpu(gpus: str, out: Path, sources: list[str], json_summary: bool) -> None:
-    """One child process per GPU, each a `vitok extract --part i --num-parts n --device cuda:g` into the same OUT."""
+def _run_per_gpu(gpus: str, out: Path, sources: list[str], options: ExtractOptions, json_summary: bool,
+                 quiet: bool) -> None:
+    """One child process per GPU, each ``vitok extract --part i --num-parts n --device cuda:g`` into one OUT."""
     import torch
 
     from .errors import UsageError
@@ -182,45 +236,88 @@ def _run_per_gpu(gpus: str, out: Path, sources: list[str], json_summary: bool) -
             raise UsageError(f"--gpus {gpus!r} must be 'all' or a comma list of GPU indexes") from None
     if not ids:
         raise UsageError("--gpus: no CUDA devices visible")
-    if "-" in sources:
-        raise UsageError("--gpus cannot share stdin between processes; write the paths to a file and use --files-from")
-    argv = sys.argv[1:]
-    base = [a for i, a in enumerate(argv) if not (a.startswith("--gpus") or (i > 0 and argv[i - 1] == "--gpus"))]
-    # Every child lists the sources; the first to finish writes the plan and the others check theirs equals it.
+    if "-" in sources or options.files_from == "-":
+        raise UsageError("--gpus cannot share stdin between processes; write the list to a file and use --files-from")
     children = []
     for rank, gpu in enumerate(ids):
-        cmd = [sys.executable, "-m", "vitok", *base, "--part", str(rank), "--num-parts", str(len(ids)),
-               "--device", f"cuda:{gpu}", "--quiet"]
-        children.append(subprocess.Popen(cmd, env=dict(os.environ)))
-    codes = [c.wait() for c in children]
+        child = options.replace(part=rank, num_parts=len(ids), device=f"cuda:{gpu}")
+        cmd = [sys.executable, "-m", "vitok", "extract", *sources, "-o", str(out), *child.to_argv(), "--json"]
+        if quiet:
+            cmd.append("--quiet")
+        children.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ)))
+    outputs = [child.communicate()[0] for child in children]
+    codes = [128 - c if c < 0 else c for c in (child.returncode for child in children)]  # killed by signal N: 128+N
+    summaries = [json.loads(text.strip().splitlines()[-1]) for text in outputs if text.strip()]
     if any(codes):
         raise typer.Exit(max(codes))
     if json_summary:
-        from .store import verify_store
+        typer.echo(json.dumps(merge_summaries(summaries)))
 
-        report = verify_store(out)
-        typer.echo(json.dumps({"ok": report.images_ok, "skipped": report.images_skipped, "gpus": ids}))
+
+def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summaries of the parts of one job as one summary of the same shape."""
+    merged: dict[str, Any] = {}
+    for key in summaries[0]:
+        values = [s[key] for s in summaries]
+        if key == "part":
+            merged[key] = ",".join(values)
+        elif key in ("out",):
+            merged[key] = values[0]
+        elif key == "seconds":
+            merged[key] = max(values)
+        elif key == "shards_other_parts":
+            merged[key] = min(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            merged[key] = sum(values)
+        else:
+            merged[key] = None if any(v is None for v in values) else values[0]
+    seconds = merged.get("seconds") or 0
+    done = merged["ok"] + merged["skipped"] + merged["failed"]
+    merged["images_per_second"] = round(done / seconds, 3) if seconds else 0.0
+    return merged
 
 
 @app.command()
 def plan(
-    sources: Annotated[list[str], typer.Argument(help="Image folders or files; '-' reads paths from stdin.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder that will hold the plan.")] = Path("vitok-out"),  # noqa: E501
-    shard_size: Annotated[int, typer.Option(help="Images per shard.")] = 1000,
-    files_from: Annotated[str | None, typer.Option(help="File with one image path per line ('-' = stdin).")] = None,
+    sources: Annotated[list[str] | None, typer.Argument(help="Inputs, as for extract; '-' reads them from stdin.",
+                                                        show_default=False)] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder that will hold the plan.")] = Path(
+        "vitok-out"),
+    shard_size: Annotated[int, typer.Option(help="Images per shard of loose files.", min=1)] = 1000,
+    files_from: Annotated[str | None, typer.Option(help="File with one input per line ('-' = stdin).")] = None,
+    input_format: Annotated[_choices("input_format", ("auto", "files", "wds", "parquet")), typer.Option(
+        help="Kind of input (auto: by extension).")] = "auto",
 ) -> None:
-    """List SOURCES once and write OUT/plan.jsonl, so the processes of a big job need not list millions of files.
+    """List SOURCES once and write OUT/plan, so the processes of a big job need not list millions of files.
 
     Example:
 
         vitok plan /data/images -o /scratch/out --shard-size 2000
+
+        vitok plan --files-from all_images.txt -o /scratch/out
     """
     _setup_logging()
-    from .runner import ExtractOptions, build_plan
+    from .errors import UsageError
+    from .plan import diff, listing_digest, load_plan, write_generation
+    from .readers import ReaderOptions
+    from .sources import list_inputs
 
-    out.mkdir(parents=True, exist_ok=True)
-    result = build_plan(sources, out, ExtractOptions(shard_size=shard_size, files_from=files_from))
-    typer.echo(f"{len(result.keys)} images in {result.num_shards} shards of {result.shard_size} -> {out}/plan.jsonl")
+    if not sources and not files_from:
+        raise UsageError("give at least one source, '-' for stdin, or --files-from")
+    kind = input_format.value if isinstance(input_format, enum.Enum) else input_format
+    listing = list_inputs(list(sources or []), files_from, None, kind)
+    digest = listing_digest(listing)
+    existing = load_plan(out)
+    if existing is not None:
+        if existing.latest["listing_digest"] != digest:
+            raise UsageError(f"{out} already holds a plan of other inputs ({diff(existing, listing).describe()})")
+        typer.echo(f"{out} already holds this plan: {len(existing.units)} shards")
+        return
+    generation = write_generation(out, listing, shard_size, 0, 0, [os.path.abspath(s) for s in sources or []],
+                                  "initial", digest, ReaderOptions().to_dict())
+    header = generation.header
+    size = f" of {shard_size}" if header["reader"] == "files" else ""
+    typer.echo(f"{header.get('num_items', '?')} inputs in {header['num_units']} shards{size} -> {out}/plan")
 
 
 @app.command()
@@ -241,54 +338,85 @@ def models() -> None:
     Console(width=160).print(table)
 
 
+def _safe(text: str) -> str:
+    """Keys may hold surrogate escapes (names that were not UTF-8): print them escaped, never crash."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @app.command()
 def info(out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")]) -> None:
-    """Summarise a store: model, settings, images ok and skipped (with reasons), shards."""
+    """Summarise a store: model, settings, planned vs done, images ok / skipped / failed (with reasons), damage."""
     from .store import open_store
+    from .verify import verify_store
 
     store = open_store(out)
-    settings = store.meta["settings"]
-    typer.echo(f"store      {out}")
-    typer.echo(f"model      {settings['model']['name']} ({settings['model']['weights']})")
-    typer.echo(f"features   {', '.join(settings['features'])}  pool={settings['pool']}  "
-               f"stored as {settings['store_dtype']}  computed in {settings['compute_dtype']}")
-    typer.echo(f"images     {len(store)} ok, {len(store.skipped)} skipped, in {len(store.shards)} shard(s)")
-    for key, reason in sorted(store.skipped.items())[:50]:
-        typer.echo(f"  skipped  {key}: {reason}")
-    if len(store.skipped) > 50:
-        typer.echo(f"  ... and {len(store.skipped) - 50} more")
+    report = verify_store(out, quick=True)
+    settings = store.header.settings
+    echo = typer.echo
+    echo(f"store      {out}")
+    echo(f"model      {settings['model']['name']} ({settings['model']['weights']})")
+    echo(f"features   {', '.join(settings['features'])}  pool={settings['pool']}  stored as "
+         f"{settings['store_dtype']}  computed in {settings['compute_dtype']}  format={settings['format']}")
+    planned = f" of {report.planned_shards} planned" if report.planned_shards else ""
+    echo(f"shards     {len(store.shards)} done{planned}; {len(report.incomplete)} not done, "
+         f"{len(report.in_progress)} in progress")
+    echo(f"images     {len(store)} ok, {len(store.skipped)} skipped, {len(store.failed)} failed"
+         + (f", {len(store.removed)} removed from the sources" if store.removed else ""))
+    for title, table in (("skipped", store.skipped), ("failed", store.failed)):
+        for key, reason in sorted(table.items())[:50]:
+            echo(f"  {title:8s} {_safe(key)}: {_safe(reason)}")
+        if len(table) > 50:
+            echo(f"  ... and {len(table) - 50} more {title}")
+    for sidecar in store.shards.values():
+        if sidecar.unit.get("error"):
+            echo(f"  input    {sidecar.shard}: {_safe(sidecar.unit['error'])}")
+    if report.problems:
+        echo(f"damage     {len(report.problems)} problem(s); run 'vitok verify {out}'")
+    for line in report.leftovers[:10]:
+        echo(f"  leftover {line}")
 
 
 @app.command()
-def verify(out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")]) -> None:
-    """Check every shard against the manifest and the plan; exit 1 on any problem or unfinished shard."""
-    from .store import verify_store
+def verify(
+    out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
+    quick: Annotated[bool, typer.Option(help="Check sizes, keys and rows only, not the checksums.")] = False,
+) -> None:
+    """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem or unfinished
+    shard."""
+    from .verify import verify_store
 
-    report = verify_store(out)
+    report = verify_store(out, quick=quick)
     for problem in report.problems:
-        typer.echo(f"problem: {problem}", err=True)
+        typer.echo(f"problem: {_safe(problem)}", err=True)
     if report.incomplete:
         typer.echo(f"incomplete: {len(report.incomplete)} planned shard(s) not done: "
                    f"{', '.join(report.incomplete[:10])}", err=True)
-    typer.echo(f"{report.shards_ok} shard(s) ok, {report.images_ok} images ok, {report.images_skipped} skipped")
+    for line in report.in_progress[:10]:
+        typer.echo(f"in progress: {line}", err=True)
+    for line in report.leftovers[:10]:
+        typer.echo(f"leftover: {line}", err=True)
+    typer.echo(f"{report.shards_ok} shard(s) ok, {report.images_ok} images ok, {report.images_skipped} skipped, "
+               f"{report.images_failed} failed")
     if not report.clean:
         raise typer.Exit(1)
 
 
-@app.command()
-def bench(
-    args: Annotated[list[str] | None, typer.Argument(help="Arguments passed to scripts/bench.py.")] = None,
-) -> None:
-    """Run the benchmark (scripts/bench.py) from a source checkout."""
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
-    if not script.is_file():
-        raise typer.BadParameter("scripts/bench.py is not here; run it from a source checkout")
-    raise typer.Exit(subprocess.call([sys.executable, str(script), *(args or [])]))
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Run the benchmark (vitok vs the transformers reference, printed as ratios); '--help' lists its options."""
+    from .bench import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
+
+
+def _is_click_exception(exc: BaseException) -> bool:
+    """Usage errors of whichever click typer uses (typer 0.29 vendors its own copy as typer._click)."""
+    return any(cls.__name__ == "ClickException" for cls in type(exc).__mro__) and hasattr(exc, "show")
 
 
 def main() -> None:
     """Console entry point: library errors become one line on stderr and an exit code (2 = usage)."""
-    from .errors import VitokError
+    from .errors import Interrupted, VitokError
 
     try:
         code = app(standalone_mode=False)
@@ -296,25 +424,27 @@ def main() -> None:
     except VitokError as exc:
         if _state["debug"]:
             raise
-        typer.echo(f"vitok: error: {exc}", err=True)
+        typer.echo(f"vitok: error: {_safe(str(exc))}", err=True)
         sys.exit(exc.exit_code)
-    except typer.Exit as exc:
+    except Interrupted as exc:
+        typer.echo(f"vitok: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        typer.echo("vitok: aborted", err=True)
-        sys.exit(130)
     except KeyboardInterrupt:
         typer.echo("vitok: interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        if type(exc).__name__ == "Exit" and hasattr(exc, "exit_code"):  # typer.Exit / click's Exit
+            sys.exit(exc.exit_code)
+        if _is_click_exception(exc):
             exc.show()
             sys.exit(exc.exit_code)
+        if type(exc).__name__ == "Abort":
+            typer.echo("vitok: aborted", err=True)
+            sys.exit(130)
         if _state["debug"]:
             raise
-        typer.echo(
-            f"vitok: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True
-        )
+        typer.echo(f"vitok: internal error: {type(exc).__name__}: {_safe(str(exc))} (rerun with --debug for the "
+                   "traceback)", err=True)
         sys.exit(1)

@@ -22,6 +22,7 @@ cannot decode (truncated, damaged), goes through Pillow, which gives the reason.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import logging
@@ -35,7 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from . import settings
+from .errors import ImageError, InputUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class DecodedImage:
     original_size: tuple[int, int]  # (width, height) upright, before any reduced-scale decoding
     notes: list[str] = field(default_factory=list)  # things worth recording that are not failures
     pixels: np.ndarray | None = None  # (H, W, 3) uint8, the same pixels as ``image`` when it is a view of them
+    decoder: str = "pillow"  # what produced the pixels: pillow | pillow-draft | simplejpeg
 
 
 def _one_line(exc: BaseException) -> str:
@@ -62,34 +65,59 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+UNAVAILABLE = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENODEV,
+               errno.EAGAIN, errno.EBUSY, errno.ENOTCONN, errno.EHOSTDOWN, errno.ENXIO}
+MAX_FILE_BYTES = 4 << 30  # a larger "image" is refused before it is read into memory
+
+
+@dataclass
+class SourceFile:
+    """An input file's bytes, with what identifies its version on disk."""
+
+    data: bytes
+    size: int
+    mtime_ns: int | None = None
+
+
+def read_source(path: str | Path) -> SourceFile:
+    """Read an input file whole. A file that is not there or cannot be read right now raises
+    InputUnavailableError (retried by a later run); one that can never be an image raises ImageError."""
+    try:
+        with open(path, "rb") as handle:
+            stat = os.fstat(handle.fileno())
+            if stat.st_size > MAX_FILE_BYTES:
+                raise ImageError(f"file of {stat.st_size} bytes is too large to be an image")
+            data = handle.read()
+    except OSError as exc:
+        reason = f"cannot read: {exc.strerror or _one_line(exc)}"
+        raise (InputUnavailableError(reason) if exc.errno in UNAVAILABLE else ImageError(reason)) from None
+    return SourceFile(data, len(data), stat.st_mtime_ns)
+
+
 def decode_image(
-    path: str | Path,
+    source: str | Path | bytes,
     *,
     max_image_pixels: int = 178_956_970,
     allow_truncated: bool = False,
     draft_size: Callable[[int, int], tuple[int, int] | None] | None = None,
 ) -> DecodedImage:
-    """Open, check and decode ``path``.
+    """Check and decode an image file, or its bytes (an archive member).
 
     Args:
-        path: the image file.
+        source: the image file's path, or its bytes.
         max_image_pixels: refuse images whose header claims more pixels than this.
         allow_truncated: decode truncated files as far as they go instead of refusing them.
         draft_size: for JPEGs, ``(width, height) -> (target_w, target_h)`` of the final resize; when the target is at
             least 2x smaller on both sides the file is decoded at reduced DCT scale (faster, not bit-exact).
     """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise ImageError(f"cannot read: {exc.strerror or _one_line(exc)}") from None
-    if size == 0:
+    data = source if isinstance(source, (bytes, bytearray, memoryview)) else read_source(source).data
+    if len(data) == 0:
         raise ImageError("empty file (0 bytes)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with Image.open(path) as img:
-                decoded = _decode_open_image(img, max_image_pixels, allow_truncated, draft_size)
+            with Image.open(io.BytesIO(data)) as img:
+                decoded = _decode_open_image(img, bytes(data), max_image_pixels, allow_truncated, draft_size)
         except ImageError:
             raise
         except UnidentifiedImageError:
@@ -106,7 +134,7 @@ def decode_image(
     return decoded
 
 
-def _decode_open_image(img, max_image_pixels, allow_truncated, draft_size) -> DecodedImage:
+def _decode_open_image(img, data, max_image_pixels, allow_truncated, draft_size) -> DecodedImage:
     width, height = img.size
     if width <= 0 or height <= 0:
         raise ImageError(f"image has no pixels ({width}x{height})")
@@ -121,6 +149,7 @@ def _decode_open_image(img, max_image_pixels, allow_truncated, draft_size) -> De
         notes.append(f"first of {img.n_frames} frames")
     orientation = _orientation(img)
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    drafted = False
     if draft_size is not None and img.format == "JPEG":
         target = draft_size(*upright)
         if target is not None:
@@ -129,19 +158,21 @@ def _decode_open_image(img, max_image_pixels, allow_truncated, draft_size) -> De
                 img.draft("RGB", (tw, th))
                 if img.size != (width, height):
                     notes.append(f"fast decode at {img.size[0]}x{img.size[1]}")
-    pixels = _decode_jpeg_directly(img) if img.size == (width, height) else None  # not after a draft
+                    drafted = True
+    pixels = _decode_jpeg_directly(img, data) if img.size == (width, height) else None  # not after a draft
     if pixels is not None:
         if orientation in UPRIGHT:
-            return DecodedImage(Image.fromarray(pixels).transpose(UPRIGHT[orientation]), upright, notes)
+            return DecodedImage(Image.fromarray(pixels).transpose(UPRIGHT[orientation]), upright, notes,
+                                decoder="simplejpeg")
         view = Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)  # no copy
-        return DecodedImage(view, upright, notes, pixels)
+        return DecodedImage(view, upright, notes, pixels, decoder="simplejpeg")
     _load(img, allow_truncated, notes)
     if orientation not in (None, 1):
         try:
             img = ImageOps.exif_transpose(img)
         except Exception as exc:  # broken EXIF must not cost the image
             notes.append(f"EXIF orientation not applied ({_one_line(exc)})")
-    return DecodedImage(to_rgb(img), upright, notes)
+    return DecodedImage(to_rgb(img), upright, notes, decoder="pillow-draft" if drafted else "pillow")
 
 
 # ---- JPEGs straight through libjpeg-turbo ------------------------------------------------------------------------
@@ -149,9 +180,9 @@ def _decode_open_image(img, max_image_pixels, allow_truncated, draft_size) -> De
 _CHECKED_LUMA_SAMPLING = {(1, 1), (2, 1), (2, 2)}  # 4:4:4, 4:2:2, 4:2:0 (chroma 1x1): the layouts self-checked
 
 
-def _decode_jpeg_directly(img: Image.Image) -> np.ndarray | None:
+def _decode_jpeg_directly(img: Image.Image, data: bytes) -> np.ndarray | None:
     """The (H, W, 3) RGB pixels of a plain JPEG decoded by simplejpeg; None to use Pillow instead."""
-    if img.format != "JPEG" or img.mode not in ("RGB", "L") or not getattr(img, "filename", None):
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
         return None
     layers = getattr(img, "layer", None) or []
     if img.mode == "RGB" and (
@@ -163,7 +194,6 @@ def _decode_jpeg_directly(img: Image.Image) -> np.ndarray | None:
     if decoder is None:
         return None
     try:
-        data = Path(img.filename).read_bytes()
         # grayscale JPEGs come out as RGB with three equal channels, as Pillow's convert("RGB") makes them
         pixels = decoder.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
     except (OSError, ValueError):  # truncated or damaged: Pillow decides and gives the reason
@@ -171,11 +201,14 @@ def _decode_jpeg_directly(img: Image.Image) -> np.ndarray | None:
     return pixels if pixels.shape == (img.size[1], img.size[0], 3) else None
 
 
-@functools.cache
 def _simplejpeg():
+    """simplejpeg, unless switched off (``vitok.settings``) or it failed its check against Pillow."""
+    return _checked_simplejpeg() if settings.enabled("simplejpeg") else None
+
+
+@functools.cache
+def _checked_simplejpeg():
     """The simplejpeg module when it is installed and decodes like Pillow on every checked JPEG layout, else None."""
-    if os.environ.get("VITOK_SIMPLEJPEG", "1") == "0":
-        return None
     try:
         import simplejpeg
     except ImportError:

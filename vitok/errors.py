@@ -1,11 +1,15 @@
 """The errors vitok raises.
 
-    VitokError                      anything vitok refuses to do; the CLI prints it on one line
+    VitokError                      anything vitok refuses to do; the CLI prints it on one line (exit 1)
     ├── UsageError                  a bad option, preset, feature or source (CLI exit code 2)
-    │   └── SettingsMismatchError   OUT was written with other settings (names each difference)
+    │   ├── SettingsMismatchError   OUT was written with other settings (names each difference)
+    │   └── InputsChangedError      the sources list other inputs than OUT's plan (counts added/removed)
     ├── CheckpointError             a checkpoint that cannot be read or does not fit the model
     ├── ImageError                  one image that cannot be used (recorded as skipped, never fatal)
-    └── StoreError                  an output store that is missing, damaged or incomplete
+    │   └── InputUnavailableError   one input that cannot be read right now (recorded as failed; retried later)
+    ├── StoreError                  an output store that is missing, damaged, incomplete or not writable
+    │   └── DiskFullError           no space left while writing a shard (nothing incomplete is listed)
+    └── Interrupted                 SIGINT/SIGTERM: the run stopped cleanly (exit 130 / 143)
 
 Per-image problems are ``ImageError``: the extractor records them in the manifest and goes on.
 """
@@ -29,6 +33,10 @@ class SettingsMismatchError(UsageError):
     """An existing output store was written with different settings."""
 
 
+class InputsChangedError(UsageError):
+    """The sources no longer list what the store's plan lists (rerun with --update or --overwrite)."""
+
+
 class CheckpointError(VitokError):
     """A checkpoint is missing, unreadable, or does not match the encoder."""
 
@@ -37,5 +45,24 @@ class ImageError(VitokError):
     """One input image cannot be decoded or preprocessed; the message is its one-line reason."""
 
 
+class InputUnavailableError(ImageError):
+    """One input cannot be read (missing, no permission, I/O error): not the image's fault, so a rerun retries it."""
+
+
 class StoreError(VitokError):
-    """An output store is damaged, incomplete or not a vitok store."""
+    """An output store is damaged, incomplete, not a vitok store, or cannot be written."""
+
+
+class DiskFullError(StoreError):
+    """The file system ran out of space (or quota) while writing a shard."""
+
+
+class Interrupted(BaseException):
+    """The run was stopped by a signal; finished shards are kept and a rerun resumes."""
+
+    def __init__(self, signal_number: int) -> None:
+        import signal
+
+        self.signal_number = signal_number
+        self.exit_code = 128 + signal_number
+        super().__init__(f"interrupted by {signal.Signals(signal_number).name}; rerun the same command to resume")

@@ -19,21 +19,27 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import platform
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import settings
+
 logger = logging.getLogger(__name__)
 
 GELU_FORMS = ("none", "tanh")  # F.gelu's ``approximate``: exact erf, or the tanh approximation
 
 
-@functools.cache
 def onednn_linear_available() -> bool:
-    if os.environ.get("VITOK_ONEDNN", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+    """oneDNN linears are switched on (``vitok.settings``: onednn) and work on this machine."""
+    return settings.enabled("onednn") and _onednn_works()
+
+
+@functools.cache
+def _onednn_works() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     if not torch.backends.mkldnn.is_available():
         return False
@@ -105,11 +111,13 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return out
 
 
-@functools.cache
 def _triton_rotary():
-    """``vitok.rotary_triton`` when Triton imports and the kernel agrees with float64 on this GPU, else None."""
-    if os.environ.get("VITOK_TRITON", "1") == "0":
-        return None
+    """``vitok.rotary_triton`` when switched on, Triton imports and the kernel agrees with float64 here, else None."""
+    return _checked_triton_rotary() if settings.enabled("triton") else None
+
+
+@functools.cache
+def _checked_triton_rotary():
     try:
         from . import rotary_triton
 

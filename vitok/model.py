@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .config import FEATURES, EncoderConfig
+from .config import EncoderConfig
 from .errors import UsageError
+from .features import block_index, check_features
 
 logger = logging.getLogger(__name__)
 
@@ -376,15 +377,7 @@ class VisionEncoder(nn.Module):
 
     def check_features(self, features: Sequence[str]) -> tuple[str, ...]:
         """Validate requested outputs against what this tower has; the error lists what it offers."""
-        features = tuple(dict.fromkeys(features))
-        unknown = [f for f in features if f not in FEATURES]
-        missing = [f for f in features if f in FEATURES and f not in self.config.features]
-        if unknown or missing or not features:
-            bad = ", ".join(unknown + missing) or "(none)"
-            raise UsageError(
-                f"feature(s) {bad} not available for {self.config.name}; it offers: {', '.join(self.config.features)}"
-            )
-        return features
+        return check_features(self.config, features)
 
     # ---- geometry ----------------------------------------------------------------------------------------------
 
@@ -443,7 +436,7 @@ class VisionEncoder(nn.Module):
         Args:
             pixel_values: (N, C*T*p*p) patches of all images, each image's rows in merge-block order.
             grid_thw: (t, h, w) per image, in patches; N = sum(t*h*w).
-            features: which named outputs to compute: ``patch``, ``merged``, ``deepstack``.
+            features: which named outputs to compute: ``patch``, ``merged``, ``deepstack``, ``block:N``.
             token_order: ``block`` (the reference's order) or ``raster`` for ``patch`` rows.
         """
         if token_order not in ("block", "raster"):
@@ -458,25 +451,30 @@ class VisionEncoder(nn.Module):
             )
         device = pixel_values.device
         merge_unit = self.config.spatial_merge_size**2
-        reorder = "patch" in features and token_order == "raster" and merge_unit > 1
+        per_patch = [f for f in features if f == "patch" or f.startswith("block:")]
+        reorder = bool(per_patch) and token_order == "raster" and merge_unit > 1
         pos, rotary, segments, to_raster = self._batch_tables(grid_thw, device, reorder)
 
         x = self.patch_embed(pixel_values)  # (N, D)
         if pos is not None:
             x += pos.to(x.dtype)
 
-        need_last = "patch" in features or "merged" in features
         taps = self.config.deepstack_visual_indexes if "deepstack" in features else ()
-        last_block = self.config.depth if need_last else max(taps) + 1
+        blocks_out = {block_index(f, self.config.depth): f for f in features if f.startswith("block:")}
+        needed = [max(taps) + 1 if taps else 0, *(i + 1 for i in blocks_out)]
+        if "patch" in features or "merged" in features:
+            needed.append(self.config.depth)
+        out: dict[str, torch.Tensor] = {}
         deepstack = []
-        for index, block in enumerate(self.blocks[:last_block]):
+        for index, block in enumerate(self.blocks[: max(needed)]):
             x = block(x, rotary, segments)  # (N, D)
             if index in taps:
                 deepstack.append(self.deepstack_merger_list[taps.index(index)](x))  # (N/4, O)
+            if index in blocks_out:
+                out[blocks_out[index]] = x[to_raster] if reorder else x
 
         patch_rows = [t * h * w for t, h, w in grid_thw]
-        out: dict[str, torch.Tensor] = {}
-        rows: dict[str, list[int]] = {}
+        rows: dict[str, list[int]] = {f: patch_rows for f in blocks_out.values()}
         if "patch" in features:
             out["patch"] = x[to_raster] if reorder else x
             rows["patch"] = patch_rows

@@ -20,9 +20,14 @@ class Part:
     count: int
     local_rank: int | None  # which GPU of this node to use, when the launcher says
     launcher: str  # explicit | torchrun | slurm | single
+    origin: str = ""  # the flags or variables the part was read from
 
     def owns(self, shard_index: int) -> bool:
         return shard_index % self.count == self.index
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 def _int(env: Mapping[str, str], name: str) -> int | None:
@@ -46,10 +51,13 @@ def detect_part(part: int | None = None, num_parts: int | None = None, env: Mapp
                 raise UsageError("--num-parts needs --part (or a SLURM array task id to take it from)")
         if not 0 <= part < num_parts:
             raise UsageError(f"--part {part} must be in 0..{num_parts - 1}")
-        return Part(part, num_parts, _int(env, "LOCAL_RANK") or _int(env, "SLURM_LOCALID"), "explicit")
+        return Part(part, num_parts, _int(env, "LOCAL_RANK") or _int(env, "SLURM_LOCALID"), "explicit",
+                    f"--part {part} --num-parts {num_parts}")
     rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
     if rank is not None and world is not None:
-        return Part(rank, world, _int(env, "LOCAL_RANK"), "torchrun")
+        if world < 1 or not 0 <= rank < world:
+            raise UsageError(f"RANK={rank} WORLD_SIZE={world} from the environment do not make a part")
+        return Part(rank, world, _int(env, "LOCAL_RANK"), "torchrun", f"RANK={rank} WORLD_SIZE={world}")
     array_count = _int(env, "SLURM_ARRAY_TASK_COUNT")
     tasks = _int(env, "SLURM_NTASKS") or 1
     procid = _int(env, "SLURM_PROCID") or 0
@@ -58,7 +66,9 @@ def detect_part(part: int | None = None, num_parts: int | None = None, env: Mapp
         if array_count is not None:
             array_index = _slurm_array_index(env, None)
             array_parts = array_count
-        return Part(array_index * tasks + procid, array_parts * tasks, _int(env, "SLURM_LOCALID"), "slurm")
+        origin = " ".join(f"{k}={env[k]}" for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID",
+                                                    "SLURM_NTASKS") if env.get(k))
+        return Part(array_index * tasks + procid, array_parts * tasks, _int(env, "SLURM_LOCALID"), "slurm", origin)
     return Part(0, 1, None, "single")
 
 

@@ -26,3 +26,31 @@ def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
     if pool == "cls":
         return tokens[..., :1, :].float()
     raise UsageError(f"--pool {pool!r} is not one of: {', '.join(POOLS)}")
+
+
+def pool_packed(packed: torch.Tensor, rows: list[int], pool: str) -> torch.Tensor:
+    """Pool every image of a packed batch: (..., sum(rows), d) -> (..., len(rows), d).
+
+    Images are pooled a run of equal lengths at a time (a batch sorted by grid is a few runs), as one reduction over a
+    (..., images, rows, d) view: the same arithmetic as ``pool_tokens`` per image, in a few kernel launches.
+    """
+    if pool == "none":
+        return packed
+    out = []
+    start = 0
+    for length, count in _runs(rows):
+        block = packed[..., start : start + length * count, :]
+        view = block.unflatten(-2, (count, length))  # (..., images, rows, d)
+        out.append(pool_tokens(view, pool).squeeze(-2))
+        start += length * count
+    return out[0] if len(out) == 1 else torch.cat(out, dim=-2)
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for length in rows:
+        if runs and runs[-1][0] == length:
+            runs[-1] = (length, runs[-1][1] + 1)
+        else:
+            runs.append((length, 1))
+    return runs

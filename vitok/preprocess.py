@@ -123,6 +123,7 @@ class PreparedImage:
     grid_thw: tuple[int, int, int]  # in patches
     original_size: tuple[int, int]  # (width, height), upright
     notes: list[str] = field(default_factory=list)
+    decoder: str = "pillow"  # what produced the pixels (decode.DecodedImage.decoder)
 
     @property
     def num_patches(self) -> int:
@@ -147,10 +148,10 @@ class Preprocessor:
             return None
         return w, h
 
-    def load(self, path) -> PreparedImage:
-        """Decode and prepare one file; raises ImageError with a one-line reason."""
+    def load(self, source) -> PreparedImage:
+        """Decode and prepare one file (a path) or image file's bytes; raises ImageError with a one-line reason."""
         decoded = decode_image(
-            path,
+            source,
             max_image_pixels=self.config.max_image_pixels,
             allow_truncated=self.config.allow_truncated,
             draft_size=self._draft_size if self.config.fast_decode else None,
@@ -167,7 +168,7 @@ class Preprocessor:
         pixels = resize_uint8(decoded.image, th, tw, self.config, decoded.pixels)
         patches = patchify(pixels, self.config.patch_size, self.config.merge_size)
         grid = (1, th // self.config.patch_size, tw // self.config.patch_size)
-        return PreparedImage(patches.contiguous(), grid, decoded.original_size, list(decoded.notes))
+        return PreparedImage(patches.contiguous(), grid, decoded.original_size, list(decoded.notes), decoded.decoder)
 
     def pixel_values(self, prepared: PreparedImage) -> torch.Tensor:
         return normalize_patches(prepared.patches, self.config)

@@ -1,18 +1,30 @@
-"""Sources: directories, files and list files -> a sorted list of (key, path), keys unique and stable.
+"""Sources -> a listing of inputs: loose image files (with their keys), or archives (webdataset tars, parquet).
 
-A key is the image's path relative to the directory given (prefixed with that directory's name when several
-directories are given), or the path as given for single files and list entries.
+What a source may be:
+
+- a folder: walked recursively for images (``--input-format files``), tars (``wds``) or parquet files (``parquet``);
+  with ``auto`` (the default) a folder holding images is a folder of images, else one of tars, else of parquet;
+- a file: an image, a ``.tar``/``.tar.gz``/``.tgz`` (webdataset), or a ``.parquet``;
+- a brace pattern, quoted so the shell leaves it: ``'/data/{00000..01023}.tar'`` (zero padding kept, as webdataset);
+- a URL (``s3://``, ``gs://``, ``https://``...) of a tar or parquet file, read through fsspec (``vitok[remote]``);
+- ``-``: one input per line on stdin; ``--files-from LIST`` reads them from a file (or ``-``).
+
+Keys of loose files are their paths relative to the folder given (prefixed with the folder's name when several
+folders are given), or the path as given for files and list lines. Every path is kept absolute, so a store can be
+resumed from any working directory. File names are bytes on POSIX: names that are not UTF-8 are kept as Python's
+surrogate escapes (``os.fsdecode``), written to the plan and the shards as their original bytes, never refused.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TextIO
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from .errors import UsageError
 
@@ -22,23 +34,114 @@ IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .apng .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico .jp2 .j2k .avif"
     .split()
 )
+ARCHIVE_SUFFIXES = {"wds": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",)}
+INPUT_FORMATS = ("auto", "files", "wds", "parquet")
+
+
+def is_url(text: str) -> bool:
+    return "://" in text.split("/", 1)[0] + "/" and not text.startswith("file://")
+
+
+def kind_of(path: str) -> str | None:
+    """files | wds | parquet by the name's extension (any case); None for anything else."""
+    lower = path.lower()
+    for kind, suffixes in ARCHIVE_SUFFIXES.items():
+        if lower.endswith(suffixes):
+            return kind
+    return "files" if os.path.splitext(lower)[1] in IMAGE_EXTENSIONS else None
+
+
+def archive_stem(path: str) -> str:
+    """``/data/00042.tar`` -> ``00042`` (every archive suffix removed)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    lower = name.lower()
+    for suffixes in ARCHIVE_SUFFIXES.values():
+        for suffix in suffixes:
+            if lower.endswith(suffix):
+                return name[: -len(suffix)]
+    return name
 
 
 @dataclass(frozen=True)
-class SourceItem:
-    key: str
-    path: str
+class Root:
+    """Where a group of keys lives: key = prefix + rel, path = dir/rel (or rel itself when dir is empty)."""
+
+    dir: str
+    prefix: str = ""
+
+    def path(self, key: str) -> str:
+        rel = key[len(self.prefix):]
+        return f"{self.dir}/{rel}" if self.dir else rel
 
 
 @dataclass
-class SourceListing:
-    items: list[SourceItem]
-    ignored: int  # files in walked directories without an image extension
+class FileListing:
+    """Loose image files: per root, its keys sorted. ``items()`` merges them in key order."""
+
+    roots: list[Root]
+    keys: list[list[str]]
+    ignored: int = 0
+
+    def items(self) -> Iterator[tuple[str, int]]:
+        """(key, root index) in key order, each key once; two different files with one key are an error."""
+        merged = heapq.merge(*(zip(keys, itertools.repeat(r)) for r, keys in enumerate(self.keys)))
+        previous: tuple[str, int] | None = None
+        for key, root in merged:
+            if previous is not None and previous[0] == key:
+                first, second = self.roots[previous[1]].path(key), self.roots[root].path(key)
+                if first != second and os.path.realpath(first) != os.path.realpath(second):
+                    raise UsageError(f"two inputs have the same key {key!r}: {first} and {second}; rename one or "
+                                     "give them in separate runs")
+                continue
+            previous = (key, root)
+            yield key, root
+
+    def __len__(self) -> int:
+        return sum(len(k) for k in self.keys)
 
 
-def _walk(root: Path) -> tuple[list[Path], int]:
-    """All image files under root, following symlinks but never visiting a directory twice (loop safe)."""
-    found: list[Path] = []
+@dataclass
+class ArchiveListing:
+    """Archives of one kind (``wds`` or ``parquet``), sorted by path."""
+
+    kind: str
+    paths: list[str]
+    ignored: int = 0
+    missing_ok: set[str] = field(default_factory=set)  # listed but absent (recorded when read)
+
+
+Listing = FileListing | ArchiveListing
+
+
+def read_lines(stream: BinaryIO) -> list[str]:
+    """Non-empty, non-comment lines of a list of paths, decoded as file names (surrogate escapes for non-UTF-8)."""
+    lines = []
+    for raw in stream.read().split(b"\n"):
+        raw = raw.rstrip(b"\r")
+        if raw.strip() and not raw.startswith(b"#"):
+            lines.append(os.fsdecode(raw))
+    return lines
+
+
+def _normal(entry: str) -> str:
+    """A list entry as a key: ``./a//b.jpg`` -> ``a/b.jpg``; the common clean case costs no call."""
+    if entry.startswith("./") or "//" in entry or "/./" in entry or "/../" in entry or entry.endswith("/."):
+        return os.path.normpath(entry)
+    return entry
+
+
+def expand(source: str) -> list[str]:
+    """Brace patterns -> their paths, as webdataset expands them (braceexpand; zero padding kept)."""
+    if "{" not in source:
+        return [source]
+    import braceexpand
+
+    return list(braceexpand.braceexpand(source))
+
+
+def _walk(root: str, wanted) -> tuple[list[str], int]:
+    """Relative paths of the wanted files under root, following symlinks but never a folder twice (loop safe)."""
+    found: list[str] = []
     ignored = 0
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -48,66 +151,144 @@ def _walk(root: Path) -> tuple[list[Path], int]:
             continue
         seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
+        base = dirpath[len(root):].lstrip("/")
         for name in filenames:
-            path = Path(dirpath) / name
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(path)
+            if wanted(name):
+                found.append(f"{base}/{name}" if base else name)
             else:
                 ignored += 1
     return found, ignored
 
 
-def read_list(stream: TextIO) -> list[str]:
-    return [line.rstrip("\n\r") for line in stream if line.strip() and not line.startswith("#")]
+def _folder_kind(folder: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    counts = dict.fromkeys(("files", "wds", "parquet"), 0)
+    for _dirpath, _dirs, names in os.walk(folder, followlinks=True):
+        for name in names:
+            kind = kind_of(name)
+            if kind:
+                counts[kind] += 1
+        if counts["files"]:
+            return "files"
+    return "wds" if counts["wds"] else "parquet" if counts["parquet"] else "files"
 
 
-def list_sources(
-    sources: Sequence[str], files_from: str | None = None, stdin: TextIO | None = None
-) -> SourceListing:
-    """Expand sources into sorted, unique items; ``-`` (as a source or ``files_from``) reads paths from stdin."""
-    stdin = stdin or sys.stdin
-    entries: list[tuple[str, str]] = []  # (key, path)
-    ignored = 0
-    list_paths: list[str] = []
-    if files_from is not None:
-        if files_from == "-":
-            list_paths += read_list(stdin)
+class _Collector:
+    """Accumulates inputs of one kind; a second kind is a usage error (one store holds one kind of input)."""
+
+    def __init__(self, input_format: str, cwd: str) -> None:
+        self.format, self.cwd = input_format, cwd
+        self.kind: str | None = None if input_format == "auto" else input_format
+        self.roots: dict[Root, list[str]] = {}
+        self.archives: list[str] = []
+        self.ignored = 0
+
+    def _set_kind(self, kind: str, what: str) -> None:
+        if self.kind is None:
+            self.kind = kind
+        elif kind != self.kind:
+            raise UsageError(f"{what} is a {kind} input, but this run reads {self.kind} inputs; one store holds one "
+                             "kind of input (use another -o for the other kind)")
+
+    def entry(self, entry: str, explicit: bool) -> None:
+        """One path from the command line (explicit) or from a list."""
+        if is_url(entry):
+            kind = kind_of(entry)
+            if kind not in ("wds", "parquet"):
+                raise UsageError(f"{entry}: remote inputs must be .tar or .parquet files")
+            self._set_kind(kind, entry)
+            self.archives.append(entry)
+            return
+        path = entry if os.path.isabs(entry) else os.path.join(self.cwd, entry)
+        if explicit and os.path.isdir(path):
+            self.folder(entry, path)
+            return
+        kind = kind_of(entry) or ("files" if self.format in ("auto", "files") else None)
+        if kind is None or (self.format != "auto" and kind != self.format):
+            raise UsageError(f"{entry} is not a {self.format} input (by its extension)")
+        if explicit and not os.path.exists(path):
+            raise UsageError(f"source {entry!r} does not exist")
+        self._set_kind(kind, entry)
+        if kind == "files":
+            root = Root("" if os.path.isabs(entry) else self.cwd)
+            self.roots.setdefault(root, []).append(_normal(entry))
         else:
-            try:
-                with open(files_from, encoding="utf-8") as handle:
-                    list_paths += read_list(handle)
-            except OSError as exc:
-                raise UsageError(f"--files-from {files_from}: {exc.strerror}") from None
-    directories = [s for s in sources if s != "-" and Path(s).is_dir()]
+            self.archives.append(os.path.normpath(path))
+
+    def folder(self, given: str, path: str, prefix: str = "") -> None:
+        kind = _folder_kind(path, self.format)
+        self._set_kind(kind, given)
+        path = os.path.normpath(path)
+        if kind == "files":
+            rels, ignored = _walk(path, lambda name: os.path.splitext(name.lower())[1] in IMAGE_EXTENSIONS)
+            self.roots.setdefault(Root(path, prefix), []).extend(prefix + rel for rel in rels)
+        else:
+            rels, ignored = _walk(path, lambda name: kind_of(name) == kind)
+            self.archives += [f"{path}/{rel}" for rel in rels]
+        self.ignored += ignored
+
+
+def list_inputs(
+    sources: Sequence[str],
+    files_from: str | None = None,
+    stdin: BinaryIO | None = None,
+    input_format: str = "auto",
+    cwd: str | None = None,
+) -> Listing:
+    """Expand sources into a listing; ``-`` (as a source or ``files_from``) reads one input per line from stdin."""
+    if input_format not in INPUT_FORMATS:
+        raise UsageError(f"--input-format {input_format!r} is not one of: {', '.join(INPUT_FORMATS)}")
+    cwd = cwd or os.getcwd()
+    collect = _Collector(input_format, cwd)
+    stdin = stdin if stdin is not None else sys.stdin.buffer
+    folders = [s for s in sources if s != "-" and not is_url(s) and "{" not in s
+               and os.path.isdir(s if os.path.isabs(s) else os.path.join(cwd, s))]
     for source in sources:
         if source == "-":
-            list_paths += read_list(stdin)
-            continue
-        path = Path(source)
-        if path.is_dir():
-            files, skipped = _walk(path)
-            ignored += skipped
-            prefix = f"{path.resolve().name}/" if len(directories) > 1 else ""
-            entries += [(prefix + f.relative_to(path).as_posix(), str(f)) for f in files]
-        elif path.is_file():
-            entries.append((Path(source).as_posix(), source))
+            for line in read_lines(stdin):
+                collect.entry(line, explicit=False)
+        elif source in folders:
+            path = source if os.path.isabs(source) else os.path.join(cwd, source)
+            prefix = os.path.basename(os.path.normpath(os.path.abspath(path))) + "/" if len(folders) > 1 else ""
+            collect.folder(source, path, prefix)
         else:
-            raise UsageError(f"source {source!r} does not exist")
-    for entry in list_paths:
-        entries.append((Path(entry).as_posix(), entry))
-    if not entries:
-        what = ", ".join(sources) or files_from or "(no sources)"
-        extra = f" ({ignored} non-image file(s) ignored)" if ignored else ""
+            expanded = expand(source)
+            for entry in expanded:
+                collect.entry(entry, explicit=len(expanded) == 1)
+    if files_from is not None:
+        if files_from == "-":
+            lines = read_lines(stdin)
+        else:
+            try:
+                with open(files_from if os.path.isabs(files_from) else os.path.join(cwd, files_from), "rb") as f:
+                    lines = read_lines(f)
+            except OSError as exc:
+                raise UsageError(f"--files-from {files_from}: {exc.strerror}") from None
+        for line in lines:
+            for entry in expand(line):
+                collect.entry(entry, explicit=False)
+    return _finish(collect, sources, files_from)
+
+
+def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None) -> Listing:
+    what = ", ".join(sources) or files_from or "(no sources)"
+    extra = f" ({collect.ignored} other file(s) ignored)" if collect.ignored else ""
+    if collect.kind in ("wds", "parquet"):
+        paths = sorted(dict.fromkeys(collect.archives))
+        if not paths:
+            raise UsageError(f"no {collect.kind} archives found in {what}{extra}")
+        stems: dict[str, str] = {}
+        for path in paths:
+            stem = archive_stem(path)
+            if stem in stems:
+                raise UsageError(f"two archives are both named {stem} ({stems[stem]} and {path}); their keys would "
+                                 "clash: give them in separate runs")
+            stems[stem] = path
+        missing = {p for p in paths if not is_url(p) and not os.path.exists(p)}
+        return ArchiveListing(collect.kind, paths, collect.ignored, missing)
+    roots = list(collect.roots)
+    keys = [sorted(collect.roots[root]) for root in roots]
+    if not any(keys):
         raise UsageError(f"no images found in {what}{extra}")
-    return SourceListing(_unique(entries), ignored)
-
-
-def _unique(entries: Iterable[tuple[str, str]]) -> list[SourceItem]:
-    by_key: dict[str, str] = {}
-    for key, path in entries:
-        previous = by_key.setdefault(key, path)
-        if previous != path and os.path.realpath(previous) != os.path.realpath(path):
-            raise UsageError(
-                f"two inputs have the same key {key!r}: {previous} and {path}; rename one or pass them separately"
-            )
-    return [SourceItem(key, by_key[key]) for key in sorted(by_key)]
+    return FileListing(roots, keys, collect.ignored)

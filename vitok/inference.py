@@ -1,4 +1,5 @@
-"""The inference context, in one place: device and dtype choice, loading a model, and running a packed batch.
+"""The encoder-loading and inference context, in one place: device and dtype choice, loading a model, and running a
+packed batch (eval mode, ``torch.inference_mode``, non-blocking copies).
 
 Reduced precision casts the whole tower (LayerNorm included), as the reference's ``model.to(bfloat16)`` does;
 position interpolation and the rotary stay in float32 inside the model, as in the reference.
@@ -90,7 +91,7 @@ class Encoder:
 
 
 def load_encoder(
-    model: str = "base",
+    model: str | ModelSource = "base",
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     *,
@@ -101,7 +102,7 @@ def load_encoder(
     """Load a preset, checkpoint folder, ``.safetensors`` file or Hugging Face repo id onto a device.
 
     Args:
-        model: preset name or path (see ``vitok.checkpoint``).
+        model: preset name or path (see ``vitok.checkpoint``), or a source ``resolve_model`` returned.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
         seed: seed of the random weights used when a preset has no checkpoint.
@@ -109,7 +110,7 @@ def load_encoder(
             ``sdpa``, ``varlen`` or ``eager``.
         preprocess: override the model's own preprocessing.
     """
-    source = resolve_model(model, seed=seed)
+    source = model if isinstance(model, ModelSource) else resolve_model(model, seed=seed)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     encoder = VisionEncoder(source.encoder)

@@ -1,0 +1,148 @@
+"""The device stage: batches of prepared images in, stored-dtype token arrays on the host out.
+
+Launching a batch queues the encoder, pooling, the cast to the stored dtype and the device-to-host copies, without
+waiting for the device; up to ``depth`` batches stay queued (two on a GPU, so host hiccups never leave it idle).
+Finishing the oldest waits for its copies. A batch that runs out of device memory is retried image by image after
+the queue drains; an image that does not fit alone is recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .inference import Encoder
+from .loader import Item
+from .pool import pool_packed
+from .storage.dtypes import overflow_per_row_group, stored_to_numpy, to_store_tensor
+from .storage.records import ImageRecord
+
+
+@dataclass
+class Batch:
+    unit: int
+    items: list[Item]
+
+
+@dataclass
+class EncodedBatch:
+    """A finished batch: the ok images' records in row order and their packed arrays (stored dtype, host)."""
+
+    unit: int
+    records: list[ImageRecord]
+    arrays: dict[str, np.ndarray]  # feature -> (rows, dim) or (levels, rows, dim)
+    rows: dict[str, list[int]]  # feature -> rows of each image
+    skipped: list[ImageRecord] = field(default_factory=list)  # ran out of device memory on their own
+
+
+@dataclass
+class _Launched:
+    batch: Batch
+    device: dict[str, torch.Tensor]  # tokens on the device, before the stored-dtype cast (for the rare recount)
+    rows: dict[str, list[int]]
+    host: dict[str, torch.Tensor]  # stored dtype, pinned host memory on CUDA
+    overflow: dict[str, torch.Tensor]  # float16 overflow count per feature, host
+    copied: torch.cuda.Event | None = None
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def pipeline_depth(device: torch.device) -> int:
+    """Batches kept queued on the device before the oldest is finished on the host."""
+    return 2 if device.type == "cuda" else 1
+
+
+class DevicePipeline:
+    def __init__(self, encoder: Encoder, features: tuple[str, ...], pool: str, store_dtype: str,
+                 token_order: str = "block", depth: int | None = None) -> None:
+        self.encoder, self.features, self.pool = encoder, features, pool
+        self.store_dtype, self.token_order = store_dtype, token_order
+        self.depth = depth if depth is not None else pipeline_depth(encoder.device)
+        self._in_flight: list[_Launched] = []
+        self.encode_seconds = self.device_wait_seconds = 0.0
+        self.tokens = 0  # patches queued so far (progress counts a batch when it is queued)
+
+    def submit(self, batch: Batch) -> list[EncodedBatch]:
+        """Queue a batch; returns the batches that finished to make room (oldest first)."""
+        batch.items.sort(key=lambda item: item.image.grid_thw)  # equal grids side by side: one attention call a run
+        start = time.perf_counter()
+        try:
+            launched = self._launch(batch)
+        except torch.OutOfMemoryError:
+            return self._out_of_memory(batch)
+        finally:
+            self.encode_seconds += time.perf_counter() - start
+        self._in_flight.append(launched)
+        self.tokens += sum(item.image.num_patches for item in batch.items)
+        done = []
+        while len(self._in_flight) > self.depth:
+            done.append(self._finish_oldest())
+        return done
+
+    def drain(self) -> list[EncodedBatch]:
+        """Finish every batch in flight."""
+        return [self._finish_oldest() for _ in range(len(self._in_flight))]
+
+    def pending(self, unit: int) -> bool:
+        return any(launched.batch.unit == unit for launched in self._in_flight)
+
+    def _out_of_memory(self, batch: Batch) -> list[EncodedBatch]:
+        if self.encoder.device.type == "cuda":
+            torch.cuda.empty_cache()
+        done = self.drain()
+        if len(batch.items) == 1:
+            record = batch.items[0].record
+            record.status = "skipped"
+            record.reason = f"out of memory encoding {batch.items[0].image.num_patches} patches"
+            return [*done, EncodedBatch(batch.unit, [], {}, {}, skipped=[record])]
+        for item in batch.items:
+            done += self.submit(Batch(batch.unit, [item]))
+            done += self.drain()
+        return done
+
+    def _launch(self, batch: Batch) -> _Launched:
+        """Queue encoder, pooling, stored-dtype cast and device-to-host copies; nothing here waits for the device."""
+        images = [item.image for item in batch.items]
+        output = self.encoder.encode(images, self.features, self.token_order)
+        launched = _Launched(batch, {}, {}, {}, {})
+        for feature in self.features:
+            packed, rows = output.features[feature], output.rows[feature]
+            if self.pool != "none":
+                packed, rows = pool_packed(packed, rows, self.pool), [1] * len(rows)
+            stored, overflow = to_store_tensor(packed, self.store_dtype)
+            launched.device[feature], launched.rows[feature] = packed, rows
+            launched.host[feature] = _to_host(stored)
+            launched.overflow[feature] = _to_host(overflow)
+        if self.encoder.device.type == "cuda":
+            launched.copied = torch.cuda.Event()
+            launched.copied.record(torch.cuda.current_stream(self.encoder.device))
+        return launched
+
+    def _finish_oldest(self) -> EncodedBatch:
+        start = time.perf_counter()
+        launched = self._in_flight.pop(0)
+        if launched.copied is not None:
+            wait = time.perf_counter()
+            launched.copied.synchronize()
+            self.device_wait_seconds += time.perf_counter() - wait
+        records = [item.record for item in launched.batch.items]
+        arrays = {}
+        for feature, host in launched.host.items():
+            rows = launched.rows[feature]
+            if int(launched.overflow[feature]):  # rare: find out which images overflowed
+                for record, count in zip(records, overflow_per_row_group(launched.device[feature], rows)):
+                    if count:
+                        record.float16_overflow = (record.float16_overflow or 0) + count
+            array = stored_to_numpy(host, self.store_dtype)
+            # Out of the pinned staging buffer, so the shard does not hold page-locked memory.
+            arrays[feature] = array.copy() if launched.copied is not None else array
+        self.encode_seconds += time.perf_counter() - start
+        return EncodedBatch(launched.batch.unit, records, arrays, dict(launched.rows))

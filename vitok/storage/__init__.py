@@ -1,0 +1,69 @@
+"""The store format, owned here: what is in an output folder, how a shard is committed, how it is checked.
+
+    OUT/README.txt              this layout, in words, for someone who finds the folder without vitok
+    OUT/vitok.json              run header (``RunHeader``): vitok version, model, weights hash, resolved settings
+                                and their fingerprint, library versions (decoders included)
+    OUT/plan/0000.jsonl         the plan: what goes into which shard (``vitok.plan``); 0001.jsonl... after --update
+    OUT/shards/<shard>.h5       token data of one shard (or <shard>/ holding .npy files, or <shard>.tar)
+    OUT/shards/<shard>.json     the shard's sidecar (``Sidecar``): per-image records, file sizes and checksums,
+                                the settings fingerprint. Its existence is the commit (``vitok.storage.shards``).
+    OUT/.claims/                which running process holds which shard (``vitok.storage.claims``)
+
+Formats are classes behind ``vitok.storage.format.ShardFormat`` (HDF5, NPY, webdataset tars); a new one is one
+class registered with ``register_format``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .dtypes import STORE_DTYPES, from_store_array, to_store_array, to_store_tensor
+from .files import atomic_write_text, create_exclusive
+from .format import FeatureLayout, ShardFormat
+from .records import SCHEMA_VERSION, ImageRecord, RunHeader, Sidecar
+from .shards import FORMATS, SHARDS_DIR, check_shard, commit, get_format, iter_sidecars, register_format
+
+META_FILE = "vitok.json"
+README_FILE = "README.txt"
+
+__all__ = [
+    "FORMATS", "META_FILE", "README_FILE", "SCHEMA_VERSION", "SHARDS_DIR", "STORE_DTYPES", "FeatureLayout",
+    "ImageRecord", "RunHeader", "ShardFormat", "Sidecar", "atomic_write_text", "check_shard", "commit",
+    "create_exclusive", "from_store_array", "get_format", "iter_sidecars", "register_format", "store_readme",
+    "to_store_array", "to_store_tensor", "write_readme",
+]
+
+
+def store_readme(header: RunHeader) -> str:
+    """The text of OUT/README.txt: enough to read the store with h5py or numpy alone."""
+    settings = header.settings
+    dtype = settings["store_dtype"]
+    bits = "uint16 bit patterns of bfloat16: shift left by 16 into float32" if dtype == "bfloat16" else "IEEE floats"
+    lines = [
+        f"vitok store (schema {header.schema}), written by vitok {header.vitok_version} on {header.created}.",
+        f"Model: {settings['model']['name']} ({settings['model'].get('family', 'qwen3_vl')}), weights "
+        f"{settings['model']['weights']}.",
+        f"Features: {', '.join(settings['features'])}; pool: {settings['pool']}; stored as {dtype} ({bits}); "
+        f"format: {settings['format']}.",
+        "",
+        "Layout:",
+        "  vitok.json            run header: model, weights hash, resolved settings (JSON)",
+        "  plan/NNNN.json        the plan, one generation per file (NNNN.json names its content, one JSON line",
+        "                        per input or archive, and its unit index): which inputs go into which shard",
+        "  shards/<name>.json    one per finished shard: a record per input (key, source, status ok/skipped/failed,",
+        "                        reason, row, grid, original size), file sizes and blake2b checksums",
+        "  shards/<name>.h5      HDF5 (or <name>/ with .npy files, or <name>.tar for webdataset), holding:",
+        "      keys              (n,) the ok images' keys in row order (UTF-8 strings)",
+        "      grids             (n, 3) int32 (t, h, w) of each image, in patches",
+        "      <feature>         (rows, dim) tokens of all images concatenated; deepstack (K, rows, dim)",
+        "      <feature>_offsets (n+1,) int64: image i owns rows offsets[i]:offsets[i+1]",
+        "  A shard without its .json sidecar is unfinished: ignore it.",
+        "",
+        "Token order: " + "; ".join(f"{f}: {o}" for f, o in settings.get("token_order", {}).items()),
+        "Read it with vitok:  import vitok; store = vitok.open(this_folder); store[key]",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(out: Path, header: RunHeader) -> None:
+    atomic_write_text(Path(out) / README_FILE, store_readme(header))

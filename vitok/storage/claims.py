@@ -1,0 +1,182 @@
+"""Shard claims: two processes writing into one store never do the same shard, and never destroy each other's work.
+
+A process claims a shard before working on it by creating ``OUT/.claims/<shard>.claim`` exclusively (``O_EXCL``
+semantics through a hard link, which NFS honours too). The claim names its run; the run proves it is alive by
+touching ``OUT/.claims/runs/<run>`` every 30 seconds. A claim is stale, and taken over, when its run file is gone,
+when its process is dead (same host), or when its run file has not been touched for ``stale_after`` seconds
+(another host: the times compared are both file-system times, so clock skew between hosts does not matter).
+Claims are released when the shard is committed or abandoned; a killed process leaves them behind, stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .files import create_exclusive, remove
+
+logger = logging.getLogger(__name__)
+
+CLAIMS_DIR = ".claims"
+HEARTBEAT_SECONDS = 30.0
+STALE_AFTER = 600.0
+
+
+def _proc_start(pid: int) -> str | None:
+    """The kernel's start time of a process (detects a recycled pid); None where /proc is not there."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    host: str
+    pid: int
+    proc_start: str | None
+    token: str
+
+    @classmethod
+    def current(cls) -> RunIdentity:
+        return cls(socket.gethostname(), os.getpid(), _proc_start(os.getpid()), uuid.uuid4().hex[:8])
+
+    @property
+    def id(self) -> str:
+        return f"{self.host.replace('.', '_')}-{self.pid}-{self.token}"  # no dots: it is part of file names
+
+    def to_json(self) -> str:
+        return json.dumps({"run": self.id, "host": self.host, "pid": self.pid, "proc_start": self.proc_start})
+
+
+class Claims:
+    """This process's claims in one store, and its heartbeat."""
+
+    def __init__(self, out: Path, identity: RunIdentity | None = None, stale_after: float = STALE_AFTER) -> None:
+        self.folder = Path(out) / CLAIMS_DIR
+        self.identity = identity or RunIdentity.current()
+        self.stale_after = stale_after
+        self.held: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- the run's heartbeat ----------------------------------------------------------------------------------
+
+    @property
+    def run_file(self) -> Path:
+        return self.folder / "runs" / self.identity.id
+
+    def start(self) -> None:
+        self.run_file.parent.mkdir(parents=True, exist_ok=True)
+        self.run_file.write_text(self.identity.to_json())
+        self._thread = threading.Thread(target=self._beat, name="vitok-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(OSError):
+                os.utime(self.run_file)
+
+    def stop(self) -> None:
+        """Release every claim still held, then the run file (a claim without its run file is stale)."""
+        self._stop.set()
+        for shard in list(self.held):
+            self.release(shard)
+        with contextlib.suppress(OSError):
+            self.run_file.unlink()
+
+    # ---- claims ---------------------------------------------------------------------------------------------
+
+    def path(self, shard: str) -> Path:
+        return self.folder / f"{shard}.claim"
+
+    def try_claim(self, shard: str) -> bool:
+        """Claim ``shard`` for this run; False when a live run holds it."""
+        path = self.path(shard)
+        for _ in range(3):
+            if create_exclusive(path, self.identity.to_json()):
+                self.held.add(shard)
+                return True
+            holder = read_claim(path)
+            if holder is None:
+                continue  # released between our attempt and our read: try again
+            if not self.is_stale(holder):
+                return False
+            if self._take_over(path, holder):
+                logger.info("shard %s: claim of run %s is stale, taking it over", shard, holder.get("run"))
+        return False
+
+    def _take_over(self, path: Path, holder: dict) -> bool:
+        """Move a stale claim aside; only one process succeeds, and a fresh claim moved by mistake goes back."""
+        aside = path.with_name(f"{path.name}.stale-{self.identity.token}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        moved = read_claim(aside)
+        if moved is not None and moved.get("run") != holder.get("run"):  # someone claimed it meanwhile: put back
+            with contextlib.suppress(OSError):
+                os.link(aside, path)
+        remove(aside)
+        return True
+
+    def release(self, shard: str) -> None:
+        if shard in self.held:
+            self.held.discard(shard)
+            with contextlib.suppress(OSError):
+                self.path(shard).unlink()
+
+    def is_stale(self, holder: dict) -> bool:
+        run_file = self.folder / "runs" / str(holder.get("run"))
+        try:
+            touched = run_file.stat().st_mtime
+        except OSError:
+            return True
+        if holder.get("host") == self.identity.host:
+            pid = int(holder.get("pid", -1))
+            if not _alive(pid):
+                return True
+            start = _proc_start(pid)
+            return holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]
+        try:  # another host: compare file-system times, not clocks
+            os.utime(self.run_file)
+            now = self.run_file.stat().st_mtime
+        except OSError:
+            now = time.time()
+        return now - touched > self.stale_after
+
+    def holders(self) -> dict[str, dict]:
+        """shard -> claim of every claim file in the store (live or stale)."""
+        result = {}
+        if self.folder.is_dir():
+            for path in self.folder.glob("*.claim"):
+                holder = read_claim(path)
+                if holder is not None:
+                    result[path.name[: -len(".claim")]] = holder
+        return result
+
+
+def read_claim(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

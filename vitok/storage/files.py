@@ -1,0 +1,128 @@
+"""Small file primitives the store is built on: atomic writes, exclusive creation, checksums, the user's umask.
+
+Temporary files are created with ``tempfile.mkstemp`` (mode 0600); every file the store keeps is given the mode a
+plain ``open`` would give it (0666 minus the umask), so colleagues on a shared file system can read the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import DiskFullError, StoreError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@functools.cache
+def file_mode() -> int:
+    """0666 minus the process umask (read once: os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """True for ENOSPC/EDQUOT, also when a library (h5py) only says so in its message."""
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+        return True
+    text = str(exc)
+    return "No space left" in text or "errno = 28" in text or "Disk quota exceeded" in text
+
+
+def _write_temp(folder: Path, name: str, data: bytes) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, file_mode())
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so readers see either nothing or all of it (temporary name, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = _write_temp(path.parent, path.name, text.encode())
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise_store_error(exc, path)
+
+
+def create_exclusive(path: Path, text: str) -> bool:
+    """Create ``path`` with ``text`` only if it does not exist yet, atomically; False if someone else won."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = _write_temp(path.parent, path.name, text.encode())
+    except OSError as exc:
+        raise_store_error(exc, path)
+    try:
+        os.link(tmp, path)  # fails if path exists: the first writer wins, nobody sees a partial file
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise_store_error(exc, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def raise_store_error(exc: OSError, path: Path, needed: int | None = None):
+    """Turn an OSError while writing the store into the error a user can act on."""
+    if is_no_space(exc):
+        need = f" (needed ~{max(1, needed // 2**20)} MB more)" if needed else ""
+        raise DiskFullError(f"no space left on the device holding {path}{need}; free space and rerun the same "
+                            "command to resume") from None
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        raise StoreError(f"cannot write {path}: read-only file system") from None
+    if isinstance(exc, OSError) and exc.errno == errno.EACCES:
+        raise StoreError(f"cannot write {path}: permission denied") from None
+    raise StoreError(f"cannot write {path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") \
+        from None
+
+
+def checksum(path: Path, block: int = 8 << 20) -> str:
+    """blake2b of a file's bytes, read in blocks (hashlib releases the GIL on large updates)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames inside ``folder`` durable (a no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder tree; nothing if it is gone."""
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -1,0 +1,102 @@
+"""The interface every on-disk shard format implements (HDF5, NPY, webdataset tars): one class per format.
+
+A format only moves arrays between memory and its files. The commit protocol (temporary names, renames, the
+sidecar that makes a shard count, checks) is the same for every format and lives in ``vitok.storage.shards``.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .dtypes import numpy_dtype
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """Shape of one stored feature: ``(levels, rows, dim)`` when ``levels`` (deepstack), else ``(rows, dim)``."""
+
+    dim: int
+    levels: int | None = None
+
+    def numpy_dtype(self, store_dtype: str) -> np.dtype:
+        return numpy_dtype(store_dtype)
+
+
+def encode_keys(keys: list[str]) -> list[bytes]:
+    """Keys as bytes: UTF-8, except names that were not UTF-8 on disk, which keep their original bytes."""
+    return [os.fsencode(key) for key in keys]
+
+
+class ShardDataWriter(ABC):
+    """Streams one shard's arrays into a temporary path; ``finish`` writes the per-image tables and closes."""
+
+    @abstractmethod
+    def append(self, feature: str, array: np.ndarray) -> None:
+        """Rows of a whole batch for one feature: (rows, dim) or (levels, rows, dim)."""
+
+    def write_batch(self, keys: list[str], records: list[dict[str, Any]], arrays: dict[str, np.ndarray],
+                    rows: dict[str, list[int]]) -> None:
+        """A finished batch: its images' keys and records, and per feature the packed rows and rows per image.
+        Array formats append each feature once; per-sample formats (webdataset) override this."""
+        for feature, array in arrays.items():
+            self.append(feature, array)
+
+    @abstractmethod
+    def finish(self, keys: list[str], offsets: dict[str, np.ndarray], grids: np.ndarray) -> None:
+        """Write keys, grids and offsets (rows of image i: offsets[i]:offsets[i+1]), flush and fsync."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Close whatever is open after a failure; the caller deletes the temporary path."""
+
+
+class ShardDataReader(ABC):
+    @abstractmethod
+    def keys(self) -> list[str]: ...
+
+    @abstractmethod
+    def grids(self) -> np.ndarray | None: ...
+
+    @abstractmethod
+    def offsets(self, feature: str) -> np.ndarray: ...
+
+    @abstractmethod
+    def array(self, feature: str):
+        """The stored array (h5py dataset, numpy memmap or array): index it to read."""
+
+    @abstractmethod
+    def stored_dtype(self, feature: str) -> str: ...
+
+    def rows(self, feature: str) -> int:
+        array = self.array(feature)
+        return int(array.shape[-2]) if array.ndim >= 2 else 0
+
+    def close(self) -> None:  # noqa: B027 - most readers hold nothing open
+        """Release open handles."""
+
+
+class ShardFormat(ABC):
+    name: ClassVar[str]
+    suffix: ClassVar[str]  # data file suffix; "" for a folder
+
+    def data_name(self, shard: str) -> str:
+        return shard + self.suffix
+
+    @abstractmethod
+    def create(self, path: Path, layouts: dict[str, FeatureLayout], store_dtype: str,
+               compression: str | None = None) -> ShardDataWriter: ...
+
+    @abstractmethod
+    def open(self, path: Path) -> ShardDataReader: ...
+
+    def data_files(self, path: Path) -> list[Path]:
+        """The files that make up one shard's data (sized and checksummed in the sidecar)."""
+        if path.is_dir():
+            return sorted(p for p in path.iterdir() if p.is_file())
+        return [path]

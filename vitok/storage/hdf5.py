@@ -1,0 +1,102 @@
+"""HDF5 shards: one file ``<shard>.h5``, rows streamed into resizable datasets as batches finish.
+
+    keys               (n,) variable-length strings (UTF-8; names that are not UTF-8 keep their raw bytes)
+    grids              (n, 3) int32: each image's (t, h, w) in patches
+    <feature>          (rows, dim), or (K, rows, dim) for deepstack; attribute vitok_dtype
+    <feature>_offsets  (n + 1,) int64: image i owns rows offsets[i]:offsets[i+1]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .format import FeatureLayout, ShardDataReader, ShardDataWriter, ShardFormat, encode_keys
+
+CHUNK_BYTES = 1 << 20  # HDF5's default chunk cache: a chunk is read whole and cached
+
+
+class Hdf5Writer(ShardDataWriter):
+    def __init__(self, path: Path, layouts: dict[str, FeatureLayout], store_dtype: str, compression: str | None):
+        import h5py
+
+        self.path, self.layouts, self.store_dtype, self.compression = path, layouts, store_dtype, compression
+        self._file = h5py.File(path, "w")
+        self._datasets = {}
+        for feature, layout in layouts.items():
+            leading = (layout.levels,) if layout.levels else ()
+            row_bytes = layout.dim * (layout.levels or 1) * layout.numpy_dtype(store_dtype).itemsize
+            chunks = (*leading, max(16, min(1024, CHUNK_BYTES // row_bytes)), layout.dim)
+            ds = self._file.create_dataset(
+                feature, shape=(*leading, 0, layout.dim), maxshape=(*leading, None, layout.dim), chunks=chunks,
+                dtype=layout.numpy_dtype(store_dtype), compression=compression,
+            )
+            ds.attrs["vitok_dtype"] = store_dtype
+            self._datasets[feature] = ds
+
+    def append(self, feature: str, array: np.ndarray) -> None:
+        ds = self._datasets[feature]
+        start = ds.shape[-2]
+        ds.resize(start + array.shape[-2], axis=ds.ndim - 2)
+        ds[..., start:, :] = array
+
+    def finish(self, keys: list[str], offsets: dict[str, np.ndarray], grids: np.ndarray) -> None:
+        import h5py
+
+        self._file.create_dataset("keys", data=np.array(encode_keys(keys), dtype=object),
+                                  dtype=h5py.string_dtype("utf-8"))
+        self._file.create_dataset("grids", data=grids.astype(np.int32).reshape(-1, 3))
+        for feature, values in offsets.items():
+            self._file.create_dataset(f"{feature}_offsets", data=values.astype(np.int64))
+        self._file.attrs["vitok_shard"] = self.path.name
+        self._file.close()
+        with open(self.path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):  # a full disk makes HDF5 fail on close too; the file is deleted anyway
+            self._file.close()
+
+
+class Hdf5Reader(ShardDataReader):
+    def __init__(self, path: Path) -> None:
+        import h5py
+
+        self.path = path
+        self._file = h5py.File(path, "r")
+
+    def keys(self) -> list[str]:
+        return [_decode(k) for k in self._file["keys"][()]]
+
+    def grids(self) -> np.ndarray | None:
+        return self._file["grids"][()] if "grids" in self._file else None
+
+    def offsets(self, feature: str) -> np.ndarray:
+        return self._file[f"{feature}_offsets"][()]
+
+    def array(self, feature: str):
+        return self._file[feature]
+
+    def stored_dtype(self, feature: str) -> str:
+        return str(self._file[feature].attrs["vitok_dtype"])
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _decode(key) -> str:
+    return os.fsdecode(key) if isinstance(key, bytes) else str(key)
+
+
+class Hdf5Format(ShardFormat):
+    name = "hdf5"
+    suffix = ".h5"
+
+    def create(self, path, layouts, store_dtype, compression=None) -> Hdf5Writer:
+        return Hdf5Writer(path, layouts, store_dtype, compression)
+
+    def open(self, path) -> Hdf5Reader:
+        return Hdf5Reader(path)

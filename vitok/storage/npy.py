@@ -1,0 +1,126 @@
+"""NPY shards: a folder ``<shard>/`` of plain ``.npy`` files, readable with ``numpy.load`` alone.
+
+    keys.npy               (n,) unicode strings
+    grids.npy              (n, 3) int32: each image's (t, h, w) in patches
+    <feature>.npy          (rows, dim), or (K, rows, dim) for deepstack
+    <feature>_offsets.npy  (n + 1,) int64
+    meta.json              {"vitok_dtype": ..., "shard": ...}
+
+Rows are streamed to disk as batches finish: a 2-D array goes straight into its ``.npy`` file behind a fixed-size
+header that is filled in at the end; a (K, rows, dim) array is streamed level by level into K part files that are
+joined, block by block, when the shard is finished (C order puts each level's rows together).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .format import FeatureLayout, ShardDataReader, ShardDataWriter, ShardFormat
+
+HEADER_BYTES = 256  # a multiple of 64, room for any (K, rows, dim) shape
+COPY_BLOCK = 16 << 20
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A version 1.0 ``.npy`` header padded to exactly HEADER_BYTES (numpy accepts any padding)."""
+    text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+    room = HEADER_BYTES - 10  # magic (6) + version (2) + header length (2)
+    if len(text) + 1 > room:
+        raise ValueError(f"npy header for shape {shape} does not fit in {HEADER_BYTES} bytes")
+    return b"\x93NUMPY\x01\x00" + room.to_bytes(2, "little") + (text.ljust(room - 1) + "\n").encode("latin1")
+
+
+class NpyWriter(ShardDataWriter):
+    def __init__(self, path: Path, layouts: dict[str, FeatureLayout], store_dtype: str, compression=None):
+        self.path, self.layouts, self.store_dtype = path, layouts, store_dtype
+        path.mkdir()
+        self._rows = dict.fromkeys(layouts, 0)
+        self._handles = {}
+        for feature, layout in layouts.items():
+            if layout.levels:
+                self._handles[feature] = [open(path / f"{feature}.level{k}.part", "wb") for k in range(layout.levels)]
+            else:
+                handle = open(path / f"{feature}.npy", "wb")
+                handle.write(b"\0" * HEADER_BYTES)
+                self._handles[feature] = [handle]
+
+    def append(self, feature: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array, dtype=self.layouts[feature].numpy_dtype(self.store_dtype))
+        levels = array if self.layouts[feature].levels else array[None]
+        for handle, level in zip(self._handles[feature], levels):
+            handle.write(level.tobytes())
+        self._rows[feature] += array.shape[-2]
+
+    def finish(self, keys: list[str], offsets: dict[str, np.ndarray], grids: np.ndarray) -> None:
+        for feature, layout in self.layouts.items():
+            dtype = layout.numpy_dtype(self.store_dtype)
+            handles = self._handles[feature]
+            if layout.levels:
+                with open(self.path / f"{feature}.npy", "wb") as out:
+                    out.write(npy_header(dtype, (layout.levels, self._rows[feature], layout.dim)))
+                    for handle in handles:
+                        handle.close()
+                        with open(handle.name, "rb") as part:
+                            shutil.copyfileobj(part, out, COPY_BLOCK)
+                        os.unlink(handle.name)
+            else:
+                handle = handles[0]
+                handle.seek(0)
+                handle.write(npy_header(dtype, (self._rows[feature], layout.dim)))
+                handle.close()
+            np.save(self.path / f"{feature}_offsets.npy", offsets[feature].astype(np.int64))
+        np.save(self.path / "keys.npy", np.array(keys, dtype=np.str_).reshape(-1))
+        np.save(self.path / "grids.npy", grids.astype(np.int32).reshape(-1, 3))
+        (self.path / "meta.json").write_text(json.dumps({"vitok_dtype": self.store_dtype, "shard": self.path.name}))
+        for file in self.path.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+    def abort(self) -> None:
+        for handles in self._handles.values():
+            for handle in handles:
+                try:
+                    handle.close()
+                except OSError:  # a full disk fails the final flush; the folder is deleted anyway
+                    pass
+
+
+class NpyReader(ShardDataReader):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._dtype = json.loads((path / "meta.json").read_text())["vitok_dtype"]
+
+    def keys(self) -> list[str]:
+        return [str(k) for k in np.load(self.path / "keys.npy")]
+
+    def grids(self) -> np.ndarray | None:
+        path = self.path / "grids.npy"
+        return np.load(path) if path.exists() else None
+
+    def offsets(self, feature: str) -> np.ndarray:
+        return np.load(self.path / f"{feature}_offsets.npy")
+
+    def array(self, feature: str):
+        try:
+            return np.load(self.path / f"{feature}.npy", mmap_mode="r")
+        except ValueError:  # numpy cannot memory-map an array without rows
+            return np.load(self.path / f"{feature}.npy")
+
+    def stored_dtype(self, feature: str) -> str:
+        return self._dtype
+
+
+class NpyFormat(ShardFormat):
+    name = "npy"
+    suffix = ""  # a folder
+
+    def create(self, path, layouts, store_dtype, compression=None) -> NpyWriter:
+        return NpyWriter(path, layouts, store_dtype)
+
+    def open(self, path) -> NpyReader:
+        return NpyReader(path)

@@ -1,0 +1,156 @@
+"""The store's records as types: the run header (``vitok.json``), one image's record, and a shard's sidecar.
+
+Every record has ``to_json``/``from_json`` and carries the schema version it was written with. JSON is written with
+ASCII escapes, so keys that are not valid UTF-8 (file names are bytes on POSIX; Python keeps them as surrogate
+escapes) survive the round trip unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import StoreError
+
+SCHEMA_VERSION = 2
+STATUSES = ("ok", "skipped", "failed")  # failed: the input could not be read; a rerun retries it
+
+
+def dumps(data: Any) -> str:
+    """JSON as the store writes it: sorted keys, ASCII (surrogate-escaped names round-trip)."""
+    return json.dumps(data, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """A short hash of the settings that decide what the tokens are; equal fingerprints = comparable tokens."""
+    return "blake2b:" + hashlib.blake2b(dumps(settings).encode(), digest_size=12).hexdigest()
+
+
+def _compact(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if v is not None}
+
+
+@dataclass
+class ImageRecord:
+    """What happened to one input. ``row`` is its position among the shard's ok images."""
+
+    key: str
+    status: str  # ok | skipped | failed
+    source: str  # the file, or the archive holding it
+    member: str | None = None  # tar member, or "row_group/row" in a parquet file
+    reason: str | None = None  # skipped / failed: one line
+    row: int | None = None
+    tokens: dict[str, int] | None = None  # rows per feature
+    grid: list[int] | None = None  # (t, h, w) in patches
+    size: list[int] | None = None  # original (width, height), upright
+    source_bytes: int | None = None
+    source_mtime_ns: int | None = None  # loose files: detects a changed image
+    decoder: str | None = None  # which decoder produced the pixels
+    notes: list[str] | None = None
+    float16_overflow: int | None = None
+    meta: dict[str, Any] | None = None  # caption / json fields of an archive sample
+
+    def to_json(self) -> dict[str, Any]:
+        return _compact(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ImageRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class RunHeader:
+    """``OUT/vitok.json``: who wrote the store and with which settings. ``settings`` decide the tokens (compared on
+    every resume); ``environment`` describes the machine and libraries of the first run (informative)."""
+
+    settings: dict[str, Any]
+    vitok_version: str
+    created: str
+    environment: dict[str, Any] = field(default_factory=dict)
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.settings)
+
+    @property
+    def features(self) -> list[str]:
+        return list(self.settings["features"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": self.schema, "vitok_version": self.vitok_version, "created": self.created,
+                "fingerprint": self.fingerprint, "settings": self.settings, "environment": self.environment}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "vitok.json") -> RunHeader:
+        try:
+            return cls(settings=data["settings"], vitok_version=data.get("vitok_version", "?"),
+                       created=data.get("created", ""), environment=data.get("environment", {}),
+                       schema=int(data.get("schema", 1)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"{where} is damaged ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass
+class FileSum:
+    bytes: int
+    blake2b: str | None = None  # None: written before checksums existed (schema 1)
+
+
+@dataclass
+class Sidecar:
+    """``shards/<name>.json``: a committed shard. Its existence is the commit; its records say what happened to
+    every input of the unit, its files' sizes and checksums let resume and ``verify`` check the data."""
+
+    shard: str
+    format: str
+    data: str  # data file or folder name, beside the sidecar
+    files: dict[str, FileSum]  # relative to ``shards/``
+    features: dict[str, int]  # rows per feature
+    records: list[ImageRecord]
+    fingerprint: str | None = None  # the run header's settings fingerprint
+    unit: dict[str, Any] = field(default_factory=dict)  # the input shard: archive, row group, read error, ...
+    part: str = "0/1"
+    vitok_version: str = ""
+    schema: int = SCHEMA_VERSION
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.files.values())
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.records)
+
+    def ok_records(self) -> list[ImageRecord]:
+        return sorted((r for r in self.records if r.status == "ok"), key=lambda r: r.row)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema, "shard": self.shard, "format": self.format, "data": self.data,
+            "files": {name: _compact(dataclasses.asdict(s)) for name, s in self.files.items()},
+            "bytes": self.bytes, "features": self.features, "fingerprint": self.fingerprint, "unit": self.unit,
+            "part": self.part, "vitok_version": self.vitok_version,
+            "num_ok": self.count("ok"), "num_skipped": self.count("skipped"), "num_failed": self.count("failed"),
+            "records": [r.to_json() for r in sorted(self.records, key=lambda r: r.key)],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "sidecar") -> Sidecar:
+        try:
+            if "files" in data:
+                files = {name: FileSum(**value) for name, value in data["files"].items()}
+            else:  # schema 1: one size for the whole data file or folder
+                files = {data["data"]: FileSum(int(data["bytes"]))}
+            return cls(
+                shard=data["shard"], format=data["format"], data=data["data"], files=files,
+                features={k: int(v) for k, v in data["features"].items()},
+                records=[ImageRecord.from_json(r) for r in data["records"]],
+                fingerprint=data.get("fingerprint"), unit=data.get("unit") or {}, part=data.get("part", "0/1"),
+                vitok_version=data.get("vitok_version", ""), schema=int(data.get("schema", 1)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"{where} is damaged ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,171 @@
+"""The commit protocol, written and checked in one place.
+
+A shard is written under a temporary name, ``shards/.<data>.<run>.tmp``, streamed batch by batch. To commit it:
+
+1. the writer finishes the data (per-image tables, flush, fsync) and every data file is sized and checksummed;
+2. if a sidecar for the shard appeared meanwhile (another process committed it), the temporary data is dropped;
+3. data left at the final name without a sidecar (a run killed between steps 4 and 5) is removed;
+4. the temporary data is renamed to its final name (``os.replace``: atomic for a file);
+5. the sidecar ``shards/<shard>.json`` is written atomically. **Its existence is the commit.**
+
+A shard counts as done only when its sidecar exists and its data checks out (sizes, keys and row counts; ``verify``
+also compares checksums), so a run killed at any moment loses at most the shards in progress, and committed data is
+never replaced: claims (``vitok.storage.claims``) keep two processes off the same shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import StoreError
+from .files import atomic_write_text, checksum, fsync_dir, remove
+from .format import ShardFormat
+from .hdf5 import Hdf5Format
+from .npy import NpyFormat
+from .records import FileSum, Sidecar, dumps
+
+logger = logging.getLogger(__name__)
+
+SHARDS_DIR = "shards"
+FORMATS: dict[str, type[ShardFormat]] = {"hdf5": Hdf5Format, "npy": NpyFormat}
+
+
+def register_format(format_class: type[ShardFormat]) -> type[ShardFormat]:
+    """Add an output format (a class decorator); ``--format NAME`` then selects it."""
+    FORMATS[format_class.name] = format_class
+    return format_class
+
+
+def get_format(name: str) -> ShardFormat:
+    if name not in FORMATS:
+        raise StoreError(f"unknown shard format {name!r}; formats: {', '.join(FORMATS)}")
+    return FORMATS[name]()
+
+
+def shards_dir(out: Path) -> Path:
+    return Path(out) / SHARDS_DIR
+
+
+def sidecar_path(out: Path, shard: str) -> Path:
+    return shards_dir(out) / f"{shard}.json"
+
+
+def temp_path(out: Path, fmt: ShardFormat, shard: str, run: str) -> Path:
+    return shards_dir(out) / f".{fmt.data_name(shard)}.{run}.tmp"
+
+
+def temp_files(out: Path, shard: str | None = None) -> list[Path]:
+    """Temporary files of unfinished shards (all shards, or one): data and sidecars of interrupted runs."""
+    folder = shards_dir(out)
+    if not folder.is_dir():
+        return []
+    found = (p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+    return sorted(p for p in found if shard is None or _temp_shard(p.name) == shard)
+
+
+def _temp_shard(name: str) -> str:
+    """``.shard-000001.h5.<run>.tmp`` -> ``shard-000001`` (run ids and mkstemp suffixes have no dots)."""
+    data = name[1 : -len(".tmp")].rsplit(".", 1)[0]
+    for suffix in [".json", *(fmt.suffix for fmt in FORMATS.values() if fmt.suffix)]:
+        if data.endswith(suffix):
+            return data[: -len(suffix)]
+    return data
+
+
+def remove_temps(out: Path, shard: str) -> None:
+    """Delete a shard's temporary data left by killed runs (call only while holding the shard's claim)."""
+    for path in temp_files(out, shard):
+        logger.info("removing %s, left by an interrupted run", path.name)
+        remove(path)
+
+
+def data_files(fmt: ShardFormat, path: Path, name: str) -> dict[str, Path]:
+    """Relative name (as the sidecar records it) -> file."""
+    if path.is_dir():
+        return {f"{name}/{f.name}": f for f in fmt.data_files(path)}
+    return {name: path}
+
+
+def commit(out: Path, fmt: ShardFormat, tmp: Path, sidecar: Sidecar) -> bool:
+    """Steps 1-5 above for finished temporary data; False when another process committed the shard first."""
+    folder = shards_dir(out)
+    sidecar.files = {name: FileSum(path.stat().st_size, checksum(path))
+                     for name, path in data_files(fmt, tmp, sidecar.data).items()}
+    final_sidecar = sidecar_path(out, sidecar.shard)
+    if final_sidecar.exists():
+        logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
+        remove(tmp)
+        return False
+    final = folder / sidecar.data
+    if final.exists():  # data without a sidecar: a run killed between rename and sidecar
+        remove(final)
+    os.replace(tmp, final)
+    fsync_dir(folder)
+    atomic_write_text(final_sidecar, dumps(sidecar.to_json()))
+    fsync_dir(folder)
+    return True
+
+
+def read_sidecar(path: Path) -> Sidecar:
+    import json
+
+    try:
+        return Sidecar.from_json(json.loads(path.read_text()), where=str(path))
+    except ValueError as exc:
+        raise StoreError(f"{path} is damaged ({exc})") from None
+
+
+def iter_sidecars(out: Path) -> Iterator[Sidecar]:
+    """Every committed shard's sidecar, sorted by shard name."""
+    folder = shards_dir(out)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.json")):
+        if not path.name.startswith("."):
+            yield read_sidecar(path)
+
+
+def check_shard(out: Path, sidecar: Sidecar, checksums: bool = False) -> list[str]:
+    """Problems with one committed shard's data (empty list = it checks out)."""
+    folder = shards_dir(out)
+    name = sidecar.shard
+    path = folder / sidecar.data
+    if not path.exists():
+        return [f"{name}: data {sidecar.data} is missing"]
+    try:
+        fmt = get_format(sidecar.format)
+    except StoreError as exc:
+        return [f"{name}: {exc}"]
+    for relative, expected in sidecar.files.items():
+        file = folder / relative
+        if not file.exists():
+            return [f"{name}: data file {relative} is missing"]
+        size = sum(f.stat().st_size for f in file.iterdir()) if file.is_dir() else file.stat().st_size
+        if size != expected.bytes:
+            return [f"{name}: {relative} has {size} bytes, the manifest says {expected.bytes}"]
+        if checksums and expected.blake2b and checksum(file) != expected.blake2b:
+            return [f"{name}: {relative} does not match its checksum (the data changed after it was written)"]
+    reader = None
+    try:
+        reader = fmt.open(path)
+        keys = reader.keys()
+        if keys != [r.key for r in sidecar.ok_records()]:
+            return [f"{name}: keys in the data do not match the manifest"]
+        for feature, rows in sidecar.features.items():
+            offsets = reader.offsets(feature)
+            stored = reader.rows(feature)
+            if len(offsets) != len(keys) + 1 or int(offsets[-1]) != rows or stored != rows:
+                return [f"{name}: {feature} has {stored} rows, the manifest says {rows}"]
+    except StoreError as exc:
+        return [str(exc)]
+    except Exception as exc:  # h5py/numpy/tarfile raise many types for damaged files
+        return [f"{name}: cannot read {sidecar.data} ({type(exc).__name__}: {exc})"]
+    finally:
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                reader.close()
+    return []
