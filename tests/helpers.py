@@ -32,19 +32,42 @@ def make_folder(folder: Path, count: int = 10, with_odd: bool = True, seed: int 
     return folder
 
 
-def vitok(*args: str, input: str | None = None, env: dict | None = None, check: bool = False):
+def vitok(*args: str, input: str | bytes | None = None, env: dict | None = None, check: bool = False, cwd=None):
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     result = subprocess.run([sys.executable, "-m", "vitok", *args], capture_output=True, text=True, input=input,
-                            env=full_env, timeout=300)
+                            env=full_env, timeout=300, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"vitok {' '.join(args)} -> {result.returncode}\n{result.stderr}")
     return result
 
 
-def popen_vitok(*args: str, env: dict | None = None) -> subprocess.Popen:
+def popen_vitok(*args: str, env: dict | None = None, capture: bool = False) -> subprocess.Popen:
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.Popen([sys.executable, "-m", "vitok", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=full_env)
+    pipe = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "vitok", *args], stdout=pipe, stderr=pipe, env=full_env,
+                            text=capture or None)
+
+
+def wait_for(predicate, timeout: float = 120.0, process=None) -> bool:
+    """Poll until predicate() holds (or the process ends, or the time is up)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if process is not None and process.poll() is not None:
+            return predicate()
+        time.sleep(0.05)
+    return False
+
+
+def photo(path: Path, size=(64, 64), seed: int = 0) -> Path:
+    """A small random image file (format from the suffix)."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
 
 
 def all_tokens(out: Path, feature: str | None = None) -> dict[str, np.ndarray]:

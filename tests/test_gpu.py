@@ -41,8 +41,8 @@ def test_cuda_parity_with_reference(dtype, tolerance, attention):
 
 
 def test_device_selection():
-    from vitok.parallel import Part, device_for
     from vitok.inference import resolve_device, resolve_dtype
+    from vitok.parallel import Part, device_for
 
     assert resolve_device("auto").type == "cuda"
     assert resolve_device("cuda:0") == torch.device("cuda:0")

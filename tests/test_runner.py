@@ -16,8 +16,8 @@ from helpers import vitok as run_vitok
 
 import vitok
 from vitok.errors import SettingsMismatchError, UsageError, VitokError
-from vitok.preprocess import Preprocessor
 from vitok.inference import load_encoder
+from vitok.preprocess import Preprocessor
 from vitok.storage.dtypes import to_store_array
 
 FEATURES = ["--features", "patch,merged,deepstack"]

@@ -30,7 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 logger = logging.getLogger("vitok")
 _state = {"debug": False}
@@ -156,10 +156,22 @@ def _report(summary, out) -> None:
         logger.info("%d shard(s) are still being written by another process", summary.shards_elsewhere)
 
 
+def _by_panel(params: list[inspect.Parameter]) -> list[inspect.Parameter]:
+    """Flags grouped in --help as the data flows: model, inputs, outputs, preprocessing, speed, cluster."""
+    from .options import PANELS
+
+    def panel(param: inspect.Parameter) -> int:
+        info = param.annotation.__metadata__[0]
+        name = getattr(info, "rich_help_panel", None)
+        return PANELS.index(name) if name in PANELS else len(PANELS)
+
+    return sorted(params, key=panel)
+
+
 _extract_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
     inspect.Parameter("sources", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
         list[str] | None, typer.Argument(help="Inputs; '-' reads one per line from stdin.", show_default=False)]),
-    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=Path("vitok-out"), annotation=Annotated[
+    *_by_panel([inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=Path("vitok-out"), annotation=Annotated[
         Path, typer.Option("-o", "--out", help="Output folder (resumed if it holds a store).",
                            rich_help_panel="Outputs")]),
     inspect.Parameter("size", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
@@ -171,7 +183,7 @@ _extract_command.__signature__ = inspect.Signature([  # type: ignore[attr-define
         bool, typer.Option("--json", help="Print a one-line JSON summary on stdout at the end.")]),
     inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress output.")]),
-    *_option_parameters(),
+    *_option_parameters()]),
 ])
 _extract_command.__annotations__ = {}
 app.command("extract")(_extract_command)
@@ -246,12 +258,17 @@ def _run_per_gpu(gpus: str, out: Path, sources: list[str], options: ExtractOptio
             cmd.append("--quiet")
         children.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ)))
     outputs = [child.communicate()[0] for child in children]
-    codes = [128 - c if c < 0 else c for c in (child.returncode for child in children)]  # killed by signal N: 128+N
     summaries = [json.loads(text.strip().splitlines()[-1]) for text in outputs if text.strip()]
-    if any(codes):
-        raise typer.Exit(max(codes))
+    code = exit_code_of([child.returncode for child in children])
+    if code:
+        raise typer.Exit(code)
     if json_summary:
         typer.echo(json.dumps(merge_summaries(summaries)))
+
+
+def exit_code_of(returncodes: list[int]) -> int:
+    """One exit code for several children: a child killed by signal N (return code -N) counts as 128 + N."""
+    return max((128 - c if c < 0 else c for c in returncodes), default=0)
 
 
 def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from .preprocess import Preprocessor
 from .storage import META_FILE, RunHeader, create_exclusive, get_format, write_readme
 from .storage.claims import Claims
 from .storage.records import dumps
+from .storage.files import raise_store_error
 from .storage.shards import remove_temps
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,9 @@ def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-o
     """
     opts = make_options(**options)
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
-    job = prepare([str(s) for s in sources], Path(out), opts, stdin)
-    return Run(job, progress).execute()
+    with stop_on_signals():
+        job = prepare([str(s) for s in sources], Path(out), opts, stdin)
+        return Run(job, progress).execute()
 
 
 @contextlib.contextmanager
@@ -151,13 +153,12 @@ class Run:
         plan = self._write_plan(plan)
         work = remaining_work(job, plan, header.fingerprint)
         claims = Claims(job.out)
-        with stop_on_signals():
-            claims.start()
-            try:
-                mine, elsewhere = self._claim(claims, work)
-                stats, pipeline = self._run(encoder, mine, claims, header) if mine else (CommitStats(), None)
-            finally:
-                claims.stop()
+        claims.start()
+        try:
+            mine, elsewhere = self._claim(claims, work)
+            stats, pipeline = self._run(encoder, mine, claims, header) if mine else (CommitStats(), None)
+        finally:
+            claims.stop()
         summary = self._summary(work, stats, pipeline, encoder, elsewhere)
         if summary.shards_other_parts and job.part.count > 1:
             logger.info("%d shard(s) of other parts are not done yet (this was part %s)", summary.shards_other_parts,
@@ -168,7 +169,10 @@ class Run:
         job = self.job
         if job.options.overwrite:
             wipe_store(job.out)
-        job.out.mkdir(parents=True, exist_ok=True)
+        try:
+            job.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise_store_error(exc, job.out)
         header = new_header(job, settings, describe_environment(encoder))
         if not create_exclusive(job.out / META_FILE, dumps(header.to_json())):
             stored = RunHeader.from_json(__import__("json").loads((job.out / META_FILE).read_text()))

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -19,12 +20,40 @@ from .format import FeatureLayout, ShardDataReader, ShardDataWriter, ShardFormat
 CHUNK_BYTES = 1 << 20  # HDF5's default chunk cache: a chunk is read whole and cached
 
 
+class _GuardedFile(io.FileIO):
+    """The HDF5 file's bytes go through Python. After a failed write (a full disk) or an abort, writes are
+    discarded, so libhdf5 can still close the file cleanly: left to itself it keeps retrying the write, fails, and
+    crashes the interpreter at exit."""
+
+    discard = False
+    error: OSError | None = None  # the first failed write (libhdf5 reports it as whatever error comes next)
+
+    def write(self, data) -> int:
+        if self.discard:
+            return len(memoryview(data))
+        try:
+            return super().write(data)
+        except OSError as exc:
+            self.discard, self.error = True, exc
+            raise
+
+    def truncate(self, size=None) -> int:
+        if self.discard:
+            return size or 0
+        try:
+            return super().truncate(size)
+        except OSError as exc:
+            self.discard, self.error = True, exc
+            raise
+
+
 class Hdf5Writer(ShardDataWriter):
     def __init__(self, path: Path, layouts: dict[str, FeatureLayout], store_dtype: str, compression: str | None):
         import h5py
 
         self.path, self.layouts, self.store_dtype, self.compression = path, layouts, store_dtype, compression
-        self._file = h5py.File(path, "w")
+        self._raw = _GuardedFile(path, "w+")
+        self._file = h5py.File(self._raw, "w")
         self._datasets = {}
         for feature, layout in layouts.items():
             leading = (layout.levels,) if layout.levels else ()
@@ -38,27 +67,44 @@ class Hdf5Writer(ShardDataWriter):
             self._datasets[feature] = ds
 
     def append(self, feature: str, array: np.ndarray) -> None:
-        ds = self._datasets[feature]
-        start = ds.shape[-2]
-        ds.resize(start + array.shape[-2], axis=ds.ndim - 2)
-        ds[..., start:, :] = array
+        with self._write_errors():
+            ds = self._datasets[feature]
+            start = ds.shape[-2]
+            ds.resize(start + array.shape[-2], axis=ds.ndim - 2)
+            ds[..., start:, :] = array
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        """Report a failed write as the OSError it was (libhdf5 may surface it as another exception)."""
+        try:
+            yield
+        except Exception:
+            if self._raw.error is not None:
+                raise self._raw.error from None
+            raise
+        if self._raw.error is not None:
+            raise self._raw.error
 
     def finish(self, keys: list[str], offsets: dict[str, np.ndarray], grids: np.ndarray) -> None:
         import h5py
 
-        self._file.create_dataset("keys", data=np.array(encode_keys(keys), dtype=object),
-                                  dtype=h5py.string_dtype("utf-8"))
-        self._file.create_dataset("grids", data=grids.astype(np.int32).reshape(-1, 3))
-        for feature, values in offsets.items():
-            self._file.create_dataset(f"{feature}_offsets", data=values.astype(np.int64))
-        self._file.attrs["vitok_shard"] = self.path.name
-        self._file.close()
-        with open(self.path, "rb") as handle:
-            os.fsync(handle.fileno())
+        with self._write_errors():
+            self._file.create_dataset("keys", data=np.array(encode_keys(keys), dtype=object),
+                                      dtype=h5py.string_dtype("utf-8"))
+            self._file.create_dataset("grids", data=grids.astype(np.int32).reshape(-1, 3))
+            for feature, values in offsets.items():
+                self._file.create_dataset(f"{feature}_offsets", data=values.astype(np.int64))
+            self._file.attrs["vitok_shard"] = self.path.name
+            self._file.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):  # a full disk makes HDF5 fail on close too; the file is deleted anyway
+        self._raw.discard = True  # the file is deleted anyway: let HDF5 close without writing
+        with contextlib.suppress(Exception):
             self._file.close()
+        self._raw.close()
 
 
 class Hdf5Reader(ShardDataReader):

@@ -1,0 +1,417 @@
+"""A store that never lies: each class of the ways users break things, tried as they do it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from helpers import TINY, make_folder, photo, popen_vitok, wait_for
+from helpers import vitok as run_vitok
+
+import vitok
+from vitok.errors import InputsChangedError, SettingsMismatchError, StoreError, UsageError
+
+LIB = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32")
+
+
+def shard_times(out) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*") if not p.name.startswith(".")}
+
+
+def leftovers(out) -> list[str]:
+    return [p.name for p in (out / "shards").iterdir() if p.name.endswith(".tmp")] if (out / "shards").exists() else []
+
+
+# ---- 1. resume anywhere; unreadable inputs are retried --------------------------------------------------------------
+
+
+def test_resume_from_another_directory_reads_every_image(tmp_path):
+    make_folder(tmp_path / "a" / "imgs", count=6, with_odd=False)
+    out = tmp_path / "out"
+    run_vitok("plan", "imgs", "-o", str(out), "--shard-size", "2", cwd=tmp_path / "a", check=True)
+    (tmp_path / "b").mkdir()
+    result = run_vitok("extract", "-o", str(out), *TINY, "--shard-size", "2", "--json", cwd=tmp_path / "b")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["ok"] == 6 and summary["skipped"] == summary["failed"] == 0
+    again = run_vitok("extract", str(tmp_path / "a" / "imgs"), "-o", str(out), *TINY, "--shard-size", "2",
+                      "--json", cwd=tmp_path)  # another spelling of the same source: the same plan
+    assert again.returncode == 0 and json.loads(again.stdout)["already_done"] == 6
+
+
+def test_an_input_that_cannot_be_read_is_failed_then_retried(tmp_path):
+    folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)
+    late = tmp_path / "late" / "x.png"
+    listed = sorted(str(p) for p in folder.rglob("*.*") if p.suffix.lower() in (".png", ".jpg")) + [str(late)]
+    (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
+    out = tmp_path / "out"
+    first = vitok.extract([], out, files_from=str(tmp_path / "list.txt"), **LIB)
+    assert first.ok == 4 and first.failed == 1 and "cannot read" in first.skipped_reasons[str(late)]
+    store = vitok.open(out)
+    assert str(late) in store.failed and str(late) not in store.skipped
+    before = shard_times(out)
+    assert vitok.extract([], out, files_from=str(tmp_path / "list.txt"), **LIB).shards_written == 0  # still absent
+    photo(late)
+    second = vitok.extract([], out, files_from=str(tmp_path / "list.txt"), **LIB)
+    assert second.ok == 1 and second.shards_written == 1
+    assert all(shard_times(out)[name] == t for name, t in before.items())  # finished shards untouched
+    store = vitok.open(out)
+    assert str(late) in store and not store.failed and len(store) == 5
+    assert vitok.verify(out).clean
+
+
+# ---- 2. a grown collection ---------------------------------------------------------------------------------------
+
+
+def test_added_and_removed_inputs_are_refused_then_planned_with_update(tmp_path):
+    folder = make_folder(tmp_path / "imgs", count=6, with_odd=False)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, shard_size=2, **LIB)
+    before = shard_times(out)
+    photo(folder / "new1.png", seed=1)
+    photo(folder / "new2.png", seed=2)
+    removed = sorted(folder.rglob("img0*.png"))[0]
+    removed.unlink()
+    with pytest.raises(InputsChangedError, match="2 added, 1 removed"):
+        vitok.extract([str(folder)], out, shard_size=2, **LIB)
+    summary = vitok.extract([str(folder)], out, shard_size=2, update=True, **LIB)
+    assert summary.ok == 2 and summary.shards_written == 1
+    assert all(shard_times(out)[name] == t for name, t in before.items())
+    store = vitok.open(out)
+    key = removed.relative_to(folder).as_posix()
+    assert key in store.removed and key not in store.keys() and {"new1.png", "new2.png"} <= set(store.keys())
+    assert len(store) == 7 and vitok.verify(out).clean
+    assert vitok.extract([str(folder)], out, shard_size=2, **LIB).shards_written == 0  # the update is the plan now
+
+
+# ---- 3. a full disk ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "npy"])
+def test_a_full_disk_is_a_clear_error_and_a_rerun_resumes(tmp_path, small_tmpfs, fmt):
+    folder = make_folder(tmp_path / "imgs", count=8, with_odd=False)
+    out = small_tmpfs / "out"
+    args = ["extract", str(folder), "-o", str(out), *TINY, "--features", "patch", "--format", fmt,
+            "--shard-size", "2", "--store-dtype", "float32"]
+    result = run_vitok(*args)
+    assert result.returncode == 1, result.stderr
+    assert "no space left on" in result.stderr and "MB more" in result.stderr and "internal error" not in result.stderr
+    assert not leftovers(out)
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
+    assert run_vitok(*args).returncode == 0
+    assert run_vitok("verify", str(out)).returncode == 0
+
+
+# ---- 4. names that are not UTF-8 --------------------------------------------------------------------------------
+
+
+def test_names_that_are_not_utf8_are_extracted_and_recorded(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    raw = os.fsencode(str(folder)) + b"/caf\xe9.png"
+    photo(folder / "plain.png")
+    with open(raw, "wb") as handle:
+        handle.write((folder / "plain.png").read_bytes())
+    key = os.fsdecode(b"caf\xe9.png")
+    for how, args, stdin in [("folder", [str(folder)], None), ("stdin", ["-"], raw + b"\n"),
+                             ("list", ["--files-from", str(tmp_path / "list")], None)]:
+        (tmp_path / "list").write_bytes(raw + b"\n")
+        out = tmp_path / f"out-{how}"
+        result = subprocess.run([sys.executable, "-m", "vitok", "extract", *args, "-o", str(out), *TINY],
+                                input=stdin, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert result.returncode == 0, result.stderr
+        keys = vitok.open(out).keys()
+        assert (key if how == "folder" else os.fsdecode(raw)) in keys
+    info = subprocess.run([sys.executable, "-m", "vitok", "info", str(tmp_path / "out-folder")], capture_output=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert info.returncode == 0
+
+
+# ---- 5. validation before side effects ---------------------------------------------------------------------------
+
+
+def test_nothing_is_written_and_no_model_loaded_before_the_run_can_start(tmp_path, monkeypatch):
+    from vitok import inference
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(inference, "load_encoder", no_loading)
+    monkeypatch.setattr("vitok.runner.load_encoder", no_loading)
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match="does not exist"):
+        vitok.extract([str(tmp_path / "missing")], out, **LIB)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="no images"):
+        vitok.extract([str(tmp_path / "empty")], out, **LIB)
+    with pytest.raises(UsageError, match="--workers"):
+        vitok.extract([str(tmp_path / "empty")], out, **{**LIB, "workers": -2})
+    assert not out.exists()
+
+
+def test_overwrite_with_a_mistyped_source_keeps_the_store(tmp_path):
+    folder = make_folder(tmp_path / "imgs", count=3, with_odd=False)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, **LIB)
+    with pytest.raises(UsageError, match="does not exist"):
+        vitok.extract([str(tmp_path / "imsg")], out, overwrite=True, **LIB)
+    assert len(vitok.open(out)) == 3 and vitok.verify(out).clean
+
+
+# ---- 6. neighbours -----------------------------------------------------------------------------------------------
+
+
+def test_two_identical_runs_into_one_store_write_every_shard_once(tmp_path):
+    folder = make_folder(tmp_path / "imgs", count=12, with_odd=False)
+    out = tmp_path / "out"
+    args = ["extract", str(folder), "-o", str(out), *TINY, "--format", "npy", "--shard-size", "2", "--json"]
+    procs = [popen_vitok(*args, capture=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-500:] for o in outputs]
+    summaries = [json.loads(o[0]) for o in outputs]
+    assert sum(s["shards_written"] for s in summaries) == 6  # no shard written twice, none lost
+    assert run_vitok("verify", str(out)).returncode == 0 and len(vitok.open(out)) == 12
+
+
+def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
+    from vitok.storage.claims import Claims, RunIdentity
+
+    first, second = Claims(tmp_path), Claims(tmp_path)
+    first.start()
+    second.start()
+    assert first.try_claim("shard-000001") and not second.try_claim("shard-000001")
+    dead = Claims(tmp_path, RunIdentity(first.identity.host, 2**22 + 12345, None, "dead"))
+    dead.start()
+    dead._stop.set()
+    assert dead.try_claim("shard-000002")
+    os.rename(dead.run_file, dead.run_file.with_name("gone"))  # its process died without cleaning up
+    assert second.try_claim("shard-000002")  # stale: taken over
+    first.stop()
+    assert second.try_claim("shard-000001")  # released
+    second.stop()
+    assert not list(tmp_path.joinpath(".claims").glob("*.claim"))
+
+
+# ---- 7/8. settings fingerprints and checksums ------------------------------------------------------------------------
+
+
+def test_a_deleted_header_does_not_let_other_settings_mix_into_the_store(tmp_path):
+    folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, shard_size=2, **LIB)
+    (out / "vitok.json").unlink()
+    os.remove(sorted((out / "shards").glob("*.json"))[-1])  # one shard left to do
+    with pytest.raises(SettingsMismatchError, match="other settings"):
+        vitok.extract([str(folder)], out, shard_size=2, pool="mean", **LIB)
+
+
+def test_verify_compares_checksums_and_records_know_their_source(tmp_path):
+    folder = make_folder(tmp_path / "imgs", count=3, with_odd=False)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, **LIB)
+    store = vitok.open(out)
+    record = store.info(store.keys()[0])
+    assert record["source_bytes"] > 0 and record["source_mtime_ns"] > 0 and record["decoder"]
+    shard = next((out / "shards").glob("*.h5"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    shard.write_bytes(bytes(data))
+    result = run_vitok("verify", str(out))
+    assert result.returncode == 1 and "checksum" in result.stderr
+    assert run_vitok("verify", str(out), "--quick").returncode == 0
+
+
+# ---- 9. signals and leftovers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_cleanly_and_a_rerun_resumes(tmp_path, sig, code):
+    folder = make_folder(tmp_path / "imgs", count=24, with_odd=False)
+    out = tmp_path / "out"
+    args = ["extract", str(folder), "-o", str(out), "--size", "small", "--workers", "1", "--shard-size", "2"]
+    proc = popen_vitok(*args, capture=True)
+    assert wait_for(lambda: len(list((out / "shards").glob("*.json"))) >= 1 if (out / "shards").exists()
+                    else False, process=proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr[-1000:]
+    assert "rerun the same command to resume" in stderr
+    assert not leftovers(out) and not list((out / ".claims").glob("*.claim"))
+    done = shard_times(out)
+    assert run_vitok(*args).returncode == 0
+    assert all(shard_times(out)[n] == t for n, t in done.items())
+    assert run_vitok("verify", str(out)).returncode == 0 and len(vitok.open(out)) == 24
+
+
+def test_leftovers_of_killed_runs_are_reported_then_cleaned(tmp_path):
+    folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, shard_size=2, **LIB)
+    os.remove(out / "shards" / "shard-000001.json")
+    os.remove(out / "shards" / "shard-000001.h5")
+    (out / "shards" / ".shard-000001.h5.host-1-dead.tmp").write_bytes(b"partial")
+    assert any("interrupted run" in line for line in vitok.verify(out).leftovers)
+    vitok.extract([str(folder)], out, shard_size=2, **LIB)
+    assert not leftovers(out) and vitok.verify(out).clean
+
+
+# ---- 10. output hygiene ------------------------------------------------------------------------------------------
+
+
+def test_progress_goes_to_stderr_even_on_a_terminal(tmp_path):
+    import pty
+
+    folder = make_folder(tmp_path / "imgs", count=3, with_odd=False)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "vitok", "extract", str(folder), "-o", str(tmp_path / "out"),
+                             "--model", "qwen3-vl-tiny", "--workers", "0", "--json"], stdout=subprocess.PIPE,
+                            stderr=slave, env=dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="100"))
+    os.close(slave)
+    stdout, _ = proc.communicate(timeout=120)
+    os.close(master)
+    assert proc.returncode == 0
+    assert json.loads(stdout)["ok"] == 3  # stdout is exactly one JSON line
+
+
+def test_gpus_summaries_merge_into_the_single_process_shape_and_signals_fail():
+    from vitok.cli import exit_code_of, merge_summaries
+    from vitok.runner import ExtractSummary
+
+    def summary(part, ok):
+        return ExtractSummary("o", part, 4, ok, 1, 0, 0, 2, 0, 0, 1, 2.0, 1.0, 10, 100, 0.1, 0.2, 0.0).to_dict()
+
+    merged = merge_summaries([summary("0/2", 3), summary("1/2", 4)])
+    assert merged.keys() == summary("0/2", 1).keys()
+    assert merged["ok"] == 7 and merged["part"] == "0/2,1/2" and merged["images_per_second"] == 4.5
+    assert exit_code_of([0, -9]) == 137 and exit_code_of([0, 0]) == 0 and exit_code_of([2, 0]) == 2
+
+
+# ---- 11. bounded open files --------------------------------------------------------------------------------------
+
+
+def test_a_store_of_many_shards_keeps_few_files_open(tmp_path, monkeypatch):
+    from vitok import store as store_module
+
+    folder = make_folder(tmp_path / "imgs", count=12, with_odd=False)
+    vitok.extract([str(folder)], tmp_path / "out", shard_size=1, **LIB)
+    monkeypatch.setattr(store_module, "MAX_OPEN", 3)
+    store = vitok.open(tmp_path / "out")
+    open_before = len(os.listdir("/proc/self/fd"))
+    for key in store.keys():
+        store[key]
+    assert len(store._readers) == 3 and len(os.listdir("/proc/self/fd")) <= open_before + 3
+    store.close()
+
+
+# ---- 12. parts from the environment -------------------------------------------------------------------------------
+
+
+def test_a_part_from_slurm_says_so_and_names_what_is_pending(tmp_path):
+    folder = make_folder(tmp_path / "imgs", count=6, with_odd=False)
+    out = tmp_path / "out"
+    env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0"}
+    result = run_vitok("extract", str(folder), "-o", str(out), *TINY[:-1], "--shard-size", "2", env=env)
+    assert result.returncode == 0
+    assert "from the slurm environment" in result.stderr and "other parts are not done" in result.stderr
+    info = run_vitok("info", str(out))
+    assert "2 done of 3 planned" in info.stdout and "1 not done" in info.stdout
+
+
+# ---- 13. smaller ones ----------------------------------------------------------------------------------------------
+
+
+def test_small_refusals_are_clear(tmp_path):
+    folder = make_folder(tmp_path / "imgs", count=2, with_odd=False)
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match="--image-size 100000"):
+        vitok.extract([str(folder)], out, image_size=100000, **LIB)
+    vitok.extract([str(folder)], out, **LIB)
+    store = vitok.open(out)
+    with pytest.raises(KeyError, match="not in this store"):
+        store.info("nope.png")
+    (tmp_path / "file").write_text("x")
+    for command in ("info", "verify"):
+        result = run_vitok(command, str(tmp_path / "file"))
+        assert result.returncode == 1 and "internal error" not in result.stderr and "not a vitok store" in result.stderr
+    with pytest.raises(StoreError, match="not a vitok store"):
+        vitok.open(tmp_path)
+
+
+@pytest.fixture
+def read_only_copy(tmp_path):
+    """A read-only bind mount of a finished store."""
+    folder = make_folder(tmp_path / "imgs", count=2, with_odd=False)
+    vitok.extract([str(folder)], tmp_path / "out", **LIB)
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    ok = subprocess.run(["mount", "--bind", str(tmp_path / "out"), str(mount)], capture_output=True).returncode == 0
+    ok = ok and subprocess.run(["mount", "-o", "remount,ro,bind", str(mount)], capture_output=True).returncode == 0
+    if not ok:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+        pytest.skip("cannot make a read-only bind mount here (needs root)")
+    try:
+        yield folder, mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_finished_store_on_a_read_only_mount_resumes_as_a_no_op(read_only_copy, tmp_path):
+    folder, mount = read_only_copy
+    summary = vitok.extract([str(folder)], mount, **LIB)
+    assert summary.shards_written == 0 and summary.already_done == 2
+    with pytest.raises(StoreError, match="read-only"):
+        vitok.extract([str(folder)], mount / "new", **LIB)
+
+
+def test_all_inputs_skipped_is_loud_and_exits_1(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(b"not a jpeg")
+    result = run_vitok("extract", str(folder), "-o", str(tmp_path / "out"), *TINY[:-1])
+    assert result.returncode == 1 and "ALL 3 input(s)" in result.stderr
+
+
+# ---- 14. a self-describing store, readable by colleagues ----------------------------------------------------------
+
+
+def test_store_describes_itself_and_is_readable_by_the_group(tmp_path):
+    import h5py
+
+    folder = make_folder(tmp_path / "imgs", count=3, with_odd=False)
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        vitok.extract([str(folder)], out, **LIB)
+    finally:
+        os.umask(old)
+    readme = (out / "README.txt").read_text()
+    assert "offsets" in readme and "grids" in readme and "qwen3-vl-tiny" in readme
+    with h5py.File(next((out / "shards").glob("*.h5"))) as handle:
+        grids = handle["grids"][()]
+        keys = [k.decode() for k in handle["keys"][()]]
+    store = vitok.open(out)
+    assert grids.tolist() == [store.info(k)["grid"] for k in keys]
+    files = [p for p in out.rglob("*") if p.is_file() and ".claims" not in p.parts]
+    modes = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {"0o644"}, modes
+    assert np.isfinite(store[keys[0]]).all()
