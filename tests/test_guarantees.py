@@ -415,3 +415,55 @@ def test_store_describes_itself_and_is_readable_by_the_group(tmp_path):
     modes = {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {"0o644"}, modes
     assert np.isfinite(store[keys[0]]).all()
+
+
+# ---- memory does not grow with the shard size (rows stream to disk as batches finish) -----------------------------
+
+RSS_SCRIPT = """
+import resource, sys
+import vitok
+vitok.extract([sys.argv[1]], sys.argv[2], model=sys.argv[3], workers=0, features=["patch"], store_dtype="float32",
+              shard_size=int(sys.argv[4]), min_pixels=2048 * 256, max_pixels=2048 * 256)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_peak_memory_does_not_grow_with_the_shard_size(tmp_path):
+    from vitok.checkpoint import save_tower
+    from vitok.config import EncoderConfig
+    from vitok.model import VisionEncoder, init_random_weights
+
+    config = EncoderConfig(name="wide", hidden_size=512, depth=1, num_heads=8, intermediate_size=1024,
+                           out_hidden_size=256, num_position_embeddings=2304)
+    model = VisionEncoder(config)
+    init_random_weights(model)
+    save_tower(model, tmp_path / "wide.safetensors", config)
+    for i in range(30):
+        photo(tmp_path / "imgs" / f"{i:03d}.png", size=(40, 30), seed=i)  # each resized to 2048 patches (4 MB)
+    peaks = {}
+    for size in (3, 30):
+        result = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path / "imgs"), str(tmp_path / f"o{size}"),
+                                 str(tmp_path / "wide.safetensors"), str(size)], capture_output=True, text=True,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        peaks[size] = int(result.stdout.split()[-1])
+    data = sum(p.stat().st_size for p in (tmp_path / "o30" / "shards").glob("*.h5")) // 2**20
+    assert data >= 110  # one shard of 30 images holds ~120 MB of tokens...
+    assert peaks[30] - peaks[3] < 40, peaks  # ...but the process never holds it
+
+
+def test_a_crash_in_a_decode_worker_ends_the_run_instead_of_hanging(tmp_path):
+    """Regression: an exception escaping a DataLoader worker left the process waiting for its workers forever."""
+    folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)
+    script = (
+        "import sys, vitok\n"
+        "from vitok.readers.files import FilesReader\n"
+        "def broken(self, unit, start=0, stop=None):\n"
+        "    raise RuntimeError('reader bug')\n"
+        "FilesReader.samples = broken\n"
+        "vitok.extract([sys.argv[1]], sys.argv[2], model='qwen3-vl-tiny', workers=1)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "out")], capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert result.returncode != 0 and "reader bug" in result.stderr
+    assert not leftovers(tmp_path / "out") and not list((tmp_path / "out" / ".claims").glob("*.claim"))

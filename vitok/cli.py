@@ -45,17 +45,21 @@ def _setup_logging(quiet: bool = False) -> None:
     root.propagate = False
 
 
-@app.callback()
-def _main(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    _state["debug"] = debug
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from . import __version__
 
         typer.echo(f"vitok {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
+) -> None:
+    _state["debug"] = debug
 
 
 # ---- extract: flags generated from ExtractOptions ----------------------------------------------------------------
@@ -171,9 +175,10 @@ def _by_panel(params: list[inspect.Parameter]) -> list[inspect.Parameter]:
 _extract_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
     inspect.Parameter("sources", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
         list[str] | None, typer.Argument(help="Inputs; '-' reads one per line from stdin.", show_default=False)]),
-    *_by_panel([inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=Path("vitok-out"), annotation=Annotated[
-        Path, typer.Option("-o", "--out", help="Output folder (resumed if it holds a store).",
-                           rich_help_panel="Outputs")]),
+    *_by_panel([inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=Path("vitok-out"),
+                                  annotation=Annotated[Path, typer.Option(
+                                      "-o", "--out", help="Output folder (resumed if it holds a store).",
+                                      rich_help_panel="Outputs")]),
     inspect.Parameter("size", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         str | None, typer.Option("--size", help="Preset name (same as --model).", rich_help_panel="Model")]),
     inspect.Parameter("gpus", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
@@ -412,6 +417,8 @@ def verify(
         typer.echo(f"in progress: {line}", err=True)
     for line in report.leftovers[:10]:
         typer.echo(f"leftover: {line}", err=True)
+    for line in report.input_errors[:20]:
+        typer.echo(f"input: {_safe(line)}", err=True)
     typer.echo(f"{report.shards_ok} shard(s) ok, {report.images_ok} images ok, {report.images_skipped} skipped, "
                f"{report.images_failed} failed")
     if not report.clean:

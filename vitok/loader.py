@@ -163,7 +163,13 @@ def load_units(units: Sequence[UnitRef], kind: str, reader_options: ReaderOption
         dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, worker_init_fn=_ignore_signals,
         prefetch_factor=2 if workers else None, persistent_workers=False,
     )
-    return in_unit_order(iter(loader))
+    iterator = iter(loader)
+    try:
+        yield from in_unit_order(iterator)
+    finally:  # on any exit (an error in a worker or in the loop): stop the workers now, not at interpreter exit
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def in_unit_order(chunks: Iterator[Chunk]) -> Iterator[Chunk]:

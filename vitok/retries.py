@@ -26,7 +26,15 @@ def base_and_attempt(name: str) -> tuple[str, int]:
 
 
 def _readable(path: str) -> bool:
-    return not is_url(path) and os.access(path, os.R_OK)
+    if is_url(path):
+        from .readers.remote import fsspec_module
+
+        try:
+            fs, inner = fsspec_module().core.url_to_fs(path)
+            return bool(fs.exists(inner))
+        except Exception:  # the network or the file system's package: not readable now
+            return False
+    return os.access(path, os.R_OK)
 
 
 def retry_units(job: Any, plan: Plan, done: dict[str, Sidecar]) -> list[UnitRef]:

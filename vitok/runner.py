@@ -35,8 +35,8 @@ from .plan import Plan, load_plan, write_generation
 from .preprocess import Preprocessor
 from .storage import META_FILE, RunHeader, create_exclusive, get_format, write_readme
 from .storage.claims import Claims
-from .storage.records import dumps
 from .storage.files import raise_store_error
+from .storage.records import dumps
 from .storage.shards import remove_temps
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class Run:
         if job.header is not None:
             check_settings(job, encoder.weights_hash)
         header = self._write_header(settings, encoder)
-        plan = self._write_plan(plan)
+        plan = self.plan = self._write_plan(plan)
         work = remaining_work(job, plan, header.fingerprint)
         claims = Claims(job.out)
         claims.start()
@@ -254,31 +254,34 @@ class Run:
         by_index = {u.index: u for u in units}
         totals = [u.expected for u in units]
         total = None if any(t is None for t in totals) else sum(totals)
-        seen = skipped = shards = 0
 
         def submit(unit: int, items) -> None:
             committer.launched(unit)
             committer.encoded(pipeline.submit(Batch(unit, items)))
 
-        chunks = load_units(units, self.job.plan.kind if self.job.plan else "files", self.job.reader_options,
+        seen = skipped = shards = 0
+        chunks = load_units(units, self.plan.kind, self.job.reader_options,
                             Preprocessor(encoder.preprocess), workers, pin_memory=encoder.device.type == "cuda")
-        for chunk in self._timed(chunks):
-            for item in chunk.unpack():
-                seen += 1
-                if item.image is None:
-                    skipped += 1
-                    committer.record(chunk.unit, item.record)
-                    continue
-                for closed in batcher.add(chunk.unit, item, item.image.num_patches):
-                    submit(chunk.unit, closed)
-            if chunk.end:
-                for closed in batcher.flush(chunk.unit):
-                    submit(chunk.unit, closed)
-                committer.close(chunk.unit, unit_record(by_index[chunk.unit], chunk))
-                shards += 1
-            if self.progress is not None:
-                self.progress(ProgressEvent(seen, total, pipeline.tokens, skipped,
-                                            time.perf_counter() - self.started, shards, len(units)))
+        try:
+            for chunk in self._timed(chunks):
+                for item in chunk.unpack():
+                    seen += 1
+                    if item.image is None:
+                        skipped += 1
+                        committer.record(chunk.unit, item.record)
+                        continue
+                    for closed in batcher.add(chunk.unit, item, item.image.num_patches):
+                        submit(chunk.unit, closed)
+                if chunk.end:
+                    for closed in batcher.flush(chunk.unit):
+                        submit(chunk.unit, closed)
+                    committer.close(chunk.unit, unit_record(by_index[chunk.unit], chunk))
+                    shards += 1
+                if self.progress is not None:
+                    self.progress(ProgressEvent(seen, total, pipeline.tokens, skipped,
+                                                time.perf_counter() - self.started, shards, len(units)))
+        finally:
+            chunks.close()  # on any error: stop the decode workers now, not at interpreter exit
         committer.encoded(pipeline.drain())
 
     def _timed(self, chunks):

@@ -39,7 +39,9 @@ INPUT_FORMATS = ("auto", "files", "wds", "parquet")
 
 
 def is_url(text: str) -> bool:
-    return "://" in text.split("/", 1)[0] + "/" and not text.startswith("file://")
+    """``scheme://...`` (s3, gs, https, memory, file...): read through fsspec."""
+    head = text.split("/", 1)[0]
+    return head.endswith(":") and text[len(head):].startswith("//")
 
 
 def kind_of(path: str) -> str | None:
@@ -139,6 +141,16 @@ def expand(source: str) -> list[str]:
     return list(braceexpand.braceexpand(source))
 
 
+def remote_folder(url: str, kind: str) -> list[str]:
+    """Archives of one kind under a URL folder, listed through fsspec."""
+    from .readers.remote import fsspec_module
+
+    fs, path = fsspec_module().core.url_to_fs(url)
+    protocol = url.split("://", 1)[0]
+    return sorted(f"{protocol}://{p.lstrip('/')}" if protocol != "file" else f"file://{p}"
+                  for p in fs.find(path) if kind_of(p) == kind)
+
+
 def _walk(root: str, wanted) -> tuple[list[str], int]:
     """Relative paths of the wanted files under root, following symlinks but never a folder twice (loop safe)."""
     found: list[str] = []
@@ -195,8 +207,13 @@ class _Collector:
         """One path from the command line (explicit) or from a list."""
         if is_url(entry):
             kind = kind_of(entry)
+            if kind is None and self.format in ("wds", "parquet"):  # a remote folder of archives
+                self._set_kind(self.format, entry)
+                self.archives += remote_folder(entry, self.format)
+                return
             if kind not in ("wds", "parquet"):
-                raise UsageError(f"{entry}: remote inputs must be .tar or .parquet files")
+                raise UsageError(f"{entry}: remote inputs must be .tar or .parquet files (or a folder of them with "
+                                 "--input-format wds|parquet)")
             self._set_kind(kind, entry)
             self.archives.append(entry)
             return

@@ -24,6 +24,7 @@ class VerifyReport:
     incomplete: list[str]  # planned shards with no committed sidecar
     in_progress: list[str] = field(default_factory=list)  # claimed by a live run
     leftovers: list[str] = field(default_factory=list)  # temporary files and stale claims of interrupted runs
+    input_errors: list[str] = field(default_factory=list)  # archives that could not be read (whole or in part)
     planned_shards: int = 0
     planned_images: int | None = None
 
@@ -42,6 +43,7 @@ def verify_store(out: str | Path, quick: bool = False) -> VerifyReport:
     shards_ok = 0
     status: dict[str, str] = {}
     done: set[str] = set()
+    report_errors: list[str] = []
     for position, sidecar in enumerate(attempt_order(list(iter_sidecars(root)))):
         done.add(base_and_attempt(sidecar.shard)[0])
         shard_problems = check_shard(root, sidecar, checksums=not quick)
@@ -50,6 +52,8 @@ def verify_store(out: str | Path, quick: bool = False) -> VerifyReport:
                                   f" the store's {header.fingerprint})")
         problems += shard_problems
         shards_ok += not shard_problems
+        if sidecar.unit.get("error"):
+            report_errors.append(f"{sidecar.shard}: {sidecar.unit['error']}")
         superseding = base_and_attempt(sidecar.shard)[1] > 0 or sidecar.unit.get("plan_generation", 0) > 0
         keys = Counter(r.key for r in sidecar.records)
         repeats += [f"key {k!r} appears {n} times in {sidecar.shard}" for k, n in keys.items() if n > 1]
@@ -61,7 +65,7 @@ def verify_store(out: str | Path, quick: bool = False) -> VerifyReport:
     problems += repeats[:20]
     report = VerifyReport(shards_ok, sum(s == "ok" for s in status.values()),
                           sum(s == "skipped" for s in status.values()), sum(s == "failed" for s in status.values()),
-                          problems, [])
+                          problems, [], input_errors=report_errors)
     plan = load_plan(root)
     if plan is not None:
         report.planned_shards = len(plan.units)
