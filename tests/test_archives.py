@@ -13,7 +13,7 @@ import tarfile
 import numpy as np
 import pytest
 from conftest import ROOT
-from helpers import TINY, popen_vitok, wait_for
+from helpers import popen_vitok, wait_for
 from helpers import vitok as run_vitok
 from PIL import Image
 
