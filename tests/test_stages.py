@@ -199,6 +199,8 @@ def test_a_crash_before_commit_leaves_nothing_listed(tmp_path):
                                 {"merged": np.ones((1, 4), np.float16)}, {"merged": [1]}))
     # the process dies here: temporary data only, no sidecar
     assert not list(iter_sidecars(tmp_path)) and len(temp_files(tmp_path)) == 1
+    sink.abort()
+    assert not temp_files(tmp_path)
 
 
 def test_commit_of_a_shard_someone_else_committed_keeps_theirs(tmp_path):
@@ -214,13 +216,20 @@ def test_commit_of_a_shard_someone_else_committed_keeps_theirs(tmp_path):
 
 
 def test_a_damaged_sidecar_data_pair_is_found(tmp_path):
-    fmt = get_format("hdf5")
+    import h5py
+
+    from vitok.device import EncodedBatch
     from vitok.sink import ShardSink
 
-    sidecar = ShardSink(tmp_path, fmt, "s", {"merged": FeatureLayout(4)}, "float32", None, "r").commit()
+    sink = ShardSink(tmp_path, get_format("hdf5"), "s", {"merged": FeatureLayout(4)}, "float32", None, "r")
+    sink.add_batch(EncodedBatch(0, [ImageRecord("a", "ok", "s", grid=[1, 2, 2])],
+                                {"merged": np.ones((3, 4), np.float32)}, {"merged": [3]}))
+    sidecar = sink.commit()
     path = tmp_path / "shards" / sidecar.data
+    with h5py.File(path) as handle:
+        offset = handle["merged"].id.get_chunk_info(0).byte_offset  # where the tokens are, not the metadata
     data = bytearray(path.read_bytes())
-    data[-100] ^= 0xFF
+    data[offset + 5] ^= 0xFF
     path.write_bytes(bytes(data))
     assert check_shard(tmp_path, sidecar) == []  # sizes and tables still agree
     assert "checksum" in check_shard(tmp_path, sidecar, checksums=True)[0]

@@ -328,15 +328,14 @@ def plan(
         raise UsageError("give at least one source, '-' for stdin, or --files-from")
     kind = input_format.value if isinstance(input_format, enum.Enum) else input_format
     listing = list_inputs(list(sources or []), files_from, None, kind)
-    digest = listing_digest(listing)
     existing = load_plan(out)
     if existing is not None:
-        if existing.latest["listing_digest"] != digest:
+        if existing.latest["listing_digest"] != listing_digest(listing):
             raise UsageError(f"{out} already holds a plan of other inputs ({diff(existing, listing).describe()})")
         typer.echo(f"{out} already holds this plan: {len(existing.units)} shards")
         return
     generation = write_generation(out, listing, shard_size, 0, 0, [os.path.abspath(s) for s in sources or []],
-                                  "initial", digest, ReaderOptions().to_dict())
+                                  "initial", None, ReaderOptions().to_dict())
     header = generation.header
     size = f" of {shard_size}" if header["reader"] == "files" else ""
     typer.echo(f"{header.get('num_items', '?')} inputs in {header['num_units']} shards{size} -> {out}/plan")

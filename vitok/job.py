@@ -48,6 +48,7 @@ class Job:
     header: RunHeader | None  # the stored header, if any
     device: Any = None  # torch.device
     dtype: Any = None  # torch.dtype
+    listing_digest: str | None = None  # of the listing, once computed
 
     @property
     def layouts(self):
@@ -169,7 +170,8 @@ def _compare(job: Job) -> PlanDiff | None:
     if _kind(listing) != plan.kind:
         raise InputsChangedError(f"{job.out} holds a plan of {plan.kind} inputs; these sources are {_kind(listing)} "
                                  "inputs: use another -o, or --overwrite")
-    if listing_digest(listing) == plan.latest["listing_digest"]:
+    job.listing_digest = listing_digest(listing)
+    if job.listing_digest == plan.latest["listing_digest"]:
         return None
     changes = diff(plan, listing)
     if changes.empty:

@@ -160,45 +160,83 @@ def load_plan(out: Path) -> Plan | None:
 
 
 def listing_digest(listing: Listing) -> str:
-    """Identity of a listing: roots and keys (loose files) or archive paths; equal digest = same inputs."""
+    """Identity of a listing: its roots and content lines (loose files) or its archive paths; equal digest = same
+    inputs. A plan's first generation records it while writing, from the same bytes."""
+    digest = _listing_hasher(listing)
+    if isinstance(listing, FileListing):
+        for data, _ in file_chunks(listing, 100_000):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def _listing_hasher(listing: Listing):
     digest = hashlib.blake2b(digest_size=16)
     if isinstance(listing, FileListing):
-        digest.update(json.dumps([[r.dir, r.prefix] for r in listing.roots]).encode("utf-8", "surrogateescape"))
-        for key, root in listing.items():
-            digest.update(f"{root}\0{key}\n".encode("utf-8", "surrogateescape"))
+        digest.update(json.dumps([[r.dir, r.prefix] for r in listing.roots]).encode("ascii"))
     else:
         for path in listing.paths:
             digest.update(f"{path}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
+    return digest
+
+
+def _encode_keys(keys: list[str]) -> bytes:
+    """Content lines of single-root keys: JSON strings, in one join when no key needs escaping (the usual case)."""
+    joined = "".join(keys)
+    if joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined:
+        return ('"' + '"\n"'.join(keys) + '"\n').encode("ascii") if keys else b""
+    return "".join(json.dumps(key) + "\n" for key in keys).encode("ascii")
+
+
+def file_chunks(listing: FileListing, size: int, items: Iterable[tuple[str, int]] | None = None
+                ) -> Iterator[tuple[bytes, int]]:
+    """The content lines of ``size`` images at a time (one unit each): (bytes, images)."""
+    if items is None and len(listing.roots) == 1:
+        keys = listing.keys[0]
+        for start in range(0, len(keys), size):
+            chunk = keys[start : start + size]
+            yield _encode_keys(chunk), len(chunk)
+        return
+    multi = len(listing.roots) > 1
+    batch: list[tuple[str, int]] = []
+    for item in (items if items is not None else listing.items()):
+        batch.append(item)
+        if len(batch) == size:
+            yield _encode_items(batch, multi), size
+            batch = []
+    if batch:
+        yield _encode_items(batch, multi), len(batch)
+
+
+def _encode_items(items: list[tuple[str, int]], multi_root: bool) -> bytes:
+    if not multi_root:
+        return _encode_keys([key for key, _ in items])
+    return "".join(json.dumps([root, key]) + "\n" for key, root in items).encode("ascii")
 
 
 # ---- writing a generation ----------------------------------------------------------------------------------------
 
 
-def _write_content(folder: Path, generation: int, lines: Iterable[bytes], unit_size: int,
-                   expected: list[int] | None = None) -> tuple[str, str, int, str]:
-    """Stream content lines into a content-addressed file and its unit index (offset, lines, expected images),
-    ``unit_size`` lines per unit; returns (content file, index file, lines, digest)."""
+def _write_content(folder: Path, generation: int, chunks: Iterable[tuple[bytes, int, int]],
+                   also=None) -> tuple[str, str, int, str]:
+    """Stream unit chunks (content lines, lines, expected images) into a content-addressed file and its unit index
+    (byte offset, lines, expected images); ``also`` is another hasher fed the same bytes. Returns
+    (content file, index file, lines, digest)."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{generation:04d}.{os.getpid()}.{time.monotonic_ns()}.tmp"
     digest = hashlib.blake2b(digest_size=16)
-    index: list[list[int]] = []
+    index: list[tuple[int, int, int]] = []
     count = position = 0
     with open(tmp, "wb", buffering=1 << 20) as handle:
-        for line in lines:
-            if count % unit_size == 0:
-                unit = len(index)
-                index.append([position, 0, expected[unit] if expected is not None else 0])
-            index[-1][1] += 1
-            handle.write(line)
-            digest.update(line)
-            position += len(line)
-            count += 1
+        for data, lines, expected in chunks:
+            index.append((position, lines, expected))
+            handle.write(data)
+            digest.update(data)
+            if also is not None:
+                also.update(data)
+            position += len(data)
+            count += lines
         handle.flush()
         os.fsync(handle.fileno())
-    if expected is None:  # loose files: a unit's expected images are its lines
-        for entry in index:
-            entry[2] = entry[1]
     os.chmod(tmp, file_mode())
     name = f"{generation:04d}-{digest.hexdigest()[:12]}"
     os.replace(tmp, folder / f"{name}.jsonl")
@@ -209,22 +247,12 @@ def _write_content(folder: Path, generation: int, lines: Iterable[bytes], unit_s
     return f"{name}.jsonl", f"{name}.units.npy", count, digest.hexdigest()
 
 
-def _file_lines(items: Iterable[tuple[str, int]], multi_root: bool) -> Iterator[bytes]:
-    encode = json.dumps
-    for key, root in items:
-        yield ((encode([root, key]) if multi_root else encode(key)) + "\n").encode("ascii")
-
-
-def _units_of(count: int, size: int) -> Iterator[int]:
-    while count > 0:
-        yield min(size, count)
-        count -= size
-
-
 def write_generation(out: Path, listing: Listing, shard_size: int, generation: int, first_unit: int,
-                     sources: list[str], reason: str, listing_digest_: str, reader_options: dict | None = None,
-                     items: list[tuple[str, int]] | None = None, removed: list[str] | None = None) -> Generation:
-    """Write one generation (all of ``listing``, or only ``items`` of it for an update) and commit its header."""
+                     sources: list[str], reason: str, listing_digest_: str | None = None,
+                     reader_options: dict | None = None, items: list | None = None,
+                     removed: list[str] | None = None) -> Generation:
+    """Write one generation (all of ``listing``, or only ``items`` of it for an update) and commit its header.
+    ``listing_digest_`` of the whole listing is computed while writing when not given."""
     folder = plan_dir(out)
     header: dict[str, Any] = {
         "vitok_plan": PLAN_SCHEMA, "generation": generation, "reader": "files" if isinstance(listing, FileListing)
@@ -232,19 +260,22 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
         "first_unit": first_unit, "listing_digest": listing_digest_, "reader_options": reader_options or {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    whole = _listing_hasher(listing) if listing_digest_ is None and items is None else None
     if isinstance(listing, FileListing):
-        chosen = items if items is not None else listing.items()
-        content, index, lines, digest = _write_content(
-            folder, generation, _file_lines(chosen, len(listing.roots) > 1), shard_size)
+        chunks = ((data, lines, lines) for data, lines in file_chunks(listing, shard_size, items))
+        content, index, lines, digest = _write_content(folder, generation, chunks, also=whole)
         header |= {"roots": [[r.dir, r.prefix] for r in listing.roots], "num_items": lines,
                    "num_units": (lines + shard_size - 1) // shard_size}
     else:
         units = items if items is not None else archive_units(listing, reader_options or {})
-        lines_out = [(json.dumps(u, sort_keys=True) + "\n").encode("ascii") for u in units]
-        content, index, lines, digest = _write_content(
-            folder, generation, lines_out, 1, [u.get("expected", -1) for u in units])
+        chunks = (((json.dumps(u, sort_keys=True) + "\n").encode("ascii"), 1, u.get("expected", -1))
+                  for u in units)
+        content, index, lines, digest = _write_content(folder, generation, chunks)
         header |= {"num_units": len(units), "unit_names": [u["name"] for u in units],
                    "num_items": sum(max(0, u.get("expected", 0)) for u in units)}
+    if listing_digest_ is None:
+        listing_digest_ = whole.hexdigest() if whole is not None else listing_digest(listing)
+    header["listing_digest"] = listing_digest_
     header |= {"content": content, "index": index, "digest": digest}
     if removed:
         removed_name = content.replace(".jsonl", ".removed.json")

@@ -187,13 +187,9 @@ class Run:
     def _write_plan(self, plan: Plan | None) -> Plan:
         job = self.job
         if plan is None:
-            from .plan import listing_digest
-
-            write_generation(job.out, job.listing, job.options.shard_size, 0, 0, job.sources, "initial",
-                             listing_digest(job.listing), job.reader_options.to_dict())
+            write_generation(job.out, job.listing, job.options.shard_size, 0, 0, job.sources, "initial", None,
+                             job.reader_options.to_dict())
         elif job.plan_diff is not None:
-            from .plan import listing_digest
-
             changes = job.plan_diff
             generation = plan.generations[-1].number + 1
             added = changes.added
@@ -208,7 +204,7 @@ class Run:
             logger.info("update: %s since the store was planned; planning generation %d", changes.describe(),
                         generation)
             write_generation(job.out, job.listing, job.options.shard_size, generation, len(plan.units), job.sources,
-                             "update", listing_digest(job.listing), job.reader_options.to_dict(), items=added,
+                             "update", job.listing_digest, job.reader_options.to_dict(), items=added,
                              removed=list(changes.removed))
         return load_plan(job.out)
 

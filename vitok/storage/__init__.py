@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .dtypes import STORE_DTYPES, from_store_array, to_store_array, to_store_tensor
 from .files import atomic_write_text, create_exclusive
 from .format import FeatureLayout, ShardFormat
 from .records import SCHEMA_VERSION, ImageRecord, RunHeader, Sidecar
@@ -27,10 +26,9 @@ META_FILE = "vitok.json"
 README_FILE = "README.txt"
 
 __all__ = [
-    "FORMATS", "META_FILE", "README_FILE", "SCHEMA_VERSION", "SHARDS_DIR", "STORE_DTYPES", "FeatureLayout",
-    "ImageRecord", "RunHeader", "ShardFormat", "Sidecar", "atomic_write_text", "check_shard", "commit",
-    "create_exclusive", "from_store_array", "get_format", "iter_sidecars", "register_format", "store_readme",
-    "to_store_array", "to_store_tensor", "write_readme",
+    "FORMATS", "META_FILE", "README_FILE", "SCHEMA_VERSION", "SHARDS_DIR", "FeatureLayout", "ImageRecord",
+    "RunHeader", "ShardFormat", "Sidecar", "atomic_write_text", "check_shard", "commit", "create_exclusive",
+    "get_format", "iter_sidecars", "register_format", "store_readme", "write_readme",
 ]
 
 

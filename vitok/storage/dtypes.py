@@ -42,10 +42,6 @@ def to_store_array(tensor: torch.Tensor, store_dtype: str) -> tuple[np.ndarray, 
     return stored_to_numpy(stored.cpu(), store_dtype), int(overflow)
 
 
-def numpy_dtype(store_dtype: str) -> np.dtype:
-    return np.dtype({"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}[store_dtype])
-
-
 def from_store_array(array: np.ndarray, store_dtype: str) -> np.ndarray:
     """Stored array -> float32 (bfloat16 bits are widened exactly)."""
     if store_dtype == "bfloat16":

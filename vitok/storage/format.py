@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .dtypes import numpy_dtype
 
 
 @dataclass(frozen=True)
@@ -26,6 +25,11 @@ class FeatureLayout:
 
     def numpy_dtype(self, store_dtype: str) -> np.dtype:
         return numpy_dtype(store_dtype)
+
+
+def numpy_dtype(store_dtype: str) -> np.dtype:
+    """The numpy dtype a stored dtype is written as (bfloat16 as its uint16 bits)."""
+    return np.dtype({"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}[store_dtype])
 
 
 def encode_keys(keys: list[str]) -> list[bytes]:
