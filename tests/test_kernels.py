@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from conftest import reference_model, rel_error, vitok_from_reference
 
-from vitok import kernels
+from vitok import kernels, settings
+from vitok.attention import Rotary, apply_rotary
 from vitok.config import EncoderConfig
-from vitok.model import MLP, Rotary, apply_rotary
+from vitok.model import MLP
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -41,14 +42,14 @@ def test_unknown_gelu_form_is_refused():
         kernels.linear(torch.ones(1, 2), torch.ones(3, 2), None, gelu="sigmoid")
 
 
-def test_parity_with_torch_default_kernels(monkeypatch):
-    """The encoder on torch's own CPU GEMM (what VITOK_ONEDNN=0 gives) matches the reference too."""
-    monkeypatch.setattr(kernels, "onednn_linear_available", lambda: False)
+def test_parity_with_torch_default_kernels():
+    """The encoder on torch's own CPU GEMM (what VITOK_ONEDNN=off gives) matches the reference too."""
     reference, config = reference_model(seed=5)
     model = vitok_from_reference(reference, config)
     grids = [(1, 6, 8), (1, 4, 4)]
     pixels = torch.randn(64, model.config.patch_dim)
-    with torch.no_grad():
+    with torch.no_grad(), settings.override(onednn="off"):
+        assert not kernels.onednn_linear_available()
         expected = reference(pixels, torch.tensor(grids)).pooler_output
         got = model(pixels, grids, features=("merged",)).features["merged"]
     assert rel_error(got, expected) <= 1e-5

@@ -8,7 +8,8 @@ from conftest import reference_model, rel_error, vitok_from_reference
 
 from vitok.config import EncoderConfig
 from vitok.errors import UsageError
-from vitok.model import VisionEncoder, block_order_positions
+from vitok.geometry import block_order_positions
+from vitok.model import VisionEncoder
 from vitok.presets import get_preset, registry
 
 # square, wide, tall, larger than the 48x48 table, the smallest (2x2), and a repeat of the first grid

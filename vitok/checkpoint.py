@@ -103,14 +103,14 @@ def _read_folder_configs(folder: Path, name: str) -> tuple[EncoderConfig, Prepro
             f"{folder}: no config.json; a checkpoint folder needs config.json and safetensors weights"
         )
     config = _read_json(config_path)
-    vision = config.get("vision_config", config if "depth" in config and "out_hidden_size" in config else None)
+    vision = config.get("vision_config", config if "depth" in config else None)
     if vision is None:
-        raise CheckpointError(f"{config_path}: no vision_config; is this a Qwen3-VL checkpoint?")
+        raise CheckpointError(f"{config_path}: no vision_config; is this a Qwen vision-language checkpoint?")
     try:
-        encoder = EncoderConfig.from_hf_vision_config(vision, name)
+        encoder = EncoderConfig.from_hf_vision_config(vision, name, config.get("model_type"))
     except KeyError as exc:
         raise CheckpointError(f"{config_path}: vision_config lacks {exc.args[0]!r}") from exc
-    preprocess = PreprocessConfig()
+    preprocess = PreprocessConfig.for_tower(encoder)
     if (folder / "preprocessor_config.json").is_file():
         preprocess = PreprocessConfig.from_hf_preprocessor_config(
             _read_json(folder / "preprocessor_config.json"), preprocess
@@ -172,7 +172,7 @@ def _resolve_single_file(path: Path) -> ModelSource:
     name = path.stem
     if CONFIG_METADATA_KEY in metadata:
         encoder = EncoderConfig.from_dict({**json.loads(metadata[CONFIG_METADATA_KEY]), "name": name})
-        return ModelSource(name, encoder, PreprocessConfig(), [path], prefix)
+        return ModelSource(name, encoder, PreprocessConfig.for_tower(encoder), [path], prefix)
     if (path.parent / "config.json").is_file():
         encoder, preprocess = _read_folder_configs(path.parent, name)
         return ModelSource(name, encoder, preprocess, [path], prefix)

@@ -349,11 +349,11 @@ def models() -> None:
 
     from .presets import registry
 
-    table = Table("preset", "params", "width", "depth", "heads", "patch", "outputs", "weights from")
+    table = Table("preset", "family", "params", "width", "depth", "heads", "patch", "outputs", "weights from")
     for name, preset in registry().items():
         enc = preset.encoder
         table.add_row(
-            name, f"{enc.num_parameters():,}", str(enc.hidden_size), str(enc.depth), str(enc.num_heads),
+            name, enc.family, f"{enc.num_parameters():,}", str(enc.hidden_size), str(enc.depth), str(enc.num_heads),
             str(enc.patch_size), ",".join(enc.features), preset.hf_repo or "random (seeded)",
         )
     Console(width=160).print(table)

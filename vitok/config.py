@@ -13,8 +13,20 @@ from .errors import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FEATURES = ("patch", "merged", "deepstack")
-
+# family -> what differs, as configuration: module names (merger, MLP) and defaults of the released towers
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "quick_gelu", "silu")
+# vision model_type (or the checkpoint's top-level model_type) -> family
+MODEL_TYPES = {
+    "qwen2_vl": "qwen2_vl", "qwen2_vl_vision": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_5_vl", "qwen2_5_vl_vision": "qwen2_5_vl",
+    "qwen3_vl": "qwen3_vl", "qwen3_vl_vision": "qwen3_vl",
+    "qwen3_vl_moe": "qwen3_vl", "qwen3_vl_moe_vision": "qwen3_vl",
+    "qwen3_5": "qwen3_5", "qwen3_5_vision": "qwen3_5", "qwen3_5_moe": "qwen3_5", "qwen3_5_moe_vision": "qwen3_5",
+}
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -36,6 +48,11 @@ class EncoderConfig:
     patch_embed_bias: bool = True
     layer_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    family: str = "qwen3_vl"  # module names of the checkpoint: qwen2_vl | qwen2_5_vl | qwen3_vl | qwen3_5
+    norm: str = "layernorm"  # layernorm (weight and bias) | rmsnorm (weight only, computed in float32): Qwen2.5-VL
+    mlp: str = "gelu"  # gelu: fc1 -> act -> fc2 | swiglu: down(act(gate) * up), Qwen2.5-VL
+    window_size: int = 0  # Qwen2.5-VL: attention within windows of this many pixels (0: whole images everywhere)
+    fullatt_block_indexes: tuple[int, ...] = ()  # with window_size: the blocks that attend to the whole image
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -44,8 +61,14 @@ class EncoderConfig:
             )
         if self.head_dim % 4:
             raise UsageError(f"{self.name}: head_dim {self.head_dim} must be a multiple of 4 for the 2D rotary")
-        if self.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
-            raise UsageError(f"{self.name}: hidden_act {self.hidden_act!r} is not supported (gelu_pytorch_tanh, gelu)")
+        if self.hidden_act not in ACTIVATIONS:
+            raise UsageError(f"{self.name}: hidden_act {self.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
+        if self.family not in FAMILIES:
+            raise UsageError(f"{self.name}: family {self.family!r} is not one of: {', '.join(FAMILIES)}")
+        if self.norm not in ("layernorm", "rmsnorm") or self.mlp not in ("gelu", "swiglu"):
+            raise UsageError(f"{self.name}: norm must be layernorm|rmsnorm and mlp gelu|swiglu")
+        if self.window_size and self.window_size % (self.patch_size * self.spatial_merge_size):
+            raise UsageError(f"{self.name}: window_size {self.window_size} is not a multiple of patch x merge")
         bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
         if bad:
             raise UsageError(f"{self.name}: deepstack_visual_indexes {bad} outside 0..{self.depth - 1}")
@@ -81,18 +104,24 @@ class EncoderConfig:
     def num_parameters(self) -> int:
         """Closed-form parameter count (checked against a meta-device build in the tests)."""
         d, i, o = self.hidden_size, self.intermediate_size, self.out_hidden_size
+
+        def norm(size: int) -> int:
+            return 2 * size if self.norm == "layernorm" else size
+
+        mlp = 3 * d * i + 2 * i + d if self.mlp == "swiglu" else 2 * d * i + i + d
         n = d * self.patch_dim + (d if self.patch_embed_bias else 0)
         n += self.num_position_embeddings * d
-        n += self.depth * (4 * d * d + 2 * d * i + 9 * d + i)
+        n += self.depth * (4 * d * d + 4 * d + 2 * norm(d) + mlp)
         if o is not None:
             wide = d * self.spatial_merge_size**2
-            n += 2 * d + wide * wide + wide + wide * o + o
-            n += len(self.deepstack_visual_indexes) * (2 * wide + wide * wide + wide + wide * o + o)
+            n += norm(d) + wide * wide + wide + wide * o + o
+            n += len(self.deepstack_visual_indexes) * (norm(wide) + wide * wide + wide + wide * o + o)
         return n
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["deepstack_visual_indexes"] = list(self.deepstack_visual_indexes)
+        data["fullatt_block_indexes"] = list(self.fullatt_block_indexes)
         return data
 
     @classmethod
@@ -103,34 +132,47 @@ class EncoderConfig:
             raise UsageError(f"unknown encoder config fields {unknown}; valid: {sorted(known)}")
         data = dict(data)
         data["deepstack_visual_indexes"] = tuple(data.get("deepstack_visual_indexes", ()))
+        data["fullatt_block_indexes"] = tuple(data.get("fullatt_block_indexes", ()))
         return cls(**data)
 
     @classmethod
-    def from_hf_vision_config(cls, vision: dict[str, Any], name: str) -> EncoderConfig:
-        """Build from a Hugging Face Qwen3-VL ``vision_config`` dict."""
-        model_type = vision.get("model_type", "qwen3_vl_vision")
-        if model_type not in ("qwen3_vl", "qwen3_vl_vision", "qwen3_vl_moe", "qwen3_vl_moe_vision"):
+    def from_hf_vision_config(cls, vision: dict[str, Any], name: str, model_type: str | None = None) -> EncoderConfig:
+        """Build from a Hugging Face ``vision_config`` dict of any supported family (``model_type``: the
+        checkpoint's top-level type, used when the vision config does not name its own)."""
+        kind = vision.get("model_type") or model_type or "qwen3_vl_vision"
+        family = MODEL_TYPES.get(kind) or MODEL_TYPES.get(model_type or "")
+        if family is None:
             raise UsageError(
-                f"{name}: vision_config.model_type {model_type!r} is not supported; vitok reads Qwen3-VL towers "
-                "(qwen3_vl_vision, qwen3_vl_moe_vision)"
+                f"{name}: model_type {kind!r} is not supported; vitok reads the vision towers of "
+                f"{', '.join(sorted(MODEL_TYPES))}"
             )
         rope = vision.get("rope_parameters") or {}
-        return cls(
-            name=name,
-            hidden_size=int(vision["hidden_size"]),
-            depth=int(vision["depth"]),
-            num_heads=int(vision["num_heads"]),
-            intermediate_size=int(vision["intermediate_size"]),
-            patch_size=int(vision.get("patch_size", 16)),
+        common = dict(
+            name=name, depth=int(vision["depth"]), num_heads=int(vision["num_heads"]),
+            in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
+            patch_size=int(vision.get("patch_size", 14 if family.startswith("qwen2") else 16)),
             temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
-            in_channels=int(vision.get("in_channels", 3)),
             spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
-            out_hidden_size=int(vision["out_hidden_size"]),
-            num_position_embeddings=int(vision.get("num_position_embeddings", 2304)),
-            deepstack_visual_indexes=tuple(int(i) for i in vision.get("deepstack_visual_indexes", ())),
-            hidden_act=str(vision.get("hidden_act", "gelu_pytorch_tanh")),
-            rope_theta=float(rope.get("rope_theta", vision.get("rope_theta", 10000.0))),
+            rope_theta=float(rope.get("rope_theta", vision.get("rope_theta", 10000.0))), family=family,
         )
+        if family == "qwen2_vl":  # its hidden_size is the merger's output; the tower's width is embed_dim
+            width = int(vision["embed_dim"])
+            return cls(**common, hidden_size=width, intermediate_size=int(width * float(vision.get("mlp_ratio", 4))),
+                       out_hidden_size=int(vision["hidden_size"]), hidden_act=str(vision.get("hidden_act",
+                                                                                               "quick_gelu")),
+                       patch_embed_bias=False)
+        if family == "qwen2_5_vl":
+            full = tuple(int(i) for i in vision.get("fullatt_block_indexes", (7, 15, 23, 31)))
+            return cls(**common, hidden_size=int(vision["hidden_size"]),
+                       intermediate_size=int(vision["intermediate_size"]),
+                       out_hidden_size=int(vision["out_hidden_size"]), hidden_act=str(vision.get("hidden_act", "silu")),
+                       patch_embed_bias=False, norm="rmsnorm", mlp="swiglu",
+                       window_size=int(vision.get("window_size", 112)), fullatt_block_indexes=full)
+        deepstack = () if family == "qwen3_5" else tuple(int(i) for i in vision.get("deepstack_visual_indexes", ()))
+        return cls(**common, hidden_size=int(vision["hidden_size"]),
+                   intermediate_size=int(vision["intermediate_size"]), out_hidden_size=int(vision["out_hidden_size"]),
+                   num_position_embeddings=int(vision.get("num_position_embeddings", 2304)),
+                   deepstack_visual_indexes=deepstack, hidden_act=str(vision.get("hidden_act", "gelu_pytorch_tanh")))
 
 
 @dataclass(frozen=True)
@@ -204,6 +246,15 @@ class PreprocessConfig:
     def replace(self, **changes: Any) -> PreprocessConfig:
         changes = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def for_tower(cls, encoder: EncoderConfig) -> PreprocessConfig:
+        """The released image processor's settings for a tower's family (when a checkpoint ships none)."""
+        qwen2 = encoder.family in ("qwen2_vl", "qwen2_5_vl")
+        return cls(patch_size=encoder.patch_size, merge_size=encoder.spatial_merge_size,
+                   temporal_patch_size=encoder.temporal_patch_size,
+                   min_pixels=3136 if qwen2 else 65536, max_pixels=12845056 if qwen2 else 16777216,
+                   image_mean=CLIP_MEAN if qwen2 else (0.5, 0.5, 0.5), image_std=CLIP_STD if qwen2 else (0.5, 0.5, 0.5))
 
     @classmethod
     def from_hf_preprocessor_config(cls, data: dict[str, Any], base: PreprocessConfig) -> PreprocessConfig:

@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 
-
 @dataclass(frozen=True)
 class FeatureLayout:
     """Shape of one stored feature: ``(levels, rows, dim)`` when ``levels`` (deepstack), else ``(rows, dim)``."""

@@ -1,0 +1,188 @@
+"""Parity of every family's tower with its transformers module (every parameter random, several grids at once), its
+checkpoint layout, and its image processor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import PHOTOS, randomize_, rel_error
+from PIL import Image, ImageOps
+from safetensors.torch import save_file
+
+from vitok.config import EncoderConfig
+from vitok.inference import load_encoder
+from vitok.model import VisionEncoder
+
+# square, wide, tall, a grid that is not a multiple of the window, the smallest (2x2), and a repeat
+GRIDS = [(1, 8, 8), (1, 6, 14), (1, 12, 6), (1, 10, 6), (1, 2, 2), (1, 8, 8)]
+SMALL = dict(depth=3, num_heads=4)
+
+
+def qwen2_vl():
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    config = Qwen2VLVisionConfig(embed_dim=64, hidden_size=48, mlp_ratio=2, **SMALL)
+    return Qwen2VisionTransformerPretrainedModel._from_config(config), config, "qwen2_vl"
+
+
+def qwen2_5_vl():
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    # windows of 56 px = 2 x 2 merged tokens; block 1 attends to whole images
+    config = Qwen2_5_VLVisionConfig(hidden_size=64, intermediate_size=80, out_hidden_size=48, window_size=56,
+                                    fullatt_block_indexes=[1], **SMALL)
+    return Qwen2_5_VisionTransformerPretrainedModel._from_config(config), config, "qwen2_5_vl"
+
+
+def qwen3_5():
+    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5VisionConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
+
+    config = Qwen3_5VisionConfig(hidden_size=64, intermediate_size=96, out_hidden_size=48, **SMALL)
+    return Qwen3_5VisionModel._from_config(config), config, "qwen3_5"
+
+
+def qwen3_vl():
+    from transformers import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    config = Qwen3VLVisionConfig(hidden_size=64, intermediate_size=96, out_hidden_size=48,
+                                 deepstack_visual_indexes=[0, 2], **SMALL)
+    return Qwen3VLVisionModel._from_config(config), config, "qwen3_vl"
+
+
+FAMILIES = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_5": qwen3_5, "qwen3_vl": qwen3_vl}
+
+
+def pair(family: str, seed: int = 0):
+    reference, config, model_type = FAMILIES[family]()
+    randomize_(reference.eval(), seed)
+    ours = VisionEncoder(EncoderConfig.from_hf_vision_config(config.to_dict(), family, model_type)).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    return reference, ours
+
+
+def reference_outputs(reference, family, pixels, grids):
+    grid = torch.tensor(grids)
+    out = reference(pixels, grid_thw=grid)
+    patch = out.last_hidden_state
+    if family == "qwen2_5_vl":  # the reference leaves its last hidden state in window order
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(grid, 2, reference.config.window_size, reference.config.patch_size)
+        patch = patch.view(-1, 4, patch.shape[-1])[torch.argsort(window_index)].reshape(patch.shape)
+    outputs = {"patch": patch, "merged": out.pooler_output}
+    for k, tensor in enumerate(getattr(out, "deepstack_features", None) or []):
+        outputs[f"deepstack{k}"] = tensor
+    return outputs
+
+
+def compare(reference, ours, family, grids, dtype):
+    torch.manual_seed(1)
+    pixels = torch.randn(sum(t * h * w for t, h, w in grids), ours.config.patch_dim)
+    reference, ours = reference.to(dtype), ours.to(dtype)
+    features = ("patch", "merged", "deepstack") if ours.config.deepstack_visual_indexes else ("patch", "merged")
+    with torch.no_grad():
+        expected = reference_outputs(reference, family, pixels.to(dtype), grids)
+        got = ours(pixels, grids, features=features).features
+    errors = {"patch": rel_error(got["patch"], expected["patch"]), "merged": rel_error(got["merged"],
+                                                                                     expected["merged"])}
+    for k in range(len(ours.config.deepstack_visual_indexes)):
+        errors[f"deepstack{k}"] = rel_error(got["deepstack"][k], expected[f"deepstack{k}"])
+    return errors
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_parity_on_mixed_grids(family):
+    reference, ours = pair(family)
+    errors = compare(reference, ours, family, GRIDS, torch.float32)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_parity(family):
+    reference, ours = pair(family, seed=3)
+    errors = compare(reference, ours, family, GRIDS[:4], torch.bfloat16)
+    assert max(errors.values()) <= 2e-2, errors
+
+
+def test_window_attention_equals_the_eager_oracle():
+    _, ours = pair("qwen2_5_vl")
+    pixels = torch.randn(sum(t * h * w for t, h, w in GRIDS), ours.config.patch_dim)
+    with torch.no_grad():
+        fast = ours(pixels, GRIDS, features=("patch", "merged")).features
+        ours.set_attention("eager")
+        eager = ours(pixels, GRIDS, features=("patch", "merged")).features
+    assert rel_error(fast["merged"], eager["merged"]) <= 1e-5 and rel_error(fast["patch"], eager["patch"]) <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_outputs_a_family_lacks_are_usage_errors(family):
+    from vitok.errors import UsageError
+
+    _, ours = pair(family)
+    if family == "qwen3_vl":
+        assert "deepstack" in ours.config.features
+        return
+    with pytest.raises(UsageError, match="offers: patch, merged"):
+        ours.check_features(["deepstack"])
+
+
+def released_folder(folder, family):
+    """A checkpoint folder in the family's released layout: config.json, sharded safetensors and an index, the
+    language model's tensors in a shard that is not even valid safetensors (reading it fails the load)."""
+    reference, config, model_type = FAMILIES[family]()
+    randomize_(reference, 7)
+    prefix = "visual." if family.startswith("qwen2") else "model.visual."
+    folder.mkdir(parents=True)
+    tower = {prefix + k: v.contiguous() for k, v in reference.state_dict().items()}
+    keys = sorted(tower)
+    save_file({k: tower[k] for k in keys[::2]}, str(folder / "model-00001-of-00003.safetensors"))
+    save_file({k: tower[k] for k in keys[1::2]}, str(folder / "model-00002-of-00003.safetensors"))
+    (folder / "model-00003-of-00003.safetensors").write_bytes(b"language model, never read")
+    weight_map = {k: f"model-0000{1 + i % 2}-of-00003.safetensors" for i, k in enumerate(keys)}
+    weight_map["model.language_model.embed_tokens.weight"] = "model-00003-of-00003.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    vision = config.to_dict()
+    vision.pop("model_type", None)  # older releases leave it out: the top-level model_type decides
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type, "vision_config": vision}))
+    return reference
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_released_checkpoint_layout_loads_by_its_config(tmp_path, family):
+    reference = released_folder(tmp_path / "ckpt", family).eval()
+    encoder = load_encoder(str(tmp_path / "ckpt"), device="cpu", dtype="float32")
+    assert encoder.config.family == family
+    assert encoder.preprocess.patch_size == encoder.config.patch_size
+    errors = compare(reference, encoder.model, family, GRIDS[:3], torch.float32)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+PHOTO_FILES = sorted(p for p in PHOTOS.iterdir() if p.suffix in (".png", ".jpg"))
+QWEN2_PROCESSOR = dict(patch_size=14, temporal_patch_size=2, merge_size=2,
+                       image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+                       min_pixels=3136, max_pixels=12845056)
+
+
+@pytest.mark.parametrize("path", PHOTO_FILES, ids=lambda p: p.name)
+def test_qwen2_family_pixels_equal_the_reference_processor(path):
+    from transformers import Qwen2VLImageProcessor
+
+    from vitok.config import PreprocessConfig
+    from vitok.preprocess import Preprocessor
+    from vitok.presets import get_preset
+
+    processor = Qwen2VLImageProcessor(**QWEN2_PROCESSOR)
+    out = processor(images=[ImageOps.exif_transpose(Image.open(path))], return_tensors="pt")
+    for preset in ("qwen2-vl-2b", "qwen2.5-vl-7b"):
+        config = get_preset(preset).preprocess
+        assert config == PreprocessConfig.for_tower(get_preset(preset).encoder)
+        pre = Preprocessor(config)
+        prepared = pre.load(path)
+        assert prepared.grid_thw == tuple(out["image_grid_thw"][0].tolist())
+        assert torch.equal(pre.pixel_values(prepared), out["pixel_values"])

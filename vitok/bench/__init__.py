@@ -1,0 +1,102 @@
+"""vitok benchmark: vitok against the transformers reference (same weights, same inputs) and against its own
+ceilings, printed as ratios measured in the same run. Runs from an installed wheel (``vitok bench``); the reference
+comparisons need transformers (the test extra) and are skipped without it.
+
+    vitok bench                                  # CPU: 2B width at depth 2
+    vitok bench --device cuda --full             # GPU: the full 2B tower in bf16, MFU and peak memory
+    vitok bench --sections plan,rss --json out.json
+
+Sections:
+  machine       matmul rate of each GEMM kernel available here (the best is the MFU denominator)
+  encoder       vitok vs transformers' tower (default SDPA), a batch of same- and mixed-size images; on CPU also
+                vitok on torch's default GEMM; encoder-full: the full-depth tower, one image (CPU)
+  families      the same, one row per model family (--families)
+  data          decode + preprocess images/s: exact vs --fast-decode, tars vs loose files with 1 and 2 workers
+  e2e           vitok vs the naive loop: whole processes on CPU (median of alternating runs), run loops on GPU
+  plan          `vitok plan` over --plan-paths listed paths: seconds and peak memory; a part's start-up
+  rss           peak memory of one run with shards of 10 and of --rss-images images
+  memory        (CUDA) peak memory of small/base/large at 224x224, batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .common import ROWS, have_transformers, matmul_rates, row
+
+DEFAULT_SECTIONS = "machine,encoder,encoder-full,data,e2e,memory"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitok bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--preset", default="qwen3-vl-2b")
+    p.add_argument("--families", default="qwen2-vl-2b,qwen2.5-vl-7b,qwen3-vl-2b,qwen3.5-27b",
+                   help="presets for the families section")
+    p.add_argument("--depth", type=int, default=2, help="tower depth when not --full")
+    p.add_argument("--full", action="store_true", help="full-depth tower")
+    p.add_argument("--sections", default=DEFAULT_SECTIONS, help=f"comma list; default {DEFAULT_SECTIONS}")
+    p.add_argument("--images", type=int, default=16, help="JPEGs for e2e (16 distinct, the rest repeats)")
+    p.add_argument("--data-images", type=int, default=16, help="JPEGs timed in the data section")
+    p.add_argument("--tar-images", type=int, default=64, help="512x384 JPEGs in tars (data; e2e on GPU; 0 = none)")
+    p.add_argument("--naive-images", type=int, default=256, help="JPEGs timed for the in-process naive loop")
+    p.add_argument("--process-repeats", type=int, default=3, help="CPU e2e: alternating runs of each, median")
+    p.add_argument("--plan-paths", type=int, default=10_000_000)
+    p.add_argument("--rss-images", type=int, default=200)
+    p.add_argument("--token-budget", type=int, default=None)
+    p.add_argument("--shard-size", type=int, default=256, help="e2e (GPU): images per shard")
+    p.add_argument("--jpeg-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(800, 600))
+    p.add_argument("--max-pixels", type=int, default=16777216)
+    p.add_argument("--naive-batch", type=int, default=4)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..environment import cpu_description
+
+    args = parser().parse_args(argv)
+    args.sections = set(args.sections.split(","))
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(f"# torch {torch.__version__}, device {device}{gpu}, CPU {cpu_description()}, threads "
+          f"{torch.get_num_threads()}", flush=True)
+    args.peak_flops = None
+    if args.sections & {"machine", "encoder", "encoder-full", "families"}:
+        rates = matmul_rates(device, dtype)
+        args.peak_flops = max(rates.values())
+        row("machine", f"measured {str(dtype).removeprefix('torch.')} matmul rate (MFU uses the best)",
+            **{f"{name}_tflops": rate / 1e12 for name, rate in rates.items()})
+    reference = have_transformers()
+    if not reference:
+        print("# transformers is not installed: the reference comparisons (encoder, families, e2e) are skipped",
+              flush=True)
+    from . import data, e2e, encoder, store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        if reference:
+            encoder.run(args, device, dtype)
+        if "data" in args.sections:
+            data.run(args, device, tmp_path)
+        if "e2e" in args.sections and reference:
+            e2e.run(args, device, dtype, tmp_path / "jpegs", tmp_path)
+        store.run(args, device, tmp_path)
+    if args.json:
+        Path(args.json).write_text(json.dumps(ROWS, indent=2))
+    return 0

@@ -1,0 +1,5 @@
+import sys
+
+from vitok.bench import main
+
+sys.exit(main())

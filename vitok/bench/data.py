@@ -1,0 +1,66 @@
+"""Decoding: images/s per worker from loose files and from tars, exact and ``--fast-decode``; what fast decoding
+changes (pixels, token cosine)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .common import make_jpegs, make_tars, row
+
+
+def decode_rate(paths: list[Path], kind: str, workers: int, max_pixels: int, fast: bool = False) -> float:
+    """Images/s the decode workers deliver with nothing else running (the public loader, as a run uses it)."""
+    import tempfile
+
+    from ..config import PreprocessConfig
+    from ..loader import load_units
+    from ..plan import load_plan, write_generation
+    from ..preprocess import Preprocessor
+    from ..readers import ReaderOptions
+    from ..sources import list_inputs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = list_inputs([str(p) for p in paths], input_format=kind)
+        write_generation(Path(tmp), listing, 256, 0, 0, [], "bench")
+        units = load_plan(Path(tmp)).units
+        preprocessor = Preprocessor(PreprocessConfig(max_pixels=max_pixels, fast_decode=fast))
+        start = time.perf_counter()
+        count = sum(len(chunk.items) for chunk in load_units(units, listing.kind if kind != "files" else "files",
+                                                             ReaderOptions(), preprocessor, workers))
+        return count / (time.perf_counter() - start)
+
+
+def run(args, device, folder: Path) -> None:
+    from ..config import PreprocessConfig
+    from ..inference import load_encoder
+    from ..preprocess import Preprocessor
+
+    paths = make_jpegs(folder / "data", args.data_images, args.jpeg_size)
+    for label, fast in (("exact", False), ("fast-decode", True)):
+        rate = decode_rate(paths, "files", 0, args.max_pixels, fast)
+        row("data", f"decode+preprocess {label} ({args.jpeg_size[0]}x{args.jpeg_size[1]} JPEG, max_pixels "
+            f"{args.max_pixels}), in the main process", images_per_s=rate, ms_per_image=1e3 / rate)
+    # tars vs loose files of the JPEGs most users have (img2dataset: 384-512 px)
+    small = make_jpegs(folder / "small", args.tar_images, (512, 384))
+    tars = make_tars(folder / "tars", args.tar_images, (512, 384), per_tar=max(1, args.tar_images // 4))
+    for workers in (1, 2):
+        loose = decode_rate(small, "files", workers, args.max_pixels)
+        archived = decode_rate(tars, "wds", workers, args.max_pixels)
+        row("data", f"{args.tar_images} JPEGs 512x384, {workers} worker(s): tars vs loose files",
+            loose_img_s=loose, tar_img_s=archived, ratio=archived / loose)
+    # what fast decoding changes: merged tokens of a random-weight tower (cosine similarity)
+    encoder = load_encoder("qwen3-vl-2b" if device.type == "cuda" else "qwen3-vl-tiny", str(device), "float32")
+    exact = Preprocessor(PreprocessConfig(max_pixels=args.max_pixels))
+    fast = Preprocessor(PreprocessConfig(max_pixels=args.max_pixels, fast_decode=True))
+    sims, pixel_diffs = [], []
+    for path in paths[:6]:
+        a, b = exact.load(path), fast.load(path)
+        pixel_diffs.append((a.patches.float() - b.patches.float()).abs().mean().item())
+        ta = encoder.encode([a], ("merged",)).features["merged"].float()
+        tb = encoder.encode([b], ("merged",)).features["merged"].float()
+        sims.append(torch.nn.functional.cosine_similarity(ta, tb, dim=-1).mean().item())
+    row("data", "fast-decode vs exact", mean_abs_pixel_diff_uint8=sum(pixel_diffs) / len(pixel_diffs),
+        min_token_cosine=min(sims), mean_token_cosine=sum(sims) / len(sims))

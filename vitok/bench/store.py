@@ -1,0 +1,115 @@
+"""The store side: planning millions of paths, memory against the shard size, reading stores back, and (CUDA) the
+encoder's peak memory per preset. Each measured in a fresh process where memory is the figure."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .common import row
+
+PLAN_SCRIPT = """
+import resource, sys, time
+from vitok.plan import load_plan
+from vitok.cli import main
+start = time.perf_counter()
+sys.argv = ["vitok", "plan", "--files-from", sys.argv[1], "-o", sys.argv[2], "--shard-size", "1000"]
+try:
+    main()
+except SystemExit:
+    pass
+planned = time.perf_counter() - start
+start = time.perf_counter()
+plan = load_plan(sys.argv[2])
+mine = [u for u in plan.units if u.index % 64 == 5]
+first = mine[0].read()
+started = time.perf_counter() - start
+print(planned, started, len(plan.units), len(mine), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+RSS_SCRIPT = """
+import resource, sys
+import vitok
+vitok.extract([sys.argv[1]], sys.argv[2], model=sys.argv[3], workers=0, features=["patch"], store_dtype="float16",
+              shard_size=int(sys.argv[4]), min_pixels=2048 * 256, max_pixels=2048 * 256)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def _python(script: str, *args: str) -> list[str]:
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=False,
+                            env=dict(os.environ))
+    if result.returncode:
+        raise RuntimeError(result.stderr[-2000:])
+    return result.stdout.split()
+
+
+def plan_scale(args, tmp: Path) -> None:
+    """``vitok plan`` over N listed paths (10M by default), then what part 5 of 64 reads to start."""
+    count = args.plan_paths
+    paths = [f"/data/laion/part-{i // 100_000:05d}/{i:09d}.jpg" for i in range(count)]
+    random.Random(0).shuffle(paths)
+    (tmp / "list.txt").write_text("\n".join(paths) + "\n")
+    del paths
+    planned, started, units, mine, rss = _python(PLAN_SCRIPT, str(tmp / "list.txt"), str(tmp / "planned"))
+    row("plan", f"vitok plan --files-from: {count} paths, shards of 1000", seconds=float(planned),
+        peak_rss_mb=int(rss), units=int(units))
+    row("plan", "part 5 of 64 starting: load the plan, find its units, read its first unit",
+        seconds=float(started), units_of_part=int(mine))
+
+
+def rss_vs_shard_size(args, tmp: Path) -> None:
+    """Peak memory of the same run with small and large shards (rows stream to disk as batches finish)."""
+    from ..checkpoint import save_tower
+    from ..config import EncoderConfig
+    from ..model import VisionEncoder, init_random_weights
+    from .common import make_jpegs
+
+    config = EncoderConfig(name="wide", hidden_size=1024, depth=1, num_heads=16, intermediate_size=1024,
+                           out_hidden_size=256, num_position_embeddings=2304)
+    model = VisionEncoder(config)
+    init_random_weights(model)
+    save_tower(model, tmp / "wide.safetensors", config)
+    make_jpegs(tmp / "rss-imgs", args.rss_images, (64, 48))  # each upscaled to 2048 patches
+    peaks = {}
+    for size in (10, args.rss_images):
+        start = time.perf_counter()
+        peaks[size] = int(_python(RSS_SCRIPT, str(tmp / "rss-imgs"), str(tmp / f"rss-{size}"),
+                                  str(tmp / "wide.safetensors"), str(size))[-1])
+        shard_mb = sum(p.stat().st_size for p in (tmp / f"rss-{size}" / "shards").glob("*.h5")) / 2**20
+        row("memory", f"patch tokens of {args.rss_images} images x 2048 rows x 1024 (float16), shards of {size}",
+            peak_rss_mb=peaks[size], largest_shard_mb=shard_mb / max(1, args.rss_images // size),
+            seconds=time.perf_counter() - start)
+
+
+def device_memory(device) -> None:
+    import torch
+    from PIL import Image
+
+    from ..inference import load_encoder
+    from ..preprocess import Preprocessor
+    from .common import sync
+
+    for name in ("small", "base", "large"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        encoder = load_encoder(name, device=str(device), dtype="float32")
+        prepared = Preprocessor(encoder.preprocess).prepare(Image.new("RGB", (224, 224)))
+        encoder.encode([prepared])
+        sync(device)
+        row("memory", f"{name} 224x224 batch 1 fp32", peak_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+            params_m=encoder.config.num_parameters() / 1e6)
+        del encoder
+
+
+def run(args, device, tmp: Path) -> None:
+    if "plan" in args.sections:
+        plan_scale(args, tmp)
+    if "rss" in args.sections:
+        rss_vs_shard_size(args, tmp)
+    if "memory" in args.sections and device.type == "cuda":
+        device_memory(device)
