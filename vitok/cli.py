@@ -424,6 +424,69 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command()
+def export(
+    store: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
+    dest: Annotated[Path, typer.Argument(help="Output folder (img_emb/ and metadata/ are created in it).")],
+    layout: Annotated[_choices("layout", ("embedding-reader",)), typer.Option(
+        help="embedding-reader: the img_emb/*.npy + metadata/*.parquet layout of clip-retrieval, read by "
+             "embedding-reader and autofaiss.")] = "embedding-reader",
+    feature: Annotated[str | None, typer.Option(help="Feature to export. [default: the store's first]")] = None,
+    pool: Annotated[_choices("export_pool", ("mean", "max", "cls")) | None, typer.Option(
+        help="Reduce each image's tokens to one vector (needed when the store holds every token).")] = None,
+    normalize: Annotated[_choices("normalize", ("l2",)) | None, typer.Option(
+        help="Scale every vector to unit length (for inner-product search).")] = None,
+    dtype: Annotated[_choices("export_dtype", ("float16", "float32")), typer.Option(
+        help="Stored vector dtype.")] = "float16",
+) -> None:
+    """Write a store's vectors where retrieval tools read them.
+
+    Example:
+
+        vitok export out/ index/ --pool mean --normalize l2
+    """
+    _setup_logging()
+    from .export import export_embedding_reader
+
+    def value(v):
+        return v.value if isinstance(v, enum.Enum) else v
+
+    count = export_embedding_reader(store, dest, feature, value(pool), value(normalize), value(dtype))
+    typer.echo(f"{count} vectors -> {dest}/img_emb, {dest}/metadata ({value(layout)} layout)")
+
+
+@app.command()
+def viz(
+    target: Annotated[str, typer.Argument(help="A store (then give KEY) or an image file (then give --model).")],
+    key: Annotated[str | None, typer.Argument(help="The image's key in the store.")] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Picture to write (.png).")] = Path("tokens.png"),
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Encode an image file with this model.")] = None,
+    feature: Annotated[str | None, typer.Option(help="Per-patch feature to draw. [default: patch]")] = None,
+) -> None:
+    """Draw an image beside the first three principal components of its patch tokens and their norms.
+
+    Examples:
+
+        vitok viz out/ photos/cat.jpg -o cat.png
+
+        vitok viz photos/cat.jpg --model qwen3-vl-2b -o cat.png
+    """
+    _setup_logging()
+    from .errors import UsageError
+    from .viz import image_picture, token_picture
+
+    if model is not None:
+        written = image_picture(target, model, out)
+    else:
+        if key is None:
+            raise UsageError("give the image's KEY in the store (vitok info lists them), or an image file with --model")
+        from .store import open_store
+
+        with open_store(target) as store:
+            written = token_picture(store, key, out, feature)
+    typer.echo(f"wrote {written}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
     """Run the benchmark (vitok vs the transformers reference, printed as ratios); '--help' lists its options."""

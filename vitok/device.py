@@ -25,6 +25,7 @@ from .storage.records import ImageRecord
 class Batch:
     unit: int
     items: list[Item]
+    order: list[int] | None = None  # after sorting by grid: positions of the items in input order
 
 
 @dataclass
@@ -36,6 +37,7 @@ class EncodedBatch:
     arrays: dict[str, np.ndarray]  # feature -> (rows, dim) or (levels, rows, dim)
     rows: dict[str, list[int]]  # feature -> rows of each image
     skipped: list[ImageRecord] = field(default_factory=list)  # ran out of device memory on their own
+    order: list[int] | None = None  # the images in input order (they are encoded sorted by grid)
 
 
 @dataclass
@@ -72,7 +74,10 @@ class DevicePipeline:
 
     def submit(self, batch: Batch) -> list[EncodedBatch]:
         """Queue a batch; returns the batches that finished to make room (oldest first)."""
-        batch.items.sort(key=lambda item: item.image.grid_thw)  # equal grids side by side: one attention call a run
+        # equal grids side by side: one attention call per run of them; remember the input order for the sink
+        arrival = {id(item): position for position, item in enumerate(batch.items)}
+        batch.items.sort(key=lambda item: item.image.grid_thw)
+        batch.order = sorted(range(len(batch.items)), key=lambda i: arrival[id(batch.items[i])])
         start = time.perf_counter()
         try:
             launched = self._launch(batch)
@@ -145,4 +150,4 @@ class DevicePipeline:
             # Out of the pinned staging buffer, so the shard does not hold page-locked memory.
             arrays[feature] = array.copy() if launched.copied is not None else array
         self.encode_seconds += time.perf_counter() - start
-        return EncodedBatch(launched.batch.unit, records, arrays, dict(launched.rows))
+        return EncodedBatch(launched.batch.unit, records, arrays, dict(launched.rows), order=launched.batch.order)

@@ -43,7 +43,7 @@ class ShardSink:
                                "bfloat16 or float32", record.key, record.float16_overflow)
         try:
             self.writer.write_batch([r.key for r in batch.records], [r.to_json() for r in batch.records],
-                                    batch.arrays, batch.rows)
+                                    batch.arrays, batch.rows, batch.order)
         except Exception as exc:
             self._fail(exc, sum(a.nbytes for a in batch.arrays.values()))
         self.bytes_written += sum(a.nbytes for a in batch.arrays.values())

@@ -139,8 +139,63 @@ class Store:
         self.close()
 
     def torch_dataset(self, feature: str | None = None):
-        """A map-style ``torch.utils.data.Dataset`` of (key, float32 tensor) in sorted key order."""
+        """A map-style ``torch.utils.data.Dataset`` of (key, float32 tensor) in sorted key order; batch it with
+        ``collate_fn=vitok.store.pack_tokens`` to get ragged tokens packed with ``cu_seqlens``."""
         return StoreDataset(self, feature)
+
+    # ---- consumers ---------------------------------------------------------------------------------------------
+
+    def image_embeds(self, key: str, dtype=None):
+        """vLLM's precomputed image embeddings for Qwen3-VL: ``(E, G)`` torch tensors, ``E`` = the merger's tokens
+        and the K DeepStack levels concatenated along the last dimension, ``[tokens, O * (1 + K)]``, and ``G`` =
+        ``[[t, h, w]]``. Pass ``{"image_embeds": E, "image_grid_thw": G}`` as the image of a prompt."""
+        import torch
+
+        missing = [f for f in ("merged", "deepstack") if f not in self.features]
+        if missing:
+            raise KeyError(f"image_embeds needs the features merged and deepstack; this store lacks "
+                           f"{', '.join(missing)} (extract with --features merged,deepstack and no --pool)")
+        if self.header.settings["pool"] != "none":
+            raise KeyError("image_embeds needs every token; this store is pooled")
+        merged, deepstack = self.get(key, "merged"), self.get(key, "deepstack")  # (n, O), (K, n, O)
+        embeds = torch.from_numpy(np.concatenate([merged, *deepstack], axis=-1))
+        grid = torch.tensor([self.info(key)["grid"]], dtype=torch.long)
+        return (embeds.to(dtype) if dtype is not None else embeds), grid
+
+    def iter_shards(self, feature: str | None = None, dtype: str | None = "float32"):
+        """Whole shards at a time: ``(keys, tokens, offsets)`` per committed shard, image i owning
+        ``tokens[..., offsets[i]:offsets[i+1], :]``. Keys another shard supersedes, or --update removed, are left
+        out. ``dtype=None`` keeps the stored dtype (bfloat16 as uint16 bits)."""
+        feature = self._feature(feature)
+        for shard in sorted(self.shards):
+            reader = self._reader(shard)
+            keys = reader.keys()
+            offsets = np.asarray(reader.offsets(feature), dtype=np.int64)
+            data = reader.array(feature)
+            if not isinstance(data, np.ndarray):  # an HDF5 dataset: read it whole
+                data = data[...]
+            wanted = [i for i, key in enumerate(keys) if self._index.get(key, (None,))[0] == shard
+                      and key not in self.removed]
+            if len(wanted) < len(keys):  # drop rows of keys that live elsewhere
+                rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in wanted] or [np.zeros(0, int)])
+                data = data[..., rows, :]
+                offsets = np.concatenate([[0], np.cumsum([offsets[i + 1] - offsets[i] for i in wanted])]).astype(
+                    np.int64)
+                keys = [keys[i] for i in wanted]
+            if dtype is not None:
+                data = from_store_array(data, reader.stored_dtype(feature)).astype(dtype, copy=False)
+            yield keys, data, offsets
+
+    def array(self, feature: str | None = None, dtype: str | None = "float32") -> tuple[list[str], np.ndarray]:
+        """A pooled store as one ``(N, D)`` array and its keys, in shard order. A store of one NPY shard kept in its
+        stored dtype (``dtype=None``) is returned memory-mapped, without a copy."""
+        if self.header.settings["pool"] == "none":
+            raise ValueError("array() reads pooled stores (one row per image); use iter_shards() for tokens")
+        parts = list(self.iter_shards(feature, dtype))
+        keys = [k for part_keys, _, _ in parts for k in part_keys]
+        if len(parts) == 1:
+            return keys, parts[0][1]
+        return keys, np.concatenate([tokens for _, tokens, _ in parts], axis=-2) if parts else np.zeros((0, 0))
 
 
 class StoreDataset:
@@ -155,6 +210,20 @@ class StoreDataset:
 
         key = self._keys[index]
         return key, torch.from_numpy(np.ascontiguousarray(self.store.get(key, self.feature)))
+
+
+def pack_tokens(batch):
+    """A ``collate_fn`` for ``Store.torch_dataset()``: ragged (n_i, D) tensors packed into one (sum n_i, D) tensor
+    with int32 ``cu_seqlens`` (B+1,), the layout of variable-length attention kernels. Returns
+    ``(keys, tokens, cu_seqlens)``."""
+    import torch
+
+    keys = [key for key, _ in batch]
+    tensors = [tensor for _, tensor in batch]
+    lengths = torch.tensor([t.shape[-2] for t in tensors], dtype=torch.int32)
+    cu_seqlens = torch.zeros(len(tensors) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(lengths, 0)
+    return keys, torch.cat(tensors, dim=-2), cu_seqlens
 
 
 def open_store(out: str | Path) -> Store:

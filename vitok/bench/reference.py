@@ -25,8 +25,9 @@ def reference_config(config: EncoderConfig):
     if family == "qwen2_vl":
         from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 
+        ratio = config.intermediate_size / config.hidden_size
         return Qwen2VLVisionConfig(embed_dim=config.hidden_size, hidden_size=config.out_hidden_size,
-                                   mlp_ratio=config.intermediate_size / config.hidden_size,
+                                   mlp_ratio=int(ratio) if ratio.is_integer() else ratio,
                                    hidden_act=config.hidden_act, **common)
     if family == "qwen2_5_vl":
         from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig

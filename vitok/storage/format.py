@@ -39,14 +39,15 @@ def encode_keys(keys: list[str]) -> list[bytes]:
 class ShardDataWriter(ABC):
     """Streams one shard's arrays into a temporary path; ``finish`` writes the per-image tables and closes."""
 
-    @abstractmethod
     def append(self, feature: str, array: np.ndarray) -> None:
-        """Rows of a whole batch for one feature: (rows, dim) or (levels, rows, dim)."""
+        """Rows of a whole batch for one feature: (rows, dim) or (levels, rows, dim) (array formats)."""
+        raise NotImplementedError
 
     def write_batch(self, keys: list[str], records: list[dict[str, Any]], arrays: dict[str, np.ndarray],
-                    rows: dict[str, list[int]]) -> None:
+                    rows: dict[str, list[int]], order: list[int] | None = None) -> None:
         """A finished batch: its images' keys and records, and per feature the packed rows and rows per image.
-        Array formats append each feature once; per-sample formats (webdataset) override this."""
+        ``order`` lists the images in input order (they are encoded sorted by grid). Array formats append each
+        feature once (offsets make the order irrelevant); per-sample formats (webdataset) override this."""
         for feature, array in arrays.items():
             self.append(feature, array)
 

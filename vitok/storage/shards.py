@@ -41,6 +41,8 @@ def register_format(format_class: type[ShardFormat]) -> type[ShardFormat]:
 
 
 def get_format(name: str) -> ShardFormat:
+    from . import wds  # noqa: F401 - registers the webdataset format
+
     if name not in FORMATS:
         raise StoreError(f"unknown shard format {name!r}; formats: {', '.join(FORMATS)}")
     return FORMATS[name]()
