@@ -62,6 +62,15 @@ def reference_pair():
     return reference, config, vitok_from_reference(reference, config)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_choices_in_a_temporary_cache(tmp_path_factory):
+    """The tests time kernels into their own cache, never the user's ~/.cache/vitok (subprocesses inherit it)."""
+    import os
+
+    os.environ["VITOK_CACHE_DIR"] = str(tmp_path_factory.mktemp("vitok-cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = False

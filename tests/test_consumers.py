@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_, rel_error
+from conftest import rel_error
 from helpers import make_folder, photo
 
 import vitok

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,3 +90,32 @@ def test_rotary_equals_reference_formula(dtype):
     else:  # one rounding to bf16 of float32 results that differ at most in their last float32 bit
         assert (got.float() - expected.float()).abs().max() <= 2 ** -7 * expected.float().abs().max()
         assert (got == expected).float().mean() > 0.99
+
+
+def test_kernels_are_chosen_by_timing_once_per_machine(tmp_path, monkeypatch):
+    """VITOK_ONEDNN=auto times oneDNN against torch's GEMM once per shape class and remembers the answer on disk;
+    on/off decide without timing; every choice computes the same numbers."""
+    from vitok import kernel_choice
+
+    monkeypatch.setenv("VITOK_CACHE_DIR", str(tmp_path))
+    kernel_choice.forget()
+    timed = []
+    real = kernel_choice._seconds
+    monkeypatch.setattr(kernel_choice, "_seconds", lambda run: timed.append(1) or real(run))
+    x, weight, bias = torch.randn(300, 64), torch.randn(96, 64), torch.randn(96)
+    expected = F.linear(x.double(), weight.double(), bias.double())
+    with torch.inference_mode(), settings.override(onednn="auto"):
+        first = kernels.linear(x, weight, bias)
+        count = len(timed)
+        again = kernels.linear(x, weight, bias)
+    assert (count > 0) == kernels._onednn_works() and len(timed) == count  # timed once, then remembered
+    stored = json.loads((tmp_path / "kernels.json").read_text()) if count else {}
+    assert not count or any("linear|64->96" in key for choices in stored.values() for key in choices)
+    kernel_choice.forget()  # a new process reads the choice back from the file
+    with torch.inference_mode(), settings.override(onednn="auto"):
+        kernels.linear(x, weight, bias)
+    assert len(timed) == count
+    for mode in ("on", "off"):
+        with torch.inference_mode(), settings.override(onednn=mode):
+            assert rel_error(kernels.linear(x, weight, bias), expected) <= 1e-5
+    assert rel_error(first, expected) <= 1e-5 and torch.equal(first, again)

@@ -143,3 +143,22 @@ def test_prepare_a_pil_image_with_exif_rotation_uses_its_upright_size():
     upright = pre.prepare(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))))
     assert rotated.grid_thw == upright.grid_thw
     assert rotated.original_size == (60, 200)
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_resize_without_torchvision_equals_torchvision(mode):
+    """vitok resizes as torchvision's v2 resize does, without importing torchvision in the decode workers."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvF
+
+    from vitok.preprocess import resize_like_torchvision
+
+    rng = np.random.default_rng(0)
+    interpolation = InterpolationMode.BICUBIC if mode == "bicubic" else InterpolationMode.BILINEAR
+    for (h, w), (th, tw) in [((300, 400), (224, 320)), ((61, 47), (128, 96)), ((64, 64), (64, 64)),
+                             ((600, 800), (608, 800)), ((1, 1), (32, 32)), ((480, 640), (96, 1280))]:
+        array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        pixels = torch.from_numpy(array).permute(2, 0, 1)
+        expected = tvF.resize(pixels, [th, tw], interpolation=interpolation, antialias=True)
+        got = resize_like_torchvision(pixels, th, tw, mode)
+        assert got.dtype == torch.uint8 and torch.equal(got, expected), (h, w, th, tw)

@@ -1,18 +1,18 @@
-"""Linear layers (+ GELU) on the fastest kernel each device offers; every path computes what F.linear + F.gelu do.
+"""Linear layers (+ GELU) and CPU attention on the fastest kernel each device offers; every path computes what
+F.linear + F.gelu and SDPA compute.
 
 - CUDA: ``torch._addmm_activation`` puts bias + tanh-GELU in the cuBLASLt epilogue, so the 4D-wide MLP
   activations are written once instead of three times. On CUDA that op is tanh-GELU on every code path
   (on CPU it is the erf GELU), so it serves only the blocks' tanh GELU on CUDA.
-- CPU: oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the kernel ``torch.compile`` emits for CPU
-  linears), GELU fused. torch's default CPU GEMM is MKL, whose fp32 GEMM on AMD CPUs runs its AVX2 code:
-  on a 2-core AVX-512 EPYC oneDNN measured 365 vs 204 GFLOP/s (3072x1024 @ 1024x4096) at the same fp32
-  accuracy (max relative error ~1e-6 against float64). Set ``VITOK_ONEDNN=0`` to keep torch's default.
-  fp32 attention of images up to 4096 patches runs as two oneDNN GEMMs per head (``cpu_attention``), since
-  torch's CPU flash attention does its GEMMs on MKL too. bf16 only where the CPU has native bf16.
+- x86 CPU: oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the kernel ``torch.compile`` emits for CPU
+  linears) with GELU fused, and float32 attention of images up to ``CPU_ATTENTION_MAX_LENGTH`` patches as two oneDNN
+  GEMMs per head. Whether oneDNN or torch's own kernel is faster depends on the CPU (ISA, vendor), so by default
+  each shape is timed once per machine (``vitok.kernel_choice``); ``VITOK_ONEDNN=on|off`` decides instead
+  (``vitok.settings``). bf16 goes to oneDNN only where the CPU has native bf16. Measurements: README, docs/.
 - Anything else, and whenever autograd has to record the op: plain ``F.linear`` + ``F.gelu`` and SDPA.
 
 The rotary of q and k runs as one Triton kernel on CUDA (``vitok.rotary_triton``) when Triton imports and the
-kernel passes a check against the float64 formula on the GPU at first use; ``VITOK_TRITON=0`` turns it off.
+kernel passes a check against the float64 formula on the GPU at first use; ``VITOK_TRITON=off`` turns it off.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import settings
+from . import kernel_choice, settings
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,28 @@ def _onednn_dtypes() -> tuple[torch.dtype, ...]:
     return (torch.float32, torch.bfloat16) if native_bf16 else (torch.float32,)
 
 
+def _onednn_linear(x, weight, bias, gelu):
+    attr, algorithm = ("gelu", gelu) if gelu is not None else ("none", "")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
+
+
+def _plain_linear(x, weight, bias, gelu):
+    out = F.linear(x, weight, bias)
+    return F.gelu(out, approximate=gelu) if gelu is not None else out
+
+
+def _use_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias, gelu) -> bool:
+    if not onednn_linear_available() or x.dtype not in _onednn_dtypes():
+        return False
+    if settings.get("onednn") == "on" or x.dim() != 2:
+        return True
+    sample = x[: kernel_choice.TIMED_ROWS]
+    key = (f"linear|{weight.shape[1]}->{weight.shape[0]}|bias={bias is not None}|gelu={gelu}|{x.dtype}"
+           f"|rows<={kernel_choice.rows_class(x.shape[0])}")
+    return kernel_choice.choose(key, {"onednn": lambda: _onednn_linear(sample, weight, bias, gelu),
+                                      "torch": lambda: _plain_linear(sample, weight, bias, gelu)}) == "onednn"
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: str | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, followed by ``F.gelu(approximate=gelu)`` when ``gelu`` is given."""
     if gelu is not None and gelu not in GELU_FORMS:
@@ -69,11 +91,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     if not recording:
         if x.is_cuda and gelu == "tanh" and x.dim() == 2 and bias is not None:
             return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
-        if x.device.type == "cpu" and x.dtype in _onednn_dtypes() and onednn_linear_available():
-            attr, algorithm = ("gelu", gelu) if gelu is not None else ("none", "")
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
-    out = F.linear(x, weight, bias)
-    return F.gelu(out, approximate=gelu) if gelu is not None else out
+        if x.device.type == "cpu" and _use_onednn_linear(x, weight, bias, gelu):
+            return _onednn_linear(x, weight, bias, gelu)
+    return _plain_linear(x, weight, bias, gelu)
 
 
 def apply(x: torch.Tensor, layer: nn.Linear, gelu: str | None = None) -> torch.Tensor:
@@ -84,22 +104,33 @@ def apply(x: torch.Tensor, layer: nn.Linear, gelu: str | None = None) -> torch.T
 CPU_ATTENTION_MAX_LENGTH = 4096  # one head's float32 scores: 64 MiB at this length; longer runs use SDPA's flash
 
 
+TIMED_ATTENTION_LENGTH = 1024  # rows of one segment timed to choose the attention kernel of a length class
+
+
 def cpu_attention_applies(q: torch.Tensor, length: int) -> bool:
-    return (
-        q.device.type == "cpu"
-        and q.dtype == torch.float32
-        and length <= CPU_ATTENTION_MAX_LENGTH
-        and not (torch.is_grad_enabled() and q.requires_grad)
-        and onednn_linear_available()
-    )
+    """Whether a run of segments of ``length`` rows (q is (rows, H, hd)) goes to ``cpu_attention``."""
+    if not (q.device.type == "cpu" and q.dtype == torch.float32 and length <= CPU_ATTENTION_MAX_LENGTH
+            and not (torch.is_grad_enabled() and q.requires_grad) and onednn_linear_available()):
+        return False
+    if settings.get("onednn") == "on":
+        return True
+    rows = min(length, TIMED_ATTENTION_LENGTH)
+    heads, head_dim = q.shape[1:]
+    sample = q[:rows].unsqueeze(0)  # (1, S, H, hd): q, k and v alike are fine for timing
+    scale = head_dim**-0.5
+
+    def sdpa():
+        t = sample.transpose(1, 2)
+        return F.scaled_dot_product_attention(t, t, t, scale=scale)
+
+    key = f"attention|{heads}x{head_dim}|{q.dtype}|length<={kernel_choice.rows_class(length)}"
+    return kernel_choice.choose(key, {"onednn": lambda: cpu_attention(sample, sample, sample, scale),
+                                      "torch": sdpa}) == "onednn"
 
 
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v for (B, S, H, hd) inputs, one (image, head) at a time on oneDNN GEMMs.
-
-    torch's CPU flash attention runs its float32 GEMMs on MKL (the AVX2 code on AMD): on a 2-core AVX-512 EPYC
-    this is 34 vs 53 ms for 4 x 16 heads x 768 tokens. The scores of one head are materialised, hence the limit.
-    """
+    """softmax(q k^T * scale) v for (B, S, H, hd) inputs, one (image, head) at a time on oneDNN GEMMs (torch's CPU
+    flash attention runs its float32 GEMMs on MKL). The scores of one head are materialised, hence the limit."""
     batch, length, heads, head_dim = q.shape
     out = torch.empty((batch, length, heads, head_dim), dtype=q.dtype)
     op = torch.ops.mkldnn._linear_pointwise

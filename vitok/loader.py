@@ -148,10 +148,13 @@ def _ignore_signals(_worker_id: int) -> None:
 
 
 def default_workers(device: torch.device) -> int:
+    """Decode workers: all cores but one feeding a GPU; on a CPU the encoder's GEMMs need the cores, and decoding
+    is a small share of the work, so a worker per four cores (none on one or two: a worker would only take
+    turns with the encoder's threads)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cuda":
         return max(1, min(16, cpus - 1))
-    return max(1, min(4, cpus // 2))  # on a CPU the encoder needs the cores too
+    return 0 if cpus <= 2 else max(1, min(4, cpus // 4))
 
 
 def load_units(units: Sequence[UnitRef], kind: str, reader_options: ReaderOptions, preprocessor: Preprocessor,
