@@ -12,29 +12,13 @@ from conftest import rel_error
 from helpers import make_folder, photo
 
 import vitok
-
-IMAGE, VIDEO, START, END = 90, 91, 92, 93
+from vitok.bench.train import END, IMAGE, START
 
 
 def tiny_qwen3_vl(seed: int = 0):
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from vitok.bench.train import tiny_qwen3_vl as build
 
-    config = Qwen3VLConfig(
-        vision_config=dict(depth=3, hidden_size=64, intermediate_size=96, num_heads=4, out_hidden_size=48,
-                           num_position_embeddings=2304, deepstack_visual_indexes=[0, 2]),
-        text_config=dict(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2],
-                                          "mrope_interleaved": True}),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
-    )
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # every parameter random, small enough that a 3-layer LM stays well conditioned
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1.0 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.05 * noise)
-    return model
+    return build(seed)
 
 
 @pytest.fixture(scope="module")

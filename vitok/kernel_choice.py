@@ -3,9 +3,10 @@
 The fastest fp32 GEMM differs between CPUs (oneDNN's AVX-512 code is well ahead of torch's default GEMM on some,
 level with it on AVX2-only ones), so with ``VITOK_ONEDNN=auto`` (the default) the first call of each shape class
 (operation, weight shape, dtype, rows rounded up to a power of two) runs both kernels on at most ``TIMED_ROWS`` of
-its real rows and keeps the faster; the answer is remembered per machine (CPU model, ISA flags, threads, torch
-version) in ``$VITOK_CACHE_DIR/kernels.json`` (default ``~/.cache/vitok``), so later runs pay nothing.
-``VITOK_ONEDNN=on`` / ``off`` skip the timing. Both kernels compute the same fp32 arithmetic.
+its real rows and keeps the faster; the answer is remembered per machine (CPU model, ISA flags, torch version) in
+``$VITOK_CACHE_DIR/kernels.json`` (default ``~/.cache/vitok``), so later runs pay nothing. Decisions are taken
+under a file lock and re-read inside it, so processes started together on one machine (torchrun, --gpus, a SLURM
+node) use the same kernels and give the same tokens bit for bit. ``VITOK_ONEDNN=on`` / ``off`` skip the timing.
 """
 
 from __future__ import annotations
@@ -38,19 +39,40 @@ def machine_identity() -> str:
     from .environment import cpu_flags, cpu_model
 
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "sse4")))
-    text = f"{cpu_model()}|{' '.join(flags)}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    text = f"{cpu_model()}|{' '.join(flags)}|torch={torch.__version__}"
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _read() -> dict[str, str]:
+    try:
+        return dict(json.loads(cache_file().read_text()).get(_identity, {}))
+    except (OSError, ValueError):
+        return {}
 
 
 def _load() -> dict[str, str]:
     global _choices, _identity
     if _choices is None:
         _identity = machine_identity()
-        try:
-            _choices = dict(json.loads(cache_file().read_text()).get(_identity, {}))
-        except (OSError, ValueError):
-            _choices = {}
+        _choices = _read()
     return _choices
+
+
+@contextlib.contextmanager
+def _machine_lock():
+    """An exclusive lock on the cache, shared by every process of this machine (none when it cannot be made)."""
+    import fcntl
+
+    handle = None
+    with contextlib.suppress(OSError):
+        cache_file().parent.mkdir(parents=True, exist_ok=True)
+        handle = open(cache_file().with_suffix(".lock"), "a")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 def _save() -> None:
@@ -83,15 +105,17 @@ def choose(key: str, candidates: dict[str, Callable[[], torch.Tensor]]) -> str:
         choices = _load()
         if key in choices and choices[key] in candidates:
             return choices[key]
-    for run in candidates.values():  # warm up: first calls allocate and pack
-        run()
-    timings = {name: min(_seconds(run)[0] for _ in range(2)) for name, run in candidates.items()}
-    best = min(timings, key=timings.get)
-    logger.debug("kernel for %s: %s (%s)", key, best, ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in timings.items()))
-    with _lock:
-        choices[key] = best
-        _save()
-    return best
+        with _machine_lock():
+            choices.update(_read())  # another process may have decided meanwhile
+            if key not in choices or choices[key] not in candidates:
+                for run in candidates.values():  # warm up: first calls allocate and pack
+                    run()
+                timings = {name: min(_seconds(run)[0] for _ in range(2)) for name, run in candidates.items()}
+                choices[key] = min(timings, key=timings.get)
+                logger.debug("kernel for %s: %s (%s)", key, choices[key],
+                             ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in timings.items()))
+                _save()
+        return choices[key]
 
 
 def forget() -> None:

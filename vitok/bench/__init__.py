@@ -15,6 +15,8 @@ Sections:
   e2e           vitok vs the naive loop: whole processes on CPU (median of alternating runs), run loops on GPU
   plan          `vitok plan` over --plan-paths listed paths: seconds and peak memory; a part's start-up
   rss           peak memory of one run with shards of 10 and of --rss-images images
+  reads         reading a 100,000-image pooled store and a 10,000-image token store key by key vs whole shards
+  train         a training step of a tiny Qwen3-VL on cached image features vs on pixels (CPU)
   memory        (CUDA) peak memory of small/base/large at 224x224, batch 1
 """
 
@@ -50,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--process-repeats", type=int, default=3, help="CPU e2e: alternating runs of each, median")
     p.add_argument("--plan-paths", type=int, default=10_000_000)
     p.add_argument("--rss-images", type=int, default=200)
+    p.add_argument("--read-pooled", type=int, default=100_000, help="reads: images of the pooled store")
+    p.add_argument("--read-tokens", type=int, default=10_000, help="reads: images of the token store")
     p.add_argument("--token-budget", type=int, default=None)
     p.add_argument("--shard-size", type=int, default=256, help="e2e (GPU): images per shard")
     p.add_argument("--jpeg-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(800, 600))
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if not reference:
         print("# transformers is not installed: the reference comparisons (encoder, families, e2e) are skipped",
               flush=True)
-    from . import data, e2e, encoder, store
+    from . import data, e2e, encoder, store, train
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -96,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             data.run(args, device, tmp_path)
         if "e2e" in args.sections and reference:
             e2e.run(args, device, dtype, tmp_path / "jpegs", tmp_path)
+        if "train" in args.sections and reference:
+            train.run(args, tmp_path)
         store.run(args, device, tmp_path)
     if args.json:
         Path(args.json).write_text(json.dumps(ROWS, indent=2))

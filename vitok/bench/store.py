@@ -113,3 +113,59 @@ def run(args, device, tmp: Path) -> None:
         rss_vs_shard_size(args, tmp)
     if "memory" in args.sections and device.type == "cuda":
         device_memory(device)
+    if "reads" in args.sections:
+        bulk_reads(args, tmp)
+
+
+def synthetic_store(out: Path, images: int, rows: int, dim: int, fmt: str = "hdf5", per_shard: int = 1000) -> None:
+    """A store of random tokens written through the real sink (no encoder): for timing reads."""
+    import time as clock
+
+    import numpy as np
+
+    from .. import __version__
+    from ..device import EncodedBatch
+    from ..sink import ShardSink
+    from ..storage import META_FILE, RunHeader, create_exclusive, get_format
+    from ..storage.format import FeatureLayout
+    from ..storage.records import ImageRecord, dumps
+
+    settings = {"model": {"name": "synthetic", "weights": "none", "config": {"spatial_merge_size": 2}},
+                "features": ["merged"], "pool": "mean" if rows == 1 else "none", "store_dtype": "float16",
+                "format": fmt, "token_order": {"merged": "raster"}}
+    create_exclusive(out / META_FILE, dumps(RunHeader(settings, __version__, clock.strftime("%F")).to_json()))
+    rng = np.random.default_rng(0)
+    for shard, start in enumerate(range(0, images, per_shard)):
+        count = min(per_shard, images - start)
+        sink = ShardSink(out, get_format(fmt), f"shard-{shard:06d}", {"merged": FeatureLayout(dim)}, "float16",
+                         None, "bench")
+        records = [ImageRecord(f"img{start + i:08d}", "ok", "synthetic", grid=[1, 2, 2 * rows])
+                   for i in range(count)]
+        tokens = rng.standard_normal((count * rows, dim), dtype=np.float32).astype(np.float16)
+        sink.add_batch(EncodedBatch(shard, records, {"merged": tokens}, {"merged": [rows] * count}))
+        sink.commit(fingerprint=RunHeader(settings, "", "").fingerprint)
+
+
+def bulk_reads(args, tmp: Path) -> None:
+    """Reading a store back key by key against whole shards at a time."""
+    import vitok
+
+    for label, images, rows in (("pooled", args.read_pooled, 1), ("tokens", args.read_tokens, 256)):
+        for fmt in ("hdf5", "npy"):
+            out = tmp / f"reads-{label}-{fmt}"
+            synthetic_store(out, images, rows, 1024, fmt)
+            store = vitok.open(out)
+            start = time.perf_counter()
+            for key in store.keys():
+                store[key]
+            by_key = time.perf_counter() - start
+            start = time.perf_counter()
+            if rows == 1:
+                store.array()
+            else:
+                for _ in store.iter_shards():
+                    pass
+            bulk = time.perf_counter() - start
+            store.close()
+            row("reads", f"{images} images x {rows} rows x 1024 float16 ({label}, {fmt}): key by key vs bulk",
+                by_key_s=by_key, bulk_s=bulk, ratio=by_key / bulk, bulk_images_per_s=images / bulk)
