@@ -2,8 +2,9 @@
 
 The fastest fp32 GEMM differs between CPUs (oneDNN's AVX-512 code is well ahead of torch's default GEMM on some,
 level with it on AVX2-only ones), so with ``VITOK_ONEDNN=auto`` (the default) the first call of each shape class
-(operation, weight shape, dtype, rows rounded up to a power of two) runs both kernels on at most ``TIMED_ROWS`` of
-its real rows and keeps the faster; the answer is remembered per machine (CPU model, ISA flags, torch version) in
+(a linear's weight shape and dtype; attention's heads and segment length class) runs both kernels on at most
+``TIMED_ROWS`` of its real rows and keeps the faster (never per batch size: an image's tokens must not depend on
+the images batched with it); the answer is remembered per machine (CPU model, ISA flags, torch version) in
 ``$VITOK_CACHE_DIR/kernels.json`` (default ``~/.cache/vitok``), so later runs pay nothing. Decisions are taken
 under a file lock and re-read inside it, so processes started together on one machine (torchrun, --gpus, a SLURM
 node) use the same kernels and give the same tokens bit for bit. ``VITOK_ONEDNN=on`` / ``off`` skip the timing.

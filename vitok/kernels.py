@@ -77,8 +77,9 @@ def _use_onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias, gelu) -> boo
     if settings.get("onednn") == "on" or x.dim() != 2:
         return True
     sample = x[: kernel_choice.TIMED_ROWS]
-    key = (f"linear|{weight.shape[1]}->{weight.shape[0]}|bias={bias is not None}|gelu={gelu}|{x.dtype}"
-           f"|rows<={kernel_choice.rows_class(x.shape[0])}")
+    # One choice per weight shape, whatever the batch's rows: a row's result must not depend on its batch-mates
+    # (an image read from a tar must give the same tokens as from a loose file).
+    key = f"linear|{weight.shape[1]}->{weight.shape[0]}|bias={bias is not None}|gelu={gelu}|{x.dtype}"
     return kernel_choice.choose(key, {"onednn": lambda: _onednn_linear(sample, weight, bias, gelu),
                                       "torch": lambda: _plain_linear(sample, weight, bias, gelu)}) == "onednn"
 
