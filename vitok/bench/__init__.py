@@ -15,7 +15,8 @@ Sections:
   e2e           vitok vs the naive loop: whole processes on CPU (median of alternating runs), run loops on GPU
   plan          `vitok plan` over --plan-paths listed paths: seconds and peak memory; a part's start-up
   rss           peak memory of one run with shards of 10 and of --rss-images images
-  reads         reading a 100,000-image pooled store and a 10,000-image token store key by key vs whole shards
+  reads         reading a 100,000-image pooled store and a 10,000-image store of 64 tokens each, key by key vs
+                whole shards
   train         a training step of a tiny Qwen3-VL on cached image features vs on pixels (CPU)
   memory        (CUDA) peak memory of small/base/large at 224x224, batch 1
 """

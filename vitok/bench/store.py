@@ -150,7 +150,7 @@ def bulk_reads(args, tmp: Path) -> None:
     """Reading a store back key by key against whole shards at a time."""
     import vitok
 
-    for label, images, rows in (("pooled", args.read_pooled, 1), ("tokens", args.read_tokens, 256)):
+    for label, images, rows in (("pooled", args.read_pooled, 1), ("tokens", args.read_tokens, 64)):
         for fmt in ("hdf5", "npy"):
             out = tmp / f"reads-{label}-{fmt}"
             synthetic_store(out, images, rows, 1024, fmt)
