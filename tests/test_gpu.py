@@ -147,3 +147,32 @@ def test_encoding_a_batch_never_waits_for_the_gpu(sizes):
     assert not stacks, "synchronising CUDA calls while queuing:\n" + "\n---\n".join(stacks)
     assert queued < drained
     assert host.shape == (len(sizes), encoder.config.out_hidden_size) and int(overflow) == 0
+
+
+def test_decode_gpu_run_is_close_to_the_exact_run_and_names_its_decoder(tmp_path):
+    """--decode gpu end to end: baseline JPEGs decoded by nvJPEG, a PNG and a progressive JPEG by the exact path."""
+    from PIL import Image
+
+    import vitok
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    y, x = np.mgrid[0:300, 0:400]
+    for i in range(6):
+        smooth = np.stack([np.sin(x / (8 + i) + c) * np.cos(y / (9 + c)) for c in range(3)], -1) * 100 + 128
+        image = Image.fromarray(smooth.astype(np.uint8))
+        kwargs = {"progressive": True} if i == 4 else {}
+        image.save(folder / f"{i}.{'png' if i == 5 else 'jpg'}", **kwargs)
+    common = dict(model="qwen3-vl-tiny", device="cuda", store_dtype="float32", pool="mean")
+    vitok.extract([str(folder)], tmp_path / "exact", **common)
+    vitok.extract([str(folder)], tmp_path / "gpu", decode="gpu", **common)
+    exact, gpu = vitok.open(tmp_path / "exact"), vitok.open(tmp_path / "gpu")
+    assert list(exact.keys()) == list(gpu.keys()) and len(gpu) == 6
+    for key in exact.keys():
+        a, b = torch.from_numpy(exact[key]).float(), torch.from_numpy(gpu[key]).float()
+        cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
+        print(f"{key}: token cosine gpu vs exact decode {cosine:.5f}")
+        assert cosine > 0.99
+    decoders = {key: gpu.info(key).get("decoder") for key in gpu.keys()}
+    assert [decoders[k] for k in ("0.jpg", "1.jpg", "2.jpg", "3.jpg")] == ["nvjpeg"] * 4
+    assert decoders["4.jpg"] != "nvjpeg" and decoders["5.png"] != "nvjpeg"

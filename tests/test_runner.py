@@ -236,3 +236,33 @@ def test_progress_counts_the_tokens_of_every_image_by_the_last_event(folder, tmp
     summary = vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0, progress=events.append)
     assert events[-1].images_done == events[-1].images_total
     assert summary.tokens > 0 and events[-1].tokens_done == summary.tokens
+
+
+def test_out_of_memory_batch_gives_back_one_batch_so_no_shard_is_committed_early(folder, tmp_path, monkeypatch):
+    """The committer counts a unit's batches in and out: the image-by-image retry of a batch that ran out of memory
+    must come back as one batch, or a shard is committed before its last images (which then go missing)."""
+    from vitok import device as device_stage
+    from vitok.inference import Encoder
+
+    common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", shard_size=100, token_budget=600)
+    vitok.extract([str(folder)], tmp_path / "plain", **common)
+    encode = Encoder.encode
+    multi_image_calls = []
+
+    def first_multi_image_batch_runs_out_of_memory(self, images, *args, **kwargs):
+        if len(images) > 1:
+            multi_image_calls.append(len(images))
+            if len(multi_image_calls) == 1:
+                raise torch.OutOfMemoryError("simulated")
+        return encode(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "encode", first_multi_image_batch_runs_out_of_memory)
+    monkeypatch.setattr(device_stage, "pipeline_depth", lambda device: 2)
+    summary = vitok.extract([str(folder)], tmp_path / "oom", **common)
+    report = vitok.verify(tmp_path / "oom")
+    assert report.clean, report
+    plain, oom = vitok.open(tmp_path / "plain"), vitok.open(tmp_path / "oom")
+    assert len(multi_image_calls) > 1 and summary.ok == len(plain.keys())  # batches of the unit came after it
+    assert list(oom.keys()) == list(plain.keys())  # rows in input order in each shard, like an uneventful run
+    for key in plain.keys():
+        np.testing.assert_allclose(oom[key], plain[key], rtol=1e-5, atol=1e-5)

@@ -197,6 +197,7 @@ class PreprocessConfig:
     resample: Literal["bicubic", "bilinear"] = "bicubic"
     backend: Literal["torchvision", "pil"] = "torchvision"  # torchvision = the reference's default
     fast_decode: bool = False  # JPEG DCT-domain downscale (draft) when the target is >= 2x smaller
+    decode: Literal["exact", "gpu"] = "exact"  # gpu: baseline JPEGs decoded by nvJPEG (vitok.gpu_decode)
     max_image_pixels: int = 178_956_970  # refuse larger images from their header (decompression bombs)
     allow_truncated: bool = False  # decode truncated files as far as they go (the record says so)
     max_aspect_ratio: float = 200.0
@@ -205,6 +206,8 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("qwen", "fixed"):
             raise UsageError(f"preprocess mode {self.mode!r} is not one of: qwen, fixed")
+        if self.decode not in ("exact", "gpu"):
+            raise UsageError(f"decode {self.decode!r} is not one of: exact, gpu")
         if self.backend not in ("torchvision", "pil"):
             raise UsageError(f"preprocess backend {self.backend!r} is not one of: torchvision, pil")
         if self.resample not in ("bicubic", "bilinear"):

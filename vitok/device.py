@@ -48,6 +48,7 @@ class _Launched:
     host: dict[str, torch.Tensor]  # stored dtype, pinned host memory on CUDA
     overflow: dict[str, torch.Tensor]  # float16 overflow count per feature, host
     copied: torch.cuda.Event | None = None
+    skipped: list[ImageRecord] = field(default_factory=list)  # could not be decoded on the device
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -74,6 +75,9 @@ class DevicePipeline:
 
     def submit(self, batch: Batch) -> list[EncodedBatch]:
         """Queue a batch; returns the batches that finished to make room (oldest first)."""
+        failed = self._decode_on_device(batch)
+        if not batch.items:
+            return [EncodedBatch(batch.unit, [], {}, {}, skipped=failed)]
         # equal grids side by side: one attention call per run of them; remember the input order for the sink
         arrival = {id(item): position for position, item in enumerate(batch.items)}
         batch.items.sort(key=lambda item: item.image.grid_thw)
@@ -82,15 +86,35 @@ class DevicePipeline:
         try:
             launched = self._launch(batch)
         except torch.OutOfMemoryError:
-            return self._out_of_memory(batch)
+            return self._out_of_memory(batch, failed)
         finally:
             self.encode_seconds += time.perf_counter() - start
+        launched.skipped = failed
         self._in_flight.append(launched)
         self.tokens += sum(item.image.num_patches for item in batch.items)
         done = []
         while len(self._in_flight) > self.depth:
             done.append(self._finish_oldest())
         return done
+
+    def _decode_on_device(self, batch: Batch) -> list[ImageRecord]:
+        """--decode gpu: decode the batch's JPEGs routed to the device; returns the records of images that could not
+        be decoded at all (removed from the batch)."""
+        undecoded = [item for item in batch.items if item.image.jpeg is not None]
+        if not undecoded:
+            return []
+        from .gpu_decode import decode_on_device
+
+        reasons = decode_on_device([item.image for item in undecoded], self.encoder.preprocess, self.encoder.device)
+        failed = []
+        for item, reason in zip(undecoded, reasons):
+            item.record.decoder, item.record.grid = item.image.decoder, list(item.image.grid_thw)
+            item.record.notes = item.image.notes or None
+            if reason is not None:
+                item.record.status, item.record.reason = "skipped", reason
+                failed.append(item.record)
+        batch.items = [item for item in batch.items if item.image.patches is not None]
+        return failed
 
     def drain(self) -> list[EncodedBatch]:
         """Finish every batch in flight."""
@@ -99,7 +123,9 @@ class DevicePipeline:
     def pending(self, unit: int) -> bool:
         return any(launched.batch.unit == unit for launched in self._in_flight)
 
-    def _out_of_memory(self, batch: Batch) -> list[EncodedBatch]:
+    def _out_of_memory(self, batch: Batch, failed: list[ImageRecord]) -> list[EncodedBatch]:
+        """Retry a batch that ran out of device memory image by image; still ONE EncodedBatch for it, since the
+        committer counts a unit's batches in and out."""
         if self.encoder.device.type == "cuda":
             torch.cuda.empty_cache()
         done = self.drain()
@@ -107,12 +133,16 @@ class DevicePipeline:
             record = batch.items[0].record
             record.status = "skipped"
             record.reason = f"out of memory encoding {batch.items[0].image.num_patches} patches"
-            return [*done, EncodedBatch(batch.unit, [], {}, {}, skipped=[record])]
+            return [*done, EncodedBatch(batch.unit, [], {}, {}, skipped=[*failed, record])]
+        arrival = batch.order or list(range(len(batch.items)))  # batch.items[arrival[k]] is the k-th input
+        position = {id(batch.items[i]): k for k, i in enumerate(arrival)}
+        singles = []
         for item in batch.items:
-            done += self.submit(Batch(batch.unit, [item]))
-            done += self.drain()
-        return done
-
+            singles += self.submit(Batch(batch.unit, [item]))
+            singles += self.drain()
+        merged = _merge(batch.unit, singles, [position[id(item)] for item in batch.items])
+        merged.skipped[:0] = failed
+        return [*done, merged]
     def _launch(self, batch: Batch) -> _Launched:
         """Queue encoder, pooling, stored-dtype cast and device-to-host copies; nothing here waits for the device."""
         images = [item.image for item in batch.items]
@@ -150,4 +180,22 @@ class DevicePipeline:
             # Out of the pinned staging buffer, so the shard does not hold page-locked memory.
             arrays[feature] = array.copy() if launched.copied is not None else array
         self.encode_seconds += time.perf_counter() - start
-        return EncodedBatch(launched.batch.unit, records, arrays, dict(launched.rows), order=launched.batch.order)
+        return EncodedBatch(launched.batch.unit, records, arrays, dict(launched.rows), skipped=launched.skipped,
+                            order=launched.batch.order)
+
+
+def _merge(unit: int, singles: list[EncodedBatch], positions: list[int]) -> EncodedBatch:
+    """One batch out of image-by-image results; ``positions`` are the images' input positions, in ``singles`` order."""
+    records, arrays, rows, skipped, encoded_positions = [], {}, {}, [], []
+    for single, position in zip(singles, positions):
+        skipped += single.skipped
+        if not single.records:
+            continue
+        records += single.records
+        encoded_positions.append(position)
+        for feature, array in single.arrays.items():
+            arrays.setdefault(feature, []).append(array)
+            rows.setdefault(feature, []).extend(single.rows[feature])
+    joined = {feature: np.concatenate(parts, axis=-2) for feature, parts in arrays.items()}
+    order = sorted(range(len(records)), key=lambda i: encoded_positions[i])
+    return EncodedBatch(unit, records, joined, rows, skipped=skipped, order=order)

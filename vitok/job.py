@@ -116,6 +116,11 @@ def check_out_folder(out: Path) -> RunHeader | None:
     return None
 
 
+def check_decode(decode: str, device) -> None:
+    if decode == "gpu" and device.type != "cuda":
+        raise UsageError(f"--decode gpu needs a CUDA device; this run's device is {device} (leave --decode exact)")
+
+
 def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) -> Job:
     """Validate everything cheap and decide what to do; writes nothing."""
     part = detect_part(options.part, options.num_parts)
@@ -125,7 +130,7 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     preprocess = source.preprocess.replace(
         min_pixels=options.min_pixels, max_pixels=options.max_pixels, backend=options.backend,
         max_image_pixels=options.max_image_pixels, fast_decode=options.fast_decode,
-        allow_truncated=options.allow_truncated,
+        allow_truncated=options.allow_truncated, decode=options.decode,
     )
     if options.image_size:
         if options.image_size**2 > preprocess.max_pixels:
@@ -147,6 +152,7 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     from .parallel import device_for
 
     device = resolve_device(device_for(part, options.device))
+    check_decode(options.decode, device)
     job = Job(out, options, part, source, preprocess, features, reader_options, listing,
               [_absolute(s) for s in sources], plan, None, None if options.overwrite else header,
               device, resolve_dtype(options.dtype, device))

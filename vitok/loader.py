@@ -45,13 +45,13 @@ class Chunk:
     patches: torch.Tensor | None = None  # all decoded images' patches, concatenated
 
     def pack(self) -> Chunk:
-        present = [item.image.patches for item in self.items if item.image is not None]
+        images = [item.image for item in self.items if item.image is not None]
+        present = [image.patches for image in images if image.patches is not None]
         if present:
             self.patches = torch.cat(present)
             self.rows = [len(p) for p in present]
-            for item in self.items:
-                if item.image is not None:
-                    item.image.patches = None  # sent once, inside ``patches``
+            for image in images:
+                image.patches = None  # sent once, inside ``patches``
         return self
 
     def pin_memory(self) -> Chunk:  # called by the DataLoader's pinning thread (CUDA)
@@ -62,7 +62,7 @@ class Chunk:
     def unpack(self) -> list[Item]:
         views = iter(self.patches.split(self.rows) if self.patches is not None else ())
         for item in self.items:
-            if item.image is not None:
+            if item.image is not None and item.image.jpeg is None:  # (a GPU-decoded JPEG has no patches yet)
                 item.image.patches = next(views)
         return self.items
 

@@ -81,6 +81,9 @@ class ExtractOptions:
                                  choices=("torchvision", "pil"))
     fast_decode: bool = option(False, "Decode JPEGs at reduced DCT scale when the target is at least 2x smaller "
                                "(faster, not bit-exact).", "Preprocessing")
+    decode: str = option("exact", "Where images are decoded. exact: on the CPU, as the reference. gpu: baseline JPEGs "
+                         "by nvJPEG on the CUDA device (not bit-exact; other images stay exact).", "Preprocessing",
+                         choices=("exact", "gpu"))
     allow_truncated: bool = option(False, "Decode truncated files as far as they go (the record says so).",
                                    "Preprocessing")
     max_image_pixels: int | None = option(None, "Refuse images whose header claims more pixels. [default: "

@@ -79,8 +79,9 @@ def resize_like_torchvision(pixels: torch.Tensor, height: int, width: int, mode:
     c, old_h, old_w = pixels.shape
     if (height, width) == (old_h, old_w):
         return pixels
-    native = mode == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or \
-        platform.machine() in ("aarch64", "arm64")
+    native = pixels.device.type == "cpu" and (  # off the CPU torchvision resizes in float32
+        mode == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        or platform.machine() in ("aarch64", "arm64"))
     image = pixels.reshape(-1, c, old_h, old_w)
     strides = image.stride()
     if image.is_contiguous(memory_format=torch.channels_last) and image.shape[0] == 1 and pixels.numel() != strides[0]:
@@ -140,19 +141,22 @@ def normalize_patches(patches: torch.Tensor, config: PreprocessConfig) -> torch.
 class PreparedImage:
     """One image ready for the encoder, as produced in a DataLoader worker."""
 
-    patches: torch.Tensor  # (t*h*w, C, p, p) uint8, merge-block order
+    patches: torch.Tensor | None  # (t*h*w, C, p, p) uint8, merge-block order; None until the GPU decodes ``jpeg``
     grid_thw: tuple[int, int, int]  # in patches
     original_size: tuple[int, int]  # (width, height), upright
     notes: list[str] = field(default_factory=list)
     decoder: str = "pillow"  # what produced the pixels (decode.DecodedImage.decoder)
+    jpeg: bytes | None = None  # --decode gpu: the file's bytes, decoded on the device
 
     @property
     def num_patches(self) -> int:
-        return self.patches.shape[0]
+        t, h, w = self.grid_thw
+        return t * h * w
 
     def pin_memory(self) -> PreparedImage:
         """Called by the DataLoader's pinning thread, so the copy to the GPU can be asynchronous."""
-        self.patches = self.patches.pin_memory()
+        if self.patches is not None:
+            self.patches = self.patches.pin_memory()
         return self
 
 
@@ -170,7 +174,14 @@ class Preprocessor:
         return w, h
 
     def load(self, source) -> PreparedImage:
-        """Decode and prepare one file (a path) or image file's bytes; raises ImageError with a one-line reason."""
+        """Decode and prepare one file (a path) or image file's bytes; raises ImageError with a one-line reason.
+        With ``decode="gpu"``, a JPEG the GPU can decode is returned undecoded, its bytes in ``jpeg``."""
+        if self.config.decode == "gpu" and isinstance(source, (bytes, bytearray)):
+            from .gpu_decode import gpu_route
+
+            routed = gpu_route(bytes(source), self.config)
+            if routed is not None:
+                return routed
         decoded = decode_image(
             source,
             max_image_pixels=self.config.max_image_pixels,

@@ -16,15 +16,16 @@ PLAN_SCRIPT = """
 import resource, sys, time
 from vitok.plan import load_plan
 from vitok.cli import main
+listing, out = sys.argv[1:3]
 start = time.perf_counter()
-sys.argv = ["vitok", "plan", "--files-from", sys.argv[1], "-o", sys.argv[2], "--shard-size", "1000"]
+sys.argv = ["vitok", "plan", "--files-from", listing, "-o", out, "--shard-size", "1000"]
 try:
     main()
 except SystemExit:
     pass
 planned = time.perf_counter() - start
 start = time.perf_counter()
-plan = load_plan(sys.argv[2])
+plan = load_plan(out)
 mine = [u for u in plan.units if u.index % 64 == 5]
 first = mine[0].read()
 started = time.perf_counter() - start
@@ -45,7 +46,7 @@ def _python(script: str, *args: str) -> list[str]:
                             env=dict(os.environ))
     if result.returncode:
         raise RuntimeError(result.stderr[-2000:])
-    return result.stdout.split()
+    return result.stdout.splitlines()[-1].split()  # the script's own line, after what vitok printed
 
 
 def plan_scale(args, tmp: Path) -> None:

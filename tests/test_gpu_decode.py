@@ -1,0 +1,131 @@
+"""--decode gpu: which images go to the device decoder (decided from the header), and what it gives. The decoding
+itself runs here on the CPU through the same torchvision call; tests/test_gpu.py runs the CUDA pipeline."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitok.config import PreprocessConfig
+from vitok.errors import UsageError
+from vitok.gpu_decode import decode_on_device, gpu_route
+from vitok.preprocess import Preprocessor
+
+CONFIG = PreprocessConfig(min_pixels=32 * 32, max_pixels=160 * 160)
+
+
+def photo(width=200, height=150, seed=0) -> Image.Image:
+    """Smooth content, so JPEG decoders differ by little (random noise would exaggerate the IDCT differences)."""
+    y, x = np.mgrid[0:height, 0:width]
+    rng = np.random.default_rng(seed)
+    channels = [np.sin(x / rng.uniform(5, 20) + c) * np.cos(y / rng.uniform(5, 20)) for c in range(3)]
+    return Image.fromarray((np.stack(channels, -1) * 100 + 128).astype(np.uint8))
+
+
+def encoded(image: Image.Image, fmt="JPEG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_baseline_rgb_and_grayscale_jpegs_go_to_the_device_with_their_final_grid():
+    for image in (photo(), photo().convert("L")):
+        routed = gpu_route(encoded(image), CONFIG)
+        assert routed is not None and routed.patches is None and routed.decoder == "nvjpeg"
+        assert routed.grid_thw == Preprocessor(CONFIG).load(encoded(image)).grid_thw
+        assert routed.original_size == (200, 150)
+
+
+@pytest.mark.parametrize("case", ["progressive", "cmyk", "png", "exif_rotated", "not_an_image", "too_large"])
+def test_images_the_device_decoder_gets_wrong_stay_on_the_exact_path(case):
+    image = photo()
+    data = {
+        "progressive": lambda: encoded(image, progressive=True),
+        "cmyk": lambda: encoded(image.convert("CMYK")),
+        "png": lambda: encoded(image, "PNG"),
+        "exif_rotated": lambda: encoded(image, exif=_exif_orientation(6)),
+        "not_an_image": lambda: b"not an image at all",
+        "too_large": lambda: encoded(image),
+    }[case]()
+    config = CONFIG.replace(max_image_pixels=100 * 100) if case == "too_large" else CONFIG
+    assert gpu_route(data, config) is None
+    loaded = Preprocessor(config.replace(decode="gpu")).load(data) if case not in ("not_an_image", "too_large") \
+        else None
+    if loaded is not None:  # the exact path decoded it: patches ready, decoder named
+        assert loaded.patches is not None and loaded.jpeg is None and loaded.decoder != "nvjpeg"
+
+
+def _exif_orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
+
+
+def test_device_decoding_fills_in_patches_close_to_the_exact_path():
+    images = [photo(seed=seed) for seed in range(3)] + [photo(64, 96, seed=3).convert("L")]
+    data = [encoded(image, quality=95) for image in images]
+    routed = [Preprocessor(CONFIG.replace(decode="gpu")).load(d) for d in data]
+    assert all(image.jpeg is not None for image in routed)
+    reasons = decode_on_device(routed, CONFIG, torch.device("cpu"))
+    assert reasons == [None] * len(data)
+    for image, raw in zip(routed, data):
+        exact = Preprocessor(CONFIG).load(raw)
+        assert image.jpeg is None and image.grid_thw == exact.grid_thw and image.patches.dtype == torch.uint8
+        assert image.patches.shape == exact.patches.shape
+        assert (image.patches.float() - exact.patches.float()).abs().mean() < 2.0
+
+
+def test_a_jpeg_the_device_decoder_refuses_is_decoded_exactly_and_a_broken_one_is_skipped_with_a_reason():
+    good = encoded(photo())
+    truncated = good[: len(good) // 2]
+    routed = [gpu_route(good, CONFIG), gpu_route(truncated, CONFIG)]
+    assert routed[1] is not None  # the header alone looks fine
+    reasons = decode_on_device(routed, CONFIG, torch.device("cpu"))
+    assert reasons[0] is None and routed[0].patches is not None
+    assert reasons[1] is not None and "truncated" in reasons[1].lower()
+
+
+def test_decode_gpu_without_cuda_is_a_usage_error(tmp_path):
+    import vitok
+
+    (tmp_path / "in").mkdir()
+    photo().save(tmp_path / "in" / "a.jpg")
+    with pytest.raises(UsageError, match="--decode gpu needs a CUDA device"):
+        vitok.extract([str(tmp_path / "in")], tmp_path / "out", model="qwen3-vl-tiny", device="cpu", decode="gpu")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_run_with_device_decoding_keeps_every_image_in_order(tmp_path, monkeypatch, workers):
+    """The whole route on the CPU (the device check lifted): routed JPEGs cross the loader without patches and
+    are decoded in the device stage; the others arrive decoded; a broken JPEG is skipped with its reason."""
+    import vitok
+    from vitok import job
+
+    monkeypatch.setattr(job, "check_decode", lambda decode, device: None)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.jpg").write_bytes(encoded(photo(120 + 16 * i, 90, seed=i), quality=95))
+    (folder / "5.png").write_bytes(encoded(photo(), "PNG"))
+    (folder / "6.jpg").write_bytes(encoded(photo(), progressive=True))
+    (folder / "7.jpg").write_bytes(encoded(photo())[:700])
+    common = dict(model="qwen3-vl-tiny", workers=workers, store_dtype="float32", pool="mean", token_budget=300)
+    vitok.extract([str(folder)], tmp_path / "exact", **common)
+    summary = vitok.extract([str(folder)], tmp_path / "gpu", decode="gpu", **common)
+    exact, gpu = vitok.open(tmp_path / "exact"), vitok.open(tmp_path / "gpu")
+    assert summary.ok == 7 and list(gpu.keys()) == list(exact.keys())
+    assert "7.jpg" in gpu.skipped and "7.jpg" in exact.skipped
+    decoders = {key: gpu.info(key)["decoder"] for key in gpu.keys()}
+    assert {decoders[f"{i}.jpg"] for i in range(5)} == {"nvjpeg"} and decoders["5.png"] != "nvjpeg"
+    assert decoders["6.jpg"] != "nvjpeg"
+    for key in exact.keys():
+        cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(exact[key]), torch.from_numpy(gpu[key]),
+                                                       dim=-1).min()
+        assert cosine > 0.99, key
+        if decoders[key] != "nvjpeg":
+            np.testing.assert_array_equal(gpu[key], exact[key])
