@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared command for a lent GPU machine (PyTorch + transformers, no network):
-#   bash scripts/gpu_check.sh        -> GPU-marked tests, a kernel profile, then the benchmark; results under $OUT
+#   bash scripts/gpu_check.sh        -> GPU-marked tests (--decode gpu included), a kernel profile, then the
+#                                       benchmark (its data section compares --decode gpu with exact); results under $OUT
 #                                       (or ./gpu-results). About 3 minutes on an H100/H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,6 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 } 2>&1 | tee "$RESULTS/env.txt"
 timeout 150 python -m pytest -p no:cacheprovider -q -s -m gpu tests/test_gpu.py 2>&1 | tail -150 | tee "$RESULTS/gpu_tests.txt"
 [ -n "${SKIP_PROFILE:-}" ] || timeout 60 python scripts/profile_encoder.py --device cuda --full 2>&1 | tail -30 > "$RESULTS/profile.txt"
-timeout 300 python scripts/bench.py --device cuda --full --images 2048 --naive-images 256 --data-images 64 \
+timeout 300 python -m vitok.bench --device cuda --full --images 2048 --naive-images 256 --data-images 64 \
   --jpeg-size 1600x1200 --max-pixels 200704 --naive-batch 16 --iters 5 --sections "${BENCH_SECTIONS:-encoder,data,e2e,memory}" --json "$RESULTS/bench.json" 2>&1 \
   | grep -v "NO CHECKPOINT\|Loading weights\|Writing model" | tee "$RESULTS/bench.txt"

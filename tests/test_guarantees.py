@@ -293,7 +293,7 @@ def test_progress_goes_to_stderr_even_on_a_terminal(tmp_path):
 
 
 def test_gpus_summaries_merge_into_the_single_process_shape_and_signals_fail():
-    from vitok.cli import exit_code_of, merge_summaries
+    from vitok.gpus import exit_code_of, merge_summaries
     from vitok.runner import ExtractSummary
 
     def summary(part, ok):

@@ -12,9 +12,7 @@ import inspect
 import json
 import logging
 import os
-import subprocess
 import sys
-import time
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated, Any
@@ -131,11 +129,18 @@ def _extract_command(
     options = make_options(**values)
     sources = list(sources or [])
     if gpus:
-        _run_per_gpu(gpus, out, sources, options, json_summary, quiet)
+        from .gpus import run_per_gpu
+
+        code, merged = run_per_gpu(gpus, out, sources, options, quiet)
+        if code:
+            raise typer.Exit(code)
+        if json_summary:
+            typer.echo(json.dumps(merged))
         return
+    from .progress_display import ProgressDisplay
     from .runner import extract as run_extract
 
-    with _Progress(not quiet) as progress:
+    with ProgressDisplay(not quiet) as progress:
         summary = run_extract(sources, out, progress=progress, **{f.name: getattr(options, f.name)
                                                                   for f in fields(options)})
     _report(summary, out)
@@ -192,111 +197,6 @@ _extract_command.__signature__ = inspect.Signature([  # type: ignore[attr-define
 ])
 _extract_command.__annotations__ = {}
 app.command("extract")(_extract_command)
-
-
-class _Progress:
-    """A rich progress bar on a terminal (stderr); a plain log line every few seconds otherwise."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self._bar = None
-        self._task = None
-        self._last = 0.0
-
-    def __enter__(self):
-        if self.enabled and self.tty:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("[bold]extract"), BarColumn(), TextColumn("{task.completed}/{task.total} images"),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=False,
-            )
-            self._bar.__enter__()
-        return self
-
-    def __call__(self, event) -> None:
-        if not self.enabled:
-            return
-        elapsed = max(event.elapsed, 1e-9)
-        rate = f"{event.images_done / elapsed:.1f} img/s, {event.tokens_done / elapsed:.0f} tok/s"
-        if self._bar is not None:
-            if self._task is None:
-                self._task = self._bar.add_task("extract", total=event.images_total, rate=rate)
-            self._bar.update(self._task, completed=event.images_done, total=event.images_total, rate=rate)
-        elif time.monotonic() - self._last > 10 or event.shards_done == event.shards_total:
-            self._last = time.monotonic()
-            total = event.images_total if event.images_total is not None else "?"
-            logger.info("%d/%s images, %d/%d shards, %d skipped, %s", event.images_done, total, event.shards_done,
-                        event.shards_total, event.skipped, rate)
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-
-
-def _run_per_gpu(gpus: str, out: Path, sources: list[str], options: ExtractOptions, json_summary: bool,
-                 quiet: bool) -> None:
-    """One child process per GPU, each ``vitok extract --part i --num-parts n --device cuda:g`` into one OUT."""
-    import torch
-
-    from .errors import UsageError
-
-    if gpus == "all":
-        ids = list(range(torch.cuda.device_count()))
-    else:
-        try:
-            ids = [int(g) for g in gpus.split(",") if g.strip()]
-        except ValueError:
-            raise UsageError(f"--gpus {gpus!r} must be 'all' or a comma list of GPU indexes") from None
-    if not ids:
-        raise UsageError("--gpus: no CUDA devices visible")
-    if "-" in sources or options.files_from == "-":
-        raise UsageError("--gpus cannot share stdin between processes; write the list to a file and use --files-from")
-    children = []
-    for rank, gpu in enumerate(ids):
-        child = options.replace(part=rank, num_parts=len(ids), device=f"cuda:{gpu}")
-        cmd = [sys.executable, "-m", "vitok", "extract", *sources, "-o", str(out), *child.to_argv(), "--json"]
-        if quiet:
-            cmd.append("--quiet")
-        children.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ)))
-    outputs = [child.communicate()[0] for child in children]
-    summaries = [json.loads(text.strip().splitlines()[-1]) for text in outputs if text.strip()]
-    code = exit_code_of([child.returncode for child in children])
-    if code:
-        raise typer.Exit(code)
-    if json_summary:
-        typer.echo(json.dumps(merge_summaries(summaries)))
-
-
-def exit_code_of(returncodes: list[int]) -> int:
-    """One exit code for several children: a child killed by signal N (return code -N) counts as 128 + N."""
-    return max((128 - c if c < 0 else c for c in returncodes), default=0)
-
-
-def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The summaries of the parts of one job as one summary of the same shape."""
-    merged: dict[str, Any] = {}
-    for key in summaries[0]:
-        values = [s[key] for s in summaries]
-        if key == "part":
-            merged[key] = ",".join(values)
-        elif key in ("out",):
-            merged[key] = values[0]
-        elif key == "seconds":
-            merged[key] = max(values)
-        elif key == "shards_other_parts":
-            merged[key] = min(values)
-        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            merged[key] = sum(values)
-        else:
-            merged[key] = None if any(v is None for v in values) else values[0]
-    seconds = merged.get("seconds") or 0
-    done = merged["ok"] + merged["skipped"] + merged["failed"]
-    merged["images_per_second"] = round(done / seconds, 3) if seconds else 0.0
-    return merged
 
 
 @app.command()

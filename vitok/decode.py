@@ -14,8 +14,8 @@ batch job can record the reason and go on. What "expected" means here:
 
 Baseline and progressive JPEGs (YCbCr 4:4:4 / 4:2:2 / 4:2:0, or grayscale) are decoded by simplejpeg, which calls
 libjpeg-turbo directly with the same settings as Pillow (accurate integer IDCT, smooth chroma upsampling) into a
-numpy array that the resize reads without copying: the same pixels, and decode + preprocess of a 1600x1200 photo
-takes 6.7-7.0 instead of 7.7-8.0 ms on one core here. At first use a set of JPEGs is decoded both ways and the
+numpy array that the resize reads without copying: the same pixels, with one copy and Pillow's image object less
+per image (docs/performance.md has the measurement). At first use a set of JPEGs is decoded both ways and the
 direct path is kept only if every pixel agrees; ``VITOK_SIMPLEJPEG=0`` turns it off. Anything else, and any file it
 cannot decode (truncated, damaged), goes through Pillow, which gives the reason.
 """

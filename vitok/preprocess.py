@@ -73,7 +73,7 @@ def resize_uint8(
 
 def resize_like_torchvision(pixels: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
     """torchvision's ``v2.functional.resize(uint8, antialias=True)`` on the CPU, call for call, without importing
-    torchvision (its import costs ~2 s in every decode worker): an unchanged size returns the image; bicubic (and
+    torchvision (its import costs seconds in every decode worker): an unchanged size returns the image; bicubic (and
     bilinear on AVX2/AVX-512/ARM) resizes the uint8 image natively, else in float32 with clamp and round; a
     channels-last single image keeps its layout. The tests compare it with torchvision bit for bit."""
     c, old_h, old_w = pixels.shape

@@ -1,8 +1,8 @@
 """The 2D rotary of q and k as one Triton kernel, for CUDA (imported only where Triton is installed).
 
-The eager form (``model.apply_rotary``) needs four elementwise kernels with broadcasting and mixed dtypes; on an
-H200 they took 13 of the 46 ms of a full 2B forward over 32 images at 448x448. This kernel reads q and k once
-(bf16/fp16/fp32), rotates in float32 like the reference, and writes them once.
+The eager form (``model.apply_rotary``) needs four elementwise kernels with broadcasting and mixed dtypes, each
+reading and writing q and k (a large share of a GPU forward; docs/performance.md has the measurement). This kernel
+reads q and k once (bf16/fp16/fp32), rotates in float32 like the reference, and writes them once.
 """
 
 from __future__ import annotations

@@ -60,18 +60,26 @@ def encoder_flops(config: EncoderConfig, grids) -> float:
 
 
 def matmul_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """FLOP/s of a large square matmul on each GEMM kernel vitok can use here (the MFU denominator is the best)."""
+    """Best FLOP/s of each GEMM kernel vitok can use here, over a square matmul and the encoder's two MLP shapes
+    (the MFU denominator is the best of all): a single square shape can run below what the encoder's shapes get."""
     from .. import kernels, settings
 
-    size = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    iters = 10 if device.type == "cuda" else 3
-    rates = {"torch_mm": 2 * size**3 / timeit(lambda: a @ b, device, 2, iters)}
-    if device.type == "cpu":
-        with torch.inference_mode(), settings.override(onednn="on"):
-            if kernels.onednn_linear_available():
-                rates["onednn"] = 2 * size**3 / timeit(lambda: kernels.linear(a, b, None), device, 2, iters)
+    if device.type == "cuda":
+        shapes, iters = [(8192, 8192, 8192)], 10
+    else:
+        shapes, iters = [(2048, 2048, 2048), (4096, 1024, 4096), (4096, 4096, 1024)], 3
+    rates: dict[str, float] = {}
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        flops = 2 * m * k * n
+        rates["torch_mm"] = max(rates.get("torch_mm", 0.0), flops / timeit(lambda a=a, b=b: a @ b, device, 2, iters))
+        if device.type == "cpu":
+            weight = b.t().contiguous()  # (out, in), as a Linear holds it
+            with torch.inference_mode(), settings.override(onednn="on"):
+                if kernels.onednn_linear_available():
+                    rate = flops / timeit(lambda a=a, w=weight: kernels.linear(a, w, None), device, 2, iters)
+                    rates["onednn"] = max(rates.get("onednn", 0.0), rate)
     return rates
 
 

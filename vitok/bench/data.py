@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .common import make_jpegs, make_tars, row
+from .common import make_jpegs, make_tars, row, sync
 
 
 def decode_rate(paths: list[Path], kind: str, workers: int, max_pixels: int, fast: bool = False) -> float:
@@ -70,3 +70,43 @@ def run(args, device, folder: Path) -> None:
     row("data", f"fast-decode vs exact at max_pixels {quarter}",
         mean_abs_pixel_diff_uint8=sum(pixel_diffs) / len(pixel_diffs), min_token_cosine=min(sims),
         mean_token_cosine=sum(sims) / len(sims))
+    if device.type == "cuda":
+        device_decoding(paths, args.max_pixels, device, encoder)
+
+
+def device_decoding(paths: list[Path], max_pixels: int, device: torch.device, encoder) -> None:
+    """--decode gpu against the exact CPU path: images/s of each (the GPU's side: header routing on the host, then
+    batches of 16 decoded, resized and cut into patches on the device), pixel and token differences."""
+    from ..config import PreprocessConfig
+    from ..gpu_decode import decode_on_device
+    from ..preprocess import Preprocessor
+
+    config = PreprocessConfig(max_pixels=max_pixels)
+    exact, routing = Preprocessor(config), Preprocessor(config.replace(decode="gpu"))
+    data = [p.read_bytes() for p in paths]
+
+    def on_device():
+        images = [routing.load(d) for d in data]
+        for start in range(0, len(images), 16):
+            decode_on_device(images[start:start + 16], config, device)
+        sync(device)
+        return images
+
+    on_device()  # warm-up: nvJPEG handles, kernels
+    start = time.perf_counter()
+    images = on_device()
+    gpu_rate = len(data) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    reference = [exact.load(d) for d in data]
+    cpu_rate = len(data) / (time.perf_counter() - start)
+    routed = sum(image.decoder == "nvjpeg" for image in images)
+    diffs, sims = [], []
+    for image, expected in zip(images, reference):
+        diffs.append((image.patches.float().cpu() - expected.patches.float()).abs().mean().item())
+        a = encoder.encode([expected], ("merged",)).features["merged"].float()
+        b = encoder.encode([image], ("merged",)).features["merged"].float()
+        sims.append(torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item())
+    row("data", f"--decode gpu vs exact ({len(data)} JPEGs, max_pixels {max_pixels}, one process)",
+        exact_img_s=cpu_rate, gpu_img_s=gpu_rate, ratio=gpu_rate / cpu_rate, routed_to_gpu=routed,
+        mean_abs_pixel_diff_uint8=sum(diffs) / len(diffs), min_token_cosine=min(sims))
+

@@ -12,8 +12,22 @@ from pathlib import Path
 
 from .common import row
 
-PLAN_SCRIPT = """
-import resource, sys, time
+# Peak memory from VmHWM: ru_maxrss keeps the parent's peak across fork + exec, so a child started by a big
+# benchmark process would report the parent's size.
+PEAK_MB = """
+def peak_mb():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+"""
+
+PLAN_SCRIPT = PEAK_MB + """
+import sys, time
 from vitok.plan import load_plan
 from vitok.cli import main
 listing, out = sys.argv[1:3]
@@ -29,15 +43,15 @@ plan = load_plan(out)
 mine = [u for u in plan.units if u.index % 64 == 5]
 first = mine[0].read()
 started = time.perf_counter() - start
-print(planned, started, len(plan.units), len(mine), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(planned, started, len(plan.units), len(mine), peak_mb())
 """
 
-RSS_SCRIPT = """
-import resource, sys
+RSS_SCRIPT = PEAK_MB + """
+import sys
 import vitok
 vitok.extract([sys.argv[1]], sys.argv[2], model=sys.argv[3], workers=0, features=["patch"], store_dtype="float16",
               shard_size=int(sys.argv[4]), min_pixels=2048 * 256, max_pixels=2048 * 256)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(peak_mb())
 """
 
 
