@@ -173,6 +173,30 @@ def test_retrieval_export_reads_back_with_embedding_reader(tmp_path):
             assert abs(np.linalg.norm(vector) - 1) < 1e-3
 
 
+def test_export_of_a_store_made_from_tars_keeps_keys_members_and_captions(tmp_path):
+    """Retrieval metadata must lead back to the input: the archive, the member and its caption, row for row."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    from test_archives import encode, sample_images, write_tar
+
+    images = sample_images(4)
+    write_tar(tmp_path / "00007.tar", [(f"s{i}", {"jpg": encode(image, "JPEG"), "txt": f"a caption {i}".encode()})
+                                       for i, image in enumerate(images)])
+    vitok.extract([str(tmp_path / "00007.tar")], tmp_path / "out", model="qwen3-vl-tiny", workers=0, pool="mean",
+                  features=["merged"])
+    from vitok.export import export_embedding_reader
+
+    assert export_embedding_reader(tmp_path / "out", tmp_path / "index") == 4
+    table = pq.read_table(tmp_path / "index" / "metadata" / "metadata_0.parquet").to_pylist()
+    vectors = np.load(tmp_path / "index" / "img_emb" / "img_emb_0.npy")
+    store = vitok.open(tmp_path / "out")
+    assert sorted(row["key"] for row in table) == [f"00007/s{i}" for i in range(4)]  # (rows in the shard's order)
+    for row, vector in zip(table, vectors):
+        i = int(row["key"][-1])
+        assert row["caption"] == f"a caption {i}" and row["source"].endswith("00007.tar")
+        assert row["member"] == f"s{i}.jpg"
+        np.testing.assert_allclose(vector.astype(np.float32), store[row["key"]][0].astype(np.float32), atol=2e-3)
+
+
 def test_export_cli_needs_a_pool_for_token_stores(tmp_path):
     from helpers import vitok as run_vitok
 
