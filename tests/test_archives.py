@@ -9,17 +9,17 @@ import os
 import shutil
 import signal
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
 from helpers import popen_vitok, wait_for
 from helpers import vitok as run_vitok
 from PIL import Image
 
 import vitok
 
-IMG2DATASET = ROOT.parent / "shared" / "images" / "img2dataset"
+IMG2DATASET = Path(__file__).parent / "data" / "img2dataset"  # real img2dataset output, see its README.md
 LIB = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", features=["merged", "deepstack"])
 
 
