@@ -263,3 +263,29 @@ def test_env_part_reads_only_its_units(tmp_path):
         UnitRef.read = original
     assert set(reads) == {"shard-000001"}
     assert os.path.exists(tmp_path / "out" / "shards" / "shard-000001.json")
+
+
+def test_update_plans_added_and_rewritten_tars_and_the_rewritten_tars_tokens_win(tmp_path):
+    images = sample_images(6, seed=3)
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    for shard in range(2):
+        write_tar(folder / f"{shard:05d}.tar", [(f"k{i}", {"png": encode(images[2 * shard + i], "PNG")})
+                                                for i in range(2)])
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, **LIB)
+    before = vitok.open(out)
+    old_tokens = before["00001/k0"]
+    before.close()
+    write_tar(folder / "00001.tar", [(f"k{i}", {"png": encode(images[4 + i], "PNG")}) for i in range(2)])
+    os.utime(folder / "00001.tar", ns=(1, 1))  # its size may not change: the mtime says it was rewritten
+    write_tar(folder / "00002.tar", [("k0", {"png": encode(images[0], "PNG")})])
+    with pytest.raises(vitok.errors.InputsChangedError):
+        vitok.extract([str(folder)], out, **LIB)
+    summary = vitok.extract([str(folder)], out, update=True, **LIB)
+    assert summary.ok == 3 and summary.shards_written == 2  # the rewritten tar and the new one, nothing else
+    store = vitok.open(out)
+    assert store.keys() == ["00000/k0", "00000/k1", "00001/k0", "00001/k1", "00002/k0"]
+    assert not np.array_equal(store["00001/k0"], old_tokens)
+    np.testing.assert_array_equal(store["00002/k0"], store["00000/k0"])  # the same image
+    assert vitok.verify(out).clean

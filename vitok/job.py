@@ -17,7 +17,7 @@ from typing import Any
 from . import __version__
 from .checkpoint import ModelSource, resolve_model
 from .config import PreprocessConfig
-from .errors import InputsChangedError, SettingsMismatchError, StoreError, UsageError
+from .errors import InputsChangedError, SettingsMismatchError, UsageError
 from .features import check_features, default_features, feature_layouts, token_orders
 from .options import ExtractOptions
 from .parallel import Part, detect_part
@@ -25,7 +25,7 @@ from .plan import Plan, PlanDiff, diff, listing_digest, load_plan
 from .readers import ReaderOptions
 from .retries import base_and_attempt, retry_units
 from .sources import FileListing, Listing, list_inputs
-from .storage import META_FILE, RunHeader, iter_sidecars
+from .storage import META_FILE, RunHeader, iter_sidecars, read_header
 from .storage.records import dumps
 from .storage.shards import SHARDS_DIR, check_shard, read_sidecar, sidecar_path
 
@@ -100,14 +100,8 @@ def check_out_folder(out: Path) -> RunHeader | None:
         raise UsageError(f"-o {out} exists and is not a folder")
     if not out.is_dir():
         return None
-    header_path = out / META_FILE
-    if header_path.exists():
-        import json
-
-        try:
-            return RunHeader.from_json(json.loads(header_path.read_text()), str(header_path))
-        except ValueError as exc:
-            raise StoreError(f"{header_path} is damaged ({exc})") from None
+    if (out / META_FILE).exists():
+        return read_header(out)
     foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")
                and p.name not in ("plan", SHARDS_DIR, "README.txt")]
     if foreign:

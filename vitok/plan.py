@@ -292,6 +292,21 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
     return Generation(header, folder)
 
 
+def write_update(out: Path, plan: Plan, listing: Listing, changes: PlanDiff, sources: list[str],
+                 listing_digest_: str | None, reader_options: dict) -> Generation:
+    """--update: a generation holding the inputs added (and, for archives, changed) since ``plan``, in new units
+    after the existing ones, and the keys removed. An archive planned before gets a new unit name, so its finished
+    shard stays."""
+    number = plan.generations[-1].number + 1
+    added = changes.added
+    if plan.kind != "files":
+        fresh = archive_units(ArchiveListing(plan.kind, [*added, *changes.changed]), reader_options)
+        taken = {u.name for u in plan.units}
+        added = [u if u["name"] not in taken else {**u, "name": f"{u['name']}.g{number}"} for u in fresh]
+    return write_generation(out, listing, plan.shard_size, number, len(plan.units), sources, "update",
+                            listing_digest_, reader_options, items=added, removed=list(changes.removed))
+
+
 def archive_units(listing: ArchiveListing, options: dict) -> list[dict[str, Any]]:
     """One unit per tar, or per parquet row group: its name, path, size and modification time, expected images."""
     units = []

@@ -31,9 +31,9 @@ from .inference import load_encoder
 from .job import Job, Work, check_settings, make_settings, new_header, prepare, remaining_work
 from .loader import default_workers, load_units
 from .options import make_options
-from .plan import Plan, load_plan, write_generation
+from .plan import Plan, load_plan, write_generation, write_update
 from .preprocess import Preprocessor
-from .storage import META_FILE, RunHeader, create_exclusive, get_format, write_readme
+from .storage import META_FILE, RunHeader, create_exclusive, get_format, read_header, write_readme
 from .storage.claims import Claims
 from .storage.files import raise_store_error
 from .storage.records import dumps
@@ -151,6 +151,7 @@ class Run:
             check_settings(job, encoder.weights_hash)
         header = self._write_header(settings, encoder)
         plan = self.plan = self._write_plan(plan)
+        # again now that the model is loaded: other processes may have committed shards in the meantime
         work = remaining_work(job, plan, header.fingerprint)
         claims = Claims(job.out)
         claims.start()
@@ -175,7 +176,7 @@ class Run:
             raise_store_error(exc, job.out)
         header = new_header(job, settings, describe_environment(encoder))
         if not create_exclusive(job.out / META_FILE, dumps(header.to_json())):
-            stored = RunHeader.from_json(__import__("json").loads((job.out / META_FILE).read_text()))
+            stored = read_header(job.out)
             if stored.fingerprint != header.fingerprint:
                 raise SettingsMismatchError(f"another process started {job.out} with other settings at the same "
                                             "moment; use the same settings in every process")
@@ -190,22 +191,10 @@ class Run:
             write_generation(job.out, job.listing, job.options.shard_size, 0, 0, job.sources, "initial", None,
                              job.reader_options.to_dict())
         elif job.plan_diff is not None:
-            changes = job.plan_diff
-            generation = plan.generations[-1].number + 1
-            added = changes.added
-            if plan.kind != "files":
-                from .plan import archive_units
-                from .sources import ArchiveListing
-
-                fresh = archive_units(ArchiveListing(plan.kind, [*added, *changes.changed]),
+            generation = write_update(job.out, plan, job.listing, job.plan_diff, job.sources, job.listing_digest,
                                       job.reader_options.to_dict())
-                taken = {u.name for u in plan.units}
-                added = [u if u["name"] not in taken else {**u, "name": f"{u['name']}.g{generation}"} for u in fresh]
-            logger.info("update: %s since the store was planned; planning generation %d", changes.describe(),
-                        generation)
-            write_generation(job.out, job.listing, job.options.shard_size, generation, len(plan.units), job.sources,
-                             "update", job.listing_digest, job.reader_options.to_dict(), items=added,
-                             removed=list(changes.removed))
+            logger.info("update: %s since the store was planned; planned generation %d", job.plan_diff.describe(),
+                        generation.number)
         return load_plan(job.out)
 
     def _claim(self, claims: Claims, work: Work):

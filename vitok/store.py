@@ -8,7 +8,6 @@ Also readable without vitok: see ``OUT/README.txt`` (plain h5py / numpy).
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,26 +19,13 @@ import numpy as np
 from .errors import StoreError
 from .plan import load_plan
 from .retries import base_and_attempt
-from .storage import META_FILE, RunHeader
+from .storage import RunHeader, read_header
 from .storage.dtypes import from_store_array
 from .storage.format import ShardDataReader
 from .storage.records import ImageRecord, Sidecar
 from .storage.shards import get_format, iter_sidecars, shards_dir
 
 MAX_OPEN = 64  # shard files held open at once (far below the usual limit of 1024 open files)
-
-
-def read_header(out: str | Path) -> RunHeader:
-    root = Path(out)
-    path = root / META_FILE
-    if root.exists() and not root.is_dir():
-        raise StoreError(f"{root} is a file, not a vitok store (a folder holding {META_FILE})")
-    try:
-        return RunHeader.from_json(json.loads(path.read_text()), str(path))
-    except FileNotFoundError:
-        raise StoreError(f"{root} is not a vitok store (no {META_FILE})") from None
-    except ValueError as exc:
-        raise StoreError(f"{path} is damaged ({exc})") from None
 
 
 def attempt_order(sidecars: list[Sidecar]) -> list[Sidecar]:
@@ -62,6 +48,7 @@ class Store:
     failed: dict[str, str] = field(default_factory=dict)  # key -> reason (could not be read; a rerun retries)
     removed: set[str] = field(default_factory=set)  # inputs removed from the sources by --update
     _index: dict[str, tuple[str, ImageRecord]] = field(default_factory=dict)  # key -> (shard, record)
+    _sorted_keys: list[str] | None = field(default=None, repr=False)  # filled on first use (a store does not change)
     _readers: OrderedDict[str, ShardDataReader] = field(default_factory=OrderedDict)
 
     @property
@@ -74,16 +61,21 @@ class Store:
         return self.header.features
 
     def __len__(self) -> int:
-        return len(self.keys())
+        return len(self._keys())
 
     def __contains__(self, key: str) -> bool:
         return key in self._index and key not in self.removed
 
+    def _keys(self) -> list[str]:
+        if self._sorted_keys is None:
+            self._sorted_keys = sorted(k for k in self._index if k not in self.removed)
+        return self._sorted_keys
+
     def keys(self) -> list[str]:
-        return sorted(k for k in self._index if k not in self.removed)
+        return list(self._keys())
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
+        return iter(self._keys())
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self.get(key, self.features[0])

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from .plan import load_plan
 from .retries import base_and_attempt
+from .storage import read_header
 from .storage.claims import Claims
 from .storage.shards import check_shard, iter_sidecars, temp_files
-from .store import attempt_order, read_header
+from .store import attempt_order
 
 
 @dataclass

@@ -15,8 +15,10 @@ class registered with ``register_format``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from ..errors import StoreError
 from .files import atomic_write_text, create_exclusive
 from .format import FeatureLayout, ShardFormat
 from .records import SCHEMA_VERSION, ImageRecord, RunHeader, Sidecar
@@ -28,8 +30,22 @@ README_FILE = "README.txt"
 __all__ = [
     "FORMATS", "META_FILE", "README_FILE", "SCHEMA_VERSION", "SHARDS_DIR", "FeatureLayout", "ImageRecord",
     "RunHeader", "ShardFormat", "Sidecar", "atomic_write_text", "check_shard", "commit", "create_exclusive",
-    "get_format", "iter_sidecars", "register_format", "store_readme", "write_readme",
+    "get_format", "iter_sidecars", "read_header", "register_format", "store_readme", "write_readme",
 ]
+
+
+def read_header(out: str | Path) -> RunHeader:
+    """The run header of the store in ``out``; StoreError when there is none or it is damaged."""
+    root = Path(out)
+    path = root / META_FILE
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"{root} is a file, not a vitok store (a folder holding {META_FILE})")
+    try:
+        return RunHeader.from_json(json.loads(path.read_text()), str(path))
+    except FileNotFoundError:
+        raise StoreError(f"{root} is not a vitok store (no {META_FILE})") from None
+    except ValueError as exc:
+        raise StoreError(f"{path} is damaged ({exc})") from None
 
 
 def store_readme(header: RunHeader) -> str:
