@@ -16,9 +16,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vitok.config import EncoderConfig  # noqa: E402
-from vitok.model import VisionEncoder, init_random_weights  # noqa: E402
-from vitok.presets import get_preset  # noqa: E402
+from vitok.encoder.config import EncoderConfig  # noqa: E402
+from vitok.encoder.model import VisionEncoder, init_random_weights  # noqa: E402
+from vitok.encoder.presets import get_preset  # noqa: E402
 
 
 def main() -> None:

@@ -42,8 +42,8 @@ def reference_model(seed: int = 0, **overrides):
 
 
 def vitok_from_reference(reference, config, name: str = "tiny"):
-    from vitok.config import EncoderConfig
-    from vitok.model import VisionEncoder
+    from vitok.encoder.config import EncoderConfig
+    from vitok.encoder.model import VisionEncoder
 
     model = VisionEncoder(EncoderConfig.from_hf_vision_config(config.to_dict(), name)).eval()
     model.load_state_dict(reference.state_dict(), strict=True)

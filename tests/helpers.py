@@ -32,13 +32,54 @@ def make_folder(folder: Path, count: int = 10, with_odd: bool = True, seed: int 
     return folder
 
 
-def vitok(*args: str, input: str | bytes | None = None, env: dict | None = None, check: bool = False, cwd=None):
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
-    result = subprocess.run([sys.executable, "-m", "vitok", *args], capture_output=True, text=True, input=input,
-                            env=full_env, timeout=300, cwd=cwd)
+def vitok(*args: str, input: str | bytes | None = None, env: dict | None = None, check: bool = False, cwd=None,
+          real: bool = False):
+    """Run the CLI and return (returncode, stdout, stderr): in this process by default (the fast lane: no interpreter
+    and torch start per call), or as a real ``python -m vitok`` process with ``real=True``."""
+    if real:
+        full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+        result = subprocess.run([sys.executable, "-m", "vitok", *args], capture_output=True, text=True, input=input,
+                                env=full_env, timeout=300, cwd=cwd)
+    else:
+        result = in_process(*args, input=input, env=env, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"vitok {' '.join(args)} -> {result.returncode}\n{result.stderr}")
     return result
+
+
+def in_process(*args: str, input: str | bytes | None = None, env: dict | None = None, cwd=None):
+    """``vitok ARGS`` through the console entry point in this process, with its own argv, stdin, environment and
+    working directory; the 'vitok' logger is restored afterwards (the CLI reconfigures it)."""
+    import contextlib
+    import io
+    import logging
+
+    from vitok.cli.app import main
+
+    data = input.encode() if isinstance(input, str) else (input or b"")
+    stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    logger = logging.getLogger("vitok")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    old_env, old_cwd, old_argv, old_stdin = dict(os.environ), os.getcwd(), sys.argv, sys.stdin
+    code = 0
+    try:
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.argv, sys.stdin = ["vitok", *args], stdin
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.environ.clear()
+        os.environ.update(old_env)
+        os.chdir(old_cwd)
+        sys.argv, sys.stdin = old_argv, old_stdin
+        logger.handlers[:], logger.level, logger.propagate = saved
+    return subprocess.CompletedProcess(["vitok", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def popen_vitok(*args: str, env: dict | None = None, capture: bool = False) -> subprocess.Popen:

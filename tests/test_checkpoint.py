@@ -9,9 +9,9 @@ import torch
 from conftest import TINY_VISION, reference_model
 from safetensors.torch import save_file
 
-from vitok.checkpoint import resolve_model, save_tower
+from vitok.encoder.checkpoint import resolve_model, save_tower
+from vitok.encoder.inference import load_encoder
 from vitok.errors import CheckpointError, UsageError
-from vitok.inference import load_encoder
 
 GRIDS = [(1, 4, 6), (1, 2, 2)]
 
@@ -148,7 +148,7 @@ def test_repo_id_without_cache_or_network_says_what_to_do(tmp_path, monkeypatch)
 def test_random_preset_is_deterministic_and_says_so(caplog):
     import logging
 
-    from vitok import inference as runtime
+    from vitok.encoder import inference as runtime
 
     runtime._warned_random.discard("qwen3-vl-tiny")
     with caplog.at_level(logging.WARNING, logger="vitok"):

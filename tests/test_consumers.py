@@ -120,7 +120,7 @@ def test_bulk_reads_equal_key_by_key_reads(tmp_path):
 
 
 def test_pack_tokens_collates_ragged_tokens_with_cu_seqlens(tmp_path):
-    from vitok.store import pack_tokens
+    from vitok.storage.store import pack_tokens
 
     folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)
     vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0)
@@ -157,7 +157,7 @@ def test_retrieval_export_reads_back_with_embedding_reader(tmp_path):
     embedding_reader = pytest.importorskip("embedding_reader")
     folder = make_folder(tmp_path / "imgs", count=7, with_odd=False)
     vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0, shard_size=3)
-    from vitok.export import export_embedding_reader
+    from vitok.consumers.export import export_embedding_reader
 
     written = export_embedding_reader(tmp_path / "out", tmp_path / "index", pool="mean", normalize="l2")
     assert written == 7
@@ -183,7 +183,7 @@ def test_export_of_a_store_made_from_tars_keeps_keys_members_and_captions(tmp_pa
                                        for i, image in enumerate(images)])
     vitok.extract([str(tmp_path / "00007.tar")], tmp_path / "out", model="qwen3-vl-tiny", workers=0, pool="mean",
                   features=["merged"])
-    from vitok.export import export_embedding_reader
+    from vitok.consumers.export import export_embedding_reader
 
     assert export_embedding_reader(tmp_path / "out", tmp_path / "index") == 4
     table = pq.read_table(tmp_path / "index" / "metadata" / "metadata_0.parquet").to_pylist()
@@ -229,6 +229,8 @@ def test_webdataset_output_joins_the_input_tars_by_key(tmp_path):
     for sample in samples:
         record = json.loads(sample["json"])
         assert record["key"] == f"00001/{sample['__key__']}" and record["meta"]["caption"].startswith("caption")
+        info = store.info(record["key"])  # the member is complete: written after its row and token counts were set
+        assert (record["row"], record["tokens"]) == (info["row"], info["tokens"]) and record["tokens"]["merged"] > 0
         merged = np.load(__import__("io").BytesIO(sample["merged.npy"]))
         np.testing.assert_array_equal(merged, store.get(record["key"], "merged"))
     store.close()
@@ -240,7 +242,7 @@ def test_pictures_of_patch_tokens(tmp_path):
     folder = tmp_path / "imgs"
     photo(folder / "a.png", size=(96, 64))
     vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0, features=["patch"])
-    from vitok.viz import token_picture
+    from vitok.consumers.viz import token_picture
 
     figure = tmp_path / "fig.png"
     token_picture(vitok.open(tmp_path / "out"), "a.png", figure)
@@ -264,7 +266,7 @@ def test_faiss_script_finds_each_image_as_its_own_neighbour(tmp_path):
 
     folder = make_folder(tmp_path / "imgs", count=6, with_odd=False)
     vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0, pool="mean")
-    from vitok.export import export_embedding_reader
+    from vitok.consumers.export import export_embedding_reader
 
     export_embedding_reader(tmp_path / "out", tmp_path / "index", normalize="l2", dtype="float32")
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "faiss_index.py"), str(tmp_path / "index")],

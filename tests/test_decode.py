@@ -9,11 +9,11 @@ import pytest
 from conftest import ODD, PHOTOS
 from PIL import Image
 
-from vitok.config import PreprocessConfig
-from vitok.decode import decode_image
+from vitok.encoder.config import PreprocessConfig
 from vitok.errors import ImageError
-from vitok.preprocess import Preprocessor
-from vitok.sources import IMAGE_EXTENSIONS
+from vitok.inputs.decode import decode_image
+from vitok.inputs.preprocess import Preprocessor
+from vitok.inputs.sources import IMAGE_EXTENSIONS
 
 ODD_FILES = sorted(p for p in ODD.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -81,7 +81,7 @@ def test_alpha_is_composited_onto_white():
     image.save(buffer, format="PNG")
     path_like = io.BytesIO(buffer.getvalue())
     decoded = Image.open(path_like)
-    from vitok.decode import to_rgb
+    from vitok.inputs.decode import to_rgb
 
     assert to_rgb(decoded).getpixel((0, 0)) == (255, 255, 255)
 
@@ -98,7 +98,7 @@ def test_cmyk_and_one_bit_become_rgb():
 
 
 def test_animation_uses_the_first_frame():
-    from vitok.decode import to_rgb
+    from vitok.inputs.decode import to_rgb
 
     decoded = decode_image(ODD / "dispose_bgnd.gif")
     frames = []
@@ -149,14 +149,14 @@ def jpeg_variants(tmp_path_factory):
 
 
 def _pillow_only(monkeypatch):
-    from vitok import decode
+    from vitok.inputs import decode
 
     monkeypatch.setattr(decode, "_simplejpeg", lambda: None)
 
 
 def test_direct_jpeg_decoding_gives_pillows_pixels(jpeg_variants, monkeypatch):
     pytest.importorskip("simplejpeg")
-    from vitok import decode
+    from vitok.inputs import decode
 
     assert decode._simplejpeg() is not None, "simplejpeg failed its self-check against Pillow (see the log)"
     direct = [decode_image(path) for path in jpeg_variants]
@@ -191,7 +191,7 @@ def test_truncated_jpeg_is_still_refused_with_direct_decoding():
 
 def test_a_decoder_that_disagrees_with_pillow_is_not_used(monkeypatch):
     simplejpeg = pytest.importorskip("simplejpeg")
-    from vitok import decode
+    from vitok.inputs import decode
 
     real = simplejpeg.decode_jpeg
     monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *args, **kwargs: real(*args, **kwargs) ^ 1)

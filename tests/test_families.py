@@ -11,9 +11,9 @@ from conftest import PHOTOS, randomize_, rel_error
 from PIL import Image, ImageOps
 from safetensors.torch import save_file
 
-from vitok.config import EncoderConfig
-from vitok.inference import load_encoder
-from vitok.model import VisionEncoder
+from vitok.encoder.config import EncoderConfig
+from vitok.encoder.inference import load_encoder
+from vitok.encoder.model import VisionEncoder
 
 # square, wide, tall, a grid that is not a multiple of the window, the smallest (2x2), and a repeat
 GRIDS = [(1, 8, 8), (1, 6, 14), (1, 12, 6), (1, 10, 6), (1, 2, 2), (1, 8, 8)]
@@ -173,9 +173,9 @@ QWEN2_PROCESSOR = dict(patch_size=14, temporal_patch_size=2, merge_size=2,
 def test_qwen2_family_pixels_equal_the_reference_processor(path):
     from transformers import Qwen2VLImageProcessor
 
-    from vitok.config import PreprocessConfig
-    from vitok.preprocess import Preprocessor
-    from vitok.presets import get_preset
+    from vitok.encoder.config import PreprocessConfig
+    from vitok.encoder.presets import get_preset
+    from vitok.inputs.preprocess import Preprocessor
 
     processor = Qwen2VLImageProcessor(**QWEN2_PROCESSOR)
     out = processor(images=[ImageOps.exif_transpose(Image.open(path))], return_tensors="pt")

@@ -41,8 +41,8 @@ def test_cuda_parity_with_reference(dtype, tolerance, attention):
 
 
 def test_device_selection():
-    from vitok.inference import resolve_device, resolve_dtype
-    from vitok.parallel import Part, device_for
+    from vitok.encoder.inference import resolve_device, resolve_dtype
+    from vitok.pipeline.parallel import Part, device_for
 
     assert resolve_device("auto").type == "cuda"
     assert resolve_device("cuda:0") == torch.device("cuda:0")
@@ -75,8 +75,9 @@ def test_extract_on_cuda_matches_cpu(tmp_path, dtype, tolerance):
 @pytest.mark.parametrize("heads, head_dim", [(16, 64), (16, 72), (3, 20)])
 def test_triton_rotary_equals_eager_rotary(dtype, heads, head_dim):
     pytest.importorskip("triton")
-    from vitok import kernels, settings
-    from vitok.attention import Rotary, apply_rotary
+    from vitok import settings
+    from vitok.encoder import kernels
+    from vitok.encoder.attention import Rotary, apply_rotary
 
     assert kernels._triton_rotary() is not None, "the Triton rotary failed its self-check (see the log)"
     generator = torch.Generator().manual_seed(0)
@@ -108,10 +109,10 @@ def test_encoding_a_batch_never_waits_for_the_gpu(sizes):
 
     from PIL import Image
 
-    from vitok.device import Batch, DevicePipeline
-    from vitok.inference import load_encoder
-    from vitok.loader import Item
-    from vitok.preprocess import Preprocessor
+    from vitok.encoder.inference import load_encoder
+    from vitok.inputs.preprocess import Preprocessor
+    from vitok.pipeline.device import DevicePipeline
+    from vitok.pipeline.types import Batch, Item
     from vitok.storage.records import ImageRecord
 
     encoder = load_encoder("qwen3-vl-tiny", device="cuda", dtype="bfloat16")

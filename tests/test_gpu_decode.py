@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vitok.config import PreprocessConfig
+from vitok.encoder.config import PreprocessConfig
 from vitok.errors import UsageError
-from vitok.gpu_decode import decode_on_device, gpu_route
-from vitok.preprocess import Preprocessor
+from vitok.inputs.gpu_decode import decode_on_device, gpu_route
+from vitok.inputs.preprocess import Preprocessor
 
 CONFIG = PreprocessConfig(min_pixels=32 * 32, max_pixels=160 * 160)
 
@@ -104,7 +104,7 @@ def test_a_run_with_device_decoding_keeps_every_image_in_order(tmp_path, monkeyp
     """The whole route on the CPU (the device check lifted): routed JPEGs cross the loader without patches and
     are decoded in the device stage; the others arrive decoded; a broken JPEG is skipped with its reason."""
     import vitok
-    from vitok import job
+    from vitok.pipeline import job
 
     monkeypatch.setattr(job, "check_decode", lambda decode, device: None)
     folder = tmp_path / "in"

@@ -150,13 +150,12 @@ def test_names_that_are_not_utf8_are_extracted_and_recorded(tmp_path):
 
 
 def test_nothing_is_written_and_no_model_loaded_before_the_run_can_start(tmp_path, monkeypatch):
-    from vitok import inference
+    from vitok.encoder import inference
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
     monkeypatch.setattr(inference, "load_encoder", no_loading)
-    monkeypatch.setattr("vitok.runner.load_encoder", no_loading)
     out = tmp_path / "out"
     with pytest.raises(UsageError, match="does not exist"):
         vitok.extract([str(tmp_path / "missing")], out, **LIB)
@@ -293,8 +292,8 @@ def test_progress_goes_to_stderr_even_on_a_terminal(tmp_path):
 
 
 def test_gpus_summaries_merge_into_the_single_process_shape_and_signals_fail():
-    from vitok.gpus import exit_code_of, merge_summaries
-    from vitok.runner import ExtractSummary
+    from vitok.pipeline.gpus import exit_code_of, merge_summaries
+    from vitok.pipeline.runner import ExtractSummary
 
     def summary(part, ok):
         return ExtractSummary("o", part, 4, ok, 1, 0, 0, 2, 0, 0, 1, 2.0, 1.0, 10, 100, 0.1, 0.2, 0.0).to_dict()
@@ -309,7 +308,7 @@ def test_gpus_summaries_merge_into_the_single_process_shape_and_signals_fail():
 
 
 def test_a_store_of_many_shards_keeps_few_files_open(tmp_path, monkeypatch):
-    from vitok import store as store_module
+    from vitok.storage import store as store_module
 
     folder = make_folder(tmp_path / "imgs", count=12, with_odd=False)
     vitok.extract([str(folder)], tmp_path / "out", shard_size=1, **LIB)
@@ -429,9 +428,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 
 
 def test_peak_memory_does_not_grow_with_the_shard_size(tmp_path):
-    from vitok.checkpoint import save_tower
-    from vitok.config import EncoderConfig
-    from vitok.model import VisionEncoder, init_random_weights
+    from vitok.encoder.checkpoint import save_tower
+    from vitok.encoder.config import EncoderConfig
+    from vitok.encoder.model import VisionEncoder, init_random_weights
 
     config = EncoderConfig(name="wide", hidden_size=512, depth=1, num_heads=8, intermediate_size=1024,
                            out_hidden_size=256, num_position_embeddings=2304)
@@ -457,7 +456,7 @@ def test_a_crash_in_a_decode_worker_ends_the_run_instead_of_hanging(tmp_path):
     folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)
     script = (
         "import sys, vitok\n"
-        "from vitok.readers.files import FilesReader\n"
+        "from vitok.inputs.readers.files import FilesReader\n"
         "def broken(self, unit, start=0, stop=None):\n"
         "    raise RuntimeError('reader bug')\n"
         "FilesReader.samples = broken\n"

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from conftest import reference_model, rel_error, vitok_from_reference
 
-from vitok import kernels, settings
-from vitok.attention import Rotary, apply_rotary
-from vitok.config import EncoderConfig
-from vitok.model import MLP
+from vitok import settings
+from vitok.encoder import kernels
+from vitok.encoder.attention import Rotary, apply_rotary
+from vitok.encoder.config import EncoderConfig
+from vitok.encoder.model import MLP
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -95,7 +96,7 @@ def test_rotary_equals_reference_formula(dtype):
 def test_kernels_are_chosen_by_timing_once_per_machine(tmp_path, monkeypatch):
     """VITOK_ONEDNN=auto times oneDNN against torch's GEMM once per shape class and remembers the answer on disk;
     on/off decide without timing; every choice computes the same numbers."""
-    from vitok import kernel_choice
+    from vitok.encoder import kernel_choice
 
     monkeypatch.setenv("VITOK_CACHE_DIR", str(tmp_path))
     kernel_choice.forget()

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import reference_model, rel_error, vitok_from_reference
 
-from vitok.config import EncoderConfig
+from vitok.encoder.config import EncoderConfig
+from vitok.encoder.geometry import block_order_positions
+from vitok.encoder.model import VisionEncoder
+from vitok.encoder.presets import get_preset, registry
 from vitok.errors import UsageError
-from vitok.geometry import block_order_positions
-from vitok.model import VisionEncoder
-from vitok.presets import get_preset, registry
 
 # square, wide, tall, larger than the 48x48 table, the smallest (2x2), and a repeat of the first grid
 GRIDS = [(1, 6, 8), (1, 4, 10), (1, 12, 4), (1, 52, 50), (1, 2, 2), (1, 6, 8)]
@@ -128,7 +128,7 @@ def test_original_api_shapes():
 def test_original_vit_tokens_equal_packed_path():
     """The batched (B, 3, H, W) path gives the same tokens as the packed per-image path."""
     from vitok import Qwen3VisionTransformer
-    from vitok.preprocess import patchify
+    from vitok.inputs.preprocess import patchify
 
     model = Qwen3VisionTransformer(embed_dim=32, depth=2, num_heads=4).eval()
     images = torch.randn(2, 3, 28, 42)

@@ -8,9 +8,9 @@ import torch
 from conftest import PHOTOS, reference_model, rel_error, vitok_from_reference
 from PIL import Image, ImageOps
 
-from vitok.config import PreprocessConfig
+from vitok.encoder.config import PreprocessConfig
 from vitok.errors import ImageError
-from vitok.preprocess import ImagePreprocessor, Preprocessor, smart_resize
+from vitok.inputs.preprocess import ImagePreprocessor, Preprocessor, smart_resize
 
 QWEN3 = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
              size={"shortest_edge": 65536, "longest_edge": 16777216})
@@ -151,7 +151,7 @@ def test_resize_without_torchvision_equals_torchvision(mode):
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as tvF
 
-    from vitok.preprocess import resize_like_torchvision
+    from vitok.inputs.preprocess import resize_like_torchvision
 
     rng = np.random.default_rng(0)
     interpolation = InterpolationMode.BICUBIC if mode == "bicubic" else InterpolationMode.BILINEAR

@@ -15,10 +15,9 @@ from helpers import TINY, all_tokens, make_folder, popen_vitok
 from helpers import vitok as run_vitok
 
 import vitok
+from vitok.encoder.inference import load_encoder
 from vitok.errors import SettingsMismatchError, UsageError, VitokError
-from vitok.inference import load_encoder
-from vitok.preprocess import Preprocessor
-from vitok.storage.dtypes import to_store_array
+from vitok.inputs.preprocess import Preprocessor
 
 FEATURES = ["--features", "patch,merged,deepstack"]
 
@@ -150,9 +149,26 @@ def test_token_budget_batching_equals_one_image_at_a_time(folder, tmp_path):
             np.testing.assert_allclose(many[key], one[key], rtol=1e-5, atol=1e-5)
 
 
-def test_float16_overflow_is_counted():
-    array, overflow = to_store_array(torch.tensor([[1.0, 7e4, -1e5, float("inf")]]), "float16")
-    assert overflow == 2 and np.isinf(array).sum() == 3
+def test_float16_overflow_is_counted_in_each_record(tmp_path, caplog):
+    """Through the real path: a checkpoint whose merger output exceeds float16's range, stored as float16."""
+    from vitok.encoder.checkpoint import save_tower
+    from vitok.encoder.model import VisionEncoder, init_random_weights
+    from vitok.encoder.presets import get_preset
+
+    config = get_preset("qwen3-vl-tiny").encoder
+    model = VisionEncoder(config)
+    init_random_weights(model, 0)
+    with torch.no_grad():
+        model.merger.linear_fc2.weight.mul_(1e7)
+    save_tower(model, tmp_path / "loud.safetensors", config)
+    folder = make_folder(tmp_path / "imgs", count=2, with_odd=False)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, model=str(tmp_path / "loud.safetensors"), workers=0, store_dtype="float16")
+    store = vitok.open(out)
+    for key in store.keys():
+        overflow = store.info(key)["float16_overflow"]
+        assert overflow > 0 and np.isinf(store[key]).sum() == overflow
+    assert "exceed float16 range" in caplog.text
 
 
 def test_disk_full_is_a_clear_error_with_nothing_listed(folder, tmp_path, monkeypatch):
@@ -191,7 +207,7 @@ def test_multiworker_loader_gives_the_same_tokens(folder, tmp_path):
 
 def test_out_of_memory_batch_is_split_without_losing_the_batch_in_flight(folder, tmp_path, monkeypatch):
     """A batch that runs out of memory is retried image by image; the batch launched before it still lands."""
-    from vitok.inference import Encoder
+    from vitok.encoder.inference import Encoder
 
     common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", token_budget=2000)
     vitok.extract([str(folder)], tmp_path / "plain", **common)
@@ -216,7 +232,7 @@ def test_out_of_memory_batch_is_split_without_losing_the_batch_in_flight(folder,
 @pytest.mark.parametrize("depth", [2, 3])
 def test_deeper_pipeline_commits_every_shard_with_the_same_tokens(folder, tmp_path, monkeypatch, depth):
     """Batches still queued when a shard ends: the shard is committed once they finish, nothing lost or mixed up."""
-    from vitok import device as device_stage
+    from vitok.pipeline import device as device_stage
 
     common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", shard_size=3, token_budget=600)
     vitok.extract([str(folder)], tmp_path / "one", **common)
@@ -241,8 +257,8 @@ def test_progress_counts_the_tokens_of_every_image_by_the_last_event(folder, tmp
 def test_out_of_memory_batch_gives_back_one_batch_so_no_shard_is_committed_early(folder, tmp_path, monkeypatch):
     """The committer counts a unit's batches in and out: the image-by-image retry of a batch that ran out of memory
     must come back as one batch, or a shard is committed before its last images (which then go missing)."""
-    from vitok import device as device_stage
-    from vitok.inference import Encoder
+    from vitok.encoder.inference import Encoder
+    from vitok.pipeline import device as device_stage
 
     common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", shard_size=100, token_budget=600)
     vitok.extract([str(folder)], tmp_path / "plain", **common)

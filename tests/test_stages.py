@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from vitok import settings
-from vitok.batcher import Batcher, plan_batches
 from vitok.errors import UsageError
-from vitok.options import ExtractOptions, make_options
-from vitok.plan import listing_digest, load_plan, write_generation
-from vitok.sources import FileListing, list_inputs
+from vitok.inputs.plan import listing_digest, load_plan, write_generation
+from vitok.inputs.sources import FileListing, list_inputs
+from vitok.pipeline.batcher import Batcher, plan_batches
+from vitok.pipeline.options import ExtractOptions, make_options
 from vitok.storage import get_format
 from vitok.storage.format import FeatureLayout
 from vitok.storage.records import ImageRecord, RunHeader, Sidecar
@@ -159,8 +159,8 @@ def test_records_round_trip_through_json_with_non_utf8_keys():
 
 @pytest.mark.parametrize("fmt", ["hdf5", "npy"])
 def test_sink_streams_batches_commits_and_checks(tmp_path, fmt):
-    from vitok.device import EncodedBatch
-    from vitok.sink import ShardSink
+    from vitok.pipeline.sink import ShardSink
+    from vitok.pipeline.types import EncodedBatch
 
     layouts = {"merged": FeatureLayout(8), "deepstack": FeatureLayout(8, levels=2)}
     sink = ShardSink(tmp_path, get_format(fmt), "shard-000007", layouts, "float32", None, "run1")
@@ -190,8 +190,8 @@ def test_sink_streams_batches_commits_and_checks(tmp_path, fmt):
 
 
 def test_a_crash_before_commit_leaves_nothing_listed(tmp_path):
-    from vitok.device import EncodedBatch
-    from vitok.sink import ShardSink
+    from vitok.pipeline.sink import ShardSink
+    from vitok.pipeline.types import EncodedBatch
 
     sink = ShardSink(tmp_path, get_format("hdf5"), "shard-000000", {"merged": FeatureLayout(4)}, "float16", None,
                      "run1")
@@ -207,7 +207,7 @@ def test_commit_of_a_shard_someone_else_committed_keeps_theirs(tmp_path):
     fmt = get_format("npy")
     sidecars = []
     for run in ("first", "second"):
-        from vitok.sink import ShardSink
+        from vitok.pipeline.sink import ShardSink
 
         sink = ShardSink(tmp_path, fmt, "shard-000000", {"merged": FeatureLayout(4)}, "float32", None, run)
         sidecars.append(sink.commit(fingerprint=run))
@@ -218,8 +218,8 @@ def test_commit_of_a_shard_someone_else_committed_keeps_theirs(tmp_path):
 def test_a_damaged_sidecar_data_pair_is_found(tmp_path):
     import h5py
 
-    from vitok.device import EncodedBatch
-    from vitok.sink import ShardSink
+    from vitok.pipeline.sink import ShardSink
+    from vitok.pipeline.types import EncodedBatch
 
     sink = ShardSink(tmp_path, get_format("hdf5"), "s", {"merged": FeatureLayout(4)}, "float32", None, "r")
     sink.add_batch(EncodedBatch(0, [ImageRecord("a", "ok", "s", grid=[1, 2, 2])],
@@ -254,8 +254,8 @@ def test_options_to_flags_and_back(monkeypatch):
     """--gpus builds its children's flags from the options: the CLI must parse them back to the same options."""
     from typer.testing import CliRunner
 
-    from vitok import cli
-    from vitok import options as options_module
+    from vitok.cli import app as cli
+    from vitok.pipeline import options as options_module
 
     options = make_options(model="qwen3-vl-tiny", features="patch,merged", pool="mean", fast_decode=True,
                            shard_size=7, part=1, num_parts=3, store_dtype="bfloat16")

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "extract": ("vitok.runner", "extract"),
-    "ExtractOptions": ("vitok.options", "ExtractOptions"),
-    "open": ("vitok.store", "open_store"),
-    "verify": ("vitok.verify", "verify_store"),
-    "load_encoder": ("vitok.inference", "load_encoder"),
-    "VisionEncoder": ("vitok.model", "VisionEncoder"),
-    "EncoderConfig": ("vitok.config", "EncoderConfig"),
-    "PreprocessConfig": ("vitok.config", "PreprocessConfig"),
-    "Preprocessor": ("vitok.preprocess", "Preprocessor"),
-    "ImagePreprocessor": ("vitok.preprocess", "ImagePreprocessor"),
+    "extract": ("vitok.pipeline.runner", "extract"),
+    "ExtractOptions": ("vitok.pipeline.options", "ExtractOptions"),
+    "open": ("vitok.storage.store", "open_store"),
+    "verify": ("vitok.storage.verify", "verify_store"),
+    "load_encoder": ("vitok.encoder.inference", "load_encoder"),
+    "VisionEncoder": ("vitok.encoder.model", "VisionEncoder"),
+    "EncoderConfig": ("vitok.encoder.config", "EncoderConfig"),
+    "PreprocessConfig": ("vitok.encoder.config", "PreprocessConfig"),
+    "Preprocessor": ("vitok.inputs.preprocess", "Preprocessor"),
+    "ImagePreprocessor": ("vitok.inputs.preprocess", "ImagePreprocessor"),
     "Qwen3VisionTransformer": ("vitok.original_api", "Qwen3VisionTransformer"),
     "create_qwen3_vl_vit": ("vitok.original_api", "create_qwen3_vl_vit"),
     "Qwen3VLPipeline": ("vitok.original_api", "Qwen3VLPipeline"),
@@ -32,16 +32,16 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from .config import EncoderConfig, PreprocessConfig
+    from .encoder.config import EncoderConfig, PreprocessConfig
+    from .encoder.inference import load_encoder
+    from .encoder.model import VisionEncoder
     from .errors import VitokError
-    from .inference import load_encoder
-    from .model import VisionEncoder
-    from .options import ExtractOptions
+    from .inputs.preprocess import ImagePreprocessor, Preprocessor
     from .original_api import Qwen3VisionTransformer, Qwen3VLPipeline, create_qwen3_vl_vit
-    from .preprocess import ImagePreprocessor, Preprocessor
-    from .runner import extract
-    from .store import open_store as open
-    from .verify import verify_store as verify
+    from .pipeline.options import ExtractOptions
+    from .pipeline.runner import extract
+    from .storage.store import open_store as open
+    from .storage.verify import verify_store as verify
 
 
 def __getattr__(name: str) -> Any:

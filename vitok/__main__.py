@@ -1,4 +1,4 @@
-from vitok.cli import main
+from vitok.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -14,13 +14,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .config import EncoderConfig
+from .encoder.config import EncoderConfig
+from .encoder.inference import load_encoder
+from .encoder.model import EncoderOutput, Grid, VisionEncoder, init_random_weights
+from .encoder.presets import get_preset
 from .errors import UsageError
-from .inference import load_encoder
-from .model import EncoderOutput, Grid, VisionEncoder, init_random_weights
-from .pool import check_pool, pool_tokens
-from .preprocess import PreparedImage, Preprocessor
-from .presets import get_preset
+from .inputs.preprocess import PreparedImage, Preprocessor
+from .pipeline.pool import check_pool, pool_tokens
 
 OUTPUT_FORMATS = ("tensor", "numpy", "list")
 

@@ -13,7 +13,7 @@ switch         environment variable  values      what it does
 =============  ====================  ==========  =================================================================
 ``onednn``     ``VITOK_ONEDNN``      auto|on|off  x86 CPUs: linear layers and short attention on oneDNN. ``auto``
                                                  times oneDNN against torch's own GEMM on the model's shapes at
-                                                 first use and keeps the faster (``vitok.kernel_choice``).
+                                                 first use and keeps the faster (``vitok.encoder.kernel_choice``).
 ``triton``     ``VITOK_TRITON``      on|off      CUDA: the 2D rotary as one Triton kernel (self-checked first).
 ``simplejpeg`` ``VITOK_SIMPLEJPEG``  on|off      plain JPEGs through simplejpeg (self-checked against Pillow).
 =============  ====================  ==========  =================================================================

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import EncoderConfig
+from ..encoder.config import EncoderConfig
 
 ROWS: list[dict] = []
 
@@ -62,7 +62,8 @@ def encoder_flops(config: EncoderConfig, grids) -> float:
 def matmul_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Best FLOP/s of each GEMM kernel vitok can use here, over a square matmul and the encoder's two MLP shapes
     (the MFU denominator is the best of all): a single square shape can run below what the encoder's shapes get."""
-    from .. import kernels, settings
+    from .. import settings
+    from ..encoder import kernels
 
     if device.type == "cuda":
         shapes, iters = [(8192, 8192, 8192)], 10

@@ -93,8 +93,8 @@ def in_process(args, device, dtype, folder: Path, tmp: Path) -> None:
 
     import vitok
 
-    from ..config import PreprocessConfig
-    from ..preprocess import Preprocessor
+    from ..encoder.config import PreprocessConfig
+    from ..inputs.preprocess import Preprocessor
 
     config, reference, model, processor, checkpoint = checkpoint_pair(args, device, dtype, tmp)
     paths = make_jpegs(folder, args.images, args.jpeg_size)

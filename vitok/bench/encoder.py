@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from .. import settings
-from ..config import EncoderConfig
-from ..model import VisionEncoder
-from ..presets import get_preset
+from ..encoder.config import EncoderConfig
+from ..encoder.model import VisionEncoder
+from ..encoder.presets import get_preset
 from .common import encoder_flops, row, timeit
 
 

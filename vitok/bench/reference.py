@@ -3,7 +3,7 @@ Imports transformers when called: it is a test/bench dependency, never a runtime
 
 from __future__ import annotations
 
-from ..config import EncoderConfig
+from ..encoder.config import EncoderConfig
 
 
 def reference_config(config: EncoderConfig):

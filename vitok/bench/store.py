@@ -28,8 +28,8 @@ def peak_mb():
 
 PLAN_SCRIPT = PEAK_MB + """
 import sys, time
-from vitok.plan import load_plan
-from vitok.cli import main
+from vitok.inputs.plan import load_plan
+from vitok.cli.app import main
 listing, out = sys.argv[1:3]
 start = time.perf_counter()
 sys.argv = ["vitok", "plan", "--files-from", listing, "-o", out, "--shard-size", "1000"]
@@ -79,9 +79,9 @@ def plan_scale(args, tmp: Path) -> None:
 
 def rss_vs_shard_size(args, tmp: Path) -> None:
     """Peak memory of the same run with small and large shards (rows stream to disk as batches finish)."""
-    from ..checkpoint import save_tower
-    from ..config import EncoderConfig
-    from ..model import VisionEncoder, init_random_weights
+    from ..encoder.checkpoint import save_tower
+    from ..encoder.config import EncoderConfig
+    from ..encoder.model import VisionEncoder, init_random_weights
     from .common import make_jpegs
 
     config = EncoderConfig(name="wide", hidden_size=1024, depth=1, num_heads=16, intermediate_size=1024,
@@ -105,8 +105,8 @@ def device_memory(device) -> None:
     import torch
     from PIL import Image
 
-    from ..inference import load_encoder
-    from ..preprocess import Preprocessor
+    from ..encoder.inference import load_encoder
+    from ..inputs.preprocess import Preprocessor
     from .common import sync
 
     for name in ("small", "base", "large"):
@@ -139,8 +139,8 @@ def synthetic_store(out: Path, images: int, rows: int, dim: int, fmt: str = "hdf
     import numpy as np
 
     from .. import __version__
-    from ..device import EncodedBatch
-    from ..sink import ShardSink
+    from ..pipeline.sink import ShardSink
+    from ..pipeline.types import EncodedBatch
     from ..storage import META_FILE, RunHeader, create_exclusive, get_format
     from ..storage.format import FeatureLayout
     from ..storage.records import ImageRecord, dumps

@@ -3,7 +3,7 @@
     OUT/README.txt              this layout, in words, for someone who finds the folder without vitok
     OUT/vitok.json              run header (``RunHeader``): vitok version, model, weights hash, resolved settings
                                 and their fingerprint, library versions (decoders included)
-    OUT/plan/0000.jsonl         the plan: what goes into which shard (``vitok.plan``); 0001.jsonl... after --update
+    OUT/plan/0000.jsonl         the plan: what goes into which shard (``inputs.plan``); 0001.jsonl... after --update
     OUT/shards/<shard>.h5       token data of one shard (or <shard>/ holding .npy files, or <shard>.tar)
     OUT/shards/<shard>.json     the shard's sidecar (``Sidecar``): per-image records, file sizes and checksums,
                                 the settings fingerprint. Its existence is the commit (``vitok.storage.shards``).

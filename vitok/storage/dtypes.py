@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the read side (vitok.open, info, verify, export) never imports torch
+    import torch
 
 STORE_DTYPES = ("float16", "float32", "bfloat16")
 FLOAT16_MAX = 65504.0
@@ -12,6 +16,8 @@ FLOAT16_MAX = 65504.0
 def to_store_tensor(tensor: torch.Tensor, store_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens in their stored dtype, still on their device (bfloat16 as int16 bits), and the number of finite
     values that overflow float16 as a 0-d tensor (zero for the other dtypes). Nothing here waits for the device."""
+    import torch
+
     tensor = tensor.detach()
     if store_dtype == "bfloat16":
         return tensor.to(torch.bfloat16).view(torch.int16), tensor.new_zeros((), dtype=torch.int64)
@@ -24,6 +30,8 @@ def to_store_tensor(tensor: torch.Tensor, store_dtype: str) -> tuple[torch.Tenso
 
 def overflow_per_row_group(tensor: torch.Tensor, rows: list[int]) -> list[int]:
     """Finite values beyond float16's range in each group of rows (the images of a batch); axis -2 holds rows."""
+    import torch
+
     as_float = tensor.detach().float()
     beyond = ((as_float.abs() > FLOAT16_MAX) & torch.isfinite(as_float)).flatten(-1).sum(-1)  # (..., rows)
     beyond = beyond.reshape(-1, beyond.shape[-1]).sum(0)
@@ -34,12 +42,6 @@ def stored_to_numpy(stored: torch.Tensor, store_dtype: str) -> np.ndarray:
     """A host tensor from ``to_store_tensor`` -> the numpy array written to the shard."""
     array = stored.numpy()
     return array.view(np.uint16) if store_dtype == "bfloat16" else array
-
-
-def to_store_array(tensor: torch.Tensor, store_dtype: str) -> tuple[np.ndarray, int]:
-    """Convert tokens to the stored numpy array; also return how many finite values overflowed float16."""
-    stored, overflow = to_store_tensor(tensor, store_dtype)
-    return stored_to_numpy(stored.cpu(), store_dtype), int(overflow)
 
 
 def from_store_array(array: np.ndarray, store_dtype: str) -> np.ndarray:

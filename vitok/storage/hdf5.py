@@ -17,6 +17,7 @@ import numpy as np
 
 from .format import FeatureLayout, ShardDataReader, ShardDataWriter, ShardFormat, encode_keys
 
+COMPRESSIONS = ("gzip", "lzf")  # the filters every h5py build has
 CHUNK_BYTES = 1 << 20  # HDF5's default chunk cache: a chunk is read whole and cached
 
 

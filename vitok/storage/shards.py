@@ -41,8 +41,6 @@ def register_format(format_class: type[ShardFormat]) -> type[ShardFormat]:
 
 
 def get_format(name: str) -> ShardFormat:
-    from . import wds  # noqa: F401 - registers the webdataset format
-
     if name not in FORMATS:
         raise StoreError(f"unknown shard format {name!r}; formats: {', '.join(FORMATS)}")
     return FORMATS[name]()
@@ -171,3 +169,6 @@ def check_shard(out: Path, sidecar: Sidecar, checksums: bool = False) -> list[st
             with contextlib.suppress(Exception):
                 reader.close()
     return []
+
+
+from . import wds  # noqa: E402, F401 - registers the webdataset format (it imports register_format from here)

@@ -1,0 +1,324 @@
+"""Find a model by preset name or path and load the vision tower's weights (safetensors only, never pickle).
+
+Accepted ``--model`` values:
+
+- a preset name (``vitok models`` lists them): seeded random weights, unless a real checkpoint is given;
+- a Hugging Face checkpoint folder: ``config.json`` with ``vision_config``, and ``model.safetensors`` or a sharded
+  ``model.safetensors.index.json``; only the tower's tensors are read, never the language model;
+- a single ``.safetensors`` file holding just the tower (architecture from its metadata, a ``config.json``
+  beside it, or the released preset whose tensor shapes it matches);
+- a Hugging Face repo id (``Qwen/Qwen3-VL-2B-Instruct``): looked up in the local Hugging Face cache, and
+  downloaded (only the shards holding the tower) when ``huggingface_hub`` is installed and a network exists.
+
+Tensor names may carry the prefix ``model.visual.`` (Qwen3-VL releases), ``visual.`` (older layouts) or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # resolving a model (config.json, presets) must not import torch: usage errors come first
+    import torch
+
+from ..errors import CheckpointError, UsageError
+from .config import EncoderConfig, PreprocessConfig
+from .presets import registry
+
+logger = logging.getLogger(__name__)
+
+TOWER_PREFIXES = ("model.visual.", "visual.", "")
+ANCHOR_KEY = "patch_embed.proj.weight"
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CONFIG_METADATA_KEY = "vitok_encoder_config"
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from, resolved but not yet loaded."""
+
+    name: str  # what the manifest calls it: preset name, folder name or repo id
+    encoder: EncoderConfig
+    preprocess: PreprocessConfig
+    weight_files: list[Path]  # safetensors files that hold the tower ([] = seeded random weights)
+    prefix: str = ""  # tensor-name prefix of the tower inside those files
+
+    @property
+    def random_weights(self) -> bool:
+        return not self.weight_files
+
+
+def resolve_model(spec: str | os.PathLike) -> ModelSource:
+    """Turn a ``--model`` value into a :class:`ModelSource`; errors say what was tried and what to do."""
+    text = str(spec)
+    presets = registry()
+    if text in presets:
+        preset = presets[text]
+        return ModelSource(text, preset.encoder, preset.preprocess, [])
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _resolve_folder(path, path.resolve().name)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(
+                f"{path}: only .safetensors weights are read (vitok never unpickles .bin/.pt/.pth files); "
+                "convert it with safetensors first"
+            )
+        return _resolve_single_file(path)
+    if REPO_ID.match(text) and not path.exists():
+        return _resolve_hub(text)
+    raise UsageError(
+        f"--model {text!r} is neither a preset, an existing folder or .safetensors file, nor a Hugging Face repo id; "
+        f"valid presets: {', '.join(presets)}"
+    )
+
+
+# ---- folders and files -------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read JSON ({exc})") from exc
+
+
+def _resolve_folder(folder: Path, name: str) -> ModelSource:
+    encoder, preprocess = _read_folder_configs(folder, name)
+    files, prefix = _tower_files(folder)
+    return ModelSource(name, encoder, preprocess, files, prefix)
+
+
+def _read_folder_configs(folder: Path, name: str) -> tuple[EncoderConfig, PreprocessConfig]:
+    """The tower's architecture from config.json, and its preprocessor_config.json when there is one."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{folder}: no config.json; a checkpoint folder needs config.json and safetensors weights"
+        )
+    config = _read_json(config_path)
+    vision = config.get("vision_config", config if "depth" in config else None)
+    if vision is None:
+        raise CheckpointError(f"{config_path}: no vision_config; is this a Qwen vision-language checkpoint?")
+    try:
+        encoder = EncoderConfig.from_hf_vision_config(vision, name, config.get("model_type"))
+    except KeyError as exc:
+        raise CheckpointError(f"{config_path}: vision_config lacks {exc.args[0]!r}") from exc
+    preprocess = PreprocessConfig.for_tower(encoder)
+    if (folder / "preprocessor_config.json").is_file():
+        preprocess = PreprocessConfig.from_hf_preprocessor_config(
+            _read_json(folder / "preprocessor_config.json"), preprocess
+        )
+    return encoder, preprocess
+
+
+def _tower_files(folder: Path) -> tuple[list[Path], str]:
+    """The safetensors files of a folder that hold tower tensors, and the tower's prefix."""
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map: dict[str, str] = _read_json(index_path).get("weight_map", {})
+        prefix = _find_prefix(weight_map)
+        if prefix is None:
+            raise CheckpointError(f"{index_path}: no vision tower tensors (looked for *{ANCHOR_KEY})")
+        names = sorted({file for key, file in weight_map.items() if key.startswith(prefix)})
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shards listed in the index are missing: {', '.join(missing)}")
+        return [folder / n for n in names], prefix
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        hint = f" (found {', '.join(pickles)}: vitok never unpickles weights)" if pickles else ""
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+    from safetensors import safe_open
+
+    holders, prefix = [], None
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+        found = _find_prefix(keys)
+        if found is not None:
+            prefix = found if prefix is None else prefix
+            holders.append(file)
+    if prefix is None:
+        raise CheckpointError(f"{folder}: no vision tower tensors in {', '.join(f.name for f in files)}")
+    return holders, prefix
+
+
+def _find_prefix(keys: Iterable[str]) -> str | None:
+    keys = set(keys)
+    for prefix in TOWER_PREFIXES:
+        if prefix + ANCHOR_KEY in keys:
+            return prefix
+    return None
+
+
+def _resolve_single_file(path: Path) -> ModelSource:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        keys = list(handle.keys())
+        prefix = _find_prefix(keys)
+        if prefix is None:
+            raise CheckpointError(f"{path}: no vision tower tensors (looked for *{ANCHOR_KEY})")
+        shapes = {k[len(prefix) :]: tuple(handle.get_slice(k).get_shape()) for k in keys if k.startswith(prefix)}
+    name = path.stem
+    if CONFIG_METADATA_KEY in metadata:
+        encoder = EncoderConfig.from_dict({**json.loads(metadata[CONFIG_METADATA_KEY]), "name": name})
+        return ModelSource(name, encoder, PreprocessConfig.for_tower(encoder), [path], prefix)
+    if (path.parent / "config.json").is_file():
+        encoder, preprocess = _read_folder_configs(path.parent, name)
+        return ModelSource(name, encoder, preprocess, [path], prefix)
+    for preset in registry().values():
+        if _expected_shapes(preset.encoder) == shapes:
+            logger.info("%s: tensor shapes match preset %s; using its architecture", path, preset.name)
+            return ModelSource(name, replace(preset.encoder, name=name), preset.preprocess, [path], prefix)
+    raise CheckpointError(
+        f"{path}: cannot tell its architecture: no '{CONFIG_METADATA_KEY}' metadata, no config.json beside it, "
+        "and its tensor shapes match no preset; put the checkpoint's config.json next to it"
+    )
+
+
+# ---- Hugging Face hub and cache ----------------------------------------------------------------------------------
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def _cached_snapshot(repo_id: str, revision: str = "main") -> Path | None:
+    repo_dir = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    ref = repo_dir / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = repo_dir / "snapshots" / commit
+    return snapshot if (snapshot / "config.json").is_file() else None
+
+
+def _resolve_hub(repo_id: str) -> ModelSource:
+    snapshot = _cached_snapshot(repo_id)
+    if snapshot is not None:
+        try:
+            source = _resolve_folder(snapshot, repo_id)
+        except CheckpointError:
+            source = None  # config is cached but some shards are not: fetch them below if we can
+        if source is not None:
+            return source
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise CheckpointError(
+            f"{repo_id} is not in the local Hugging Face cache ({hf_cache_dir()}) and huggingface_hub is not "
+            "installed; install it (pip install 'vitok[hub]') to download, or pass a local checkpoint folder"
+        ) from None
+    try:
+        folder = Path(
+            huggingface_hub.snapshot_download(
+                repo_id, allow_patterns=["config.json", "preprocessor_config.json", "*.index.json"]
+            )
+        )
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index)["weight_map"]
+            prefix = _find_prefix(weight_map) or "model.visual."
+            shards = sorted({f for k, f in weight_map.items() if k.startswith(prefix)})
+        else:
+            shards = ["model.safetensors"]
+        folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=shards))
+    except Exception as exc:  # the hub raises many network error types; all mean the same to the user
+        raise CheckpointError(
+            f"cannot get {repo_id}: not in the local Hugging Face cache ({hf_cache_dir()}) and the download "
+            f"failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); with no network, "
+            "download it elsewhere (huggingface-cli download) and pass the folder with --model"
+        ) from exc
+    return _resolve_folder(folder, repo_id)
+
+
+# ---- loading -----------------------------------------------------------------------------------------------------
+
+
+def _expected_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
+    import torch
+
+    from .model import VisionEncoder
+
+    with torch.device("meta"):
+        model = VisionEncoder(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def read_tower_state_dict(source: ModelSource) -> dict[str, torch.Tensor]:
+    """Read exactly the tower's tensors (prefix stripped) from the source's safetensors files."""
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    for file in source.weight_files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    if key.startswith(source.prefix):
+                        state[key[len(source.prefix) :]] = handle.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(f"{file}: cannot read safetensors ({exc})") from exc
+    if source.prefix == "":
+        # A bare tower file may sit beside other modules' tensors only under a prefix; keep tower names.
+        state = {k: v for k, v in state.items() if not k.startswith(("model.", "lm_head."))}
+    return state
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str) -> None:
+    """Strict comparison with errors that name each missing, unexpected or mis-shaped key."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        more = " ..." if len(missing) > 8 else ""
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}{more}")
+    if unexpected:
+        problems.append(
+            f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}"
+            f"{' ...' if len(unexpected) > 8 else ''}"
+        )
+    if misshaped:
+        problems.append("wrong shape: " + "; ".join(misshaped[:8]))
+    if problems:
+        raise CheckpointError(f"{where}: " + " | ".join(problems))
+
+
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (names, dtypes, shapes, bytes): equal hash = equal weights."""
+    import torch
+
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return "blake2b:" + digest.hexdigest()
+
+
+def save_tower(model: torch.nn.Module, path: str | os.PathLike, config: EncoderConfig) -> None:
+    """Write a tower as one safetensors file with its architecture in the metadata (reloadable by path)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = config.to_dict()
+    data.pop("name")
+    save_file(state, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(data)})
+

@@ -1,0 +1,137 @@
+"""The encoder-loading and inference context, in one place: device and dtype choice, loading a model, and running a
+packed batch (eval mode, ``torch.inference_mode``, non-blocking copies).
+
+Reduced precision casts the whole tower (LayerNorm included), as the reference's ``model.to(bfloat16)`` does;
+position interpolation and the rotary stay in float32 inside the model, as in the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UsageError
+from ..inputs.preprocess import PreparedImage, normalize_patches
+from .checkpoint import ModelSource, check_state_dict, read_tower_state_dict, resolve_model, weights_hash
+from .config import COMPUTE_DTYPES, EncoderConfig, PreprocessConfig
+from .model import EncoderOutput, VisionEncoder, init_random_weights
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
+_warned_random: set[str] = set()
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU; ``cuda:N`` is checked to exist."""
+    if spec is None or str(spec) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {spec!r} is not a device (auto, cpu, cuda, cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {spec}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {spec!r} is not supported (auto, cpu, cuda, cuda:N)")
+    return device
+
+
+def resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on GPUs that support it, float32 elsewhere."""
+    if isinstance(spec, torch.dtype):
+        return spec
+    if spec is None or spec == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if spec not in DTYPES:
+        raise UsageError(f"--dtype {spec!r} is not one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[spec]
+
+
+@dataclass
+class Encoder:
+    """A loaded tower on its device, with the preprocessing that belongs to it."""
+
+    model: VisionEncoder
+    source: ModelSource
+    preprocess: PreprocessConfig
+    device: torch.device
+    dtype: torch.dtype
+    weights_hash: str
+
+    @property
+    def config(self) -> EncoderConfig:
+        return self.model.config
+
+    @torch.inference_mode()
+    def encode(
+        self, images: Sequence[PreparedImage], features: Sequence[str] = ("patch",), token_order: str = "block"
+    ) -> EncoderOutput:
+        """Run a packed batch of prepared images; uint8 patches go to the device and are normalised there."""
+        if len(images) == 1:
+            patches = images[0].patches.to(self.device, non_blocking=True)
+        else:
+            # Each image's (pinned, when it comes from the DataLoader) patches straight into one buffer on the device:
+            # asynchronous on a GPU, and no host-side concatenation on the thread that feeds it.
+            patches = torch.empty((sum(im.num_patches for im in images), *images[0].patches.shape[1:]),
+                                  dtype=images[0].patches.dtype, device=self.device)
+            for im, rows in zip(images, patches.split([im.num_patches for im in images])):
+                rows.copy_(im.patches, non_blocking=True)
+        pixel_values = normalize_patches(patches, self.preprocess)
+        return self.model(pixel_values, [im.grid_thw for im in images], features=features, token_order=token_order)
+
+
+def load_encoder(
+    model: str | ModelSource = "base",
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    *,
+    seed: int = 0,
+    attention: str = "auto",
+    preprocess: PreprocessConfig | None = None,
+) -> Encoder:
+    """Load a preset, checkpoint folder, ``.safetensors`` file or Hugging Face repo id onto a device.
+
+    Args:
+        model: preset name or path (see ``vitok.encoder.checkpoint``), or a source ``resolve_model`` returned.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        seed: seed of the random weights used when a preset has no checkpoint.
+        attention: ``auto`` (varlen FlashAttention on CUDA half precision when available, else sdpa),
+            ``sdpa``, ``varlen`` or ``eager``.
+        preprocess: override the model's own preprocessing.
+    """
+    source = model if isinstance(model, ModelSource) else resolve_model(model)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    encoder = VisionEncoder(source.encoder)
+    if source.random_weights:
+        init_random_weights(encoder, seed)
+        digest = f"seeded-random:{seed}"
+        if source.name not in _warned_random:
+            _warned_random.add(source.name)
+            logger.warning(
+                "MODEL %s HAS NO CHECKPOINT: running with seeded random weights (seed %d). Its tokens are "
+                "deterministic but NOT meaningful features; pass --model PATH for real weights.",
+                source.name,
+                seed,
+            )
+    else:
+        state = read_tower_state_dict(source)
+        check_state_dict(encoder.state_dict(), state, f"{source.name} ({source.weight_files[0].parent})")
+        digest = weights_hash(state)
+        encoder.load_state_dict(state, strict=True)
+    encoder = encoder.to(device=torch_device, dtype=torch_dtype).eval()
+    if attention == "auto":
+        attention = "varlen" if torch_device.type == "cuda" and torch_dtype != torch.float32 else "sdpa"
+    encoder.set_attention(attention)
+    return Encoder(encoder, source, preprocess or source.preprocess, torch_device, torch_dtype, digest)

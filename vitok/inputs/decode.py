@@ -1,0 +1,300 @@
+"""Decode one image file into RGB pixels a user would expect, or fail with a one-line reason.
+
+Every input either yields an RGB image or raises :class:`~vitok.errors.ImageError`; nothing else escapes, so a
+batch job can record the reason and go on. What "expected" means here:
+
+- EXIF orientation applied (as transformers' ``load_image`` does);
+- alpha (RGBA, LA, premultiplied, palette transparency) composited onto white, like the reference;
+- CMYK, palette, 1-bit and grayscale converted to RGB; 16-bit and 32-bit integer images *scaled* to 8 bits
+  (the reference clips them, turning most pixels white: a deliberate difference);
+- the first frame of an animation;
+- the pixel count checked from the header before any decoding (decompression bombs are refused);
+- truncated files refused unless ``allow_truncated``, in which case the notes say so;
+- library warnings (palette transparency, odd EXIF) are kept as notes, never turned into failures.
+
+Baseline and progressive JPEGs (YCbCr 4:4:4 / 4:2:2 / 4:2:0, or grayscale) are decoded by simplejpeg, which calls
+libjpeg-turbo directly with the same settings as Pillow (accurate integer IDCT, smooth chroma upsampling) into a
+numpy array that the resize reads without copying: the same pixels, with one copy and Pillow's image object less
+per image (docs/performance.md has the measurement). At first use a set of JPEGs is decoded both ways and the
+direct path is kept only if every pixel agrees; ``VITOK_SIMPLEJPEG=0`` turns it off. Anything else, and any file it
+cannot decode (truncated, damaged), goes through Pillow, which gives the reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import io
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .. import settings
+from ..errors import ImageError, InputUnavailableError
+
+logger = logging.getLogger(__name__)
+
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose)
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_TRUNCATED_LOCK = threading.Lock()  # LOAD_TRUNCATED_IMAGES is a Pillow global
+
+
+@dataclass
+class DecodedImage:
+    image: Image.Image  # RGB, upright
+    original_size: tuple[int, int]  # (width, height) upright, before any reduced-scale decoding
+    notes: list[str] = field(default_factory=list)  # things worth recording that are not failures
+    pixels: np.ndarray | None = None  # (H, W, 3) uint8, the same pixels as ``image`` when it is a view of them
+    decoder: str = "pillow"  # what produced the pixels: pillow | pillow-draft | simplejpeg
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+UNAVAILABLE = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENODEV,
+               errno.EAGAIN, errno.EBUSY, errno.ENOTCONN, errno.EHOSTDOWN, errno.ENXIO}
+MAX_FILE_BYTES = 4 << 30  # a larger "image" is refused before it is read into memory
+
+
+@dataclass
+class SourceFile:
+    """An input file's bytes, with what identifies its version on disk."""
+
+    data: bytes
+    size: int
+    mtime_ns: int | None = None
+
+
+def read_source(path: str | Path) -> SourceFile:
+    """Read an input file whole. A file that is not there or cannot be read right now raises
+    InputUnavailableError (retried by a later run); one that can never be an image raises ImageError."""
+    try:
+        with open(path, "rb") as handle:
+            stat = os.fstat(handle.fileno())
+            if stat.st_size > MAX_FILE_BYTES:
+                raise ImageError(f"file of {stat.st_size} bytes is too large to be an image")
+            data = handle.read()
+    except OSError as exc:
+        reason = f"cannot read: {exc.strerror or _one_line(exc)}"
+        raise (InputUnavailableError(reason) if exc.errno in UNAVAILABLE else ImageError(reason)) from None
+    return SourceFile(data, len(data), stat.st_mtime_ns)
+
+
+def decode_image(
+    source: str | Path | bytes,
+    *,
+    max_image_pixels: int = 178_956_970,
+    allow_truncated: bool = False,
+    draft_size: Callable[[int, int], tuple[int, int] | None] | None = None,
+) -> DecodedImage:
+    """Check and decode an image file, or its bytes (an archive member).
+
+    Args:
+        source: the image file's path, or its bytes.
+        max_image_pixels: refuse images whose header claims more pixels than this.
+        allow_truncated: decode truncated files as far as they go instead of refusing them.
+        draft_size: for JPEGs, ``(width, height) -> (target_w, target_h)`` of the final resize; when the target is at
+            least 2x smaller on both sides the file is decoded at reduced DCT scale (faster, not bit-exact).
+    """
+    data = source if isinstance(source, (bytes, bytearray, memoryview)) else read_source(source).data
+    if len(data) == 0:
+        raise ImageError("empty file (0 bytes)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                decoded = _decode_open_image(img, bytes(data), max_image_pixels, allow_truncated, draft_size)
+        except ImageError:
+            raise
+        except UnidentifiedImageError:
+            raise ImageError("not an image Pillow can read (unknown or damaged header)") from None
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"refused as a decompression bomb: {exc}") from None
+        except MemoryError:
+            raise ImageError("out of memory while decoding") from None
+        except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, EOFError, ...
+            raise ImageError(f"cannot decode: {_one_line(exc)}") from None
+    for warning in caught:
+        if not issubclass(warning.category, Image.DecompressionBombWarning):
+            decoded.notes.append(f"warning: {str(warning.message).splitlines()[0]}")
+    return decoded
+
+
+def _decode_open_image(img, data, max_image_pixels, allow_truncated, draft_size) -> DecodedImage:
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has no pixels ({width}x{height})")
+    if width * height > max_image_pixels:
+        raise ImageError(
+            f"refused: {width}x{height} = {width * height} pixels exceeds the limit of {max_image_pixels} "
+            "(possible decompression bomb; raise --max-image-pixels to allow)"
+        )
+    notes: list[str] = []
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+        notes.append(f"first of {img.n_frames} frames")
+    orientation = _orientation(img)
+    upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    drafted = False
+    if draft_size is not None and img.format == "JPEG":
+        target = draft_size(*upright)
+        if target is not None:
+            tw, th = (target[1], target[0]) if orientation in (5, 6, 7, 8) else target
+            if 2 * tw <= width and 2 * th <= height:
+                img.draft("RGB", (tw, th))
+                if img.size != (width, height):
+                    notes.append(f"fast decode at {img.size[0]}x{img.size[1]}")
+                    drafted = True
+    pixels = _decode_jpeg_directly(img, data) if img.size == (width, height) else None  # not after a draft
+    if pixels is not None:
+        if orientation in UPRIGHT:
+            return DecodedImage(Image.fromarray(pixels).transpose(UPRIGHT[orientation]), upright, notes,
+                                decoder="simplejpeg")
+        view = Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)  # no copy
+        return DecodedImage(view, upright, notes, pixels, decoder="simplejpeg")
+    _load(img, allow_truncated, notes)
+    if orientation not in (None, 1):
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception as exc:  # broken EXIF must not cost the image
+            notes.append(f"EXIF orientation not applied ({_one_line(exc)})")
+    return DecodedImage(to_rgb(img), upright, notes, decoder="pillow-draft" if drafted else "pillow")
+
+
+# ---- JPEGs straight through libjpeg-turbo ------------------------------------------------------------------------
+
+_CHECKED_LUMA_SAMPLING = {(1, 1), (2, 1), (2, 2)}  # 4:4:4, 4:2:2, 4:2:0 (chroma 1x1): the layouts self-checked
+
+
+def _decode_jpeg_directly(img: Image.Image, data: bytes) -> np.ndarray | None:
+    """The (H, W, 3) RGB pixels of a plain JPEG decoded by simplejpeg; None to use Pillow instead."""
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return None
+    layers = getattr(img, "layer", None) or []
+    if img.mode == "RGB" and (
+        len(layers) != 3 or (layers[0][1], layers[0][2]) not in _CHECKED_LUMA_SAMPLING
+        or any((h, v) != (1, 1) for _, h, v, _ in layers[1:])
+    ):
+        return None
+    decoder = _simplejpeg()
+    if decoder is None:
+        return None
+    try:
+        # grayscale JPEGs come out as RGB with three equal channels, as Pillow's convert("RGB") makes them
+        pixels = decoder.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
+    except (OSError, ValueError):  # truncated or damaged: Pillow decides and gives the reason
+        return None
+    return pixels if pixels.shape == (img.size[1], img.size[0], 3) else None
+
+
+def _simplejpeg():
+    """simplejpeg, unless switched off (``vitok.settings``) or it failed its check against Pillow."""
+    return _checked_simplejpeg() if settings.enabled("simplejpeg") else None
+
+
+@functools.cache
+def _checked_simplejpeg():
+    """The simplejpeg module when it is installed and decodes like Pillow on every checked JPEG layout, else None."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    smooth = np.linspace(0, 255, 61 * 47 * 3).reshape(47, 61, 3)
+    photo = Image.fromarray(np.clip(smooth + rng.normal(0, 30, smooth.shape), 0, 255).astype(np.uint8))
+    variants = [("RGB", dict(subsampling=s, quality=q)) for s in (0, 1, 2) for q in (50, 95)]
+    variants += [("RGB", dict(progressive=True, quality=85)), ("L", dict(quality=90))]
+    for mode, options in variants:
+        buffer = io.BytesIO()
+        photo.convert(mode).save(buffer, "JPEG", **options)
+        with Image.open(io.BytesIO(buffer.getvalue())) as decoded:
+            expected = np.asarray(decoded.convert("RGB"))
+        got = simplejpeg.decode_jpeg(buffer.getvalue(), colorspace="RGB", fastdct=False, fastupsample=False)
+        if not np.array_equal(expected, got):
+            logger.warning("simplejpeg %s decodes %s JPEGs (%s) unlike Pillow here; decoding with Pillow only",
+                           simplejpeg.__version__, mode, options)
+            return None
+    return simplejpeg
+
+
+def _orientation(img: Image.Image) -> int | None:
+    try:
+        value = img.getexif().get(ORIENTATION_TAG)
+    except Exception:  # unreadable EXIF: treat as no orientation
+        return None
+    return int(value) if isinstance(value, int) and 1 <= value <= 8 else None
+
+
+def _load(img: Image.Image, allow_truncated: bool, notes: list[str]) -> None:
+    try:
+        img.load()
+        return
+    except OSError as exc:
+        if "truncated" not in str(exc) and "broken data stream" not in str(exc):
+            raise
+        if not allow_truncated:
+            raise ImageError(
+                f"truncated file ({_one_line(exc)}); pass --allow-truncated to decode what is there"
+            ) from None
+    with _TRUNCATED_LOCK:
+        previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+        try:
+            img.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    notes.append("truncated file, decoded partially (--allow-truncated)")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB the way the reference does, but scale high bit depths."""
+    mode = img.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return Image.fromarray(_high_depth_to_uint8(img), mode="L").convert("RGB")
+    if mode in ("RGBa", "La"):  # premultiplied alpha: un-premultiply first
+        img = img.convert("RGBA")
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
+    values = np.asarray(img)
+    if img.mode == "F":
+        values = values.astype(np.float64)
+        scale = 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else 1.0
+        return np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
+    values = np.clip(values.astype(np.int64), 0, 65535)
+    return ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257): 0 -> 0, 65535 -> 255
+
+
+def load_any_image(image) -> Image.Image:
+    """The original API's input: a path, a PIL image or a uint8 array (H x W x 3 or H x W) -> RGB PIL image."""
+    if isinstance(image, (str, Path)):
+        return decode_image(image).image
+    if isinstance(image, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(image) if _orientation(image) not in (None, 1) else image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ImageError(f"numpy images must be uint8, got {image.dtype}")
+        if image.ndim == 2:
+            return Image.fromarray(image, mode="L").convert("RGB")
+        if image.ndim == 3 and image.shape[2] in (3, 4):
+            return to_rgb(Image.fromarray(image, mode="RGB" if image.shape[2] == 3 else "RGBA"))
+        raise ImageError(f"numpy images must be H x W or H x W x 3/4, got shape {image.shape}")
+    raise ImageError(f"cannot use {type(image).__name__} as an image; pass a path, a PIL image or a uint8 array")

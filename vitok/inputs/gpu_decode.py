@@ -1,0 +1,92 @@
+"""Opt-in JPEG decoding on the GPU (``--decode gpu``): nvJPEG through torchvision, then the resize and the patches
+made on the GPU; the decode workers only read bytes and headers.
+
+It changes pixels (nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's, and the resize runs in float32 on
+the GPU as torchvision's does), so exact decoding stays the default and each record names its decoder (``nvjpeg``).
+Which images go to the GPU is decided from the header alone: baseline JPEGs in YCbCr or grayscale without an EXIF
+rotation (torchvision's CUDA decoder ignores EXIF). Progressive and CMYK JPEGs, other formats, and any image the GPU
+decoder rejects take the exact CPU path for that image: never a lost image.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import torch
+from PIL import Image
+
+from ..encoder.config import PreprocessConfig
+from ..errors import ImageError
+from .preprocess import PreparedImage, Preprocessor, patchify, resize_like_torchvision, target_size
+
+logger = logging.getLogger(__name__)
+ORIENTATION_TAG = 0x0112
+
+
+def gpu_route(data: bytes, config: PreprocessConfig) -> PreparedImage | None:
+    """A placeholder image (bytes, grid, no patches yet) when the GPU may decode it; None for the exact path."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return None
+            if img.info.get("progressive") or img.info.get("progression"):
+                return None
+            orientation = img.getexif().get(ORIENTATION_TAG)
+            if orientation not in (None, 1):
+                return None
+            width, height = img.size
+    except Exception:  # anything odd: the exact path decides and gives the reason
+        return None
+    if width * height > config.max_image_pixels:
+        return None  # the exact path refuses it with its reason
+    try:
+        th, tw = target_size(config, height, width)
+    except ImageError:
+        return None
+    grid = (1, th // config.patch_size, tw // config.patch_size)
+    return PreparedImage(None, grid, (width, height), [], decoder="nvjpeg", jpeg=data)
+
+
+def _decode(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 announces its decoders' move to torchcodec
+        return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+
+
+def decode_on_device(images: list[PreparedImage], config: PreprocessConfig, device: torch.device
+                     ) -> list[str | None]:
+    """Fill in the patches of images routed to the device: one batched decode, then resize and patchify there.
+    An image the decoder rejects is decoded on the CPU, exactly. Returns, per image, None or the reason it cannot
+    be used at all (the exact path refused it too)."""
+    raw = [torch.frombuffer(bytearray(image.jpeg), dtype=torch.uint8) for image in images]
+    try:
+        decoded: list[torch.Tensor | None] = list(_decode(raw, device))
+    except Exception:  # one bad image fails the batch: decode them one by one
+        decoded = []
+        for tensor in raw:
+            try:
+                decoded.append(_decode([tensor], device)[0])
+            except Exception:
+                decoded.append(None)
+    exact = Preprocessor(config.replace(decode="exact"))
+    reasons: list[str | None] = []
+    for image, pixels in zip(images, decoded):
+        reason = None
+        if pixels is None or tuple(pixels.shape[-2:]) != (image.original_size[1], image.original_size[0]):
+            try:
+                fallback = exact.load(image.jpeg)
+                image.patches, image.grid_thw, image.decoder = fallback.patches, fallback.grid_thw, fallback.decoder
+                image.notes.append("the GPU decoder refused this JPEG: decoded exactly on the CPU")
+            except ImageError as exc:
+                reason = str(exc)
+        else:
+            _, h, w = image.grid_thw
+            resized = resize_like_torchvision(pixels, h * config.patch_size, w * config.patch_size, config.resample)
+            image.patches = patchify(resized, config.patch_size, config.merge_size).contiguous()
+        image.jpeg = None
+        reasons.append(reason)
+    return reasons

@@ -1,0 +1,415 @@
+"""The plan: which inputs go into which output shard. Written once, identical for every process, never rewritten.
+
+A plan is a sequence of generations (``OUT/plan/NNNN.json``): generation 0 from the first listing, and one more
+for each ``--update`` (inputs added since) or retry (inputs that could not be read before and can be now). Each
+generation's header is created exclusively (the first process wins, the others compare) and names its content
+file and unit index, which are content-addressed so that two processes planning at once never mix files.
+
+Units are the output shards, numbered across generations (part ``k`` of ``N`` does units ``i % N == k``):
+
+- loose files: ``shard-000000`` holds ``shard_size`` consecutive keys; the content file has one line per image
+  (a JSON string key, or ``[root, key]`` when several roots exist); a process seeks to its own units' lines;
+- archives: one unit per tar, or per parquet row group, named after it (``00042``, ``00042-rg00003``), one JSON
+  line each; its images are only known when it is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputsChangedError, StoreError
+from ..storage.files import atomic_write_text, create_exclusive, file_mode
+from .sources import ArchiveListing, FileListing, Listing, Root, archive_stem, is_url
+
+logger = logging.getLogger(__name__)
+
+PLAN_DIR = "plan"
+PLAN_SCHEMA = 2
+
+
+@dataclass(frozen=True)
+class UnitRef:
+    """One output shard of the plan: enough for a worker process to read its inputs."""
+
+    index: int
+    name: str
+    kind: str  # files | wds | parquet
+    content: str  # the generation's content file
+    offset: int  # byte offset of its first line
+    count: int  # lines (files: images; archives: 1)
+    expected: int | None  # images, when known before reading
+    generation: int
+    roots: tuple[Root, ...] = ()
+    inline: tuple[tuple[str, str], ...] | dict[str, Any] | None = None  # retry units: content not in the plan
+
+    def read(self) -> list[tuple[str, str]] | dict[str, Any]:
+        """Files: [(key, path)]; archives: the unit's description (path, row group, ...)."""
+        if self.inline is not None:
+            return list(self.inline) if isinstance(self.inline, tuple) else dict(self.inline)
+        with open(self.content, "rb") as handle:
+            handle.seek(self.offset)
+            lines = [handle.readline() for _ in range(self.count)]
+        if self.kind != "files":
+            return json.loads(lines[0])
+        items = []
+        for line in lines:
+            value = json.loads(line)
+            root, key = (0, value) if isinstance(value, str) else value
+            items.append((key, self.roots[root].path(key)))
+        return items
+
+
+@dataclass
+class Generation:
+    header: dict[str, Any]
+    folder: Path
+
+    @property
+    def number(self) -> int:
+        return int(self.header["generation"])
+
+    def units(self) -> list[UnitRef]:
+        index = np.load(self.folder / self.header["index"])
+        roots = tuple(Root(*r) for r in self.header.get("roots", []))
+        content = str(self.folder / self.header["content"])
+        names = self.header.get("unit_names")
+        first = int(self.header["first_unit"])
+        refs = []
+        for i, (offset, count, expected) in enumerate(index.tolist()):
+            name = names[i] if names else f"shard-{first + i:06d}"
+            refs.append(UnitRef(first + i, name, self.header["reader"], content, offset, count,
+                                None if expected < 0 else expected, self.number, roots))
+        return refs
+
+    def removed(self) -> list[str]:
+        if not self.header.get("removed"):
+            return []
+        return json.loads((self.folder / self.header["removed"]).read_text())
+
+
+@dataclass
+class Plan:
+    out: Path
+    generations: list[Generation]
+    units: list[UnitRef] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.units = [u for g in self.generations for u in g.units()]
+
+    @property
+    def first(self) -> dict[str, Any]:
+        return self.generations[0].header
+
+    @property
+    def latest(self) -> dict[str, Any]:
+        return self.generations[-1].header
+
+    @property
+    def kind(self) -> str:
+        return self.first["reader"]
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.first["shard_size"])
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.latest.get("sources", []))
+
+    @property
+    def num_images(self) -> int | None:
+        sizes = [u.expected for u in self.units]
+        return None if any(s is None for s in sizes) else sum(sizes)
+
+    def removed(self) -> set[str]:
+        return {key for g in self.generations for key in g.removed()}
+
+
+def plan_dir(out: Path) -> Path:
+    return Path(out) / PLAN_DIR
+
+
+def load_plan(out: Path) -> Plan | None:
+    folder = plan_dir(out)
+    if not folder.is_dir():
+        return None
+    generations = []
+    for path in sorted(folder.glob("[0-9][0-9][0-9][0-9].json")):
+        try:
+            header = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path} is damaged ({exc})") from None
+        if header.get("vitok_plan") != PLAN_SCHEMA:
+            raise StoreError(f"{path}: plan schema {header.get('vitok_plan')} is not {PLAN_SCHEMA}")
+        generations.append(Generation(header, folder))
+    return Plan(Path(out), generations) if generations else None
+
+
+# ---- digests: what a rerun compares ------------------------------------------------------------------------------
+
+
+def listing_digest(listing: Listing) -> str:
+    """Identity of a listing: its roots and content lines (loose files) or its archive paths; equal digest = same
+    inputs. A plan's first generation records it while writing, from the same bytes."""
+    digest = _listing_hasher(listing)
+    if isinstance(listing, FileListing):
+        for data, _ in file_chunks(listing, 100_000):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def _listing_hasher(listing: Listing):
+    digest = hashlib.blake2b(digest_size=16)
+    if isinstance(listing, FileListing):
+        digest.update(json.dumps([[r.dir, r.prefix] for r in listing.roots]).encode("ascii"))
+    else:
+        for path in listing.paths:
+            digest.update(f"{path}\n".encode("utf-8", "surrogateescape"))
+    return digest
+
+
+def _encode_keys(keys: list[str]) -> bytes:
+    """Content lines of single-root keys: JSON strings, in one join when no key needs escaping (the usual case)."""
+    joined = "".join(keys)
+    if joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined:
+        return ('"' + '"\n"'.join(keys) + '"\n').encode("ascii") if keys else b""
+    return "".join(json.dumps(key) + "\n" for key in keys).encode("ascii")
+
+
+def file_chunks(listing: FileListing, size: int, items: Iterable[tuple[str, int]] | None = None
+                ) -> Iterator[tuple[bytes, int]]:
+    """The content lines of ``size`` images at a time (one unit each): (bytes, images)."""
+    if items is None and len(listing.roots) == 1:
+        keys = listing.keys[0]
+        for start in range(0, len(keys), size):
+            chunk = keys[start : start + size]
+            yield _encode_keys(chunk), len(chunk)
+        return
+    multi = len(listing.roots) > 1
+    batch: list[tuple[str, int]] = []
+    for item in (items if items is not None else listing.items()):
+        batch.append(item)
+        if len(batch) == size:
+            yield _encode_items(batch, multi), size
+            batch = []
+    if batch:
+        yield _encode_items(batch, multi), len(batch)
+
+
+def _encode_items(items: list[tuple[str, int]], multi_root: bool) -> bytes:
+    if not multi_root:
+        return _encode_keys([key for key, _ in items])
+    return "".join(json.dumps([root, key]) + "\n" for key, root in items).encode("ascii")
+
+
+# ---- writing a generation ----------------------------------------------------------------------------------------
+
+
+def _write_content(folder: Path, generation: int, chunks: Iterable[tuple[bytes, int, int]],
+                   also=None) -> tuple[str, str, int, str]:
+    """Stream unit chunks (content lines, lines, expected images) into a content-addressed file and its unit index
+    (byte offset, lines, expected images); ``also`` is another hasher fed the same bytes. Returns
+    (content file, index file, lines, digest)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{generation:04d}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    digest = hashlib.blake2b(digest_size=16)
+    index: list[tuple[int, int, int]] = []
+    count = position = 0
+    with open(tmp, "wb", buffering=1 << 20) as handle:
+        for data, lines, expected in chunks:
+            index.append((position, lines, expected))
+            handle.write(data)
+            digest.update(data)
+            if also is not None:
+                also.update(data)
+            position += len(data)
+            count += lines
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(tmp, file_mode())
+    name = f"{generation:04d}-{digest.hexdigest()[:12]}"
+    os.replace(tmp, folder / f"{name}.jsonl")
+    index_tmp = folder / f".{name}.{os.getpid()}.npy"
+    np.save(index_tmp, np.array(index, dtype=np.int64).reshape(-1, 3))
+    os.chmod(index_tmp, file_mode())
+    os.replace(index_tmp, folder / f"{name}.units.npy")
+    return f"{name}.jsonl", f"{name}.units.npy", count, digest.hexdigest()
+
+
+def write_generation(out: Path, listing: Listing, shard_size: int, generation: int, first_unit: int,
+                     sources: list[str], reason: str, listing_digest_: str | None = None,
+                     reader_options: dict | None = None, items: list | None = None,
+                     removed: list[str] | None = None) -> Generation:
+    """Write one generation (all of ``listing``, or only ``items`` of it for an update) and commit its header.
+    ``listing_digest_`` of the whole listing is computed while writing when not given."""
+    folder = plan_dir(out)
+    header: dict[str, Any] = {
+        "vitok_plan": PLAN_SCHEMA, "generation": generation, "reader": "files" if isinstance(listing, FileListing)
+        else listing.kind, "reason": reason, "sources": sources, "shard_size": shard_size,
+        "first_unit": first_unit, "listing_digest": listing_digest_, "reader_options": reader_options or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    whole = _listing_hasher(listing) if listing_digest_ is None and items is None else None
+    if isinstance(listing, FileListing):
+        chunks = ((data, lines, lines) for data, lines in file_chunks(listing, shard_size, items))
+        content, index, lines, digest = _write_content(folder, generation, chunks, also=whole)
+        header |= {"roots": [[r.dir, r.prefix] for r in listing.roots], "num_items": lines,
+                   "num_units": (lines + shard_size - 1) // shard_size}
+    else:
+        units = items if items is not None else archive_units(listing, reader_options or {})
+        chunks = (((json.dumps(u, sort_keys=True) + "\n").encode("ascii"), 1, u.get("expected", -1))
+                  for u in units)
+        content, index, lines, digest = _write_content(folder, generation, chunks)
+        header |= {"num_units": len(units), "unit_names": [u["name"] for u in units],
+                   "num_items": sum(max(0, u.get("expected", 0)) for u in units)}
+    if listing_digest_ is None:
+        listing_digest_ = whole.hexdigest() if whole is not None else listing_digest(listing)
+    header["listing_digest"] = listing_digest_
+    header |= {"content": content, "index": index, "digest": digest}
+    if removed:
+        removed_name = content.replace(".jsonl", ".removed.json")
+        atomic_write_text(folder / removed_name, json.dumps(removed))
+        header["removed"] = removed_name
+    path = folder / f"{generation:04d}.json"
+    if not create_exclusive(path, json.dumps(header, indent=1, sort_keys=True)):
+        existing = json.loads(path.read_text())
+        if existing.get("listing_digest") != listing_digest_ or existing.get("digest") != digest:
+            raise InputsChangedError(
+                f"another process planned {out} at the same moment from other inputs ({path.name}); use the same "
+                "sources in every process, or plan once with 'vitok plan'")
+        header = existing
+    return Generation(header, folder)
+
+
+def write_update(out: Path, plan: Plan, listing: Listing, changes: PlanDiff, sources: list[str],
+                 listing_digest_: str | None, reader_options: dict) -> Generation:
+    """--update: a generation holding the inputs added (and, for archives, changed) since ``plan``, in new units
+    after the existing ones, and the keys removed. An archive planned before gets a new unit name, so its finished
+    shard stays."""
+    number = plan.generations[-1].number + 1
+    added = changes.added
+    if plan.kind != "files":
+        fresh = archive_units(ArchiveListing(plan.kind, [*added, *changes.changed]), reader_options)
+        taken = {u.name for u in plan.units}
+        added = [u if u["name"] not in taken else {**u, "name": f"{u['name']}.g{number}"} for u in fresh]
+    return write_generation(out, listing, plan.shard_size, number, len(plan.units), sources, "update",
+                            listing_digest_, reader_options, items=added, removed=list(changes.removed))
+
+
+def archive_units(listing: ArchiveListing, options: dict) -> list[dict[str, Any]]:
+    """One unit per tar, or per parquet row group: its name, path, size and modification time, expected images."""
+    units = []
+    for path in listing.paths:
+        stem = archive_stem(path)
+        stat = None if is_url(path) else _stat(path)
+        base = {"path": path, "stem": stem, "kind": listing.kind,
+                "bytes": stat.st_size if stat else None, "mtime_ns": stat.st_mtime_ns if stat else None}
+        if listing.kind == "wds":
+            units.append({**base, "name": stem, "expected": _img2dataset_successes(path)})
+            continue
+        from .readers.parquet import row_groups
+
+        groups, error = row_groups(path)
+        if error or len(groups) <= 1:
+            units.append({**base, "name": stem, "row_group": 0 if groups else None,
+                          "expected": groups[0] if groups else -1, **({"error": error} if error else {})})
+        else:
+            units += [{**base, "name": f"{stem}-rg{g:05d}", "row_group": g, "expected": rows}
+                      for g, rows in enumerate(groups)]
+    return units
+
+
+def _stat(path: str):
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _img2dataset_successes(tar: str) -> int:
+    """img2dataset writes ``<stem>_stats.json`` beside each tar: its successes are the samples with an image."""
+    if is_url(tar):
+        return -1
+    stats = Path(tar).with_name(archive_stem(tar) + "_stats.json")
+    try:
+        return int(json.loads(stats.read_text())["successes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+# ---- comparing a plan with a fresh listing -----------------------------------------------------------------------
+
+
+@dataclass
+class PlanDiff:
+    added: list[tuple[str, int]]  # loose files: (key, root); archives: paths
+    removed: list[str]
+    changed: list[str] = field(default_factory=list)  # archives whose size or modification time changed
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed)
+
+    def describe(self) -> str:
+        return f"{len(self.added)} added, {len(self.removed)} removed, {len(self.changed)} changed"
+
+
+def planned_keys(plan: Plan) -> Iterator[str]:
+    """Loose-file keys of every generation, merged in key order, each once, without the removed ones."""
+    removed = plan.removed()
+
+    def keys_of(generation: Generation) -> Iterator[str]:
+        header = generation.header
+        with open(generation.folder / header["content"], "rb") as handle:
+            for line in handle:
+                value = json.loads(line)
+                yield value if isinstance(value, str) else value[1]
+
+    previous = None
+    for key in heapq.merge(*(keys_of(g) for g in plan.generations)):
+        if key != previous and key not in removed:
+            yield key
+        previous = key
+
+
+def diff(plan: Plan, listing: Listing) -> PlanDiff:
+    """What the listing adds to and removes from the plan (streamed for loose files: both sides are sorted)."""
+    if isinstance(listing, FileListing):
+        added, removed = [], []
+        old, new = planned_keys(plan), listing.items()
+        a, b = next(old, None), next(new, None)
+        while a is not None or b is not None:
+            if b is None or (a is not None and a < b[0]):
+                removed.append(a)
+                a = next(old, None)
+            elif a is None or b[0] < a:
+                added.append(b)
+                b = next(new, None)
+            else:
+                a, b = next(old, None), next(new, None)
+        return PlanDiff(added, removed)
+    planned = {}
+    for unit in plan.units:
+        planned.setdefault(unit.read()["path"], unit.read())
+    removed_paths = set(plan.removed())
+    current = {p: u for p, u in planned.items() if p not in removed_paths}
+    paths = set(listing.paths)
+    changed = []
+    for path in sorted(paths & set(current)):
+        stat = None if is_url(path) else _stat(path)
+        unit = current[path]
+        if stat is not None and unit.get("bytes") is not None and (
+                stat.st_size != unit["bytes"] or stat.st_mtime_ns != unit["mtime_ns"]):
+            changed.append(path)
+    return PlanDiff(sorted(paths - set(current)), sorted(set(current) - paths), changed)

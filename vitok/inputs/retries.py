@@ -1,0 +1,67 @@
+"""Retrying inputs that could not be read: a missing file, a permission error, an archive not mounted yet.
+
+Such inputs are committed as ``failed`` (not ``skipped``: it was not the image's fault). A later run that finds
+them readable again extracts them into a retry shard ``<shard>.retry<k>`` beside the original, whose records then
+supersede the failed ones; finished shards are never rewritten. Retries belong to the original shard's part.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import replace
+from typing import Any
+
+from ..storage.records import Sidecar
+from .plan import Plan, UnitRef
+from .sources import is_url
+
+RETRY = re.compile(r"^(?P<base>.+)\.retry(?P<k>\d+)$")
+
+
+def base_and_attempt(name: str) -> tuple[str, int]:
+    """``shard-000003.retry2`` -> (``shard-000003``, 2); an original shard is attempt 0."""
+    match = RETRY.match(name)
+    return (match["base"], int(match["k"])) if match else (name, 0)
+
+
+def _readable(path: str) -> bool:
+    if is_url(path):
+        from .readers.remote import fsspec_module
+
+        try:
+            fs, inner = fsspec_module().core.url_to_fs(path)
+            return bool(fs.exists(inner))
+        except Exception:  # the network or the file system's package: not readable now
+            return False
+    return os.access(path, os.R_OK)
+
+
+def retry_units(job: Any, plan: Plan, done: dict[str, Sidecar]) -> list[UnitRef]:
+    """Retry units for this part's committed shards whose last attempt has failed inputs readable now."""
+    latest: dict[str, tuple[int, Sidecar]] = {}
+    for name, sidecar in done.items():
+        base, attempt = base_and_attempt(name)
+        if base not in latest or attempt > latest[base][0]:
+            latest[base] = (attempt, sidecar)
+    by_name = {u.name: u for u in plan.units}
+    units = []
+    next_index = len(plan.units)
+    for base, (attempt, sidecar) in sorted(latest.items()):
+        origin = by_name.get(base)
+        if origin is None:
+            continue
+        name = f"{base}.retry{attempt + 1}"
+        if origin.kind != "files":
+            description = origin.read()
+            if sidecar.unit.get("failed") and _readable(description["path"]):
+                units.append(replace(origin, index=next_index, name=name, inline=dict(description)))
+                next_index += 1
+            continue
+        items = tuple((r.key, r.source) for r in sorted(sidecar.records, key=lambda r: r.key)
+                      if r.status == "failed" and _readable(r.source))
+        if items:
+            units.append(replace(origin, index=next_index, name=name, count=len(items), expected=len(items),
+                                 inline=items))
+            next_index += 1
+    return units

@@ -1,0 +1,357 @@
+"""Sources -> a listing of inputs: loose image files (with their keys), or archives (webdataset tars, parquet).
+
+What a source may be:
+
+- a folder: walked recursively for images (``--input-format files``), tars (``wds``) or parquet files (``parquet``);
+  with ``auto`` (the default) a folder holding images is a folder of images, else one of tars, else of parquet;
+- a file: an image, a ``.tar``/``.tar.gz``/``.tgz`` (webdataset), or a ``.parquet``;
+- a brace pattern, quoted so the shell leaves it: ``'/data/{00000..01023}.tar'`` (zero padding kept, as webdataset);
+- a URL (``s3://``, ``gs://``, ``https://``...) of a tar or parquet file, read through fsspec (``vitok[remote]``);
+- ``-``: one input per line on stdin; ``--files-from LIST`` reads them from a file (or ``-``).
+
+Keys of loose files are their paths relative to the folder given (prefixed with the folder's name when several
+folders are given), or the path as given for files and list lines. Every path is kept absolute, so a store can be
+resumed from any working directory. File names are bytes on POSIX: names that are not UTF-8 are kept as Python's
+surrogate escapes (``os.fsdecode``), written to the plan and the shards as their original bytes, never refused.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import operator
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from ..errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .apng .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico .jp2 .j2k .avif"
+    .split()
+)
+ARCHIVE_SUFFIXES = {"wds": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",)}
+INPUT_FORMATS = ("auto", "files", "wds", "parquet")
+
+
+def is_url(text: str) -> bool:
+    """``scheme://...`` (s3, gs, https, memory, file...): read through fsspec."""
+    head = text.split("/", 1)[0]
+    return head.endswith(":") and text[len(head):].startswith("//")
+
+
+def kind_of(path: str) -> str | None:
+    """files | wds | parquet by the name's extension (any case); None for anything else."""
+    lower = path.lower()
+    for kind, suffixes in ARCHIVE_SUFFIXES.items():
+        if lower.endswith(suffixes):
+            return kind
+    return "files" if os.path.splitext(lower)[1] in IMAGE_EXTENSIONS else None
+
+
+def archive_stem(path: str) -> str:
+    """``/data/00042.tar`` -> ``00042`` (every archive suffix removed)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    lower = name.lower()
+    for suffixes in ARCHIVE_SUFFIXES.values():
+        for suffix in suffixes:
+            if lower.endswith(suffix):
+                return name[: -len(suffix)]
+    return name
+
+
+@dataclass(frozen=True)
+class Root:
+    """Where a group of keys lives: key = prefix + rel, path = dir/rel (or rel itself when dir is empty)."""
+
+    dir: str
+    prefix: str = ""
+
+    def path(self, key: str) -> str:
+        rel = key[len(self.prefix):]
+        return f"{self.dir}/{rel}" if self.dir else rel
+
+
+@dataclass
+class FileListing:
+    """Loose image files: per root, its keys sorted. ``items()`` merges them in key order."""
+
+    roots: list[Root]
+    keys: list[list[str]]
+    ignored: int = 0
+
+    def items(self) -> Iterator[tuple[str, int]]:
+        """(key, root index) in key order, each key once; two different files with one key are an error."""
+        if len(self.keys) == 1:  # one root: sorted and without duplicates already (see _finish)
+            yield from zip(self.keys[0], itertools.repeat(0))
+            return
+        merged = heapq.merge(*(zip(keys, itertools.repeat(r)) for r, keys in enumerate(self.keys)))
+        previous: tuple[str, int] | None = None
+        for key, root in merged:
+            if previous is not None and previous[0] == key:
+                first, second = self.roots[previous[1]].path(key), self.roots[root].path(key)
+                if first != second and os.path.realpath(first) != os.path.realpath(second):
+                    raise UsageError(f"two inputs have the same key {key!r}: {first} and {second}; rename one or "
+                                     "give them in separate runs")
+                continue
+            previous = (key, root)
+            yield key, root
+
+    def __len__(self) -> int:
+        return sum(len(k) for k in self.keys)
+
+
+@dataclass
+class ArchiveListing:
+    """Archives of one kind (``wds`` or ``parquet``), sorted by path."""
+
+    kind: str
+    paths: list[str]
+    ignored: int = 0
+    missing_ok: set[str] = field(default_factory=set)  # listed but absent (recorded when read)
+
+
+Listing = FileListing | ArchiveListing
+
+
+def read_lines(stream: BinaryIO) -> list[str]:
+    """Non-empty, non-comment lines of a list of paths, decoded as file names (surrogate escapes for non-UTF-8).
+
+    Decoded and split a block at a time: ten million lines take seconds, not minutes."""
+    lines: list[str] = []
+    tail = b""
+    while block := stream.read(1 << 24):  # blocks cut at a newline: never the whole text and its lines at once
+        block = tail + block
+        cut = block.rfind(b"\n")
+        tail, block = (block, b"") if cut < 0 else (block[cut + 1 :], block[:cut])
+        if block:
+            lines += block.replace(b"\r\n", b"\n").decode("utf-8", "surrogateescape").split("\n")
+    if tail:
+        lines += tail.rstrip(b"\r").decode("utf-8", "surrogateescape").split("\n")
+    if any(not line or line[0] == "#" or line.isspace() for line in lines):  # filter only when needed: no copy
+        lines = [line for line in lines if line and line[0] != "#" and not line.isspace()]
+    return lines
+
+
+def _has_braces_or_urls(lines: list[str]) -> bool:
+    return any("{" in line or "://" in line for line in lines)
+
+
+def _needs_normalising(lines: list[str]) -> bool:
+    return any(line.startswith("./") or "//" in line or "/." in line for line in lines)
+
+
+def _normal(entry: str) -> str:
+    """A list entry as a key: ``./a//b.jpg`` -> ``a/b.jpg``; the common clean case costs no call."""
+    if entry.startswith("./") or "//" in entry or "/./" in entry or "/../" in entry or entry.endswith("/."):
+        return os.path.normpath(entry)
+    return entry
+
+
+def expand(source: str) -> list[str]:
+    """Brace patterns -> their paths, as webdataset expands them (braceexpand; zero padding kept)."""
+    if "{" not in source:
+        return [source]
+    import braceexpand
+
+    return list(braceexpand.braceexpand(source))
+
+
+def remote_folder(url: str, kind: str) -> list[str]:
+    """Archives of one kind under a URL folder, listed through fsspec."""
+    from .readers.remote import fsspec_module
+
+    fs, path = fsspec_module().core.url_to_fs(url)
+    protocol = url.split("://", 1)[0]
+    return sorted(f"{protocol}://{p.lstrip('/')}" if protocol != "file" else f"file://{p}"
+                  for p in fs.find(path) if kind_of(p) == kind)
+
+
+def _walk(root: str, wanted) -> tuple[list[str], int]:
+    """Relative paths of the wanted files under root, following symlinks but never a folder twice (loop safe)."""
+    found: list[str] = []
+    ignored = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        base = dirpath[len(root):].lstrip("/")
+        for name in filenames:
+            if wanted(name):
+                found.append(f"{base}/{name}" if base else name)
+            else:
+                ignored += 1
+    return found, ignored
+
+
+def _folder_kind(folder: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    counts = dict.fromkeys(("files", "wds", "parquet"), 0)
+    for _dirpath, _dirs, names in os.walk(folder, followlinks=True):
+        for name in names:
+            kind = kind_of(name)
+            if kind:
+                counts[kind] += 1
+        if counts["files"]:
+            return "files"
+    return "wds" if counts["wds"] else "parquet" if counts["parquet"] else "files"
+
+
+class _Collector:
+    """Accumulates inputs of one kind; a second kind is a usage error (one store holds one kind of input)."""
+
+    def __init__(self, input_format: str, cwd: str) -> None:
+        self.format, self.cwd = input_format, cwd
+        self.kind: str | None = None if input_format == "auto" else input_format
+        self.roots: dict[Root, list[str]] = {}
+        self.archives: list[str] = []
+        self.ignored = 0
+
+    def _set_kind(self, kind: str, what: str) -> None:
+        if self.kind is None:
+            self.kind = kind
+        elif kind != self.kind:
+            raise UsageError(f"{what} is a {kind} input, but this run reads {self.kind} inputs; one store holds one "
+                             "kind of input (use another -o for the other kind)")
+
+    def entries(self, lines: list[str]) -> None:
+        """Many list lines: loose image files are taken in bulk (ten million lines in seconds), the rest one by one."""
+        if self.format in ("auto", "files") and self.kind in (None, "files") and lines:
+            extensions = {line[line.rfind("."):].lower() for line in lines}
+            if extensions <= IMAGE_EXTENSIONS and not _has_braces_or_urls(lines):
+                self._set_kind("files", lines[0])
+                mixed = any(line[0] == "/" for line in lines) and any(line[0] != "/" for line in lines)
+                groups = ([(Root(self.cwd), [line for line in lines if line[0] != "/"]),
+                           (Root(""), [line for line in lines if line[0] == "/"])] if mixed
+                          else [(Root("" if lines[0][0] == "/" else self.cwd), lines)])
+                for root, group in groups:
+                    if _needs_normalising(group):
+                        group = [_normal(line) for line in group]
+                    if root in self.roots:
+                        self.roots[root].extend(group)
+                    else:
+                        self.roots[root] = group  # ten million lines: no copy
+                return
+        for line in lines:
+            for entry in expand(line):
+                self.entry(entry, explicit=False)
+
+    def entry(self, entry: str, explicit: bool) -> None:
+        """One path from the command line (explicit) or from a list."""
+        if is_url(entry):
+            kind = kind_of(entry)
+            if kind is None and self.format in ("wds", "parquet"):  # a remote folder of archives
+                self._set_kind(self.format, entry)
+                self.archives += remote_folder(entry, self.format)
+                return
+            if kind not in ("wds", "parquet"):
+                raise UsageError(f"{entry}: remote inputs must be .tar or .parquet files (or a folder of them with "
+                                 "--input-format wds|parquet)")
+            self._set_kind(kind, entry)
+            self.archives.append(entry)
+            return
+        path = entry if os.path.isabs(entry) else os.path.join(self.cwd, entry)
+        if explicit and os.path.isdir(path):
+            self.folder(entry, path)
+            return
+        kind = kind_of(entry) or ("files" if self.format in ("auto", "files") else None)
+        if kind is None or (self.format != "auto" and kind != self.format):
+            raise UsageError(f"{entry} is not a {self.format} input (by its extension)")
+        if explicit and not os.path.exists(path):
+            raise UsageError(f"source {entry!r} does not exist")
+        self._set_kind(kind, entry)
+        if kind == "files":
+            root = Root("" if os.path.isabs(entry) else self.cwd)
+            self.roots.setdefault(root, []).append(_normal(entry))
+        else:
+            self.archives.append(os.path.normpath(path))
+
+    def folder(self, given: str, path: str, prefix: str = "") -> None:
+        kind = _folder_kind(path, self.format)
+        self._set_kind(kind, given)
+        path = os.path.normpath(path)
+        if kind == "files":
+            rels, ignored = _walk(path, lambda name: os.path.splitext(name.lower())[1] in IMAGE_EXTENSIONS)
+            self.roots.setdefault(Root(path, prefix), []).extend(prefix + rel for rel in rels)
+        else:
+            rels, ignored = _walk(path, lambda name: kind_of(name) == kind)
+            self.archives += [f"{path}/{rel}" for rel in rels]
+        self.ignored += ignored
+
+
+def list_inputs(
+    sources: Sequence[str],
+    files_from: str | None = None,
+    stdin: BinaryIO | None = None,
+    input_format: str = "auto",
+    cwd: str | None = None,
+) -> Listing:
+    """Expand sources into a listing; ``-`` (as a source or ``files_from``) reads one input per line from stdin."""
+    if input_format not in INPUT_FORMATS:
+        raise UsageError(f"--input-format {input_format!r} is not one of: {', '.join(INPUT_FORMATS)}")
+    cwd = cwd or os.getcwd()
+    collect = _Collector(input_format, cwd)
+    stdin = stdin if stdin is not None else sys.stdin.buffer
+    folders = [s for s in sources if s != "-" and not is_url(s) and "{" not in s
+               and os.path.isdir(s if os.path.isabs(s) else os.path.join(cwd, s))]
+    for source in sources:
+        if source == "-":
+            collect.entries(read_lines(stdin))
+        elif source in folders:
+            path = source if os.path.isabs(source) else os.path.join(cwd, source)
+            prefix = os.path.basename(os.path.normpath(os.path.abspath(path))) + "/" if len(folders) > 1 else ""
+            collect.folder(source, path, prefix)
+        else:
+            expanded = expand(source)
+            for entry in expanded:
+                collect.entry(entry, explicit=len(expanded) == 1)
+    if files_from is not None:
+        if files_from == "-":
+            lines = read_lines(stdin)
+        else:
+            try:
+                with open(files_from if os.path.isabs(files_from) else os.path.join(cwd, files_from), "rb") as f:
+                    lines = read_lines(f)
+            except OSError as exc:
+                raise UsageError(f"--files-from {files_from}: {exc.strerror}") from None
+        collect.entries(lines)
+    return _finish(collect, sources, files_from)
+
+
+def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None) -> Listing:
+    what = ", ".join(sources) or files_from or "(no sources)"
+    extra = f" ({collect.ignored} other file(s) ignored)" if collect.ignored else ""
+    if collect.kind in ("wds", "parquet"):
+        paths = sorted(dict.fromkeys(collect.archives))
+        if not paths:
+            raise UsageError(f"no {collect.kind} archives found in {what}{extra}")
+        stems: dict[str, str] = {}
+        for path in paths:
+            stem = archive_stem(path)
+            if stem in stems:
+                raise UsageError(f"two archives are both named {stem} ({stems[stem]} and {path}); their keys would "
+                                 "clash: give them in separate runs")
+            stems[stem] = path
+        missing = {p for p in paths if not is_url(p) and not os.path.exists(p)}
+        return ArchiveListing(collect.kind, paths, collect.ignored, missing)
+    roots = list(collect.roots)
+    keys = []
+    for root in roots:
+        group = collect.roots.pop(root)
+        group.sort()
+        if any(map(operator.eq, group, itertools.islice(group, 1, None))):  # a path listed twice: keep it once
+            group = list(dict.fromkeys(group))
+        keys.append(group)
+    if not any(keys):
+        raise UsageError(f"no images found in {what}{extra}")
+    return FileListing(roots, keys, collect.ignored)

@@ -1,0 +1,153 @@
+"""The committer: one background thread owns every open shard sink; the run loop talks to it through a bounded
+queue, so writing never stalls the loop that feeds the device, and host memory stays bounded.
+
+Order is the queue's order. A unit is committed when its ``UnitEnd`` arrives: the device stage emits it behind the
+unit's last batch, so nothing here counts batches in flight. A failure in the thread (a full disk) is raised in the
+loop at its next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..inputs.plan import UnitRef
+from ..storage.claims import Claims
+from ..storage.format import FeatureLayout, ShardFormat
+from ..storage.records import ImageRecord, Sidecar
+from .sink import ShardSink
+from .types import EncodedBatch, UnitEnd
+
+logger = logging.getLogger(__name__)
+QUEUE_DEPTH = 8  # messages; each holds at most one batch of host arrays
+
+
+@dataclass
+class CommitStats:
+    ok: int = 0
+    skipped: int = 0
+    failed: int = 0
+    shards_written: int = 0
+    shards_lost: int = 0  # committed by another process first
+    output_bytes: int = 0
+    reasons: dict[str, str] = field(default_factory=dict)  # key -> reason (skipped and failed)
+
+
+class Committer:
+    def __init__(self, out: Path, fmt: ShardFormat, layouts: dict[str, FeatureLayout], store_dtype: str,
+                 compression: str | None, claims: Claims, sidecar_fields: dict[str, Any],
+                 on_commit: Callable[[Sidecar], None] | None = None) -> None:
+        self.out, self.fmt, self.layouts = out, fmt, layouts
+        self.store_dtype, self.compression, self.claims = store_dtype, compression, claims
+        self.sidecar_fields, self.on_commit = sidecar_fields, on_commit
+        self.stats = CommitStats()
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._sinks: dict[int, ShardSink] = {}  # writer thread only
+        self._units: dict[int, UnitRef] = {}
+        self._error: BaseException | None = None
+        self._aborted = False
+        self._thread = threading.Thread(target=self._work, name="vitok-committer", daemon=True)
+
+    # ---- the run loop's side ----------------------------------------------------------------------------------
+
+    def start(self) -> Committer:
+        self._thread.start()
+        return self
+
+    def begin(self, unit: UnitRef) -> None:
+        self._units[unit.index] = unit
+
+    def put(self, events: list[EncodedBatch | UnitEnd]) -> None:
+        """What the device stage finished, in its order: batches to write, unit ends to commit."""
+        for event in events:
+            if isinstance(event, UnitEnd):
+                self._put(("commit", event.unit, event.info))
+            else:
+                self._put(("batch", event.unit, event))
+
+    def record(self, unit: int, record: ImageRecord) -> None:
+        self._put(("record", unit, record))
+
+    def finish(self) -> CommitStats:
+        """Wait for every queued write and commit; raise the thread's error if it had one."""
+        self._put(None)
+        self._thread.join()
+        self._raise()
+        return self.stats
+
+    def abort(self) -> None:
+        """Stop: drop every unfinished shard's temporary data and release its claim (committed shards stay)."""
+        self._aborted = True
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=60)
+        for unit, sink in list(self._sinks.items()):
+            sink.abort()
+            self.claims.release(sink.shard)
+            del self._sinks[unit]
+
+    def _put(self, message) -> None:
+        self._raise()
+        while True:
+            try:
+                self._queue.put(message, timeout=1.0)
+                return
+            except queue.Full:
+                self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # ---- the writer thread ------------------------------------------------------------------------------------
+
+    def _sink(self, unit: int) -> ShardSink:
+        if unit not in self._sinks:
+            self._sinks[unit] = ShardSink(self.out, self.fmt, self._units[unit].name, self.layouts,
+                                          self.store_dtype, self.compression, self.claims.identity.id)
+        return self._sinks[unit]
+
+    def _work(self) -> None:
+        while True:
+            message = self._queue.get()
+            if message is None or self._aborted:
+                return
+            kind, unit, payload = message
+            try:
+                if kind == "batch":
+                    self._sink(unit).add_batch(payload)
+                elif kind == "record":
+                    self._sink(unit).add_record(payload)
+                else:
+                    self._commit(unit, payload)
+            except BaseException as exc:  # surfaced in the run loop
+                self._error = exc
+                return
+
+    def _commit(self, unit: int, info: dict[str, Any]) -> None:
+        sink = self._sink(unit)
+        sidecar = sink.commit(unit=info, **self.sidecar_fields)
+        del self._sinks[unit]
+        self.claims.release(sink.shard)
+        if sidecar is None:
+            self.stats.shards_lost += 1
+            return
+        stats = self.stats
+        stats.shards_written += 1
+        stats.output_bytes += sidecar.bytes
+        for record in sidecar.records:
+            if record.status == "ok":
+                stats.ok += 1
+            else:
+                stats.skipped += record.status == "skipped"
+                stats.failed += record.status == "failed"
+                stats.reasons[record.key] = record.reason or ""
+        if self.on_commit is not None:
+            self.on_commit(sidecar)

@@ -1,0 +1,268 @@
+"""What a run will do, decided before anything is written: options, model, inputs, plan, store, part.
+
+Everything cheap is checked first (options, the model's config, the sources, the output folder, the stored
+settings), the model's weights are loaded only when there is work to do, and nothing is written until the run can
+start. A finished store is resumed without loading the model or writing a byte (read-only mounts included).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..encoder.checkpoint import ModelSource, resolve_model
+from ..encoder.config import EncoderConfig, PreprocessConfig
+from ..encoder.features import check_features, default_features, token_orders
+from ..errors import InputsChangedError, SettingsMismatchError, UsageError
+from ..inputs.plan import Plan, PlanDiff, diff, listing_digest, load_plan
+from ..inputs.readers import ReaderOptions
+from ..inputs.retries import base_and_attempt, retry_units
+from ..inputs.sources import FileListing, Listing, list_inputs
+from ..storage import META_FILE, RunHeader, iter_sidecars, read_header
+from ..storage.format import FeatureLayout
+from ..storage.shards import SHARDS_DIR, check_shard, read_sidecar, sidecar_path
+from .options import ExtractOptions
+from .parallel import Part, detect_part
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    out: Path
+    options: ExtractOptions
+    part: Part
+    source: ModelSource
+    preprocess: PreprocessConfig
+    features: tuple[str, ...]
+    reader_options: ReaderOptions
+    listing: Listing | None  # None: resumed from the stored plan without listing the sources
+    sources: list[str]
+    plan: Plan | None  # the stored plan, if any
+    plan_diff: PlanDiff | None  # what --update adds
+    header: RunHeader | None  # the stored header, if any
+    device: Any = None  # torch.device
+    dtype: Any = None  # torch.dtype
+    listing_digest: str | None = None  # of the listing, once computed
+
+    @property
+    def layouts(self):
+        return feature_layouts(self.source.encoder, self.features, self.options.pool)
+
+
+def feature_layouts(config: EncoderConfig, features: Sequence[str], pool: str = "none") -> dict[str, FeatureLayout]:
+    """Stored shape of each feature: (rows, dim), or (K, rows, dim) for deepstack; pooling keeps the shape."""
+    layouts = {}
+    for feature in features:
+        if feature == "deepstack":
+            layouts[feature] = FeatureLayout(int(config.out_hidden_size), len(config.deepstack_visual_indexes))
+        elif feature == "merged":
+            layouts[feature] = FeatureLayout(int(config.out_hidden_size))
+        else:  # patch, block:N
+            layouts[feature] = FeatureLayout(config.hidden_size)
+    return layouts
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def diff_settings(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """Human-readable differences, one per setting: ``name: stored -> requested``."""
+    old, new = flatten(stored), flatten(requested)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def make_settings(job: Job, weights: str | None) -> dict[str, Any]:
+    """The settings that decide what the tokens are (compared on resume; their hash is the fingerprint)."""
+    config = job.source.encoder.to_dict()
+    config.pop("name")
+    options = job.options
+    return {
+        "model": {"name": job.source.name, "family": config.get("family", "qwen3_vl"), "weights": weights,
+                  "random_weights": job.source.random_weights, "config": config},
+        "preprocess": job.preprocess.to_dict(),
+        "features": list(job.features),
+        "pool": options.pool,
+        "compute_dtype": str(job.dtype).removeprefix("torch."),
+        "store_dtype": options.store_dtype,
+        "token_order": token_orders(job.source.encoder, job.features, options.token_order),
+        "format": options.format,
+        "shard_size": options.shard_size,
+        "input": {"kind": job.plan.kind if job.plan else (_kind(job.listing)), **job.reader_options.to_dict()},
+    }
+
+
+def _kind(listing: Listing | None) -> str:
+    return "files" if isinstance(listing, FileListing) else listing.kind if listing is not None else "files"
+
+
+def check_out_folder(out: Path) -> RunHeader | None:
+    """The stored header, None for a new or empty folder; refuse a file or a folder that is not a store."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out} exists and is not a folder")
+    if not out.is_dir():
+        return None
+    if (out / META_FILE).exists():
+        return read_header(out)
+    foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")
+               and p.name not in ("plan", SHARDS_DIR, "README.txt")]
+    if foreign:
+        raise UsageError(f"-o {out} is a non-empty folder that is not a vitok store (it holds {foreign[0]}); choose "
+                         "an empty or new folder")
+    return None
+
+
+def check_decode(decode: str, device) -> None:
+    if decode == "gpu" and device.type != "cuda":
+        raise UsageError(f"--decode gpu needs a CUDA device; this run's device is {device} (leave --decode exact)")
+
+
+def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) -> Job:
+    """Validate everything cheap and decide what to do; writes nothing."""
+    part = detect_part(options.part, options.num_parts)
+    source = resolve_model(options.model)
+    features = check_features(source.encoder, options.features or default_features(source.encoder),
+                              options.pool)
+    preprocess = source.preprocess.replace(
+        min_pixels=options.min_pixels, max_pixels=options.max_pixels, backend=options.backend,
+        max_image_pixels=options.max_image_pixels, fast_decode=options.fast_decode,
+        allow_truncated=options.allow_truncated, decode=options.decode,
+    )
+    if options.image_size:
+        if options.image_size**2 > preprocess.max_pixels:
+            raise UsageError(f"--image-size {options.image_size} gives {options.image_size**2} pixels, more than "
+                             f"--max-pixels {preprocess.max_pixels}; raise --max-pixels or choose a smaller size")
+        preprocess = preprocess.replace(mode="fixed", image_size=options.image_size)
+    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
+    header = check_out_folder(out)
+    plan = None if options.overwrite else load_plan(out)
+    listing = None
+    if sources or options.files_from:
+        listing = list_inputs(sources, options.files_from, stdin, options.input_format)
+        if listing.ignored:
+            logger.info("ignored %d file(s) without an image extension", listing.ignored)
+    elif plan is None:
+        raise UsageError("give at least one source folder or file, '-' for stdin, or --files-from (or -o a store "
+                         "that already holds a plan, to resume it)")
+    from ..encoder.inference import resolve_device, resolve_dtype
+    from .parallel import device_for
+
+    device = resolve_device(device_for(part, options.device))
+    check_decode(options.decode, device)
+    job = Job(out, options, part, source, preprocess, features, reader_options, listing,
+              [_absolute(s) for s in sources], plan, None, None if options.overwrite else header,
+              device, resolve_dtype(options.dtype, device))
+    if plan is not None and listing is not None:
+        job.plan_diff = _compare(job)
+    if plan is not None and plan.kind == "files" and plan.shard_size != options.shard_size:
+        raise SettingsMismatchError(f"{out} is planned in shards of {plan.shard_size} images, not "
+                                    f"{options.shard_size}; pass --shard-size {plan.shard_size} to resume")
+    if job.header is not None:
+        check_settings(job, weights=None)
+    return job
+
+
+def _absolute(source: str) -> str:
+    return source if source == "-" or "://" in source else os.path.abspath(source)
+
+
+def _compare(job: Job) -> PlanDiff | None:
+    """None when the sources list exactly what the plan holds; the difference for --update; else refuse."""
+    plan, listing = job.plan, job.listing
+    if _kind(listing) != plan.kind:
+        raise InputsChangedError(f"{job.out} holds a plan of {plan.kind} inputs; these sources are {_kind(listing)} "
+                                 "inputs: use another -o, or --overwrite")
+    job.listing_digest = listing_digest(listing)
+    if job.listing_digest == plan.latest["listing_digest"]:
+        return None
+    changes = diff(plan, listing)
+    if changes.empty:
+        return None
+    if not job.options.update:
+        raise InputsChangedError(
+            f"the sources changed since {job.out} was planned ({changes.describe()}); rerun with --update to extract "
+            "the new inputs into new shards (finished shards stay), or --overwrite to start over")
+    return changes
+
+
+def check_settings(job: Job, weights: str | None) -> None:
+    """Refuse a store written with other settings (the weights compared once they are known)."""
+    stored = dict(job.header.settings)
+    requested = make_settings(job, weights)
+    if weights is None:
+        stored = {**stored, "model": {**stored["model"], "weights": None}}
+    stored.setdefault("input", requested["input"]) if job.header.schema == 1 else None
+    differences = diff_settings(stored, requested)
+    if job.header.schema != 2:
+        raise SettingsMismatchError(f"{job.out} was written by vitok {job.header.vitok_version} (store schema "
+                                    f"{job.header.schema}); this vitok writes schema 2: use another -o, or "
+                                    "--overwrite to start over")
+    if differences:
+        raise SettingsMismatchError(
+            f"{job.out} was written with other settings ({'; '.join(differences)}); use the same settings to "
+            "resume, another -o, or --overwrite to start over")
+
+
+# ---- which units are left --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Work:
+    mine: list  # UnitRefs of this part (plan units + retries)
+    todo: list
+    done_images: int = 0
+    done_shards: int = 0
+    other_parts_pending: int = 0
+    damaged: set[str] = field(default_factory=set)  # committed shards whose data does not check out: redone
+
+
+def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
+    """This part's units not committed yet (a committed shard whose data does not check out is redone), plus
+    retries of inputs that could not be read before and can be now."""
+    done: dict[str, Any] = {}
+    damaged: set[str] = set()
+    names_mine = {u.name for u in plan.units if job.part.owns(u.index)}
+    for path in sorted((job.out / SHARDS_DIR).glob("*.json")) if (job.out / SHARDS_DIR).is_dir() else []:
+        name = path.stem
+        if base_and_attempt(name)[0] not in names_mine or path.name.startswith("."):
+            continue
+        sidecar = read_sidecar(path)
+        if fingerprint is not None and sidecar.fingerprint not in (None, fingerprint):
+            raise SettingsMismatchError(
+                f"shard {name} in {job.out} was written with other settings (fingerprint {sidecar.fingerprint}, "
+                f"this run {fingerprint}): the store mixes runs; use another -o, or --overwrite to start over")
+        problems = check_shard(job.out, sidecar)
+        if problems:
+            logger.warning("shard %s will be redone: %s", name, problems[0])
+            damaged.add(name)
+            continue
+        done[name] = sidecar
+    mine = [u for u in plan.units if job.part.owns(u.index)]
+    todo = [u for u in mine if u.name not in done]
+    retries = retry_units(job, plan, done)
+    work = Work(mine, todo + retries, damaged=damaged)
+    work.done_shards = sum(u.name in done for u in mine)
+    work.done_images = sum(s.count("ok") + s.count("skipped") for s in done.values())
+    committed = {p.stem for p in (job.out / SHARDS_DIR).glob("*.json")} if (job.out / SHARDS_DIR).is_dir() else set()
+    work.other_parts_pending = sum(1 for u in plan.units if not job.part.owns(u.index) and u.name not in committed)
+    return work
+
+
+def new_header(job: Job, settings: dict[str, Any], environment: dict[str, Any]) -> RunHeader:
+    return RunHeader(settings, __version__, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), environment)
+
+
+__all__ = ["Job", "Work", "check_settings", "iter_sidecars", "new_header", "prepare", "remaining_work",
+           "sidecar_path"]

@@ -1,0 +1,174 @@
+"""Everything ``vitok extract`` can be told, declared once.
+
+Each field of :class:`ExtractOptions` carries its help, its panel in ``--help``, its choices (the owning modules'
+constants) and its lower bound;
+the CLI builds its flags from these fields (``vitok.cli.app``), ``validate`` checks them before anything is read or
+written, and ``to_argv`` turns them back into flags (``--gpus`` starts its children with it). Adding an option is one
+field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..encoder.config import ATTENTION_KERNELS, COMPUTE_DTYPES, DECODERS, RESIZE_BACKENDS, TOKEN_ORDERS
+from ..errors import UsageError
+from ..inputs.sources import INPUT_FORMATS
+from ..storage.dtypes import STORE_DTYPES
+from ..storage.hdf5 import COMPRESSIONS
+from ..storage.shards import FORMATS
+from .pool import POOLS
+
+PANELS = ("Model", "Inputs", "Outputs", "Preprocessing", "Speed", "Cluster")
+
+
+def option(default: Any, help: str, panel: str, *, choices: Sequence[str] | None = None, minimum: int | None = None,
+           flags: Sequence[str] = (), metavar: str | None = None, listing: bool = False) -> Any:
+    """A dataclass field with its CLI metadata (``listing``: a comma-separated list on the command line)."""
+    assert panel in PANELS, panel
+    meta = {"help": help, "panel": panel, "choices": tuple(choices) if choices else None, "minimum": minimum,
+            "flags": tuple(flags), "metavar": metavar, "listing": listing}
+    return field(default=default, metadata={"cli": meta})
+
+
+@dataclass
+class ExtractOptions:
+    # ---- Model
+    model: str = option("base", "Preset name (see 'vitok models'), checkpoint folder, .safetensors file or Hugging "
+                        "Face repo id.", "Model", flags=("--model", "-m"), metavar="NAME|PATH")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.", "Model", metavar="DEVICE")
+    dtype: str = option("auto", "Compute dtype: auto is bfloat16 on GPUs that support it, else float32.", "Model",
+                        choices=("auto", *COMPUTE_DTYPES))
+    attention: str = option("auto", "Attention kernel: auto is varlen FlashAttention on CUDA in half precision, "
+                            "else sdpa; eager is the slow test oracle.", "Model",
+                            choices=("auto", *ATTENTION_KERNELS))
+    seed: int = option(0, "Seed of the random weights of a preset without a checkpoint.", "Model")
+    # ---- Inputs
+    files_from: str | None = option(None, "File with one input (image, tar or parquet path) per line; '-' = stdin.",
+                                    "Inputs", metavar="LIST")
+    input_format: str = option("auto", "Kind of input: auto decides by extension (a folder holding images is a "
+                               "folder of images, else of tars, else of parquet files).", "Inputs",
+                               choices=INPUT_FORMATS)
+    image_column: str | None = option(None, "Parquet: the column holding image bytes. [default: found]", "Inputs",
+                                      metavar="COLUMN")
+    key_column: str | None = option(None, "Parquet: the column holding keys. [default: 'key' if there is one, else "
+                                    "the row number]", "Inputs", metavar="COLUMN")
+    meta_fields: tuple[str, ...] | None = option(None, "Archive samples: the json fields / parquet columns kept in "
+                                                 "each record (comma list). [default: the whole json and the "
+                                                 "caption]", "Inputs", listing=True, metavar="A,B")
+    update: bool = option(False, "Plan inputs added to the sources since the store was planned into new shards and "
+                          "record the removed ones; finished shards stay untouched.", "Inputs")
+    # ---- Outputs
+    features: tuple[str, ...] | None = option(None, "Comma list of patch, merged, deepstack, block:N. [default: "
+                                              "merged for Qwen towers, patch for small/base/large]", "Outputs",
+                                              listing=True, metavar="A,B")
+    pool: str = option("none", "Reduce each image to one row; 'cls' is the FIRST token (the encoder has no class "
+                       "token).", "Outputs", choices=POOLS)
+    store_dtype: str = option("float16", "Stored dtype; bfloat16 is kept losslessly as its bits.", "Outputs",
+                              choices=STORE_DTYPES)
+    format: str = option("hdf5", "Shard format: one HDF5 file, a folder of .npy files, or a webdataset tar with one "
+                         "member per image and feature.", "Outputs", choices=tuple(FORMATS))
+    shard_size: int = option(1000, "Images per shard of loose files (the unit of resume and of parallel work); "
+                             "archive inputs give one shard per tar or parquet row group.", "Outputs", minimum=1)
+    compression: str | None = option(None, "HDF5 compression.", "Outputs", choices=COMPRESSIONS)
+    token_order: str = option("block", "Order of 'patch' rows: block (the reference's 2x2-block order) or raster "
+                              "(row-major).", "Outputs", choices=TOKEN_ORDERS)
+    overwrite: bool = option(False, "Delete the store in OUT and start over.", "Outputs")
+    # ---- Preprocessing
+    min_pixels: int | None = option(None, "Qwen resize: least pixels after resize. [default: the model's]",
+                                    "Preprocessing", minimum=1)
+    max_pixels: int | None = option(None, "Qwen resize: most pixels after resize. [default: the model's]",
+                                    "Preprocessing", minimum=1)
+    image_size: int | None = option(None, "Resize every image to this square size instead.", "Preprocessing",
+                                    minimum=1)
+    backend: str | None = option(None, "Resize backend. [default: torchvision, as the reference]", "Preprocessing",
+                                 choices=RESIZE_BACKENDS)
+    fast_decode: bool = option(False, "Decode JPEGs at reduced DCT scale when the target is at least 2x smaller "
+                               "(faster, not bit-exact).", "Preprocessing")
+    decode: str = option("exact", "Where images are decoded. exact: on the CPU, as the reference. gpu: baseline JPEGs "
+                         "by nvJPEG on the CUDA device (not bit-exact; other images stay exact).", "Preprocessing",
+                         choices=DECODERS)
+    allow_truncated: bool = option(False, "Decode truncated files as far as they go (the record says so).",
+                                   "Preprocessing")
+    max_image_pixels: int | None = option(None, "Refuse images whose header claims more pixels. [default: "
+                                          "178956970]", "Preprocessing", minimum=1)
+    # ---- Speed
+    token_budget: int | None = option(None, "Patches per encoder batch. [default: 4096 on CPU, 32768 on CUDA]",
+                                      "Speed", minimum=1)
+    workers: int | None = option(None, "Decode worker processes (0 = decode in the main process). [default: from "
+                                 "the CPU count]", "Speed", minimum=0)
+    # ---- Cluster
+    part: int | None = option(None, "This process's part (0-based) of --num-parts.", "Cluster", minimum=0)
+    num_parts: int | None = option(None, "Split the plan's shards over this many processes.", "Cluster", minimum=1)
+
+    def __post_init__(self) -> None:
+        for name in ("features", "meta_fields"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, split_list(value, name))
+            elif value is not None:
+                setattr(self, name, tuple(value))
+
+    def validate(self) -> ExtractOptions:
+        """Check every choice and bound; raises UsageError naming the flag and what it accepts."""
+        for f in fields(self):
+            meta, value = f.metadata["cli"], getattr(self, f.name)
+            flag = flag_of(f)
+            if value is None:
+                continue
+            if meta["choices"] and value not in meta["choices"]:
+                raise UsageError(f"{flag} {value!r} is not one of: {', '.join(meta['choices'])}")
+            if meta["minimum"] is not None and value < meta["minimum"]:
+                raise UsageError(f"{flag} must be at least {meta['minimum']}, got {value}")
+            if meta["listing"] and not value:
+                raise UsageError(f"{flag} needs at least one name")
+        if self.compression and self.format != "hdf5":
+            raise UsageError("--compression applies to --format hdf5 only")
+        if self.part is not None and self.num_parts is not None and self.part >= self.num_parts:
+            raise UsageError(f"--part {self.part} must be in 0..{self.num_parts - 1}")
+        if self.update and self.overwrite:
+            raise UsageError("--update and --overwrite contradict each other; give one")
+        return self
+
+    def replace(self, **changes: Any) -> ExtractOptions:
+        return dataclasses.replace(self, **changes)
+
+    def to_argv(self) -> list[str]:
+        """Command-line flags that give these options (the defaults left out)."""
+        argv: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            flag = flag_of(f)
+            if isinstance(value, bool):
+                argv.append(flag if value else f"--no-{flag[2:]}")
+            elif f.metadata["cli"]["listing"]:
+                argv += [flag, ",".join(value)]
+            else:
+                argv += [flag, str(value)]
+        return argv
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    flags = f.metadata["cli"]["flags"]
+    return flags[0] if flags else "--" + f.name.replace("_", "-")
+
+
+def split_list(value: str, name: str = "value") -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    if not items:
+        raise UsageError(f"--{name.replace('_', '-')} {value!r} names nothing; give a comma list")
+    return items
+
+
+def make_options(**values: Any) -> ExtractOptions:
+    """Options from keyword arguments; unknown names are a usage error listing the valid ones."""
+    known = {f.name for f in fields(ExtractOptions)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"unknown extract option(s) {unknown}; valid: {sorted(known)}")
+    return ExtractOptions(**values).validate()

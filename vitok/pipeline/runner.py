@@ -1,0 +1,347 @@
+"""``vitok.extract``: wire the stages together.
+
+    plan (inputs.plan) -> decode workers (loader) -> batcher -> device pipeline (device, pooling included)
+    -> committer thread (committer: shard sinks, commits) -> store (vitok.storage)
+
+What to do is decided first, without writing anything (``job``); this module only starts the stages, runs the loop
+and reports. SIGTERM (preemption) and SIGINT stop the run cleanly: unfinished shards are dropped, finished ones
+stay, and a rerun of the same command resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..environment import describe_environment
+from ..errors import Interrupted, SettingsMismatchError
+from ..inputs.plan import Plan, load_plan, write_generation, write_update
+from ..storage import META_FILE, RunHeader, create_exclusive, get_format, read_header, write_readme
+from ..storage.claims import Claims
+from ..storage.files import raise_store_error
+from ..storage.records import dumps
+from ..storage.shards import remove_temps
+from .batcher import Batcher
+from .committer import CommitStats, Committer
+from .job import Job, Work, check_settings, make_settings, new_header, prepare, remaining_work
+from .options import ExtractOptions, make_options
+
+if TYPE_CHECKING:
+    from .device import DevicePipeline
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ProgressEvent:
+    images_done: int
+    images_total: int | None  # None while archives of unknown size remain
+    tokens_done: int
+    skipped: int
+    elapsed: float
+    shards_done: int = 0
+    shards_total: int = 0
+
+
+@dataclass
+class ExtractSummary:
+    out: str
+    part: str
+    images_planned: int | None  # in this process's part; None when archives of unknown size were planned
+    ok: int
+    skipped: int
+    failed: int  # inputs that could not be read (retried by the next run once readable)
+    already_done: int  # images in shards a previous run completed
+    shards_written: int
+    shards_already_done: int
+    shards_elsewhere: int  # claimed by another running process
+    shards_other_parts: int  # not done, belonging to other parts
+    seconds: float
+    images_per_second: float
+    tokens: int
+    output_bytes: int
+    data_wait_seconds: float  # the loop waited for decoded images
+    encode_seconds: float  # launching batches and finishing them (device waits included)
+    device_wait_seconds: float  # of which: waiting for the device (the device was the bottleneck)
+    skipped_reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def all_skipped(self) -> bool:
+        """Every input this run attempted was skipped or failed: almost always a wrong path or setting."""
+        return self.ok == 0 and self.skipped + self.failed > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "skipped_reasons"}
+
+
+def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-out",
+            options: ExtractOptions | None = None, *, stdin=None,
+            progress: Callable[[ProgressEvent], None] | None = None, **option_values: Any) -> ExtractSummary:
+    """Extract visual tokens for every input of ``sources`` into the store ``out`` (resumable).
+
+    Args:
+        sources: folders, files (images, tars, parquet), brace patterns, URLs, or ``-`` for a list on stdin;
+            empty to resume the plan already in ``out``.
+        out: output folder (created; resumed if it holds a store made with the same settings).
+        options: an :class:`ExtractOptions` (``vitok.ExtractOptions``); the defaults when None.
+        stdin: binary stream to read ``-`` from (default: ``sys.stdin.buffer``).
+        progress: called on the run loop's thread after every chunk of images.
+        **option_values: fields of :class:`ExtractOptions`, instead of or on top of ``options``.
+
+    Returns:
+        counts, timings and sizes of this run.
+    """
+    if options is None:
+        opts = make_options(**option_values)
+    elif option_values:
+        opts = make_options(**{**{f.name: getattr(options, f.name) for f in fields(options)}, **option_values})
+    else:
+        opts = options.validate()
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    with stop_on_signals():
+        job = prepare([str(s) for s in sources], Path(out), opts, stdin)
+        return Run(job, progress).execute()
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT raise Interrupted in the main thread (once; repeats are ignored while cleaning up)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class Run:
+    def __init__(self, job: Job, progress: Callable[[ProgressEvent], None] | None = None) -> None:
+        self.job, self.progress = job, progress
+        self.started = time.perf_counter()
+        self.wait_seconds = 0.0
+
+    # ---- set-up: the first writes happen here ----------------------------------------------------------------
+
+    def execute(self) -> ExtractSummary:
+        job = self.job
+        if job.part.launcher in ("torchrun", "slurm"):
+            logger.info("part %s from the %s environment (%s)", job.part.label, job.part.launcher, job.part.origin)
+        plan = job.plan
+        if plan is not None and job.header is not None and job.plan_diff is None:
+            work = remaining_work(job, plan, job.header.fingerprint)
+            if not work.todo:  # nothing to do: no model, no writes (a finished store on a read-only mount)
+                logger.info("nothing to do: all %d shard(s) of part %s are done", work.done_shards, job.part.label)
+                return self._summary(work, CommitStats(), None, None)
+        from ..encoder.inference import load_encoder  # torch: only once there is work to do
+
+        encoder = load_encoder(job.source, job.device, job.dtype, seed=job.options.seed,
+                               attention=job.options.attention, preprocess=job.preprocess)
+        settings = make_settings(job, encoder.weights_hash)
+        if job.header is not None:
+            check_settings(job, encoder.weights_hash)
+        header = self._write_header(settings, encoder)
+        plan = self.plan = self._write_plan(plan)
+        # again now that the model is loaded: other processes may have committed shards in the meantime
+        work = remaining_work(job, plan, header.fingerprint)
+        claims = Claims(job.out)
+        claims.start()
+        try:
+            mine, elsewhere = self._claim(claims, work)
+            stats, pipeline = self._run(encoder, mine, claims, header) if mine else (CommitStats(), None)
+        finally:
+            claims.stop()
+        summary = self._summary(work, stats, pipeline, encoder, elsewhere)
+        if summary.shards_other_parts and job.part.count > 1:
+            logger.info("%d shard(s) of other parts are not done yet (this was part %s)", summary.shards_other_parts,
+                        job.part.label)
+        return summary
+
+    def _write_header(self, settings: dict[str, Any], encoder) -> RunHeader:
+        job = self.job
+        if job.options.overwrite:
+            wipe_store(job.out)
+        try:
+            job.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise_store_error(exc, job.out)
+        header = new_header(job, settings, describe_environment(encoder))
+        if not create_exclusive(job.out / META_FILE, dumps(header.to_json())):
+            stored = read_header(job.out)
+            if stored.fingerprint != header.fingerprint:
+                raise SettingsMismatchError(f"another process started {job.out} with other settings at the same "
+                                            "moment; use the same settings in every process")
+            header = stored
+        if not (job.out / "README.txt").exists():
+            write_readme(job.out, header)
+        return header
+
+    def _write_plan(self, plan: Plan | None) -> Plan:
+        job = self.job
+        if plan is None:
+            write_generation(job.out, job.listing, job.options.shard_size, 0, 0, job.sources, "initial", None,
+                             job.reader_options.to_dict())
+        elif job.plan_diff is not None:
+            generation = write_update(job.out, plan, job.listing, job.plan_diff, job.sources, job.listing_digest,
+                                      job.reader_options.to_dict())
+            logger.info("update: %s since the store was planned; planned generation %d", job.plan_diff.describe(),
+                        generation.number)
+        return load_plan(job.out)
+
+    def _claim(self, claims: Claims, work: Work):
+        mine, elsewhere = [], 0
+        for unit in work.todo:
+            if claims.try_claim(unit.name):
+                remove_temps(self.job.out, unit.name)
+                if unit.name in work.damaged:  # its data does not check out: the sidecar no longer vouches for it
+                    remove_damaged(self.job.out, unit.name)
+                mine.append(unit)
+            else:
+                elsewhere += 1
+        if elsewhere:
+            logger.info("%d shard(s) are being written by another running process; skipping them", elsewhere)
+        return mine, elsewhere
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+
+    def _run(self, encoder, units, claims: Claims, header: RunHeader):
+        from .device import DevicePipeline
+
+        job, opts = self.job, self.job.options
+        fmt = get_format(opts.format)
+        pipeline = DevicePipeline(encoder, job.features, opts.pool, opts.store_dtype, opts.token_order)
+        committer = Committer(job.out, fmt, job.layouts, opts.store_dtype, opts.compression, claims,
+                              {"fingerprint": header.fingerprint, "part": job.part.label,
+                               "vitok_version": __version__}).start()
+        for unit in units:
+            committer.begin(unit)
+        logger.info("part %s: %d shard(s) to do", job.part.label, len(units))
+        try:
+            self._loop(units, encoder, pipeline, committer)
+            stats = committer.finish()
+        except BaseException:
+            committer.abort()
+            raise
+        return stats, pipeline
+
+    def _loop(self, units, encoder, pipeline: DevicePipeline, committer: Committer) -> None:
+        from ..inputs.preprocess import Preprocessor
+        from .loader import default_workers, load_units
+        from .types import Batch
+
+        opts = self.job.options
+        budget = opts.token_budget or (32768 if encoder.device.type == "cuda" else 4096)
+        batcher: Batcher = Batcher(budget)
+        workers = opts.workers if opts.workers is not None else default_workers(encoder.device)
+        by_index = {u.index: u for u in units}
+        totals = [u.expected for u in units]
+        total = None if any(t is None for t in totals) else sum(totals)
+
+        def submit(unit: int, items) -> None:
+            committer.put(pipeline.submit(Batch(unit, items)))
+
+        seen = skipped = shards = 0
+        chunks = load_units(units, self.plan.kind, self.job.reader_options,
+                            Preprocessor(encoder.preprocess), workers, pin_memory=encoder.device.type == "cuda")
+        try:
+            for chunk in self._timed(chunks):
+                for item in chunk.unpack():
+                    seen += 1
+                    if item.image is None:
+                        skipped += 1
+                        committer.record(chunk.unit, item.record)
+                        continue
+                    for closed in batcher.add(chunk.unit, item, item.image.num_patches):
+                        submit(chunk.unit, closed)
+                if chunk.end:
+                    for closed in batcher.flush(chunk.unit):
+                        submit(chunk.unit, closed)
+                    committer.put(pipeline.end(chunk.unit, unit_record(by_index[chunk.unit], chunk)))
+                    shards += 1
+                if self.progress is not None:
+                    self.progress(ProgressEvent(seen, total, pipeline.tokens, skipped,
+                                                time.perf_counter() - self.started, shards, len(units)))
+        finally:
+            chunks.close()  # on any error: stop the decode workers now, not at interpreter exit
+        committer.put(pipeline.drain())
+
+    def _timed(self, chunks):
+        while True:
+            start = time.perf_counter()
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            self.wait_seconds += time.perf_counter() - start
+            yield chunk
+
+    def _summary(self, work: Work, stats: CommitStats, pipeline, encoder, elsewhere: int = 0) -> ExtractSummary:
+        seconds = time.perf_counter() - self.started
+        done = stats.ok + stats.skipped + stats.failed
+        planned = [u.expected for u in work.mine]
+        return ExtractSummary(
+            out=str(self.job.out), part=self.job.part.label,
+            images_planned=None if any(p is None for p in planned) else sum(planned),
+            ok=stats.ok, skipped=stats.skipped, failed=stats.failed, already_done=work.done_images,
+            shards_written=stats.shards_written, shards_already_done=work.done_shards, shards_elsewhere=elsewhere,
+            shards_other_parts=work.other_parts_pending, seconds=round(seconds, 3),
+            images_per_second=round(done / seconds, 3) if seconds else 0.0,
+            tokens=pipeline.tokens if pipeline else 0, output_bytes=stats.output_bytes,
+            data_wait_seconds=round(self.wait_seconds, 3),
+            encode_seconds=round(pipeline.encode_seconds, 3) if pipeline else 0.0,
+            device_wait_seconds=round(pipeline.device_wait_seconds, 3) if pipeline else 0.0,
+            skipped_reasons=stats.reasons,
+        )
+
+
+def unit_record(unit, chunk) -> dict[str, Any]:
+    """What the sidecar says about the input shard: where it came from, and why it stopped early if it did."""
+    info: dict[str, Any] = {"kind": unit.kind, "plan_generation": unit.generation}
+    if unit.kind != "files":
+        description = unit.read()
+        info |= {k: description.get(k) for k in ("path", "row_group", "bytes", "mtime_ns")}
+    if chunk.unit_error:
+        info["error"] = chunk.unit_error
+        info["failed"] = chunk.unit_failed
+        logger.warning("shard %s: %s", unit.name, chunk.unit_error)
+    return info
+
+
+def remove_damaged(out: Path, shard: str) -> None:
+    """Drop a committed shard whose data is damaged (called while holding its claim): sidecar first, then data."""
+    from ..storage.files import remove
+    from ..storage.shards import read_sidecar, shards_dir, sidecar_path
+
+    path = sidecar_path(out, shard)
+    try:
+        data = read_sidecar(path).data
+    except Exception:  # a damaged sidecar: its data name is the shard's own
+        data = None
+    remove(path)
+    if data:
+        remove(shards_dir(out) / data)
+
+
+def wipe_store(out: Path) -> None:
+    """--overwrite: remove what vitok wrote in OUT (and nothing else)."""
+    from ..storage.files import remove
+
+    for name in (META_FILE, "README.txt", "plan", "shards", ".claims", "plan.jsonl"):
+        remove(out / name)

@@ -1,0 +1,95 @@
+"""The data that moves between the run's stages, in a module without heavy imports (torch is imported only by the
+methods that handle tensors), so the writer side, the store and the CLI can name these types without torch.
+
+    Item          one input after the decode stage: its record, and its pixels when ok
+    Chunk         what a decode worker sends: consecutive items of one unit, their patches in one tensor
+    Batch         items of one unit encoded together (the batcher's output)
+    EncodedBatch  a finished batch on the host: records in row order and packed arrays in the stored dtype
+    UnitEnd       a unit has no more inputs; the device stage emits it after the unit's last batch
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..storage.records import ImageRecord
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..inputs.preprocess import PreparedImage
+
+
+@dataclass
+class Item:
+    """One input after the decode stage: its record (status ok/skipped/failed), and its pixels when ok."""
+
+    record: ImageRecord
+    image: PreparedImage | None = None
+
+
+@dataclass
+class Chunk:
+    unit: int  # the unit's index in the plan
+    seq: int  # position of this chunk in its unit
+    items: list[Item]
+    end: bool = False  # the unit's last chunk
+    unit_error: str | None = None  # why the rest of the unit could not be read
+    unit_failed: bool = False  # ... because it was unavailable (retried later) rather than damaged
+    rows: list[int] = field(default_factory=list)  # patch rows of each decoded image, in order
+    patches: torch.Tensor | None = None  # all decoded images' patches, concatenated
+
+    def pack(self) -> Chunk:
+        images = [item.image for item in self.items if item.image is not None]
+        present = [image.patches for image in images if image.patches is not None]
+        if present:
+            import torch
+
+            self.patches = torch.cat(present)
+            self.rows = [len(p) for p in present]
+            for image in images:
+                image.patches = None  # sent once, inside ``patches``
+        return self
+
+    def pin_memory(self) -> Chunk:  # called by the DataLoader's pinning thread (CUDA)
+        if self.patches is not None:
+            self.patches = self.patches.pin_memory()
+        return self
+
+    def unpack(self) -> list[Item]:
+        views = iter(self.patches.split(self.rows) if self.patches is not None else ())
+        for item in self.items:
+            if item.image is not None and item.image.jpeg is None:  # (a GPU-decoded JPEG has no patches yet)
+                item.image.patches = next(views)
+        return self.items
+
+
+@dataclass
+class Batch:
+    unit: int
+    items: list[Item]
+    order: list[int] | None = None  # after sorting by grid: positions of the items in input order
+
+
+@dataclass
+class EncodedBatch:
+    """A finished batch: the ok images' records in row order and their packed arrays (stored dtype, host)."""
+
+    unit: int
+    records: list[ImageRecord]
+    arrays: dict[str, np.ndarray]  # feature -> (rows, dim) or (levels, rows, dim)
+    rows: dict[str, list[int]]  # feature -> rows of each image
+    skipped: list[ImageRecord] = field(default_factory=list)  # ran out of device memory on their own
+    order: list[int] | None = None  # the images in input order (they are encoded sorted by grid)
+
+
+@dataclass
+class UnitEnd:
+    """The end of a unit, queued behind its batches: the device stage hands it on only once every batch launched
+    before it has finished, so whoever receives it in order may commit the unit (nobody counts batches in flight)."""
+
+    unit: int
+    info: dict[str, Any]  # what the sidecar says about the unit (where it came from, why it stopped early)

@@ -1,0 +1,87 @@
+"""Checking a store: every committed shard against its sidecar (sizes, keys, rows, checksums, settings), and the
+store against its plan (shards not done, keys missing or repeated), plus what interrupted runs left behind."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..inputs.plan import load_plan
+from ..inputs.retries import base_and_attempt
+from . import read_header
+from .claims import Claims
+from .shards import check_shard, iter_sidecars, temp_files
+from .store import attempt_order
+
+
+@dataclass
+class VerifyReport:
+    shards_ok: int
+    images_ok: int
+    images_skipped: int
+    images_failed: int
+    problems: list[str]
+    incomplete: list[str]  # planned shards with no committed sidecar
+    in_progress: list[str] = field(default_factory=list)  # claimed by a live run
+    leftovers: list[str] = field(default_factory=list)  # temporary files and stale claims of interrupted runs
+    input_errors: list[str] = field(default_factory=list)  # archives that could not be read (whole or in part)
+    planned_shards: int = 0
+    planned_images: int | None = None
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems and not self.incomplete
+
+
+def verify_store(out: str | Path, quick: bool = False) -> VerifyReport:
+    """Check every committed shard (checksums too, unless ``quick``) and the plan; nothing is modified."""
+    root = Path(out)
+    header = read_header(root)
+    problems: list[str] = []
+    latest: dict[str, tuple[int, str]] = {}  # key -> (position of the sidecar that holds it last, shard)
+    repeats: list[str] = []
+    shards_ok = 0
+    status: dict[str, str] = {}
+    done: set[str] = set()
+    report_errors: list[str] = []
+    for position, sidecar in enumerate(attempt_order(list(iter_sidecars(root)))):
+        done.add(base_and_attempt(sidecar.shard)[0])
+        shard_problems = check_shard(root, sidecar, checksums=not quick)
+        if sidecar.fingerprint is not None and sidecar.fingerprint != header.fingerprint:
+            shard_problems.append(f"{sidecar.shard}: written with other settings (fingerprint {sidecar.fingerprint},"
+                                  f" the store's {header.fingerprint})")
+        problems += shard_problems
+        shards_ok += not shard_problems
+        if sidecar.unit.get("error"):
+            report_errors.append(f"{sidecar.shard}: {sidecar.unit['error']}")
+        superseding = base_and_attempt(sidecar.shard)[1] > 0 or sidecar.unit.get("plan_generation", 0) > 0
+        keys = Counter(r.key for r in sidecar.records)
+        repeats += [f"key {k!r} appears {n} times in {sidecar.shard}" for k, n in keys.items() if n > 1]
+        for record in sidecar.records:
+            if record.key in latest and not superseding:
+                repeats.append(f"key {record.key!r} appears in {latest[record.key][1]} and {sidecar.shard}")
+            latest[record.key] = (position, sidecar.shard)
+            status[record.key] = record.status
+    problems += repeats[:20]
+    report = VerifyReport(shards_ok, sum(s == "ok" for s in status.values()),
+                          sum(s == "skipped" for s in status.values()), sum(s == "failed" for s in status.values()),
+                          problems, [], input_errors=report_errors)
+    plan = load_plan(root)
+    if plan is not None:
+        report.planned_shards = len(plan.units)
+        report.planned_images = plan.num_images
+        report.incomplete = [u.name for u in plan.units if u.name not in done]
+        if plan.kind == "files":
+            missing = []
+            for unit in plan.units:
+                if unit.name in done:
+                    missing += [key for key, _ in unit.read() if key not in status]
+            problems += [f"key {k!r} is planned but missing from its shard" for k in missing[:20]]
+    claims = Claims(root)
+    for shard, holder in sorted(claims.holders().items()):
+        (report.leftovers if claims.is_stale(holder) else report.in_progress).append(
+            f"{shard} (claimed by {holder.get('run')})")
+    report.leftovers += [f"{p.name} (temporary data of an interrupted run; the next extract of its shard removes it)"
+                         for p in temp_files(root)]
+    return report
