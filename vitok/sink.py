@@ -41,6 +41,9 @@ class ShardSink:
             if record.float16_overflow:
                 logger.warning("%s: %d value(s) exceed float16 range and are stored as inf; use --store-dtype "
                                "bfloat16 or float32", record.key, record.float16_overflow)
+            if record.nonfinite:
+                logger.warning("%s: %d NaN/Inf value(s) in its tokens (exports leave it out)", record.key,
+                               record.nonfinite)
         try:
             self.writer.write_batch([r.key for r in batch.records], [r.to_json() for r in batch.records],
                                     batch.arrays, batch.rows, batch.order)

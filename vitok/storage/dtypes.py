@@ -25,9 +25,23 @@ def to_store_tensor(tensor: torch.Tensor, store_dtype: str) -> tuple[torch.Tenso
 def overflow_per_row_group(tensor: torch.Tensor, rows: list[int]) -> list[int]:
     """Finite values beyond float16's range in each group of rows (the images of a batch); axis -2 holds rows."""
     as_float = tensor.detach().float()
-    beyond = ((as_float.abs() > FLOAT16_MAX) & torch.isfinite(as_float)).flatten(-1).sum(-1)  # (..., rows)
-    beyond = beyond.reshape(-1, beyond.shape[-1]).sum(0)
-    return [int(part.sum()) for part in beyond.split(rows)]
+    return _per_row_group((as_float.abs() > FLOAT16_MAX) & torch.isfinite(as_float), rows)
+
+
+def count_nonfinite(tensor: torch.Tensor) -> torch.Tensor:
+    """NaN and Inf values of a batch's tokens as a 0-d tensor, without waiting for the device."""
+    return (~torch.isfinite(tensor.detach())).sum()
+
+
+def nonfinite_per_row_group(tensor: torch.Tensor, rows: list[int]) -> list[int]:
+    """NaN and Inf values in each group of rows (the images of a batch); axis -2 holds rows."""
+    return _per_row_group(~torch.isfinite(tensor.detach()), rows)
+
+
+def _per_row_group(mask: torch.Tensor, rows: list[int]) -> list[int]:
+    counts = mask.flatten(-1).sum(-1)  # (..., rows)
+    counts = counts.reshape(-1, counts.shape[-1]).sum(0)
+    return [int(part.sum()) for part in counts.split(rows)]
 
 
 def stored_to_numpy(stored: torch.Tensor, store_dtype: str) -> np.ndarray:
