@@ -92,8 +92,9 @@ def test_an_earlier_export_is_replaced_whole_and_other_folders_are_refused(store
     unrelated = tmp_path / "mine"
     unrelated.mkdir()
     (unrelated / "notes.txt").write_text("keep me")
-    code, _, err = _invoke(__import__("vitok.cli", fromlist=["main"]).main,
-                           ["export", str(store), str(unrelated), "--pool", "mean"])
+    from vitok.cli import main
+
+    code, _, err = _invoke(main, ["export", str(store), str(unrelated), "--pool", "mean"])
     assert code == 2 and "not a vitok export" in err and len(err.strip().splitlines()) == 1
     assert tree(unrelated) == {"notes.txt": b"keep me"}
 
@@ -190,6 +191,26 @@ def test_an_incomplete_store_is_refused_unless_allow_partial(tmp_path, warnings_
     result = export(tmp_path / "out", tmp_path / "index", allow_partial=True)
     assert result.images == 4 and "shard-000002" in result.missing[0] and "partial" in warnings_seen.text
     assert "shard-000002" in json.loads((tmp_path / "index" / MARKER).read_text())["missing"][0]
+
+
+
+def test_inputs_that_failed_make_a_store_incomplete(tmp_path):
+    from vitok.cli import main
+
+    folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)
+    assert _invoke(main, ["plan", str(folder), "-o", str(tmp_path / "out"), "--shard-size", "2"])[0] == 0
+    (folder / "a" / "img01.png").unlink()  # listed, then gone: recorded as failed, a rerun retries it
+    vitok.extract([], tmp_path / "out", model="qwen3-vl-tiny", workers=0, pool="mean", shard_size=2)
+    with pytest.raises(StoreError, match=r"1 input\(s\) that could not be read \('a/img01.png'\)"):
+        export(tmp_path / "out", tmp_path / "index")
+    assert export(tmp_path / "out", tmp_path / "index", allow_partial=True).images == 3
+
+
+def test_an_interrupted_export_is_cleaned_up_by_the_next(store, tmp_path):
+    left = tmp_path / ".index.vitok-export-999999999-x1.tmp"  # a dead process's temporary folder
+    (left / "img_emb").mkdir(parents=True)
+    export_embedding_reader(store, tmp_path / "index", pool="mean")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
 
 
 # ---- NaN / Inf ----------------------------------------------------------------------------------------------------
@@ -313,10 +334,10 @@ def test_vllm_ec_through_vllm_itself(store, tmp_path):
 
     dest = tmp_path / "ec"
     export(store, dest, "vllm-ec")
-    connector = object.__new__(example_connector.ECExampleConnector)
+    connector = object.__new__(example_connector.ECExampleConnector)  # no engine: only its storage path is set
     connector._storage_path = str(dest)
-    line = json.loads((dest / "uuids.jsonl").read_text().splitlines()[0])
-    assert connector._found_match_for_mm_data(line["uuid"])
+    for line in map(json.loads, (dest / "uuids.jsonl").read_text().splitlines()):
+        assert connector.has_cache_item(line["uuid"])
 
 
 def test_entry_names_are_safe_and_distinct():
