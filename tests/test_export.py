@@ -438,3 +438,27 @@ def test_export_refuses_an_embedding_off_the_contract(store, tmp_path, monkeypat
     with pytest.raises(StoreError, match=f"{victim!r} cannot be served: shape"):
         export(store, tmp_path / "ec", "vllm-ec")
     assert not (tmp_path / "ec").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_entry_names_that_collide_are_refused(store, tmp_path, monkeypatch):
+    import vitok.serving
+
+    monkeypatch.setattr(vitok.serving, "entry_name", lambda key: "same")
+    with pytest.raises(StoreError, match="collides"):
+        export(store, tmp_path / "ec", "vllm-ec")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_key_content_shares_one_entry_per_content_id(store, tmp_path, monkeypatch):
+    """The hook for content ids (records' ``content_id``, added by content hashing): equal content, one entry."""
+    original = vitok.store.Store.info
+
+    def with_content(self, key):
+        return {**original(self, key), "content_id": "sha256-" + ("dup" if key.startswith("a/") else key[-8:-4])}
+
+    monkeypatch.setattr(vitok.store.Store, "info", with_content)
+    assert export(store, tmp_path / "ec", "vllm-ec", key="content").images == 5
+    lines = [json.loads(line) for line in (tmp_path / "ec" / "uuids.jsonl").read_text().splitlines()]
+    shared = {line["uuid"] for line in lines if line["key"].startswith("a/")}
+    assert shared == {"sha256-dup"} and len(lines) == 5
+    assert sorted(p.name for p in (tmp_path / "ec").iterdir() if p.is_dir()) == sorted({x["uuid"] for x in lines})

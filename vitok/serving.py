@@ -188,7 +188,7 @@ class VllmEcLayout(_ServingLayout):
         from safetensors.torch import save_file
 
         left_out: dict[str, str] = {}
-        seen: dict[str, str] = {}  # name folded to lower case -> key (case-insensitive file systems)
+        written: dict[str, str] = {}  # entry name folded to lower case (case-insensitive file systems) -> name
         count = 0
         with open(folder / UUIDS_FILE, "w", encoding="ascii") as uuids:
             for key, embeds, grid, reason in _served(store, store.keys()):
@@ -196,14 +196,14 @@ class VllmEcLayout(_ServingLayout):
                     left_out[key] = reason
                     continue
                 self.contract.check(key, embeds, grid)
-                if self.key_mode == "content":
+                if self.key_mode == "content":  # equal content ids share one entry
                     name = content_entry_name(str(store.info(key)["content_id"]))
                 else:
                     name = entry_name(key)
-                first = seen.setdefault(name.lower(), key)
-                if first == key or self.key_mode != "content":
-                    if first != key:
-                        raise StoreError(f"keys {printable(first)!r} and {printable(key)!r} map to one entry name")
+                if name.lower() in written and (self.key_mode == "store" or written[name.lower()] != name):
+                    raise StoreError(f"image {printable(key)!r}: its entry name {name!r} collides with another's")
+                if name.lower() not in written:
+                    written[name.lower()] = name
                     (folder / name).mkdir()
                     save_file({TENSOR_NAME: embeds}, str(folder / name / ENTRY_FILE))
                 uuids.write(json.dumps({"key": key, "uuid": name, "image_grid_thw": grid.tolist(),
