@@ -127,10 +127,11 @@ def _pooled(tokens, offsets, pool: str | None):
     segments = [tokens[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
     if not segments:
         return tokens[:0]
-    if pool == "mean":
-        return np.stack([s.mean(0) for s in segments])
-    if pool == "max":
-        return np.stack([s.max(0) for s in segments])
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf images are left out after pooling, not warned about
+        if pool == "mean":
+            return np.stack([s.mean(0) for s in segments])
+        if pool == "max":
+            return np.stack([s.max(0) for s in segments])
     return np.stack([s[0] for s in segments])
 
 
