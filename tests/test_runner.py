@@ -171,6 +171,17 @@ def test_float16_overflow_is_counted_in_each_record(tmp_path, caplog):
     assert "exceed float16 range" in caplog.text
 
 
+def test_nan_and_inf_are_counted_per_image():
+    from vitok.pipeline.cast import count_nonfinite, nonfinite_per_row_group
+
+    tokens = torch.zeros(2, 9, 4)  # (levels, rows, dim): three images of 3, 2 and 4 rows
+    tokens[0, 3, 1] = float("nan")
+    tokens[1, 4, :] = float("inf")
+    tokens[1, 8, 0] = float("-inf")
+    assert int(count_nonfinite(tokens)) == 6
+    assert nonfinite_per_row_group(tokens, [3, 2, 4]) == [0, 5, 1]
+
+
 def test_disk_full_is_a_clear_error_with_nothing_listed(folder, tmp_path, monkeypatch):
     from vitok.storage.hdf5 import Hdf5Writer
 

@@ -301,6 +301,11 @@ def info(out: Annotated[Path, typer.Argument(help="A store written by vitok extr
     for sidecar in store.shards.values():
         if sidecar.unit.get("error"):
             echo(f"  input    {sidecar.shard}: {_safe(sidecar.unit['error'])}")
+    nonfinite = store.nonfinite()
+    if nonfinite:
+        echo(f"nan/inf    {len(nonfinite)} image(s) hold NaN/Inf values (exports leave them out)")
+        for key, count in sorted(nonfinite.items())[:10]:
+            echo(f"  nan/inf  {_safe(key)}: {count} value(s)")
     if report.problems:
         echo(f"damage     {len(report.problems)} problem(s); run 'vitok verify {out}'")
     for line in report.leftovers[:10]:
@@ -311,9 +316,25 @@ def info(out: Annotated[Path, typer.Argument(help="A store written by vitok extr
 def verify(
     out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
     quick: Annotated[bool, typer.Option(help="Check sizes, keys and rows only, not the checksums.")] = False,
+    embeds: Annotated[bool, typer.Option(
+        "--embeds", help="Check served embeddings instead: OUT is a vllm-ec or sglang export (or a store, checked as "
+                         "it would be exported): tokens vs grid and merge size, width, dtype, finite, contiguous."
+    )] = False,
 ) -> None:
     """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem or unfinished
-    shard."""
+    shard. With --embeds, check every embedding of a serving export against the model's contract."""
+    if embeds:
+        from ..consumers.serving import verify_embeds
+
+        result = verify_embeds(out)
+        for problem in result.problems[:50]:
+            typer.echo(f"problem: {_safe(problem)}", err=True)
+        if len(result.problems) > 50:
+            typer.echo(f"... and {len(result.problems) - 50} more", err=True)
+        typer.echo(f"{result.checked} embedding(s) checked ({result.layout}), {len(result.problems)} problem(s)")
+        if not result.clean:
+            raise typer.Exit(1)
+        return
     from ..storage.verify import verify_store
 
     report = verify_store(out, quick=quick)
@@ -328,41 +349,63 @@ def verify(
         typer.echo(f"leftover: {line}", err=True)
     for line in report.input_errors[:20]:
         typer.echo(f"input: {_safe(line)}", err=True)
+    for line in report.nonfinite[:20]:
+        typer.echo(f"warning: {_safe(line)}", err=True)
     typer.echo(f"{report.shards_ok} shard(s) ok, {report.images_ok} images ok, {report.images_skipped} skipped, "
                f"{report.images_failed} failed")
     if not report.clean:
         raise typer.Exit(1)
 
 
+from ..consumers.export import KEY_MODES, LAYOUTS, POOLS  # noqa: E402 - light (no numpy): the export's choices, owned there
+
+
 @app.command()
 def export(
     store: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
-    dest: Annotated[Path, typer.Argument(help="Output folder (img_emb/ and metadata/ are created in it).")],
-    layout: Annotated[_choices("layout", ("embedding-reader",)), typer.Option(
-        help="embedding-reader: the img_emb/*.npy + metadata/*.parquet layout of clip-retrieval, read by "
-             "embedding-reader and autofaiss.")] = "embedding-reader",
-    feature: Annotated[str | None, typer.Option(help="Feature to export. [default: the store's first]")] = None,
-    pool: Annotated[_choices("export_pool", ("mean", "max", "cls")) | None, typer.Option(
+    dest: Annotated[Path, typer.Argument(help="Output folder: new, empty, or an earlier export of this store "
+                                              "(replaced whole).")],
+    layout: Annotated[_choices("layout", LAYOUTS), typer.Option(
+        help="embedding-reader: img_emb/*.npy + metadata/*.parquet (clip-retrieval, embedding-reader, autofaiss); "
+             "vllm-ec: vLLM's encoder-cache connector folder (<uuid>/encoder_cache.safetensors + uuids.jsonl); "
+             "sglang: parquet records of bf16 features for SGLang's precomputed_embedding items.")
+    ] = "embedding-reader",
+    feature: Annotated[str | None, typer.Option(help="Feature to export (embedding-reader). [default: the store's "
+                                                     "first]")] = None,
+    pool: Annotated[_choices("export_pool", POOLS) | None, typer.Option(
         help="Reduce each image's tokens to one vector (needed when the store holds every token).")] = None,
     normalize: Annotated[_choices("normalize", ("l2",)) | None, typer.Option(
         help="Scale every vector to unit length (for inner-product search).")] = None,
     dtype: Annotated[_choices("export_dtype", ("float16", "float32")), typer.Option(
-        help="Stored vector dtype.")] = "float16",
+        help="Stored vector dtype (embedding-reader).")] = "float16",
+    key: Annotated[_choices("export_key", KEY_MODES), typer.Option(
+        help="vllm-ec: name entries by the store key, or by the records' content_id.")] = "store",
+    allow_partial: Annotated[bool, typer.Option(
+        "--allow-partial", help="Export an unfinished store (shards not done, inputs that failed), saying what is "
+                                "missing.")] = False,
 ) -> None:
-    """Write a store's vectors where retrieval tools read them.
+    """Write a store's tokens where retrieval tools and inference servers read them. DEST is written aside and
+    swapped in whole; damaged or unfinished stores are refused; images with NaN/Inf tokens are left out and counted.
 
-    Example:
+    Examples:
 
         vitok export out/ index/ --pool mean --normalize l2
+
+        vitok export out/ /shared/ec-cache --layout vllm-ec
+
+        vitok export out/ embeds/ --layout sglang
     """
     _setup_logging()
-    from ..consumers.export import export_embedding_reader
+    from ..consumers.export import export as run_export
 
     def value(v):
         return v.value if isinstance(v, enum.Enum) else v
 
-    count = export_embedding_reader(store, dest, feature, value(pool), value(normalize), value(dtype))
-    typer.echo(f"{count} vectors -> {dest}/img_emb, {dest}/metadata ({value(layout)} layout)")
+    result = run_export(store, dest, value(layout), feature=feature, pool=value(pool), normalize=value(normalize),
+                        dtype=value(dtype), key=value(key), allow_partial=allow_partial)
+    left = f"; {len(result.left_out)} left out (NaN/Inf)" if result.left_out else ""
+    partial = "; PARTIAL store" if result.missing else ""
+    typer.echo(f"{result.images} image(s) -> {dest} ({result.layout} layout{left}{partial})")
 
 
 @app.command()

@@ -1,95 +1,302 @@
-"""Exports for retrieval indexes: the layout clip-retrieval writes and embedding-reader / autofaiss read.
+"""Exports: a store's tokens written where other tools read them (``vitok export STORE DEST --layout NAME``).
 
-    DEST/img_emb/img_emb_{i}.npy            (n_i, D) float16 or float32, one file per store shard
-    DEST/metadata/metadata_{i}.parquet      the same rows in order: key, source, member, caption (when the input had
-                                            one), and the json fields of archive samples
+    embedding-reader   DEST/img_emb/img_emb_{i}.npy      (n_i, D) float16 or float32, one file per non-empty shard
+                       DEST/metadata/metadata_{i}.parquet the same rows in order: key, source, member, caption (when
+                                                          the input had one), the json fields of archive samples
+    vllm-ec            vLLM's encoder-cache connector folder (``vitok.consumers.serving``)
+    sglang             parquet records for SGLang's precomputed_embedding items (``vitok.consumers.serving``)
 
-Written file by file under temporary names (a killed export leaves no half file under a final name); pyarrow is the
-``vitok[parquet]`` extra.
+Every layout goes through one gate, in this order, and nothing is created before the last step:
+
+1. the options and the layout's needs (feature, pooling, DeepStack, content ids): ``UsageError`` (exit 2);
+2. DEST: new, empty, or an earlier export of this store (``vitok.consumers.export_target``); anything else is refused;
+3. the store: every shard checked against its checksums (a damaged shard is refused, named), and an incomplete
+   store (planned shards not done, inputs that failed) refused unless ``allow_partial``, which logs what is missing
+   and records it in the marker;
+4. the export is written in a temporary folder beside DEST and swapped in whole.
+
+Images whose tokens hold NaN or Inf (counted at extraction in the record's ``nonfinite``, float16 overflow, or
+found in the data) are **left out with a count**: logged, and listed with the reason in ``DEST/.vitok-export.json``
+(``left_out``). A store where every image would be left out is refused. Keys that are not valid UTF-8 (file names
+are bytes) are exported: parquet text columns carry them with ``\\xNN`` escapes, and a ``key_bytes`` column holds
+the exact bytes. pyarrow is the ``vitok[parquet]`` extra.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+from ..errors import StoreError, UsageError
+from ..pipeline.pool import POOLS as ALL_POOLS
 
-from ..errors import UsageError
-from ..storage.files import file_mode
+logger = logging.getLogger(__name__)
 
-POOLS = ("mean", "max", "cls")
+LAYOUTS = ("embedding-reader", "vllm-ec", "sglang")
+POOLS = tuple(p for p in ALL_POOLS if p != "none")  # an export is one vector per image
+KEY_MODES = ("store", "content")
 
 
-def _pooled(tokens: np.ndarray, offsets: np.ndarray, pool: str | None) -> np.ndarray:
-    if tokens.ndim != 2:
-        raise UsageError("export writes one vector per image: choose merged or patch, not deepstack")
+@dataclass
+class ExportResult:
+    layout: str
+    dest: Path
+    images: int  # exported
+    left_out: dict[str, str] = field(default_factory=dict)  # key -> why it was not exported
+    missing: list[str] = field(default_factory=list)  # what a partial store lacked (--allow-partial)
+
+
+# ---- helpers shared by the layouts ---------------------------------------------------------------------------------
+
+
+def key_bytes(key: str) -> bytes:
+    """The exact bytes of a key (keys from non-UTF-8 file names hold surrogate escapes)."""
+    return key.encode("utf-8", "surrogateescape")
+
+
+def printable(text: str | None) -> str | None:
+    """Text any UTF-8 consumer accepts: bytes that were not UTF-8 become ``\\xNN``; valid text is unchanged."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def needs_key_bytes(keys: list[str]) -> bool:
+    return any(printable(k) != k for k in keys)
+
+
+def nonfinite_reason(record: dict[str, Any], values=None) -> str | None:
+    """Why an image's tokens must not be exported (None: they may): NaN/Inf counted at extraction, float16
+    overflow (stored as Inf), or NaN/Inf found in ``values`` (numpy array or torch tensor) now."""
+    if record.get("nonfinite"):
+        return f"{record['nonfinite']} NaN/Inf value(s) in its tokens (counted at extraction)"
+    if record.get("float16_overflow"):
+        return f"{record['float16_overflow']} value(s) beyond float16's range, stored as Inf"
+    if values is not None:
+        import numpy as np
+
+        if hasattr(values, "isfinite"):  # torch
+            import torch
+
+            bad = int((~torch.isfinite(values.float())).sum())
+        else:
+            bad = int((~np.isfinite(values)).sum())
+        if bad:
+            return f"{bad} NaN/Inf value(s) in its tokens"
+    return None
+
+
+def check_store(store, allow_partial: bool) -> list[str]:
+    """Refuse a damaged store (StoreError naming the first damaged shard); list what an incomplete store lacks and
+    refuse it unless ``allow_partial``. Returns the list of what is missing (empty for a finished store)."""
+    from ..storage.verify import verify_store
+
+    report = verify_store(store.root)
+    if report.problems:
+        more = f" (and {len(report.problems) - 1} more problem(s))" if len(report.problems) > 1 else ""
+        raise StoreError(f"{store.root} is damaged: {printable(report.problems[0])}{more}; nothing exported "
+                         f"(run vitok verify {store.root})")
+    missing = []
+    if report.incomplete:
+        names = ", ".join(report.incomplete[:5]) + (", ..." if len(report.incomplete) > 5 else "")
+        planned = f" of {report.planned_shards} planned" if report.planned_shards else ""
+        missing.append(f"{len(report.incomplete)}{planned} shard(s) not done ({names})")
+    if store.failed:
+        sample = ", ".join(repr(printable(k)) for k in sorted(store.failed)[:3]) + (", ..." if len(store.failed) > 3
+                                                                                 else "")
+        missing.append(f"{len(store.failed)} input(s) that could not be read ({sample})")
+    if missing and not allow_partial:
+        raise StoreError(f"{store.root} is incomplete: {'; '.join(missing)}. Finish it (rerun vitok extract), or "
+                         "pass --allow-partial to export what it holds")
+    if missing:
+        logger.warning("exporting a partial store; it lacks %s", "; ".join(missing))
+    return missing
+
+
+# ---- embedding-reader -----------------------------------------------------------------------------------------------
+
+
+def _pooled(tokens, offsets, pool: str | None):
+    import numpy as np
+
+    from ..pipeline.pool import pool_packed
+
     if pool is None:
-        if np.any(np.diff(offsets) != 1):
-            raise UsageError("this store holds every token of each image: pass --pool mean|max|cls to export one "
-                             "vector per image")
         return tokens
-    segments = [tokens[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-    if pool == "mean":
-        return np.stack([s.mean(0) for s in segments])
-    if pool == "max":
-        return np.stack([s.max(0) for s in segments])
-    return np.stack([s[0] for s in segments])
+    if len(offsets) < 2:
+        return tokens[:0]
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf images are left out after pooling, not warned about
+        return pool_packed(tokens, np.diff(offsets).tolist(), pool)
 
 
-def _metadata_table(store, keys: list[str]):
-    import pyarrow as pa
+def _save_npy(path: Path, array) -> None:
+    import numpy as np
 
-    rows = [store.info(key) for key in keys]
-    table = {"key": keys, "source": [r.get("source") for r in rows], "member": [r.get("member") for r in rows]}
-    captions = [(r.get("meta") or {}).get("caption") for r in rows]
-    if any(c is not None for c in captions):
-        table["caption"] = captions
-    extra = [(r.get("meta") or {}).get("json") for r in rows]
-    if any(e is not None for e in extra):
-        table["json"] = [json.dumps(e) if e is not None else None for e in extra]
-    return pa.table(table)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # np.save on a name would append ".npy" to the temporary name
+    with open(path, "wb") as handle:  # np.save on a name would append ".npy"
         np.save(handle, array)
 
 
-def _save(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.chmod(tmp, file_mode())
-    os.replace(tmp, path)
+class EmbeddingReaderLayout:
+    """clip-retrieval's layout, read by embedding-reader and autofaiss: one vector per image."""
+
+    name = "embedding-reader"
+
+    def __init__(self, feature: str | None, pool: str | None, normalize: str | None, dtype: str) -> None:
+        if pool is not None and pool not in POOLS:
+            raise UsageError(f"--pool {pool!r} is not one of: {', '.join(POOLS)}")
+        if normalize not in (None, "l2"):
+            raise UsageError(f"--normalize {normalize!r} is not one of: l2")
+        if dtype not in ("float16", "float32"):
+            raise UsageError(f"--dtype {dtype!r} is not one of: float16, float32")
+        self.feature, self.pool, self.normalize, self.dtype = feature, pool, normalize, dtype
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {"feature": self.feature, "pool": self.pool, "normalize": self.normalize, "dtype": self.dtype}
+
+    def check(self, store) -> None:
+        from ..inputs.readers.parquet import pyarrow_parquet
+
+        pyarrow_parquet()  # the extra is installed
+        self.feature = feature_of(store, self.feature)
+        if self.feature == "deepstack":
+            raise UsageError("the embedding-reader layout writes one vector per image: choose merged or patch, not "
+                             "deepstack")
+        if self.pool is None and store.header.settings["pool"] == "none":
+            raise UsageError("this store holds every token of each image: pass --pool mean|max|cls to export one "
+                             "vector per image")
+
+    def write(self, store, folder: Path) -> tuple[int, dict[str, str]]:
+        import numpy as np
+
+        from ..inputs.readers.parquet import pyarrow_parquet
+
+        pq = pyarrow_parquet()
+        (folder / "img_emb").mkdir()
+        (folder / "metadata").mkdir()
+        count, index, left_out = 0, 0, {}
+        for keys, tokens, offsets in store.iter_shards(self.feature):
+            if not keys:  # a shard with no usable image (empty tar, every sample skipped, superseded)
+                continue
+            vectors = _pooled(tokens, offsets, self.pool)
+            if self.normalize == "l2":
+                with np.errstate(invalid="ignore", over="ignore"):
+                    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+            records = [store.info(key) for key in keys]
+            keep = []
+            for i, (key, record) in enumerate(zip(keys, records)):
+                segment = tokens[offsets[i]:offsets[i + 1]]
+                reason = nonfinite_reason(record, segment) or nonfinite_reason({}, vectors[i])
+                if reason:
+                    left_out[key] = reason
+                else:
+                    keep.append(i)
+            if not keep:
+                continue
+            vectors = vectors[keep].astype(self.dtype)
+            kept_keys = [keys[i] for i in keep]
+            _save_npy(folder / "img_emb" / f"img_emb_{index}.npy", vectors)
+            pq.write_table(_metadata_table(kept_keys, [records[i] for i in keep]),
+                           folder / "metadata" / f"metadata_{index}.parquet")
+            index += 1
+            count += len(keep)
+        return count, left_out
+
+
+def _metadata_table(keys: list[str], rows: list[dict[str, Any]]):
+    import pyarrow as pa
+
+    table = {"key": [printable(k) for k in keys], "source": [printable(r.get("source")) for r in rows],
+             "member": [printable(r.get("member")) for r in rows]}
+    if needs_key_bytes(keys):
+        table["key_bytes"] = pa.array([key_bytes(k) for k in keys], type=pa.binary())
+    captions = [(r.get("meta") or {}).get("caption") for r in rows]
+    if any(c is not None for c in captions):
+        table["caption"] = [printable(c) if isinstance(c, str) else c for c in captions]
+    extra = [(r.get("meta") or {}).get("json") for r in rows]
+    if any(e is not None for e in extra):
+        table["json"] = [json.dumps(e) if e is not None else None for e in extra]  # ASCII escapes: always valid
+    return pa.table(table)
+
+
+# ---- the gate ------------------------------------------------------------------------------------------------------
+
+
+def feature_of(store, feature: str | None) -> str:
+    feature = feature or store.features[0]
+    if feature not in store.features:
+        raise UsageError(f"--feature {feature!r} is not in this store; it has: {', '.join(store.features)}")
+    return feature
+
+
+def make_layout(layout: str, feature: str | None = None, pool: str | None = None, normalize: str | None = None,
+                dtype: str = "float16", key: str = "store"):
+    if layout not in LAYOUTS:
+        raise UsageError(f"--layout {layout!r} is not one of: {', '.join(LAYOUTS)}")
+    if key not in KEY_MODES:
+        raise UsageError(f"--key {key!r} is not one of: {', '.join(KEY_MODES)}")
+    if layout == "embedding-reader":
+        if key != "store":
+            raise UsageError("--key content applies to the vllm-ec layout")
+        return EmbeddingReaderLayout(feature, pool, normalize, dtype)
+    if pool is not None or normalize is not None or feature is not None:
+        raise UsageError(f"--layout {layout} exports every token of each image as the model's encoder output; "
+                         "--feature, --pool and --normalize apply to embedding-reader")
+    from .serving import SglangLayout, VllmEcLayout
+
+    return VllmEcLayout(key) if layout == "vllm-ec" else SglangLayout(key)
+
+
+def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-reader", *, feature: str | None = None,
+           pool: str | None = None, normalize: str | None = None, dtype: str = "float16", key: str = "store",
+           allow_partial: bool = False) -> ExportResult:
+    """Export a store into DEST in ``layout``; see the module docstring for the rules every layout follows."""
+    from .. import __version__
+    from ..storage.store import open_store
+    from .export_target import ExportMarker, ExportTarget, store_identity
+
+    writer = make_layout(layout, feature, pool, normalize, dtype, key)
+    store = open_store(store_path)
+    try:
+        writer.check(store)
+        identity = store_identity(store.header)
+        target = ExportTarget(dest, identity, store.root)
+        missing = check_store(store, allow_partial)
+        folder = target.begin()
+        try:
+            count, left_out = writer.write(store, folder)
+            if left_out and not count:
+                raise StoreError(f"every image of {store.root} holds NaN/Inf values ({len(left_out)}; e.g. "
+                                 f"{printable(next(iter(left_out)))!r}: {next(iter(left_out.values()))}): nothing to "
+                                 "export. Check the checkpoint and the store dtype")
+            if left_out:
+                sample = ", ".join(repr(printable(k)) for k in list(left_out)[:5])
+                logger.warning("left out %d image(s) whose tokens hold NaN/Inf values (%s%s); the list is in %s",
+                               len(left_out), sample, ", ..." if len(left_out) > 5 else "",
+                               Path(dest) / ".vitok-export.json")
+            import datetime
+
+            marker = ExportMarker(
+                layout=writer.name, store=os.path.abspath(store.root), store_id=identity,
+                fingerprint=store.header.fingerprint, images=count, vitok_version=__version__,
+                created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                options=writer.options, left_out=left_out, missing=missing,
+                contract=getattr(writer, "contract_json", None))
+            target.commit(marker)
+        except BaseException:
+            target.abort()
+            raise
+    finally:
+        store.close()
+    return ExportResult(writer.name, Path(dest), count, left_out, missing)
 
 
 def export_embedding_reader(store_path, dest, feature: str | None = None, pool: str | None = None,
-                            normalize: str | None = None, dtype: str = "float16") -> int:
+                            normalize: str | None = None, dtype: str = "float16", allow_partial: bool = False) -> int:
     """Write a store's vectors in embedding-reader's parquet_npy layout; returns the number of vectors."""
-    import vitok
-
-    from ..inputs.readers.parquet import pyarrow_parquet
-
-    pq = pyarrow_parquet()
-    if pool is not None and pool not in POOLS:
-        raise UsageError(f"--pool {pool!r} is not one of: {', '.join(POOLS)}")
-    if normalize not in (None, "l2"):
-        raise UsageError(f"--normalize {normalize!r} is not one of: l2")
-    store = vitok.open(store_path)
-    feature = feature or store.features[0]
-    dest = Path(dest)
-    (dest / "img_emb").mkdir(parents=True, exist_ok=True)
-    (dest / "metadata").mkdir(parents=True, exist_ok=True)
-    count = 0
-    for index, (keys, tokens, offsets) in enumerate(store.iter_shards(feature)):
-        vectors = _pooled(tokens, offsets, pool)
-        if normalize == "l2":
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
-        vectors = vectors.astype(dtype)
-        _save(dest / "img_emb" / f"img_emb_{index}.npy", lambda tmp, v=vectors: _save_npy(tmp, v))
-        table = _metadata_table(store, keys)
-        _save(dest / "metadata" / f"metadata_{index}.parquet", lambda tmp, t=table: pq.write_table(t, tmp))
-        count += len(keys)
-    store.close()
-    return count
+    return export(store_path, dest, "embedding-reader", feature=feature, pool=pool, normalize=normalize, dtype=dtype,
+                  allow_partial=allow_partial).images

@@ -79,7 +79,7 @@ def draw(tokens_grid: np.ndarray, image, out: Path, title: str) -> Path:
             figure.colorbar(shown, ax=axis, fraction=0.046)
         axis.set_title(name)
         axis.axis("off")
-    figure.suptitle(title)
+    figure.suptitle(title.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))  # non-UTF-8 names
     figure.tight_layout()
     out = Path(out)
     figure.savefig(out, dpi=100)

@@ -15,8 +15,14 @@ import numpy as np
 import torch
 
 from ..encoder.inference import Encoder
-from ..storage.dtypes import overflow_per_row_group, stored_to_numpy, to_store_tensor
 from ..storage.records import ImageRecord
+from .cast import (
+    count_nonfinite,
+    nonfinite_per_row_group,
+    overflow_per_row_group,
+    stored_to_numpy,
+    to_store_tensor,
+)
 from .pool import pool_packed
 from .types import Batch, EncodedBatch, UnitEnd
 
@@ -30,6 +36,7 @@ class _Launched:
     overflow: dict[str, torch.Tensor]  # float16 overflow count per feature, host
     copied: torch.cuda.Event | None = None
     skipped: list[ImageRecord] = field(default_factory=list)  # could not be decoded on the device
+    nonfinite: dict[str, torch.Tensor] = field(default_factory=dict)  # NaN/Inf count per feature, host
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -150,6 +157,7 @@ class DevicePipeline:
             launched.device[feature], launched.rows[feature] = packed, rows
             launched.host[feature] = _to_host(stored)
             launched.overflow[feature] = _to_host(overflow)
+            launched.nonfinite[feature] = _to_host(count_nonfinite(packed))
         if self.encoder.device.type == "cuda":
             launched.copied = torch.cuda.Event()
             launched.copied.record(torch.cuda.current_stream(self.encoder.device))
@@ -169,6 +177,10 @@ class DevicePipeline:
                 for record, count in zip(records, overflow_per_row_group(launched.device[feature], rows)):
                     if count:
                         record.float16_overflow = (record.float16_overflow or 0) + count
+            if int(launched.nonfinite[feature]):  # a broken checkpoint or input: say which images hold NaN/Inf
+                for record, count in zip(records, nonfinite_per_row_group(launched.device[feature], rows)):
+                    if count:
+                        record.nonfinite = (record.nonfinite or 0) + count
             array = stored_to_numpy(host, self.store_dtype)
             # Out of the pinned staging buffer, so the shard does not hold page-locked memory.
             arrays[feature] = array.copy() if launched.copied is not None else array

@@ -41,6 +41,9 @@ class ShardSink:
             if record.float16_overflow:
                 logger.warning("%s: %d value(s) exceed float16 range and are stored as inf; use --store-dtype "
                                "bfloat16 or float32", record.key, record.float16_overflow)
+            if record.nonfinite:
+                logger.warning("%s: %d NaN/Inf value(s) in its tokens (exports leave it out)", record.key,
+                               record.nonfinite)
         first_row = len(self.keys)
         for i, record in enumerate(batch.records):  # complete before serialised: formats write records as they come
             record.row = first_row + i

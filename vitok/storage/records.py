@@ -51,6 +51,7 @@ class ImageRecord:
     decoder: str | None = None  # which decoder produced the pixels
     notes: list[str] | None = None
     float16_overflow: int | None = None
+    nonfinite: int | None = None  # NaN/Inf values in the encoder's output (all features); exports leave them out
     meta: dict[str, Any] | None = None  # caption / json fields of an archive sample
 
     def to_json(self) -> dict[str, Any]:

@@ -138,21 +138,38 @@ class Store:
     # ---- consumers ---------------------------------------------------------------------------------------------
 
     def image_embeds(self, key: str, dtype=None):
-        """vLLM's precomputed image embeddings for Qwen3-VL: ``(E, G)`` torch tensors, ``E`` = the merger's tokens
-        and the K DeepStack levels concatenated along the last dimension, ``[tokens, O * (1 + K)]``, and ``G`` =
-        ``[[t, h, w]]``. Pass ``{"image_embeds": E, "image_grid_thw": G}`` as the image of a prompt."""
+        """vLLM's precomputed image embeddings: ``(E, G)`` torch tensors, ``E`` = the merger's tokens and, for
+        Qwen3-VL, the K DeepStack levels concatenated along the last dimension, ``[tokens, O * (1 + K)]`` (families
+        without DeepStack: the merger's tokens alone), and ``G`` = ``[[t, h, w]]``. Pass
+        ``{"image_embeds": E, "image_grid_thw": G}`` as the image of a prompt."""
         import torch
 
-        missing = [f for f in ("merged", "deepstack") if f not in self.features]
+        config = self.header.settings["model"].get("config") or {}
+        levels = config.get("deepstack_visual_indexes") if config.get("family", "qwen3_vl") == "qwen3_vl" else None
+        needed = ("merged", "deepstack") if levels or not config else ("merged",)
+        missing = [f for f in needed if f not in self.features]
         if missing:
-            raise KeyError(f"image_embeds needs the features merged and deepstack; this store lacks "
-                           f"{', '.join(missing)} (extract with --features merged,deepstack and no --pool)")
+            raise KeyError(f"image_embeds needs the features {' and '.join(needed)}; this store lacks "
+                           f"{', '.join(missing)} (extract with --features {','.join(needed)} and no --pool)")
         if self.header.settings["pool"] != "none":
             raise KeyError("image_embeds needs every token; this store is pooled")
-        merged, deepstack = self.get(key, "merged"), self.get(key, "deepstack")  # (n, O), (K, n, O)
-        embeds = torch.from_numpy(np.concatenate([merged, *deepstack], axis=-1))
+        parts = [self.get(key, "merged")]  # (n, O)
+        if "deepstack" in needed:
+            parts += list(self.get(key, "deepstack"))  # K x (n, O)
+        embeds = torch.from_numpy(np.concatenate(parts, axis=-1))
         grid = torch.tensor([self.info(key)["grid"]], dtype=torch.long)
         return (embeds.to(dtype) if dtype is not None else embeds), grid
+
+    def nonfinite(self) -> dict[str, int]:
+        """Images whose tokens hold NaN/Inf values, as counted at extraction (float16 overflow included): key ->
+        count. Exports leave them out."""
+        found = {}
+        for key in self._keys():
+            record = self._index[key][1]
+            count = (record.nonfinite or 0) + (record.float16_overflow or 0)
+            if count:
+                found[key] = count
+        return found
 
     def iter_shards(self, feature: str | None = None, dtype: str | None = "float32"):
         """Whole shards at a time: ``(keys, tokens, offsets)`` per committed shard, image i owning

@@ -26,6 +26,7 @@ class VerifyReport:
     in_progress: list[str] = field(default_factory=list)  # claimed by a live run
     leftovers: list[str] = field(default_factory=list)  # temporary files and stale claims of interrupted runs
     input_errors: list[str] = field(default_factory=list)  # archives that could not be read (whole or in part)
+    nonfinite: list[str] = field(default_factory=list)  # ok images whose tokens hold NaN/Inf (a warning)
     planned_shards: int = 0
     planned_images: int | None = None
 
@@ -45,6 +46,7 @@ def verify_store(out: str | Path, quick: bool = False) -> VerifyReport:
     status: dict[str, str] = {}
     done: set[str] = set()
     report_errors: list[str] = []
+    flagged: dict[str, dict[str, int]] = {}  # key -> shard -> NaN/Inf values counted at extraction
     for position, sidecar in enumerate(attempt_order(list(iter_sidecars(root)))):
         done.add(base_and_attempt(sidecar.shard)[0])
         shard_problems = check_shard(root, sidecar, checksums=not quick)
@@ -59,14 +61,19 @@ def verify_store(out: str | Path, quick: bool = False) -> VerifyReport:
         keys = Counter(r.key for r in sidecar.records)
         repeats += [f"key {k!r} appears {n} times in {sidecar.shard}" for k, n in keys.items() if n > 1]
         for record in sidecar.records:
+            if record.status == "ok" and (record.nonfinite or record.float16_overflow):
+                flagged.setdefault(record.key, {})[sidecar.shard] = (record.nonfinite or 0) + (
+                    record.float16_overflow or 0)
             if record.key in latest and not superseding:
                 repeats.append(f"key {record.key!r} appears in {latest[record.key][1]} and {sidecar.shard}")
             latest[record.key] = (position, sidecar.shard)
             status[record.key] = record.status
     problems += repeats[:20]
+    nonfinite = [f"{key!r}: {shards[latest[key][1]]} NaN/Inf value(s) in its tokens (exports leave it out)"
+                 for key, shards in sorted(flagged.items()) if latest[key][1] in shards and status[key] == "ok"]
     report = VerifyReport(shards_ok, sum(s == "ok" for s in status.values()),
                           sum(s == "skipped" for s in status.values()), sum(s == "failed" for s in status.values()),
-                          problems, [], input_errors=report_errors)
+                          problems, [], input_errors=report_errors, nonfinite=nonfinite)
     plan = load_plan(root)
     if plan is not None:
         report.planned_shards = len(plan.units)

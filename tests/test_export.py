@@ -1,0 +1,464 @@
+"""Exports: DEST never mixes two stores, damage and unfinished stores are refused, NaN/Inf never leave silently, every
+key is exportable, errors are one line; the serving layouts (vLLM's encoder-cache connector, SGLang records) load the
+way their consumers load them and equal Store.image_embeds; the validator refuses what a server would choke on."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_folder, photo
+
+import vitok
+from vitok.consumers.export import export, export_embedding_reader
+from vitok.errors import StoreError, UsageError
+
+pq = pytest.importorskip("pyarrow.parquet")
+MARKER = ".vitok-export.json"
+
+
+def _invoke(main, args):
+    import contextlib
+    import io
+    import sys
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    old = sys.argv
+    sys.argv = ["vitok", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = old
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def warnings_seen(caplog):
+    """The vitok logger's warnings (the CLI's setup stops it propagating to the root logger)."""
+    logger = logging.getLogger("vitok")
+    logger.addHandler(caplog.handler)
+    old = logger.level
+    logger.setLevel(logging.WARNING)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(old)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Five images, every token, merged + DeepStack, three shards."""
+    root = tmp_path_factory.mktemp("export")
+    folder = make_folder(root / "imgs", count=5, with_odd=False)
+    vitok.extract([str(folder)], root / "out", model="qwen3-vl-tiny", workers=0, shard_size=2,
+                  features=["merged", "deepstack"])
+    return root / "out"
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- DEST: new, empty or an earlier export of the same store; replaced whole --------------------------------------
+
+
+def test_an_earlier_export_is_replaced_whole_and_other_folders_are_refused(store, tmp_path):
+    dest = tmp_path / "index"
+    assert export_embedding_reader(store, dest, pool="mean") == 5
+    assert len(list((dest / "img_emb").glob("*.npy"))) == 3
+    stale = dest / "img_emb" / "img_emb_7.npy"  # what a bigger earlier export of this store would leave behind
+    np.save(stale, np.zeros((4, 96), np.float16))
+    assert export_embedding_reader(store, dest, pool="max") == 5
+    assert not stale.exists() and len(list((dest / "img_emb").glob("*.npy"))) == 3
+    assert json.loads((dest / MARKER).read_text())["options"]["pool"] == "max"
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]  # no temporary folder left beside it
+
+    other = tmp_path / "other-store"
+    vitok.extract([str(make_folder(tmp_path / "imgs2", count=2, with_odd=False))], other, model="qwen3-vl-tiny",
+                  workers=0, pool="mean")
+    before = tree(dest)
+    with pytest.raises(UsageError, match="export of another store"):
+        export_embedding_reader(other, dest)
+    assert tree(dest) == before
+
+    unrelated = tmp_path / "mine"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("keep me")
+    from vitok.cli.app import main
+
+    code, _, err = _invoke(main, ["export", str(store), str(unrelated), "--pool", "mean"])
+    assert code == 2 and "not a vitok export" in err and len(err.strip().splitlines()) == 1
+    assert tree(unrelated) == {"notes.txt": b"keep me"}
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export_embedding_reader(store, empty, pool="mean") == 5
+
+
+def test_a_failed_export_leaves_the_earlier_one_intact(store, tmp_path, monkeypatch):
+    dest = tmp_path / "ec"
+    export(store, dest, "vllm-ec")
+    before = tree(dest)
+
+    def broken(self, key, dtype=None):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(vitok.storage.store.Store, "image_embeds", broken)
+    with pytest.raises(OSError):
+        export(store, dest, "vllm-ec")
+    assert tree(dest) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ec"]
+
+
+def test_usage_errors_create_nothing(store, tmp_path):
+    from vitok.cli.app import main
+
+    dest = tmp_path / "a" / "b" / "index"
+    for args, message in ((["--feature", "nosuch", "--pool", "mean"], "nosuch"),
+                          ([], "--pool"), (["--layout", "vllm-ec", "--pool", "mean"], "--pool"),
+                          (["--layout", "vllm-ec", "--key", "content"], "content_id")):
+        code, _, err = _invoke(main, ["export", str(store), str(dest), *args])
+        assert code == 2 and message in err and err.startswith("vitok: error:"), (args, err)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_dest_is_a_one_line_runtime_error(store, tmp_path):
+    from vitok.cli.app import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = _invoke(main, ["export", str(store), str(blocker / "index"), "--pool", "mean"])
+    assert code == 1 and err.startswith("vitok: error: cannot write beside DEST") and len(err.splitlines()) == 1
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        code, _, err = _invoke(main, ["export", str(store), str(locked / "index"), "--pool", "mean"])
+        assert code == 1 and "cannot write" in err
+
+
+# ---- the store: empty shards, damage, unfinished ------------------------------------------------------------------
+
+
+def test_shards_without_usable_images_export_cleanly(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a1.png", "a2.png"):
+        (folder / name).write_bytes(b"not an image")
+    for name in ("b1.png", "b2.png", "b3.png"):
+        photo(folder / name, seed=len(name))
+    vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0, shard_size=2,
+                  features=["merged", "deepstack"])
+    assert export_embedding_reader(tmp_path / "out", tmp_path / "index", pool="mean") == 3
+    assert len(list((tmp_path / "index" / "img_emb").glob("*.npy"))) == 2  # the empty shard gets no file
+    assert export(tmp_path / "out", tmp_path / "ec", "vllm-ec").images == 3
+
+
+def test_a_shard_with_overwritten_bytes_is_refused_by_name(tmp_path):
+    folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)
+    vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0, shard_size=2, format="npy",
+                  pool="mean")
+    data = tmp_path / "out" / "shards" / "shard-000001" / "merged.npy"
+    raw = bytearray(data.read_bytes())
+    raw[-64:] = b"\xff" * 64  # float16 NaNs, same size: only the checksum can tell
+    data.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="shard-000001.*checksum"):
+        export_embedding_reader(tmp_path / "out", tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+    import shutil
+
+    shutil.rmtree(data.parent)  # a store with a missing shard
+    from vitok.cli.app import main
+
+    code, _, err = _invoke(main, ["export", str(tmp_path / "out"), str(tmp_path / "index")])
+    assert code == 1 and "shard-000001" in err and len(err.splitlines()) == 1 and "internal" not in err
+
+
+def test_an_incomplete_store_is_refused_unless_allow_partial(tmp_path, warnings_seen):
+    folder = make_folder(tmp_path / "imgs", count=6, with_odd=False)
+    vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0, shard_size=2, pool="mean")
+    (tmp_path / "out" / "shards" / "shard-000002.json").unlink()  # as if its run had not finished it
+    with pytest.raises(StoreError, match=r"incomplete: 1 of 3 planned shard\(s\) not done \(shard-000002\).*"
+                                         "--allow-partial"):
+        export_embedding_reader(tmp_path / "out", tmp_path / "index")
+    assert not (tmp_path / "index").exists()
+    result = export(tmp_path / "out", tmp_path / "index", allow_partial=True)
+    assert result.images == 4 and "shard-000002" in result.missing[0] and "partial" in warnings_seen.text
+    assert "shard-000002" in json.loads((tmp_path / "index" / MARKER).read_text())["missing"][0]
+
+
+
+def test_inputs_that_failed_make_a_store_incomplete(tmp_path):
+    from vitok.cli.app import main
+
+    folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)
+    assert _invoke(main, ["plan", str(folder), "-o", str(tmp_path / "out"), "--shard-size", "2"])[0] == 0
+    (folder / "a" / "img01.png").unlink()  # listed, then gone: recorded as failed, a rerun retries it
+    vitok.extract([], tmp_path / "out", model="qwen3-vl-tiny", workers=0, pool="mean", shard_size=2)
+    with pytest.raises(StoreError, match=r"1 input\(s\) that could not be read \('a/img01.png'\)"):
+        export(tmp_path / "out", tmp_path / "index")
+    assert export(tmp_path / "out", tmp_path / "index", allow_partial=True).images == 3
+
+
+def test_an_interrupted_export_is_cleaned_up_by_the_next(store, tmp_path):
+    left = tmp_path / ".index.vitok-export-999999999-x1.tmp"  # a dead process's temporary folder
+    (left / "img_emb").mkdir(parents=True)
+    export_embedding_reader(store, tmp_path / "index", pool="mean")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+# ---- NaN / Inf ----------------------------------------------------------------------------------------------------
+
+
+def test_nan_weights_are_counted_per_image_reported_and_never_exported(tmp_path):
+    from test_checkpoint import checkpoint_folder
+
+    def poison(state):
+        state["merger.linear_fc2.bias"][0] = float("nan")
+        return state
+
+    (tmp_path / "ckpt").mkdir()
+    model = checkpoint_folder(tmp_path / "ckpt", poison)
+    folder = make_folder(tmp_path / "imgs", count=3, with_odd=False)
+    vitok.extract([str(folder)], tmp_path / "out", model=model, workers=0, features=["merged", "deepstack"])
+    store = vitok.open(tmp_path / "out")
+    for key in store.keys():
+        tokens = store.info(key)["tokens"]["merged"]
+        assert store.info(key)["nonfinite"] == tokens  # one NaN column: one per merged token
+    assert set(store.nonfinite()) == set(store.keys())
+    from vitok.cli.app import main
+
+    code, out, _ = _invoke(main, ["info", str(tmp_path / "out")])
+    assert "3 image(s) hold NaN/Inf" in out
+    code, _, err = _invoke(main, ["verify", str(tmp_path / "out")])
+    assert err.count("NaN/Inf") == 3
+    code, _, err = _invoke(main, ["export", str(tmp_path / "out"), str(tmp_path / "ec"), "--layout", "vllm-ec"])
+    assert code == 1 and "every image" in err and not (tmp_path / "ec").exists()
+
+
+def test_images_with_nan_are_left_out_with_a_count(store, tmp_path, warnings_seen):
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(store, copy)
+    sidecar = copy / "shards" / "shard-000001.json"
+    data = json.loads(sidecar.read_text())
+    data["records"][0]["nonfinite"] = 7  # as the device stage records it
+    bad = data["records"][0]["key"]
+    sidecar.write_text(json.dumps(data))
+    for layout, pool in (("embedding-reader", "mean"), ("vllm-ec", None), ("sglang", None)):
+        result = export(copy, tmp_path / layout, layout, pool=pool)
+        assert result.images == 4 and list(result.left_out) == [bad] and "left out 1 image" in warnings_seen.text
+        marker = json.loads((tmp_path / layout / MARKER).read_text())
+        assert marker["left_out"] == {bad: "7 NaN/Inf value(s) in its tokens (counted at extraction)"}
+    exported = [json.loads(line)["key"] for line in (tmp_path / "vllm-ec" / "uuids.jsonl").read_text().splitlines()]
+    assert bad not in exported and len(exported) == 4
+
+
+# ---- keys that are not UTF-8 ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_keys(tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd")
+    photo(root / "imgs" / "plain.png", seed=1)
+    photo(root / "imgs" / "x.png", seed=2)
+    try:
+        os.rename(os.fsencode(root / "imgs" / "x.png"), os.fsencode(root / "imgs") + b"/caf\xe9.png")
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    vitok.extract([str(root / "imgs")], root / "out", model="qwen3-vl-tiny", workers=0,
+                  features=["merged", "deepstack", "patch"])
+    return root
+
+
+def test_keys_that_are_not_utf8_export_in_every_layout(odd_keys):
+    key = "caf\udce9.png"
+    out = odd_keys / "out"
+    assert key in vitok.open(out).keys()
+    assert export_embedding_reader(out, odd_keys / "index", pool="mean", feature="merged") == 2
+    table = pq.read_table(odd_keys / "index" / "metadata" / "metadata_0.parquet").to_pylist()
+    assert {row["key_bytes"] for row in table} == {b"caf\xe9.png", b"plain.png"}
+    assert "caf\\xe9.png" in {row["key"] for row in table}
+    assert export(out, odd_keys / "ec", "vllm-ec").images == 2
+    lines = [json.loads(line) for line in (odd_keys / "ec" / "uuids.jsonl").read_text().splitlines()]
+    assert key in {line["key"] for line in lines}
+    assert all((odd_keys / "ec" / line["uuid"]).is_dir() for line in lines)
+    assert export(out, odd_keys / "sg", "sglang").images == 2
+
+
+def test_pictures_of_keys_that_are_not_utf8(odd_keys):
+    pytest.importorskip("matplotlib")
+    from vitok.consumers.viz import token_picture
+
+    with vitok.open(odd_keys / "out") as store:
+        assert token_picture(store, "caf\udce9.png", odd_keys / "p.png").exists()
+
+
+# ---- serving layouts -----------------------------------------------------------------------------------------------
+
+
+def test_vllm_ec_loads_as_the_connector_loads_it_and_equals_image_embeds(store, tmp_path):
+    from safetensors.torch import load_file
+
+    dest = tmp_path / "ec"
+    result = export(store, dest, "vllm-ec")
+    opened = vitok.open(store)
+    lines = [json.loads(line) for line in (dest / "uuids.jsonl").read_text().splitlines()]
+    assert result.images == len(lines) == len(opened) == 5
+    assert len({line["uuid"] for line in lines}) == 5
+    for line in lines:
+        filename = os.path.join(str(dest), line["uuid"], "encoder_cache.safetensors")  # the connector's path
+        assert os.path.exists(filename)  # its hit test
+        tensors = load_file(filename, device="cpu")
+        assert list(tensors) == ["ec_cache"]
+        ec_cache = tensors["ec_cache"]
+        expected, grid = opened.image_embeds(line["key"], dtype=torch.bfloat16)
+        assert ec_cache.dtype == torch.bfloat16 and ec_cache.is_contiguous() and ec_cache.layout == torch.strided
+        assert torch.equal(ec_cache, expected) and line["image_grid_thw"] == grid.tolist()
+        t, h, w = grid[0].tolist()
+        assert ec_cache.shape == (t * h * w // 4, 96 * 2)  # out_hidden_size x (1 + one DeepStack level)
+        merged = torch.from_numpy(opened.get(line["key"], "merged")).to(torch.bfloat16)
+        assert torch.equal(ec_cache[:, :96], merged)  # the merger first, then the level
+
+
+def test_vllm_ec_through_vllm_itself(store, tmp_path):
+    pytest.importorskip("vllm")
+    from vllm.distributed.ec_transfer.ec_connector import example_connector  # noqa: F401
+
+    dest = tmp_path / "ec"
+    export(store, dest, "vllm-ec")
+    connector = object.__new__(example_connector.ECExampleConnector)  # no engine: only its storage path is set
+    connector._storage_path = str(dest)
+    for line in map(json.loads, (dest / "uuids.jsonl").read_text().splitlines()):
+        assert connector.has_cache_item(line["uuid"])
+
+
+def test_entry_names_are_safe_and_distinct():
+    from vitok.consumers.serving import entry_name
+
+    keys = ["a/b.jpg", "a_b.jpg", "A/B.jpg", "../x", ".hidden", "caf\udce9.png", "x" * 500, "日本.png", ""]
+    names = [entry_name(k) for k in keys]
+    assert len({n.lower() for n in names}) == len(keys)
+    for name in names:
+        assert name and "/" not in name and not name.startswith(".") and len(name.encode()) <= 100
+        assert name.isascii()
+
+
+def test_sglang_records_decode_back_to_image_embeds_without_vitok(store, tmp_path):
+    import importlib.util
+
+    from conftest import ROOT
+
+    dest = tmp_path / "sg"
+    assert export(store, dest, "sglang").images == 5
+    spec = importlib.util.spec_from_file_location("sglang_example", ROOT / "examples" / "sglang_precomputed.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    items = example.items(dest)
+    opened = vitok.open(store)
+    assert sorted(items) == opened.keys()
+    for key, item in items.items():
+        expected, grid = opened.image_embeds(key, dtype=torch.bfloat16)
+        assert item["format"] == "precomputed_embedding"
+        assert torch.equal(item["feature"], expected) and torch.equal(item["image_grid_thw"], grid)
+
+
+def test_contract_of_families_without_deepstack():
+    from vitok.consumers.serving import EmbedsContract
+    from vitok.storage.records import RunHeader
+
+    def header(family, indexes):
+        config = {"family": family, "out_hidden_size": 3584, "spatial_merge_size": 2,
+                  "deepstack_visual_indexes": indexes}
+        return RunHeader({"model": {"name": "m", "config": config}}, "0", "")
+
+    assert EmbedsContract.of_store(header("qwen2_5_vl", [])).width == 3584
+    assert EmbedsContract.of_store(header("qwen3_5", [])).width == 3584
+    assert EmbedsContract.of_store(header("qwen3_vl", [5, 11, 17])).width == 3584 * 4
+
+
+# ---- the validator -------------------------------------------------------------------------------------------------
+
+
+def test_validator_refuses_crafted_bad_exports_naming_the_key(store, tmp_path):
+    from safetensors.torch import save_file
+
+    from vitok.cli.app import main
+    from vitok.consumers.serving import verify_embeds
+
+    dest = tmp_path / "ec"
+    export(store, dest, "vllm-ec")
+    assert verify_embeds(dest).clean
+    lines = [json.loads(line) for line in (dest / "uuids.jsonl").read_text().splitlines()]
+    first, second, third = lines[0], lines[1], lines[2]
+    path = dest / first["uuid"] / "encoder_cache.safetensors"
+    good = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(path))["ec_cache"]
+    save_file({"ec_cache": good[:-1].contiguous()}, str(path))  # one token short of the grid
+    save_file({"ec_cache": good.float()}, str(dest / second["uuid"] / "encoder_cache.safetensors"))
+    nan = good.clone()
+    nan[0, 0] = float("nan")
+    save_file({"ec_cache": nan}, str(dest / third["uuid"] / "encoder_cache.safetensors"))
+    report = verify_embeds(dest)
+    assert len(report.problems) == 3
+    assert first["key"] in report.problems[0] and "shape" in report.problems[0]
+    assert second["key"] in report.problems[1] and "dtype float32" in report.problems[1]
+    assert third["key"] in report.problems[2] and "NaN" in report.problems[2]
+    code, _, err = _invoke(main, ["verify", str(dest), "--embeds"])
+    assert code == 1 and first["key"] in err
+
+    sg = tmp_path / "sg"
+    export(store, sg, "sglang")
+    table = pq.read_table(sg / "embeds-00000.parquet").to_pylist()
+    table[1]["shape"] = [table[1]["shape"][0] * 2, table[1]["shape"][1] // 2]  # same bytes, wrong width
+    import pyarrow as pa
+
+    from vitok.consumers.serving import SglangLayout
+
+    pq.write_table(pa.Table.from_pylist(table, schema=SglangLayout.schema()), sg / "embeds-00000.parquet")
+    report = verify_embeds(sg)
+    assert len(report.problems) == 1 and table[1]["key"] in report.problems[0]
+
+
+def test_export_refuses_an_embedding_off_the_contract(store, tmp_path, monkeypatch):
+    original = vitok.storage.store.Store.image_embeds
+    victim = vitok.open(store).keys()[2]
+
+    def off_by_one(self, key, dtype=None):
+        embeds, grid = original(self, key, dtype)
+        return (embeds[:-1] if key == victim else embeds), grid
+
+    monkeypatch.setattr(vitok.storage.store.Store, "image_embeds", off_by_one)
+    with pytest.raises(StoreError, match=f"{victim!r} cannot be served: shape"):
+        export(store, tmp_path / "ec", "vllm-ec")
+    assert not (tmp_path / "ec").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_entry_names_that_collide_are_refused(store, tmp_path, monkeypatch):
+    import vitok.consumers.serving
+
+    monkeypatch.setattr(vitok.consumers.serving, "entry_name", lambda key: "same")
+    with pytest.raises(StoreError, match="collides"):
+        export(store, tmp_path / "ec", "vllm-ec")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_key_content_shares_one_entry_per_content_id(store, tmp_path, monkeypatch):
+    """The hook for content ids (records' ``content_id``, added by content hashing): equal content, one entry."""
+    original = vitok.storage.store.Store.info
+
+    def with_content(self, key):
+        return {**original(self, key), "content_id": "sha256-" + ("dup" if key.startswith("a/") else key[-8:-4])}
+
+    monkeypatch.setattr(vitok.storage.store.Store, "info", with_content)
+    assert export(store, tmp_path / "ec", "vllm-ec", key="content").images == 5
+    lines = [json.loads(line) for line in (tmp_path / "ec" / "uuids.jsonl").read_text().splitlines()]
+    shared = {line["uuid"] for line in lines if line["key"].startswith("a/")}
+    assert shared == {"sha256-dup"} and len(lines) == 5
+    assert sorted(p.name for p in (tmp_path / "ec").iterdir() if p.is_dir()) == sorted({x["uuid"] for x in lines})
