@@ -1,0 +1,147 @@
+"""--engine ray on a local Ray instance (2 CPUs, shared by the module): the store equals a single process's, a killed
+driver resumes, an undecodable image is recorded, and a worker that dies is retried without duplicate rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import ROOT
+from helpers import TINY, make_folder, popen_vitok, wait_for
+
+import vitok
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a Ray run costs several seconds on 2 cores
+
+IMG2DATASET = Path(__file__).parent / "data" / "img2dataset"
+LIB = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", features=["merged", "deepstack"], shard_size=4)
+ARM = "VITOK_TEST_CRASH_ARM"  # a file: while it exists, the next decode task to reach its second batch dies
+
+
+def crash_once_hook() -> None:
+    """Runs in every Ray worker of the test cluster: a decode task dies (the whole worker process, as an OOM kill
+    would) after handing over its first step, once per arming."""
+    import vitok.ray_engine as engine
+
+    original = engine.unit_steps
+
+    def unit_steps(*args, **kwargs):
+        for n, step in enumerate(original(*args, **kwargs)):
+            arm = os.environ.get(ARM)
+            if n == 1 and arm:
+                try:
+                    os.unlink(arm)
+                except FileNotFoundError:
+                    pass
+                else:
+                    os._exit(1)
+            yield step
+
+    engine.unit_steps = unit_steps
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    arm = tmp_path_factory.mktemp("arm") / "crash"
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", ARM: str(arm)},
+                          "worker_process_setup_hook": "test_ray.crash_once_hook"})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield {"address": ray.get_runtime_context().gcs_address, "arm": arm}
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("ray") / "imgs", count=10, with_odd=True)
+
+
+@pytest.fixture(scope="module")
+def single(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "out"
+    vitok.extract([str(folder)], out, **LIB)
+    return contents(out)
+
+
+def contents(out: Path) -> dict[str, tuple[dict, dict[str, bytes]]]:
+    """Every committed shard: its sidecar (less the data's checksum: HDF5 files name their temporary file) and the
+    bytes of every array in its data."""
+    shards = {}
+    for path in sorted((out / "shards").glob("*.json")):
+        sidecar = json.loads(path.read_text())
+        sidecar.pop("files")
+        sidecar["records"] = sorted(sidecar["records"], key=lambda r: r["key"])  # skipped ones may come earlier
+        arrays = {}
+        with h5py.File(out / "shards" / sidecar["data"]) as handle:
+            handle.visititems(lambda name, obj: arrays.__setitem__(name, as_bytes(obj[()]))
+                              if isinstance(obj, h5py.Dataset) else None)
+        shards[path.stem] = (sidecar, arrays)
+    return shards
+
+
+def as_bytes(array: np.ndarray) -> bytes:
+    return repr(array.tolist()).encode() if array.dtype.kind == "O" else array.tobytes()
+
+
+def assert_same(out: Path, expected) -> None:
+    got = contents(out)
+    assert sorted(got) == sorted(expected)
+    for shard, (sidecar, arrays) in expected.items():
+        assert got[shard][0] == sidecar, shard
+        assert got[shard][1].keys() == arrays.keys()
+        for name in arrays:
+            assert got[shard][1][name] == arrays[name], f"{shard}/{name}"
+    assert vitok.verify(out).clean
+
+
+def test_loose_files_equal_one_process_and_undecodable_images_are_recorded(cluster, folder, single, tmp_path):
+    summary = vitok.extract([str(folder)], tmp_path / "out", engine="ray", **LIB)
+    assert summary.ok == sum(r["status"] == "ok" for s, _ in single.values() for r in s["records"])
+    assert summary.skipped >= 5 and summary.failed == 0
+    assert any("cannot" in reason or "truncated" in reason for reason in summary.skipped_reasons.values())
+    assert_same(tmp_path / "out", single)
+    store = vitok.open(tmp_path / "out")
+    assert len(store.keys()) == summary.ok == len(set(store.keys()))
+
+
+def test_img2dataset_tars_equal_one_process(cluster, tmp_path):
+    source = [str(IMG2DATASET / "webdataset")]
+    vitok.extract(source, tmp_path / "single", **LIB)
+    summary = vitok.extract(source, tmp_path / "ray", engine="ray", **LIB)
+    assert summary.ok == 14
+    assert_same(tmp_path / "ray", contents(tmp_path / "single"))
+
+
+def test_a_killed_driver_resumes_to_the_same_store(cluster, folder, single, tmp_path):
+    out = tmp_path / "out"
+    driver = popen_vitok("extract", str(folder), "-o", str(out), *TINY, "--store-dtype", "float32", "--features",
+                         "merged,deepstack", "--shard-size", "4", "--engine", "ray", "--address", cluster["address"])
+    try:
+        assert wait_for(lambda: any((out / "shards").glob("*.json")), timeout=240, process=driver)
+        assert driver.poll() is None, "the run ended before it could be killed"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    committed = len(list((out / "shards").glob("*.json")))
+    assert 0 < committed < len(single)
+    summary = vitok.extract([str(folder)], out, engine="ray", **LIB)
+    assert summary.shards_already_done >= committed and summary.shards_written == len(single) - committed
+    assert_same(out, single)
+
+
+def test_a_dead_worker_is_retried_by_ray_without_duplicate_rows(cluster, folder, single, tmp_path):
+    cluster["arm"].touch()
+    vitok.extract([str(folder)], tmp_path / "out", engine="ray", **LIB)
+    assert not cluster["arm"].exists(), "no decode task died: the test did not test anything"
+    assert_same(tmp_path / "out", single)
+    keys = vitok.open(tmp_path / "out").keys()
+    assert len(keys) == len(set(keys))
+    np.testing.assert_equal(len(keys), sum(r["status"] == "ok" for s, _ in single.values() for r in s["records"]))
