@@ -77,10 +77,10 @@ def contents(out: Path) -> dict[str, tuple[dict, dict[str, bytes]]]:
         sidecar = json.loads(path.read_text())
         sidecar.pop("files")
         sidecar["records"] = sorted(sidecar["records"], key=lambda r: r["key"])  # skipped ones may come earlier
-        arrays = {}
         with h5py.File(out / "shards" / sidecar["data"]) as handle:
-            handle.visititems(lambda name, obj: arrays.__setitem__(name, as_bytes(obj[()]))
-                              if isinstance(obj, h5py.Dataset) else None)
+            names: list[str] = []
+            handle.visit(names.append)
+            arrays = {name: as_bytes(handle[name][()]) for name in names if isinstance(handle[name], h5py.Dataset)}
         shards[path.stem] = (sidecar, arrays)
     return shards
 
@@ -145,3 +145,26 @@ def test_a_dead_worker_is_retried_by_ray_without_duplicate_rows(cluster, folder,
     keys = vitok.open(tmp_path / "out").keys()
     assert len(keys) == len(set(keys))
     np.testing.assert_equal(len(keys), sum(r["status"] == "ok" for s, _ in single.values() for r in s["records"]))
+
+
+def test_token_encoder_and_write_store_in_a_ray_pipeline(cluster, tmp_path):
+    from vitok.integrations.ray import TokenEncoder, write_store
+
+    photos = sorted(p for p in (ROOT / "examples" / "images").iterdir() if p.suffix.lower() in (".jpg", ".png"))[:3]
+    rows = [{"key": p.stem, "image": p.read_bytes()} for p in photos] + [{"key": "broken", "image": b"not an image"}]
+    options = dict(model="qwen3-vl-tiny", store_dtype="float32", features=("merged", "deepstack"), token_budget=1,
+                   dtype="float32")
+    ds = ray.data.from_items(rows).map_batches(TokenEncoder, fn_constructor_kwargs=options, batch_size=2,
+                                               compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+    assert write_store(ds, tmp_path / "out", shard_size=3, **options) == 2
+    for p in photos:  # the same tokens as vitok extract of the files (one image per batch in both)
+        (tmp_path / "files" / p.name).parent.mkdir(exist_ok=True)
+        (tmp_path / "files" / p.name).write_bytes(p.read_bytes())
+    vitok.extract([str(tmp_path / "files")], tmp_path / "reference", workers=0, **options)
+    store, reference = vitok.open(tmp_path / "out"), vitok.open(tmp_path / "reference")
+    assert sorted(store.keys()) == sorted(p.stem for p in photos)
+    assert "not an image" in store.skipped["broken"]
+    for p in photos:
+        for feature in ("merged", "deepstack"):
+            np.testing.assert_array_equal(store.get(p.stem, feature), reference.get(p.name, feature))
+    assert vitok.verify(tmp_path / "out").clean
