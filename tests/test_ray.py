@@ -17,11 +17,26 @@ from helpers import TINY, make_folder, popen_vitok, wait_for
 import vitok
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow  # a Ray run costs several seconds on 2 cores
 
 IMG2DATASET = Path(__file__).parent / "data" / "img2dataset"
 LIB = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", features=["merged", "deepstack"], shard_size=4)
 ARM = "VITOK_TEST_CRASH_ARM"  # a file: while it exists, the next decode task to reach its second batch dies
+
+
+def test_engine_flags_that_contradict_are_refused_before_anything_starts(tmp_path):
+    from typer.testing import CliRunner
+
+    from vitok import cli
+    from vitok.errors import UsageError
+
+    with pytest.raises(UsageError, match="--address .* needs --engine ray"):
+        vitok.extract([str(tmp_path)], tmp_path / "out", address="auto", **LIB)
+    with pytest.raises(UsageError, match="--decode gpu is not available with --engine ray"):
+        vitok.extract([str(tmp_path)], tmp_path / "out", engine="ray", decode="gpu", **LIB)
+    result = CliRunner().invoke(cli.app, ["extract", str(tmp_path), "-o", str(tmp_path / "out"), "--engine", "ray",
+                                          "--gpus", "0,1"])
+    assert isinstance(result.exception, UsageError) and "--gpus" in str(result.exception)
+    assert not (tmp_path / "out").exists() and not ray.is_initialized()
 
 
 def crash_once_hook() -> None:
@@ -100,6 +115,7 @@ def assert_same(out: Path, expected) -> None:
     assert vitok.verify(out).clean
 
 
+@pytest.mark.slow  # a Ray run costs several seconds on 2 cores
 def test_loose_files_equal_one_process_and_undecodable_images_are_recorded(cluster, folder, single, tmp_path):
     summary = vitok.extract([str(folder)], tmp_path / "out", engine="ray", **LIB)
     assert summary.ok == sum(r["status"] == "ok" for s, _ in single.values() for r in s["records"])
@@ -110,6 +126,7 @@ def test_loose_files_equal_one_process_and_undecodable_images_are_recorded(clust
     assert len(store.keys()) == summary.ok == len(set(store.keys()))
 
 
+@pytest.mark.slow  # a Ray run costs several seconds on 2 cores
 def test_img2dataset_tars_equal_one_process(cluster, tmp_path):
     source = [str(IMG2DATASET / "webdataset")]
     vitok.extract(source, tmp_path / "single", **LIB)
@@ -118,6 +135,7 @@ def test_img2dataset_tars_equal_one_process(cluster, tmp_path):
     assert_same(tmp_path / "ray", contents(tmp_path / "single"))
 
 
+@pytest.mark.slow  # a Ray run costs several seconds on 2 cores
 def test_a_killed_driver_resumes_to_the_same_store(cluster, folder, single, tmp_path):
     out = tmp_path / "out"
     driver = popen_vitok("extract", str(folder), "-o", str(out), *TINY, "--store-dtype", "float32", "--features",
@@ -137,6 +155,7 @@ def test_a_killed_driver_resumes_to_the_same_store(cluster, folder, single, tmp_
     assert_same(out, single)
 
 
+@pytest.mark.slow  # a Ray run costs several seconds on 2 cores
 def test_a_dead_worker_is_retried_by_ray_without_duplicate_rows(cluster, folder, single, tmp_path):
     cluster["arm"].touch()
     vitok.extract([str(folder)], tmp_path / "out", engine="ray", **LIB)
@@ -147,6 +166,7 @@ def test_a_dead_worker_is_retried_by_ray_without_duplicate_rows(cluster, folder,
     np.testing.assert_equal(len(keys), sum(r["status"] == "ok" for s, _ in single.values() for r in s["records"]))
 
 
+@pytest.mark.slow  # a Ray run costs several seconds on 2 cores
 def test_token_encoder_and_write_store_in_a_ray_pipeline(cluster, tmp_path):
     from vitok.integrations.ray import TokenEncoder, write_store
 
