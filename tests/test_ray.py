@@ -188,3 +188,46 @@ def test_token_encoder_and_write_store_in_a_ray_pipeline(cluster, tmp_path):
         for feature in ("merged", "deepstack"):
             np.testing.assert_array_equal(store.get(p.stem, feature), reference.get(p.name, feature))
     assert vitok.verify(tmp_path / "out").clean
+
+
+def test_a_unit_is_cut_into_the_local_loops_batches_and_steps_are_kept_once_in_order(tmp_path):
+    """The stages without Ray: a decode task's steps hold the batches ``plan_batches`` makes of the unit's decodable
+    images; steps arriving shuffled and twice (a retried task) come out once each, in order."""
+    import pickle
+    import random
+
+    from vitok.batcher import plan_batches
+    from vitok.job import preprocess_for
+    from vitok.loader import in_unit_order
+    from vitok.options import make_options
+    from vitok.plan import load_plan
+    from vitok.ray_engine import decode_unit, unit_steps
+    from vitok.readers import ReaderOptions
+
+    folder = make_folder(tmp_path / "imgs", count=7, with_odd=False)
+    (folder / "a" / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, **LIB)
+    units = load_plan(out).units
+    options = make_options(**LIB)
+    preprocess = preprocess_for(vitok.checkpoint.resolve_model(options.model), options)
+    steps = []
+    for unit in units:
+        unit_steps_list = list(unit_steps(unit, "files", ReaderOptions(), preprocess, 700))
+        assert [s.seq for s in unit_steps_list] == list(range(len(unit_steps_list))) and unit_steps_list[-1].end
+        batches = [[item.record.key for item in s.items] for s in unit_steps_list if s.items]
+        decodable = [s.items for s in unit_steps_list if s.items]
+        sizes = [item.image.grid_thw[1] * item.image.grid_thw[2] for items in decodable for item in items]
+        keys = [key for batch in batches for key in batch]
+        assert [len(r) for r in plan_batches(sizes, 700)] == [len(b) for b in batches]
+        assert len(keys) + sum(len(s.records) for s in unit_steps_list) == unit.count
+        steps += unit_steps_list
+    rows = [row for unit in units for row in decode_unit({"unit": pickle.dumps(unit)}, "files", ReaderOptions(),
+                                                         preprocess, 700)]
+    assert len(rows) == len(steps)
+    arriving = rows + rows[: len(rows) // 2]
+    random.Random(0).shuffle(arriving)
+    replayed = [(s.unit, s.seq) for s in in_unit_order(pickle.loads(r["step"]) for r in arriving)]
+    assert sorted(replayed) == sorted((s.unit, s.seq) for s in steps) and len(set(replayed)) == len(replayed)
+    for unit in units:
+        assert [q for u, q in replayed if u == unit.index] == sorted(q for u, q in replayed if u == unit.index)
