@@ -17,8 +17,13 @@ skipped images among the others can differ (it already differs between a CPU and
 up by key.
 
 The driver needs the store's folder and the workers need the inputs and the plan (``OUT/plan``) at the same paths:
-a shared file system, as for torchrun on several nodes. Tokens travel from the actors to the driver, which writes
-them: one writer per job (see docs/ray.md for what scales and what does not).
+a shared file system, as for torchrun on several nodes.
+
+What scales: decoding (tasks on every node's CPUs; CPU-only nodes add decode rate) and encoding (an actor per GPU).
+What does not, yet: every token travels to the driver, which writes them all (one writer per job, bound by its
+network and disk; ``--num-parts`` splits a job into several drivers); a unit is decoded by one task, so fewer units in
+flight than cores leaves cores idle; an actor finishes each batch before taking the next (the local engine keeps two
+queued on a GPU).
 """
 
 from __future__ import annotations

@@ -68,6 +68,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--ray-images", type=int, default=64, help="ray: JPEGs through both engines")
     p.add_argument("--ray-model", default="small", help="ray: the preset both engines run")
+    p.add_argument("--ray-repeats", type=int, default=2, help="ray: alternating runs of each engine, median")
     p.add_argument("--ray-jpeg-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(512, 384))
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     return p

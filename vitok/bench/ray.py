@@ -9,6 +9,7 @@ CPU-only nodes to a cluster does for a decode-bound job.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -43,21 +44,26 @@ def run(args, device, tmp: Path) -> None:
     if device.type == "cuda":
         _gpu(args, folder, tmp, options, cores)
         return
-    local_s, ok = _timed_extract(folder, tmp / "ray-local", **options)
     start = time.perf_counter()
     ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     startup = time.perf_counter() - start
+    runs: dict[str, list[float]] = {"local": [], "local_1_worker": [], "ray": []}
     try:
-        ray_s, ray_ok = _timed_extract(folder, tmp / "ray-ray", engine="ray", **options)
-        again_s, _ = _timed_extract(folder, tmp / "ray-ray", engine="ray", **options)
+        for _ in range(args.ray_repeats):  # alternating, so a noisy neighbour hurts all alike
+            for name, extra in (("local", {}), ("local_1_worker", {"workers": 1}), ("ray", {"engine": "ray"})):
+                seconds, ok = _timed_extract(folder, tmp / f"ray-{name}", **options, **extra)
+                assert ok == args.ray_images, (name, ok)
+                runs[name].append(seconds)
     finally:
         ray.shutdown()
-    assert ok == ray_ok == args.ray_images, (ok, ray_ok)
+    median = {name: statistics.median(values) for name, values in runs.items()}
     row("ray", f"{args.ray_images} JPEGs {args.ray_jpeg_size[0]}x{args.ray_jpeg_size[1]}, {args.ray_model} on CPU, "
-        f"{cores} cores; whole runs (model load included)", local_img_s=ok / local_s, ray_img_s=ok / ray_s,
-        ray_again_img_s=ok / again_s, ratio=local_s / ray_s, ratio_again=local_s / again_s, ray_init_s=startup)
+        f"{cores} cores; whole runs (model load included), median of {args.ray_repeats}",
+        **{f"{name}_img_s": args.ray_images / seconds for name, seconds in median.items()},
+        ratio=median["local"] / median["ray"], ratio_1_worker=median["local_1_worker"] / median["ray"],
+        ray_init_s=startup, **{f"{name}_runs": " ".join(f"{v:.1f}" for v in values) for name, values in runs.items()})
 
 
 def _gpu(args, folder: Path, tmp: Path, options: dict, cores: int) -> None:
