@@ -30,7 +30,7 @@ from .errors import Interrupted, SettingsMismatchError
 from .inference import load_encoder
 from .job import Job, Work, check_settings, make_settings, new_header, prepare, remaining_work
 from .loader import default_workers, load_units
-from .options import make_options
+from .options import ExtractOptions, make_options
 from .plan import Plan, load_plan, write_generation, write_update
 from .preprocess import Preprocessor
 from .storage import META_FILE, RunHeader, create_exclusive, get_format, read_header, write_readme
@@ -144,7 +144,7 @@ class Run:
         self.wait_seconds = 0.0
 
     @classmethod
-    def configure(cls, options):
+    def configure(cls, options: ExtractOptions) -> tuple[ExtractOptions, dict[str, Any]]:
         """Options as the job should be prepared with, and what the engine's constructor needs besides the job."""
         return options, {}
 
