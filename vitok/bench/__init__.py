@@ -19,6 +19,8 @@ Sections:
                 whole shards
   train         a training step of a tiny Qwen3-VL on cached image features vs on pixels (CPU)
   memory        (CUDA) peak memory of small/base/large at 224x224, batch 1
+  ray           (not run by default; needs ray[data]) --engine ray on a local Ray instance vs the local engine,
+                whole runs on the same JPEGs; on CUDA, the GPU's node alone vs with a CPU-only node added
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="auto")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--ray-images", type=int, default=64, help="ray: JPEGs through both engines")
+    p.add_argument("--ray-model", default="small", help="ray: the preset both engines run")
+    p.add_argument("--ray-repeats", type=int, default=2, help="ray: alternating runs of each engine, median")
+    p.add_argument("--ray-jpeg-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(512, 384))
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     return p
 
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if not reference:
         print("# transformers is not installed: the reference comparisons (encoder, families, e2e) are skipped",
               flush=True)
-    from . import data, e2e, encoder, store, train
+    from . import data, e2e, encoder, ray, store, train
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -104,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         if "train" in args.sections and reference:
             train.run(args, tmp_path)
         store.run(args, device, tmp_path)
+        if "ray" in args.sections:
+            ray.run(args, device, tmp_path)
     if args.json:
         Path(args.json).write_text(json.dumps(ROWS, indent=2))
     return 0

@@ -131,6 +131,9 @@ def _extract_command(
         values["model"] = size
     options = make_options(**values)
     sources = list(sources or [])
+    if gpus and options.engine != "local":
+        raise UsageError(f"--gpus starts one local process per GPU; --engine {options.engine} places one encode "
+                         "actor per GPU itself: give one of them")
     if gpus:
         from ..pipeline.gpus import run_per_gpu
 

@@ -129,12 +129,8 @@ def check_decode(decode: str, device) -> None:
         raise UsageError(f"--decode gpu needs a CUDA device; this run's device is {device} (leave --decode exact)")
 
 
-def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) -> Job:
-    """Validate everything cheap and decide what to do; writes nothing."""
-    part = detect_part(options.part, options.num_parts)
-    source = resolve_model(options.model)
-    features = check_features(source.encoder, options.features or default_features(source.encoder),
-                              options.pool)
+def preprocess_for(source: ModelSource, options: ExtractOptions) -> PreprocessConfig:
+    """The model's preprocessing with the options' overrides."""
     preprocess = source.preprocess.replace(
         min_pixels=options.min_pixels, max_pixels=options.max_pixels, backend=options.backend,
         max_image_pixels=options.max_image_pixels, fast_decode=options.fast_decode,
@@ -145,6 +141,16 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
             raise UsageError(f"--image-size {options.image_size} gives {options.image_size**2} pixels, more than "
                              f"--max-pixels {preprocess.max_pixels}; raise --max-pixels or choose a smaller size")
         preprocess = preprocess.replace(mode="fixed", image_size=options.image_size)
+    return preprocess
+
+
+def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) -> Job:
+    """Validate everything cheap and decide what to do; writes nothing."""
+    part = detect_part(options.part, options.num_parts)
+    source = resolve_model(options.model)
+    features = check_features(source.encoder, options.features or default_features(source.encoder),
+                              options.pool)
+    preprocess = preprocess_for(source, options)
     reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
     header = check_out_folder(out)
     plan = None if options.overwrite else load_plan(out)

@@ -103,6 +103,13 @@ class ExtractOptions:
     # ---- Cluster
     part: int | None = option(None, "This process's part (0-based) of --num-parts.", "Cluster", minimum=0)
     num_parts: int | None = option(None, "Split the plan's shards over this many processes.", "Cluster", minimum=1)
+    engine: str = option("local", "Who spreads the work: local (this process, its decode workers and device; "
+                         "torchrun and SLURM parts are local engines) or ray (Ray Data: decode as CPU tasks on the "
+                         "cluster, encode on a pool of GPU actors, one per GPU, or CPU actors without GPUs; this "
+                         "process commits the shards). The store is the same.", "Cluster", choices=("local", "ray"))
+    address: str | None = option(None, "--engine ray: the Ray cluster to join ('auto' = the one started on this "
+                                 "node with 'ray start'; an address host:port). [default: join a running cluster if "
+                                 "there is one, else start a local instance]", "Cluster", metavar="ADDRESS")
 
     def __post_init__(self) -> None:
         for name in ("features", "meta_fields"):
@@ -129,6 +136,8 @@ class ExtractOptions:
             raise UsageError("--compression applies to --format hdf5 only")
         if self.part is not None and self.num_parts is not None and self.part >= self.num_parts:
             raise UsageError(f"--part {self.part} must be in 0..{self.num_parts - 1}")
+        if self.address is not None and self.engine != "ray":
+            raise UsageError("--address names a Ray cluster; it needs --engine ray")
         if self.update and self.overwrite:
             raise UsageError("--update and --overwrite contradict each other; give one")
         return self

@@ -108,8 +108,19 @@ def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-o
         opts = options.validate()
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     with stop_on_signals():
+        engine = engine_class(opts.engine)
+        opts, context = engine.configure(opts)
         job = prepare([str(s) for s in sources], Path(out), opts, stdin)
-        return Run(job, progress).execute()
+        return engine(job, progress, **context).execute()
+
+
+def engine_class(name: str) -> type[Run]:
+    """``--engine``: the class that runs the job (``Run``, or a subclass that spreads the work otherwise)."""
+    if name == "ray":
+        from .ray_engine import RayRun
+
+        return RayRun
+    return Run
 
 
 @contextlib.contextmanager
@@ -137,6 +148,11 @@ class Run:
         self.job, self.progress = job, progress
         self.started = time.perf_counter()
         self.wait_seconds = 0.0
+
+    @classmethod
+    def configure(cls, options: ExtractOptions) -> tuple[ExtractOptions, dict[str, Any]]:
+        """Options as the job should be prepared with, and what the engine's constructor needs besides the job."""
+        return options, {}
 
     # ---- set-up: the first writes happen here ----------------------------------------------------------------
 

@@ -1,0 +1,311 @@
+"""``--engine ray``: the same run, with the work spread over a Ray cluster by Ray Data.
+
+    plan units (driver) -> read + decode + batch: one CPU task per unit, any node (``decode_unit``)
+      -> encode: a pool of actors, one per GPU (CPU actors on a cluster without GPUs) (``EncodeActor``)
+      -> the driver: batches put back in unit order, written and committed by vitok's committer, unit by unit
+
+Only the middle is Ray's: placement, backpressure and retries are Ray Data's (a task or actor that dies is
+retried; a batch computed twice is kept once, by its place in its unit). Everything else is the local run's:
+``RayRun`` is ``runner.Run`` with another ``_loop``, so the plan, header, claims (held by the driver), commit
+protocol, retries of failed inputs and resume are the same code. The stages inside the tasks are vitok's too: the
+input readers and decoder (``loader.UnitReading``), the batcher and the device stage (``device.DevicePipeline``).
+
+Why the store is the same as a single process's: a decode task reads one whole unit in plan order and cuts it into
+batches with the same ``Batcher`` and token budget as the local loop, so every batch holds the same images as there
+(batches never span units), and the encoder sees the same batches. Only the order of the sidecar's records of
+skipped images among the others can differ (it already differs between a CPU and a GPU run); readers look records
+up by key.
+
+The driver needs the store's folder and the workers need the inputs and the plan (``OUT/plan``) at the same paths:
+a shared file system, as for torchrun on several nodes.
+
+What scales: decoding (tasks on every node's CPUs; CPU-only nodes add decode rate) and encoding (an actor per GPU).
+What does not, yet: every token travels to the driver, which writes them all (one writer per job, bound by its
+network and disk; ``--num-parts`` splits a job into several drivers); a unit is decoded by one task, so fewer units in
+flight than cores leaves cores idle; an actor finishes each batch before taking the next (the local engine keeps two
+queued on a GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ..storage.records import ImageRecord
+from .batcher import Batcher
+from .options import ExtractOptions
+from .runner import ProgressEvent, Run, unit_record
+from .types import UnitEnd
+
+logger = logging.getLogger(__name__)
+
+CPU_ACTOR_CORES = 4  # cores per CPU encode actor (torch threads); half the cluster's cores go to encoding
+
+
+def default_budget(device_kind: str) -> int:
+    """The local runner's default token budget for this kind of device (the batches must be the same)."""
+    return 32768 if device_kind == "cuda" else 4096
+
+
+@dataclass
+class Step:
+    """One message of a unit's stream, in order (``seq``): skipped inputs, then a batch, or the unit's end."""
+
+    unit: int
+    seq: int
+    records: list[ImageRecord] = field(default_factory=list)  # skipped / failed inputs before this batch
+    items: list | None = None  # loader.Item of the batch (patches packed in ``patches``), until it is encoded
+    patches: Any = None  # the batch's uint8 patches, concatenated (torch tensor)
+    rows: list[int] = field(default_factory=list)  # patch rows of each item
+    encoded: list | None = None  # device.EncodedBatch, after the encoder
+    end: bool = False  # the unit's last step
+    unit_error: str | None = None
+    unit_failed: bool = False
+    tokens: int = 0  # patches encoded (for the summary)
+    encode_seconds: float = 0.0
+    device_wait_seconds: float = 0.0
+
+    def pack(self) -> Step:
+        import torch
+
+        present = [item.image.patches for item in self.items or () if item.image.patches is not None]
+        if present:
+            self.patches, self.rows = torch.cat(present), [len(p) for p in present]
+            for item in self.items:
+                item.image.patches = None
+        return self
+
+    def unpack(self) -> list:
+        views = iter(self.patches.split(self.rows) if self.patches is not None else ())
+        for item in self.items:
+            if item.image.jpeg is None:
+                item.image.patches = next(views)
+        self.patches, self.rows = None, []
+        return self.items
+
+
+def _row(step: Step) -> dict[str, Any]:
+    return {"unit": step.unit, "seq": step.seq, "step": pickle.dumps(step, protocol=5)}
+
+
+# ---- the CPU side: one task per unit ----------------------------------------------------------------------------
+
+
+def unit_steps(unit, kind: str, reader_options, preprocess, budget: int) -> Iterator[Step]:
+    """A unit's inputs read and decoded in plan order, cut into the local loop's batches (the same ``Batcher``)."""
+    from ..inputs.preprocess import Preprocessor
+    from .loader import Task, UnitReading
+
+    batcher: Batcher = Batcher(budget)
+    pending: list[ImageRecord] = []
+    seq = 0
+
+    def step(**values) -> Step:
+        nonlocal seq, pending
+        made = Step(unit.index, seq, pending, **values)
+        seq, pending = seq + 1, []
+        return made
+
+    for chunk in UnitReading([Task(unit)], kind, reader_options, Preprocessor(preprocess)):
+        for item in chunk.unpack():
+            if item.image is None:
+                pending.append(item.record)
+                continue
+            for closed in batcher.add(unit.index, item, item.image.num_patches):
+                yield step(items=closed).pack()
+        if chunk.end:
+            for closed in batcher.flush(unit.index):
+                yield step(items=closed).pack()
+            yield step(end=True, unit_error=chunk.unit_error, unit_failed=chunk.unit_failed)
+
+
+def decode_unit(row: dict[str, Any], kind: str, reader_options, preprocess, budget: int) -> Iterator[dict[str, Any]]:
+    """``Dataset.flat_map``: a planned unit -> its steps, streamed (memory holds one batch, not the unit)."""
+    for step in unit_steps(pickle.loads(row["unit"]), kind, reader_options, preprocess, budget):
+        yield _row(step)
+
+
+# ---- the accelerator side: a pool of actors ---------------------------------------------------------------------
+
+
+class EncodeActor:
+    """``Dataset.map_batches`` actor: loads the encoder once, encodes one vitok batch per call."""
+
+    def __init__(self, source, device: str, dtype: str, seed: int, attention: str, preprocess,
+                 features: tuple[str, ...], pool: str, store_dtype: str, token_order: str) -> None:
+        from ..encoder.inference import load_encoder
+        from .device import DevicePipeline
+
+        encoder = load_encoder(source, device, dtype, seed=seed, attention=attention, preprocess=preprocess)
+        self.pipeline = DevicePipeline(encoder, features, pool, store_dtype, token_order)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        rows = [self._encode(pickle.loads(data)) for data in batch["step"]]
+        return {"unit": [r["unit"] for r in rows], "seq": [r["seq"] for r in rows], "step": [r["step"] for r in rows]}
+
+    def _encode(self, step: Step) -> dict[str, Any]:
+        from .device import Batch
+
+        if step.items:
+            pipeline = self.pipeline
+            tokens, seconds, waited = pipeline.tokens, pipeline.encode_seconds, pipeline.device_wait_seconds
+            # one batch at a time: a call returns its own batch (no queue left behind between calls)
+            step.encoded = pipeline.submit(Batch(step.unit, step.unpack())) + pipeline.drain()
+            step.tokens = pipeline.tokens - tokens
+            step.encode_seconds = pipeline.encode_seconds - seconds
+            step.device_wait_seconds = pipeline.device_wait_seconds - waited
+            step.items = None
+        return _row(step)
+
+
+# ---- the driver -------------------------------------------------------------------------------------------------
+
+
+def connect(address: str | None) -> bool:
+    """Join the cluster at ``address`` (or the one Ray finds, or a new local instance); True if this call did.
+
+    The driver's vitok travels with the job (``py_modules``), so every worker runs the same code as the driver."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise UsageError("--engine ray needs Ray Data: pip install 'ray[data]'") from exc
+    if ray.is_initialized():
+        return False
+    package = Path(__file__).resolve().parent
+    ray.init(address=address, include_dashboard=False, configure_logging=False,
+             runtime_env={"py_modules": [str(package)], "env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+    return True
+
+
+def cluster_devices(options: ExtractOptions) -> str:
+    """The encode actors' device kind: cuda when the cluster has GPUs (unless --device cpu), else cpu."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if options.device == "cpu" or (options.device != "auto" and not options.device.startswith("cuda")):
+        return "cpu"
+    if not gpus:
+        if options.device.startswith("cuda"):
+            raise UsageError(f"--device {options.device}: the Ray cluster has no GPUs (use --device cpu or auto)")
+        return "cpu"
+    return "cuda"
+
+
+def _bf16_on_cluster_gpu() -> bool:
+    import ray
+
+    @ray.remote(num_gpus=1)
+    def probe() -> bool:
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+
+    return ray.get(probe.remote())
+
+
+class RayRun(Run):
+    """The run with Ray Data spreading decode and encode; set-up, claims, commits and summary are ``Run``'s."""
+
+    @classmethod
+    def configure(cls, options: ExtractOptions) -> tuple[ExtractOptions, dict[str, Any]]:
+        """Join the cluster and fix what depends on it before the job is prepared: the actors' device and compute
+        dtype (stored in the settings); the driver itself loads the encoder on its CPU, only for its hash."""
+        if options.decode == "gpu":
+            raise UsageError("--decode gpu is not available with --engine ray yet (use --decode exact)")
+        if options.workers is not None:
+            logger.info("--workers is ignored with --engine ray: Ray decides how many decode tasks run")
+        started = connect(options.address)
+        kind = cluster_devices(options)
+        dtype = options.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if kind == "cuda" and _bf16_on_cluster_gpu() else "float32"
+        return options.replace(device="cpu", dtype=dtype), {"actor_device": kind, "started_ray": started}
+
+    def __init__(self, job, progress=None, actor_device: str = "cpu", started_ray: bool = False) -> None:
+        super().__init__(job, progress)
+        self.actor_device, self.started_ray = actor_device, started_ray
+
+    def execute(self):
+        try:
+            return super().execute()
+        finally:
+            if self.started_ray:
+                import ray
+
+                ray.shutdown()
+
+    def _loop(self, units, encoder, pipeline, committer) -> None:
+        import ray
+
+        from .loader import in_unit_order
+
+        job, opts = self.job, self.job.options
+        budget = opts.token_budget or default_budget(self.actor_device)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.enable_operator_progress_bars = False
+        ds = ray.data.from_items([{"unit": pickle.dumps(u)} for u in units], override_num_blocks=len(units))
+        ds = ds.flat_map(decode_unit, fn_kwargs={"kind": self.plan.kind, "reader_options": job.reader_options,
+                                                 "preprocess": job.preprocess, "budget": budget}, num_cpus=1)
+        actor = {"source": job.source, "device": self.actor_device, "dtype": str(job.dtype).removeprefix("torch."),
+                 "seed": opts.seed, "attention": opts.attention, "preprocess": job.preprocess,
+                 "features": job.features, "pool": opts.pool, "store_dtype": opts.store_dtype,
+                 "token_order": opts.token_order}
+        ds = ds.map_batches(EncodeActor, batch_size=1, batch_format="numpy", fn_constructor_kwargs=actor,
+                            **self._actors(opts))
+        by_index = {u.index: u for u in units}
+        totals = [u.expected for u in units]
+        total = None if any(t is None for t in totals) else sum(totals)
+        seen = skipped = shards = 0
+        for step in in_unit_order(self._steps(ds)):
+            for record in step.records:
+                committer.record(step.unit, record)
+            seen += len(step.records)
+            skipped += len(step.records)
+            for batch in step.encoded or ():
+                committer.put([batch])
+                seen += len(batch.records) + len(batch.skipped)
+                skipped += len(batch.skipped)
+            pipeline.tokens += step.tokens
+            pipeline.encode_seconds += step.encode_seconds
+            pipeline.device_wait_seconds += step.device_wait_seconds
+            if step.end:
+                committer.put([UnitEnd(step.unit, unit_record(by_index[step.unit], step))])
+                shards += 1
+            if self.progress is not None:
+                self.progress(ProgressEvent(seen, total, pipeline.tokens, skipped,
+                                            time.perf_counter() - self.started, shards, len(units)))
+        if shards != len(units):
+            raise RuntimeError(f"the Ray job ended with {len(units) - shards} unit(s) unfinished")
+
+    def _actors(self, opts: ExtractOptions) -> dict[str, Any]:
+        """The encode pool: one actor per GPU; without GPUs, CPU actors of a few cores each over half the cores."""
+        import ray
+
+        resources = ray.cluster_resources()
+        if self.actor_device == "cuda":
+            return {"compute": ray.data.ActorPoolStrategy(size=max(1, int(resources.get("GPU", 0)))), "num_gpus": 1}
+        cores = max(1, int(resources.get("CPU", 1)) // 2)
+        actors = max(1, cores // CPU_ACTOR_CORES)
+        return {"compute": ray.data.ActorPoolStrategy(size=actors), "num_cpus": max(1, cores // actors)}
+
+    def _steps(self, ds) -> Iterator[Step]:
+        """The encoded steps as Ray hands them over (any order; a step computed twice arrives twice)."""
+        rows = iter(ds.iter_rows())
+        while True:
+            start = time.perf_counter()
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            self.wait_seconds += time.perf_counter() - start
+            yield pickle.loads(row["step"])
+
+
+__all__ = ["EncodeActor", "RayRun", "Step", "connect", "decode_unit", "unit_steps"]
