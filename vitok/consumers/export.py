@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import StoreError, UsageError
 from ..pipeline.pool import POOLS as ALL_POOLS
+from ..storage.files import AtomicFile
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,8 @@ def _pooled(tokens, offsets, pool: str | None):
 def _save_npy(path: Path, array) -> None:
     import numpy as np
 
-    with open(path, "wb") as handle:  # np.save on a name would append ".npy"
-        np.save(handle, array)
+    with AtomicFile(path.parent, path.name, path) as atomic:  # np.save on a name would append ".npy"
+        np.save(atomic.handle, array)
 
 
 class EmbeddingReaderLayout:

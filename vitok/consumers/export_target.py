@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError, UsageError
+from ..storage.files import fsync_dir
 from ..storage.records import RunHeader, dumps
 
 logger = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ class ExportTarget:
             else:
                 os.rename(self.tmp, self.dest)  # fails if DEST appeared meanwhile with content
             self.tmp = None
-            _fsync_dir(self.dest.parent)
+            fsync_dir(self.dest.parent)
         except OSError as exc:
             self.abort()
             raise StoreError(f"cannot put the export in place at {self.dest}: {exc.strerror or exc}") from None
@@ -204,15 +205,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 _RENAME_EXCHANGE = 2

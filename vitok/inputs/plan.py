@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputsChangedError, StoreError
-from ..storage.files import atomic_write_text, create_exclusive, file_mode
+from ..storage.files import AtomicFile, atomic_write_text, create_exclusive
 from .sources import ArchiveListing, FileListing, Listing, Root, archive_stem, is_url
 
 logger = logging.getLogger(__name__)
@@ -222,11 +222,11 @@ def _write_content(folder: Path, generation: int, chunks: Iterable[tuple[bytes, 
     (byte offset, lines, expected images); ``also`` is another hasher fed the same bytes. Returns
     (content file, index file, lines, digest)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{generation:04d}.{os.getpid()}.{time.monotonic_ns()}.tmp"
     digest = hashlib.blake2b(digest_size=16)
     index: list[tuple[int, int, int]] = []
     count = position = 0
-    with open(tmp, "wb", buffering=1 << 20) as handle:
+    with AtomicFile(folder, f"{generation:04d}", buffering=1 << 20) as content:
+        handle = content.handle
         for data, lines, expected in chunks:
             index.append((position, lines, expected))
             handle.write(data)
@@ -235,15 +235,10 @@ def _write_content(folder: Path, generation: int, chunks: Iterable[tuple[bytes, 
                 also.update(data)
             position += len(data)
             count += lines
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, file_mode())
-    name = f"{generation:04d}-{digest.hexdigest()[:12]}"
-    os.replace(tmp, folder / f"{name}.jsonl")
-    index_tmp = folder / f".{name}.{os.getpid()}.npy"
-    np.save(index_tmp, np.array(index, dtype=np.int64).reshape(-1, 3))
-    os.chmod(index_tmp, file_mode())
-    os.replace(index_tmp, folder / f"{name}.units.npy")
+        name = f"{generation:04d}-{digest.hexdigest()[:12]}"
+        content.path = folder / f"{name}.jsonl"
+    with AtomicFile(folder, name, folder / f"{name}.units.npy") as unit_index:
+        np.save(unit_index.handle, np.array(index, dtype=np.int64).reshape(-1, 3))
     return f"{name}.jsonl", f"{name}.units.npy", count, digest.hexdigest()
 
 

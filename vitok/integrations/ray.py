@@ -61,6 +61,7 @@ class TokenEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ..pipeline.batcher import plan_batches
         from ..pipeline.types import Batch, Item
+        from ..storage.format import row_offsets
         from ..storage.records import ImageRecord
 
         images = batch[self.image_column]
@@ -83,7 +84,7 @@ class TokenEncoder:
                 for record in encoded.skipped:
                     errors[int(record.key)] = record.reason or "skipped"
                 for feature, array in encoded.arrays.items():
-                    starts = np.cumsum([0, *encoded.rows[feature]])
+                    starts = row_offsets(encoded.rows[feature])
                     for record, start, stop in zip(encoded.records, starts[:-1], starts[1:]):
                         outputs[feature][int(record.key)] = array[..., start:stop, :]
                 for record in encoded.records:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..storage import shards
 from ..storage.files import is_no_space, raise_store_error, remove
-from ..storage.format import FeatureLayout, ShardFormat
+from ..storage.format import FeatureLayout, ShardFormat, row_offsets
 from ..storage.records import ImageRecord, Sidecar
 from .types import EncodedBatch
 
@@ -67,8 +67,7 @@ class ShardSink:
 
     def commit(self, **sidecar_fields: Any) -> Sidecar | None:
         """Finish the data and commit it; None when another process committed the shard first."""
-        offsets = {f: np.concatenate([[0], np.cumsum(r, dtype=np.int64)]).astype(np.int64)
-                   for f, r in self.rows.items()}
+        offsets = {f: row_offsets(r) for f, r in self.rows.items()}
         grids = np.array(self.grids, dtype=np.int32).reshape(-1, 3)
         try:
             self.writer.finish(self.keys, offsets, grids)

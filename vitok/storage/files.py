@@ -35,53 +35,78 @@ def is_no_space(exc: BaseException) -> bool:
     return "No space left" in text or "errno = 28" in text or "Disk quota exceeded" in text
 
 
-def _write_temp(folder: Path, name: str, data: bytes) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
+class AtomicFile:
+    """A file that appears whole or not at all: written under a temporary name in its folder, flushed to disk, given
+    the store's file mode, then renamed to a name that may be decided only after writing (content-addressed files).
+
+        with AtomicFile(folder, "plan") as atomic:
+            atomic.handle.write(data)
+            atomic.path = folder / f"{digest}.jsonl"   # where it goes on success; left out: nothing is kept
+
+    On any exception inside the block, or without a path, the temporary file is removed. ``exclusive``: put it in
+    place only if ``path`` does not exist yet (a hard link, so the first writer wins; FileExistsError otherwise).
+    """
+
+    def __init__(self, folder: Path, name: str, path: Path | None = None, buffering: int = -1,
+                 exclusive: bool = False) -> None:
+        self.folder, self.path, self.exclusive = Path(folder), path, exclusive
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.folder)
         os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
+        self.handle = os.fdopen(fd, "wb", buffering=buffering)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            if exc_type is None and self.path is not None:
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
+            self.handle.close()
+            if exc_type is None and self.path is not None:
+                if self.exclusive:
+                    os.link(self.tmp, self.path)
+                    self._discard()
+                else:
+                    os.replace(self.tmp, self.path)
+                return
+        except BaseException:
+            self._discard()
+            raise
+        self._discard()
+
+    def _discard(self) -> None:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
+            self.handle.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so readers see either nothing or all of it; errors become store errors naming the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with AtomicFile(path.parent, path.name, path) as atomic:
+            atomic.handle.write(data)
+    except OSError as exc:
+        raise_store_error(exc, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so readers see either nothing or all of it (temporary name, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp = _write_temp(path.parent, path.name, text.encode())
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    except OSError as exc:
-        raise_store_error(exc, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def create_exclusive(path: Path, text: str) -> bool:
     """Create ``path`` with ``text`` only if it does not exist yet, atomically; False if someone else won."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        tmp = _write_temp(path.parent, path.name, text.encode())
-    except OSError as exc:
-        raise_store_error(exc, path)
-    try:
-        os.link(tmp, path)  # fails if path exists: the first writer wins, nobody sees a partial file
+        with AtomicFile(path.parent, path.name, path, exclusive=True) as atomic:
+            atomic.handle.write(text.encode())
         return True
     except FileExistsError:
         return False
     except OSError as exc:
         raise_store_error(exc, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 def raise_store_error(exc: OSError, path: Path, needed: int | None = None):

@@ -31,6 +31,13 @@ def numpy_dtype(store_dtype: str) -> np.dtype:
     return np.dtype({"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}[store_dtype])
 
 
+def row_offsets(rows) -> np.ndarray:
+    """Rows per image -> int64 offsets (n + 1 of them: image i's rows are offsets[i]:offsets[i + 1])."""
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(rows, out=offsets[1:])
+    return offsets
+
+
 def encode_keys(keys: list[str]) -> list[bytes]:
     """Keys as bytes: UTF-8, except names that were not UTF-8 on disk, which keep their original bytes."""
     return [os.fsencode(key) for key in keys]

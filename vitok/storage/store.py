@@ -21,7 +21,7 @@ from ..inputs.plan import load_plan
 from ..inputs.retries import base_and_attempt
 from . import RunHeader, read_header
 from .dtypes import from_store_array
-from .format import ShardDataReader
+from .format import ShardDataReader, row_offsets
 from .records import ImageRecord, Sidecar
 from .shards import get_format, iter_sidecars, shards_dir
 
@@ -188,8 +188,7 @@ class Store:
             if len(wanted) < len(keys):  # drop rows of keys that live elsewhere
                 rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in wanted] or [np.zeros(0, int)])
                 data = data[..., rows, :]
-                offsets = np.concatenate([[0], np.cumsum([offsets[i + 1] - offsets[i] for i in wanted])]).astype(
-                    np.int64)
+                offsets = row_offsets([offsets[i + 1] - offsets[i] for i in wanted])
                 keys = [keys[i] for i in wanted]
             if dtype is not None:
                 data = from_store_array(data, reader.stored_dtype(feature)).astype(dtype, copy=False)

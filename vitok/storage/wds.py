@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import FeatureLayout, ShardDataReader, ShardDataWriter, ShardFormat, numpy_dtype
+from .format import FeatureLayout, ShardDataReader, ShardDataWriter, ShardFormat, numpy_dtype, row_offsets
 from .shards import register_format
 
 INDEX = "__vitok__"  # a name webdataset's readers skip (``__*__``), holding JSON
@@ -56,7 +56,7 @@ class WdsWriter(ShardDataWriter):
         self._tar.addfile(info, io.BytesIO(data))
 
     def write_batch(self, keys, records, arrays, rows, order=None) -> None:
-        starts = {f: np.concatenate([[0], np.cumsum(r)]) for f, r in rows.items()}
+        starts = {f: row_offsets(r) for f, r in rows.items()}
         names = [sample_key(record) for record in records]
         self._members += names  # in row order, as the keys and offsets of the shard's tables
         for i in order if order is not None else range(len(records)):  # the tar itself in input order
