@@ -1,0 +1,118 @@
+"""Bounds and resources: open files, worker processes, a full disk. Each is tried the way a user meets it: a low
+``ulimit -n``, a killed parent, a disk that fills at any byte."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import ROOT
+from helpers import make_folder
+
+
+def run_python(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *map(str, args)], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=timeout)
+
+
+# ---- a full disk, at any byte of an HDF5 shard ----------------------------------------------------------------------
+
+FULL_DISK = """
+    import errno
+    from vitok.storage import hdf5
+
+    state = {"written": 0, "limit": None}
+
+    class FullDisk(hdf5._GuardedFile):
+        '''A disk with room for `limit` more bytes of shard data: a short write, then ENOSPC, as write(2) does.'''
+
+        def write_some(self, view):
+            limit = state["limit"]
+            if limit is not None and state["written"] + len(view) > limit:
+                room = max(0, limit - state["written"])
+                if room == 0:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                view = view[:room]
+            written = super().write_some(view)
+            state["written"] += written
+            return written
+
+    hdf5._GuardedFile = FullDisk
+"""
+
+
+@pytest.mark.slow
+def test_a_disk_full_at_any_byte_of_an_hdf5_shard_is_a_clean_error(tmp_path):
+    """Regression: ENOSPC at some offsets crashed the interpreter ("Can't decrement id ref count", then SIGABRT,
+    SIGSEGV or SIGBUS) instead of the clean message. Every offset of the first shard's writes, several times."""
+    script = FULL_DISK + """
+    import gc, os, shutil, sys
+    from pathlib import Path
+    from vitok.bench.store import synthetic_store
+    from vitok.errors import DiskFullError
+
+    def run(limit, out):
+        state["written"], state["limit"] = 0, limit
+        try:
+            synthetic_store(out, 40, 16, 64, "hdf5", per_shard=20)
+            outcome = "ok"
+        except DiskFullError as exc:
+            assert "no space left on the device" in str(exc), exc
+            outcome = "full"
+        gc.collect()  # a half-closed HDF5 file crashed here, or at exit
+        left = [p.name for p in (out / "shards").glob(".*.tmp")]
+        assert not left, (limit, left)
+        shutil.rmtree(out)
+        return outcome
+
+    os.fsync = lambda fd: None  # durability is not under test here, and fsync is slow on shared disks
+    base = Path(sys.argv[1])
+    assert run(None, base / "whole") == "ok"
+    total = state["written"]
+    limits = sorted(set(range(0, 4096, 128)) | {total * i // 40 for i in range(40)} | {total - 1})
+    outcomes = [run(limit, base / f"o{n}") for n, limit in enumerate(limits * 2)]
+    assert set(outcomes) == {"full"}, outcomes
+    print("offsets", len(limits), "bytes", total)
+    """
+    result = run_python(script, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "offsets" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_disk_full_during_extract_exits_1_and_a_rerun_resumes(tmp_path):
+    """Through the CLI: exit 1, one line naming the cause, no temporary file left, then the same command resumes."""
+    folder = make_folder(tmp_path / "imgs", count=6, with_odd=False)
+    script = FULL_DISK + """
+    import contextlib, io, sys
+    from pathlib import Path
+    import vitok
+    from vitok import cli
+
+    folder, base = sys.argv[1], sys.argv[2]
+
+    def extract(out, limit):
+        state["written"], state["limit"] = 0, limit
+        sys.argv = ["vitok", "extract", folder, "-o", out, "--model", "qwen3-vl-tiny", "--workers", "0", "--quiet",
+                    "--shard-size", "2", "--features", "patch", "--store-dtype", "float32"]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as exc:
+                return exc.code, err.getvalue()
+
+    for limit in (0, 5000, 90000):
+        out = f"{base}/out{limit}"
+        code, err = extract(out, limit)
+        assert code == 1 and "no space left on the device" in err and "internal error" not in err, (limit, err)
+        assert not list(Path(out, "shards").glob(".*.tmp")), limit
+        assert extract(out, None)[0] == 0
+        assert len(vitok.open(out)) == 6 and vitok.verify(out).clean
+    print("done")
+    """
+    result = run_python(script, folder, tmp_path)
+    assert result.returncode == 0 and "done" in result.stdout, result.stderr[-3000:]
