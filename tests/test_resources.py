@@ -116,3 +116,45 @@ def test_a_disk_full_during_extract_exits_1_and_a_rerun_resumes(tmp_path):
     """
     result = run_python(script, folder, tmp_path)
     assert result.returncode == 0 and "done" in result.stdout, result.stderr[-3000:]
+
+
+# ---- open files: a store of many shards under a low ulimit -n -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_every_read_path_works_under_ulimit_n_64_on_a_store_of_many_shards(tmp_path):
+    """Regression: one open reader per shard failed key reads, iter_shards and export at ~60 shards with ulimit -n
+    64 ("Too many open files"); array() of an NPY store held a memory map (a descriptor) per shard."""
+    pytest.importorskip("pyarrow")
+    script = """
+    import os, resource, sys
+    from pathlib import Path
+    from vitok.bench.store import synthetic_store
+
+    base = Path(sys.argv[1])
+    os.fsync = lambda fd: None  # durability is not under test here
+    stores = {}
+    for fmt, dtype in (("hdf5", "float16"), ("npy", "float32"), ("wds", "float16")):
+        stores[fmt] = base / fmt
+        synthetic_store(stores[fmt], 130, 1, 8, fmt, per_shard=1, store_dtype=dtype)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    import vitok
+    from vitok.export import export_embedding_reader
+
+    for fmt, out in stores.items():
+        store = vitok.open(out)
+        assert len([store[key] for key in store.keys()]) == 130, fmt
+        assert sum(len(keys) for keys, _, _ in store.iter_shards()) == 130, fmt
+        keys, array = store.array()
+        assert array.shape == (130, 8) and len(keys) == 130, fmt
+        store.close()
+        assert export_embedding_reader(out, base / f"export-{fmt}") == 130, fmt
+        assert vitok.verify(out).clean, fmt
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(40)]  # other code takes descriptors meanwhile
+    store = vitok.open(stores["hdf5"])
+    assert len([store[key] for key in store.keys()]) == 130
+    print("read", len(held))
+    """
+    result = run_python(script, tmp_path)
+    assert result.returncode == 0 and "read" in result.stdout, result.stderr[-3000:]
