@@ -158,3 +158,100 @@ def test_every_read_path_works_under_ulimit_n_64_on_a_store_of_many_shards(tmp_p
     """
     result = run_python(script, tmp_path)
     assert result.returncode == 0 and "read" in result.stdout, result.stderr[-3000:]
+
+
+# ---- decode workers: as many as the machine holds, and never outliving the run ---------------------------------------
+
+
+def test_workers_are_clamped_to_what_the_machine_holds_with_one_warning(caplog):
+    from vitok.loader import clamp_workers, workers_allowed
+
+    limit, why = workers_allowed()
+    assert 1 <= limit <= 2 * os.cpu_count() and "cores" in why
+    with caplog.at_level("WARNING", logger="vitok"):
+        assert clamp_workers(1) == 1 and not caplog.records
+        assert clamp_workers(1000) == limit
+    assert len(caplog.records) == 1 and "--workers 1000" in caplog.text and f"using {limit}" in caplog.text
+
+
+def _read(path: str) -> str:
+    with open(path) as handle:
+        return handle.read()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = _read(f"/proc/{entry}/stat")
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _ignored_signals(pid: int) -> int:
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        if line.startswith("SigIgn:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_decode_workers_die_with_a_killed_parent_and_never_ignore_sigterm(tmp_path):
+    """Regression: after SIGKILL of the main process its decode workers lived on, ignoring SIGTERM and SIGINT, and
+    kept the output pipe open (``vitok ... | grep`` hung). Started the way ``nohup``/``&`` starts a run: with
+    SIGINT and SIGTERM ignored."""
+    import signal
+    import time
+
+    from helpers import wait_for
+
+    folder = make_folder(tmp_path / "imgs", count=8, with_odd=False)
+    script = (
+        "import sys, time, vitok\n"
+        "from vitok.readers.files import FilesReader\n"
+        "def stuck(self, unit, start=0, stop=None):\n"
+        "    time.sleep(600)  # a worker busy on a slow input\n"
+        "    yield from ()\n"
+        "FilesReader.samples = stuck\n"
+        "vitok.extract([sys.argv[1]], sys.argv[2], model='qwen3-vl-tiny', workers=2, shard_size=2)\n"
+    )
+
+    def ignore_signals():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    proc = subprocess.Popen([sys.executable, "-c", script, str(folder), str(tmp_path / "out")], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            preexec_fn=ignore_signals)
+    workers: list[int] = []
+    try:
+        assert wait_for(lambda: len(_children(proc.pid)) >= 2, timeout=120, process=proc), "no workers started"
+        time.sleep(1.0)  # past the workers' initialiser
+        workers = _children(proc.pid)
+        for pid in workers:
+            ignored = _ignored_signals(pid)
+            assert not ignored & (1 << (signal.SIGTERM - 1)) and not ignored & (1 << (signal.SIGINT - 1)), pid
+        proc.kill()
+        proc.wait(timeout=30)
+        assert wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=15), "orphaned workers live on"
+        assert proc.stdout.read() == b""  # EOF: nothing holds the pipe open any more
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        for pid in workers:  # (orphans of the old code: their parent is no longer proc)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
