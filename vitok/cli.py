@@ -140,14 +140,25 @@ def _extract_command(
     from .progress_display import ProgressDisplay
     from .runner import extract as run_extract
 
+    given = _given_on_command_line(values) | ({"model"} if size else set())
     with ProgressDisplay(not quiet) as progress:
         summary = run_extract(sources, out, progress=progress, **{f.name: getattr(options, f.name)
-                                                                  for f in fields(options)})
+                                                                  for f in fields(options) if f.name in given})
     _report(summary, out)
     if json_summary:
         typer.echo(json.dumps(summary.to_dict()))
     if summary.all_skipped:
         raise typer.Exit(1)
+
+
+def _given_on_command_line(values: dict[str, Any]) -> set[str]:
+    """The options the user typed (a resume takes the others from the store)."""
+    ctx = typer.main.get_current_context(silent=True)
+    if ctx is None:
+        return set(values)
+    defaulted = {name for name in values
+                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") in ("DEFAULT", "DEFAULT_MAP")}
+    return set(values) - defaulted
 
 
 def _report(summary, out) -> None:
