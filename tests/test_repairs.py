@@ -16,6 +16,17 @@ LIB = dict(model="qwen3-vl-tiny", workers=0)
 NON_DEFAULT = dict(pool="mean", store_dtype="float32", shard_size=2, features="patch,merged", token_order="raster")
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The CLI points the vitok logger at CliRunner's stream; put it back for the next test."""
+    import logging
+
+    logger = logging.getLogger("vitok")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+
+
 def invoke(*args: str):
     from vitok import cli
 
@@ -68,3 +79,55 @@ def test_a_resume_of_a_store_made_with_a_local_model_finds_it_from_another_folde
     result = invoke("extract", "-o", str(tmp_path / "out"), "--workers", "0", "-q")
     assert result.exit_code == 0, result.output
     assert len(vitok.open(tmp_path / "out")) == 4
+
+
+# ---- info and verify agree, and both speak JSON ----------------------------------------------------------------------
+
+
+def test_info_and_verify_agree_on_counts_through_retries_and_damage(tmp_path):
+    """Regression: info said "3 done of 2 planned" after retries and counted the images of a damaged shard ok."""
+    from helpers import photo
+
+    folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)
+    late = tmp_path / "late" / "x.png"
+    listed = sorted(str(p) for p in folder.rglob("*.*") if p.suffix.lower() in (".png", ".jpg")) + [str(late)]
+    (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
+    out = tmp_path / "out"
+    vitok.extract([], out, files_from=str(tmp_path / "list.txt"), shard_size=2, **LIB)  # x.png cannot be read
+    photo(late)
+    vitok.extract([], out, files_from=str(tmp_path / "list.txt"), shard_size=2, **LIB)  # ...now it is: a retry shard
+    assert len(list((out / "shards").glob("*.json"))) == 4  # 3 planned shards and a retry
+    info = json.loads(invoke("info", str(out), "--json").output)
+    verify = json.loads(invoke("verify", str(out), "--json").output)
+    assert info["shards_done"] == info["planned_shards"] == 3 and info["images_ok"] == 5 and info["clean"]
+    assert {k: info[k] for k in verify} == verify
+    text = invoke("info", str(out)).output
+    assert "3 done of 3 planned" in text and "5 ok, 0 skipped, 0 failed" in text
+
+    data = out / "shards" / "shard-000000.h5"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # a damaged shard: its 2 images are not ok
+    result = invoke("verify", str(out), "--json")
+    verify = json.loads(result.output)
+    assert result.exit_code == 1 and not verify["clean"]
+    assert verify["images_ok"] == 3 and verify["images_damaged"] == 2 and verify["shards_damaged"] == ["shard-000000"]
+    info = json.loads(invoke("info", str(out), "--json").output)
+    assert {k: info[k] for k in verify} == verify
+
+
+def test_one_damaged_sidecar_leaves_the_rest_of_the_store_readable_and_says_how_to_repair(tmp_path, caplog):
+    """Regression: one unreadable sidecar made open, info and verify fail on the whole store."""
+    folder = make_folder(tmp_path / "imgs", count=6, with_odd=False)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, shard_size=2, **LIB)
+    keys = vitok.open(out).keys()
+    (out / "shards" / "shard-000001.json").write_text('{"shard": "shard-000001", "records": [')  # cut short
+    with caplog.at_level("WARNING", logger="vitok"):
+        store = vitok.open(out)
+    assert len(store) == 4 and "shard-000001" in store.damaged and "vitok extract" in caplog.text
+    assert all(store[key].shape[-1] == 96 for key in store.keys())
+    report = vitok.verify(out)
+    assert not report.clean and report.shards_damaged == ["shard-000001"]
+    assert any("shard-000001" in p and "re-extract" in p for p in report.problems)
+    assert "shard-000001" in invoke("info", str(out)).output
+    vitok.extract([str(folder)], out, shard_size=2, **LIB)  # the repair: the shard is redone
+    assert vitok.open(out).keys() == keys and vitok.verify(out).clean

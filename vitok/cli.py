@@ -276,25 +276,40 @@ def _safe(text: str) -> str:
 
 
 @app.command()
-def info(out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")]) -> None:
+def info(
+    out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
     """Summarise a store: model, settings, planned vs done, images ok / skipped / failed (with reasons), damage."""
+    _setup_logging(quiet=json_output)
     from .store import open_store
     from .verify import verify_store
 
     store = open_store(out)
     report = verify_store(out, quick=True)
     settings = store.header.settings
+    skipped = {k: r for k, r in store.skipped.items() if k not in store.removed}
+    failed = {k: r for k, r in store.failed.items() if k not in store.removed}
+    if json_output:
+        typer.echo(json.dumps({
+            "store": str(out), "model": settings["model"]["name"], "weights": settings["model"]["weights"],
+            "features": settings["features"], "pool": settings["pool"], "store_dtype": settings["store_dtype"],
+            "format": settings["format"], **report.to_dict(), "skipped": skipped, "failed": failed,
+        }))
+        return
     echo = typer.echo
     echo(f"store      {out}")
     echo(f"model      {settings['model']['name']} ({settings['model']['weights']})")
     echo(f"features   {', '.join(settings['features'])}  pool={settings['pool']}  stored as "
          f"{settings['store_dtype']}  computed in {settings['compute_dtype']}  format={settings['format']}")
     planned = f" of {report.planned_shards} planned" if report.planned_shards else ""
-    echo(f"shards     {len(store.shards)} done{planned}; {len(report.incomplete)} not done, "
-         f"{len(report.in_progress)} in progress")
-    echo(f"images     {len(store)} ok, {len(store.skipped)} skipped, {len(store.failed)} failed"
-         + (f", {len(store.removed)} removed from the sources" if store.removed else ""))
-    for title, table in (("skipped", store.skipped), ("failed", store.failed)):
+    damaged = f", {len(report.shards_damaged)} damaged" if report.shards_damaged else ""
+    echo(f"shards     {report.shards_done} done{planned}; {len(report.incomplete)} not done, "
+         f"{len(report.in_progress)} in progress{damaged}")
+    echo(f"images     {report.images_ok} ok, {report.images_skipped} skipped, {report.images_failed} failed"
+         + (f", {report.images_damaged} in damaged shards" if report.images_damaged else "")
+         + (f", {report.images_removed} removed from the sources" if report.images_removed else ""))
+    for title, table in (("skipped", skipped), ("failed", failed)):
         for key, reason in sorted(table.items())[:50]:
             echo(f"  {title:8s} {_safe(key)}: {_safe(reason)}")
         if len(table) > 50:
@@ -304,6 +319,8 @@ def info(out: Annotated[Path, typer.Argument(help="A store written by vitok extr
             echo(f"  input    {sidecar.shard}: {_safe(sidecar.unit['error'])}")
     if report.problems:
         echo(f"damage     {len(report.problems)} problem(s); run 'vitok verify {out}'")
+        for problem in report.problems[:5]:
+            echo(f"  damage   {_safe(problem)}")
     for line in report.leftovers[:10]:
         echo(f"  leftover {line}")
 
@@ -312,12 +329,18 @@ def info(out: Annotated[Path, typer.Argument(help="A store written by vitok extr
 def verify(
     out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
     quick: Annotated[bool, typer.Option(help="Check sizes, keys and rows only, not the checksums.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
 ) -> None:
     """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem or unfinished
     shard."""
     from .verify import verify_store
 
     report = verify_store(out, quick=quick)
+    if json_output:
+        typer.echo(json.dumps(report.to_dict()))
+        if not report.clean:
+            raise typer.Exit(1)
+        return
     for problem in report.problems:
         typer.echo(f"problem: {_safe(problem)}", err=True)
     if report.incomplete:
@@ -330,7 +353,8 @@ def verify(
     for line in report.input_errors[:20]:
         typer.echo(f"input: {_safe(line)}", err=True)
     typer.echo(f"{report.shards_ok} shard(s) ok, {report.images_ok} images ok, {report.images_skipped} skipped, "
-               f"{report.images_failed} failed")
+               f"{report.images_failed} failed" + (f", {report.images_damaged} in damaged shards"
+                                                    if report.images_damaged else ""))
     if not report.clean:
         raise typer.Exit(1)
 

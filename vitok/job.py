@@ -17,7 +17,7 @@ from typing import Any
 from . import __version__
 from .checkpoint import ModelSource, resolve_model
 from .config import PreprocessConfig
-from .errors import InputsChangedError, SettingsMismatchError, UsageError
+from .errors import InputsChangedError, SettingsMismatchError, StoreError, UsageError
 from .features import check_features, default_features, feature_layouts, token_orders
 from .options import ExtractOptions
 from .parallel import Part, detect_part
@@ -228,7 +228,12 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
         name = path.stem
         if base_and_attempt(name)[0] not in names_mine or path.name.startswith("."):
             continue
-        sidecar = read_sidecar(path)
+        try:
+            sidecar = read_sidecar(path)
+        except StoreError as exc:  # a damaged sidecar vouches for nothing: the shard is redone
+            logger.warning("shard %s will be redone: %s", name, exc)
+            damaged.add(name)
+            continue
         if fingerprint is not None and sidecar.fingerprint not in (None, fingerprint):
             raise SettingsMismatchError(
                 f"shard {name} in {job.out} was written with other settings (fingerprint {sidecar.fingerprint}, "

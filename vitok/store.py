@@ -10,6 +10,7 @@ Also readable without vitok: see ``OUT/README.txt`` (plain h5py / numpy).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -27,6 +28,8 @@ from .storage.dtypes import from_store_array
 from .storage.format import ShardDataReader
 from .storage.records import ImageRecord, Sidecar
 from .storage.shards import get_format, iter_sidecars, shards_dir
+
+logger = logging.getLogger(__name__)
 
 MAX_OPEN = 64  # shard files held open at once (far below the usual limit of 1024 open files)
 TOO_MANY_FILES = (errno.EMFILE, errno.ENFILE)
@@ -106,6 +109,7 @@ class Store:
     skipped: dict[str, str] = field(default_factory=dict)  # key -> reason
     failed: dict[str, str] = field(default_factory=dict)  # key -> reason (could not be read; a rerun retries)
     removed: set[str] = field(default_factory=set)  # inputs removed from the sources by --update
+    damaged: dict[str, str] = field(default_factory=dict)  # shard -> why its sidecar cannot be read (left out)
     _index: dict[str, tuple[str, ImageRecord]] = field(default_factory=dict)  # key -> (shard, record)
     _sorted_keys: list[str] | None = field(default=None, repr=False)  # filled on first use (a store does not change)
     _readers: ReaderCache = field(init=False, repr=False)
@@ -282,7 +286,7 @@ def open_store(out: str | Path) -> Store:
     """Open an output folder written by ``vitok extract`` (any number of processes, finished or not)."""
     root = Path(out)
     store = Store(root, read_header(root))
-    for sidecar in attempt_order(list(iter_sidecars(root))):
+    for sidecar in attempt_order(list(iter_sidecars(root, store.damaged))):
         store.shards[sidecar.shard] = sidecar
         for record in sidecar.records:
             key = record.key
@@ -300,4 +304,6 @@ def open_store(out: str | Path) -> Store:
         plan = None
     if plan is not None:
         store.removed = plan.removed()
+    for shard, why in store.damaged.items():
+        logger.warning("shard %s: %s", shard, why)
     return store
