@@ -131,3 +131,100 @@ def test_one_damaged_sidecar_leaves_the_rest_of_the_store_readable_and_says_how_
     assert "shard-000001" in invoke("info", str(out)).output
     vitok.extract([str(folder)], out, shard_size=2, **LIB)  # the repair: the shard is redone
     assert vitok.open(out).keys() == keys and vitok.verify(out).clean
+
+
+# ---- models: damaged checkpoints and mistyped paths ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tower_file(tmp_path_factory):
+    from vitok.checkpoint import resolve_model, save_tower
+    from vitok.model import VisionEncoder
+
+    source = resolve_model("qwen3-vl-tiny")
+    path = tmp_path_factory.mktemp("tower") / "tower.safetensors"
+    save_tower(VisionEncoder(source.encoder), path, source.encoder)
+    return path
+
+
+@pytest.mark.parametrize("keep", [50, 0.5, 0.95], ids=["header-cut", "half", "tail-cut"])
+def test_a_truncated_safetensors_is_one_error_naming_the_file(tmp_path, tower_file, keep):
+    from vitok.checkpoint import read_tower_state_dict, resolve_model
+    from vitok.errors import CheckpointError
+
+    data = tower_file.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(CheckpointError) as caught:
+        read_tower_state_dict(resolve_model(cut))
+    message = str(caught.value)
+    assert str(cut) in message and "truncated or damaged" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("spec", ["./models/qwen3", "~/no-such-models/qwen3", "/no/such/model", "a/b/c", "local/x"])
+def test_a_mistyped_local_model_path_is_not_tried_as_a_hub_repo(tmp_path, monkeypatch, spec):
+    from vitok.checkpoint import resolve_model
+    from vitok.errors import UsageError
+
+    (tmp_path / "local").mkdir()  # "local/x": its first part exists here, so it is a path, not owner/name
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("vitok.checkpoint._resolve_hub", lambda repo: pytest.fail(f"tried the hub for {repo}"))
+    with pytest.raises(UsageError, match="no such folder or file"):
+        resolve_model(spec)
+
+
+def test_a_repo_id_is_still_a_repo_id(tmp_path, monkeypatch):
+    from vitok import checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint, "_resolve_hub", lambda repo: repo)
+    assert checkpoint.resolve_model("Qwen/Qwen3-VL-2B-Instruct") == "Qwen/Qwen3-VL-2B-Instruct"
+
+
+# ---- the training collator refuses a store made by another tower -----------------------------------------------------
+
+
+def test_the_collator_refuses_a_store_with_other_deepstack_levels_or_width(tmp_path):
+    from types import SimpleNamespace
+
+    from vitok.integrations.transformers import CachedImagesCollator
+
+    folder = make_folder(tmp_path / "imgs", count=2, with_odd=False)
+    vitok.extract([str(folder)], tmp_path / "out", features="merged,deepstack", **LIB)
+    store = vitok.open(tmp_path / "out")  # qwen3-vl-tiny: merged 96 wide, DeepStack from block 0
+
+    def config(width=96, levels=(0,)):
+        vision = SimpleNamespace(out_hidden_size=width, deepstack_visual_indexes=list(levels), spatial_merge_size=2)
+        return SimpleNamespace(image_token_id=7, vision_config=vision)
+
+    CachedImagesCollator(store, config())
+    with pytest.raises(ValueError, match=r"1 DeepStack level\(s\).*adds 3"):
+        CachedImagesCollator(store, config(levels=(0, 1, 2)))
+    with pytest.raises(ValueError, match="96 wide.*takes 128"):
+        CachedImagesCollator(store, config(width=128))
+
+
+# ---- heartbeats of dead runs -----------------------------------------------------------------------------------------
+
+
+def test_heartbeat_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from vitok.storage.claims import Claims, RunIdentity
+
+    runs = tmp_path / ".claims" / "runs"
+    runs.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_run = RunIdentity(socket.gethostname(), int(dead.stdout), None, "deadbeef")
+    (runs / dead_run.id).write_text(dead_run.to_json())
+    live_run = RunIdentity("other-host", 1, None, "cafecafe")  # another host, beating recently
+    (runs / live_run.id).write_text(live_run.to_json())
+    claims = Claims(tmp_path)
+    claims.start()
+    try:
+        assert sorted(p.name for p in runs.iterdir()) == sorted([claims.identity.id, live_run.id])
+    finally:
+        claims.stop()
+    assert [p.name for p in runs.iterdir()] == [live_run.id]
