@@ -132,7 +132,8 @@ def run(args, device, tmp: Path) -> None:
         bulk_reads(args, tmp)
 
 
-def synthetic_store(out: Path, images: int, rows: int, dim: int, fmt: str = "hdf5", per_shard: int = 1000) -> None:
+def synthetic_store(out: Path, images: int, rows: int, dim: int, fmt: str = "hdf5", per_shard: int = 1000,
+                    store_dtype: str = "float16") -> None:
     """A store of random tokens written through the real sink (no encoder): for timing reads."""
     import time as clock
 
@@ -146,17 +147,17 @@ def synthetic_store(out: Path, images: int, rows: int, dim: int, fmt: str = "hdf
     from ..storage.records import ImageRecord, dumps
 
     settings = {"model": {"name": "synthetic", "weights": "none", "config": {"spatial_merge_size": 2}},
-                "features": ["merged"], "pool": "mean" if rows == 1 else "none", "store_dtype": "float16",
+                "features": ["merged"], "pool": "mean" if rows == 1 else "none", "store_dtype": store_dtype,
                 "format": fmt, "token_order": {"merged": "raster"}}
     create_exclusive(out / META_FILE, dumps(RunHeader(settings, __version__, clock.strftime("%F")).to_json()))
     rng = np.random.default_rng(0)
     for shard, start in enumerate(range(0, images, per_shard)):
         count = min(per_shard, images - start)
-        sink = ShardSink(out, get_format(fmt), f"shard-{shard:06d}", {"merged": FeatureLayout(dim)}, "float16",
+        sink = ShardSink(out, get_format(fmt), f"shard-{shard:06d}", {"merged": FeatureLayout(dim)}, store_dtype,
                          None, "bench")
         records = [ImageRecord(f"img{start + i:08d}", "ok", "synthetic", grid=[1, 2, 2 * rows])
                    for i in range(count)]
-        tokens = rng.standard_normal((count * rows, dim), dtype=np.float32).astype(np.float16)
+        tokens = rng.standard_normal((count * rows, dim), dtype=np.float32).astype(store_dtype)
         sink.add_batch(EncodedBatch(shard, records, {"merged": tokens}, {"merged": [rows] * count}))
         sink.commit(fingerprint=RunHeader(settings, "", "").fingerprint)
 

@@ -146,6 +146,7 @@ def _extract_command(
     from ..pipeline.runner import extract as run_extract
     from .progress import ProgressDisplay
 
+    options.given = frozenset(_given_on_command_line(values) | ({"model"} if size else set()))
     with ProgressDisplay(not quiet) as progress:
         summary = run_extract(sources, out, options, progress=progress)
     _report(summary, out)
@@ -153,6 +154,16 @@ def _extract_command(
         typer.echo(json.dumps(summary.to_dict()))
     if summary.all_skipped:
         raise typer.Exit(1)
+
+
+def _given_on_command_line(values: dict[str, Any]) -> set[str]:
+    """The options the user typed (a resume takes the others from the store)."""
+    ctx = typer.main.get_current_context(silent=True)
+    if ctx is None:
+        return set(values)
+    defaulted = {name for name in values
+                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") in ("DEFAULT", "DEFAULT_MAP")}
+    return set(values) - defaulted
 
 
 def _report(summary, out) -> None:
@@ -278,25 +289,40 @@ def _safe(text: str) -> str:
 
 
 @app.command()
-def info(out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")]) -> None:
+def info(
+    out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
     """Summarise a store: model, settings, planned vs done, images ok / skipped / failed (with reasons), damage."""
+    _setup_logging(quiet=json_output)
     from ..storage.store import open_store
     from ..storage.verify import verify_store
 
     store = open_store(out)
     report = verify_store(out, quick=True)
     settings = store.header.settings
+    skipped = {k: r for k, r in store.skipped.items() if k not in store.removed}
+    failed = {k: r for k, r in store.failed.items() if k not in store.removed}
+    if json_output:
+        typer.echo(json.dumps({
+            "store": str(out), "model": settings["model"]["name"], "weights": settings["model"]["weights"],
+            "features": settings["features"], "pool": settings["pool"], "store_dtype": settings["store_dtype"],
+            "format": settings["format"], **report.to_dict(), "skipped": skipped, "failed": failed,
+        }))
+        return
     echo = typer.echo
     echo(f"store      {out}")
     echo(f"model      {settings['model']['name']} ({settings['model']['weights']})")
     echo(f"features   {', '.join(settings['features'])}  pool={settings['pool']}  stored as "
          f"{settings['store_dtype']}  computed in {settings['compute_dtype']}  format={settings['format']}")
     planned = f" of {report.planned_shards} planned" if report.planned_shards else ""
-    echo(f"shards     {len(store.shards)} done{planned}; {len(report.incomplete)} not done, "
-         f"{len(report.in_progress)} in progress")
-    echo(f"images     {len(store)} ok, {len(store.skipped)} skipped, {len(store.failed)} failed"
-         + (f", {len(store.removed)} removed from the sources" if store.removed else ""))
-    for title, table in (("skipped", store.skipped), ("failed", store.failed)):
+    damaged = f", {len(report.shards_damaged)} damaged" if report.shards_damaged else ""
+    echo(f"shards     {report.shards_done} done{planned}; {len(report.incomplete)} not done, "
+         f"{len(report.in_progress)} in progress{damaged}")
+    echo(f"images     {report.images_ok} ok, {report.images_skipped} skipped, {report.images_failed} failed"
+         + (f", {report.images_damaged} in damaged shards" if report.images_damaged else "")
+         + (f", {report.images_removed} removed from the sources" if report.images_removed else ""))
+    for title, table in (("skipped", skipped), ("failed", failed)):
         for key, reason in sorted(table.items())[:50]:
             echo(f"  {title:8s} {_safe(key)}: {_safe(reason)}")
         if len(table) > 50:
@@ -311,6 +337,8 @@ def info(out: Annotated[Path, typer.Argument(help="A store written by vitok extr
             echo(f"  nan/inf  {_safe(key)}: {count} value(s)")
     if report.problems:
         echo(f"damage     {len(report.problems)} problem(s); run 'vitok verify {out}'")
+        for problem in report.problems[:5]:
+            echo(f"  damage   {_safe(problem)}")
     for line in report.leftovers[:10]:
         echo(f"  leftover {line}")
 
@@ -323,6 +351,7 @@ def verify(
         "--embeds", help="Check served embeddings instead: OUT is a vllm-ec or sglang export (or a store, checked as "
                          "it would be exported): tokens vs grid and merge size, width, dtype, finite, contiguous."
     )] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
 ) -> None:
     """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem or unfinished
     shard. With --embeds, check every embedding of a serving export against the model's contract."""
@@ -341,6 +370,11 @@ def verify(
     from ..storage.verify import verify_store
 
     report = verify_store(out, quick=quick)
+    if json_output:
+        typer.echo(json.dumps(report.to_dict()))
+        if not report.clean:
+            raise typer.Exit(1)
+        return
     for problem in report.problems:
         typer.echo(f"problem: {_safe(problem)}", err=True)
     if report.incomplete:
@@ -355,7 +389,8 @@ def verify(
     for line in report.nonfinite[:20]:
         typer.echo(f"warning: {_safe(line)}", err=True)
     typer.echo(f"{report.shards_ok} shard(s) ok, {report.images_ok} images ok, {report.images_skipped} skipped, "
-               f"{report.images_failed} failed")
+               f"{report.images_failed} failed" + (f", {report.images_damaged} in damaged shards"
+                                                    if report.images_damaged else ""))
     if not report.clean:
         raise typer.Exit(1)
 

@@ -15,6 +15,7 @@ Tensor names may carry the prefix ``model.visual.`` (Qwen3-VL releases), ``visua
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -72,12 +73,31 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
                 "convert it with safetensors first"
             )
         return _resolve_single_file(path)
+    if _looks_like_path(text):
+        raise UsageError(f"--model {text!r}: {_missing_part(path)}; check the path (a Hugging Face repo id is "
+                         "written owner/name)")
     if REPO_ID.match(text) and not path.exists():
         return _resolve_hub(text)
     raise UsageError(
         f"--model {text!r} is neither a preset, an existing folder or .safetensors file, nor a Hugging Face repo id; "
         f"valid presets: {', '.join(presets)}"
     )
+
+
+def _looks_like_path(text: str) -> bool:
+    """A local path, not a repo id: absolute, starting with . or ~, more than one separator, a separator other than
+    the repo id's '/', or a first part that exists here (``models/Qwen3-VL`` beside a ``models`` folder)."""
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text):
+        return True
+    return "/" in text and Path(text.split("/")[0]).expanduser().exists()
+
+
+def _missing_part(path: Path) -> str:
+    """Which part of a path is missing: ``folder /a/b does not exist (/a does)``."""
+    path = Path(os.path.abspath(path))
+    existing = next((p for p in path.parents if p.exists()), None)
+    missing = path if existing is None else path.relative_to(existing).parts[0]
+    return f"no such folder or file ({existing / missing} does not exist{f', {existing} does' if existing else ''})"
 
 
 # ---- folders and files -------------------------------------------------------------------------------------------
@@ -137,11 +157,9 @@ def _tower_files(folder: Path) -> tuple[list[Path], str]:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         hint = f" (found {', '.join(pickles)}: vitok never unpickles weights)" if pickles else ""
         raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
-    from safetensors import safe_open
-
     holders, prefix = [], None
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with _open_safetensors(file) as handle:
             keys = list(handle.keys())
         found = _find_prefix(keys)
         if found is not None:
@@ -150,6 +168,26 @@ def _tower_files(folder: Path) -> tuple[list[Path], str]:
     if prefix is None:
         raise CheckpointError(f"{folder}: no vision tower tensors in {', '.join(f.name for f in files)}")
     return holders, prefix
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path):
+    """``safe_open`` whose errors (a truncated or damaged file) are one CheckpointError naming the file."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: cannot read it as safetensors ({exc}); the file is truncated or damaged: "
+                              "download or copy it again") from None
+    with handle:
+        try:
+            yield handle
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read it as safetensors ({exc}); the file is truncated or "
+                                  "damaged: download or copy it again") from None
 
 
 def _find_prefix(keys: Iterable[str]) -> str | None:
@@ -161,9 +199,7 @@ def _find_prefix(keys: Iterable[str]) -> str | None:
 
 
 def _resolve_single_file(path: Path) -> ModelSource:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
+    with _open_safetensors(path) as handle:
         metadata = handle.metadata() or {}
         keys = list(handle.keys())
         prefix = _find_prefix(keys)
@@ -260,17 +296,12 @@ def _expected_shapes(config: EncoderConfig) -> dict[str, tuple[int, ...]]:
 
 def read_tower_state_dict(source: ModelSource) -> dict[str, torch.Tensor]:
     """Read exactly the tower's tensors (prefix stripped) from the source's safetensors files."""
-    from safetensors import safe_open
-
     state: dict[str, torch.Tensor] = {}
     for file in source.weight_files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    if key.startswith(source.prefix):
-                        state[key[len(source.prefix) :]] = handle.get_tensor(key)
-        except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise CheckpointError(f"{file}: cannot read safetensors ({exc})") from exc
+        with _open_safetensors(file) as handle:
+            for key in handle.keys():
+                if key.startswith(source.prefix):
+                    state[key[len(source.prefix) :]] = handle.get_tensor(key)
     if source.prefix == "":
         # A bare tower file may sit beside other modules' tensors only under a prefix; keep tower names.
         state = {k: v for k, v in state.items() if not k.startswith(("model.", "lm_head."))}

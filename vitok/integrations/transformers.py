@@ -42,6 +42,25 @@ def image_features(store, keys: Sequence[str], device=None, dtype=None):
     return BaseModelOutputWithDeepstackFeatures(pooler_output=merged, deepstack_features=deepstack)
 
 
+def check_store_fits(store, vision) -> None:
+    """Refuse a store whose features the model cannot take: merged tokens of another width (transformers then fails
+    with a confusing count mismatch) or another number of DeepStack levels (training would inject only some)."""
+    if vision is None:
+        return
+    tower = store.header.settings["model"].get("config", {})
+    name = store.header.settings["model"]["name"]
+    width, expected = tower.get("out_hidden_size"), getattr(vision, "out_hidden_size", None)
+    if width is not None and expected is not None and int(width) != int(expected):
+        raise ValueError(f"the store's merged tokens are {width} wide (tower {name}); this model takes {expected} "
+                         "(vision_config.out_hidden_size): extract the store with this model's own tower")
+    wanted = list(getattr(vision, "deepstack_visual_indexes", None) or [])
+    stored = list(tower.get("deepstack_visual_indexes") or [])
+    if wanted and "deepstack" in store.features and len(stored) != len(wanted):
+        raise ValueError(f"the store holds {len(stored)} DeepStack level(s) (blocks {stored} of tower {name}); this "
+                         f"model adds {len(wanted)} (vision_config.deepstack_visual_indexes {wanted}): extract the "
+                         "store with this model's own tower")
+
+
 class CachedImagesCollator:
     """Turns samples that name their images by store key into the keyword arguments of a Qwen3-VL model.
 
@@ -58,6 +77,7 @@ class CachedImagesCollator:
         wants_deepstack = bool(getattr(vision, "deepstack_visual_indexes", None))
         if wants_deepstack and "deepstack" not in store.features:
             raise KeyError("this model adds DeepStack features: extract them too (--features merged,deepstack)")
+        check_store_fits(store, vision)
 
     def _expand(self, ids: Sequence[int], labels: Sequence[int] | None, keys: Sequence[str]):
         counts = [int(np.prod(self.store.info(key)["grid"])) // self.merge**2 for key in keys]

@@ -19,7 +19,7 @@ from .. import __version__
 from ..encoder.checkpoint import ModelSource, resolve_model
 from ..encoder.config import EncoderConfig, PreprocessConfig
 from ..encoder.features import check_features, default_features, token_orders
-from ..errors import InputsChangedError, SettingsMismatchError, UsageError
+from ..errors import InputsChangedError, SettingsMismatchError, StoreError, UsageError
 from ..inputs.plan import Plan, PlanDiff, diff, listing_digest, load_plan
 from ..inputs.readers import ReaderOptions
 from ..inputs.retries import base_and_attempt, retry_units
@@ -146,6 +146,10 @@ def preprocess_for(source: ModelSource, options: ExtractOptions) -> PreprocessCo
 
 def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) -> Job:
     """Validate everything cheap and decide what to do; writes nothing."""
+    if not options.overwrite:  # a resume: options not given are the store's (only given ones are compared)
+        stored = check_out_folder(out)
+        if stored is not None:
+            options = options.from_store(stored.options or options_from_settings(stored.settings))
     part = detect_part(options.part, options.num_parts)
     source = resolve_model(options.model)
     features = check_features(source.encoder, options.features or default_features(source.encoder),
@@ -244,7 +248,12 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
         name = path.stem
         if base_and_attempt(name)[0] not in names_mine or path.name.startswith("."):
             continue
-        sidecar = read_sidecar(path)
+        try:
+            sidecar = read_sidecar(path)
+        except StoreError as exc:  # a damaged sidecar vouches for nothing: the shard is redone
+            logger.warning("shard %s will be redone: %s", name, exc)
+            damaged.add(name)
+            continue
         if fingerprint is not None and sidecar.fingerprint not in (None, fingerprint):
             raise SettingsMismatchError(
                 f"shard {name} in {job.out} was written with other settings (fingerprint {sidecar.fingerprint}, "
@@ -267,7 +276,32 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
 
 
 def new_header(job: Job, settings: dict[str, Any], environment: dict[str, Any]) -> RunHeader:
-    return RunHeader(settings, __version__, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), environment)
+    return RunHeader(settings, __version__, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), environment,
+                     options=job.options.to_store())
+
+
+def options_from_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The options a store made before headers recorded them was made with, as far as its settings tell."""
+    from ..encoder.presets import registry
+
+    options: dict[str, Any] = {name: settings[name] for name in ("features", "pool", "store_dtype", "format",
+                                                                 "shard_size") if name in settings}
+    name = settings.get("model", {}).get("name")
+    if name in registry():
+        options["model"] = name
+    preprocess = settings.get("preprocess", {})
+    for option_name in ("min_pixels", "max_pixels", "backend", "max_image_pixels", "fast_decode", "allow_truncated",
+                        "decode"):
+        if option_name in preprocess:
+            options[option_name] = preprocess[option_name]
+    if preprocess.get("mode") == "fixed":
+        options["image_size"] = preprocess.get("image_size")
+    if any(order == "raster" for order in settings.get("token_order", {}).values()):
+        options["token_order"] = "raster"  # (the merged rows are "raster over the merged grid" either way)
+    for option_name in ("meta_fields", "image_column", "key_column"):
+        if settings.get("input", {}).get(option_name) is not None:
+            options[option_name] = settings["input"][option_name]
+    return options
 
 
 __all__ = ["Job", "Work", "check_settings", "iter_sidecars", "new_header", "prepare", "remaining_work",

@@ -3,14 +3,25 @@
 Work is cut into tasks: a few consecutive images of a loose-file unit (so a small run still uses every worker), or
 a whole archive (read sequentially by one worker). Task ``j`` goes to worker ``j % W``; each task's images come back
 as chunks of at most ``CHUNK`` images with their uint8 patches in one tensor (one message, one pinned copy per
-chunk). Every input gives an item: pixels, or a record saying why not. Workers ignore SIGINT/SIGTERM: the main
-process decides how to stop and shuts them down.
+chunk). Every input gives an item: pixels, or a record saying why not.
+
+Workers die with the main process: on Linux the kernel kills them when it dies (``PR_SET_PDEATHSIG``), elsewhere a
+thread watches the parent's pid, so a killed run never leaves orphans holding its pipes (``vitok ... | grep``).
+SIGTERM and SIGINT end a worker quietly (exit 0, whatever disposition it inherited): the main process, which gets
+the same signal from the terminal or the scheduler, decides how the run stops. ``--workers`` is clamped to what
+the machine can hold (``workers_allowed``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
 import os
 import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +35,10 @@ from ..storage.records import ImageRecord
 from .types import Chunk, Item
 
 CHUNK = 8  # images per message from a worker
+WORKER_BYTES = 320 << 20  # resident memory of one decode worker (torch, the decoders, a few images), measured
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
+
+logger = logging.getLogger(__name__)
 
 
 def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
@@ -101,9 +116,69 @@ class UnitReading(torch.utils.data.IterableDataset):
         yield Chunk(unit.index, seq, items, end=True).pack()
 
 
-def _ignore_signals(_worker_id: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _exit_quietly(_signum, _frame) -> None:
+    os._exit(0)  # an exit status of 0: the main process is stopping (same signal) or notices the worker is gone
+
+
+def _worker_init(parent: int, _worker_id: int) -> None:
+    """In each worker: end on SIGTERM/SIGINT even if they were ignored when it was forked (a run started with
+    ``nohup`` or ``&``, or forked while the main process was cleaning up), and die with the parent."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_quietly)
+    die_with_parent(parent)
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this process end when ``parent`` does: the kernel's parent-death signal on Linux, else a thread that
+    polls the parent's pid; and end now if the parent is already gone (it may die before this runs)."""
+    watched = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            watched = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            watched = False
+    if os.getppid() != parent:
+        os._exit(0)
+    if not watched:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(0)
+
+        threading.Thread(target=watch, name="vitok-parent-watch", daemon=True).start()
+
+
+def workers_allowed() -> tuple[int, str]:
+    """The most decode workers this machine can hold, and why: two per core (decoding is CPU-bound; the second
+    covers workers waiting on slow storage) and half the available memory at ``WORKER_BYTES`` each."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit, why = 2 * cpus, f"{cpus} cores"
+    available = _available_memory()
+    if available is not None:
+        limit = min(limit, max(1, available // 2 // WORKER_BYTES))
+        why += f", {available / 2**30:.1f} GB of memory available"
+    return max(1, limit), why
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def clamp_workers(requested: int) -> int:
+    """``requested`` decode workers, or fewer if the machine cannot hold them (saying so in one warning line)."""
+    limit, why = workers_allowed()
+    if requested <= limit:
+        return requested
+    logger.warning("--workers %d is more than this machine can hold (%s): using %d", requested, why, limit)
+    return limit
 
 
 def default_workers(device: torch.device) -> int:
@@ -120,9 +195,11 @@ def load_units(units: Sequence[UnitRef], kind: str, reader_options: ReaderOption
                workers: int, pin_memory: bool = False) -> Iterator[Chunk]:
     """Chunks of the units' prepared images; within a unit in order (re-ordered here if workers race)."""
     splittable = get_reader(kind, reader_options).splittable
+    workers = clamp_workers(workers)
     dataset = UnitReading(make_tasks(units, splittable), kind, reader_options, preprocessor)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, worker_init_fn=_ignore_signals,
+        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()),
         prefetch_factor=2 if workers else None, persistent_workers=False,
     )
     iterator = iter(loader)

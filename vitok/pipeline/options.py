@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from ..encoder.config import ATTENTION_KERNELS, COMPUTE_DTYPES, DECODERS, RESIZE_BACKENDS, TOKEN_ORDERS
 from ..errors import UsageError
@@ -111,6 +111,15 @@ class ExtractOptions:
                                  "node with 'ray start'; an address host:port). [default: join a running cluster if "
                                  "there is one, else start a local instance]", "Cluster", metavar="ADDRESS")
 
+    # The options given (to make_options, so on the command line); None: all of them count as given. A resume
+    # takes the others from the store (``from_store``).
+    given: ClassVar[frozenset[str] | None] = None
+    # Options that decide the tokens or the layout of the store: recorded in its header, taken from it on a resume
+    STORED: ClassVar[tuple[str, ...]] = (
+        "model", "seed", "dtype", "input_format", "image_column", "key_column", "meta_fields", "features", "pool",
+        "store_dtype", "format", "shard_size", "compression", "token_order", "min_pixels", "max_pixels",
+        "image_size", "backend", "fast_decode", "decode", "allow_truncated", "max_image_pixels")
+
     def __post_init__(self) -> None:
         for name in ("features", "meta_fields"):
             value = getattr(self, name)
@@ -144,6 +153,35 @@ class ExtractOptions:
 
     def replace(self, **changes: Any) -> ExtractOptions:
         return dataclasses.replace(self, **changes)
+
+    def to_store(self) -> dict[str, Any]:
+        """The options recorded in a new store's header: those of ``STORED`` not at their defaults (JSON types; a
+        local model path made absolute, so a resume from another folder finds it)."""
+        import os
+
+        defaults = {f.name: f.default for f in fields(self)}
+        recorded = {}
+        for name in self.STORED:
+            value = getattr(self, name)
+            if value != defaults[name]:
+                recorded[name] = list(value) if isinstance(value, tuple) else value
+        model = recorded.get("model")
+        if model is not None and os.path.exists(os.path.expanduser(model)):
+            recorded["model"] = os.path.abspath(os.path.expanduser(model))
+        return recorded
+
+    def from_store(self, stored: dict[str, Any]) -> ExtractOptions:
+        """These options, with those not given taken from a store's recorded ones (the rest keep their defaults,
+        as when the store was made)."""
+        if self.given is None:
+            return self
+        taken = {name: tuple(value) if isinstance(value, list) else value for name, value in stored.items()
+                 if name in self.STORED and name not in self.given}
+        if not taken:
+            return self
+        options = self.replace(**taken).validate()
+        options.given = self.given
+        return options
 
     def to_argv(self) -> list[str]:
         """Command-line flags that give these options (the defaults left out)."""
@@ -180,4 +218,6 @@ def make_options(**values: Any) -> ExtractOptions:
     unknown = sorted(set(values) - known)
     if unknown:
         raise UsageError(f"unknown extract option(s) {unknown}; valid: {sorted(known)}")
-    return ExtractOptions(**values).validate()
+    options = ExtractOptions(**values).validate()
+    options.given = frozenset(values)
+    return options

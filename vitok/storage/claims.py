@@ -90,6 +90,27 @@ class Claims:
         self.run_file.write_text(self.identity.to_json())
         self._thread = threading.Thread(target=self._beat, name="vitok-heartbeat", daemon=True)
         self._thread.start()
+        self.remove_dead_runs()
+
+    def remove_dead_runs(self) -> int:
+        """Delete the run files of runs that are over (killed: a finished run removes its own), judged as claims
+        are (``is_stale``); their claims, if any, stay stale and are taken over as before. Returns how many."""
+        removed = 0
+        for path in (self.folder / "runs").iterdir() if (self.folder / "runs").is_dir() else ():
+            if path == self.run_file or path.name.startswith("."):
+                continue
+            holder = read_claim(path)
+            if holder is None:
+                holder = {"run": path.name}  # unreadable: judged by its age alone
+            if holder.get("run") != path.name:
+                continue
+            if self.is_stale(holder):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed += 1
+        if removed:
+            logger.info("removed the heartbeat files of %d run(s) that are over", removed)
+        return removed
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):

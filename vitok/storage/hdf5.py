@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 from pathlib import Path
@@ -22,30 +23,73 @@ CHUNK_BYTES = 1 << 20  # HDF5's default chunk cache: a chunk is read whole and c
 
 
 class _GuardedFile(io.FileIO):
-    """The HDF5 file's bytes go through Python. After a failed write (a full disk) or an abort, writes are
-    discarded, so libhdf5 can still close the file cleanly: left to itself it keeps retrying the write, fails, and
-    crashes the interpreter at exit."""
+    """The HDF5 file's bytes go through Python, and libhdf5 never sees a failed write. The first one (a full disk)
+    is kept in ``error``, and from then on (or after ``abort``) writes are held in memory instead of the file, while
+    reads see them: libhdf5's view of its file stays whole, so it can still close it (``Hdf5Writer`` raises
+    ``error`` as soon as the HDF5 call returns, and the file is deleted). Held bytes are at most the rest of one
+    call and the metadata flushed at close. (A failed write seen by libhdf5 left ids it could not release, "Can't
+    decrement id ref count", and the interpreter crashed closing the file or at exit; discarded bytes read back as
+    garbage crashed it too.)"""
 
-    discard = False
-    error: OSError | None = None  # the first failed write (libhdf5 reports it as whatever error comes next)
+    discard = False  # writes go to ``held``, not the file
+    error: OSError | None = None  # the first failed write
 
     def write(self, data) -> int:
-        if self.discard:
-            return len(memoryview(data))
-        try:
-            return super().write(data)
-        except OSError as exc:
-            self.discard, self.error = True, exc
-            raise
+        view = memoryview(data).cast("B")
+        if not self.discard:
+            done = 0
+            try:
+                while done < len(view):  # h5py ignores the count: a short write (a disk nearly full) would lose bytes
+                    written = self.write_some(view[done:])
+                    if not written:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    done += written
+                return done
+            except OSError as exc:
+                self.discard, self.error = True, exc
+                super().seek(-done, os.SEEK_CUR)
+        self.hold(self.tell(), view)
+        return len(view)
+
+    def write_some(self, view: memoryview) -> int:
+        """One write(2): it may write less than asked (the tests make it fail here, as a full disk does)."""
+        return super().write(view)
+
+    def hold(self, offset: int, view: memoryview) -> None:
+        if not hasattr(self, "held"):
+            self.held: list[tuple[int, bytes]] = []
+        self.held.append((offset, bytes(view)))
+        super().seek(offset + len(view))
+
+    def readinto(self, buffer) -> int:
+        start = self.tell()
+        view = memoryview(buffer).cast("B")
+        count = super().readinto(view) or 0
+        held = getattr(self, "held", [])
+        if not held:
+            return count
+        view[count:] = bytes(len(view) - count)  # (libhdf5 would take unread bytes as they are: garbage)
+        for offset, data in held:  # in write order: later writes win
+            lo, hi = max(start, offset), min(start + len(view), offset + len(data))
+            if lo < hi:
+                view[lo - start : hi - start] = data[lo - offset : hi - offset]
+                count = max(count, hi - start)
+        super().seek(start + count)
+        return count
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_END and getattr(self, "held", None):  # libhdf5 asks for the end of its file so
+            end = max([super().seek(0, os.SEEK_END)] + [o + len(d) for o, d in self.held])
+            return super().seek(end + offset)
+        return super().seek(offset, whence)
 
     def truncate(self, size=None) -> int:
-        if self.discard:
-            return size or 0
-        try:
-            return super().truncate(size)
-        except OSError as exc:
-            self.discard, self.error = True, exc
-            raise
+        if not self.discard:
+            try:
+                return super().truncate(size)
+            except OSError as exc:
+                self.discard, self.error = True, exc
+        return size if size is not None else self.tell()
 
 
 class Hdf5Writer(ShardDataWriter):
@@ -54,8 +98,18 @@ class Hdf5Writer(ShardDataWriter):
 
         self.path, self.layouts, self.store_dtype, self.compression = path, layouts, store_dtype, compression
         self._raw = _GuardedFile(path, "w+")
-        self._file = h5py.File(self._raw, "w")
+        self._file = None
         self._datasets = {}
+        try:
+            with self._write_errors():
+                self._file = h5py.File(self._raw, "w")
+                self._create_datasets()
+        except BaseException:
+            self.abort()  # else the half-made file is closed by the garbage collector, writing, at exit
+            raise
+
+    def _create_datasets(self) -> None:
+        layouts, store_dtype, compression = self.layouts, self.store_dtype, self.compression
         for feature, layout in layouts.items():
             leading = (layout.levels,) if layout.levels else ()
             row_bytes = layout.dim * (layout.levels or 1) * layout.numpy_dtype(store_dtype).itemsize
@@ -103,9 +157,13 @@ class Hdf5Writer(ShardDataWriter):
 
     def abort(self) -> None:
         self._raw.discard = True  # the file is deleted anyway: let HDF5 close without writing
-        with contextlib.suppress(Exception):
-            self._file.close()
-        self._raw.close()
+        self._datasets.clear()  # no h5py object may outlive the file it belongs to
+        if self._file is not None:
+            with contextlib.suppress(Exception):
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(OSError):
+            self._raw.close()
 
 
 class Hdf5Reader(ShardDataReader):

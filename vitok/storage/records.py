@@ -73,6 +73,8 @@ class RunHeader:
     created: str
     environment: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
+    options: dict[str, Any] = field(default_factory=dict)  # the extract options that made it, not at their defaults
+    # (a local model as an absolute path): a resume that does not give an option takes it from here
 
     @property
     def fingerprint(self) -> str:
@@ -83,15 +85,16 @@ class RunHeader:
         return list(self.settings["features"])
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema": self.schema, "vitok_version": self.vitok_version, "created": self.created,
+        data = {"schema": self.schema, "vitok_version": self.vitok_version, "created": self.created,
                 "fingerprint": self.fingerprint, "settings": self.settings, "environment": self.environment}
+        return {**data, "options": self.options} if self.options else data
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "vitok.json") -> RunHeader:
         try:
             return cls(settings=data["settings"], vitok_version=data.get("vitok_version", "?"),
                        created=data.get("created", ""), environment=data.get("environment", {}),
-                       schema=int(data.get("schema", 1)))
+                       schema=int(data.get("schema", 1)), options=dict(data.get("options") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{where} is damaged ({type(exc).__name__}: {exc})") from None
 

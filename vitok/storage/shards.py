@@ -119,14 +119,27 @@ def read_sidecar(path: Path) -> Sidecar:
         raise StoreError(f"{path} is damaged ({exc})") from None
 
 
-def iter_sidecars(out: Path) -> Iterator[Sidecar]:
-    """Every committed shard's sidecar, sorted by shard name."""
+def iter_sidecars(out: Path, damaged: dict[str, str] | None = None) -> Iterator[Sidecar]:
+    """Every committed shard's sidecar, sorted by shard name. A damaged one raises StoreError, unless ``damaged``
+    is given: then it is skipped and recorded there (shard name -> what is wrong and how to repair it)."""
     folder = shards_dir(out)
     if not folder.is_dir():
         return
     for path in sorted(folder.glob("*.json")):
-        if not path.name.startswith("."):
+        if path.name.startswith("."):
+            continue
+        try:
             yield read_sidecar(path)
+        except StoreError as exc:
+            if damaged is None:
+                raise
+            damaged[path.stem] = f"{exc}; {repair_hint(out, path.stem)}"
+
+
+def repair_hint(out: Path, shard: str) -> str:
+    """How to get a damaged shard back: the next extract redoes it (or delete it by hand first)."""
+    return (f"its images are left out until it is redone: rerun 'vitok extract -o {out}' (or delete "
+            f"{SHARDS_DIR}/{shard}.* and rerun) to re-extract it")
 
 
 def check_shard(out: Path, sidecar: Sidecar, checksums: bool = False) -> list[str]:

@@ -2,14 +2,18 @@
 
 Only committed shards are visible. Records of later attempts supersede earlier ones (a retry shard's records replace
 the failed ones it retried; an updated archive's replace the old one's); inputs removed by ``--update`` are left
-out of ``keys()`` and listed in ``removed``. Open shard files are cached, at most ``MAX_OPEN`` at a time.
+out of ``keys()`` and listed in ``removed``. Open shard files are cached (``ReaderCache``): at most ``MAX_OPEN`` at a
+time, fewer when the process may open few files (``ulimit -n``), the least recently used closed first.
 Also readable without vitok: see ``OUT/README.txt`` (plain h5py / numpy).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,65 @@ from .format import ShardDataReader, row_offsets
 from .records import ImageRecord, Sidecar
 from .shards import get_format, iter_sidecars, shards_dir
 
+logger = logging.getLogger(__name__)
+
 MAX_OPEN = 64  # shard files held open at once (far below the usual limit of 1024 open files)
+TOO_MANY_FILES = (errno.EMFILE, errno.ENFILE)
+
+
+def open_files_allowed() -> int:
+    """Shard readers this process may hold open: a quarter of the file descriptors it may still open (a reader
+    can hold more than one: a memory map, a tar, libhdf5), within 1..MAX_OPEN."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return MAX_OPEN
+    if soft == resource.RLIM_INFINITY:
+        return MAX_OPEN
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 32
+    return max(1, min(MAX_OPEN, (soft - in_use) // 4))
+
+
+class ReaderCache:
+    """Open shard readers by shard name, least recently used closed first. The bound is read from the limit on open
+    files when the first reader opens; should opening still fail for want of file descriptors (other code took
+    them), every cached reader is closed and the open retried once."""
+
+    def __init__(self, opener: Callable[[str], ShardDataReader]) -> None:
+        self.opener = opener
+        self.limit: int | None = None
+        self._open: OrderedDict[str, ShardDataReader] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def get(self, shard: str) -> ShardDataReader:
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        if self.limit is None:
+            self.limit = min(MAX_OPEN, open_files_allowed())
+        while len(self._open) >= self.limit:
+            self._open.popitem(last=False)[1].close()
+        try:
+            reader = self.opener(shard)
+        except OSError as exc:
+            if exc.errno not in TOO_MANY_FILES or not self._open:
+                raise
+            self.close()
+            self.limit = max(1, self.limit // 2)
+            reader = self.opener(shard)
+        self._open[shard] = reader
+        return reader
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem(last=False)[1].close()
 
 
 def attempt_order(sidecars: list[Sidecar]) -> list[Sidecar]:
@@ -47,9 +109,13 @@ class Store:
     skipped: dict[str, str] = field(default_factory=dict)  # key -> reason
     failed: dict[str, str] = field(default_factory=dict)  # key -> reason (could not be read; a rerun retries)
     removed: set[str] = field(default_factory=set)  # inputs removed from the sources by --update
+    damaged: dict[str, str] = field(default_factory=dict)  # shard -> why its sidecar cannot be read (left out)
     _index: dict[str, tuple[str, ImageRecord]] = field(default_factory=dict)  # key -> (shard, record)
     _sorted_keys: list[str] | None = field(default=None, repr=False)  # filled on first use (a store does not change)
-    _readers: OrderedDict[str, ShardDataReader] = field(default_factory=OrderedDict)
+    _readers: ReaderCache = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._readers = ReaderCache(self._open_reader)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -94,7 +160,10 @@ class Store:
         reader = self._reader(shard)
         offsets = reader.offsets(feature)
         start, stop = int(offsets[record.row]), int(offsets[record.row + 1])
-        return from_store_array(reader.array(feature)[..., start:stop, :], reader.stored_dtype(feature))
+        rows = reader.array(feature)[..., start:stop, :]
+        if isinstance(rows, np.memmap):  # a view would keep the shard's file open for as long as the caller keeps it
+            rows = np.array(rows)
+        return from_store_array(rows, reader.stored_dtype(feature))
 
     def info(self, key: str) -> dict[str, Any]:
         """The image's record: source, grid_thw, shard, row, token counts, original size, status, notes."""
@@ -107,22 +176,15 @@ class Store:
             raise KeyError(f"feature {feature!r} not in this store; it has: {', '.join(self.features)}")
         return feature
 
-    def _reader(self, shard: str) -> ShardDataReader:
-        if shard in self._readers:
-            self._readers.move_to_end(shard)
-            return self._readers[shard]
+    def _open_reader(self, shard: str) -> ShardDataReader:
         sidecar = self.shards[shard]
-        reader = get_format(sidecar.format).open(shards_dir(self.root) / sidecar.data)
-        self._readers[shard] = reader
-        while len(self._readers) > MAX_OPEN:
-            _, oldest = self._readers.popitem(last=False)
-            oldest.close()
-        return reader
+        return get_format(sidecar.format).open(shards_dir(self.root) / sidecar.data)
+
+    def _reader(self, shard: str) -> ShardDataReader:
+        return self._readers.get(shard)
 
     def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
-        self._readers.clear()
+        self._readers.close()
 
     def __enter__(self) -> Store:
         return self
@@ -199,7 +261,9 @@ class Store:
         stored dtype (``dtype=None``) is returned memory-mapped, without a copy."""
         if self.header.settings["pool"] == "none":
             raise ValueError("array() reads pooled stores (one row per image); use iter_shards() for tokens")
-        parts = list(self.iter_shards(feature, dtype))
+        several = len(self.shards) > 1
+        parts = [(k, np.array(t) if several else t, o) for k, t, o in self.iter_shards(feature, dtype)]  # (a
+        # memory map holds a file descriptor: parts of many shards are copied before they are joined)
         keys = [k for part_keys, _, _ in parts for k in part_keys]
         if len(parts) == 1:
             return keys, parts[0][1]
@@ -238,7 +302,7 @@ def open_store(out: str | Path) -> Store:
     """Open an output folder written by ``vitok extract`` (any number of processes, finished or not)."""
     root = Path(out)
     store = Store(root, read_header(root))
-    for sidecar in attempt_order(list(iter_sidecars(root))):
+    for sidecar in attempt_order(list(iter_sidecars(root, store.damaged))):
         store.shards[sidecar.shard] = sidecar
         for record in sidecar.records:
             key = record.key
@@ -256,4 +320,6 @@ def open_store(out: str | Path) -> Store:
         plan = None
     if plan is not None:
         store.removed = plan.removed()
+    for shard, why in store.damaged.items():
+        logger.warning("shard %s: %s", shard, why)
     return store

@@ -3,6 +3,7 @@ store against its plan (shards not done, keys missing or repeated), plus what in
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,12 +12,16 @@ from ..inputs.plan import load_plan
 from ..inputs.retries import base_and_attempt
 from . import read_header
 from .claims import Claims
-from .shards import check_shard, iter_sidecars, temp_files
+from .shards import check_shard, iter_sidecars, repair_hint, temp_files
 from .store import attempt_order
 
 
 @dataclass
 class VerifyReport:
+    """What ``vitok verify`` and ``vitok info`` report; both count from here, so they agree. Images are counted
+    once each, by their latest record (a retry's replaces the failure it retried), leaving out inputs removed by
+    --update; ``images_ok`` holds only images whose shard checks out (the others are ``images_damaged``)."""
+
     shards_ok: int
     images_ok: int
     images_skipped: int
@@ -29,10 +34,17 @@ class VerifyReport:
     nonfinite: list[str] = field(default_factory=list)  # ok images whose tokens hold NaN/Inf (a warning)
     planned_shards: int = 0
     planned_images: int | None = None
+    shards_done: int = 0  # planned shards committed (retries of a shard count with it, not again)
+    shards_damaged: list[str] = field(default_factory=list)  # committed shards whose data or sidecar is damaged
+    images_damaged: int = 0  # recorded ok, in a damaged shard
+    images_removed: int = 0  # recorded, but removed from the sources by --update (not counted above)
 
     @property
     def clean(self) -> bool:
         return not self.problems and not self.incomplete
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "clean": self.clean}
 
 
 def verify_store(out: str | Path, quick: bool = False) -> VerifyReport:
@@ -45,14 +57,19 @@ def verify_store(out: str | Path, quick: bool = False) -> VerifyReport:
     shards_ok = 0
     status: dict[str, str] = {}
     done: set[str] = set()
+    damaged_sidecars: dict[str, str] = {}
+    bad_shards: set[str] = set()
     report_errors: list[str] = []
     flagged: dict[str, dict[str, int]] = {}  # key -> shard -> NaN/Inf values counted at extraction
-    for position, sidecar in enumerate(attempt_order(list(iter_sidecars(root)))):
+    for position, sidecar in enumerate(attempt_order(list(iter_sidecars(root, damaged_sidecars)))):
         done.add(base_and_attempt(sidecar.shard)[0])
         shard_problems = check_shard(root, sidecar, checksums=not quick)
         if sidecar.fingerprint is not None and sidecar.fingerprint != header.fingerprint:
             shard_problems.append(f"{sidecar.shard}: written with other settings (fingerprint {sidecar.fingerprint},"
                                   f" the store's {header.fingerprint})")
+        if shard_problems:
+            bad_shards.add(sidecar.shard)
+            shard_problems[0] += f"; {repair_hint(root, sidecar.shard)}"
         problems += shard_problems
         shards_ok += not shard_problems
         if sidecar.unit.get("error"):
@@ -68,23 +85,33 @@ def verify_store(out: str | Path, quick: bool = False) -> VerifyReport:
                 repeats.append(f"key {record.key!r} appears in {latest[record.key][1]} and {sidecar.shard}")
             latest[record.key] = (position, sidecar.shard)
             status[record.key] = record.status
+    for shard, why in sorted(damaged_sidecars.items()):
+        problems.append(f"{shard}: {why}")
     problems += repeats[:20]
     nonfinite = [f"{key!r}: {shards[latest[key][1]]} NaN/Inf value(s) in its tokens (exports leave it out)"
                  for key, shards in sorted(flagged.items()) if latest[key][1] in shards and status[key] == "ok"]
-    report = VerifyReport(shards_ok, sum(s == "ok" for s in status.values()),
-                          sum(s == "skipped" for s in status.values()), sum(s == "failed" for s in status.values()),
-                          problems, [], input_errors=report_errors, nonfinite=nonfinite)
     plan = load_plan(root)
+    removed = plan.removed() if plan is not None else set()
+    counted = {key: s for key, s in status.items() if key not in removed}
+    damaged_ok = sum(1 for key, s in counted.items() if s == "ok" and latest[key][1] in bad_shards)
+    report = VerifyReport(shards_ok, sum(s == "ok" for s in counted.values()) - damaged_ok,
+                          sum(s == "skipped" for s in counted.values()), sum(s == "failed" for s in counted.values()),
+                          problems, [], input_errors=report_errors, images_damaged=damaged_ok,
+                          images_removed=len(status) - len(counted),
+                          shards_damaged=sorted(bad_shards | set(damaged_sidecars)), nonfinite=nonfinite)
     if plan is not None:
         report.planned_shards = len(plan.units)
         report.planned_images = plan.num_images
         report.incomplete = [u.name for u in plan.units if u.name not in done]
+        report.shards_done = report.planned_shards - len(report.incomplete)
         if plan.kind == "files":
             missing = []
             for unit in plan.units:
                 if unit.name in done:
                     missing += [key for key, _ in unit.read() if key not in status]
             problems += [f"key {k!r} is planned but missing from its shard" for k in missing[:20]]
+    else:
+        report.shards_done = len(done)
     claims = Claims(root)
     for shard, holder in sorted(claims.holders().items()):
         (report.leftovers if claims.is_stale(holder) else report.in_progress).append(
