@@ -301,12 +301,18 @@ def info(out: Annotated[Path, typer.Argument(help="A store written by vitok extr
 def verify(
     out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
     quick: Annotated[bool, typer.Option(help="Check sizes, keys and rows only, not the checksums.")] = False,
+    sources: Annotated[bool, typer.Option(help="Also compare every record with its input as it is now: stale "
+                                          "records (the input changed since it was extracted) fail the check."
+                                          )] = False,
+    detect_changes: Annotated[_choices("verify_detect_changes", ("mtime", "hash")), typer.Option(
+        help="With --sources: compare size and modification time, or the content (reads every input).")] = "mtime",
 ) -> None:
-    """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem or unfinished
-    shard."""
+    """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem, unfinished
+    shard or (with --sources) stale record. Example: vitok verify out/ --sources"""
     from .verify import verify_store
 
-    report = verify_store(out, quick=quick)
+    mode = getattr(detect_changes, "value", detect_changes)
+    report = verify_store(out, quick=quick, sources=mode if sources else None)
     for problem in report.problems:
         typer.echo(f"problem: {_safe(problem)}", err=True)
     if report.incomplete:
@@ -318,6 +324,11 @@ def verify(
         typer.echo(f"leftover: {line}", err=True)
     for line in report.input_errors[:20]:
         typer.echo(f"input: {_safe(line)}", err=True)
+    for line in report.stale[:20]:
+        typer.echo(f"stale: {_safe(line)}", err=True)
+    if report.stale:
+        typer.echo(f"stale: {len(report.stale)} input(s) changed since they were extracted; rerun extract with "
+                   "--update to extract them again", err=True)
     typer.echo(f"{report.shards_ok} shard(s) ok, {report.images_ok} images ok, {report.images_skipped} skipped, "
                f"{report.images_failed} failed")
     if not report.clean:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .changes import changed_inputs
 from .checkpoint import ModelSource, resolve_model
 from .config import PreprocessConfig
 from .errors import InputsChangedError, SettingsMismatchError, UsageError
@@ -131,7 +132,8 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
             raise UsageError(f"--image-size {options.image_size} gives {options.image_size**2} pixels, more than "
                              f"--max-pixels {preprocess.max_pixels}; raise --max-pixels or choose a smaller size")
         preprocess = preprocess.replace(mode="fixed", image_size=options.image_size)
-    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
+    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column,
+                                   extra={"hash_sources": options.detect_changes == "hash"})
     header = check_out_folder(out)
     plan = None if options.overwrite else load_plan(out)
     listing = None
@@ -172,14 +174,18 @@ def _compare(job: Job) -> PlanDiff | None:
                                  "inputs: use another -o, or --overwrite")
     job.listing_digest = listing_digest(listing)
     if job.listing_digest == plan.latest["listing_digest"]:
-        return None
-    changes = diff(plan, listing)
+        changes = PlanDiff([], [])
+    else:
+        changes = diff(plan, listing)
+    gone = set(changes.removed)
+    changes.changed = [c.input for c in changed_inputs(job.out, plan, job.options.detect_changes)
+                       if c.input not in gone]
     if changes.empty:
         return None
     if not job.options.update:
         raise InputsChangedError(
             f"the sources changed since {job.out} was planned ({changes.describe()}); rerun with --update to extract "
-            "the new inputs into new shards (finished shards stay), or --overwrite to start over")
+            "the new and changed inputs into new shards (finished shards stay), or --overwrite to start over")
     return changes
 
 
@@ -222,7 +228,7 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
     names_mine = {u.name for u in plan.units if job.part.owns(u.index)}
     for path in sorted((job.out / SHARDS_DIR).glob("*.json")) if (job.out / SHARDS_DIR).is_dir() else []:
         name = path.stem
-        if base_and_attempt(name)[0] not in names_mine or path.name.startswith("."):
+        if base_and_attempt(name, plan.legacy_names)[0] not in names_mine or path.name.startswith("."):
             continue
         sidecar = read_sidecar(path)
         if fingerprint is not None and sidecar.fingerprint not in (None, fingerprint):

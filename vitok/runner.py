@@ -189,10 +189,10 @@ class Run:
         job = self.job
         if plan is None:
             write_generation(job.out, job.listing, job.options.shard_size, 0, 0, job.sources, "initial", None,
-                             job.reader_options.to_dict())
+                             job.reader_options.to_dict(), detect_changes=job.options.detect_changes)
         elif job.plan_diff is not None:
             generation = write_update(job.out, plan, job.listing, job.plan_diff, job.sources, job.listing_digest,
-                                      job.reader_options.to_dict())
+                                      job.reader_options.to_dict(), job.options.detect_changes)
             logger.info("update: %s since the store was planned; planned generation %d", job.plan_diff.describe(),
                         generation.number)
         return load_plan(job.out)
@@ -300,10 +300,12 @@ class Run:
 
 def unit_record(unit, chunk) -> dict[str, Any]:
     """What the sidecar says about the input shard: where it came from, and why it stopped early if it did."""
-    info: dict[str, Any] = {"kind": unit.kind, "plan_generation": unit.generation}
+    info: dict[str, Any] = {"kind": unit.kind, "plan_generation": unit.generation, "unit": unit.unit,
+                            "attempt": unit.attempt}
     if unit.kind != "files":
         description = unit.read()
-        info |= {k: description.get(k) for k in ("path", "row_group", "bytes", "mtime_ns")}
+        info |= {k: description.get(k) for k in ("path", "row_group", "bytes", "mtime_ns", "blake2b")
+                 if k in description}
     if chunk.unit_error:
         info["error"] = chunk.unit_error
         info["failed"] = chunk.unit_failed

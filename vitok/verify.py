@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .plan import load_plan
-from .retries import base_and_attempt
+from .retries import sidecar_attempt
 from .storage import read_header
 from .storage.claims import Claims
 from .storage.shards import check_shard, iter_sidecars, temp_files
-from .store import attempt_order
+from .store import attempt_order, current_records
 
 
 @dataclass
@@ -26,27 +26,32 @@ class VerifyReport:
     in_progress: list[str] = field(default_factory=list)  # claimed by a live run
     leftovers: list[str] = field(default_factory=list)  # temporary files and stale claims of interrupted runs
     input_errors: list[str] = field(default_factory=list)  # archives that could not be read (whole or in part)
+    stale: list[str] = field(default_factory=list)  # --sources: inputs changed since they were extracted
     planned_shards: int = 0
     planned_images: int | None = None
 
     @property
     def clean(self) -> bool:
-        return not self.problems and not self.incomplete
+        return not self.problems and not self.incomplete and not self.stale
 
 
-def verify_store(out: str | Path, quick: bool = False) -> VerifyReport:
-    """Check every committed shard (checksums too, unless ``quick``) and the plan; nothing is modified."""
+def verify_store(out: str | Path, quick: bool = False, sources: str | None = None) -> VerifyReport:
+    """Check every committed shard (checksums too, unless ``quick``) and the plan; nothing is modified.
+    ``sources`` (a :mod:`vitok.changes` mode, ``mtime`` or ``hash``): also compare every record with its input
+    as it is now, and list the stale ones."""
     root = Path(out)
     header = read_header(root)
+    plan = load_plan(root)
     problems: list[str] = []
-    latest: dict[str, tuple[int, str]] = {}  # key -> (position of the sidecar that holds it last, shard)
+    latest: dict[str, tuple[str, str]] = {}  # key -> (unit, shard) of the record that holds it now
     repeats: list[str] = []
     shards_ok = 0
     status: dict[str, str] = {}
     done: set[str] = set()
     report_errors: list[str] = []
-    for position, sidecar in enumerate(attempt_order(list(iter_sidecars(root)))):
-        done.add(base_and_attempt(sidecar.shard)[0])
+    for sidecar in attempt_order(list(iter_sidecars(root))):
+        base = sidecar_attempt(sidecar)[0]
+        done.add(base)
         shard_problems = check_shard(root, sidecar, checksums=not quick)
         if sidecar.fingerprint is not None and sidecar.fingerprint != header.fingerprint:
             shard_problems.append(f"{sidecar.shard}: written with other settings (fingerprint {sidecar.fingerprint},"
@@ -55,29 +60,33 @@ def verify_store(out: str | Path, quick: bool = False) -> VerifyReport:
         shards_ok += not shard_problems
         if sidecar.unit.get("error"):
             report_errors.append(f"{sidecar.shard}: {sidecar.unit['error']}")
-        superseding = base_and_attempt(sidecar.shard)[1] > 0 or sidecar.unit.get("plan_generation", 0) > 0
         keys = Counter(r.key for r in sidecar.records)
         repeats += [f"key {k!r} appears {n} times in {sidecar.shard}" for k, n in keys.items() if n > 1]
-        for record in sidecar.records:
-            if record.key in latest and not superseding:
+        for record in current_records(sidecar, plan):  # records of inputs planned again since are not counted
+            if record.key in latest and latest[record.key][0] != base:  # a retry supersedes its own unit only
                 repeats.append(f"key {record.key!r} appears in {latest[record.key][1]} and {sidecar.shard}")
-            latest[record.key] = (position, sidecar.shard)
+            latest[record.key] = (base, sidecar.shard)
             status[record.key] = record.status
     problems += repeats[:20]
     report = VerifyReport(shards_ok, sum(s == "ok" for s in status.values()),
                           sum(s == "skipped" for s in status.values()), sum(s == "failed" for s in status.values()),
                           problems, [], input_errors=report_errors)
-    plan = load_plan(root)
     if plan is not None:
         report.planned_shards = len(plan.units)
         report.planned_images = plan.num_images
         report.incomplete = [u.name for u in plan.units if u.name not in done]
         if plan.kind == "files":
             missing = []
+            current = plan.current()
             for unit in plan.units:
                 if unit.name in done:
-                    missing += [key for key, _ in unit.read() if key not in status]
+                    missing += [key for key, _ in unit.read()
+                                if key not in status and current.is_current(key, unit.generation)]
             problems += [f"key {k!r} is planned but missing from its shard" for k in missing[:20]]
+    if sources is not None and plan is not None:
+        from .changes import changed_inputs
+
+        report.stale = [f"{c.input}: {c.reason} ({c.path})" for c in changed_inputs(root, plan, sources)]
     claims = Claims(root)
     for shard, holder in sorted(claims.holders().items()):
         (report.leftovers if claims.is_stale(holder) else report.in_progress).append(
