@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputsChangedError, StoreError
-from .sources import ArchiveListing, FileListing, Listing, Root, archive_stem, is_url
+from .sources import ArchiveListing, FileListing, Listing, Root, archive_stem, is_url, open_regular
 from .storage.files import atomic_write_text, create_exclusive, file_mode
 
 logger = logging.getLogger(__name__)
@@ -432,7 +432,8 @@ def _img2dataset_successes(tar: str) -> int:
         return -1
     stats = Path(tar).with_name(archive_stem(tar) + "_stats.json")
     try:
-        return int(json.loads(stats.read_text())["successes"])
+        with open_regular(str(stats)) as handle:
+            return int(json.loads(handle.read())["successes"])
     except (OSError, ValueError, KeyError, TypeError):
         return -1
 

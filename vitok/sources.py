@@ -22,6 +22,7 @@ import itertools
 import logging
 import operator
 import os
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,37 @@ def is_url(text: str) -> bool:
     """``scheme://...`` (s3, gs, https, memory, file...): read through fsspec."""
     head = text.split("/", 1)[0]
     return head.endswith(":") and text[len(head):].startswith("//")
+
+
+class NotRegularFileError(OSError):
+    """A path that is not a regular file (a FIFO, a device, a socket, a folder): never opened, it could block or
+    have side effects. Not an unavailable input: a rerun does not retry it."""
+
+
+def _what(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def check_regular(path: str) -> None:
+    """NotRegularFileError unless ``path`` is a regular file (symlinks followed); OSError when it cannot be seen."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(f"not a regular file ({_what(mode)}); not read")
+
+
+def open_regular(path: str) -> BinaryIO:
+    """A local file opened for reading, only if it is a regular file (symlinks followed); NotRegularFileError for
+    anything else, checked before opening and again on the open handle (it cannot be swapped in between)."""
+    check_regular(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # a FIFO swapped in: no block
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFileError(f"not a regular file ({_what(mode)}); not read")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def kind_of(path: str) -> str | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..errors import UsageError
-from ..sources import IMAGE_EXTENSIONS, is_url
+from ..sources import IMAGE_EXTENSIONS, NotRegularFileError, check_regular, is_url
 from . import InputReader, Sample, UnitReadError
 from .remote import open_binary
 
@@ -33,7 +33,10 @@ def pyarrow_parquet():
 
 def _open(path: str):
     pq = pyarrow_parquet()
-    return pq.ParquetFile(open_binary(path) if is_url(path) else path)
+    if is_url(path):
+        return pq.ParquetFile(open_binary(path))
+    check_regular(path)  # a FIFO named x.parquet would block; pyarrow reads a path natively (faster than a handle)
+    return pq.ParquetFile(path)
 
 
 def row_groups(path: str) -> tuple[list[int], str | None]:
@@ -84,6 +87,8 @@ class ParquetReader(InputReader):
             raise UnitReadError(description.get("error") or f"{path} has no row groups", failed=True)
         try:
             handle = _open(path)
+        except NotRegularFileError as exc:
+            raise UnitReadError(f"{path}: {exc}") from None
         except FileNotFoundError as exc:
             raise UnitReadError(f"cannot open {path}: {exc.strerror or exc}", failed=True) from None
         except Exception as exc:

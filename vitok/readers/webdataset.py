@@ -18,7 +18,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 
-from ..sources import IMAGE_EXTENSIONS
+from ..sources import IMAGE_EXTENSIONS, NotRegularFileError
 from . import InputReader, Sample, UnitReadError
 from .remote import open_binary
 
@@ -44,6 +44,8 @@ class WebDatasetReader(InputReader):
         path, stem = description["path"], description["stem"]
         try:
             stream = open_binary(path)
+        except NotRegularFileError as exc:
+            raise UnitReadError(f"{path}: {exc}") from None
         except OSError as exc:
             raise UnitReadError(f"cannot open {path}: {exc.strerror or exc}", failed=True) from None
         seen: dict[str, int] = {}
