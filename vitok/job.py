@@ -25,7 +25,7 @@ from .parallel import Part, detect_part
 from .plan import Plan, PlanDiff, diff, listing_digest, load_plan
 from .readers import ReaderOptions
 from .retries import base_and_attempt, retry_units
-from .sources import FileListing, Listing, list_inputs
+from .sources import FileListing, Listing, kind_of, list_inputs
 from .storage import META_FILE, RunHeader, iter_sidecars, read_header
 from .storage.records import dumps
 from .storage.shards import SHARDS_DIR, check_shard, read_sidecar, sidecar_path
@@ -139,8 +139,7 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     listing = None
     if sources or options.files_from:
         listing = list_inputs(sources, options.files_from, stdin, options.input_format)
-        if listing.ignored:
-            logger.info("ignored %d file(s) without an image extension", listing.ignored)
+        report_listing(listing)
     elif plan is None:
         raise UsageError("give at least one source folder or file, '-' for stdin, or --files-from (or -o a store "
                          "that already holds a plan, to resume it)")
@@ -154,12 +153,59 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
               device, resolve_dtype(options.dtype, device))
     if plan is not None and listing is not None:
         job.plan_diff = _compare(job)
+    if listing is not None and (plan is None or job.plan_diff is not None):
+        check_listing(listing, job.plan_diff, reader_options)
     if plan is not None and plan.kind == "files" and plan.shard_size != options.shard_size:
         raise SettingsMismatchError(f"{out} is planned in shards of {plan.shard_size} images, not "
                                     f"{options.shard_size}; pass --shard-size {plan.shard_size} to resume")
     if job.header is not None:
         check_settings(job, weights=None)
     return job
+
+
+def report_listing(listing: Listing) -> None:
+    """Say what the listing left out: files of other kinds, archives among loose images, folders not listed."""
+    beside = listing.beside
+    if beside:
+        kinds = sorted({"wds" if kind_of(p) == "wds" else "parquet" for p in beside})
+        logger.warning("%d archive(s) beside the loose images were not read (%s%s): one store holds one kind of "
+                       "input; extract them into another store with --input-format %s (e.g. vitok extract %s -o "
+                       "OTHER)", len(beside), beside[0], ", ..." if len(beside) > 1 else "", " or ".join(kinds),
+                       os.path.dirname(beside[0]))
+    others = listing.ignored - len(beside)
+    if others > 0:
+        logger.info("ignored %d file(s) without an image extension", others)
+    for path, reason in listing.errors[:20]:
+        logger.warning("could not list %s: %s (recorded; the next run lists it again)", path, reason)
+
+
+def check_listing(listing: Listing, changes: PlanDiff | None, reader_options: ReaderOptions) -> None:
+    """What planning would refuse, found before anything is written: two inputs with one key, parquet files without
+    the columns asked for (only the inputs this run plans)."""
+    if isinstance(listing, FileListing):
+        if len(listing.roots) > 1:
+            for _ in listing.items():  # raises on two different files with one key
+                pass
+        return
+    if listing.kind == "parquet":
+        from .readers.parquet import check_columns
+
+        paths = listing.paths if changes is None else [*changes.added, *changes.changed]
+        check_columns(paths, reader_options.image_column, reader_options.key_column)
+
+
+def check_committed(out: Path, fingerprint: str) -> None:
+    """A store whose header is gone: refuse settings other than those of its committed shards before a new header
+    is written (a refused run writes nothing)."""
+    folder = out / SHARDS_DIR
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        found = read_sidecar(path).fingerprint
+        if found not in (None, fingerprint):
+            raise SettingsMismatchError(
+                f"shard {path.stem} in {out} was written with other settings (fingerprint {found}, this run "
+                f"{fingerprint}), and the store's header is gone; use the same settings, another -o, or --overwrite")
 
 
 def _absolute(source: str) -> str:
@@ -182,11 +228,26 @@ def _compare(job: Job) -> PlanDiff | None:
                        if c.input not in gone]
     if changes.empty:
         return None
+    if _only_unlisted_before(plan, listing, changes):
+        logger.info("inputs of folders that could not be listed before: planned now (%s)", changes.describe())
+        return changes
     if not job.options.update:
         raise InputsChangedError(
             f"the sources changed since {job.out} was planned ({changes.describe()}); rerun with --update to extract "
             "the new and changed inputs into new shards (finished shards stay), or --overwrite to start over")
     return changes
+
+
+def _only_unlisted_before(plan: Plan, listing: Listing, changes: PlanDiff) -> bool:
+    """The only change is inputs added under folders the last listing could not read: a retry, not an update."""
+    folders = [path.rstrip("/") + "/" for path, _ in plan.latest.get("listing_errors", [])]
+    if not folders or changes.removed or changes.changed or not changes.added:
+        return False
+    if isinstance(listing, FileListing):
+        paths = (listing.roots[root].path(key) for key, root in changes.added)
+    else:
+        paths = iter(changes.added)
+    return all(any(path.startswith(folder) for folder in folders) for path in paths)
 
 
 def check_settings(job: Job, weights: str | None) -> None:

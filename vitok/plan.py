@@ -338,6 +338,8 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
     }
     if generation == 0:
         header["names"] = NAMES
+    if listing.errors:  # folders that could not be listed: the next run lists them again
+        header["listing_errors"] = [list(e) for e in listing.errors]
     whole = _listing_hasher(listing) if listing_digest_ is None and items is None else None
     if isinstance(listing, FileListing):
         chunks = ((data, lines, lines) for data, lines in file_chunks(listing, shard_size, items))

@@ -28,7 +28,7 @@ from .device import Batch, DevicePipeline
 from .environment import describe_environment
 from .errors import Interrupted, SettingsMismatchError
 from .inference import load_encoder
-from .job import Job, Work, check_settings, make_settings, new_header, prepare, remaining_work
+from .job import Job, Work, check_committed, check_settings, make_settings, new_header, prepare, remaining_work
 from .loader import default_workers, load_units
 from .options import make_options
 from .plan import Plan, load_plan, write_generation, write_update
@@ -36,7 +36,7 @@ from .preprocess import Preprocessor
 from .storage import META_FILE, RunHeader, create_exclusive, get_format, read_header, write_readme
 from .storage.claims import Claims
 from .storage.files import raise_store_error
-from .storage.records import dumps
+from .storage.records import dumps, fingerprint
 from .storage.shards import remove_temps
 
 logger = logging.getLogger(__name__)
@@ -149,6 +149,8 @@ class Run:
         settings = make_settings(job, encoder.weights_hash)
         if job.header is not None:
             check_settings(job, encoder.weights_hash)
+        elif not job.options.overwrite:
+            check_committed(job.out, fingerprint(settings))
         header = self._write_header(settings, encoder)
         plan = self.plan = self._write_plan(plan)
         # again now that the model is loaded: other processes may have committed shards in the meantime

@@ -72,6 +72,8 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
                           sum(s == "skipped" for s in status.values()), sum(s == "failed" for s in status.values()),
                           problems, [], input_errors=report_errors)
     if plan is not None:
+        report.input_errors += [f"could not list {path}: {why} (the next extract lists it again)"
+                                for path, why in plan.latest.get("listing_errors", [])]
         report.planned_shards = len(plan.units)
         report.planned_images = plan.num_images
         report.incomplete = [u.name for u in plan.units if u.name not in done]
