@@ -186,3 +186,25 @@ def test_archives_named_like_generations_and_retries_keep_their_own_shards(tmp_p
     tokens = {key: store[key] for key in store.keys()}
     assert not any(np.array_equal(tokens["x/k"], tokens[f"{s}/k"]) for s in ("x.g1", "x~g1"))
     assert verify_store(out).clean
+
+
+def test_an_archive_changed_or_removed_before_it_was_read_is_never_read(tmp_path):
+    from vitok.plan import write_generation
+    from vitok.sources import list_inputs
+
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    for shard in range(3):
+        write_tar(folder / f"{shard:05d}.tar", {"k": png(shard)})
+    out = tmp_path / "out"
+    write_generation(out, list_inputs([str(folder)]), 1000, 0, 0, [str(folder)], "initial")  # planned, not run
+    write_tar(folder / "00001.tar", {"k": png(7), "k2": png(8)})
+    bump_mtime(folder / "00001.tar")
+    os.remove(folder / "00002.tar")
+    with pytest.raises(InputsChangedError, match="1 removed"):
+        vitok.extract([str(folder)], out, **LIB)
+    summary = vitok.extract([str(folder)], out, update=True, **LIB)
+    assert summary.shards_written == 2 and summary.ok == 3  # 00000 and 00001 as it is now; not 00002, not old 00001
+    report = verify_store(out)
+    assert report.clean and not report.incomplete
+    assert_views(out, ["00000/k", "00001/k", "00001/k2"])

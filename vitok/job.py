@@ -302,14 +302,16 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
             damaged.add(name)
             continue
         done[name] = sidecar
-    mine = [u for u in plan.units if job.part.owns(u.index)]
+    superseded = plan.superseded()  # archives planned again by --update, or removed: never read
+    mine = [u for u in plan.units if job.part.owns(u.index) and u.name not in superseded]
     todo = [u for u in mine if u.name not in done]
     retries = retry_units(job, plan, done)
     work = Work(mine, todo + retries, damaged=damaged)
     work.done_shards = sum(u.name in done for u in mine)
     work.done_images = sum(s.count("ok") + s.count("skipped") for s in done.values())
     committed = {p.stem for p in (job.out / SHARDS_DIR).glob("*.json")} if (job.out / SHARDS_DIR).is_dir() else set()
-    work.other_parts_pending = sum(1 for u in plan.units if not job.part.owns(u.index) and u.name not in committed)
+    work.other_parts_pending = sum(1 for u in plan.units if not job.part.owns(u.index) and u.name not in committed
+                                   and u.name not in superseded)
     return work
 
 

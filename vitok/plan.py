@@ -124,15 +124,11 @@ class Generation:
         return json.loads((self.folder / self.header["removed"]).read_text())
 
     def planned(self) -> Iterator[str]:
-        """The inputs this generation plans: loose-file keys (in key order) or archive paths."""
-        if self.header["reader"] != "files":
-            for unit in self.units():
-                yield unit.read()["path"]
-            return
+        """The inputs this generation plans: loose-file keys (in key order) or archive paths (one per unit)."""
         with open(self.folder / self.header["content"], "rb") as handle:
-            for line in handle:
+            for line in handle:  # read through once: one line per key, or per archive unit
                 value = json.loads(line)
-                yield value if isinstance(value, str) else value[1]
+                yield value if isinstance(value, str) else value["path"] if isinstance(value, dict) else value[1]
 
 
 @dataclass
@@ -210,6 +206,21 @@ class Plan:
     def removed(self) -> set[str]:
         """Inputs removed from the sources and not planned again since."""
         return self.current().removed_now()
+
+    def superseded(self) -> set[str]:
+        """Names of archive units whose archive a later generation planned again or removed: not to be read (their
+        records would not count). Loose-file units always hold some current key and are never superseded whole."""
+        if self.kind == "files":
+            return set()
+        current = self.current()
+        stale = set()
+        for generation in self.generations:
+            names = [u.name for u in generation.units()]
+            with open(generation.folder / generation.header["content"], "rb") as handle:
+                for name, line in zip(names, handle):
+                    if not current.is_current(json.loads(line)["path"], generation.number):
+                        stale.add(name)
+        return stale
 
 
 def plan_dir(out: Path) -> Path:
@@ -497,8 +508,10 @@ def current_archives(plan: Plan) -> dict[str, dict[str, Any]]:
     """Archive path -> the description of its unit in the generation that holds it now (for removed archives none)."""
     current = plan.current()
     found: dict[str, dict[str, Any]] = {}
-    for unit in plan.units:
-        description = unit.read()
-        if current.is_current(description["path"], unit.generation):
-            found.setdefault(description["path"], description)
+    for generation in plan.generations:
+        with open(generation.folder / generation.header["content"], "rb") as handle:
+            for line in handle:
+                description = json.loads(line)
+                if current.is_current(description["path"], generation.number):
+                    found.setdefault(description["path"], description)
     return found

@@ -57,11 +57,13 @@ def retry_units(job: Any, plan: Plan, done: dict[str, Sidecar]) -> list[UnitRef]
         if base not in latest or attempt > latest[base][0]:
             latest[base] = (attempt, sidecar)
     by_name = {u.name: u for u in plan.units}
+    superseded = plan.superseded()  # planned again or removed since: a retry's records would not count
+    current = plan.current()
     units = []
     next_index = len(plan.units)
     for base, (attempt, sidecar) in sorted(latest.items()):
         origin = by_name.get(base)
-        if origin is None:
+        if origin is None or base in superseded:
             continue
         name = f"{base}{SUFFIX}r{attempt + 1}"
         retry = {"index": next_index, "name": name, "attempt": attempt + 1, "base": base}
@@ -72,7 +74,8 @@ def retry_units(job: Any, plan: Plan, done: dict[str, Sidecar]) -> list[UnitRef]
                 next_index += 1
             continue
         items = tuple((r.key, r.source) for r in sorted(sidecar.records, key=lambda r: r.key)
-                      if r.status == "failed" and _readable(r.source))
+                      if r.status == "failed" and current.is_current(r.key, origin.generation)
+                      and _readable(r.source))
         if items:
             units.append(replace(origin, count=len(items), expected=len(items), inline=items, **retry))
             next_index += 1

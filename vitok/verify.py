@@ -76,7 +76,8 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
                                 for path, why in plan.latest.get("listing_errors", [])]
         report.planned_shards = len(plan.units)
         report.planned_images = plan.num_images
-        report.incomplete = [u.name for u in plan.units if u.name not in done]
+        superseded = plan.superseded()  # an archive planned again or removed before its unit was read
+        report.incomplete = [u.name for u in plan.units if u.name not in done and u.name not in superseded]
         if plan.kind == "files":
             missing = []
             current = plan.current()
