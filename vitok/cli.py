@@ -288,9 +288,8 @@ def info(out: Annotated[Path, typer.Argument(help="A store written by vitok extr
             echo(f"  {title:8s} {_safe(key)}: {_safe(reason)}")
         if len(table) > 50:
             echo(f"  ... and {len(table) - 50} more {title}")
-    for sidecar in store.shards.values():
-        if sidecar.unit.get("error"):
-            echo(f"  input    {sidecar.shard}: {_safe(sidecar.unit['error'])}")
+    for line in report.input_errors:  # of the last attempt of each input still in the sources
+        echo(f"  input    {_safe(line)}")
     if report.problems:
         echo(f"damage     {len(report.problems)} problem(s); run 'vitok verify {out}'")
     for line in report.leftovers[:10]:

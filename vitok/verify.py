@@ -48,7 +48,8 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
     shards_ok = 0
     status: dict[str, str] = {}
     done: set[str] = set()
-    report_errors: list[str] = []
+    errors: dict[str, str | None] = {}  # unit -> the read error of its last attempt
+    superseded = plan.superseded() if plan is not None else set()
     for sidecar in attempt_order(list(iter_sidecars(root))):
         base = sidecar_attempt(sidecar)[0]
         done.add(base)
@@ -58,8 +59,7 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
                                   f" the store's {header.fingerprint})")
         problems += shard_problems
         shards_ok += not shard_problems
-        if sidecar.unit.get("error"):
-            report_errors.append(f"{sidecar.shard}: {sidecar.unit['error']}")
+        errors[base] = f"{sidecar.shard}: {sidecar.unit['error']}" if sidecar.unit.get("error") else None
         keys = Counter(r.key for r in sidecar.records)
         repeats += [f"key {k!r} appears {n} times in {sidecar.shard}" for k, n in keys.items() if n > 1]
         for record in current_records(sidecar, plan):  # records of inputs planned again since are not counted
@@ -70,13 +70,12 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
     problems += repeats[:20]
     report = VerifyReport(shards_ok, sum(s == "ok" for s in status.values()),
                           sum(s == "skipped" for s in status.values()), sum(s == "failed" for s in status.values()),
-                          problems, [], input_errors=report_errors)
+                          problems, [], input_errors=[e for b, e in errors.items() if e and b not in superseded])
     if plan is not None:
         report.input_errors += [f"could not list {path}: {why} (the next extract lists it again)"
                                 for path, why in plan.latest.get("listing_errors", [])]
         report.planned_shards = len(plan.units)
         report.planned_images = plan.num_images
-        superseded = plan.superseded()  # an archive planned again or removed before its unit was read
         report.incomplete = [u.name for u in plan.units if u.name not in done and u.name not in superseded]
         if plan.kind == "files":
             missing = []
