@@ -17,8 +17,8 @@ import vitok
 from vitok.cli import app
 from vitok.errors import InputsChangedError
 from vitok.plan import load_plan, unit_name
-from vitok.verify import verify_store
 
+verify_store = vitok.verify  # the function (importing the module vitok.verify first would shadow it)
 LIB = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", pool="mean")
 
 

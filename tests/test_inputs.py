@@ -19,8 +19,8 @@ from PIL import Image
 import vitok
 from vitok.errors import SettingsMismatchError, UsageError
 from vitok.plan import load_plan
-from vitok.verify import verify_store
 
+verify_store = vitok.verify  # the function (importing the module vitok.verify first would shadow it)
 LIB = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", pool="mean")
 
 
