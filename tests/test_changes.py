@@ -208,3 +208,42 @@ def test_an_archive_changed_or_removed_before_it_was_read_is_never_read(tmp_path
     report = verify_store(out)
     assert report.clean and not report.incomplete
     assert_views(out, ["00000/k", "00001/k", "00001/k2"])
+
+
+def test_retry_names_of_new_and_old_plans():
+    from vitok.retries import base_and_attempt
+
+    assert base_and_attempt("x~r2") == ("x", 2)
+    assert base_and_attempt("a.retry1") == ("a.retry1", 0)  # an archive named a.retry1.tar
+    assert base_and_attempt("a.retry1", legacy=True) == ("a", 1)  # a plan written before the escaping
+
+
+def test_a_store_written_with_the_old_names_keeps_reading_and_resuming(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    write_tar(folder / "00000.tar", {"k": png(0)})
+    source = str(folder / "{00000..00001}.tar")
+    out = tmp_path / "out"
+    vitok.extract([source], out, **LIB)  # 00001.tar is missing: a failed unit
+    write_tar(folder / "00001.tar", {"k": png(1), "j": png(2)})
+    vitok.extract([source], out, **LIB)  # retried into 00001~r1
+    shards = out / "shards"  # make it a store of the first naming: 00001.retry1, no "names", no attempt in sidecars
+    sidecar = json.loads((shards / "00001~r1.json").read_text())
+    shutil.move(shards / sidecar["data"], shards / "00001.retry1.h5")
+    sidecar["files"] = {"00001.retry1.h5": sidecar["files"][sidecar["data"]]}
+    sidecar |= {"shard": "00001.retry1", "data": "00001.retry1.h5"}
+    for name in ("unit", "attempt"):
+        sidecar["unit"].pop(name)
+    (shards / "00001.retry1.json").write_text(json.dumps(sidecar))
+    (shards / "00001~r1.json").unlink()
+    header = json.loads((out / "plan" / "0000.json").read_text())
+    header.pop("names")
+    (out / "plan" / "0000.json").write_text(json.dumps(header))
+    assert load_plan(out).legacy_names
+    with vitok.open(out) as store:
+        assert store.keys() == ["00000/k", "00001/j", "00001/k"]
+    assert verify_store(out).clean
+    assert vitok.extract([source], out, **LIB).shards_written == 0  # the old retry counts as done
