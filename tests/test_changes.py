@@ -247,3 +247,22 @@ def test_a_store_written_with_the_old_names_keeps_reading_and_resuming(tmp_path)
         assert store.keys() == ["00000/k", "00001/j", "00001/k"]
     assert verify_store(out).clean
     assert vitok.extract([source], out, **LIB).shards_written == 0  # the old retry counts as done
+
+
+def test_archives_planned_with_a_content_hash_are_compared_by_content(tmp_path):
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    write_tar(folder / "00000.tar", {"k": png(0)})
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, detect_changes="hash", **LIB)
+    assert "blake2b" in load_plan(out).units[0].read()
+    tar = folder / "00000.tar"
+    bump_mtime(tar)
+    vitok.extract([str(folder)], out, detect_changes="hash", **LIB)  # touched only: the same content
+    stat = os.stat(tar)
+    data = bytearray(tar.read_bytes())
+    data[600] ^= 0xFF  # inside the member's bytes: same size
+    tar.write_bytes(bytes(data))
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(InputsChangedError, match="blake2b"):
+        vitok.extract([str(folder)], out, detect_changes="hash", **LIB)

@@ -224,8 +224,9 @@ def _compare(job: Job) -> PlanDiff | None:
     else:
         changes = diff(plan, listing)
     gone = set(changes.removed)
-    changes.changed = [c.input for c in changed_inputs(job.out, plan, job.options.detect_changes)
-                       if c.input not in gone]
+    found = [c for c in changed_inputs(job.out, plan, job.options.detect_changes) if c.input not in gone]
+    changes.changed = [c.input for c in found]
+    changes.reasons = {c.input: c.reason for c in found[:3]}
     if changes.empty:
         return None
     if _only_unlisted_before(plan, listing, changes):

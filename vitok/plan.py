@@ -459,6 +459,7 @@ class PlanDiff:
     added: list[tuple[str, int]]  # loose files: (key, root); archives: paths
     removed: list[str]
     changed: list[str] = field(default_factory=list)  # keys or archive paths whose content changed since extraction
+    reasons: dict[str, str] = field(default_factory=dict)  # changed input -> how it changed
 
     @property
     def empty(self) -> bool:
@@ -468,7 +469,8 @@ class PlanDiff:
         text = f"{len(self.added)} added, {len(self.removed)} removed, {len(self.changed)} changed"
         named = [("added", [a if isinstance(a, str) else a[0] for a in self.added[:3]]),
                  ("removed", self.removed[:3]), ("changed", self.changed[:3])]
-        examples = "; ".join(f"{what}: {', '.join(map(repr, names))}" for what, names in named if names)
+        examples = "; ".join(f"{what}: " + ", ".join(repr(n) + (f" ({self.reasons[n]})" if n in self.reasons else "")
+                                                     for n in names) for what, names in named if names)
         return f"{text}: {examples}" if examples else text
 
 
