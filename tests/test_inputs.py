@@ -71,6 +71,24 @@ def test_fifos_named_like_images_or_archives_are_skipped_with_a_reason_never_ope
     assert "FIFO" in store.shards["00001"].unit["error"]
 
 
+def test_a_fifo_named_like_a_parquet_file_is_recorded_not_opened_nor_retried(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pq.write_table(pa.table({"key": ["a"], "jpg": [png(0)]}), folder / "a.parquet")
+    os.mkfifo(folder / "b.parquet")
+    out = tmp_path / "out"
+    with deadline(120):
+        vitok.extract([str(folder)], out, **LIB)
+        with vitok.open(out) as store:
+            assert store.keys() == ["a/a"]
+            unit = store.shards["b"].unit
+            assert "FIFO" in unit["error"] and not unit["failed"]
+        assert vitok.extract([str(folder)], out, **LIB).shards_written == 0
+
+
 def test_a_folder_that_cannot_be_listed_is_recorded_and_listed_again_by_the_next_run(tmp_path, monkeypatch, caplog):
     folder = tmp_path / "images"
     (folder / "locked").mkdir(parents=True)

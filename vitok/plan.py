@@ -30,6 +30,7 @@ import heapq
 import json
 import logging
 import os
+import stat as stat_module
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -433,10 +434,12 @@ def archive_units(listing: ArchiveListing, options: dict, legacy: bool = False) 
 
 
 def _stat(path: str):
+    """The archive's stat, None when it is missing or not a regular file (nothing to compare later)."""
     try:
-        return os.stat(path)
+        found = os.stat(path)
     except OSError:
         return None
+    return found if stat_module.S_ISREG(found.st_mode) else None
 
 
 def _img2dataset_successes(tar: str) -> int:

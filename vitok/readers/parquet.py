@@ -110,6 +110,12 @@ class ParquetReader(InputReader):
         description = unit.read() if hasattr(unit, "read") else unit
         path, stem, group = description["path"], description["stem"], description.get("row_group")
         if description.get("error") or group is None:
+            try:
+                check_regular(path) if not is_url(path) else None
+            except NotRegularFileError as exc:  # never readable: not retried
+                raise UnitReadError(f"{path}: {exc}") from None
+            except OSError:
+                pass
             raise UnitReadError(description.get("error") or f"{path} has no row groups", failed=True)
         try:
             handle = _open(path)
