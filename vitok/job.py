@@ -169,9 +169,9 @@ def report_listing(listing: Listing) -> None:
     if beside:
         kinds = sorted({"wds" if kind_of(p) == "wds" else "parquet" for p in beside})
         logger.warning("%d archive(s) beside the loose images were not read (%s%s): one store holds one kind of "
-                       "input; extract them into another store with --input-format %s (e.g. vitok extract %s -o "
-                       "OTHER)", len(beside), beside[0], ", ..." if len(beside) > 1 else "", " or ".join(kinds),
-                       os.path.dirname(beside[0]))
+                       "input; extract them into another store: vitok extract %s --input-format %s -o OTHER",
+                       len(beside), beside[0], ", ..." if len(beside) > 1 else "", os.path.dirname(beside[0]),
+                       "|".join(kinds))
     others = listing.ignored - len(beside)
     if others > 0:
         logger.info("ignored %d file(s) without an image extension", others)
