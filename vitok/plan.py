@@ -158,6 +158,7 @@ class Plan:
     generations: list[Generation]
     units: list[UnitRef] = field(init=False)
     _current: Current | None = field(default=None, init=False, repr=False)
+    _superseded: set[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.units = [u for g in self.generations for u in g.units()]
@@ -213,14 +214,17 @@ class Plan:
         records would not count). Loose-file units always hold some current key and are never superseded whole."""
         if self.kind == "files":
             return set()
+        if self._superseded is not None:
+            return self._superseded
         current = self.current()
-        stale = set()
+        stale: set[str] = set()
         for generation in self.generations:
             names = [u.name for u in generation.units()]
             with open(generation.folder / generation.header["content"], "rb") as handle:
                 for name, line in zip(names, handle):
                     if not current.is_current(json.loads(line)["path"], generation.number):
                         stale.add(name)
+        self._superseded = stale
         return stale
 
 
