@@ -61,6 +61,7 @@ def assert_views(out, expected: list[str]) -> None:
                      "verify_ok": len(expected), "clean": True}
 
 
+@pytest.mark.slow
 def test_a_loose_file_replaced_in_place_is_refused_then_updated_and_reported_stale(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -128,6 +129,7 @@ def test_a_rewritten_tar_alone_is_found_and_its_dropped_samples_disappear_everyw
     assert_views(out, ["00000/a", "00000/b"])
 
 
+@pytest.mark.slow
 def test_a_parquet_file_rewritten_in_place_is_found(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -169,6 +171,7 @@ def test_unit_names_escape_what_vitok_appends():
     assert len(names) == 7 and not any("~" in n or n.startswith(".") for n in names)
 
 
+@pytest.mark.slow
 def test_archives_named_like_generations_and_retries_keep_their_own_shards(tmp_path):
     folder = tmp_path / "tars"
     folder.mkdir()
