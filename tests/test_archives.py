@@ -142,7 +142,7 @@ def test_parquet_row_groups_are_units_and_keys_follow_the_key_column(tmp_path, s
     store = vitok.open(tmp_path / "out")
     names = ["0", "1", "2", "3", "5", "6"] if struct else ["k0", "k1", "k2", "k3", "k5", "k6"]
     assert store.keys() == [f"data/{n}" for n in names]
-    assert sorted(store.shards) == ["data-rg00000", "data-rg00001", "data-rg00002"]
+    assert sorted(store.shards) == ["data~rg00000", "data~rg00001", "data~rg00002"]
     assert store.info(f"data/{names[1]}")["meta"]["caption"] == "c1"
 
 

@@ -327,9 +327,8 @@ def info(
             echo(f"  {title:8s} {_safe(key)}: {_safe(reason)}")
         if len(table) > 50:
             echo(f"  ... and {len(table) - 50} more {title}")
-    for sidecar in store.shards.values():
-        if sidecar.unit.get("error"):
-            echo(f"  input    {sidecar.shard}: {_safe(sidecar.unit['error'])}")
+    for line in report.input_errors:  # of the last attempt of each input still in the sources
+        echo(f"  input    {_safe(line)}")
     nonfinite = store.nonfinite()
     if nonfinite:
         echo(f"nan/inf    {len(nonfinite)} image(s) hold NaN/Inf values (exports leave them out)")
@@ -351,10 +350,19 @@ def verify(
         "--embeds", help="Check served embeddings instead: OUT is a vllm-ec or sglang export (or a store, checked as "
                          "it would be exported): tokens vs grid and merge size, width, dtype, finite, contiguous."
     )] = False,
+    sources: Annotated[bool, typer.Option(help="Also compare every record with its input as it is now: stale "
+                                          "records (the input changed since it was extracted) fail the check."
+                                          )] = False,
+    detect_changes: Annotated[_choices("verify_detect_changes", ("mtime", "hash")), typer.Option(
+        help="With --sources: compare size and modification time, or the content (reads every input).")] = "mtime",
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
 ) -> None:
-    """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem or unfinished
-    shard. With --embeds, check every embedding of a serving export against the model's contract."""
+    """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem, unfinished
+    shard or (with --sources) stale record. With --embeds, check every embedding of a serving export against the
+    model's contract.
+
+    Example: vitok verify out/ --sources
+    """
     if embeds:
         from ..consumers.serving import verify_embeds
 
@@ -369,7 +377,8 @@ def verify(
         return
     from ..storage.verify import verify_store
 
-    report = verify_store(out, quick=quick)
+    mode = getattr(detect_changes, "value", detect_changes)
+    report = verify_store(out, quick=quick, sources=mode if sources else None)
     if json_output:
         typer.echo(json.dumps(report.to_dict()))
         if not report.clean:
@@ -388,6 +397,11 @@ def verify(
         typer.echo(f"input: {_safe(line)}", err=True)
     for line in report.nonfinite[:20]:
         typer.echo(f"warning: {_safe(line)}", err=True)
+    for line in report.stale[:20]:
+        typer.echo(f"stale: {_safe(line)}", err=True)
+    if report.stale:
+        typer.echo(f"stale: {len(report.stale)} input(s) changed since they were extracted; rerun extract with "
+                   "--update to extract them again", err=True)
     typer.echo(f"{report.shards_ok} shard(s) ok, {report.images_ok} images ok, {report.images_skipped} skipped, "
                f"{report.images_failed} failed" + (f", {report.images_damaged} in damaged shards"
                                                     if report.images_damaged else ""))

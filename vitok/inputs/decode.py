@@ -82,12 +82,16 @@ class SourceFile:
 def read_source(path: str | Path) -> SourceFile:
     """Read an input file whole. A file that is not there or cannot be read right now raises
     InputUnavailableError (retried by a later run); one that can never be an image raises ImageError."""
+    from .sources import NotRegularFileError, open_regular
+
     try:
-        with open(path, "rb") as handle:
+        with open_regular(str(path)) as handle:
             stat = os.fstat(handle.fileno())
             if stat.st_size > MAX_FILE_BYTES:
                 raise ImageError(f"file of {stat.st_size} bytes is too large to be an image")
             data = handle.read()
+    except NotRegularFileError as exc:
+        raise ImageError(str(exc)) from None
     except OSError as exc:
         reason = f"cannot read: {exc.strerror or _one_line(exc)}"
         raise (InputUnavailableError(reason) if exc.errno in UNAVAILABLE else ImageError(reason)) from None

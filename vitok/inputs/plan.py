@@ -9,8 +9,18 @@ Units are the output shards, numbered across generations (part ``k`` of ``N`` do
 
 - loose files: ``shard-000000`` holds ``shard_size`` consecutive keys; the content file has one line per image
   (a JSON string key, or ``[root, key]`` when several roots exist); a process seeks to its own units' lines;
-- archives: one unit per tar, or per parquet row group, named after it (``00042``, ``00042-rg00003``), one JSON
+- archives: one unit per tar, or per parquet row group, named after it (``00042``, ``00042~rg00003``), one JSON
   line each; its images are only known when it is read.
+
+Unit names cannot collide with one another: a name made from an archive's stem has ``%``, ``~`` and a leading ``.``
+escaped (``%25``, ``%7E``, ``%2E``), and everything vitok appends (row groups ``~rgN``, an archive planned again by
+``--update`` ``~gN``, retries ``~rN``) starts with ``~``. Plans written before (no ``names`` field in the header) keep
+their names (``-rgN``, ``.gN``, ``.retryN``).
+
+Which generation holds an input now (``Plan.current()``): the last one that planned it, unless a later one removed
+it. Records of any other generation are stale: readers leave them out, so after ``--update`` a store holds exactly
+what the sources hold (a rewritten archive's dropped samples and a removed archive's samples disappear; a file
+removed and added again comes back).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import heapq
 import json
 import logging
 import os
+import stat as stat_module
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,12 +41,21 @@ import numpy as np
 
 from ..errors import InputsChangedError, StoreError
 from ..storage.files import AtomicFile, atomic_write_text, create_exclusive
-from .sources import ArchiveListing, FileListing, Listing, Root, archive_stem, is_url
+from .sources import ArchiveListing, FileListing, Listing, Root, archive_stem, is_url, open_regular
 
 logger = logging.getLogger(__name__)
 
 PLAN_DIR = "plan"
 PLAN_SCHEMA = 2
+NAMES = 2  # the unit naming scheme of plans written now (absent: the first one)
+SUFFIX = "~"  # starts everything vitok appends to a unit name; escaped out of archive stems
+
+
+def unit_name(stem: str) -> str:
+    """An archive's stem as a unit (= shard file) name that no suffix vitok appends can produce: ``%`` and ``~``
+    escaped everywhere, ``.`` at the start (a hidden file is a temporary one)."""
+    name = stem.replace("%", "%25").replace(SUFFIX, "%7E")
+    return "%2E" + name[1:] if name.startswith(".") else name
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,13 @@ class UnitRef:
     generation: int
     roots: tuple[Root, ...] = ()
     inline: tuple[tuple[str, str], ...] | dict[str, Any] | None = None  # retry units: content not in the plan
+    attempt: int = 0  # retries: 1, 2, ...; ``name`` is then the retry shard's, ``base`` the planned unit's
+    base: str | None = None
+
+    @property
+    def unit(self) -> str:
+        """The planned unit's name (a retry's original)."""
+        return self.base or self.name
 
     def read(self) -> list[tuple[str, str]] | dict[str, Any]:
         """Files: [(key, path)]; archives: the unit's description (path, row group, ...)."""
@@ -97,12 +124,41 @@ class Generation:
             return []
         return json.loads((self.folder / self.header["removed"]).read_text())
 
+    def planned(self) -> Iterator[str]:
+        """The inputs this generation plans: loose-file keys (in key order) or archive paths (one per unit)."""
+        with open(self.folder / self.header["content"], "rb") as handle:
+            for line in handle:  # read through once: one line per key, or per archive unit
+                value = json.loads(line)
+                yield value if isinstance(value, str) else value["path"] if isinstance(value, dict) else value[1]
+
+
+@dataclass
+class Current:
+    """Which generation holds each input now: the last that planned it, None when a later one removed it.
+    Inputs are loose-file keys or archive paths; a loose key planned only by generation 0 is not stored here."""
+
+    planned: dict[str, int]  # input -> the last generation that planned it (loose files: generations >= 1)
+    removed: dict[str, int]  # input -> the last generation that removed it
+
+    def generation(self, name: str) -> int | None:
+        planned = self.planned.get(name, 0)
+        removed = self.removed.get(name)
+        return None if removed is not None and removed > planned else planned
+
+    def is_current(self, name: str, generation: int) -> bool:
+        return self.generation(name) == generation
+
+    def removed_now(self) -> set[str]:
+        return {name for name in self.removed if self.generation(name) is None}
+
 
 @dataclass
 class Plan:
     out: Path
     generations: list[Generation]
     units: list[UnitRef] = field(init=False)
+    _current: Current | None = field(default=None, init=False, repr=False)
+    _superseded: set[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.units = [u for g in self.generations for u in g.units()]
@@ -132,8 +188,44 @@ class Plan:
         sizes = [u.expected for u in self.units]
         return None if any(s is None for s in sizes) else sum(sizes)
 
+    @property
+    def legacy_names(self) -> bool:
+        """Planned before unit names were escaped: ``.retryN`` names a retry."""
+        return self.first.get("names") != NAMES
+
+    def current(self) -> Current:
+        """Which generation holds each input now (read once per plan: loose files of generation 0 are not read)."""
+        if self._current is None:
+            planned: dict[str, int] = {}
+            removed: dict[str, int] = {}
+            for generation in self.generations:
+                if generation.number or self.kind != "files":
+                    planned.update(dict.fromkeys(generation.planned(), generation.number))
+                removed.update(dict.fromkeys(generation.removed(), generation.number))
+            self._current = Current(planned, removed)
+        return self._current
+
     def removed(self) -> set[str]:
-        return {key for g in self.generations for key in g.removed()}
+        """Inputs removed from the sources and not planned again since."""
+        return self.current().removed_now()
+
+    def superseded(self) -> set[str]:
+        """Names of archive units whose archive a later generation planned again or removed: not to be read (their
+        records would not count). Loose-file units always hold some current key and are never superseded whole."""
+        if self.kind == "files":
+            return set()
+        if self._superseded is not None:
+            return self._superseded
+        current = self.current()
+        stale: set[str] = set()
+        for generation in self.generations:
+            names = [u.name for u in generation.units()]
+            with open(generation.folder / generation.header["content"], "rb") as handle:
+                for name, line in zip(names, handle):
+                    if not current.is_current(json.loads(line)["path"], generation.number):
+                        stale.add(name)
+        self._superseded = stale
+        return stale
 
 
 def plan_dir(out: Path) -> Path:
@@ -245,7 +337,7 @@ def _write_content(folder: Path, generation: int, chunks: Iterable[tuple[bytes, 
 def write_generation(out: Path, listing: Listing, shard_size: int, generation: int, first_unit: int,
                      sources: list[str], reason: str, listing_digest_: str | None = None,
                      reader_options: dict | None = None, items: list | None = None,
-                     removed: list[str] | None = None) -> Generation:
+                     removed: list[str] | None = None, detect_changes: str = "mtime") -> Generation:
     """Write one generation (all of ``listing``, or only ``items`` of it for an update) and commit its header.
     ``listing_digest_`` of the whole listing is computed while writing when not given."""
     folder = plan_dir(out)
@@ -255,6 +347,10 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
         "first_unit": first_unit, "listing_digest": listing_digest_, "reader_options": reader_options or {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if generation == 0:
+        header["names"] = NAMES
+    if listing.errors:  # folders that could not be listed: the next run lists them again
+        header["listing_errors"] = [list(e) for e in listing.errors]
     whole = _listing_hasher(listing) if listing_digest_ is None and items is None else None
     if isinstance(listing, FileListing):
         chunks = ((data, lines, lines) for data, lines in file_chunks(listing, shard_size, items))
@@ -263,6 +359,10 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
                    "num_units": (lines + shard_size - 1) // shard_size}
     else:
         units = items if items is not None else archive_units(listing, reader_options or {})
+        if detect_changes == "hash":
+            from .changes import archive_hashes
+
+            archive_hashes(units)
         chunks = (((json.dumps(u, sort_keys=True) + "\n").encode("ascii"), 1, u.get("expected", -1))
                   for u in units)
         content, index, lines, digest = _write_content(folder, generation, chunks)
@@ -288,48 +388,57 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
 
 
 def write_update(out: Path, plan: Plan, listing: Listing, changes: PlanDiff, sources: list[str],
-                 listing_digest_: str | None, reader_options: dict) -> Generation:
-    """--update: a generation holding the inputs added (and, for archives, changed) since ``plan``, in new units
-    after the existing ones, and the keys removed. An archive planned before gets a new unit name, so its finished
-    shard stays."""
+                 listing_digest_: str | None, reader_options: dict, detect_changes: str = "mtime") -> Generation:
+    """--update: a generation holding the inputs added or changed since ``plan``, in new units after the existing
+    ones, and the inputs removed. An archive planned before gets a new unit name, so its finished shard stays."""
     number = plan.generations[-1].number + 1
     added = changes.added
     if plan.kind != "files":
-        fresh = archive_units(ArchiveListing(plan.kind, [*added, *changes.changed]), reader_options)
+        fresh = archive_units(ArchiveListing(plan.kind, [*added, *changes.changed]), reader_options,
+                              legacy=plan.legacy_names)
         taken = {u.name for u in plan.units}
-        added = [u if u["name"] not in taken else {**u, "name": f"{u['name']}.g{number}"} for u in fresh]
+        added = [u if u["name"] not in taken else {**u, "name": f"{u['name']}{SUFFIX}g{number}"} for u in fresh]
+    elif changes.changed:  # changed files: planned again (with the listing's root) beside the added ones
+        changed = set(changes.changed)
+        added = sorted([*added, *((key, root) for key, root in listing.items() if key in changed)])
     return write_generation(out, listing, plan.shard_size, number, len(plan.units), sources, "update",
-                            listing_digest_, reader_options, items=added, removed=list(changes.removed))
+                            listing_digest_, reader_options, items=added, removed=list(changes.removed),
+                            detect_changes=detect_changes)
 
 
-def archive_units(listing: ArchiveListing, options: dict) -> list[dict[str, Any]]:
-    """One unit per tar, or per parquet row group: its name, path, size and modification time, expected images."""
+def archive_units(listing: ArchiveListing, options: dict, legacy: bool = False) -> list[dict[str, Any]]:
+    """One unit per tar, or per parquet row group: its name, path, size and modification time, expected images.
+    ``legacy``: names as plans written before escaping had them (an update of such a plan)."""
     units = []
     for path in listing.paths:
         stem = archive_stem(path)
+        name = stem if legacy else unit_name(stem)
+        row_group = "-rg" if legacy else f"{SUFFIX}rg"
         stat = None if is_url(path) else _stat(path)
         base = {"path": path, "stem": stem, "kind": listing.kind,
                 "bytes": stat.st_size if stat else None, "mtime_ns": stat.st_mtime_ns if stat else None}
         if listing.kind == "wds":
-            units.append({**base, "name": stem, "expected": _img2dataset_successes(path)})
+            units.append({**base, "name": name, "expected": _img2dataset_successes(path)})
             continue
         from .readers.parquet import row_groups
 
         groups, error = row_groups(path)
         if error or len(groups) <= 1:
-            units.append({**base, "name": stem, "row_group": 0 if groups else None,
+            units.append({**base, "name": name, "row_group": 0 if groups else None,
                           "expected": groups[0] if groups else -1, **({"error": error} if error else {})})
         else:
-            units += [{**base, "name": f"{stem}-rg{g:05d}", "row_group": g, "expected": rows}
+            units += [{**base, "name": f"{name}{row_group}{g:05d}", "row_group": g, "expected": rows}
                       for g, rows in enumerate(groups)]
     return units
 
 
 def _stat(path: str):
+    """The archive's stat, None when it is missing or not a regular file (nothing to compare later)."""
     try:
-        return os.stat(path)
+        found = os.stat(path)
     except OSError:
         return None
+    return found if stat_module.S_ISREG(found.st_mode) else None
 
 
 def _img2dataset_successes(tar: str) -> int:
@@ -338,7 +447,8 @@ def _img2dataset_successes(tar: str) -> int:
         return -1
     stats = Path(tar).with_name(archive_stem(tar) + "_stats.json")
     try:
-        return int(json.loads(stats.read_text())["successes"])
+        with open_regular(str(stats)) as handle:
+            return int(json.loads(handle.read())["successes"])
     except (OSError, ValueError, KeyError, TypeError):
         return -1
 
@@ -350,36 +460,35 @@ def _img2dataset_successes(tar: str) -> int:
 class PlanDiff:
     added: list[tuple[str, int]]  # loose files: (key, root); archives: paths
     removed: list[str]
-    changed: list[str] = field(default_factory=list)  # archives whose size or modification time changed
+    changed: list[str] = field(default_factory=list)  # keys or archive paths whose content changed since extraction
+    reasons: dict[str, str] = field(default_factory=dict)  # changed input -> how it changed
 
     @property
     def empty(self) -> bool:
         return not (self.added or self.removed or self.changed)
 
     def describe(self) -> str:
-        return f"{len(self.added)} added, {len(self.removed)} removed, {len(self.changed)} changed"
+        text = f"{len(self.added)} added, {len(self.removed)} removed, {len(self.changed)} changed"
+        named = [("added", [a if isinstance(a, str) else a[0] for a in self.added[:3]]),
+                 ("removed", self.removed[:3]), ("changed", self.changed[:3])]
+        examples = "; ".join(f"{what}: " + ", ".join(repr(n) + (f" ({self.reasons[n]})" if n in self.reasons else "")
+                                                     for n in names) for what, names in named if names)
+        return f"{text}: {examples}" if examples else text
 
 
 def planned_keys(plan: Plan) -> Iterator[str]:
-    """Loose-file keys of every generation, merged in key order, each once, without the removed ones."""
-    removed = plan.removed()
-
-    def keys_of(generation: Generation) -> Iterator[str]:
-        header = generation.header
-        with open(generation.folder / header["content"], "rb") as handle:
-            for line in handle:
-                value = json.loads(line)
-                yield value if isinstance(value, str) else value[1]
-
+    """Loose-file keys the plan holds now (of every generation, merged in key order, each once, not removed)."""
+    current = plan.current()
     previous = None
-    for key in heapq.merge(*(keys_of(g) for g in plan.generations)):
-        if key != previous and key not in removed:
+    for key in heapq.merge(*(g.planned() for g in plan.generations)):
+        if key != previous and current.generation(key) is not None:
             yield key
         previous = key
 
 
 def diff(plan: Plan, listing: Listing) -> PlanDiff:
-    """What the listing adds to and removes from the plan (streamed for loose files: both sides are sorted)."""
+    """What the listing adds to and removes from the plan (streamed for loose files: both sides are sorted).
+    Content changes are found by :mod:`vitok.inputs.changes` from the records."""
     if isinstance(listing, FileListing):
         added, removed = [], []
         old, new = planned_keys(plan), listing.items()
@@ -394,17 +503,19 @@ def diff(plan: Plan, listing: Listing) -> PlanDiff:
             else:
                 a, b = next(old, None), next(new, None)
         return PlanDiff(added, removed)
-    planned = {}
-    for unit in plan.units:
-        planned.setdefault(unit.read()["path"], unit.read())
-    removed_paths = set(plan.removed())
-    current = {p: u for p, u in planned.items() if p not in removed_paths}
+    current = {p for p, g in plan.current().planned.items() if plan.current().generation(p) is not None}
     paths = set(listing.paths)
-    changed = []
-    for path in sorted(paths & set(current)):
-        stat = None if is_url(path) else _stat(path)
-        unit = current[path]
-        if stat is not None and unit.get("bytes") is not None and (
-                stat.st_size != unit["bytes"] or stat.st_mtime_ns != unit["mtime_ns"]):
-            changed.append(path)
-    return PlanDiff(sorted(paths - set(current)), sorted(set(current) - paths), changed)
+    return PlanDiff(sorted(paths - current), sorted(current - paths))
+
+
+def current_archives(plan: Plan) -> dict[str, dict[str, Any]]:
+    """Archive path -> the description of its unit in the generation that holds it now (for removed archives none)."""
+    current = plan.current()
+    found: dict[str, dict[str, Any]] = {}
+    for generation in plan.generations:
+        with open(generation.folder / generation.header["content"], "rb") as handle:
+            for line in handle:
+                description = json.loads(line)
+                if current.is_current(description["path"], generation.number):
+                    found.setdefault(description["path"], description)
+    return found

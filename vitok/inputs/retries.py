@@ -1,8 +1,10 @@
 """Retrying inputs that could not be read: a missing file, a permission error, an archive not mounted yet.
 
 Such inputs are committed as ``failed`` (not ``skipped``: it was not the image's fault). A later run that finds
-them readable again extracts them into a retry shard ``<shard>.retry<k>`` beside the original, whose records then
+them readable again extracts them into a retry shard ``<shard>~r<k>`` beside the original, whose records then
 supersede the failed ones; finished shards are never rewritten. Retries belong to the original shard's part.
+A retry's sidecar names its unit and attempt; plans written before unit names were escaped named retries
+``<shard>.retry<k>``, which only such plans read as retries (``legacy``): ``a.retry1.tar`` is an archive of its own.
 """
 
 from __future__ import annotations
@@ -13,16 +15,26 @@ from dataclasses import replace
 from typing import Any
 
 from ..storage.records import Sidecar
-from .plan import Plan, UnitRef
+from .plan import SUFFIX, Plan, UnitRef
 from .sources import is_url
 
-RETRY = re.compile(r"^(?P<base>.+)\.retry(?P<k>\d+)$")
+RETRY = re.compile(r"^(?P<base>.+)~r(?P<k>\d+)$")
+LEGACY_RETRY = re.compile(r"^(?P<base>.+)\.retry(?P<k>\d+)$")
 
 
-def base_and_attempt(name: str) -> tuple[str, int]:
-    """``shard-000003.retry2`` -> (``shard-000003``, 2); an original shard is attempt 0."""
-    match = RETRY.match(name)
+def base_and_attempt(name: str, legacy: bool = False) -> tuple[str, int]:
+    """``shard-000003~r2`` -> (``shard-000003``, 2); an original shard is attempt 0. ``legacy``: a plan written
+    before unit names were escaped, whose retries were ``shard-000003.retry2``."""
+    match = RETRY.match(name) or (LEGACY_RETRY.match(name) if legacy else None)
     return (match["base"], int(match["k"])) if match else (name, 0)
+
+
+def sidecar_attempt(sidecar: Sidecar) -> tuple[str, int]:
+    """(planned unit, attempt) of a committed shard, from its sidecar (older sidecars: from its name)."""
+    unit = sidecar.unit
+    if "attempt" in unit and unit.get("unit"):
+        return unit["unit"], int(unit["attempt"])
+    return base_and_attempt(sidecar.shard, legacy=True)
 
 
 def _readable(path: str) -> bool:
@@ -40,28 +52,31 @@ def _readable(path: str) -> bool:
 def retry_units(job: Any, plan: Plan, done: dict[str, Sidecar]) -> list[UnitRef]:
     """Retry units for this part's committed shards whose last attempt has failed inputs readable now."""
     latest: dict[str, tuple[int, Sidecar]] = {}
-    for name, sidecar in done.items():
-        base, attempt = base_and_attempt(name)
+    for sidecar in done.values():
+        base, attempt = sidecar_attempt(sidecar)
         if base not in latest or attempt > latest[base][0]:
             latest[base] = (attempt, sidecar)
     by_name = {u.name: u for u in plan.units}
+    superseded = plan.superseded()  # planned again or removed since: a retry's records would not count
+    current = plan.current()
     units = []
     next_index = len(plan.units)
     for base, (attempt, sidecar) in sorted(latest.items()):
         origin = by_name.get(base)
-        if origin is None:
+        if origin is None or base in superseded:
             continue
-        name = f"{base}.retry{attempt + 1}"
+        name = f"{base}{SUFFIX}r{attempt + 1}"
+        retry = {"index": next_index, "name": name, "attempt": attempt + 1, "base": base}
         if origin.kind != "files":
             description = origin.read()
             if sidecar.unit.get("failed") and _readable(description["path"]):
-                units.append(replace(origin, index=next_index, name=name, inline=dict(description)))
+                units.append(replace(origin, inline=dict(description), **retry))
                 next_index += 1
             continue
         items = tuple((r.key, r.source) for r in sorted(sidecar.records, key=lambda r: r.key)
-                      if r.status == "failed" and _readable(r.source))
+                      if r.status == "failed" and current.is_current(r.key, origin.generation)
+                      and _readable(r.source))
         if items:
-            units.append(replace(origin, index=next_index, name=name, count=len(items), expected=len(items),
-                                 inline=items))
+            units.append(replace(origin, count=len(items), expected=len(items), inline=items, **retry))
             next_index += 1
     return units

@@ -22,6 +22,7 @@ import itertools
 import logging
 import operator
 import os
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,37 @@ def is_url(text: str) -> bool:
     """``scheme://...`` (s3, gs, https, memory, file...): read through fsspec."""
     head = text.split("/", 1)[0]
     return head.endswith(":") and text[len(head):].startswith("//")
+
+
+class NotRegularFileError(OSError):
+    """A path that is not a regular file (a FIFO, a device, a socket, a folder): never opened, it could block or
+    have side effects. Not an unavailable input: a rerun does not retry it."""
+
+
+def _what(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def check_regular(path: str) -> None:
+    """NotRegularFileError unless ``path`` is a regular file (symlinks followed); OSError when it cannot be seen."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(f"not a regular file ({_what(mode)}); not read")
+
+
+def open_regular(path: str) -> BinaryIO:
+    """A local file opened for reading, only if it is a regular file (symlinks followed); NotRegularFileError for
+    anything else, checked before opening and again on the open handle (it cannot be swapped in between)."""
+    check_regular(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # a FIFO swapped in: no block
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFileError(f"not a regular file ({_what(mode)}); not read")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def kind_of(path: str) -> str | None:
@@ -84,6 +116,8 @@ class FileListing:
     roots: list[Root]
     keys: list[list[str]]
     ignored: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)  # folders that could not be listed: (path, why)
+    beside: list[str] = field(default_factory=list)  # archives found among the loose images (not read)
 
     def items(self) -> Iterator[tuple[str, int]]:
         """(key, root index) in key order, each key once; two different files with one key are an error."""
@@ -114,6 +148,8 @@ class ArchiveListing:
     paths: list[str]
     ignored: int = 0
     missing_ok: set[str] = field(default_factory=set)  # listed but absent (recorded when read)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # folders that could not be listed: (path, why)
+    beside: list[str] = field(default_factory=list)
 
 
 Listing = FileListing | ArchiveListing
@@ -172,13 +208,29 @@ def remote_folder(url: str, kind: str) -> list[str]:
                   for p in fs.find(path) if kind_of(p) == kind)
 
 
-def _walk(root: str, wanted) -> tuple[list[str], int]:
-    """Relative paths of the wanted files under root, following symlinks but never a folder twice (loop safe)."""
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _walk(root: str, wanted, errors: list[tuple[str, str]] | None = None,
+          beside: list[str] | None = None) -> tuple[list[str], int]:
+    """Relative paths of the wanted files under root, following symlinks but never a folder twice (loop safe).
+    Folders that cannot be listed go to ``errors`` as (path, why); archives among unwanted files to ``beside``."""
     found: list[str] = []
     ignored = 0
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
+    errors = errors if errors is not None else []
+
+    def failed(exc: OSError) -> None:
+        errors.append((os.fsdecode(exc.filename) if exc.filename is not None else root, _reason(exc)))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=failed):
+        try:
+            st = os.stat(dirpath)
+        except OSError as exc:
+            failed(exc)
+            dirnames[:] = []
+            continue
         if (st.st_dev, st.st_ino) in seen:
             dirnames[:] = []
             continue
@@ -190,6 +242,8 @@ def _walk(root: str, wanted) -> tuple[list[str], int]:
                 found.append(f"{base}/{name}" if base else name)
             else:
                 ignored += 1
+                if beside is not None and kind_of(name) in ARCHIVE_SUFFIXES:
+                    beside.append(f"{dirpath}/{name}")
     return found, ignored
 
 
@@ -216,6 +270,8 @@ class _Collector:
         self.roots: dict[Root, list[str]] = {}
         self.archives: list[str] = []
         self.ignored = 0
+        self.errors: list[tuple[str, str]] = []
+        self.beside: list[str] = []
 
     def _set_kind(self, kind: str, what: str) -> None:
         if self.kind is None:
@@ -281,10 +337,11 @@ class _Collector:
         self._set_kind(kind, given)
         path = os.path.normpath(path)
         if kind == "files":
-            rels, ignored = _walk(path, lambda name: os.path.splitext(name.lower())[1] in IMAGE_EXTENSIONS)
+            rels, ignored = _walk(path, lambda name: os.path.splitext(name.lower())[1] in IMAGE_EXTENSIONS,
+                                  self.errors, self.beside)
             self.roots.setdefault(Root(path, prefix), []).extend(prefix + rel for rel in rels)
         else:
-            rels, ignored = _walk(path, lambda name: kind_of(name) == kind)
+            rels, ignored = _walk(path, lambda name: kind_of(name) == kind, self.errors)
             self.archives += [f"{path}/{rel}" for rel in rels]
         self.ignored += ignored
 
@@ -343,7 +400,7 @@ def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None)
                                  "clash: give them in separate runs")
             stems[stem] = path
         missing = {p for p in paths if not is_url(p) and not os.path.exists(p)}
-        return ArchiveListing(collect.kind, paths, collect.ignored, missing)
+        return ArchiveListing(collect.kind, paths, collect.ignored, missing, collect.errors)
     roots = list(collect.roots)
     keys = []
     for root in roots:
@@ -353,5 +410,9 @@ def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None)
             group = list(dict.fromkeys(group))
         keys.append(group)
     if not any(keys):
-        raise UsageError(f"no images found in {what}{extra}")
-    return FileListing(roots, keys, collect.ignored)
+        unlisted = f"; {len(collect.errors)} folder(s) could not be listed ({collect.errors[0][0]}: " \
+            f"{collect.errors[0][1]})" if collect.errors else ""
+        beside = f"; it holds archives ({collect.beside[0]}...): pass --input-format wds or parquet" \
+            if collect.beside else ""
+        raise UsageError(f"no images found in {what}{extra}{unlisted}{beside}")
+    return FileListing(roots, keys, collect.ignored, collect.errors, collect.beside)

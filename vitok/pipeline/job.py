@@ -20,10 +20,11 @@ from ..encoder.checkpoint import ModelSource, resolve_model
 from ..encoder.config import EncoderConfig, PreprocessConfig
 from ..encoder.features import check_features, default_features, token_orders
 from ..errors import InputsChangedError, SettingsMismatchError, StoreError, UsageError
+from ..inputs.changes import changed_inputs
 from ..inputs.plan import Plan, PlanDiff, diff, listing_digest, load_plan
 from ..inputs.readers import ReaderOptions
 from ..inputs.retries import base_and_attempt, retry_units
-from ..inputs.sources import FileListing, Listing, list_inputs
+from ..inputs.sources import FileListing, Listing, kind_of, list_inputs
 from ..storage import META_FILE, RunHeader, iter_sidecars, read_header
 from ..storage.format import FeatureLayout
 from ..storage.shards import SHARDS_DIR, check_shard, read_sidecar, sidecar_path
@@ -155,14 +156,14 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     features = check_features(source.encoder, options.features or default_features(source.encoder),
                               options.pool)
     preprocess = preprocess_for(source, options)
-    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
+    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column,
+                                   extra={"hash_sources": options.detect_changes == "hash"})
     header = check_out_folder(out)
     plan = None if options.overwrite else load_plan(out)
     listing = None
     if sources or options.files_from:
         listing = list_inputs(sources, options.files_from, stdin, options.input_format)
-        if listing.ignored:
-            logger.info("ignored %d file(s) without an image extension", listing.ignored)
+        report_listing(listing)
     elif plan is None:
         raise UsageError("give at least one source folder or file, '-' for stdin, or --files-from (or -o a store "
                          "that already holds a plan, to resume it)")
@@ -176,12 +177,59 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
               device, resolve_dtype(options.dtype, device))
     if plan is not None and listing is not None:
         job.plan_diff = _compare(job)
+    if listing is not None and (plan is None or job.plan_diff is not None):
+        check_listing(listing, job.plan_diff, reader_options)
     if plan is not None and plan.kind == "files" and plan.shard_size != options.shard_size:
         raise SettingsMismatchError(f"{out} is planned in shards of {plan.shard_size} images, not "
                                     f"{options.shard_size}; pass --shard-size {plan.shard_size} to resume")
     if job.header is not None:
         check_settings(job, weights=None)
     return job
+
+
+def report_listing(listing: Listing) -> None:
+    """Say what the listing left out: files of other kinds, archives among loose images, folders not listed."""
+    beside = listing.beside
+    if beside:
+        kinds = sorted({"wds" if kind_of(p) == "wds" else "parquet" for p in beside})
+        logger.warning("%d archive(s) beside the loose images were not read (%s%s): one store holds one kind of "
+                       "input; extract them into another store: vitok extract %s --input-format %s -o OTHER",
+                       len(beside), beside[0], ", ..." if len(beside) > 1 else "", os.path.dirname(beside[0]),
+                       "|".join(kinds))
+    others = listing.ignored - len(beside)
+    if others > 0:
+        logger.info("ignored %d file(s) without an image extension", others)
+    for path, reason in listing.errors[:20]:
+        logger.warning("could not list %s: %s (recorded; the next run lists it again)", path, reason)
+
+
+def check_listing(listing: Listing, changes: PlanDiff | None, reader_options: ReaderOptions) -> None:
+    """What planning would refuse, found before anything is written: two inputs with one key, parquet files without
+    the columns asked for (only the inputs this run plans)."""
+    if isinstance(listing, FileListing):
+        if len(listing.roots) > 1:
+            for _ in listing.items():  # raises on two different files with one key
+                pass
+        return
+    if listing.kind == "parquet":
+        from ..inputs.readers.parquet import check_columns
+
+        paths = listing.paths if changes is None else [*changes.added, *changes.changed]
+        check_columns(paths, reader_options.image_column, reader_options.key_column)
+
+
+def check_committed(out: Path, fingerprint: str) -> None:
+    """A store whose header is gone: refuse settings other than those of its committed shards before a new header
+    is written (a refused run writes nothing)."""
+    folder = out / SHARDS_DIR
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        found = read_sidecar(path).fingerprint
+        if found not in (None, fingerprint):
+            raise SettingsMismatchError(
+                f"shard {path.stem} in {out} was written with other settings (fingerprint {found}, this run "
+                f"{fingerprint}), and the store's header is gone; use the same settings, another -o, or --overwrite")
 
 
 def _absolute(source: str) -> str:
@@ -196,15 +244,35 @@ def _compare(job: Job) -> PlanDiff | None:
                                  "inputs: use another -o, or --overwrite")
     job.listing_digest = listing_digest(listing)
     if job.listing_digest == plan.latest["listing_digest"]:
-        return None
-    changes = diff(plan, listing)
+        changes = PlanDiff([], [])
+    else:
+        changes = diff(plan, listing)
+    gone = set(changes.removed)
+    found = [c for c in changed_inputs(job.out, plan, job.options.detect_changes) if c.input not in gone]
+    changes.changed = [c.input for c in found]
+    changes.reasons = {c.input: c.reason for c in found[:3]}
     if changes.empty:
         return None
+    if _only_unlisted_before(plan, listing, changes):
+        logger.info("inputs of folders that could not be listed before: planned now (%s)", changes.describe())
+        return changes
     if not job.options.update:
         raise InputsChangedError(
             f"the sources changed since {job.out} was planned ({changes.describe()}); rerun with --update to extract "
-            "the new inputs into new shards (finished shards stay), or --overwrite to start over")
+            "the new and changed inputs into new shards (finished shards stay), or --overwrite to start over")
     return changes
+
+
+def _only_unlisted_before(plan: Plan, listing: Listing, changes: PlanDiff) -> bool:
+    """The only change is inputs added under folders the last listing could not read: a retry, not an update."""
+    folders = [path.rstrip("/") + "/" for path, _ in plan.latest.get("listing_errors", [])]
+    if not folders or changes.removed or changes.changed or not changes.added:
+        return False
+    if isinstance(listing, FileListing):
+        paths = (listing.roots[root].path(key) for key, root in changes.added)
+    else:
+        paths = iter(changes.added)
+    return all(any(path.startswith(folder) for folder in folders) for path in paths)
 
 
 def check_settings(job: Job, weights: str | None) -> None:
@@ -246,7 +314,7 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
     names_mine = {u.name for u in plan.units if job.part.owns(u.index)}
     for path in sorted((job.out / SHARDS_DIR).glob("*.json")) if (job.out / SHARDS_DIR).is_dir() else []:
         name = path.stem
-        if base_and_attempt(name)[0] not in names_mine or path.name.startswith("."):
+        if base_and_attempt(name, plan.legacy_names)[0] not in names_mine or path.name.startswith("."):
             continue
         try:
             sidecar = read_sidecar(path)
@@ -264,14 +332,16 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
             damaged.add(name)
             continue
         done[name] = sidecar
-    mine = [u for u in plan.units if job.part.owns(u.index)]
+    superseded = plan.superseded()  # archives planned again by --update, or removed: never read
+    mine = [u for u in plan.units if job.part.owns(u.index) and u.name not in superseded]
     todo = [u for u in mine if u.name not in done]
     retries = retry_units(job, plan, done)
     work = Work(mine, todo + retries, damaged=damaged)
     work.done_shards = sum(u.name in done for u in mine)
     work.done_images = sum(s.count("ok") + s.count("skipped") for s in done.values())
     committed = {p.stem for p in (job.out / SHARDS_DIR).glob("*.json")} if (job.out / SHARDS_DIR).is_dir() else set()
-    work.other_parts_pending = sum(1 for u in plan.units if not job.part.owns(u.index) and u.name not in committed)
+    work.other_parts_pending = sum(1 for u in plan.units if not job.part.owns(u.index) and u.name not in committed
+                                   and u.name not in superseded)
     return work
 
 

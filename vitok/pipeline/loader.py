@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import logging
 import os
 import signal
@@ -41,8 +42,9 @@ PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent d
 logger = logging.getLogger(__name__)
 
 
-def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
-    """Read and decode one sample; never raises (a bug or an exotic decoder failure costs one image, not the run)."""
+def prepare(sample: Sample, preprocessor: Preprocessor, hash_source: bool = False) -> Item:
+    """Read and decode one sample; never raises (a bug or an exotic decoder failure costs one image, not the run).
+    ``hash_source``: record a loose file's blake2b (``--detect-changes hash``)."""
     record = ImageRecord(sample.key, "ok", sample.source, member=sample.member, meta=sample.meta)
     if sample.skip is not None:
         record.status, record.reason = "skipped", sample.skip
@@ -53,6 +55,8 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
 
             source = read_source(sample.source)
             record.source_bytes, record.source_mtime_ns, data = source.size, source.mtime_ns, source.data
+            if hash_source:
+                record.source_blake2b = hashlib.blake2b(data, digest_size=16).hexdigest()
         else:
             data = sample.data
             record.source_bytes = len(data)
@@ -89,6 +93,7 @@ class UnitReading(torch.utils.data.IterableDataset):
 
     def __init__(self, tasks: list[Task], kind: str, reader_options: ReaderOptions, preprocessor: Preprocessor):
         self.tasks, self.kind, self.reader_options, self.preprocessor = tasks, kind, reader_options, preprocessor
+        self.hash_sources = bool(reader_options.extra.get("hash_sources"))
 
     def __iter__(self) -> Iterator[Chunk]:
         info = torch.utils.data.get_worker_info()
@@ -100,13 +105,14 @@ class UnitReading(torch.utils.data.IterableDataset):
     def _task(self, reader, task: Task) -> Iterator[Chunk]:
         unit = task.unit
         if task.stop is not None:  # a slice of a loose-file unit: exactly one chunk
-            items = [prepare(s, self.preprocessor) for s in reader.samples(unit, task.start, task.stop)]
+            items = [prepare(s, self.preprocessor, self.hash_sources)
+                     for s in reader.samples(unit, task.start, task.stop)]
             yield Chunk(unit.index, task.start // CHUNK, items, end=task.stop >= unit.count).pack()
             return
         seq, items = 0, []
         try:
             for sample in reader.samples(unit):
-                items.append(prepare(sample, self.preprocessor))
+                items.append(prepare(sample, self.preprocessor, self.hash_sources))
                 if len(items) == CHUNK:
                     yield Chunk(unit.index, seq, items).pack()
                     seq, items = seq + 1, []

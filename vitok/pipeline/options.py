@@ -61,6 +61,9 @@ class ExtractOptions:
                                                  "caption]", "Inputs", listing=True, metavar="A,B")
     update: bool = option(False, "Plan inputs added to the sources since the store was planned into new shards and "
                           "record the removed ones; finished shards stay untouched.", "Inputs")
+    detect_changes: str = option("mtime", "How a rerun or --update tells that an input already extracted changed: "
+                                 "mtime compares size and modification time, hash the content (reads every input "
+                                 "again), off trusts the names.", "Inputs", choices=("mtime", "hash", "off"))
     # ---- Outputs
     features: tuple[str, ...] | None = option(None, "Comma list of patch, merged, deepstack, block:N. [default: "
                                               "merged for Qwen towers, patch for small/base/large]", "Outputs",

@@ -28,11 +28,11 @@ from ..inputs.plan import Plan, load_plan, write_generation, write_update
 from ..storage import META_FILE, RunHeader, create_exclusive, get_format, read_header, write_readme
 from ..storage.claims import Claims
 from ..storage.files import raise_store_error
-from ..storage.records import dumps
+from ..storage.records import dumps, fingerprint
 from ..storage.shards import remove_temps
 from .batcher import Batcher
 from .committer import CommitStats, Committer
-from .job import Job, Work, check_settings, make_settings, new_header, prepare, remaining_work
+from .job import Job, Work, check_committed, check_settings, make_settings, new_header, prepare, remaining_work
 from .options import ExtractOptions, make_options
 
 if TYPE_CHECKING:
@@ -173,6 +173,8 @@ class Run:
         settings = make_settings(job, encoder.weights_hash)
         if job.header is not None:
             check_settings(job, encoder.weights_hash)
+        elif not job.options.overwrite:
+            check_committed(job.out, fingerprint(settings))
         header = self._write_header(settings, encoder)
         plan = self.plan = self._write_plan(plan)
         # again now that the model is loaded: other processes may have committed shards in the meantime
@@ -213,10 +215,10 @@ class Run:
         job = self.job
         if plan is None:
             write_generation(job.out, job.listing, job.options.shard_size, 0, 0, job.sources, "initial", None,
-                             job.reader_options.to_dict())
+                             job.reader_options.to_dict(), detect_changes=job.options.detect_changes)
         elif job.plan_diff is not None:
             generation = write_update(job.out, plan, job.listing, job.plan_diff, job.sources, job.listing_digest,
-                                      job.reader_options.to_dict())
+                                      job.reader_options.to_dict(), job.options.detect_changes)
             logger.info("update: %s since the store was planned; planned generation %d", job.plan_diff.describe(),
                         generation.number)
         return load_plan(job.out)
@@ -329,10 +331,12 @@ class Run:
 
 def unit_record(unit, chunk) -> dict[str, Any]:
     """What the sidecar says about the input shard: where it came from, and why it stopped early if it did."""
-    info: dict[str, Any] = {"kind": unit.kind, "plan_generation": unit.generation}
+    info: dict[str, Any] = {"kind": unit.kind, "plan_generation": unit.generation, "unit": unit.unit,
+                            "attempt": unit.attempt}
     if unit.kind != "files":
         description = unit.read()
-        info |= {k: description.get(k) for k in ("path", "row_group", "bytes", "mtime_ns")}
+        info |= {k: description.get(k) for k in ("path", "row_group", "bytes", "mtime_ns", "blake2b")
+                 if k in description}
     if chunk.unit_error:
         info["error"] = chunk.unit_error
         info["failed"] = chunk.unit_failed

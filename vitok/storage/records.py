@@ -48,6 +48,7 @@ class ImageRecord:
     size: list[int] | None = None  # original (width, height), upright
     source_bytes: int | None = None
     source_mtime_ns: int | None = None  # loose files: detects a changed image
+    source_blake2b: str | None = None  # loose files extracted with --detect-changes hash: the file's content hash
     decoder: str | None = None  # which decoder produced the pixels
     notes: list[str] | None = None
     float16_overflow: int | None = None

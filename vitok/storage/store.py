@@ -1,9 +1,11 @@
 """Reading a store back: ``store = vitok.open(OUT)``; ``store[key]``; ``store.get(key, "deepstack")``.
 
 Only committed shards are visible. Records of later attempts supersede earlier ones (a retry shard's records replace
-the failed ones it retried; an updated archive's replace the old one's); inputs removed by ``--update`` are left
-out of ``keys()`` and listed in ``removed``. Open shard files are cached (``ReaderCache``): at most ``MAX_OPEN`` at a
-time, fewer when the process may open few files (``ulimit -n``), the least recently used closed first.
+the failed ones it retried); only the plan generation that holds an input now counts (``Plan.current``: a changed
+archive re-extracted by ``--update`` replaces the old one whole, samples it no longer has included); inputs removed
+from the sources are left out of ``keys()`` and their keys listed in ``removed``. Open shard files are cached
+(``ReaderCache``): at most ``MAX_OPEN`` at a time, fewer when the process may open few files (``ulimit -n``), the
+least recently used closed first.
 Also readable without vitok: see ``OUT/README.txt`` (plain h5py / numpy).
 """
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from ..errors import StoreError
 from ..inputs.plan import load_plan
-from ..inputs.retries import base_and_attempt
+from ..inputs.retries import sidecar_attempt
 from . import RunHeader, read_header
 from .dtypes import from_store_array
 from .format import ShardDataReader, row_offsets
@@ -93,10 +95,23 @@ class ReaderCache:
 def attempt_order(sidecars: list[Sidecar]) -> list[Sidecar]:
     """Originals before the shards that supersede them (retries, later plan generations)."""
     def order(sidecar: Sidecar):
-        base, attempt = base_and_attempt(sidecar.shard)
+        base, attempt = sidecar_attempt(sidecar)
         return (int(sidecar.unit.get("plan_generation", 0)), base, attempt)
 
     return sorted(sidecars, key=order)
+
+
+def current_records(sidecar: Sidecar, plan) -> list[ImageRecord]:
+    """The records of a committed shard that hold their input now (all of them without a plan): a loose file's
+    record counts in the generation that planned its key last, an archive's in the one that planned the archive."""
+    if plan is None:
+        return sidecar.records
+    current = plan.current()
+    generation = int(sidecar.unit.get("plan_generation", 0))
+    if sidecar.unit.get("kind", plan.kind) != "files":
+        path = sidecar.unit.get("path")
+        return sidecar.records if path is None or current.is_current(path, generation) else []
+    return [r for r in sidecar.records if current.is_current(r.key, generation)]
 
 
 @dataclass
@@ -302,9 +317,17 @@ def open_store(out: str | Path) -> Store:
     """Open an output folder written by ``vitok extract`` (any number of processes, finished or not)."""
     root = Path(out)
     store = Store(root, read_header(root))
+    try:
+        plan = load_plan(root)
+    except StoreError:
+        plan = None
+    stale: set[str] = set()
     for sidecar in attempt_order(list(iter_sidecars(root, store.damaged))):
         store.shards[sidecar.shard] = sidecar
-        for record in sidecar.records:
+        records = current_records(sidecar, plan)
+        if len(records) < len(sidecar.records):
+            stale.update(r.key for r in sidecar.records)
+        for record in records:
             key = record.key
             for table in (store.skipped, store.failed):
                 table.pop(key, None)
@@ -314,12 +337,8 @@ def open_store(out: str | Path) -> Store:
                 store._index.pop(key, None)
                 (store.skipped if record.status == "skipped" else store.failed)[key] = record.reason or ""
         sidecar.records = []
-    try:
-        plan = load_plan(root)
-    except StoreError:
-        plan = None
-    if plan is not None:
-        store.removed = plan.removed()
+    store.removed = {key for key in stale if key not in store._index and key not in store.skipped
+                     and key not in store.failed}
     for shard, why in store.damaged.items():
         logger.warning("shard %s: %s", shard, why)
     return store

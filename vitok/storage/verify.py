@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..inputs.plan import load_plan
-from ..inputs.retries import base_and_attempt
+from ..inputs.retries import sidecar_attempt
 from . import read_header
 from .claims import Claims
 from .shards import check_shard, iter_sidecars, repair_hint, temp_files
-from .store import attempt_order
+from .store import attempt_order, current_records
 
 
 @dataclass
@@ -32,6 +32,7 @@ class VerifyReport:
     leftovers: list[str] = field(default_factory=list)  # temporary files and stale claims of interrupted runs
     input_errors: list[str] = field(default_factory=list)  # archives that could not be read (whole or in part)
     nonfinite: list[str] = field(default_factory=list)  # ok images whose tokens hold NaN/Inf (a warning)
+    stale: list[str] = field(default_factory=list)  # --sources: inputs changed since they were extracted
     planned_shards: int = 0
     planned_images: int | None = None
     shards_done: int = 0  # planned shards committed (retries of a shard count with it, not again)
@@ -41,28 +42,33 @@ class VerifyReport:
 
     @property
     def clean(self) -> bool:
-        return not self.problems and not self.incomplete
+        return not self.problems and not self.incomplete and not self.stale
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "clean": self.clean}
 
 
-def verify_store(out: str | Path, quick: bool = False) -> VerifyReport:
-    """Check every committed shard (checksums too, unless ``quick``) and the plan; nothing is modified."""
+def verify_store(out: str | Path, quick: bool = False, sources: str | None = None) -> VerifyReport:
+    """Check every committed shard (checksums too, unless ``quick``) and the plan; nothing is modified.
+    ``sources`` (a :mod:`vitok.inputs.changes` mode, ``mtime`` or ``hash``): also compare every record with its
+    input as it is now, and list the stale ones."""
     root = Path(out)
     header = read_header(root)
+    plan = load_plan(root)
     problems: list[str] = []
-    latest: dict[str, tuple[int, str]] = {}  # key -> (position of the sidecar that holds it last, shard)
+    latest: dict[str, tuple[str, str]] = {}  # key -> (unit, shard) of the record that holds it now
     repeats: list[str] = []
     shards_ok = 0
     status: dict[str, str] = {}
     done: set[str] = set()
     damaged_sidecars: dict[str, str] = {}
     bad_shards: set[str] = set()
-    report_errors: list[str] = []
+    errors: dict[str, str | None] = {}  # unit -> the read error of its last attempt
     flagged: dict[str, dict[str, int]] = {}  # key -> shard -> NaN/Inf values counted at extraction
-    for position, sidecar in enumerate(attempt_order(list(iter_sidecars(root, damaged_sidecars)))):
-        done.add(base_and_attempt(sidecar.shard)[0])
+    superseded = plan.superseded() if plan is not None else set()
+    for sidecar in attempt_order(list(iter_sidecars(root, damaged_sidecars))):
+        base = sidecar_attempt(sidecar)[0]
+        done.add(base)
         shard_problems = check_shard(root, sidecar, checksums=not quick)
         if sidecar.fingerprint is not None and sidecar.fingerprint != header.fingerprint:
             shard_problems.append(f"{sidecar.shard}: written with other settings (fingerprint {sidecar.fingerprint},"
@@ -72,46 +78,51 @@ def verify_store(out: str | Path, quick: bool = False) -> VerifyReport:
             shard_problems[0] += f"; {repair_hint(root, sidecar.shard)}"
         problems += shard_problems
         shards_ok += not shard_problems
-        if sidecar.unit.get("error"):
-            report_errors.append(f"{sidecar.shard}: {sidecar.unit['error']}")
-        superseding = base_and_attempt(sidecar.shard)[1] > 0 or sidecar.unit.get("plan_generation", 0) > 0
+        errors[base] = f"{sidecar.shard}: {sidecar.unit['error']}" if sidecar.unit.get("error") else None
         keys = Counter(r.key for r in sidecar.records)
         repeats += [f"key {k!r} appears {n} times in {sidecar.shard}" for k, n in keys.items() if n > 1]
-        for record in sidecar.records:
+        for record in current_records(sidecar, plan):  # records of inputs planned again since are not counted
             if record.status == "ok" and (record.nonfinite or record.float16_overflow):
                 flagged.setdefault(record.key, {})[sidecar.shard] = (record.nonfinite or 0) + (
                     record.float16_overflow or 0)
-            if record.key in latest and not superseding:
+            if record.key in latest and latest[record.key][0] != base:  # a retry supersedes its own unit only
                 repeats.append(f"key {record.key!r} appears in {latest[record.key][1]} and {sidecar.shard}")
-            latest[record.key] = (position, sidecar.shard)
+            latest[record.key] = (base, sidecar.shard)
             status[record.key] = record.status
     for shard, why in sorted(damaged_sidecars.items()):
         problems.append(f"{shard}: {why}")
     problems += repeats[:20]
     nonfinite = [f"{key!r}: {shards[latest[key][1]]} NaN/Inf value(s) in its tokens (exports leave it out)"
                  for key, shards in sorted(flagged.items()) if latest[key][1] in shards and status[key] == "ok"]
-    plan = load_plan(root)
     removed = plan.removed() if plan is not None else set()
     counted = {key: s for key, s in status.items() if key not in removed}
     damaged_ok = sum(1 for key, s in counted.items() if s == "ok" and latest[key][1] in bad_shards)
     report = VerifyReport(shards_ok, sum(s == "ok" for s in counted.values()) - damaged_ok,
                           sum(s == "skipped" for s in counted.values()), sum(s == "failed" for s in counted.values()),
-                          problems, [], input_errors=report_errors, images_damaged=damaged_ok,
-                          images_removed=len(status) - len(counted),
+                          problems, [], input_errors=[e for b, e in errors.items() if e and b not in superseded],
+                          images_damaged=damaged_ok, images_removed=len(status) - len(counted),
                           shards_damaged=sorted(bad_shards | set(damaged_sidecars)), nonfinite=nonfinite)
     if plan is not None:
+        report.input_errors += [f"could not list {path}: {why} (the next extract lists it again)"
+                                for path, why in plan.latest.get("listing_errors", [])]
         report.planned_shards = len(plan.units)
         report.planned_images = plan.num_images
-        report.incomplete = [u.name for u in plan.units if u.name not in done]
-        report.shards_done = report.planned_shards - len(report.incomplete)
+        report.incomplete = [u.name for u in plan.units if u.name not in done and u.name not in superseded]
+        report.shards_done = sum(1 for u in plan.units if u.name in done and u.name not in superseded)
         if plan.kind == "files":
             missing = []
+            current = plan.current()
             for unit in plan.units:
                 if unit.name in done:
-                    missing += [key for key, _ in unit.read() if key not in status]
+                    missing += [key for key, _ in unit.read()
+                                if key not in status and current.is_current(key, unit.generation)]
             problems += [f"key {k!r} is planned but missing from its shard" for k in missing[:20]]
     else:
         report.shards_done = len(done)
+    if sources is not None and plan is not None:
+        from ..inputs.changes import changed_inputs
+
+        report.stale = [f"{c.input}: {c.reason} ({c.path})" for c in changed_inputs(root, plan, sources)]
     claims = Claims(root)
     for shard, holder in sorted(claims.holders().items()):
         (report.leftovers if claims.is_stale(holder) else report.in_progress).append(

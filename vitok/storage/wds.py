@@ -8,8 +8,9 @@ zipped with its input tar sample by sample.
 
 For tar inputs the sample key is the input sample's own ``__key__`` and the output shard is named after the input
 tar, so ``shards/00042.tar`` holds exactly the samples of ``00042.tar`` under the same keys (Megatron-Energon's
-join, webdataset's ``.compose``). Loose files use their vitok key with dots made underscores (a dot would end a
-webdataset key).
+join, webdataset's ``.compose``). Other inputs use their vitok key with ``%`` and ``.`` percent-escaped (``%25``,
+``%2E``: a dot would end a webdataset key), so two keys never share a member name (``x.y.jpg`` -> ``x%2Ey%2Ejpg``,
+``x_y.jpg`` -> ``x_y%2Ejpg``). Stores written before made dots underscores; their index keeps the names they used.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import StoreError
 from .format import FeatureLayout, ShardDataReader, ShardDataWriter, ShardFormat, numpy_dtype, row_offsets
 from .shards import register_format
 
@@ -30,12 +32,12 @@ INDEX = "__vitok__"  # a name webdataset's readers skip (``__*__``), holding JSO
 
 def sample_key(record: dict) -> str:
     """The sample's webdataset key: the input sample's own key (its member's path up to the first dot of the
-    basename) for tar inputs, else the vitok key with dots made underscores."""
+    basename) for tar inputs, else the vitok key with ``%`` and ``.`` escaped (injective, no dot)."""
     member, source = record.get("member"), str(record.get("source", ""))
     if member and source.lower().endswith((".tar", ".tar.gz", ".tgz")):
         folder, _, base = member.rpartition("/")
         return f"{folder}/{base.split('.')[0]}" if folder else base.split(".")[0]
-    return record["key"].replace(".", "_")
+    return record["key"].replace("%", "%25").replace(".", "%2E")
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -49,6 +51,7 @@ class WdsWriter(ShardDataWriter):
         self.path, self.layouts, self.store_dtype = path, layouts, store_dtype
         self._tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)
         self._members: list[str] = []
+        self._taken: set[str] = set()
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -58,6 +61,10 @@ class WdsWriter(ShardDataWriter):
     def write_batch(self, keys, records, arrays, rows, order=None) -> None:
         starts = {f: row_offsets(r) for f, r in rows.items()}
         names = [sample_key(record) for record in records]
+        if len(set(names)) < len(names) or not self._taken.isdisjoint(names):  # webdataset would refuse the tar
+            clash = next(n for i, n in enumerate(names) if n in self._taken or n in names[:i])
+            raise StoreError(f"two images of shard {self.path.name} would share the member name {clash!r}")
+        self._taken.update(names)
         self._members += names  # in row order, as the keys and offsets of the shard's tables
         for i in order if order is not None else range(len(records)):  # the tar itself in input order
             record, name = records[i], names[i]

@@ -31,6 +31,26 @@ class Sample:
     skip: str | None = None  # a reason to record it as skipped without decoding
 
 
+class KeyRule:
+    """The one key rule of every archive reader: the first sample with a key keeps it; a later one (a duplicate, or a
+    key some earlier sample's generated name already took) is recorded as skipped under ``key#n``, ``n`` the
+    smallest number >= 2 not taken, so a recorded name never collides with a real key nor is written twice."""
+
+    def __init__(self) -> None:
+        self.taken: set[str] = set()
+
+    def assign(self, key: str) -> tuple[str, int]:
+        """(the name this sample is recorded under, 1 for the first with the key, else the n of ``key#n``)."""
+        if key not in self.taken:
+            self.taken.add(key)
+            return key, 1
+        n = 2
+        while f"{key}#{n}" in self.taken:
+            n += 1
+        self.taken.add(f"{key}#{n}")
+        return f"{key}#{n}", n
+
+
 class UnitReadError(Exception):
     """The rest of a unit cannot be read; ``failed`` when the input was unavailable (a rerun retries it) rather
     than damaged."""

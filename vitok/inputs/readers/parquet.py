@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ...errors import UsageError
-from ..sources import IMAGE_EXTENSIONS, is_url
-from . import InputReader, Sample, UnitReadError
+from ..sources import IMAGE_EXTENSIONS, NotRegularFileError, check_regular, is_url
+from . import InputReader, KeyRule, Sample, UnitReadError
 from .remote import open_binary
 
 BATCH_ROWS = 64
@@ -33,7 +33,10 @@ def pyarrow_parquet():
 
 def _open(path: str):
     pq = pyarrow_parquet()
-    return pq.ParquetFile(open_binary(path) if is_url(path) else path)
+    if is_url(path):
+        return pq.ParquetFile(open_binary(path))
+    check_regular(path)  # a FIFO named x.parquet would block; pyarrow reads a path natively (faster than a handle)
+    return pq.ParquetFile(path)
 
 
 def row_groups(path: str) -> tuple[list[int], str | None]:
@@ -74,6 +77,32 @@ def image_column(schema, requested: str | None) -> tuple[str, bool]:
                      "name it with --image-column")
 
 
+def check_columns(paths: list[str], image_column_: str | None, key_column: str | None) -> None:
+    """Before anything is written: every local parquet file has a column of images (the one named, or one found) and
+    the key column named; UsageError naming the file otherwise. Files that cannot be read are left to the run (it
+    records them)."""
+    for path in paths:
+        if is_url(path):
+            continue
+        try:
+            schema = _open(path).schema_arrow
+        except UsageError:
+            raise
+        except Exception:  # missing, damaged, not a regular file: recorded when its unit is read
+            continue
+        try:
+            image_column(schema, image_column_)
+            if key_column is not None and key_column not in schema.names:
+                raise UsageError(f"--key-column {key_column!r} is not a column; columns: {', '.join(schema.names)}")
+        except UsageError as exc:
+            raise UsageError(f"{path}: {exc}") from None
+
+
+def _key(value, row: int) -> str:
+    """A key column's value as a key; a null one is named after its row with ``#`` (taken names get ``#n``)."""
+    return f"#row{row}" if value is None else str(value)
+
+
 class ParquetReader(InputReader):
     kind = "parquet"
 
@@ -81,9 +110,17 @@ class ParquetReader(InputReader):
         description = unit.read() if hasattr(unit, "read") else unit
         path, stem, group = description["path"], description["stem"], description.get("row_group")
         if description.get("error") or group is None:
+            try:
+                check_regular(path) if not is_url(path) else None
+            except NotRegularFileError as exc:  # never readable: not retried
+                raise UnitReadError(f"{path}: {exc}") from None
+            except OSError:
+                pass
             raise UnitReadError(description.get("error") or f"{path} has no row groups", failed=True)
         try:
             handle = _open(path)
+        except NotRegularFileError as exc:
+            raise UnitReadError(f"{path}: {exc}") from None
         except FileNotFoundError as exc:
             raise UnitReadError(f"cannot open {path}: {exc.strerror or exc}", failed=True) from None
         except Exception as exc:
@@ -98,20 +135,26 @@ class ParquetReader(InputReader):
         status = [c for c in ("status", "error_message") if c in schema.names]
         wanted = list(dict.fromkeys([column, *([key_column] if key_column else []), *captions, *fields, *status]))
         first_row = sum(handle.metadata.row_group(g).num_rows for g in range(group))
+        keys = KeyRule()
         row = 0
         try:
+            if key_column and group:  # the names earlier row groups (other units) took, by the same rule
+                earlier = handle.read_row_groups(list(range(group)), columns=[key_column]).column(0).to_pylist()
+                for number, key in enumerate(earlier):
+                    keys.assign(_key(key, number))
             for batch in handle.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=wanted):
                 for values in batch.to_pylist():
                     yield self._sample(stem, path, group, first_row + row, values, column, is_struct, key_column,
-                                       captions, fields)
+                                       captions, fields, keys)
                     row += 1
         except Exception as exc:  # a damaged row group: what came before counts
             raise UnitReadError(f"{path} row group {group} is damaged after row {row}: "
                                 f"{type(exc).__name__}: {exc}") from None
 
-    def _sample(self, stem, path, group, row, values, column, is_struct, key_column, captions, fields) -> Sample:
-        key = values.get(key_column) if key_column else None
-        key = str(row) if key is None else str(key)
+    def _sample(self, stem, path, group, row, values, column, is_struct, key_column, captions, fields,
+                keys: KeyRule) -> Sample:
+        given = values.get(key_column) if key_column else row
+        key, n = keys.assign(_key(given, row))
         image = values.get(column)
         data = image.get("bytes") if is_struct and isinstance(image, dict) else image
         meta = {}
@@ -119,7 +162,11 @@ class ParquetReader(InputReader):
             meta["caption"] = values[captions[0]]
         meta.update({f: values[f] for f in fields if values.get(f) is not None})
         sample = Sample(f"{stem}/{key}", path, member=f"{group}/{row}", meta=meta or None)
-        if not data:
+        if given is None:
+            sample.skip = f"no key in column {key_column!r} (row {row}); recorded as {key!r}"
+        elif n > 1:
+            sample.skip = f"duplicate key {str(given)!r} in {stem} (row {row}): recorded as {key!r}; the first is kept"
+        elif not data:
             why = values.get("status") or "no image bytes"
             detail = values.get("error_message")
             sample.skip = f"no image in this row ({why}{': ' + detail if detail else ''})"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import BinaryIO
 
 from ...errors import UsageError
-from ..sources import is_url
+from ..sources import is_url, open_regular
 
 
 def fsspec_module():
@@ -19,9 +19,10 @@ def fsspec_module():
 
 
 def open_binary(path: str) -> BinaryIO:
-    """A readable binary stream; OSError (FileNotFoundError...) when it cannot be opened."""
+    """A readable binary stream; OSError (FileNotFoundError...) when it cannot be opened, NotRegularFileError for
+    a local path that is not a regular file (a FIFO named ``x.tar`` would block the run)."""
     if not is_url(path):
-        return open(path, "rb")
+        return open_regular(path)
     fsspec = fsspec_module()
     try:
         return fsspec.open(path, "rb").open()

@@ -18,8 +18,8 @@ import re
 import tarfile
 from collections.abc import Iterator
 
-from ..sources import IMAGE_EXTENSIONS
-from . import InputReader, Sample, UnitReadError
+from ..sources import IMAGE_EXTENSIONS, NotRegularFileError
+from . import InputReader, KeyRule, Sample, UnitReadError
 from .remote import open_binary
 
 KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
@@ -44,9 +44,11 @@ class WebDatasetReader(InputReader):
         path, stem = description["path"], description["stem"]
         try:
             stream = open_binary(path)
+        except NotRegularFileError as exc:
+            raise UnitReadError(f"{path}: {exc}") from None
         except OSError as exc:
             raise UnitReadError(f"cannot open {path}: {exc.strerror or exc}", failed=True) from None
-        seen: dict[str, int] = {}
+        seen = KeyRule()
         group: dict[str, bytes] = {}
         group_key: str | None = None
         last_member = None
@@ -76,14 +78,14 @@ class WebDatasetReader(InputReader):
         if group_key is not None:
             yield self._sample(stem, path, group_key, group, seen)
 
-    def _sample(self, stem: str, path: str, key: str, members: dict[str, bytes], seen: dict[str, int]) -> Sample:
-        seen[key] = seen.get(key, 0) + 1
+    def _sample(self, stem: str, path: str, key: str, members: dict[str, bytes], seen: KeyRule) -> Sample:
+        name, n = seen.assign(key)
         vitok_key = f"{stem}/{key}"
         images = [e for e in members if is_image_extension(e.split("#")[0])]
         meta = self._meta(members)
-        if seen[key] > 1:
-            return Sample(f"{vitok_key}#{seen[key]}", path, member=key, meta=meta,
-                          skip=f"duplicate key {key!r} in {stem}: sample {seen[key]} with this key; the first is kept")
+        if n > 1:
+            return Sample(f"{stem}/{name}", path, member=key, meta=meta,
+                          skip=f"duplicate key {key!r} in {stem}: recorded as {name!r}; the first is kept")
         if not images:
             kinds = ", ".join(sorted(members)) or "nothing"
             return Sample(vitok_key, path, member=key, meta=meta, skip=f"no image in this sample (members: {kinds})")
