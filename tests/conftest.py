@@ -76,3 +76,14 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     yield
+
+
+@pytest.fixture(autouse=True)
+def _pristine_vitok_logger():
+    """The CLI points the 'vitok' logger at its own stream and stops propagation; in-process CLI tests would leave
+    it so for the next test (whose caplog would then see nothing). Every test starts from the library's state."""
+    import logging
+
+    logger = logging.getLogger("vitok")
+    logger.handlers[:], logger.propagate, logger.level = [], True, logging.NOTSET
+    yield

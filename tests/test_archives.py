@@ -75,6 +75,7 @@ def collection(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_tars_give_keys_records_and_the_tokens_of_the_loose_files(collection, tmp_path):
     """Same images, same tokens bit for bit; one image per batch, so that a GEMM whose results depend on the batch's
     row count (cuBLAS, some CPU kernels) cannot make the comparison depend on how the inputs were grouped."""
@@ -107,6 +108,7 @@ def test_tars_give_keys_records_and_the_tokens_of_the_loose_files(collection, tm
     assert "00002: cannot open" in info_text and "00004:" in info_text
 
 
+@pytest.mark.slow
 def test_the_real_img2dataset_output_reads_in_both_layouts(tmp_path):
     tars = vitok.extract([str(IMG2DATASET / "webdataset")], tmp_path / "wds", token_budget=1, **LIB)
     parquet = vitok.extract([str(IMG2DATASET / "parquet")], tmp_path / "pq", token_budget=1, **LIB)
@@ -131,6 +133,7 @@ def _parquet(path, images, struct: bool, keys=None, row_group_size=3):
     return data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("struct", [True, False], ids=["hf-image-struct", "img2dataset-binary"])
 def test_parquet_row_groups_are_units_and_keys_follow_the_key_column(tmp_path, struct):
     images = sample_images(7)
@@ -146,6 +149,7 @@ def test_parquet_row_groups_are_units_and_keys_follow_the_key_column(tmp_path, s
     assert store.info(f"data/{names[1]}")["meta"]["caption"] == "c1"
 
 
+@pytest.mark.slow
 def test_kill_in_the_middle_of_a_tar_then_rerun_gives_every_sample_once(tmp_path):
     images = sample_images(24, seed=3)
     for shard in range(6):
@@ -167,6 +171,7 @@ def test_kill_in_the_middle_of_a_tar_then_rerun_gives_every_sample_once(tmp_path
     assert len(store) == 24 and len(set(store.keys())) == 24 and vitok.verify(out).clean
 
 
+@pytest.mark.slow
 def test_parts_over_tars_equal_one_process(collection, tmp_path):
     source = str(collection / "tars" / "{00000..00003}.tar")
     vitok.extract([source], tmp_path / "one", **LIB)
@@ -195,6 +200,7 @@ def test_a_missing_tar_that_appears_later_is_retried(collection, tmp_path):
     assert sum(k.startswith("00002/") for k in store.keys()) == 4 and vitok.verify(tmp_path / "out").clean
 
 
+@pytest.mark.slow
 def test_remote_tars_and_parquet_through_fsspec(collection, tmp_path):
     fsspec = pytest.importorskip("fsspec")
     memory = fsspec.filesystem("memory")

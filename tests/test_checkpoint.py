@@ -55,6 +55,7 @@ def released(tmp_path_factory):
     return reference, config, folder
 
 
+@pytest.mark.slow
 def test_sharded_folder_loads_only_the_tower_and_matches_reference(released):
     reference, _, folder = released
     encoder = load_encoder(str(folder), device="cpu", dtype="float32")

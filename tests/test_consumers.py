@@ -98,6 +98,7 @@ def test_image_embeds_names_what_is_missing(tmp_path):
         store.image_embeds(store.keys()[0])
 
 
+@pytest.mark.slow
 def test_bulk_reads_equal_key_by_key_reads(tmp_path):
     folder = make_folder(tmp_path / "imgs", count=9, with_odd=False)
     for fmt in ("hdf5", "npy"):
@@ -153,6 +154,7 @@ def test_block_features_through_extract(tmp_path):
     np.testing.assert_array_equal(store.get(key, "block:1"), store.get(key, "patch"))  # the last block is patch
 
 
+@pytest.mark.slow
 def test_retrieval_export_reads_back_with_embedding_reader(tmp_path):
     embedding_reader = pytest.importorskip("embedding_reader")
     folder = make_folder(tmp_path / "imgs", count=7, with_odd=False)
@@ -237,6 +239,7 @@ def test_webdataset_output_joins_the_input_tars_by_key(tmp_path):
     assert vitok.verify(out).clean
 
 
+@pytest.mark.slow
 def test_pictures_of_patch_tokens(tmp_path):
     pytest.importorskip("matplotlib")
     folder = tmp_path / "imgs"

@@ -70,6 +70,7 @@ def tree(folder: Path) -> dict[str, bytes]:
 # ---- DEST: new, empty or an earlier export of the same store; replaced whole --------------------------------------
 
 
+@pytest.mark.slow
 def test_an_earlier_export_is_replaced_whole_and_other_folders_are_refused(store, tmp_path):
     dest = tmp_path / "index"
     assert export_embedding_reader(store, dest, pool="mean") == 5
@@ -216,6 +217,7 @@ def test_an_interrupted_export_is_cleaned_up_by_the_next(store, tmp_path):
 # ---- NaN / Inf ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nan_weights_are_counted_per_image_reported_and_never_exported(tmp_path):
     from test_checkpoint import checkpoint_folder
 

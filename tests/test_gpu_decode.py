@@ -99,6 +99,7 @@ def test_decode_gpu_without_cuda_is_a_usage_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_run_with_device_decoding_keeps_every_image_in_order(tmp_path, monkeypatch, workers):
     """The whole route on the CPU (the device check lifted): routed JPEGs cross the loader without patches and

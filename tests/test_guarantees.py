@@ -124,6 +124,7 @@ def test_a_full_disk_is_a_clear_error_and_a_rerun_resumes(tmp_path, small_tmpfs,
 # ---- 4. names that are not UTF-8 --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_names_that_are_not_utf8_are_extracted_and_recorded(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -179,6 +180,7 @@ def test_overwrite_with_a_mistyped_source_keeps_the_store(tmp_path):
 # ---- 6. neighbours -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_identical_runs_into_one_store_write_every_shard_once(tmp_path):
     folder = make_folder(tmp_path / "imgs", count=12, with_odd=False)
     out = tmp_path / "out"
@@ -242,6 +244,7 @@ def test_verify_compares_checksums_and_records_know_their_source(tmp_path):
 # ---- 9. signals and leftovers ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_cleanly_and_a_rerun_resumes(tmp_path, sig, code):
     folder = make_folder(tmp_path / "imgs", count=24, with_odd=False)
@@ -276,6 +279,7 @@ def test_leftovers_of_killed_runs_are_reported_then_cleaned(tmp_path):
 # ---- 10. output hygiene ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_progress_goes_to_stderr_even_on_a_terminal(tmp_path):
     import pty
 
@@ -307,6 +311,7 @@ def test_gpus_summaries_merge_into_the_single_process_shape_and_signals_fail():
 # ---- 11. bounded open files --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_store_of_many_shards_keeps_few_files_open(tmp_path, monkeypatch):
     from vitok.storage import store as store_module
 
@@ -427,6 +432,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_shard_size(tmp_path):
     from vitok.encoder.checkpoint import save_tower
     from vitok.encoder.config import EncoderConfig
@@ -451,6 +457,7 @@ def test_peak_memory_does_not_grow_with_the_shard_size(tmp_path):
     assert peaks[30] - peaks[3] < 40, peaks  # ...but the process never holds it
 
 
+@pytest.mark.slow
 def test_a_crash_in_a_decode_worker_ends_the_run_instead_of_hanging(tmp_path):
     """Regression: an exception escaping a DataLoader worker left the process waiting for its workers forever."""
     folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)

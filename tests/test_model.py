@@ -54,6 +54,7 @@ def test_video_grid_with_two_temporal_slices(reference_pair):
     assert max(errors.values()) <= 1e-5, errors
 
 
+@pytest.mark.slow
 def test_sdpa_matches_eager_oracle(reference_pair):
     _, _, model = reference_pair
     pixels = _inputs(GRIDS, model.config.patch_dim)
@@ -114,6 +115,7 @@ def test_config_rejects_inconsistent_shapes():
         EncoderConfig(name="x", hidden_size=65, depth=1, num_heads=4, intermediate_size=8)
 
 
+@pytest.mark.slow
 def test_original_api_shapes():
     from vitok import Qwen3VisionTransformer, create_qwen3_vl_vit
 

@@ -75,6 +75,7 @@ def test_explicit_flags_win_and_sparse_arrays_need_num_parts():
         detect_part(5, 3, env={})
 
 
+@pytest.mark.slow
 def test_two_parts_one_after_the_other_equal_single_process(folder, single, tmp_path):
     out = tmp_path / "out"
     for part in ("0", "1"):
@@ -91,6 +92,7 @@ def test_slurm_array_tasks_simulated(folder, single, tmp_path):
     assert_same_store(out, single)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")  # noqa: E501
 def test_torchrun_two_processes_on_cpu(folder, single, tmp_path):
     out = tmp_path / "out"
@@ -105,6 +107,7 @@ def test_torchrun_two_processes_on_cpu(folder, single, tmp_path):
     assert parts == {"0/2", "1/2"}
 
 
+@pytest.mark.slow
 def test_killed_part_is_finished_by_a_rerun_and_other_part_counts_redo_nothing(tmp_path):
     folder = make_folder(tmp_path / "imgs", count=16, with_odd=False)
     out = tmp_path / "out"
@@ -156,6 +159,7 @@ def test_plan_command_is_reused_by_extract(folder, tmp_path):
     assert result.returncode == 2 and "changed since" in result.stderr
 
 
+@pytest.mark.slow
 def test_parts_started_at_the_same_moment_into_a_new_folder(folder, single, tmp_path):
     """Regression: a second process saw the first one's temporary header file and refused the folder."""
     out = tmp_path / "out"

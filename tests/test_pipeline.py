@@ -16,18 +16,21 @@ def base():
     return Qwen3VLPipeline(model_size="base", device="cpu")
 
 
+@pytest.mark.slow
 def test_base_shapes(base):
     photo = PHOTOS / "rocket.jpg"
     assert base.process_image(photo).shape == (1, 256, 1024)
     assert base.process_batch([photo, Image.open(PHOTOS / "coffee.png")]).shape == (2, 256, 1024)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", ["mean", "max", "cls"])
 def test_pooled_shapes(pool):
     pipe = Qwen3VLPipeline(model_size="small", pooling_strategy=pool, device="cpu")
     assert pipe.process_image(np.zeros((40, 60, 3), dtype=np.uint8)).shape == (1, 1, 512)
 
 
+@pytest.mark.slow
 def test_output_formats():
     image = np.full((30, 30), 128, dtype=np.uint8)
     assert isinstance(Qwen3VLPipeline("small", output_format="numpy").process_image(image), np.ndarray)

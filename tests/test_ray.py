@@ -190,6 +190,7 @@ def test_token_encoder_and_write_store_in_a_ray_pipeline(cluster, tmp_path):
     assert vitok.verify(tmp_path / "out").clean
 
 
+@pytest.mark.slow
 def test_a_unit_is_cut_into_the_local_loops_batches_and_steps_are_kept_once_in_order(tmp_path):
     """The stages without Ray: a decode task's steps hold the batches ``plan_batches`` makes of the unit's decodable
     images; steps arriving shuffled and twice (a retried task) come out once each, in order."""

@@ -27,6 +27,7 @@ def folder(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("imgs") / "imgs")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["hdf5", "npy"])
 def test_cli_round_trip_every_token(folder, tmp_path, fmt):
     out = tmp_path / "out"
@@ -93,6 +94,7 @@ def test_stdin_source_and_nothing_matched(folder, tmp_path):
     assert result.returncode == 2 and "no images found" in result.stderr
 
 
+@pytest.mark.slow
 def test_settings_change_is_refused_naming_the_difference(folder, tmp_path):
     out = tmp_path / "out"
     assert run_vitok("extract", str(folder), "-o", str(out), *TINY).returncode == 0
@@ -109,6 +111,7 @@ def test_unavailable_feature_is_a_usage_error(folder, tmp_path):
     assert result.returncode == 2 and "offers: patch" in result.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_redoes_nothing_finished(tmp_path):
     folder = make_folder(tmp_path / "imgs", count=16, with_odd=False)
     out = tmp_path / "out"
@@ -138,6 +141,7 @@ def test_resume_after_sigkill_redoes_nothing_finished(tmp_path):
     assert run_vitok("verify", str(out)).returncode == 0
 
 
+@pytest.mark.slow
 def test_token_budget_batching_equals_one_image_at_a_time(folder, tmp_path):
     common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", features=["patch", "merged"])
     vitok.extract([str(folder)], tmp_path / "one", token_budget=1, **common)
@@ -206,6 +210,7 @@ def test_keys_from_two_folders_are_prefixed(tmp_path):
         vitok.extract([str(a), str(same)], tmp_path / "out2", model="qwen3-vl-tiny", workers=0)
 
 
+@pytest.mark.slow
 def test_multiworker_loader_gives_the_same_tokens(folder, tmp_path):
     common = dict(model="qwen3-vl-tiny", store_dtype="float32")
     vitok.extract([str(folder)], tmp_path / "w0", workers=0, **common)
@@ -216,6 +221,7 @@ def test_multiworker_loader_gives_the_same_tokens(folder, tmp_path):
         np.testing.assert_array_equal(w0[key], w2[key])
 
 
+@pytest.mark.slow
 def test_out_of_memory_batch_is_split_without_losing_the_batch_in_flight(folder, tmp_path, monkeypatch):
     """A batch that runs out of memory is retried image by image; the batch launched before it still lands."""
     from vitok.encoder.inference import Encoder
@@ -240,6 +246,7 @@ def test_out_of_memory_batch_is_split_without_losing_the_batch_in_flight(folder,
         np.testing.assert_allclose(oom[key], plain[key], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [2, 3])
 def test_deeper_pipeline_commits_every_shard_with_the_same_tokens(folder, tmp_path, monkeypatch, depth):
     """Batches still queued when a shard ends: the shard is committed once they finish, nothing lost or mixed up."""
@@ -257,6 +264,7 @@ def test_deeper_pipeline_commits_every_shard_with_the_same_tokens(folder, tmp_pa
         np.testing.assert_array_equal(deep[key], one[key])
 
 
+@pytest.mark.slow
 def test_progress_counts_the_tokens_of_every_image_by_the_last_event(folder, tmp_path):
     """Batches finish after later images are read: the progress must still count every image's tokens."""
     events = []
@@ -265,6 +273,7 @@ def test_progress_counts_the_tokens_of_every_image_by_the_last_event(folder, tmp
     assert summary.tokens > 0 and events[-1].tokens_done == summary.tokens
 
 
+@pytest.mark.slow
 def test_out_of_memory_batch_gives_back_one_batch_so_no_shard_is_committed_early(folder, tmp_path, monkeypatch):
     """The committer counts a unit's batches in and out: the image-by-image retry of a batch that ran out of memory
     must come back as one batch, or a shard is committed before its last images (which then go missing)."""

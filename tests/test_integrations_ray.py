@@ -1,0 +1,32 @@
+"""vitok.integrations.ray's callable class on its own (no Ray instance): what a Dataset.map_batches call computes."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import PHOTOS
+
+import vitok
+
+
+def test_token_encoder_gives_each_row_the_tokens_of_extract_and_an_error_for_bad_bytes(tmp_path):
+    from vitok.integrations.ray import TokenEncoder
+
+    photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".png"))[:2]
+    options = dict(model="qwen3-vl-tiny", store_dtype="float32", features=("merged",), dtype="float32",
+                   token_budget=1)
+    encoder = TokenEncoder(**options)
+    images = np.empty(3, dtype=object)
+    images[:] = [photos[0].read_bytes(), b"not an image", photos[1].read_bytes()]
+    result = encoder({"key": np.array(["a", "bad", "b"]), "image": images})
+    assert list(result["key"]) == ["a", "bad", "b"] and "image" not in result
+    assert result["vitok_error"][0] == "" and result["vitok_error"][2] == ""
+    assert result["vitok_error"][1] and result["merged"][1].shape[0] == 0
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in photos:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    vitok.extract([str(folder)], tmp_path / "out", workers=0, **options)
+    store = vitok.open(tmp_path / "out")
+    for row, photo in ((0, photos[0]), (2, photos[1])):
+        np.testing.assert_array_equal(result["merged"][row], store[photo.name])
+        assert list(result["grid"][row]) == store.info(photo.name)["grid_thw"]
