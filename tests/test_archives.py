@@ -90,8 +90,8 @@ def test_tars_give_keys_records_and_the_tokens_of_the_loose_files(collection, tm
     assert "no image in this sample" in store.skipped["00001/000010099"]
     assert "duplicate key" in store.skipped["00001/000010001#2"]
     units = {s.shard: s.unit for s in store.shards.values()}
-    assert "cannot open" in units["00002"]["error"] and units["00002"]["failed"]
-    assert "truncated" in units["00004"]["error"]
+    assert "cannot open" in units["00002"].error and units["00002"].failed
+    assert "truncated" in units["00004"].error
     truncated = [k for k in store.keys() if k.startswith("00004/")]
     assert 1 <= len(truncated) < 4  # every sample before the cut, none after
     loose = tmp_path / "loose"

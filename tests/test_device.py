@@ -11,7 +11,7 @@ import torch
 from vitok.inputs.preprocess import PreparedImage
 from vitok.pipeline.device import DevicePipeline
 from vitok.pipeline.types import Batch, EncodedBatch, Item, UnitEnd
-from vitok.storage.records import ImageRecord
+from vitok.storage.records import ImageRecord, UnitInfo
 
 
 class FakeEncoder:
@@ -56,7 +56,7 @@ def test_unit_end_comes_out_behind_the_units_last_batch(depth):
     for unit in range(3):
         for b in range(2):
             events += pipeline.submit(Batch(unit, [item(f"{unit}/{b}", 2, unit * 10 + b)]))
-        events += pipeline.end(unit, {"unit": unit})
+        events += pipeline.end(unit, UnitInfo(unit=str(unit)))
     events += pipeline.drain()
     # every unit's end follows all of its batches, and nothing is emitted twice or lost
     seen: dict[int, int] = {}
@@ -84,7 +84,7 @@ def test_out_of_memory_splits_the_batch_into_images_and_keeps_the_input_order():
     pipeline = DevicePipeline(encoder, ("patch",), "none", "float32", depth=2)
     events = pipeline.submit(Batch(0, [item("a", 2, 1), item("b", 3, 2)]))  # fits
     events += pipeline.submit(Batch(0, [item("c", 3, 3), item("d", 2, 4), item("e", 3, 5)]))  # runs out of memory
-    events += pipeline.end(0, {}) + pipeline.drain()
+    events += pipeline.end(0, UnitInfo()) + pipeline.drain()
     batches = [e for e in events if isinstance(e, EncodedBatch)]
     assert len(batches) == 2 and isinstance(events[-1], UnitEnd)  # the split batch comes back as one
     split = batches[1]
@@ -127,7 +127,7 @@ def test_committer_commits_a_unit_on_its_end_with_every_batch(tmp_path):
     pipeline = DevicePipeline(FakeEncoder(), ("patch",), "none", "float32", depth=2)
     committer.put(pipeline.submit(Batch(0, [item("x", 2, 1), item("y", 1, 2)])))
     committer.put(pipeline.submit(Batch(0, [item("z", 3, 3)])))
-    committer.put(pipeline.end(0, {"kind": "files"}))
+    committer.put(pipeline.end(0, UnitInfo()))
     assert not committed  # both batches are still in the device stage: no commit yet
     committer.put(pipeline.drain())
     stats = committer.finish()

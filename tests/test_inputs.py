@@ -68,7 +68,7 @@ def test_fifos_named_like_images_or_archives_are_skipped_with_a_reason_never_ope
         vitok.extract([str(tars)], tmp_path / "out2", **LIB)
     store = vitok.open(tmp_path / "out2")
     assert store.keys() == ["00000/k"]
-    assert "FIFO" in store.shards["00001"].unit["error"]
+    assert "FIFO" in store.shards["00001"].unit.error
 
 
 def test_a_fifo_named_like_a_parquet_file_is_recorded_not_opened_nor_retried(tmp_path):
@@ -85,7 +85,7 @@ def test_a_fifo_named_like_a_parquet_file_is_recorded_not_opened_nor_retried(tmp
         with vitok.open(out) as store:
             assert store.keys() == ["a/a"]
             unit = store.shards["b"].unit
-            assert "FIFO" in unit["error"] and not unit["failed"]
+            assert "FIFO" in unit.error and not unit.failed
         assert vitok.extract([str(folder)], out, **LIB).shards_written == 0
 
 

@@ -32,8 +32,8 @@ def base_and_attempt(name: str, legacy: bool = False) -> tuple[str, int]:
 def sidecar_attempt(sidecar: Sidecar) -> tuple[str, int]:
     """(planned unit, attempt) of a committed shard, from its sidecar (older sidecars: from its name)."""
     unit = sidecar.unit
-    if "attempt" in unit and unit.get("unit"):
-        return unit["unit"], int(unit["attempt"])
+    if unit.attempt is not None and unit.unit:
+        return unit.unit, unit.attempt
     return base_and_attempt(sidecar.shard, legacy=True)
 
 
@@ -69,7 +69,7 @@ def retry_units(job: Any, plan: Plan, done: dict[str, Sidecar]) -> list[UnitRef]
         retry = {"index": next_index, "name": name, "attempt": attempt + 1, "base": base}
         if origin.kind != "files":
             description = origin.read()
-            if sidecar.unit.get("failed") and _readable(description["path"]):
+            if sidecar.unit.failed and _readable(description["path"]):
                 units.append(replace(origin, inline=dict(description), **retry))
                 next_index += 1
             continue

@@ -224,7 +224,9 @@ class _ShardWriter:
             self._commit()
 
     def _commit(self) -> None:
-        self.sink.commit(unit={"kind": "ray"}, **self.sidecar_fields)
+        from ..storage.records import UnitInfo
+
+        self.sink.commit(unit=UnitInfo(kind="ray"), **self.sidecar_fields)
         self.sink, self.rows, self.shards = None, 0, self.shards + 1
 
     def close(self) -> int:

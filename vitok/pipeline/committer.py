@@ -19,7 +19,7 @@ from typing import Any
 from ..inputs.plan import UnitRef
 from ..storage.claims import Claims
 from ..storage.format import FeatureLayout, ShardFormat
-from ..storage.records import ImageRecord, Sidecar
+from ..storage.records import ImageRecord, Sidecar, UnitInfo
 from .sink import ShardSink
 from .types import EncodedBatch, UnitEnd
 
@@ -131,7 +131,7 @@ class Committer:
                 self._error = exc
                 return
 
-    def _commit(self, unit: int, info: dict[str, Any]) -> None:
+    def _commit(self, unit: int, info: UnitInfo) -> None:
         sink = self._sink(unit)
         sidecar = sink.commit(unit=info, **self.sidecar_fields)
         del self._sinks[unit]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..encoder.inference import Encoder
-from ..storage.records import ImageRecord
+from ..storage.records import ImageRecord, UnitInfo
 from .cast import (
     count_nonfinite,
     nonfinite_per_row_group,
@@ -84,7 +84,7 @@ class DevicePipeline:
         self.tokens += sum(item.image.num_patches for item in batch.items)
         return self._release(self.depth)
 
-    def end(self, unit: int, info: dict) -> list[EncodedBatch | UnitEnd]:
+    def end(self, unit: int, info: UnitInfo) -> list[EncodedBatch | UnitEnd]:
         """The unit has no more batches: its ``UnitEnd`` comes out behind the last of them."""
         self._queue.append(UnitEnd(unit, info))
         return self._release(self.depth)

@@ -28,7 +28,7 @@ from ..inputs.plan import Plan, load_plan, write_generation, write_update
 from ..storage import META_FILE, RunHeader, create_exclusive, get_format, read_header, write_readme
 from ..storage.claims import Claims
 from ..storage.files import raise_store_error
-from ..storage.records import dumps, fingerprint
+from ..storage.records import UnitInfo, dumps, fingerprint
 from ..storage.shards import remove_temps
 from .batcher import Batcher
 from .committer import CommitStats, Committer
@@ -329,17 +329,16 @@ class Run:
         )
 
 
-def unit_record(unit, chunk) -> dict[str, Any]:
+def unit_record(unit, chunk) -> UnitInfo:
     """What the sidecar says about the input shard: where it came from, and why it stopped early if it did."""
-    info: dict[str, Any] = {"kind": unit.kind, "plan_generation": unit.generation, "unit": unit.unit,
-                            "attempt": unit.attempt}
+    info = UnitInfo(unit.kind, unit.generation, unit.unit, unit.attempt)
     if unit.kind != "files":
         description = unit.read()
-        info |= {k: description.get(k) for k in ("path", "row_group", "bytes", "mtime_ns", "blake2b")
-                 if k in description}
+        info.path, info.row_group = description.get("path"), description.get("row_group")
+        info.bytes, info.mtime_ns = description.get("bytes"), description.get("mtime_ns")
+        info.blake2b = description.get("blake2b")
     if chunk.unit_error:
-        info["error"] = chunk.unit_error
-        info["failed"] = chunk.unit_failed
+        info.error, info.failed = chunk.unit_error, chunk.unit_failed
         logger.warning("shard %s: %s", unit.name, chunk.unit_error)
     return info
 

@@ -11,11 +11,11 @@ methods that handle tensors), so the writer side, the store and the CLI can name
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..storage.records import ImageRecord
+from ..storage.records import ImageRecord, UnitInfo
 
 if TYPE_CHECKING:
     import torch
@@ -92,4 +92,4 @@ class UnitEnd:
     before it has finished, so whoever receives it in order may commit the unit (nobody counts batches in flight)."""
 
     unit: int
-    info: dict[str, Any]  # what the sidecar says about the unit (where it came from, why it stopped early)
+    info: UnitInfo  # what the sidecar says about the unit (where it came from, why it stopped early)

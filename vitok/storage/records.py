@@ -107,6 +107,31 @@ class FileSum:
 
 
 @dataclass
+class UnitInfo:
+    """What a sidecar says about the input unit its shard holds: where it came from and why it stopped early."""
+
+    kind: str = "files"  # files | wds | parquet (| ray: written through vitok.integrations.ray)
+    plan_generation: int = 0
+    unit: str | None = None  # the planned unit (a retry shard holds attempt > 0 of it)
+    attempt: int | None = None
+    path: str | None = None  # archives: the tar or parquet file
+    row_group: int | None = None
+    bytes: int | None = None  # archives: size and modification time when planned (change detection)
+    mtime_ns: int | None = None
+    blake2b: str | None = None  # archives planned with --detect-changes hash
+    error: str | None = None  # why the rest of the unit could not be read
+    failed: bool | None = None  # ... because it was unavailable (retried by a later run) rather than damaged
+
+    def to_json(self) -> dict[str, Any]:
+        return _compact(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> UnitInfo:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in names})
+
+
+@dataclass
 class Sidecar:
     """``shards/<name>.json``: a committed shard. Its existence is the commit; its records say what happened to
     every input of the unit, its files' sizes and checksums let resume and ``verify`` check the data."""
@@ -118,7 +143,7 @@ class Sidecar:
     features: dict[str, int]  # rows per feature
     records: list[ImageRecord]
     fingerprint: str | None = None  # the run header's settings fingerprint
-    unit: dict[str, Any] = field(default_factory=dict)  # the input shard: archive, row group, read error, ...
+    unit: UnitInfo = field(default_factory=UnitInfo)  # the input unit: archive, row group, read error, ...
     part: str = "0/1"
     vitok_version: str = ""
     schema: int = SCHEMA_VERSION
@@ -137,8 +162,8 @@ class Sidecar:
         return {
             "schema": self.schema, "shard": self.shard, "format": self.format, "data": self.data,
             "files": {name: _compact(dataclasses.asdict(s)) for name, s in self.files.items()},
-            "bytes": self.bytes, "features": self.features, "fingerprint": self.fingerprint, "unit": self.unit,
-            "part": self.part, "vitok_version": self.vitok_version,
+            "bytes": self.bytes, "features": self.features, "fingerprint": self.fingerprint,
+            "unit": self.unit.to_json(), "part": self.part, "vitok_version": self.vitok_version,
             "num_ok": self.count("ok"), "num_skipped": self.count("skipped"), "num_failed": self.count("failed"),
             "records": [r.to_json() for r in sorted(self.records, key=lambda r: r.key)],
         }
@@ -154,8 +179,9 @@ class Sidecar:
                 shard=data["shard"], format=data["format"], data=data["data"], files=files,
                 features={k: int(v) for k, v in data["features"].items()},
                 records=[ImageRecord.from_json(r) for r in data["records"]],
-                fingerprint=data.get("fingerprint"), unit=data.get("unit") or {}, part=data.get("part", "0/1"),
-                vitok_version=data.get("vitok_version", ""), schema=int(data.get("schema", 1)),
+                fingerprint=data.get("fingerprint"), unit=UnitInfo.from_json(data.get("unit")),
+                part=data.get("part", "0/1"), vitok_version=data.get("vitok_version", ""),
+                schema=int(data.get("schema", 1)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{where} is damaged ({type(exc).__name__}: {exc})") from None

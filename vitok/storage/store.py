@@ -96,7 +96,7 @@ def attempt_order(sidecars: list[Sidecar]) -> list[Sidecar]:
     """Originals before the shards that supersede them (retries, later plan generations)."""
     def order(sidecar: Sidecar):
         base, attempt = sidecar_attempt(sidecar)
-        return (int(sidecar.unit.get("plan_generation", 0)), base, attempt)
+        return (sidecar.unit.plan_generation, base, attempt)
 
     return sorted(sidecars, key=order)
 
@@ -107,9 +107,9 @@ def current_records(sidecar: Sidecar, plan) -> list[ImageRecord]:
     if plan is None:
         return sidecar.records
     current = plan.current()
-    generation = int(sidecar.unit.get("plan_generation", 0))
-    if sidecar.unit.get("kind", plan.kind) != "files":
-        path = sidecar.unit.get("path")
+    generation = sidecar.unit.plan_generation
+    if sidecar.unit.kind != "files" or plan.kind != "files":
+        path = sidecar.unit.path
         return sidecar.records if path is None or current.is_current(path, generation) else []
     return [r for r in sidecar.records if current.is_current(r.key, generation)]
 

@@ -78,7 +78,7 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
             shard_problems[0] += f"; {repair_hint(root, sidecar.shard)}"
         problems += shard_problems
         shards_ok += not shard_problems
-        errors[base] = f"{sidecar.shard}: {sidecar.unit['error']}" if sidecar.unit.get("error") else None
+        errors[base] = f"{sidecar.shard}: {sidecar.unit.error}" if sidecar.unit.error else None
         keys = Counter(r.key for r in sidecar.records)
         repeats += [f"key {k!r} appears {n} times in {sidecar.shard}" for k, n in keys.items() if n > 1]
         for record in current_records(sidecar, plan):  # records of inputs planned again since are not counted
