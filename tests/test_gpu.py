@@ -176,3 +176,35 @@ def test_decode_gpu_run_is_close_to_the_exact_run_and_names_its_decoder(tmp_path
     decoders = {key: gpu.info(key).get("decoder") for key in gpu.keys()}
     assert [decoders[k] for k in ("0.jpg", "1.jpg", "2.jpg", "3.jpg")] == ["nvjpeg"] * 4
     assert decoders["4.jpg"] != "nvjpeg" and decoders["5.png"] != "nvjpeg"
+
+
+def test_device_decoding_never_writes_memory_queued_kernels_still_read():
+    """pytorch/vision#9606: torchvision's CUDA decoder allocates on the current stream and writes from a private one
+    that does not wait for it, so it could be handed a block that queued kernels were still going to read (the run
+    queues the previous batches' encoder before decoding the next batch). The cause of a 0.53-cosine token in a
+    batched --decode gpu run. Deterministic: fill blocks, queue a long kernel then reads of them, free them, decode,
+    and check the reads."""
+    import io
+
+    from PIL import Image
+
+    from vitok.gpu_decode import _decode
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((480, 640, 3), 200, np.uint8)).save(buffer, "JPEG", quality=90)
+    jpeg = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    size = 3 * 480 * 640
+    corrupted = 0
+    big = torch.randn(4096, 4096, device="cuda")
+    for _ in range(10):
+        blocks = [torch.full((size,), 7, dtype=torch.uint8, device="cuda") for _ in range(8)]
+        torch.cuda.synchronize()
+        for _ in range(8):  # a long-running kernel ahead of the reads
+            big = big @ big / 64
+        sums = [block.sum(dtype=torch.int64) for block in blocks]
+        del blocks  # freed on the current stream while the reads are still queued
+        decoded = _decode([jpeg] * 8, torch.device("cuda"))
+        torch.cuda.synchronize()
+        corrupted += sum(int(s) != 7 * size for s in sums)
+        assert all(int(image.float().mean()) in range(190, 211) for image in decoded)
+    assert corrupted == 0
