@@ -163,6 +163,13 @@ def _report(summary, out) -> None:
                 summary.skipped, summary.failed, summary.already_done, summary.seconds, summary.images_per_second, out)
     if summary.shards_elsewhere:
         logger.info("%d shard(s) are still being written by another process", summary.shards_elsewhere)
+    if summary.phases:
+        from .run_stats import describe
+
+        for line in describe({"phases": summary.phases, "stages": summary.stages}):
+            logger.info("%s", line)
+    if summary.bottleneck:
+        logger.info("%s", summary.bottleneck)
 
 
 def _by_panel(params: list[inspect.Parameter]) -> list[inspect.Parameter]:
@@ -295,6 +302,13 @@ def info(out: Annotated[Path, typer.Argument(help="A store written by vitok extr
         echo(f"damage     {len(report.problems)} problem(s); run 'vitok verify {out}'")
     for line in report.leftovers[:10]:
         echo(f"  leftover {line}")
+    from .run_stats import describe, latest_stats
+
+    stats = latest_stats(Path(out))
+    if stats is not None:
+        echo(f"last run   {stats.get('images', '?')} images in {stats.get('seconds', 0):.1f} s on {stats['device']}")
+        for line in describe(stats):
+            echo(line)
 
 
 @app.command()

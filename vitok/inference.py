@@ -8,8 +8,9 @@ position interpolation and the rotary stay in float32 inside the model, as in th
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,6 +68,7 @@ class Encoder:
     device: torch.device
     dtype: torch.dtype
     weights_hash: str
+    load_seconds: dict[str, float] = field(default_factory=dict)  # weights_read, weights_on_device
 
     @property
     def config(self) -> EncoderConfig:
@@ -88,6 +90,20 @@ class Encoder:
                 rows.copy_(im.patches, non_blocking=True)
         pixel_values = normalize_patches(patches, self.preprocess)
         return self.model(pixel_values, [im.grid_thw for im in images], features=features, token_order=token_order)
+
+    @torch.inference_mode()
+    def warm_up(self, features: Sequence[str] = ("patch",), token_order: str = "block") -> None:
+        """Encode one dummy image, so the first real batch does not pay for one-time set-up (CUDA context and
+        library handles, Triton kernels compiled or read from their disk cache, the CPU kernel choice's timing).
+        On the CPU the image has ``TIMED_ROWS`` patches at least, so kernel choices are timed on as many rows as a
+        real batch gives them. Nothing waits for the device here."""
+        from .kernel_choice import TIMED_ROWS
+
+        m = self.config.spatial_merge_size
+        side = 2 * m if self.device.type == "cuda" else m * -(-int(TIMED_ROWS**0.5) // m)
+        patches = torch.zeros((side * side, len(self.preprocess.image_mean), self.config.patch_size,
+                               self.config.patch_size), dtype=torch.uint8)
+        self.encode([PreparedImage(patches, (1, side, side), (side, side))], features, token_order)
 
 
 def load_encoder(
@@ -113,7 +129,10 @@ def load_encoder(
     source = model if isinstance(model, ModelSource) else resolve_model(model, seed=seed)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
     encoder = VisionEncoder(source.encoder)
+    seconds["model_built"] = time.perf_counter() - started
     if source.random_weights:
         init_random_weights(encoder, seed)
         digest = f"seeded-random:{seed}"
@@ -126,12 +145,18 @@ def load_encoder(
                 seed,
             )
     else:
+        started = time.perf_counter()
         state = read_tower_state_dict(source)
         check_state_dict(encoder.state_dict(), state, f"{source.name} ({source.weight_files[0].parent})")
         digest = weights_hash(state)
         encoder.load_state_dict(state, strict=True)
+        seconds["weights_read"] = time.perf_counter() - started
+    started = time.perf_counter()
     encoder = encoder.to(device=torch_device, dtype=torch_dtype).eval()
+    if torch_device.type == "cuda":  # once per run, at load: the copies are done before the hot path begins
+        torch.cuda.synchronize(torch_device)
+    seconds["weights_on_device"] = time.perf_counter() - started
     if attention == "auto":
         attention = "varlen" if torch_device.type == "cuda" and torch_dtype != torch.float32 else "sdpa"
     encoder.set_attention(attention)
-    return Encoder(encoder, source, preprocess or source.preprocess, torch_device, torch_dtype, digest)
+    return Encoder(encoder, source, preprocess or source.preprocess, torch_device, torch_dtype, digest, seconds)

@@ -119,6 +119,12 @@ def choose(key: str, candidates: dict[str, Callable[[], torch.Tensor]]) -> str:
         return choices[key]
 
 
+def cached() -> bool:
+    """Whether this machine has timed kernel choices already (in this process or in the on-disk cache)."""
+    with _lock:
+        return bool(_load())
+
+
 def forget() -> None:
     """Drop what this process remembers (the tests use it)."""
     global _choices

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ class Chunk:
     unit_failed: bool = False  # ... because it was unavailable (retried later) rather than damaged
     rows: list[int] = field(default_factory=list)  # patch rows of each decoded image, in order
     patches: torch.Tensor | None = None  # all decoded images' patches, concatenated
+    busy: float = 0.0  # seconds the worker spent reading and decoding this chunk (vitok.run_stats)
 
     def pack(self) -> Chunk:
         images = [item.image for item in self.items if item.image is not None]
@@ -125,21 +127,25 @@ class UnitReading(torch.utils.data.IterableDataset):
 
     def _task(self, reader, task: Task) -> Iterator[Chunk]:
         unit = task.unit
+        started = time.perf_counter()
         if task.stop is not None:  # a slice of a loose-file unit: exactly one chunk
             items = [prepare(s, self.preprocessor) for s in reader.samples(unit, task.start, task.stop)]
-            yield Chunk(unit.index, task.start // CHUNK, items, end=task.stop >= unit.count).pack()
+            yield Chunk(unit.index, task.start // CHUNK, items, end=task.stop >= unit.count,
+                        busy=time.perf_counter() - started).pack()
             return
         seq, items = 0, []
         try:
             for sample in reader.samples(unit):
                 items.append(prepare(sample, self.preprocessor))
                 if len(items) == CHUNK:
-                    yield Chunk(unit.index, seq, items).pack()
-                    seq, items = seq + 1, []
+                    chunk = Chunk(unit.index, seq, items, busy=time.perf_counter() - started).pack()
+                    yield chunk
+                    seq, items, started = seq + 1, [], time.perf_counter()
         except UnitReadError as exc:
-            yield Chunk(unit.index, seq, items, end=True, unit_error=str(exc), unit_failed=exc.failed).pack()
+            yield Chunk(unit.index, seq, items, end=True, unit_error=str(exc), unit_failed=exc.failed,
+                        busy=time.perf_counter() - started).pack()
             return
-        yield Chunk(unit.index, seq, items, end=True).pack()
+        yield Chunk(unit.index, seq, items, end=True, busy=time.perf_counter() - started).pack()
 
 
 def _ignore_signals(_worker_id: int) -> None:
@@ -166,11 +172,30 @@ def load_units(units: Sequence[UnitRef], kind: str, reader_options: ReaderOption
         dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, worker_init_fn=_ignore_signals,
         prefetch_factor=2 if workers else None, persistent_workers=False,
     )
-    iterator = iter(loader)
-    try:
-        yield from in_unit_order(iterator)
-    finally:  # on any exit (an error in a worker or in the loop): stop the workers now, not at interpreter exit
-        shutdown = getattr(iterator, "_shutdown_workers", None)
+    return _Chunks(iter(loader))  # the workers start now, not at the first chunk asked for
+
+
+class _Chunks:
+    """The loader's chunks in unit order; ``close`` (on any exit: an error in a worker or in the loop) stops the
+    workers now, not at interpreter exit, even when no chunk was asked for yet."""
+
+    def __init__(self, iterator) -> None:
+        self._iterator = iterator
+        self._ordered = in_unit_order(iterator)
+
+    def __iter__(self) -> _Chunks:
+        return self
+
+    def __next__(self) -> Chunk:
+        try:
+            return next(self._ordered)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._ordered.close()
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
 

@@ -33,6 +33,7 @@ from .loader import default_workers, load_units
 from .options import make_options
 from .plan import Plan, load_plan, write_generation, write_update
 from .preprocess import Preprocessor
+from .run_stats import RunStats, StageMeter, process_age, verdict, write_stats
 from .storage import META_FILE, RunHeader, create_exclusive, get_format, read_header, write_readme
 from .storage.claims import Claims
 from .storage.files import raise_store_error
@@ -74,6 +75,9 @@ class ExtractSummary:
     encode_seconds: float  # launching batches and finishing them (device waits included)
     device_wait_seconds: float  # of which: waiting for the device (the device was the bottleneck)
     skipped_reasons: dict[str, str] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # start-up, seconds (vitok.run_stats)
+    stages: dict[str, Any] = field(default_factory=dict)  # steady-state rates per stage (vitok.run_stats)
+    bottleneck: str = ""  # what limited the run, in words (the run's last line)
 
     @property
     def all_skipped(self) -> bool:
@@ -99,11 +103,17 @@ def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-o
     Returns:
         counts, timings and sizes of this run.
     """
+    imports = process_age()
+    started = time.perf_counter()
     opts = make_options(**options)
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     with stop_on_signals():
         job = prepare([str(s) for s in sources], Path(out), opts, stdin)
-        return Run(job, progress).execute()
+        run = Run(job, progress, started)
+        if imports is not None:
+            run.phases["imports"] = imports
+        run.phases["plan"] = time.perf_counter() - started
+        return run.execute()
 
 
 @contextlib.contextmanager
@@ -127,10 +137,13 @@ def stop_on_signals():
 
 
 class Run:
-    def __init__(self, job: Job, progress: Callable[[ProgressEvent], None] | None = None) -> None:
+    def __init__(self, job: Job, progress: Callable[[ProgressEvent], None] | None = None,
+                 started: float | None = None) -> None:
         self.job, self.progress = job, progress
-        self.started = time.perf_counter()
+        self.started = started if started is not None else time.perf_counter()
         self.wait_seconds = 0.0
+        self.phases: dict[str, float] = {}  # start-up (vitok.run_stats); the loop's meter adds its own
+        self.meter: StageMeter | None = None
 
     # ---- set-up: the first writes happen here ----------------------------------------------------------------
 
@@ -149,8 +162,11 @@ class Run:
         settings = make_settings(job, encoder.weights_hash)
         if job.header is not None:
             check_settings(job, encoder.weights_hash)
+        self.phases |= {k: v for k, v in encoder.load_seconds.items() if k != "model_built"}
+        started = time.perf_counter()
         header = self._write_header(settings, encoder)
         plan = self.plan = self._write_plan(plan)
+        self.phases["plan"] = self.phases.get("plan", 0.0) + time.perf_counter() - started
         # again now that the model is loaded: other processes may have committed shards in the meantime
         work = remaining_work(job, plan, header.fingerprint)
         claims = Claims(job.out)
@@ -240,13 +256,28 @@ class Run:
         totals = [u.expected for u in units]
         total = None if any(t is None for t in totals) else sum(totals)
 
+        meter = self.meter = StageMeter(encoder.device.type, workers)
+        meter.started = self.started
+
         def submit(unit: int, items) -> None:
             committer.launched(unit)
-            committer.encoded(pipeline.submit(Batch(unit, items)))
+            events = meter.events()
+            start = time.perf_counter()
+            finished = pipeline.submit(Batch(unit, items))
+            meter.batch_launched(len(items), time.perf_counter() - start, *meter.close_events(events))
+            for _ in finished:
+                meter.batch_done()
+            committer.encoded(finished)
 
         seen = skipped = shards = 0
+        started = time.perf_counter()
         chunks = load_units(units, self.plan.kind, self.job.reader_options,
                             Preprocessor(encoder.preprocess), workers, pin_memory=encoder.device.type == "cuda")
+        meter.phase("workers_ready", time.perf_counter() - started)
+        if meter.should_warm_up(workers):  # while the workers decode the first images
+            started = time.perf_counter()
+            encoder.warm_up(self.job.features, opts.token_order)
+            meter.phase("warm_up", time.perf_counter() - started)
         try:
             for chunk in self._timed(chunks):
                 for item in chunk.unpack():
@@ -267,7 +298,10 @@ class Run:
                                                 time.perf_counter() - self.started, shards, len(units)))
         finally:
             chunks.close()  # on any error: stop the decode workers now, not at interpreter exit
-        committer.encoded(pipeline.drain())
+        finished = pipeline.drain()
+        for _ in finished:
+            meter.batch_done()
+        committer.encoded(finished)
 
     def _timed(self, chunks):
         while True:
@@ -276,13 +310,17 @@ class Run:
                 chunk = next(chunks)
             except StopIteration:
                 return
-            self.wait_seconds += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self.wait_seconds += waited
+            if self.meter is not None:
+                self.meter.chunk(len(chunk.items), chunk.busy, waited)
             yield chunk
 
     def _summary(self, work: Work, stats: CommitStats, pipeline, encoder, elsewhere: int = 0) -> ExtractSummary:
         seconds = time.perf_counter() - self.started
         done = stats.ok + stats.skipped + stats.failed
         planned = [u.expected for u in work.mine]
+        run_stats = self._run_stats(stats, encoder, seconds)
         return ExtractSummary(
             out=str(self.job.out), part=self.job.part.label,
             images_planned=None if any(p is None for p in planned) else sum(planned),
@@ -295,7 +333,22 @@ class Run:
             encode_seconds=round(pipeline.encode_seconds, 3) if pipeline else 0.0,
             device_wait_seconds=round(pipeline.device_wait_seconds, 3) if pipeline else 0.0,
             skipped_reasons=stats.reasons,
+            phases=run_stats["phases"], stages=run_stats["stages"], bottleneck=run_stats["bottleneck"],
         )
+
+    def _run_stats(self, stats: CommitStats, encoder, seconds: float) -> dict[str, Any]:
+        """Phases, stage rates and the verdict; written to OUT/stats/<run>.json when the run encoded anything."""
+        result = RunStats(dict(self.phases), device=str(encoder.device) if encoder else "cpu",
+                          decode=self.job.options.decode)
+        if self.meter is None:
+            return result.to_dict()
+        result.phases |= self.meter.phases
+        result.stages = self.meter.rates(stats.busy_seconds, stats.output_bytes, stats.queue_fill)
+        result.bottleneck = verdict(result, seconds + result.phases.get("imports", 0.0))
+        record = result.to_dict()
+        write_stats(self.job.out, f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}",
+                    record | {"seconds": round(seconds, 3), "images": stats.ok + stats.skipped + stats.failed})
+        return record
 
 
 def unit_record(unit, chunk) -> dict[str, Any]:
@@ -330,5 +383,5 @@ def wipe_store(out: Path) -> None:
     """--overwrite: remove what vitok wrote in OUT (and nothing else)."""
     from .storage.files import remove
 
-    for name in (META_FILE, "README.txt", "plan", "shards", ".claims", "plan.jsonl"):
+    for name in (META_FILE, "README.txt", "plan", "shards", ".claims", "plan.jsonl", "stats"):
         remove(out / name)
