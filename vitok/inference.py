@@ -100,10 +100,36 @@ class Encoder:
         from .kernel_choice import TIMED_ROWS
 
         m = self.config.spatial_merge_size
-        side = 2 * m if self.device.type == "cuda" else m * -(-int(TIMED_ROWS**0.5) // m)
-        patches = torch.zeros((side * side, len(self.preprocess.image_mean), self.config.patch_size,
-                               self.config.patch_size), dtype=torch.uint8)
-        self.encode([PreparedImage(patches, (1, side, side), (side, side))], features, token_order)
+        if self.device.type == "cuda":  # two sizes: the packed (varlen) attention path, as real batches take it
+            grids = [(1, 2 * m, 2 * m), (1, 2 * m, 4 * m)]
+        else:
+            side = m * -(-int(TIMED_ROWS**0.5) // m)
+            grids = [(1, side, side)]
+        channels, p = len(self.preprocess.image_mean), self.config.patch_size
+        images = [PreparedImage(torch.zeros((h * w, channels, p, p), dtype=torch.uint8), (t, h, w), (w * p, h * p))
+                  for t, h, w in grids]
+        if self.device.type == "cuda":
+            for image in images:
+                image.patches = image.patches.pin_memory()
+        self.encode(images, features, token_order)
+
+
+def _materialise(encoder: VisionEncoder) -> VisionEncoder:
+    """A model built on the meta device, on the CPU: tensors still on meta get storage (every parameter is then
+    set by the caller), and the buffers the checkpoint does not hold (the rotary's inverse frequencies) are made
+    as the normal constructor makes them."""
+    if all(t.is_meta for t in encoder.parameters()):  # random weights: storage, set by the caller
+        encoder = encoder.to_empty(device="cpu")
+    for module in encoder.modules():
+        for buffer_name in list(getattr(module, "_non_persistent_buffers_set", ())):
+            fresh = _fresh_buffer(type(module), encoder.config, buffer_name)
+            module.register_buffer(buffer_name, fresh, persistent=False)
+    return encoder
+
+
+def _fresh_buffer(kind: type, config: EncoderConfig, name: str) -> torch.Tensor:
+    """A non-persistent buffer as ``kind(config)`` makes it on the CPU (cheap: such modules hold no weights)."""
+    return getattr(kind(config), name)
 
 
 def load_encoder(
@@ -131,9 +157,11 @@ def load_encoder(
     torch_dtype = resolve_dtype(dtype, torch_device)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    encoder = VisionEncoder(source.encoder)
+    with torch.device("meta"):  # no default initialisation of every weight (seconds for a 2B tower on a CPU)
+        encoder = VisionEncoder(source.encoder)
     seconds["model_built"] = time.perf_counter() - started
     if source.random_weights:
+        encoder = _materialise(encoder)
         init_random_weights(encoder, seed)
         digest = f"seeded-random:{seed}"
         if source.name not in _warned_random:
@@ -149,7 +177,8 @@ def load_encoder(
         state = read_tower_state_dict(source)
         check_state_dict(encoder.state_dict(), state, f"{source.name} ({source.weight_files[0].parent})")
         digest = weights_hash(state)
-        encoder.load_state_dict(state, strict=True)
+        encoder.load_state_dict(state, strict=True, assign=True)  # the checkpoint's tensors, no copy
+        encoder = _materialise(encoder)
         seconds["weights_read"] = time.perf_counter() - started
     started = time.perf_counter()
     encoder = encoder.to(device=torch_device, dtype=torch_dtype).eval()

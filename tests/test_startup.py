@@ -1,0 +1,65 @@
+"""Start-up: the model is built without default initialisation (meta device) yet equals the eagerly built one, a
+warm-up batch changes no token, and the decode workers start before the first chunk is asked for."""
+
+from __future__ import annotations
+
+import torch
+
+from vitok.checkpoint import resolve_model, save_tower
+from vitok.inference import load_encoder
+from vitok.model import VisionEncoder, init_random_weights
+from vitok.preprocess import PreparedImage
+
+
+def eager(seed: int = 0) -> VisionEncoder:
+    model = VisionEncoder(resolve_model("qwen3-vl-tiny").encoder)
+    init_random_weights(model, seed)
+    return model
+
+
+def assert_same(model: VisionEncoder, expected: VisionEncoder) -> None:
+    got = dict(model.named_buffers()) | dict(model.state_dict())
+    want = dict(expected.named_buffers()) | dict(expected.state_dict())
+    assert got.keys() == want.keys()
+    for name in want:
+        assert not got[name].is_meta and torch.equal(got[name], want[name]), name
+
+
+def test_random_and_checkpoint_weights_load_into_a_meta_built_model_unchanged(tmp_path):
+    expected = eager(seed=3)
+    assert_same(load_encoder("qwen3-vl-tiny", "cpu", "float32", seed=3).model, expected)
+    save_tower(expected, tmp_path / "tower.safetensors", expected.config)
+    loaded = load_encoder(str(tmp_path / "tower.safetensors"), "cpu", "float32")
+    assert_same(loaded.model, expected)  # the rotary's frequencies (not in the checkpoint) included
+    assert {"weights_read", "weights_on_device"} <= set(loaded.load_seconds)
+
+
+def test_a_warm_up_batch_changes_no_token():
+    encoder = load_encoder("qwen3-vl-tiny", "cpu", "float32")
+    generator = torch.Generator().manual_seed(0)
+    image = PreparedImage(torch.randint(0, 256, (8 * 12, 3, 16, 16), dtype=torch.uint8, generator=generator),
+                          (1, 8, 12), (192, 128))
+    before = encoder.encode([image], ("merged",)).features["merged"].clone()
+    encoder.warm_up(("merged",))
+    assert torch.equal(encoder.encode([image], ("merged",)).features["merged"], before)
+
+
+def test_decode_workers_start_when_the_loader_is_made_and_stop_on_close_before_any_chunk(tmp_path):
+    from PIL import Image
+
+    from vitok.loader import load_units
+    from vitok.plan import load_plan, write_generation
+    from vitok.preprocess import Preprocessor
+    from vitok.readers import ReaderOptions
+    from vitok.sources import list_inputs
+
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "in" / "a.jpg")
+    write_generation(tmp_path / "out", list_inputs([str(tmp_path / "in")]), 10, 0, 0, [], "test")
+    chunks = load_units(load_plan(tmp_path / "out").units, "files", ReaderOptions(),
+                        Preprocessor(resolve_model("qwen3-vl-tiny").preprocess), workers=1)
+    workers = chunks._iterator._workers
+    assert len(workers) == 1 and workers[0].is_alive()  # started before any chunk was asked for
+    chunks.close()
+    workers[0].join(timeout=10)
+    assert not workers[0].is_alive()
