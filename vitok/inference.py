@@ -114,6 +114,31 @@ class Encoder:
         self.encode(images, features, token_order)
 
 
+class _Hashing:
+    """``weights_hash`` of a state dict computed in a thread (hashlib releases the GIL on large buffers)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        import threading
+
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(state,), name="vitok-weights-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self, state: dict[str, torch.Tensor]) -> None:
+        try:
+            self._digest = weights_hash(state)
+        except BaseException as exc:  # raised in the caller
+            self._error = exc
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+
 def _materialise(encoder: VisionEncoder) -> VisionEncoder:
     """A model built on the meta device, on the CPU: tensors still on meta get storage (every parameter is then
     set by the caller), and the buffers the checkpoint does not hold (the rotary's inverse frequencies) are made
@@ -176,7 +201,7 @@ def load_encoder(
         started = time.perf_counter()
         state = read_tower_state_dict(source)
         check_state_dict(encoder.state_dict(), state, f"{source.name} ({source.weight_files[0].parent})")
-        digest = weights_hash(state)
+        hashing = _Hashing(state)  # in a thread, while the weights go to the device
         encoder.load_state_dict(state, strict=True, assign=True)  # the checkpoint's tensors, no copy
         encoder = _materialise(encoder)
         seconds["weights_read"] = time.perf_counter() - started
@@ -185,6 +210,10 @@ def load_encoder(
     if torch_device.type == "cuda":  # once per run, at load: the copies are done before the hot path begins
         torch.cuda.synchronize(torch_device)
     seconds["weights_on_device"] = time.perf_counter() - started
+    if not source.random_weights:
+        started = time.perf_counter()
+        digest = hashing.result()
+        seconds["weights_hash_wait"] = time.perf_counter() - started
     if attention == "auto":
         attention = "varlen" if torch_device.type == "cuda" and torch_dtype != torch.float32 else "sdpa"
     encoder.set_attention(attention)
