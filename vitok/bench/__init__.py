@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         print("# transformers is not installed: the reference comparisons (encoder, families, e2e) are skipped",
               flush=True)
     from . import attention, cpu_bf16, data, e2e, encoder, startup, store, train
+    from .common import JSON_PATH
+
+    if args.json:
+        JSON_PATH[:] = [Path(args.json)]
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -108,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             encoder.run(args, device, dtype)
         if "data" in args.sections:
             data.run(args, device, tmp_path)
-        if "startup" in args.sections:
-            startup.run(args, device, dtype, tmp_path)
-        if "bf16" in args.sections and device.type == "cpu":
-            cpu_bf16.run(args, tmp_path)
-        if "attention" in args.sections and device.type == "cuda" and reference:
+        if "attention" in args.sections and device.type == "cuda":
             attention.run(args, device, dtype)
         if args.sections & {"e2e", "loop"} and reference:
             e2e.run(args, device, dtype, tmp_path / "jpegs", tmp_path)
+        if "startup" in args.sections:  # (reuses the loop's checkpoint folder when there is one)
+            startup.run(args, device, dtype, tmp_path)
+        if "bf16" in args.sections and device.type == "cpu":
+            cpu_bf16.run(args, tmp_path)
         if "train" in args.sections and reference:
             train.run(args, tmp_path)
         store.run(args, device, tmp_path)

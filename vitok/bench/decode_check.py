@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,14 +80,21 @@ def render(variant: Variant, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def make_folder(folder: Path, count: int, seed: int = 0, max_side: int = 1600) -> list[Path]:
+def _write(job: tuple[Path, Variant, int]) -> Path:
+    path, variant, seed = job
+    path.write_bytes(render(variant, seed))
+    return path
+
+
+def make_folder(folder: Path, count: int, seed: int = 0, max_side: int = 1600, processes: int = 1) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, variant in enumerate(variants(count, seed, max_side)):
-        path = folder / variant.name(i)
-        path.write_bytes(render(variant, seed * 100_003 + i))
-        paths.append(path)
-    return paths
+    jobs = [(folder / v.name(i), v, seed * 100_003 + i) for i, v in enumerate(variants(count, seed, max_side))]
+    if processes <= 1:
+        return [_write(job) for job in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes) as pool:
+        return list(pool.map(_write, jobs, chunksize=8))
 
 
 @contextlib.contextmanager
@@ -159,12 +167,15 @@ def pixel_comparison(paths: list[Path], device: str, model: str, max_pixels: int
             image = routing.load(data)
             if image.jpeg is not None:
                 routed.append((path, data, image))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # PIL and torch release the GIL
+        references = list(pool.map(lambda item: exact.load(item[1]).patches, routed))
     out = {}
     for start in range(0, len(routed), batch):
         group = routed[start:start + batch]
         decode_on_device([image for _, _, image in group], config, torch.device(device))
-        for path, data, image in group:
-            expected = exact.load(data).patches
+        for (path, _, image), expected in zip(group, references[start:start + batch]):
             if image.patches is None or image.patches.shape != expected.shape:
                 out[path.name] = {"shape_differs": True}
                 continue
@@ -226,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "jpegs"
-        make_folder(folder, args.images, max_side=args.max_side)
+        make_folder(folder, args.images, max_side=args.max_side, processes=min(16, os.cpu_count() or 1))
         summary = run(folder, Path(tmp), args)
     text = json.dumps(summary, indent=1)
     print(text, flush=True)

@@ -49,8 +49,10 @@ def one_run(model: str, folder: Path, out: Path, device: str, dtype: str, worker
 def run(args, device, dtype, tmp: Path) -> None:
     dtype_name = str(dtype).removeprefix("torch.")
     if device.type == "cuda":
-        model = str(checkpoint_folder(args.preset, tmp / "startup-checkpoint", dtype))
-        label, target_extra = f"{args.preset} (full tower, checkpoint, {dtype_name})", 3.0
+        shared = tmp / "checkpoint"  # the loop section's (transformers layout, float32), when it ran
+        model = str(shared if (shared / "config.json").exists() else
+                    checkpoint_folder(args.preset, tmp / "startup-checkpoint", dtype))
+        label, target_extra = f"{args.preset} (checkpoint {Path(model).name})", 3.0
         images = make_jpegs(tmp / "startup-jpegs", 64, args.jpeg_size)
     else:
         model, label, target_extra = "qwen3-vl-tiny", "qwen3-vl-tiny", None
