@@ -63,3 +63,23 @@ def test_decode_workers_start_when_the_loader_is_made_and_stop_on_close_before_a
     chunks.close()
     workers[0].join(timeout=10)
     assert not workers[0].is_alive()
+
+
+def test_on_a_cpu_the_warm_up_runs_only_while_workers_start_and_the_kernels_were_never_timed(tmp_path, monkeypatch):
+    from vitok import kernel_choice, kernels
+
+    if not kernels.onednn_linear_available():  # no choice to time on this machine: never a warm-up
+        assert not load_encoder("qwen3-vl-tiny", "cpu", "float32").needs_warm_up(4)
+        return
+    monkeypatch.setenv("VITOK_CACHE_DIR", str(tmp_path))
+    kernel_choice.forget()
+    try:
+        encoder = load_encoder("qwen3-vl-tiny", "cpu", "float32")
+        assert not encoder.needs_warm_up(0)  # nothing to overlap with: the first batch times them
+        assert encoder.needs_warm_up(2)
+        encoder.warm_up(("merged",))  # times the choices on real-sized rows and caches them on disk
+        assert not encoder.needs_warm_up(2)
+        kernel_choice.forget()
+        assert not encoder.needs_warm_up(2)  # a later process reads them from the disk cache
+    finally:
+        kernel_choice.forget()

@@ -91,6 +91,20 @@ class Encoder:
         pixel_values = normalize_patches(patches, self.preprocess)
         return self.model(pixel_values, [im.grid_thw for im in images], features=features, token_order=token_order)
 
+    def needs_warm_up(self, workers: int) -> bool:
+        """Whether to warm up while the decode workers start: always on a GPU (one-time set-up); on a CPU only when
+        there are workers to overlap with and this machine has not yet timed the kernels of this tower's shapes
+        (otherwise the warm-up would only cost a batch)."""
+        if self.device.type == "cuda":
+            return True
+        from . import kernel_choice, kernels
+
+        if workers == 0 or not kernels.onednn_linear_available():
+            return False
+        qkv = self.model.blocks[0].attn.qkv
+        key = f"linear|{qkv.in_features}->{qkv.out_features}|bias=True|gelu=None|{self.dtype}"
+        return not kernel_choice.known(key)
+
     @torch.inference_mode()
     def warm_up(self, features: Sequence[str] = ("patch",), token_order: str = "block") -> None:
         """Encode one dummy image, so the first real batch does not pay for one-time set-up (CUDA context and

@@ -119,10 +119,10 @@ def choose(key: str, candidates: dict[str, Callable[[], torch.Tensor]]) -> str:
         return choices[key]
 
 
-def cached() -> bool:
-    """Whether this machine has timed kernel choices already (in this process or in the on-disk cache)."""
+def known(key: str) -> bool:
+    """Whether this machine has timed the choice for ``key`` (in this process or in the on-disk cache)."""
     with _lock:
-        return bool(_load())
+        return key in _load()
 
 
 def forget() -> None:

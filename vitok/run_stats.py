@@ -150,15 +150,6 @@ class StageMeter:
         self.requests += 1
         self.ready += waited < 1e-3
 
-    def should_warm_up(self, workers: int) -> bool:
-        """Warm up while the workers start: always on a GPU; on a CPU only when there are workers to overlap with
-        and this machine has not yet timed its kernel choices (then the first batch would time them)."""
-        if self.cuda:
-            return True
-        from . import kernel_choice
-
-        return workers > 0 and not kernel_choice.cached()
-
     def events(self):
         """A timing event recorded on the current stream before a batch is queued (None on a CPU)."""
         if not self.cuda:

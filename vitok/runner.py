@@ -274,7 +274,7 @@ class Run:
         chunks = load_units(units, self.plan.kind, self.job.reader_options,
                             Preprocessor(encoder.preprocess), workers, pin_memory=encoder.device.type == "cuda")
         meter.phase("workers_ready", time.perf_counter() - started)
-        if meter.should_warm_up(workers):  # while the workers decode the first images
+        if encoder.needs_warm_up(workers):  # while the workers decode the first images
             started = time.perf_counter()
             encoder.warm_up(self.job.features, opts.token_order)
             meter.phase("warm_up", time.perf_counter() - started)
