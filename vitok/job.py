@@ -24,6 +24,7 @@ from .parallel import Part, detect_part
 from .plan import Plan, PlanDiff, diff, listing_digest, load_plan
 from .readers import ReaderOptions
 from .retries import base_and_attempt, retry_units
+from .run_stats import STATS_DIR
 from .sources import FileListing, Listing, list_inputs
 from .storage import META_FILE, RunHeader, iter_sidecars, read_header
 from .storage.records import dumps
@@ -103,7 +104,7 @@ def check_out_folder(out: Path) -> RunHeader | None:
     if (out / META_FILE).exists():
         return read_header(out)
     foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")
-               and p.name not in ("plan", SHARDS_DIR, "README.txt")]
+               and p.name not in ("plan", SHARDS_DIR, "README.txt", STATS_DIR)]
     if foreign:
         raise UsageError(f"-o {out} is a non-empty folder that is not a vitok store (it holds {foreign[0]}); choose "
                          "an empty or new folder")
