@@ -1,4 +1,4 @@
-"""Start-up: the model is built without default initialisation (meta device) yet equals the eagerly built one, a
+"""Start-up: the model is built without default initialisation yet equals the eagerly built one, a
 warm-up batch changes no token, and the decode workers start before the first chunk is asked for."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def assert_same(model: VisionEncoder, expected: VisionEncoder) -> None:
         assert not got[name].is_meta and torch.equal(got[name], want[name]), name
 
 
-def test_random_and_checkpoint_weights_load_into_a_meta_built_model_unchanged(tmp_path):
+def test_random_and_checkpoint_weights_load_into_a_model_built_without_default_init_unchanged(tmp_path):
     expected = eager(seed=3)
     assert_same(load_encoder("qwen3-vl-tiny", "cpu", "float32", seed=3).model, expected)
     save_tower(expected, tmp_path / "tower.safetensors", expected.config)

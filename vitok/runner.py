@@ -261,6 +261,7 @@ class Run:
 
         def submit(unit: int, items) -> None:
             committer.launched(unit)
+            meter.mark("first_batch_ready")
             events = meter.events()
             start = time.perf_counter()
             finished = pipeline.submit(Batch(unit, items))
