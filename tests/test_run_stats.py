@@ -113,3 +113,19 @@ def test_a_run_records_its_phases_and_stages_in_the_summary_the_stats_file_and_i
 
     report = verify_store(tmp_path / "out")
     assert report.clean and not report.leftovers
+
+
+def test_import_time_counts_only_for_a_process_started_for_the_run(tmp_path, monkeypatch):
+    """A library caller's process may be hours old: its age is no import time, and no run of it is start-up-bound
+    for that reason; the CLI's process is."""
+    import vitok
+    from vitok import run_stats
+
+    photos(tmp_path / "in", count=2)
+    monkeypatch.setattr(run_stats, "process_age", lambda: 3600.0)
+    monkeypatch.setitem(run_stats._ENTRY_POINT, "cli", False)
+    summary = vitok.extract([str(tmp_path / "in")], tmp_path / "lib", model="qwen3-vl-tiny", workers=0)
+    assert "imports" not in summary.phases and "3600" not in summary.bottleneck
+    run_stats.started_by_cli()
+    summary = vitok.extract([str(tmp_path / "in")], tmp_path / "cli", model="qwen3-vl-tiny", workers=0)
+    assert summary.phases["imports"] == 3600.0 and summary.bottleneck.startswith("start-up-bound")

@@ -138,7 +138,10 @@ def _extract_command(
             typer.echo(json.dumps(merged))
         return
     from .progress_display import ProgressDisplay
+    from .run_stats import started_by_cli
     from .runner import extract as run_extract
+
+    started_by_cli()
 
     with ProgressDisplay(not quiet) as progress:
         summary = run_extract(sources, out, progress=progress, **{f.name: getattr(options, f.name)

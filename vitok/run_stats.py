@@ -30,6 +30,20 @@ STARTUP_BOUND = 0.5  # start-up over this share of the run: the verdict is about
 BUSY = 0.85  # a stage this busy is saturated
 
 
+_ENTRY_POINT = {"cli": False}
+
+
+def started_by_cli() -> None:
+    """The ``vitok`` command calls this: its process exists for the run, so the process's age when the run begins
+    is the run's import time (a library caller's process may be hours old)."""
+    _ENTRY_POINT["cli"] = True
+
+
+def import_seconds() -> float | None:
+    """Seconds from the process's start to now when the process was started for this run (the CLI), else None."""
+    return process_age() if _ENTRY_POINT["cli"] else None
+
+
 def process_age() -> float | None:
     """Seconds since this process started (Linux), or None."""
     try:

@@ -33,7 +33,7 @@ from .loader import default_workers, load_units
 from .options import make_options
 from .plan import Plan, load_plan, write_generation, write_update
 from .preprocess import Preprocessor
-from .run_stats import RunStats, StageMeter, process_age, verdict, write_stats
+from .run_stats import RunStats, StageMeter, import_seconds, verdict, write_stats
 from .storage import META_FILE, RunHeader, create_exclusive, get_format, read_header, write_readme
 from .storage.claims import Claims
 from .storage.files import raise_store_error
@@ -103,7 +103,7 @@ def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-o
     Returns:
         counts, timings and sizes of this run.
     """
-    imports = process_age()
+    imports = import_seconds()
     started = time.perf_counter()
     opts = make_options(**options)
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
