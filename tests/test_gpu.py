@@ -208,3 +208,30 @@ def test_device_decoding_never_writes_memory_queued_kernels_still_read():
         corrupted += sum(int(s) != 7 * size for s in sums)
         assert all(int(image.float().mean()) in range(190, 211) for image in decoded)
     assert corrupted == 0
+
+
+def test_run_stats_read_the_device_time_from_events_without_waiting_for_them(tmp_path):
+    import time
+
+    from PIL import Image
+
+    import vitok
+    from vitok.run_stats import StageMeter
+
+    meter = StageMeter(torch.device("cuda"), workers=2)
+    start = meter.events()
+    torch.cuda._sleep(500_000_000)  # a batch that keeps the GPU busy for a while
+    meter.batch_launched(4, 0.0, *meter.close_events(start))
+    began = time.perf_counter()
+    meter.batch_done()  # its end event has not completed: not read, not waited for
+    assert time.perf_counter() - began < 0.05 and meter.device_busy == 0.0
+    meter.rates(0.0, 0, 0.0)  # at the end of a run: read
+    assert meter.device_busy > 0.05 and meter.encoded_images == 4
+    # a whole run on the GPU: warm-up while the workers start, the device's busy share from events
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        Image.new("RGB", (96 + 16 * i, 80), (40 * i, 90, 200)).save(tmp_path / "in" / f"{i}.jpg")
+    summary = vitok.extract([str(tmp_path / "in")], tmp_path / "out", model="qwen3-vl-tiny", device="cuda",
+                            workers=1, token_budget=200)
+    assert summary.ok == 6 and "warm_up" in summary.phases and 0 < summary.stages["encoder_busy"] <= 1
+    assert summary.bottleneck

@@ -134,9 +134,10 @@ def verdict(stats: RunStats, total_seconds: float) -> str:
 class StageMeter:
     """Collects the figures during a run; the runner calls it at stage boundaries (cheap: a few additions)."""
 
-    def __init__(self, device_type: str, workers: int) -> None:
+    def __init__(self, device, workers: int) -> None:
         self.started = time.perf_counter()
-        self.cuda = device_type == "cuda"
+        self.device = device  # a torch.device, or its type's name
+        self.cuda = getattr(device, "type", device) == "cuda"
         self.workers = workers
         self.phases: dict[str, float] = {}
         self.images = 0
@@ -171,7 +172,7 @@ class StageMeter:
         import torch
 
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def close_events(self, start) -> tuple[Any, Any]:
@@ -180,7 +181,7 @@ class StageMeter:
         import torch
 
         end = torch.cuda.Event(enable_timing=True)
-        end.record()
+        end.record(torch.cuda.current_stream(self.device))
         return start, end
 
     def batch_launched(self, images: int, host_seconds: float, start_event=None, end_event=None) -> None:

@@ -256,7 +256,7 @@ class Run:
         totals = [u.expected for u in units]
         total = None if any(t is None for t in totals) else sum(totals)
 
-        meter = self.meter = StageMeter(encoder.device.type, workers)
+        meter = self.meter = StageMeter(encoder.device, workers)
         meter.started = self.started
 
         def submit(unit: int, items) -> None:
