@@ -92,6 +92,7 @@ def test_a_run_records_its_phases_and_stages_in_the_summary_the_stats_file_and_i
     import vitok
     from vitok.cli import app
 
+    verify = vitok.verify  # the function, looked up before `vitok info` imports the module of the same name
     photos(tmp_path / "in")
     summary = vitok.extract([str(tmp_path / "in")], tmp_path / "out", model="qwen3-vl-tiny", workers=0,
                             token_budget=200)
@@ -109,9 +110,7 @@ def test_a_run_records_its_phases_and_stages_in_the_summary_the_stats_file_and_i
     assert "start-up" in result.output and "stages" in result.output and summary.bottleneck in result.output
     assert describe(recorded)[-1] == f"limit      {summary.bottleneck}"
     # the stats folder is no part of the store: verify stays clean
-    from vitok.verify import verify_store
-
-    report = verify_store(tmp_path / "out")
+    report = verify(tmp_path / "out")
     assert report.clean and not report.leftovers
 
 
