@@ -177,3 +177,62 @@ def test_decode_gpu_run_is_close_to_the_exact_run_and_names_its_decoder(tmp_path
     decoders = {key: gpu.info(key).get("decoder") for key in gpu.keys()}
     assert [decoders[k] for k in ("0.jpg", "1.jpg", "2.jpg", "3.jpg")] == ["nvjpeg"] * 4
     assert decoders["4.jpg"] != "nvjpeg" and decoders["5.png"] != "nvjpeg"
+
+
+def test_device_decoding_never_writes_memory_queued_kernels_still_read():
+    """pytorch/vision#9606: torchvision's CUDA decoder allocates on the current stream and writes from a private one
+    that does not wait for it, so it could be handed a block that queued kernels were still going to read (the run
+    queues the previous batches' encoder before decoding the next batch). The cause of a 0.53-cosine token in a
+    batched --decode gpu run. Deterministic: fill blocks, queue a long kernel then reads of them, free them, decode,
+    and check the reads."""
+    import io
+
+    from PIL import Image
+
+    from vitok.inputs.gpu_decode import _decode
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((480, 640, 3), 200, np.uint8)).save(buffer, "JPEG", quality=90)
+    jpeg = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    size = 3 * 480 * 640
+    corrupted = 0
+    big = torch.randn(4096, 4096, device="cuda")
+    for _ in range(10):
+        blocks = [torch.full((size,), 7, dtype=torch.uint8, device="cuda") for _ in range(8)]
+        torch.cuda.synchronize()
+        for _ in range(8):  # a long-running kernel ahead of the reads
+            big = big @ big / 64
+        sums = [block.sum(dtype=torch.int64) for block in blocks]
+        del blocks  # freed on the current stream while the reads are still queued
+        decoded = _decode([jpeg] * 8, torch.device("cuda"))
+        torch.cuda.synchronize()
+        corrupted += sum(int(s) != 7 * size for s in sums)
+        assert all(int(image.float().mean()) in range(190, 211) for image in decoded)
+    assert corrupted == 0
+
+
+def test_run_stats_read_the_device_time_from_events_without_waiting_for_them(tmp_path):
+    import time
+
+    from PIL import Image
+
+    import vitok
+    from vitok.pipeline.run_stats import StageMeter
+
+    meter = StageMeter(torch.device("cuda"), workers=2)
+    start = meter.events()
+    torch.cuda._sleep(500_000_000)  # a batch that keeps the GPU busy for a while
+    meter.batch_launched(4, 0.0, *meter.close_events(start))
+    began = time.perf_counter()
+    meter.batch_done()  # its end event has not completed: not read, not waited for
+    assert time.perf_counter() - began < 0.05 and meter.device_busy == 0.0
+    meter.rates(0.0, 0, 0.0)  # at the end of a run: read
+    assert meter.device_busy > 0.05 and meter.encoded_images == 4
+    # a whole run on the GPU: warm-up while the workers start, the device's busy share from events
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        Image.new("RGB", (96 + 16 * i, 80), (40 * i, 90, 200)).save(tmp_path / "in" / f"{i}.jpg")
+    summary = vitok.extract([str(tmp_path / "in")], tmp_path / "out", model="qwen3-vl-tiny", device="cuda",
+                            workers=1, token_budget=200)
+    assert summary.ok == 6 and "warm_up" in summary.phases and 0 < summary.stages["encoder_busy"] <= 1
+    assert summary.bottleneck

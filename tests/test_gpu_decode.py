@@ -130,3 +130,24 @@ def test_a_run_with_device_decoding_keeps_every_image_in_order(tmp_path, monkeyp
         assert cosine > 0.99, key
         if decoders[key] != "nvjpeg":
             np.testing.assert_array_equal(gpu[key], exact[key])
+
+
+@pytest.mark.slow
+def test_the_decode_gpu_harness_runs_on_the_cpu_through_the_cli_and_finds_no_difference(tmp_path):
+    """The harness scripts/gpu_check.sh runs over 600 JPEGs with nvJPEG, here over 8 with torchvision's CPU decoder
+    standing in: same libjpeg-turbo decoding, so any difference would come from the routing or the batched device
+    stage, not from the decoder. Grayscale, CMYK, progressive and EXIF-rotated files are among the 8."""
+    from argparse import Namespace
+
+    from vitok.bench import decode_check
+
+    paths = decode_check.make_folder(tmp_path / "jpegs", 8, max_side=200)
+    names = " ".join(p.name for p in paths)
+    assert "_L_" in names and "_CMYK_" in names and "_prog_" in names and "_o3" in names and "_o7" in names
+    args = Namespace(device="cpu", model="qwen3-vl-tiny", dtype=None, max_pixels=200704, token_budget=500,
+                     workers=0)
+    summary = decode_check.run(tmp_path / "jpegs", tmp_path, args)
+    assert summary["images"] == 8 and not summary["keys_differ"] and not summary["skipped_differ"]
+    assert summary["routed_to_device"] >= 4 and summary["exact_path"] >= 3  # CMYK, progressive, rotated stay exact
+    assert summary["exact_path_identical"] == summary["exact_path"]
+    assert summary["worst_token_cosine"] > 0.9999 and summary["pixel_max_abs"] <= 1

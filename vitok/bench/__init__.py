@@ -13,6 +13,12 @@ Sections:
   families      the same, one row per model family (--families)
   data          decode + preprocess images/s: exact vs --fast-decode, tars vs loose files with 1 and 2 workers
   e2e           vitok vs the naive loop: whole processes on CPU (median of alternating runs), run loops on GPU
+  loop          whole processes over --loop-images JPEGs: vitok (exact; --decode gpu on CUDA) vs the DataLoader loop
+                a competent user writes (transformers, 'AutoImageProcessor' in a DataLoader, pinned memory)
+  startup       time to the first batch of whole `vitok extract` processes and its phases (tiny model on CPU;
+                the full tower from a checkpoint on CUDA)
+  bf16          (CPU) --dtype bfloat16 vs float32: the encoder in-process and whole processes, with CPU features
+  attention     (CUDA) the encoder with each attention kernel available (varlen flash, SDPA flash/cuDNN/efficient)
   plan          `vitok plan` over --plan-paths listed paths: seconds and peak memory; a part's start-up
   rss           peak memory of one run with shards of 10 and of --rss-images images
   reads         reading a 100,000-image pooled store and a 10,000-image store of 64 tokens each, key by key vs
@@ -70,12 +76,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-model", default="small", help="ray: the preset both engines run")
     p.add_argument("--ray-repeats", type=int, default=2, help="ray: alternating runs of each engine, median")
     p.add_argument("--ray-jpeg-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(512, 384))
+    p.add_argument("--loop-images", type=int, default=3072, help="loop: JPEGs of the whole-process comparison")
+    p.add_argument("--loop-workers", type=int, default=12, help="loop: the DataLoader loop's workers")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..environment import cpu_description
+    from .cpu_bf16 import cpu_features
 
     args = parser().parse_args(argv)
     args.sections = set(args.sections.split(","))
@@ -85,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    print(f"# torch {torch.__version__}, device {device}{gpu}, CPU {cpu_description()}, threads "
-          f"{torch.get_num_threads()}", flush=True)
+    print(f"# torch {torch.__version__}, device {device}{gpu}, CPU {cpu_description()} "
+          f"[{cpu_features()}], threads {torch.get_num_threads()}", flush=True)
     args.peak_flops = None
-    if args.sections & {"machine", "encoder", "encoder-full", "families"}:
+    if args.sections & {"machine", "encoder", "encoder-full", "families", "attention"}:
         rates = matmul_rates(device, dtype)
         args.peak_flops = max(rates.values())
         row("machine", f"measured {str(dtype).removeprefix('torch.')} matmul rate (MFU uses the best)",
@@ -97,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     if not reference:
         print("# transformers is not installed: the reference comparisons (encoder, families, e2e) are skipped",
               flush=True)
-    from . import data, e2e, encoder, ray, store, train
+    from . import attention, cpu_bf16, data, e2e, encoder, ray, startup, store, train
+    from .common import JSON_PATH
+
+    if args.json:
+        JSON_PATH[:] = [Path(args.json)]
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -105,8 +118,14 @@ def main(argv: list[str] | None = None) -> int:
             encoder.run(args, device, dtype)
         if "data" in args.sections:
             data.run(args, device, tmp_path)
-        if "e2e" in args.sections and reference:
+        if "attention" in args.sections and device.type == "cuda":
+            attention.run(args, device, dtype)
+        if args.sections & {"e2e", "loop"} and reference:
             e2e.run(args, device, dtype, tmp_path / "jpegs", tmp_path)
+        if "startup" in args.sections:  # (reuses the loop's checkpoint folder when there is one)
+            startup.run(args, device, dtype, tmp_path)
+        if "bf16" in args.sections and device.type == "cpu":
+            cpu_bf16.run(args, tmp_path)
         if "train" in args.sections and reference:
             train.run(args, tmp_path)
         store.run(args, device, tmp_path)

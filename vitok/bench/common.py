@@ -17,8 +17,13 @@ from ..encoder.config import EncoderConfig
 ROWS: list[dict] = []
 
 
+JSON_PATH: list[Path] = []  # where the rows go as they come (a benchmark cut short by a timeout keeps them)
+
+
 def row(section: str, name: str, **values) -> None:
     ROWS.append({"section": section, "name": name, **values})
+    for path in JSON_PATH:
+        path.write_text(json.dumps(ROWS, indent=2))
     text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     print(f"[{section}] {name}: {text}", flush=True)
 

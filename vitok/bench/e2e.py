@@ -44,6 +44,94 @@ np.save(out, np.concatenate(tokens))
 """
 
 
+DATALOADER_LOOP = """
+import json, sys, time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+checkpoint, folder, batch, device, dtype, workers = sys.argv[1:7]
+batch, dtype, workers = int(batch), getattr(torch, dtype), int(workers)
+started = time.perf_counter()
+model = Qwen3VLVisionModel.from_pretrained(checkpoint, attn_implementation="sdpa").to(device, dtype).eval()
+processor = AutoImageProcessor.from_pretrained(checkpoint)
+paths = sorted(Path(folder).glob("*.jpg"))
+
+
+class Images(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(paths)
+
+    def __getitem__(self, i):
+        return Image.open(paths[i]).convert("RGB")
+
+
+def collate(images):
+    inputs = processor(images=images, return_tensors="pt")
+    return inputs["pixel_values"], inputs["image_grid_thw"]
+
+
+loader = torch.utils.data.DataLoader(Images(), batch_size=batch, num_workers=workers, pin_memory=True,
+                                     collate_fn=collate)
+tokens, first, steady_from, count = [], None, None, 0
+with torch.inference_mode():
+    for pixel_values, grid in loader:
+        out = model(pixel_values.to(device, dtype, non_blocking=True), grid.to(device))
+        tokens.extend(out.pooler_output.float().cpu().split((grid.prod(-1) // 4).tolist()))
+        count += len(grid)
+        if first is None:
+            first, steady_from = time.perf_counter() - started, time.perf_counter()
+            count = 0
+end = time.perf_counter()
+print(json.dumps({"first_batch_s": first, "steady_img_s": count / max(end - steady_from, 1e-9),
+                  "loop_s": end - started, "images": len(tokens)}))
+"""
+
+
+def loop_baseline(args, device, dtype, tmp: Path) -> None:
+    """Whole processes over ``--loop-images`` JPEGs: vitok exact, vitok --decode gpu (CUDA) and the DataLoader loop
+    a competent user writes (transformers' tower in SDPA, the auto image processor in a DataLoader with
+    ``--loop-workers`` workers, batches of ``--naive-batch``, pinned memory, merged tokens kept on the host)."""
+    import json
+
+    config, _, _, _, checkpoint = checkpoint_pair(args, device, dtype, tmp)
+    folder = tmp / "loop-jpegs"
+    make_jpegs(folder, args.loop_images, args.jpeg_size)
+    dtype_name = str(dtype).removeprefix("torch.")
+    cmd = [sys.executable, "-c", DATALOADER_LOOP, str(checkpoint), str(folder), str(args.naive_batch), str(device),
+           dtype_name, str(args.loop_workers)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ))
+    loop_wall = time.perf_counter() - start
+    loop = json.loads(done.stdout.strip().splitlines()[-1])
+    decodes = ["exact", "gpu"] if device.type == "cuda" else ["exact"]
+    for decode in decodes:
+        cli = [sys.executable, "-m", "vitok", "extract", str(folder), "-o", str(tmp / f"loop-vitok-{decode}"),
+               "--model", str(checkpoint), "--device", str(device), "--dtype", dtype_name, "--features", "merged",
+               "--quiet", "--overwrite", "--json", "--max-pixels", str(args.max_pixels), "--decode", decode] + (
+            ["--workers", str(args.workers)] if args.workers is not None else [])
+        start = time.perf_counter()
+        done = subprocess.run(cli, check=True, capture_output=True, text=True, env=dict(os.environ))
+        wall = time.perf_counter() - start
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        phases, stages = summary["phases"], summary["stages"]
+        startup = phases.get("imports", 0.0) + phases.get("first_batch_done", 0.0)
+        steady = summary["stages"]["images"] / stages["seconds"] if stages["seconds"] else 0.0
+        projected = {n: ((loop["first_batch_s"] + n / loop["steady_img_s"]) / (startup + n / steady))
+                     if steady and loop["steady_img_s"] else None for n in (20_000,)}
+        row("e2e", f"whole processes, {args.loop_images} JPEGs {args.jpeg_size[0]}x{args.jpeg_size[1]}, max_pixels "
+            f"{args.max_pixels}, {args.preset} depth {config.depth}: vitok --decode {decode} vs the DataLoader loop "
+            f"({args.loop_workers} workers, batch {args.naive_batch})", loop_s=loop_wall, vitok_s=wall,
+            ratio=loop_wall / wall, loop_first_batch_s=loop["first_batch_s"], loop_steady_img_s=loop["steady_img_s"],
+            vitok_first_batch_s=startup, vitok_steady_img_s=steady, decode_busy=stages["decode_busy"],
+            encoder_busy=stages["encoder_busy"], projected_ratio_20000=projected[20_000],
+            bottleneck=summary["bottleneck"])
+
+
 def checkpoint_pair(args, device, dtype, tmp: Path):
     """Reference + vitok with the same random weights, and a checkpoint folder both load."""
     from transformers import Qwen2VLImageProcessor
@@ -150,6 +238,10 @@ def in_process(args, device, dtype, folder: Path, tmp: Path) -> None:
 
 
 def run(args, device, dtype, folder: Path, tmp: Path) -> None:
+    if "loop" in args.sections:
+        loop_baseline(args, device, dtype, tmp)
+        if "e2e" not in args.sections:
+            return
     if device.type == "cpu":
         whole_processes(args, device, dtype, folder, tmp)
     else:

@@ -143,9 +143,11 @@ def _extract_command(
         if json_summary:
             typer.echo(json.dumps(merged))
         return
+    from ..pipeline.run_stats import started_by_cli
     from ..pipeline.runner import extract as run_extract
     from .progress import ProgressDisplay
 
+    started_by_cli()
     options.given = frozenset(_given_on_command_line(values) | ({"model"} if size else set()))
     with ProgressDisplay(not quiet) as progress:
         summary = run_extract(sources, out, options, progress=progress)
@@ -179,6 +181,13 @@ def _report(summary, out) -> None:
                 summary.skipped, summary.failed, summary.already_done, summary.seconds, summary.images_per_second, out)
     if summary.shards_elsewhere:
         logger.info("%d shard(s) are still being written by another process", summary.shards_elsewhere)
+    if summary.phases:
+        from ..pipeline.run_stats import describe
+
+        for line in describe({"phases": summary.phases, "stages": summary.stages}):
+            logger.info("%s", line)
+    if summary.bottleneck:
+        logger.info("%s", summary.bottleneck)
 
 
 def _by_panel(params: list[inspect.Parameter]) -> list[inspect.Parameter]:
@@ -340,6 +349,13 @@ def info(
             echo(f"  damage   {_safe(problem)}")
     for line in report.leftovers[:10]:
         echo(f"  leftover {line}")
+    from ..pipeline.run_stats import describe, latest_stats
+
+    stats = latest_stats(Path(out))
+    if stats is not None:
+        echo(f"last run   {stats.get('images', '?')} images in {stats.get('seconds', 0):.1f} s on {stats['device']}")
+        for line in describe(stats):
+            echo(line)
 
 
 @app.command()

@@ -340,7 +340,8 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     for key in sorted(state):
         tensor = state[key].detach().cpu().contiguous()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():  # the bytes themselves (no copy): hashlib releases the GIL on large buffers
+            digest.update(tensor.view(torch.uint8).numpy().data)
     return "blake2b:" + digest.hexdigest()
 
 

@@ -7,9 +7,11 @@ position interpolation and the rotary stay in float32 inside the model, as in th
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,6 +69,7 @@ class Encoder:
     device: torch.device
     dtype: torch.dtype
     weights_hash: str
+    load_seconds: dict[str, float] = field(default_factory=dict)  # weights_read, weights_on_device
 
     @property
     def config(self) -> EncoderConfig:
@@ -88,6 +91,84 @@ class Encoder:
                 rows.copy_(im.patches, non_blocking=True)
         pixel_values = normalize_patches(patches, self.preprocess)
         return self.model(pixel_values, [im.grid_thw for im in images], features=features, token_order=token_order)
+
+    def needs_warm_up(self, workers: int) -> bool:
+        """Whether to warm up while the decode workers start: always on a GPU (one-time set-up); on a CPU only when
+        there are workers to overlap with and this machine has not yet timed the kernels of this tower's shapes
+        (otherwise the warm-up would only cost a batch)."""
+        if self.device.type == "cuda":
+            return True
+        from . import kernel_choice, kernels
+
+        if workers == 0 or not kernels.onednn_linear_available():
+            return False
+        qkv = self.model.blocks[0].attn.qkv
+        key = f"linear|{qkv.in_features}->{qkv.out_features}|bias=True|gelu=None|{self.dtype}"
+        return not kernel_choice.known(key)
+
+    @torch.inference_mode()
+    def warm_up(self, features: Sequence[str] = ("patch",), token_order: str = "block") -> None:
+        """Encode one dummy image, so the first real batch does not pay for one-time set-up (CUDA context and
+        library handles, Triton kernels compiled or read from their disk cache, the CPU kernel choice's timing).
+        On the CPU the image has ``TIMED_ROWS`` patches at least, so kernel choices are timed on as many rows as a
+        real batch gives them. Nothing waits for the device here."""
+        from .kernel_choice import TIMED_ROWS
+
+        m = self.config.spatial_merge_size
+        if self.device.type == "cuda":  # two sizes: the packed (varlen) attention path, as real batches take it
+            grids = [(1, 2 * m, 2 * m), (1, 2 * m, 4 * m)]
+        else:
+            side = m * -(-int(TIMED_ROWS**0.5) // m)
+            grids = [(1, side, side)]
+        channels, p = len(self.preprocess.image_mean), self.config.patch_size
+        images = [PreparedImage(torch.zeros((h * w, channels, p, p), dtype=torch.uint8), (t, h, w), (w * p, h * p))
+                  for t, h, w in grids]
+        if self.device.type == "cuda":
+            for image in images:
+                image.patches = image.patches.pin_memory()
+        self.encode(images, features, token_order)
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """torch.nn.init's functions as no-ops while the tower is built: its weights stay uninitialised memory (never
+    touched, so nearly free), and every one is then set from the checkpoint or the seed. (Not the meta device: a
+    meta ``arange`` or ``normal_`` imports torch._dynamo, 1-1.5 s.)"""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",
+             "xavier_normal_", "zeros_", "ones_", "constant_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+class _Hashing:
+    """``weights_hash`` of a state dict computed in a thread (hashlib releases the GIL on large buffers)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        import threading
+
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(state,), name="vitok-weights-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self, state: dict[str, torch.Tensor]) -> None:
+        try:
+            self._digest = weights_hash(state)
+        except BaseException as exc:  # raised in the caller
+            self._error = exc
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
 
 
 def load_encoder(
@@ -113,7 +194,11 @@ def load_encoder(
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    encoder = VisionEncoder(source.encoder)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    with _skip_init():  # no default initialisation (seconds for a 2B tower on a CPU): every weight is set below
+        encoder = VisionEncoder(source.encoder)
+    seconds["model_built"] = time.perf_counter() - started
     if source.random_weights:
         init_random_weights(encoder, seed)
         digest = f"seeded-random:{seed}"
@@ -126,12 +211,22 @@ def load_encoder(
                 seed,
             )
     else:
+        started = time.perf_counter()
         state = read_tower_state_dict(source)
         check_state_dict(encoder.state_dict(), state, f"{source.name} ({source.weight_files[0].parent})")
-        digest = weights_hash(state)
-        encoder.load_state_dict(state, strict=True)
+        hashing = _Hashing(state)  # in a thread, while the weights go to the device
+        encoder.load_state_dict(state, strict=True, assign=True)  # the checkpoint's tensors, no copy
+        seconds["weights_read"] = time.perf_counter() - started
+    started = time.perf_counter()
     encoder = encoder.to(device=torch_device, dtype=torch_dtype).eval()
+    if torch_device.type == "cuda":  # once per run, at load: the copies are done before the hot path begins
+        torch.cuda.synchronize(torch_device)
+    seconds["weights_on_device"] = time.perf_counter() - started
+    if not source.random_weights:
+        started = time.perf_counter()
+        digest = hashing.result()
+        seconds["weights_hash_wait"] = time.perf_counter() - started
     if attention == "auto":
         attention = "varlen" if torch_device.type == "cuda" and torch_dtype != torch.float32 else "sdpa"
     encoder.set_attention(attention)
-    return Encoder(encoder, source, preprocess or source.preprocess, torch_device, torch_dtype, digest)
+    return Encoder(encoder, source, preprocess or source.preprocess, torch_device, torch_dtype, digest, seconds)

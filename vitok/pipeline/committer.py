@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ class CommitStats:
     shards_lost: int = 0  # committed by another process first
     output_bytes: int = 0
     reasons: dict[str, str] = field(default_factory=dict)  # key -> reason (skipped and failed)
+    busy_seconds: float = 0.0  # the writer thread's time spent writing and committing (vitok.pipeline.run_stats)
+    queue_fill: float = 0.0  # mean fill of the queue when the loop put a message (1.0: the loop waited for disk)
 
 
 class Committer:
@@ -51,6 +54,7 @@ class Committer:
         self._units: dict[int, UnitRef] = {}
         self._error: BaseException | None = None
         self._aborted = False
+        self._puts, self._fill = 0, 0.0
         self._thread = threading.Thread(target=self._work, name="vitok-committer", daemon=True)
 
     # ---- the run loop's side ----------------------------------------------------------------------------------
@@ -95,6 +99,9 @@ class Committer:
 
     def _put(self, message) -> None:
         self._raise()
+        self._puts += 1
+        self._fill += self._queue.qsize() / QUEUE_DEPTH
+        self.stats.queue_fill = self._fill / self._puts
         while True:
             try:
                 self._queue.put(message, timeout=1.0)
@@ -120,6 +127,7 @@ class Committer:
             if message is None or self._aborted:
                 return
             kind, unit, payload = message
+            started = time.perf_counter()
             try:
                 if kind == "batch":
                     self._sink(unit).add_batch(payload)
@@ -130,6 +138,7 @@ class Committer:
             except BaseException as exc:  # surfaced in the run loop
                 self._error = exc
                 return
+            self.stats.busy_seconds += time.perf_counter() - started
 
     def _commit(self, unit: int, info: UnitInfo) -> None:
         sink = self._sink(unit)

@@ -30,6 +30,7 @@ from ..storage.format import FeatureLayout
 from ..storage.shards import SHARDS_DIR, check_shard, read_sidecar, sidecar_path
 from .options import ExtractOptions
 from .parallel import Part, detect_part
+from .run_stats import STATS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def check_out_folder(out: Path) -> RunHeader | None:
     if (out / META_FILE).exists():
         return read_header(out)
     foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")
-               and p.name not in ("plan", SHARDS_DIR, "README.txt")]
+               and p.name not in ("plan", SHARDS_DIR, "README.txt", STATS_DIR)]
     if foreign:
         raise UsageError(f"-o {out} is a non-empty folder that is not a vitok store (it holds {foreign[0]}); choose "
                          "an empty or new folder")

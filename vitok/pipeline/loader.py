@@ -104,22 +104,26 @@ class UnitReading(torch.utils.data.IterableDataset):
 
     def _task(self, reader, task: Task) -> Iterator[Chunk]:
         unit = task.unit
+        started = time.perf_counter()
         if task.stop is not None:  # a slice of a loose-file unit: exactly one chunk
             items = [prepare(s, self.preprocessor, self.hash_sources)
                      for s in reader.samples(unit, task.start, task.stop)]
-            yield Chunk(unit.index, task.start // CHUNK, items, end=task.stop >= unit.count).pack()
+            yield Chunk(unit.index, task.start // CHUNK, items, end=task.stop >= unit.count,
+                        busy=time.perf_counter() - started).pack()
             return
         seq, items = 0, []
         try:
             for sample in reader.samples(unit):
                 items.append(prepare(sample, self.preprocessor, self.hash_sources))
                 if len(items) == CHUNK:
-                    yield Chunk(unit.index, seq, items).pack()
-                    seq, items = seq + 1, []
+                    chunk = Chunk(unit.index, seq, items, busy=time.perf_counter() - started).pack()
+                    yield chunk
+                    seq, items, started = seq + 1, [], time.perf_counter()
         except UnitReadError as exc:
-            yield Chunk(unit.index, seq, items, end=True, unit_error=str(exc), unit_failed=exc.failed).pack()
+            yield Chunk(unit.index, seq, items, end=True, unit_error=str(exc), unit_failed=exc.failed,
+                        busy=time.perf_counter() - started).pack()
             return
-        yield Chunk(unit.index, seq, items, end=True).pack()
+        yield Chunk(unit.index, seq, items, end=True, busy=time.perf_counter() - started).pack()
 
 
 def _exit_quietly(_signum, _frame) -> None:
@@ -208,11 +212,30 @@ def load_units(units: Sequence[UnitRef], kind: str, reader_options: ReaderOption
         worker_init_fn=functools.partial(_worker_init, os.getpid()),
         prefetch_factor=2 if workers else None, persistent_workers=False,
     )
-    iterator = iter(loader)
-    try:
-        yield from in_unit_order(iterator)
-    finally:  # on any exit (an error in a worker or in the loop): stop the workers now, not at interpreter exit
-        shutdown = getattr(iterator, "_shutdown_workers", None)
+    return _Chunks(iter(loader))  # the workers start now, not at the first chunk asked for
+
+
+class _Chunks:
+    """The loader's chunks in unit order; ``close`` (on any exit: an error in a worker or in the loop) stops the
+    workers now, not at interpreter exit, even when no chunk was asked for yet."""
+
+    def __init__(self, iterator) -> None:
+        self._iterator = iterator
+        self._ordered = in_unit_order(iterator)
+
+    def __iter__(self) -> _Chunks:
+        return self
+
+    def __next__(self) -> Chunk:
+        try:
+            return next(self._ordered)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._ordered.close()
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
 

@@ -227,8 +227,9 @@ class RayRun(Run):
             dtype = "bfloat16" if kind == "cuda" and _bf16_on_cluster_gpu() else "float32"
         return options.replace(device="cpu", dtype=dtype), {"actor_device": kind, "started_ray": started}
 
-    def __init__(self, job, progress=None, actor_device: str = "cpu", started_ray: bool = False) -> None:
-        super().__init__(job, progress)
+    def __init__(self, job, progress=None, started: float | None = None, actor_device: str = "cpu",
+                 started_ray: bool = False) -> None:
+        super().__init__(job, progress, started)
         self.actor_device, self.started_ray = actor_device, started_ray
 
     def execute(self):

@@ -34,6 +34,7 @@ from .batcher import Batcher
 from .committer import CommitStats, Committer
 from .job import Job, Work, check_committed, check_settings, make_settings, new_header, prepare, remaining_work
 from .options import ExtractOptions, make_options
+from .run_stats import RunStats, StageMeter, import_seconds, verdict, write_stats
 
 if TYPE_CHECKING:
     from .device import DevicePipeline
@@ -73,6 +74,9 @@ class ExtractSummary:
     encode_seconds: float  # launching batches and finishing them (device waits included)
     device_wait_seconds: float  # of which: waiting for the device (the device was the bottleneck)
     skipped_reasons: dict[str, str] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # start-up, seconds (vitok.pipeline.run_stats)
+    stages: dict[str, Any] = field(default_factory=dict)  # steady-state rates per stage (vitok.pipeline.run_stats)
+    bottleneck: str = ""  # what limited the run, in words (the run's last line)
 
     @property
     def all_skipped(self) -> bool:
@@ -100,6 +104,8 @@ def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-o
     Returns:
         counts, timings and sizes of this run.
     """
+    imports = import_seconds()
+    started = time.perf_counter()
     if options is None:
         opts = make_options(**option_values)
     elif option_values:
@@ -111,7 +117,11 @@ def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-o
         engine = engine_class(opts.engine)
         opts, context = engine.configure(opts)
         job = prepare([str(s) for s in sources], Path(out), opts, stdin)
-        return engine(job, progress, **context).execute()
+        run = engine(job, progress, started=started, **context)
+        if imports is not None:
+            run.phases["imports"] = imports
+        run.phases["plan"] = time.perf_counter() - started
+        return run.execute()
 
 
 def engine_class(name: str) -> type[Run]:
@@ -144,10 +154,13 @@ def stop_on_signals():
 
 
 class Run:
-    def __init__(self, job: Job, progress: Callable[[ProgressEvent], None] | None = None) -> None:
+    def __init__(self, job: Job, progress: Callable[[ProgressEvent], None] | None = None,
+                 started: float | None = None) -> None:
         self.job, self.progress = job, progress
-        self.started = time.perf_counter()
+        self.started = started if started is not None else time.perf_counter()
         self.wait_seconds = 0.0
+        self.phases: dict[str, float] = {}  # start-up (vitok.pipeline.run_stats); the loop's meter adds its own
+        self.meter: StageMeter | None = None
 
     @classmethod
     def configure(cls, options: ExtractOptions) -> tuple[ExtractOptions, dict[str, Any]]:
@@ -175,8 +188,11 @@ class Run:
             check_settings(job, encoder.weights_hash)
         elif not job.options.overwrite:
             check_committed(job.out, fingerprint(settings))
+        self.phases |= {k: v for k, v in encoder.load_seconds.items() if k != "model_built"}
+        started = time.perf_counter()
         header = self._write_header(settings, encoder)
         plan = self.plan = self._write_plan(plan)
+        self.phases["plan"] = self.phases.get("plan", 0.0) + time.perf_counter() - started
         # again now that the model is loaded: other processes may have committed shards in the meantime
         work = remaining_work(job, plan, header.fingerprint)
         claims = Claims(job.out)
@@ -262,7 +278,7 @@ class Run:
     def _loop(self, units, encoder, pipeline: DevicePipeline, committer: Committer) -> None:
         from ..inputs.preprocess import Preprocessor
         from .loader import default_workers, load_units
-        from .types import Batch
+        from .types import Batch, EncodedBatch
 
         opts = self.job.options
         budget = opts.token_budget or (32768 if encoder.device.type == "cuda" else 4096)
@@ -272,12 +288,33 @@ class Run:
         totals = [u.expected for u in units]
         total = None if any(t is None for t in totals) else sum(totals)
 
+        meter = self.meter = StageMeter(encoder.device, workers)
+        meter.started = self.started
+
+        def deliver(events) -> None:
+            """What the device stage finished goes to the committer, in order; the meter counts the batches."""
+            for event in events:
+                if isinstance(event, EncodedBatch):
+                    meter.batch_done()
+            committer.put(events)
+
         def submit(unit: int, items) -> None:
-            committer.put(pipeline.submit(Batch(unit, items)))
+            meter.mark("first_batch_ready")
+            events = meter.events()
+            start = time.perf_counter()
+            finished = pipeline.submit(Batch(unit, items))
+            meter.batch_launched(len(items), time.perf_counter() - start, *meter.close_events(events))
+            deliver(finished)
 
         seen = skipped = shards = 0
+        started = time.perf_counter()
         chunks = load_units(units, self.plan.kind, self.job.reader_options,
                             Preprocessor(encoder.preprocess), workers, pin_memory=encoder.device.type == "cuda")
+        meter.phase("workers_ready", time.perf_counter() - started)
+        if encoder.needs_warm_up(workers):  # while the workers decode the first images
+            started = time.perf_counter()
+            encoder.warm_up(self.job.features, opts.token_order)
+            meter.phase("warm_up", time.perf_counter() - started)
         try:
             for chunk in self._timed(chunks):
                 for item in chunk.unpack():
@@ -291,14 +328,14 @@ class Run:
                 if chunk.end:
                     for closed in batcher.flush(chunk.unit):
                         submit(chunk.unit, closed)
-                    committer.put(pipeline.end(chunk.unit, unit_record(by_index[chunk.unit], chunk)))
+                    deliver(pipeline.end(chunk.unit, unit_record(by_index[chunk.unit], chunk)))
                     shards += 1
                 if self.progress is not None:
                     self.progress(ProgressEvent(seen, total, pipeline.tokens, skipped,
                                                 time.perf_counter() - self.started, shards, len(units)))
         finally:
             chunks.close()  # on any error: stop the decode workers now, not at interpreter exit
-        committer.put(pipeline.drain())
+        deliver(pipeline.drain())
 
     def _timed(self, chunks):
         while True:
@@ -307,13 +344,17 @@ class Run:
                 chunk = next(chunks)
             except StopIteration:
                 return
-            self.wait_seconds += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self.wait_seconds += waited
+            if self.meter is not None:
+                self.meter.chunk(len(chunk.items), chunk.busy, waited)
             yield chunk
 
     def _summary(self, work: Work, stats: CommitStats, pipeline, encoder, elsewhere: int = 0) -> ExtractSummary:
         seconds = time.perf_counter() - self.started
         done = stats.ok + stats.skipped + stats.failed
         planned = [u.expected for u in work.mine]
+        run_stats = self._run_stats(stats, encoder, seconds)
         return ExtractSummary(
             out=str(self.job.out), part=self.job.part.label,
             images_planned=None if any(p is None for p in planned) else sum(planned),
@@ -326,7 +367,22 @@ class Run:
             encode_seconds=round(pipeline.encode_seconds, 3) if pipeline else 0.0,
             device_wait_seconds=round(pipeline.device_wait_seconds, 3) if pipeline else 0.0,
             skipped_reasons=stats.reasons,
+            phases=run_stats["phases"], stages=run_stats["stages"], bottleneck=run_stats["bottleneck"],
         )
+
+    def _run_stats(self, stats: CommitStats, encoder, seconds: float) -> dict[str, Any]:
+        """Phases, stage rates and the verdict; written to OUT/stats/<run>.json when the run encoded anything."""
+        result = RunStats(dict(self.phases), device=str(encoder.device) if encoder else "cpu",
+                          decode=self.job.options.decode)
+        if self.meter is None:
+            return result.to_dict()
+        result.phases |= self.meter.phases
+        result.stages = self.meter.rates(stats.busy_seconds, stats.output_bytes, stats.queue_fill)
+        result.bottleneck = verdict(result, seconds + result.phases.get("imports", 0.0))
+        record = result.to_dict()
+        write_stats(self.job.out, f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}",
+                    record | {"seconds": round(seconds, 3), "images": stats.ok + stats.skipped + stats.failed})
+        return record
 
 
 def unit_record(unit, chunk) -> UnitInfo:
@@ -362,5 +418,5 @@ def wipe_store(out: Path) -> None:
     """--overwrite: remove what vitok wrote in OUT (and nothing else)."""
     from ..storage.files import remove
 
-    for name in (META_FILE, "README.txt", "plan", "shards", ".claims", "plan.jsonl"):
+    for name in (META_FILE, "README.txt", "plan", "shards", ".claims", "plan.jsonl", "stats"):
         remove(out / name)

@@ -41,6 +41,7 @@ class Chunk:
     unit_failed: bool = False  # ... because it was unavailable (retried later) rather than damaged
     rows: list[int] = field(default_factory=list)  # patch rows of each decoded image, in order
     patches: torch.Tensor | None = None  # all decoded images' patches, concatenated
+    busy: float = 0.0  # seconds the worker spent reading and decoding this chunk (run_stats)
 
     def pack(self) -> Chunk:
         images = [item.image for item in self.items if item.image is not None]

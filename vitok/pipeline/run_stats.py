@@ -1,0 +1,284 @@
+"""Where a run's time went: its start-up phases, the steady-state rate of each stage, and the verdict naming the
+stage that limits it (the run's last line).
+
+The stages measure themselves without adding a wait on the hot path: decode workers time their own work and send it
+with each chunk; the device stage brackets each batch with CUDA events (read once the batch's copies are done, which
+the run waits for anyway); the writer thread times its writes. ``verdict`` is a pure function of those figures.
+
+    phases (seconds)   imports: process start -> the run's start (interpreter, imports, option parsing)
+                       plan: listing the sources, checking the store, writing the plan
+                       weights_read / weights_on_device: reading the checkpoint / the model on its device
+                       workers_ready: starting the decode workers; warm_up: a dummy batch while they start
+                       first_batch_ready / first_batch_done: from the run's start to the first batch queued / back
+    stages (steady state, after the first batch came back)
+                       decode: images/s delivered, the workers' busy share (their capacity in images/s)
+                       encoder: the device's busy share and images/s; writer: MB/s and its busy share
+                       queues: the share of chunk requests the loader answered at once, the writer queue's mean fill
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATS_DIR = "stats"  # OUT/stats/<run>.json: one file per run (vitok info shows the latest)
+STARTUP_BOUND = 0.5  # start-up over this share of the run: the verdict is about start-up
+BUSY = 0.85  # a stage this busy is saturated
+
+
+_ENTRY_POINT = {"cli": False}
+
+
+def started_by_cli() -> None:
+    """The ``vitok`` command calls this: its process exists for the run, so the process's age when the run begins
+    is the run's import time (a library caller's process may be hours old)."""
+    _ENTRY_POINT["cli"] = True
+
+
+def import_seconds() -> float | None:
+    """Seconds from the process's start to now when the process was started for this run (the CLI), else None."""
+    return process_age() if _ENTRY_POINT["cli"] else None
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), or None."""
+    try:
+        with open("/proc/self/stat") as handle:
+            started_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class StageRates:
+    """Steady-state figures of each stage over ``seconds`` of run time (after the first batch came back)."""
+
+    seconds: float = 0.0
+    images: int = 0
+    workers: int = 0  # 0: decoding happens on the run loop's thread
+    decode_img_s: float = 0.0  # images/s the loader delivered
+    decode_busy: float = 0.0  # workers' busy share (busy seconds / (workers x seconds)); on the loop thread: share
+    decode_capacity_img_s: float = 0.0  # what the workers could deliver at 100 % busy
+    encoder_busy: float = 0.0  # the device's busy share (CUDA events; on CPU the encode calls' share)
+    encoder_img_s: float = 0.0  # images/s while busy (the encoder's own rate)
+    writer_mb_s: float = 0.0  # MB/s while writing
+    writer_busy: float = 0.0
+    data_wait: float = 0.0  # share of the run the loop waited for decoded images
+    loader_ready: float = 0.0  # share of chunk requests answered without waiting (the loader's queue was full)
+    writer_queue_fill: float = 0.0  # mean fill of the writer's queue (1.0 = the loop waited for the disk)
+
+
+@dataclass
+class RunStats:
+    phases: dict[str, float] = field(default_factory=dict)
+    stages: StageRates = field(default_factory=StageRates)
+    device: str = "cpu"
+    decode: str = "exact"
+    bottleneck: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"phases": {k: round(v, 3) for k, v in self.phases.items()},
+                "stages": {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self.stages).items()},
+                "device": self.device, "decode": self.decode, "bottleneck": self.bottleneck}
+
+
+def _pct(share: float) -> str:
+    return f"{100 * share:.0f} %"
+
+
+def verdict(stats: RunStats, total_seconds: float) -> str:
+    """One line naming what limited the run, in words a user can act on. Pure: a function of the figures only."""
+    p, s = stats.phases, stats.stages
+    gpu = stats.device.startswith("cuda")
+    device = "GPU" if gpu else "encoder"
+    startup = p.get("first_batch_done", 0.0) + p.get("imports", 0.0)
+    if total_seconds > 0 and startup / total_seconds > STARTUP_BOUND:
+        named = {k: p[k] for k in ("imports", "plan", "weights_read", "weights_on_device", "workers_ready",
+                                   "warm_up") if p.get(k, 0.0) >= 0.05}
+        largest = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in sorted(named.items(), key=lambda kv: -kv[1])
+                            [:3])
+        return (f"start-up-bound: {startup:.1f} s of {total_seconds:.1f} s before the first batch came back"
+                + (f" ({largest})" if largest else "")
+                + "; larger jobs amortise it (one run over many inputs rather than many small runs)")
+    workers = f"{s.workers} workers" if s.workers else "decoding on the main thread"
+    decode = f"{workers} {_pct(s.decode_busy)} busy"
+    encoder = f"{device} {_pct(s.encoder_busy)} busy"
+    if s.writer_busy >= BUSY and s.writer_busy >= max(s.encoder_busy, s.decode_busy):
+        return (f"writer-bound: writing {s.writer_mb_s:.0f} MB/s, {_pct(s.writer_busy)} busy, {encoder}; a faster "
+                "disk, --pool or --store-dtype float16 (fewer bytes) would help")
+    if s.encoder_busy >= BUSY or (s.encoder_busy >= s.decode_busy and s.data_wait < 0.2):
+        extra = ("" if gpu else "; --dtype bfloat16 may help on CPUs with AMX/AVX512-BF16 (not exact), or a GPU")
+        return f"encoder-bound: {encoder} at {s.encoder_img_s:.1f} img/s, {decode}{extra}"
+    if s.decode_busy >= BUSY or s.data_wait >= 0.2:
+        if s.decode_busy < 0.5:  # waiting for images while the workers idle: reading, not decoding
+            return (f"input-bound: the loop waited {_pct(s.data_wait)} of the time while {decode}; reading the "
+                    "inputs is slow (storage or network): tars/parquet or more --workers would help")
+        helps = []
+        if gpu and stats.decode == "exact":
+            helps.append("--decode gpu")
+        helps.append("--fast-decode" if stats.decode == "exact" else "more cores")
+        if "more cores" not in helps:
+            helps.append("more cores")
+        return f"decode-bound: {decode}, {encoder}; {' or '.join(helps)} would help"
+    return (f"loop-bound: {decode}, {encoder}, writer {_pct(s.writer_busy)} busy; the run loop's own thread "
+            "(batching, copies) limits it; a larger --token-budget would help")
+
+
+class StageMeter:
+    """Collects the figures during a run; the runner calls it at stage boundaries (cheap: a few additions)."""
+
+    def __init__(self, device, workers: int) -> None:
+        self.started = time.perf_counter()
+        self.device = device  # a torch.device, or its type's name
+        self.cuda = getattr(device, "type", device) == "cuda"
+        self.workers = workers
+        self.phases: dict[str, float] = {}
+        self.images = 0
+        self.decode_busy = 0.0
+        self.waits = 0.0
+        self.requests = self.ready = 0
+        self.encode_host = 0.0
+        self.device_busy = 0.0  # GPU seconds, from events
+        self.encoded_images = 0
+        self._pending: list[tuple[Any, Any, int]] = []  # (start event, end event, images) of batches in flight
+        self._last_end = None
+        self._steady: dict[str, float] | None = None  # counters when the first batch came back
+
+    def phase(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
+
+    def mark(self, name: str) -> None:
+        """A moment since the run's start (first_batch_ready, first_batch_done), recorded once."""
+        self.phases.setdefault(name, time.perf_counter() - self.started)
+
+    def chunk(self, images: int, busy: float, waited: float) -> None:
+        self.images += images
+        self.decode_busy += busy
+        self.waits += waited
+        self.requests += 1
+        self.ready += waited < 1e-3
+
+    def events(self):
+        """A timing event recorded on the current stream before a batch is queued (None on a CPU)."""
+        if not self.cuda:
+            return None
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def close_events(self, start) -> tuple[Any, Any]:
+        if start is None:
+            return None, None
+        import torch
+
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(torch.cuda.current_stream(self.device))
+        return start, end
+
+    def batch_launched(self, images: int, host_seconds: float, start_event=None, end_event=None) -> None:
+        self.mark("first_batch_ready")
+        self.encode_host += host_seconds
+        if start_event is not None:
+            self._pending.append((start_event, end_event, images))
+        else:  # a CPU batch is done when its launch returns
+            self.encoded_images += images
+            self.batch_done()
+
+    def batch_done(self) -> None:
+        """A batch came back to the host (on a GPU: the oldest, in order); device time is read from events that
+        have completed, never waited for."""
+        self._account(wait=False)
+        if self._steady is None:
+            self.mark("first_batch_done")
+            self._steady = self._counters()
+
+    def _account(self, wait: bool) -> None:
+        while self._pending:
+            start, end, images = self._pending[0]
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                return
+            self._pending.pop(0)
+            busy = start.elapsed_time(end)
+            if self._last_end is not None:  # queued behind the previous batch: count from where that one ended
+                busy = min(busy, max(0.0, self._last_end.elapsed_time(end)))
+            self.device_busy += busy / 1e3
+            self.encoded_images += images
+            self._last_end = end
+
+    def _counters(self) -> dict[str, float]:
+        return {"t": time.perf_counter(), "images": self.images, "decode_busy": self.decode_busy,
+                "waits": self.waits, "requests": self.requests, "ready": self.ready, "encode_host": self.encode_host,
+                "device_busy": self.device_busy, "encoded": self.encoded_images}
+
+    def rates(self, writer_busy: float, writer_bytes: int, writer_fill: float) -> StageRates:
+        """The steady-state figures (called once the run's batches are all back: waiting costs nothing then)."""
+        self._account(wait=True)
+        end = self._counters()
+        start = self._steady
+        if start is None or end["t"] - start["t"] < 1e-3 or end["encoded"] - start["encoded"] < 1:
+            start = {k: 0.0 for k in end} | {"t": self.started}  # too short a steady state: the whole run
+        d = {k: end[k] - start[k] for k in end}
+        seconds = max(d["t"], 1e-9)
+        busy = d["device_busy"] if self.cuda else d["encode_host"]
+        capacity = self.workers or 1
+        return StageRates(
+            seconds=seconds, images=int(d["images"]), workers=self.workers,
+            decode_img_s=d["images"] / seconds,
+            decode_busy=min(1.0, d["decode_busy"] / (capacity * seconds)),
+            decode_capacity_img_s=capacity * d["images"] / d["decode_busy"] if d["decode_busy"] else 0.0,
+            encoder_busy=min(1.0, busy / seconds), encoder_img_s=d["encoded"] / busy if busy else 0.0,
+            writer_mb_s=writer_bytes / 1e6 / writer_busy if writer_busy else 0.0,
+            writer_busy=min(1.0, writer_busy / (time.perf_counter() - self.started)),
+            data_wait=min(1.0, d["waits"] / seconds),
+            loader_ready=d["ready"] / d["requests"] if d["requests"] else 0.0,
+            writer_queue_fill=writer_fill,
+        )
+
+
+def write_stats(out: Path, run_id: str, record: dict[str, Any]) -> None:
+    """OUT/stats/<run>.json, written atomically; a read-only or full disk only costs the file."""
+    folder = out / STATS_DIR
+    try:
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".{run_id}.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, folder / f"{run_id}.json")
+    except OSError:
+        pass
+
+
+def latest_stats(out: Path) -> dict[str, Any] | None:
+    """The most recent run's stats file of a store, or None."""
+    try:
+        files = sorted((out / STATS_DIR).glob("*.json"), key=lambda p: p.stat().st_mtime)
+        return json.loads(files[-1].read_text()) if files else None
+    except (OSError, ValueError):
+        return None
+
+
+def describe(stats: dict[str, Any]) -> list[str]:
+    """Lines for ``vitok info``: the phases and the stages of a stats record."""
+    phases = stats.get("phases", {})
+    s = stats.get("stages", {})
+    order = ("imports", "plan", "weights_read", "weights_on_device", "workers_ready", "warm_up", "first_batch_ready",
+             "first_batch_done")
+    lines = ["start-up   " + ", ".join(f"{k.replace('_', ' ')} {phases[k]:.2f} s" for k in order if k in phases)]
+    if s:
+        lines.append(f"stages     decode {s['decode_img_s']:.1f} img/s ({s['workers']} workers, "
+                     f"{_pct(s['decode_busy'])} busy); encoder {_pct(s['encoder_busy'])} busy, "
+                     f"{s['encoder_img_s']:.1f} img/s; writer {s['writer_mb_s']:.1f} MB/s, {_pct(s['writer_busy'])} "
+                     f"busy; loop waited {_pct(s['data_wait'])}")
+    if stats.get("bottleneck"):
+        lines.append(f"limit      {stats['bottleneck']}")
+    return lines
