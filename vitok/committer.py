@@ -52,6 +52,10 @@ class Committer:
         self._units: dict[int, UnitRef] = {}
         self._in_flight: defaultdict[int, int] = defaultdict(int)  # loop thread only
         self._closing: dict[int, dict[str, Any]] = {}
+        # within-unit duplicates (loop thread): content id -> (first key, skip reason) once its batch was queued;
+        # duplicates waiting for their first copy's batch
+        self._queued: defaultdict[int, dict[str, tuple[str, str | None]]] = defaultdict(dict)
+        self._waiting: defaultdict[int, defaultdict[str, list[ImageRecord]]] = defaultdict(lambda: defaultdict(list))
         self._error: BaseException | None = None
         self._aborted = False
         self._thread = threading.Thread(target=self._work, name="vitok-committer", daemon=True)
@@ -71,8 +75,37 @@ class Committer:
     def encoded(self, batches: list[EncodedBatch]) -> None:
         for batch in batches:
             self._put(("batch", batch.unit, batch))
+            for record in batch.records:
+                self._first_queued(batch.unit, record, None)
+            for record in batch.skipped:
+                self._first_queued(batch.unit, record, record.reason or "skipped")
             self._in_flight[batch.unit] -= 1
             self._commit_closed()
+
+    def duplicate(self, unit: int, record: ImageRecord) -> None:
+        """An image of ``unit`` with the same pixels (``content_id``) as the earlier image ``record.copied_from``,
+        not encoded: written as a copy of its rows once the first copy's batch is in the shard (the queue keeps
+        that order), or skipped with it."""
+        queued = self._queued[unit].get(record.content_id)
+        if queued is None:
+            self._waiting[unit][record.content_id].append(record)
+        else:
+            self._put_copy(unit, record, queued[1])
+
+    def _first_queued(self, unit: int, record: ImageRecord, skipped: str | None) -> None:
+        if record.content_id is None or record.copied_from is not None:
+            return
+        self._queued[unit].setdefault(record.content_id, (record.key, skipped))
+        for duplicate in self._waiting[unit].pop(record.content_id, ()):
+            self._put_copy(unit, duplicate, skipped)
+
+    def _put_copy(self, unit: int, record: ImageRecord, skipped: str | None) -> None:
+        if skipped is None:
+            self._put(("copy", unit, record))
+        else:
+            record.status, record.reason = "skipped", f"same pixels as {record.copied_from}: {skipped}"
+            record.copied_from = None
+            self._put(("record", unit, record))
 
     def record(self, unit: int, record: ImageRecord) -> None:
         self._put(("record", unit, record))
@@ -104,6 +137,8 @@ class Committer:
 
     def _commit_closed(self) -> None:
         for unit in [u for u in self._closing if self._in_flight[u] <= 0]:
+            self._queued.pop(unit, None)
+            assert not self._waiting.pop(unit, None), "a duplicate's first copy never came back from the device"
             self._put(("commit", unit, self._closing.pop(unit)))
 
     def _put(self, message) -> None:
@@ -138,6 +173,8 @@ class Committer:
                     self._sink(unit).add_batch(payload)
                 elif kind == "record":
                     self._sink(unit).add_record(payload)
+                elif kind == "copy":
+                    self._sink(unit).add_copy(payload)
                 else:
                     self._commit(unit, payload)
             except BaseException as exc:  # surfaced in the run loop

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ImageError, InputUnavailableError
+from .identity import content_id, source_sha256
 from .plan import UnitRef
 from .preprocess import PreparedImage, Preprocessor
 from .readers import ReaderOptions, Sample, UnitReadError, get_reader
@@ -82,6 +83,7 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
         else:
             data = sample.data
             record.source_bytes = len(data)
+        record.source_sha256 = source_sha256(data)
         image = preprocessor.load(data)
     except InputUnavailableError as exc:
         record.status, record.reason = "failed", str(exc)
@@ -94,6 +96,8 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
         return Item(record)
     record.grid, record.size = list(image.grid_thw), list(image.original_size)
     record.decoder, record.notes = image.decoder, (image.notes or None)
+    if image.patches is not None:  # (a JPEG left for the GPU to decode has no pixels yet, and no content id)
+        record.content_id = content_id(image.patches, image.grid_thw)
     return Item(record, image)
 
 

@@ -24,9 +24,11 @@ from typing import Any
 from . import __version__
 from .batcher import Batcher
 from .committer import CommitStats, Committer
+from .dedupe import Donors, check_reuse, copied_batch
 from .device import Batch, DevicePipeline
 from .environment import describe_environment
 from .errors import Interrupted, SettingsMismatchError
+from .identity import header_identity
 from .inference import load_encoder
 from .job import Job, Work, check_settings, make_settings, new_header, prepare, remaining_work
 from .loader import default_workers, load_units
@@ -73,6 +75,10 @@ class ExtractSummary:
     data_wait_seconds: float  # the loop waited for decoded images
     encode_seconds: float  # launching batches and finishing them (device waits included)
     device_wait_seconds: float  # of which: waiting for the device (the device was the bottleneck)
+    images_encoded: int = 0  # images this run sent to the encoder
+    batches_encoded: int = 0  # encoder batches this run ran
+    duplicates: int = 0  # not encoded: the same pixels were encoded earlier in this unit or in a committed shard
+    reused: int = 0  # not encoded: tokens taken from a --reuse store
     skipped_reasons: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -131,6 +137,7 @@ class Run:
         self.job, self.progress = job, progress
         self.started = time.perf_counter()
         self.wait_seconds = 0.0
+        self.counts = {"images_encoded": 0, "batches_encoded": 0, "duplicates": 0, "reused": 0}
 
     # ---- set-up: the first writes happen here ----------------------------------------------------------------
 
@@ -149,6 +156,8 @@ class Run:
         settings = make_settings(job, encoder.weights_hash)
         if job.header is not None:
             check_settings(job, encoder.weights_hash)
+        for store in job.options.reuse or ():
+            check_reuse(Path(store), settings)
         header = self._write_header(settings, encoder)
         plan = self.plan = self._write_plan(plan)
         # again now that the model is loaded: other processes may have committed shards in the meantime
@@ -157,7 +166,7 @@ class Run:
         claims.start()
         try:
             mine, elsewhere = self._claim(claims, work)
-            stats, pipeline = self._run(encoder, mine, claims, header) if mine else (CommitStats(), None)
+            stats, pipeline = self._run(encoder, mine, claims, header, work) if mine else (CommitStats(), None)
         finally:
             claims.stop()
         summary = self._summary(work, stats, pipeline, encoder, elsewhere)
@@ -174,7 +183,9 @@ class Run:
             job.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise_store_error(exc, job.out)
-        header = new_header(job, settings, describe_environment(encoder))
+        environment = describe_environment(encoder)
+        header = new_header(job, settings, environment)
+        header.identity = header_identity(settings, environment.get("decoders", {}))
         if not create_exclusive(job.out / META_FILE, dumps(header.to_json())):
             stored = read_header(job.out)
             if stored.fingerprint != header.fingerprint:
@@ -213,25 +224,53 @@ class Run:
 
     # ---- the loop -------------------------------------------------------------------------------------------
 
-    def _run(self, encoder, units, claims: Claims, header: RunHeader):
+    def _run(self, encoder, units, claims: Claims, header: RunHeader, work: Work):
         job, opts = self.job, self.job.options
         fmt = get_format(opts.format)
         pipeline = DevicePipeline(encoder, job.features, opts.pool, opts.store_dtype, opts.token_order)
+        donors = Donors(list(job.features))
+        donors.add_store(job.out, header.fingerprint, exclude=work.damaged)
+        for store in opts.reuse or ():
+            donors.add_store(Path(store), label=os.path.abspath(store))
         committer = Committer(job.out, fmt, job.layouts, opts.store_dtype, opts.compression, claims,
                               {"fingerprint": header.fingerprint, "part": job.part.label,
-                               "vitok_version": __version__}).start()
+                               "vitok_version": __version__},
+                              on_commit=lambda sidecar: donors.add_sidecar(job.out, sidecar)).start()
         for unit in units:
             committer.begin(unit)
         logger.info("part %s: %d shard(s) to do", job.part.label, len(units))
         try:
-            self._loop(units, encoder, pipeline, committer)
+            self._loop(units, encoder, pipeline, committer, donors, fmt.reads_back)
             stats = committer.finish()
         except BaseException:
             committer.abort()
             raise
+        finally:
+            donors.close()
         return stats, pipeline
 
-    def _loop(self, units, encoder, pipeline: DevicePipeline, committer: Committer) -> None:
+    def _deduplicate(self, unit: int, item, donors: Donors, firsts: dict[str, str] | None, copied: list,
+                     committer: Committer) -> bool:
+        """True when the image needs no encoding (vitok.dedupe): copied from a committed shard (queued in
+        ``copied``) or a duplicate of an earlier image of its unit (``firsts``: content id -> key)."""
+        record = item.record
+        arrays = donors.take(record)
+        if arrays is not None:
+            copied.append((record, arrays))
+            self.counts["reused" if "::" in record.copied_from else "duplicates"] += 1
+            return True
+        if firsts is None or record.content_id is None:
+            return False
+        if record.content_id in firsts:
+            record.copied_from = firsts[record.content_id]
+            committer.duplicate(unit, record)
+            self.counts["duplicates"] += 1
+            return True
+        firsts[record.content_id] = record.key
+        return False
+
+    def _loop(self, units, encoder, pipeline: DevicePipeline, committer: Committer, donors: Donors | None = None,
+              within_units: bool = True) -> None:
         opts = self.job.options
         budget = opts.token_budget or (32768 if encoder.device.type == "cuda" else 4096)
         batcher: Batcher = Batcher(budget)
@@ -241,23 +280,36 @@ class Run:
         total = None if any(t is None for t in totals) else sum(totals)
 
         def submit(unit: int, items) -> None:
+            self.counts["batches_encoded"] += 1
+            self.counts["images_encoded"] += len(items)
             committer.launched(unit)
             committer.encoded(pipeline.submit(Batch(unit, items)))
+
+        donors = donors if donors is not None else Donors(list(self.job.features))
+        firsts: dict[int, dict[str, str]] = {}  # per open unit: content id -> key of its first image
 
         seen = skipped = shards = 0
         chunks = load_units(units, self.plan.kind, self.job.reader_options,
                             Preprocessor(encoder.preprocess), workers, pin_memory=encoder.device.type == "cuda")
         try:
             for chunk in self._timed(chunks):
+                copied: list = []
+                unit_firsts = firsts.setdefault(chunk.unit, {}) if within_units else None
                 for item in chunk.unpack():
                     seen += 1
                     if item.image is None:
                         skipped += 1
                         committer.record(chunk.unit, item.record)
                         continue
+                    if self._deduplicate(chunk.unit, item, donors, unit_firsts, copied, committer):
+                        continue
                     for closed in batcher.add(chunk.unit, item, item.image.num_patches):
                         submit(chunk.unit, closed)
+                if copied:
+                    committer.launched(chunk.unit)
+                    committer.encoded([copied_batch(chunk.unit, *map(list, zip(*copied)))])
                 if chunk.end:
+                    firsts.pop(chunk.unit, None)
                     for closed in batcher.flush(chunk.unit):
                         submit(chunk.unit, closed)
                     committer.close(chunk.unit, unit_record(by_index[chunk.unit], chunk))
@@ -293,7 +345,7 @@ class Run:
             tokens=pipeline.tokens if pipeline else 0, output_bytes=stats.output_bytes,
             data_wait_seconds=round(self.wait_seconds, 3),
             encode_seconds=round(pipeline.encode_seconds, 3) if pipeline else 0.0,
-            device_wait_seconds=round(pipeline.device_wait_seconds, 3) if pipeline else 0.0,
+            device_wait_seconds=round(pipeline.device_wait_seconds, 3) if pipeline else 0.0, **self.counts,
             skipped_reasons=stats.reasons,
         )
 

@@ -52,6 +52,9 @@ class ImageRecord:
     notes: list[str] | None = None
     float16_overflow: int | None = None
     meta: dict[str, Any] | None = None  # caption / json fields of an archive sample
+    source_sha256: str | None = None  # sha256 of the file's bytes (vitok.identity)
+    content_id: str | None = None  # sha256 of the grid and uint8 patches the encoder saw (vitok.identity)
+    copied_from: str | None = None  # not encoded: rows copied from an equal image ("key", or "STORE::key")
 
     def to_json(self) -> dict[str, Any]:
         return _compact(dataclasses.asdict(self))
@@ -72,6 +75,7 @@ class RunHeader:
     created: str
     environment: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
+    identity: dict[str, Any] = field(default_factory=dict)  # vision revision, decoders, hash contract (identity.py)
 
     @property
     def fingerprint(self) -> str:
@@ -83,14 +87,15 @@ class RunHeader:
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": self.schema, "vitok_version": self.vitok_version, "created": self.created,
-                "fingerprint": self.fingerprint, "settings": self.settings, "environment": self.environment}
+                "fingerprint": self.fingerprint, "settings": self.settings, "environment": self.environment,
+                **({"identity": self.identity} if self.identity else {})}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "vitok.json") -> RunHeader:
         try:
             return cls(settings=data["settings"], vitok_version=data.get("vitok_version", "?"),
                        created=data.get("created", ""), environment=data.get("environment", {}),
-                       schema=int(data.get("schema", 1)))
+                       schema=int(data.get("schema", 1)), identity=data.get("identity") or {})
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{where} is damaged ({type(exc).__name__}: {exc})") from None
 
