@@ -58,9 +58,10 @@ def test_record_hashes_follow_the_documented_contract(tmp_path):
     out = tmp_path / "out"
     vitok.extract([str(src)], out, **TINY)
     store = vitok.open(out)
+    from vitok.checkpoint import resolve_model
     from vitok.preprocess import Preprocessor, patchify, resize_uint8, target_size
 
-    preprocess = Preprocessor(vitok.load_encoder("qwen3-vl-tiny").preprocess)
+    preprocess = Preprocessor(resolve_model("qwen3-vl-tiny").preprocess)
     for key in store.keys():
         record = store.info(key)
         data = (src / key).read_bytes()
@@ -98,8 +99,12 @@ def test_content_id_refuses_what_is_not_patches():
 # ---- item 5: each distinct image encoded once -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", ["hdf5", "npy", "wds"])
-@pytest.mark.parametrize("budget", [None, 1])  # one batch per unit (copies wait for it) / one per image (copies after)
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(("fmt", "budget"), [  # one batch per unit (copies wait for it) / one per image (copies after)
+    ("hdf5", None), pytest.param("npy", None, marks=SLOW), pytest.param("wds", None, marks=SLOW),
+    pytest.param("hdf5", 1, marks=SLOW), pytest.param("npy", 1, marks=SLOW), pytest.param("wds", 1, marks=SLOW)])
 def test_thirty_percent_duplicates_encode_seventy_percent(tmp_path, fmt, budget):
     # 20 images, 6 of them (30 %) the pixels of another in their unit (shards of 10)
     copies = {7: 0, 8: 1, 9: 2, 17: 10, 18: 11, 19: 13}
@@ -122,6 +127,7 @@ def test_thirty_percent_duplicates_encode_seventy_percent(tmp_path, fmt, budget)
         assert store.info(key)["content_id"] == store.info(first)["content_id"]
 
 
+@pytest.mark.slow
 def test_an_image_tokens_do_not_depend_on_its_batch_mates(tmp_path):
     """Dedupe changes which images share a batch; the tokens of the others must not change with it."""
     src = collection(tmp_path / "imgs", 7, {7: 0, 8: 3, 9: 5})
@@ -159,6 +165,7 @@ def test_reuse_refuses_a_store_of_other_token_settings(tmp_path):
     assert token_settings({**settings, "format": "npy", "shard_size": 7}) == token_settings(settings)
 
 
+@pytest.mark.slow
 def test_parts_and_resume_copy_from_committed_shards(tmp_path):
     # unit 1 (img05..img09) repeats unit 0's pixels; unit 0 is committed by part 0 before part 1 runs
     src = collection(tmp_path / "imgs", 5, {5: 0, 6: 1, 7: 2, 8: 3, 9: 4})
