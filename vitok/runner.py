@@ -382,5 +382,5 @@ def wipe_store(out: Path) -> None:
     """--overwrite: remove what vitok wrote in OUT (and nothing else)."""
     from .storage.files import remove
 
-    for name in (META_FILE, "README.txt", "plan", "shards", ".claims", "plan.jsonl"):
+    for name in (META_FILE, "README.txt", "plan", "shards", ".claims", ".index", "plan.jsonl"):
         remove(out / name)

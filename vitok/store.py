@@ -218,12 +218,29 @@ def pack_tokens(batch):
     return keys, torch.cat(tensors, dim=-2), cu_seqlens
 
 
-def open_store(out: str | Path) -> Store:
-    """Open an output folder written by ``vitok extract`` (any number of processes, finished or not)."""
+def open_store(out: str | Path, index: bool = True) -> Store:
+    """Open an output folder written by ``vitok extract`` (any number of processes, finished or not).
+
+    With ``index`` (the default) through the store's key index (``vitok.storage.index``): built from the sidecars
+    on the first open after a change and cached in ``OUT/.index``, then opened without reading a sidecar."""
     root = Path(out)
-    store = Store(root, read_header(root))
+    header = read_header(root)
+    if index:
+        from .storage.index import open_index
+
+        return IndexedStore.from_index(root, header, open_index(root, lambda digest: build_index(root, header,
+                                                                                                 digest)))
+    return _open_from_sidecars(root, header)
+
+
+def _open_from_sidecars(root: Path, header: RunHeader, on_sidecar=None) -> Store:
+    """The store as its sidecars say (later attempts superseding earlier ones); ``on_sidecar`` sees each sidecar
+    with its records before they are dropped."""
+    store = Store(root, header)
     for sidecar in attempt_order(list(iter_sidecars(root))):
         store.shards[sidecar.shard] = sidecar
+        if on_sidecar is not None:
+            on_sidecar(sidecar)
         for record in sidecar.records:
             key = record.key
             for table in (store.skipped, store.failed):
@@ -241,3 +258,136 @@ def open_store(out: str | Path) -> Store:
     if plan is not None:
         store.removed = plan.removed()
     return store
+
+
+# ---- the indexed store: key lookups without the sidecars (vitok.storage.index) -------------------------------------
+
+
+def build_index(root: Path, header: RunHeader, digest: str):
+    """The key and content index of a store, from its sidecars (what ``open_store`` without the index reads)."""
+    from .storage.index import Entry, StoreIndex
+
+    starts: dict[str, dict[str, list[int]]] = {}  # shard -> feature -> first row of each ok image (by row)
+
+    def note(sidecar: Sidecar) -> None:
+        ok = sidecar.ok_records()
+        if all(r.tokens for r in ok):
+            starts[sidecar.shard] = {f: np.concatenate([[0], np.cumsum([r.tokens.get(f, 0) for r in ok])]).tolist()
+                                     for f in header.features}
+
+    store = _open_from_sidecars(root, header, note)
+    names = sorted(store.shards)
+    position = {name: i for i, name in enumerate(names)}
+    entries = []
+    for key, (shard, record) in store._index.items():  # removed keys too: get() still reads them, as Store's
+        if shard not in starts:  # records without token counts (an old store): the data's offsets
+            reader = store._reader(shard)
+            starts[shard] = {f: [int(v) for v in reader.offsets(f)] for f in header.features}
+        rows = {f: (starts[shard][f][record.row], starts[shard][f][record.row + 1]) for f in header.features}
+        entries.append(Entry(key, position[shard], record.row, rows, record.content_id, key not in store.removed))
+    store.close()
+    catalog = {"digest": digest, "shards": [store.shards[name].to_json() for name in names],
+               "skipped": store.skipped, "failed": store.failed, "removed": sorted(store.removed)}
+    return StoreIndex.build(catalog, entries, header.features)
+
+
+class _IndexView:
+    """What ``Store`` methods ask of ``_index`` (membership, a key's shard), answered by the key index."""
+
+    def __init__(self, store: IndexedStore) -> None:
+        self.store = store
+
+    def __contains__(self, key: str) -> bool:
+        return self.store._index_position(key) is not None
+
+    def get(self, key: str, default=None):
+        position = self.store._index_position(key)
+        return default if position is None else (self.store._shard_names[self.store._ix.arrays["shard"][position]],)
+
+
+@dataclass
+class IndexedStore(Store):
+    """A store opened through its key index: the same answers as ``Store``, with sidecars read only for ``info``
+    (one shard's at a time) and rows read by position (memory-mapped where the format allows)."""
+
+    _ix: Any = None  # vitok.storage.index.StoreIndex
+    _shard_names: list[str] = field(default_factory=list)
+    _sidecar_records: OrderedDict[str, dict[str, ImageRecord]] = field(default_factory=OrderedDict)
+    _rows: OrderedDict[str, Any] = field(default_factory=OrderedDict)  # shard -> RowReader
+
+    @classmethod
+    def from_index(cls, root: Path, header: RunHeader, index) -> IndexedStore:
+        catalog = index.catalog
+        sidecars = [Sidecar.from_json(data) for data in catalog["shards"]]
+        store = cls(root, header, shards={s.shard: s for s in sidecars}, skipped=dict(catalog["skipped"]),
+                    failed=dict(catalog["failed"]), removed=set(catalog["removed"]), _ix=index,
+                    _shard_names=[s.shard for s in sidecars])
+        store._index = _IndexView(store)
+        return store
+
+    def _index_position(self, key: str) -> int | None:
+        return self._ix.find(key)
+
+    def __len__(self) -> int:
+        return int(self._ix.catalog["visible"])
+
+    def __contains__(self, key: str) -> bool:
+        return key not in self.removed and self._ix.find(key) is not None
+
+    def _keys(self) -> list[str]:
+        if self._sorted_keys is None:
+            self._sorted_keys = self._ix.sorted_keys()
+        return self._sorted_keys
+
+    def _lookup(self, key: str) -> tuple[str, ImageRecord]:
+        position = self._ix.find(key)
+        if position is None:
+            return Store._lookup(self, key)  # the KeyError naming why
+        shard = self._shard_names[self._ix.arrays["shard"][position]]
+        if shard not in self._sidecar_records:
+            from .storage.shards import read_sidecar, sidecar_path
+
+            records = read_sidecar(sidecar_path(self.root, shard)).records
+            self._sidecar_records[shard] = {r.key: r for r in records if r.status == "ok"}
+            while len(self._sidecar_records) > 8:
+                self._sidecar_records.popitem(last=False)
+        self._sidecar_records.move_to_end(shard)
+        return shard, self._sidecar_records[shard][key]
+
+    def stored_rows(self, key: str, feature: str | None = None) -> np.ndarray:
+        """One image's rows of a feature in the stored dtype (bfloat16 as uint16 bits), as written."""
+        feature = self._feature(feature)
+        position = self._ix.find(key)
+        if position is None:
+            self._lookup(key)  # raises the KeyError naming why
+        start, stop = self._ix.arrays[feature][position]
+        return self._row_reader(self._shard_names[self._ix.arrays["shard"][position]]).rows(feature, int(start),
+                                                                                           int(stop))
+
+    def get(self, key: str, feature: str | None = None) -> np.ndarray:
+        feature = self._feature(feature)
+        return from_store_array(self.stored_rows(key, feature), self.header.settings["store_dtype"])
+
+    def find_content(self, content_id: str) -> str | None:
+        """The key of an ok image whose pixels have this content id (``vitok.identity``), or None."""
+        position = self._ix.find_content(content_id)
+        return None if position is None else self._ix.key(position)
+
+    def _row_reader(self, shard: str):
+        from .storage.index import RowReader
+
+        if shard in self._rows:
+            self._rows.move_to_end(shard)
+            return self._rows[shard]
+        sidecar = self.shards[shard]
+        path = shards_dir(self.root) / sidecar.data
+        self._rows[shard] = RowReader(get_format(sidecar.format).open(path), path, sidecar.format)
+        while len(self._rows) > MAX_OPEN:
+            self._rows.popitem(last=False)[1].reader.close()
+        return self._rows[shard]
+
+    def close(self) -> None:
+        for rows in self._rows.values():
+            rows.reader.close()
+        self._rows.clear()
+        super().close()

@@ -1,0 +1,121 @@
+"""The store's key and content index (vitok.storage.index, Store opened through it): the same answers as the
+sidecars give, a cache that is reused while the store is unchanged and rebuilt when it changes."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import vitok
+from vitok.bench.store import synthetic_store
+from vitok.storage import index as index_module
+from vitok.storage.index import CATALOG, INDEX_DIR, StoreIndex, sources_digest
+
+
+def both(out):
+    return vitok.open(out, index=True), vitok.open(out, index=False)
+
+
+@pytest.mark.parametrize(("fmt", "rows"), [("hdf5", 1), ("hdf5", 5), ("npy", 3), ("wds", 2)])
+def test_indexed_store_answers_as_the_sidecars_do(tmp_path, fmt, rows):
+    out = tmp_path / "store"
+    synthetic_store(out, 23, rows, 8, fmt, per_shard=10)  # 3 shards, the last partly filled
+    fast, slow = both(out)
+    with fast, slow:
+        assert isinstance(fast, vitok.store.IndexedStore) and not isinstance(slow, vitok.store.IndexedStore)
+        assert fast.keys() == slow.keys() and len(fast) == len(slow) == 23
+        for key in slow.keys():
+            assert key in fast
+            np.testing.assert_array_equal(fast[key], slow[key])
+            assert fast.info(key) == slow.info(key)
+        assert "nope" not in fast
+        with pytest.raises(KeyError, match="not in this store"):
+            fast["nope"]
+        for (k1, a1, o1), (k2, a2, o2) in zip(fast.iter_shards(), slow.iter_shards()):
+            np.testing.assert_array_equal(o1, o2)
+            assert k1 == k2
+            np.testing.assert_array_equal(a1, a2)
+    assert (out / INDEX_DIR / CATALOG).exists()
+
+
+def test_hdf5_rows_across_chunk_boundaries_read_through_the_memory_map(tmp_path):
+    out = tmp_path / "store"
+    synthetic_store(out, 40, 30, 520, "hdf5", per_shard=40)  # 1200 rows; chunks of 1008 rows (1 MB / 1040 bytes)
+    fast, slow = both(out)
+    with fast, slow:
+        for key in slow.keys():
+            np.testing.assert_array_equal(fast[key], slow[key])
+        reader = fast._row_reader(fast._shard_names[0])
+        assert reader._chunks["merged"] is not None  # the memory-mapped path was taken, not h5py
+
+
+def test_cached_index_is_reused_and_rebuilt_when_a_shard_commits(tmp_path, monkeypatch):
+    out = tmp_path / "store"
+    synthetic_store(out, 15, 1, 4, "npy", per_shard=5)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    late = [p for p in (out / "shards").iterdir() if p.name.startswith("shard-000002")]
+    for path in late:  # the last shard is committed after the index was built
+        os.replace(path, aside / path.name)
+    vitok.open(out).close()  # builds and caches
+    import vitok.store as store_module
+
+    def no_sidecars(*args, **kwargs):
+        raise AssertionError("the cached index should have been used")
+
+    monkeypatch.setattr(store_module, "iter_sidecars", no_sidecars)
+    with vitok.open(out) as store:
+        assert len(store) == 10
+        assert store.info("img00000003")["row"] == 3  # info() reads that one shard's sidecar
+    monkeypatch.undo()
+    stale = sources_digest(out)
+    for path in late:
+        os.replace(aside / path.name, out / "shards" / path.name)
+    digest = sources_digest(out)
+    assert digest != stale and StoreIndex.load(out, digest) is None
+    with vitok.open(out) as store:
+        assert len(store) == 15 and store["img00000014"].shape == (1, 4)
+    current = StoreIndex.load(out, digest)
+    assert current is not None
+    assert len([p for p in (out / INDEX_DIR).iterdir() if p.suffix == ".npy"]) == len(current.arrays)
+
+
+def test_a_store_that_cannot_be_written_is_indexed_in_memory(tmp_path, monkeypatch):
+    out = tmp_path / "store"
+    synthetic_store(out, 5, 1, 4, "hdf5")
+
+    def read_only(self, root):
+        raise PermissionError(13, "Permission denied", str(root))
+
+    monkeypatch.setattr(StoreIndex, "save", read_only)
+    with vitok.open(out) as store:
+        assert len(store) == 5 and store["img00000004"].shape == (1, 4)
+    assert not (out / INDEX_DIR).exists()
+
+
+def test_colliding_key_hashes_still_find_the_right_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(index_module, "key_hash", lambda data: len(data) % 2)  # everything collides
+    out = tmp_path / "store"
+    synthetic_store(out, 9, 1, 4, "npy")
+    fast, slow = both(out)
+    with fast, slow:
+        for key in slow.keys():
+            np.testing.assert_array_equal(fast[key], slow[key])
+        assert "img99999999" not in fast
+
+
+def test_content_index_finds_images_by_pixels(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(src / f"p{i}.png")
+    vitok.extract([str(src)], tmp_path / "out", model="qwen3-vl-tiny", workers=0)
+    with vitok.open(tmp_path / "out") as store:
+        for key in store.keys():
+            assert store.find_content(store.info(key)["content_id"]) == key
+        assert store.find_content("00" * 32) is None

@@ -1,0 +1,263 @@
+"""A store's key and content indexes: key lookups in microseconds, a million-key store opened without parsing its
+sidecars, and images found by pixel content id (``vitok.identity``), with numpy alone (no torch, no h5py to look up).
+
+``OUT/.index/`` is a cache derived from the committed sidecars and the plan; delete it at will, it is rebuilt on the
+next open when it is missing or when a sidecar or plan file changed (``sources_digest``: names, sizes and mtimes):
+
+    catalog.json               what the arrays were built from (digest), the shards (sidecars without records),
+                               features, skipped/failed reasons, keys removed by --update, counts
+    <digest>.<name>.npy        arrays in key-hash order, memory-mapped on open:
+        key_hash     (n,) uint64, sorted: blake2b-64 of the key's bytes (UTF-8, surrogate escapes kept)
+        key_at       (n + 1,) int64 offsets into key_bytes; key_bytes (total,) uint8: the keys themselves
+        key_sorted   (v,) int64: positions in key (string) order of the listed keys (not removed by --update)
+        shard, row   (n,) int32: the key's shard (index into the catalog's shards) and row among its ok images
+        <feature>    (n, 2) int64: the key's rows [start, stop) in that shard's feature array
+        content_hash (m,) uint64 sorted, content_id (m, 32) uint8, content_key (m,) int64: ok images by content id
+                     (first 8 bytes, the whole id, the position in the key arrays)
+
+The cache is written under temporary names and published by renaming ``catalog.json`` last, so a reader sees the
+old index or the new one; a store on a read-only mount is indexed in memory instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .files import atomic_write_text, remove
+
+logger = logging.getLogger(__name__)
+
+INDEX_DIR = ".index"
+CATALOG = "catalog.json"
+VERSION = 1
+
+
+def key_bytes(key: str) -> bytes:
+    return key.encode("utf-8", "surrogateescape")
+
+
+def key_hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def sources_digest(root: Path) -> str:
+    """What the index is derived from: every committed sidecar's and plan file's name, size and mtime."""
+    digest = hashlib.blake2b(digest_size=12)
+    for folder, pattern in ((Path(root) / "shards", ".json"), (Path(root) / "plan", "")):
+        try:
+            entries = sorted((e.name, e.stat()) for e in os.scandir(folder) if not e.name.startswith(".")
+                             and e.name.endswith(pattern) and e.is_file())
+        except FileNotFoundError:
+            continue
+        for name, stat in entries:
+            digest.update(f"{folder.name}/{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class Entry:
+    """One visible ok key as the index stores it."""
+
+    key: str
+    shard: int
+    row: int
+    rows: dict[str, tuple[int, int]]  # feature -> [start, stop)
+    content_id: str | None = None
+    listed: bool = True  # False: removed from the sources by --update (readable, not listed)
+
+
+@dataclass
+class StoreIndex:
+    catalog: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    # ---- building ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, catalog: dict[str, Any], entries: Sequence[Entry], features: Iterable[str]) -> StoreIndex:
+        encoded = [key_bytes(e.key) for e in entries]
+        hashes = np.array([key_hash(b) for b in encoded], dtype=np.uint64)
+        order = np.argsort(hashes, kind="stable")
+        encoded = [encoded[i] for i in order]
+        entries = [entries[i] for i in order]
+        lengths = np.array([len(b) for b in encoded], dtype=np.int64)
+        arrays: dict[str, np.ndarray] = {
+            "key_hash": hashes[order],
+            "key_at": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            "key_bytes": np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),
+            "key_sorted": np.array(sorted((i for i, e in enumerate(entries) if e.listed), key=lambda i: entries[i].key),
+                                   dtype=np.int64),
+            "shard": np.array([e.shard for e in entries], dtype=np.int32),
+            "row": np.array([e.row for e in entries], dtype=np.int32),
+        }
+        for feature in features:
+            arrays[feature] = np.array([e.rows[feature] for e in entries], dtype=np.int64).reshape(-1, 2)
+        with_content = [(bytes.fromhex(e.content_id), i) for i, e in enumerate(entries) if e.content_id]
+        ids = np.frombuffer(b"".join(c for c, _ in with_content), dtype=np.uint8).reshape(-1, 32)
+        prefix = ids[:, :8].copy().view("<u8").reshape(-1) if len(ids) else np.zeros(0, dtype=np.uint64)
+        content_order = np.argsort(prefix, kind="stable")
+        arrays["content_hash"] = prefix[content_order].astype(np.uint64)
+        arrays["content_id"] = ids[content_order]
+        arrays["content_key"] = np.array([with_content[i][1] for i in content_order], dtype=np.int64)
+        return cls({**catalog, "version": VERSION, "count": len(entries), "visible": len(arrays["key_sorted"]),
+                    "features": list(features)}, arrays)
+
+    def save(self, root: Path) -> None:
+        """Write the cache (arrays first, then the catalog that names them); older arrays are removed."""
+        folder = Path(root) / INDEX_DIR
+        folder.mkdir(exist_ok=True)
+        digest = self.catalog["digest"]
+        for name, array in self.arrays.items():
+            tmp = folder / f".{digest}.{name}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as handle:
+                np.save(handle, array)
+            os.replace(tmp, folder / f"{digest}.{name}.npy")
+        atomic_write_text(folder / CATALOG, json.dumps(self.catalog, ensure_ascii=True))
+        for path in folder.iterdir():
+            if path.suffix == ".npy" and not path.name.startswith(digest + "."):
+                remove(path)
+
+    # ---- loading ---------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, root: Path, digest: str) -> StoreIndex | None:
+        """The cached index if it was built from exactly the current sidecars and plan, else None."""
+        folder = Path(root) / INDEX_DIR
+        try:
+            catalog = json.loads((folder / CATALOG).read_text())
+            if catalog.get("version") != VERSION or catalog.get("digest") != digest:
+                return None
+            names = ["key_hash", "key_at", "key_bytes", "key_sorted", "shard", "row", "content_hash", "content_id",
+                     "content_key", *catalog["features"]]
+            arrays = {name: _load(folder / f"{digest}.{name}.npy") for name in names}
+        except (OSError, ValueError, KeyError):
+            return None
+        return cls(catalog, arrays)
+
+    # ---- lookups -------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.catalog["count"])
+
+    def find(self, key: str) -> int | None:
+        """The key's position in the arrays, or None."""
+        data = key_bytes(key)
+        hashes, at, blob = self.arrays["key_hash"], self.arrays["key_at"], self.arrays["key_bytes"]
+        target = np.uint64(key_hash(data))
+        i = int(hashes.searchsorted(target))
+        while i < len(hashes) and hashes[i] == target:  # (a 64-bit collision: compare the keys themselves)
+            if blob[at[i]:at[i + 1]].tobytes() == data:
+                return i
+            i += 1
+        return None
+
+    def key(self, position: int) -> str:
+        at = self.arrays["key_at"]
+        return self.arrays["key_bytes"][at[position]:at[position + 1]].tobytes().decode("utf-8", "surrogateescape")
+
+    def sorted_keys(self) -> list[str]:
+        at, blob = self.arrays["key_at"], self.arrays["key_bytes"].tobytes()
+        return [blob[at[i]:at[i + 1]].decode("utf-8", "surrogateescape") for i in self.arrays["key_sorted"].tolist()]
+
+    def find_content(self, content_id: str) -> int | None:
+        """Position (in the key arrays) of an ok image with this content id, or None."""
+        raw = bytes.fromhex(content_id)
+        hashes = self.arrays["content_hash"]
+        target = np.frombuffer(raw[:8], dtype="<u8")[0]
+        i = int(hashes.searchsorted(target))
+        while i < len(hashes) and hashes[i] == target:
+            if self.arrays["content_id"][i].tobytes() == raw:
+                return int(self.arrays["content_key"][i])
+            i += 1
+        return None
+
+
+def _load(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError:  # numpy cannot memory-map an empty array
+        return np.load(path)
+
+
+def open_index(root: Path, build) -> StoreIndex:
+    """The store's index: the cached one when current, else ``build()`` (saved when the store is writable)."""
+    digest = sources_digest(root)
+    index = StoreIndex.load(root, digest)
+    if index is not None:
+        return index
+    index = build(digest)
+    try:
+        index.save(root)
+    except Exception as exc:  # a read-only mount, a full disk: the index stays in memory
+        with contextlib.suppress(Exception):
+            logger.debug("store index not cached in %s: %s", root, exc)
+    return index
+
+
+class RowReader:
+    """Rows of one shard's features in the stored dtype, read by position: NPY and uncompressed HDF5 shards through a
+    numpy memory map (an HDF5 file's chunk addresses are read once), others through their format's reader."""
+
+    def __init__(self, reader, path: Path, fmt: str) -> None:
+        self.reader, self.path, self.fmt = reader, path, fmt
+        self._arrays: dict[str, Any] = {}
+        self._chunks: dict[str, tuple[np.ndarray, int, tuple[int, ...]] | None] = {}
+
+    def rows(self, feature: str, start: int, stop: int) -> np.ndarray:
+        if self.fmt == "hdf5":
+            table = self._chunks.get(feature, False)
+            if table is False:
+                table = self._chunks[feature] = self._chunk_table(feature)
+            if table is not None:
+                return self._from_chunks(table, start, stop)
+        array = self._arrays.get(feature)
+        if array is None:
+            array = self._arrays[feature] = self.reader.array(feature)
+        return np.asarray(array[..., start:stop, :])
+
+    def _chunk_table(self, feature: str):
+        """(chunk byte offsets, rows per chunk, chunk shape) of an uncompressed chunked dataset, else None."""
+        dataset = self.reader.array(feature)
+        try:
+            if dataset.compression or dataset.chunks is None or dataset.dtype.itemsize not in (2, 4):
+                return None
+            rows_axis = dataset.ndim - 2
+            per_chunk = dataset.chunks[rows_axis]
+            count = -(-dataset.shape[rows_axis] // per_chunk)
+            if dataset.id.get_num_chunks() != count or any(c != s for i, (c, s) in
+                                                            enumerate(zip(dataset.chunks, dataset.shape))
+                                                            if i != rows_axis):
+                return None
+            offsets = np.array([dataset.id.get_chunk_info(i).byte_offset for i in range(count)], dtype=np.int64)
+            # chunk i covers rows i*per_chunk: get_chunk_info's order is by address; sort by logical position
+            starts = [dataset.id.get_chunk_info(i).chunk_offset[rows_axis] for i in range(count)]
+            offsets = offsets[np.argsort(starts)]
+            self._memmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+            return offsets, per_chunk, tuple(dataset.chunks), dataset.dtype
+        except Exception:  # an old h5py without chunk queries, an odd layout: read through h5py
+            return None
+
+    def _from_chunks(self, table, start: int, stop: int) -> np.ndarray:
+        offsets, per_chunk, chunk_shape, dtype = table
+        chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
+        parts = []
+        row = start
+        while row < stop:
+            index, within = divmod(row, per_chunk)
+            take = min(stop - row, per_chunk - within)
+            chunk = self._memmap[offsets[index]:offsets[index] + chunk_bytes].view(dtype).reshape(chunk_shape)
+            parts.append(chunk[..., within:within + take, :])
+            row += take
+        if not parts:
+            return np.zeros((*chunk_shape[:-2], 0, chunk_shape[-1]), dtype=dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-2)
