@@ -356,17 +356,19 @@ class IndexedStore(Store):
 
     def stored_rows(self, key: str, feature: str | None = None) -> np.ndarray:
         """One image's rows of a feature in the stored dtype (bfloat16 as uint16 bits), as written."""
-        feature = self._feature(feature)
+        return self._stored_rows(key, self._feature(feature))
+
+    def _stored_rows(self, key: str, feature: str) -> np.ndarray:
+        arrays = self._ix.arrays
         position = self._ix.find(key)
         if position is None:
             self._lookup(key)  # raises the KeyError naming why
-        start, stop = self._ix.arrays[feature][position]
-        return self._row_reader(self._shard_names[self._ix.arrays["shard"][position]]).rows(feature, int(start),
-                                                                                           int(stop))
+        start, stop = arrays[feature][position].tolist()
+        return self._row_reader(self._shard_names[arrays["shard"][position]]).rows(feature, start, stop)
 
     def get(self, key: str, feature: str | None = None) -> np.ndarray:
         feature = self._feature(feature)
-        return from_store_array(self.stored_rows(key, feature), self.header.settings["store_dtype"])
+        return from_store_array(self._stored_rows(key, feature), self.header.settings["store_dtype"])
 
     def find_content(self, content_id: str) -> str | None:
         """The key of an ok image whose pixels have this content id (``vitok.identity``), or None."""

@@ -183,8 +183,8 @@ class StoreIndex:
 
 
 def _load(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r")
+    try:  # a plain ndarray view of the map: indexing a np.memmap goes through Python and costs microseconds
+        return np.asarray(np.load(path, mmap_mode="r"))
     except ValueError:  # numpy cannot memory-map an empty array
         return np.load(path)
 
@@ -211,7 +211,7 @@ class RowReader:
     def __init__(self, reader, path: Path, fmt: str) -> None:
         self.reader, self.path, self.fmt = reader, path, fmt
         self._arrays: dict[str, Any] = {}
-        self._chunks: dict[str, tuple[np.ndarray, int, tuple[int, ...]] | None] = {}
+        self._chunks: dict[str, tuple[list[np.ndarray], int] | None] = {}  # views of each chunk, rows per chunk
 
     def rows(self, feature: str, start: int, stop: int) -> np.ndarray:
         if self.fmt == "hdf5":
@@ -222,7 +222,8 @@ class RowReader:
                 return self._from_chunks(table, start, stop)
         array = self._arrays.get(feature)
         if array is None:
-            array = self._arrays[feature] = self.reader.array(feature)
+            array = self.reader.array(feature)
+            array = self._arrays[feature] = np.asarray(array) if isinstance(array, np.memmap) else array
         return np.asarray(array[..., start:stop, :])
 
     def _chunk_table(self, feature: str):
@@ -241,23 +242,24 @@ class RowReader:
             offsets = np.array([dataset.id.get_chunk_info(i).byte_offset for i in range(count)], dtype=np.int64)
             # chunk i covers rows i*per_chunk: get_chunk_info's order is by address; sort by logical position
             starts = [dataset.id.get_chunk_info(i).chunk_offset[rows_axis] for i in range(count)]
-            offsets = offsets[np.argsort(starts)]
-            self._memmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-            return offsets, per_chunk, tuple(dataset.chunks), dataset.dtype
+            offsets = offsets[np.argsort(starts)].tolist()
+            mapped = np.asarray(np.memmap(self.path, dtype=np.uint8, mode="r"))
+            size = int(np.prod(dataset.chunks)) * dataset.dtype.itemsize
+            chunks = [mapped[at:at + size].view(dataset.dtype).reshape(dataset.chunks) for at in offsets]
+            return chunks, per_chunk
         except Exception:  # an old h5py without chunk queries, an odd layout: read through h5py
             return None
 
-    def _from_chunks(self, table, start: int, stop: int) -> np.ndarray:
-        offsets, per_chunk, chunk_shape, dtype = table
-        chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
-        parts = []
-        row = start
+    @staticmethod
+    def _from_chunks(table, start: int, stop: int) -> np.ndarray:
+        chunks, per_chunk = table
+        index, within = divmod(start, per_chunk)
+        if within + stop - start <= per_chunk:  # the usual case: one chunk
+            return chunks[index][..., within:within + stop - start, :]
+        parts, row = [], start
         while row < stop:
             index, within = divmod(row, per_chunk)
             take = min(stop - row, per_chunk - within)
-            chunk = self._memmap[offsets[index]:offsets[index] + chunk_bytes].view(dtype).reshape(chunk_shape)
-            parts.append(chunk[..., within:within + take, :])
+            parts.append(chunks[index][..., within:within + take, :])
             row += take
-        if not parts:
-            return np.zeros((*chunk_shape[:-2], 0, chunk_shape[-1]), dtype=dtype)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-2)
+        return np.concatenate(parts, axis=-2)
