@@ -2,10 +2,11 @@
 
 An ok image (decoded on the CPU, so it has a ``content_id``, see ``vitok.identity``) is, in this order:
 
-1. **copied from a committed shard** when an image with the same content id is in one: a shard of this store
-   committed before this run started or during it, or a shard of a ``--reuse`` store made with the same token
-   settings (``Donors``). Its rows are read back in the stored dtype and written to this image's shard: bit for bit
-   the donor's tokens. The record says ``copied_from`` (``key``, or ``STORE::key`` for another store).
+1. **copied from a committed shard** when an image with the same content id is in one: a shard of a ``--reuse``
+   store made with the same token settings (looked up first, through its content index), or a shard of this store
+   committed before this run started or during it (``Donors``). Its rows are read back in the stored dtype and
+   written to this image's shard: bit for bit the donor's tokens. The record says ``copied_from`` (``key``, or
+   ``STORE::key`` for another store).
 2. **a duplicate within its unit** when an earlier image of the same unit had the same content id: it is not
    batched; the committer writes its first copy's rows again under its key once they are in the shard
    (``Committer.duplicate``, ``ShardSink.add_copy``).
@@ -19,9 +20,11 @@ by h5py/numpy/webdataset alone) and every reader works unchanged; the cost is th
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +59,7 @@ class Donors:
     def __init__(self, features: list[str]) -> None:
         self.features = features
         self._by_content: dict[str, Donor] = {}
+        self._stores: list[tuple[str, Any]] = []  # (label, IndexedStore) of --reuse stores: their content index
         self._readers: OrderedDict[tuple[Path, str], tuple[ShardDataReader, dict[str, np.ndarray]]] = OrderedDict()
 
     def __len__(self) -> int:
@@ -78,10 +82,21 @@ class Donors:
                 continue
             self.add_sidecar(root, sidecar, label)
 
+    def add_reuse(self, root: Path) -> None:
+        """A ``--reuse`` store, looked up through its content index (``vitok.storage.index``), not loaded."""
+        from .store import open_store
+
+        self._stores.append((os.path.abspath(root), open_store(root)))
+
     def take(self, record: ImageRecord) -> dict[str, np.ndarray] | None:
         """The stored rows of a committed image with the record's content id (and mark the record as copied), or
         None: none, or its shard could not be read (the image is then encoded)."""
-        donor = self._by_content.get(record.content_id) if record.content_id else None
+        if not record.content_id:
+            return None
+        arrays = self._take_reused(record) if self._stores else None  # first: it does not depend on timing
+        if arrays is not None:
+            return arrays
+        donor = self._by_content.get(record.content_id)
         if donor is None:
             return None
         try:
@@ -93,6 +108,21 @@ class Donors:
             return None
         record.copied_from = f"{donor.label}::{donor.key}" if donor.label else donor.key
         return arrays
+
+    def _take_reused(self, record: ImageRecord) -> dict[str, np.ndarray] | None:
+        for label, store in self._stores:
+            key = store.find_content(record.content_id)
+            if key is None:
+                continue
+            try:
+                arrays = {f: np.array(store.stored_rows(key, f)) for f in self.features}
+            except Exception as exc:  # a damaged donor shard costs an encoding, not the run
+                logger.warning("cannot copy %s's tokens from %s (%s: %s); encoding it", record.key, label,
+                               type(exc).__name__, exc)
+                continue
+            record.copied_from = f"{label}::{key}"
+            return arrays
+        return None
 
     def _read(self, donor: Donor) -> dict[str, np.ndarray]:
         where = (donor.root, donor.data)
@@ -116,6 +146,8 @@ class Donors:
         for reader, _ in self._readers.values():
             reader.close()
         self._readers.clear()
+        for _, store in self._stores:
+            store.close()
 
 
 def check_reuse(root: Path, settings: dict) -> RunHeader:

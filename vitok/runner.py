@@ -231,7 +231,7 @@ class Run:
         donors = Donors(list(job.features))
         donors.add_store(job.out, header.fingerprint, exclude=work.damaged)
         for store in opts.reuse or ():
-            donors.add_store(Path(store), label=os.path.abspath(store))
+            donors.add_reuse(Path(store))
         committer = Committer(job.out, fmt, job.layouts, opts.store_dtype, opts.compression, claims,
                               {"fingerprint": header.fingerprint, "part": job.part.label,
                                "vitok_version": __version__},
