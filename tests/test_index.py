@@ -3,6 +3,7 @@ sidecars give, a cache that is reused while the store is unchanged and rebuilt w
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -119,3 +120,23 @@ def test_content_index_finds_images_by_pixels(tmp_path):
         for key in store.keys():
             assert store.find_content(store.info(key)["content_id"]) == key
         assert store.find_content("00" * 32) is None
+
+
+def test_tokens_read_through_the_index_are_writable_arrays(tmp_path):
+    out = tmp_path / "store"
+    synthetic_store(out, 3, 2, 4, "npy")
+    from vitok.storage.records import RunHeader
+
+    header = json.loads((out / "vitok.json").read_text())
+    header["settings"]["store_dtype"] = "float32"  # a float32 store: rows come back without a conversion
+    for path in (out / "shards").glob("*/meta.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "vitok_dtype": "float32"}))
+    for path in (out / "shards").glob("*/merged.npy"):
+        data = np.load(path)
+        np.save(path, data.astype(np.float32))
+    (out / "vitok.json").write_text(json.dumps(RunHeader.from_json(header).to_json()))
+    with vitok.open(out) as store:
+        tokens = store["img00000001"]
+        assert tokens.dtype == np.float32 and tokens.flags.writeable
+        tokens[...] = 0  # the caller's array, not the store's memory map
+        assert store["img00000001"].any()

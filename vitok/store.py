@@ -355,7 +355,8 @@ class IndexedStore(Store):
         return shard, self._sidecar_records[shard][key]
 
     def stored_rows(self, key: str, feature: str | None = None) -> np.ndarray:
-        """One image's rows of a feature in the stored dtype (bfloat16 as uint16 bits), as written."""
+        """One image's rows of a feature in the stored dtype (bfloat16 as uint16 bits), as written: a read-only view
+        where the shard's file is memory-mapped."""
         return self._stored_rows(key, self._feature(feature))
 
     def _stored_rows(self, key: str, feature: str) -> np.ndarray:
@@ -368,7 +369,8 @@ class IndexedStore(Store):
 
     def get(self, key: str, feature: str | None = None) -> np.ndarray:
         feature = self._feature(feature)
-        return from_store_array(self._stored_rows(key, feature), self.header.settings["store_dtype"])
+        tokens = from_store_array(self._stored_rows(key, feature), self.header.settings["store_dtype"])
+        return tokens if tokens.flags.writeable else tokens.copy()  # (float32 rows of a memory map: a view)
 
     def find_content(self, content_id: str) -> str | None:
         """The key of an ok image whose pixels have this content id (``vitok.identity``), or None."""
