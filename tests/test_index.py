@@ -48,7 +48,7 @@ def test_hdf5_rows_across_chunk_boundaries_read_through_the_memory_map(tmp_path)
     with fast, slow:
         for key in slow.keys():
             np.testing.assert_array_equal(fast[key], slow[key])
-        reader = fast._row_reader(fast._shard_names[0])
+        reader = fast._reader(fast._shard_names[0])
         assert reader._chunks["merged"] is not None  # the memory-mapped path was taken, not h5py
 
 

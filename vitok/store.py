@@ -313,7 +313,6 @@ class IndexedStore(Store):
     _ix: Any = None  # vitok.storage.index.StoreIndex
     _shard_names: list[str] = field(default_factory=list)
     _sidecar_records: OrderedDict[str, dict[str, ImageRecord]] = field(default_factory=OrderedDict)
-    _rows: OrderedDict[str, Any] = field(default_factory=OrderedDict)  # shard -> RowReader
 
     @classmethod
     def from_index(cls, root: Path, header: RunHeader, index) -> IndexedStore:
@@ -365,7 +364,7 @@ class IndexedStore(Store):
         if position is None:
             self._lookup(key)  # raises the KeyError naming why
         start, stop = arrays[feature][position].tolist()
-        return self._row_reader(self._shard_names[arrays["shard"][position]]).rows(feature, start, stop)
+        return self._reader(self._shard_names[arrays["shard"][position]]).read(feature, start, stop)
 
     def get(self, key: str, feature: str | None = None) -> np.ndarray:
         feature = self._feature(feature)
@@ -377,21 +376,15 @@ class IndexedStore(Store):
         position = self._ix.find_content(content_id)
         return None if position is None else self._ix.key(position)
 
-    def _row_reader(self, shard: str):
+    def _reader(self, shard: str):
+        """The shard's RowReader (also answering as its format's reader), at most MAX_OPEN held."""
         from .storage.index import RowReader
 
-        if shard in self._rows:
-            self._rows.move_to_end(shard)
-            return self._rows[shard]
+        if shard in self._readers:
+            self._readers.move_to_end(shard)
+            return self._readers[shard]
         sidecar = self.shards[shard]
-        path = shards_dir(self.root) / sidecar.data
-        self._rows[shard] = RowReader(get_format(sidecar.format).open(path), path, sidecar.format)
-        while len(self._rows) > MAX_OPEN:
-            self._rows.popitem(last=False)[1].reader.close()
-        return self._rows[shard]
-
-    def close(self) -> None:
-        for rows in self._rows.values():
-            rows.reader.close()
-        self._rows.clear()
-        super().close()
+        self._readers[shard] = RowReader(get_format(sidecar.format), shards_dir(self.root) / sidecar.data)
+        while len(self._readers) > MAX_OPEN:
+            self._readers.popitem(last=False)[1].close()
+        return self._readers[shard]

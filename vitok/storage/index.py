@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .files import atomic_write_text, remove
+from .format import ShardDataReader, ShardFormat
 
 logger = logging.getLogger(__name__)
 
@@ -205,19 +206,40 @@ def open_index(root: Path, build) -> StoreIndex:
 
 
 class RowReader:
-    """Rows of one shard's features in the stored dtype, read by position: NPY and uncompressed HDF5 shards through a
-    numpy memory map (an HDF5 file's chunk addresses are read once), others through their format's reader."""
+    """One shard, read by row position: NPY and uncompressed HDF5 shards through a numpy memory map (an HDF5 file's
+    chunk addresses are read once, then the file is closed), others through their format's reader. Otherwise it
+    stands in for the format's reader (``keys``, ``offsets``, ``array``...), opened again when needed."""
 
-    def __init__(self, reader, path: Path, fmt: str) -> None:
-        self.reader, self.path, self.fmt = reader, path, fmt
+    def __init__(self, fmt: ShardFormat, path: Path) -> None:
+        self.fmt, self.path = fmt, path
+        self._reader: ShardDataReader | None = None
         self._arrays: dict[str, Any] = {}
         self._chunks: dict[str, tuple[list[np.ndarray], int] | None] = {}  # views of each chunk, rows per chunk
 
-    def rows(self, feature: str, start: int, stop: int) -> np.ndarray:
-        if self.fmt == "hdf5":
+    @property
+    def reader(self) -> ShardDataReader:
+        if self._reader is None:
+            self._reader = self.fmt.open(self.path)
+        return self._reader
+
+    def __getattr__(self, name: str):  # keys, grids, offsets, array, stored_dtype, rows: the format reader's
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.reader, name)
+
+    def close(self) -> None:
+        self.close_reader()
+        self._arrays.clear()
+        self._chunks.clear()  # the maps close when their last view goes
+
+    def read(self, feature: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a feature, in the stored dtype (a read-only view where the file is mapped)."""
+        if self.fmt.name == "hdf5":
             table = self._chunks.get(feature, False)
             if table is False:
                 table = self._chunks[feature] = self._chunk_table(feature)
+                if table is not None:
+                    self.close_reader()  # the map has what this feature needs: one open file per shard, not two
             if table is not None:
                 return self._from_chunks(table, start, stop)
         array = self._arrays.get(feature)
@@ -226,8 +248,14 @@ class RowReader:
             array = self._arrays[feature] = np.asarray(array) if isinstance(array, np.memmap) else array
         return np.asarray(array[..., start:stop, :])
 
+    def close_reader(self) -> None:
+        """Close the format's reader (the maps stay; it is opened again when needed)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
     def _chunk_table(self, feature: str):
-        """(chunk byte offsets, rows per chunk, chunk shape) of an uncompressed chunked dataset, else None."""
+        """(views of each chunk, rows per chunk) of an uncompressed chunked dataset, else None."""
         dataset = self.reader.array(feature)
         try:
             if dataset.compression or dataset.chunks is None or dataset.dtype.itemsize not in (2, 4):
@@ -239,14 +267,12 @@ class RowReader:
                                                             enumerate(zip(dataset.chunks, dataset.shape))
                                                             if i != rows_axis):
                 return None
-            offsets = np.array([dataset.id.get_chunk_info(i).byte_offset for i in range(count)], dtype=np.int64)
-            # chunk i covers rows i*per_chunk: get_chunk_info's order is by address; sort by logical position
-            starts = [dataset.id.get_chunk_info(i).chunk_offset[rows_axis] for i in range(count)]
-            offsets = offsets[np.argsort(starts)].tolist()
+            infos = [dataset.id.get_chunk_info(i) for i in range(count)]
+            infos.sort(key=lambda info: info.chunk_offset[rows_axis])  # by the rows they hold
             mapped = np.asarray(np.memmap(self.path, dtype=np.uint8, mode="r"))
             size = int(np.prod(dataset.chunks)) * dataset.dtype.itemsize
-            chunks = [mapped[at:at + size].view(dataset.dtype).reshape(dataset.chunks) for at in offsets]
-            return chunks, per_chunk
+            return [mapped[info.byte_offset:info.byte_offset + size].view(dataset.dtype).reshape(dataset.chunks)
+                    for info in infos], per_chunk
         except Exception:  # an old h5py without chunk queries, an odd layout: read through h5py
             return None
 
