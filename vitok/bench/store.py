@@ -123,10 +123,10 @@ def device_memory(device) -> None:
 
 INDEX_SCRIPT = PEAK_MB + """
 import random, sys, time
-import vitok
+import vitok.store
 out = sys.argv[1]
 start = time.perf_counter()
-store = vitok.open(out)
+store = vitok.store.open_store(out)
 opened = time.perf_counter() - start
 keys = [f"img{i:08d}" for i in random.Random(0).sample(range(len(store)), 20000)]
 start = time.perf_counter()
