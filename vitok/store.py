@@ -265,7 +265,7 @@ def _open_from_sidecars(root: Path, header: RunHeader, on_sidecar=None) -> Store
 
 def build_index(root: Path, header: RunHeader, digest: str):
     """The key and content index of a store, from its sidecars (what ``open_store`` without the index reads)."""
-    from .storage.index import Entry, StoreIndex
+    from .storage.index import Entry, StoreIndex, feature_layout
 
     starts: dict[str, dict[str, list[int]]] = {}  # shard -> feature -> first row of each ok image (by row)
 
@@ -288,7 +288,15 @@ def build_index(root: Path, header: RunHeader, digest: str):
     store.close()
     catalog = {"digest": digest, "shards": [store.shards[name].to_json() for name in names],
                "skipped": store.skipped, "failed": store.failed, "removed": sorted(store.removed)}
-    return StoreIndex.build(catalog, entries, header.features)
+    layouts = []
+    for name in names:
+        sidecar = store.shards[name]
+        try:
+            layouts.append({f: feature_layout(sidecar.format, shards_dir(root) / sidecar.data, f)
+                            for f in header.features})
+        except Exception:  # unreadable data: its keys are read (and fail) through the format's reader
+            layouts.append({})
+    return StoreIndex.build(catalog, entries, header.features, layouts)
 
 
 class _IndexView:
@@ -313,6 +321,8 @@ class IndexedStore(Store):
     _ix: Any = None  # vitok.storage.index.StoreIndex
     _shard_names: list[str] = field(default_factory=list)
     _sidecar_records: OrderedDict[str, dict[str, ImageRecord]] = field(default_factory=OrderedDict)
+    _layouts: list[dict[str, tuple]] = field(default_factory=list)  # per shard: features readable by byte range
+    _ranges: Any = None  # vitok.storage.index.ByteRanges
 
     @classmethod
     def from_index(cls, root: Path, header: RunHeader, index) -> IndexedStore:
@@ -322,6 +332,10 @@ class IndexedStore(Store):
                     failed=dict(catalog["failed"]), removed=set(catalog["removed"]), _ix=index,
                     _shard_names=[s.shard for s in sidecars])
         store._index = _IndexView(store)
+        store._layouts = index.layouts()
+        from .storage.index import ByteRanges
+
+        store._ranges = ByteRanges(shards_dir(root))
         return store
 
     def _index_position(self, key: str) -> int | None:
@@ -364,7 +378,11 @@ class IndexedStore(Store):
         if position is None:
             self._lookup(key)  # raises the KeyError naming why
         start, stop = arrays[feature][position].tolist()
-        return self._reader(self._shard_names[arrays["shard"][position]]).read(feature, start, stop)
+        shard = int(arrays["shard"][position])
+        layout = self._layouts[shard].get(feature) if self._layouts else None
+        if layout is not None:
+            return self._ranges.read(layout, start, stop)
+        return self._reader(self._shard_names[shard]).read(feature, start, stop)
 
     def get(self, key: str, feature: str | None = None) -> np.ndarray:
         feature = self._feature(feature)
@@ -388,3 +406,8 @@ class IndexedStore(Store):
         while len(self._readers) > MAX_OPEN:
             self._readers.popitem(last=False)[1].close()
         return self._readers[shard]
+
+    def close(self) -> None:
+        if self._ranges is not None:
+            self._ranges.close()
+        super().close()

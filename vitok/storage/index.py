@@ -85,7 +85,9 @@ class StoreIndex:
     # ---- building ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, catalog: dict[str, Any], entries: Sequence[Entry], features: Iterable[str]) -> StoreIndex:
+    def build(cls, catalog: dict[str, Any], entries: Sequence[Entry], features: Iterable[str],
+              layouts: Sequence[dict[str, dict[str, Any] | None]] = ()) -> StoreIndex:
+        """``layouts``: per shard (in the catalog's order), each feature's ``feature_layout``."""
         encoded = [key_bytes(e.key) for e in entries]
         hashes = np.array([key_hash(b) for b in encoded], dtype=np.uint64)
         order = np.argsort(hashes, kind="stable")
@@ -110,8 +112,30 @@ class StoreIndex:
         arrays["content_hash"] = prefix[content_order].astype(np.uint64)
         arrays["content_id"] = ids[content_order]
         arrays["content_key"] = np.array([with_content[i][1] for i in content_order], dtype=np.int64)
+        chunk_offsets: list[int] = []
+        described = []
+        for shard in layouts:
+            described.append({})
+            for feature, layout in shard.items():
+                if layout is not None:
+                    described[-1][feature] = {"file": layout["file"], "dtype": layout["dtype"],
+                                              "chunk": layout["chunk"], "first": len(chunk_offsets),
+                                              "count": len(layout["offsets"])}
+                    chunk_offsets += layout["offsets"]
+        arrays["chunk_offsets"] = np.array(chunk_offsets, dtype=np.int64)
         return cls({**catalog, "version": VERSION, "count": len(entries), "visible": len(arrays["key_sorted"]),
-                    "features": list(features)}, arrays)
+                    "features": list(features), "layouts": described}, arrays)
+
+    def layouts(self) -> list[dict[str, tuple]]:
+        """Per shard, each byte-readable feature's (file, dtype, chunk shape, chunk offsets) for ``ByteRanges``."""
+        offsets = self.arrays["chunk_offsets"]
+        found = []
+        for shard in self.catalog.get("layouts", []):
+            found.append({})
+            for feature, layout in shard.items():
+                found[-1][feature] = (layout["file"], np.dtype(layout["dtype"]), tuple(layout["chunk"]),
+                                      offsets[layout["first"]:layout["first"] + layout["count"]].tolist())
+        return found
 
     def save(self, root: Path) -> None:
         """Write the cache (arrays first, then the catalog that names them); older arrays are removed."""
@@ -139,7 +163,7 @@ class StoreIndex:
             if catalog.get("version") != VERSION or catalog.get("digest") != digest:
                 return None
             names = ["key_hash", "key_at", "key_bytes", "key_sorted", "shard", "row", "content_hash", "content_id",
-                     "content_key", *catalog["features"]]
+                     "content_key", "chunk_offsets", *catalog["features"]]
             arrays = {name: _load(folder / f"{digest}.{name}.npy") for name in names}
         except (OSError, ValueError, KeyError):
             return None
@@ -205,16 +229,99 @@ def open_index(root: Path, build) -> StoreIndex:
     return index
 
 
+def feature_layout(fmt: str, path: Path, feature: str) -> dict[str, Any] | None:
+    """Where one shard's rows of a feature sit in its file, for reads by byte range without the format's library:
+    ``{"file": name under shards/, "dtype", "chunk": shape of each chunk (C order; rows on axis -2), "offsets": byte
+    offset of each chunk in row order}``. NPY is one chunk; uncompressed HDF5 lists its chunks. None when rows
+    cannot be read by position (compressed HDF5, webdataset tars): they are read through the format's reader."""
+    if fmt == "npy":
+        file = path / f"{feature}.npy"
+        with open(file, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+        if fortran or len(shape) < 2 or shape[-2] == 0:
+            return None
+        return {"file": f"{path.name}/{file.name}", "dtype": dtype.str, "chunk": list(shape), "offsets": [offset]}
+    if fmt != "hdf5":
+        return None
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        dataset = handle[feature]
+        rows_axis = dataset.ndim - 2
+        if dataset.compression or dataset.ndim < 2 or dataset.shape[rows_axis] == 0:
+            return None
+        if dataset.chunks is None:  # contiguous
+            offset = dataset.id.get_offset()
+            return None if offset is None else {"file": path.name, "dtype": dataset.dtype.str,
+                                                "chunk": list(dataset.shape), "offsets": [int(offset)]}
+        per_chunk = dataset.chunks[rows_axis]
+        count = -(-dataset.shape[rows_axis] // per_chunk)
+        whole = all(c == n for axis, (c, n) in enumerate(zip(dataset.chunks, dataset.shape)) if axis != rows_axis)
+        if dataset.id.get_num_chunks() != count or not whole:
+            return None
+        infos = sorted((dataset.id.get_chunk_info(i) for i in range(count)), key=lambda c: c.chunk_offset[rows_axis])
+        return {"file": path.name, "dtype": dataset.dtype.str, "chunk": list(dataset.chunks),
+                "offsets": [int(info.byte_offset) for info in infos]}
+
+
+class ByteRanges:
+    """Rows read by byte range (``os.pread``) through the layouts the index recorded, with a bounded cache of open
+    file descriptors: a random key costs one or K small reads, whichever shard it is in."""
+
+    MAX_FILES = 256
+
+    def __init__(self, shards_folder: Path) -> None:
+        self.folder = shards_folder
+        self._fds: dict[str, int] = {}  # insertion order = least recently opened first
+
+    def read(self, layout: tuple, start: int, stop: int) -> np.ndarray:
+        file, dtype, chunk, offsets = layout
+        per_chunk, dim = chunk[-2], chunk[-1]
+        index, within = divmod(start, per_chunk)
+        if within + stop - start > per_chunk:  # rows across chunks: one read per chunk
+            parts, row = [], start
+            while row < stop:
+                take = min(stop - row, per_chunk - row % per_chunk)
+                parts.append(self.read(layout, row, row + take))
+                row += take
+            return np.concatenate(parts, axis=-2)
+        fd = self._fd(file)
+        count = (stop - start) * dim
+        if len(chunk) == 2:
+            data = os.pread(fd, count * dtype.itemsize, offsets[index] + within * dim * dtype.itemsize)
+            return np.frombuffer(data, dtype=dtype).reshape(stop - start, dim)
+        level_bytes = per_chunk * dim * dtype.itemsize
+        levels = [os.pread(fd, count * dtype.itemsize, offsets[index] + k * level_bytes + within * dim * dtype.itemsize)
+                  for k in range(chunk[0])]
+        return np.frombuffer(b"".join(levels), dtype=dtype).reshape(chunk[0], stop - start, dim)
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            if len(self._fds) >= self.MAX_FILES:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = self._fds[file] = os.open(self.folder / file, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+
 class RowReader:
-    """One shard, read by row position: NPY and uncompressed HDF5 shards through a numpy memory map (an HDF5 file's
-    chunk addresses are read once, then the file is closed), others through their format's reader. Otherwise it
-    stands in for the format's reader (``keys``, ``offsets``, ``array``...), opened again when needed."""
+    """One shard through its format's reader, opened when first needed (``keys``, ``offsets``, ``array``...): the
+    shards the index has no byte layout for (compressed HDF5, webdataset), and whole-shard reads."""
 
     def __init__(self, fmt: ShardFormat, path: Path) -> None:
         self.fmt, self.path = fmt, path
         self._reader: ShardDataReader | None = None
         self._arrays: dict[str, Any] = {}
-        self._chunks: dict[str, tuple[list[np.ndarray], int] | None] = {}  # views of each chunk, rows per chunk
 
     @property
     def reader(self) -> ShardDataReader:
@@ -227,65 +334,16 @@ class RowReader:
             raise AttributeError(name)
         return getattr(self.reader, name)
 
-    def close(self) -> None:
-        self.close_reader()
-        self._arrays.clear()
-        self._chunks.clear()  # the maps close when their last view goes
-
     def read(self, feature: str, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of a feature, in the stored dtype (a read-only view where the file is mapped)."""
-        if self.fmt.name == "hdf5":
-            table = self._chunks.get(feature, False)
-            if table is False:
-                table = self._chunks[feature] = self._chunk_table(feature)
-                if table is not None:
-                    self.close_reader()  # the map has what this feature needs: one open file per shard, not two
-            if table is not None:
-                return self._from_chunks(table, start, stop)
+        """Rows ``start:stop`` of a feature, in the stored dtype."""
         array = self._arrays.get(feature)
         if array is None:
             array = self.reader.array(feature)
             array = self._arrays[feature] = np.asarray(array) if isinstance(array, np.memmap) else array
         return np.asarray(array[..., start:stop, :])
 
-    def close_reader(self) -> None:
-        """Close the format's reader (the maps stay; it is opened again when needed)."""
+    def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-
-    def _chunk_table(self, feature: str):
-        """(views of each chunk, rows per chunk) of an uncompressed chunked dataset, else None."""
-        dataset = self.reader.array(feature)
-        try:
-            if dataset.compression or dataset.chunks is None or dataset.dtype.itemsize not in (2, 4):
-                return None
-            rows_axis = dataset.ndim - 2
-            per_chunk = dataset.chunks[rows_axis]
-            count = -(-dataset.shape[rows_axis] // per_chunk)
-            if dataset.id.get_num_chunks() != count or any(c != s for i, (c, s) in
-                                                            enumerate(zip(dataset.chunks, dataset.shape))
-                                                            if i != rows_axis):
-                return None
-            infos = [dataset.id.get_chunk_info(i) for i in range(count)]
-            infos.sort(key=lambda info: info.chunk_offset[rows_axis])  # by the rows they hold
-            mapped = np.asarray(np.memmap(self.path, dtype=np.uint8, mode="r"))
-            size = int(np.prod(dataset.chunks)) * dataset.dtype.itemsize
-            return [mapped[info.byte_offset:info.byte_offset + size].view(dataset.dtype).reshape(dataset.chunks)
-                    for info in infos], per_chunk
-        except Exception:  # an old h5py without chunk queries, an odd layout: read through h5py
-            return None
-
-    @staticmethod
-    def _from_chunks(table, start: int, stop: int) -> np.ndarray:
-        chunks, per_chunk = table
-        index, within = divmod(start, per_chunk)
-        if within + stop - start <= per_chunk:  # the usual case: one chunk
-            return chunks[index][..., within:within + stop - start, :]
-        parts, row = [], start
-        while row < stop:
-            index, within = divmod(row, per_chunk)
-            take = min(stop - row, per_chunk - within)
-            parts.append(chunks[index][..., within:within + take, :])
-            row += take
-        return np.concatenate(parts, axis=-2)
+        self._arrays.clear()
