@@ -268,15 +268,25 @@ def feature_layout(fmt: str, path: Path, feature: str) -> dict[str, Any] | None:
                 "offsets": [int(info.byte_offset) for info in infos]}
 
 
+def max_open_files() -> int:
+    """Files a store may hold open for reads by byte range: a quarter of the process's limit, at most 4096."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        soft = 1024
+    return max(16, min(4096, (soft if soft > 0 else 1024) // 4))
+
+
 class ByteRanges:
     """Rows read by byte range (``os.pread``) through the layouts the index recorded, with a bounded cache of open
     file descriptors: a random key costs one or K small reads, whichever shard it is in."""
 
-    MAX_FILES = 256
-
     def __init__(self, shards_folder: Path) -> None:
         self.folder = shards_folder
         self._fds: dict[str, int] = {}  # insertion order = least recently opened first
+        self.max_files = max_open_files()
 
     def read(self, layout: tuple, start: int, stop: int) -> np.ndarray:
         file, dtype, chunk, offsets = layout
@@ -302,7 +312,7 @@ class ByteRanges:
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
         if fd is None:
-            if len(self._fds) >= self.MAX_FILES:
+            if len(self._fds) >= self.max_files:
                 os.close(self._fds.pop(next(iter(self._fds))))
             fd = self._fds[file] = os.open(self.folder / file, os.O_RDONLY)
         return fd
