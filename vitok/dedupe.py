@@ -88,14 +88,14 @@ class Donors:
 
         self._stores.append((os.path.abspath(root), open_store(root)))
 
-    def take(self, record: ImageRecord) -> dict[str, np.ndarray] | None:
-        """The stored rows of a committed image with the record's content id (and mark the record as copied), or
-        None: none, or its shard could not be read (the image is then encoded)."""
+    def take(self, record: ImageRecord) -> tuple[dict[str, np.ndarray], bool] | None:
+        """The stored rows of a committed image with the record's content id and whether they come from another
+        store (the record is marked as copied), or None: none, or its shard could not be read (it is then encoded)."""
         if not record.content_id:
             return None
         arrays = self._take_reused(record) if self._stores else None  # first: it does not depend on timing
         if arrays is not None:
-            return arrays
+            return arrays, True
         donor = self._by_content.get(record.content_id)
         if donor is None:
             return None
@@ -107,7 +107,7 @@ class Donors:
             self._by_content.pop(record.content_id, None)
             return None
         record.copied_from = f"{donor.label}::{donor.key}" if donor.label else donor.key
-        return arrays
+        return arrays, bool(donor.label)
 
     def _take_reused(self, record: ImageRecord) -> dict[str, np.ndarray] | None:
         for label, store in self._stores:

@@ -254,10 +254,10 @@ class Run:
         """True when the image needs no encoding (vitok.dedupe): copied from a committed shard (queued in
         ``copied``) or a duplicate of an earlier image of its unit (``firsts``: content id -> key)."""
         record = item.record
-        arrays = donors.take(record)
-        if arrays is not None:
-            copied.append((record, arrays))
-            self.counts["reused" if "::" in record.copied_from else "duplicates"] += 1
+        taken = donors.take(record)
+        if taken is not None:
+            copied.append((record, taken[0]))
+            self.counts["reused" if taken[1] else "duplicates"] += 1
             return True
         if firsts is None or record.content_id is None:
             return False
