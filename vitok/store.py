@@ -166,8 +166,7 @@ class Store:
             data = reader.array(feature)
             if not isinstance(data, np.ndarray):  # an HDF5 dataset: read it whole
                 data = data[...]
-            wanted = [i for i, key in enumerate(keys) if self._index.get(key, (None,))[0] == shard
-                      and key not in self.removed]
+            wanted = self._owned(shard, keys)
             if len(wanted) < len(keys):  # drop rows of keys that live elsewhere
                 rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in wanted] or [np.zeros(0, int)])
                 data = data[..., rows, :]
@@ -177,6 +176,11 @@ class Store:
             if dtype is not None:
                 data = from_store_array(data, reader.stored_dtype(feature)).astype(dtype, copy=False)
             yield keys, data, offsets
+
+    def _owned(self, shard: str, keys: list[str]) -> list[int]:
+        """Positions of the shard's keys that are its own (not superseded by another shard, not removed)."""
+        index, removed = self._index, self.removed
+        return [i for i, key in enumerate(keys) if index.get(key, (None,))[0] == shard and key not in removed]
 
     def array(self, feature: str | None = None, dtype: str | None = "float32") -> tuple[list[str], np.ndarray]:
         """A pooled store as one ``(N, D)`` array and its keys, in shard order. A store of one NPY shard kept in its
@@ -323,6 +327,7 @@ class IndexedStore(Store):
     _sidecar_records: OrderedDict[str, dict[str, ImageRecord]] = field(default_factory=OrderedDict)
     _layouts: list[dict[str, tuple]] = field(default_factory=list)  # per shard: features readable by byte range
     _ranges: Any = None  # vitok.storage.index.ByteRanges
+    _owned_counts: list[int] | None = None  # keys the index places in each shard
 
     @classmethod
     def from_index(cls, root: Path, header: RunHeader, index) -> IndexedStore:
@@ -340,6 +345,13 @@ class IndexedStore(Store):
 
     def _index_position(self, key: str) -> int | None:
         return self._ix.find(key)
+
+    def _owned(self, shard: str, keys: list[str]) -> list[int]:
+        if self._owned_counts is None:
+            self._owned_counts = np.bincount(self._ix.arrays["shard"], minlength=len(self._shard_names)).tolist()
+        if self._owned_counts[self._shard_names.index(shard)] == len(keys) and not self.removed:
+            return list(range(len(keys)))  # the usual case: every key of the shard is its own
+        return super()._owned(shard, keys)
 
     def __len__(self) -> int:
         return int(self._ix.catalog["visible"])
