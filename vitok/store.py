@@ -326,7 +326,6 @@ class IndexedStore(Store):
     _shard_names: list[str] = field(default_factory=list)
     _sidecar_records: OrderedDict[str, dict[str, ImageRecord]] = field(default_factory=OrderedDict)
     _layouts: list[dict[str, tuple]] = field(default_factory=list)  # per shard: features readable by byte range
-    _ranges: Any = None  # vitok.storage.index.ByteRanges
     _owned_counts: list[int] | None = None  # keys the index places in each shard
 
     @classmethod
@@ -338,9 +337,6 @@ class IndexedStore(Store):
                     _shard_names=[s.shard for s in sidecars])
         store._index = _IndexView(store)
         store._layouts = index.layouts()
-        from .storage.index import ByteRanges
-
-        store._ranges = ByteRanges(shards_dir(root))
         return store
 
     def _index_position(self, key: str) -> int | None:
@@ -392,9 +388,8 @@ class IndexedStore(Store):
         start, stop = arrays[feature][position].tolist()
         shard = int(arrays["shard"][position])
         layout = self._layouts[shard].get(feature) if self._layouts else None
-        if layout is not None:
-            return self._ranges.read(layout, start, stop)
-        return self._reader(self._shard_names[shard]).read(feature, start, stop)
+        reader = self._reader(self._shard_names[shard])
+        return reader.read(feature, start, stop) if layout is None else reader.read_range(layout, start, stop)
 
     def get(self, key: str, feature: str | None = None) -> np.ndarray:
         feature = self._feature(feature)
@@ -407,7 +402,8 @@ class IndexedStore(Store):
         return None if position is None else self._ix.key(position)
 
     def _reader(self, shard: str):
-        """The shard's RowReader (also answering as its format's reader), at most MAX_OPEN held."""
+        """The shard's RowReader (reads by byte range; also answers as its format's reader), at most MAX_OPEN
+        shards held open."""
         from .storage.index import RowReader
 
         if shard in self._readers:
@@ -418,8 +414,3 @@ class IndexedStore(Store):
         while len(self._readers) > MAX_OPEN:
             self._readers.popitem(last=False)[1].close()
         return self._readers[shard]
-
-    def close(self) -> None:
-        if self._ranges is not None:
-            self._ranges.close()
-        super().close()

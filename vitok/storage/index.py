@@ -127,7 +127,7 @@ class StoreIndex:
                     "features": list(features), "layouts": described}, arrays)
 
     def layouts(self) -> list[dict[str, tuple]]:
-        """Per shard, each byte-readable feature's (file, dtype, chunk shape, chunk offsets) for ``ByteRanges``."""
+        """Per shard, each byte-readable feature's (file, dtype, chunk shape, chunk offsets) for ``read_range``."""
         offsets = self.arrays["chunk_offsets"]
         found = []
         for shard in self.catalog.get("layouts", []):
@@ -268,70 +268,46 @@ def feature_layout(fmt: str, path: Path, feature: str) -> dict[str, Any] | None:
                 "offsets": [int(info.byte_offset) for info in infos]}
 
 
-def max_open_files() -> int:
-    """Files a store may hold open for reads by byte range: a quarter of the process's limit, at most 4096."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, OSError, ValueError):
-        soft = 1024
-    return max(16, min(4096, (soft if soft > 0 else 1024) // 4))
-
-
-class ByteRanges:
-    """Rows read by byte range (``os.pread``) through the layouts the index recorded, with a bounded cache of open
-    file descriptors: a random key costs one or K small reads, whichever shard it is in."""
-
-    def __init__(self, shards_folder: Path) -> None:
-        self.folder = shards_folder
-        self._fds: dict[str, int] = {}  # insertion order = least recently opened first
-        self.max_files = max_open_files()
-
-    def read(self, layout: tuple, start: int, stop: int) -> np.ndarray:
-        file, dtype, chunk, offsets = layout
-        per_chunk, dim = chunk[-2], chunk[-1]
-        index, within = divmod(start, per_chunk)
-        if within + stop - start > per_chunk:  # rows across chunks: one read per chunk
-            parts, row = [], start
-            while row < stop:
-                take = min(stop - row, per_chunk - row % per_chunk)
-                parts.append(self.read(layout, row, row + take))
-                row += take
-            return np.concatenate(parts, axis=-2)
-        fd = self._fd(file)
-        count = (stop - start) * dim
-        if len(chunk) == 2:
-            data = os.pread(fd, count * dtype.itemsize, offsets[index] + within * dim * dtype.itemsize)
-            return np.frombuffer(data, dtype=dtype).reshape(stop - start, dim)
-        level_bytes = per_chunk * dim * dtype.itemsize
-        levels = [os.pread(fd, count * dtype.itemsize, offsets[index] + k * level_bytes + within * dim * dtype.itemsize)
-                  for k in range(chunk[0])]
-        return np.frombuffer(b"".join(levels), dtype=dtype).reshape(chunk[0], stop - start, dim)
-
-    def _fd(self, file: str) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            if len(self._fds) >= self.max_files:
-                os.close(self._fds.pop(next(iter(self._fds))))
-            fd = self._fds[file] = os.open(self.folder / file, os.O_RDONLY)
-        return fd
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds.clear()
+def read_range(fd: int, layout: tuple, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` read with ``os.pread`` from an open file, through a layout the index recorded
+    (``StoreIndex.layouts``): one read per chunk touched, K per chunk for (K, rows, dim) features."""
+    _file, dtype, chunk, offsets = layout
+    per_chunk, dim = chunk[-2], chunk[-1]
+    index, within = divmod(start, per_chunk)
+    if within + stop - start > per_chunk:  # rows across chunks: one read per chunk
+        parts, row = [], start
+        while row < stop:
+            take = min(stop - row, per_chunk - row % per_chunk)
+            parts.append(read_range(fd, layout, row, row + take))
+            row += take
+        return np.concatenate(parts, axis=-2)
+    size = (stop - start) * dim * dtype.itemsize
+    first = offsets[index] + within * dim * dtype.itemsize
+    if len(chunk) == 2:
+        return np.frombuffer(os.pread(fd, size, first), dtype=dtype).reshape(stop - start, dim)
+    level = per_chunk * dim * dtype.itemsize
+    data = b"".join(os.pread(fd, size, first + k * level) for k in range(chunk[0]))
+    return np.frombuffer(data, dtype=dtype).reshape(chunk[0], stop - start, dim)
 
 
 class RowReader:
-    """One shard through its format's reader, opened when first needed (``keys``, ``offsets``, ``array``...): the
-    shards the index has no byte layout for (compressed HDF5, webdataset), and whole-shard reads."""
+    """One shard of an indexed store: rows by byte range (``read_range``, a file descriptor per file read), and its
+    format's reader, opened when first needed (``keys``, ``offsets``, ``array``...), for the shards the index has
+    no byte layout for (compressed HDF5, webdataset) and for whole-shard reads."""
 
     def __init__(self, fmt: ShardFormat, path: Path) -> None:
         self.fmt, self.path = fmt, path
         self._reader: ShardDataReader | None = None
         self._arrays: dict[str, Any] = {}
+        self._fds: dict[str, int] = {}  # files read by byte range (the shard's .h5, or its <feature>.npy files)
+
+    def read_range(self, layout: tuple, start: int, stop: int) -> np.ndarray:
+        """Rows by byte range through a layout the index recorded (no format library involved)."""
+        file = layout[0]
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(self.path.parent / file, os.O_RDONLY)
+        return read_range(fd, layout, start, stop)
 
     @property
     def reader(self) -> ShardDataReader:
@@ -357,3 +333,7 @@ class RowReader:
             self._reader.close()
             self._reader = None
         self._arrays.clear()
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
