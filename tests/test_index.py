@@ -157,3 +157,25 @@ def test_deepstack_levels_read_by_byte_range(tmp_path, fmt):
                 np.testing.assert_array_equal(fast.get(key, feature), slow.get(key, feature))
             embeds, grid = fast.image_embeds(key)
             assert embeds.shape[0] == fast.info(key)["tokens"]["merged"]
+
+
+def test_a_rewritten_data_file_invalidates_the_byte_offsets(tmp_path):
+    """The index records where rows sit in each data file: a data file rewritten in place (repacked, restored from
+    elsewhere) must not be read at the old offsets."""
+    out = tmp_path / "store"
+    synthetic_store(out, 4, 1, 4, "hdf5")
+    vitok.open(out).close()
+    data = next((out / "shards").glob("*.h5"))
+    import h5py
+
+    with h5py.File(data, "r") as handle:  # the same tables, the rows written again at other addresses
+        copy = {name: handle[name][()] for name in handle}
+        attrs = dict(handle["merged"].attrs)
+    tokens = copy["merged"] + 1
+    with h5py.File(data, "w") as handle:
+        handle.create_dataset("padding", data=np.zeros(4096, dtype=np.uint8))
+        for name, value in copy.items():
+            handle.create_dataset(name, data=tokens if name == "merged" else value)
+        handle["merged"].attrs.update(attrs)
+    with vitok.open(out) as store:
+        np.testing.assert_array_equal(store["img00000002"], tokens[2:3].astype(np.float32))

@@ -1,8 +1,9 @@
 """A store's key and content indexes: key lookups in microseconds, a million-key store opened without parsing its
 sidecars, and images found by pixel content id (``vitok.identity``), with numpy alone (no torch, no h5py to look up).
 
-``OUT/.index/`` is a cache derived from the committed sidecars and the plan; delete it at will, it is rebuilt on the
-next open when it is missing or when a sidecar or plan file changed (``sources_digest``: names, sizes and mtimes):
+``OUT/.index/`` is a cache derived from the committed shards and the plan; delete it at will, it is rebuilt on the
+next open when it is missing or when a sidecar, data file or plan file changed (``sources_digest``: names, sizes and
+mtimes):
 
     catalog.json               what the arrays were built from (digest), the shards (sidecars without records),
                                features, skipped/failed reasons, keys removed by --update, counts
@@ -52,12 +53,12 @@ def key_hash(data: bytes) -> int:
 
 
 def sources_digest(root: Path) -> str:
-    """What the index is derived from: every committed sidecar's and plan file's name, size and mtime."""
+    """What the index is derived from: the name, size and mtime of every sidecar, shard data file (its byte offsets
+    are in the index) and plan file."""
     digest = hashlib.blake2b(digest_size=12)
-    for folder, pattern in ((Path(root) / "shards", ".json"), (Path(root) / "plan", "")):
+    for folder in (Path(root) / "shards", Path(root) / "plan"):
         try:
-            entries = sorted((e.name, e.stat()) for e in os.scandir(folder) if not e.name.startswith(".")
-                             and e.name.endswith(pattern) and e.is_file())
+            entries = sorted((e.name, e.stat()) for e in os.scandir(folder) if not e.name.startswith("."))
         except FileNotFoundError:
             continue
         for name, stat in entries:
