@@ -128,7 +128,7 @@ out = sys.argv[1]
 start = time.perf_counter()
 store = vitok.store.open_store(out)
 opened = time.perf_counter() - start
-keys = [f"img{i:08d}" for i in random.Random(0).sample(range(len(store)), 20000)]
+keys = [f"img{i:08d}" for i in random.Random(0).sample(range(len(store)), min(20000, len(store)))]
 start = time.perf_counter()
 for key in keys:
     store[key]
