@@ -123,8 +123,7 @@ def test_usage_errors_create_nothing(store, tmp_path):
 
     dest = tmp_path / "a" / "b" / "index"
     for args, message in ((["--feature", "nosuch", "--pool", "mean"], "nosuch"),
-                          ([], "--pool"), (["--layout", "vllm-ec", "--pool", "mean"], "--pool"),
-                          (["--layout", "vllm-ec", "--key", "content"], "content_id")):
+                          ([], "--pool"), (["--layout", "vllm-ec", "--pool", "mean"], "--pool")):
         code, _, err = _invoke(main, ["export", str(store), str(dest), *args])
         assert code == 2 and message in err and err.startswith("vitok: error:"), (args, err)
         assert list(tmp_path.iterdir()) == []

@@ -22,7 +22,9 @@ Sections:
   plan          `vitok plan` over --plan-paths listed paths: seconds and peak memory; a part's start-up
   rss           peak memory of one run with shards of 10 and of --rss-images images
   reads         reading a 100,000-image pooled store and a 10,000-image store of 64 tokens each, key by key vs
-                whole shards
+                whole shards; random keys through the key index vs without it
+  index         opening a store of --index-keys keys: building its key index, then mapping the cached one;
+                random key lookups through it
   train         a training step of a tiny Qwen3-VL on cached image features vs on pixels (CPU)
   memory        (CUDA) peak memory of small/base/large at 224x224, batch 1
   ray           (not run by default; needs ray[data]) --engine ray on a local Ray instance vs the local engine,
@@ -63,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rss-images", type=int, default=200)
     p.add_argument("--read-pooled", type=int, default=100_000, help="reads: images of the pooled store")
     p.add_argument("--read-tokens", type=int, default=10_000, help="reads: images of the token store")
+    p.add_argument("--index-keys", type=int, default=1_000_000, help="index: keys of the store opened")
     p.add_argument("--token-budget", type=int, default=None)
     p.add_argument("--shard-size", type=int, default=256, help="e2e (GPU): images per shard")
     p.add_argument("--jpeg-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(800, 600))

@@ -121,6 +121,37 @@ def device_memory(device) -> None:
         del encoder
 
 
+INDEX_SCRIPT = PEAK_MB + """
+import random, sys, time
+import vitok.store
+out = sys.argv[1]
+start = time.perf_counter()
+store = vitok.storage.store.open_store(out)
+opened = time.perf_counter() - start
+keys = [f"img{i:08d}" for i in random.Random(0).sample(range(len(store)), min(20000, len(store)))]
+start = time.perf_counter()
+for key in keys:
+    store[key]
+lookup = (time.perf_counter() - start) / len(keys)
+print(opened, lookup, len(store), "torch" in sys.modules, peak_mb())
+"""
+
+
+def index_scale(args, tmp: Path) -> None:
+    """A million-key store (pooled, 16 dims: the open does not depend on the width): the first open builds its key
+    index from the sidecars, later opens map it; random keys read through it. Each in a fresh process."""
+    out = tmp / "index-scale"
+    start = time.perf_counter()
+    synthetic_store(out, args.index_keys, 1, 16, "hdf5")
+    written = time.perf_counter() - start
+    first = _python(INDEX_SCRIPT, str(out))
+    again = _python(INDEX_SCRIPT, str(out))
+    row("index", f"open a store of {int(again[2])} keys: first (builds the index from the sidecars)",
+        seconds=float(first[0]), write_store_s=written)
+    row("index", f"open a store of {int(again[2])} keys: cached index", seconds=float(again[0]),
+        lookup_us=float(again[1]) * 1e6, torch_imported=again[3], peak_rss_mb=int(again[4]))
+
+
 def run(args, device, tmp: Path) -> None:
     if "plan" in args.sections:
         plan_scale(args, tmp)
@@ -130,6 +161,8 @@ def run(args, device, tmp: Path) -> None:
         device_memory(device)
     if "reads" in args.sections:
         bulk_reads(args, tmp)
+    if "index" in args.sections:
+        index_scale(args, tmp)
 
 
 def synthetic_store(out: Path, images: int, rows: int, dim: int, fmt: str = "hdf5", per_shard: int = 1000,
@@ -163,13 +196,26 @@ def synthetic_store(out: Path, images: int, rows: int, dim: int, fmt: str = "hdf
 
 
 def bulk_reads(args, tmp: Path) -> None:
-    """Reading a store back key by key against whole shards at a time."""
+    """Reading a store back key by key against whole shards at a time; key by key through the key index
+    (``vitok.storage.index``, the default) and through the sidecars and the format's reader (``index=False``)."""
     import vitok
 
     for label, images, rows in (("pooled", args.read_pooled, 1), ("tokens", args.read_tokens, 64)):
         for fmt in ("hdf5", "npy"):
             out = tmp / f"reads-{label}-{fmt}"
             synthetic_store(out, images, rows, 1024, fmt)
+            keys = vitok.open(out).keys()
+            random.Random(0).shuffle(keys)
+            for index in (False, True):
+                store = vitok.open(out, index=index)
+                start = time.perf_counter()
+                for key in keys:
+                    store[key]
+                seconds = time.perf_counter() - start
+                store.close()
+                row("reads", f"{images} images x {rows} rows x 1024 float16 ({label}, {fmt}): random keys, "
+                    f"{'key index' if index else 'no index (sidecars + format reader)'}",
+                    seconds=seconds, us_per_key=seconds / images * 1e6)
             store = vitok.open(out)
             start = time.perf_counter()
             for key in store.keys():

@@ -85,6 +85,8 @@ def _option_parameters(record: type = ExtractOptions, names: tuple[str, ...] | N
             kind = kind | None if f.default is None else kind
         elif meta["listing"]:
             kind = str | None
+        elif meta.get("multiple"):
+            kind = list[str] | None
         elif f.default is False:
             kind, decls = bool, [f"{flag}/--no-{flag[2:]}"]
         info = typer.Option(*decls, help=meta["help"], rich_help_panel=meta["panel"], metavar=meta["metavar"],

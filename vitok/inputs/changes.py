@@ -1,11 +1,11 @@
 """Which inputs changed since they were extracted: the store's records compared with the sources as they are now.
 
 Every input kind is covered: a loose file's record keeps its size and modification time (and, when extracted with
-``--detect-changes hash``, a blake2b of its bytes); an archive's unit in the plan keeps the tar's or parquet file's
-size and modification time (and its blake2b, when planned with ``hash``). Modes:
+the sha256 of its bytes, ``source_sha256``); an archive's unit in the plan keeps the tar's or parquet file's
+size and modification time (and its sha256, when planned with ``hash``). Modes:
 
     mtime   size or modification time differ (the default: one stat per input)
-    hash    the content's blake2b differs (reads every input again); inputs recorded without a hash fall back to mtime
+    hash    the content's sha256 differs (reads every input again); inputs recorded without a hash fall back to mtime
     off     nothing is compared
 
 Only the records that hold an input now count (``Plan.current``): a file planned again by ``--update`` and not
@@ -42,15 +42,15 @@ class Change:
     reason: str
 
 
-def file_blake2b(path: str) -> str:
-    digest = hashlib.blake2b(digest_size=16)
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
 
 
-def _compare(path: str, size: int | None, mtime_ns: int | None, blake2b: str | None, mode: str) -> str | None:
+def _compare(path: str, size: int | None, mtime_ns: int | None, sha256: str | None, mode: str) -> str | None:
     """Why the file at ``path`` differs from what was recorded; None when it does not (or it is gone)."""
     try:
         stat = os.stat(path)
@@ -60,12 +60,12 @@ def _compare(path: str, size: int | None, mtime_ns: int | None, blake2b: str | N
         return "no longer a regular file"
     if size is not None and stat.st_size != size:
         return f"{stat.st_size} bytes, extracted at {size}"
-    if mode == "hash" and blake2b is not None:
+    if mode == "hash" and sha256 is not None:
         try:
-            now = file_blake2b(path)
+            now = file_sha256(path)
         except OSError:
             return None
-        return None if now == blake2b else "other content (blake2b) than extracted"
+        return None if now == sha256 else "other content (sha256) than extracted"
     if mtime_ns is not None and stat.st_mtime_ns != mtime_ns:
         return "modified since it was extracted"
     return None
@@ -77,8 +77,8 @@ def _checked(entries: Iterable[tuple[str, str, int | None, int | None, str | Non
 
     def block(entries: list) -> list[Change]:
         found = []
-        for name, path, size, mtime_ns, blake2b in entries:
-            reason = _compare(path, size, mtime_ns, blake2b, mode)
+        for name, path, size, mtime_ns, sha256 in entries:
+            reason = _compare(path, size, mtime_ns, sha256, mode)
             if reason is not None:
                 found.append(Change(name, path, reason))
         return found
@@ -122,13 +122,13 @@ def _file_entries(out: Path, plan: Plan) -> Iterator[tuple[str, str, int | None,
                 continue
             if current.is_current(record["key"], generation):
                 yield (record["key"], record["source"], size, record.get("source_mtime_ns"),
-                       record.get("source_blake2b"))
+                       record.get("source_sha256"))
 
 
 def _archive_entries(plan: Plan) -> Iterator[tuple[str, str, int | None, int | None, str | None]]:
     for path, description in sorted(current_archives(plan).items()):
         if not is_url(path) and description.get("bytes") is not None:
-            yield path, path, description["bytes"], description.get("mtime_ns"), description.get("blake2b")
+            yield path, path, description["bytes"], description.get("mtime_ns"), description.get("sha256")
 
 
 def changed_inputs(out: str | Path, plan: Plan, mode: str = "mtime") -> list[Change]:
@@ -145,14 +145,14 @@ def describe(changes: list[Change], limit: int = 3) -> str:
 
 
 def archive_hashes(units: list[dict[str, Any]]) -> None:
-    """``--detect-changes hash``: each local archive's blake2b into its units (one read of each file)."""
+    """``--detect-changes hash``: each local archive's sha256 into its units (one read of each file)."""
     hashes: dict[str, str | None] = {}
     for unit in units:
         path = unit["path"]
         if path not in hashes:
             try:
-                hashes[path] = None if is_url(path) else file_blake2b(path)
+                hashes[path] = None if is_url(path) else file_sha256(path)
             except OSError:
                 hashes[path] = None
         if hashes[path] is not None:
-            unit["blake2b"] = hashes[path]
+            unit["sha256"] = hashes[path]

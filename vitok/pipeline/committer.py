@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,10 @@ class Committer:
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         self._sinks: dict[int, ShardSink] = {}  # writer thread only
         self._units: dict[int, UnitRef] = {}
+        # within-unit duplicates (loop thread): content id -> (first key, skip reason) once its batch was queued;
+        # duplicates waiting for their first copy's batch
+        self._queued: defaultdict[int, dict[str, tuple[str, str | None]]] = defaultdict(dict)
+        self._waiting: defaultdict[int, defaultdict[str, list[ImageRecord]]] = defaultdict(lambda: defaultdict(list))
         self._error: BaseException | None = None
         self._aborted = False
         self._puts, self._fill = 0, 0.0
@@ -70,9 +75,40 @@ class Committer:
         """What the device stage finished, in its order: batches to write, unit ends to commit."""
         for event in events:
             if isinstance(event, UnitEnd):
+                self._queued.pop(event.unit, None)
+                assert not self._waiting.pop(event.unit, None), "a duplicate's first copy never came back"
                 self._put(("commit", event.unit, event.info))
-            else:
-                self._put(("batch", event.unit, event))
+                continue
+            self._put(("batch", event.unit, event))
+            for record in event.records:
+                self._first_queued(event.unit, record, None)
+            for record in event.skipped:
+                self._first_queued(event.unit, record, record.reason or "skipped")
+
+    def duplicate(self, unit: int, record: ImageRecord) -> None:
+        """An image of ``unit`` with the same pixels (``content_id``) as the earlier image ``record.copied_from``,
+        not encoded: written as a copy of its rows once the first copy's batch is in the shard (the queue keeps
+        that order), or skipped with it."""
+        queued = self._queued[unit].get(record.content_id)
+        if queued is None:
+            self._waiting[unit][record.content_id].append(record)
+        else:
+            self._put_copy(unit, record, queued[1])
+
+    def _first_queued(self, unit: int, record: ImageRecord, skipped: str | None) -> None:
+        if record.content_id is None or record.copied_from is not None:
+            return
+        self._queued[unit].setdefault(record.content_id, (record.key, skipped))
+        for duplicate in self._waiting[unit].pop(record.content_id, ()):
+            self._put_copy(unit, duplicate, skipped)
+
+    def _put_copy(self, unit: int, record: ImageRecord, skipped: str | None) -> None:
+        if skipped is None:
+            self._put(("copy", unit, record))
+        else:
+            record.status, record.reason = "skipped", f"same pixels as {record.copied_from}: {skipped}"
+            record.copied_from = None
+            self._put(("record", unit, record))
 
     def record(self, unit: int, record: ImageRecord) -> None:
         self._put(("record", unit, record))
@@ -133,6 +169,8 @@ class Committer:
                     self._sink(unit).add_batch(payload)
                 elif kind == "record":
                     self._sink(unit).add_record(payload)
+                elif kind == "copy":
+                    self._sink(unit).add_copy(payload)
                 else:
                     self._commit(unit, payload)
             except BaseException as exc:  # surfaced in the run loop

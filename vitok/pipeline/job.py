@@ -157,8 +157,7 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     features = check_features(source.encoder, options.features or default_features(source.encoder),
                               options.pool)
     preprocess = preprocess_for(source, options)
-    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column,
-                                   extra={"hash_sources": options.detect_changes == "hash"})
+    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
     header = check_out_folder(out)
     plan = None if options.overwrite else load_plan(out)
     listing = None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import signal
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ImageError, InputUnavailableError
+from ..inputs.identity import content_id, source_sha256
 from ..inputs.plan import UnitRef
 from ..inputs.preprocess import Preprocessor
 from ..inputs.readers import ReaderOptions, Sample, UnitReadError, get_reader
@@ -42,9 +42,9 @@ PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent d
 logger = logging.getLogger(__name__)
 
 
-def prepare(sample: Sample, preprocessor: Preprocessor, hash_source: bool = False) -> Item:
+def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
     """Read and decode one sample; never raises (a bug or an exotic decoder failure costs one image, not the run).
-    ``hash_source``: record a loose file's blake2b (``--detect-changes hash``)."""
+    The record gets the file's sha256 and, once decoded here, the pixel content id (``inputs.identity``)."""
     record = ImageRecord(sample.key, "ok", sample.source, member=sample.member, meta=sample.meta)
     if sample.skip is not None:
         record.status, record.reason = "skipped", sample.skip
@@ -55,11 +55,10 @@ def prepare(sample: Sample, preprocessor: Preprocessor, hash_source: bool = Fals
 
             source = read_source(sample.source)
             record.source_bytes, record.source_mtime_ns, data = source.size, source.mtime_ns, source.data
-            if hash_source:
-                record.source_blake2b = hashlib.blake2b(data, digest_size=16).hexdigest()
         else:
             data = sample.data
             record.source_bytes = len(data)
+        record.source_sha256 = source_sha256(data)
         image = preprocessor.load(data)
     except InputUnavailableError as exc:
         record.status, record.reason = "failed", str(exc)
@@ -72,6 +71,8 @@ def prepare(sample: Sample, preprocessor: Preprocessor, hash_source: bool = Fals
         return Item(record)
     record.grid, record.size = list(image.grid_thw), list(image.original_size)
     record.decoder, record.notes = image.decoder, (image.notes or None)
+    if image.patches is not None:  # (a JPEG left for the GPU to decode has no pixels yet, and no content id)
+        record.content_id = content_id(image.patches, image.grid_thw)
     return Item(record, image)
 
 
@@ -93,7 +94,6 @@ class UnitReading(torch.utils.data.IterableDataset):
 
     def __init__(self, tasks: list[Task], kind: str, reader_options: ReaderOptions, preprocessor: Preprocessor):
         self.tasks, self.kind, self.reader_options, self.preprocessor = tasks, kind, reader_options, preprocessor
-        self.hash_sources = bool(reader_options.extra.get("hash_sources"))
 
     def __iter__(self) -> Iterator[Chunk]:
         info = torch.utils.data.get_worker_info()
@@ -106,7 +106,7 @@ class UnitReading(torch.utils.data.IterableDataset):
         unit = task.unit
         started = time.perf_counter()
         if task.stop is not None:  # a slice of a loose-file unit: exactly one chunk
-            items = [prepare(s, self.preprocessor, self.hash_sources)
+            items = [prepare(s, self.preprocessor)
                      for s in reader.samples(unit, task.start, task.stop)]
             yield Chunk(unit.index, task.start // CHUNK, items, end=task.stop >= unit.count,
                         busy=time.perf_counter() - started).pack()
@@ -114,7 +114,7 @@ class UnitReading(torch.utils.data.IterableDataset):
         seq, items = 0, []
         try:
             for sample in reader.samples(unit):
-                items.append(prepare(sample, self.preprocessor, self.hash_sources))
+                items.append(prepare(sample, self.preprocessor))
                 if len(items) == CHUNK:
                     chunk = Chunk(unit.index, seq, items, busy=time.perf_counter() - started).pack()
                     yield chunk

@@ -26,11 +26,12 @@ PANELS = ("Model", "Inputs", "Outputs", "Preprocessing", "Speed", "Cluster")
 
 
 def option(default: Any, help: str, panel: str, *, choices: Sequence[str] | None = None, minimum: int | None = None,
-           flags: Sequence[str] = (), metavar: str | None = None, listing: bool = False) -> Any:
-    """A dataclass field with its CLI metadata (``listing``: a comma-separated list on the command line)."""
+           flags: Sequence[str] = (), metavar: str | None = None, listing: bool = False, multiple: bool = False) -> Any:
+    """A dataclass field with its CLI metadata (``listing``: a comma-separated list on the command line;
+    ``multiple``: a flag given once per value)."""
     assert panel in PANELS, panel
     meta = {"help": help, "panel": panel, "choices": tuple(choices) if choices else None, "minimum": minimum,
-            "flags": tuple(flags), "metavar": metavar, "listing": listing}
+            "flags": tuple(flags), "metavar": metavar, "listing": listing, "multiple": multiple}
     return field(default=default, metadata={"cli": meta})
 
 
@@ -80,6 +81,9 @@ class ExtractOptions:
     token_order: str = option("block", "Order of 'patch' rows: block (the reference's 2x2-block order) or raster "
                               "(row-major).", "Outputs", choices=TOKEN_ORDERS)
     overwrite: bool = option(False, "Delete the store in OUT and start over.", "Outputs")
+    reuse: tuple[str, ...] | None = option(None, "A finished store made with the same model and settings: images "
+                                           "with equal pixels take its tokens, unencoded (repeatable).", "Outputs",
+                                           metavar="STORE", multiple=True)
     # ---- Preprocessing
     min_pixels: int | None = option(None, "Qwen resize: least pixels after resize. [default: the model's]",
                                     "Preprocessing", minimum=1)
@@ -130,6 +134,8 @@ class ExtractOptions:
                 setattr(self, name, split_list(value, name))
             elif value is not None:
                 setattr(self, name, tuple(value))
+        if self.reuse is not None:
+            self.reuse = (self.reuse,) if isinstance(self.reuse, str) else tuple(str(v) for v in self.reuse) or None
 
     def validate(self) -> ExtractOptions:
         """Check every choice and bound; raises UsageError naming the flag and what it accepts."""
@@ -198,6 +204,8 @@ class ExtractOptions:
                 argv.append(flag if value else f"--no-{flag[2:]}")
             elif f.metadata["cli"]["listing"]:
                 argv += [flag, ",".join(value)]
+            elif f.metadata["cli"].get("multiple"):
+                argv += [part for v in value for part in (flag, str(v))]
             else:
                 argv += [flag, str(value)]
         return argv

@@ -241,7 +241,9 @@ class RayRun(Run):
 
                 ray.shutdown()
 
-    def _loop(self, units, encoder, pipeline, committer) -> None:
+    def _loop(self, units, encoder, pipeline, committer, donors=None, within_units: bool = True) -> None:
+        """The Ray Data pipeline in place of the local loop. Duplicates are encoded again here (content ids are
+        recorded; ``Donors`` is the local loop's)."""
         import ray
 
         from .loader import in_unit_order

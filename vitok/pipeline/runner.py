@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..environment import describe_environment
 from ..errors import Interrupted, SettingsMismatchError
+from ..inputs.identity import header_identity
 from ..inputs.plan import Plan, load_plan, write_generation, write_update
 from ..storage import META_FILE, RunHeader, create_exclusive, get_format, read_header, write_readme
 from ..storage.claims import Claims
@@ -32,6 +33,7 @@ from ..storage.records import UnitInfo, dumps, fingerprint
 from ..storage.shards import remove_temps
 from .batcher import Batcher
 from .committer import CommitStats, Committer
+from .dedupe import Donors, check_reuse, copied_batch
 from .job import Job, Work, check_committed, check_settings, make_settings, new_header, prepare, remaining_work
 from .options import ExtractOptions, make_options
 from .run_stats import RunStats, StageMeter, import_seconds, verdict, write_stats
@@ -73,6 +75,10 @@ class ExtractSummary:
     data_wait_seconds: float  # the loop waited for decoded images
     encode_seconds: float  # launching batches and finishing them (device waits included)
     device_wait_seconds: float  # of which: waiting for the device (the device was the bottleneck)
+    images_encoded: int = 0  # images this run sent to the encoder
+    batches_encoded: int = 0  # encoder batches this run ran
+    duplicates: int = 0  # not encoded: the same pixels were encoded earlier in this unit or in a committed shard
+    reused: int = 0  # not encoded: tokens taken from a --reuse store
     skipped_reasons: dict[str, str] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # start-up, seconds (vitok.pipeline.run_stats)
     stages: dict[str, Any] = field(default_factory=dict)  # steady-state rates per stage (vitok.pipeline.run_stats)
@@ -161,6 +167,7 @@ class Run:
         self.wait_seconds = 0.0
         self.phases: dict[str, float] = {}  # start-up (vitok.pipeline.run_stats); the loop's meter adds its own
         self.meter: StageMeter | None = None
+        self.counts = {"images_encoded": 0, "batches_encoded": 0, "duplicates": 0, "reused": 0}
 
     @classmethod
     def configure(cls, options: ExtractOptions) -> tuple[ExtractOptions, dict[str, Any]]:
@@ -188,6 +195,8 @@ class Run:
             check_settings(job, encoder.weights_hash)
         elif not job.options.overwrite:
             check_committed(job.out, fingerprint(settings))
+        for store in job.options.reuse or ():
+            check_reuse(Path(store), settings)
         self.phases |= {k: v for k, v in encoder.load_seconds.items() if k != "model_built"}
         started = time.perf_counter()
         header = self._write_header(settings, encoder)
@@ -199,7 +208,7 @@ class Run:
         claims.start()
         try:
             mine, elsewhere = self._claim(claims, work)
-            stats, pipeline = self._run(encoder, mine, claims, header) if mine else (CommitStats(), None)
+            stats, pipeline = self._run(encoder, mine, claims, header, work) if mine else (CommitStats(), None)
         finally:
             claims.stop()
         summary = self._summary(work, stats, pipeline, encoder, elsewhere)
@@ -216,7 +225,9 @@ class Run:
             job.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise_store_error(exc, job.out)
-        header = new_header(job, settings, describe_environment(encoder))
+        environment = describe_environment(encoder)
+        header = new_header(job, settings, environment)
+        header.identity = header_identity(settings, environment.get("decoders", {}))
         if not create_exclusive(job.out / META_FILE, dumps(header.to_json())):
             stored = read_header(job.out)
             if stored.fingerprint != header.fingerprint:
@@ -255,27 +266,55 @@ class Run:
 
     # ---- the loop -------------------------------------------------------------------------------------------
 
-    def _run(self, encoder, units, claims: Claims, header: RunHeader):
+    def _run(self, encoder, units, claims: Claims, header: RunHeader, work: Work):
         from .device import DevicePipeline
 
         job, opts = self.job, self.job.options
         fmt = get_format(opts.format)
         pipeline = DevicePipeline(encoder, job.features, opts.pool, opts.store_dtype, opts.token_order)
+        donors = Donors(list(job.features))
+        donors.add_store(job.out, header.fingerprint, exclude=work.damaged)
+        for store in opts.reuse or ():
+            donors.add_reuse(Path(store))
         committer = Committer(job.out, fmt, job.layouts, opts.store_dtype, opts.compression, claims,
                               {"fingerprint": header.fingerprint, "part": job.part.label,
-                               "vitok_version": __version__}).start()
+                               "vitok_version": __version__},
+                              on_commit=lambda sidecar: donors.add_sidecar(job.out, sidecar)).start()
         for unit in units:
             committer.begin(unit)
         logger.info("part %s: %d shard(s) to do", job.part.label, len(units))
         try:
-            self._loop(units, encoder, pipeline, committer)
+            self._loop(units, encoder, pipeline, committer, donors, fmt.reads_back)
             stats = committer.finish()
         except BaseException:
             committer.abort()
             raise
+        finally:
+            donors.close()
         return stats, pipeline
 
-    def _loop(self, units, encoder, pipeline: DevicePipeline, committer: Committer) -> None:
+    def _deduplicate(self, unit: int, item, donors: Donors, firsts: dict[str, str] | None, copied: list,
+                     committer: Committer) -> bool:
+        """True when the image needs no encoding (vitok.pipeline.dedupe): copied from a committed shard (queued in
+        ``copied``) or a duplicate of an earlier image of its unit (``firsts``: content id -> key)."""
+        record = item.record
+        taken = donors.take(record)
+        if taken is not None:
+            copied.append((record, taken[0]))
+            self.counts["reused" if taken[1] else "duplicates"] += 1
+            return True
+        if firsts is None or record.content_id is None:
+            return False
+        if record.content_id in firsts:
+            record.copied_from = firsts[record.content_id]
+            committer.duplicate(unit, record)
+            self.counts["duplicates"] += 1
+            return True
+        firsts[record.content_id] = record.key
+        return False
+
+    def _loop(self, units, encoder, pipeline: DevicePipeline, committer: Committer, donors: Donors | None = None,
+              within_units: bool = True) -> None:
         from ..inputs.preprocess import Preprocessor
         from .loader import default_workers, load_units
         from .types import Batch, EncodedBatch
@@ -299,12 +338,17 @@ class Run:
             committer.put(events)
 
         def submit(unit: int, items) -> None:
+            self.counts["batches_encoded"] += 1
+            self.counts["images_encoded"] += len(items)
             meter.mark("first_batch_ready")
             events = meter.events()
             start = time.perf_counter()
             finished = pipeline.submit(Batch(unit, items))
             meter.batch_launched(len(items), time.perf_counter() - start, *meter.close_events(events))
             deliver(finished)
+
+        donors = donors if donors is not None else Donors(list(self.job.features))
+        firsts: dict[int, dict[str, str]] = {}  # per open unit: content id -> key of its first image
 
         seen = skipped = shards = 0
         started = time.perf_counter()
@@ -317,15 +361,22 @@ class Run:
             meter.phase("warm_up", time.perf_counter() - started)
         try:
             for chunk in self._timed(chunks):
+                copied: list = []
+                unit_firsts = firsts.setdefault(chunk.unit, {}) if within_units else None
                 for item in chunk.unpack():
                     seen += 1
                     if item.image is None:
                         skipped += 1
                         committer.record(chunk.unit, item.record)
                         continue
+                    if self._deduplicate(chunk.unit, item, donors, unit_firsts, copied, committer):
+                        continue
                     for closed in batcher.add(chunk.unit, item, item.image.num_patches):
                         submit(chunk.unit, closed)
+                if copied:
+                    committer.put([copied_batch(chunk.unit, *map(list, zip(*copied)))])
                 if chunk.end:
+                    firsts.pop(chunk.unit, None)
                     for closed in batcher.flush(chunk.unit):
                         submit(chunk.unit, closed)
                     deliver(pipeline.end(chunk.unit, unit_record(by_index[chunk.unit], chunk)))
@@ -365,7 +416,7 @@ class Run:
             tokens=pipeline.tokens if pipeline else 0, output_bytes=stats.output_bytes,
             data_wait_seconds=round(self.wait_seconds, 3),
             encode_seconds=round(pipeline.encode_seconds, 3) if pipeline else 0.0,
-            device_wait_seconds=round(pipeline.device_wait_seconds, 3) if pipeline else 0.0,
+            device_wait_seconds=round(pipeline.device_wait_seconds, 3) if pipeline else 0.0, **self.counts,
             skipped_reasons=stats.reasons,
             phases=run_stats["phases"], stages=run_stats["stages"], bottleneck=run_stats["bottleneck"],
         )
@@ -392,7 +443,7 @@ def unit_record(unit, chunk) -> UnitInfo:
         description = unit.read()
         info.path, info.row_group = description.get("path"), description.get("row_group")
         info.bytes, info.mtime_ns = description.get("bytes"), description.get("mtime_ns")
-        info.blake2b = description.get("blake2b")
+        info.sha256 = description.get("sha256")
     if chunk.unit_error:
         info.error, info.failed = chunk.unit_error, chunk.unit_failed
         logger.warning("shard %s: %s", unit.name, chunk.unit_error)
@@ -418,5 +469,5 @@ def wipe_store(out: Path) -> None:
     """--overwrite: remove what vitok wrote in OUT (and nothing else)."""
     from ..storage.files import remove
 
-    for name in (META_FILE, "README.txt", "plan", "shards", ".claims", "plan.jsonl", "stats"):
+    for name in (META_FILE, "README.txt", "plan", "shards", ".claims", ".index", "plan.jsonl", "stats"):
         remove(out / name)

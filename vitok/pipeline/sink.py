@@ -29,6 +29,8 @@ class ShardSink:
         self.keys: list[str] = []
         self.grids: list[list[int]] = []
         self.rows: dict[str, list[int]] = {f: [] for f in layouts}
+        self._starts: dict[str, list[int]] = {f: [] for f in layouts}  # first row of each image
+        self._written: dict[str, ImageRecord] = {}  # ok records by key (copies read their original's rows)
         self.bytes_written = 0
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -58,12 +60,28 @@ class ShardSink:
             self.keys.append(record.key)
             self.grids.append(record.grid)
             for feature in self.layouts:
+                starts = self._starts[feature]
+                starts.append(starts[-1] + self.rows[feature][-1] if starts else 0)
                 self.rows[feature].append(batch.rows[feature][i])
+            self._written[record.key] = record
             self.records.append(record)
         self.records += batch.skipped
 
     def add_record(self, record: ImageRecord) -> None:
         self.records.append(record)
+
+    def add_copy(self, record: ImageRecord) -> None:
+        """An image with the same pixels as ``record.copied_from``, written earlier to this shard: its rows are read
+        back and written again under its own key (every shard stays self-contained, every reader unchanged)."""
+        original = self._written[record.copied_from]
+        first = original.row
+        arrays, rows = {}, {}
+        for feature, counts in self.rows.items():
+            start = self._starts[feature][first]
+            arrays[feature] = self.writer.read_rows(feature, first, start, start + counts[first])
+            rows[feature] = [counts[first]]
+        record.float16_overflow = original.float16_overflow
+        self.add_batch(EncodedBatch(-1, [record], arrays, rows))
 
     def commit(self, **sidecar_fields: Any) -> Sidecar | None:
         """Finish the data and commit it; None when another process committed the shard first."""

@@ -58,6 +58,11 @@ class ShardDataWriter(ABC):
         for feature, array in arrays.items():
             self.append(feature, array)
 
+    def read_rows(self, feature: str, image: int, start: int, stop: int) -> np.ndarray:
+        """Read back rows ``start:stop`` of ``feature`` already written, which are the ``image``-th image's (in row
+        order): a duplicate image's rows are copied from its first copy's (formats with ``reads_back``)."""
+        raise NotImplementedError
+
     @abstractmethod
     def finish(self, keys: list[str], offsets: dict[str, np.ndarray], grids: np.ndarray) -> None:
         """Write keys, grids and offsets (rows of image i: offsets[i]:offsets[i+1]), flush and fsync."""
@@ -95,6 +100,7 @@ class ShardDataReader(ABC):
 class ShardFormat(ABC):
     name: ClassVar[str]
     suffix: ClassVar[str]  # data file suffix; "" for a folder
+    reads_back: ClassVar[bool] = False  # its writer implements read_rows (within-shard duplicates are copied)
 
     def data_name(self, shard: str) -> str:
         return shard + self.suffix

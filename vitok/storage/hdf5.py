@@ -128,6 +128,9 @@ class Hdf5Writer(ShardDataWriter):
             ds.resize(start + array.shape[-2], axis=ds.ndim - 2)
             ds[..., start:, :] = array
 
+    def read_rows(self, feature: str, image: int, start: int, stop: int) -> np.ndarray:
+        return self._datasets[feature][..., start:stop, :]
+
     @contextlib.contextmanager
     def _write_errors(self):
         """Report a failed write as the OSError it was (libhdf5 may surface it as another exception)."""
@@ -199,6 +202,7 @@ def _decode(key) -> str:
 class Hdf5Format(ShardFormat):
     name = "hdf5"
     suffix = ".h5"
+    reads_back = True
 
     def create(self, path, layouts, store_dtype, compression=None) -> Hdf5Writer:
         return Hdf5Writer(path, layouts, store_dtype, compression)

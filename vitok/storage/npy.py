@@ -43,9 +43,9 @@ class NpyWriter(ShardDataWriter):
         self._handles = {}
         for feature, layout in layouts.items():
             if layout.levels:
-                self._handles[feature] = [open(path / f"{feature}.level{k}.part", "wb") for k in range(layout.levels)]
+                self._handles[feature] = [open(path / f"{feature}.level{k}.part", "w+b") for k in range(layout.levels)]
             else:
-                handle = open(path / f"{feature}.npy", "wb")
+                handle = open(path / f"{feature}.npy", "w+b")  # + : read_rows reads back
                 handle.write(b"\0" * HEADER_BYTES)
                 self._handles[feature] = [handle]
 
@@ -55,6 +55,18 @@ class NpyWriter(ShardDataWriter):
         for handle, level in zip(self._handles[feature], levels):
             handle.write(level.tobytes())
         self._rows[feature] += array.shape[-2]
+
+    def read_rows(self, feature: str, image: int, start: int, stop: int) -> np.ndarray:
+        layout = self.layouts[feature]
+        dtype = layout.numpy_dtype(self.store_dtype)
+        row_bytes = layout.dim * dtype.itemsize
+        levels = []
+        for handle in self._handles[feature]:
+            handle.flush()
+            skip = 0 if layout.levels else HEADER_BYTES
+            data = os.pread(handle.fileno(), (stop - start) * row_bytes, skip + start * row_bytes)
+            levels.append(np.frombuffer(data, dtype=dtype).reshape(stop - start, layout.dim))
+        return np.stack(levels) if layout.levels else levels[0]
 
     def finish(self, keys: list[str], offsets: dict[str, np.ndarray], grids: np.ndarray) -> None:
         for feature, layout in self.layouts.items():
@@ -118,6 +130,7 @@ class NpyReader(ShardDataReader):
 class NpyFormat(ShardFormat):
     name = "npy"
     suffix = ""  # a folder
+    reads_back = True
 
     def create(self, path, layouts, store_dtype, compression=None) -> NpyWriter:
         return NpyWriter(path, layouts, store_dtype)

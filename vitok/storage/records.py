@@ -48,12 +48,14 @@ class ImageRecord:
     size: list[int] | None = None  # original (width, height), upright
     source_bytes: int | None = None
     source_mtime_ns: int | None = None  # loose files: detects a changed image
-    source_blake2b: str | None = None  # loose files extracted with --detect-changes hash: the file's content hash
     decoder: str | None = None  # which decoder produced the pixels
     notes: list[str] | None = None
     float16_overflow: int | None = None
     nonfinite: int | None = None  # NaN/Inf values in the encoder's output (all features); exports leave them out
     meta: dict[str, Any] | None = None  # caption / json fields of an archive sample
+    source_sha256: str | None = None  # sha256 of the file's bytes (vitok.inputs.identity)
+    content_id: str | None = None  # sha256 of the grid and uint8 patches the encoder saw (vitok.inputs.identity)
+    copied_from: str | None = None  # not encoded: rows copied from an equal image ("key", or "STORE::key")
 
     def to_json(self) -> dict[str, Any]:
         return _compact(dataclasses.asdict(self))
@@ -76,6 +78,7 @@ class RunHeader:
     schema: int = SCHEMA_VERSION
     options: dict[str, Any] = field(default_factory=dict)  # the extract options that made it, not at their defaults
     # (a local model as an absolute path): a resume that does not give an option takes it from here
+    identity: dict[str, Any] = field(default_factory=dict)  # vision revision, decoders, hash contract (identity.py)
 
     @property
     def fingerprint(self) -> str:
@@ -88,6 +91,8 @@ class RunHeader:
     def to_json(self) -> dict[str, Any]:
         data = {"schema": self.schema, "vitok_version": self.vitok_version, "created": self.created,
                 "fingerprint": self.fingerprint, "settings": self.settings, "environment": self.environment}
+        if self.identity:
+            data["identity"] = self.identity
         return {**data, "options": self.options} if self.options else data
 
     @classmethod
@@ -95,7 +100,8 @@ class RunHeader:
         try:
             return cls(settings=data["settings"], vitok_version=data.get("vitok_version", "?"),
                        created=data.get("created", ""), environment=data.get("environment", {}),
-                       schema=int(data.get("schema", 1)), options=dict(data.get("options") or {}))
+                       schema=int(data.get("schema", 1)), options=dict(data.get("options") or {}),
+                       identity=data.get("identity") or {})
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"{where} is damaged ({type(exc).__name__}: {exc})") from None
 
@@ -118,7 +124,7 @@ class UnitInfo:
     row_group: int | None = None
     bytes: int | None = None  # archives: size and modification time when planned (change detection)
     mtime_ns: int | None = None
-    blake2b: str | None = None  # archives planned with --detect-changes hash
+    sha256: str | None = None  # archives planned with --detect-changes hash
     error: str | None = None  # why the rest of the unit could not be read
     failed: bool | None = None  # ... because it was unavailable (retried by a later run) rather than damaged
 

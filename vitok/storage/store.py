@@ -242,7 +242,7 @@ class Store:
         count. Exports leave them out."""
         found = {}
         for key in self._keys():
-            record = self._index[key][1]
+            record = self._lookup(key)[1]
             count = (record.nonfinite or 0) + (record.float16_overflow or 0)
             if count:
                 found[key] = count
@@ -260,8 +260,7 @@ class Store:
             data = reader.array(feature)
             if not isinstance(data, np.ndarray):  # an HDF5 dataset: read it whole
                 data = data[...]
-            wanted = [i for i, key in enumerate(keys) if self._index.get(key, (None,))[0] == shard
-                      and key not in self.removed]
+            wanted = self._owned(shard, keys)
             if len(wanted) < len(keys):  # drop rows of keys that live elsewhere
                 rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in wanted] or [np.zeros(0, int)])
                 data = data[..., rows, :]
@@ -270,6 +269,11 @@ class Store:
             if dtype is not None:
                 data = from_store_array(data, reader.stored_dtype(feature)).astype(dtype, copy=False)
             yield keys, data, offsets
+
+    def _owned(self, shard: str, keys: list[str]) -> list[int]:
+        """Positions of the shard's keys that are its own (not superseded by another shard, not removed)."""
+        index, removed = self._index, self.removed
+        return [i for i, key in enumerate(keys) if index.get(key, (None,))[0] == shard and key not in removed]
 
     def array(self, feature: str | None = None, dtype: str | None = "float32") -> tuple[list[str], np.ndarray]:
         """A pooled store as one ``(N, D)`` array and its keys, in shard order. A store of one NPY shard kept in its
@@ -313,10 +317,25 @@ def pack_tokens(batch):
     return keys, torch.cat(tensors, dim=-2), cu_seqlens
 
 
-def open_store(out: str | Path) -> Store:
-    """Open an output folder written by ``vitok extract`` (any number of processes, finished or not)."""
+def open_store(out: str | Path, index: bool = True) -> Store:
+    """Open an output folder written by ``vitok extract`` (any number of processes, finished or not).
+
+    With ``index`` (the default) through the store's key index (``vitok.storage.index``): built from the sidecars
+    on the first open after a change and cached in ``OUT/.index``, then opened without reading a sidecar."""
     root = Path(out)
-    store = Store(root, read_header(root))
+    header = read_header(root)
+    if index:
+        from .index import open_index
+
+        return IndexedStore.from_index(root, header, open_index(root, lambda digest: build_index(root, header,
+                                                                                                 digest)))
+    return _open_from_sidecars(root, header)
+
+
+def _open_from_sidecars(root: Path, header: RunHeader, on_sidecar=None) -> Store:
+    """The store as its sidecars say (later attempts superseding earlier ones, only the records of inputs the plan
+    holds now counting); ``on_sidecar`` sees each sidecar with its records before they are dropped."""
+    store = Store(root, header)
     try:
         plan = load_plan(root)
     except StoreError:
@@ -324,6 +343,8 @@ def open_store(out: str | Path) -> Store:
     stale: set[str] = set()
     for sidecar in attempt_order(list(iter_sidecars(root, store.damaged))):
         store.shards[sidecar.shard] = sidecar
+        if on_sidecar is not None:
+            on_sidecar(sidecar)
         records = current_records(sidecar, plan)
         if len(records) < len(sidecar.records):
             stale.update(r.key for r in sidecar.records)
@@ -342,3 +363,153 @@ def open_store(out: str | Path) -> Store:
     for shard, why in store.damaged.items():
         logger.warning("shard %s: %s", shard, why)
     return store
+
+
+# ---- the indexed store: key lookups without the sidecars (vitok.storage.index) -------------------------------------
+
+
+def build_index(root: Path, header: RunHeader, digest: str):
+    """The key and content index of a store, from its sidecars (what ``open_store`` without the index reads)."""
+    from .index import Entry, StoreIndex, feature_layout
+
+    starts: dict[str, dict[str, list[int]]] = {}  # shard -> feature -> first row of each ok image (by row)
+
+    def note(sidecar: Sidecar) -> None:
+        ok = sidecar.ok_records()
+        if all(r.tokens for r in ok):
+            starts[sidecar.shard] = {f: np.concatenate([[0], np.cumsum([r.tokens.get(f, 0) for r in ok])]).tolist()
+                                     for f in header.features}
+
+    store = _open_from_sidecars(root, header, note)
+    names = sorted(store.shards)
+    position = {name: i for i, name in enumerate(names)}
+    entries = []
+    for key, (shard, record) in store._index.items():  # removed keys too: get() still reads them, as Store's
+        if shard not in starts:  # records without token counts (an old store): the data's offsets
+            reader = store._reader(shard)
+            starts[shard] = {f: [int(v) for v in reader.offsets(f)] for f in header.features}
+        rows = {f: (starts[shard][f][record.row], starts[shard][f][record.row + 1]) for f in header.features}
+        entries.append(Entry(key, position[shard], record.row, rows, record.content_id, key not in store.removed))
+    store.close()
+    catalog = {"digest": digest, "shards": [store.shards[name].to_json() for name in names],
+               "skipped": store.skipped, "failed": store.failed, "removed": sorted(store.removed),
+               "damaged": store.damaged}
+    layouts = []
+    for name in names:
+        sidecar = store.shards[name]
+        try:
+            layouts.append({f: feature_layout(sidecar.format, shards_dir(root) / sidecar.data, f)
+                            for f in header.features})
+        except Exception:  # unreadable data: its keys are read (and fail) through the format's reader
+            layouts.append({})
+    return StoreIndex.build(catalog, entries, header.features, layouts)
+
+
+class _IndexView:
+    """What ``Store`` methods ask of ``_index`` (membership, a key's shard), answered by the key index."""
+
+    def __init__(self, store: IndexedStore) -> None:
+        self.store = store
+
+    def __contains__(self, key: str) -> bool:
+        return self.store._index_position(key) is not None
+
+    def get(self, key: str, default=None):
+        position = self.store._index_position(key)
+        return default if position is None else (self.store._shard_names[self.store._ix.arrays["shard"][position]],)
+
+
+@dataclass
+class IndexedStore(Store):
+    """A store opened through its key index: the same answers as ``Store``, with sidecars read only for ``info``
+    (one shard's at a time) and rows read by position (memory-mapped where the format allows)."""
+
+    _ix: Any = None  # vitok.storage.index.StoreIndex
+    _shard_names: list[str] = field(default_factory=list)
+    _sidecar_records: OrderedDict[str, dict[str, ImageRecord]] = field(default_factory=OrderedDict)
+    _layouts: list[dict[str, tuple]] = field(default_factory=list)  # per shard: features readable by byte range
+    _owned_counts: list[int] | None = None  # keys the index places in each shard
+
+    @classmethod
+    def from_index(cls, root: Path, header: RunHeader, index) -> IndexedStore:
+        catalog = index.catalog
+        sidecars = [Sidecar.from_json(data) for data in catalog["shards"]]
+        store = cls(root, header, shards={s.shard: s for s in sidecars}, skipped=dict(catalog["skipped"]),
+                    failed=dict(catalog["failed"]), removed=set(catalog["removed"]),
+                    damaged=dict(catalog.get("damaged", {})), _ix=index,
+                    _shard_names=[s.shard for s in sidecars])
+        store._index = _IndexView(store)
+        store._layouts = index.layouts()
+        for shard, why in store.damaged.items():
+            logger.warning("shard %s: %s", shard, why)
+        return store
+
+    def _index_position(self, key: str) -> int | None:
+        return self._ix.find(key)
+
+    def _owned(self, shard: str, keys: list[str]) -> list[int]:
+        if self._owned_counts is None:
+            self._owned_counts = np.bincount(self._ix.arrays["shard"], minlength=len(self._shard_names)).tolist()
+        if self._owned_counts[self._shard_names.index(shard)] == len(keys) and not self.removed:
+            return list(range(len(keys)))  # the usual case: every key of the shard is its own
+        return super()._owned(shard, keys)
+
+    def __len__(self) -> int:
+        return int(self._ix.catalog["visible"])
+
+    def __contains__(self, key: str) -> bool:
+        return key not in self.removed and self._ix.find(key) is not None
+
+    def _keys(self) -> list[str]:
+        if self._sorted_keys is None:
+            self._sorted_keys = self._ix.sorted_keys()
+        return self._sorted_keys
+
+    def _lookup(self, key: str) -> tuple[str, ImageRecord]:
+        position = self._ix.find(key)
+        if position is None:
+            return Store._lookup(self, key)  # the KeyError naming why
+        shard = self._shard_names[self._ix.arrays["shard"][position]]
+        if shard not in self._sidecar_records:
+            from .shards import read_sidecar, sidecar_path
+
+            records = read_sidecar(sidecar_path(self.root, shard)).records
+            self._sidecar_records[shard] = {r.key: r for r in records if r.status == "ok"}
+            while len(self._sidecar_records) > 8:
+                self._sidecar_records.popitem(last=False)
+        self._sidecar_records.move_to_end(shard)
+        return shard, self._sidecar_records[shard][key]
+
+    def stored_rows(self, key: str, feature: str | None = None) -> np.ndarray:
+        """One image's rows of a feature in the stored dtype (bfloat16 as uint16 bits), as written: a read-only view
+        where the shard's file is memory-mapped."""
+        return self._stored_rows(key, self._feature(feature))
+
+    def _stored_rows(self, key: str, feature: str) -> np.ndarray:
+        arrays = self._ix.arrays
+        position = self._ix.find(key)
+        if position is None:
+            self._lookup(key)  # raises the KeyError naming why
+        start, stop = arrays[feature][position].tolist()
+        shard = int(arrays["shard"][position])
+        layout = self._layouts[shard].get(feature) if self._layouts else None
+        reader = self._reader(self._shard_names[shard])
+        return reader.read(feature, start, stop) if layout is None else reader.read_range(layout, start, stop)
+
+    def get(self, key: str, feature: str | None = None) -> np.ndarray:
+        feature = self._feature(feature)
+        tokens = from_store_array(self._stored_rows(key, feature), self.header.settings["store_dtype"])
+        return tokens if tokens.flags.writeable else tokens.copy()  # (float32 rows of a memory map: a view)
+
+    def find_content(self, content_id: str) -> str | None:
+        """The key of an ok image whose pixels have this content id (``vitok.inputs.identity``), or None."""
+        position = self._ix.find_content(content_id)
+        return None if position is None else self._ix.key(position)
+
+    def _open_reader(self, shard: str):
+        """The shard's RowReader (reads by byte range; also answers as its format's reader), cached like any reader
+        (``ReaderCache``: at most MAX_OPEN, fewer under a low ``ulimit -n``)."""
+        from .index import RowReader
+
+        sidecar = self.shards[shard]
+        return RowReader(get_format(sidecar.format), shards_dir(self.root) / sidecar.data)

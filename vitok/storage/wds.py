@@ -52,11 +52,20 @@ class WdsWriter(ShardDataWriter):
         self._tar = tarfile.open(path, "w", format=tarfile.PAX_FORMAT)
         self._members: list[str] = []
         self._taken: set[str] = set()
+        self._data_at: dict[str, tuple[int, int]] = {}  # member -> (offset of its data in the tar, bytes)
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = len(data), 0o644, 0
         self._tar.addfile(info, io.BytesIO(data))
+        padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # the data ends the member, padded
+        self._data_at[name] = (self._tar.offset - padded, len(data))
+
+    def read_rows(self, feature: str, image: int, start: int, stop: int) -> np.ndarray:
+        offset, size = self._data_at[f"{self._members[image]}.{feature}.npy"]
+        self._tar.fileobj.flush()
+        with open(self.path, "rb") as handle:  # (the tar's own handle is write-only)
+            return np.load(io.BytesIO(os.pread(handle.fileno(), size, offset)))
 
     def write_batch(self, keys, records, arrays, rows, order=None) -> None:
         starts = {f: row_offsets(r) for f, r in rows.items()}
@@ -153,6 +162,7 @@ class WdsReader(ShardDataReader):
 class WdsFormat(ShardFormat):
     name = "wds"
     suffix = ".tar"
+    reads_back = True
 
     def create(self, path, layouts, store_dtype, compression=None) -> WdsWriter:
         return WdsWriter(path, layouts, store_dtype)

@@ -1,0 +1,83 @@
+"""Content identity: what a record's hashes mean, computed in one place so anyone can recompute them.
+
+Every ok record carries two hashes, and the run header the identity of what turned pixels into tokens:
+
+    source_sha256   sha256 of the input file's bytes, as read (the tar member's or parquet cell's bytes for
+                    archives), lowercase hex. Equal for byte-identical files.
+    content_id      sha256 of the pixels the encoder saw, lowercase hex (version 1, ``CONTENT_ID``):
+                        sha256( b"vitok-pixels/1 grid=T,H,W patch=C,P,P\\n" + the uint8 patch bytes )
+                    the patches being the resized image cut into (T*H*W, C, P, P) uint8 rows in the encoder's row
+                    order (2x2 merge blocks, ``vitok.inputs.preprocess.patchify``), one frame (before the temporal
+                    repeat), T, H, W the grid in patches. Equal pixels give an equal id whatever the file's bytes,
+                    name or format; a change of resize settings or decoder output gives another.
+    header "identity"
+        vision_revision  sha256( canonical JSON of the encoder config (the header's settings.model.config) + b"\\n"
+                         + the weights hash (settings.model.weights) ), lowercase hex. The weights hash is vitok's
+                         hash of every tower tensor (``vitok.encoder.checkpoint.weights_hash``: blake2b-128 over the
+                         tensors sorted by name, each ``name|dtype|shape`` then its bytes) or ``seeded-random:N``.
+        decoder          the libraries that decode and resize (Pillow, libjpeg-turbo, ...) and the decode mode.
+
+Two images with equal ``content_id`` encoded with the same vision revision and token settings have the same tokens:
+that is what lets a run encode each distinct image once and take tokens from another store (``--reuse``).
+The header settings that do not decide tokens (format, shard size, input options) are left out of that comparison
+(``token_settings``). No torch import here: the hashes take numpy arrays or anything with a buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+CONTENT_ID = "vitok-pixels/1: sha256 of 'vitok-pixels/1 grid=T,H,W patch=C,P,P\\n' + uint8 patches (T*H*W,C,P,P)"
+SOURCE_HASH = "sha256 of the input file's bytes"
+NOT_TOKEN_SETTINGS = ("format", "shard_size", "input")  # header settings that do not change a single token
+
+
+def source_sha256(data: bytes | memoryview) -> str:
+    """sha256 of a file's bytes, lowercase hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def content_id(patches: Any, grid: Sequence[int]) -> str:
+    """The pixel content id of an image: ``patches`` is the (T*H*W, C, P, P) uint8 array (numpy, or a CPU torch
+    tensor) in the encoder's row order, ``grid`` its (T, H, W) in patches."""
+    if hasattr(patches, "numpy"):  # a torch tensor (on the CPU)
+        patches = patches.numpy()
+    n, c, p, q = patches.shape
+    t, h, w = (int(v) for v in grid)
+    if patches.dtype.itemsize != 1 or n != t * h * w or p != q:
+        raise ValueError(f"content_id wants (T*H*W, C, P, P) uint8 patches for grid {tuple(grid)}, got "
+                         f"{patches.dtype} {tuple(patches.shape)}")
+    digest = hashlib.sha256(f"vitok-pixels/1 grid={t},{h},{w} patch={c},{p},{q}\n".encode())
+    digest.update(memoryview(patches.reshape(-1)) if patches.flags.c_contiguous else patches.tobytes())
+    return digest.hexdigest()
+
+
+def _canonical(data: Any) -> bytes:
+    import json
+
+    return json.dumps(data, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode()
+
+
+def vision_revision(config: dict[str, Any], weights: str) -> str:
+    """sha256 of the encoder config and the weights hash (which covers every tower tensor), lowercase hex."""
+    return hashlib.sha256(_canonical(config) + b"\n" + str(weights).encode()).hexdigest()
+
+
+def header_identity(settings: dict[str, Any], decoders: dict[str, Any]) -> dict[str, Any]:
+    """The run header's ``identity``: vision revision, decoder identity, and the algorithms of the record hashes."""
+    model = settings["model"]
+    preprocess = settings.get("preprocess", {})
+    return {
+        "vision_revision": vision_revision(model["config"], model["weights"]),
+        "decoder": {**decoders, "decode": preprocess.get("decode", "exact"), "backend": preprocess.get("backend"),
+                    "fast_decode": preprocess.get("fast_decode", False)},
+        "content_id": CONTENT_ID,
+        "source_hash": SOURCE_HASH,
+    }
+
+
+def token_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The header settings that decide the tokens (model, weights, preprocessing, features, pooling, dtypes, order)."""
+    return {k: v for k, v in settings.items() if k not in NOT_TOKEN_SETTINGS}

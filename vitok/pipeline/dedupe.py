@@ -1,0 +1,173 @@
+"""Each distinct image encoded once: the decisions the run loop makes per image, by pixel content id.
+
+An ok image (decoded on the CPU, so it has a ``content_id``, see ``vitok.inputs.identity``) is, in this order:
+
+1. **copied from a committed shard** when an image with the same content id is in one: a shard of a ``--reuse``
+   store made with the same token settings (looked up first, through its content index), or a shard of this store
+   committed before this run started or during it (``Donors``). Its rows are read back in the stored dtype and
+   written to this image's shard: bit for bit the donor's tokens. The record says ``copied_from`` (``key``, or
+   ``STORE::key`` for another store).
+2. **a duplicate within its unit** when an earlier image of the same unit had the same content id: it is not
+   batched; the committer writes its first copy's rows again under its key once they are in the shard
+   (``Committer.duplicate``, ``ShardSink.add_copy``).
+3. **encoded** otherwise (its first copy may be in a unit of this run that is not committed yet: one unit never
+   waits for another, so a run over parts or a resumed run decides the same way for every image of a unit).
+
+Rows are copied, not pointed to: every shard stays self-contained (a shard can be moved, verified, exported or read
+by h5py/numpy/webdataset alone) and every reader works unchanged; the cost is the duplicates' bytes on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import SettingsMismatchError, StoreError
+from ..inputs.identity import token_settings
+from ..storage import RunHeader, read_header
+from ..storage.format import ShardDataReader
+from ..storage.records import ImageRecord, Sidecar
+from ..storage.shards import get_format, iter_sidecars, shards_dir
+from .job import diff_settings
+
+logger = logging.getLogger(__name__)
+MAX_OPEN = 16  # donor shard files held open
+
+
+@dataclass(frozen=True)
+class Donor:
+    """One committed image whose rows can be copied."""
+
+    root: Path  # the store
+    fmt: str
+    data: str  # the shard's data name under shards/
+    row: int
+    key: str
+    label: str  # "" for this store, else how records name the store (its path)
+
+
+class Donors:
+    """Committed images by content id: this store's committed shards (growing as the run commits) and the
+    ``--reuse`` stores'. The first committed image of a content id (in shard name order) is its donor."""
+
+    def __init__(self, features: list[str]) -> None:
+        self.features = features
+        self._by_content: dict[str, Donor] = {}
+        self._stores: list[tuple[str, Any]] = []  # (label, IndexedStore) of --reuse stores: their content index
+        self._readers: OrderedDict[tuple[Path, str], tuple[ShardDataReader, dict[str, np.ndarray]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_content)
+
+    def add_sidecar(self, root: Path, sidecar: Sidecar, label: str = "") -> None:
+        """Index a committed shard's ok images (called from the committer's thread as shards commit: a dict
+        insertion is atomic, and the loop only looks entries up)."""
+        for record in sidecar.records:
+            if record.status == "ok" and record.content_id and record.row is not None:
+                self._by_content.setdefault(record.content_id,
+                                            Donor(Path(root), sidecar.format, sidecar.data, record.row, record.key,
+                                                  label))
+
+    def add_store(self, root: Path, fingerprint: str | None = None, exclude: set[str] = frozenset(),
+                  label: str = "") -> None:
+        """Index a store's committed shards (those of ``fingerprint`` when given, minus ``exclude``)."""
+        for sidecar in iter_sidecars(root):
+            if sidecar.shard in exclude or (fingerprint is not None and sidecar.fingerprint not in (None, fingerprint)):
+                continue
+            self.add_sidecar(root, sidecar, label)
+
+    def add_reuse(self, root: Path) -> None:
+        """A ``--reuse`` store, looked up through its content index (``vitok.storage.index``), not loaded."""
+        from ..storage.store import open_store
+
+        self._stores.append((os.path.abspath(root), open_store(root)))
+
+    def take(self, record: ImageRecord) -> tuple[dict[str, np.ndarray], bool] | None:
+        """The stored rows of a committed image with the record's content id and whether they come from another
+        store (the record is marked as copied), or None: none, or its shard could not be read (it is then encoded)."""
+        if not record.content_id:
+            return None
+        arrays = self._take_reused(record) if self._stores else None  # first: it does not depend on timing
+        if arrays is not None:
+            return arrays, True
+        donor = self._by_content.get(record.content_id)
+        if donor is None:
+            return None
+        try:
+            arrays = self._read(donor)
+        except Exception as exc:  # a damaged or vanished donor shard costs an encoding, not the run
+            logger.warning("cannot copy %s's tokens from %s (%s: %s); encoding it", record.key, donor.data,
+                           type(exc).__name__, exc)
+            self._by_content.pop(record.content_id, None)
+            return None
+        record.copied_from = f"{donor.label}::{donor.key}" if donor.label else donor.key
+        return arrays, bool(donor.label)
+
+    def _take_reused(self, record: ImageRecord) -> dict[str, np.ndarray] | None:
+        for label, store in self._stores:
+            key = store.find_content(record.content_id)
+            if key is None:
+                continue
+            try:
+                arrays = {f: np.array(store.stored_rows(key, f)) for f in self.features}
+            except Exception as exc:  # a damaged donor shard costs an encoding, not the run
+                logger.warning("cannot copy %s's tokens from %s (%s: %s); encoding it", record.key, label,
+                               type(exc).__name__, exc)
+                continue
+            record.copied_from = f"{label}::{key}"
+            return arrays
+        return None
+
+    def _read(self, donor: Donor) -> dict[str, np.ndarray]:
+        where = (donor.root, donor.data)
+        if where in self._readers:
+            self._readers.move_to_end(where)
+        else:
+            reader = get_format(donor.fmt).open(shards_dir(donor.root) / donor.data)
+            self._readers[where] = (reader, {})
+            while len(self._readers) > MAX_OPEN:
+                self._readers.popitem(last=False)[1][0].close()
+        reader, offsets = self._readers[where]
+        arrays = {}
+        for feature in self.features:
+            if feature not in offsets:
+                offsets[feature] = np.asarray(reader.offsets(feature), dtype=np.int64)
+            start, stop = offsets[feature][donor.row], offsets[feature][donor.row + 1]
+            arrays[feature] = np.array(reader.array(feature)[..., start:stop, :])
+        return arrays
+
+    def close(self) -> None:
+        for reader, _ in self._readers.values():
+            reader.close()
+        self._readers.clear()
+        for _, store in self._stores:
+            store.close()
+
+
+def check_reuse(root: Path, settings: dict) -> RunHeader:
+    """A ``--reuse`` store's header, refused unless its tokens were made with the same token settings."""
+    try:
+        header = read_header(root)
+    except StoreError as exc:
+        raise StoreError(f"--reuse {root}: {exc}") from None
+    differences = diff_settings(token_settings(header.settings), token_settings(settings))
+    if differences:
+        raise SettingsMismatchError(f"--reuse {root} was made with other token settings ({'; '.join(differences)}); "
+                                    "reuse only stores made with the same model, weights and settings")
+    return header
+
+
+def copied_batch(unit: int, records: list[ImageRecord], arrays: list[dict[str, np.ndarray]]):
+    """One EncodedBatch of images copied from donors (rows in the stored dtype, as read)."""
+    from .device import EncodedBatch
+
+    features = arrays[0].keys()
+    joined = {f: np.concatenate([a[f] for a in arrays], axis=-2) for f in features}
+    rows = {f: [int(a[f].shape[-2]) for a in arrays] for f in features}
+    return EncodedBatch(unit, records, joined, rows)
