@@ -1,0 +1,226 @@
+"""``vitok info``, ``verify``, ``export`` and ``viz``: the commands that read a store (none imports torch)."""
+
+from __future__ import annotations
+
+import enum
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .app import _safe, _setup_logging, app
+from .flags import choice_type
+
+
+@app.command()
+def info(
+    out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """Summarise a store: model, settings, planned vs done, images ok / skipped / failed (with reasons), damage."""
+    _setup_logging(quiet=json_output)
+    from ..storage.store import open_store
+    from ..storage.verify import verify_store
+
+    store = open_store(out)
+    report = verify_store(out, quick=True)
+    settings = store.header.settings
+    skipped = {k: r for k, r in store.skipped.items() if k not in store.removed}
+    failed = {k: r for k, r in store.failed.items() if k not in store.removed}
+    if json_output:
+        typer.echo(json.dumps({
+            "store": str(out), "model": settings["model"]["name"], "weights": settings["model"]["weights"],
+            "features": settings["features"], "pool": settings["pool"], "store_dtype": settings["store_dtype"],
+            "format": settings["format"], **report.to_dict(), "skipped": skipped, "failed": failed,
+        }))
+        return
+    echo = typer.echo
+    echo(f"store      {out}")
+    echo(f"model      {settings['model']['name']} ({settings['model']['weights']})")
+    echo(f"features   {', '.join(settings['features'])}  pool={settings['pool']}  stored as "
+         f"{settings['store_dtype']}  computed in {settings['compute_dtype']}  format={settings['format']}")
+    planned = f" of {report.planned_shards} planned" if report.planned_shards else ""
+    damaged = f", {len(report.shards_damaged)} damaged" if report.shards_damaged else ""
+    echo(f"shards     {report.shards_done} done{planned}; {len(report.incomplete)} not done, "
+         f"{len(report.in_progress)} in progress{damaged}")
+    echo(f"images     {report.images_ok} ok, {report.images_skipped} skipped, {report.images_failed} failed"
+         + (f", {report.images_damaged} in damaged shards" if report.images_damaged else "")
+         + (f", {report.images_removed} removed from the sources" if report.images_removed else ""))
+    for title, table in (("skipped", skipped), ("failed", failed)):
+        for key, reason in sorted(table.items())[:50]:
+            echo(f"  {title:8s} {_safe(key)}: {_safe(reason)}")
+        if len(table) > 50:
+            echo(f"  ... and {len(table) - 50} more {title}")
+    for line in report.input_errors:  # of the last attempt of each input still in the sources
+        echo(f"  input    {_safe(line)}")
+    nonfinite = store.nonfinite()
+    if nonfinite:
+        echo(f"nan/inf    {len(nonfinite)} image(s) hold NaN/Inf values (exports leave them out)")
+        for key, count in sorted(nonfinite.items())[:10]:
+            echo(f"  nan/inf  {_safe(key)}: {count} value(s)")
+    if report.problems:
+        echo(f"damage     {len(report.problems)} problem(s); run 'vitok verify {out}'")
+        for problem in report.problems[:5]:
+            echo(f"  damage   {_safe(problem)}")
+    for line in report.leftovers[:10]:
+        echo(f"  leftover {line}")
+    from ..pipeline.run_stats import describe, latest_stats
+
+    stats = latest_stats(Path(out))
+    if stats is not None:
+        echo(f"last run   {stats.get('images', '?')} images in {stats.get('seconds', 0):.1f} s on {stats['device']}")
+        for line in describe(stats):
+            echo(line)
+
+
+@app.command()
+def verify(
+    out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
+    quick: Annotated[bool, typer.Option(help="Check sizes, keys and rows only, not the checksums.")] = False,
+    embeds: Annotated[bool, typer.Option(
+        "--embeds", help="Check served embeddings instead: OUT is a vllm-ec or sglang export (or a store, checked as "
+                         "it would be exported): tokens vs grid and merge size, width, dtype, finite, contiguous."
+    )] = False,
+    sources: Annotated[bool, typer.Option(help="Also compare every record with its input as it is now: stale "
+                                          "records (the input changed since it was extracted) fail the check."
+                                          )] = False,
+    detect_changes: Annotated[choice_type("verify_detect_changes", ("mtime", "hash")), typer.Option(
+        help="With --sources: compare size and modification time, or the content (reads every input).")] = "mtime",
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
+) -> None:
+    """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem, unfinished
+    shard or (with --sources) stale record. With --embeds, check every embedding of a serving export against the
+    model's contract.
+
+    Example: vitok verify out/ --sources
+    """
+    if embeds:
+        from ..consumers.serving import verify_embeds
+
+        result = verify_embeds(out)
+        for problem in result.problems[:50]:
+            typer.echo(f"problem: {_safe(problem)}", err=True)
+        if len(result.problems) > 50:
+            typer.echo(f"... and {len(result.problems) - 50} more", err=True)
+        typer.echo(f"{result.checked} embedding(s) checked ({result.layout}), {len(result.problems)} problem(s)")
+        if not result.clean:
+            raise typer.Exit(1)
+        return
+    from ..storage.verify import verify_store
+
+    mode = getattr(detect_changes, "value", detect_changes)
+    report = verify_store(out, quick=quick, sources=mode if sources else None)
+    if json_output:
+        typer.echo(json.dumps(report.to_dict()))
+        if not report.clean:
+            raise typer.Exit(1)
+        return
+    for problem in report.problems:
+        typer.echo(f"problem: {_safe(problem)}", err=True)
+    if report.incomplete:
+        typer.echo(f"incomplete: {len(report.incomplete)} planned shard(s) not done: "
+                   f"{', '.join(report.incomplete[:10])}", err=True)
+    for line in report.in_progress[:10]:
+        typer.echo(f"in progress: {line}", err=True)
+    for line in report.leftovers[:10]:
+        typer.echo(f"leftover: {line}", err=True)
+    for line in report.input_errors[:20]:
+        typer.echo(f"input: {_safe(line)}", err=True)
+    for line in report.nonfinite[:20]:
+        typer.echo(f"warning: {_safe(line)}", err=True)
+    for line in report.stale[:20]:
+        typer.echo(f"stale: {_safe(line)}", err=True)
+    if report.stale:
+        typer.echo(f"stale: {len(report.stale)} input(s) changed since they were extracted; rerun extract with "
+                   "--update to extract them again", err=True)
+    typer.echo(f"{report.shards_ok} shard(s) ok, {report.images_ok} images ok, {report.images_skipped} skipped, "
+               f"{report.images_failed} failed" + (f", {report.images_damaged} in damaged shards"
+                                                    if report.images_damaged else ""))
+    if not report.clean:
+        raise typer.Exit(1)
+
+
+from ..consumers.export import KEY_MODES, LAYOUTS, POOLS  # noqa: E402 - light (no numpy): the export's choices, owned there
+
+
+@app.command()
+def export(
+    store: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
+    dest: Annotated[Path, typer.Argument(help="Output folder: new, empty, or an earlier export of this store "
+                                              "(replaced whole).")],
+    layout: Annotated[choice_type("layout", LAYOUTS), typer.Option(
+        help="embedding-reader: img_emb/*.npy + metadata/*.parquet (clip-retrieval, embedding-reader, autofaiss); "
+             "vllm-ec: vLLM's encoder-cache connector folder (<uuid>/encoder_cache.safetensors + uuids.jsonl); "
+             "sglang: parquet records of bf16 features for SGLang's precomputed_embedding items.")
+    ] = "embedding-reader",
+    feature: Annotated[str | None, typer.Option(help="Feature to export (embedding-reader). [default: the store's "
+                                                     "first]")] = None,
+    pool: Annotated[choice_type("export_pool", POOLS) | None, typer.Option(
+        help="Reduce each image's tokens to one vector (needed when the store holds every token).")] = None,
+    normalize: Annotated[choice_type("normalize", ("l2",)) | None, typer.Option(
+        help="Scale every vector to unit length (for inner-product search).")] = None,
+    dtype: Annotated[choice_type("export_dtype", ("float16", "float32")), typer.Option(
+        help="Stored vector dtype (embedding-reader).")] = "float16",
+    key: Annotated[choice_type("export_key", KEY_MODES), typer.Option(
+        help="vllm-ec: name entries by the store key, or by the records' content_id.")] = "store",
+    allow_partial: Annotated[bool, typer.Option(
+        "--allow-partial", help="Export an unfinished store (shards not done, inputs that failed), saying what is "
+                                "missing.")] = False,
+) -> None:
+    """Write a store's tokens where retrieval tools and inference servers read them. DEST is written aside and
+    swapped in whole; damaged or unfinished stores are refused; images with NaN/Inf tokens are left out and counted.
+
+    Examples:
+
+        vitok export out/ index/ --pool mean --normalize l2
+
+        vitok export out/ /shared/ec-cache --layout vllm-ec
+
+        vitok export out/ embeds/ --layout sglang
+    """
+    _setup_logging()
+    from ..consumers.export import export as run_export
+
+    def value(v):
+        return v.value if isinstance(v, enum.Enum) else v
+
+    result = run_export(store, dest, value(layout), feature=feature, pool=value(pool), normalize=value(normalize),
+                        dtype=value(dtype), key=value(key), allow_partial=allow_partial)
+    left = f"; {len(result.left_out)} left out (NaN/Inf)" if result.left_out else ""
+    partial = "; PARTIAL store" if result.missing else ""
+    typer.echo(f"{result.images} image(s) -> {dest} ({result.layout} layout{left}{partial})")
+
+
+@app.command()
+def viz(
+    target: Annotated[str, typer.Argument(help="A store (then give KEY) or an image file (then give --model).")],
+    key: Annotated[str | None, typer.Argument(help="The image's key in the store.")] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Picture to write (.png).")] = Path("tokens.png"),
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Encode an image file with this model.")] = None,
+    feature: Annotated[str | None, typer.Option(help="Per-patch feature to draw. [default: patch]")] = None,
+) -> None:
+    """Draw an image beside the first three principal components of its patch tokens and their norms.
+
+    Examples:
+
+        vitok viz out/ photos/cat.jpg -o cat.png
+
+        vitok viz photos/cat.jpg --model qwen3-vl-2b -o cat.png
+    """
+    _setup_logging()
+    from ..consumers.viz import image_picture, token_picture
+    from ..errors import UsageError
+
+    if model is not None:
+        written = image_picture(target, model, out)
+    else:
+        if key is None:
+            raise UsageError("give the image's KEY in the store (vitok info lists them), or an image file with --model")
+        from ..storage.store import open_store
+
+        with open_store(target) as store:
+            written = token_picture(store, key, out, feature)
+    typer.echo(f"wrote {written}")
+
+
