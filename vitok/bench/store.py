@@ -123,7 +123,7 @@ def device_memory(device) -> None:
 
 INDEX_SCRIPT = PEAK_MB + """
 import random, sys, time
-import vitok.store
+import vitok.storage.store
 out = sys.argv[1]
 start = time.perf_counter()
 store = vitok.storage.store.open_store(out)

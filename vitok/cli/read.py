@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from ..consumers.export import EXPORT_DTYPES, KEY_MODES, LAYOUTS, NORMALIZE, POOLS  # the export's choices (light)
+from ..inputs.changes import MODES as CHANGE_MODES
 from .app import _safe, _setup_logging, app
 from .flags import choice_type
 
@@ -85,7 +87,7 @@ def verify(
     sources: Annotated[bool, typer.Option(help="Also compare every record with its input as it is now: stale "
                                           "records (the input changed since it was extracted) fail the check."
                                           )] = False,
-    detect_changes: Annotated[choice_type("verify_detect_changes", ("mtime", "hash")), typer.Option(
+    detect_changes: Annotated[choice_type("verify_detect_changes", CHANGE_MODES[:2]), typer.Option(
         help="With --sources: compare size and modification time, or the content (reads every input).")] = "mtime",
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
 ) -> None:
@@ -141,7 +143,6 @@ def verify(
         raise typer.Exit(1)
 
 
-from ..consumers.export import KEY_MODES, LAYOUTS, POOLS  # noqa: E402 - light (no numpy): the export's choices, owned there
 
 
 @app.command()
@@ -158,9 +159,9 @@ def export(
                                                      "first]")] = None,
     pool: Annotated[choice_type("export_pool", POOLS) | None, typer.Option(
         help="Reduce each image's tokens to one vector (needed when the store holds every token).")] = None,
-    normalize: Annotated[choice_type("normalize", ("l2",)) | None, typer.Option(
+    normalize: Annotated[choice_type("normalize", NORMALIZE) | None, typer.Option(
         help="Scale every vector to unit length (for inner-product search).")] = None,
-    dtype: Annotated[choice_type("export_dtype", ("float16", "float32")), typer.Option(
+    dtype: Annotated[choice_type("export_dtype", EXPORT_DTYPES), typer.Option(
         help="Stored vector dtype (embedding-reader).")] = "float16",
     key: Annotated[choice_type("export_key", KEY_MODES), typer.Option(
         help="vllm-ec: name entries by the store key, or by the records' content_id.")] = "store",

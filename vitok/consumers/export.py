@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 LAYOUTS = ("embedding-reader", "vllm-ec", "sglang")
 POOLS = tuple(p for p in ALL_POOLS if p != "none")  # an export is one vector per image
 KEY_MODES = ("store", "content")
+NORMALIZE = ("l2",)
+EXPORT_DTYPES = ("float16", "float32")  # of embedding-reader vectors
 
 
 @dataclass
@@ -149,10 +151,10 @@ class EmbeddingReaderLayout:
     def __init__(self, feature: str | None, pool: str | None, normalize: str | None, dtype: str) -> None:
         if pool is not None and pool not in POOLS:
             raise UsageError(f"--pool {pool!r} is not one of: {', '.join(POOLS)}")
-        if normalize not in (None, "l2"):
-            raise UsageError(f"--normalize {normalize!r} is not one of: l2")
-        if dtype not in ("float16", "float32"):
-            raise UsageError(f"--dtype {dtype!r} is not one of: float16, float32")
+        if normalize is not None and normalize not in NORMALIZE:
+            raise UsageError(f"--normalize {normalize!r} is not one of: {', '.join(NORMALIZE)}")
+        if dtype not in EXPORT_DTYPES:
+            raise UsageError(f"--dtype {dtype!r} is not one of: {', '.join(EXPORT_DTYPES)}")
         self.feature, self.pool, self.normalize, self.dtype = feature, pool, normalize, dtype
 
     @property

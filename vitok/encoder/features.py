@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from ..errors import UsageError
 from .config import EncoderConfig
 
-BASE_FEATURES = ("patch", "merged", "deepstack")
-
 
 def offered(config: EncoderConfig) -> tuple[str, ...]:
     return (*config.features, "block:N")

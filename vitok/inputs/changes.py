@@ -29,7 +29,7 @@ from ..storage.shards import shards_dir
 from .plan import Plan, current_archives
 from .sources import is_url
 
-MODES = ("mtime", "hash", "off")
+MODES = ("mtime", "hash", "off")  # "off" last: verify --sources offers the two that compare
 STAT_THREADS = 16  # stats of a network file system overlap
 
 

@@ -29,6 +29,8 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+from ..storage.records import dumps
+
 CONTENT_ID = "vitok-pixels/1: sha256 of 'vitok-pixels/1 grid=T,H,W patch=C,P,P\\n' + uint8 patches (T*H*W,C,P,P)"
 SOURCE_HASH = "sha256 of the input file's bytes"
 NOT_TOKEN_SETTINGS = ("format", "shard_size", "input")  # header settings that do not change a single token
@@ -55,9 +57,7 @@ def content_id(patches: Any, grid: Sequence[int]) -> str:
 
 
 def _canonical(data: Any) -> bytes:
-    import json
-
-    return json.dumps(data, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode()
+    return dumps(data).encode()
 
 
 def vision_revision(config: dict[str, Any], weights: str) -> str:

@@ -35,7 +35,6 @@ class CommitStats:
     skipped: int = 0
     failed: int = 0
     shards_written: int = 0
-    shards_lost: int = 0  # committed by another process first
     output_bytes: int = 0
     reasons: dict[str, str] = field(default_factory=dict)  # key -> reason (skipped and failed)
     busy_seconds: float = 0.0  # the writer thread's time spent writing and committing (vitok.pipeline.run_stats)
@@ -184,7 +183,6 @@ class Committer:
         del self._sinks[unit]
         self.claims.release(sink.shard)
         if sidecar is None:
-            self.stats.shards_lost += 1
             return
         stats = self.stats
         stats.shards_written += 1

@@ -165,7 +165,7 @@ def check_reuse(root: Path, settings: dict) -> RunHeader:
 
 def copied_batch(unit: int, records: list[ImageRecord], arrays: list[dict[str, np.ndarray]]):
     """One EncodedBatch of images copied from donors (rows in the stored dtype, as read)."""
-    from .device import EncodedBatch
+    from .types import EncodedBatch
 
     features = arrays[0].keys()
     joined = {f: np.concatenate([a[f] for a in arrays], axis=-2) for f in features}

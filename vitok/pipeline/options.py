@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from ..encoder.config import ATTENTION_KERNELS, COMPUTE_DTYPES, DECODERS, RESIZE_BACKENDS, TOKEN_ORDERS
 from ..errors import UsageError
+from ..inputs.changes import MODES as CHANGE_MODES
 from ..inputs.sources import INPUT_FORMATS
 from ..storage.dtypes import STORE_DTYPES
 from ..storage.hdf5 import COMPRESSIONS
@@ -64,7 +65,7 @@ class ExtractOptions:
                           "record the removed ones; finished shards stay untouched.", "Inputs")
     detect_changes: str = option("mtime", "How a rerun or --update tells that an input already extracted changed: "
                                  "mtime compares size and modification time, hash the content (reads every input "
-                                 "again), off trusts the names.", "Inputs", choices=("mtime", "hash", "off"))
+                                 "again), off trusts the names.", "Inputs", choices=CHANGE_MODES)
     # ---- Outputs
     features: tuple[str, ...] | None = option(None, "Comma list of patch, merged, deepstack, block:N. [default: "
                                               "merged for Qwen towers, patch for small/base/large]", "Outputs",

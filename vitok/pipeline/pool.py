@@ -37,9 +37,9 @@ def pool_tokens(tokens: Any, pool: str) -> Any:
             return tokens.mean(dim=-2, keepdim=True)
         if pool == "max":
             return tokens.amax(dim=-2, keepdim=True)
-    if pool == "cls":
+    if check_pool(pool) == "cls":
         return tokens[..., :1, :]
-    raise UsageError(f"--pool {pool!r} is not one of: {', '.join(POOLS)}")
+    raise AssertionError(pool)
 
 
 def pool_packed(packed: Any, rows: list[int], pool: str) -> Any:

@@ -25,6 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import StoreError
+from ..storage.files import atomic_write_bytes
+
 STATS_DIR = "stats"  # OUT/stats/<run>.json: one file per run (vitok info shows the latest)
 STARTUP_BOUND = 0.5  # start-up over this share of the run: the verdict is about start-up
 BUSY = 0.85  # a stage this busy is saturated
@@ -251,10 +254,8 @@ def write_stats(out: Path, run_id: str, record: dict[str, Any]) -> None:
     folder = out / STATS_DIR
     try:
         folder.mkdir(exist_ok=True)
-        tmp = folder / f".{run_id}.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, folder / f"{run_id}.json")
-    except OSError:
+        atomic_write_bytes(folder / f"{run_id}.json", json.dumps(record, indent=1).encode())
+    except (OSError, StoreError):
         pass
 
 

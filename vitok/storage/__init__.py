@@ -7,10 +7,13 @@
     OUT/shards/<shard>.h5       token data of one shard (or <shard>/ holding .npy files, or <shard>.tar)
     OUT/shards/<shard>.json     the shard's sidecar (``Sidecar``): per-image records, file sizes and checksums,
                                 the settings fingerprint. Its existence is the commit (``vitok.storage.shards``).
-    OUT/.claims/                which running process holds which shard (``vitok.storage.claims``)
+    OUT/.claims/                which running process holds which shard (``claims.py``)
+    OUT/.index/                 key and content index, a cache of the sidecars (``index.py``; rebuilt on change)
+    OUT/stats/<run>.json        what each run measured: start-up phases, stage rates, the verdict
 
-Formats are classes behind ``vitok.storage.format.ShardFormat`` (HDF5, NPY, webdataset tars); a new one is one
-class registered with ``register_format``.
+Formats are classes behind ``format.ShardFormat`` (HDF5, NPY, webdataset tars); a new one is one class registered
+with ``register_format``. ``store.py`` reads a store back (``vitok.open``), ``verify.py`` checks it; neither imports
+torch.
 """
 
 from __future__ import annotations

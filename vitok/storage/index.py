@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_write_text, remove
-from .format import ShardDataReader, ShardFormat
+from .files import AtomicFile, atomic_write_text, remove
+from .format import ShardDataReader, ShardFormat, row_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class StoreIndex:
         lengths = np.array([len(b) for b in encoded], dtype=np.int64)
         arrays: dict[str, np.ndarray] = {
             "key_hash": hashes[order],
-            "key_at": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            "key_at": row_offsets(lengths),
             "key_bytes": np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),
             "key_sorted": np.array(sorted((i for i, e in enumerate(entries) if e.listed), key=lambda i: entries[i].key),
                                    dtype=np.int64),
@@ -144,10 +144,8 @@ class StoreIndex:
         folder.mkdir(exist_ok=True)
         digest = self.catalog["digest"]
         for name, array in self.arrays.items():
-            tmp = folder / f".{digest}.{name}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as handle:
-                np.save(handle, array)
-            os.replace(tmp, folder / f"{digest}.{name}.npy")
+            with AtomicFile(folder, f"{digest}.{name}", folder / f"{digest}.{name}.npy") as atomic:
+                np.save(atomic.handle, array)
         atomic_write_text(folder / CATALOG, json.dumps(self.catalog, ensure_ascii=True))
         for path in folder.iterdir():
             if path.suffix == ".npy" and not path.name.startswith(digest + "."):

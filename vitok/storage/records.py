@@ -16,7 +16,6 @@ from typing import Any
 from ..errors import StoreError
 
 SCHEMA_VERSION = 2
-STATUSES = ("ok", "skipped", "failed")  # failed: the input could not be read; a rerun retries it
 
 
 def dumps(data: Any) -> str:
@@ -78,7 +77,7 @@ class RunHeader:
     schema: int = SCHEMA_VERSION
     options: dict[str, Any] = field(default_factory=dict)  # the extract options that made it, not at their defaults
     # (a local model as an absolute path): a resume that does not give an option takes it from here
-    identity: dict[str, Any] = field(default_factory=dict)  # vision revision, decoders, hash contract (identity.py)
+    identity: dict[str, Any] = field(default_factory=dict)  # vision revision, decoders, hash contract (inputs.identity)
 
     @property
     def fingerprint(self) -> str:

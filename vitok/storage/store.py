@@ -377,7 +377,7 @@ def build_index(root: Path, header: RunHeader, digest: str):
     def note(sidecar: Sidecar) -> None:
         ok = sidecar.ok_records()
         if all(r.tokens for r in ok):
-            starts[sidecar.shard] = {f: np.concatenate([[0], np.cumsum([r.tokens.get(f, 0) for r in ok])]).tolist()
+            starts[sidecar.shard] = {f: row_offsets([r.tokens.get(f, 0) for r in ok]).tolist()
                                      for f in header.features}
 
     store = _open_from_sidecars(root, header, note)
