@@ -115,7 +115,7 @@ def device_decoding_allowed(device: str):
 
 def extract_cli(folder: Path, out: Path, decode: str, args) -> None:
     """One run through the CLI's own code path (typer parses the options, as for a user)."""
-    from ..cli import app
+    from ..cli.app import app
 
     argv = ["extract", str(folder), "-o", str(out), "--model", args.model, "--device", args.device,
             "--decode", decode, "--features", "merged", "--store-dtype", "float32", "--quiet", "--overwrite",

@@ -447,6 +447,14 @@ class IndexedStore(Store):
     def _index_position(self, key: str) -> int | None:
         return self._ix.find(key)
 
+    def close(self) -> None:
+        """Close the shards' files and drop the index's memory maps now (each map holds a file descriptor, and the
+        store and its key view refer to each other, so without this they would wait for the garbage collector)."""
+        super().close()
+        self._ix = None
+        self._layouts = []
+        self._index = {}
+
     def _owned(self, shard: str, keys: list[str]) -> list[int]:
         if self._owned_counts is None:
             self._owned_counts = np.bincount(self._ix.arrays["shard"], minlength=len(self._shard_names)).tolist()
