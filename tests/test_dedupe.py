@@ -13,7 +13,7 @@ from PIL import Image
 
 import vitok
 from vitok.errors import SettingsMismatchError
-from vitok.inputs.identity import content_id, token_settings, vision_revision
+from vitok.inputs.identity import content_id, vision_revision
 from vitok.storage.format import numpy_dtype
 
 TINY = {"model": "qwen3-vl-tiny", "workers": 0}
@@ -79,7 +79,7 @@ def test_record_hashes_follow_the_documented_contract(tmp_path):
     assert store.info("img03.bmp")["content_id"] == store.info("img00.png")["content_id"]
     assert store.info("img03.bmp")["source_sha256"] != store.info("img00.png")["source_sha256"]
     identity = json.loads((out / "vitok.json").read_text())["identity"]
-    model = store.header.settings["model"]
+    model = store.header.settings.to_json()["model"]
     canonical = json.dumps(model["config"], sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode()
     assert identity["vision_revision"] == hashlib.sha256(canonical + b"\n" + model["weights"].encode()).hexdigest()
     assert identity["vision_revision"] == vision_revision(model["config"], model["weights"])
@@ -162,7 +162,7 @@ def test_reuse_refuses_a_store_of_other_token_settings(tmp_path):
         vitok.extract([str(src)], tmp_path / "b", reuse=[str(tmp_path / "pooled")], **TINY)
     assert not (tmp_path / "b" / "vitok.json").exists()  # refused before anything was written
     settings = vitok.open(tmp_path / "pooled").header.settings
-    assert token_settings({**settings, "format": "npy", "shard_size": 7}) == token_settings(settings)
+    assert settings.replace(format="npy", shard_size=7).token_json() == settings.token_json()
 
 
 @pytest.mark.slow

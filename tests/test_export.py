@@ -373,12 +373,12 @@ def test_sglang_records_decode_back_to_image_embeds_without_vitok(store, tmp_pat
 
 def test_contract_of_families_without_deepstack():
     from vitok.consumers.serving import EmbedsContract
-    from vitok.storage.records import RunHeader
+    from vitok.storage.records import ModelSettings, RunHeader, Settings
 
     def header(family, indexes):
         config = {"family": family, "out_hidden_size": 3584, "spatial_merge_size": 2,
                   "deepstack_visual_indexes": indexes}
-        return RunHeader({"model": {"name": "m", "config": config}}, "0", "")
+        return RunHeader(Settings(ModelSettings("m", config=config)), "0", "")
 
     assert EmbedsContract.of_store(header("qwen2_5_vl", [])).width == 3584
     assert EmbedsContract.of_store(header("qwen3_5", [])).width == 3584

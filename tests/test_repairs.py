@@ -58,7 +58,7 @@ def test_a_bare_resume_takes_the_stored_settings_and_compares_only_given_ones(tm
     assert result.exit_code == 0, result.output
     store = vitok.open(out)
     assert store.keys() == before and vitok.verify(out).clean
-    assert store.header.settings["pool"] == "mean" and store[before[0]].shape == (1, 64)
+    assert store.header.settings.pool == "mean" and store[before[0]].shape == (1, 64)
     # an option given on the command line is still compared: one difference, named
     result = invoke("extract", "-o", str(out), "--workers", "0", "-q", "--pool", "max")
     assert isinstance(result.exception, SettingsMismatchError)

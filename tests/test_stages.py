@@ -16,7 +16,7 @@ from vitok.pipeline.batcher import Batcher, plan_batches
 from vitok.pipeline.options import ExtractOptions, make_options
 from vitok.storage import get_format
 from vitok.storage.format import FeatureLayout
-from vitok.storage.records import ImageRecord, RunHeader, Sidecar
+from vitok.storage.records import ImageRecord, ModelSettings, RunHeader, Settings, Sidecar
 from vitok.storage.shards import check_shard, iter_sidecars, temp_files
 
 # ---- batcher -------------------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def test_records_round_trip_through_json_with_non_utf8_keys():
     text = json.dumps(sidecar.to_json(), ensure_ascii=True)
     back = Sidecar.from_json(json.loads(text))
     assert back.records[0] == record and back.fingerprint == "f" and back.count("ok") == 1
-    header = RunHeader({"features": ["merged"], "pool": "none"}, "0.1", "now")
+    header = RunHeader(Settings(ModelSettings("m"), features=("merged",)), "0.1", "now")
     assert RunHeader.from_json(header.to_json()).fingerprint == header.fingerprint
 
 

@@ -177,11 +177,11 @@ def synthetic_store(out: Path, images: int, rows: int, dim: int, fmt: str = "hdf
     from ..pipeline.types import EncodedBatch
     from ..storage import META_FILE, RunHeader, create_exclusive, get_format
     from ..storage.format import FeatureLayout
-    from ..storage.records import ImageRecord, dumps
+    from ..storage.records import ImageRecord, ModelSettings, Settings, dumps
 
-    settings = {"model": {"name": "synthetic", "weights": "none", "config": {"spatial_merge_size": 2}},
-                "features": ["merged"], "pool": "mean" if rows == 1 else "none", "store_dtype": store_dtype,
-                "format": fmt, "token_order": {"merged": "raster"}}
+    settings = Settings(ModelSettings("synthetic", weights="none", config={"spatial_merge_size": 2}),
+                        features=("merged",), pool="mean" if rows == 1 else "none", store_dtype=store_dtype,
+                        format=fmt, token_order={"merged": "raster"})
     create_exclusive(out / META_FILE, dumps(RunHeader(settings, __version__, clock.strftime("%F")).to_json()))
     rng = np.random.default_rng(0)
     for shard, start in enumerate(range(0, images, per_shard)):

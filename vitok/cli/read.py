@@ -32,16 +32,16 @@ def info(
     failed = {k: r for k, r in store.failed.items() if k not in store.removed}
     if json_output:
         typer.echo(json.dumps({
-            "store": str(out), "model": settings["model"]["name"], "weights": settings["model"]["weights"],
-            "features": settings["features"], "pool": settings["pool"], "store_dtype": settings["store_dtype"],
-            "format": settings["format"], **report.to_dict(), "skipped": skipped, "failed": failed,
+            "store": str(out), "model": settings.model.name, "weights": settings.model.weights,
+            "features": list(settings.features), "pool": settings.pool, "store_dtype": settings.store_dtype,
+            "format": settings.format, **report.to_dict(), "skipped": skipped, "failed": failed,
         }))
         return
     echo = typer.echo
     echo(f"store      {out}")
-    echo(f"model      {settings['model']['name']} ({settings['model']['weights']})")
-    echo(f"features   {', '.join(settings['features'])}  pool={settings['pool']}  stored as "
-         f"{settings['store_dtype']}  computed in {settings['compute_dtype']}  format={settings['format']}")
+    echo(f"model      {settings.model.name} ({settings.model.weights})")
+    echo(f"features   {', '.join(settings.features)}  pool={settings.pool}  stored as "
+         f"{settings.store_dtype}  computed in {settings.compute_dtype}  format={settings.format}")
     planned = f" of {report.planned_shards} planned" if report.planned_shards else ""
     damaged = f", {len(report.shards_damaged)} damaged" if report.shards_damaged else ""
     echo(f"shards     {report.shards_done} done{planned}; {len(report.incomplete)} not done, "

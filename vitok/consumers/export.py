@@ -169,7 +169,7 @@ class EmbeddingReaderLayout:
         if self.feature == "deepstack":
             raise UsageError("the embedding-reader layout writes one vector per image: choose merged or patch, not "
                              "deepstack")
-        if self.pool is None and store.header.settings["pool"] == "none":
+        if self.pool is None and store.header.settings.pool == "none":
             raise UsageError("this store holds every token of each image: pass --pool mean|max|cls to export one "
                              "vector per image")
 

@@ -39,7 +39,7 @@ _TEMP_TAG = ".vitok-export-"
 def store_identity(header: RunHeader) -> str:
     """Names one store whatever its path: its creation time and settings fingerprint (two stores made with equal
     settings at different times are different stores)."""
-    text = f"{header.created}\n{header.fingerprint}\n{header.settings['model'].get('weights')}"
+    text = f"{header.created}\n{header.fingerprint}\n{header.settings.model.weights}"
     return "blake2b:" + hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 

@@ -72,11 +72,11 @@ class EmbedsContract:
 
     @classmethod
     def of_store(cls, header) -> EmbedsContract:
-        model = header.settings["model"]
-        config = model.get("config") or {}
-        family = config.get("family", model.get("family", "qwen3_vl"))
+        model = header.settings.model
+        config = model.config
+        family = config.get("family", model.family)
         if not config.get("out_hidden_size"):
-            raise UsageError(f"model {model.get('name')} has no merger: serving layouts need merged tokens")
+            raise UsageError(f"model {model.name} has no merger: serving layouts need merged tokens")
         levels = len(config.get("deepstack_visual_indexes") or ()) if family == "qwen3_vl" else 0
         return cls(family, int(config.get("spatial_merge_size", 2)), int(config["out_hidden_size"]), levels)
 
@@ -133,7 +133,7 @@ def content_entry_name(content_id: str) -> str:
 def _embeds_needs(store) -> None:
     """UsageError when the store cannot give the model's encoder output (pooled, or a feature missing)."""
     contract = EmbedsContract.of_store(store.header)
-    if store.header.settings["pool"] != "none":
+    if store.header.settings.pool != "none":
         raise UsageError("serving layouts need every token of each image; this store is pooled (extract without "
                          "--pool)")
     needed = ["merged", "deepstack"] if contract.levels else ["merged"]

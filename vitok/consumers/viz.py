@@ -91,16 +91,16 @@ def token_picture(store, key: str, out, feature: str | None = None) -> Path:
     """The picture of one stored image's per-patch tokens (``patch`` or ``block:N``; else ``merged``)."""
     per_patch = [f for f in store.features if f == "patch" or f.startswith("block:")]
     feature = feature or (per_patch[0] if per_patch else "merged")
-    if store.header.settings["pool"] != "none" or feature == "deepstack":
+    if store.header.settings.pool != "none" or feature == "deepstack":
         raise UsageError("a picture needs every token of one feature: a store without --pool, not deepstack")
     record = store.info(key)
     _, h, w = record["grid"]
-    merge = int(store.header.settings["model"]["config"].get("spatial_merge_size", 2))
+    merge = int(store.header.settings.model.config.get("spatial_merge_size", 2))
     tokens = store.get(key, feature)
     if feature == "merged":
         grid = tokens.reshape(h // merge, w // merge, -1)
     else:
-        grid = raster_grid(tokens[: h * w], h, w, merge, store.header.settings["token_order"][feature])
+        grid = raster_grid(tokens[: h * w], h, w, merge, store.header.settings.token_order[feature])
     return draw(grid, _image_of(record), out, f"{key} ({feature}, grid {h}x{w})")
 
 

@@ -20,7 +20,7 @@ Every ok record carries two hashes, and the run header the identity of what turn
 Two images with equal ``content_id`` encoded with the same vision revision and token settings have the same tokens:
 that is what lets a run encode each distinct image once and take tokens from another store (``--reuse``).
 The header settings that do not decide tokens (format, shard size, input options) are left out of that comparison
-(``token_settings``). No torch import here: the hashes take numpy arrays or anything with a buffer.
+(``Settings.token_json``). No torch import here: the hashes take numpy arrays or anything with a buffer.
 """
 
 from __future__ import annotations
@@ -29,11 +29,10 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from ..storage.records import dumps
+from ..storage.records import Settings, dumps
 
 CONTENT_ID = "vitok-pixels/1: sha256 of 'vitok-pixels/1 grid=T,H,W patch=C,P,P\\n' + uint8 patches (T*H*W,C,P,P)"
 SOURCE_HASH = "sha256 of the input file's bytes"
-NOT_TOKEN_SETTINGS = ("format", "shard_size", "input")  # header settings that do not change a single token
 
 
 def source_sha256(data: bytes | memoryview) -> str:
@@ -65,12 +64,11 @@ def vision_revision(config: dict[str, Any], weights: str) -> str:
     return hashlib.sha256(_canonical(config) + b"\n" + str(weights).encode()).hexdigest()
 
 
-def header_identity(settings: dict[str, Any], decoders: dict[str, Any]) -> dict[str, Any]:
+def header_identity(settings: Settings, decoders: dict[str, Any]) -> dict[str, Any]:
     """The run header's ``identity``: vision revision, decoder identity, and the algorithms of the record hashes."""
-    model = settings["model"]
-    preprocess = settings.get("preprocess", {})
+    preprocess = settings.preprocess
     return {
-        "vision_revision": vision_revision(model["config"], model["weights"]),
+        "vision_revision": vision_revision(settings.model.config, settings.model.weights),
         "decoder": {**decoders, "decode": preprocess.get("decode", "exact"), "backend": preprocess.get("backend"),
                     "fast_decode": preprocess.get("fast_decode", False)},
         "content_id": CONTENT_ID,
@@ -78,6 +76,4 @@ def header_identity(settings: dict[str, Any], decoders: dict[str, Any]) -> dict[
     }
 
 
-def token_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """The header settings that decide the tokens (model, weights, preprocessing, features, pooling, dtypes, order)."""
-    return {k: v for k, v in settings.items() if k not in NOT_TOKEN_SETTINGS}
+

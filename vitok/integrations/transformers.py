@@ -28,7 +28,7 @@ def image_features(store, keys: Sequence[str], device=None, dtype=None):
     returns it: per-image merged tokens and, per DeepStack level, per-image tokens."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-    if "merged" not in store.features or store.header.settings["pool"] != "none":
+    if "merged" not in store.features or store.header.settings.pool != "none":
         raise KeyError("the store must hold every merged token (--features merged, no --pool)")
 
     def tensor(array: np.ndarray) -> torch.Tensor:
@@ -47,8 +47,8 @@ def check_store_fits(store, vision) -> None:
     with a confusing count mismatch) or another number of DeepStack levels (training would inject only some)."""
     if vision is None:
         return
-    tower = store.header.settings["model"].get("config", {})
-    name = store.header.settings["model"]["name"]
+    tower = store.header.settings.model.config
+    name = store.header.settings.model.name
     width, expected = tower.get("out_hidden_size"), getattr(vision, "out_hidden_size", None)
     if width is not None and expected is not None and int(width) != int(expected):
         raise ValueError(f"the store's merged tokens are {width} wide (tower {name}); this model takes {expected} "

@@ -29,10 +29,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import SettingsMismatchError, StoreError
-from ..inputs.identity import token_settings
 from ..storage import RunHeader, read_header
 from ..storage.format import ShardDataReader
-from ..storage.records import ImageRecord, Sidecar
+from ..storage.records import ImageRecord, Settings, Sidecar
 from ..storage.shards import get_format, iter_sidecars, shards_dir
 from .job import diff_settings
 
@@ -150,13 +149,13 @@ class Donors:
             store.close()
 
 
-def check_reuse(root: Path, settings: dict) -> RunHeader:
+def check_reuse(root: Path, settings: Settings) -> RunHeader:
     """A ``--reuse`` store's header, refused unless its tokens were made with the same token settings."""
     try:
         header = read_header(root)
     except StoreError as exc:
         raise StoreError(f"--reuse {root}: {exc}") from None
-    differences = diff_settings(token_settings(header.settings), token_settings(settings))
+    differences = diff_settings(header.settings.token_json(), settings.token_json())
     if differences:
         raise SettingsMismatchError(f"--reuse {root} was made with other token settings ({'; '.join(differences)}); "
                                     "reuse only stores made with the same model, weights and settings")

@@ -27,6 +27,7 @@ from ..inputs.retries import base_and_attempt, retry_units
 from ..inputs.sources import FileListing, Listing, kind_of, list_inputs
 from ..storage import META_FILE, RunHeader, iter_sidecars, read_header
 from ..storage.format import FeatureLayout
+from ..storage.records import ModelSettings, Settings
 from ..storage.shards import SHARDS_DIR, check_shard, read_sidecar, sidecar_path
 from .options import ExtractOptions
 from .parallel import Part, detect_part
@@ -86,24 +87,24 @@ def diff_settings(stored: dict[str, Any], requested: dict[str, Any]) -> list[str
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def make_settings(job: Job, weights: str | None) -> dict[str, Any]:
+def make_settings(job: Job, weights: str | None) -> Settings:
     """The settings that decide what the tokens are (compared on resume; their hash is the fingerprint)."""
     config = job.source.encoder.to_dict()
     config.pop("name")
     options = job.options
-    return {
-        "model": {"name": job.source.name, "family": config.get("family", "qwen3_vl"), "weights": weights,
-                  "random_weights": job.source.random_weights, "config": config},
-        "preprocess": job.preprocess.to_dict(),
-        "features": list(job.features),
-        "pool": options.pool,
-        "compute_dtype": str(job.dtype).removeprefix("torch."),
-        "store_dtype": options.store_dtype,
-        "token_order": token_orders(job.source.encoder, job.features, options.token_order),
-        "format": options.format,
-        "shard_size": options.shard_size,
-        "input": {"kind": job.plan.kind if job.plan else (_kind(job.listing)), **job.reader_options.to_dict()},
-    }
+    return Settings(
+        model=ModelSettings(job.source.name, config.get("family", "qwen3_vl"), weights, job.source.random_weights,
+                            config),
+        preprocess=job.preprocess.to_dict(),
+        features=tuple(job.features),
+        pool=options.pool,
+        compute_dtype=str(job.dtype).removeprefix("torch."),
+        store_dtype=options.store_dtype,
+        token_order=token_orders(job.source.encoder, job.features, options.token_order),
+        format=options.format,
+        shard_size=options.shard_size,
+        input={"kind": job.plan.kind if job.plan else (_kind(job.listing)), **job.reader_options.to_dict()},
+    )
 
 
 def _kind(listing: Listing | None) -> str:
@@ -277,8 +278,8 @@ def _only_unlisted_before(plan: Plan, listing: Listing, changes: PlanDiff) -> bo
 
 def check_settings(job: Job, weights: str | None) -> None:
     """Refuse a store written with other settings (the weights compared once they are known)."""
-    stored = dict(job.header.settings)
-    requested = make_settings(job, weights)
+    stored = job.header.settings.to_json()
+    requested = make_settings(job, weights).to_json()
     if weights is None:
         stored = {**stored, "model": {**stored["model"], "weights": None}}
     stored.setdefault("input", requested["input"]) if job.header.schema == 1 else None
@@ -350,10 +351,11 @@ def new_header(job: Job, settings: dict[str, Any], environment: dict[str, Any]) 
                      options=job.options.to_store())
 
 
-def options_from_settings(settings: dict[str, Any]) -> dict[str, Any]:
+def options_from_settings(stored: Settings) -> dict[str, Any]:
     """The options a store made before headers recorded them was made with, as far as its settings tell."""
     from ..encoder.presets import registry
 
+    settings = stored.to_json()
     options: dict[str, Any] = {name: settings[name] for name in ("features", "pool", "store_dtype", "format",
                                                                  "shard_size") if name in settings}
     name = settings.get("model", {}).get("name")

@@ -29,7 +29,7 @@ from ..inputs.plan import Plan, load_plan, write_generation, write_update
 from ..storage import META_FILE, RunHeader, create_exclusive, get_format, read_header, write_readme
 from ..storage.claims import Claims
 from ..storage.files import raise_store_error
-from ..storage.records import UnitInfo, dumps, fingerprint
+from ..storage.records import Settings, UnitInfo, dumps
 from ..storage.shards import remove_temps
 from .batcher import Batcher
 from .committer import CommitStats, Committer
@@ -194,7 +194,7 @@ class Run:
         if job.header is not None:
             check_settings(job, encoder.weights_hash)
         elif not job.options.overwrite:
-            check_committed(job.out, fingerprint(settings))
+            check_committed(job.out, settings.fingerprint)
         for store in job.options.reuse or ():
             check_reuse(Path(store), settings)
         self.phases |= {k: v for k, v in encoder.load_seconds.items() if k != "model_built"}
@@ -217,7 +217,7 @@ class Run:
                         job.part.label)
         return summary
 
-    def _write_header(self, settings: dict[str, Any], encoder) -> RunHeader:
+    def _write_header(self, settings: Settings, encoder) -> RunHeader:
         job = self.job
         if job.options.overwrite:
             wipe_store(job.out)

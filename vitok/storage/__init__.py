@@ -54,14 +54,13 @@ def read_header(out: str | Path) -> RunHeader:
 def store_readme(header: RunHeader) -> str:
     """The text of OUT/README.txt: enough to read the store with h5py or numpy alone."""
     settings = header.settings
-    dtype = settings["store_dtype"]
+    dtype = settings.store_dtype
     bits = "uint16 bit patterns of bfloat16: shift left by 16 into float32" if dtype == "bfloat16" else "IEEE floats"
     lines = [
         f"vitok store (schema {header.schema}), written by vitok {header.vitok_version} on {header.created}.",
-        f"Model: {settings['model']['name']} ({settings['model'].get('family', 'qwen3_vl')}), weights "
-        f"{settings['model']['weights']}.",
-        f"Features: {', '.join(settings['features'])}; pool: {settings['pool']}; stored as {dtype} ({bits}); "
-        f"format: {settings['format']}.",
+        f"Model: {settings.model.name} ({settings.model.family}), weights {settings.model.weights}.",
+        f"Features: {', '.join(settings.features)}; pool: {settings.pool}; stored as {dtype} ({bits}); "
+        f"format: {settings.format}.",
         "",
         "Layout:",
         "  vitok.json            run header: model, weights hash, resolved settings (JSON)",
@@ -81,7 +80,7 @@ def store_readme(header: RunHeader) -> str:
         "whose pixels equal another's has copied_from naming it (its rows are a copy). vitok.json's 'identity' holds",
         "the vision revision (sha256 of the encoder config and the weights hash) and the decoders.",
         "",
-        "Token order: " + "; ".join(f"{f}: {o}" for f, o in settings.get("token_order", {}).items()),
+        "Token order: " + "; ".join(f"{f}: {o}" for f, o in settings.token_order.items()),
         "Read it with vitok:  import vitok; store = vitok.open(this_folder); store[key]",
     ]
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import StoreError
 
@@ -65,12 +65,73 @@ class ImageRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which tower made the tokens: its name, family, weights hash and full config (``EncoderConfig.to_dict``)."""
+
+    name: str
+    family: str = "qwen3_vl"
+    weights: str | None = None  # the weights' content hash ("seeded-random:N" for a preset without a checkpoint)
+    random_weights: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What decides a store's tokens and layout, compared on every resume; ``fingerprint`` hashes its JSON.
+
+    The JSON form is the contract (older stores' fingerprints must not change): keys absent from a stored header
+    stay absent, and keys this version does not know are kept in ``extra``."""
+
+    model: ModelSettings
+    preprocess: dict[str, Any] = field(default_factory=dict)  # PreprocessConfig.to_dict
+    features: tuple[str, ...] = ()
+    pool: str = "none"
+    compute_dtype: str = "float32"
+    store_dtype: str = "float16"
+    token_order: dict[str, str] = field(default_factory=dict)  # feature -> how its rows are ordered, in words
+    format: str = "hdf5"
+    shard_size: int | None = None
+    input: dict[str, Any] | None = None  # what the readers were told (kind, columns, meta fields)
+    extra: dict[str, Any] = field(default_factory=dict)
+    NOT_FOR_TOKENS: ClassVar[tuple[str, ...]] = ("format", "shard_size", "input")  # layout only: tokens unchanged
+
+    def to_json(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("model", "extra")}
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items() if v is not None}
+        return {"model": dataclasses.asdict(self.model), **data, **self.extra}
+
+    def token_json(self) -> dict[str, Any]:
+        """The settings that decide the tokens (model, weights, preprocessing, features, pooling, dtypes, order)."""
+        return {k: v for k, v in self.to_json().items() if k not in self.NOT_FOR_TOKENS}
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.to_json())
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Settings:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        model_names = {f.name for f in dataclasses.fields(ModelSettings)}
+        model = data["model"]
+        unknown_model = set(model) - model_names
+        if unknown_model:
+            raise ValueError(f"unknown model settings {sorted(unknown_model)}")
+        known = {k: v for k, v in data.items() if k in names and k != "model"}
+        if "features" in known:
+            known["features"] = tuple(known["features"])
+        return cls(model=ModelSettings(**model), **known, extra={k: v for k, v in data.items() if k not in names})
+
+
 @dataclass
 class RunHeader:
     """``OUT/vitok.json``: who wrote the store and with which settings. ``settings`` decide the tokens (compared on
     every resume); ``environment`` describes the machine and libraries of the first run (informative)."""
 
-    settings: dict[str, Any]
+    settings: Settings
     vitok_version: str
     created: str
     environment: dict[str, Any] = field(default_factory=dict)
@@ -81,15 +142,16 @@ class RunHeader:
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.settings)
+        return self.settings.fingerprint
 
     @property
     def features(self) -> list[str]:
-        return list(self.settings["features"])
+        return list(self.settings.features)
 
     def to_json(self) -> dict[str, Any]:
         data = {"schema": self.schema, "vitok_version": self.vitok_version, "created": self.created,
-                "fingerprint": self.fingerprint, "settings": self.settings, "environment": self.environment}
+                "fingerprint": self.fingerprint, "settings": self.settings.to_json(),
+                "environment": self.environment}
         if self.identity:
             data["identity"] = self.identity
         return {**data, "options": self.options} if self.options else data
@@ -97,7 +159,7 @@ class RunHeader:
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "vitok.json") -> RunHeader:
         try:
-            return cls(settings=data["settings"], vitok_version=data.get("vitok_version", "?"),
+            return cls(settings=Settings.from_json(data["settings"]), vitok_version=data.get("vitok_version", "?"),
                        created=data.get("created", ""), environment=data.get("environment", {}),
                        schema=int(data.get("schema", 1)), options=dict(data.get("options") or {}),
                        identity=data.get("identity") or {})

@@ -221,14 +221,14 @@ class Store:
         ``{"image_embeds": E, "image_grid_thw": G}`` as the image of a prompt."""
         import torch
 
-        config = self.header.settings["model"].get("config") or {}
+        config = self.header.settings.model.config
         levels = config.get("deepstack_visual_indexes") if config.get("family", "qwen3_vl") == "qwen3_vl" else None
         needed = ("merged", "deepstack") if levels or not config else ("merged",)
         missing = [f for f in needed if f not in self.features]
         if missing:
             raise KeyError(f"image_embeds needs the features {' and '.join(needed)}; this store lacks "
                            f"{', '.join(missing)} (extract with --features {','.join(needed)} and no --pool)")
-        if self.header.settings["pool"] != "none":
+        if self.header.settings.pool != "none":
             raise KeyError("image_embeds needs every token; this store is pooled")
         parts = [self.get(key, "merged")]  # (n, O)
         if "deepstack" in needed:
@@ -278,7 +278,7 @@ class Store:
     def array(self, feature: str | None = None, dtype: str | None = "float32") -> tuple[list[str], np.ndarray]:
         """A pooled store as one ``(N, D)`` array and its keys, in shard order. A store of one NPY shard kept in its
         stored dtype (``dtype=None``) is returned memory-mapped, without a copy."""
-        if self.header.settings["pool"] == "none":
+        if self.header.settings.pool == "none":
             raise ValueError("array() reads pooled stores (one row per image); use iter_shards() for tokens")
         several = len(self.shards) > 1
         parts = [(k, np.array(t) if several else t, o) for k, t, o in self.iter_shards(feature, dtype)]  # (a
@@ -506,7 +506,7 @@ class IndexedStore(Store):
 
     def get(self, key: str, feature: str | None = None) -> np.ndarray:
         feature = self._feature(feature)
-        tokens = from_store_array(self._stored_rows(key, feature), self.header.settings["store_dtype"])
+        tokens = from_store_array(self._stored_rows(key, feature), self.header.settings.store_dtype)
         return tokens if tokens.flags.writeable else tokens.copy()  # (float32 rows of a memory map: a view)
 
     def find_content(self, content_id: str) -> str | None:
