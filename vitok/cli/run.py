@@ -102,7 +102,7 @@ def _report(summary, out) -> None:
                 summary.skipped, summary.failed, summary.already_done, summary.seconds, summary.images_per_second, out)
     if summary.shards_elsewhere:
         logger.info("%d shard(s) are still being written by another process", summary.shards_elsewhere)
-    if summary.phases:
+    if summary.phases and summary.ok + summary.skipped + summary.failed:  # (a run with nothing to do measured nothing)
         from ..pipeline.run_stats import describe
 
         for line in describe({"phases": summary.phases, "stages": summary.stages}):

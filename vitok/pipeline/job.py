@@ -53,6 +53,7 @@ class Job:
     device: Any = None  # torch.device
     dtype: Any = None  # torch.dtype
     listing_digest: str | None = None  # of the listing, once computed
+    torch_import_seconds: float = 0.0  # spent importing torch while preparing (a start-up phase of its own)
 
     @property
     def layouts(self):
@@ -168,14 +169,17 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     elif plan is None:
         raise UsageError("give at least one source folder or file, '-' for stdin, or --files-from (or -o a store "
                          "that already holds a plan, to resume it)")
-    from ..encoder.inference import resolve_device, resolve_dtype
+    started = time.perf_counter()
+    from ..encoder.inference import resolve_device, resolve_dtype  # torch: only once the cheap checks passed
+
+    torch_seconds = time.perf_counter() - started
     from .parallel import device_for
 
     device = resolve_device(device_for(part, options.device))
     check_decode(options.decode, device)
     job = Job(out, options, part, source, preprocess, features, reader_options, listing,
               [_absolute(s) for s in sources], plan, None, None if options.overwrite else header,
-              device, resolve_dtype(options.dtype, device))
+              device, resolve_dtype(options.dtype, device), torch_import_seconds=torch_seconds)
     if plan is not None and listing is not None:
         job.plan_diff = _compare(job)
     if listing is not None and (plan is None or job.plan_diff is not None):

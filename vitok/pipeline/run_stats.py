@@ -103,7 +103,7 @@ def verdict(stats: RunStats, total_seconds: float) -> str:
     device = "GPU" if gpu else "encoder"
     startup = p.get("first_batch_done", 0.0) + p.get("imports", 0.0)
     if total_seconds > 0 and startup / total_seconds > STARTUP_BOUND:
-        named = {k: p[k] for k in ("imports", "plan", "weights_read", "weights_on_device", "workers_ready",
+        named = {k: p[k] for k in ("imports", "torch_import", "plan", "weights_read", "weights_on_device", "workers_ready",
                                    "warm_up") if p.get(k, 0.0) >= 0.05}
         largest = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in sorted(named.items(), key=lambda kv: -kv[1])
                             [:3])
@@ -272,7 +272,7 @@ def describe(stats: dict[str, Any]) -> list[str]:
     """Lines for ``vitok info``: the phases and the stages of a stats record."""
     phases = stats.get("phases", {})
     s = stats.get("stages", {})
-    order = ("imports", "plan", "weights_read", "weights_on_device", "workers_ready", "warm_up", "first_batch_ready",
+    order = ("imports", "torch_import", "plan", "weights_read", "weights_on_device", "workers_ready", "warm_up", "first_batch_ready",
              "first_batch_done")
     lines = ["start-up   " + ", ".join(f"{k.replace('_', ' ')} {phases[k]:.2f} s" for k in order if k in phases)]
     if s:

@@ -126,7 +126,9 @@ def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-o
         run = engine(job, progress, started=started, **context)
         if imports is not None:
             run.phases["imports"] = imports
-        run.phases["plan"] = time.perf_counter() - started
+        if job.torch_import_seconds >= 0.01:  # (inside the run's time: after the cheap checks, before the model)
+            run.phases["torch_import"] = job.torch_import_seconds
+        run.phases["plan"] = time.perf_counter() - started - job.torch_import_seconds
         return run.execute()
 
 
