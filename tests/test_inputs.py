@@ -129,7 +129,7 @@ def test_a_path_too_long_to_list_is_recorded_not_lost(tmp_path):
         os.close(fd)
     out = tmp_path / "out"
     vitok.extract([str(folder)], out, **LIB)
-    errors = load_plan(out).latest["listing_errors"]
+    errors = load_plan(out).latest.listing_errors
     assert errors and "too long" in errors[0][1]
 
 

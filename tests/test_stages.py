@@ -125,7 +125,7 @@ def test_plan_units_and_seeking_to_one_unit(tmp_path):
     fourth = plan.units[3].read()
     assert [key for key, _ in fourth] == [f"{i:03d}.jpg" for i in range(15, 20)]
     assert fourth[0][1] == str(tmp_path / "imgs" / "015.jpg")
-    assert plan.latest["listing_digest"] == listing_digest(listing)
+    assert plan.latest.listing_digest == listing_digest(listing)
 
 
 def test_a_second_planner_with_other_inputs_is_refused(tmp_path):

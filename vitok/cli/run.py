@@ -160,15 +160,16 @@ def _plan_command(sources: list[str] | None, out: Path, **values: Any) -> None:
     listing = list_inputs(list(sources or []), options.files_from, None, options.input_format)
     existing = load_plan(out)
     if existing is not None:
-        if existing.latest["listing_digest"] != listing_digest(listing):
+        if existing.latest.listing_digest != listing_digest(listing):
             raise UsageError(f"{out} already holds a plan of other inputs ({diff(existing, listing).describe()})")
         typer.echo(f"{out} already holds this plan: {len(existing.units)} shards")
         return
     generation = write_generation(out, listing, shard_size, 0, 0, [os.path.abspath(s) for s in sources or []],
                                   "initial", None, reader_options.to_dict())
     header = generation.header
-    size = f" of {shard_size}" if header["reader"] == "files" else ""
-    typer.echo(f"{header.get('num_items', '?')} inputs in {header['num_units']} shards{size} -> {out}/plan")
+    size = f" of {shard_size}" if header.reader == "files" else ""
+    items = "?" if header.num_items is None else header.num_items
+    typer.echo(f"{items} inputs in {header.num_units} shards{size} -> {out}/plan")
 
 
 _plan_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]

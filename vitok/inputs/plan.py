@@ -25,6 +25,7 @@ removed and added again comes back).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -98,35 +99,74 @@ class UnitRef:
 
 
 @dataclass
+class PlanHeader:
+    """``OUT/plan/NNNN.json``: one generation of the plan, naming its content-addressed files.
+
+    Optional fields absent from a stored header stay absent when it is written back; unknown ones are kept."""
+
+    generation: int
+    reader: str  # files | wds | parquet
+    first_unit: int  # index of this generation's first unit in the whole plan
+    content: str  # NNNN-<digest>.jsonl: one line per loose file or per archive unit
+    index: str  # NNNN-<digest>.units.npy: (byte offset, lines, expected images) per unit
+    digest: str  # of the content
+    listing_digest: str | None = None  # of the whole listing this generation was planned from
+    num_units: int = 0
+    num_items: int | None = None
+    shard_size: int | None = None
+    reason: str = "initial"  # initial | update
+    sources: list[str] = field(default_factory=list)
+    reader_options: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    vitok_plan: int = 1  # the plan schema
+    names: int | None = None  # unit-name scheme (2: escaped stems, "~" suffixes); absent: legacy names
+    roots: list[list[str]] | None = None  # loose files: (folder, key prefix) of each root
+    unit_names: list[str] | None = None  # archives: each unit's name
+    removed: str | None = None  # file listing the inputs this generation removed
+    listing_errors: list[list[str]] | None = None  # folders that could not be listed: (path, reason)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in data.items() if v is not None}, **self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PlanHeader:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   extra={k: v for k, v in data.items() if k not in names})
+
+
+@dataclass
 class Generation:
-    header: dict[str, Any]
+    header: PlanHeader
     folder: Path
 
     @property
     def number(self) -> int:
-        return int(self.header["generation"])
+        return self.header.generation
 
     def units(self) -> list[UnitRef]:
-        index = np.load(self.folder / self.header["index"])
-        roots = tuple(Root(*r) for r in self.header.get("roots", []))
-        content = str(self.folder / self.header["content"])
-        names = self.header.get("unit_names")
-        first = int(self.header["first_unit"])
+        index = np.load(self.folder / self.header.index)
+        roots = tuple(Root(*r) for r in self.header.roots or ())
+        content = str(self.folder / self.header.content)
+        names = self.header.unit_names
+        first = self.header.first_unit
         refs = []
         for i, (offset, count, expected) in enumerate(index.tolist()):
             name = names[i] if names else f"shard-{first + i:06d}"
-            refs.append(UnitRef(first + i, name, self.header["reader"], content, offset, count,
+            refs.append(UnitRef(first + i, name, self.header.reader, content, offset, count,
                                 None if expected < 0 else expected, self.number, roots))
         return refs
 
     def removed(self) -> list[str]:
-        if not self.header.get("removed"):
+        if not self.header.removed:
             return []
-        return json.loads((self.folder / self.header["removed"]).read_text())
+        return json.loads((self.folder / self.header.removed).read_text())
 
     def planned(self) -> Iterator[str]:
         """The inputs this generation plans: loose-file keys (in key order) or archive paths (one per unit)."""
-        with open(self.folder / self.header["content"], "rb") as handle:
+        with open(self.folder / self.header.content, "rb") as handle:
             for line in handle:  # read through once: one line per key, or per archive unit
                 value = json.loads(line)
                 yield value if isinstance(value, str) else value["path"] if isinstance(value, dict) else value[1]
@@ -164,24 +204,24 @@ class Plan:
         self.units = [u for g in self.generations for u in g.units()]
 
     @property
-    def first(self) -> dict[str, Any]:
+    def first(self) -> PlanHeader:
         return self.generations[0].header
 
     @property
-    def latest(self) -> dict[str, Any]:
+    def latest(self) -> PlanHeader:
         return self.generations[-1].header
 
     @property
     def kind(self) -> str:
-        return self.first["reader"]
+        return self.first.reader
 
     @property
     def shard_size(self) -> int:
-        return int(self.first["shard_size"])
+        return int(self.first.shard_size)
 
     @property
     def sources(self) -> list[str]:
-        return list(self.latest.get("sources", []))
+        return list(self.latest.sources)
 
     @property
     def num_images(self) -> int | None:
@@ -191,7 +231,7 @@ class Plan:
     @property
     def legacy_names(self) -> bool:
         """Planned before unit names were escaped: ``.retryN`` names a retry."""
-        return self.first.get("names") != NAMES
+        return self.first.names != NAMES
 
     def current(self) -> Current:
         """Which generation holds each input now (read once per plan: loose files of generation 0 are not read)."""
@@ -220,7 +260,7 @@ class Plan:
         stale: set[str] = set()
         for generation in self.generations:
             names = [u.name for u in generation.units()]
-            with open(generation.folder / generation.header["content"], "rb") as handle:
+            with open(generation.folder / generation.header.content, "rb") as handle:
                 for name, line in zip(names, handle):
                     if not current.is_current(json.loads(line)["path"], generation.number):
                         stale.add(name)
@@ -244,7 +284,7 @@ def load_plan(out: Path) -> Plan | None:
             raise StoreError(f"{path} is damaged ({exc})") from None
         if header.get("vitok_plan") != PLAN_SCHEMA:
             raise StoreError(f"{path}: plan schema {header.get('vitok_plan')} is not {PLAN_SCHEMA}")
-        generations.append(Generation(header, folder))
+        generations.append(Generation(PlanHeader.from_json(header), folder))
     return Plan(Path(out), generations) if generations else None
 
 
@@ -377,14 +417,14 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
         atomic_write_text(folder / removed_name, json.dumps(removed))
         header["removed"] = removed_name
     path = folder / f"{generation:04d}.json"
-    if not create_exclusive(path, json.dumps(header, indent=1, sort_keys=True)):
+    if not create_exclusive(path, json.dumps(PlanHeader.from_json(header).to_json(), indent=1, sort_keys=True)):
         existing = json.loads(path.read_text())
         if existing.get("listing_digest") != listing_digest_ or existing.get("digest") != digest:
             raise InputsChangedError(
                 f"another process planned {out} at the same moment from other inputs ({path.name}); use the same "
                 "sources in every process, or plan once with 'vitok plan'")
         header = existing
-    return Generation(header, folder)
+    return Generation(PlanHeader.from_json(header), folder)
 
 
 def write_update(out: Path, plan: Plan, listing: Listing, changes: PlanDiff, sources: list[str],
@@ -513,7 +553,7 @@ def current_archives(plan: Plan) -> dict[str, dict[str, Any]]:
     current = plan.current()
     found: dict[str, dict[str, Any]] = {}
     for generation in plan.generations:
-        with open(generation.folder / generation.header["content"], "rb") as handle:
+        with open(generation.folder / generation.header.content, "rb") as handle:
             for line in handle:
                 description = json.loads(line)
                 if current.is_current(description["path"], generation.number):

@@ -248,7 +248,7 @@ def _compare(job: Job) -> PlanDiff | None:
         raise InputsChangedError(f"{job.out} holds a plan of {plan.kind} inputs; these sources are {_kind(listing)} "
                                  "inputs: use another -o, or --overwrite")
     job.listing_digest = listing_digest(listing)
-    if job.listing_digest == plan.latest["listing_digest"]:
+    if job.listing_digest == plan.latest.listing_digest:
         changes = PlanDiff([], [])
     else:
         changes = diff(plan, listing)
@@ -270,7 +270,7 @@ def _compare(job: Job) -> PlanDiff | None:
 
 def _only_unlisted_before(plan: Plan, listing: Listing, changes: PlanDiff) -> bool:
     """The only change is inputs added under folders the last listing could not read: a retry, not an update."""
-    folders = [path.rstrip("/") + "/" for path, _ in plan.latest.get("listing_errors", [])]
+    folders = [path.rstrip("/") + "/" for path, _ in plan.latest.listing_errors or []]
     if not folders or changes.removed or changes.changed or not changes.added:
         return False
     if isinstance(listing, FileListing):

@@ -28,6 +28,8 @@ from typing import Any
 from ..errors import StoreError
 from ..storage.files import atomic_write_bytes
 
+STARTUP_PHASES = ("imports", "torch_import", "plan", "weights_read", "weights_on_device", "workers_ready", "warm_up",
+                  "first_batch_ready", "first_batch_done")  # in the order they happen; the last two are moments
 STATS_DIR = "stats"  # OUT/stats/<run>.json: one file per run (vitok info shows the latest)
 STARTUP_BOUND = 0.5  # start-up over this share of the run: the verdict is about start-up
 BUSY = 0.85  # a stage this busy is saturated
@@ -103,8 +105,7 @@ def verdict(stats: RunStats, total_seconds: float) -> str:
     device = "GPU" if gpu else "encoder"
     startup = p.get("first_batch_done", 0.0) + p.get("imports", 0.0)
     if total_seconds > 0 and startup / total_seconds > STARTUP_BOUND:
-        named = {k: p[k] for k in ("imports", "torch_import", "plan", "weights_read", "weights_on_device", "workers_ready",
-                                   "warm_up") if p.get(k, 0.0) >= 0.05}
+        named = {k: p[k] for k in STARTUP_PHASES[:-2] if p.get(k, 0.0) >= 0.05}
         largest = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in sorted(named.items(), key=lambda kv: -kv[1])
                             [:3])
         return (f"start-up-bound: {startup:.1f} s of {total_seconds:.1f} s before the first batch came back"
@@ -272,9 +273,8 @@ def describe(stats: dict[str, Any]) -> list[str]:
     """Lines for ``vitok info``: the phases and the stages of a stats record."""
     phases = stats.get("phases", {})
     s = stats.get("stages", {})
-    order = ("imports", "torch_import", "plan", "weights_read", "weights_on_device", "workers_ready", "warm_up", "first_batch_ready",
-             "first_batch_done")
-    lines = ["start-up   " + ", ".join(f"{k.replace('_', ' ')} {phases[k]:.2f} s" for k in order if k in phases)]
+    lines = ["start-up   " + ", ".join(f"{k.replace('_', ' ')} {phases[k]:.2f} s" for k in STARTUP_PHASES
+                                      if k in phases)]
     if s:
         lines.append(f"stages     decode {s['decode_img_s']:.1f} img/s ({s['workers']} workers, "
                      f"{_pct(s['decode_busy'])} busy); encoder {_pct(s['encoder_busy'])} busy, "

@@ -104,7 +104,7 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
                           shards_damaged=sorted(bad_shards | set(damaged_sidecars)), nonfinite=nonfinite)
     if plan is not None:
         report.input_errors += [f"could not list {path}: {why} (the next extract lists it again)"
-                                for path, why in plan.latest.get("listing_errors", [])]
+                                for path, why in plan.latest.listing_errors or []]
         report.planned_shards = len(plan.units)
         report.planned_images = plan.num_images
         report.incomplete = [u.name for u in plan.units if u.name not in done and u.name not in superseded]
