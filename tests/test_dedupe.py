@@ -209,3 +209,40 @@ def test_cli_reuse_is_repeatable_and_json_counts_duplicates(tmp_path):
     from vitok.pipeline.options import ExtractOptions
 
     assert ExtractOptions(reuse=(str(a), str(b))).to_argv() == ["--reuse", str(a), "--reuse", str(b)]
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["reuse", "same store"])
+def test_rows_are_never_copied_from_a_shard_that_fails_its_checksums(tmp_path, where, caplog):
+    """Regression: a donor shard with overwritten bytes gave its damaged rows to copies, in shards that then verified
+    clean. Now a donor's checksums are checked first, and its images are encoded instead."""
+    src = collection(tmp_path / "imgs", 2, {})
+    common = dict(TINY, format="npy", store_dtype="float32")
+    first = tmp_path / "first"
+    vitok.extract([str(src)], first, **common)
+    expected = raw_tokens(first)
+    for data in (first / "shards").glob("*/merged.npy"):
+        _flip_last_byte(data)
+    assert not vitok.verify(first).clean
+    copy = tmp_path / "more" / "img00_again.bmp"
+    copy.parent.mkdir()
+    Image.open(src / "img00.png").save(copy)
+    if where == "reuse":
+        out = tmp_path / "second"
+        summary = vitok.extract([str(copy.parent)], out, reuse=[str(first)], **common)
+        key = "img00_again.bmp"
+    else:
+        out = first
+        Image.open(src / "img00.png").save(src / "img00_again.bmp")
+        summary = vitok.extract([str(src)], out, update=True, **common)
+        key = "img00_again.bmp"
+    assert summary.reused == summary.duplicates == 0 and summary.images_encoded == 1
+    assert "does not match its checksums" in caplog.text
+    with vitok.open(out) as store:
+        assert store.info(key).get("copied_from") is None
+        np.testing.assert_array_equal(store.get(key, "merged"), expected[("img00.png", "merged")])

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import SettingsMismatchError, StoreError
 from ..storage import RunHeader, read_header
+from ..storage.files import checksum
 from ..storage.format import ShardDataReader
 from ..storage.records import ImageRecord, Settings, Sidecar
 from ..storage.shards import get_format, iter_sidecars, shards_dir
@@ -49,6 +50,7 @@ class Donor:
     row: int
     key: str
     label: str  # "" for this store, else how records name the store (its path)
+    files: tuple = ()  # the shard's (file, FileSum) pairs: its checksums, checked before any row is copied
 
 
 class Donors:
@@ -60,6 +62,7 @@ class Donors:
         self._by_content: dict[str, Donor] = {}
         self._stores: list[tuple[str, Any]] = []  # (label, IndexedStore) of --reuse stores: their content index
         self._readers: OrderedDict[tuple[Path, str], tuple[ShardDataReader, dict[str, np.ndarray]]] = OrderedDict()
+        self._intact: dict[tuple[str, str], bool] = {}  # (store, shard data) -> its files match their checksums
 
     def __len__(self) -> int:
         return len(self._by_content)
@@ -67,11 +70,12 @@ class Donors:
     def add_sidecar(self, root: Path, sidecar: Sidecar, label: str = "") -> None:
         """Index a committed shard's ok images (called from the committer's thread as shards commit: a dict
         insertion is atomic, and the loop only looks entries up)."""
+        files = tuple(sidecar.files.items())
         for record in sidecar.records:
             if record.status == "ok" and record.content_id and record.row is not None:
                 self._by_content.setdefault(record.content_id,
                                             Donor(Path(root), sidecar.format, sidecar.data, record.row, record.key,
-                                                  label))
+                                                  label, files))
 
     def add_store(self, root: Path, fingerprint: str | None = None, exclude: set[str] = frozenset(),
                   label: str = "") -> None:
@@ -98,6 +102,9 @@ class Donors:
         donor = self._by_content.get(record.content_id)
         if donor is None:
             return None
+        if not self._checks_out(donor.root, donor.data, donor.files):
+            self._by_content.pop(record.content_id, None)
+            return None
         try:
             arrays = self._read(donor)
         except Exception as exc:  # a damaged or vanished donor shard costs an encoding, not the run
@@ -113,6 +120,9 @@ class Donors:
             key = store.find_content(record.content_id)
             if key is None:
                 continue
+            sidecar = store.shards[store.info(key)["shard"]]
+            if not self._checks_out(Path(label), sidecar.data, tuple(sidecar.files.items())):
+                continue
             try:
                 arrays = {f: np.array(store.stored_rows(key, f)) for f in self.features}
             except Exception as exc:  # a damaged donor shard costs an encoding, not the run
@@ -122,6 +132,24 @@ class Donors:
             record.copied_from = f"{label}::{key}"
             return arrays
         return None
+
+    def _checks_out(self, root: Path, data: str, files: tuple) -> bool:
+        """Whether a donor shard's files still match the checksums its sidecar recorded (read once per shard and
+        run): rows are never copied from damaged data, which a copy would carry into a shard that verifies clean."""
+        where = (str(root), data)
+        if where not in self._intact:
+            problems = []
+            for relative, expected in files:
+                try:
+                    if expected.blake2b and checksum(shards_dir(root) / relative) != expected.blake2b:
+                        problems.append(relative)
+                except OSError as exc:
+                    problems.append(f"{relative} ({exc.strerror})")
+            if problems:
+                logger.warning("shard data %s in %s does not match its checksums (%s): its images are encoded again, "
+                               "not copied; run 'vitok verify %s'", data, root, ", ".join(problems), root)
+            self._intact[where] = not problems
+        return self._intact[where]
 
     def _read(self, donor: Donor) -> dict[str, np.ndarray]:
         where = (donor.root, donor.data)
