@@ -4,7 +4,9 @@ paths, mismatched consumers, leftovers of dead runs."""
 from __future__ import annotations
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 from helpers import make_folder
 from typer.testing import CliRunner
@@ -228,3 +230,28 @@ def test_heartbeat_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     finally:
         claims.stop()
     assert [p.name for p in runs.iterdir()] == [live_run.id]
+
+
+def test_checksum_damage_gets_a_hint_that_repairs_it(tmp_path):
+    """Regression: verify advised a plain rerun for damage only checksums find, and the rerun (which checks sizes,
+    keys and rows) found nothing to do. The hint now says to delete the shard first; following it repairs the store."""
+    folder = make_folder(tmp_path / "imgs", count=2, with_odd=False)
+    out = tmp_path / "out"
+    options = dict(LIB, format="npy", store_dtype="float32")
+    vitok.extract([str(folder)], out, **options)
+    with vitok.open(out) as store:
+        before = {key: store[key] for key in store.keys()}
+    data = next((out / "shards").glob("*/merged.npy"))
+    damaged = bytearray(data.read_bytes())
+    damaged[-1] ^= 0x40
+    data.write_bytes(bytes(damaged))
+    problem = next(p for p in vitok.verify(out).problems if "checksum" in p)
+    assert "delete shards/" in problem
+    shard = data.parent.name
+    for path in (out / "shards").glob(f"{shard}*"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    vitok.extract([str(folder)], out, **options)
+    assert vitok.verify(out).clean
+    with vitok.open(out) as store:
+        for key, tokens in before.items():
+            np.testing.assert_array_equal(store[key], tokens)

@@ -136,8 +136,12 @@ def iter_sidecars(out: Path, damaged: dict[str, str] | None = None) -> Iterator[
             damaged[path.stem] = f"{exc}; {repair_hint(out, path.stem)}"
 
 
-def repair_hint(out: Path, shard: str) -> str:
-    """How to get a damaged shard back: the next extract redoes it (or delete it by hand first)."""
+def repair_hint(out: Path, shard: str, silent: bool = False) -> str:
+    """How to get a damaged shard back: the next extract redoes a shard whose sizes, keys or rows are wrong; damage
+    only checksums find (``silent``: resume does not read every byte) needs the shard deleted first."""
+    if silent:
+        return (f"delete {SHARDS_DIR}/{shard}.* and rerun 'vitok extract -o {out}' to re-extract it (a resume checks "
+                "sizes, keys and rows, not every byte)")
     return (f"its images are left out until it is redone: rerun 'vitok extract -o {out}' (or delete "
             f"{SHARDS_DIR}/{shard}.* and rerun) to re-extract it")
 

@@ -75,7 +75,7 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
                                   f" the store's {header.fingerprint})")
         if shard_problems:
             bad_shards.add(sidecar.shard)
-            shard_problems[0] += f"; {repair_hint(root, sidecar.shard)}"
+            shard_problems[0] += f"; {repair_hint(root, sidecar.shard, silent='checksum' in shard_problems[0])}"
         problems += shard_problems
         shards_ok += not shard_problems
         errors[base] = f"{sidecar.shard}: {sidecar.unit.error}" if sidecar.unit.error else None
