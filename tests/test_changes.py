@@ -10,6 +10,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from helpers import photo
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -269,3 +270,15 @@ def test_archives_planned_with_a_content_hash_are_compared_by_content(tmp_path):
     os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(InputsChangedError, match="sha256"):
         vitok.extract([str(folder)], out, detect_changes="hash", **LIB)
+
+
+def test_verify_sources_reports_an_input_deleted_since_it_was_extracted(tmp_path):
+    """Regression: a loose file deleted after extraction left verify --sources clean, its tokens reported current."""
+    folder = tmp_path / "imgs"
+    for i in range(2):
+        photo(folder / f"{i}.png", seed=i)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, **LIB)
+    (folder / "1.png").unlink()
+    report = verify_store(out, sources="mtime")
+    assert not report.clean and any("1.png" in line and "no longer exists" in line for line in report.stale)

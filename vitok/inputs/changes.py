@@ -51,15 +51,18 @@ def file_sha256(path: str) -> str:
 
 
 def _compare(path: str, size: int | None, mtime_ns: int | None, sha256: str | None, mode: str) -> str | None:
-    """Why the file at ``path`` differs from what was recorded; None when it does not (or it is gone)."""
+    """Why the file at ``path`` differs from what was recorded; None when it does not (or cannot be read now: a
+    retry's business)."""
     try:
         stat = os.stat(path)
+    except FileNotFoundError:
+        return "no longer exists"
     except OSError:
-        return None  # gone: removed, or unreadable now (a retry's business)
+        return None
     if not stat_module.S_ISREG(stat.st_mode):
         return "no longer a regular file"
     if size is not None and stat.st_size != size:
-        return f"{stat.st_size} bytes, extracted at {size}"
+        return f"now {stat.st_size} bytes, {size} bytes when extracted"
     if mode == "hash" and sha256 is not None:
         try:
             now = file_sha256(path)
