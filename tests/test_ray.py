@@ -33,6 +33,8 @@ def test_engine_flags_that_contradict_are_refused_before_anything_starts(tmp_pat
         vitok.extract([str(tmp_path)], tmp_path / "out", address="auto", **LIB)
     with pytest.raises(UsageError, match="--decode gpu is not available with --engine ray"):
         vitok.extract([str(tmp_path)], tmp_path / "out", engine="ray", decode="gpu", **LIB)
+    with pytest.raises(UsageError, match="--reuse is not available with --engine ray"):
+        vitok.extract([str(tmp_path)], tmp_path / "out", engine="ray", reuse=[str(tmp_path)], **LIB)
     result = CliRunner().invoke(cli.app, ["extract", str(tmp_path), "-o", str(tmp_path / "out"), "--engine", "ray",
                                           "--gpus", "0,1"])
     assert isinstance(result.exception, UsageError) and "--gpus" in str(result.exception)

@@ -31,10 +31,13 @@ def info(
     skipped = {k: r for k, r in store.skipped.items() if k not in store.removed}
     failed = {k: r for k, r in store.failed.items() if k not in store.removed}
     if json_output:
+        from ..pipeline.run_stats import latest_stats
+
         typer.echo(json.dumps({
             "store": str(out), "model": settings.model.name, "weights": settings.model.weights,
             "features": list(settings.features), "pool": settings.pool, "store_dtype": settings.store_dtype,
             "format": settings.format, **report.to_dict(), "skipped": skipped, "failed": failed,
+            "last_run": latest_stats(Path(out)),  # start-up phases, stage rates, what limited it (None: not kept)
         }))
         return
     echo = typer.echo

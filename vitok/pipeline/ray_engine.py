@@ -218,6 +218,9 @@ class RayRun(Run):
         dtype (stored in the settings); the driver itself loads the encoder on its CPU, only for its hash."""
         if options.decode == "gpu":
             raise UsageError("--decode gpu is not available with --engine ray yet (use --decode exact)")
+        if options.reuse:
+            raise UsageError("--reuse is not available with --engine ray yet (its actors encode every image; use the "
+                             "local engine to take tokens from other stores)")
         if options.workers is not None:
             logger.info("--workers is ignored with --engine ray: Ray decides how many decode tasks run")
         started = connect(options.address)
@@ -275,6 +278,8 @@ class RayRun(Run):
                 committer.put([batch])
                 seen += len(batch.records) + len(batch.skipped)
                 skipped += len(batch.skipped)
+                self.counts["batches_encoded"] += 1
+                self.counts["images_encoded"] += len(batch.records) + len(batch.skipped)
             pipeline.tokens += step.tokens
             pipeline.encode_seconds += step.encode_seconds
             pipeline.device_wait_seconds += step.device_wait_seconds

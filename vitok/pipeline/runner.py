@@ -430,6 +430,8 @@ class Run:
         if self.meter is None:
             return result.to_dict()
         result.phases |= self.meter.phases
+        if not self.counts["images_encoded"]:  # every input copied, reused or skipped: no stage to judge
+            return result.to_dict()
         result.stages = self.meter.rates(stats.busy_seconds, stats.output_bytes, stats.queue_fill)
         result.bottleneck = verdict(result, seconds + result.phases.get("imports", 0.0))
         record = result.to_dict()
