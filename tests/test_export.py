@@ -206,6 +206,18 @@ def test_inputs_that_failed_make_a_store_incomplete(tmp_path):
     assert export(tmp_path / "out", tmp_path / "index", allow_partial=True).images == 3
 
 
+def test_archives_that_could_not_be_read_make_a_store_incomplete(tmp_path):
+    """Regression: a store whose tars were all missing exported as empty, exit 0, with nothing said missing."""
+    from test_archives import encode, sample_images, write_tar
+
+    write_tar(tmp_path / "00000.tar", [("x0", {"png": encode(sample_images(1)[0], "PNG")})])
+    out = tmp_path / "out"
+    vitok.extract([str(tmp_path / "{00000..00001}.tar")], out, model="qwen3-vl-tiny", workers=0, pool="mean")
+    with pytest.raises(StoreError, match=r"1 archive\(s\) or folder\(s\) that could not be read \(00001"):
+        export(out, tmp_path / "index")
+    assert export(out, tmp_path / "index", allow_partial=True).images == 1
+
+
 def test_an_interrupted_export_is_cleaned_up_by_the_next(store, tmp_path):
     left = tmp_path / ".index.vitok-export-999999999-x1.tmp"  # a dead process's temporary folder
     (left / "img_emb").mkdir(parents=True)
