@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError, UsageError
+from ..storage.claims import process_alive
 from ..storage.files import fsync_dir
 from ..storage.records import RunHeader, dumps
 
@@ -76,16 +77,6 @@ def read_marker(folder: Path) -> ExportMarker | None:
         return ExportMarker.from_json(json.loads((Path(folder) / MARKER).read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ExportTarget:
@@ -164,7 +155,7 @@ class ExportTarget:
         prefix = f".{self.dest.name}{_TEMP_TAG}"
         for path in self.dest.parent.glob(f"{prefix}*.tmp"):
             pid = path.name[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 logger.info("removing %s, left by an interrupted export", path.name)
                 shutil.rmtree(path, ignore_errors=True)
 

@@ -39,7 +39,8 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine still runs (one of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -174,7 +175,7 @@ class Claims:
             return True
         if holder.get("host") == self.identity.host:
             pid = int(holder.get("pid", -1))
-            if not _alive(pid):
+            if not process_alive(pid):
                 return True
             start = _proc_start(pid)
             return holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]
