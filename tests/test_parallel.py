@@ -92,13 +92,22 @@ def test_slurm_array_tasks_simulated(folder, single, tmp_path):
     assert_same_store(out, single)
 
 
+def free_port() -> int:
+    """A port nobody listens on now (a fixed one failed under load when another run held it)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")  # noqa: E501
 def test_torchrun_two_processes_on_cpu(folder, single, tmp_path):
     out = tmp_path / "out"
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    result = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "vitok", "extract",
+    result = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "vitok", "extract",
                              str(folder), "-o", str(out), *ARGS, "--device", "cpu"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
