@@ -107,7 +107,8 @@ def test_torchrun_two_processes_on_cpu(folder, single, tmp_path):
     out = tmp_path / "out"
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    result = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "vitok", "extract",
+    port = str(free_port())
+    result = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", port, "-m", "vitok", "extract",
                              str(folder), "-o", str(out), *ARGS, "--device", "cpu"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
