@@ -255,3 +255,15 @@ def test_checksum_damage_gets_a_hint_that_repairs_it(tmp_path):
     with vitok.open(out) as store:
         for key, tokens in before.items():
             np.testing.assert_array_equal(store[key], tokens)
+
+
+def test_info_and_verify_count_the_images_removed_from_the_sources(tmp_path):
+    """Regression: images_removed stayed 0 after --update recorded a removed file (its record no longer counts,
+    so the count taken from the counted records could never see it)."""
+    folder = make_folder(tmp_path / "imgs", count=3, with_odd=False)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, **LIB)
+    (folder / "b" / "img00.JPG").unlink()
+    vitok.extract([str(folder)], out, update=True, **LIB)
+    report = vitok.verify(out)
+    assert report.images_removed == 1 and report.images_ok == 2 and report.clean

@@ -65,6 +65,7 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
     bad_shards: set[str] = set()
     errors: dict[str, str | None] = {}  # unit -> the read error of its last attempt
     flagged: dict[str, dict[str, int]] = {}  # key -> shard -> NaN/Inf values counted at extraction
+    recorded: set[str] = set()  # every key any sidecar records (current or not)
     superseded = plan.superseded() if plan is not None else set()
     for sidecar in attempt_order(list(iter_sidecars(root, damaged_sidecars))):
         base = sidecar_attempt(sidecar)[0]
@@ -80,6 +81,7 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
         shards_ok += not shard_problems
         errors[base] = f"{sidecar.shard}: {sidecar.unit.error}" if sidecar.unit.error else None
         keys = Counter(r.key for r in sidecar.records)
+        recorded.update(keys)
         repeats += [f"key {k!r} appears {n} times in {sidecar.shard}" for k, n in keys.items() if n > 1]
         for record in current_records(sidecar, plan):  # records of inputs planned again since are not counted
             if record.status == "ok" and (record.nonfinite or record.float16_overflow):
@@ -100,7 +102,7 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
     report = VerifyReport(shards_ok, sum(s == "ok" for s in counted.values()) - damaged_ok,
                           sum(s == "skipped" for s in counted.values()), sum(s == "failed" for s in counted.values()),
                           problems, [], input_errors=[e for b, e in errors.items() if e and b not in superseded],
-                          images_damaged=damaged_ok, images_removed=len(status) - len(counted),
+                          images_damaged=damaged_ok, images_removed=len(removed & recorded),
                           shards_damaged=sorted(bad_shards | set(damaged_sidecars)), nonfinite=nonfinite)
     if plan is not None:
         report.input_errors += [f"could not list {path}: {why} (the next extract lists it again)"
