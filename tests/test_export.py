@@ -475,3 +475,9 @@ def test_key_content_shares_one_entry_per_content_id(store, tmp_path, monkeypatc
     shared = {line["uuid"] for line in lines if line["key"].startswith("a/")}
     assert shared == {"sha256-dup"} and len(lines) == 5
     assert sorted(p.name for p in (tmp_path / "ec").iterdir() if p.is_dir()) == sorted({x["uuid"] for x in lines})
+
+
+def test_options_that_do_not_apply_to_a_serving_layout_are_refused(store, tmp_path):
+    with pytest.raises(UsageError, match="--dtype applies to embedding-reader"):
+        export(store, tmp_path / "ec", "vllm-ec", dtype="float32")
+    assert not (tmp_path / "ec").exists()

@@ -260,6 +260,9 @@ def make_layout(layout: str, feature: str | None = None, pool: str | None = None
     if pool is not None or normalize is not None or feature is not None:
         raise UsageError(f"--layout {layout} exports every token of each image as the model's encoder output; "
                          "--feature, --pool and --normalize apply to embedding-reader")
+    if dtype != "float16":
+        raise UsageError(f"--dtype applies to embedding-reader vectors; --layout {layout} writes bfloat16, the "
+                         "dtype the serving stack's encoder produces")
     from .serving import SglangLayout, VllmEcLayout
 
     return VllmEcLayout(key) if layout == "vllm-ec" else SglangLayout(key)

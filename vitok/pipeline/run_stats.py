@@ -276,7 +276,8 @@ def describe(stats: dict[str, Any]) -> list[str]:
     lines = ["start-up   " + ", ".join(f"{k.replace('_', ' ')} {phases[k]:.2f} s" for k in STARTUP_PHASES
                                       if k in phases)]
     if s:
-        lines.append(f"stages     decode {s['decode_img_s']:.1f} img/s ({s['workers']} workers, "
+        workers = f"{s['workers']} worker" + ("" if s["workers"] == 1 else "s")
+        lines.append(f"stages     decode {s['decode_img_s']:.1f} img/s ({workers}, "
                      f"{_pct(s['decode_busy'])} busy); encoder {_pct(s['encoder_busy'])} busy, "
                      f"{s['encoder_img_s']:.1f} img/s; writer {s['writer_mb_s']:.1f} MB/s, {_pct(s['writer_busy'])} "
                      f"busy; loop waited {_pct(s['data_wait'])}")
