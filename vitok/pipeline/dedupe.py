@@ -198,3 +198,40 @@ def copied_batch(unit: int, records: list[ImageRecord], arrays: list[dict[str, n
     joined = {f: np.concatenate([a[f] for a in arrays], axis=-2) for f in features}
     rows = {f: [int(a[f].shape[-2]) for a in arrays] for f in features}
     return EncodedBatch(unit, records, joined, rows)
+
+
+class Deduplicator:
+    """The run loop's per-image decision (this module's docstring): ``skips`` an image that needs no encoding and
+    says why in ``counts``; ``copies`` hands the copied rows gathered for a unit to the committer as one batch."""
+
+    def __init__(self, donors: Donors, committer, counts: dict[str, int], within_units: bool = True) -> None:
+        self.donors, self.committer, self.counts, self.within_units = donors, committer, counts, within_units
+        self._firsts: dict[int, dict[str, str]] = {}  # per open unit: content id -> key of its first image
+        self._copied: dict[int, list] = {}  # per unit: (record, rows) copied from committed shards, not handed on
+
+    def skips(self, unit: int, item) -> bool:
+        record = item.record
+        taken = self.donors.take(record)
+        if taken is not None:
+            self._copied.setdefault(unit, []).append((record, taken[0]))
+            self.counts["reused" if taken[1] else "duplicates"] += 1
+            return True
+        if not self.within_units or record.content_id is None:
+            return False
+        firsts = self._firsts.setdefault(unit, {})
+        if record.content_id in firsts:
+            record.copied_from = firsts[record.content_id]
+            self.committer.duplicate(unit, record)
+            self.counts["duplicates"] += 1
+            return True
+        firsts[record.content_id] = record.key
+        return False
+
+    def copies(self, unit: int) -> list:
+        """The rows copied for ``unit`` since the last call, as one batch (none: an empty list)."""
+        copied = self._copied.pop(unit, None)
+        return [copied_batch(unit, *map(list, zip(*copied)))] if copied else []
+
+    def end(self, unit: int) -> None:
+        self._firsts.pop(unit, None)
+

@@ -33,7 +33,7 @@ from ..storage.records import Settings, UnitInfo, dumps
 from ..storage.shards import remove_temps
 from .batcher import Batcher
 from .committer import CommitStats, Committer
-from .dedupe import Donors, check_reuse, copied_batch
+from .dedupe import Deduplicator, Donors, check_reuse
 from .job import Job, Work, check_committed, check_settings, make_settings, new_header, prepare, remaining_work
 from .options import ExtractOptions, make_options
 from .run_stats import RunStats, StageMeter, import_seconds, verdict, write_stats
@@ -295,26 +295,6 @@ class Run:
             donors.close()
         return stats, pipeline
 
-    def _deduplicate(self, unit: int, item, donors: Donors, firsts: dict[str, str] | None, copied: list,
-                     committer: Committer) -> bool:
-        """True when the image needs no encoding (vitok.pipeline.dedupe): copied from a committed shard (queued in
-        ``copied``) or a duplicate of an earlier image of its unit (``firsts``: content id -> key)."""
-        record = item.record
-        taken = donors.take(record)
-        if taken is not None:
-            copied.append((record, taken[0]))
-            self.counts["reused" if taken[1] else "duplicates"] += 1
-            return True
-        if firsts is None or record.content_id is None:
-            return False
-        if record.content_id in firsts:
-            record.copied_from = firsts[record.content_id]
-            committer.duplicate(unit, record)
-            self.counts["duplicates"] += 1
-            return True
-        firsts[record.content_id] = record.key
-        return False
-
     def _loop(self, units, encoder, pipeline: DevicePipeline, committer: Committer, donors: Donors | None = None,
               within_units: bool = True) -> None:
         from ..inputs.preprocess import Preprocessor
@@ -349,8 +329,8 @@ class Run:
             meter.batch_launched(len(items), time.perf_counter() - start, *meter.close_events(events))
             deliver(finished)
 
-        donors = donors if donors is not None else Donors(list(self.job.features))
-        firsts: dict[int, dict[str, str]] = {}  # per open unit: content id -> key of its first image
+        dedupe = Deduplicator(donors if donors is not None else Donors(list(self.job.features)), committer,
+                              self.counts, within_units)
 
         seen = skipped = shards = 0
         started = time.perf_counter()
@@ -363,22 +343,19 @@ class Run:
             meter.phase("warm_up", time.perf_counter() - started)
         try:
             for chunk in self._timed(chunks):
-                copied: list = []
-                unit_firsts = firsts.setdefault(chunk.unit, {}) if within_units else None
                 for item in chunk.unpack():
                     seen += 1
                     if item.image is None:
                         skipped += 1
                         committer.record(chunk.unit, item.record)
                         continue
-                    if self._deduplicate(chunk.unit, item, donors, unit_firsts, copied, committer):
+                    if dedupe.skips(chunk.unit, item):
                         continue
                     for closed in batcher.add(chunk.unit, item, item.image.num_patches):
                         submit(chunk.unit, closed)
-                if copied:
-                    committer.put([copied_batch(chunk.unit, *map(list, zip(*copied)))])
+                committer.put(dedupe.copies(chunk.unit))
                 if chunk.end:
-                    firsts.pop(chunk.unit, None)
+                    dedupe.end(chunk.unit)
                     for closed in batcher.flush(chunk.unit):
                         submit(chunk.unit, closed)
                     deliver(pipeline.end(chunk.unit, unit_record(by_index[chunk.unit], chunk)))
