@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import AtomicFile
 from ..errors import StoreError, UsageError
 from ..pipeline.pool import POOLS as ALL_POOLS
-from ..storage.files import AtomicFile
 
 logger = logging.getLogger(__name__)
 

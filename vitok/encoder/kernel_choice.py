@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import AtomicFile
+
 logger = logging.getLogger(__name__)
 
 TIMED_ROWS = 512
@@ -87,9 +89,8 @@ def _save() -> None:
         except (OSError, ValueError):
             stored = {}
         stored[_identity] = _choices
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(stored, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        with AtomicFile(path.parent, path.name, path) as atomic:
+            atomic.handle.write(json.dumps(stored, indent=1, sort_keys=True).encode())
 
 
 def _seconds(run: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:

@@ -40,8 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import AtomicFile
 from ..errors import InputsChangedError, StoreError
-from ..storage.files import AtomicFile, atomic_write_text, create_exclusive
+from ..storage.files import atomic_write_text, create_exclusive
 from .sources import ArchiveListing, FileListing, Listing, Root, archive_stem, is_url, open_regular
 
 logger = logging.getLogger(__name__)

@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from .files import AtomicFile, atomic_write_text, remove
+from ..atomic import AtomicFile
+from .files import atomic_write_text, remove
 from .format import ShardDataReader, ShardFormat, row_offsets
 
 logger = logging.getLogger(__name__)
