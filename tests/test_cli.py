@@ -42,3 +42,26 @@ def test_help_is_grouped_in_panels_and_shows_choices():
         assert f"─ {panel} " in result.stdout
     assert "none|mean|max|cls" in result.stdout and "float16|float32|bfloat16" in result.stdout
     assert run_vitok("--version").stdout.startswith("vitok ")
+
+
+@pytest.mark.parametrize("command, record, only", [
+    ("plan", "vitok.pipeline.options:ExtractOptions", "PLAN_OPTIONS"),
+    ("export", "vitok.consumers.export:ExportOptions", None),
+])
+def test_plan_and_export_flags_come_from_the_options_records(command, record, only):
+    """One declaration per option: every field of the record (plan: the input fields) is a flag with its choices."""
+    import dataclasses
+    import importlib
+
+    from vitok.cli import run
+    from vitok.pipeline.options import flag_of
+
+    module, name = record.split(":")
+    fields = dataclasses.fields(getattr(importlib.import_module(module), name))
+    wanted = getattr(run, only) if only else [f.name for f in fields]
+    text = run_vitok(command, "--help", env={"COLUMNS": "200"}).stdout
+    for field in fields:
+        if field.name in wanted:
+            assert flag_of(field) in text, (command, field.name)
+            for choice in field.metadata["cli"]["choices"] or ():
+                assert choice in text, (command, field.name, choice)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import enum
+import inspect
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ..consumers.export import EXPORT_DTYPES, KEY_MODES, LAYOUTS, NORMALIZE, POOLS  # the export's choices (light)
+from ..consumers.export import ExportOptions  # light: the export's options record
 from ..inputs.changes import MODES as CHANGE_MODES
 from .app import _safe, _setup_logging, app
-from .flags import choice_type
+from .flags import choice_type, option_parameters
 
 
 @app.command()
@@ -148,30 +149,7 @@ def verify(
 
 
 
-@app.command()
-def export(
-    store: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
-    dest: Annotated[Path, typer.Argument(help="Output folder: new, empty, or an earlier export of this store "
-                                              "(replaced whole).")],
-    layout: Annotated[choice_type("layout", LAYOUTS), typer.Option(
-        help="embedding-reader: img_emb/*.npy + metadata/*.parquet (clip-retrieval, embedding-reader, autofaiss); "
-             "vllm-ec: vLLM's encoder-cache connector folder (<uuid>/encoder_cache.safetensors + uuids.jsonl); "
-             "sglang: parquet records of bf16 features for SGLang's precomputed_embedding items.")
-    ] = "embedding-reader",
-    feature: Annotated[str | None, typer.Option(help="Feature to export (embedding-reader). [default: the store's "
-                                                     "first]")] = None,
-    pool: Annotated[choice_type("export_pool", POOLS) | None, typer.Option(
-        help="Reduce each image's tokens to one vector (needed when the store holds every token).")] = None,
-    normalize: Annotated[choice_type("normalize", NORMALIZE) | None, typer.Option(
-        help="Scale every vector to unit length (for inner-product search).")] = None,
-    dtype: Annotated[choice_type("export_dtype", EXPORT_DTYPES), typer.Option(
-        help="Stored vector dtype (embedding-reader).")] = "float16",
-    key: Annotated[choice_type("export_key", KEY_MODES), typer.Option(
-        help="vllm-ec: name entries by the store key, or by the records' content_id.")] = "store",
-    allow_partial: Annotated[bool, typer.Option(
-        "--allow-partial", help="Export an unfinished store (shards not done, inputs that failed), saying what is "
-                                "missing.")] = False,
-) -> None:
+def _export_command(store: Path, dest: Path, **values: Any) -> None:
     """Write a store's tokens where retrieval tools and inference servers read them. DEST is written aside and
     swapped in whole; damaged or unfinished stores are refused; images with NaN/Inf tokens are left out and counted.
 
@@ -186,14 +164,21 @@ def export(
     _setup_logging()
     from ..consumers.export import export as run_export
 
-    def value(v):
-        return v.value if isinstance(v, enum.Enum) else v
-
-    result = run_export(store, dest, value(layout), feature=feature, pool=value(pool), normalize=value(normalize),
-                        dtype=value(dtype), key=value(key), allow_partial=allow_partial)
+    result = run_export(store, dest, **{k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()})
     left = f"; {len(result.left_out)} left out (NaN/Inf)" if result.left_out else ""
     partial = "; PARTIAL store" if result.missing else ""
     typer.echo(f"{result.images} image(s) -> {dest} ({result.layout} layout{left}{partial})")
+
+
+_export_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("store", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+        Path, typer.Argument(help="A store written by vitok extract.")]),
+    inspect.Parameter("dest", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+        Path, typer.Argument(help="Output folder: new, empty, or an earlier export of this store (replaced whole).")]),
+    *option_parameters(ExportOptions),
+])
+_export_command.__annotations__ = {}
+app.command("export")(_export_command)
 
 
 @app.command()

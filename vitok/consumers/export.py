@@ -33,6 +33,7 @@ from typing import Any
 
 from ..atomic import AtomicFile
 from ..errors import StoreError, UsageError
+from ..pipeline.options import option
 from ..pipeline.pool import POOLS as ALL_POOLS
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,28 @@ POOLS = tuple(p for p in ALL_POOLS if p != "none")  # an export is one vector pe
 KEY_MODES = ("store", "content")
 NORMALIZE = ("l2",)
 EXPORT_DTYPES = ("float16", "float32")  # of embedding-reader vectors
+
+
+@dataclass
+class ExportOptions:
+    """Everything ``vitok export`` can be told, declared once: the CLI's flags, help and choices derive from these
+    fields (as ``extract``'s from ``ExtractOptions``), and :func:`export` takes them as keyword arguments."""
+
+    layout: str = option("embedding-reader", "embedding-reader: img_emb/img_emb_N.npy + metadata/metadata_N.parquet "
+                         "(clip-retrieval, embedding-reader, autofaiss); vllm-ec: vLLM's encoder-cache connector "
+                         "folder (UUID/encoder_cache.safetensors + uuids.jsonl); sglang: parquet records of bf16 "
+                         "features for SGLang's precomputed_embedding items.", "Outputs", choices=LAYOUTS)
+    feature: str | None = option(None, "Feature to export (embedding-reader). [default: the store's first]",
+                                 "Outputs", metavar="NAME")
+    pool: str | None = option(None, "Reduce each image's tokens to one vector (needed when the store holds every "
+                              "token).", "Outputs", choices=POOLS)
+    normalize: str | None = option(None, "Scale every vector to unit length (for inner-product search).", "Outputs",
+                                   choices=NORMALIZE)
+    dtype: str = option("float16", "Stored vector dtype (embedding-reader).", "Outputs", choices=EXPORT_DTYPES)
+    key: str = option("store", "vllm-ec: name entries by the store key, or by the records' content_id.", "Outputs",
+                      choices=KEY_MODES)
+    allow_partial: bool = option(False, "Export an unfinished store (shards not done, inputs that failed), saying "
+                                 "what is missing.", "Outputs")
 
 
 @dataclass
