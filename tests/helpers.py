@@ -103,6 +103,16 @@ def wait_for(predicate, timeout: float = 120.0, process=None) -> bool:
     return False
 
 
+def png(seed: int, size=(48, 40)) -> bytes:
+    """The bytes of a random PNG (the same for the same seed)."""
+    import io
+
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def photo(path: Path, size=(64, 64), seed: int = 0) -> Path:
     """A small random image file (format from the suffix)."""
     rng = np.random.default_rng(seed)

@@ -10,8 +10,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from helpers import photo
-from PIL import Image
+from helpers import photo, png
 from typer.testing import CliRunner
 
 import vitok
@@ -21,13 +20,6 @@ from vitok.inputs.plan import load_plan, unit_name
 
 verify_store = vitok.verify
 LIB = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", pool="mean")
-
-
-def png(seed: int, size=(48, 40)) -> bytes:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def write_tar(path, samples: dict[str, bytes]) -> None:
@@ -62,12 +54,16 @@ def assert_views(out, expected: list[str]) -> None:
                      "verify_ok": len(expected), "clean": True}
 
 
-@pytest.mark.slow
-def test_a_loose_file_replaced_in_place_is_refused_then_updated_and_reported_stale(tmp_path):
-    folder = tmp_path / "images"
+def three_pngs(folder):
     folder.mkdir()
     for i in range(3):
         (folder / f"{i}.png").write_bytes(png(i))
+    return folder
+
+
+@pytest.mark.slow
+def test_a_loose_file_replaced_in_place_is_refused_then_updated_and_reported_stale(tmp_path):
+    folder = three_pngs(tmp_path / "images")
     out = tmp_path / "out"
     vitok.extract([str(folder)], out, **LIB)
     old = vitok.open(out)["1.png"]
@@ -149,10 +145,7 @@ def test_a_parquet_file_rewritten_in_place_is_found(tmp_path):
 
 
 def test_a_loose_file_removed_and_added_again_comes_back(tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(3):
-        (folder / f"{i}.png").write_bytes(png(i))
+    folder = three_pngs(tmp_path / "images")
     out = tmp_path / "out"
     vitok.extract([str(folder)], out, **LIB)
     data = (folder / "2.png").read_bytes()

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import png
 
 import vitok
 from vitok.errors import SettingsMismatchError, UsageError
@@ -22,13 +22,6 @@ from vitok.inputs.plan import load_plan
 
 verify_store = vitok.verify
 LIB = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", pool="mean")
-
-
-def png(seed: int, size=(48, 40)) -> bytes:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @contextmanager

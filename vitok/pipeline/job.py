@@ -150,17 +150,15 @@ def preprocess_for(source: ModelSource, options: ExtractOptions) -> PreprocessCo
 
 def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) -> Job:
     """Validate everything cheap and decide what to do; writes nothing."""
-    if not options.overwrite:  # a resume: options not given are the store's (only given ones are compared)
-        stored = check_out_folder(out)
-        if stored is not None:
-            options = options.from_store(stored.options or options_from_settings(stored.settings))
+    header = check_out_folder(out)
+    if header is not None and not options.overwrite:  # a resume: options not given are the store's
+        options = options.from_store(header.options or options_from_settings(header.settings))
     part = detect_part(options.part, options.num_parts)
     source = resolve_model(options.model)
     features = check_features(source.encoder, options.features or default_features(source.encoder),
                               options.pool)
     preprocess = preprocess_for(source, options)
     reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
-    header = check_out_folder(out)
     plan = None if options.overwrite else load_plan(out)
     listing = None
     if sources or options.files_from:
