@@ -4,6 +4,8 @@
 #
 #   ../shared/tools/gpu_wheels.sh            # here, once: wheels the GPU machine lacks -> .whl/ (carry it)
 #   bash scripts/gpu_check.sh                # there
+#   DRY=1 bash scripts/gpu_check.sh          # here, before spending device time: every step on the CPU at toy
+#                                            # sizes (about 4 min on 2 cores), to catch a broken step or flag
 #
 # Steps (each under its own timeout, most valuable first, so a slow step costs only itself):
 #   env.txt           GPU, driver, torch/CUDA/cuDNN/transformers versions, cores, FA3/varlen availability
@@ -17,6 +19,13 @@ cd "$(dirname "$0")/.."
 RESULTS="${OUT:-gpu-results}"
 mkdir -p "$RESULTS"
 started=$SECONDS
+if [ -n "${DRY:-}" ]; then  # the same steps on the CPU at toy sizes: checks the commands, measures nothing
+  DEVICE=cpu MODEL=qwen3-vl-tiny IMAGES=12 MAX_SIDE=400 LOOP="--loop-images 24 --loop-workers 2 --naive-batch 4 \
+    --jpeg-size 640x480" FULL="" STRETCH=3
+else
+  DEVICE=cuda MODEL=qwen3-vl-2b IMAGES=600 MAX_SIDE=1600 LOOP="--loop-images 3072 --loop-workers 12 --naive-batch 16 \
+    --jpeg-size 1600x1200" FULL=--full STRETCH=1
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then  # simplejpeg, braceexpand, a newer transformers (gpu_wheels.sh)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
   if ! PYTHONPATH=/tmp/site python3 -c "import transformers.models.qwen3_vl.modeling_qwen3_vl" 2>/dev/null; then
@@ -40,18 +49,20 @@ print('varlen_attn', u.find_spec('torch.nn.attention.varlen') is not None,
   echo "cores $(nproc)"
 } 2>&1 | tee "$RESULTS/env.txt"
 
-timeout 100 python -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py 2>&1 | tail -60 \
+timeout $((100 * STRETCH)) python -m pytest -p no:cacheprovider -q -m gpu tests/test_gpu.py 2>&1 | tail -60 \
   | tee "$RESULTS/gpu_tests.txt"
 echo "# tests done at $((SECONDS - started)) s" | tee -a "$RESULTS/env.txt"
 
-timeout 90 python -m vitok.bench.decode_check --device cuda --model qwen3-vl-2b --images 600 --max-side 1600 \
+timeout $((90 * STRETCH)) python -m vitok.bench.decode_check --device $DEVICE --model $MODEL --images $IMAGES \
+  --max-side $MAX_SIDE \
   --max-pixels 200704 --out "$RESULTS" 2>&1 | grep -v "NO CHECKPOINT" | tail -60 > "$RESULTS/decode_check.txt"
 echo "# decode check done at $((SECONDS - started)) s (exit ${PIPESTATUS[0]})" | tee -a "$RESULTS/env.txt"
 
 # What is left of the 6 minutes goes to the benchmark (its rows are written to bench.json as they come).
-left=$(( 355 - (SECONDS - started) ))
-timeout "$left" python -m vitok.bench --device cuda --full --sections "${BENCH_SECTIONS:-loop,startup,encoder,attention}" \
-  --loop-images 3072 --loop-workers 12 --naive-batch 16 --jpeg-size 1600x1200 --max-pixels 200704 \
+left=$(( 355 * STRETCH - (SECONDS - started) ))
+# shellcheck disable=SC2086  # $LOOP and $FULL are lists of flags
+timeout "$left" python -m vitok.bench --device $DEVICE $FULL \
+  --sections "${BENCH_SECTIONS:-loop,startup,encoder,attention}" $LOOP --max-pixels 200704 \
   --process-repeats 1 --iters 5 --tar-images 0 --json "$RESULTS/bench.json" 2>&1 \
   | grep -v "NO CHECKPOINT\|Loading weights\|Writing model" | tee "$RESULTS/bench.txt"
 echo "# all done at $((SECONDS - started)) s" | tee -a "$RESULTS/env.txt"

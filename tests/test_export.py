@@ -300,9 +300,15 @@ def test_keys_that_are_not_utf8_export_in_every_layout(odd_keys):
     assert {row["key_bytes"] for row in table} == {b"caf\xe9.png", b"plain.png"}
     assert "caf\\xe9.png" in {row["key"] for row in table}
     assert export(out, odd_keys / "ec", "vllm-ec").images == 2
-    lines = [json.loads(line) for line in (odd_keys / "ec" / "uuids.jsonl").read_text().splitlines()]
-    assert key in {line["key"] for line in lines}
+    text = (odd_keys / "ec" / "uuids.jsonl").read_text()
+    assert "\\ud" not in text  # no lone surrogate escapes: strict JSON readers (serde, Go) refuse them
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert {line["key"] for line in lines} == {"caf\\xe9.png", "plain.png"}
+    assert {bytes.fromhex(line.get("key_bytes_hex", "")) for line in lines} == {b"caf\xe9.png", b""}
     assert all((odd_keys / "ec" / line["uuid"]).is_dir() for line in lines)
+    from vitok.consumers.serving import verify_embeds
+
+    assert verify_embeds(odd_keys / "ec").clean
     assert export(out, odd_keys / "sg", "sglang").images == 2
 
 

@@ -137,6 +137,17 @@ def test_archives_beside_loose_images_are_named_with_the_flag_to_use(tmp_path, c
     assert "00000.tar" in caplog.text and "--input-format wds" in caplog.text
 
 
+def test_parquet_column_flags_on_inputs_without_columns_are_named_as_ignored(tmp_path, caplog):
+    folder = tmp_path / "loose"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png(0))
+    with caplog.at_level(logging.WARNING):
+        vitok.extract([str(folder)], tmp_path / "out", image_column="jpg", key_column="id", **LIB)
+    assert "--image-column jpg applies to parquet inputs only" in caplog.text
+    assert "--key-column id applies to parquet inputs only" in caplog.text
+    assert len(vitok.open(tmp_path / "out")) == 1
+
+
 def test_parquet_duplicate_and_null_keys_are_recorded_never_written_twice(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

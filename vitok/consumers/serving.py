@@ -14,7 +14,9 @@ and counts a hit by ``os.path.exists``) and the Qwen3-VL tower of ``vllm/model_e
                                             Qwen3-VL (merger output first, then the levels in order), out_hidden_size
                                             for Qwen2-VL / Qwen2.5-VL / Qwen3.5
     DEST/uuids.jsonl                        one line per image: {"key", "uuid" (= <name>), "image_grid_thw", "tokens"};
-                                            pass "uuid" as the request's multi_modal_uuids
+                                            pass "uuid" as the request's multi_modal_uuids. A key that is not
+                                            UTF-8 (a file name's bytes) is written with ``\\xNN`` escapes and its
+                                            exact bytes in "key_bytes_hex", so strict JSON readers accept the line
 
 ``<name>`` is the key made file-system safe (characters outside ``[A-Za-z0-9._-]`` become ``_``, at most its last
 60) followed by ``-`` and 32 hex digits of blake2b over the key's bytes: distinct keys get distinct names, also on
@@ -206,8 +208,11 @@ class VllmEcLayout(_ServingLayout):
                     written[name.lower()] = name
                     (folder / name).mkdir()
                     save_file({TENSOR_NAME: embeds}, str(folder / name / ENTRY_FILE))
-                uuids.write(json.dumps({"key": key, "uuid": name, "image_grid_thw": grid.tolist(),
-                                        "tokens": int(embeds.shape[0])}, ensure_ascii=True) + "\n")
+                line = {"key": printable(key), "uuid": name, "image_grid_thw": grid.tolist(),
+                        "tokens": int(embeds.shape[0])}
+                if line["key"] != key:  # lone surrogates are not JSON every reader accepts
+                    line["key_bytes_hex"] = key_bytes(key).hex()
+                uuids.write(json.dumps(line, ensure_ascii=True) + "\n")
                 count += 1
         return count, left_out
 
@@ -304,6 +309,8 @@ def _vllm_ec_entries(folder: Path) -> Iterator[tuple[str, Any, Any, str | None]]
             try:
                 entry = json.loads(line)
                 key, name, grid = entry["key"], entry["uuid"], entry["image_grid_thw"]
+                if "key_bytes_hex" in entry:  # the exact key of a name that is not UTF-8
+                    key = bytes.fromhex(entry["key_bytes_hex"]).decode("utf-8", "surrogateescape")
             except (ValueError, KeyError, TypeError):
                 yield f"{UUIDS_FILE} line {number}", None, None, "not a JSON line with key, uuid and image_grid_thw"
                 continue

@@ -209,6 +209,12 @@ def report_listing(listing: Listing) -> None:
 def check_listing(listing: Listing, changes: PlanDiff | None, reader_options: ReaderOptions) -> None:
     """What planning would refuse, found before anything is written: two inputs with one key, parquet files without
     the columns asked for (only the inputs this run plans)."""
+    if getattr(listing, "kind", None) != "parquet":
+        columns = {"--image-column": reader_options.image_column, "--key-column": reader_options.key_column}
+        for flag, value in columns.items():
+            if value is not None:
+                logger.warning("%s %s applies to parquet inputs only; these inputs have no columns, so it is ignored",
+                               flag, value)
     if isinstance(listing, FileListing):
         if len(listing.roots) > 1:
             for _ in listing.items():  # raises on two different files with one key
