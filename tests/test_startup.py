@@ -3,6 +3,8 @@ warm-up batch changes no token, and the decode workers start before the first ch
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from vitok.encoder.checkpoint import resolve_model, save_tower
@@ -83,3 +85,75 @@ def test_on_a_cpu_the_warm_up_runs_only_while_workers_start_and_the_kernels_were
         assert not encoder.needs_warm_up(2)  # a later process reads them from the disk cache
     finally:
         kernel_choice.forget()
+
+
+def test_the_prefetch_reads_the_towers_bytes_and_never_the_language_models(tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from vitok.encoder.checkpoint import prefetch_weights, tower_byte_ranges
+
+    tower = {"model.visual." + k: v for k, v in eager().state_dict().items()}
+    language = {"model.language_model.embed_tokens.weight": torch.ones(1024, 1024),  # 4 MB: not read
+                "lm_head.weight": torch.ones(1024, 1024)}
+    file = tmp_path / "model.safetensors"
+    save_file(tower | language, str(file))
+    source = replace(resolve_model("qwen3-vl-tiny"), weight_files=[file], prefix="model.visual.")
+
+    ranges = tower_byte_ranges(source)
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = __import__("json").loads(handle.read(length))
+    spans = {name: (8 + length + e["data_offsets"][0], 8 + length + e["data_offsets"][1])
+             for name, e in header.items() if name != "__metadata__"}
+    covered = lambda a, b: any(f == file and start <= a and b <= end for f, start, end in ranges)  # noqa: E731
+    assert all(covered(*spans[name]) for name in tower)
+    overlaps = lambda a, b: any(start < b and a < end for _, start, end in ranges)  # noqa: E731
+    assert not any(overlaps(*spans[name]) for name in language)
+    assert len(ranges) <= 3  # adjacent tensors are read as one range
+
+    assert prefetch_weights(replace(source, weight_files=[])) is None  # seeded random weights: nothing to read
+    prefetch_weights(source).join(timeout=30)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\xff" * 8 + b"not safetensors")
+    assert prefetch_weights(replace(source, weight_files=[damaged])) is None  # the load proper reports it
+    assert resolve_model(str(file)).weight_files == [file]  # what prepare() hands the prefetch
+
+
+def test_a_checkpoint_is_hashed_once_per_machine_until_its_files_change(tmp_path):
+    file = tmp_path / "tower.safetensors"
+    save_tower(eager(seed=1), file, resolve_model("qwen3-vl-tiny").encoder)
+    first = load_encoder(str(file), "cpu", "float32")
+    assert "weights_hash_wait" in first.load_seconds  # computed
+    again = load_encoder(str(file), "cpu", "float32")
+    assert "weights_hash_wait" not in again.load_seconds and again.weights_hash == first.weights_hash
+
+    save_tower(eager(seed=2), file, resolve_model("qwen3-vl-tiny").encoder)  # other weights, same path
+    changed = load_encoder(str(file), "cpu", "float32")
+    assert "weights_hash_wait" in changed.load_seconds and changed.weights_hash != first.weights_hash
+    os.utime(file, ns=(1, 1))  # same bytes, other time: hashed again, same digest
+    touched = load_encoder(str(file), "cpu", "float32")
+    assert "weights_hash_wait" in touched.load_seconds and touched.weights_hash == changed.weights_hash
+
+
+def test_resolving_a_checkpoint_reads_names_and_shapes_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    model = eager()
+    save_tower(model, tmp_path / "tower.safetensors", model.config)  # architecture in its metadata
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"visual." + k: v.to(torch.bfloat16) for k, v in model.state_dict().items()},
+              str(bare / "model.safetensors"))
+    (bare / "config.json").write_text(__import__("json").dumps({"vision_config": model.config.to_dict()}))
+    code = ("import sys; from vitok.encoder.checkpoint import resolve_model; "
+            f"[resolve_model(p) for p in sys.argv[1:]]; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tower.safetensors"), str(bare)],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", done.stderr

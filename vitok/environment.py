@@ -7,7 +7,9 @@ keeps Pillow's, its libjpeg-turbo's, simplejpeg's and torchvision's versions bes
 from __future__ import annotations
 
 import functools
+import os
 import platform
+from pathlib import Path
 from typing import Any
 
 from . import __version__, settings
@@ -20,6 +22,12 @@ def _version(module: str) -> str | None:
         return version(module)
     except Exception:  # not installed
         return None
+
+
+def cache_dir() -> Path:
+    """This machine's cache of measured and computed facts (kernel choices, checkpoint hashes):
+    ``$VITOK_CACHE_DIR``, default ``~/.cache/vitok``. Losing it costs time, never a result."""
+    return Path(os.environ.get("VITOK_CACHE_DIR") or Path.home() / ".cache" / "vitok")
 
 
 @functools.cache

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -171,12 +172,13 @@ def _tower_files(folder: Path) -> tuple[list[Path], str]:
 
 
 @contextlib.contextmanager
-def _open_safetensors(path: Path):
-    """``safe_open`` whose errors (a truncated or damaged file) are one CheckpointError naming the file."""
+def _open_safetensors(path: Path, framework: str = "numpy"):
+    """``safe_open`` whose errors (a truncated or damaged file) are one CheckpointError naming the file. Names,
+    shapes and metadata need no framework: ``numpy`` keeps torch unimported (about a second) until weights are read."""
     from safetensors import safe_open
 
     try:
-        handle = safe_open(str(path), framework="pt")
+        handle = safe_open(str(path), framework=framework)
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: cannot read it as safetensors ({exc}); the file is truncated or damaged: "
                               "download or copy it again") from None
@@ -298,7 +300,7 @@ def read_tower_state_dict(source: ModelSource) -> dict[str, torch.Tensor]:
     """Read exactly the tower's tensors (prefix stripped) from the source's safetensors files."""
     state: dict[str, torch.Tensor] = {}
     for file in source.weight_files:
-        with _open_safetensors(file) as handle:
+        with _open_safetensors(file, "pt") as handle:
             for key in handle.keys():
                 if key.startswith(source.prefix):
                     state[key[len(source.prefix) :]] = handle.get_tensor(key)
@@ -345,6 +347,64 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return "blake2b:" + digest.hexdigest()
 
 
+HASH_CACHE_ENTRIES = 64  # checkpoints remembered per machine
+
+
+def _hash_cache_key(source: ModelSource) -> str | None:
+    """What identifies a checkpoint's tower on this machine without reading it: each weight file's real path, size,
+    modification time and inode, and the prefix (None when a file cannot be seen)."""
+    try:
+        files = [(os.path.realpath(f), (st := os.stat(f)).st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+                 for f in source.weight_files]
+    except OSError:
+        return None
+    text = json.dumps({"files": files, "prefix": source.prefix, "hash": "blake2b-16"})
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _hash_cache_file() -> Path:
+    from ..environment import cache_dir
+
+    return cache_dir() / "weights-hashes.json"
+
+
+def cached_weights_hash(source: ModelSource) -> str | None:
+    """The ``weights_hash`` an earlier load on this machine computed for these exact files (their size, time and
+    inode unchanged), so a repeated start-up does not hash gigabytes again (about 1 s per GB); None if unknown."""
+    key = _hash_cache_key(source)
+    if key is None:
+        return None
+    try:
+        found = json.loads(_hash_cache_file().read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) and found.startswith("blake2b:") else None
+
+
+def remember_weights_hash(source: ModelSource, digest: str) -> None:
+    """Keep ``digest`` for :func:`cached_weights_hash`; a cache that cannot be written only costs the next run time."""
+    from ..atomic import AtomicFile
+
+    key = _hash_cache_key(source)
+    if key is None:
+        return
+    path = _hash_cache_file()
+    try:
+        entries = json.loads(path.read_text())
+        entries = entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        entries = {}
+    entries.pop(key, None)
+    entries[key] = digest  # newest last: the oldest are dropped first
+    entries = dict(list(entries.items())[-HASH_CACHE_ENTRIES:])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with AtomicFile(path.parent, path.name, path) as atomic:
+            atomic.handle.write(json.dumps(entries, indent=0).encode())
+    except OSError as exc:
+        logger.debug("cannot keep the weights hash in %s: %s", path, exc)
+
+
 def save_tower(model: torch.nn.Module, path: str | os.PathLike, config: EncoderConfig) -> None:
     """Write a tower as one safetensors file with its architecture in the metadata (reloadable by path)."""
     from safetensors.torch import save_file
@@ -354,3 +414,59 @@ def save_tower(model: torch.nn.Module, path: str | os.PathLike, config: EncoderC
     data.pop("name")
     save_file(state, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(data)})
 
+
+
+def tower_byte_ranges(source: ModelSource) -> list[tuple[Path, int, int]]:
+    """(file, start, end) of the tower's tensor data in each weight file, adjacent tensors merged; read from the
+    safetensors headers alone (an 8-byte length, then JSON), so it needs neither torch nor the data."""
+    ranges: list[tuple[Path, int, int]] = []
+    for file in source.weight_files:
+        try:
+            with open(file, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length)) if 0 < length < 100_000_000 else {}
+        except (OSError, ValueError):
+            continue  # the load proper names what is wrong with the file
+        spans = sorted(
+            (8 + length + entry["data_offsets"][0], 8 + length + entry["data_offsets"][1])
+            for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and name.startswith(source.prefix)
+            and not (source.prefix == "" and name.startswith(("model.", "lm_head.")))
+        )
+        for start, end in spans:
+            if ranges and ranges[-1][0] == file and start - ranges[-1][2] <= PREFETCH_GAP:
+                ranges[-1] = (file, ranges[-1][1], max(end, ranges[-1][2]))
+            else:
+                ranges.append((file, start, end))
+    return ranges
+
+
+PREFETCH_GAP = 1 << 20  # bytes between two tensors read through rather than skipped
+
+
+def prefetch_weights(source: ModelSource) -> threading.Thread | None:
+    """Read the tower's bytes into the page cache in a background thread, so that reading the checkpoint overlaps
+    importing torch, listing the inputs and planning; the load proper then copies from memory. Only the tower's
+    byte ranges are read (not a full model's language weights), and errors are left to the load to report."""
+    ranges = tower_byte_ranges(source)
+    if not ranges:
+        return None
+
+    def read() -> None:
+        buffer = bytearray(8 << 20)
+        for file, start, end in ranges:
+            try:
+                with open(file, "rb", buffering=0) as handle:
+                    position = start
+                    while position < end:
+                        got = os.preadv(handle.fileno(), [memoryview(buffer)[: min(len(buffer), end - position)]],
+                                        position)
+                        if got <= 0:
+                            break
+                        position += got
+            except OSError:
+                return
+
+    thread = threading.Thread(target=read, name="vitok-weights-prefetch", daemon=True)
+    thread.start()
+    return thread

@@ -17,7 +17,15 @@ import torch
 
 from ..errors import UsageError
 from ..inputs.preprocess import PreparedImage, normalize_patches
-from .checkpoint import ModelSource, check_state_dict, read_tower_state_dict, resolve_model, weights_hash
+from .checkpoint import (
+    ModelSource,
+    cached_weights_hash,
+    check_state_dict,
+    read_tower_state_dict,
+    remember_weights_hash,
+    resolve_model,
+    weights_hash,
+)
 from .config import COMPUTE_DTYPES, EncoderConfig, PreprocessConfig
 from .model import EncoderOutput, VisionEncoder, init_random_weights
 
@@ -214,7 +222,8 @@ def load_encoder(
         started = time.perf_counter()
         state = read_tower_state_dict(source)
         check_state_dict(encoder.state_dict(), state, f"{source.name} ({source.weight_files[0].parent})")
-        hashing = _Hashing(state)  # in a thread, while the weights go to the device
+        digest = cached_weights_hash(source)  # an earlier load on this machine hashed these very files
+        hashing = None if digest else _Hashing(state)  # in a thread, while the weights go to the device
         encoder.load_state_dict(state, strict=True, assign=True)  # the checkpoint's tensors, no copy
         seconds["weights_read"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -222,10 +231,11 @@ def load_encoder(
     if torch_device.type == "cuda":  # once per run, at load: the copies are done before the hot path begins
         torch.cuda.synchronize(torch_device)
     seconds["weights_on_device"] = time.perf_counter() - started
-    if not source.random_weights:
+    if not source.random_weights and hashing is not None:
         started = time.perf_counter()
         digest = hashing.result()
         seconds["weights_hash_wait"] = time.perf_counter() - started
+        remember_weights_hash(source, digest)
     if attention == "auto":
         attention = "varlen" if torch_device.type == "cuda" and torch_dtype != torch.float32 else "sdpa"
     encoder.set_attention(attention)

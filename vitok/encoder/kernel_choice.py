@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +36,9 @@ _identity: str | None = None
 
 
 def cache_file() -> Path:
-    return Path(os.environ.get("VITOK_CACHE_DIR") or Path.home() / ".cache" / "vitok") / "kernels.json"
+    from ..environment import cache_dir
+
+    return cache_dir() / "kernels.json"
 
 
 def machine_identity() -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..encoder.checkpoint import ModelSource, resolve_model
+from ..encoder.checkpoint import ModelSource, prefetch_weights, resolve_model
 from ..encoder.config import EncoderConfig, PreprocessConfig
 from ..encoder.features import check_features, default_features, token_orders
 from ..errors import InputsChangedError, SettingsMismatchError, StoreError, UsageError
@@ -155,6 +155,7 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
         options = options.from_store(header.options or options_from_settings(header.settings))
     part = detect_part(options.part, options.num_parts)
     source = resolve_model(options.model)
+    prefetch_weights(source)  # the checkpoint's bytes come off the disk while torch imports and inputs are listed
     features = check_features(source.encoder, options.features or default_features(source.encoder),
                               options.pool)
     preprocess = preprocess_for(source, options)
