@@ -19,6 +19,9 @@ Sections:
                 the full tower from a checkpoint on CUDA)
   bf16          (CPU) --dtype bfloat16 vs float32: the encoder in-process and whole processes, with CPU features
   attention     (CUDA) the encoder with each attention kernel available (varlen flash, SDPA flash/cuDNN/efficient)
+  decoders      JPEG decoders alone on --jpeg-size JPEGs: exact decode on every core, torchvision's decode_jpeg
+                (--decode gpu's call), nvImageCodec's backends where it imports on CUDA (the hardware JPEG engines
+                among them); images/s and pixel differences against exact decode
   plan          `vitok plan` over --plan-paths listed paths: seconds and peak memory; a part's start-up
   rss           peak memory of one run with shards of 10 and of --rss-images images
   reads         reading a 100,000-image pooled store and a 10,000-image store of 64 tokens each, key by key vs
@@ -58,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", default=DEFAULT_SECTIONS, help=f"comma list; default {DEFAULT_SECTIONS}")
     p.add_argument("--images", type=int, default=16, help="JPEGs for e2e (16 distinct, the rest repeats)")
     p.add_argument("--data-images", type=int, default=16, help="JPEGs timed in the data section")
+    p.add_argument("--decoder-images", type=int, default=256, help="JPEGs timed in the decoders section")
     p.add_argument("--tar-images", type=int, default=64, help="512x384 JPEGs in tars (data; e2e on GPU; 0 = none)")
     p.add_argument("--naive-images", type=int, default=256, help="JPEGs timed for the in-process naive loop")
     p.add_argument("--process-repeats", type=int, default=3, help="CPU e2e: alternating runs of each, median")
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if not reference:
         print("# transformers is not installed: the reference comparisons (encoder, families, e2e) are skipped",
               flush=True)
-    from . import attention, cpu_bf16, data, e2e, encoder, ray, startup, store, train
+    from . import attention, cpu_bf16, data, decoders, e2e, encoder, ray, startup, store, train
     from .common import JSON_PATH
 
     if args.json:
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             encoder.run(args, device, dtype)
         if "data" in args.sections:
             data.run(args, device, tmp_path)
+        if "decoders" in args.sections:
+            decoders.run(args, device, tmp_path)
         if "attention" in args.sections and device.type == "cuda":
             attention.run(args, device, dtype)
         if args.sections & {"e2e", "loop"} and reference:
