@@ -153,7 +153,7 @@ def test_resolving_a_checkpoint_reads_names_and_shapes_without_importing_torch(t
               str(bare / "model.safetensors"))
     (bare / "config.json").write_text(__import__("json").dumps({"vision_config": model.config.to_dict()}))
     code = ("import sys; from vitok.encoder.checkpoint import resolve_model; "
-            f"[resolve_model(p) for p in sys.argv[1:]]; print('torch' in sys.modules)")
+            "[resolve_model(p) for p in sys.argv[1:]]; print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tower.safetensors"), str(bare)],
                           capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False", done.stderr
