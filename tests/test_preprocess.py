@@ -162,3 +162,81 @@ def test_resize_without_torchvision_equals_torchvision(mode):
         expected = tvF.resize(pixels, [th, tw], interpolation=interpolation, antialias=True)
         got = resize_like_torchvision(pixels, th, tw, mode)
         assert got.dtype == torch.uint8 and torch.equal(got, expected), (h, w, th, tw)
+
+
+# ---- preprocessor_config.json as transformers reads it ------------------------------------------------------------
+
+PROCESSOR_CONFIGS = {  # preprocessor_config.json contents: every field left out means the processor class's default
+    "empty": {},
+    "min-max-pixels": dict(min_pixels=1024, max_pixels=20000),
+    "min-max-pixels-over-size": dict(size={"shortest_edge": 4096, "longest_edge": 1000000}, min_pixels=1024,
+                                     max_pixels=20000),
+    "no-rescale": dict(do_rescale=False, size={"shortest_edge": 1024, "longest_edge": 20000}),
+    "no-normalize": dict(do_normalize=False, size={"shortest_edge": 1024, "longest_edge": 20000}),
+    "neither": dict(do_normalize=False, do_rescale=False, size={"shortest_edge": 1024, "longest_edge": 20000}),
+    "scalar-mean-std": dict(image_mean=0.5, image_std=0.25, patch_size=16, rescale_factor=1 / 127.5),
+    "bilinear-p8-m1-t1": dict(resample=2, patch_size=8, merge_size=1, temporal_patch_size=1,
+                              size={"shortest_edge": 64, "longest_edge": 20000}),
+    "p8-m3-t3": dict(patch_size=8, merge_size=3, temporal_patch_size=3, size={"shortest_edge": 576,
+                                                                             "longest_edge": 50000}),
+    "no-resize": dict(do_resize=False, patch_size=8, merge_size=2),
+}
+# (width, height): a pixel, thin strips either way, sizes around the factor, aspect ratio just over 200
+ODD_SIZES = [(1, 1), (3, 1000), (1000, 3), (31, 33), (64, 32), (56, 56), (112, 28), (1, 201)]
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+@pytest.mark.parametrize("name", PROCESSOR_CONFIGS)
+def test_preprocessor_config_variants_equal_the_reference(tmp_path, name, backend):
+    """pixel_values and grid_thw equal the reference processor built from the same preprocessor_config.json (its
+    torchvision and PIL variants); where the reference refuses an image, vitok refuses it with an ImageError."""
+    data = PROCESSOR_CONFIGS[name]
+    reference = _processor_class(backend).from_dict(dict(data))
+    pre = Preprocessor(PreprocessConfig.from_hf_preprocessor_config(dict(data), PreprocessConfig(backend=backend)))
+    rng = np.random.default_rng(0)
+    for width, height in ODD_SIZES:
+        path = tmp_path / f"{width}x{height}.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        try:
+            expected, grid = reference_pixels(reference, path)
+        except (ValueError, RuntimeError):  # aspect ratio over 200; off the grid without resizing
+            with pytest.raises(ImageError):
+                pre.load(path)
+            continue
+        prepared = pre.load(path)
+        assert prepared.grid_thw == grid, (width, height)
+        torch.testing.assert_close(pre.pixel_values(prepared), expected.float(), rtol=0, atol=0)
+
+
+def _processor_class(backend: str):
+    if backend == "pil":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil
+    from transformers import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor
+
+
+def test_processor_defaults_table_is_the_reference_class():
+    from vitok.encoder.config import HF_PROCESSOR_DEFAULTS
+
+    for backend in ("torchvision", "pil"):
+        cls = _processor_class(backend)
+        for key, value in HF_PROCESSOR_DEFAULTS.items():
+            assert getattr(cls, key) == (list(value) if isinstance(value, tuple) and key.startswith("image") else
+                                         value) or tuple(getattr(cls, key)) == value, (backend, key)
+
+
+@pytest.mark.parametrize(("data", "named"), [
+    (dict(size={"shortest_edge": 4096}), "longest_edge"),  # the reference refuses every image
+    (dict(size={"min_pixels": 3136, "max_pixels": 100000}), "shortest_edge"),
+    (dict(resample=0), "resample"),  # nearest: vitok resizes bicubic or bilinear only
+    (dict(image_mean=[0.5, 0.5]), "image_mean"),
+])
+def test_preprocessor_configs_vitok_cannot_run_are_one_line_errors(data, named):
+    from vitok.errors import UsageError
+
+    with pytest.raises(UsageError, match=named) as error:
+        PreprocessConfig.from_hf_preprocessor_config(data, PreprocessConfig())
+    assert "\n" not in str(error.value)

@@ -68,7 +68,7 @@ class EncoderConfig:
     spatial_merge_size: int = 2  # m: the merger fuses m x m patches; 1 means raster order and no merger
     out_hidden_size: int | None = None  # O: merger output width; None = the tower has no merger
     num_position_embeddings: int = 0  # P: learned absolute table (sqrt(P) per side); 0 = RoPE only
-    deepstack_visual_indexes: tuple[int, ...] = ()  # blocks whose output feeds a DeepStack merger
+    deepstack_visual_indexes: tuple[int, ...] = ()  # DeepStack merger k taps block [k] (see deepstack_layers)
     hidden_act: str = "gelu_pytorch_tanh"  # block MLP activation (mergers always use erf GELU)
     patch_embed_bias: bool = True
     layer_norm_eps: float = 1e-6
@@ -96,15 +96,20 @@ class EncoderConfig:
             raise UsageError(f"{self.name}: window_size {self.window_size} is smaller than patch x merge "
                              f"({self.patch_size * self.spatial_merge_size}); windows hold window_size // (patch x "
                              "merge) merged tokens a side")
-        bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
-        if bad:
-            raise UsageError(f"{self.name}: deepstack_visual_indexes {bad} outside 0..{self.depth - 1}")
         if self.deepstack_visual_indexes and self.out_hidden_size is None:
             raise UsageError(f"{self.name}: DeepStack mergers need out_hidden_size")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def deepstack_layers(self) -> tuple[int, ...]:
+        """The blocks whose output is tapped, in the reference's order (block order). As in transformers, every index
+        has a merger (its weights are in the checkpoint), a repeated block is tapped once (by its first merger), and an
+        index outside 0..depth-1 (a config that leaves the field at its (8, 16, 24) default on a shallow tower) is
+        never reached."""
+        return tuple(i for i in range(self.depth) if i in self.deepstack_visual_indexes)
 
     @property
     def has_merger(self) -> bool:
@@ -121,7 +126,7 @@ class EncoderConfig:
         out = ["patch"]
         if self.has_merger:
             out.append("merged")
-        if self.deepstack_visual_indexes:
+        if self.deepstack_layers:
             out.append("deepstack")
         return tuple(out)
 

@@ -437,7 +437,8 @@ class VisionEncoder(nn.Module):
                 h = h[tables.from_windows]
             return h[tables.to_raster] if tables.to_raster is not None else h
 
-        taps = self.config.deepstack_visual_indexes if "deepstack" in features else ()
+        taps = self.config.deepstack_layers if "deepstack" in features else ()
+        mergers = self.config.deepstack_visual_indexes  # block i feeds merger mergers.index(i), as in the reference
         blocks_out = {block_index(f, self.config.depth): f for f in features if f.startswith("block:")}
         needed = [max(taps) + 1 if taps else 0, *(i + 1 for i in blocks_out)]
         if "patch" in features or "merged" in features:
@@ -450,7 +451,7 @@ class VisionEncoder(nn.Module):
             x = block(x, rotary, segments)  # (N, D)
             if index in taps:
                 unwindowed = x[tables.from_windows] if tables.from_windows is not None else x
-                deepstack.append(self.deepstack_merger_list[taps.index(index)](unwindowed))  # (N/4, O)
+                deepstack.append(self.deepstack_merger_list[mergers.index(index)](unwindowed))  # (N/4, O)
             if index in blocks_out:
                 out[blocks_out[index]] = block_order(x)
 

@@ -65,7 +65,7 @@ def feature_layouts(config: EncoderConfig, features: Sequence[str], pool: str = 
     layouts = {}
     for feature in features:
         if feature == "deepstack":
-            layouts[feature] = FeatureLayout(int(config.out_hidden_size), len(config.deepstack_visual_indexes))
+            layouts[feature] = FeatureLayout(int(config.out_hidden_size), len(config.deepstack_layers))
         elif feature == "merged":
             layouts[feature] = FeatureLayout(int(config.out_hidden_size))
         else:  # patch, block:N
