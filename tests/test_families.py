@@ -349,3 +349,51 @@ def test_unsupported_configs_fail_at_load_in_one_line(tmp_path, family, fields, 
         resolve_model(str(tmp_path))
     message = str(error.value)
     assert named in message and "\n" not in message, message
+
+
+PROCESSORS = {"qwen2": dict(patch_size=14, size={"shortest_edge": 784, "longest_edge": 40000}),
+              "qwen3": dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                            size={"shortest_edge": 1024, "longest_edge": 40000})}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_extract_of_a_saved_checkpoint_equals_the_reference(tmp_path, family):
+    """``vitok extract`` on a folder transformers saved (weights and preprocessor_config.json), read back with
+    vitok.open, equals the reference tower run on the reference processor's pixels, merged and DeepStack outputs; an
+    image the reference processor refuses is skipped with its reason in the manifest."""
+    import numpy as np
+    from helpers import in_process
+    from test_checkpoint import saved_vl_folder
+    from transformers import Qwen2VLImageProcessor
+
+    import vitok
+
+    reference = saved_vl_folder(tmp_path / "ckpt", family)
+    processor = Qwen2VLImageProcessor(**PROCESSORS["qwen2" if family.startswith("qwen2") else "qwen3"])
+    processor.save_pretrained(tmp_path / "ckpt")
+    rng = np.random.default_rng(0)
+    sizes = [(40, 30), (1, 1), (3, 100), (77, 33), (3, 700)]  # the last: aspect ratio over 200
+    (tmp_path / "imgs").mkdir()
+    for w, h in sizes:
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{w}x{h}.png")
+    deepstack = bool(reference.config.to_dict().get("deepstack_visual_indexes"))
+    result = in_process("extract", str(tmp_path / "imgs"), "--model", str(tmp_path / "ckpt"), "-o",
+                        str(tmp_path / "out"), "--workers", "0", "--quiet", "--device", "cpu", "--dtype", "float32",
+                        "--store-dtype", "float32", "--features", "merged,deepstack" if deepstack else "merged")
+    assert result.returncode == 0, result.stderr
+    store = vitok.open(tmp_path / "out")
+    keys = {key.rsplit("/", 1)[-1].removesuffix(".png"): key for key in store.keys()}
+    assert set(keys) == {f"{w}x{h}" for w, h in sizes[:-1]}
+    for w, h in sizes[:-1]:
+        pixels = processor(images=[Image.open(tmp_path / "imgs" / f"{w}x{h}.png")], return_tensors="pt")
+        with torch.no_grad():
+            expected = reference(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"])
+        np.testing.assert_allclose(store.get(keys[f"{w}x{h}"], "merged"), expected.pooler_output.numpy(), rtol=1e-5,
+                                   atol=1e-5)
+        if deepstack:
+            stored = store.get(keys[f"{w}x{h}"], "deepstack")
+            assert stored.shape[0] == len(expected.deepstack_features)
+            for k, tensor in enumerate(expected.deepstack_features):
+                np.testing.assert_allclose(stored[k], tensor.numpy(), rtol=1e-5, atol=1e-5)
+    skipped = json.loads(next((tmp_path / "out" / "shards").glob("*.json")).read_text())
+    assert "aspect ratio 233.3 exceeds 200" in json.dumps(skipped)
