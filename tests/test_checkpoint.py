@@ -198,6 +198,9 @@ def saved_vl_folder(folder, family, dtype=None, shard=None, leave_out=(), prefix
     config = json.loads((folder / "config.json").read_text())
     for key in leave_out:
         config["vision_config"].pop(key, None)
+    for alias, key in (("num_attention_heads", "num_heads"), ("num_hidden_layers", "depth")):  # the attribute_map
+        if alias in leave_out:
+            config["vision_config"][alias] = TINY_TOWERS[family][key]
     (folder / "config.json").write_text(json.dumps(config))
     if prefix is not None:
         from safetensors.torch import load_file
@@ -213,11 +216,15 @@ def saved_vl_folder(folder, family, dtype=None, shard=None, leave_out=(), prefix
     return model.model.visual.float()
 
 
-SAVED = [  # family, stored dtype, shard size, vision fields left out of config.json (their defaults apply), prefix
+# family, stored dtype, shard size, vision fields left out of config.json (their defaults apply; an alias named there
+# is written instead of its field), prefix
+SAVED = [
     ("qwen3_vl", torch.bfloat16, "20KB", ("patch_size", "spatial_merge_size", "temporal_patch_size", "in_channels",
-                                          "hidden_act", "rope_parameters", "model_type"), None),
+                                          "hidden_act", "rope_parameters", "model_type", "num_heads",
+                                          "num_attention_heads"), None),
     ("qwen3_5", torch.float16, None, ("patch_size", "hidden_act", "model_type"), None),
-    ("qwen2_5_vl", torch.bfloat16, "20KB", ("patch_size", "hidden_act", "tokens_per_second"), "visual."),
+    ("qwen2_5_vl", torch.bfloat16, "20KB", ("patch_size", "hidden_act", "tokens_per_second", "depth",
+                                            "num_hidden_layers"), "visual."),
     ("qwen2_vl", None, None, ("mlp_ratio", "hidden_act", "patch_size"), "visual."),
 ]
 
