@@ -251,3 +251,16 @@ def test_a_processor_that_does_not_fit_the_tower_is_refused_at_resolve(tmp_path)
     with pytest.raises(UsageError, match="patch_size 14 does not fit the vision tower's patch_size 16") as error:
         resolve_model(folder)
     assert "\n" not in str(error.value)
+
+
+def test_a_standalone_vision_config_without_depth_takes_the_class_default(tmp_path):
+    """config.json written by a vision model's own save_pretrained, leaving out fields at their defaults (depth 27)."""
+    from transformers import Qwen3VLVisionConfig
+
+    vision = Qwen3VLVisionConfig(hidden_size=32, num_heads=2).to_diff_dict()
+    vision.pop("depth", None)
+    (tmp_path / "config.json").write_text(json.dumps(vision))
+    save_file({"patch_embed.proj.weight": torch.zeros(32, 3, 2, 16, 16)}, str(tmp_path / "model.safetensors"))
+    source = resolve_model(str(tmp_path))
+    assert source.encoder.depth == 27 and source.encoder.deepstack_visual_indexes == (8, 16, 24)
+    assert source.encoder.hidden_size == 32 and source.prefix == ""
