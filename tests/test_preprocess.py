@@ -180,6 +180,7 @@ PROCESSOR_CONFIGS = {  # preprocessor_config.json contents: every field left out
     "p8-m3-t3": dict(patch_size=8, merge_size=3, temporal_patch_size=3, size={"shortest_edge": 576,
                                                                              "longest_edge": 50000}),
     "no-resize": dict(do_resize=False, patch_size=8, merge_size=2),
+    "min-over-max": dict(size={"shortest_edge": 40000, "longest_edge": 10000}),  # smart_resize tries max first
 }
 # (width, height): a pixel, thin strips either way, sizes around the factor, aspect ratio just over 200
 ODD_SIZES = [(1, 1), (3, 1000), (1000, 3), (31, 33), (64, 32), (56, 56), (112, 28), (1, 201)]
@@ -240,3 +241,20 @@ def test_preprocessor_configs_vitok_cannot_run_are_one_line_errors(data, named):
     with pytest.raises(UsageError, match=named) as error:
         PreprocessConfig.from_hf_preprocessor_config(data, PreprocessConfig())
     assert "\n" not in str(error.value)
+
+
+def test_one_mean_and_std_value_is_every_channels():
+    config = PreprocessConfig.from_hf_preprocessor_config({"image_mean": [0.25], "image_std": 0.5}, PreprocessConfig())
+    assert config.image_mean == (0.25,) * 3 and config.image_std == (0.5,) * 3
+
+
+def test_min_pixels_over_max_pixels_is_refused_only_as_flags():
+    from vitok.encoder.checkpoint import resolve_model
+    from vitok.errors import UsageError
+    from vitok.pipeline.job import preprocess_for
+    from vitok.pipeline.options import ExtractOptions
+
+    source = resolve_model("qwen3-vl-tiny")
+    with pytest.raises(UsageError, match="--min-pixels 90000 is larger than --max-pixels 80000"):
+        preprocess_for(source, ExtractOptions(min_pixels=90000, max_pixels=80000))
+    assert preprocess_for(source, ExtractOptions()).max_pixels == source.preprocess.max_pixels

@@ -275,8 +275,6 @@ class PreprocessConfig:
                     f"image size {self.image_size} must be a multiple of {self.factor} "
                     f"(patch {self.patch_size} x merge {self.merge_size})"
                 )
-        if self.min_pixels > self.max_pixels:
-            raise UsageError(f"min_pixels {self.min_pixels} is larger than max_pixels {self.max_pixels}")
 
     @property
     def factor(self) -> int:
@@ -339,9 +337,10 @@ class PreprocessConfig:
         if resample is None:
             raise UsageError(f"{where}: resample {hf['resample']!r} is not supported (2 = bilinear, 3 = bicubic)")
 
-        def per_channel(key: str) -> tuple[float, ...]:
+        def per_channel(key: str) -> tuple[float, ...]:  # one value (or a list of one) is every channel's
             value = hf[key]
-            values = tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),) * 3
+            values = tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),)
+            values = values * 3 if len(values) == 1 else values
             if len(values) != 3:
                 raise UsageError(f"{where}: {key} {list(values)} needs one value per RGB channel (3)")
             return values

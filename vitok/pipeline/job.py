@@ -140,6 +140,9 @@ def preprocess_for(source: ModelSource, options: ExtractOptions) -> PreprocessCo
         max_image_pixels=options.max_image_pixels, fast_decode=options.fast_decode,
         allow_truncated=options.allow_truncated, decode=options.decode,
     )
+    if (options.min_pixels or options.max_pixels) and preprocess.min_pixels > preprocess.max_pixels:
+        # (a checkpoint's own preprocessor_config.json may say so: transformers' smart_resize tries max first)
+        raise UsageError(f"--min-pixels {preprocess.min_pixels} is larger than --max-pixels {preprocess.max_pixels}")
     if options.image_size:
         if options.image_size**2 > preprocess.max_pixels:
             raise UsageError(f"--image-size {options.image_size} gives {options.image_size**2} pixels, more than "
