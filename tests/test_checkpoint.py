@@ -179,10 +179,11 @@ VL_CLASSES = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
               "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration")}
 
 
-def saved_vl_folder(folder, family, dtype=None, shard=None, leave_out=(), prefix=None):
+def saved_vl_folder(folder, family, dtype=None, shard=None, leave_out=(), prefix=None, **tower):
     """A tiny vision-language model of the family written by transformers' save_pretrained (config.json with the
     vision_config nested, weights under model.visual.), optionally in bf16/fp16, sharded with an index, with vision
-    fields left out of config.json, or with the tower renamed to another prefix. Returns the reference tower."""
+    fields left out of config.json, or with the tower renamed to another prefix; ``tower`` overrides the tiny tower's
+    vision_config. Returns the reference tower."""
     import transformers
     from conftest import randomize_
 
@@ -190,7 +191,7 @@ def saved_vl_folder(folder, family, dtype=None, shard=None, leave_out=(), prefix
     text = dict(TINY_TEXT)
     if family != "qwen3_5":
         text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
-    model = model_class(config_class(vision_config=TINY_TOWERS[family], text_config=text)).eval()
+    model = model_class(config_class(vision_config={**TINY_TOWERS[family], **tower}, text_config=text)).eval()
     randomize_(model.model.visual, 5)
     if dtype is not None:
         model = model.to(dtype)

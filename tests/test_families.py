@@ -397,3 +397,37 @@ def test_cli_extract_of_a_saved_checkpoint_equals_the_reference(tmp_path, family
                 np.testing.assert_allclose(stored[k], tensor.numpy(), rtol=1e-5, atol=1e-5)
     skipped = json.loads(next((tmp_path / "out" / "shards").glob("*.json")).read_text())
     assert "aspect ratio 233.3 exceeds 200" in json.dumps(skipped)
+
+
+def test_deepstack_indexes_past_the_last_block_store_and_serve_the_blocks_tapped(tmp_path):
+    """A Qwen3-VL config with DeepStack indexes past its last block (as the (8, 16, 24) default on a shallow tower):
+    every index has a merger in the checkpoint, only the blocks that exist are tapped, and the store, its vLLM
+    embeddings and their contract count those levels, as transformers' model does."""
+    import numpy as np
+    from helpers import in_process
+    from test_checkpoint import saved_vl_folder
+
+    import vitok
+    from vitok.consumers.serving import EmbedsContract
+    from vitok.encoder.config import PreprocessConfig
+    from vitok.inputs.preprocess import Preprocessor
+
+    reference = saved_vl_folder(tmp_path / "ckpt", "qwen3_vl", deepstack_visual_indexes=[1, 5, 1])
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "imgs" /
+                                                                                                  "a.png")
+    result = in_process("extract", str(tmp_path / "imgs"), "--model", str(tmp_path / "ckpt"), "-o",
+                        str(tmp_path / "out"), "--workers", "0", "--quiet", "--device", "cpu", "--dtype", "float32",
+                        "--store-dtype", "float32", "--features", "merged,deepstack", "--min-pixels", "4096")
+    assert result.returncode == 0, result.stderr
+    store = vitok.open(tmp_path / "out")
+    key = store.keys()[0]
+    pre = Preprocessor(PreprocessConfig(min_pixels=4096))
+    prepared = pre.load(tmp_path / "imgs" / "a.png")
+    with torch.no_grad():
+        expected = reference(pre.pixel_values(prepared), grid_thw=torch.tensor([prepared.grid_thw]))
+    assert len(expected.deepstack_features) == 1
+    np.testing.assert_allclose(store.get(key, "deepstack"), torch.stack(expected.deepstack_features).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    embeds, _ = store.image_embeds(key)
+    assert embeds.shape[1] == 2 * 32 and EmbedsContract.of_store(store.header).levels == 1
