@@ -258,3 +258,27 @@ def test_min_pixels_over_max_pixels_is_refused_only_as_flags():
     with pytest.raises(UsageError, match="--min-pixels 90000 is larger than --max-pixels 80000"):
         preprocess_for(source, ExtractOptions(min_pixels=90000, max_pixels=80000))
     assert preprocess_for(source, ExtractOptions()).max_pixels == source.preprocess.max_pixels
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+def test_without_rgb_conversion_only_rgb_files_are_taken_as_the_reference(tmp_path, backend):
+    """do_convert_rgb false: an RGB file equals the reference; any other mode (which the reference processor cannot
+    normalise) is an ImageError for that image."""
+    data = dict(do_convert_rgb=False, size={"shortest_edge": 1024, "longest_edge": 20000})
+    reference = _processor_class(backend).from_dict(dict(data))
+    pre = Preprocessor(PreprocessConfig.from_hf_preprocessor_config(dict(data), PreprocessConfig(backend=backend)))
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    for mode in ("RGB", "L", "RGBA", "P", "CMYK"):
+        path = tmp_path / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+        Image.fromarray(rgb).convert(mode).save(path)
+        try:
+            expected, grid = reference_pixels(reference, path)
+        except (ValueError, RuntimeError):
+            with pytest.raises(ImageError, match=f"a {mode} image"):
+                pre.load(path)
+            continue
+        assert mode == "RGB"
+        prepared = pre.load(path)
+        assert prepared.grid_thw == grid
+        torch.testing.assert_close(pre.pixel_values(prepared), expected, rtol=0, atol=0)

@@ -256,6 +256,7 @@ class PreprocessConfig:
     do_resize: bool = True  # False: images go in at their own size, which must be a multiple of patch * merge
     do_rescale: bool = True  # multiply by rescale_factor
     do_normalize: bool = True  # subtract image_mean, divide by image_std
+    do_convert_rgb: bool = True  # False: only RGB files are taken (the reference cannot normalise other modes)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -285,8 +286,10 @@ class PreprocessConfig:
         data.pop("extra")
         data["image_mean"] = list(self.image_mean)
         data["image_std"] = list(self.image_std)
-        for switch in ("do_resize", "do_rescale", "do_normalize"):  # recorded only when off: stores written before
-            if data[switch]:  # these switches existed keep their settings (and fingerprint)
+        # the reference's switches are recorded only when off: stores written before they existed keep their settings
+        # (and fingerprint)
+        for switch in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if data[switch]:
                 data.pop(switch)
         return data
 
@@ -360,6 +363,7 @@ class PreprocessConfig:
             do_resize=bool(hf["do_resize"]),
             do_rescale=bool(hf["do_rescale"]),
             do_normalize=bool(hf["do_normalize"]),
+            do_convert_rgb=bool(hf["do_convert_rgb"]),
         )
 
     def check_fits(self, encoder: EncoderConfig, where: str = "preprocessing") -> None:
@@ -378,5 +382,5 @@ class PreprocessConfig:
 HF_PROCESSOR_DEFAULTS: dict[str, Any] = dict(
     patch_size=14, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
     image_mean=CLIP_MEAN, image_std=CLIP_STD, rescale_factor=1 / 255, resample=3, do_resize=True, do_rescale=True,
-    do_normalize=True,
+    do_normalize=True, do_convert_rgb=True,
 )

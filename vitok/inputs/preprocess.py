@@ -206,7 +206,10 @@ class Preprocessor:
         """A DecodedImage, or a path / PIL image / uint8 array (the original API's inputs)."""
         if not isinstance(decoded, DecodedImage):
             rgb = load_any_image(decoded)
-            decoded = DecodedImage(rgb, rgb.size)
+            decoded = DecodedImage(rgb, rgb.size, mode=getattr(decoded, "mode", "RGB"))
+        if not self.config.do_convert_rgb and decoded.mode != "RGB":
+            raise ImageError(f"a {decoded.mode} image, and the preprocessing does not convert to RGB (do_convert_rgb "
+                             "false): the reference processor cannot normalise it with its RGB mean and std")
         width, height = decoded.original_size
         th, tw = target_size(self.config, height, width)
         pixels = resize_uint8(decoded.image, th, tw, self.config, decoded.pixels)
