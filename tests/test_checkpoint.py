@@ -158,3 +158,110 @@ def test_random_preset_is_deterministic_and_says_so(caplog):
     assert sum("NOT meaningful" in r.getMessage() for r in caplog.records) == 1
     for a, b in zip(first.model.parameters(), second.model.parameters()):
         assert torch.equal(a, b)
+
+
+# ---- folders as transformers writes them (save_pretrained of the whole vision-language model) ---------------------
+
+TINY_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+TINY_TOWERS = {
+    "qwen2_vl": dict(depth=2, embed_dim=64, hidden_size=32, num_heads=4),
+    "qwen2_5_vl": dict(depth=2, hidden_size=64, intermediate_size=96, out_hidden_size=32, num_heads=4, window_size=56,
+                       fullatt_block_indexes=[1]),
+    "qwen3_vl": dict(depth=2, hidden_size=64, intermediate_size=96, out_hidden_size=32, num_heads=4,
+                     deepstack_visual_indexes=[1, 0], num_position_embeddings=64),
+    "qwen3_5": dict(depth=2, hidden_size=64, intermediate_size=96, out_hidden_size=32, num_heads=4,
+                    num_position_embeddings=64),
+}
+VL_CLASSES = {"qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+              "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+              "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
+              "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration")}
+
+
+def saved_vl_folder(folder, family, dtype=None, shard=None, leave_out=(), prefix=None, **tower):
+    """A tiny vision-language model of the family written by transformers' save_pretrained (config.json with the
+    vision_config nested, weights under model.visual.), optionally in bf16/fp16, sharded with an index, with vision
+    fields left out of config.json, or with the tower renamed to another prefix; ``tower`` overrides the tiny tower's
+    vision_config. Returns the reference tower."""
+    import transformers
+    from conftest import randomize_
+
+    config_class, model_class = (getattr(transformers, name) for name in VL_CLASSES[family])
+    text = dict(TINY_TEXT)
+    if family != "qwen3_5":
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    model = model_class(config_class(vision_config={**TINY_TOWERS[family], **tower}, text_config=text)).eval()
+    randomize_(model.model.visual, 5)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    config = json.loads((folder / "config.json").read_text())
+    for key in leave_out:
+        config["vision_config"].pop(key, None)
+    for alias, key in (("num_attention_heads", "num_heads"), ("num_hidden_layers", "depth")):  # the attribute_map
+        if alias in leave_out:
+            config["vision_config"][alias] = TINY_TOWERS[family][key]
+    (folder / "config.json").write_text(json.dumps(config))
+    if prefix is not None:
+        from safetensors.torch import load_file
+
+        rename = lambda key: prefix + key.removeprefix("model.visual.") if key.startswith("model.visual.") else key  # noqa: E731
+        for file in folder.glob("*.safetensors"):
+            save_file({rename(k): v for k, v in load_file(file).items()}, str(file))
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            data = json.loads(index.read_text())
+            data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+            index.write_text(json.dumps(data))
+    return model.model.visual.float()
+
+
+# family, stored dtype, shard size, vision fields left out of config.json (their defaults apply; an alias named there
+# is written instead of its field), prefix
+SAVED = [
+    ("qwen3_vl", torch.bfloat16, "20KB", ("patch_size", "spatial_merge_size", "temporal_patch_size", "in_channels",
+                                          "hidden_act", "rope_parameters", "model_type", "num_heads",
+                                          "num_attention_heads"), None),
+    ("qwen3_5", torch.float16, None, ("patch_size", "hidden_act", "model_type"), None),
+    ("qwen2_5_vl", torch.bfloat16, "20KB", ("patch_size", "hidden_act", "tokens_per_second", "depth",
+                                            "num_hidden_layers"), "visual."),
+    ("qwen2_vl", None, None, ("mlp_ratio", "hidden_act", "patch_size"), "visual."),
+]
+
+
+@pytest.mark.parametrize(("family", "dtype", "shard", "leave_out", "prefix"), SAVED, ids=[s[0] for s in SAVED])
+def test_folders_saved_by_transformers_load_and_match(tmp_path, family, dtype, shard, leave_out, prefix):
+    reference = saved_vl_folder(tmp_path / "ckpt", family, dtype, shard, leave_out, prefix)
+    encoder = load_encoder(str(tmp_path / "ckpt"), device="cpu", dtype="float32")
+    grids = [(1, 4, 6), (1, 2, 2)]
+    pixels = torch.randn(sum(t * h * w for t, h, w in grids), encoder.config.patch_dim)
+    with torch.no_grad():
+        expected = reference(pixels, grid_thw=torch.tensor(grids))
+        got = encoder.model(pixels, grids, features=encoder.config.features).features
+    torch.testing.assert_close(got["merged"], expected.pooler_output, rtol=1e-5, atol=1e-5)
+    for k, tensor in enumerate(getattr(expected, "deepstack_features", None) or []):
+        torch.testing.assert_close(got["deepstack"][k], tensor, rtol=1e-5, atol=1e-5)
+
+
+def test_a_processor_that_does_not_fit_the_tower_is_refused_at_resolve(tmp_path):
+    reference, config = reference_model()
+    folder = checkpoint_folder(tmp_path, reference=reference, config=config)
+    # a preprocessor_config.json without patch_size means Qwen2VLImageProcessor's 14, not the tower's 16
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"merge_size": 2, "image_mean": [0.5] * 3}))
+    with pytest.raises(UsageError, match="patch_size 14 does not fit the vision tower's patch_size 16") as error:
+        resolve_model(folder)
+    assert "\n" not in str(error.value)
+
+
+def test_a_standalone_vision_config_without_depth_takes_the_class_default(tmp_path):
+    """config.json written by a vision model's own save_pretrained, leaving out fields at their defaults (depth 27)."""
+    from transformers import Qwen3VLVisionConfig
+
+    vision = Qwen3VLVisionConfig(hidden_size=32, num_heads=2).to_diff_dict()
+    vision.pop("depth", None)
+    (tmp_path / "config.json").write_text(json.dumps(vision))
+    save_file({"patch_embed.proj.weight": torch.zeros(32, 3, 2, 16, 16)}, str(tmp_path / "model.safetensors"))
+    source = resolve_model(str(tmp_path))
+    assert source.encoder.depth == 27 and source.encoder.deepstack_visual_indexes == (8, 16, 24)
+    assert source.encoder.hidden_size == 32 and source.prefix == ""

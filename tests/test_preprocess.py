@@ -162,3 +162,123 @@ def test_resize_without_torchvision_equals_torchvision(mode):
         expected = tvF.resize(pixels, [th, tw], interpolation=interpolation, antialias=True)
         got = resize_like_torchvision(pixels, th, tw, mode)
         assert got.dtype == torch.uint8 and torch.equal(got, expected), (h, w, th, tw)
+
+
+# ---- preprocessor_config.json as transformers reads it ------------------------------------------------------------
+
+PROCESSOR_CONFIGS = {  # preprocessor_config.json contents: every field left out means the processor class's default
+    "empty": {},
+    "min-max-pixels": dict(min_pixels=1024, max_pixels=20000),
+    "min-max-pixels-over-size": dict(size={"shortest_edge": 4096, "longest_edge": 1000000}, min_pixels=1024,
+                                     max_pixels=20000),
+    "no-rescale": dict(do_rescale=False, size={"shortest_edge": 1024, "longest_edge": 20000}),
+    "no-normalize": dict(do_normalize=False, size={"shortest_edge": 1024, "longest_edge": 20000}),
+    "neither": dict(do_normalize=False, do_rescale=False, size={"shortest_edge": 1024, "longest_edge": 20000}),
+    "scalar-mean-std": dict(image_mean=0.5, image_std=0.25, patch_size=16, rescale_factor=1 / 127.5),
+    "bilinear-p8-m1-t1": dict(resample=2, patch_size=8, merge_size=1, temporal_patch_size=1,
+                              size={"shortest_edge": 64, "longest_edge": 20000}),
+    "p8-m3-t3": dict(patch_size=8, merge_size=3, temporal_patch_size=3, size={"shortest_edge": 576,
+                                                                             "longest_edge": 50000}),
+    "no-resize": dict(do_resize=False, patch_size=8, merge_size=2),
+    "min-over-max": dict(size={"shortest_edge": 40000, "longest_edge": 10000}),  # smart_resize tries max first
+}
+# (width, height): a pixel, thin strips either way, sizes around the factor, aspect ratio just over 200
+ODD_SIZES = [(1, 1), (3, 1000), (1000, 3), (31, 33), (64, 32), (56, 56), (112, 28), (1, 201)]
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+@pytest.mark.parametrize("name", PROCESSOR_CONFIGS)
+def test_preprocessor_config_variants_equal_the_reference(tmp_path, name, backend):
+    """pixel_values and grid_thw equal the reference processor built from the same preprocessor_config.json (its
+    torchvision and PIL variants); where the reference refuses an image, vitok refuses it with an ImageError."""
+    data = PROCESSOR_CONFIGS[name]
+    reference = _processor_class(backend).from_dict(dict(data))
+    pre = Preprocessor(PreprocessConfig.from_hf_preprocessor_config(dict(data), PreprocessConfig(backend=backend)))
+    rng = np.random.default_rng(0)
+    for width, height in ODD_SIZES:
+        path = tmp_path / f"{width}x{height}.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        try:
+            expected, grid = reference_pixels(reference, path)
+        except (ValueError, RuntimeError):  # aspect ratio over 200; off the grid without resizing
+            with pytest.raises(ImageError):
+                pre.load(path)
+            continue
+        prepared = pre.load(path)
+        assert prepared.grid_thw == grid, (width, height)
+        torch.testing.assert_close(pre.pixel_values(prepared), expected.float(), rtol=0, atol=0)
+
+
+def _processor_class(backend: str):
+    if backend == "pil":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil
+    from transformers import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor
+
+
+def test_processor_defaults_table_is_the_reference_class():
+    from vitok.encoder.config import HF_PROCESSOR_DEFAULTS
+
+    for backend in ("torchvision", "pil"):
+        cls = _processor_class(backend)
+        for key, value in HF_PROCESSOR_DEFAULTS.items():
+            assert getattr(cls, key) == (list(value) if isinstance(value, tuple) and key.startswith("image") else
+                                         value) or tuple(getattr(cls, key)) == value, (backend, key)
+
+
+@pytest.mark.parametrize(("data", "named"), [
+    (dict(size={"shortest_edge": 4096}), "longest_edge"),  # the reference refuses every image
+    (dict(size={"min_pixels": 3136, "max_pixels": 100000}), "shortest_edge"),
+    (dict(resample=0), "resample"),  # nearest: vitok resizes bicubic or bilinear only
+    (dict(image_mean=[0.5, 0.5]), "image_mean"),
+])
+def test_preprocessor_configs_vitok_cannot_run_are_one_line_errors(data, named):
+    from vitok.errors import UsageError
+
+    with pytest.raises(UsageError, match=named) as error:
+        PreprocessConfig.from_hf_preprocessor_config(data, PreprocessConfig())
+    assert "\n" not in str(error.value)
+
+
+def test_one_mean_and_std_value_is_every_channels():
+    config = PreprocessConfig.from_hf_preprocessor_config({"image_mean": [0.25], "image_std": 0.5}, PreprocessConfig())
+    assert config.image_mean == (0.25,) * 3 and config.image_std == (0.5,) * 3
+
+
+def test_min_pixels_over_max_pixels_is_refused_only_as_flags():
+    from vitok.encoder.checkpoint import resolve_model
+    from vitok.errors import UsageError
+    from vitok.pipeline.job import preprocess_for
+    from vitok.pipeline.options import ExtractOptions
+
+    source = resolve_model("qwen3-vl-tiny")
+    with pytest.raises(UsageError, match="--min-pixels 90000 is larger than --max-pixels 80000"):
+        preprocess_for(source, ExtractOptions(min_pixels=90000, max_pixels=80000))
+    assert preprocess_for(source, ExtractOptions()).max_pixels == source.preprocess.max_pixels
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+def test_without_rgb_conversion_only_rgb_files_are_taken_as_the_reference(tmp_path, backend):
+    """do_convert_rgb false: an RGB file equals the reference; any other mode (which the reference processor cannot
+    normalise) is an ImageError for that image."""
+    data = dict(do_convert_rgb=False, size={"shortest_edge": 1024, "longest_edge": 20000})
+    reference = _processor_class(backend).from_dict(dict(data))
+    pre = Preprocessor(PreprocessConfig.from_hf_preprocessor_config(dict(data), PreprocessConfig(backend=backend)))
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    for mode in ("RGB", "L", "RGBA", "P", "CMYK"):
+        path = tmp_path / f"{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+        Image.fromarray(rgb).convert(mode).save(path)
+        try:
+            expected, grid = reference_pixels(reference, path)
+        except (ValueError, RuntimeError):
+            with pytest.raises(ImageError, match=f"a {mode} image"):
+                pre.load(path)
+            continue
+        assert mode == "RGB"
+        prepared = pre.load(path)
+        assert prepared.grid_thw == grid
+        torch.testing.assert_close(pre.pixel_values(prepared), expected, rtol=0, atol=0)

@@ -79,7 +79,9 @@ class EmbedsContract:
         family = config.get("family", model.family)
         if not config.get("out_hidden_size"):
             raise UsageError(f"model {model.name} has no merger: serving layouts need merged tokens")
-        levels = len(config.get("deepstack_visual_indexes") or ()) if family == "qwen3_vl" else 0
+        indexes = config.get("deepstack_visual_indexes") or () if family == "qwen3_vl" else ()
+        # the blocks tapped, as the tower stores them (an index past the last block never is)
+        levels = sum(1 for i in range(int(config.get("depth", max(indexes, default=-1) + 1))) if i in indexes)
         return cls(family, int(config.get("spatial_merge_size", 2)), int(config["out_hidden_size"]), levels)
 
     def problems(self, tensor, grid) -> list[str]:

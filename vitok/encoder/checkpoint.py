@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # resolving a model (config.json, presets) must not import to
     import torch
 
 from ..errors import CheckpointError, UsageError
-from .config import EncoderConfig, PreprocessConfig
+from .config import MODEL_TYPES, EncoderConfig, PreprocessConfig
 from .presets import registry
 
 logger = logging.getLogger(__name__)
@@ -125,18 +125,24 @@ def _read_folder_configs(folder: Path, name: str) -> tuple[EncoderConfig, Prepro
             f"{folder}: no config.json; a checkpoint folder needs config.json and safetensors weights"
         )
     config = _read_json(config_path)
-    vision = config.get("vision_config", config if "depth" in config else None)
-    if vision is None:
+    vision = config.get("vision_config")
+    model_type = str(config.get("model_type") or "")
+    if vision is None and ("depth" in config or model_type.endswith("_vision")):
+        vision = config  # a standalone vision config (a vision model's save_pretrained)
+    elif vision is None and model_type in MODEL_TYPES:
+        vision = {}  # transformers builds the family's default tower
+    if not isinstance(vision, dict):
         raise CheckpointError(f"{config_path}: no vision_config; is this a Qwen vision-language checkpoint?")
     try:
         encoder = EncoderConfig.from_hf_vision_config(vision, name, config.get("model_type"))
     except KeyError as exc:
         raise CheckpointError(f"{config_path}: vision_config lacks {exc.args[0]!r}") from exc
     preprocess = PreprocessConfig.for_tower(encoder)
-    if (folder / "preprocessor_config.json").is_file():
-        preprocess = PreprocessConfig.from_hf_preprocessor_config(
-            _read_json(folder / "preprocessor_config.json"), preprocess
-        )
+    processor_path = folder / "preprocessor_config.json"
+    if processor_path.is_file():
+        preprocess = PreprocessConfig.from_hf_preprocessor_config(_read_json(processor_path), preprocess,
+                                                                  str(processor_path))
+        preprocess.check_fits(encoder, f"{processor_path} vs {config_path}")
     return encoder, preprocess
 
 

@@ -18,7 +18,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FEATURES = ("patch", "merged", "deepstack")
 # family -> what differs, as configuration: module names (merger, MLP) and defaults of the released towers
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
-ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "quick_gelu", "silu")
+# block MLP activations: transformers' ACT2FN names that have no parameters (vitok.encoder.model.ACTIVATIONS)
+ACTIVATIONS = (
+    "gelu_pytorch_tanh", "gelu", "quick_gelu", "silu", "swish", "gelu_new", "gelu_accurate", "gelu_python_tanh",
+    "gelu_python", "gelu_fast", "gelu_10", "relu", "relu2", "relu6", "leaky_relu", "hardswish", "mish", "sigmoid",
+    "tanh", "linear", "laplace", "sqrtsoftplus",
+)
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("sdpa", "varlen", "eager")  # eager: the slow test oracle
 TOKEN_ORDERS = ("block", "raster")  # rows of patch-level outputs: the reference's 2x2-block order, or row-major
@@ -32,6 +37,21 @@ MODEL_TYPES = {
     "qwen3_vl_moe": "qwen3_vl", "qwen3_vl_moe_vision": "qwen3_vl",
     "qwen3_5": "qwen3_5", "qwen3_5_vision": "qwen3_5", "qwen3_5_moe": "qwen3_5", "qwen3_5_moe_vision": "qwen3_5",
 }
+# The defaults of transformers' (5.24) vision config classes: what a config.json that leaves a field out means. The MoE
+# variants' classes have the same fields and defaults. (tests/test_checkpoint.py checks this table against them.)
+_QWEN3_DEFAULTS = dict(depth=27, hidden_size=1152, hidden_act="gelu_pytorch_tanh", intermediate_size=4304, num_heads=16,
+                       in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584,
+                       num_position_embeddings=2304)
+HF_VISION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2_vl": dict(depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu", mlp_ratio=4, num_heads=16,
+                     in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+    "qwen2_5_vl": dict(depth=32, hidden_size=3584, hidden_act="silu", intermediate_size=3420, num_heads=16,
+                       in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       out_hidden_size=3584, fullatt_block_indexes=(7, 15, 23, 31)),
+    "qwen3_vl": {**_QWEN3_DEFAULTS, "deepstack_visual_indexes": (8, 16, 24)},
+    "qwen3_5": dict(_QWEN3_DEFAULTS),  # no DeepStack
+}
+HF_ALIASES = {"num_attention_heads": "num_heads", "num_hidden_layers": "depth"}  # the classes' attribute_map
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -48,7 +68,7 @@ class EncoderConfig:
     spatial_merge_size: int = 2  # m: the merger fuses m x m patches; 1 means raster order and no merger
     out_hidden_size: int | None = None  # O: merger output width; None = the tower has no merger
     num_position_embeddings: int = 0  # P: learned absolute table (sqrt(P) per side); 0 = RoPE only
-    deepstack_visual_indexes: tuple[int, ...] = ()  # blocks whose output feeds a DeepStack merger
+    deepstack_visual_indexes: tuple[int, ...] = ()  # DeepStack merger k taps block [k] (see deepstack_layers)
     hidden_act: str = "gelu_pytorch_tanh"  # block MLP activation (mergers always use erf GELU)
     patch_embed_bias: bool = True
     layer_norm_eps: float = 1e-6
@@ -72,17 +92,24 @@ class EncoderConfig:
             raise UsageError(f"{self.name}: family {self.family!r} is not one of: {', '.join(FAMILIES)}")
         if self.norm not in ("layernorm", "rmsnorm") or self.mlp not in ("gelu", "swiglu"):
             raise UsageError(f"{self.name}: norm must be layernorm|rmsnorm and mlp gelu|swiglu")
-        if self.window_size and self.window_size % (self.patch_size * self.spatial_merge_size):
-            raise UsageError(f"{self.name}: window_size {self.window_size} is not a multiple of patch x merge")
-        bad = [i for i in self.deepstack_visual_indexes if not 0 <= i < self.depth]
-        if bad:
-            raise UsageError(f"{self.name}: deepstack_visual_indexes {bad} outside 0..{self.depth - 1}")
+        if self.window_size and self.window_size < self.patch_size * self.spatial_merge_size:
+            raise UsageError(f"{self.name}: window_size {self.window_size} is smaller than patch x merge "
+                             f"({self.patch_size * self.spatial_merge_size}); windows hold window_size // (patch x "
+                             "merge) merged tokens a side")
         if self.deepstack_visual_indexes and self.out_hidden_size is None:
             raise UsageError(f"{self.name}: DeepStack mergers need out_hidden_size")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def deepstack_layers(self) -> tuple[int, ...]:
+        """The blocks whose output is tapped, in the reference's order (block order). As in transformers, every index
+        has a merger (its weights are in the checkpoint), a repeated block is tapped once (by its first merger), and an
+        index outside 0..depth-1 (a config that leaves the field at its (8, 16, 24) default on a shallow tower) is
+        never reached."""
+        return tuple(i for i in range(self.depth) if i in self.deepstack_visual_indexes)
 
     @property
     def has_merger(self) -> bool:
@@ -99,7 +126,7 @@ class EncoderConfig:
         out = ["patch"]
         if self.has_merger:
             out.append("merged")
-        if self.deepstack_visual_indexes:
+        if self.deepstack_layers:
             out.append("deepstack")
         return tuple(out)
 
@@ -140,7 +167,11 @@ class EncoderConfig:
     @classmethod
     def from_hf_vision_config(cls, vision: dict[str, Any], name: str, model_type: str | None = None) -> EncoderConfig:
         """Build from a Hugging Face ``vision_config`` dict of any supported family (``model_type``: the
-        checkpoint's top-level type, used when the vision config does not name its own)."""
+        checkpoint's top-level type, used when the vision config does not name its own).
+
+        A field the dict leaves out takes the default of the family's transformers config class
+        (``HF_VISION_DEFAULTS``), as ``from_pretrained`` does; a value vitok cannot run is one UsageError naming it.
+        """
         kind = vision.get("model_type") or model_type or "qwen3_vl_vision"
         family = MODEL_TYPES.get(kind) or MODEL_TYPES.get(model_type or "")
         if family is None:
@@ -148,33 +179,52 @@ class EncoderConfig:
                 f"{name}: model_type {kind!r} is not supported; vitok reads the vision towers of "
                 f"{', '.join(sorted(MODEL_TYPES))}"
             )
-        rope = vision.get("rope_parameters") or {}
+        given = {HF_ALIASES.get(key, key): value for key, value in vision.items()}
+        hf = {**HF_VISION_DEFAULTS[family], **{k: v for k, v in given.items() if v is not None}}
+        rope = given.get("rope_parameters") or given.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "axial"))
+        if rope_type != "axial":
+            raise UsageError(f"{name}: vision rope_parameters.rope_type {rope_type!r} is not supported (only 'axial', "
+                             "as in transformers' Qwen vision towers)")
+        width = int(hf["embed_dim"] if family == "qwen2_vl" else hf["hidden_size"])
+        heads = int(hf["num_heads"])
+        if hf.get("head_dim") is not None and heads and int(hf["head_dim"]) != width // heads:
+            raise UsageError(f"{name}: vision_config head_dim {hf['head_dim']} differs from the width / num_heads "
+                             f"({width} / {heads}); transformers' tower cannot run it either")
         common = dict(
-            name=name, depth=int(vision["depth"]), num_heads=int(vision["num_heads"]),
-            in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
-            patch_size=int(vision.get("patch_size", 14 if family.startswith("qwen2") else 16)),
-            temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
-            spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
-            rope_theta=float(rope.get("rope_theta", vision.get("rope_theta", 10000.0))), family=family,
+            name=name, depth=int(hf["depth"]), num_heads=heads, hidden_size=width,
+            in_channels=int(hf["in_channels"] if "in_channels" in given else given.get("in_chans", 3)),
+            patch_size=_int_field(name, hf, "patch_size"), temporal_patch_size=_int_field(name, hf,
+                                                                                         "temporal_patch_size"),
+            spatial_merge_size=int(hf["spatial_merge_size"]), hidden_act=str(hf["hidden_act"]),
+            rope_theta=float(rope.get("rope_theta", given.get("rope_theta", 10000.0))), family=family,
         )
         if family == "qwen2_vl":  # its hidden_size is the merger's output; the tower's width is embed_dim
-            width = int(vision["embed_dim"])
-            return cls(**common, hidden_size=width, intermediate_size=int(width * float(vision.get("mlp_ratio", 4))),
-                       out_hidden_size=int(vision["hidden_size"]), hidden_act=str(vision.get("hidden_act",
-                                                                                               "quick_gelu")),
+            return cls(**common, intermediate_size=int(width * hf["mlp_ratio"]), out_hidden_size=int(hf["hidden_size"]),
                        patch_embed_bias=False)
         if family == "qwen2_5_vl":
-            full = tuple(int(i) for i in vision.get("fullatt_block_indexes", (7, 15, 23, 31)))
-            return cls(**common, hidden_size=int(vision["hidden_size"]),
-                       intermediate_size=int(vision["intermediate_size"]),
-                       out_hidden_size=int(vision["out_hidden_size"]), hidden_act=str(vision.get("hidden_act", "silu")),
-                       patch_embed_bias=False, norm="rmsnorm", mlp="swiglu",
-                       window_size=int(vision.get("window_size", 112)), fullatt_block_indexes=full)
-        deepstack = () if family == "qwen3_5" else tuple(int(i) for i in vision.get("deepstack_visual_indexes", ()))
-        return cls(**common, hidden_size=int(vision["hidden_size"]),
-                   intermediate_size=int(vision["intermediate_size"]), out_hidden_size=int(vision["out_hidden_size"]),
-                   num_position_embeddings=int(vision.get("num_position_embeddings", 2304)),
-                   deepstack_visual_indexes=deepstack, hidden_act=str(vision.get("hidden_act", "gelu_pytorch_tanh")))
+            window = int(hf["window_size"])
+            unit = common["patch_size"] * common["spatial_merge_size"]
+            if window < unit:  # transformers divides by window // unit
+                raise UsageError(f"{name}: window_size {window} is smaller than patch_size x spatial_merge_size "
+                                 f"({unit}): no window holds a merged token")
+            return cls(**common, intermediate_size=int(hf["intermediate_size"]),
+                       out_hidden_size=int(hf["out_hidden_size"]), patch_embed_bias=False, norm="rmsnorm",
+                       mlp="swiglu", window_size=window,
+                       fullatt_block_indexes=tuple(int(i) for i in hf["fullatt_block_indexes"]))
+        deepstack = tuple(int(i) for i in hf["deepstack_visual_indexes"]) if family == "qwen3_vl" else ()
+        return cls(**common, intermediate_size=int(hf["intermediate_size"]), out_hidden_size=int(hf["out_hidden_size"]),
+                   num_position_embeddings=int(hf["num_position_embeddings"]), deepstack_visual_indexes=deepstack)
+
+
+def _int_field(name: str, hf: dict[str, Any], key: str) -> int:
+    """transformers types patch sizes ``int | list``; its towers use them as one int (a cube or square kernel)."""
+    value = hf[key]
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise UsageError(f"{name}: vision_config {key} {list(value)} is not supported (vitok's patches are square)")
+        value = value[0]
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -203,6 +253,10 @@ class PreprocessConfig:
     max_image_pixels: int = 178_956_970  # refuse larger images from their header (decompression bombs)
     allow_truncated: bool = False  # decode truncated files as far as they go (the record says so)
     max_aspect_ratio: float = 200.0
+    do_resize: bool = True  # False: images go in at their own size, which must be a multiple of patch * merge
+    do_rescale: bool = True  # multiply by rescale_factor
+    do_normalize: bool = True  # subtract image_mean, divide by image_std
+    do_convert_rgb: bool = True  # False: only RGB files are taken (the reference cannot normalise other modes)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -222,8 +276,6 @@ class PreprocessConfig:
                     f"image size {self.image_size} must be a multiple of {self.factor} "
                     f"(patch {self.patch_size} x merge {self.merge_size})"
                 )
-        if self.min_pixels > self.max_pixels:
-            raise UsageError(f"min_pixels {self.min_pixels} is larger than max_pixels {self.max_pixels}")
 
     @property
     def factor(self) -> int:
@@ -234,6 +286,11 @@ class PreprocessConfig:
         data.pop("extra")
         data["image_mean"] = list(self.image_mean)
         data["image_std"] = list(self.image_std)
+        # the reference's switches are recorded only when off: stores written before they existed keep their settings
+        # (and fingerprint)
+        for switch in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if data[switch]:
+                data.pop(switch)
         return data
 
     @classmethod
@@ -262,20 +319,68 @@ class PreprocessConfig:
                    image_mean=CLIP_MEAN if qwen2 else (0.5, 0.5, 0.5), image_std=CLIP_STD if qwen2 else (0.5, 0.5, 0.5))
 
     @classmethod
-    def from_hf_preprocessor_config(cls, data: dict[str, Any], base: PreprocessConfig) -> PreprocessConfig:
-        """Read a Hugging Face ``preprocessor_config.json`` (Qwen2-VL image processor family)."""
-        size = data.get("size") or {}
-        resample = {2: "bilinear", 3: "bicubic"}.get(int(data.get("resample", 3)), "bicubic")
+    def from_hf_preprocessor_config(cls, data: dict[str, Any], base: PreprocessConfig,
+                                    where: str = "preprocessor_config.json") -> PreprocessConfig:
+        """Read a Hugging Face ``preprocessor_config.json`` (every Qwen VL family uses ``Qwen2VLImageProcessor``).
+
+        As transformers reads it: a field left out takes the processor class's default (``HF_PROCESSOR_DEFAULTS``,
+        not the tower's released values); ``min_pixels`` / ``max_pixels`` override ``size``; a ``size`` replaces the
+        default whole. Settings the reference cannot run, or vitok cannot reproduce, are one UsageError naming them.
+        """
+        hf = {**HF_PROCESSOR_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
+        size = dict(data["size"]) if data.get("size") is not None else dict(HF_PROCESSOR_DEFAULTS["size"])
+        if data.get("min_pixels") is not None:
+            size["shortest_edge"] = data["min_pixels"]
+        if data.get("max_pixels") is not None:
+            size["longest_edge"] = data["max_pixels"]
+        if not size.get("shortest_edge") or not size.get("longest_edge"):
+            raise UsageError(f"{where}: size {data.get('size')} lacks shortest_edge or longest_edge (and no "
+                             "min_pixels / max_pixels); transformers' Qwen2VLImageProcessor refuses every image then")
+        resample = {2: "bilinear", 3: "bicubic"}.get(hf["resample"] if isinstance(hf["resample"], int) else -1)
+        if resample is None:
+            raise UsageError(f"{where}: resample {hf['resample']!r} is not supported (2 = bilinear, 3 = bicubic)")
+
+        def per_channel(key: str) -> tuple[float, ...]:  # one value (or a list of one) is every channel's
+            value = hf[key]
+            values = tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),)
+            values = values * 3 if len(values) == 1 else values
+            if len(values) != 3:
+                raise UsageError(f"{where}: {key} {list(values)} needs one value per RGB channel (3)")
+            return values
+
         return dataclasses.replace(
             base,
             mode="qwen",
-            patch_size=int(data.get("patch_size", base.patch_size)),
-            merge_size=int(data.get("merge_size", base.merge_size)),
-            temporal_patch_size=int(data.get("temporal_patch_size", base.temporal_patch_size)),
-            min_pixels=int(size.get("shortest_edge", data.get("min_pixels", base.min_pixels))),
-            max_pixels=int(size.get("longest_edge", data.get("max_pixels", base.max_pixels))),
-            image_mean=tuple(float(v) for v in data.get("image_mean", base.image_mean)),
-            image_std=tuple(float(v) for v in data.get("image_std", base.image_std)),
-            rescale_factor=float(data.get("rescale_factor", base.rescale_factor)),
+            patch_size=int(hf["patch_size"]),
+            merge_size=int(hf["merge_size"]),
+            temporal_patch_size=int(hf["temporal_patch_size"]),
+            min_pixels=int(size["shortest_edge"]),
+            max_pixels=int(size["longest_edge"]),
+            image_mean=per_channel("image_mean"),
+            image_std=per_channel("image_std"),
+            rescale_factor=float(hf["rescale_factor"]),
             resample=resample,
+            do_resize=bool(hf["do_resize"]),
+            do_rescale=bool(hf["do_rescale"]),
+            do_normalize=bool(hf["do_normalize"]),
+            do_convert_rgb=bool(hf["do_convert_rgb"]),
         )
+
+    def check_fits(self, encoder: EncoderConfig, where: str = "preprocessing") -> None:
+        """Refuse patches the tower cannot take (transformers' tower would fail on them or misread them)."""
+        pairs = [("patch_size", self.patch_size, "patch_size", encoder.patch_size),
+                 ("merge_size", self.merge_size, "spatial_merge_size", encoder.spatial_merge_size),
+                 ("temporal_patch_size", self.temporal_patch_size, "temporal_patch_size", encoder.temporal_patch_size),
+                 ("channels (RGB)", len(self.image_mean), "in_channels", encoder.in_channels)]
+        for ours, value, theirs, tower in pairs:
+            if value != tower:
+                raise UsageError(f"{where}: {ours} {value} does not fit the vision tower's {theirs} {tower}")
+
+
+# transformers' Qwen2VLImageProcessor class defaults (the processor of every Qwen VL family): what a
+# preprocessor_config.json that leaves a field out means (tests/test_preprocess.py checks them against the class)
+HF_PROCESSOR_DEFAULTS: dict[str, Any] = dict(
+    patch_size=14, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
+    image_mean=CLIP_MEAN, image_std=CLIP_STD, rescale_factor=1 / 255, resample=3, do_resize=True, do_rescale=True,
+    do_normalize=True, do_convert_rgb=True,
+)

@@ -200,6 +200,7 @@ def load_encoder(
         preprocess: override the model's own preprocessing.
     """
     source = model if isinstance(model, ModelSource) else resolve_model(model)
+    (preprocess or source.preprocess).check_fits(source.encoder, f"--model {source.name}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     seconds: dict[str, float] = {}

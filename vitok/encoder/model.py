@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from torch import nn
 from ..errors import UsageError
 from . import kernels
 from .attention import ATTENTION_KERNELS, Rotary, apply_rotary
+from .config import ACTIVATIONS as ACTIVATION_NAMES
 from .config import TOKEN_ORDERS, EncoderConfig
 from .features import block_index, check_features
 from .geometry import GridTables, Segments, build_grid_tables
@@ -72,13 +74,42 @@ def make_norm(config: EncoderConfig, size: int) -> nn.Module:
     return nn.LayerNorm(size, eps=config.layer_norm_eps)
 
 
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+# transformers' ACT2FN entries without parameters, with the reference's arithmetic (same operations, same order).
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu_new": _tanh_gelu,
+    "gelu_accurate": _tanh_gelu,
+    "gelu_python_tanh": lambda x: x * 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x,
+                                                                                                                 3.0)))),
+    "gelu_python": lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "gelu_10": lambda x: torch.clip(F.gelu(x), -10, 10),
+    "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,
+    "hardswish": F.hardswish,
+    "mish": F.mish,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "linear": lambda x: x,
+    "laplace": lambda x: 0.5 * (1.0 + torch.erf((x - 0.707107).div(0.282095 * math.sqrt(2.0)))),
+    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
+}
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES
+
+
 def activate(x: torch.Tensor, act: str) -> torch.Tensor:
-    """The blocks' activations with the reference's arithmetic (quick_gelu: x * sigmoid(1.702 x))."""
-    if act == "quick_gelu":
-        return x * torch.sigmoid(1.702 * x)
-    if act == "silu":
-        return F.silu(x)
-    return F.gelu(x, approximate="tanh" if act == "gelu_pytorch_tanh" else "none")
+    """The blocks' activation, as transformers' ``ACT2FN[act]`` computes it."""
+    return ACTIVATIONS[act](x)
 
 
 class MLP(nn.Module):
@@ -406,7 +437,8 @@ class VisionEncoder(nn.Module):
                 h = h[tables.from_windows]
             return h[tables.to_raster] if tables.to_raster is not None else h
 
-        taps = self.config.deepstack_visual_indexes if "deepstack" in features else ()
+        taps = self.config.deepstack_layers if "deepstack" in features else ()
+        mergers = self.config.deepstack_visual_indexes  # block i feeds merger mergers.index(i), as in the reference
         blocks_out = {block_index(f, self.config.depth): f for f in features if f.startswith("block:")}
         needed = [max(taps) + 1 if taps else 0, *(i + 1 for i in blocks_out)]
         if "patch" in features or "merged" in features:
@@ -419,7 +451,7 @@ class VisionEncoder(nn.Module):
             x = block(x, rotary, segments)  # (N, D)
             if index in taps:
                 unwindowed = x[tables.from_windows] if tables.from_windows is not None else x
-                deepstack.append(self.deepstack_merger_list[taps.index(index)](unwindowed))  # (N/4, O)
+                deepstack.append(self.deepstack_merger_list[mergers.index(index)](unwindowed))  # (N/4, O)
             if index in blocks_out:
                 out[blocks_out[index]] = block_order(x)
 

@@ -58,6 +58,7 @@ class DecodedImage:
     notes: list[str] = field(default_factory=list)  # things worth recording that are not failures
     pixels: np.ndarray | None = None  # (H, W, 3) uint8, the same pixels as ``image`` when it is a view of them
     decoder: str = "pillow"  # what produced the pixels: pillow | pillow-draft | simplejpeg
+    mode: str = "RGB"  # the file's Pillow mode before the conversion to RGB (L, RGBA, P, CMYK, I;16, ...)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -148,6 +149,7 @@ def _decode_open_image(img, data, max_image_pixels, allow_truncated, draft_size)
             "(possible decompression bomb; raise --max-image-pixels to allow)"
         )
     notes: list[str] = []
+    mode = img.mode
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
         notes.append(f"first of {img.n_frames} frames")
@@ -167,16 +169,16 @@ def _decode_open_image(img, data, max_image_pixels, allow_truncated, draft_size)
     if pixels is not None:
         if orientation in UPRIGHT:
             return DecodedImage(Image.fromarray(pixels).transpose(UPRIGHT[orientation]), upright, notes,
-                                decoder="simplejpeg")
+                                decoder="simplejpeg", mode=mode)
         view = Image.frombuffer("RGB", (width, height), pixels, "raw", "RGB", 0, 1)  # no copy
-        return DecodedImage(view, upright, notes, pixels, decoder="simplejpeg")
+        return DecodedImage(view, upright, notes, pixels, decoder="simplejpeg", mode=mode)
     _load(img, allow_truncated, notes)
     if orientation not in (None, 1):
         try:
             img = ImageOps.exif_transpose(img)
         except Exception as exc:  # broken EXIF must not cost the image
             notes.append(f"EXIF orientation not applied ({_one_line(exc)})")
-    return DecodedImage(to_rgb(img), upright, notes, decoder="pillow-draft" if drafted else "pillow")
+    return DecodedImage(to_rgb(img), upright, notes, decoder="pillow-draft" if drafted else "pillow", mode=mode)
 
 
 # ---- JPEGs straight through libjpeg-turbo ------------------------------------------------------------------------

@@ -54,6 +54,11 @@ def target_size(config: PreprocessConfig, height: int, width: int) -> tuple[int,
     """Resized (height, width) for an upright image of the given size."""
     if config.mode == "fixed":
         return int(config.image_size), int(config.image_size)
+    if not config.do_resize:  # the reference patchifies the image as it is; a size off the grid fails its reshape
+        if height % config.factor or width % config.factor:
+            raise ImageError(f"{width}x{height} is not a multiple of {config.factor} (patch {config.patch_size} x "
+                             f"merge {config.merge_size}) and the preprocessing does not resize (do_resize false)")
+        return height, width
     return smart_resize(height, width, config.factor, config.min_pixels, config.max_pixels, config.max_aspect_ratio)
 
 
@@ -108,13 +113,13 @@ def patchify(pixels: torch.Tensor, patch_size: int, merge_size: int) -> torch.Te
 
 @functools.cache
 def _channel_constants(
-    backend: str, image_mean: tuple[float, ...], image_std: tuple[float, ...], rescale: float, device: torch.device
+    fused: bool, image_mean: tuple[float, ...], image_std: tuple[float, ...], rescale: float, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, C, 1, 1) float32 mean and std as the backend applies them, made once per device: a tensor built from
     Python numbers on a GPU is a blocking copy, which would wait for every batch already queued."""
     mean = torch.tensor(image_mean, dtype=torch.float32)
     std = torch.tensor(image_std, dtype=torch.float32)
-    if backend != "pil":  # rescale folded into the constants, as the reference's fused normalize
+    if fused:  # rescale folded into the constants, as the reference's fused normalize
         mean, std = mean * (1.0 / rescale), std * (1.0 / rescale)
     return tuple(t.view(1, -1, 1, 1).to(device) for t in (mean, std))
 
@@ -124,15 +129,22 @@ def normalize_patches(patches: torch.Tensor, config: PreprocessConfig) -> torch.
 
     torchvision backend: rescale and normalise fused, (x - mean/rescale) / (std/rescale), as the reference.
     PIL backend: float32(x * rescale), then (x - mean) / std, as the reference's NumPy path.
+    Either step may be off (``do_rescale`` / ``do_normalize``), as in the reference; with both off the pixels are the
+    uint8 values, which the reference's tower casts to its dtype.
     """
     n, c, p, _ = patches.shape
-    mean, std = _channel_constants(config.backend, tuple(config.image_mean), tuple(config.image_std),
-                                   config.rescale_factor, patches.device)
-    if config.backend == "pil":
-        x = (patches.to(torch.float64) * config.rescale_factor).to(torch.float32)
-        x = (x - mean) / std
+    pil = config.backend == "pil"
+    if config.do_rescale and (pil or not config.do_normalize):
+        if pil:  # NumPy: float64 product, rounded to float32
+            x = (patches.to(torch.float64) * config.rescale_factor).to(torch.float32)
+        else:  # torchvision: uint8 tensor times a Python float
+            x = patches * config.rescale_factor
     else:
-        x = patches.to(torch.float32).sub_(mean).div_(std)
+        x = patches.to(torch.float32)
+    if config.do_normalize:
+        mean, std = _channel_constants(config.do_rescale and not pil, tuple(config.image_mean),
+                                       tuple(config.image_std), config.rescale_factor, patches.device)
+        x = x.sub_(mean).div_(std)
     t = config.temporal_patch_size
     return x[:, :, None].expand(n, c, t, p, p).reshape(n, c * t * p * p)
 
@@ -194,7 +206,10 @@ class Preprocessor:
         """A DecodedImage, or a path / PIL image / uint8 array (the original API's inputs)."""
         if not isinstance(decoded, DecodedImage):
             rgb = load_any_image(decoded)
-            decoded = DecodedImage(rgb, rgb.size)
+            decoded = DecodedImage(rgb, rgb.size, mode=getattr(decoded, "mode", "RGB"))
+        if not self.config.do_convert_rgb and decoded.mode != "RGB":
+            raise ImageError(f"a {decoded.mode} image, and the preprocessing does not convert to RGB (do_convert_rgb "
+                             "false): the reference processor cannot normalise it with its RGB mean and std")
         width, height = decoded.original_size
         th, tw = target_size(self.config, height, width)
         pixels = resize_uint8(decoded.image, th, tw, self.config, decoded.pixels)

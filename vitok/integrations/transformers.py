@@ -42,6 +42,11 @@ def image_features(store, keys: Sequence[str], device=None, dtype=None):
     return BaseModelOutputWithDeepstackFeatures(pooler_output=merged, deepstack_features=deepstack)
 
 
+def _tapped(indexes, depth) -> list[int]:
+    indexes = list(indexes or [])
+    return [i for i in range(int(depth) if depth is not None else max(indexes, default=-1) + 1) if i in indexes]
+
+
 def check_store_fits(store, vision) -> None:
     """Refuse a store whose features the model cannot take: merged tokens of another width (transformers then fails
     with a confusing count mismatch) or another number of DeepStack levels (training would inject only some)."""
@@ -53,8 +58,9 @@ def check_store_fits(store, vision) -> None:
     if width is not None and expected is not None and int(width) != int(expected):
         raise ValueError(f"the store's merged tokens are {width} wide (tower {name}); this model takes {expected} "
                          "(vision_config.out_hidden_size): extract the store with this model's own tower")
-    wanted = list(getattr(vision, "deepstack_visual_indexes", None) or [])
-    stored = list(tower.get("deepstack_visual_indexes") or [])
+    # the blocks tapped (a tower taps each block once, and never an index past its last block)
+    wanted = _tapped(getattr(vision, "deepstack_visual_indexes", None), getattr(vision, "depth", None))
+    stored = _tapped(tower.get("deepstack_visual_indexes"), tower.get("depth"))
     if wanted and "deepstack" in store.features and len(stored) != len(wanted):
         raise ValueError(f"the store holds {len(stored)} DeepStack level(s) (blocks {stored} of tower {name}); this "
                          f"model adds {len(wanted)} (vision_config.deepstack_visual_indexes {wanted}): extract the "
@@ -74,7 +80,8 @@ class CachedImagesCollator:
         self.image_token_id = int(config.image_token_id)
         vision = getattr(config, "vision_config", None)
         self.merge = int(getattr(vision, "spatial_merge_size", 2))
-        wants_deepstack = bool(getattr(vision, "deepstack_visual_indexes", None))
+        wants_deepstack = bool(_tapped(getattr(vision, "deepstack_visual_indexes", None), getattr(vision, "depth",
+                                                                                                 None)))
         if wants_deepstack and "deepstack" not in store.features:
             raise KeyError("this model adds DeepStack features: extract them too (--features merged,deepstack)")
         check_store_fits(store, vision)

@@ -65,7 +65,7 @@ def feature_layouts(config: EncoderConfig, features: Sequence[str], pool: str = 
     layouts = {}
     for feature in features:
         if feature == "deepstack":
-            layouts[feature] = FeatureLayout(int(config.out_hidden_size), len(config.deepstack_visual_indexes))
+            layouts[feature] = FeatureLayout(int(config.out_hidden_size), len(config.deepstack_layers))
         elif feature == "merged":
             layouts[feature] = FeatureLayout(int(config.out_hidden_size))
         else:  # patch, block:N
@@ -140,6 +140,9 @@ def preprocess_for(source: ModelSource, options: ExtractOptions) -> PreprocessCo
         max_image_pixels=options.max_image_pixels, fast_decode=options.fast_decode,
         allow_truncated=options.allow_truncated, decode=options.decode,
     )
+    if (options.min_pixels or options.max_pixels) and preprocess.min_pixels > preprocess.max_pixels:
+        # (a checkpoint's own preprocessor_config.json may say so: transformers' smart_resize tries max first)
+        raise UsageError(f"--min-pixels {preprocess.min_pixels} is larger than --max-pixels {preprocess.max_pixels}")
     if options.image_size:
         if options.image_size**2 > preprocess.max_pixels:
             raise UsageError(f"--image-size {options.image_size} gives {options.image_size**2} pixels, more than "

@@ -222,7 +222,10 @@ class Store:
         import torch
 
         config = self.header.settings.model.config
-        levels = config.get("deepstack_visual_indexes") if config.get("family", "qwen3_vl") == "qwen3_vl" else None
+        levels = None
+        if config.get("family", "qwen3_vl") == "qwen3_vl":  # the blocks tapped (an index past the last never is)
+            indexes = config.get("deepstack_visual_indexes") or ()
+            levels = [i for i in range(int(config.get("depth", max(indexes, default=-1) + 1))) if i in indexes]
         needed = ("merged", "deepstack") if levels or not config else ("merged",)
         missing = [f for f in needed if f not in self.features]
         if missing:
