@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from vitok.encoder.checkpoint import resolve_model, save_tower
@@ -114,7 +115,7 @@ def test_the_prefetch_reads_the_towers_bytes_and_never_the_language_models(tmp_p
     assert len(ranges) <= 3  # adjacent tensors are read as one range
 
     assert prefetch_weights(replace(source, weight_files=[])) is None  # seeded random weights: nothing to read
-    prefetch_weights(source).join(timeout=30)
+    prefetch_weights(source).result()
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(b"\xff" * 8 + b"not safetensors")
     assert prefetch_weights(replace(source, weight_files=[damaged])) is None  # the load proper reports it
@@ -157,3 +158,35 @@ def test_resolving_a_checkpoint_reads_names_and_shapes_without_importing_torch(t
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tower.safetensors"), str(bare)],
                           capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False", done.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_prefetch_computes_the_weights_hash_the_load_would_from_the_same_bytes(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    from vitok.encoder.checkpoint import WeightsPrefetch, read_tower_state_dict, weights_hash
+
+    model = eager(seed=5)
+    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    keys = sorted(state)
+    folder = tmp_path / "released"
+    folder.mkdir()
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors":
+              keys[len(keys) // 2 :]}
+    weight_map = {}
+    for number, (shard, names) in enumerate(shards.items()):
+        tensors = {"model.visual." + k: state[k] for k in names}
+        tensors[f"model.language_model.layers.{number}.weight"] = torch.ones(64, 64)  # never part of the hash
+        save_file(tensors, str(folder / shard))
+        weight_map |= {name: shard for name in tensors}
+    (folder / "model.safetensors.index.json").write_text(__import__("json").dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text(__import__("json").dumps(
+        {"model_type": "qwen3_vl", "vision_config": {**model.config.to_dict(), "model_type": "qwen3_vl"}}))
+    source = resolve_model(str(folder))
+
+    prefetch = WeightsPrefetch(source)
+    assert prefetch.hashing and prefetch.result() == weights_hash(read_tower_state_dict(source))
+    assert WeightsPrefetch.running_for(source) is prefetch
+    loaded = load_encoder(source, "cpu", "float32")  # takes the prefetch's digest, and keeps it for later runs
+    assert loaded.weights_hash == prefetch.result()
+    assert not WeightsPrefetch(source).hashing  # known now: later prefetches only read

@@ -422,57 +422,118 @@ def save_tower(model: torch.nn.Module, path: str | os.PathLike, config: EncoderC
 
 
 
-def tower_byte_ranges(source: ModelSource) -> list[tuple[Path, int, int]]:
-    """(file, start, end) of the tower's tensor data in each weight file, adjacent tensors merged; read from the
-    safetensors headers alone (an 8-byte length, then JSON), so it needs neither torch nor the data."""
-    ranges: list[tuple[Path, int, int]] = []
+# safetensors' dtype names -> torch's, as ``weights_hash`` writes them (``str(tensor.dtype)``)
+SAFETENSORS_DTYPES = {"F64": "torch.float64", "F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfloat16",
+                      "I64": "torch.int64", "I32": "torch.int32", "I16": "torch.int16", "I8": "torch.int8",
+                      "U8": "torch.uint8", "BOOL": "torch.bool"}
+PREFETCH_GAP = 1 << 20  # bytes between two tensors read through rather than skipped
+
+
+@dataclass(frozen=True)
+class _StoredTensor:
+    file: Path
+    start: int  # absolute byte offsets of its data in the file
+    end: int
+    dtype: str  # safetensors' name
+    shape: tuple[int, ...]
+
+
+def _tower_tensors(source: ModelSource) -> dict[str, _StoredTensor]:
+    """The tower's tensors (prefix stripped, as ``read_tower_state_dict`` names them) and where their bytes lie, from
+    the safetensors headers alone (an 8-byte length, then JSON): neither torch nor the data is needed. Unreadable
+    headers are skipped: the load proper names what is wrong with a file."""
+    tensors: dict[str, _StoredTensor] = {}
     for file in source.weight_files:
         try:
             with open(file, "rb") as handle:
                 length = int.from_bytes(handle.read(8), "little")
                 header = json.loads(handle.read(length)) if 0 < length < 100_000_000 else {}
-        except (OSError, ValueError):
-            continue  # the load proper names what is wrong with the file
-        spans = sorted(
-            (8 + length + entry["data_offsets"][0], 8 + length + entry["data_offsets"][1])
-            for name, entry in header.items()
-            if name != "__metadata__" and isinstance(entry, dict) and name.startswith(source.prefix)
-            and not (source.prefix == "" and name.startswith(("model.", "lm_head.")))
-        )
-        for start, end in spans:
-            if ranges and ranges[-1][0] == file and start - ranges[-1][2] <= PREFETCH_GAP:
-                ranges[-1] = (file, ranges[-1][1], max(end, ranges[-1][2]))
-            else:
-                ranges.append((file, start, end))
+            for name, entry in header.items():
+                if name == "__metadata__" or not name.startswith(source.prefix):
+                    continue
+                if source.prefix == "" and name.startswith(("model.", "lm_head.")):
+                    continue
+                begin, end = (8 + length + int(offset) for offset in entry["data_offsets"])
+                tensors[name[len(source.prefix) :]] = _StoredTensor(file, begin, end, str(entry["dtype"]),
+                                                                    tuple(entry["shape"]))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            continue
+    return tensors
+
+
+def tower_byte_ranges(source: ModelSource) -> list[tuple[Path, int, int]]:
+    """(file, start, end) of the tower's tensor data, file by file, adjacent tensors merged."""
+    ranges: list[tuple[Path, int, int]] = []
+    for tensor in sorted(_tower_tensors(source).values(), key=lambda t: (str(t.file), t.start)):
+        last = ranges[-1] if ranges else None
+        if last and last[0] == tensor.file and tensor.start - last[2] <= PREFETCH_GAP:
+            ranges[-1] = (tensor.file, last[1], max(tensor.end, last[2]))
+        else:
+            ranges.append((tensor.file, tensor.start, tensor.end))
     return ranges
 
 
-PREFETCH_GAP = 1 << 20  # bytes between two tensors read through rather than skipped
+class WeightsPrefetch:
+    """Reads the tower's bytes in a background thread while torch imports, the inputs are listed and the run is
+    planned, so that the load proper copies from the page cache; only the tower's tensors are read, never a full
+    model's language weights. On the way it computes ``weights_hash`` from those very bytes (the same names, dtypes,
+    shapes and bytes, in the same order), so a first start-up on a machine need not hash after the load either.
+    Errors are left to the load to report."""
+
+    _running: dict[str, WeightsPrefetch] = {}  # by _hash_cache_key: what a load in this process may wait for
+
+    def __init__(self, source: ModelSource) -> None:
+        self.tensors = _tower_tensors(source)
+        self.digest: str | None = None
+        self.key = _hash_cache_key(source)
+        hashable = bool(self.tensors) and all(t.dtype in SAFETENSORS_DTYPES for t in self.tensors.values())
+        self.hashing = hashable and self.key is not None and cached_weights_hash(source) is None
+        self.thread = threading.Thread(target=self._read, name="vitok-weights-prefetch", daemon=True)
+        if self.tensors:
+            if self.hashing:
+                WeightsPrefetch._running[self.key] = self
+            self.thread.start()
+
+    def _read(self) -> None:
+        digest = hashlib.blake2b(digest_size=16)
+        buffer = memoryview(bytearray(8 << 20))
+        handles: dict[Path, int] = {}
+        try:
+            order = sorted(self.tensors) if self.hashing else sorted(self.tensors, key=lambda k: self.tensors[k].start)
+            for name in order:
+                tensor = self.tensors[name]
+                if tensor.file not in handles:
+                    handles[tensor.file] = os.open(tensor.file, os.O_RDONLY)
+                if self.hashing:
+                    digest.update(f"{name}|{SAFETENSORS_DTYPES[tensor.dtype]}|{tensor.shape}".encode())
+                position = tensor.start
+                while position < tensor.end:
+                    got = os.preadv(handles[tensor.file], [buffer[: min(len(buffer), tensor.end - position)]], position)
+                    if got <= 0:
+                        raise OSError(f"{tensor.file}: ends inside tensor {name}")
+                    if self.hashing:
+                        digest.update(buffer[:got])
+                    position += got
+            if self.hashing:
+                self.digest = "blake2b:" + digest.hexdigest()
+        except OSError:
+            self.digest = None
+        finally:
+            for handle in handles.values():
+                os.close(handle)
+
+    def result(self) -> str | None:
+        """The digest, once the thread is done (None: it could not be computed from the files)."""
+        self.thread.join()
+        return self.digest
+
+    @classmethod
+    def running_for(cls, source: ModelSource) -> WeightsPrefetch | None:
+        key = _hash_cache_key(source)
+        return cls._running.get(key) if key is not None else None
 
 
-def prefetch_weights(source: ModelSource) -> threading.Thread | None:
-    """Read the tower's bytes into the page cache in a background thread, so that reading the checkpoint overlaps
-    importing torch, listing the inputs and planning; the load proper then copies from memory. Only the tower's
-    byte ranges are read (not a full model's language weights), and errors are left to the load to report."""
-    ranges = tower_byte_ranges(source)
-    if not ranges:
-        return None
-
-    def read() -> None:
-        buffer = bytearray(8 << 20)
-        for file, start, end in ranges:
-            try:
-                with open(file, "rb", buffering=0) as handle:
-                    position = start
-                    while position < end:
-                        got = os.preadv(handle.fileno(), [memoryview(buffer)[: min(len(buffer), end - position)]],
-                                        position)
-                        if got <= 0:
-                            break
-                        position += got
-            except OSError:
-                return
-
-    thread = threading.Thread(target=read, name="vitok-weights-prefetch", daemon=True)
-    thread.start()
-    return thread
+def prefetch_weights(source: ModelSource) -> WeightsPrefetch | None:
+    """Start a :class:`WeightsPrefetch` for a checkpoint (None for seeded random weights or unreadable headers)."""
+    prefetch = WeightsPrefetch(source)
+    return prefetch if prefetch.tensors else None

@@ -19,6 +19,7 @@ from ..errors import UsageError
 from ..inputs.preprocess import PreparedImage, normalize_patches
 from .checkpoint import (
     ModelSource,
+    WeightsPrefetch,
     cached_weights_hash,
     check_state_dict,
     read_tower_state_dict,
@@ -224,7 +225,8 @@ def load_encoder(
         state = read_tower_state_dict(source)
         check_state_dict(encoder.state_dict(), state, f"{source.name} ({source.weight_files[0].parent})")
         digest = cached_weights_hash(source)  # an earlier load on this machine hashed these very files
-        hashing = None if digest else _Hashing(state)  # in a thread, while the weights go to the device
+        prefetch = None if digest else WeightsPrefetch.running_for(source)  # hashing them while they were read
+        hashing = None if digest or prefetch else _Hashing(state)  # in a thread, while the weights go to the device
         encoder.load_state_dict(state, strict=True, assign=True)  # the checkpoint's tensors, no copy
         seconds["weights_read"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -232,9 +234,9 @@ def load_encoder(
     if torch_device.type == "cuda":  # once per run, at load: the copies are done before the hot path begins
         torch.cuda.synchronize(torch_device)
     seconds["weights_on_device"] = time.perf_counter() - started
-    if not source.random_weights and hashing is not None:
+    if not source.random_weights and digest is None:
         started = time.perf_counter()
-        digest = hashing.result()
+        digest = (prefetch.result() if prefetch else None) or (hashing or _Hashing(state)).result()
         seconds["weights_hash_wait"] = time.perf_counter() - started
         remember_weights_hash(source, digest)
     if attention == "auto":
