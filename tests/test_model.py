@@ -139,3 +139,23 @@ def test_original_vit_tokens_equal_packed_path():
         rows = torch.cat([patchify(im, 14, 1).reshape(6, -1) for im in images])
         packed = model(rows, [(1, 2, 3)] * 2).features["patch"]
     torch.testing.assert_close(batched.reshape(12, -1), packed, rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_pass_while_autograd_records_runs_backward_and_gives_the_inference_tokens(reference_pair):
+    """The documented ``model(images)`` outside ``no_grad`` (fine-tuning, feature attribution): it ran out= kernels
+    that autograd refuses."""
+    from vitok import Qwen3VisionTransformer
+
+    _, _, model = reference_pair
+    pixels = _inputs(GRIDS, model.config.patch_dim).requires_grad_()
+    recorded = model(pixels, GRIDS, features=("patch", "merged", "deepstack")).features
+    recorded["merged"].sum().backward()
+    assert pixels.grad is not None and torch.isfinite(pixels.grad).all()
+    assert any(p.grad is not None for p in model.parameters())
+    with torch.no_grad():
+        plain = model(pixels, GRIDS, features=("patch", "merged", "deepstack")).features
+    torch.testing.assert_close(recorded["merged"], plain["merged"], rtol=1e-5, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+
+    vit = Qwen3VisionTransformer(img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=4)
+    vit(torch.randn(1, 3, 56, 56)).sum().backward()  # trainable weights, default grad mode

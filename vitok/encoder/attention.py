@@ -44,6 +44,9 @@ def apply_rotary(qk: torch.Tensor, rotary: Rotary) -> torch.Tensor:
     x = qk.unflatten(-1, (2, -1))  # (N, 2, H, 2, hd/2): [q|k], heads, [first|second half]
     first, second = x[..., 0, :], x[..., 1, :]
     cos, sin, neg_sin = (t[:, None, None, :] for t in (rotary.cos, rotary.sin, rotary.neg_sin))  # (N, 1, 1, hd/2)
+    if torch.is_grad_enabled() and qk.requires_grad:  # autograd refuses out=: the same arithmetic, one more pass
+        rotated = (torch.addcmul(first * cos, second, neg_sin), torch.addcmul(second * cos, first, sin))
+        return torch.stack(rotated, dim=-2).to(qk.dtype).flatten(-2)
     out = torch.empty_like(x)
     torch.addcmul(first * cos, second, neg_sin, out=out[..., 0, :])
     torch.addcmul(second * cos, first, sin, out=out[..., 1, :])
