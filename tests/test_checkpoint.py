@@ -265,3 +265,25 @@ def test_a_standalone_vision_config_without_depth_takes_the_class_default(tmp_pa
     source = resolve_model(str(tmp_path))
     assert source.encoder.depth == 27 and source.encoder.deepstack_visual_indexes == (8, 16, 24)
     assert source.encoder.hidden_size == 32 and source.prefix == ""
+
+
+def test_image_processor_settings_nested_in_processor_config_are_read_first_as_transformers_does(tmp_path, released):
+    """transformers 5's processor.save_pretrained writes processor_config.json with the image processor's settings
+    under "image_processor" and no preprocessor_config.json; from_pretrained reads the nested ones first."""
+    import shutil
+
+    from transformers import AutoImageProcessor
+
+    _, _, original = released
+    folder = tmp_path / "saved-by-transformers-5"
+    shutil.copytree(original, folder)
+    legacy = json.loads((folder / "preprocessor_config.json").read_text())
+    nested = {**legacy, "size": {"shortest_edge": 65536, "longest_edge": 200704}}
+    (folder / "processor_config.json").write_text(json.dumps({"image_processor": nested, "processor_class": "X"}))
+    for keep_legacy in (True, False):  # both files (nested wins), or only the nested one
+        if not keep_legacy:
+            (folder / "preprocessor_config.json").unlink()
+        reference = AutoImageProcessor.from_pretrained(str(folder))
+        preprocess = resolve_model(str(folder)).preprocess
+        assert (preprocess.min_pixels, preprocess.max_pixels) == (65536, 200704)
+        assert (reference.size["shortest_edge"], reference.size["longest_edge"]) == (65536, 200704)

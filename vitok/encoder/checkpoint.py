@@ -138,12 +138,28 @@ def _read_folder_configs(folder: Path, name: str) -> tuple[EncoderConfig, Prepro
     except KeyError as exc:
         raise CheckpointError(f"{config_path}: vision_config lacks {exc.args[0]!r}") from exc
     preprocess = PreprocessConfig.for_tower(encoder)
-    processor_path = folder / "preprocessor_config.json"
-    if processor_path.is_file():
-        preprocess = PreprocessConfig.from_hf_preprocessor_config(_read_json(processor_path), preprocess,
-                                                                  str(processor_path))
-        preprocess.check_fits(encoder, f"{processor_path} vs {config_path}")
+    found = _image_processor_config(folder)
+    if found is not None:
+        data, where = found
+        preprocess = PreprocessConfig.from_hf_preprocessor_config(data, preprocess, where)
+        preprocess.check_fits(encoder, f"{where} vs {config_path}")
     return encoder, preprocess
+
+
+def _image_processor_config(folder: Path) -> tuple[dict, str] | None:
+    """The image processor's settings as transformers' ``from_pretrained`` finds them: nested under
+    ``image_processor`` in ``processor_config.json`` (what a transformers 5 processor's ``save_pretrained`` writes,
+    with no ``preprocessor_config.json``) first, else ``preprocessor_config.json``; None when neither holds them."""
+    nested = folder / "processor_config.json"
+    if nested.is_file():
+        data = _read_json(nested)
+        settings = data.get("image_processor") if isinstance(data, dict) else None
+        if isinstance(settings, dict):
+            return settings, f"{nested} (image_processor)"
+    legacy = folder / "preprocessor_config.json"
+    if legacy.is_file():
+        return _read_json(legacy), str(legacy)
+    return None
 
 
 def _tower_files(folder: Path) -> tuple[list[Path], str]:
@@ -269,7 +285,8 @@ def _resolve_hub(repo_id: str) -> ModelSource:
     try:
         folder = Path(
             huggingface_hub.snapshot_download(
-                repo_id, allow_patterns=["config.json", "preprocessor_config.json", "*.index.json"]
+                repo_id, allow_patterns=["config.json", "preprocessor_config.json", "processor_config.json",
+                                  "*.index.json"]
             )
         )
         index = folder / "model.safetensors.index.json"
