@@ -308,6 +308,51 @@ def test_gpus_summaries_merge_into_the_single_process_shape_and_signals_fail():
     assert exit_code_of([0, -9]) == 137 and exit_code_of([0, 0]) == 0 and exit_code_of([2, 0]) == 2
 
 
+@pytest.mark.parametrize("given, env", [
+    ({}, {}),
+    ({"part": 1, "num_parts": 4}, {}),
+    ({}, {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0"}),
+    ({}, {"RANK": "1", "WORLD_SIZE": "2"}),
+])
+def test_gpus_split_this_process_part_between_its_gpus(monkeypatch, tmp_path, given, env):
+    """--gpus on part p of N: its children do parts p + N*j of N*G, never the whole plan again (a SLURM array of
+    nodes each running --gpus all would otherwise have every node claim everything)."""
+    import subprocess
+
+    from vitok.pipeline import gpus
+    from vitok.pipeline.options import ExtractOptions
+    from vitok.pipeline.parallel import Part, detect_part
+
+    for name in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
+                 "SLURM_ARRAY_TASK_MAX", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    commands = []
+
+    class Child:
+        returncode = 1  # (no summaries to merge)
+
+        def __init__(self, cmd, **_):
+            commands.append(cmd)
+
+        def communicate(self):
+            return "", None
+
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    options = ExtractOptions(model="qwen3-vl-tiny", **given)
+    gpus.run_per_gpu("0,1", tmp_path / "out", ["imgs"], options)
+    parent = detect_part(options.part, options.num_parts)
+    parts = [(int(cmd[cmd.index("--part") + 1]), int(cmd[cmd.index("--num-parts") + 1])) for cmd in commands]
+    assert parts == [(parent.index, parent.count * 2), (parent.index + parent.count, parent.count * 2)]
+    shards = range(48)
+    for index, count in parts:  # the children own exactly the parent's shards, each once
+        assert all(Part(parent.index, parent.count, None, "").owns(i) for i in shards if Part(index, count, None,
+                                                                                                  "").owns(i))
+    owned = [i for index, count in parts for i in shards if Part(index, count, None, "").owns(i)]
+    assert sorted(owned) == [i for i in shards if parent.count == 1 or i % parent.count == parent.index]
+
+
 # ---- 11. bounded open files --------------------------------------------------------------------------------------
 
 

@@ -12,11 +12,13 @@ from typing import Any
 
 from ..errors import UsageError
 from .options import ExtractOptions
+from .parallel import detect_part
 
 
 def run_per_gpu(gpus: str, out: Path, sources: list[str], options: ExtractOptions, quiet: bool = False
                 ) -> tuple[int, dict[str, Any] | None]:
-    """One child process per GPU, each ``vitok extract --part i --num-parts n --device cuda:g`` into one OUT.
+    """One child process per GPU, each ``vitok extract --part i --num-parts n --device cuda:g`` into one OUT: this
+    process's part split between its GPUs.
     Returns the exit code for all of them and their merged summary (None when one failed)."""
     import torch
 
@@ -31,9 +33,14 @@ def run_per_gpu(gpus: str, out: Path, sources: list[str], options: ExtractOption
         raise UsageError("--gpus: no CUDA devices visible")
     if "-" in sources or options.files_from == "-":
         raise UsageError("--gpus cannot share stdin between processes; write the list to a file and use --files-from")
+    # This process's own part (--part/--num-parts, a SLURM array task, a torchrun rank) is split between its GPUs:
+    # child j of part p of N does part p + N*j of N*G, i.e. the shards of part p whose (index // N) % G == j, so the
+    # children of all parts cover every part of N*G exactly once.
+    parent = detect_part(options.part, options.num_parts)
     children = []
     for rank, gpu in enumerate(ids):
-        child = options.replace(part=rank, num_parts=len(ids), device=f"cuda:{gpu}")
+        child = options.replace(part=parent.index + parent.count * rank, num_parts=parent.count * len(ids),
+                                device=f"cuda:{gpu}")
         cmd = [sys.executable, "-m", "vitok", "extract", *sources, "-o", str(out), *child.to_argv(), "--json"]
         if quiet:
             cmd.append("--quiet")
