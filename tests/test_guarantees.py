@@ -353,6 +353,71 @@ def test_gpus_split_this_process_part_between_its_gpus(monkeypatch, tmp_path, gi
     assert sorted(owned) == [i for i in shards if parent.count == 1 or i % parent.count == parent.index]
 
 
+def _dies_in(monkeypatch, when):
+    """Decoding kills the process doing it (SIGKILL, as the out-of-memory killer or a decoder crash would) whenever
+    ``when(data)`` says so; workers are forked from this process, so they decode through the patch."""
+    from vitok.inputs.preprocess import Preprocessor
+
+    load = Preprocessor.load
+
+    def dying(self, data, *args, **kwargs):
+        if when(bytes(data)):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return load(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Preprocessor, "load", dying)
+
+
+@pytest.mark.slow
+def test_a_decode_worker_killed_once_costs_nothing(tmp_path, monkeypatch):
+    folder = make_folder(tmp_path / "imgs", count=24, with_odd=False)
+    vitok.extract([str(folder)], tmp_path / "clean", **LIB)
+    marker = tmp_path / "killed-once"
+
+    def first_time(_data):
+        try:
+            marker.touch(exist_ok=False)
+        except FileExistsError:
+            return False
+        return True
+
+    _dies_in(monkeypatch, first_time)
+    summary = vitok.extract([str(folder)], tmp_path / "out", **{**LIB, "workers": 2})
+    assert marker.exists() and summary.ok == 24 and summary.failed == summary.skipped == 0
+    clean, out = vitok.open(tmp_path / "clean"), vitok.open(tmp_path / "out")
+    assert sorted(out.keys()) == sorted(clean.keys())
+    for key in clean.keys():
+        np.testing.assert_array_equal(out[key], clean[key])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("input_format", ["files", "wds"])
+def test_an_image_that_crashes_its_decoder_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, input_format):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 48), (7, 7, 7)).save(buffer, format="PNG")
+    folder = make_folder(tmp_path / "imgs", count=20, with_odd=False)
+    (folder / "b" / "crash.png").write_bytes(buffer.getvalue() + b"POISON")
+    if input_format == "wds":
+        tars = tmp_path / "tars"
+        tars.mkdir()
+        with tarfile.open(tars / "00000.tar", "w") as tar:
+            for path in sorted(folder.rglob("*.png")):
+                tar.add(path, arcname=f"{path.parent.name}_{path.stem}.png")
+        folder = tars
+    _dies_in(monkeypatch, lambda data: data.endswith(b"POISON"))
+    summary = vitok.extract([str(folder)], tmp_path / "out", **{**LIB, "workers": 2})
+    store = vitok.open(tmp_path / "out")
+    crashed = [k for k in store.skipped if "crash" in k]
+    assert len(crashed) == 1 and "SIGKILL" in store.skipped[crashed[0]], store.skipped
+    assert summary.ok == len(store.keys()) and summary.skipped == 1
+    assert not vitok.verify(tmp_path / "out").problems
+
+
 # ---- 11. bounded open files --------------------------------------------------------------------------------------
 
 

@@ -45,8 +45,8 @@ class ProgressDisplay:
         elif time.monotonic() - self._last > 10 or event.shards_done == event.shards_total:
             self._last = time.monotonic()
             total = event.images_total if event.images_total is not None else "?"
-            logger.info("%d/%s images, %d/%d shards, %d skipped, %s", event.images_done, total, event.shards_done,
-                        event.shards_total, event.skipped, rate)
+            logger.info("%d/%s images, %d/%d shards, %d skipped or failed, %s", event.images_done, total,
+                        event.shards_done, event.shards_total, event.skipped, rate)
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:

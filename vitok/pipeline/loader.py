@@ -76,11 +76,42 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
     return Item(record, image)
 
 
+def prepare_isolated(sample: Sample, preprocessor: Preprocessor) -> Item:
+    """``prepare`` in a forked child process: an image whose decoder crashes or is killed (a segfault, the kernel's
+    out-of-memory killer) costs that image, recorded with the signal, instead of the worker and with it the run."""
+    import pickle
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: decode, send the item, leave without running the parent's exit handlers
+        code = 0
+        try:
+            os.close(read_end)
+            with os.fdopen(write_end, "wb") as pipe:
+                pickle.dump(prepare(sample, preprocessor), pipe, protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and data:
+        return pickle.loads(data)
+    record = ImageRecord(sample.key, "skipped", sample.source, member=sample.member, meta=sample.meta)
+    how = (f"was killed by signal {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)
+           else f"exited with status {os.WEXITSTATUS(status)}")
+    record.reason = f"decoding it crashed the decoding process (it {how}); the image is not decoded"
+    return Item(record)
+
+
 @dataclass(frozen=True)
 class Task:
     unit: UnitRef
     start: int = 0
     stop: int | None = None  # None: the whole unit
+    resume: int = 0  # a whole unit whose first ``resume`` chunks were delivered before its worker died
+    isolated: bool = False  # decode each image in a process of its own (the task was in flight when a worker died)
 
 
 def make_tasks(units: Sequence[UnitRef], splittable: bool) -> list[Task]:
@@ -105,16 +136,19 @@ class UnitReading(torch.utils.data.IterableDataset):
     def _task(self, reader, task: Task) -> Iterator[Chunk]:
         unit = task.unit
         started = time.perf_counter()
+        decode = prepare_isolated if task.isolated else prepare
         if task.stop is not None:  # a slice of a loose-file unit: exactly one chunk
-            items = [prepare(s, self.preprocessor)
+            items = [decode(s, self.preprocessor)
                      for s in reader.samples(unit, task.start, task.stop)]
             yield Chunk(unit.index, task.start // CHUNK, items, end=task.stop >= unit.count,
                         busy=time.perf_counter() - started).pack()
             return
-        seq, items = 0, []
+        seq, items, delivered = task.resume, [], task.resume * CHUNK
         try:
-            for sample in reader.samples(unit):
-                items.append(prepare(sample, self.preprocessor))
+            for number, sample in enumerate(reader.samples(unit)):
+                if number < delivered:  # read again to reach the rest, not decoded again
+                    continue
+                items.append(decode(sample, self.preprocessor))
                 if len(items) == CHUNK:
                     chunk = Chunk(unit.index, seq, items, busy=time.perf_counter() - started).pack()
                     yield chunk
@@ -203,25 +237,93 @@ def default_workers(device: torch.device) -> int:
 
 def load_units(units: Sequence[UnitRef], kind: str, reader_options: ReaderOptions, preprocessor: Preprocessor,
                workers: int, pin_memory: bool = False) -> Iterator[Chunk]:
-    """Chunks of the units' prepared images; within a unit in order (re-ordered here if workers race)."""
+    """Chunks of the units' prepared images; within a unit in order (re-ordered here if workers race). A decode
+    worker that dies (killed, out of memory, a decoder crash) does not end the run: see ``_Chunks``."""
     splittable = get_reader(kind, reader_options).splittable
     workers = clamp_workers(workers)
-    dataset = UnitReading(make_tasks(units, splittable), kind, reader_options, preprocessor)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-        worker_init_fn=functools.partial(_worker_init, os.getpid()),
-        prefetch_factor=2 if workers else None, persistent_workers=False,
-    )
-    return _Chunks(iter(loader))  # the workers start now, not at the first chunk asked for
+    return _Chunks(make_tasks(units, splittable), kind, reader_options, preprocessor, workers, pin_memory)
+
+
+WORKER_DEATHS = 3  # worker deaths in a row, without a chunk delivered in between, that end the run
 
 
 class _Chunks:
     """The loader's chunks in unit order; ``close`` (on any exit: an error in a worker or in the loop) stops the
-    workers now, not at interpreter exit, even when no chunk was asked for yet."""
+    workers now, not at interpreter exit, even when no chunk was asked for yet.
 
-    def __init__(self, iterator) -> None:
-        self._iterator = iterator
-        self._ordered = in_unit_order(iterator)
+    When a worker dies, the workers are started again on the tasks not delivered yet (a whole archive resumes after
+    its delivered chunks), and the tasks that were in flight, one per worker, decode each image in a process of its
+    own (``prepare_isolated``): an image that crashes its decoder is then recorded as skipped with the signal, and
+    the run goes on. Workers that keep dying without delivering anything end the run with the loader's error."""
+
+    def __init__(self, tasks: list[Task], kind: str, reader_options: ReaderOptions, preprocessor: Preprocessor,
+                 workers: int, pin_memory: bool) -> None:
+        self._kind, self._reader_options, self._preprocessor = kind, reader_options, preprocessor
+        self._workers, self._pin_memory = workers, pin_memory
+        self._tasks = tasks
+        self._delivered: set[tuple[int, int]] = set()  # (unit, seq) of chunks received
+        self._ended: set[int] = set()  # units whose last chunk was received
+        self._iterator = self._start(tasks)  # the workers start now, not at the first chunk asked for
+        self._ordered = in_unit_order(self._received())
+
+    def _start(self, tasks: list[Task]):
+        dataset = UnitReading(tasks, self._kind, self._reader_options, self._preprocessor)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=self._workers, pin_memory=self._pin_memory,
+            worker_init_fn=functools.partial(_worker_init, os.getpid()),
+            prefetch_factor=2 if self._workers else None, persistent_workers=False,
+        )
+        return iter(loader)
+
+    def _received(self) -> Iterator[Chunk]:
+        deaths = 0
+        while True:
+            try:
+                chunk = next(self._iterator)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if self._workers == 0 or "DataLoader worker (pid" not in str(exc):
+                    raise
+                deaths += 1
+                if deaths >= WORKER_DEATHS:
+                    raise
+                self._restart(str(exc))
+                continue
+            deaths = 0
+            self._delivered.add((chunk.unit, chunk.seq))
+            if chunk.end:
+                self._ended.add(chunk.unit)
+            yield chunk
+
+    def _restart(self, error: str) -> None:
+        self._shutdown()
+        # worker w had tasks[w::W], in order: its first task not delivered was in flight when one of them died
+        undelivered = [not self._done(task) for task in self._tasks]
+        in_flight = {next((i for i in range(w, len(self._tasks), self._workers) if undelivered[i]), None)
+                     for w in range(self._workers)}
+        left = []
+        for i, task in enumerate(self._tasks):
+            if not undelivered[i]:
+                continue
+            if task.stop is None:  # a whole unit goes on after the chunks it delivered
+                task = Task(task.unit, resume=self._delivered_chunks(task.unit.index), isolated=task.isolated)
+            left.append(Task(task.unit, task.start, task.stop, task.resume, task.isolated or i in in_flight))
+        self._tasks = left
+        logger.warning("%s; decode workers started again on the %d task(s) left, images in flight decoded one "
+                       "process each", error.rstrip("."), len(self._tasks))
+        self._iterator = self._start(self._tasks)
+
+    def _done(self, task: Task) -> bool:
+        if task.stop is not None:
+            return (task.unit.index, task.start // CHUNK) in self._delivered
+        return task.unit.index in self._ended
+
+    def _delivered_chunks(self, unit: int) -> int:
+        count = 0
+        while (unit, count) in self._delivered:
+            count += 1
+        return count
 
     def __iter__(self) -> _Chunks:
         return self
@@ -233,11 +335,14 @@ class _Chunks:
             self.close()
             raise
 
-    def close(self) -> None:
-        self._ordered.close()
+    def _shutdown(self) -> None:
         shutdown = getattr(self._iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+
+    def close(self) -> None:
+        self._ordered.close()
+        self._shutdown()
 
 
 def in_unit_order(chunks: Iterator[Chunk]) -> Iterator[Chunk]:

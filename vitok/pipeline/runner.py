@@ -49,7 +49,7 @@ class ProgressEvent:
     images_done: int
     images_total: int | None  # None while archives of unknown size remain
     tokens_done: int
-    skipped: int
+    skipped: int  # inputs not encoded: skipped (bad image) or failed (unreadable, retried later)
     elapsed: float
     shards_done: int = 0
     shards_total: int = 0
