@@ -273,7 +273,14 @@ class _Chunks:
             worker_init_fn=functools.partial(_worker_init, os.getpid()),
             prefetch_factor=2 if self._workers else None, persistent_workers=False,
         )
-        return iter(loader)
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGCHLD) if main else None
+        iterator = iter(loader)
+        if main and signal.getsignal(signal.SIGCHLD) is not previous:
+            # torch's SIGCHLD handler raises a worker's death wherever the main thread happens to be (in the encoder,
+            # the writer); without it the death is found where chunks are awaited (``_received``), within seconds
+            signal.signal(signal.SIGCHLD, previous)
+        return iterator
 
     def _received(self) -> Iterator[Chunk]:
         deaths = 0
