@@ -17,8 +17,8 @@ from pathlib import Path
 
 from .common import make_jpegs, row
 
-PHASES = ("imports", "plan", "weights_read", "weights_on_device", "workers_ready", "warm_up", "first_batch_ready",
-          "first_batch_done")
+PHASES = ("imports", "torch_import", "plan", "weights_read", "weights_on_device", "weights_hash_wait", "workers_ready",
+          "warm_up", "first_batch_ready", "first_batch_done")
 
 
 def checkpoint_folder(preset: str, folder: Path, dtype) -> Path:
