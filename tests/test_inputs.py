@@ -220,3 +220,37 @@ def test_a_refused_mixed_settings_run_leaves_vitok_json_as_it_was(tmp_path):
     with pytest.raises(SettingsMismatchError, match="other settings"):
         vitok.extract([str(folder)], out, shard_size=1, **{**LIB, "pool": "max"})
     assert not (out / "vitok.json").exists()
+
+
+# ---- lists of paths (stdin, --files-from) are literal ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 5, 7, 1 << 24])
+def test_list_lines_are_split_alike_whatever_the_block_size(block_size):
+    from vitok.inputs.sources import read_lines
+
+    text = b"\xef\xbb\xbfa.jpg\r\nb c.jpg\r\n\r\n# note\r\nd\r\r\ncaf\xe9.jpg\ne.jpg\r"
+    expected = ["a.jpg", "b c.jpg", "d\r", os.fsdecode(b"caf\xe9.jpg"), "e.jpg"]
+    assert read_lines(io.BytesIO(text), block_size=block_size) == expected
+    assert read_lines(io.BytesIO(b"a\r\nb\r\nc\r\n"), block_size=block_size) == ["a", "b", "c"]
+    assert read_lines(io.BytesIO(b"\xef\xbb"), block_size=block_size) == [os.fsdecode(b"\xef\xbb")]  # not a BOM
+
+
+def test_list_lines_name_files_literally_crlf_bom_braces_and_non_utf8(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = [b"shot{1,2}.jpg", b"plain.png", b"caf\xe9.png", b"{00..01}.png"]
+    for i, name in enumerate(names):
+        with open(os.path.join(os.fsencode(folder), name), "wb") as handle:
+            handle.write(png(i))
+    (folder / "shot1.jpg").write_bytes(png(9))  # what the pattern would expand to: must not be read
+    listed = b"\xef\xbb\xbf" + b"".join(os.path.join(os.fsencode(folder), n) + b"\r\n" for n in names)
+    (tmp_path / "list.txt").write_bytes(listed)
+    out = tmp_path / "out"
+    summary = vitok.extract([], out, files_from=str(tmp_path / "list.txt"), **LIB)
+    assert (summary.ok, summary.skipped, summary.failed) == (4, 0, 0)
+    keys = {os.fsencode(k) for k in vitok.open(out).keys()}
+    assert keys == {os.path.join(os.fsencode(folder), n) for n in names}
+    stdin_out = tmp_path / "stdin_out"
+    summary = vitok.extract(["-"], stdin_out, stdin=io.BytesIO(listed), **LIB)
+    assert (summary.ok, summary.skipped, summary.failed) == (4, 0, 0)

@@ -7,7 +7,9 @@ What a source may be:
 - a file: an image, a ``.tar``/``.tar.gz``/``.tgz`` (webdataset), or a ``.parquet``;
 - a brace pattern, quoted so the shell leaves it: ``'/data/{00000..01023}.tar'`` (zero padding kept, as webdataset);
 - a URL (``s3://``, ``gs://``, ``https://``...) of a tar or parquet file, read through fsspec (``vitok[remote]``);
-- ``-``: one input per line on stdin; ``--files-from LIST`` reads them from a file (or ``-``).
+- ``-``: one input per line on stdin; ``--files-from LIST`` reads them from a file (or ``-``). List lines are paths
+  taken literally (a file may be named ``shot{1,2}.jpg``): never brace-expanded; CRLF line ends and a UTF-8 byte order
+  mark are removed.
 
 Keys of loose files are their paths relative to the folder given (prefixed with the folder's name when several
 folders are given), or the path as given for files and list lines. Every path is kept absolute, so a store can be
@@ -155,27 +157,40 @@ class ArchiveListing:
 Listing = FileListing | ArchiveListing
 
 
-def read_lines(stream: BinaryIO) -> list[str]:
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (Windows editors write one): not part of the first path
+
+
+def read_lines(stream: BinaryIO, block_size: int = 1 << 24) -> list[str]:
     """Non-empty, non-comment lines of a list of paths, decoded as file names (surrogate escapes for non-UTF-8).
 
-    Decoded and split a block at a time: ten million lines take seconds, not minutes."""
+    Each line is taken literally: split on ``\\n``, one trailing ``\\r`` removed (CRLF lists), a UTF-8 byte order mark
+    at the start of the list removed; nothing else is stripped or expanded. Decoded and split a block at a time:
+    ten million lines take seconds, not minutes."""
     lines: list[str] = []
     tail = b""
-    while block := stream.read(1 << 24):  # blocks cut at a newline: never the whole text and its lines at once
+    first = True
+    while block := stream.read(block_size):  # blocks cut after a newline: never the whole text and its lines at once
         block = tail + block
-        cut = block.rfind(b"\n")
-        tail, block = (block, b"") if cut < 0 else (block[cut + 1 :], block[:cut])
-        if block:
-            lines += block.replace(b"\r\n", b"\n").decode("utf-8", "surrogateescape").split("\n")
+        cut = block.rfind(b"\n") + 1
+        if not cut:
+            tail = block
+            continue
+        tail, block = block[cut:], block[:cut]
+        if first:
+            block, first = block.removeprefix(BOM), False
+        lines += block.replace(b"\r\n", b"\n").decode("utf-8", "surrogateescape").split("\n")
+        lines.pop()  # the empty text after the block's last newline
     if tail:
-        lines += tail.rstrip(b"\r").decode("utf-8", "surrogateescape").split("\n")
+        if first:
+            tail = tail.removeprefix(BOM)
+        lines.append((tail[:-1] if tail.endswith(b"\r") else tail).decode("utf-8", "surrogateescape"))
     if any(not line or line[0] == "#" or line.isspace() for line in lines):  # filter only when needed: no copy
         lines = [line for line in lines if line and line[0] != "#" and not line.isspace()]
     return lines
 
 
-def _has_braces_or_urls(lines: list[str]) -> bool:
-    return any("{" in line or "://" in line for line in lines)
+def _has_urls(lines: list[str]) -> bool:
+    return any("://" in line for line in lines)
 
 
 def _needs_normalising(lines: list[str]) -> bool:
@@ -284,7 +299,7 @@ class _Collector:
         """Many list lines: loose image files are taken in bulk (ten million lines in seconds), the rest one by one."""
         if self.format in ("auto", "files") and self.kind in (None, "files") and lines:
             extensions = {line[line.rfind("."):].lower() for line in lines}
-            if extensions <= IMAGE_EXTENSIONS and not _has_braces_or_urls(lines):
+            if extensions <= IMAGE_EXTENSIONS and not _has_urls(lines):
                 self._set_kind("files", lines[0])
                 mixed = any(line[0] == "/" for line in lines) and any(line[0] != "/" for line in lines)
                 groups = ([(Root(self.cwd), [line for line in lines if line[0] != "/"]),
@@ -298,9 +313,8 @@ class _Collector:
                     else:
                         self.roots[root] = group  # ten million lines: no copy
                 return
-        for line in lines:
-            for entry in expand(line):
-                self.entry(entry, explicit=False)
+        for line in lines:  # literal: a list names paths, never patterns (a file may be named 'shot{1,2}.jpg')
+            self.entry(line, explicit=False)
 
     def entry(self, entry: str, explicit: bool) -> None:
         """One path from the command line (explicit) or from a list."""
