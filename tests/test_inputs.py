@@ -254,3 +254,34 @@ def test_list_lines_name_files_literally_crlf_bom_braces_and_non_utf8(tmp_path):
     stdin_out = tmp_path / "stdin_out"
     summary = vitok.extract(["-"], stdin_out, stdin=io.BytesIO(listed), **LIB)
     assert (summary.ok, summary.skipped, summary.failed) == (4, 0, 0)
+
+
+# ---- a store inside its own input folder ------------------------------------------------------------------------
+
+
+def test_a_store_inside_its_input_folder_is_never_listed_as_input(tmp_path, caplog):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        (images / f"{i}.png").write_bytes(png(i))
+    out = images / "out"
+    first = vitok.extract([str(images)], out, format="wds", **LIB)
+    assert first.ok == 2
+    with caplog.at_level(logging.INFO, logger="vitok"):
+        again = vitok.extract([str(images)], out, format="wds", **LIB)  # no "archives beside the images" warning
+    assert again.ok == 0 and vitok.open(out).keys() == ["0.png", "1.png"]
+    assert not [r for r in caplog.records if "beside" in r.getMessage()]
+    assert [r for r in caplog.records if "left out 1 folder(s) holding a vitok store" in r.getMessage()]
+
+    tars = tmp_path / "tars"  # a folder of tars with the store's own tars inside: no clash of two 00000 archives
+    tars.mkdir()
+    with tarfile.open(tars / "00000.tar", "w") as tar:
+        for i in range(2):
+            info = tarfile.TarInfo(f"k{i}.png")
+            data = png(i)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    vitok.extract([str(tars)], tars / "out", format="wds", **LIB)
+    assert vitok.extract([str(tars)], tars / "out", format="wds", **LIB).ok == 0
+    other = vitok.extract([str(tars)], tmp_path / "elsewhere", format="wds", **LIB)  # another store: left out too
+    assert other.ok == 2 and vitok.open(tmp_path / "elsewhere").keys() == ["00000/k0", "00000/k1"]

@@ -157,7 +157,7 @@ def _plan_command(sources: list[str] | None, out: Path, **values: Any) -> None:
         raise UsageError("give at least one source, '-' for stdin, or --files-from")
     shard_size = options.shard_size
     reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
-    listing = list_inputs(list(sources or []), options.files_from, None, options.input_format)
+    listing = list_inputs(list(sources or []), options.files_from, None, options.input_format, out=out)
     existing = load_plan(out)
     if existing is not None:
         if existing.latest.listing_digest != listing_digest(listing):

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..errors import UsageError
+from ..storage import META_FILE as STORE_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -227,14 +228,38 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+class Stores:
+    """Folders a walk never enters: the run's output folder and any vitok store (a folder holding ``vitok.json``),
+    so that a store written inside its own input folder is never read back as input. Remembers what it left out."""
+
+    def __init__(self, out: Sequence[str] = ()) -> None:
+        self.out: set[tuple[int, int]] = set()
+        for path in out:
+            try:
+                st = os.stat(path)
+            except OSError:  # not made yet: nothing of it to leave out
+                continue
+            self.out.add((st.st_dev, st.st_ino))
+        self.left_out: list[str] = []
+
+    def skip(self, dirpath: str, st: os.stat_result, filenames: Sequence[str]) -> bool:
+        if (st.st_dev, st.st_ino) in self.out or STORE_MARKER in filenames:
+            if dirpath not in self.left_out:
+                self.left_out.append(dirpath)
+            return True
+        return False
+
+
 def _walk(root: str, wanted, errors: list[tuple[str, str]] | None = None,
-          beside: list[str] | None = None) -> tuple[list[str], int]:
-    """Relative paths of the wanted files under root, following symlinks but never a folder twice (loop safe).
-    Folders that cannot be listed go to ``errors`` as (path, why); archives among unwanted files to ``beside``."""
+          beside: list[str] | None = None, stores: Stores | None = None) -> tuple[list[str], int]:
+    """Relative paths of the wanted files under root, following symlinks but never a folder twice (loop safe) nor a
+    vitok store (``stores``). Folders that cannot be listed go to ``errors`` as (path, why); archives among unwanted
+    files to ``beside``."""
     found: list[str] = []
     ignored = 0
     seen: set[tuple[int, int]] = set()
     errors = errors if errors is not None else []
+    stores = stores if stores is not None else Stores()
 
     def failed(exc: OSError) -> None:
         errors.append((os.fsdecode(exc.filename) if exc.filename is not None else root, _reason(exc)))
@@ -246,7 +271,7 @@ def _walk(root: str, wanted, errors: list[tuple[str, str]] | None = None,
             failed(exc)
             dirnames[:] = []
             continue
-        if (st.st_dev, st.st_ino) in seen:
+        if (st.st_dev, st.st_ino) in seen or stores.skip(dirpath, st, filenames):
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
@@ -262,11 +287,17 @@ def _walk(root: str, wanted, errors: list[tuple[str, str]] | None = None,
     return found, ignored
 
 
-def _folder_kind(folder: str, requested: str) -> str:
+def _folder_kind(folder: str, requested: str, stores: Stores) -> str:
     if requested != "auto":
         return requested
     counts = dict.fromkeys(("files", "wds", "parquet"), 0)
-    for _dirpath, _dirs, names in os.walk(folder, followlinks=True):
+    for dirpath, dirs, names in os.walk(folder, followlinks=True):
+        try:
+            if stores.skip(dirpath, os.stat(dirpath), names):
+                dirs[:] = []
+                continue
+        except OSError:
+            pass
         for name in names:
             kind = kind_of(name)
             if kind:
@@ -279,8 +310,8 @@ def _folder_kind(folder: str, requested: str) -> str:
 class _Collector:
     """Accumulates inputs of one kind; a second kind is a usage error (one store holds one kind of input)."""
 
-    def __init__(self, input_format: str, cwd: str) -> None:
-        self.format, self.cwd = input_format, cwd
+    def __init__(self, input_format: str, cwd: str, stores: Stores) -> None:
+        self.format, self.cwd, self.stores = input_format, cwd, stores
         self.kind: str | None = None if input_format == "auto" else input_format
         self.roots: dict[Root, list[str]] = {}
         self.archives: list[str] = []
@@ -347,15 +378,15 @@ class _Collector:
             self.archives.append(os.path.normpath(path))
 
     def folder(self, given: str, path: str, prefix: str = "") -> None:
-        kind = _folder_kind(path, self.format)
+        kind = _folder_kind(path, self.format, self.stores)
         self._set_kind(kind, given)
         path = os.path.normpath(path)
         if kind == "files":
             rels, ignored = _walk(path, lambda name: os.path.splitext(name.lower())[1] in IMAGE_EXTENSIONS,
-                                  self.errors, self.beside)
+                                  self.errors, self.beside, self.stores)
             self.roots.setdefault(Root(path, prefix), []).extend(prefix + rel for rel in rels)
         else:
-            rels, ignored = _walk(path, lambda name: kind_of(name) == kind, self.errors)
+            rels, ignored = _walk(path, lambda name: kind_of(name) == kind, self.errors, stores=self.stores)
             self.archives += [f"{path}/{rel}" for rel in rels]
         self.ignored += ignored
 
@@ -366,12 +397,16 @@ def list_inputs(
     stdin: BinaryIO | None = None,
     input_format: str = "auto",
     cwd: str | None = None,
+    out: str | os.PathLike | None = None,
 ) -> Listing:
-    """Expand sources into a listing; ``-`` (as a source or ``files_from``) reads one input per line from stdin."""
+    """Expand sources into a listing; ``-`` (as a source or ``files_from``) reads one input per line from stdin.
+
+    Folders are walked without entering ``out`` (the store being written) or any other vitok store."""
     if input_format not in INPUT_FORMATS:
         raise UsageError(f"--input-format {input_format!r} is not one of: {', '.join(INPUT_FORMATS)}")
     cwd = cwd or os.getcwd()
-    collect = _Collector(input_format, cwd)
+    stores = Stores([os.path.join(cwd, out)] if out is not None else [])
+    collect = _Collector(input_format, cwd, stores)
     stdin = stdin if stdin is not None else sys.stdin.buffer
     folders = [s for s in sources if s != "-" and not is_url(s) and "{" not in s
                and os.path.isdir(s if os.path.isabs(s) else os.path.join(cwd, s))]
@@ -401,7 +436,12 @@ def list_inputs(
 
 def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None) -> Listing:
     what = ", ".join(sources) or files_from or "(no sources)"
+    left_out = collect.stores.left_out
+    if left_out:
+        logger.info("left out %d folder(s) holding a vitok store, never read as input: %s%s", len(left_out),
+                    left_out[0], ", ..." if len(left_out) > 1 else "")
     extra = f" ({collect.ignored} other file(s) ignored)" if collect.ignored else ""
+    extra += f" (left out the vitok store {left_out[0]})" if left_out else ""
     if collect.kind in ("wds", "parquet"):
         paths = sorted(dict.fromkeys(collect.archives))
         if not paths:

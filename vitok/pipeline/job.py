@@ -166,7 +166,7 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     plan = None if options.overwrite else load_plan(out)
     listing = None
     if sources or options.files_from:
-        listing = list_inputs(sources, options.files_from, stdin, options.input_format)
+        listing = list_inputs(sources, options.files_from, stdin, options.input_format, out=out)
         report_listing(listing)
     elif plan is None:
         raise UsageError("give at least one source folder or file, '-' for stdin, or --files-from (or -o a store "
