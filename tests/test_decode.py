@@ -57,6 +57,28 @@ def test_pixel_guard_reads_the_header_before_decoding(tmp_path):
         decode_image(path, max_image_pixels=50_000)
 
 
+def test_max_image_pixels_is_the_only_limit_pillows_own_does_not_refuse_first(tmp_path, monkeypatch):
+    """Pillow refuses more than twice its MAX_IMAGE_PIXELS itself (a 20000x20000 scan by default); scaled down
+    here: Pillow's limit 1,000, vitok's 20,000, an image of 10,000 pixels (an animated GIF: frames checked too)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    path = tmp_path / "big.png"
+    Image.new("1", (100, 100), 1).save(path)
+    frames = [Image.new("RGB", (100, 100), (i * 60, 0, 0)) for i in range(3)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    decoded = decode_image(path, max_image_pixels=20_000)
+    assert decoded.image.size == (100, 100) and np.asarray(decoded.image).min() == 255
+    assert decode_image(gif.getvalue(), max_image_pixels=20_000).image.size == (100, 100)
+    with pytest.raises(ImageError, match="exceeds (the )?limit of 500[01]"):  # vitok's own limit still holds
+        decode_image(path, max_image_pixels=5_000)
+    with ThreadPoolExecutor(4) as pool:  # concurrent decodes: none refused, Pillow's value put back after
+        results = list(pool.map(lambda _: decode_image(path, max_image_pixels=20_000).image.size, range(16)))
+    assert results == [(100, 100)] * 16
+    assert Image.MAX_IMAGE_PIXELS == 1_000
+
+
 @pytest.mark.parametrize("name, transpose", [("hopper_orientation_3.jpg", Image.Transpose.ROTATE_180),
                                              ("hopper_orientation_6.jpg", Image.Transpose.ROTATE_270)])
 def test_exif_orientation_is_applied(name, transpose):

@@ -29,7 +29,8 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,9 @@ UPRIGHT = {
     8: Image.Transpose.ROTATE_90,
 }
 _TRUNCATED_LOCK = threading.Lock()  # LOAD_TRUNCATED_IMAGES is a Pillow global
+_LIMIT_LOCK = threading.Lock()  # MAX_IMAGE_PIXELS is a Pillow global too
+_raised: list[int] = []  # the limits of the decodes that raised Pillow's now (their Pillow values)
+_pillow_default: int | None = None  # Pillow's value before the first of them
 
 
 @dataclass
@@ -99,6 +103,31 @@ def read_source(path: str | Path) -> SourceFile:
     return SourceFile(data, len(data), stat.st_mtime_ns)
 
 
+@contextmanager
+def pillow_limit(max_image_pixels: int) -> Iterator[None]:
+    """Pillow refuses images of more than ``2 * Image.MAX_IMAGE_PIXELS`` pixels on its own (178,956,970 x 2 by
+    default), whatever vitok's ``--max-image-pixels``: within this block Pillow's limit is raised to at least vitok's
+    (vitok checks the header size itself), and put back when the last such block ends. Decodes whose limit Pillow
+    allows anyway (the default) touch nothing; concurrent blocks (threads) share the largest of their limits."""
+    global _pillow_default
+    needed = -(-max_image_pixels // 2)  # Pillow raises above twice its value
+    current = Image.MAX_IMAGE_PIXELS
+    if current is None or (not _raised and needed <= current):
+        yield
+        return
+    with _LIMIT_LOCK:
+        if not _raised:
+            _pillow_default = current
+        _raised.append(needed)
+        Image.MAX_IMAGE_PIXELS = max(_pillow_default, *_raised)
+    try:
+        yield
+    finally:
+        with _LIMIT_LOCK:
+            _raised.remove(needed)
+            Image.MAX_IMAGE_PIXELS = max(_pillow_default, *_raised) if _raised else _pillow_default
+
+
 def decode_image(
     source: str | Path | bytes,
     *,
@@ -118,7 +147,7 @@ def decode_image(
     data = source if isinstance(source, (bytes, bytearray, memoryview)) else read_source(source).data
     if len(data) == 0:
         raise ImageError("empty file (0 bytes)")
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, pillow_limit(max_image_pixels):
         warnings.simplefilter("always")
         try:
             with Image.open(io.BytesIO(data)) as img:
