@@ -135,6 +135,22 @@ def test_animation_uses_the_first_frame():
     assert any(not np.array_equal(got, frame) for frame in frames[1:])  # frame 0 really is another picture
 
 
+@pytest.mark.parametrize("kept", [1 / 2, 2 / 3])
+def test_a_damaged_later_page_does_not_cost_the_first(kept):
+    """A multi-page TIFF cut short: counting its pages fails, its first page decodes (as the reference's Pillow
+    image gives it)."""
+    rng = np.random.default_rng(0)
+    pages = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    buffer = io.BytesIO()
+    pages[0].save(buffer, "TIFF", save_all=True, append_images=pages[1:])
+    data = buffer.getvalue()[: int(len(buffer.getvalue()) * kept)]
+    decoded = decode_image(data)
+    np.testing.assert_array_equal(np.asarray(decoded.image), np.asarray(pages[0]))
+    assert any("frame count could not be read" in note for note in decoded.notes)
+    whole = decode_image(buffer.getvalue())  # undamaged: counted
+    assert "first of 3 frames" in whole.notes
+
+
 def test_fast_decode_keeps_the_grid_and_stays_close(tmp_path):
     big = tmp_path / "big.jpg"
     Image.open(PHOTOS / "retina.jpg").convert("RGB").resize((1600, 1200)).save(big, quality=92)

@@ -179,9 +179,18 @@ def _decode_open_image(img, data, max_image_pixels, allow_truncated, draft_size)
         )
     notes: list[str] = []
     mode = img.mode
-    if getattr(img, "n_frames", 1) > 1:
-        img.seek(0)
-        notes.append(f"first of {img.n_frames} frames")
+    try:  # counting the frames walks every page of a TIFF: a damaged later page must not cost the first
+        frames = getattr(img, "n_frames", 1)
+    except Exception as exc:
+        frames = None
+        notes.append(f"first frame only: the frame count could not be read ({_one_line(exc)})")
+    if frames is None or frames > 1:
+        try:
+            img.seek(0)
+        except Exception:  # the failed count left the file elsewhere: the first frame as opened
+            img = Image.open(io.BytesIO(data))
+        if frames:
+            notes.append(f"first of {frames} frames")
     orientation = _orientation(img)
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     drafted = False
