@@ -97,6 +97,35 @@ def test_sixteen_bit_is_scaled_not_clipped():
     assert got.mean() < 250  # a clipping decoder makes almost every pixel 255
 
 
+def test_integer_and_float_images_match_the_reference_where_it_keeps_the_picture(tmp_path):
+    """Mode I holding 8-bit values and mode F beyond [0, 1] give the reference's pixels (transformers'
+    convert_to_rgb, i.e. Pillow's convert: clipped, floats truncated); where the reference loses the picture (I with
+    16-bit values, F normalised to [0, 1]) vitok scales (README: deliberate differences)."""
+    from transformers.image_transforms import convert_to_rgb
+
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (24, 32)).astype(np.int32)
+    cases = {
+        "i8.tif": Image.fromarray(eight, mode="I"),
+        "i8neg.tif": Image.fromarray(eight - 20, mode="I"),
+        "f255.tif": Image.fromarray((rng.random((24, 32)) * 300 - 20).astype(np.float32), mode="F"),
+    }
+    for name, image in cases.items():
+        image.save(tmp_path / name)
+        with Image.open(tmp_path / name) as raw:
+            expected = convert_to_rgb(raw, return_numpy=True)
+        got = np.asarray(decode_image(tmp_path / name).image)
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    unit = (rng.random((24, 32))).astype(np.float32)
+    Image.fromarray(unit, mode="F").save(tmp_path / "f1.tif")
+    got = np.asarray(decode_image(tmp_path / "f1.tif").image)[:, :, 0]
+    np.testing.assert_array_equal(got, np.round(unit.astype(np.float64) * 255).astype(np.uint8))
+    sixteen = (eight * 257).astype(np.int32)
+    Image.fromarray(sixteen, mode="I").save(tmp_path / "i16.tif")
+    got = np.asarray(decode_image(tmp_path / "i16.tif").image)[:, :, 0]
+    np.testing.assert_array_equal(got, eight.astype(np.uint8))
+
+
 def test_alpha_is_composited_onto_white():
     image = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     buffer = io.BytesIO()

@@ -6,7 +6,8 @@ batch job can record the reason and go on. What "expected" means here:
 - EXIF orientation applied (as transformers' ``load_image`` does);
 - alpha (RGBA, LA, premultiplied, palette transparency) composited onto white, like the reference;
 - CMYK, palette, 1-bit and grayscale converted to RGB; 16-bit and 32-bit integer images *scaled* to 8 bits
-  (the reference clips them, turning most pixels white: a deliberate difference);
+  (the reference clips them, turning most pixels white: a deliberate difference), unless their values all fit in
+  8 bits (mode ``I``); floats in [0, 1] scaled by 255 (see ``_high_depth_to_uint8``);
 - the first frame of an animation;
 - the pixel count checked from the header before any decoding (decompression bombs are refused);
 - truncated files refused unless ``allow_truncated``, in which case the notes say so;
@@ -318,12 +319,25 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
+    """One 8-bit band, as the reference's ``convert("RGB")`` gives it (values clipped to 0..255, floats truncated)
+    except where that would lose the picture (README, deliberate differences):
+
+    - ``I;16`` (16 bits declared): scaled, ``round(v / 257)``; the reference clips, turning most pixels white;
+    - ``I`` (Pillow's 32-bit container, whatever the file's depth): as the reference when every value fits in 8 bits
+      (a 32-bit TIFF of 8-bit values), else scaled like 16 bits;
+    - ``F``: as the reference, except values all within [0, 1] (normalised floats), scaled by 255 and rounded; the
+      reference truncates them to 0 and 1, a black image.
+    """
     values = np.asarray(img)
     if img.mode == "F":
-        values = values.astype(np.float64)
-        scale = 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else 1.0
-        return np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
-    values = np.clip(values.astype(np.int64), 0, 65535)
+        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.max() <= 1.0:
+            return np.clip(values * 255.0, 0, 255).round().astype(np.uint8)
+        return np.clip(values, 0, 255).astype(np.uint8)  # truncated toward zero, as Pillow's F -> L
+    values = values.astype(np.int64)
+    if img.mode == "I" and values.size and values.max() <= 255:
+        return np.clip(values, 0, 255).astype(np.uint8)
+    values = np.clip(values, 0, 65535)
     return ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257): 0 -> 0, 65535 -> 255
 
 
