@@ -327,3 +327,22 @@ def test_tar_members_keep_their_real_names_and_links_are_recorded_not_lost(tmp_p
         assert store.info("00000/both")["meta"] == {"other_images": ["both.webp"]}
         assert "symbolic link to UPPER.JPG" in store.skipped["00000/soft"]
         assert "hard link to UPPER.JPG" in store.skipped["00000/hard"]
+
+
+def test_a_hugging_face_image_cell_with_only_a_path_is_recorded_with_that_path(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    images = sample_images(2)
+    outside = tmp_path / "outside.png"
+    images[1].save(outside)
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    column = [{"bytes": encode(images[0], "PNG"), "path": "a.png"}, {"bytes": None, "path": str(outside)}]
+    pq.write_table(pa.table({"image": column, "key": ["a", "b"]}), folder / "x.parquet")
+    out = tmp_path / "out"
+    summary = vitok.extract([str(folder)], out, **LIB)
+    assert (summary.ok, summary.skipped, summary.failed) == (1, 1, 0)
+    with vitok.open(out) as store:
+        assert store.keys() == ["x/a"]
+        assert f"only its path {str(outside)!r}" in store.skipped["x/b"]
