@@ -285,3 +285,12 @@ def test_a_store_inside_its_input_folder_is_never_listed_as_input(tmp_path, capl
     assert vitok.extract([str(tars)], tars / "out", format="wds", **LIB).ok == 0
     other = vitok.extract([str(tars)], tmp_path / "elsewhere", format="wds", **LIB)  # another store: left out too
     assert other.ok == 2 and vitok.open(tmp_path / "elsewhere").keys() == ["00000/k0", "00000/k1"]
+
+
+def test_a_vitok_json_of_the_users_own_is_not_a_store(tmp_path):
+    from vitok.inputs.sources import list_inputs
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(png(0))
+    (tmp_path / "imgs" / "vitok.json").write_text("{}")  # a config file, no shards/ nor plan/
+    assert [k for k, _ in list_inputs([str(tmp_path / "imgs")]).items()] == ["a.png"]

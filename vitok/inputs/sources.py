@@ -32,6 +32,7 @@ from typing import BinaryIO
 
 from ..errors import UsageError
 from ..storage import META_FILE as STORE_MARKER
+from ..storage import SHARDS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +230,9 @@ def _reason(exc: OSError) -> str:
 
 
 class Stores:
-    """Folders a walk never enters: the run's output folder and any vitok store (a folder holding ``vitok.json``),
-    so that a store written inside its own input folder is never read back as input. Remembers what it left out."""
+    """Folders a walk never enters: the run's output folder and any vitok store (a folder holding ``vitok.json`` and
+    ``shards/`` or ``plan/``), so that a store written inside its own input folder is never read back as input.
+    Remembers what it left out."""
 
     def __init__(self, out: Sequence[str] = ()) -> None:
         self.out: set[tuple[int, int]] = set()
@@ -242,8 +244,9 @@ class Stores:
             self.out.add((st.st_dev, st.st_ino))
         self.left_out: list[str] = []
 
-    def skip(self, dirpath: str, st: os.stat_result, filenames: Sequence[str]) -> bool:
-        if (st.st_dev, st.st_ino) in self.out or STORE_MARKER in filenames:
+    def skip(self, dirpath: str, st: os.stat_result, dirnames: Sequence[str], filenames: Sequence[str]) -> bool:
+        store = STORE_MARKER in filenames and (SHARDS_DIR in dirnames or "plan" in dirnames)  # (plan.PLAN_DIR)
+        if store or (st.st_dev, st.st_ino) in self.out:
             if dirpath not in self.left_out:
                 self.left_out.append(dirpath)
             return True
@@ -271,7 +274,7 @@ def _walk(root: str, wanted, errors: list[tuple[str, str]] | None = None,
             failed(exc)
             dirnames[:] = []
             continue
-        if (st.st_dev, st.st_ino) in seen or stores.skip(dirpath, st, filenames):
+        if (st.st_dev, st.st_ino) in seen or stores.skip(dirpath, st, dirnames, filenames):
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
@@ -293,7 +296,7 @@ def _folder_kind(folder: str, requested: str, stores: Stores) -> str:
     counts = dict.fromkeys(("files", "wds", "parquet"), 0)
     for dirpath, dirs, names in os.walk(folder, followlinks=True):
         try:
-            if stores.skip(dirpath, os.stat(dirpath), names):
+            if stores.skip(dirpath, os.stat(dirpath), dirs, names):
                 dirs[:] = []
                 continue
         except OSError:
