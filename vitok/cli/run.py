@@ -164,8 +164,9 @@ def _plan_command(sources: list[str] | None, out: Path, **values: Any) -> None:
             raise UsageError(f"{out} already holds a plan of other inputs ({diff(existing, listing).describe()})")
         typer.echo(f"{out} already holds this plan: {len(existing.units)} shards")
         return
+    files_from = options.files_from if options.files_from in (None, "-") else os.path.abspath(options.files_from)
     generation = write_generation(out, listing, shard_size, 0, 0, [os.path.abspath(s) for s in sources or []],
-                                  "initial", None, reader_options.to_dict())
+                                  "initial", None, reader_options.to_dict(), files_from=files_from)
     header = generation.header
     size = f" of {shard_size}" if header.reader == "files" else ""
     items = "?" if header.num_items is None else header.num_items
