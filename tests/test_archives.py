@@ -295,3 +295,54 @@ def test_update_plans_added_and_rewritten_tars_and_the_rewritten_tars_tokens_win
     assert not np.array_equal(store["00001/k0"], old_tokens)
     np.testing.assert_array_equal(store["00002/k0"], store["00000/k0"])  # the same image
     assert vitok.verify(out).clean
+
+
+def test_tar_members_keep_their_real_names_and_links_are_recorded_not_lost(tmp_path):
+    images = sample_images(3)
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        def add(name: str, data: bytes | None = None, link: str | None = None, kind=tarfile.REGTYPE) -> None:
+            info = tarfile.TarInfo(name)
+            if link is not None:
+                info.type, info.linkname = kind, link
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+        add("UPPER.JPG", encode(images[0], "JPEG"))
+        add("UPPER.txt", b"a caption")
+        add("soft.jpg", link="UPPER.JPG", kind=tarfile.SYMTYPE)
+        add("hard.jpg", link="UPPER.JPG", kind=tarfile.LNKTYPE)
+        add("hard.txt", b"its caption")
+        add("both.png", encode(images[1], "PNG"))
+        add("both.webp", link="both.png", kind=tarfile.SYMTYPE)
+    out = tmp_path / "out"
+    summary = vitok.extract([str(folder)], out, **LIB)
+    assert (summary.ok, summary.skipped, summary.failed) == (2, 2, 0)
+    with vitok.open(out) as store:
+        assert store.keys() == ["00000/UPPER", "00000/both"]
+        assert store.info("00000/UPPER")["member"] == "UPPER.JPG"
+        assert store.info("00000/both")["meta"] == {"other_images": ["both.webp"]}
+        assert "symbolic link to UPPER.JPG" in store.skipped["00000/soft"]
+        assert "hard link to UPPER.JPG" in store.skipped["00000/hard"]
+
+
+def test_a_hugging_face_image_cell_with_only_a_path_is_recorded_with_that_path(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    images = sample_images(2)
+    outside = tmp_path / "outside.png"
+    images[1].save(outside)
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    column = [{"bytes": encode(images[0], "PNG"), "path": "a.png"}, {"bytes": None, "path": str(outside)}]
+    pq.write_table(pa.table({"image": column, "key": ["a", "b"]}), folder / "x.parquet")
+    out = tmp_path / "out"
+    summary = vitok.extract([str(folder)], out, **LIB)
+    assert (summary.ok, summary.skipped, summary.failed) == (1, 1, 0)
+    with vitok.open(out) as store:
+        assert store.keys() == ["x/a"]
+        assert f"only its path {str(outside)!r}" in store.skipped["x/b"]

@@ -275,3 +275,29 @@ def test_verify_sources_reports_an_input_deleted_since_it_was_extracted(tmp_path
     (folder / "1.png").unlink()
     report = verify_store(out, sources="mtime")
     assert not report.clean and any("1.png" in line and "no longer exists" in line for line in report.stale)
+
+
+def test_a_bare_update_lists_the_plans_recorded_sources_again(tmp_path, monkeypatch):
+    folder = three_pngs(tmp_path / "images")
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    vitok.extract(["images"], out, **LIB)  # a relative source: the plan holds it absolute
+    (folder / "3.png").write_bytes(png(3))
+    (folder / "0.png").unlink()
+    monkeypatch.chdir(folder)  # another working directory
+    summary = vitok.extract([], out, update=True, **LIB)
+    assert summary.ok == 1
+    assert_views(out, ["1.png", "2.png", "3.png"])
+
+    listed = tmp_path / "list.txt"  # a store planned from a --files-from list: the list is read again
+    listed.write_text(f"{folder / '1.png'}\n")
+    from_list = tmp_path / "from_list"
+    vitok.extract([], from_list, files_from=str(listed), **LIB)
+    listed.write_text(f"{folder / '1.png'}\n{folder / '2.png'}\n")
+    assert vitok.extract([], from_list, update=True, **LIB).ok == 1
+    assert vitok.open(from_list).keys() == sorted([str(folder / "1.png"), str(folder / "2.png")])
+
+    piped = tmp_path / "piped"  # a list read on stdin cannot be read again: said, not a silent "nothing to do"
+    vitok.extract(["-"], piped, stdin=io.BytesIO(f"{folder / '1.png'}\n".encode()), **LIB)
+    with pytest.raises(vitok.errors.UsageError, match="stdin"):
+        vitok.extract([], piped, update=True, **LIB)

@@ -57,6 +57,28 @@ def test_pixel_guard_reads_the_header_before_decoding(tmp_path):
         decode_image(path, max_image_pixels=50_000)
 
 
+def test_max_image_pixels_is_the_only_limit_pillows_own_does_not_refuse_first(tmp_path, monkeypatch):
+    """Pillow refuses more than twice its MAX_IMAGE_PIXELS itself (a 20000x20000 scan by default); scaled down
+    here: Pillow's limit 1,000, vitok's 20,000, an image of 10,000 pixels (an animated GIF: frames checked too)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    path = tmp_path / "big.png"
+    Image.new("1", (100, 100), 1).save(path)
+    frames = [Image.new("RGB", (100, 100), (i * 60, 0, 0)) for i in range(3)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    decoded = decode_image(path, max_image_pixels=20_000)
+    assert decoded.image.size == (100, 100) and np.asarray(decoded.image).min() == 255
+    assert decode_image(gif.getvalue(), max_image_pixels=20_000).image.size == (100, 100)
+    with pytest.raises(ImageError, match="exceeds (the )?limit of 500[01]"):  # vitok's own limit still holds
+        decode_image(path, max_image_pixels=5_000)
+    with ThreadPoolExecutor(4) as pool:  # concurrent decodes: none refused, Pillow's value put back after
+        results = list(pool.map(lambda _: decode_image(path, max_image_pixels=20_000).image.size, range(16)))
+    assert results == [(100, 100)] * 16
+    assert Image.MAX_IMAGE_PIXELS == 1_000
+
+
 @pytest.mark.parametrize("name, transpose", [("hopper_orientation_3.jpg", Image.Transpose.ROTATE_180),
                                              ("hopper_orientation_6.jpg", Image.Transpose.ROTATE_270)])
 def test_exif_orientation_is_applied(name, transpose):
@@ -73,6 +95,35 @@ def test_sixteen_bit_is_scaled_not_clipped():
     got = np.asarray(decode_image(ODD / "hopper_16bit.pgm").image)[:, :, 0].astype(np.float64)
     assert np.abs(got - np.round(values / 257)).max() <= 1
     assert got.mean() < 250  # a clipping decoder makes almost every pixel 255
+
+
+def test_integer_and_float_images_match_the_reference_where_it_keeps_the_picture(tmp_path):
+    """Mode I holding 8-bit values and mode F beyond [0, 1] give the reference's pixels (transformers'
+    convert_to_rgb, i.e. Pillow's convert: clipped, floats truncated); where the reference loses the picture (I with
+    16-bit values, F normalised to [0, 1]) vitok scales (README: deliberate differences)."""
+    from transformers.image_transforms import convert_to_rgb
+
+    rng = np.random.default_rng(0)
+    eight = rng.integers(0, 256, (24, 32)).astype(np.int32)
+    cases = {
+        "i8.tif": Image.fromarray(eight, mode="I"),
+        "i8neg.tif": Image.fromarray(eight - 20, mode="I"),
+        "f255.tif": Image.fromarray((rng.random((24, 32)) * 300 - 20).astype(np.float32), mode="F"),
+    }
+    for name, image in cases.items():
+        image.save(tmp_path / name)
+        with Image.open(tmp_path / name) as raw:
+            expected = convert_to_rgb(raw, return_numpy=True)
+        got = np.asarray(decode_image(tmp_path / name).image)
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    unit = (rng.random((24, 32))).astype(np.float32)
+    Image.fromarray(unit, mode="F").save(tmp_path / "f1.tif")
+    got = np.asarray(decode_image(tmp_path / "f1.tif").image)[:, :, 0]
+    np.testing.assert_array_equal(got, np.round(unit.astype(np.float64) * 255).astype(np.uint8))
+    sixteen = (eight * 257).astype(np.int32)
+    Image.fromarray(sixteen, mode="I").save(tmp_path / "i16.tif")
+    got = np.asarray(decode_image(tmp_path / "i16.tif").image)[:, :, 0]
+    np.testing.assert_array_equal(got, eight.astype(np.uint8))
 
 
 def test_alpha_is_composited_onto_white():
@@ -111,6 +162,22 @@ def test_animation_uses_the_first_frame():
     got = np.asarray(decoded.image)
     np.testing.assert_array_equal(got, frames[0])
     assert any(not np.array_equal(got, frame) for frame in frames[1:])  # frame 0 really is another picture
+
+
+@pytest.mark.parametrize("kept", [1 / 2, 2 / 3])
+def test_a_damaged_later_page_does_not_cost_the_first(kept):
+    """A multi-page TIFF cut short: counting its pages fails, its first page decodes (as the reference's Pillow
+    image gives it)."""
+    rng = np.random.default_rng(0)
+    pages = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    buffer = io.BytesIO()
+    pages[0].save(buffer, "TIFF", save_all=True, append_images=pages[1:])
+    data = buffer.getvalue()[: int(len(buffer.getvalue()) * kept)]
+    decoded = decode_image(data)
+    np.testing.assert_array_equal(np.asarray(decoded.image), np.asarray(pages[0]))
+    assert any("frame count could not be read" in note for note in decoded.notes)
+    whole = decode_image(buffer.getvalue())  # undamaged: counted
+    assert "first of 3 frames" in whole.notes
 
 
 def test_fast_decode_keeps_the_grid_and_stays_close(tmp_path):

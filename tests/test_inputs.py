@@ -220,3 +220,77 @@ def test_a_refused_mixed_settings_run_leaves_vitok_json_as_it_was(tmp_path):
     with pytest.raises(SettingsMismatchError, match="other settings"):
         vitok.extract([str(folder)], out, shard_size=1, **{**LIB, "pool": "max"})
     assert not (out / "vitok.json").exists()
+
+
+# ---- lists of paths (stdin, --files-from) are literal ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 5, 7, 1 << 24])
+def test_list_lines_are_split_alike_whatever_the_block_size(block_size):
+    from vitok.inputs.sources import read_lines
+
+    text = b"\xef\xbb\xbfa.jpg\r\nb c.jpg\r\n\r\n# note\r\nd\r\r\ncaf\xe9.jpg\ne.jpg\r"
+    expected = ["a.jpg", "b c.jpg", "d\r", os.fsdecode(b"caf\xe9.jpg"), "e.jpg"]
+    assert read_lines(io.BytesIO(text), block_size=block_size) == expected
+    assert read_lines(io.BytesIO(b"a\r\nb\r\nc\r\n"), block_size=block_size) == ["a", "b", "c"]
+    assert read_lines(io.BytesIO(b"\xef\xbb"), block_size=block_size) == [os.fsdecode(b"\xef\xbb")]  # not a BOM
+
+
+def test_list_lines_name_files_literally_crlf_bom_braces_and_non_utf8(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = [b"shot{1,2}.jpg", b"plain.png", b"caf\xe9.png", b"{00..01}.png"]
+    for i, name in enumerate(names):
+        with open(os.path.join(os.fsencode(folder), name), "wb") as handle:
+            handle.write(png(i))
+    (folder / "shot1.jpg").write_bytes(png(9))  # what the pattern would expand to: must not be read
+    listed = b"\xef\xbb\xbf" + b"".join(os.path.join(os.fsencode(folder), n) + b"\r\n" for n in names)
+    (tmp_path / "list.txt").write_bytes(listed)
+    out = tmp_path / "out"
+    summary = vitok.extract([], out, files_from=str(tmp_path / "list.txt"), **LIB)
+    assert (summary.ok, summary.skipped, summary.failed) == (4, 0, 0)
+    keys = {os.fsencode(k) for k in vitok.open(out).keys()}
+    assert keys == {os.path.join(os.fsencode(folder), n) for n in names}
+    stdin_out = tmp_path / "stdin_out"
+    summary = vitok.extract(["-"], stdin_out, stdin=io.BytesIO(listed), **LIB)
+    assert (summary.ok, summary.skipped, summary.failed) == (4, 0, 0)
+
+
+# ---- a store inside its own input folder ------------------------------------------------------------------------
+
+
+def test_a_store_inside_its_input_folder_is_never_listed_as_input(tmp_path, caplog):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        (images / f"{i}.png").write_bytes(png(i))
+    out = images / "out"
+    first = vitok.extract([str(images)], out, format="wds", **LIB)
+    assert first.ok == 2
+    with caplog.at_level(logging.INFO, logger="vitok"):
+        again = vitok.extract([str(images)], out, format="wds", **LIB)  # no "archives beside the images" warning
+    assert again.ok == 0 and vitok.open(out).keys() == ["0.png", "1.png"]
+    assert not [r for r in caplog.records if "beside" in r.getMessage()]
+    assert [r for r in caplog.records if "left out 1 folder(s) holding a vitok store" in r.getMessage()]
+
+    tars = tmp_path / "tars"  # a folder of tars with the store's own tars inside: no clash of two 00000 archives
+    tars.mkdir()
+    with tarfile.open(tars / "00000.tar", "w") as tar:
+        for i in range(2):
+            info = tarfile.TarInfo(f"k{i}.png")
+            data = png(i)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    vitok.extract([str(tars)], tars / "out", format="wds", **LIB)
+    assert vitok.extract([str(tars)], tars / "out", format="wds", **LIB).ok == 0
+    other = vitok.extract([str(tars)], tmp_path / "elsewhere", format="wds", **LIB)  # another store: left out too
+    assert other.ok == 2 and vitok.open(tmp_path / "elsewhere").keys() == ["00000/k0", "00000/k1"]
+
+
+def test_a_vitok_json_of_the_users_own_is_not_a_store(tmp_path):
+    from vitok.inputs.sources import list_inputs
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(png(0))
+    (tmp_path / "imgs" / "vitok.json").write_text("{}")  # a config file, no shards/ nor plan/
+    assert [k for k, _ in list_inputs([str(tmp_path / "imgs")]).items()] == ["a.png"]

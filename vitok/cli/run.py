@@ -157,15 +157,16 @@ def _plan_command(sources: list[str] | None, out: Path, **values: Any) -> None:
         raise UsageError("give at least one source, '-' for stdin, or --files-from")
     shard_size = options.shard_size
     reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
-    listing = list_inputs(list(sources or []), options.files_from, None, options.input_format)
+    listing = list_inputs(list(sources or []), options.files_from, None, options.input_format, out=out)
     existing = load_plan(out)
     if existing is not None:
         if existing.latest.listing_digest != listing_digest(listing):
             raise UsageError(f"{out} already holds a plan of other inputs ({diff(existing, listing).describe()})")
         typer.echo(f"{out} already holds this plan: {len(existing.units)} shards")
         return
+    files_from = options.files_from if options.files_from in (None, "-") else os.path.abspath(options.files_from)
     generation = write_generation(out, listing, shard_size, 0, 0, [os.path.abspath(s) for s in sources or []],
-                                  "initial", None, reader_options.to_dict())
+                                  "initial", None, reader_options.to_dict(), files_from=files_from)
     header = generation.header
     size = f" of {shard_size}" if header.reader == "files" else ""
     items = "?" if header.num_items is None else header.num_items

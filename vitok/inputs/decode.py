@@ -6,7 +6,8 @@ batch job can record the reason and go on. What "expected" means here:
 - EXIF orientation applied (as transformers' ``load_image`` does);
 - alpha (RGBA, LA, premultiplied, palette transparency) composited onto white, like the reference;
 - CMYK, palette, 1-bit and grayscale converted to RGB; 16-bit and 32-bit integer images *scaled* to 8 bits
-  (the reference clips them, turning most pixels white: a deliberate difference);
+  (the reference clips them, turning most pixels white: a deliberate difference), unless their values all fit in
+  8 bits (mode ``I``); floats in [0, 1] scaled by 255 (see ``_high_depth_to_uint8``);
 - the first frame of an animation;
 - the pixel count checked from the header before any decoding (decompression bombs are refused);
 - truncated files refused unless ``allow_truncated``, in which case the notes say so;
@@ -29,7 +30,8 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +51,9 @@ UPRIGHT = {
     8: Image.Transpose.ROTATE_90,
 }
 _TRUNCATED_LOCK = threading.Lock()  # LOAD_TRUNCATED_IMAGES is a Pillow global
+_LIMIT_LOCK = threading.Lock()  # MAX_IMAGE_PIXELS is a Pillow global too
+_raised: list[int] = []  # the limits of the decodes that raised Pillow's now (their Pillow values)
+_pillow_default: int | None = None  # Pillow's value before the first of them
 
 
 @dataclass
@@ -99,6 +104,31 @@ def read_source(path: str | Path) -> SourceFile:
     return SourceFile(data, len(data), stat.st_mtime_ns)
 
 
+@contextmanager
+def pillow_limit(max_image_pixels: int) -> Iterator[None]:
+    """Pillow refuses images of more than ``2 * Image.MAX_IMAGE_PIXELS`` pixels on its own (178,956,970 x 2 by
+    default), whatever vitok's ``--max-image-pixels``: within this block Pillow's limit is raised to at least vitok's
+    (vitok checks the header size itself), and put back when the last such block ends. Decodes whose limit Pillow
+    allows anyway (the default) touch nothing; concurrent blocks (threads) share the largest of their limits."""
+    global _pillow_default
+    needed = -(-max_image_pixels // 2)  # Pillow raises above twice its value
+    current = Image.MAX_IMAGE_PIXELS
+    if current is None or (not _raised and needed <= current):
+        yield
+        return
+    with _LIMIT_LOCK:
+        if not _raised:
+            _pillow_default = current
+        _raised.append(needed)
+        Image.MAX_IMAGE_PIXELS = max(_pillow_default, *_raised)
+    try:
+        yield
+    finally:
+        with _LIMIT_LOCK:
+            _raised.remove(needed)
+            Image.MAX_IMAGE_PIXELS = max(_pillow_default, *_raised) if _raised else _pillow_default
+
+
 def decode_image(
     source: str | Path | bytes,
     *,
@@ -118,7 +148,7 @@ def decode_image(
     data = source if isinstance(source, (bytes, bytearray, memoryview)) else read_source(source).data
     if len(data) == 0:
         raise ImageError("empty file (0 bytes)")
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, pillow_limit(max_image_pixels):
         warnings.simplefilter("always")
         try:
             with Image.open(io.BytesIO(data)) as img:
@@ -150,9 +180,18 @@ def _decode_open_image(img, data, max_image_pixels, allow_truncated, draft_size)
         )
     notes: list[str] = []
     mode = img.mode
-    if getattr(img, "n_frames", 1) > 1:
-        img.seek(0)
-        notes.append(f"first of {img.n_frames} frames")
+    try:  # counting the frames walks every page of a TIFF: a damaged later page must not cost the first
+        frames = getattr(img, "n_frames", 1)
+    except Exception as exc:
+        frames = None
+        notes.append(f"first frame only: the frame count could not be read ({_one_line(exc)})")
+    if frames is None or frames > 1:
+        try:
+            img.seek(0)
+        except Exception:  # the failed count left the file elsewhere: the first frame as opened
+            img = Image.open(io.BytesIO(data))
+        if frames:
+            notes.append(f"first of {frames} frames")
     orientation = _orientation(img)
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     drafted = False
@@ -280,12 +319,25 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
+    """One 8-bit band, as the reference's ``convert("RGB")`` gives it (values clipped to 0..255, floats truncated)
+    except where that would lose the picture (README, deliberate differences):
+
+    - ``I;16`` (16 bits declared): scaled, ``round(v / 257)``; the reference clips, turning most pixels white;
+    - ``I`` (Pillow's 32-bit container, whatever the file's depth): as the reference when every value fits in 8 bits
+      (a 32-bit TIFF of 8-bit values), else scaled like 16 bits;
+    - ``F``: as the reference, except values all within [0, 1] (normalised floats), scaled by 255 and rounded; the
+      reference truncates them to 0 and 1, a black image.
+    """
     values = np.asarray(img)
     if img.mode == "F":
-        values = values.astype(np.float64)
-        scale = 255.0 if np.nanmax(values, initial=0.0) <= 1.0 else 1.0
-        return np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
-    values = np.clip(values.astype(np.int64), 0, 65535)
+        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.max() <= 1.0:
+            return np.clip(values * 255.0, 0, 255).round().astype(np.uint8)
+        return np.clip(values, 0, 255).astype(np.uint8)  # truncated toward zero, as Pillow's F -> L
+    values = values.astype(np.int64)
+    if img.mode == "I" and values.size and values.max() <= 255:
+        return np.clip(values, 0, 255).astype(np.uint8)
+    values = np.clip(values, 0, 65535)
     return ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257): 0 -> 0, 65535 -> 255
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..encoder.config import PreprocessConfig
 from ..errors import ImageError
+from .decode import pillow_limit
 from .preprocess import PreparedImage, Preprocessor, patchify, resize_like_torchvision, target_size
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ ORIENTATION_TAG = 0x0112
 def gpu_route(data: bytes, config: PreprocessConfig) -> PreparedImage | None:
     """A placeholder image (bytes, grid, no patches yet) when the GPU may decode it; None for the exact path."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with pillow_limit(config.max_image_pixels), Image.open(io.BytesIO(data)) as img:
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                 return None
             if img.info.get("progressive") or img.info.get("progression"):

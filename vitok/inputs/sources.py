@@ -7,7 +7,9 @@ What a source may be:
 - a file: an image, a ``.tar``/``.tar.gz``/``.tgz`` (webdataset), or a ``.parquet``;
 - a brace pattern, quoted so the shell leaves it: ``'/data/{00000..01023}.tar'`` (zero padding kept, as webdataset);
 - a URL (``s3://``, ``gs://``, ``https://``...) of a tar or parquet file, read through fsspec (``vitok[remote]``);
-- ``-``: one input per line on stdin; ``--files-from LIST`` reads them from a file (or ``-``).
+- ``-``: one input per line on stdin; ``--files-from LIST`` reads them from a file (or ``-``). List lines are paths
+  taken literally (a file may be named ``shot{1,2}.jpg``): never brace-expanded; CRLF line ends and a UTF-8 byte order
+  mark are removed.
 
 Keys of loose files are their paths relative to the folder given (prefixed with the folder's name when several
 folders are given), or the path as given for files and list lines. Every path is kept absolute, so a store can be
@@ -29,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..errors import UsageError
+from ..storage import META_FILE as STORE_MARKER
+from ..storage import SHARDS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -155,27 +159,40 @@ class ArchiveListing:
 Listing = FileListing | ArchiveListing
 
 
-def read_lines(stream: BinaryIO) -> list[str]:
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (Windows editors write one): not part of the first path
+
+
+def read_lines(stream: BinaryIO, block_size: int = 1 << 24) -> list[str]:
     """Non-empty, non-comment lines of a list of paths, decoded as file names (surrogate escapes for non-UTF-8).
 
-    Decoded and split a block at a time: ten million lines take seconds, not minutes."""
+    Each line is taken literally: split on ``\\n``, one trailing ``\\r`` removed (CRLF lists), a UTF-8 byte order mark
+    at the start of the list removed; nothing else is stripped or expanded. Decoded and split a block at a time:
+    ten million lines take seconds, not minutes."""
     lines: list[str] = []
     tail = b""
-    while block := stream.read(1 << 24):  # blocks cut at a newline: never the whole text and its lines at once
+    first = True
+    while block := stream.read(block_size):  # blocks cut after a newline: never the whole text and its lines at once
         block = tail + block
-        cut = block.rfind(b"\n")
-        tail, block = (block, b"") if cut < 0 else (block[cut + 1 :], block[:cut])
-        if block:
-            lines += block.replace(b"\r\n", b"\n").decode("utf-8", "surrogateescape").split("\n")
+        cut = block.rfind(b"\n") + 1
+        if not cut:
+            tail = block
+            continue
+        tail, block = block[cut:], block[:cut]
+        if first:
+            block, first = block.removeprefix(BOM), False
+        lines += block.replace(b"\r\n", b"\n").decode("utf-8", "surrogateescape").split("\n")
+        lines.pop()  # the empty text after the block's last newline
     if tail:
-        lines += tail.rstrip(b"\r").decode("utf-8", "surrogateescape").split("\n")
+        if first:
+            tail = tail.removeprefix(BOM)
+        lines.append((tail[:-1] if tail.endswith(b"\r") else tail).decode("utf-8", "surrogateescape"))
     if any(not line or line[0] == "#" or line.isspace() for line in lines):  # filter only when needed: no copy
         lines = [line for line in lines if line and line[0] != "#" and not line.isspace()]
     return lines
 
 
-def _has_braces_or_urls(lines: list[str]) -> bool:
-    return any("{" in line or "://" in line for line in lines)
+def _has_urls(lines: list[str]) -> bool:
+    return any("://" in line for line in lines)
 
 
 def _needs_normalising(lines: list[str]) -> bool:
@@ -212,14 +229,40 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+class Stores:
+    """Folders a walk never enters: the run's output folder and any vitok store (a folder holding ``vitok.json`` and
+    ``shards/`` or ``plan/``), so that a store written inside its own input folder is never read back as input.
+    Remembers what it left out."""
+
+    def __init__(self, out: Sequence[str] = ()) -> None:
+        self.out: set[tuple[int, int]] = set()
+        for path in out:
+            try:
+                st = os.stat(path)
+            except OSError:  # not made yet: nothing of it to leave out
+                continue
+            self.out.add((st.st_dev, st.st_ino))
+        self.left_out: list[str] = []
+
+    def skip(self, dirpath: str, st: os.stat_result, dirnames: Sequence[str], filenames: Sequence[str]) -> bool:
+        store = STORE_MARKER in filenames and (SHARDS_DIR in dirnames or "plan" in dirnames)  # (plan.PLAN_DIR)
+        if store or (st.st_dev, st.st_ino) in self.out:
+            if dirpath not in self.left_out:
+                self.left_out.append(dirpath)
+            return True
+        return False
+
+
 def _walk(root: str, wanted, errors: list[tuple[str, str]] | None = None,
-          beside: list[str] | None = None) -> tuple[list[str], int]:
-    """Relative paths of the wanted files under root, following symlinks but never a folder twice (loop safe).
-    Folders that cannot be listed go to ``errors`` as (path, why); archives among unwanted files to ``beside``."""
+          beside: list[str] | None = None, stores: Stores | None = None) -> tuple[list[str], int]:
+    """Relative paths of the wanted files under root, following symlinks but never a folder twice (loop safe) nor a
+    vitok store (``stores``). Folders that cannot be listed go to ``errors`` as (path, why); archives among unwanted
+    files to ``beside``."""
     found: list[str] = []
     ignored = 0
     seen: set[tuple[int, int]] = set()
     errors = errors if errors is not None else []
+    stores = stores if stores is not None else Stores()
 
     def failed(exc: OSError) -> None:
         errors.append((os.fsdecode(exc.filename) if exc.filename is not None else root, _reason(exc)))
@@ -231,7 +274,7 @@ def _walk(root: str, wanted, errors: list[tuple[str, str]] | None = None,
             failed(exc)
             dirnames[:] = []
             continue
-        if (st.st_dev, st.st_ino) in seen:
+        if (st.st_dev, st.st_ino) in seen or stores.skip(dirpath, st, dirnames, filenames):
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
@@ -247,11 +290,17 @@ def _walk(root: str, wanted, errors: list[tuple[str, str]] | None = None,
     return found, ignored
 
 
-def _folder_kind(folder: str, requested: str) -> str:
+def _folder_kind(folder: str, requested: str, stores: Stores) -> str:
     if requested != "auto":
         return requested
     counts = dict.fromkeys(("files", "wds", "parquet"), 0)
-    for _dirpath, _dirs, names in os.walk(folder, followlinks=True):
+    for dirpath, dirs, names in os.walk(folder, followlinks=True):
+        try:
+            if stores.skip(dirpath, os.stat(dirpath), dirs, names):
+                dirs[:] = []
+                continue
+        except OSError:
+            pass
         for name in names:
             kind = kind_of(name)
             if kind:
@@ -264,8 +313,8 @@ def _folder_kind(folder: str, requested: str) -> str:
 class _Collector:
     """Accumulates inputs of one kind; a second kind is a usage error (one store holds one kind of input)."""
 
-    def __init__(self, input_format: str, cwd: str) -> None:
-        self.format, self.cwd = input_format, cwd
+    def __init__(self, input_format: str, cwd: str, stores: Stores) -> None:
+        self.format, self.cwd, self.stores = input_format, cwd, stores
         self.kind: str | None = None if input_format == "auto" else input_format
         self.roots: dict[Root, list[str]] = {}
         self.archives: list[str] = []
@@ -284,7 +333,7 @@ class _Collector:
         """Many list lines: loose image files are taken in bulk (ten million lines in seconds), the rest one by one."""
         if self.format in ("auto", "files") and self.kind in (None, "files") and lines:
             extensions = {line[line.rfind("."):].lower() for line in lines}
-            if extensions <= IMAGE_EXTENSIONS and not _has_braces_or_urls(lines):
+            if extensions <= IMAGE_EXTENSIONS and not _has_urls(lines):
                 self._set_kind("files", lines[0])
                 mixed = any(line[0] == "/" for line in lines) and any(line[0] != "/" for line in lines)
                 groups = ([(Root(self.cwd), [line for line in lines if line[0] != "/"]),
@@ -298,9 +347,8 @@ class _Collector:
                     else:
                         self.roots[root] = group  # ten million lines: no copy
                 return
-        for line in lines:
-            for entry in expand(line):
-                self.entry(entry, explicit=False)
+        for line in lines:  # literal: a list names paths, never patterns (a file may be named 'shot{1,2}.jpg')
+            self.entry(line, explicit=False)
 
     def entry(self, entry: str, explicit: bool) -> None:
         """One path from the command line (explicit) or from a list."""
@@ -333,15 +381,15 @@ class _Collector:
             self.archives.append(os.path.normpath(path))
 
     def folder(self, given: str, path: str, prefix: str = "") -> None:
-        kind = _folder_kind(path, self.format)
+        kind = _folder_kind(path, self.format, self.stores)
         self._set_kind(kind, given)
         path = os.path.normpath(path)
         if kind == "files":
             rels, ignored = _walk(path, lambda name: os.path.splitext(name.lower())[1] in IMAGE_EXTENSIONS,
-                                  self.errors, self.beside)
+                                  self.errors, self.beside, self.stores)
             self.roots.setdefault(Root(path, prefix), []).extend(prefix + rel for rel in rels)
         else:
-            rels, ignored = _walk(path, lambda name: kind_of(name) == kind, self.errors)
+            rels, ignored = _walk(path, lambda name: kind_of(name) == kind, self.errors, stores=self.stores)
             self.archives += [f"{path}/{rel}" for rel in rels]
         self.ignored += ignored
 
@@ -352,12 +400,16 @@ def list_inputs(
     stdin: BinaryIO | None = None,
     input_format: str = "auto",
     cwd: str | None = None,
+    out: str | os.PathLike | None = None,
 ) -> Listing:
-    """Expand sources into a listing; ``-`` (as a source or ``files_from``) reads one input per line from stdin."""
+    """Expand sources into a listing; ``-`` (as a source or ``files_from``) reads one input per line from stdin.
+
+    Folders are walked without entering ``out`` (the store being written) or any other vitok store."""
     if input_format not in INPUT_FORMATS:
         raise UsageError(f"--input-format {input_format!r} is not one of: {', '.join(INPUT_FORMATS)}")
     cwd = cwd or os.getcwd()
-    collect = _Collector(input_format, cwd)
+    stores = Stores([os.path.join(cwd, out)] if out is not None else [])
+    collect = _Collector(input_format, cwd, stores)
     stdin = stdin if stdin is not None else sys.stdin.buffer
     folders = [s for s in sources if s != "-" and not is_url(s) and "{" not in s
                and os.path.isdir(s if os.path.isabs(s) else os.path.join(cwd, s))]
@@ -387,7 +439,12 @@ def list_inputs(
 
 def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None) -> Listing:
     what = ", ".join(sources) or files_from or "(no sources)"
+    left_out = collect.stores.left_out
+    if left_out:
+        logger.info("left out %d folder(s) holding a vitok store, never read as input: %s%s", len(left_out),
+                    left_out[0], ", ..." if len(left_out) > 1 else "")
     extra = f" ({collect.ignored} other file(s) ignored)" if collect.ignored else ""
+    extra += f" (left out the vitok store {left_out[0]})" if left_out else ""
     if collect.kind in ("wds", "parquet"):
         paths = sorted(dict.fromkeys(collect.archives))
         if not paths:

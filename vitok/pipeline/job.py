@@ -54,6 +54,8 @@ class Job:
     dtype: Any = None  # torch.dtype
     listing_digest: str | None = None  # of the listing, once computed
     torch_import_seconds: float = 0.0  # spent importing torch while preparing (a start-up phase of its own)
+    files_from: str | None = None  # the --files-from list, absolute ("-": stdin), recorded in the plan
+
 
     @property
     def layouts(self):
@@ -164,9 +166,11 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     preprocess = preprocess_for(source, options)
     reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
     plan = None if options.overwrite else load_plan(out)
+    if options.update and not sources and not options.files_from and plan is not None:
+        sources, options = recorded_sources(out, plan, options)
     listing = None
     if sources or options.files_from:
-        listing = list_inputs(sources, options.files_from, stdin, options.input_format)
+        listing = list_inputs(sources, options.files_from, stdin, options.input_format, out=out)
         report_listing(listing)
     elif plan is None:
         raise UsageError("give at least one source folder or file, '-' for stdin, or --files-from (or -o a store "
@@ -181,7 +185,8 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     check_decode(options.decode, device)
     job = Job(out, options, part, source, preprocess, features, reader_options, listing,
               [_absolute(s) for s in sources], plan, None, None if options.overwrite else header,
-              device, resolve_dtype(options.dtype, device), torch_import_seconds=torch_seconds)
+              device, resolve_dtype(options.dtype, device), torch_import_seconds=torch_seconds,
+              files_from=_absolute(options.files_from) if options.files_from else None)
     if plan is not None and listing is not None:
         job.plan_diff = _compare(job)
     if listing is not None and (plan is None or job.plan_diff is not None):
@@ -192,6 +197,21 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     if job.header is not None:
         check_settings(job, weights=None)
     return job
+
+
+def recorded_sources(out: Path, plan: Plan, options: ExtractOptions) -> tuple[list[str], ExtractOptions]:
+    """A bare ``--update``: the sources (and --files-from list) the plan was last listed from, to list them again."""
+    sources, files_from = plan.sources, plan.latest.files_from
+    if "-" in sources or files_from == "-":
+        raise UsageError(f"{out} was planned from a list read on stdin, which cannot be read again: give the list "
+                         f"again with --update (... | vitok extract - -o {out} --update)")
+    if not sources and not files_from:
+        raise UsageError(f"the plan of {out} records no sources to list again: give them with --update")
+    logger.info("--update: listing the plan's sources again: %s", ", ".join([*sources, *filter(None, [files_from])]))
+    if files_from:
+        given, options = options.given, options.replace(files_from=files_from)
+        options.given = given
+    return list(sources), options
 
 
 def report_listing(listing: Listing) -> None:

@@ -5,7 +5,9 @@ A unit is one row group, read batch by batch (never the whole file). The image c
 ``--image-column`` or found: the first struct column with a binary ``bytes`` field, else a binary column named like an
 image type, else the only binary column. Keys come from ``--key-column``, by default the ``key`` column when there
 is one, else the row number in the file; a vitok key is ``<file stem>/<key>``. Rows without image bytes
-(img2dataset keeps failed downloads as rows with a ``status``) are recorded as skipped with that status.
+(img2dataset keeps failed downloads as rows with a ``status``) are recorded as skipped with that status; a Hugging
+Face ``Image`` cell with ``bytes`` null and a ``path`` (the image left outside the file, which ``datasets`` opens
+relative to its working directory) is recorded as skipped naming the path: only embedded bytes are read.
 pyarrow is imported only here: it is the ``vitok[parquet]`` extra.
 """
 
@@ -166,6 +168,11 @@ class ParquetReader(InputReader):
             sample.skip = f"no key in column {key_column!r} (row {row}); recorded as {key!r}"
         elif n > 1:
             sample.skip = f"duplicate key {str(given)!r} in {stem} (row {row}): recorded as {key!r}; the first is kept"
+        elif not data and is_struct and isinstance(image, dict) and image.get("path"):
+            sample.skip = (f"the image is not in the file, only its path {image['path']!r} (a Hugging Face Image "
+                           "with bytes=null; datasets opens such a path as given, relative to its working "
+                           "directory): vitok reads only embedded bytes; embed the images (datasets' "
+                           "embed_external_files) or extract the image files themselves")
         elif not data:
             why = values.get("status") or "no image bytes"
             detail = values.get("error_message")

@@ -2,9 +2,10 @@
 
 Grouping follows webdataset's ``tariterators``: a member ``dir/name.ext1.ext2`` has the key ``dir/name`` (the path up
 to the first dot of the basename) and the extension ``ext1.ext2``; consecutive members with one key form a sample;
-``__*__`` members and non-files are skipped. The sample's image is its first member whose extension ends in an image
-type (any case); ``txt`` becomes the caption and ``json`` the metadata kept in the record (or only the fields named
-with ``--meta-fields``). A vitok key is ``<tar stem>/<key>``.
+``__*__`` members and folders are skipped; links and special files are not read (as webdataset), and a sample whose
+image is one is recorded as skipped, saying so. The sample's image is its first member whose extension ends in an
+image type (any case; the record's ``member`` is its real name); ``txt`` becomes the caption and ``json`` the
+metadata kept in the record (or only the fields named with ``--meta-fields``). A vitok key is ``<tar stem>/<key>``.
 
 Damage costs only what is damaged: a truncated tar gives every sample completed before the cut and raises
 :class:`UnitReadError` naming where it stopped; a sample without an image is recorded as skipped; a key seen twice in
@@ -17,6 +18,7 @@ import json
 import re
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from ..sources import IMAGE_EXTENSIONS, NotRegularFileError
 from . import InputReader, KeyRule, Sample, UnitReadError
@@ -25,6 +27,23 @@ from .remote import open_binary
 KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 META_MEMBER = re.compile(r"__[^/]*__($|/)")
 IMAGE_TYPES = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+
+
+@dataclass
+class Member:
+    """One tar member of a sample: its real name, its bytes (None: not a regular file, not read) and what it is."""
+
+    name: str
+    data: bytes | None
+    not_regular: str | None = None
+
+
+def _not_regular(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return f"a symbolic link to {info.linkname}"
+    if info.islnk():
+        return f"a hard link to {info.linkname}"
+    return "a FIFO" if info.isfifo() else "a device" if info.isdev() else "not a regular file"
 
 
 def split_member(name: str) -> tuple[str | None, str | None]:
@@ -49,26 +68,30 @@ class WebDatasetReader(InputReader):
         except OSError as exc:
             raise UnitReadError(f"cannot open {path}: {exc.strerror or exc}", failed=True) from None
         seen = KeyRule()
-        group: dict[str, bytes] = {}
+        group: dict[str, Member] = {}
         group_key: str | None = None
         last_member = None
         try:
             with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for info in tar:
-                    if not info.isreg() or META_MEMBER.match(info.name):
+                    if info.isdir() or META_MEMBER.match(info.name):
                         continue
                     key, extension = split_member(info.name)
                     if key is None:
                         continue
-                    data = tar.extractfile(info).read()
+                    if info.isreg():
+                        member = Member(info.name, tar.extractfile(info).read())
+                    else:  # a link or a special file: not read (as webdataset), recorded if it is the sample's image
+                        member = Member(info.name, None, _not_regular(info))
                     last_member = info.name
                     if key != group_key:
                         if group_key is not None:
                             yield self._sample(stem, path, group_key, group, seen)
                         group_key, group = key, {}
-                    if extension.lower() in group:
-                        extension = f"{extension.lower()}#{sum(e.startswith(extension.lower()) for e in group) + 1}"
-                    group[extension.lower()] = data
+                    extension = extension.lower()
+                    if extension in group:
+                        extension = f"{extension}#{sum(e.startswith(extension) for e in group) + 1}"
+                    group[extension] = member
                     tar.members = []  # streaming: do not keep every member's header
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             if group_key is not None and any(is_image_extension(e) for e in group):
@@ -78,31 +101,38 @@ class WebDatasetReader(InputReader):
         if group_key is not None:
             yield self._sample(stem, path, group_key, group, seen)
 
-    def _sample(self, stem: str, path: str, key: str, members: dict[str, bytes], seen: KeyRule) -> Sample:
+    def _sample(self, stem: str, path: str, key: str, members: dict[str, Member], seen: KeyRule) -> Sample:
         name, n = seen.assign(key)
         vitok_key = f"{stem}/{key}"
         images = [e for e in members if is_image_extension(e.split("#")[0])]
+        readable = [e for e in images if members[e].data is not None]
         meta = self._meta(members)
         if n > 1:
             return Sample(f"{stem}/{name}", path, member=key, meta=meta,
                           skip=f"duplicate key {key!r} in {stem}: recorded as {name!r}; the first is kept")
-        if not images:
+        if not readable:
+            if images:
+                first = members[images[0]]
+                return Sample(vitok_key, path, member=first.name, meta=meta,
+                              skip=f"the image member is {first.not_regular}: not read (links in a tar are not "
+                                   "followed, as webdataset)")
             kinds = ", ".join(sorted(members)) or "nothing"
             return Sample(vitok_key, path, member=key, meta=meta, skip=f"no image in this sample (members: {kinds})")
-        extension = images[0]
-        sample = Sample(vitok_key, path, member=f"{key}.{extension.split('#')[0]}", data=members[extension], meta=meta)
+        first = members[readable[0]]
+        sample = Sample(vitok_key, path, member=first.name, data=first.data, meta=meta)
         if len(images) > 1:
-            sample.meta = {**(meta or {}), "other_images": [f"{key}.{e.split('#')[0]}" for e in images[1:]]}
+            sample.meta = {**(meta or {}), "other_images": [members[e].name for e in images if e != readable[0]]}
         return sample
 
     def _meta(self, members: dict[str, bytes]) -> dict | None:
         meta = {}
         fields = self.options.meta_fields
-        if "txt" in members and (fields is None or "txt" in fields or "caption" in fields):
-            meta["caption"] = members["txt"].decode("utf-8", "replace")
-        if "json" in members:
+        text, info = members.get("txt"), members.get("json")
+        if text is not None and text.data is not None and (fields is None or "txt" in fields or "caption" in fields):
+            meta["caption"] = text.data.decode("utf-8", "replace")
+        if info is not None and info.data is not None:
             try:
-                data = json.loads(members["json"])
+                data = json.loads(info.data)
             except ValueError:
                 data = None
             if isinstance(data, dict):
