@@ -154,7 +154,8 @@ def test_a_forward_pass_while_autograd_records_runs_backward_and_gives_the_infer
     assert any(p.grad is not None for p in model.parameters())
     with torch.no_grad():
         plain = model(pixels, GRIDS, features=("patch", "merged", "deepstack")).features
-    torch.testing.assert_close(recorded["merged"], plain["merged"], rtol=1e-5, atol=1e-6)
+    # (under autograd the linears are plain F.linear; without it, the kernel this machine chose: rounding apart)
+    assert rel_error(recorded["merged"].detach(), plain["merged"]) <= 1e-5
     model.zero_grad(set_to_none=True)
 
     vit = Qwen3VisionTransformer(img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=4)
