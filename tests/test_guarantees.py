@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,6 +146,75 @@ def test_names_that_are_not_utf8_are_extracted_and_recorded(tmp_path):
     info = subprocess.run([sys.executable, "-m", "vitok", "info", str(tmp_path / "out-folder")], capture_output=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert info.returncode == 0
+
+
+# ---- 5b. a committed shard is bound to the plan unit it was made from -------------------------------------------
+
+
+def _same_names_other_pixels(tmp_path):
+    """Two folders whose files have the same names (keys) and other pixels, and a store of the first."""
+    first = make_folder(tmp_path / "a" / "imgs", count=4, with_odd=False, seed=0)
+    second = make_folder(tmp_path / "b" / "imgs", count=4, with_odd=False, seed=1)
+    reference = tmp_path / "reference"
+    vitok.extract([str(second)], reference, shard_size=2, **LIB)
+    out = tmp_path / "out"
+    vitok.extract([str(first)], out, shard_size=2, **LIB)
+    return first, second, reference, out
+
+
+def _assert_holds_tokens_of(out, reference):
+    store, expected = vitok.open(out), vitok.open(reference)
+    assert sorted(store.keys()) == sorted(expected.keys())
+    for key in expected.keys():
+        np.testing.assert_array_equal(store[key], expected[key])
+    assert vitok.verify(out).clean
+
+
+def test_a_rewritten_plan_never_takes_another_plans_shards_as_done(tmp_path):
+    _, second, reference, out = _same_names_other_pixels(tmp_path)
+    for name in ("vitok.json", "README.txt"):
+        (out / name).unlink()
+    shutil.rmtree(out / "plan")  # a hand-made "reset": the shards of the first folder stay under the same names
+    summary = vitok.extract([str(second)], out, shard_size=2, **LIB)
+    assert summary.already_done == 0 and summary.shards_written == 2
+    _assert_holds_tokens_of(out, reference)
+    again = vitok.extract([str(second)], out, shard_size=2, **LIB)  # and what was redone is done
+    assert again.already_done == 4 and again.shards_written == 0
+
+
+def test_a_sidecar_without_the_plan_digest_is_compared_on_its_records(tmp_path):
+    """Stores written before sidecars recorded the digest: their records' keys and files are compared."""
+    _, second, reference, out = _same_names_other_pixels(tmp_path)
+    for sidecar in (out / "shards").glob("*.json"):
+        data = json.loads(sidecar.read_text())
+        assert data["unit"].pop("inputs").startswith("blake2b:")
+        sidecar.write_text(json.dumps(data))
+    resumed = vitok.extract([], out, shard_size=2, **LIB)  # the same plan: still done
+    assert resumed.already_done == 4 and resumed.shards_written == 0
+    (out / "vitok.json").unlink()
+    shutil.rmtree(out / "plan")
+    summary = vitok.extract([str(second)], out, shard_size=2, **LIB)
+    assert summary.already_done == 0 and summary.shards_written == 2
+    _assert_holds_tokens_of(out, reference)
+
+
+def test_overwrite_that_cannot_remove_a_shard_stops_naming_it(tmp_path, monkeypatch):
+    """A shard --overwrite cannot delete (chattr +i, permissions) must not pass for one of the new run's."""
+    _, second, reference, out = _same_names_other_pixels(tmp_path)
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.fspath(path).rsplit("/", 1)[-1].startswith("shard-000000"):
+            raise PermissionError(1, "Operation not permitted")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(StoreError, match="could not remove .*shard-000000.*Operation not permitted.*rerun"):
+        vitok.extract([str(second)], out, shard_size=2, overwrite=True, **LIB)
+    assert (out / "vitok.json").exists() and (out / "plan").is_dir()  # shards go first, the header and plan last
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    vitok.extract([str(second)], out, shard_size=2, overwrite=True, **LIB)
+    _assert_holds_tokens_of(out, reference)
 
 
 # ---- 5. validation before side effects ---------------------------------------------------------------------------

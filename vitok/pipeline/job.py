@@ -29,6 +29,7 @@ from ..storage import META_FILE, RunHeader, iter_sidecars, read_header
 from ..storage.format import FeatureLayout
 from ..storage.records import ModelSettings, Settings
 from ..storage.shards import SHARDS_DIR, check_shard, read_sidecar, sidecar_path
+from .binding import Bindings
 from .options import ExtractOptions
 from .parallel import Part, detect_part
 from .run_stats import STATS_DIR
@@ -317,6 +318,7 @@ class Work:
     done_shards: int = 0
     other_parts_pending: int = 0
     damaged: set[str] = field(default_factory=set)  # committed shards whose data does not check out: redone
+    bindings: Bindings | None = None  # digests of the plan's units (what each shard's sidecar records)
 
 
 def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
@@ -324,6 +326,7 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
     retries of inputs that could not be read before and can be now."""
     done: dict[str, Any] = {}
     damaged: set[str] = set()
+    bindings = Bindings(plan.units)
     names_mine = {u.name for u in plan.units if job.part.owns(u.index)}
     for path in sorted((job.out / SHARDS_DIR).glob("*.json")) if (job.out / SHARDS_DIR).is_dir() else []:
         name = path.stem
@@ -340,8 +343,9 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
                 f"shard {name} in {job.out} was written with other settings (fingerprint {sidecar.fingerprint}, "
                 f"this run {fingerprint}): the store mixes runs; use another -o, or --overwrite to start over")
         problems = check_shard(job.out, sidecar)
-        if problems:
-            logger.warning("shard %s will be redone: %s", name, problems[0])
+        unbound = None if problems else bindings.problem(sidecar, base_and_attempt(name, plan.legacy_names)[0])
+        if problems or unbound:  # damaged, or made from other inputs than the plan's unit holds now
+            logger.warning("shard %s will be redone: %s", name, problems[0] if problems else unbound)
             damaged.add(name)
             continue
         done[name] = sidecar
@@ -349,7 +353,7 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
     mine = [u for u in plan.units if job.part.owns(u.index) and u.name not in superseded]
     todo = [u for u in mine if u.name not in done]
     retries = retry_units(job, plan, done)
-    work = Work(mine, todo + retries, damaged=damaged)
+    work = Work(mine, todo + retries, damaged=damaged, bindings=bindings)
     work.done_shards = sum(u.name in done for u in mine)
     work.done_images = sum(s.count("ok") + s.count("skipped") for s in done.values())
     committed = {p.stem for p in (job.out / SHARDS_DIR).glob("*.json")} if (job.out / SHARDS_DIR).is_dir() else set()

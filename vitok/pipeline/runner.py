@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..environment import describe_environment
-from ..errors import Interrupted, SettingsMismatchError
+from ..errors import Interrupted, SettingsMismatchError, StoreError
 from ..inputs.identity import header_identity
 from ..inputs.plan import Plan, load_plan, write_generation, write_update
+from ..inputs.retries import base_and_attempt
 from ..storage import META_FILE, RunHeader, create_exclusive, get_format, read_header, write_readme
 from ..storage.claims import Claims
 from ..storage.files import raise_store_error
@@ -258,6 +259,9 @@ class Run:
             if claims.try_claim(unit.name):
                 remove_temps(self.job.out, unit.name)
                 if unit.name in work.damaged:  # its data does not check out: the sidecar no longer vouches for it
+                    for retry in sorted(n for n in work.damaged if n != unit.name  # its retries' records go too
+                                        and base_and_attempt(n, self.plan.legacy_names)[0] == unit.name):
+                        remove_damaged(self.job.out, retry)
                     remove_damaged(self.job.out, unit.name)
                 mine.append(unit)
             else:
@@ -283,7 +287,7 @@ class Run:
                                "vitok_version": __version__},
                               on_commit=lambda sidecar: donors.add_sidecar(job.out, sidecar)).start()
         for unit in units:
-            committer.begin(unit)
+            committer.begin(unit, work.bindings.digest(unit.unit) if work.bindings else None)
         logger.info("part %s: %d shard(s) to do", job.part.label, len(units))
         try:
             self._loop(units, encoder, pipeline, committer, donors, fmt.reads_back)
@@ -446,9 +450,37 @@ def remove_damaged(out: Path, shard: str) -> None:
         remove(shards_dir(out) / data)
 
 
-def wipe_store(out: Path) -> None:
-    """--overwrite: remove what vitok wrote in OUT (and nothing else)."""
-    from ..storage.files import remove
+WIPE_ORDER = ("shards", ".index", "stats", ".claims", "README.txt", "plan.jsonl", "plan", META_FILE)
 
-    for name in (META_FILE, "README.txt", "plan", "shards", ".claims", ".index", "plan.jsonl", "stats"):
-        remove(out / name)
+
+def wipe_store(out: Path) -> None:
+    """--overwrite: remove what vitok wrote in OUT (and nothing else). Shards go first and the header and plan
+    last, so a wipe killed midway leaves a store that still names its own shards; anything that cannot be removed
+    stops the run (a shard left behind must never be taken for one of the new run's)."""
+    for name in WIPE_ORDER:
+        path = out / name
+        failures = _remove_tree(path)
+        if failures or path.exists() or path.is_symlink():
+            where, exc = failures[0] if failures else (str(path), None)
+            why = f" ({exc.strerror or exc})" if exc is not None else ""
+            raise StoreError(f"--overwrite could not remove {where}{why}; nothing new was written: make it removable "
+                             f"(permissions, 'chattr -i') or delete {out} yourself, then rerun")
+
+
+def _remove_tree(path: Path) -> list[tuple[str, OSError]]:
+    """Delete a file or folder tree; what could not be deleted (a file already gone is not a failure)."""
+    import shutil
+    import sys
+
+    failures: list[tuple[str, OSError]] = []
+    try:
+        if path.is_dir() and not path.is_symlink():
+            if sys.version_info >= (3, 12):
+                shutil.rmtree(path, onexc=lambda _f, p, exc: failures.append((p, exc)))
+            else:
+                shutil.rmtree(path, onerror=lambda _f, p, info: failures.append((p, info[1])))
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError as exc:
+        failures.append((str(path), exc))
+    return [(p, exc) for p, exc in failures if not isinstance(exc, FileNotFoundError)]
