@@ -172,9 +172,12 @@ def _assert_holds_tokens_of(out, reference):
 
 def test_a_rewritten_plan_never_takes_another_plans_shards_as_done(tmp_path):
     _, second, reference, out = _same_names_other_pixels(tmp_path)
+    shutil.rmtree(out / "plan")  # a hand-made "reset": the shards of the first folder stay under the same names
+    run_vitok("plan", str(second), "-o", str(out), "--shard-size", "2", check=True)
+    report = vitok.verify(out)
+    assert not report.clean and "made from other inputs" in report.problems[0]
     for name in ("vitok.json", "README.txt"):
         (out / name).unlink()
-    shutil.rmtree(out / "plan")  # a hand-made "reset": the shards of the first folder stay under the same names
     summary = vitok.extract([str(second)], out, shard_size=2, **LIB)
     assert summary.already_done == 0 and summary.shards_written == 2
     _assert_holds_tokens_of(out, reference)

@@ -52,7 +52,7 @@ class Committer:
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         self._sinks: dict[int, ShardSink] = {}  # writer thread only
         self._units: dict[int, UnitRef] = {}
-        self._inputs: dict[int, str | None] = {}  # digest of each unit's planned inputs (vitok.pipeline.binding)
+        self._inputs: dict[int, str | None] = {}  # digest of each unit's planned inputs (vitok.storage.binding)
         # within-unit duplicates (loop thread): content id -> (first key, skip reason) once its batch was queued;
         # duplicates waiting for their first copy's batch
         self._queued: defaultdict[int, dict[str, tuple[str, str | None]]] = defaultdict(dict)

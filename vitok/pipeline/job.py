@@ -29,7 +29,7 @@ from ..storage import META_FILE, RunHeader, iter_sidecars, read_header
 from ..storage.format import FeatureLayout
 from ..storage.records import ModelSettings, Settings
 from ..storage.shards import SHARDS_DIR, check_shard, read_sidecar, sidecar_path
-from .binding import Bindings
+from ..storage.binding import Bindings
 from .options import ExtractOptions
 from .parallel import Part, detect_part
 from .run_stats import STATS_DIR

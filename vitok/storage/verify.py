@@ -11,6 +11,7 @@ from pathlib import Path
 from ..inputs.plan import load_plan
 from ..inputs.retries import sidecar_attempt
 from . import read_header
+from .binding import Bindings
 from .claims import Claims
 from .shards import check_shard, iter_sidecars, repair_hint, temp_files
 from .store import attempt_order, current_records
@@ -67,10 +68,14 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
     flagged: dict[str, dict[str, int]] = {}  # key -> shard -> NaN/Inf values counted at extraction
     recorded: set[str] = set()  # every key any sidecar records (current or not)
     superseded = plan.superseded() if plan is not None else set()
+    bindings = Bindings(plan.units if plan is not None else [])
     for sidecar in attempt_order(list(iter_sidecars(root, damaged_sidecars))):
         base = sidecar_attempt(sidecar)[0]
         done.add(base)
         shard_problems = check_shard(root, sidecar, checksums=not quick)
+        unbound = bindings.problem(sidecar, base)
+        if unbound:  # the plan was written again since: its name holds other inputs now
+            shard_problems.append(f"{sidecar.shard}: {unbound}")
         if sidecar.fingerprint is not None and sidecar.fingerprint != header.fingerprint:
             shard_problems.append(f"{sidecar.shard}: written with other settings (fingerprint {sidecar.fingerprint},"
                                   f" the store's {header.fingerprint})")

@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 from ..inputs.plan import UnitRef
-from ..storage.records import Sidecar
+from .records import Sidecar
 
 ARCHIVE_IDENTITY = ("path", "row_group", "bytes", "mtime_ns")  # what names an archive unit's inputs
 
