@@ -285,6 +285,36 @@ def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
     assert not list(tmp_path.joinpath(".claims").glob("*.claim"))
 
 
+@pytest.mark.parametrize("namespace", ["other-namespace", "unknown-namespace"])
+def test_a_fresh_heartbeat_keeps_a_claim_whatever_its_pid_looks_like_here(tmp_path, monkeypatch, namespace):
+    """Containers sharing the host's name, each in its own PID namespace: every other container's pid looks dead.
+    Only a claim of this PID namespace and boot is judged by its pid; others by their heartbeat."""
+    import time
+
+    from vitok.storage import claims as claims_module
+    from vitok.storage.claims import Claims, RunIdentity, pid_namespace
+
+    monkeypatch.setattr(claims_module, "process_alive", lambda pid: pid == os.getpid())  # every other pid "dead"
+    mine = Claims(tmp_path)
+    mine.start()
+    here = pid_namespace()
+    other = {"other-namespace": {"pid_ns": "1234567", "boot_id": here["boot_id"]},
+             "unknown-namespace": {}}[namespace]  # (an older vitok's claim records neither)
+    live = Claims(tmp_path, RunIdentity(mine.identity.host, 7, None, "live", **other))
+    live.start()
+    live._stop.set()
+    assert live.try_claim("shard-000001")
+    assert not mine.try_claim("shard-000001")  # its heartbeat is fresh: never taken over
+    missed = time.time() - 3 * claims_module.HEARTBEAT_SECONDS - 30  # three beats missed, and its pid is dead here
+    os.utime(live.run_file, (missed, missed))
+    assert mine.try_claim("shard-000001")
+    same = Claims(tmp_path, RunIdentity(mine.identity.host, 8, None, "same", **here))  # this namespace: pid trusted
+    same.start()
+    same._stop.set()
+    assert same.try_claim("shard-000002") and mine.try_claim("shard-000002")
+    mine.stop()
+
+
 # ---- 7/8. settings fingerprints and checksums ------------------------------------------------------------------------
 
 

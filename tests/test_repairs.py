@@ -214,12 +214,13 @@ def test_heartbeat_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    from vitok.storage.claims import Claims, RunIdentity
+    from vitok.storage.claims import Claims, RunIdentity, pid_namespace
 
     runs = tmp_path / ".claims" / "runs"
     runs.mkdir(parents=True)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_run = RunIdentity(socket.gethostname(), int(dead.stdout), None, "deadbeef")
+    # (in this PID namespace: a pid is trusted only there, else a fresh heartbeat keeps the run alive)
+    dead_run = RunIdentity(socket.gethostname(), int(dead.stdout), None, "deadbeef", **pid_namespace())
     (runs / dead_run.id).write_text(dead_run.to_json())
     live_run = RunIdentity("other-host", 1, None, "cafecafe")  # another host, beating recently
     (runs / live_run.id).write_text(live_run.to_json())
