@@ -219,10 +219,17 @@ def test_archives_that_could_not_be_read_make_a_store_incomplete(tmp_path):
 
 
 def test_an_interrupted_export_is_cleaned_up_by_the_next(store, tmp_path):
+    import time
+
     left = tmp_path / ".index.vitok-export-999999999-x1.tmp"  # a dead process's temporary folder
     (left / "img_emb").mkdir(parents=True)
+    busy = tmp_path / ".index.vitok-export-999999998-x2.tmp"  # an export in another PID namespace: its pid looks
+    (busy / "img_emb").mkdir(parents=True)  # dead here, but it wrote a moment ago
+    old = time.time() - 3600
+    for path in (left / "img_emb", left):
+        os.utime(path, (old, old))
     export_embedding_reader(store, tmp_path / "index", pool="mean")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "index"]
 
 
 # ---- NaN / Inf ----------------------------------------------------------------------------------------------------
