@@ -456,11 +456,23 @@ def test_small_refusals_are_clear(tmp_path):
     with pytest.raises(KeyError, match="not in this store"):
         store.info("nope.png")
     (tmp_path / "file").write_text("x")
-    for command in ("info", "verify"):
-        result = run_vitok(command, str(tmp_path / "file"))
-        assert result.returncode == 1 and "internal error" not in result.stderr and "not a vitok store" in result.stderr
+    # a path that is not a store, given on the command line, is a usage error (exit 2, as a missing source is)
+    for command, target, says in [("info", "file", "not a vitok store"), ("verify", "file", "not a vitok store"),
+                                  ("info", "nowhere", "does not exist"), ("verify", "nowhere", "does not exist"),
+                                  ("verify", "imgs", "not a vitok store"),
+                                  ("export", "nowhere", "does not exist")]:
+        extra = [str(tmp_path / "dest"), "--pool", "mean"] if command == "export" else []
+        result = run_vitok(command, str(tmp_path / target), *extra)
+        assert result.returncode == 2 and "internal error" not in result.stderr and says in result.stderr, result
     with pytest.raises(StoreError, match="not a vitok store"):
         vitok.open(tmp_path)
+    with pytest.raises(UsageError, match="is a file, not a folder"):  # before the model loads
+        vitok.extract([str(folder)], tmp_path / "file" / "sub", **LIB)
+    header = out / "vitok.json"
+    header.write_text(header.read_text()[:-20])  # damaged: every command says how to repair it
+    for args in (["info", str(out)], ["extract", str(folder), "-o", str(out), *TINY]):
+        result = run_vitok(*args)
+        assert result.returncode == 1 and "damaged" in result.stderr and "--overwrite" in result.stderr, result
 
 
 @pytest.fixture

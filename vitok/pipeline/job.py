@@ -26,10 +26,10 @@ from ..inputs.readers import ReaderOptions
 from ..inputs.retries import base_and_attempt, retry_units
 from ..inputs.sources import FileListing, Listing, kind_of, list_inputs
 from ..storage import META_FILE, RunHeader, iter_sidecars, read_header
+from ..storage.binding import Bindings
 from ..storage.format import FeatureLayout
 from ..storage.records import ModelSettings, Settings
 from ..storage.shards import SHARDS_DIR, check_shard, read_sidecar, sidecar_path
-from ..storage.binding import Bindings
 from .options import ExtractOptions
 from .parallel import Part, detect_part
 from .run_stats import STATS_DIR
@@ -118,6 +118,9 @@ def check_out_folder(out: Path) -> RunHeader | None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out} exists and is not a folder")
     if not out.is_dir():
+        above = next((p for p in Path(os.path.abspath(out)).parents if p.exists()), None)
+        if above is not None and not above.is_dir():  # refused before the model loads, not when the header is written
+            raise UsageError(f"-o {out} cannot be created: {above} is a file, not a folder")
         return None
     if (out / META_FILE).exists():
         return read_header(out)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import StoreError
+from ..errors import NotAStoreError, StoreError
 from .files import atomic_write_text, create_exclusive
 from .format import FeatureLayout, ShardFormat
 from .records import SCHEMA_VERSION, ImageRecord, RunHeader, Sidecar
@@ -41,14 +41,19 @@ def read_header(out: str | Path) -> RunHeader:
     """The run header of the store in ``out``; StoreError when there is none or it is damaged."""
     root = Path(out)
     path = root / META_FILE
-    if root.exists() and not root.is_dir():
-        raise StoreError(f"{root} is a file, not a vitok store (a folder holding {META_FILE})")
+    if not root.exists():
+        raise NotAStoreError(f"{root} does not exist (give a folder written by vitok extract)")
+    if not root.is_dir():
+        raise NotAStoreError(f"{root} is a file, not a vitok store (a folder holding {META_FILE})")
     try:
         return RunHeader.from_json(json.loads(path.read_text()), str(path))
     except FileNotFoundError:
-        raise StoreError(f"{root} is not a vitok store (no {META_FILE})") from None
-    except ValueError as exc:
-        raise StoreError(f"{path} is damaged ({exc})") from None
+        raise NotAStoreError(f"{root} is not a vitok store (no {META_FILE})") from None
+    except (ValueError, StoreError) as exc:
+        damage = str(exc) if isinstance(exc, StoreError) else f"{path} is damaged ({exc})"
+        raise StoreError(f"{damage}; the shards and the plan are intact: restore {META_FILE} from a copy, or delete "
+                         f"it and rerun the extract that made the store with the same options (its shards are checked "
+                         f"against them), or rerun with --overwrite to start over") from None
 
 
 def store_readme(header: RunHeader) -> str:
