@@ -164,6 +164,9 @@ def _plan_command(sources: list[str] | None, out: Path, **values: Any) -> None:
             raise UsageError(f"{out} already holds a plan of other inputs ({diff(existing, listing).describe()})")
         typer.echo(f"{out} already holds this plan: {len(existing.units)} shards")
         return
+    from ..pipeline.runner import remove_plan_leftovers
+
+    remove_plan_leftovers(out)
     generation = write_generation(out, listing, shard_size, 0, 0, [os.path.abspath(s) for s in sources or []],
                                   "initial", None, reader_options.to_dict())
     header = generation.header

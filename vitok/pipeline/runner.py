@@ -243,6 +243,8 @@ class Run:
 
     def _write_plan(self, plan: Plan | None) -> Plan:
         job = self.job
+        if plan is None or job.plan_diff is not None:
+            remove_plan_leftovers(job.out)
         if plan is None:
             write_generation(job.out, job.listing, job.options.shard_size, 0, 0, job.sources, "initial", None,
                              job.reader_options.to_dict(), detect_changes=job.options.detect_changes)
@@ -448,6 +450,18 @@ def remove_damaged(out: Path, shard: str) -> None:
     remove(path)
     if data:
         remove(shards_dir(out) / data)
+
+
+def remove_plan_leftovers(out: Path) -> None:
+    """Before a plan write: delete the temporary files of plan writes that were killed (untouched for STALE_AFTER;
+    a plan of millions of inputs leaves tens of MB)."""
+    from ..inputs.plan import plan_dir
+    from ..storage.claims import STALE_AFTER
+    from ..storage.files import remove_leftover_temps
+
+    removed = remove_leftover_temps(plan_dir(out), STALE_AFTER)
+    if removed:
+        logger.info("removed %d temporary plan file(s) left by interrupted runs", removed)
 
 
 WIPE_ORDER = ("shards", ".index", "stats", ".claims", "README.txt", "plan.jsonl", "plan", META_FILE)

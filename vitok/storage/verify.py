@@ -8,11 +8,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..inputs.plan import load_plan
+from ..inputs.plan import PLAN_DIR, load_plan
 from ..inputs.retries import sidecar_attempt
 from . import read_header
 from .binding import Bindings
 from .claims import Claims
+from .files import leftover_temps
 from .shards import check_shard, iter_sidecars, repair_hint, temp_files
 from .store import attempt_order, current_records
 
@@ -149,6 +150,9 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
             f"{shard} (claimed by {holder.get('run')})")
     report.leftovers += [f"{p.name} (temporary data of an interrupted run; the next extract of its shard removes it)"
                          for p in temp_files(root)]
+    report.leftovers += [f"{PLAN_DIR}/{p.name} ({_size(p)}, temporary file of an interrupted plan write; the next "
+                         "plan write removes it once it is 10 minutes old, or delete it)"
+                         for p in leftover_temps(root / PLAN_DIR, untouched_for=60.0)]
     return report
 
 
@@ -174,3 +178,10 @@ def unfinished_reasons(report: VerifyReport, failed: list[str], unread: list[str
 def _printable(text: str) -> str:
     """Bytes that were not UTF-8 (surrogate escapes in names) as ``\\xNN``."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _size(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size / 2**20:.1f} MB"
+    except OSError:
+        return "? MB"
