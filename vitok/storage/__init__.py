@@ -6,7 +6,8 @@
     OUT/plan/0000.jsonl         the plan: what goes into which shard (``inputs.plan``); 0001.jsonl... after --update
     OUT/shards/<shard>.h5       token data of one shard (or <shard>/ holding .npy files, or <shard>.tar)
     OUT/shards/<shard>.json     the shard's sidecar (``Sidecar``): per-image records, file sizes and checksums,
-                                the settings fingerprint. Its existence is the commit (``vitok.storage.shards``).
+                                the settings fingerprint, the digest of its plan unit's inputs (``binding.py``). Its
+                                existence is the commit (``vitok.storage.shards``).
     OUT/.claims/                which running process holds which shard (``claims.py``)
     OUT/.index/                 key and content index, a cache of the sidecars (``index.py``; rebuilt on change)
     OUT/stats/<run>.json        what each run measured: start-up phases, stage rates, the verdict
@@ -72,7 +73,8 @@ def store_readme(header: RunHeader) -> str:
         "  plan/NNNN.json        the plan, one generation per file (NNNN.json names its content, one JSON line",
         "                        per input or archive, and its unit index): which inputs go into which shard",
         "  shards/<name>.json    one per finished shard: a record per input (key, source, status ok/skipped/failed,",
-        "                        reason, row, grid, original size), file sizes and blake2b checksums",
+        "                        reason, row, grid, original size), file sizes and blake2b checksums, and under",
+        "                        unit.inputs a digest of the plan unit it was made from (another plan's: redo it)",
         "  shards/<name>.h5      HDF5 (or <name>/ with .npy files, or <name>.tar for webdataset), holding:",
         "      keys              (n,) the ok images' keys in row order (UTF-8 strings)",
         "      grids             (n, 3) int32 (t, h, w) of each image, in patches",
