@@ -113,8 +113,9 @@ def _kind(listing: Listing | None) -> str:
     return "files" if isinstance(listing, FileListing) else listing.kind if listing is not None else "files"
 
 
-def check_out_folder(out: Path) -> RunHeader | None:
-    """The stored header, None for a new or empty folder; refuse a file or a folder that is not a store."""
+def check_out_folder(out: Path, overwrite: bool = False) -> RunHeader | None:
+    """The stored header, None for a new or empty folder; refuse a file or a folder that is not a store. A damaged
+    header is no obstacle to ``overwrite`` (its repair hint says to use it)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out} exists and is not a folder")
     if not out.is_dir():
@@ -123,7 +124,12 @@ def check_out_folder(out: Path) -> RunHeader | None:
             raise UsageError(f"-o {out} cannot be created: {above} is a file, not a folder")
         return None
     if (out / META_FILE).exists():
-        return read_header(out)
+        try:
+            return read_header(out)
+        except StoreError:
+            if overwrite:
+                return None
+            raise
     foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")
                and p.name not in ("plan", SHARDS_DIR, "README.txt", STATS_DIR)]
     if foreign:
@@ -157,7 +163,7 @@ def preprocess_for(source: ModelSource, options: ExtractOptions) -> PreprocessCo
 
 def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) -> Job:
     """Validate everything cheap and decide what to do; writes nothing."""
-    header = check_out_folder(out)
+    header = check_out_folder(out, options.overwrite)
     if header is not None and not options.overwrite:  # a resume: options not given are the store's
         options = options.from_store(header.options or options_from_settings(header.settings))
     part = detect_part(options.part, options.num_parts)
