@@ -203,7 +203,21 @@ def test_inputs_that_failed_make_a_store_incomplete(tmp_path):
     vitok.extract([], tmp_path / "out", model="qwen3-vl-tiny", workers=0, pool="mean", shard_size=2)
     with pytest.raises(StoreError, match=r"1 input\(s\) that could not be read \('a/img01.png'\)"):
         export(tmp_path / "out", tmp_path / "index")
+    _verify_agrees(main, tmp_path / "out", r"1 input\(s\) that could not be read \('a/img01.png'\)")
     assert export(tmp_path / "out", tmp_path / "index", allow_partial=True).images == 3
+
+
+def _verify_agrees(main, out, reason: str) -> None:
+    """verify calls the store unfinished for the reason export gives: exit 1, and so says its --json."""
+    import re
+
+    code, _, err = _invoke(main, ["verify", str(out)])
+    assert code == 1 and re.search("incomplete: " + reason, err), err
+    code, printed, _ = _invoke(main, ["verify", str(out), "--json"])
+    report = json.loads(printed)
+    assert code == 1 and not report["clean"] and not report["finished"]
+    assert re.match(reason, report["unfinished"][0]) and not report["problems"]
+    assert not vitok.verify(out).clean
 
 
 def test_archives_that_could_not_be_read_make_a_store_incomplete(tmp_path):
@@ -215,14 +229,37 @@ def test_archives_that_could_not_be_read_make_a_store_incomplete(tmp_path):
     vitok.extract([str(tmp_path / "{00000..00001}.tar")], out, model="qwen3-vl-tiny", workers=0, pool="mean")
     with pytest.raises(StoreError, match=r"1 archive\(s\) or folder\(s\) that could not be read \(00001"):
         export(out, tmp_path / "index")
+    from vitok.cli.app import main
+
+    _verify_agrees(main, out, r"1 archive\(s\) or folder\(s\) that could not be read \(00001")
     assert export(out, tmp_path / "index", allow_partial=True).images == 1
 
 
+def test_images_that_failed_to_decode_leave_a_store_finished(tmp_path):
+    """A file that is not an image is a final outcome (skipped): verify and export both call the store finished."""
+    from vitok.cli.app import main
+
+    folder = make_folder(tmp_path / "imgs", count=3, with_odd=False)
+    (folder / "broken.png").write_bytes(b"not a png")
+    vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0, pool="mean")
+    code, printed, _ = _invoke(main, ["verify", str(tmp_path / "out"), "--json"])
+    report = json.loads(printed)
+    assert code == 0 and report["clean"] and report["finished"] and report["images_skipped"] == 1
+    assert export(tmp_path / "out", tmp_path / "index").images == 3
+
+
 def test_an_interrupted_export_is_cleaned_up_by_the_next(store, tmp_path):
+    import time
+
     left = tmp_path / ".index.vitok-export-999999999-x1.tmp"  # a dead process's temporary folder
     (left / "img_emb").mkdir(parents=True)
+    busy = tmp_path / ".index.vitok-export-999999998-x2.tmp"  # an export in another PID namespace: its pid looks
+    (busy / "img_emb").mkdir(parents=True)  # dead here, but it wrote a moment ago
+    old = time.time() - 3600
+    for path in (left / "img_emb", left):
+        os.utime(path, (old, old))
     export_embedding_reader(store, tmp_path / "index", pool="mean")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "index"]
 
 
 # ---- NaN / Inf ----------------------------------------------------------------------------------------------------

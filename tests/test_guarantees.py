@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +148,78 @@ def test_names_that_are_not_utf8_are_extracted_and_recorded(tmp_path):
     assert info.returncode == 0
 
 
+# ---- 5b. a committed shard is bound to the plan unit it was made from -------------------------------------------
+
+
+def _same_names_other_pixels(tmp_path):
+    """Two folders whose files have the same names (keys) and other pixels, and a store of the first."""
+    first = make_folder(tmp_path / "a" / "imgs", count=4, with_odd=False, seed=0)
+    second = make_folder(tmp_path / "b" / "imgs", count=4, with_odd=False, seed=1)
+    reference = tmp_path / "reference"
+    vitok.extract([str(second)], reference, shard_size=2, **LIB)
+    out = tmp_path / "out"
+    vitok.extract([str(first)], out, shard_size=2, **LIB)
+    return first, second, reference, out
+
+
+def _assert_holds_tokens_of(out, reference):
+    store, expected = vitok.open(out), vitok.open(reference)
+    assert sorted(store.keys()) == sorted(expected.keys())
+    for key in expected.keys():
+        np.testing.assert_array_equal(store[key], expected[key])
+    assert vitok.verify(out).clean
+
+
+def test_a_rewritten_plan_never_takes_another_plans_shards_as_done(tmp_path):
+    _, second, reference, out = _same_names_other_pixels(tmp_path)
+    shutil.rmtree(out / "plan")  # a hand-made "reset": the shards of the first folder stay under the same names
+    run_vitok("plan", str(second), "-o", str(out), "--shard-size", "2", check=True)
+    report = vitok.verify(out)
+    assert not report.clean and "made from other inputs" in report.problems[0]
+    for name in ("vitok.json", "README.txt"):
+        (out / name).unlink()
+    summary = vitok.extract([str(second)], out, shard_size=2, **LIB)
+    assert summary.already_done == 0 and summary.shards_written == 2
+    _assert_holds_tokens_of(out, reference)
+    again = vitok.extract([str(second)], out, shard_size=2, **LIB)  # and what was redone is done
+    assert again.already_done == 4 and again.shards_written == 0
+
+
+def test_a_sidecar_without_the_plan_digest_is_compared_on_its_records(tmp_path):
+    """Stores written before sidecars recorded the digest: their records' keys and files are compared."""
+    _, second, reference, out = _same_names_other_pixels(tmp_path)
+    for sidecar in (out / "shards").glob("*.json"):
+        data = json.loads(sidecar.read_text())
+        assert data["unit"].pop("inputs").startswith("blake2b:")
+        sidecar.write_text(json.dumps(data))
+    resumed = vitok.extract([], out, shard_size=2, **LIB)  # the same plan: still done
+    assert resumed.already_done == 4 and resumed.shards_written == 0
+    (out / "vitok.json").unlink()
+    shutil.rmtree(out / "plan")
+    summary = vitok.extract([str(second)], out, shard_size=2, **LIB)
+    assert summary.already_done == 0 and summary.shards_written == 2
+    _assert_holds_tokens_of(out, reference)
+
+
+def test_overwrite_that_cannot_remove_a_shard_stops_naming_it(tmp_path, monkeypatch):
+    """A shard --overwrite cannot delete (chattr +i, permissions) must not pass for one of the new run's."""
+    _, second, reference, out = _same_names_other_pixels(tmp_path)
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.fspath(path).rsplit("/", 1)[-1].startswith("shard-000000"):
+            raise PermissionError(1, "Operation not permitted")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(StoreError, match="could not remove .*shard-000000.*Operation not permitted.*rerun"):
+        vitok.extract([str(second)], out, shard_size=2, overwrite=True, **LIB)
+    assert (out / "vitok.json").exists() and (out / "plan").is_dir()  # shards go first, the header and plan last
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    vitok.extract([str(second)], out, shard_size=2, overwrite=True, **LIB)
+    _assert_holds_tokens_of(out, reference)
+
+
 # ---- 5. validation before side effects ---------------------------------------------------------------------------
 
 
@@ -210,6 +283,36 @@ def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
     assert second.try_claim("shard-000001")  # released
     second.stop()
     assert not list(tmp_path.joinpath(".claims").glob("*.claim"))
+
+
+@pytest.mark.parametrize("namespace", ["other-namespace", "unknown-namespace"])
+def test_a_fresh_heartbeat_keeps_a_claim_whatever_its_pid_looks_like_here(tmp_path, monkeypatch, namespace):
+    """Containers sharing the host's name, each in its own PID namespace: every other container's pid looks dead.
+    Only a claim of this PID namespace and boot is judged by its pid; others by their heartbeat."""
+    import time
+
+    from vitok.storage import claims as claims_module
+    from vitok.storage.claims import Claims, RunIdentity, pid_namespace
+
+    monkeypatch.setattr(claims_module, "process_alive", lambda pid: pid == os.getpid())  # every other pid "dead"
+    mine = Claims(tmp_path)
+    mine.start()
+    here = pid_namespace()
+    other = {"other-namespace": {"pid_ns": "1234567", "boot_id": here["boot_id"]},
+             "unknown-namespace": {}}[namespace]  # (an older vitok's claim records neither)
+    live = Claims(tmp_path, RunIdentity(mine.identity.host, 7, None, "live", **other))
+    live.start()
+    live._stop.set()
+    assert live.try_claim("shard-000001")
+    assert not mine.try_claim("shard-000001")  # its heartbeat is fresh: never taken over
+    missed = time.time() - 3 * claims_module.HEARTBEAT_SECONDS - 30  # three beats missed, and its pid is dead here
+    os.utime(live.run_file, (missed, missed))
+    assert mine.try_claim("shard-000001")
+    same = Claims(tmp_path, RunIdentity(mine.identity.host, 8, None, "same", **here))  # this namespace: pid trusted
+    same.start()
+    same._stop.set()
+    assert same.try_claim("shard-000002") and mine.try_claim("shard-000002")
+    mine.stop()
 
 
 # ---- 7/8. settings fingerprints and checksums ------------------------------------------------------------------------
@@ -485,11 +588,25 @@ def test_small_refusals_are_clear(tmp_path):
     with pytest.raises(KeyError, match="not in this store"):
         store.info("nope.png")
     (tmp_path / "file").write_text("x")
-    for command in ("info", "verify"):
-        result = run_vitok(command, str(tmp_path / "file"))
-        assert result.returncode == 1 and "internal error" not in result.stderr and "not a vitok store" in result.stderr
+    # a path that is not a store, given on the command line, is a usage error (exit 2, as a missing source is)
+    for command, target, says in [("info", "file", "not a vitok store"), ("verify", "file", "not a vitok store"),
+                                  ("info", "nowhere", "does not exist"), ("verify", "nowhere", "does not exist"),
+                                  ("verify", "imgs", "not a vitok store"),
+                                  ("export", "nowhere", "does not exist")]:
+        extra = [str(tmp_path / "dest"), "--pool", "mean"] if command == "export" else []
+        result = run_vitok(command, str(tmp_path / target), *extra)
+        assert result.returncode == 2 and "internal error" not in result.stderr and says in result.stderr, result
     with pytest.raises(StoreError, match="not a vitok store"):
         vitok.open(tmp_path)
+    with pytest.raises(UsageError, match="is a file, not a folder"):  # before the model loads
+        vitok.extract([str(folder)], tmp_path / "file" / "sub", **LIB)
+    header = out / "vitok.json"
+    header.write_text(header.read_text()[:-20])  # damaged: every command says how to repair it
+    for args in (["info", str(out)], ["extract", str(folder), "-o", str(out), *TINY]):
+        result = run_vitok(*args)
+        assert result.returncode == 1 and "damaged" in result.stderr and "--overwrite" in result.stderr, result
+    vitok.extract([str(folder)], out, overwrite=True, **LIB)  # the repair it names works
+    assert vitok.verify(out).clean
 
 
 @pytest.fixture

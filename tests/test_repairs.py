@@ -214,12 +214,13 @@ def test_heartbeat_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    from vitok.storage.claims import Claims, RunIdentity
+    from vitok.storage.claims import Claims, RunIdentity, pid_namespace
 
     runs = tmp_path / ".claims" / "runs"
     runs.mkdir(parents=True)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_run = RunIdentity(socket.gethostname(), int(dead.stdout), None, "deadbeef")
+    # (in this PID namespace: a pid is trusted only there, else a fresh heartbeat keeps the run alive)
+    dead_run = RunIdentity(socket.gethostname(), int(dead.stdout), None, "deadbeef", **pid_namespace())
     (runs / dead_run.id).write_text(dead_run.to_json())
     live_run = RunIdentity("other-host", 1, None, "cafecafe")  # another host, beating recently
     (runs / live_run.id).write_text(live_run.to_json())
@@ -267,3 +268,24 @@ def test_info_and_verify_count_the_images_removed_from_the_sources(tmp_path):
     vitok.extract([str(folder)], out, update=True, **LIB)
     report = vitok.verify(out)
     assert report.images_removed == 1 and report.images_ok == 2 and report.clean
+
+
+def test_a_killed_plan_write_leaves_a_temporary_file_that_is_shown_then_removed(tmp_path):
+    import os
+    import time
+
+    folder = make_folder(tmp_path / "imgs", count=3, with_odd=False)
+    out = tmp_path / "out"
+    (out / "plan").mkdir(parents=True)
+    killed, writing = out / "plan" / ".0000.k1ll3d.tmp", out / "plan" / ".0000.l1v3ly.tmp"
+    killed.write_bytes(b'"a"\n' * 1000)  # what a 'vitok plan' killed while writing its content leaves
+    writing.write_bytes(b'"b"\n')  # another process writing its plan now
+    old = time.time() - 3600
+    os.utime(killed, (old, old))
+    assert invoke("plan", str(folder), "-o", str(out), "--shard-size", "2").exit_code == 0
+    assert not killed.exists() and writing.exists()
+    os.utime(writing, (old, old))  # now its writer was killed too
+    vitok.extract([], out, **LIB, shard_size=2)
+    report = vitok.verify(out)
+    assert any(".0000.l1v3ly.tmp" in line and "interrupted plan write" in line for line in report.leftovers)
+    assert ".0000.l1v3ly.tmp" in invoke("info", str(out)).output

@@ -255,3 +255,23 @@ def test_decode_workers_die_with_a_killed_parent_and_never_ignore_sigterm(tmp_pa
         for pid in workers:  # (orphans of the old code: their parent is no longer proc)
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("code", ["EPERM", "EOPNOTSUPP", "EXDEV"])
+def test_a_store_is_made_on_a_file_system_without_hard_links(tmp_path, monkeypatch, code):
+    """exFAT, gcsfuse, s3fs and some SMB mounts refuse os.link: exclusive creation falls back to O_EXCL."""
+    import errno
+
+    import vitok
+    from vitok.storage.files import create_exclusive
+
+    def no_link(*_args, **_kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(os, "link", no_link)
+    first = tmp_path / "x" / "claim"
+    assert create_exclusive(first, "first") and not create_exclusive(first, "second")
+    assert first.read_text() == "first" and [p.name for p in first.parent.iterdir()] == ["claim"]
+    folder = make_folder(tmp_path / "imgs", count=3, with_odd=False)
+    summary = vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0, shard_size=2)
+    assert summary.ok == 3 and vitok.verify(tmp_path / "out").clean

@@ -5,10 +5,16 @@ flush, fsync and rename."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import tempfile
 from pathlib import Path
+
+# what os.link raises on a file system without hard links (EPERM: exFAT, vfat, gcsfuse; ENOTSUP/EOPNOTSUPP: s3fs,
+# some SMB mounts; EXDEV, ENOSYS, EMLINK: other FUSE and network file systems)
+NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EMLINK,
+                 errno.EACCES}
 
 
 @functools.cache
@@ -28,7 +34,8 @@ class AtomicFile:
             atomic.path = folder / f"{digest}.jsonl"   # where it goes on success; left out: nothing is kept
 
     On any exception inside the block, or without a path, the temporary file is removed. ``exclusive``: put it in
-    place only if ``path`` does not exist yet (a hard link, so the first writer wins; FileExistsError otherwise).
+    place only if ``path`` does not exist yet (a hard link, or an ``O_EXCL`` copy where the file system has no hard
+    links, so the first writer wins; FileExistsError otherwise).
     """
 
     def __init__(self, folder: Path, name: str, path: Path | None = None, buffering: int = -1,
@@ -49,7 +56,7 @@ class AtomicFile:
             self.handle.close()
             if exc_type is None and self.path is not None:
                 if self.exclusive:
-                    os.link(self.tmp, self.path)
+                    self._link_or_create()
                     self._discard()
                 else:
                     os.replace(self.tmp, self.path)
@@ -58,6 +65,31 @@ class AtomicFile:
             self._discard()
             raise
         self._discard()
+
+    def _link_or_create(self) -> None:
+        """Put the written file at ``path`` only if nothing is there: a hard link where the file system has them;
+        elsewhere (exFAT, gcsfuse, s3fs, some SMB mounts) an ``O_CREAT | O_EXCL`` copy, flushed to disk, so the first
+        writer still wins (a reader racing the copy could see it partly written: the window is one small write)."""
+        try:
+            os.link(self.tmp, self.path)
+            return
+        except OSError as exc:
+            if exc.errno not in NO_HARD_LINKS:
+                raise
+        with open(self.tmp, "rb") as source:
+            data = source.read()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode())  # FileExistsError: lost
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            raise
+        os.close(fd)
 
     def _discard(self) -> None:
         with contextlib.suppress(OSError):

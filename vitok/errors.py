@@ -8,6 +8,8 @@
     ├── ImageError                  one image that cannot be used (recorded as skipped, never fatal)
     │   └── InputUnavailableError   one input that cannot be read right now (recorded as failed; retried later)
     ├── StoreError                  an output store that is missing, damaged, incomplete or not writable
+    │   ├── NotAStoreError          a path given as a store that does not exist or is not one (also a UsageError:
+    │   │                           exit code 2)
     │   └── DiskFullError           no space left while writing a shard (nothing incomplete is listed)
     └── Interrupted                 SIGINT/SIGTERM: the run stopped cleanly (exit 130 / 143)
 
@@ -51,6 +53,12 @@ class InputUnavailableError(ImageError):
 
 class StoreError(VitokError):
     """An output store is damaged, incomplete, not a vitok store, or cannot be written."""
+
+
+class NotAStoreError(StoreError, UsageError):
+    """The path given as a store does not exist, is a file, or holds no run header: a usage error (exit 2)."""
+
+    exit_code = 2
 
 
 class DiskFullError(StoreError):

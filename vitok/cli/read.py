@@ -95,8 +95,9 @@ def verify(
         help="With --sources: compare size and modification time, or the content (reads every input).")] = "mtime",
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
 ) -> None:
-    """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem, unfinished
-    shard or (with --sources) stale record. With --embeds, check every embedding of a serving export against the
+    """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem, on an unfinished
+    store (shards not done, inputs or archives that could not be read: what export refuses) or (with --sources) on a
+    stale record. With --embeds, check every embedding of a serving export against the
     model's contract.
 
     Example: vitok verify out/ --sources
@@ -124,9 +125,8 @@ def verify(
         return
     for problem in report.problems:
         typer.echo(f"problem: {_safe(problem)}", err=True)
-    if report.incomplete:
-        typer.echo(f"incomplete: {len(report.incomplete)} planned shard(s) not done: "
-                   f"{', '.join(report.incomplete[:10])}", err=True)
+    for reason in report.unfinished:  # the reasons export gives for refusing it
+        typer.echo(f"incomplete: {_safe(reason)}", err=True)
     for line in report.in_progress[:10]:
         typer.echo(f"in progress: {line}", err=True)
     for line in report.leftovers[:10]:

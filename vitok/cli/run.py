@@ -165,6 +165,9 @@ def _plan_command(sources: list[str] | None, out: Path, **values: Any) -> None:
         typer.echo(f"{out} already holds this plan: {len(existing.units)} shards")
         return
     files_from = options.files_from if options.files_from in (None, "-") else os.path.abspath(options.files_from)
+    from ..pipeline.runner import remove_plan_leftovers
+
+    remove_plan_leftovers(out)
     generation = write_generation(out, listing, shard_size, 0, 0, [os.path.abspath(s) for s in sources or []],
                                   "initial", None, reader_options.to_dict(), files_from=files_from)
     header = generation.header

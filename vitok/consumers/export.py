@@ -126,32 +126,13 @@ def check_store(store, allow_partial: bool) -> list[str]:
         more = f" (and {len(report.problems) - 1} more problem(s))" if len(report.problems) > 1 else ""
         raise StoreError(f"{store.root} is damaged: {printable(report.problems[0])}{more}; nothing exported "
                          f"(run vitok verify {store.root})")
-    missing = []
-    if report.incomplete:
-        names = ", ".join(report.incomplete[:5]) + (", ..." if len(report.incomplete) > 5 else "")
-        planned = f" of {report.planned_shards} planned" if report.planned_shards else ""
-        missing.append(f"{len(report.incomplete)}{planned} shard(s) not done ({names})")
-    if store.failed:
-        sample = ", ".join(repr(printable(k)) for k in sorted(store.failed)[:3]) + (", ..." if len(store.failed) > 3
-                                                                                 else "")
-        missing.append(f"{len(store.failed)} input(s) that could not be read ({sample})")
-    unread = [line for line in report.input_errors if "could not list" in line or _failed_unit(store, line)]
-    if unread:
-        missing.append(f"{len(unread)} archive(s) or folder(s) that could not be read ({printable(unread[0])})")
+    missing = report.unfinished  # one definition of finished, shared with vitok verify
     if missing and not allow_partial:
         raise StoreError(f"{store.root} is incomplete: {'; '.join(missing)}. Finish it (rerun vitok extract), or "
                          "pass --allow-partial to export what it holds")
     if missing:
         logger.warning("exporting a partial store; it lacks %s", "; ".join(missing))
     return missing
-
-
-def _failed_unit(store, line: str) -> bool:
-    """An input error of verify's report names a unit whose input was unavailable (retried by a rerun), as opposed
-    to damaged (a truncated tar: what it held before the damage is all there is)."""
-    shard = line.split(":", 1)[0]
-    sidecar = store.shards.get(shard)
-    return bool(sidecar is not None and sidecar.unit.failed)
 
 
 # ---- embedding-reader -----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError, UsageError
-from ..storage.claims import process_alive
+from ..storage.claims import STALE_AFTER, process_alive
 from ..storage.files import fsync_dir
 from ..storage.records import RunHeader, dumps
 
@@ -155,7 +155,9 @@ class ExportTarget:
         prefix = f".{self.dest.name}{_TEMP_TAG}"
         for path in self.dest.parent.glob(f"{prefix}*.tmp"):
             pid = path.name[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and not process_alive(int(pid)):
+            # a pid is only checked here in this PID namespace; an export in another container looks dead: its
+            # folder must also have been left untouched for a while
+            if pid.isdigit() and not process_alive(int(pid)) and _untouched_for(path, STALE_AFTER):
                 logger.info("removing %s, left by an interrupted export", path.name)
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -216,3 +218,17 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (38, 22, 95):  # ENOSYS, EINVAL (file system without exchange), EOPNOTSUPP
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def _untouched_for(folder: Path, seconds: float) -> bool:
+    """Nothing in ``folder`` (it, or a file or folder directly in it) was modified in the last ``seconds``."""
+    import time
+
+    try:
+        newest = folder.stat().st_mtime
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+    except OSError:
+        return True  # gone, or unreadable: nothing to protect
+    return time.time() - newest > seconds

@@ -52,6 +52,7 @@ class Committer:
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         self._sinks: dict[int, ShardSink] = {}  # writer thread only
         self._units: dict[int, UnitRef] = {}
+        self._inputs: dict[int, str | None] = {}  # digest of each unit's planned inputs (vitok.storage.binding)
         # within-unit duplicates (loop thread): content id -> (first key, skip reason) once its batch was queued;
         # duplicates waiting for their first copy's batch
         self._queued: defaultdict[int, dict[str, tuple[str, str | None]]] = defaultdict(dict)
@@ -67,8 +68,10 @@ class Committer:
         self._thread.start()
         return self
 
-    def begin(self, unit: UnitRef) -> None:
+    def begin(self, unit: UnitRef, inputs: str | None = None) -> None:
+        """A unit this run writes; ``inputs``: the digest of its planned inputs, recorded in its sidecar."""
         self._units[unit.index] = unit
+        self._inputs[unit.index] = inputs
 
     def put(self, events: list[EncodedBatch | UnitEnd]) -> None:
         """What the device stage finished, in its order: batches to write, unit ends to commit."""
@@ -179,6 +182,8 @@ class Committer:
 
     def _commit(self, unit: int, info: UnitInfo) -> None:
         sink = self._sink(unit)
+        if info.inputs is None:
+            info.inputs = self._inputs.get(unit)
         sidecar = sink.commit(unit=info, **self.sidecar_fields)
         del self._sinks[unit]
         self.claims.release(sink.shard)

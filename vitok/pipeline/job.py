@@ -26,6 +26,7 @@ from ..inputs.readers import ReaderOptions
 from ..inputs.retries import base_and_attempt, retry_units
 from ..inputs.sources import FileListing, Listing, kind_of, list_inputs
 from ..storage import META_FILE, RunHeader, iter_sidecars, read_header
+from ..storage.binding import Bindings
 from ..storage.format import FeatureLayout
 from ..storage.records import ModelSettings, Settings
 from ..storage.shards import SHARDS_DIR, check_shard, read_sidecar, sidecar_path
@@ -114,14 +115,23 @@ def _kind(listing: Listing | None) -> str:
     return "files" if isinstance(listing, FileListing) else listing.kind if listing is not None else "files"
 
 
-def check_out_folder(out: Path) -> RunHeader | None:
-    """The stored header, None for a new or empty folder; refuse a file or a folder that is not a store."""
+def check_out_folder(out: Path, overwrite: bool = False) -> RunHeader | None:
+    """The stored header, None for a new or empty folder; refuse a file or a folder that is not a store. A damaged
+    header is no obstacle to ``overwrite`` (its repair hint says to use it)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out} exists and is not a folder")
     if not out.is_dir():
+        above = next((p for p in Path(os.path.abspath(out)).parents if p.exists()), None)
+        if above is not None and not above.is_dir():  # refused before the model loads, not when the header is written
+            raise UsageError(f"-o {out} cannot be created: {above} is a file, not a folder")
         return None
     if (out / META_FILE).exists():
-        return read_header(out)
+        try:
+            return read_header(out)
+        except StoreError:
+            if overwrite:
+                return None
+            raise
     foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")
                and p.name not in ("plan", SHARDS_DIR, "README.txt", STATS_DIR)]
     if foreign:
@@ -155,7 +165,7 @@ def preprocess_for(source: ModelSource, options: ExtractOptions) -> PreprocessCo
 
 def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) -> Job:
     """Validate everything cheap and decide what to do; writes nothing."""
-    header = check_out_folder(out)
+    header = check_out_folder(out, options.overwrite)
     if header is not None and not options.overwrite:  # a resume: options not given are the store's
         options = options.from_store(header.options or options_from_settings(header.settings))
     part = detect_part(options.part, options.num_parts)
@@ -337,6 +347,7 @@ class Work:
     done_shards: int = 0
     other_parts_pending: int = 0
     damaged: set[str] = field(default_factory=set)  # committed shards whose data does not check out: redone
+    bindings: Bindings | None = None  # digests of the plan's units (what each shard's sidecar records)
 
 
 def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
@@ -344,6 +355,7 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
     retries of inputs that could not be read before and can be now."""
     done: dict[str, Any] = {}
     damaged: set[str] = set()
+    bindings = Bindings(plan.units)
     names_mine = {u.name for u in plan.units if job.part.owns(u.index)}
     for path in sorted((job.out / SHARDS_DIR).glob("*.json")) if (job.out / SHARDS_DIR).is_dir() else []:
         name = path.stem
@@ -360,8 +372,9 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
                 f"shard {name} in {job.out} was written with other settings (fingerprint {sidecar.fingerprint}, "
                 f"this run {fingerprint}): the store mixes runs; use another -o, or --overwrite to start over")
         problems = check_shard(job.out, sidecar)
-        if problems:
-            logger.warning("shard %s will be redone: %s", name, problems[0])
+        unbound = None if problems else bindings.problem(sidecar, base_and_attempt(name, plan.legacy_names)[0])
+        if problems or unbound:  # damaged, or made from other inputs than the plan's unit holds now
+            logger.warning("shard %s will be redone: %s", name, problems[0] if problems else unbound)
             damaged.add(name)
             continue
         done[name] = sidecar
@@ -369,7 +382,7 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
     mine = [u for u in plan.units if job.part.owns(u.index) and u.name not in superseded]
     todo = [u for u in mine if u.name not in done]
     retries = retry_units(job, plan, done)
-    work = Work(mine, todo + retries, damaged=damaged)
+    work = Work(mine, todo + retries, damaged=damaged, bindings=bindings)
     work.done_shards = sum(u.name in done for u in mine)
     work.done_images = sum(s.count("ok") + s.count("skipped") for s in done.values())
     committed = {p.stem for p in (job.out / SHARDS_DIR).glob("*.json")} if (job.out / SHARDS_DIR).is_dir() else set()

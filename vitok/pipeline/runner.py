@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..environment import describe_environment
-from ..errors import Interrupted, SettingsMismatchError
+from ..errors import Interrupted, SettingsMismatchError, StoreError
 from ..inputs.identity import header_identity
 from ..inputs.plan import Plan, load_plan, write_generation, write_update
+from ..inputs.retries import base_and_attempt
 from ..storage import META_FILE, RunHeader, create_exclusive, get_format, read_header, write_readme
 from ..storage.claims import Claims
 from ..storage.files import raise_store_error
@@ -242,6 +243,8 @@ class Run:
 
     def _write_plan(self, plan: Plan | None) -> Plan:
         job = self.job
+        if plan is None or job.plan_diff is not None:
+            remove_plan_leftovers(job.out)
         if plan is None:
             write_generation(job.out, job.listing, job.options.shard_size, 0, 0, job.sources, "initial", None,
                              job.reader_options.to_dict(), detect_changes=job.options.detect_changes,
@@ -259,6 +262,9 @@ class Run:
             if claims.try_claim(unit.name):
                 remove_temps(self.job.out, unit.name)
                 if unit.name in work.damaged:  # its data does not check out: the sidecar no longer vouches for it
+                    for retry in sorted(n for n in work.damaged if n != unit.name  # its retries' records go too
+                                        and base_and_attempt(n, self.plan.legacy_names)[0] == unit.name):
+                        remove_damaged(self.job.out, retry)
                     remove_damaged(self.job.out, unit.name)
                 mine.append(unit)
             else:
@@ -284,7 +290,7 @@ class Run:
                                "vitok_version": __version__},
                               on_commit=lambda sidecar: donors.add_sidecar(job.out, sidecar)).start()
         for unit in units:
-            committer.begin(unit)
+            committer.begin(unit, work.bindings.digest(unit.unit) if work.bindings else None)
         logger.info("part %s: %d shard(s) to do", job.part.label, len(units))
         try:
             self._loop(units, encoder, pipeline, committer, donors, fmt.reads_back)
@@ -447,9 +453,49 @@ def remove_damaged(out: Path, shard: str) -> None:
         remove(shards_dir(out) / data)
 
 
-def wipe_store(out: Path) -> None:
-    """--overwrite: remove what vitok wrote in OUT (and nothing else)."""
-    from ..storage.files import remove
+def remove_plan_leftovers(out: Path) -> None:
+    """Before a plan write: delete the temporary files of plan writes that were killed (untouched for STALE_AFTER;
+    a plan of millions of inputs leaves tens of MB)."""
+    from ..inputs.plan import plan_dir
+    from ..storage.claims import STALE_AFTER
+    from ..storage.files import remove_leftover_temps
 
-    for name in (META_FILE, "README.txt", "plan", "shards", ".claims", ".index", "plan.jsonl", "stats"):
-        remove(out / name)
+    removed = remove_leftover_temps(plan_dir(out), STALE_AFTER)
+    if removed:
+        logger.info("removed %d temporary plan file(s) left by interrupted runs", removed)
+
+
+WIPE_ORDER = ("shards", ".index", "stats", ".claims", "README.txt", "plan.jsonl", "plan", META_FILE)
+
+
+def wipe_store(out: Path) -> None:
+    """--overwrite: remove what vitok wrote in OUT (and nothing else). Shards go first and the header and plan
+    last, so a wipe killed midway leaves a store that still names its own shards; anything that cannot be removed
+    stops the run (a shard left behind must never be taken for one of the new run's)."""
+    for name in WIPE_ORDER:
+        path = out / name
+        failures = _remove_tree(path)
+        if failures or path.exists() or path.is_symlink():
+            where, exc = failures[0] if failures else (str(path), None)
+            why = f" ({exc.strerror or exc})" if exc is not None else ""
+            raise StoreError(f"--overwrite could not remove {where}{why}; nothing new was written: make it removable "
+                             f"(permissions, 'chattr -i') or delete {out} yourself, then rerun")
+
+
+def _remove_tree(path: Path) -> list[tuple[str, OSError]]:
+    """Delete a file or folder tree; what could not be deleted (a file already gone is not a failure)."""
+    import shutil
+    import sys
+
+    failures: list[tuple[str, OSError]] = []
+    try:
+        if path.is_dir() and not path.is_symlink():
+            if sys.version_info >= (3, 12):
+                shutil.rmtree(path, onexc=lambda _f, p, exc: failures.append((p, exc)))
+            else:
+                shutil.rmtree(path, onerror=lambda _f, p, info: failures.append((p, info[1])))
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError as exc:
+        failures.append((str(path), exc))
+    return [(p, exc) for p, exc in failures if not isinstance(exc, FileNotFoundError)]

@@ -6,7 +6,8 @@
     OUT/plan/0000.jsonl         the plan: what goes into which shard (``inputs.plan``); 0001.jsonl... after --update
     OUT/shards/<shard>.h5       token data of one shard (or <shard>/ holding .npy files, or <shard>.tar)
     OUT/shards/<shard>.json     the shard's sidecar (``Sidecar``): per-image records, file sizes and checksums,
-                                the settings fingerprint. Its existence is the commit (``vitok.storage.shards``).
+                                the settings fingerprint, the digest of its plan unit's inputs (``binding.py``). Its
+                                existence is the commit (``vitok.storage.shards``).
     OUT/.claims/                which running process holds which shard (``claims.py``)
     OUT/.index/                 key and content index, a cache of the sidecars (``index.py``; rebuilt on change)
     OUT/stats/<run>.json        what each run measured: start-up phases, stage rates, the verdict
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import StoreError
+from ..errors import NotAStoreError, StoreError
 from .files import atomic_write_text, create_exclusive
 from .format import FeatureLayout, ShardFormat
 from .records import SCHEMA_VERSION, ImageRecord, RunHeader, Sidecar
@@ -41,14 +42,19 @@ def read_header(out: str | Path) -> RunHeader:
     """The run header of the store in ``out``; StoreError when there is none or it is damaged."""
     root = Path(out)
     path = root / META_FILE
-    if root.exists() and not root.is_dir():
-        raise StoreError(f"{root} is a file, not a vitok store (a folder holding {META_FILE})")
+    if not root.exists():
+        raise NotAStoreError(f"{root} does not exist (give a folder written by vitok extract)")
+    if not root.is_dir():
+        raise NotAStoreError(f"{root} is a file, not a vitok store (a folder holding {META_FILE})")
     try:
         return RunHeader.from_json(json.loads(path.read_text()), str(path))
     except FileNotFoundError:
-        raise StoreError(f"{root} is not a vitok store (no {META_FILE})") from None
-    except ValueError as exc:
-        raise StoreError(f"{path} is damaged ({exc})") from None
+        raise NotAStoreError(f"{root} is not a vitok store (no {META_FILE})") from None
+    except (ValueError, StoreError) as exc:
+        damage = str(exc) if isinstance(exc, StoreError) else f"{path} is damaged ({exc})"
+        raise StoreError(f"{damage}; the shards and the plan are intact: restore {META_FILE} from a copy, or delete "
+                         f"it and rerun the extract that made the store with the same options (its shards are checked "
+                         f"against them), or rerun with --overwrite to start over") from None
 
 
 def store_readme(header: RunHeader) -> str:
@@ -67,7 +73,8 @@ def store_readme(header: RunHeader) -> str:
         "  plan/NNNN.json        the plan, one generation per file (NNNN.json names its content, one JSON line",
         "                        per input or archive, and its unit index): which inputs go into which shard",
         "  shards/<name>.json    one per finished shard: a record per input (key, source, status ok/skipped/failed,",
-        "                        reason, row, grid, original size), file sizes and blake2b checksums",
+        "                        reason, row, grid, original size), file sizes and blake2b checksums, and under",
+        "                        unit.inputs a digest of the plan unit it was made from (another plan's: redo it)",
         "  shards/<name>.h5      HDF5 (or <name>/ with .npy files, or <name>.tar for webdataset), holding:",
         "      keys              (n,) the ok images' keys in row order (UTF-8 strings)",
         "      grids             (n, 3) int32 (t, h, w) of each image, in patches",

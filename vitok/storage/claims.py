@@ -3,8 +3,14 @@
 A process claims a shard before working on it by creating ``OUT/.claims/<shard>.claim`` exclusively (``O_EXCL``
 semantics through a hard link, which NFS honours too). The claim names its run; the run proves it is alive by
 touching ``OUT/.claims/runs/<run>`` every 30 seconds. A claim is stale, and taken over, when its run file is gone,
-when its process is dead (same host), or when its run file has not been touched for ``stale_after`` seconds
-(another host: the times compared are both file-system times, so clock skew between hosts does not matter).
+or when its run file has not been touched for ``stale_after`` seconds (the times compared are both file-system
+times, so clock skew between hosts does not matter).
+
+A process id says something only inside its PID namespace on one boot of one kernel: containers often share the
+host's name while each has its own PID namespace, where every other container's process looks dead. So the PID
+is trusted (a dead process, or a recycled pid, makes the claim stale at once) only when the claim records the same
+PID namespace and boot id as this process's; otherwise a dead-looking process only shortens the wait once its
+heartbeat has missed a few beats (``FRESH_SECONDS``), so a claim whose heartbeat is fresh is never taken over.
 Claims are released when the shard is committed or abandoned; a killed process leaves them behind, stale.
 """
 
@@ -27,7 +33,26 @@ logger = logging.getLogger(__name__)
 
 CLAIMS_DIR = ".claims"
 HEARTBEAT_SECONDS = 30.0
+FRESH_SECONDS = 3 * HEARTBEAT_SECONDS  # a heartbeat younger than this proves its run alive, whatever its pid says
 STALE_AFTER = 600.0
+
+
+def _read_first_line(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.readline().strip() or None
+    except OSError:
+        return None
+
+
+def pid_namespace() -> dict[str, str | None]:
+    """Where this process's pid means something: its PID namespace (the inode of /proc/self/ns/pid) and the
+    kernel's boot id; None each where /proc does not say."""
+    try:
+        namespace: str | None = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = None
+    return {"pid_ns": namespace, "boot_id": _read_first_line("/proc/sys/kernel/random/boot_id")}
 
 
 def _proc_start(pid: int) -> str | None:
@@ -56,17 +81,26 @@ class RunIdentity:
     pid: int
     proc_start: str | None
     token: str
+    pid_ns: str | None = None  # PID namespace and boot id (``pid_namespace``): where ``pid`` can be checked
+    boot_id: str | None = None
 
     @classmethod
     def current(cls) -> RunIdentity:
-        return cls(socket.gethostname(), os.getpid(), _proc_start(os.getpid()), uuid.uuid4().hex[:8])
+        return cls(socket.gethostname(), os.getpid(), _proc_start(os.getpid()), uuid.uuid4().hex[:8],
+                   **pid_namespace())
 
     @property
     def id(self) -> str:
         return f"{self.host.replace('.', '_')}-{self.pid}-{self.token}"  # no dots: it is part of file names
 
     def to_json(self) -> str:
-        return json.dumps({"run": self.id, "host": self.host, "pid": self.pid, "proc_start": self.proc_start})
+        return json.dumps({"run": self.id, "host": self.host, "pid": self.pid, "proc_start": self.proc_start,
+                           "pid_ns": self.pid_ns, "boot_id": self.boot_id})
+
+    def shares_pids_with(self, holder: dict) -> bool:
+        """Whether ``holder``'s pid can be checked here: same host name, PID namespace and boot (all known)."""
+        return (holder.get("host") == self.host and self.pid_ns is not None and self.boot_id is not None
+                and holder.get("pid_ns") == self.pid_ns and holder.get("boot_id") == self.boot_id)
 
 
 class Claims:
@@ -173,18 +207,27 @@ class Claims:
             touched = run_file.stat().st_mtime
         except OSError:
             return True
-        if holder.get("host") == self.identity.host:
+        if self.identity.shares_pids_with(holder):  # the pid means the same process here
             pid = int(holder.get("pid", -1))
             if not process_alive(pid):
                 return True
             start = _proc_start(pid)
             return holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]
-        try:  # another host: compare file-system times, not clocks
+        age = self._now() - touched  # file-system times, not clocks
+        if age > self.stale_after:
+            return True
+        if age <= FRESH_SECONDS or holder.get("host") != self.identity.host:
+            return False  # a fresh heartbeat: alive, whatever a pid check in this namespace would say
+        pid = int(holder.get("pid", -1))  # same host name, namespace unknown: a dead pid shortens a missed beat
+        return not process_alive(pid)
+
+    def _now(self) -> float:
+        """The file system's time now (touching this run's own file), or the clock where that fails."""
+        try:
             os.utime(self.run_file)
-            now = self.run_file.stat().st_mtime
+            return self.run_file.stat().st_mtime
         except OSError:
-            now = time.time()
-        return now - touched > self.stale_after
+            return time.time()
 
     def holders(self) -> dict[str, dict]:
         """shard -> claim of every claim file in the store (live or stale)."""

@@ -95,3 +95,34 @@ def remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def leftover_temps(folder: Path, untouched_for: float = 0.0) -> list[Path]:
+    """Temporary files (``.<name>.<random>.tmp``, ``AtomicFile``'s) in ``folder`` not modified for ``untouched_for``
+    seconds: a writer that is still going keeps touching its file, a killed one leaves it behind."""
+    import time
+
+    found = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    now = time.time()
+    for entry in entries:
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            try:
+                if now - entry.stat(follow_symlinks=False).st_mtime >= untouched_for:
+                    found.append(Path(entry.path))
+            except OSError:
+                continue
+    return sorted(found)
+
+
+def remove_leftover_temps(folder: Path, untouched_for: float) -> int:
+    """Delete the temporary files killed writers left in ``folder`` (see ``leftover_temps``); how many."""
+    removed = 0
+    for path in leftover_temps(folder, untouched_for):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    return removed

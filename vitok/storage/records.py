@@ -188,6 +188,7 @@ class UnitInfo:
     sha256: str | None = None  # archives planned with --detect-changes hash
     error: str | None = None  # why the rest of the unit could not be read
     failed: bool | None = None  # ... because it was unavailable (retried by a later run) rather than damaged
+    inputs: str | None = None  # digest of the planned unit's inputs (vitok.storage.binding); None: older sidecars
 
     def to_json(self) -> dict[str, Any]:
         return _compact(dataclasses.asdict(self))

@@ -8,10 +8,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..inputs.plan import load_plan
+from ..inputs.plan import PLAN_DIR, load_plan
 from ..inputs.retries import sidecar_attempt
 from . import read_header
+from .binding import Bindings
 from .claims import Claims
+from .files import leftover_temps
 from .shards import check_shard, iter_sidecars, repair_hint, temp_files
 from .store import attempt_order, current_records
 
@@ -40,12 +42,20 @@ class VerifyReport:
     images_damaged: int = 0  # recorded ok, in a damaged shard
     images_removed: int = 0  # recorded, but removed from the sources by --update (not counted above)
 
+    unfinished: list[str] = field(default_factory=list)  # why the store is not finished, one reason each (export
+    # refuses it for these): planned shards not done, inputs that could not be read, archives or folders unread
+
     @property
     def clean(self) -> bool:
-        return not self.problems and not self.incomplete and not self.stale
+        return not self.problems and not self.unfinished and not self.stale
+
+    @property
+    def finished(self) -> bool:
+        """Every planned input has its final outcome (ok, skipped as undecodable); nothing is left to retry."""
+        return not self.unfinished
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "clean": self.clean}
+        return {**dataclasses.asdict(self), "clean": self.clean, "finished": self.finished}
 
 
 def verify_store(out: str | Path, quick: bool = False, sources: str | None = None) -> VerifyReport:
@@ -64,13 +74,18 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
     damaged_sidecars: dict[str, str] = {}
     bad_shards: set[str] = set()
     errors: dict[str, str | None] = {}  # unit -> the read error of its last attempt
+    unavailable: dict[str, bool] = {}  # unit -> its last attempt could not read the rest of it (to be retried)
     flagged: dict[str, dict[str, int]] = {}  # key -> shard -> NaN/Inf values counted at extraction
     recorded: set[str] = set()  # every key any sidecar records (current or not)
     superseded = plan.superseded() if plan is not None else set()
+    bindings = Bindings(plan.units if plan is not None else [])
     for sidecar in attempt_order(list(iter_sidecars(root, damaged_sidecars))):
         base = sidecar_attempt(sidecar)[0]
         done.add(base)
         shard_problems = check_shard(root, sidecar, checksums=not quick)
+        unbound = bindings.problem(sidecar, base)
+        if unbound:  # the plan was written again since: its name holds other inputs now
+            shard_problems.append(f"{sidecar.shard}: {unbound}")
         if sidecar.fingerprint is not None and sidecar.fingerprint != header.fingerprint:
             shard_problems.append(f"{sidecar.shard}: written with other settings (fingerprint {sidecar.fingerprint},"
                                   f" the store's {header.fingerprint})")
@@ -80,6 +95,7 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
         problems += shard_problems
         shards_ok += not shard_problems
         errors[base] = f"{sidecar.shard}: {sidecar.unit.error}" if sidecar.unit.error else None
+        unavailable[base] = bool(sidecar.unit.error and sidecar.unit.failed)  # retried by a rerun, not damaged
         keys = Counter(r.key for r in sidecar.records)
         recorded.update(keys)
         repeats += [f"key {k!r} appears {n} times in {sidecar.shard}" for k, n in keys.items() if n > 1]
@@ -125,10 +141,47 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
         from ..inputs.changes import changed_inputs
 
         report.stale = [f"{c.input}: {c.reason} ({c.path})" for c in changed_inputs(root, plan, sources)]
+    report.unfinished = unfinished_reasons(report, sorted(k for k, v in counted.items() if v == "failed"),
+                                           [e for b, e in errors.items() if e and unavailable.get(b)
+                                            and b not in superseded], plan)
     claims = Claims(root)
     for shard, holder in sorted(claims.holders().items()):
         (report.leftovers if claims.is_stale(holder) else report.in_progress).append(
             f"{shard} (claimed by {holder.get('run')})")
     report.leftovers += [f"{p.name} (temporary data of an interrupted run; the next extract of its shard removes it)"
                          for p in temp_files(root)]
+    report.leftovers += [f"{PLAN_DIR}/{p.name} ({_size(p)}, temporary file of an interrupted plan write; the next "
+                         "plan write removes it once it is 10 minutes old, or delete it)"
+                         for p in leftover_temps(root / PLAN_DIR, untouched_for=60.0)]
     return report
+
+
+def unfinished_reasons(report: VerifyReport, failed: list[str], unread: list[str], plan) -> list[str]:
+    """What keeps a store from being finished, one line per kind (``verify`` and ``export`` say the same): planned
+    shards not done, inputs that could not be read (retried by a rerun), archives or folders that could not be read
+    or listed. Images that failed to decode are final outcomes, not listed here."""
+    reasons = []
+    if report.incomplete:
+        names = ", ".join(report.incomplete[:5]) + (", ..." if len(report.incomplete) > 5 else "")
+        planned = f" of {report.planned_shards} planned" if report.planned_shards else ""
+        reasons.append(f"{len(report.incomplete)}{planned} shard(s) not done ({names})")
+    if failed:
+        sample = ", ".join(repr(_printable(k)) for k in failed[:3]) + (", ..." if len(failed) > 3 else "")
+        reasons.append(f"{len(failed)} input(s) that could not be read ({sample})")
+    unread = [*unread, *(f"could not list {path}: {why}" for path, why in
+                         (plan.latest.listing_errors or [] if plan is not None else []))]
+    if unread:
+        reasons.append(f"{len(unread)} archive(s) or folder(s) that could not be read ({_printable(unread[0])})")
+    return reasons
+
+
+def _printable(text: str) -> str:
+    """Bytes that were not UTF-8 (surrogate escapes in names) as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _size(path: Path) -> str:
+    try:
+        return f"{path.stat().st_size / 2**20:.1f} MB"
+    except OSError:
+        return "? MB"
