@@ -102,8 +102,8 @@ def test_tars_give_keys_records_and_the_tokens_of_the_loose_files(collection, tm
         for feature in ("merged", "deepstack"):
             np.testing.assert_array_equal(store.get(f"{stem}/{name.split('.')[0]}", feature),
                                           reference.get(key, feature))
-    report = vitok.verify(out)
-    assert report.clean
+    report = vitok.verify(out)  # intact, but unfinished while 00002 cannot be opened (retried by the next run)
+    assert not report.problems and [u for u in report.unfinished if "00002" in u] and not report.clean
     info_text = run_vitok("info", str(out)).stdout
     assert "00002: cannot open" in info_text and "00004:" in info_text
 
