@@ -137,6 +137,15 @@ def test_a_checkpoint_is_hashed_once_per_machine_until_its_files_change(tmp_path
     touched = load_encoder(str(file), "cpu", "float32")
     assert "weights_hash_wait" in touched.load_seconds and touched.weights_hash == changed.weights_hash
 
+    size, inode = file.stat().st_size, file.stat().st_ino
+    with open(file, "r+b") as handle:  # other weights written in place, same size, then the old time put back
+        handle.seek(-4, os.SEEK_END)
+        handle.write(b"\x00\x00\x80\x3f")  # the last float becomes 1.0
+    os.utime(file, ns=(1, 1))
+    assert (file.stat().st_size, file.stat().st_ino, file.stat().st_mtime_ns) == (size, inode, 1)
+    rewritten = load_encoder(str(file), "cpu", "float32")
+    assert rewritten.weights_hash != changed.weights_hash  # never the remembered digest of the old bytes
+
 
 def test_resolving_a_checkpoint_reads_names_and_shapes_without_importing_torch(tmp_path):
     import subprocess

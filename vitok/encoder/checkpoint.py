@@ -375,10 +375,11 @@ HASH_CACHE_ENTRIES = 64  # checkpoints remembered per machine
 
 def _hash_cache_key(source: ModelSource) -> str | None:
     """What identifies a checkpoint's tower on this machine without reading it: each weight file's real path, size,
-    modification time and inode, and the prefix (None when a file cannot be seen)."""
+    inode, modification time and change time (which no tool can set back: a file rewritten in place with its old
+    time restored, ``cp -p``, still gets a new key), and the prefix (None when a file cannot be seen)."""
     try:
-        files = [(os.path.realpath(f), (st := os.stat(f)).st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
-                 for f in source.weight_files]
+        files = [(os.path.realpath(f), (st := os.stat(f)).st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                  st.st_dev) for f in source.weight_files]
     except OSError:
         return None
     text = json.dumps({"files": files, "prefix": source.prefix, "hash": "blake2b-16"})
