@@ -11,6 +11,7 @@
     │   ├── NotAStoreError          a path given as a store that does not exist or is not one (also a UsageError:
     │   │                           exit code 2)
     │   └── DiskFullError           no space left while writing a shard (nothing incomplete is listed)
+    ├── WorkersDiedError            decode workers that keep dying even with every image decoded in a process of its own
     └── Interrupted                 SIGINT/SIGTERM: the run stopped cleanly (exit 130 / 143)
 
 Per-image problems are ``ImageError``: the extractor records them in the manifest and goes on.
@@ -63,6 +64,11 @@ class NotAStoreError(StoreError, UsageError):
 
 class DiskFullError(StoreError):
     """The file system ran out of space (or quota) while writing a shard."""
+
+
+class WorkersDiedError(VitokError):
+    """Decode workers died again and again without delivering an image, each image already isolated: not one bad
+    image (that is recorded and skipped) but the machine (memory, a limit) or the input's reading."""
 
 
 class Interrupted(BaseException):

@@ -18,16 +18,18 @@ import ctypes
 import functools
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import ImageError, InputUnavailableError
+from ..errors import ImageError, InputUnavailableError, WorkersDiedError
 from ..inputs.identity import content_id, source_sha256
 from ..inputs.plan import UnitRef
 from ..inputs.preprocess import Preprocessor
@@ -79,8 +81,6 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
 def prepare_isolated(sample: Sample, preprocessor: Preprocessor) -> Item:
     """``prepare`` in a forked child process: an image whose decoder crashes or is killed (a segfault, the kernel's
     out-of-memory killer) costs that image, recorded with the signal, instead of the worker and with it the run."""
-    import pickle
-
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: decode, send the item, leave without running the parent's exit handlers
@@ -245,16 +245,20 @@ def load_units(units: Sequence[UnitRef], kind: str, reader_options: ReaderOption
 
 
 WORKER_DEATHS = 3  # worker deaths in a row, without a chunk delivered in between, that end the run
+PREFETCH = 2  # tasks' chunks a worker may have made ahead of the one awaited (DataLoader's prefetch_factor)
+STALL_SECONDS = 300.0  # a worker silent this long while its chunk is awaited is taken as dead (stopped, hung)
 
 
 class _Chunks:
     """The loader's chunks in unit order; ``close`` (on any exit: an error in a worker or in the loop) stops the
     workers now, not at interpreter exit, even when no chunk was asked for yet.
 
-    When a worker dies, the workers are started again on the tasks not delivered yet (a whole archive resumes after
-    its delivered chunks), and the tasks that were in flight, one per worker, decode each image in a process of its
-    own (``prepare_isolated``): an image that crashes its decoder is then recorded as skipped with the signal, and
-    the run goes on. Workers that keep dying without delivering anything end the run with the loader's error."""
+    When a worker dies (or stalls for ``STALL_SECONDS``), the workers are started again on the tasks not delivered
+    yet (a whole archive resumes after its delivered chunks), and the tasks that may have been in flight decode each
+    image in a process of its own (``prepare_isolated``): an image that crashes its decoder is then recorded as
+    skipped with the signal, and the run goes on. Which task a worker was in is not known (it may have made chunks
+    ahead, lost with it), so the first ``PREFETCH + 1`` undelivered tasks of every worker are isolated, and after a
+    second death with nothing delivered in between, every task left. Workers that keep dying even so end the run."""
 
     def __init__(self, tasks: list[Task], kind: str, reader_options: ReaderOptions, preprocessor: Preprocessor,
                  workers: int, pin_memory: bool) -> None:
@@ -265,17 +269,33 @@ class _Chunks:
         self._ended: set[int] = set()  # units whose last chunk was received
         self._iterator = self._start(tasks)  # the workers start now, not at the first chunk asked for
         self._ordered = in_unit_order(self._received())
+        self._awaited_since: float | None = None  # when the chunk now awaited was asked for
+        self._closed = threading.Event()
+        if workers:
+            threading.Thread(target=self._watch, name="vitok-decode-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        """A worker stopped (SIGSTOP) or hung (a decoder loop, storage that never answers) stalls the run: killed
+        after ``STALL_SECONDS`` of waiting, it is then a dead worker like any other."""
+        while not self._closed.wait(min(5.0, STALL_SECONDS / 4)):
+            since = self._awaited_since
+            if since is not None and time.monotonic() - since > STALL_SECONDS:
+                logger.warning("no image from the decode workers for %.0f s: taking them as hung", STALL_SECONDS)
+                self._awaited_since = None
+                self._kill_workers()
 
     def _start(self, tasks: list[Task]):
         dataset = UnitReading(tasks, self._kind, self._reader_options, self._preprocessor)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=self._workers, pin_memory=self._pin_memory,
             worker_init_fn=functools.partial(_worker_init, os.getpid()),
-            prefetch_factor=2 if self._workers else None, persistent_workers=False,
+            prefetch_factor=PREFETCH if self._workers else None, persistent_workers=False,
         )
         main = threading.current_thread() is threading.main_thread()
         previous = signal.getsignal(signal.SIGCHLD) if main else None
-        iterator = iter(loader)
+        with warnings.catch_warnings():  # torch's advice on the worker count: clamp_workers has said what matters
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            iterator = iter(loader)
         if main and signal.getsignal(signal.SIGCHLD) is not previous:
             # torch's SIGCHLD handler raises a worker's death wherever the main thread happens to be (in the encoder,
             # the writer); without it the death is found where chunks are awaited (``_received``), within seconds
@@ -286,29 +306,37 @@ class _Chunks:
         deaths = 0
         while True:
             try:
+                self._awaited_since = time.monotonic()
                 chunk = next(self._iterator)
             except StopIteration:
                 return
-            except RuntimeError as exc:
-                if self._workers == 0 or "DataLoader worker (pid" not in str(exc):
+            except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+                # torch's report of a death, or a message cut short by it (a worker killed while it wrote to the queue)
+                if self._workers == 0 or not ("DataLoader worker (pid" in str(exc) or self._a_worker_died()):
                     raise
                 deaths += 1
-                if deaths >= WORKER_DEATHS:
-                    raise
-                self._restart(str(exc))
+                if deaths >= WORKER_DEATHS:  # (__next__ closes the workers)
+                    raise WorkersDiedError(f"decode workers died {deaths} times in a row without delivering an image "
+                                           f"(last: {exc}); rerun to resume") from None
+                self._restart(str(exc) if "DataLoader worker" in str(exc) else "a decode worker died",
+                              isolate_all=deaths > 1)
                 continue
+            finally:
+                self._awaited_since = None
             deaths = 0
             self._delivered.add((chunk.unit, chunk.seq))
             if chunk.end:
                 self._ended.add(chunk.unit)
             yield chunk
 
-    def _restart(self, error: str) -> None:
+    def _restart(self, error: str, isolate_all: bool) -> None:
         self._shutdown()
-        # worker w had tasks[w::W], in order: its first task not delivered was in flight when one of them died
+        # worker w had tasks[w::W], in order: the one it died in is among its first undelivered ones
         undelivered = [not self._done(task) for task in self._tasks]
-        in_flight = {next((i for i in range(w, len(self._tasks), self._workers) if undelivered[i]), None)
-                     for w in range(self._workers)}
+        in_flight = set()
+        for w in range(self._workers):
+            own = [i for i in range(w, len(self._tasks), self._workers) if undelivered[i]]
+            in_flight.update(own if isolate_all else own[: PREFETCH + 1])
         left = []
         for i, task in enumerate(self._tasks):
             if not undelivered[i]:
@@ -342,12 +370,25 @@ class _Chunks:
             self.close()
             raise
 
+    def _a_worker_died(self) -> bool:
+        return any(worker.exitcode not in (None, 0) for worker in getattr(self._iterator, "_workers", ()))
+
     def _shutdown(self) -> None:
         shutdown = getattr(self._iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        self._kill_workers()  # a stopped worker ignores the SIGTERM torch ends with
+
+    def _kill_workers(self) -> None:
+        for worker in list(getattr(self._iterator, "_workers", ())):
+            try:
+                if worker.is_alive():
+                    worker.kill()
+            except (OSError, ValueError, AssertionError):  # already reaped, or closed
+                pass
 
     def close(self) -> None:
+        self._closed.set()
         self._ordered.close()
         self._shutdown()
 
