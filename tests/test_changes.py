@@ -301,3 +301,21 @@ def test_a_bare_update_lists_the_plans_recorded_sources_again(tmp_path, monkeypa
     vitok.extract(["-"], piped, stdin=io.BytesIO(f"{folder / '1.png'}\n".encode()), **LIB)
     with pytest.raises(vitok.errors.UsageError, match="stdin"):
         vitok.extract([], piped, update=True, **LIB)
+
+
+def test_a_bare_update_reads_relative_list_lines_against_the_directory_they_were_planned_in(tmp_path, monkeypatch):
+    three_pngs(tmp_path / "images")
+    listed = tmp_path / "list.txt"
+    listed.write_text("images/0.png\nimages/1.png\n")
+    monkeypatch.chdir(tmp_path)
+    vitok.extract([], "out", files_from="list.txt", **LIB)
+    listed.write_text("images/0.png\nimages/1.png\nimages/2.png\n")
+    elsewhere = tmp_path / "elsewhere" / "images"  # a same-named file under the new directory must not be read
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "2.png").write_bytes(png(9))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    summary = vitok.extract([], tmp_path / "out", update=True, **LIB)
+    assert summary.ok == 1 and summary.failed == 0
+    store = vitok.open(tmp_path / "out")
+    assert store.keys() == ["images/0.png", "images/1.png", "images/2.png"]
+    assert store.info("images/2.png")["source"] == str(tmp_path / "images" / "2.png")

@@ -169,7 +169,8 @@ def _plan_command(sources: list[str] | None, out: Path, **values: Any) -> None:
 
     remove_plan_leftovers(out)
     generation = write_generation(out, listing, shard_size, 0, 0, [os.path.abspath(s) for s in sources or []],
-                                  "initial", None, reader_options.to_dict(), files_from=files_from)
+                                  "initial", None, reader_options.to_dict(), files_from=files_from,
+                                  list_cwd=os.getcwd())
     header = generation.header
     size = f" of {shard_size}" if header.reader == "files" else ""
     items = "?" if header.num_items is None else header.num_items

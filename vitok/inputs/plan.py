@@ -118,6 +118,7 @@ class PlanHeader:
     reason: str = "initial"  # initial | update
     sources: list[str] = field(default_factory=list)
     files_from: str | None = None  # the --files-from list the sources were read from (absolute; "-": stdin)
+    list_cwd: str | None = None  # the working directory its relative lines were read against
     reader_options: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     vitok_plan: int = 1  # the plan schema
@@ -380,7 +381,7 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
                      sources: list[str], reason: str, listing_digest_: str | None = None,
                      reader_options: dict | None = None, items: list | None = None,
                      removed: list[str] | None = None, detect_changes: str = "mtime",
-                     files_from: str | None = None) -> Generation:
+                     files_from: str | None = None, list_cwd: str | None = None) -> Generation:
     """Write one generation (all of ``listing``, or only ``items`` of it for an update) and commit its header.
     ``listing_digest_`` of the whole listing is computed while writing when not given."""
     folder = plan_dir(out)
@@ -389,6 +390,7 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
         else listing.kind, "reason": reason, "sources": sources, "shard_size": shard_size,
         "first_unit": first_unit, "listing_digest": listing_digest_, "reader_options": reader_options or {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files_from": files_from,
+        "list_cwd": list_cwd if files_from else None,
     }
     if generation == 0:
         header["names"] = NAMES
@@ -432,7 +434,7 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
 
 def write_update(out: Path, plan: Plan, listing: Listing, changes: PlanDiff, sources: list[str],
                  listing_digest_: str | None, reader_options: dict, detect_changes: str = "mtime",
-                 files_from: str | None = None) -> Generation:
+                 files_from: str | None = None, list_cwd: str | None = None) -> Generation:
     """--update: a generation holding the inputs added or changed since ``plan``, in new units after the existing
     ones, and the inputs removed. An archive planned before gets a new unit name, so its finished shard stays."""
     number = plan.generations[-1].number + 1
@@ -447,7 +449,7 @@ def write_update(out: Path, plan: Plan, listing: Listing, changes: PlanDiff, sou
         added = sorted([*added, *((key, root) for key, root in listing.items() if key in changed)])
     return write_generation(out, listing, plan.shard_size, number, len(plan.units), sources, "update",
                             listing_digest_, reader_options, items=added, removed=list(changes.removed),
-                            detect_changes=detect_changes, files_from=files_from)
+                            detect_changes=detect_changes, files_from=files_from, list_cwd=list_cwd)
 
 
 def archive_units(listing: ArchiveListing, options: dict, legacy: bool = False) -> list[dict[str, Any]]:

@@ -56,6 +56,7 @@ class Job:
     listing_digest: str | None = None  # of the listing, once computed
     torch_import_seconds: float = 0.0  # spent importing torch while preparing (a start-up phase of its own)
     files_from: str | None = None  # the --files-from list, absolute ("-": stdin), recorded in the plan
+    list_cwd: str | None = None  # the directory its relative lines are read against, recorded with it
 
 
     @property
@@ -176,11 +177,14 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     preprocess = preprocess_for(source, options)
     reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
     plan = None if options.overwrite else load_plan(out)
+    list_cwd = os.getcwd()
     if options.update and not sources and not options.files_from and plan is not None:
         sources, options = recorded_sources(out, plan, options)
+        list_cwd = plan.latest.list_cwd or list_cwd  # relative list lines mean what they meant when planned
     listing = None
     if sources or options.files_from:
-        listing = list_inputs(sources, options.files_from, stdin, options.input_format, out=out)
+        listing = list_inputs(sources, options.files_from, stdin, options.input_format, cwd=list_cwd,
+                              out=os.path.abspath(out))
         report_listing(listing)
     elif plan is None:
         raise UsageError("give at least one source folder or file, '-' for stdin, or --files-from (or -o a store "
@@ -196,7 +200,7 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     job = Job(out, options, part, source, preprocess, features, reader_options, listing,
               [_absolute(s) for s in sources], plan, None, None if options.overwrite else header,
               device, resolve_dtype(options.dtype, device), torch_import_seconds=torch_seconds,
-              files_from=_absolute(options.files_from) if options.files_from else None)
+              files_from=_absolute(options.files_from) if options.files_from else None, list_cwd=list_cwd)
     if plan is not None and listing is not None:
         job.plan_diff = _compare(job)
     if listing is not None and (plan is None or job.plan_diff is not None):

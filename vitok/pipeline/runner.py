@@ -248,10 +248,11 @@ class Run:
         if plan is None:
             write_generation(job.out, job.listing, job.options.shard_size, 0, 0, job.sources, "initial", None,
                              job.reader_options.to_dict(), detect_changes=job.options.detect_changes,
-                             files_from=job.files_from)
+                             files_from=job.files_from, list_cwd=job.list_cwd)
         elif job.plan_diff is not None:
             generation = write_update(job.out, plan, job.listing, job.plan_diff, job.sources, job.listing_digest,
-                                      job.reader_options.to_dict(), job.options.detect_changes, job.files_from)
+                                      job.reader_options.to_dict(), job.options.detect_changes, job.files_from,
+                                      job.list_cwd)
             logger.info("update: %s since the store was planned; planned generation %d", job.plan_diff.describe(),
                         generation.number)
         return load_plan(job.out)
