@@ -139,3 +139,19 @@ def test_kernel_choice_timing_alternates_candidates_so_a_burst_of_load_does_not_
     candidates = {"onednn": lambda: "onednn", "torch": lambda: "torch"}
     assert kernel_choice.fastest(candidates) == "onednn"
     assert calls[:4] == ["onednn", "torch", "onednn", "torch"]
+
+
+@pytest.mark.parametrize("damaged", ["[1, 2]", "null", '{"machine": 3}', "{not json"])
+def test_a_damaged_kernel_choice_cache_is_rebuilt_never_a_crash(tmp_path, monkeypatch, damaged):
+    from vitok.encoder import kernel_choice
+
+    monkeypatch.setenv("VITOK_CACHE_DIR", str(tmp_path))
+    (tmp_path / "kernels.json").write_text(damaged.replace("machine", kernel_choice.machine_identity()))
+    kernel_choice.forget()
+    try:
+        x, weight, bias = torch.randn(40, 64), torch.randn(96, 64), torch.randn(96)
+        with torch.inference_mode(), settings.override(onednn="auto"):
+            out = kernels.linear(x, weight, bias)
+        assert rel_error(out, F.linear(x, weight, bias)) <= 1e-5
+    finally:
+        kernel_choice.forget()

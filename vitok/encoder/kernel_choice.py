@@ -49,11 +49,18 @@ def machine_identity() -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def _read() -> dict[str, str]:
+def _stored() -> dict:
+    """The cache file's machines -> choices; {} when it is missing or damaged (it is rebuilt: losing it costs time)."""
     try:
-        return dict(json.loads(cache_file().read_text()).get(_identity, {}))
+        stored = json.loads(cache_file().read_text())
     except (OSError, ValueError):
         return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _read() -> dict[str, str]:
+    choices = _stored().get(_identity)
+    return {str(k): str(v) for k, v in choices.items()} if isinstance(choices, dict) else {}
 
 
 def _load() -> dict[str, str]:
@@ -85,10 +92,7 @@ def _save() -> None:
     path = cache_file()
     with contextlib.suppress(OSError, ValueError):  # a read-only home must not stop a run
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError):
-            stored = {}
+        stored = _stored()
         stored[_identity] = _choices
         with AtomicFile(path.parent, path.name, path) as atomic:
             atomic.handle.write(json.dumps(stored, indent=1, sort_keys=True).encode())
