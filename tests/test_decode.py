@@ -268,3 +268,21 @@ def test_a_decoder_that_disagrees_with_pillow_is_not_used(monkeypatch):
         assert decode_image(ODD / "hopper.jpg").pixels is None
     finally:
         decode._checked_simplejpeg.cache_clear()
+
+
+@pytest.mark.parametrize("limit", [None, 1_000_000])
+def test_an_image_over_the_limit_is_refused_naming_the_limit_in_force_and_the_flag(tmp_path, limit):
+    """Pillow's own check (at twice its MAX_IMAGE_PIXELS, vitok's default) used to answer first, naming its limit."""
+    from PIL import Image
+
+    from vitok.errors import ImageError
+    from vitok.inputs.decode import decode_image
+
+    path = tmp_path / "huge.png"
+    Image.new("1", (14000, 14000)).save(path)  # 196 megapixels, a 24 KB file
+    kwargs = {} if limit is None else {"max_image_pixels": limit}
+    with pytest.raises(ImageError) as caught:
+        decode_image(path, **kwargs)
+    expected = 178_956_970 if limit is None else limit
+    assert f"196000000 pixels exceeds the limit of {expected}" in str(caught.value)
+    assert "--max-image-pixels" in str(caught.value)

@@ -28,6 +28,7 @@ import functools
 import io
 import logging
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -157,8 +158,11 @@ def decode_image(
             raise
         except UnidentifiedImageError:
             raise ImageError("not an image Pillow can read (unknown or damaged header)") from None
-        except Image.DecompressionBombError as exc:
-            raise ImageError(f"refused as a decompression bomb: {exc}") from None
+        except Image.DecompressionBombError as exc:  # Pillow's own check came first: say it with vitok's limit
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            pixels = f"{int(found.group(1))} pixels" if found else "its size"
+            raise ImageError(f"refused: {pixels} exceeds the limit of {max_image_pixels} (possible decompression "
+                             "bomb; raise --max-image-pixels to allow)") from None
         except MemoryError:
             raise ImageError("out of memory while decoding") from None
         except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, EOFError, ...
