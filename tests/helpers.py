@@ -103,6 +103,14 @@ def wait_for(predicate, timeout: float = 120.0, process=None) -> bool:
     return False
 
 
+def png_folder(folder: Path, count: int) -> Path:
+    """A new folder of ``count`` random PNGs named 0.png, 1.png, ... (``png(i)``)."""
+    folder.mkdir(parents=True)
+    for i in range(count):
+        (folder / f"{i}.png").write_bytes(png(i))
+    return folder
+
+
 def png(seed: int, size=(48, 40)) -> bytes:
     """The bytes of a random PNG (the same for the same seed)."""
     import io

@@ -10,7 +10,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from helpers import photo, png
+from helpers import photo, png, png_folder
 from typer.testing import CliRunner
 
 import vitok
@@ -55,10 +55,7 @@ def assert_views(out, expected: list[str]) -> None:
 
 
 def three_pngs(folder):
-    folder.mkdir()
-    for i in range(3):
-        (folder / f"{i}.png").write_bytes(png(i))
-    return folder
+    return png_folder(folder, 3)
 
 
 @pytest.mark.slow
@@ -84,10 +81,7 @@ def test_a_loose_file_replaced_in_place_is_refused_then_updated_and_reported_sta
 
 
 def test_a_content_hash_sees_a_rewrite_that_keeps_size_and_mtime_and_ignores_a_touch(tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(2):
-        (folder / f"{i}.png").write_bytes(png(i))
+    folder = png_folder(tmp_path / "images", 2)
     out = tmp_path / "out"
     vitok.extract([str(folder)], out, detect_changes="hash", **LIB)
     bump_mtime(folder / "0.png")  # touched, same bytes: not a change for the hash

@@ -456,6 +456,15 @@ def test_gpus_split_this_process_part_between_its_gpus(monkeypatch, tmp_path, gi
     assert sorted(owned) == [i for i in shards if parent.count == 1 or i % parent.count == parent.index]
 
 
+def _first_time(marker) -> bool:
+    """True once per marker file, whichever process asks first."""
+    try:
+        marker.touch(exist_ok=False)
+    except FileExistsError:
+        return False
+    return True
+
+
 def _dies_in(monkeypatch, when):
     """Decoding kills the process doing it (SIGKILL, as the out-of-memory killer or a decoder crash would) whenever
     ``when(data)`` says so; workers are forked from this process, so they decode through the patch."""
@@ -476,15 +485,7 @@ def test_a_decode_worker_killed_once_costs_nothing(tmp_path, monkeypatch):
     folder = make_folder(tmp_path / "imgs", count=24, with_odd=False)
     vitok.extract([str(folder)], tmp_path / "clean", **LIB)
     marker = tmp_path / "killed-once"
-
-    def first_time(_data):
-        try:
-            marker.touch(exist_ok=False)
-        except FileExistsError:
-            return False
-        return True
-
-    _dies_in(monkeypatch, first_time)
+    _dies_in(monkeypatch, lambda _data: _first_time(marker))
     summary = vitok.extract([str(folder)], tmp_path / "out", **{**LIB, "workers": 2})
     assert marker.exists() and summary.ok == 24 and summary.failed == summary.skipped == 0
     clean, out = vitok.open(tmp_path / "clean"), vitok.open(tmp_path / "out")
@@ -564,12 +565,9 @@ def test_a_stalled_decode_worker_is_taken_as_dead_and_the_run_goes_on(tmp_path, 
     folder = _photos(tmp_path / "imgs", 24)
     marker = tmp_path / "stopped-once"
 
-    def stop_once(data):
-        try:
-            marker.touch(exist_ok=False)
-        except FileExistsError:
-            return False
-        os.kill(os.getpid(), signal.SIGSTOP)  # as a decoder stuck in a loop or storage that never answers
+    def stop_once(_data):
+        if _first_time(marker):  # (across the forked workers: the marker file is the memory)
+            os.kill(os.getpid(), signal.SIGSTOP)  # as a decoder stuck in a loop or storage that never answers
         return False
 
     _dies_in(monkeypatch, stop_once)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from helpers import png
+from helpers import png, png_folder
 
 import vitok
 from vitok.errors import SettingsMismatchError, UsageError
@@ -209,10 +209,7 @@ def test_every_refusal_comes_before_the_first_write(tmp_path):
 
 
 def test_a_refused_mixed_settings_run_leaves_vitok_json_as_it_was(tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(2):
-        (folder / f"{i}.png").write_bytes(png(i))
+    folder = png_folder(tmp_path / "images", 2)
     out = tmp_path / "out"
     vitok.extract([str(folder)], out, shard_size=1, **LIB)
     (out / "vitok.json").unlink()
@@ -260,10 +257,7 @@ def test_list_lines_name_files_literally_crlf_bom_braces_and_non_utf8(tmp_path):
 
 
 def test_a_store_inside_its_input_folder_is_never_listed_as_input(tmp_path, caplog):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(2):
-        (images / f"{i}.png").write_bytes(png(i))
+    images = png_folder(tmp_path / "images", 2)
     out = images / "out"
     first = vitok.extract([str(images)], out, format="wds", **LIB)
     assert first.ok == 2

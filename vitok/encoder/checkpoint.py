@@ -480,9 +480,14 @@ def _tower_tensors(source: ModelSource) -> dict[str, _StoredTensor]:
 
 
 def tower_byte_ranges(source: ModelSource) -> list[tuple[Path, int, int]]:
-    """(file, start, end) of the tower's tensor data, file by file, adjacent tensors merged."""
+    """(file, start, end) of the tower's tensor data, file by file, adjacent tensors merged: what a prefetch that
+    need not hash reads."""
+    return _merged_ranges(_tower_tensors(source).values())
+
+
+def _merged_ranges(tensors: Iterable[_StoredTensor]) -> list[tuple[Path, int, int]]:
     ranges: list[tuple[Path, int, int]] = []
-    for tensor in sorted(_tower_tensors(source).values(), key=lambda t: (str(t.file), t.start)):
+    for tensor in sorted(tensors, key=lambda t: (str(t.file), t.start)):
         last = ranges[-1] if ranges else None
         if last and last[0] == tensor.file and tensor.start - last[2] <= PREFETCH_GAP:
             ranges[-1] = (tensor.file, last[1], max(tensor.end, last[2]))
@@ -516,24 +521,28 @@ class WeightsPrefetch:
         digest = hashlib.blake2b(digest_size=16)
         buffer = memoryview(bytearray(8 << 20))
         handles: dict[Path, int] = {}
-        try:
-            order = sorted(self.tensors) if self.hashing else sorted(self.tensors, key=lambda k: self.tensors[k].start)
-            for name in order:
-                tensor = self.tensors[name]
-                if tensor.file not in handles:
-                    handles[tensor.file] = os.open(tensor.file, os.O_RDONLY)
+
+        def read(file: Path, start: int, end: int) -> None:
+            if file not in handles:
+                handles[file] = os.open(file, os.O_RDONLY)
+            while start < end:
+                got = os.preadv(handles[file], [buffer[: min(len(buffer), end - start)]], start)
+                if got <= 0:
+                    raise OSError(f"{file}: ends at byte {start}, inside the tower's tensors")
                 if self.hashing:
+                    digest.update(buffer[:got])
+                start += got
+
+        try:
+            if self.hashing:  # weights_hash's order: by name, each tensor's description then its bytes
+                for name in sorted(self.tensors):
+                    tensor = self.tensors[name]
                     digest.update(f"{name}|{SAFETENSORS_DTYPES[tensor.dtype]}|{tensor.shape}".encode())
-                position = tensor.start
-                while position < tensor.end:
-                    got = os.preadv(handles[tensor.file], [buffer[: min(len(buffer), tensor.end - position)]], position)
-                    if got <= 0:
-                        raise OSError(f"{tensor.file}: ends inside tensor {name}")
-                    if self.hashing:
-                        digest.update(buffer[:got])
-                    position += got
-            if self.hashing:
+                    read(tensor.file, tensor.start, tensor.end)
                 self.digest = "blake2b:" + digest.hexdigest()
+            else:
+                for file, start, end in _merged_ranges(self.tensors.values()):
+                    read(file, start, end)
         except OSError:
             self.digest = None
         finally:
