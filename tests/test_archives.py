@@ -238,7 +238,7 @@ def test_plan_of_ten_thousand_listed_paths(tmp_path):
     result = run_vitok("plan", "--files-from", str(tmp_path / "list.txt"), "-o", str(tmp_path / "out"),
                        "--shard-size", "1000")
     assert result.returncode == 0 and "10000 inputs in 10 shards" in result.stdout
-    from vitok.inputs.plan import load_plan
+    from vitok.storage.plan import load_plan
 
     plan = load_plan(tmp_path / "out")
     unit = plan.units[7].read()
@@ -247,7 +247,7 @@ def test_plan_of_ten_thousand_listed_paths(tmp_path):
 
 def test_env_part_reads_only_its_units(tmp_path):
     """A process of part k of N seeks to its own units' lines; it never loads the whole plan."""
-    from vitok.inputs.plan import UnitRef
+    from vitok.storage.plan import UnitRef
 
     folder = tmp_path / "imgs"
     for i in range(9):

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import vitok
 from vitok.cli.app import app
 from vitok.errors import InputsChangedError
-from vitok.inputs.plan import load_plan, unit_name
+from vitok.storage.plan import load_plan, unit_name
 
 verify_store = vitok.verify
 LIB = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", pool="mean")
@@ -180,8 +180,8 @@ def test_archives_named_like_generations_and_retries_keep_their_own_shards(tmp_p
 
 
 def test_an_archive_changed_or_removed_before_it_was_read_is_never_read(tmp_path):
-    from vitok.inputs.plan import write_generation
     from vitok.inputs.sources import list_inputs
+    from vitok.storage.plan import write_generation
 
     folder = tmp_path / "tars"
     folder.mkdir()
@@ -202,7 +202,7 @@ def test_an_archive_changed_or_removed_before_it_was_read_is_never_read(tmp_path
 
 
 def test_retry_names_of_new_and_old_plans():
-    from vitok.inputs.retries import base_and_attempt
+    from vitok.storage.plan.retries import base_and_attempt
 
     assert base_and_attempt("x~r2") == ("x", 2)
     assert base_and_attempt("a.retry1") == ("a.retry1", 0)  # an archive named a.retry1.tar

@@ -9,10 +9,10 @@ import pytest
 from conftest import ODD, PHOTOS
 from PIL import Image
 
-from vitok.encoder.config import PreprocessConfig
 from vitok.errors import ImageError
 from vitok.inputs.decode import decode_image
 from vitok.inputs.preprocess import Preprocessor
+from vitok.inputs.preprocess_config import PreprocessConfig
 from vitok.inputs.sources import IMAGE_EXTENSIONS
 
 ODD_FILES = sorted(p for p in ODD.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -13,8 +13,9 @@ from PIL import Image
 
 import vitok
 from vitok.errors import SettingsMismatchError
-from vitok.inputs.identity import content_id, vision_revision
+from vitok.inputs.identity import content_id
 from vitok.storage.format import numpy_dtype
+from vitok.storage.records import vision_revision
 
 TINY = {"model": "qwen3-vl-tiny", "workers": 0}
 COUNTS = ("ok", "images_encoded", "batches_encoded", "duplicates", "reused")

@@ -109,10 +109,11 @@ def test_an_image_too_large_alone_is_skipped_with_its_reason():
 
 
 def test_committer_commits_a_unit_on_its_end_with_every_batch(tmp_path):
-    from vitok.inputs.plan import UnitRef
     from vitok.pipeline.committer import Committer
+    from vitok.storage import SidecarStamp
     from vitok.storage.claims import Claims
     from vitok.storage.format import FeatureLayout
+    from vitok.storage.plan import UnitRef
     from vitok.storage.shards import get_format
 
     claims = Claims(tmp_path)
@@ -122,7 +123,7 @@ def test_committer_commits_a_unit_on_its_end_with_every_batch(tmp_path):
     assert claims.try_claim(unit.name)
     committed = []
     committer = Committer(tmp_path, get_format("npy"), {"patch": FeatureLayout(4)}, "float32", None, claims,
-                          {"fingerprint": "test"}, on_commit=committed.append).start()
+                          SidecarStamp("test", "0/1"), on_commit=committed.append).start()
     committer.begin(unit)
     pipeline = DevicePipeline(FakeEncoder(), ("patch",), "none", "float32", depth=2)
     committer.put(pipeline.submit(Batch(0, [item("x", 2, 1), item("y", 1, 2)])))

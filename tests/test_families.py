@@ -173,7 +173,7 @@ QWEN2_PROCESSOR = dict(patch_size=14, temporal_patch_size=2, merge_size=2,
 def test_qwen2_family_pixels_equal_the_reference_processor(path):
     from transformers import Qwen2VLImageProcessor
 
-    from vitok.encoder.config import PreprocessConfig
+    from vitok.encoder.config import preprocess_for_tower
     from vitok.encoder.presets import get_preset
     from vitok.inputs.preprocess import Preprocessor
 
@@ -181,7 +181,7 @@ def test_qwen2_family_pixels_equal_the_reference_processor(path):
     out = processor(images=[ImageOps.exif_transpose(Image.open(path))], return_tensors="pt")
     for preset in ("qwen2-vl-2b", "qwen2.5-vl-7b"):
         config = get_preset(preset).preprocess
-        assert config == PreprocessConfig.for_tower(get_preset(preset).encoder)
+        assert config == preprocess_for_tower(get_preset(preset).encoder)
         pre = Preprocessor(config)
         prepared = pre.load(path)
         assert prepared.grid_thw == tuple(out["image_grid_thw"][0].tolist())
@@ -409,8 +409,8 @@ def test_deepstack_indexes_past_the_last_block_store_and_serve_the_blocks_tapped
 
     import vitok
     from vitok.consumers.serving import EmbedsContract
-    from vitok.encoder.config import PreprocessConfig
     from vitok.inputs.preprocess import Preprocessor
+    from vitok.inputs.preprocess_config import PreprocessConfig
 
     reference = saved_vl_folder(tmp_path / "ckpt", "qwen3_vl", deepstack_visual_indexes=[1, 5, 1])
     (tmp_path / "imgs").mkdir()

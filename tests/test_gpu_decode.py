@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vitok.encoder.config import PreprocessConfig
 from vitok.errors import UsageError
 from vitok.inputs.gpu_decode import decode_on_device, gpu_route
 from vitok.inputs.preprocess import Preprocessor
+from vitok.inputs.preprocess_config import PreprocessConfig
 
 CONFIG = PreprocessConfig(min_pixels=32 * 32, max_pixels=160 * 160)
 

@@ -497,12 +497,12 @@ def test_a_decode_worker_killed_once_costs_nothing(tmp_path, monkeypatch):
 def test_a_worker_death_is_not_raised_from_a_signal_handler_in_whatever_the_run_is_doing(tmp_path):
     """torch's SIGCHLD handler raises a worker's death in the main thread wherever it is (the encoder, the writer),
     past the loader's recovery: a real run died with 'DataLoader worker (pid N) is killed by signal'."""
-    from vitok.encoder.config import PreprocessConfig
-    from vitok.inputs.plan import load_plan, write_generation
     from vitok.inputs.preprocess import Preprocessor
+    from vitok.inputs.preprocess_config import PreprocessConfig
     from vitok.inputs.readers import ReaderOptions
     from vitok.inputs.sources import list_inputs
     from vitok.pipeline.loader import load_units
+    from vitok.storage.plan import load_plan, write_generation
 
     folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)
     write_generation(tmp_path / "store", list_inputs([str(folder)]), 4, 0, 0, [], "test")

@@ -18,7 +18,7 @@ from helpers import png, png_folder
 
 import vitok
 from vitok.errors import SettingsMismatchError, UsageError
-from vitok.inputs.plan import load_plan
+from vitok.storage.plan import load_plan
 
 verify_store = vitok.verify
 LIB = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", pool="mean")

@@ -8,9 +8,9 @@ import torch
 from conftest import PHOTOS, reference_model, rel_error, vitok_from_reference
 from PIL import Image, ImageOps
 
-from vitok.encoder.config import PreprocessConfig
 from vitok.errors import ImageError
 from vitok.inputs.preprocess import ImagePreprocessor, Preprocessor, smart_resize
+from vitok.inputs.preprocess_config import PreprocessConfig
 
 QWEN3 = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
              size={"shortest_edge": 65536, "longest_edge": 16777216})
@@ -220,7 +220,7 @@ def _processor_class(backend: str):
 
 
 def test_processor_defaults_table_is_the_reference_class():
-    from vitok.encoder.config import HF_PROCESSOR_DEFAULTS
+    from vitok.inputs.preprocess_config import HF_PROCESSOR_DEFAULTS
 
     for backend in ("torchvision", "pil"):
         cls = _processor_class(backend)

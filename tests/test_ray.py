@@ -199,13 +199,13 @@ def test_a_unit_is_cut_into_the_local_loops_batches_and_steps_are_kept_once_in_o
     import pickle
     import random
 
-    from vitok.inputs.plan import load_plan
     from vitok.inputs.readers import ReaderOptions
     from vitok.pipeline.batcher import plan_batches
     from vitok.pipeline.job import preprocess_for
     from vitok.pipeline.loader import in_unit_order
     from vitok.pipeline.options import make_options
     from vitok.pipeline.ray_engine import decode_unit, unit_steps
+    from vitok.storage.plan import load_plan
 
     folder = make_folder(tmp_path / "imgs", count=7, with_odd=False)
     (folder / "a" / "broken.png").write_bytes(b"not an image")

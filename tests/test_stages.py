@@ -10,12 +10,12 @@ import pytest
 
 from vitok import settings
 from vitok.errors import UsageError
-from vitok.inputs.plan import listing_digest, load_plan, write_generation
 from vitok.inputs.sources import FileListing, list_inputs
 from vitok.pipeline.batcher import Batcher, plan_batches
 from vitok.pipeline.options import ExtractOptions, make_options
 from vitok.storage import get_format
 from vitok.storage.format import FeatureLayout
+from vitok.storage.plan import listing_digest, load_plan, write_generation
 from vitok.storage.records import ImageRecord, ModelSettings, RunHeader, Settings, Sidecar
 from vitok.storage.shards import check_shard, iter_sidecars, temp_files
 

@@ -50,11 +50,11 @@ def test_a_warm_up_batch_changes_no_token():
 def test_decode_workers_start_when_the_loader_is_made_and_stop_on_close_before_any_chunk(tmp_path):
     from PIL import Image
 
-    from vitok.inputs.plan import load_plan, write_generation
     from vitok.inputs.preprocess import Preprocessor
     from vitok.inputs.readers import ReaderOptions
     from vitok.inputs.sources import list_inputs
     from vitok.pipeline.loader import load_units
+    from vitok.storage.plan import load_plan, write_generation
 
     (tmp_path / "in").mkdir()
     Image.new("RGB", (64, 48), "red").save(tmp_path / "in" / "a.jpg")

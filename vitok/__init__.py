@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _EXPORTS = {
     "extract": ("vitok.pipeline.runner", "extract"),
@@ -22,7 +22,7 @@ _EXPORTS = {
     "load_encoder": ("vitok.encoder.inference", "load_encoder"),
     "VisionEncoder": ("vitok.encoder.model", "VisionEncoder"),
     "EncoderConfig": ("vitok.encoder.config", "EncoderConfig"),
-    "PreprocessConfig": ("vitok.encoder.config", "PreprocessConfig"),
+    "PreprocessConfig": ("vitok.inputs.preprocess_config", "PreprocessConfig"),
     "Preprocessor": ("vitok.inputs.preprocess", "Preprocessor"),
     "ImagePreprocessor": ("vitok.inputs.preprocess", "ImagePreprocessor"),
     "Qwen3VisionTransformer": ("vitok.original_api", "Qwen3VisionTransformer"),
@@ -32,11 +32,12 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from .encoder.config import EncoderConfig, PreprocessConfig
+    from .encoder.config import EncoderConfig
     from .encoder.inference import load_encoder
     from .encoder.model import VisionEncoder
     from .errors import VitokError
     from .inputs.preprocess import ImagePreprocessor, Preprocessor
+    from .inputs.preprocess_config import PreprocessConfig
     from .original_api import Qwen3VisionTransformer, Qwen3VLPipeline, create_qwen3_vl_vit
     from .pipeline.options import ExtractOptions
     from .pipeline.runner import extract

@@ -12,7 +12,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from . import __version__, settings
+from . import settings
+from .version import __version__
 
 
 def _version(module: str) -> str | None:

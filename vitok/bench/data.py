@@ -15,12 +15,12 @@ def decode_rate(paths: list[Path], kind: str, workers: int, max_pixels: int, fas
     """Images/s the decode workers deliver with nothing else running (the public loader, as a run uses it)."""
     import tempfile
 
-    from ..encoder.config import PreprocessConfig
-    from ..inputs.plan import load_plan, write_generation
     from ..inputs.preprocess import Preprocessor
+    from ..inputs.preprocess_config import PreprocessConfig
     from ..inputs.readers import ReaderOptions
     from ..inputs.sources import list_inputs
     from ..pipeline.loader import load_units
+    from ..storage.plan import load_plan, write_generation
 
     with tempfile.TemporaryDirectory() as tmp:
         listing = list_inputs([str(p) for p in paths], input_format=kind)
@@ -34,9 +34,9 @@ def decode_rate(paths: list[Path], kind: str, workers: int, max_pixels: int, fas
 
 
 def run(args, device, folder: Path) -> None:
-    from ..encoder.config import PreprocessConfig
     from ..encoder.inference import load_encoder
     from ..inputs.preprocess import Preprocessor
+    from ..inputs.preprocess_config import PreprocessConfig
 
     paths = make_jpegs(folder / "data", args.data_images, args.jpeg_size)
     decode_rate(paths[:4], "files", 0, args.max_pixels)  # warm-up: imports, first-call kernel set-up
@@ -77,9 +77,9 @@ def run(args, device, folder: Path) -> None:
 def device_decoding(paths: list[Path], max_pixels: int, device: torch.device, encoder) -> None:
     """--decode gpu against the exact CPU path: images/s of each (the GPU's side: header routing on the host, then
     batches of 16 decoded, resized and cut into patches on the device), pixel and token differences."""
-    from ..encoder.config import PreprocessConfig
     from ..inputs.gpu_decode import decode_on_device
     from ..inputs.preprocess import Preprocessor
+    from ..inputs.preprocess_config import PreprocessConfig
 
     config = PreprocessConfig(max_pixels=max_pixels)
     exact, routing = Preprocessor(config), Preprocessor(config.replace(decode="gpu"))

@@ -181,8 +181,8 @@ def in_process(args, device, dtype, folder: Path, tmp: Path) -> None:
 
     import vitok
 
-    from ..encoder.config import PreprocessConfig
     from ..inputs.preprocess import Preprocessor
+    from ..inputs.preprocess_config import PreprocessConfig
 
     config, reference, model, processor, checkpoint = checkpoint_pair(args, device, dtype, tmp)
     paths = make_jpegs(folder, args.images, args.jpeg_size)

@@ -28,7 +28,7 @@ def peak_mb():
 
 PLAN_SCRIPT = PEAK_MB + """
 import sys, time
-from vitok.inputs.plan import load_plan
+from vitok.storage.plan import load_plan
 from vitok.cli.app import main
 listing, out = sys.argv[1:3]
 start = time.perf_counter()
@@ -172,12 +172,13 @@ def synthetic_store(out: Path, images: int, rows: int, dim: int, fmt: str = "hdf
 
     import numpy as np
 
-    from .. import __version__
     from ..pipeline.sink import ShardSink
     from ..pipeline.types import EncodedBatch
     from ..storage import META_FILE, RunHeader, create_exclusive, get_format
     from ..storage.format import FeatureLayout
+    from ..storage.layout import shard_name
     from ..storage.records import ImageRecord, ModelSettings, Settings, dumps
+    from ..version import __version__
 
     settings = Settings(ModelSettings("synthetic", weights="none", config={"spatial_merge_size": 2}),
                         features=("merged",), pool="mean" if rows == 1 else "none", store_dtype=store_dtype,
@@ -186,7 +187,7 @@ def synthetic_store(out: Path, images: int, rows: int, dim: int, fmt: str = "hdf
     rng = np.random.default_rng(0)
     for shard, start in enumerate(range(0, images, per_shard)):
         count = min(per_shard, images - start)
-        sink = ShardSink(out, get_format(fmt), f"shard-{shard:06d}", {"merged": FeatureLayout(dim)}, store_dtype,
+        sink = ShardSink(out, get_format(fmt), shard_name(shard), {"merged": FeatureLayout(dim)}, store_dtype,
                          None, "bench")
         records = [ImageRecord(f"img{start + i:08d}", "ok", "synthetic", grid=[1, 2, 2 * rows])
                    for i in range(count)]

@@ -42,7 +42,7 @@ def _setup_logging(quiet: bool = False) -> None:
 
 def _print_version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from ..version import __version__
 
         typer.echo(f"vitok {__version__}")
         raise typer.Exit()

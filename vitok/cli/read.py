@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from ..consumers.export import ExportOptions  # light: the export's options record
-from ..inputs.changes import MODES as CHANGE_MODES
+from ..storage.plan.changes import MODES as CHANGE_MODES
 from .app import _safe, _setup_logging, app
 from .flags import choice_type, option_parameters
 

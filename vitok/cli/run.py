@@ -147,10 +147,10 @@ def _plan_command(sources: list[str] | None, out: Path, **values: Any) -> None:
     """
     _setup_logging()
     from ..errors import UsageError
-    from ..inputs.plan import diff, listing_digest, load_plan, write_generation
     from ..inputs.readers import ReaderOptions
     from ..inputs.sources import list_inputs
     from ..pipeline.options import make_options
+    from ..storage.plan import diff, listing_digest, load_plan, write_generation
 
     options = make_options(**{k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()})
     if not sources and not options.files_from:
@@ -165,7 +165,7 @@ def _plan_command(sources: list[str] | None, out: Path, **values: Any) -> None:
         typer.echo(f"{out} already holds this plan: {len(existing.units)} shards")
         return
     files_from = options.files_from if options.files_from in (None, "-") else os.path.abspath(options.files_from)
-    from ..pipeline.runner import remove_plan_leftovers
+    from ..storage.maintenance import remove_plan_leftovers
 
     remove_plan_leftovers(out)
     generation = write_generation(out, listing, shard_size, 0, 0, [os.path.abspath(s) for s in sources or []],

@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # resolving a model (config.json, presets) must not import to
     import torch
 
 from ..errors import CheckpointError, UsageError
-from .config import MODEL_TYPES, EncoderConfig, PreprocessConfig
+from ..inputs.preprocess_config import PreprocessConfig
+from .config import MODEL_TYPES, EncoderConfig, check_preprocess_fits, preprocess_for_tower
 from .presets import registry
 
 logger = logging.getLogger(__name__)
@@ -137,12 +138,12 @@ def _read_folder_configs(folder: Path, name: str) -> tuple[EncoderConfig, Prepro
         encoder = EncoderConfig.from_hf_vision_config(vision, name, config.get("model_type"))
     except KeyError as exc:
         raise CheckpointError(f"{config_path}: vision_config lacks {exc.args[0]!r}") from exc
-    preprocess = PreprocessConfig.for_tower(encoder)
+    preprocess = preprocess_for_tower(encoder)
     found = _image_processor_config(folder)
     if found is not None:
         data, where = found
         preprocess = PreprocessConfig.from_hf_preprocessor_config(data, preprocess, where)
-        preprocess.check_fits(encoder, f"{where} vs {config_path}")
+        check_preprocess_fits(preprocess, encoder, f"{where} vs {config_path}")
     return encoder, preprocess
 
 
@@ -233,7 +234,7 @@ def _resolve_single_file(path: Path) -> ModelSource:
     name = path.stem
     if CONFIG_METADATA_KEY in metadata:
         encoder = EncoderConfig.from_dict({**json.loads(metadata[CONFIG_METADATA_KEY]), "name": name})
-        return ModelSource(name, encoder, PreprocessConfig.for_tower(encoder), [path], prefix)
+        return ModelSource(name, encoder, preprocess_for_tower(encoder), [path], prefix)
     if (path.parent / "config.json").is_file():
         encoder, preprocess = _read_folder_configs(path.parent, name)
         return ModelSource(name, encoder, preprocess, [path], prefix)

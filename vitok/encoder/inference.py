@@ -17,6 +17,7 @@ import torch
 
 from ..errors import UsageError
 from ..inputs.preprocess import PreparedImage, normalize_patches
+from ..inputs.preprocess_config import PreprocessConfig
 from .checkpoint import (
     ModelSource,
     WeightsPrefetch,
@@ -27,7 +28,7 @@ from .checkpoint import (
     resolve_model,
     weights_hash,
 )
-from .config import COMPUTE_DTYPES, EncoderConfig, PreprocessConfig
+from .config import COMPUTE_DTYPES, EncoderConfig, check_preprocess_fits
 from .model import EncoderOutput, VisionEncoder, init_random_weights
 
 logger = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ def load_encoder(
         preprocess: override the model's own preprocessing.
     """
     source = model if isinstance(model, ModelSource) else resolve_model(model)
-    (preprocess or source.preprocess).check_fits(source.encoder, f"--model {source.name}")
+    check_preprocess_fits(preprocess or source.preprocess, source.encoder, f"--model {source.name}")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     seconds: dict[str, float] = {}

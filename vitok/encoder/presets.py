@@ -12,7 +12,8 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import UsageError
-from .config import EncoderConfig, PreprocessConfig
+from ..inputs.preprocess_config import PreprocessConfig
+from .config import EncoderConfig
 
 
 @dataclass(frozen=True)

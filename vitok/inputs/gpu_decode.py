@@ -17,10 +17,10 @@ import warnings
 import torch
 from PIL import Image
 
-from ..encoder.config import PreprocessConfig
 from ..errors import ImageError
 from .decode import pillow_limit
 from .preprocess import PreparedImage, Preprocessor, patchify, resize_like_torchvision, target_size
+from .preprocess_config import PreprocessConfig
 
 logger = logging.getLogger(__name__)
 ORIENTATION_TAG = 0x0112

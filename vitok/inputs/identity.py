@@ -10,9 +10,10 @@ Every ok record carries two hashes, and the run header the identity of what turn
                     order (2x2 merge blocks, ``vitok.inputs.preprocess.patchify``), one frame (before the temporal
                     repeat), T, H, W the grid in patches. Equal pixels give an equal id whatever the file's bytes,
                     name or format; a change of resize settings or decoder output gives another.
-    header "identity"
+    header "identity" (written by the run, ``pipeline.job.header_identity``)
         vision_revision  sha256( canonical JSON of the encoder config (the header's settings.model.config) + b"\\n"
-                         + the weights hash (settings.model.weights) ), lowercase hex. The weights hash is vitok's
+                         + the weights hash (settings.model.weights) ), lowercase hex
+                         (``storage.records.vision_revision``). The weights hash is vitok's
                          hash of every tower tensor (``vitok.encoder.checkpoint.weights_hash``: blake2b-128 over the
                          tensors sorted by name, each ``name|dtype|shape`` then its bytes) or ``seeded-random:N``.
         decoder          the libraries that decode and resize (Pillow, libjpeg-turbo, ...) and the decode mode.
@@ -28,8 +29,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from typing import Any
-
-from ..storage.records import Settings, dumps
 
 CONTENT_ID = "vitok-pixels/1: sha256 of 'vitok-pixels/1 grid=T,H,W patch=C,P,P\\n' + uint8 patches (T*H*W,C,P,P)"
 SOURCE_HASH = "sha256 of the input file's bytes"
@@ -53,27 +52,3 @@ def content_id(patches: Any, grid: Sequence[int]) -> str:
     digest = hashlib.sha256(f"vitok-pixels/1 grid={t},{h},{w} patch={c},{p},{q}\n".encode())
     digest.update(memoryview(patches.reshape(-1)) if patches.flags.c_contiguous else patches.tobytes())
     return digest.hexdigest()
-
-
-def _canonical(data: Any) -> bytes:
-    return dumps(data).encode()
-
-
-def vision_revision(config: dict[str, Any], weights: str) -> str:
-    """sha256 of the encoder config and the weights hash (which covers every tower tensor), lowercase hex."""
-    return hashlib.sha256(_canonical(config) + b"\n" + str(weights).encode()).hexdigest()
-
-
-def header_identity(settings: Settings, decoders: dict[str, Any]) -> dict[str, Any]:
-    """The run header's ``identity``: vision revision, decoder identity, and the algorithms of the record hashes."""
-    preprocess = settings.preprocess
-    return {
-        "vision_revision": vision_revision(settings.model.config, settings.model.weights),
-        "decoder": {**decoders, "decode": preprocess.get("decode", "exact"), "backend": preprocess.get("backend"),
-                    "fast_decode": preprocess.get("fast_decode", False)},
-        "content_id": CONTENT_ID,
-        "source_hash": SOURCE_HASH,
-    }
-
-
-

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..encoder.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from ..errors import ImageError
 from .decode import DecodedImage, decode_image, load_any_image
+from .preprocess_config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 
 
 def smart_resize(

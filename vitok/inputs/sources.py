@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..errors import UsageError
-from ..storage import META_FILE as STORE_MARKER
-from ..storage import SHARDS_DIR
+from ..storage.layout import is_store_listing
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +224,19 @@ def remote_folder(url: str, kind: str) -> list[str]:
                   for p in fs.find(path) if kind_of(p) == kind)
 
 
+def is_readable(path: str) -> bool:
+    """The input can be opened now (a URL: it exists on its file system)."""
+    if is_url(path):
+        from .readers.remote import fsspec_module
+
+        try:
+            fs, inner = fsspec_module().core.url_to_fs(path)
+            return bool(fs.exists(inner))
+        except Exception:  # the network or the file system's package: not readable now
+            return False
+    return os.access(path, os.R_OK)
+
+
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -245,8 +257,7 @@ class Stores:
         self.left_out: list[str] = []
 
     def skip(self, dirpath: str, st: os.stat_result, dirnames: Sequence[str], filenames: Sequence[str]) -> bool:
-        store = STORE_MARKER in filenames and (SHARDS_DIR in dirnames or "plan" in dirnames)  # (plan.PLAN_DIR)
-        if store or (st.st_dev, st.st_ino) in self.out:
+        if is_store_listing(filenames, dirnames) or (st.st_dev, st.st_ino) in self.out:
             if dirpath not in self.left_out:
                 self.left_out.append(dirpath)
             return True

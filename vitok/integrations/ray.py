@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageError, UsageError
+from ..storage.layout import SHARDS_DIR, shard_name
 
 IMAGE_COLUMN = "image"
 
@@ -150,17 +151,16 @@ def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", sha
         **options: the same options ``TokenEncoder`` was given (they are the store's settings; give ``dtype``
             explicitly when the actors' device differs from the driver's, since ``auto`` depends on the device).
     """
-    from .. import __version__
     from ..encoder.inference import load_encoder, resolve_dtype
     from ..environment import describe_environment
     from ..inputs.readers import ReaderOptions
     from ..pipeline.job import Job, check_out_folder, make_settings, new_header
     from ..pipeline.parallel import Part
-    from ..storage import META_FILE, create_exclusive, get_format, write_readme
-    from ..storage.records import dumps
+    from ..storage import SidecarStamp, get_format, new_store
+
 
     out = Path(out)
-    if check_out_folder(out) is not None or (out / "shards").exists():
+    if check_out_folder(out) is not None or (out / SHARDS_DIR).exists():
         raise UsageError(f"{out} already holds a store; write_store writes a new one (choose an empty folder)")
     spec = Spec({**options, "shard_size": shard_size})
     opts = spec.options
@@ -170,11 +170,10 @@ def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", sha
               None, [], None, None, None, _device(opts.device), dtype)
     header = new_header(job, make_settings(job, encoder.weights_hash), describe_environment(encoder))
     out.mkdir(parents=True, exist_ok=True)
-    if not create_exclusive(out / META_FILE, dumps(header.to_json())):
+    header, created = new_store(out, header)
+    if not created:
         raise UsageError(f"{out} was started by another writer meanwhile")
-    write_readme(out, header)
-    writer = _ShardWriter(out, get_format(opts.format), spec, {"fingerprint": header.fingerprint, "part": "0/1",
-                                                                "vitok_version": __version__})
+    writer = _ShardWriter(out, get_format(opts.format), spec, SidecarStamp(header.fingerprint, "0/1"))
     batches = dataset.iter_batches(batch_size=None, batch_format="numpy") if hasattr(dataset, "iter_batches") \
         else dataset
     for batch in batches:
@@ -192,8 +191,8 @@ def _device(name: str):
 class _ShardWriter:
     """Rows in, shards of ``shard_size`` rows out, each committed by ``ShardSink`` (temporary file, sidecar)."""
 
-    def __init__(self, out: Path, fmt, spec: Spec, sidecar_fields: dict[str, Any]) -> None:
-        self.out, self.fmt, self.spec, self.sidecar_fields = out, fmt, spec, sidecar_fields
+    def __init__(self, out: Path, fmt, spec: Spec, stamp) -> None:
+        self.out, self.fmt, self.spec, self.stamp = out, fmt, spec, stamp
         self.run = f"ray-{uuid.uuid4().hex[:8]}"
         self.sink, self.rows, self.shards = None, 0, 0
 
@@ -208,7 +207,7 @@ class _ShardWriter:
 
         spec = self.spec
         if self.sink is None:
-            self.sink = ShardSink(self.out, self.fmt, f"shard-{self.shards:06d}", spec.layouts,
+            self.sink = ShardSink(self.out, self.fmt, shard_name(self.shards), spec.layouts,
                                   spec.options.store_dtype, spec.options.compression, self.run)
         key = str(row[key_column])
         error = str(row.get("vitok_error") or "")
@@ -226,7 +225,7 @@ class _ShardWriter:
     def _commit(self) -> None:
         from ..storage.records import UnitInfo
 
-        self.sink.commit(unit=UnitInfo(kind="ray"), **self.sidecar_fields)
+        self.sink.commit(unit=UnitInfo(kind="ray"), **self.stamp.fields())
         self.sink, self.rows, self.shards = None, 0, self.shards + 1
 
     def close(self) -> int:

@@ -16,11 +16,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ..inputs.plan import UnitRef
+from ..storage import SidecarStamp
 from ..storage.claims import Claims
 from ..storage.format import FeatureLayout, ShardFormat
+from ..storage.plan import UnitRef
 from ..storage.records import ImageRecord, Sidecar, UnitInfo
 from .sink import ShardSink
 from .types import EncodedBatch, UnitEnd
@@ -43,16 +43,16 @@ class CommitStats:
 
 class Committer:
     def __init__(self, out: Path, fmt: ShardFormat, layouts: dict[str, FeatureLayout], store_dtype: str,
-                 compression: str | None, claims: Claims, sidecar_fields: dict[str, Any],
+                 compression: str | None, claims: Claims, stamp: SidecarStamp,
                  on_commit: Callable[[Sidecar], None] | None = None) -> None:
         self.out, self.fmt, self.layouts = out, fmt, layouts
         self.store_dtype, self.compression, self.claims = store_dtype, compression, claims
-        self.sidecar_fields, self.on_commit = sidecar_fields, on_commit
+        self.stamp, self.on_commit = stamp, on_commit
         self.stats = CommitStats()
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
         self._sinks: dict[int, ShardSink] = {}  # writer thread only
         self._units: dict[int, UnitRef] = {}
-        self._inputs: dict[int, str | None] = {}  # digest of each unit's planned inputs (vitok.storage.binding)
+        self._inputs: dict[int, str | None] = {}  # digest of each unit's planned inputs (vitok.storage.plan.binding)
         # within-unit duplicates (loop thread): content id -> (first key, skip reason) once its batch was queued;
         # duplicates waiting for their first copy's batch
         self._queued: defaultdict[int, dict[str, tuple[str, str | None]]] = defaultdict(dict)
@@ -184,7 +184,7 @@ class Committer:
         sink = self._sink(unit)
         if info.inputs is None:
             info.inputs = self._inputs.get(unit)
-        sidecar = sink.commit(unit=info, **self.sidecar_fields)
+        sidecar = sink.commit(unit=info, **self.stamp.fields())
         del self._sinks[unit]
         self.claims.release(sink.shard)
         if sidecar is None:

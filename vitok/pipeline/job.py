@@ -15,24 +15,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..encoder.checkpoint import ModelSource, prefetch_weights, resolve_model
-from ..encoder.config import EncoderConfig, PreprocessConfig
+from ..encoder.config import EncoderConfig
 from ..encoder.features import check_features, default_features, token_orders
 from ..errors import InputsChangedError, SettingsMismatchError, StoreError, UsageError
-from ..inputs.changes import changed_inputs
-from ..inputs.plan import Plan, PlanDiff, diff, listing_digest, load_plan
+from ..inputs.identity import CONTENT_ID, SOURCE_HASH
+from ..inputs.preprocess_config import PreprocessConfig
 from ..inputs.readers import ReaderOptions
-from ..inputs.retries import base_and_attempt, retry_units
 from ..inputs.sources import FileListing, Listing, kind_of, list_inputs
 from ..storage import META_FILE, RunHeader, iter_sidecars, read_header
-from ..storage.binding import Bindings
 from ..storage.format import FeatureLayout
-from ..storage.records import ModelSettings, Settings
-from ..storage.shards import SHARDS_DIR, check_shard, read_sidecar, sidecar_path
+from ..storage.layout import SHARDS_DIR, STORE_ENTRIES
+from ..storage.plan import Plan, PlanDiff, diff, listing_digest, load_plan
+from ..storage.plan.binding import Bindings
+from ..storage.plan.changes import changed_inputs
+from ..storage.plan.retries import base_and_attempt, retry_units
+from ..storage.records import ModelSettings, Settings, vision_revision
+from ..storage.shards import check_shard, read_sidecar, sidecar_path
+from ..version import __version__
 from .options import ExtractOptions
 from .parallel import Part, detect_part
-from .run_stats import STATS_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ def check_out_folder(out: Path, overwrite: bool = False) -> RunHeader | None:
                 return None
             raise
     foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")
-               and p.name not in ("plan", SHARDS_DIR, "README.txt", STATS_DIR)]
+               and p.name not in STORE_ENTRIES]
     if foreign:
         raise UsageError(f"-o {out} is a non-empty folder that is not a vitok store (it holds {foreign[0]}); choose "
                          "an empty or new folder")
@@ -385,7 +387,7 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
     superseded = plan.superseded()  # archives planned again by --update, or removed: never read
     mine = [u for u in plan.units if job.part.owns(u.index) and u.name not in superseded]
     todo = [u for u in mine if u.name not in done]
-    retries = retry_units(job, plan, done)
+    retries = retry_units(plan, done)
     work = Work(mine, todo + retries, damaged=damaged, bindings=bindings)
     work.done_shards = sum(u.name in done for u in mine)
     work.done_images = sum(s.count("ok") + s.count("skipped") for s in done.values())
@@ -395,9 +397,25 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
     return work
 
 
-def new_header(job: Job, settings: dict[str, Any], environment: dict[str, Any]) -> RunHeader:
-    return RunHeader(settings, __version__, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), environment,
-                     options=job.options.to_store())
+def new_header(job: Job, settings: Settings, environment: dict[str, Any]) -> RunHeader:
+    """The header of a new store: its settings, the environment that wrote it and the identity of what made its
+    tokens."""
+    header = RunHeader(settings, __version__, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), environment,
+                       options=job.options.to_store())
+    header.identity = header_identity(settings, environment.get("decoders", {}))
+    return header
+
+
+def header_identity(settings: Settings, decoders: dict[str, Any]) -> dict[str, Any]:
+    """The run header's ``identity``: vision revision, decoder identity, and the algorithms of the record hashes."""
+    preprocess = settings.preprocess
+    return {
+        "vision_revision": vision_revision(settings.model.config, settings.model.weights),
+        "decoder": {**decoders, "decode": preprocess.get("decode", "exact"), "backend": preprocess.get("backend"),
+                    "fast_decode": preprocess.get("fast_decode", False)},
+        "content_id": CONTENT_ID,
+        "source_hash": SOURCE_HASH,
+    }
 
 
 def options_from_settings(stored: Settings) -> dict[str, Any]:

@@ -31,9 +31,9 @@ import torch
 
 from ..errors import ImageError, InputUnavailableError, WorkersDiedError
 from ..inputs.identity import content_id, source_sha256
-from ..inputs.plan import UnitRef
 from ..inputs.preprocess import Preprocessor
 from ..inputs.readers import ReaderOptions, Sample, UnitReadError, get_reader
+from ..storage.plan import UnitRef
 from ..storage.records import ImageRecord
 from .types import Chunk, Item
 

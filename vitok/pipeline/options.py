@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from ..encoder.config import ATTENTION_KERNELS, COMPUTE_DTYPES, DECODERS, RESIZE_BACKENDS, TOKEN_ORDERS
+from ..encoder.config import ATTENTION_KERNELS, COMPUTE_DTYPES, TOKEN_ORDERS
 from ..errors import UsageError
-from ..inputs.changes import MODES as CHANGE_MODES
+from ..inputs.preprocess_config import DECODERS, RESIZE_BACKENDS
 from ..inputs.sources import INPUT_FORMATS
 from ..storage.dtypes import STORE_DTYPES
 from ..storage.hdf5 import COMPRESSIONS
+from ..storage.plan.changes import MODES as CHANGE_MODES
 from ..storage.shards import FORMATS
 from .pool import POOLS
 

@@ -27,10 +27,10 @@ from typing import Any
 
 from ..errors import StoreError
 from ..storage.files import atomic_write_bytes
+from ..storage.layout import STATS_DIR  # OUT/stats/<run>.json: one file per run (vitok info shows the latest)
 
 STARTUP_PHASES = ("imports", "torch_import", "plan", "weights_read", "weights_on_device", "workers_ready", "warm_up",
                   "first_batch_ready", "first_batch_done")  # in the order they happen; the last two are moments
-STATS_DIR = "stats"  # OUT/stats/<run>.json: one file per run (vitok info shows the latest)
 STARTUP_BOUND = 0.5  # start-up over this share of the run: the verdict is about start-up
 BUSY = 0.85  # a stage this busy is saturated
 

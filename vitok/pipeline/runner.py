@@ -1,6 +1,6 @@
 """``vitok.extract``: wire the stages together.
 
-    plan (inputs.plan) -> decode workers (loader) -> batcher -> device pipeline (device, pooling included)
+    plan (storage.plan) -> decode workers (loader) -> batcher -> device pipeline (device, pooling included)
     -> committer thread (committer: shard sinks, commits) -> store (vitok.storage)
 
 What to do is decided first, without writing anything (``job``); this module only starts the stages, runs the loop
@@ -21,16 +21,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
 from ..environment import describe_environment
-from ..errors import Interrupted, SettingsMismatchError, StoreError
-from ..inputs.identity import header_identity
-from ..inputs.plan import Plan, load_plan, write_generation, write_update
-from ..inputs.retries import base_and_attempt
-from ..storage import META_FILE, RunHeader, create_exclusive, get_format, read_header, write_readme
+from ..errors import Interrupted, SettingsMismatchError
+from ..storage import RunHeader, SidecarStamp, get_format, new_store
 from ..storage.claims import Claims
 from ..storage.files import raise_store_error
-from ..storage.records import Settings, UnitInfo, dumps
+from ..storage.maintenance import remove_damaged, remove_plan_leftovers, wipe_store
+from ..storage.plan import Plan, load_plan, write_generation, write_update
+from ..storage.plan.retries import base_and_attempt
+from ..storage.records import Settings, UnitInfo
 from ..storage.shards import remove_temps
 from .batcher import Batcher
 from .committer import CommitStats, Committer
@@ -230,16 +229,11 @@ class Run:
             raise_store_error(exc, job.out)
         environment = describe_environment(encoder)
         header = new_header(job, settings, environment)
-        header.identity = header_identity(settings, environment.get("decoders", {}))
-        if not create_exclusive(job.out / META_FILE, dumps(header.to_json())):
-            stored = read_header(job.out)
-            if stored.fingerprint != header.fingerprint:
-                raise SettingsMismatchError(f"another process started {job.out} with other settings at the same "
-                                            "moment; use the same settings in every process")
-            header = stored
-        if not (job.out / "README.txt").exists():
-            write_readme(job.out, header)
-        return header
+        stored, created = new_store(job.out, header)
+        if not created and stored.fingerprint != header.fingerprint:
+            raise SettingsMismatchError(f"another process started {job.out} with other settings at the same "
+                                        "moment; use the same settings in every process")
+        return stored
 
     def _write_plan(self, plan: Plan | None) -> Plan:
         job = self.job
@@ -287,8 +281,7 @@ class Run:
         for store in opts.reuse or ():
             donors.add_reuse(Path(store))
         committer = Committer(job.out, fmt, job.layouts, opts.store_dtype, opts.compression, claims,
-                              {"fingerprint": header.fingerprint, "part": job.part.label,
-                               "vitok_version": __version__},
+                              SidecarStamp(header.fingerprint, job.part.label),
                               on_commit=lambda sidecar: donors.add_sidecar(job.out, sidecar)).start()
         for unit in units:
             committer.begin(unit, work.bindings.digest(unit.unit) if work.bindings else None)
@@ -437,66 +430,3 @@ def unit_record(unit, chunk) -> UnitInfo:
         info.error, info.failed = chunk.unit_error, chunk.unit_failed
         logger.warning("shard %s: %s", unit.name, chunk.unit_error)
     return info
-
-
-def remove_damaged(out: Path, shard: str) -> None:
-    """Drop a committed shard whose data is damaged (called while holding its claim): sidecar first, then data."""
-    from ..storage.files import remove
-    from ..storage.shards import read_sidecar, shards_dir, sidecar_path
-
-    path = sidecar_path(out, shard)
-    try:
-        data = read_sidecar(path).data
-    except Exception:  # a damaged sidecar: its data name is the shard's own
-        data = None
-    remove(path)
-    if data:
-        remove(shards_dir(out) / data)
-
-
-def remove_plan_leftovers(out: Path) -> None:
-    """Before a plan write: delete the temporary files of plan writes that were killed (untouched for STALE_AFTER;
-    a plan of millions of inputs leaves tens of MB)."""
-    from ..inputs.plan import plan_dir
-    from ..storage.claims import STALE_AFTER
-    from ..storage.files import remove_leftover_temps
-
-    removed = remove_leftover_temps(plan_dir(out), STALE_AFTER)
-    if removed:
-        logger.info("removed %d temporary plan file(s) left by interrupted runs", removed)
-
-
-WIPE_ORDER = ("shards", ".index", "stats", ".claims", "README.txt", "plan.jsonl", "plan", META_FILE)
-
-
-def wipe_store(out: Path) -> None:
-    """--overwrite: remove what vitok wrote in OUT (and nothing else). Shards go first and the header and plan
-    last, so a wipe killed midway leaves a store that still names its own shards; anything that cannot be removed
-    stops the run (a shard left behind must never be taken for one of the new run's)."""
-    for name in WIPE_ORDER:
-        path = out / name
-        failures = _remove_tree(path)
-        if failures or path.exists() or path.is_symlink():
-            where, exc = failures[0] if failures else (str(path), None)
-            why = f" ({exc.strerror or exc})" if exc is not None else ""
-            raise StoreError(f"--overwrite could not remove {where}{why}; nothing new was written: make it removable "
-                             f"(permissions, 'chattr -i') or delete {out} yourself, then rerun")
-
-
-def _remove_tree(path: Path) -> list[tuple[str, OSError]]:
-    """Delete a file or folder tree; what could not be deleted (a file already gone is not a failure)."""
-    import shutil
-    import sys
-
-    failures: list[tuple[str, OSError]] = []
-    try:
-        if path.is_dir() and not path.is_symlink():
-            if sys.version_info >= (3, 12):
-                shutil.rmtree(path, onexc=lambda _f, p, exc: failures.append((p, exc)))
-            else:
-                shutil.rmtree(path, onerror=lambda _f, p, info: failures.append((p, info[1])))
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-    except OSError as exc:
-        failures.append((str(path), exc))
-    return [(p, exc) for p, exc in failures if not isinstance(exc, FileNotFoundError)]

@@ -3,7 +3,7 @@
     OUT/README.txt              this layout, in words, for someone who finds the folder without vitok
     OUT/vitok.json              run header (``RunHeader``): vitok version, model, weights hash, resolved settings
                                 and their fingerprint, library versions (decoders included)
-    OUT/plan/0000.jsonl         the plan: what goes into which shard (``inputs.plan``); 0001.jsonl... after --update
+    OUT/plan/0000.jsonl         the plan: what goes into which shard (``storage.plan``); 0001.jsonl... after --update
     OUT/shards/<shard>.h5       token data of one shard (or <shard>/ holding .npy files, or <shard>.tar)
     OUT/shards/<shard>.json     the shard's sidecar (``Sidecar``): per-image records, file sizes and checksums,
                                 the settings fingerprint, the digest of its plan unit's inputs (``binding.py``). Its
@@ -20,21 +20,22 @@ torch.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import NotAStoreError, StoreError
+from ..version import __version__
 from .files import atomic_write_text, create_exclusive
 from .format import FeatureLayout, ShardFormat
-from .records import SCHEMA_VERSION, ImageRecord, RunHeader, Sidecar
-from .shards import FORMATS, SHARDS_DIR, check_shard, commit, get_format, iter_sidecars, register_format
-
-META_FILE = "vitok.json"
-README_FILE = "README.txt"
+from .layout import META_FILE, README_FILE, SHARDS_DIR
+from .records import SCHEMA_VERSION, ImageRecord, RunHeader, Sidecar, dumps
+from .shards import FORMATS, check_shard, commit, get_format, iter_sidecars, register_format
 
 __all__ = [
     "FORMATS", "META_FILE", "README_FILE", "SCHEMA_VERSION", "SHARDS_DIR", "FeatureLayout", "ImageRecord",
-    "RunHeader", "ShardFormat", "Sidecar", "atomic_write_text", "check_shard", "commit", "create_exclusive",
-    "get_format", "iter_sidecars", "read_header", "register_format", "store_readme", "write_readme",
+    "RunHeader", "ShardFormat", "Sidecar", "SidecarStamp", "atomic_write_text", "check_shard", "commit",
+    "create_exclusive", "get_format", "iter_sidecars", "new_store", "read_header", "register_format", "store_readme",
+    "write_readme",
 ]
 
 
@@ -55,6 +56,32 @@ def read_header(out: str | Path) -> RunHeader:
         raise StoreError(f"{damage}; the shards and the plan are intact: restore {META_FILE} from a copy, or delete "
                          f"it and rerun the extract that made the store with the same options (its shards are checked "
                          f"against them), or rerun with --overwrite to start over") from None
+
+
+@dataclass(frozen=True)
+class SidecarStamp:
+    """What every sidecar a process commits says of who wrote it: the store's settings fingerprint, the process's
+    part of the work and vitok's version."""
+
+    fingerprint: str
+    part: str
+    vitok_version: str = __version__
+
+    def fields(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def new_store(out: str | Path, header: RunHeader) -> tuple[RunHeader, bool]:
+    """Start the store in ``out`` (which exists) with ``header``: created exclusively, so that of many processes
+    starting one store at once exactly one writes it, and the README beside it. Returns the header in force and
+    whether this call created it (if not, the caller compares it with its own)."""
+    root = Path(out)
+    created = create_exclusive(root / META_FILE, dumps(header.to_json()))
+    if not created:
+        header = read_header(root)
+    if not (root / README_FILE).exists():
+        write_readme(root, header)
+    return header, created
 
 
 def store_readme(header: RunHeader) -> str:

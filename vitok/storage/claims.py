@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import create_exclusive, remove
+from .layout import CLAIMS_DIR
 
 logger = logging.getLogger(__name__)
 
-CLAIMS_DIR = ".claims"
 HEARTBEAT_SECONDS = 30.0
 FRESH_SECONDS = 3 * HEARTBEAT_SECONDS  # a heartbeat younger than this proves its run alive, whatever its pid says
 STALE_AFTER = 600.0

@@ -37,10 +37,10 @@ import numpy as np
 from ..atomic import AtomicFile
 from .files import atomic_write_text, remove
 from .format import ShardDataReader, ShardFormat, row_offsets
+from .layout import INDEX_DIR, PLAN_DIR, SHARDS_DIR
 
 logger = logging.getLogger(__name__)
 
-INDEX_DIR = ".index"
 CATALOG = "catalog.json"
 VERSION = 1
 
@@ -57,7 +57,7 @@ def sources_digest(root: Path) -> str:
     """What the index is derived from: the name, size and mtime of every sidecar, shard data file (its byte offsets
     are in the index) and plan file."""
     digest = hashlib.blake2b(digest_size=12)
-    for folder in (Path(root) / "shards", Path(root) / "plan"):
+    for folder in (Path(root) / SHARDS_DIR, Path(root) / PLAN_DIR):
         try:
             entries = sorted((e.name, e.stat()) for e in os.scandir(folder) if not e.name.startswith("."))
         except FileNotFoundError:

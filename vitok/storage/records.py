@@ -28,6 +28,12 @@ def fingerprint(settings: dict[str, Any]) -> str:
     return "blake2b:" + hashlib.blake2b(dumps(settings).encode(), digest_size=12).hexdigest()
 
 
+def vision_revision(config: dict[str, Any], weights: str) -> str:
+    """sha256 of the encoder config (canonical JSON) and the weights hash (which covers every tower tensor),
+    lowercase hex: the identity of what turns pixels into tokens (``vitok.inputs.identity``)."""
+    return hashlib.sha256(dumps(config).encode() + b"\n" + str(weights).encode()).hexdigest()
+
+
 def _compact(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
@@ -188,7 +194,7 @@ class UnitInfo:
     sha256: str | None = None  # archives planned with --detect-changes hash
     error: str | None = None  # why the rest of the unit could not be read
     failed: bool | None = None  # ... because it was unavailable (retried by a later run) rather than damaged
-    inputs: str | None = None  # digest of the planned unit's inputs (vitok.storage.binding); None: older sidecars
+    inputs: str | None = None  # digest of the planned unit's inputs (vitok.storage.plan.binding); None: older sidecars
 
     def to_json(self) -> dict[str, Any]:
         return _compact(dataclasses.asdict(self))

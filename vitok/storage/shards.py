@@ -25,12 +25,12 @@ from ..errors import StoreError
 from .files import atomic_write_text, checksum, fsync_dir, remove
 from .format import ShardFormat
 from .hdf5 import Hdf5Format
+from .layout import SHARDS_DIR
 from .npy import NpyFormat
 from .records import FileSum, Sidecar, dumps
 
 logger = logging.getLogger(__name__)
 
-SHARDS_DIR = "shards"
 FORMATS: dict[str, type[ShardFormat]] = {"hdf5": Hdf5Format, "npy": NpyFormat}
 
 

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
-from ..inputs.plan import load_plan
-from ..inputs.retries import sidecar_attempt
 from . import RunHeader, read_header
 from .dtypes import from_store_array
 from .format import ShardDataReader, row_offsets
+from .plan import load_plan
+from .plan.retries import sidecar_attempt
 from .records import ImageRecord, Sidecar
 from .shards import get_format, iter_sidecars, shards_dir
 

@@ -8,12 +8,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..inputs.plan import PLAN_DIR, load_plan
-from ..inputs.retries import sidecar_attempt
 from . import read_header
-from .binding import Bindings
 from .claims import Claims
 from .files import leftover_temps
+from .layout import PLAN_DIR
+from .plan import load_plan
+from .plan.binding import Bindings
+from .plan.retries import sidecar_attempt
 from .shards import check_shard, iter_sidecars, repair_hint, temp_files
 from .store import attempt_order, current_records
 
@@ -60,7 +61,7 @@ class VerifyReport:
 
 def verify_store(out: str | Path, quick: bool = False, sources: str | None = None) -> VerifyReport:
     """Check every committed shard (checksums too, unless ``quick``) and the plan; nothing is modified.
-    ``sources`` (a :mod:`vitok.inputs.changes` mode, ``mtime`` or ``hash``): also compare every record with its
+    ``sources`` (a :mod:`vitok.storage.plan.changes` mode, ``mtime`` or ``hash``): also compare every record with its
     input as it is now, and list the stale ones."""
     root = Path(out)
     header = read_header(root)
@@ -138,7 +139,7 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
     else:
         report.shards_done = len(done)
     if sources is not None and plan is not None:
-        from ..inputs.changes import changed_inputs
+        from .plan.changes import changed_inputs
 
         report.stale = [f"{c.input}: {c.reason} ({c.path})" for c in changed_inputs(root, plan, sources)]
     report.unfinished = unfinished_reasons(report, sorted(k for k, v in counted.items() if v == "failed"),

@@ -17,8 +17,8 @@ import hashlib
 import json
 from typing import Any
 
-from ..inputs.plan import UnitRef
-from .records import Sidecar
+from ..records import Sidecar
+from .model import UnitRef
 
 ARCHIVE_IDENTITY = ("path", "row_group", "bytes", "mtime_ns")  # what names an archive unit's inputs
 

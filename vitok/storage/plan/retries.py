@@ -9,14 +9,12 @@ A retry's sidecar names its unit and attempt; plans written before unit names we
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import replace
-from typing import Any
 
-from ..storage.records import Sidecar
-from .plan import SUFFIX, Plan, UnitRef
-from .sources import is_url
+from ...inputs.sources import is_readable
+from ..records import Sidecar
+from .model import SUFFIX, Plan, UnitRef
 
 RETRY = re.compile(r"^(?P<base>.+)~r(?P<k>\d+)$")
 LEGACY_RETRY = re.compile(r"^(?P<base>.+)\.retry(?P<k>\d+)$")
@@ -37,19 +35,7 @@ def sidecar_attempt(sidecar: Sidecar) -> tuple[str, int]:
     return base_and_attempt(sidecar.shard, legacy=True)
 
 
-def _readable(path: str) -> bool:
-    if is_url(path):
-        from .readers.remote import fsspec_module
-
-        try:
-            fs, inner = fsspec_module().core.url_to_fs(path)
-            return bool(fs.exists(inner))
-        except Exception:  # the network or the file system's package: not readable now
-            return False
-    return os.access(path, os.R_OK)
-
-
-def retry_units(job: Any, plan: Plan, done: dict[str, Sidecar]) -> list[UnitRef]:
+def retry_units(plan: Plan, done: dict[str, Sidecar]) -> list[UnitRef]:
     """Retry units for this part's committed shards whose last attempt has failed inputs readable now."""
     latest: dict[str, tuple[int, Sidecar]] = {}
     for sidecar in done.values():
@@ -69,13 +55,13 @@ def retry_units(job: Any, plan: Plan, done: dict[str, Sidecar]) -> list[UnitRef]
         retry = {"index": next_index, "name": name, "attempt": attempt + 1, "base": base}
         if origin.kind != "files":
             description = origin.read()
-            if sidecar.unit.failed and _readable(description["path"]):
+            if sidecar.unit.failed and is_readable(description["path"]):
                 units.append(replace(origin, inline=dict(description), **retry))
                 next_index += 1
             continue
         items = tuple((r.key, r.source) for r in sorted(sidecar.records, key=lambda r: r.key)
                       if r.status == "failed" and current.is_current(r.key, origin.generation)
-                      and _readable(r.source))
+                      and is_readable(r.source))
         if items:
             units.append(replace(origin, count=len(items), expected=len(items), inline=items, **retry))
             next_index += 1

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..storage.shards import shards_dir
-from .plan import Plan, current_archives
-from .sources import is_url
+from ...inputs.sources import is_url
+from ..shards import shards_dir
+from .diff import current_archives
+from .model import Plan
 
 MODES = ("mtime", "hash", "off")  # "off" last: verify --sources offers the two that compare
 STAT_THREADS = 16  # stats of a network file system overlap

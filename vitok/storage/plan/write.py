@@ -1,0 +1,197 @@
+"""Writing the plan: a listing's content lines, content-addressed, and each generation's header created exclusively.
+
+``listing_digest`` is what a rerun compares: equal digest, same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...atomic import AtomicFile
+from ...errors import InputsChangedError
+from ...inputs.archives import describe_archives
+from ...inputs.sources import ArchiveListing, FileListing, Listing
+from ..files import atomic_write_text, create_exclusive
+from .changes import archive_hashes
+from .diff import PlanDiff
+from .model import NAMES, PLAN_SCHEMA, SUFFIX, Generation, Plan, PlanHeader, plan_dir, unit_name
+
+# ---- digests: what a rerun compares ------------------------------------------------------------------------------
+
+
+def listing_digest(listing: Listing) -> str:
+    """Identity of a listing: its roots and content lines (loose files) or its archive paths; equal digest = same
+    inputs. A plan's first generation records it while writing, from the same bytes."""
+    digest = _listing_hasher(listing)
+    if isinstance(listing, FileListing):
+        for data, _ in file_chunks(listing, 100_000):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def _listing_hasher(listing: Listing):
+    digest = hashlib.blake2b(digest_size=16)
+    if isinstance(listing, FileListing):
+        digest.update(json.dumps([[r.dir, r.prefix] for r in listing.roots]).encode("ascii"))
+    else:
+        for path in listing.paths:
+            digest.update(f"{path}\n".encode("utf-8", "surrogateescape"))
+    return digest
+
+
+def _encode_keys(keys: list[str]) -> bytes:
+    """Content lines of single-root keys: JSON strings, in one join when no key needs escaping (the usual case)."""
+    joined = "".join(keys)
+    if joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined:
+        return ('"' + '"\n"'.join(keys) + '"\n').encode("ascii") if keys else b""
+    return "".join(json.dumps(key) + "\n" for key in keys).encode("ascii")
+
+
+def file_chunks(listing: FileListing, size: int, items: Iterable[tuple[str, int]] | None = None
+                ) -> Iterator[tuple[bytes, int]]:
+    """The content lines of ``size`` images at a time (one unit each): (bytes, images)."""
+    if items is None and len(listing.roots) == 1:
+        keys = listing.keys[0]
+        for start in range(0, len(keys), size):
+            chunk = keys[start : start + size]
+            yield _encode_keys(chunk), len(chunk)
+        return
+    multi = len(listing.roots) > 1
+    batch: list[tuple[str, int]] = []
+    for item in (items if items is not None else listing.items()):
+        batch.append(item)
+        if len(batch) == size:
+            yield _encode_items(batch, multi), size
+            batch = []
+    if batch:
+        yield _encode_items(batch, multi), len(batch)
+
+
+def _encode_items(items: list[tuple[str, int]], multi_root: bool) -> bytes:
+    if not multi_root:
+        return _encode_keys([key for key, _ in items])
+    return "".join(json.dumps([root, key]) + "\n" for key, root in items).encode("ascii")
+
+
+# ---- writing a generation ----------------------------------------------------------------------------------------
+
+
+def _write_content(folder: Path, generation: int, chunks: Iterable[tuple[bytes, int, int]],
+                   also=None) -> tuple[str, str, int, str]:
+    """Stream unit chunks (content lines, lines, expected images) into a content-addressed file and its unit index
+    (byte offset, lines, expected images); ``also`` is another hasher fed the same bytes. Returns
+    (content file, index file, lines, digest)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.blake2b(digest_size=16)
+    index: list[tuple[int, int, int]] = []
+    count = position = 0
+    with AtomicFile(folder, f"{generation:04d}", buffering=1 << 20) as content:
+        handle = content.handle
+        for data, lines, expected in chunks:
+            index.append((position, lines, expected))
+            handle.write(data)
+            digest.update(data)
+            if also is not None:
+                also.update(data)
+            position += len(data)
+            count += lines
+        name = f"{generation:04d}-{digest.hexdigest()[:12]}"
+        content.path = folder / f"{name}.jsonl"
+    with AtomicFile(folder, name, folder / f"{name}.units.npy") as unit_index:
+        np.save(unit_index.handle, np.array(index, dtype=np.int64).reshape(-1, 3))
+    return f"{name}.jsonl", f"{name}.units.npy", count, digest.hexdigest()
+
+
+def write_generation(out: Path, listing: Listing, shard_size: int, generation: int, first_unit: int,
+                     sources: list[str], reason: str, listing_digest_: str | None = None,
+                     reader_options: dict | None = None, items: list | None = None,
+                     removed: list[str] | None = None, detect_changes: str = "mtime",
+                     files_from: str | None = None, list_cwd: str | None = None) -> Generation:
+    """Write one generation (all of ``listing``, or only ``items`` of it for an update) and commit its header.
+    ``listing_digest_`` of the whole listing is computed while writing when not given."""
+    folder = plan_dir(out)
+    header: dict[str, Any] = {
+        "vitok_plan": PLAN_SCHEMA, "generation": generation, "reader": "files" if isinstance(listing, FileListing)
+        else listing.kind, "reason": reason, "sources": sources, "shard_size": shard_size,
+        "first_unit": first_unit, "listing_digest": listing_digest_, "reader_options": reader_options or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files_from": files_from,
+        "list_cwd": list_cwd if files_from else None,
+    }
+    if generation == 0:
+        header["names"] = NAMES
+    if listing.errors:  # folders that could not be listed: the next run lists them again
+        header["listing_errors"] = [list(e) for e in listing.errors]
+    whole = _listing_hasher(listing) if listing_digest_ is None and items is None else None
+    if isinstance(listing, FileListing):
+        chunks = ((data, lines, lines) for data, lines in file_chunks(listing, shard_size, items))
+        content, index, lines, digest = _write_content(folder, generation, chunks, also=whole)
+        header |= {"roots": [[r.dir, r.prefix] for r in listing.roots], "num_items": lines,
+                   "num_units": (lines + shard_size - 1) // shard_size}
+    else:
+        units = items if items is not None else archive_units(listing)
+        if detect_changes == "hash":
+            archive_hashes(units)
+        chunks = (((json.dumps(u, sort_keys=True) + "\n").encode("ascii"), 1, u.get("expected", -1))
+                  for u in units)
+        content, index, lines, digest = _write_content(folder, generation, chunks)
+        header |= {"num_units": len(units), "unit_names": [u["name"] for u in units],
+                   "num_items": sum(max(0, u.get("expected", 0)) for u in units)}
+    if listing_digest_ is None:
+        listing_digest_ = whole.hexdigest() if whole is not None else listing_digest(listing)
+    header["listing_digest"] = listing_digest_
+    header |= {"content": content, "index": index, "digest": digest}
+    if removed:
+        removed_name = content.replace(".jsonl", ".removed.json")
+        atomic_write_text(folder / removed_name, json.dumps(removed))
+        header["removed"] = removed_name
+    path = folder / f"{generation:04d}.json"
+    if not create_exclusive(path, json.dumps(PlanHeader.from_json(header).to_json(), indent=1, sort_keys=True)):
+        existing = json.loads(path.read_text())
+        if existing.get("listing_digest") != listing_digest_ or existing.get("digest") != digest:
+            raise InputsChangedError(
+                f"another process planned {out} at the same moment from other inputs ({path.name}); use the same "
+                "sources in every process, or plan once with 'vitok plan'")
+        header = existing
+    return Generation(PlanHeader.from_json(header), folder)
+
+
+def write_update(out: Path, plan: Plan, listing: Listing, changes: PlanDiff, sources: list[str],
+                 listing_digest_: str | None, reader_options: dict, detect_changes: str = "mtime",
+                 files_from: str | None = None, list_cwd: str | None = None) -> Generation:
+    """--update: a generation holding the inputs added or changed since ``plan``, in new units after the existing
+    ones, and the inputs removed. An archive planned before gets a new unit name, so its finished shard stays."""
+    number = plan.generations[-1].number + 1
+    added = changes.added
+    if plan.kind != "files":
+        fresh = archive_units(ArchiveListing(plan.kind, [*added, *changes.changed]),
+                              legacy=plan.legacy_names)
+        taken = {u.name for u in plan.units}
+        added = [u if u["name"] not in taken else {**u, "name": f"{u['name']}{SUFFIX}g{number}"} for u in fresh]
+    elif changes.changed:  # changed files: planned again (with the listing's root) beside the added ones
+        changed = set(changes.changed)
+        added = sorted([*added, *((key, root) for key, root in listing.items() if key in changed)])
+    return write_generation(out, listing, plan.shard_size, number, len(plan.units), sources, "update",
+                            listing_digest_, reader_options, items=added, removed=list(changes.removed),
+                            detect_changes=detect_changes, files_from=files_from, list_cwd=list_cwd)
+
+
+def archive_units(listing: ArchiveListing, legacy: bool = False) -> list[dict[str, Any]]:
+    """One unit per tar, or per parquet row group (described by ``inputs.archives``), named after the archive's
+    escaped stem; a parquet file of several row groups gets ``~rgNNNNN`` units. ``legacy``: names as plans written
+    before escaping had them (an update of such a plan)."""
+    row_group = "-rg" if legacy else f"{SUFFIX}rg"
+    units = []
+    for archive in describe_archives(listing.kind, listing.paths):
+        name = archive.stem if legacy else unit_name(archive.stem)
+        if len(archive.parts) == 1:
+            units.append({**archive.parts[0], "name": name})
+        else:
+            units += [{**part, "name": f"{name}{row_group}{part['row_group']:05d}"} for part in archive.parts]
+    return units
