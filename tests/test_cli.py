@@ -45,7 +45,7 @@ def test_help_is_grouped_in_panels_and_shows_choices():
 
 
 @pytest.mark.parametrize("command, record, only", [
-    ("plan", "vitok.pipeline.options:ExtractOptions", "PLAN_OPTIONS"),
+    ("plan", "vitok.run.options:ExtractOptions", "PLAN_OPTIONS"),
     ("export", "vitok.consumers.export:ExportOptions", None),
 ])
 def test_plan_and_export_flags_come_from_the_options_records(command, record, only):
@@ -54,7 +54,7 @@ def test_plan_and_export_flags_come_from_the_options_records(command, record, on
     import importlib
 
     from vitok.cli import run
-    from vitok.pipeline.options import flag_of
+    from vitok.run.options import flag_of
 
     module, name = record.split(":")
     fields = dataclasses.fields(getattr(importlib.import_module(module), name))

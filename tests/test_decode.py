@@ -100,7 +100,7 @@ def test_sixteen_bit_is_scaled_not_clipped():
 def test_integer_and_float_images_match_the_reference_where_it_keeps_the_picture(tmp_path):
     """Mode I holding 8-bit values and mode F beyond [0, 1] give the reference's pixels (transformers'
     convert_to_rgb, i.e. Pillow's convert: clipped, floats truncated); where the reference loses the picture (I with
-    16-bit values, F normalised to [0, 1]) vitok scales (README: deliberate differences)."""
+    16-bit values, F normalised to [0, 1]) vitok scales (docs/models.md: deliberate differences)."""
     from transformers.image_transforms import convert_to_rgb
 
     rng = np.random.default_rng(0)

@@ -207,7 +207,7 @@ def test_cli_reuse_is_repeatable_and_json_counts_duplicates(tmp_path):
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert {k: summary[k] for k in COUNTS} == {"ok": 5, "images_encoded": 1, "batches_encoded": 1, "duplicates": 0,
                                                "reused": 4}
-    from vitok.pipeline.options import ExtractOptions
+    from vitok.run.options import ExtractOptions
 
     assert ExtractOptions(reuse=(str(a), str(b))).to_argv() == ["--reuse", str(a), "--reuse", str(b)]
 

@@ -42,7 +42,7 @@ def test_cuda_parity_with_reference(dtype, tolerance, attention):
 
 def test_device_selection():
     from vitok.encoder.inference import resolve_device, resolve_dtype
-    from vitok.pipeline.parallel import Part, device_for
+    from vitok.run.parallel import Part, device_for
 
     assert resolve_device("auto").type == "cuda"
     assert resolve_device("cuda:0") == torch.device("cuda:0")
@@ -217,7 +217,7 @@ def test_run_stats_read_the_device_time_from_events_without_waiting_for_them(tmp
     from PIL import Image
 
     import vitok
-    from vitok.pipeline.run_stats import StageMeter
+    from vitok.run.run_stats import StageMeter
 
     meter = StageMeter(torch.device("cuda"), workers=2)
     start = meter.events()

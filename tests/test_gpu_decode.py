@@ -105,7 +105,7 @@ def test_a_run_with_device_decoding_keeps_every_image_in_order(tmp_path, monkeyp
     """The whole route on the CPU (the device check lifted): routed JPEGs cross the loader without patches and
     are decoded in the device stage; the others arrive decoded; a broken JPEG is skipped with its reason."""
     import vitok
-    from vitok.pipeline import job
+    from vitok.run import job
 
     monkeypatch.setattr(job, "check_decode", lambda decode, device: None)
     folder = tmp_path / "in"

@@ -1,4 +1,5 @@
-"""A store that never lies: each class of the ways users break things, tried as they do it."""
+"""A store that never lies: each class of the ways users break things, tried as they do it (docs/guarantees.md
+says what each one promises, in the same order)."""
 
 from __future__ import annotations
 
@@ -399,8 +400,8 @@ def test_progress_goes_to_stderr_even_on_a_terminal(tmp_path):
 
 
 def test_gpus_summaries_merge_into_the_single_process_shape_and_signals_fail():
-    from vitok.pipeline.gpus import exit_code_of, merge_summaries
-    from vitok.pipeline.runner import ExtractSummary
+    from vitok.run.gpus import exit_code_of, merge_summaries
+    from vitok.run.summary import ExtractSummary
 
     def summary(part, ok):
         return ExtractSummary("o", part, 4, ok, 1, 0, 0, 2, 0, 0, 1, 2.0, 1.0, 10, 100, 0.1, 0.2, 0.0).to_dict()
@@ -422,9 +423,9 @@ def test_gpus_split_this_process_part_between_its_gpus(monkeypatch, tmp_path, gi
     nodes each running --gpus all would otherwise have every node claim everything)."""
     import subprocess
 
-    from vitok.pipeline import gpus
-    from vitok.pipeline.options import ExtractOptions
-    from vitok.pipeline.parallel import Part, detect_part
+    from vitok.run import gpus
+    from vitok.run.options import ExtractOptions
+    from vitok.run.parallel import Part, detect_part
 
     for name in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
                  "SLURM_ARRAY_TASK_MAX", "SLURM_NTASKS", "SLURM_PROCID"):

@@ -34,7 +34,7 @@ def _imports(path: Path) -> set[str]:
 # The stages in flow order (docs/architecture.md draws it): a stage imports only the stages before it. The
 # exceptions are named: the store's layout is a leaf of names that the input walk reads (never to enter a store),
 # and the store's plan reads what the inputs are (listings, archive descriptions), never how they are decoded.
-STAGES = ("inputs", "encoder", "storage", "pipeline", "consumers", "cli")
+STAGES = ("inputs", "encoder", "storage", "pipeline", "run", "consumers", "cli")
 ALLOWED = {
     "inputs": ("vitok.storage.layout",),
     "storage": ("vitok.inputs.sources", "vitok.inputs.archives"),

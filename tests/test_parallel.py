@@ -18,7 +18,7 @@ from helpers import vitok as run_vitok
 
 import vitok
 from vitok.errors import UsageError
-from vitok.pipeline.parallel import detect_part
+from vitok.run.parallel import detect_part
 
 ARGS = [*TINY, "--shard-size", "3", "--store-dtype", "float32", "--features", "patch,merged"]
 

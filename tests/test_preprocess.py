@@ -251,8 +251,8 @@ def test_one_mean_and_std_value_is_every_channels():
 def test_min_pixels_over_max_pixels_is_refused_only_as_flags():
     from vitok.encoder.checkpoint import resolve_model
     from vitok.errors import UsageError
-    from vitok.pipeline.job import preprocess_for
-    from vitok.pipeline.options import ExtractOptions
+    from vitok.run.job import preprocess_for
+    from vitok.run.options import ExtractOptions
 
     source = resolve_model("qwen3-vl-tiny")
     with pytest.raises(UsageError, match="--min-pixels 90000 is larger than --max-pixels 80000"):

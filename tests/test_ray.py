@@ -44,7 +44,7 @@ def test_engine_flags_that_contradict_are_refused_before_anything_starts(tmp_pat
 def crash_once_hook() -> None:
     """Runs in every Ray worker of the test cluster: a decode task dies (the whole worker process, as an OOM kill
     would) after handing over its first step, once per arming."""
-    import vitok.pipeline.ray_engine as engine
+    import vitok.run.ray_engine as engine
 
     original = engine.unit_steps
 
@@ -201,10 +201,10 @@ def test_a_unit_is_cut_into_the_local_loops_batches_and_steps_are_kept_once_in_o
 
     from vitok.inputs.readers import ReaderOptions
     from vitok.pipeline.batcher import plan_batches
-    from vitok.pipeline.job import preprocess_for
     from vitok.pipeline.loader import in_unit_order
-    from vitok.pipeline.options import make_options
-    from vitok.pipeline.ray_engine import decode_unit, unit_steps
+    from vitok.run.job import preprocess_for
+    from vitok.run.options import make_options
+    from vitok.run.ray_engine import decode_unit, unit_steps
     from vitok.storage.plan import load_plan
 
     folder = make_folder(tmp_path / "imgs", count=7, with_odd=False)

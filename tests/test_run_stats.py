@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from vitok.pipeline.run_stats import RunStats, StageMeter, StageRates, describe, latest_stats, verdict
+from vitok.run.run_stats import RunStats, StageMeter, StageRates, describe, latest_stats, verdict
 
 STARTED = {"imports": 2.0, "plan": 0.3, "weights_read": 1.0, "first_batch_done": 3.0}
 
@@ -118,7 +118,7 @@ def test_import_time_counts_only_for_a_process_started_for_the_run(tmp_path, mon
     """A library caller's process may be hours old: its age is no import time, and no run of it is start-up-bound
     for that reason; the CLI's process is."""
     import vitok
-    from vitok.pipeline import run_stats
+    from vitok.run import run_stats
 
     photos(tmp_path / "in", count=2)
     monkeypatch.setattr(run_stats, "process_age", lambda: 3600.0)

@@ -12,7 +12,7 @@ from vitok import settings
 from vitok.errors import UsageError
 from vitok.inputs.sources import FileListing, list_inputs
 from vitok.pipeline.batcher import Batcher, plan_batches
-from vitok.pipeline.options import ExtractOptions, make_options
+from vitok.run.options import ExtractOptions, make_options
 from vitok.storage import get_format
 from vitok.storage.format import FeatureLayout
 from vitok.storage.plan import listing_digest, load_plan, write_generation
@@ -255,7 +255,7 @@ def test_options_to_flags_and_back(monkeypatch):
     from typer.testing import CliRunner
 
     from vitok.cli import app as cli
-    from vitok.pipeline import options as options_module
+    from vitok.run import options as options_module
 
     options = make_options(model="qwen3-vl-tiny", features="patch,merged", pool="mean", fast_decode=True,
                            shard_size=7, part=1, num_parts=3, store_dtype="bfloat16")

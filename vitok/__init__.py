@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from .version import __version__
 
 _EXPORTS = {
-    "extract": ("vitok.pipeline.runner", "extract"),
-    "ExtractOptions": ("vitok.pipeline.options", "ExtractOptions"),
+    "extract": ("vitok.run.extract", "extract"),
+    "ExtractOptions": ("vitok.run.options", "ExtractOptions"),
     "open": ("vitok.storage.store", "open_store"),
     "verify": ("vitok.storage.verify", "verify_store"),
     "load_encoder": ("vitok.encoder.inference", "load_encoder"),
@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from .inputs.preprocess import ImagePreprocessor, Preprocessor
     from .inputs.preprocess_config import PreprocessConfig
     from .original_api import Qwen3VisionTransformer, Qwen3VLPipeline, create_qwen3_vl_vit
-    from .pipeline.options import ExtractOptions
-    from .pipeline.runner import extract
+    from .run.extract import extract
+    from .run.options import ExtractOptions
     from .storage.store import open_store as open
     from .storage.verify import verify_store as verify
 

@@ -103,7 +103,7 @@ def device_decoding_allowed(device: str):
     if not device.startswith("cpu"):
         yield
         return
-    from ..pipeline import job
+    from ..run import job
 
     original = job.check_decode
     job.check_decode = lambda decode, device: None

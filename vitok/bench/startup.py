@@ -1,5 +1,5 @@
 """Start-up: time to the first batch of ``vitok extract`` as whole processes, with its phases (from the run's own
-``--json`` summary, pipeline.run_stats). Warm machine: one run first (page cache, kernel-choice cache, Triton cache),
+``--json`` summary, run.run_stats). Warm machine: one run first (page cache, kernel-choice cache, Triton cache),
 then the median of ``--process-repeats`` runs.
 
     CPU   the tiny model over 8 small JPEGs (target: first batch back <= 2 s after the process started)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..pipeline.options import ExtractOptions, flag_of
+from ..run.options import ExtractOptions, flag_of
 
 
 def choice_type(name: str, choices: tuple[str, ...]) -> type[enum.Enum]:
@@ -49,7 +49,7 @@ def option_parameters(record: type = ExtractOptions, names: tuple[str, ...] | No
 
 def by_panel(params: list[inspect.Parameter]) -> list[inspect.Parameter]:
     """Flags grouped in --help as the data flows: model, inputs, outputs, preprocessing, speed, cluster."""
-    from ..pipeline.options import PANELS
+    from ..run.options import PANELS
 
     def panel(param: inspect.Parameter) -> int:
         info = param.annotation.__metadata__[0]

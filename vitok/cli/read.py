@@ -32,7 +32,7 @@ def info(
     skipped = {k: r for k, r in store.skipped.items() if k not in store.removed}
     failed = {k: r for k, r in store.failed.items() if k not in store.removed}
     if json_output:
-        from ..pipeline.run_stats import latest_stats
+        from ..run.run_stats import latest_stats
 
         typer.echo(json.dumps({
             "store": str(out), "model": settings.model.name, "weights": settings.model.weights,
@@ -71,7 +71,7 @@ def info(
             echo(f"  damage   {_safe(problem)}")
     for line in report.leftovers[:10]:
         echo(f"  leftover {line}")
-    from ..pipeline.run_stats import describe, latest_stats
+    from ..run.run_stats import describe, latest_stats
 
     stats = latest_stats(Path(out))
     if stats is not None:

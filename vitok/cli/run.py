@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..pipeline.options import ExtractOptions
+from ..run.options import ExtractOptions
 from .app import _setup_logging, app, logger
 from .flags import by_panel, choice_type, option_parameters  # noqa: F401
 
@@ -43,7 +43,7 @@ def _extract_command(
     """
     _setup_logging(quiet)
     from ..errors import UsageError
-    from ..pipeline.options import make_options
+    from ..run.options import make_options
 
     values = {k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()}
     if size and values["model"] not in ("base", size):
@@ -56,7 +56,7 @@ def _extract_command(
         raise UsageError(f"--gpus starts one local process per GPU; --engine {options.engine} places one encode "
                          "actor per GPU itself: give one of them")
     if gpus:
-        from ..pipeline.gpus import run_per_gpu
+        from ..run.gpus import run_per_gpu
 
         code, merged = run_per_gpu(gpus, out, sources, options, quiet)
         if code:
@@ -64,8 +64,8 @@ def _extract_command(
         if json_summary:
             typer.echo(json.dumps(merged))
         return
-    from ..pipeline.run_stats import started_by_cli
-    from ..pipeline.runner import extract as run_extract
+    from ..run.extract import extract as run_extract
+    from ..run.run_stats import started_by_cli
     from .progress import ProgressDisplay
 
     started_by_cli()
@@ -103,7 +103,7 @@ def _report(summary, out) -> None:
     if summary.shards_elsewhere:
         logger.info("%d shard(s) are still being written by another process", summary.shards_elsewhere)
     if summary.phases and summary.ok + summary.skipped + summary.failed:  # (a run with nothing to do measured nothing)
-        from ..pipeline.run_stats import describe
+        from ..run.run_stats import describe
 
         for line in describe({"phases": summary.phases, "stages": summary.stages}):
             logger.info("%s", line)
@@ -149,7 +149,7 @@ def _plan_command(sources: list[str] | None, out: Path, **values: Any) -> None:
     from ..errors import UsageError
     from ..inputs.readers import ReaderOptions
     from ..inputs.sources import list_inputs
-    from ..pipeline.options import make_options
+    from ..run.options import make_options
     from ..storage.plan import diff, listing_digest, load_plan, write_generation
 
     options = make_options(**{k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()})

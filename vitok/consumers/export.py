@@ -33,8 +33,8 @@ from typing import Any
 
 from ..atomic import AtomicFile
 from ..errors import StoreError, UsageError
-from ..pipeline.options import option
 from ..pipeline.pool import POOLS as ALL_POOLS
+from ..run.options import option
 
 logger = logging.getLogger(__name__)
 

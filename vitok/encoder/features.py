@@ -36,7 +36,7 @@ def block_index(feature: str, depth: int) -> int | None:
     return index % depth
 
 
-def check_features(config: EncoderConfig, features: Sequence[str], pool: str = "none") -> tuple[str, ...]:
+def check_features(config: EncoderConfig, features: Sequence[str]) -> tuple[str, ...]:
     """Validate and normalise requested outputs (``block:-1`` -> ``block:<depth-1>``); errors list what exists."""
     normalised = []
     for feature in features:

@@ -8,7 +8,7 @@ F.linear + F.gelu and SDPA compute.
   linears) with GELU fused, and float32 attention of images up to ``CPU_ATTENTION_MAX_LENGTH`` patches as two oneDNN
   GEMMs per head. Whether oneDNN or torch's own kernel is faster depends on the CPU (ISA, vendor), so by default
   each shape is timed once per machine (``vitok.encoder.kernel_choice``); ``VITOK_ONEDNN=on|off`` decides instead
-  (``vitok.settings``). bf16 goes to oneDNN only where the CPU has native bf16. Measurements: README, docs/.
+  (``vitok.settings``). bf16 goes to oneDNN only where the CPU has native bf16. Measurements: docs/performance.md.
 - Anything else, and whenever autograd has to record the op: plain ``F.linear`` + ``F.gelu`` and SDPA.
 
 The rotary of q and k runs as one Triton kernel on CUDA (``vitok.encoder.rotary_triton``) when Triton imports and the

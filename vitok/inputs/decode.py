@@ -324,7 +324,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
     """One 8-bit band, as the reference's ``convert("RGB")`` gives it (values clipped to 0..255, floats truncated)
-    except where that would lose the picture (README, deliberate differences):
+    except where that would lose the picture (docs/models.md, deliberate differences):
 
     - ``I;16`` (16 bits declared): scaled, ``round(v / 257)``; the reference clips, turning most pixels white;
     - ``I`` (Pillow's 32-bit container, whatever the file's depth): as the reference when every value fits in 8 bits

@@ -10,7 +10,7 @@ Every ok record carries two hashes, and the run header the identity of what turn
                     order (2x2 merge blocks, ``vitok.inputs.preprocess.patchify``), one frame (before the temporal
                     repeat), T, H, W the grid in patches. Equal pixels give an equal id whatever the file's bytes,
                     name or format; a change of resize settings or decoder output gives another.
-    header "identity" (written by the run, ``pipeline.job.header_identity``)
+    header "identity" (written by the run, ``run.settings_schema.header_identity``)
         vision_revision  sha256( canonical JSON of the encoder config (the header's settings.model.config) + b"\\n"
                          + the weights hash (settings.model.weights) ), lowercase hex
                          (``storage.records.vision_revision``). The weights hash is vitok's

@@ -158,6 +158,11 @@ class ArchiveListing:
 Listing = FileListing | ArchiveListing
 
 
+def listing_kind(listing: Listing | None) -> str:
+    """``files`` for loose files (and for no listing), else the archives' kind (``wds``, ``parquet``)."""
+    return listing.kind if isinstance(listing, ArchiveListing) else "files"
+
+
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark (Windows editors write one): not part of the first path
 
 

@@ -48,7 +48,7 @@ class TokenEncoder:
         from ..encoder.inference import load_encoder
         from ..inputs.preprocess import Preprocessor
         from ..pipeline.device import DevicePipeline
-        from ..pipeline.ray_engine import default_budget
+        from ..run.ray_engine import default_budget
 
         self.image_column = image_column
         spec = Spec(options)
@@ -127,15 +127,16 @@ class Spec:
     def __init__(self, options: dict[str, Any]) -> None:
         from ..encoder.checkpoint import resolve_model
         from ..encoder.features import check_features, default_features
-        from ..pipeline.job import feature_layouts, preprocess_for
-        from ..pipeline.options import make_options
+        from ..run.job import preprocess_for
+        from ..run.options import make_options
+        from ..run.settings_schema import feature_layouts
 
         self.options = make_options(**options)
         self.source = resolve_model(self.options.model)
         config = self.source.encoder
-        self.features = check_features(config, self.options.features or default_features(config), self.options.pool)
+        self.features = check_features(config, self.options.features or default_features(config))
         self.preprocess = preprocess_for(self.source, self.options)
-        self.layouts = feature_layouts(config, self.features, self.options.pool)
+        self.layouts = feature_layouts(config, self.features)
 
 
 def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", shard_size: int = 1000,
@@ -154,8 +155,9 @@ def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", sha
     from ..encoder.inference import load_encoder, resolve_dtype
     from ..environment import describe_environment
     from ..inputs.readers import ReaderOptions
-    from ..pipeline.job import Job, check_out_folder, make_settings, new_header
-    from ..pipeline.parallel import Part
+    from ..run.job import Job, check_out_folder
+    from ..run.parallel import Part
+    from ..run.settings_schema import make_settings, new_header
     from ..storage import SidecarStamp, get_format, new_store
 
 

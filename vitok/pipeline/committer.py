@@ -37,7 +37,7 @@ class CommitStats:
     shards_written: int = 0
     output_bytes: int = 0
     reasons: dict[str, str] = field(default_factory=dict)  # key -> reason (skipped and failed)
-    busy_seconds: float = 0.0  # the writer thread's time spent writing and committing (vitok.pipeline.run_stats)
+    busy_seconds: float = 0.0  # the writer thread's time spent writing and committing (vitok.run.run_stats)
     queue_fill: float = 0.0  # mean fill of the queue when the loop put a message (1.0: the loop waited for disk)
 
 

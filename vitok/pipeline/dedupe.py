@@ -32,9 +32,8 @@ from ..errors import SettingsMismatchError, StoreError
 from ..storage import RunHeader, read_header
 from ..storage.files import checksum
 from ..storage.format import ShardDataReader
-from ..storage.records import ImageRecord, Settings, Sidecar
+from ..storage.records import ImageRecord, Settings, Sidecar, diff_settings
 from ..storage.shards import get_format, iter_sidecars, shards_dir
-from .job import diff_settings
 
 logger = logging.getLogger(__name__)
 MAX_OPEN = 16  # donor shard files held open

@@ -28,6 +28,21 @@ def fingerprint(settings: dict[str, Any]) -> str:
     return "blake2b:" + hashlib.blake2b(dumps(settings).encode(), digest_size=12).hexdigest()
 
 
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def diff_settings(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """Human-readable differences, one per setting: ``name: stored -> requested``."""
+    old, new = flatten(stored), flatten(requested)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
 def vision_revision(config: dict[str, Any], weights: str) -> str:
     """sha256 of the encoder config (canonical JSON) and the weights hash (which covers every tower tensor),
     lowercase hex: the identity of what turns pixels into tokens (``vitok.inputs.identity``)."""

@@ -17,7 +17,7 @@ import numpy as np
 from ...atomic import AtomicFile
 from ...errors import InputsChangedError
 from ...inputs.archives import describe_archives
-from ...inputs.sources import ArchiveListing, FileListing, Listing
+from ...inputs.sources import ArchiveListing, FileListing, Listing, listing_kind
 from ..files import atomic_write_text, create_exclusive
 from .changes import archive_hashes
 from .diff import PlanDiff
@@ -118,8 +118,8 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
     ``listing_digest_`` of the whole listing is computed while writing when not given."""
     folder = plan_dir(out)
     header: dict[str, Any] = {
-        "vitok_plan": PLAN_SCHEMA, "generation": generation, "reader": "files" if isinstance(listing, FileListing)
-        else listing.kind, "reason": reason, "sources": sources, "shard_size": shard_size,
+        "vitok_plan": PLAN_SCHEMA, "generation": generation, "reader": listing_kind(listing), "reason": reason,
+        "sources": sources, "shard_size": shard_size,
         "first_unit": first_unit, "listing_digest": listing_digest_, "reader_options": reader_options or {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files_from": files_from,
         "list_cwd": list_cwd if files_from else None,

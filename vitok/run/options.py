@@ -18,11 +18,11 @@ from ..encoder.config import ATTENTION_KERNELS, COMPUTE_DTYPES, TOKEN_ORDERS
 from ..errors import UsageError
 from ..inputs.preprocess_config import DECODERS, RESIZE_BACKENDS
 from ..inputs.sources import INPUT_FORMATS
+from ..pipeline.pool import POOLS
 from ..storage.dtypes import STORE_DTYPES
 from ..storage.hdf5 import COMPRESSIONS
 from ..storage.plan.changes import MODES as CHANGE_MODES
 from ..storage.shards import FORMATS
-from .pool import POOLS
 
 PANELS = ("Model", "Inputs", "Outputs", "Preprocessing", "Speed", "Cluster")
 

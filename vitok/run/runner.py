@@ -10,19 +10,18 @@ stay, and a rerun of the same command resumes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..environment import describe_environment
-from ..errors import Interrupted, SettingsMismatchError
+from ..errors import SettingsMismatchError
+from ..pipeline.batcher import Batcher
+from ..pipeline.committer import CommitStats, Committer
+from ..pipeline.dedupe import Deduplicator, Donors, check_reuse
 from ..storage import RunHeader, SidecarStamp, get_format, new_store
 from ..storage.claims import Claims
 from ..storage.files import raise_store_error
@@ -31,134 +30,16 @@ from ..storage.plan import Plan, load_plan, write_generation, write_update
 from ..storage.plan.retries import base_and_attempt
 from ..storage.records import Settings, UnitInfo
 from ..storage.shards import remove_temps
-from .batcher import Batcher
-from .committer import CommitStats, Committer
-from .dedupe import Deduplicator, Donors, check_reuse
-from .job import Job, Work, check_committed, check_settings, make_settings, new_header, prepare, remaining_work
-from .options import ExtractOptions, make_options
-from .run_stats import RunStats, StageMeter, import_seconds, verdict, write_stats
+from .job import Job, Work, check_committed, remaining_work
+from .options import ExtractOptions
+from .run_stats import RunStats, StageMeter, verdict, write_stats
+from .settings_schema import check_settings, make_settings, new_header
+from .summary import ExtractSummary, ProgressEvent
 
 if TYPE_CHECKING:
-    from .device import DevicePipeline
+    from ..pipeline.device import DevicePipeline
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ProgressEvent:
-    images_done: int
-    images_total: int | None  # None while archives of unknown size remain
-    tokens_done: int
-    skipped: int  # inputs not encoded: skipped (bad image) or failed (unreadable, retried later)
-    elapsed: float
-    shards_done: int = 0
-    shards_total: int = 0
-
-
-@dataclass
-class ExtractSummary:
-    out: str
-    part: str
-    images_planned: int | None  # in this process's part; None when archives of unknown size were planned
-    ok: int
-    skipped: int
-    failed: int  # inputs that could not be read (retried by the next run once readable)
-    already_done: int  # images in shards a previous run completed
-    shards_written: int
-    shards_already_done: int
-    shards_elsewhere: int  # claimed by another running process
-    shards_other_parts: int  # not done, belonging to other parts
-    seconds: float
-    images_per_second: float
-    tokens: int
-    output_bytes: int
-    data_wait_seconds: float  # the loop waited for decoded images
-    encode_seconds: float  # launching batches and finishing them (device waits included)
-    device_wait_seconds: float  # of which: waiting for the device (the device was the bottleneck)
-    images_encoded: int = 0  # images this run sent to the encoder
-    batches_encoded: int = 0  # encoder batches this run ran
-    duplicates: int = 0  # not encoded: the same pixels were encoded earlier in this unit or in a committed shard
-    reused: int = 0  # not encoded: tokens taken from a --reuse store
-    skipped_reasons: dict[str, str] = field(default_factory=dict)
-    phases: dict[str, float] = field(default_factory=dict)  # start-up, seconds (vitok.pipeline.run_stats)
-    stages: dict[str, Any] = field(default_factory=dict)  # steady-state rates per stage (vitok.pipeline.run_stats)
-    bottleneck: str = ""  # what limited the run, in words (the run's last line)
-
-    @property
-    def all_skipped(self) -> bool:
-        """Every input this run attempted was skipped or failed: almost always a wrong path or setting."""
-        return self.ok == 0 and self.skipped + self.failed > 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "skipped_reasons"}
-
-
-def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-out",
-            options: ExtractOptions | None = None, *, stdin=None,
-            progress: Callable[[ProgressEvent], None] | None = None, **option_values: Any) -> ExtractSummary:
-    """Extract visual tokens for every input of ``sources`` into the store ``out`` (resumable).
-
-    Args:
-        sources: folders, files (images, tars, parquet), brace patterns, URLs, or ``-`` for a list on stdin;
-            empty to resume the plan already in ``out``.
-        out: output folder (created; resumed if it holds a store made with the same settings).
-        options: an :class:`ExtractOptions` (``vitok.ExtractOptions``); the defaults when None.
-        stdin: binary stream to read ``-`` from (default: ``sys.stdin.buffer``).
-        progress: called on the run loop's thread after every chunk of images.
-        **option_values: fields of :class:`ExtractOptions`, instead of or on top of ``options``.
-
-    Returns:
-        counts, timings and sizes of this run.
-    """
-    imports = import_seconds()
-    started = time.perf_counter()
-    if options is None:
-        opts = make_options(**option_values)
-    elif option_values:
-        opts = make_options(**{**{f.name: getattr(options, f.name) for f in fields(options)}, **option_values})
-    else:
-        opts = options.validate()
-    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
-    with stop_on_signals():
-        engine = engine_class(opts.engine)
-        opts, context = engine.configure(opts)
-        job = prepare([str(s) for s in sources], Path(out), opts, stdin)
-        run = engine(job, progress, started=started, **context)
-        if imports is not None:
-            run.phases["imports"] = imports
-        if job.torch_import_seconds >= 0.01:  # (inside the run's time: after the cheap checks, before the model)
-            run.phases["torch_import"] = job.torch_import_seconds
-        run.phases["plan"] = time.perf_counter() - started - job.torch_import_seconds
-        return run.execute()
-
-
-def engine_class(name: str) -> type[Run]:
-    """``--engine``: the class that runs the job (``Run``, or a subclass that spreads the work otherwise)."""
-    if name == "ray":
-        from .ray_engine import RayRun
-
-        return RayRun
-    return Run
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM and SIGINT raise Interrupted in the main thread (once; repeats are ignored while cleaning up)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, _frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 class Run:
@@ -167,7 +48,7 @@ class Run:
         self.job, self.progress = job, progress
         self.started = started if started is not None else time.perf_counter()
         self.wait_seconds = 0.0
-        self.phases: dict[str, float] = {}  # start-up (vitok.pipeline.run_stats); the loop's meter adds its own
+        self.phases: dict[str, float] = {}  # start-up (vitok.run.run_stats); the loop's meter adds its own
         self.meter: StageMeter | None = None
         self.counts = {"images_encoded": 0, "batches_encoded": 0, "duplicates": 0, "reused": 0}
 
@@ -271,7 +152,7 @@ class Run:
     # ---- the loop -------------------------------------------------------------------------------------------
 
     def _run(self, encoder, units, claims: Claims, header: RunHeader, work: Work):
-        from .device import DevicePipeline
+        from ..pipeline.device import DevicePipeline
 
         job, opts = self.job, self.job.options
         fmt = get_format(opts.format)
@@ -299,8 +180,8 @@ class Run:
     def _loop(self, units, encoder, pipeline: DevicePipeline, committer: Committer, donors: Donors | None = None,
               within_units: bool = True) -> None:
         from ..inputs.preprocess import Preprocessor
-        from .loader import default_workers, load_units
-        from .types import Batch, EncodedBatch
+        from ..pipeline.loader import default_workers, load_units
+        from ..pipeline.types import Batch, EncodedBatch
 
         opts = self.job.options
         budget = opts.token_budget or (32768 if encoder.device.type == "cuda" else 4096)

@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..pipeline.batcher import Batcher
+from ..pipeline.types import UnitEnd
 from ..storage.records import ImageRecord
-from .batcher import Batcher
 from .options import ExtractOptions
-from .runner import ProgressEvent, Run, unit_record
-from .types import UnitEnd
+from .runner import Run, unit_record
+from .summary import ProgressEvent
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _row(step: Step) -> dict[str, Any]:
 def unit_steps(unit, kind: str, reader_options, preprocess, budget: int) -> Iterator[Step]:
     """A unit's inputs read and decoded in plan order, cut into the local loop's batches (the same ``Batcher``)."""
     from ..inputs.preprocess import Preprocessor
-    from .loader import Task, UnitReading
+    from ..pipeline.loader import Task, UnitReading
 
     batcher: Batcher = Batcher(budget)
     pending: list[ImageRecord] = []
@@ -140,7 +141,7 @@ class EncodeActor:
     def __init__(self, source, device: str, dtype: str, seed: int, attention: str, preprocess,
                  features: tuple[str, ...], pool: str, store_dtype: str, token_order: str) -> None:
         from ..encoder.inference import load_encoder
-        from .device import DevicePipeline
+        from ..pipeline.device import DevicePipeline
 
         encoder = load_encoder(source, device, dtype, seed=seed, attention=attention, preprocess=preprocess)
         self.pipeline = DevicePipeline(encoder, features, pool, store_dtype, token_order)
@@ -150,7 +151,7 @@ class EncodeActor:
         return {"unit": [r["unit"] for r in rows], "seq": [r["seq"] for r in rows], "step": [r["step"] for r in rows]}
 
     def _encode(self, step: Step) -> dict[str, Any]:
-        from .device import Batch
+        from ..pipeline.device import Batch
 
         if step.items:
             pipeline = self.pipeline
@@ -249,7 +250,7 @@ class RayRun(Run):
         recorded; ``Donors`` is the local loop's)."""
         import ray
 
-        from .loader import in_unit_order
+        from ..pipeline.loader import in_unit_order
 
         job, opts = self.job, self.job.options
         budget = opts.token_budget or default_budget(self.actor_device)

@@ -10,31 +10,26 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..encoder.checkpoint import ModelSource, prefetch_weights, resolve_model
-from ..encoder.config import EncoderConfig
-from ..encoder.features import check_features, default_features, token_orders
+from ..encoder.features import check_features, default_features
 from ..errors import InputsChangedError, SettingsMismatchError, StoreError, UsageError
-from ..inputs.identity import CONTENT_ID, SOURCE_HASH
 from ..inputs.preprocess_config import PreprocessConfig
 from ..inputs.readers import ReaderOptions
-from ..inputs.sources import FileListing, Listing, kind_of, list_inputs
+from ..inputs.sources import FileListing, Listing, kind_of, list_inputs, listing_kind
 from ..storage import META_FILE, RunHeader, iter_sidecars, read_header
-from ..storage.format import FeatureLayout
 from ..storage.layout import SHARDS_DIR, STORE_ENTRIES
 from ..storage.plan import Plan, PlanDiff, diff, listing_digest, load_plan
 from ..storage.plan.binding import Bindings
 from ..storage.plan.changes import changed_inputs
 from ..storage.plan.retries import base_and_attempt, retry_units
-from ..storage.records import ModelSettings, Settings, vision_revision
 from ..storage.shards import check_shard, read_sidecar, sidecar_path
-from ..version import __version__
 from .options import ExtractOptions
 from .parallel import Part, detect_part
+from .settings_schema import check_settings, feature_layouts, options_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -63,59 +58,7 @@ class Job:
 
     @property
     def layouts(self):
-        return feature_layouts(self.source.encoder, self.features, self.options.pool)
-
-
-def feature_layouts(config: EncoderConfig, features: Sequence[str], pool: str = "none") -> dict[str, FeatureLayout]:
-    """Stored shape of each feature: (rows, dim), or (K, rows, dim) for deepstack; pooling keeps the shape."""
-    layouts = {}
-    for feature in features:
-        if feature == "deepstack":
-            layouts[feature] = FeatureLayout(int(config.out_hidden_size), len(config.deepstack_layers))
-        elif feature == "merged":
-            layouts[feature] = FeatureLayout(int(config.out_hidden_size))
-        else:  # patch, block:N
-            layouts[feature] = FeatureLayout(config.hidden_size)
-    return layouts
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): data}
-
-
-def diff_settings(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-    """Human-readable differences, one per setting: ``name: stored -> requested``."""
-    old, new = flatten(stored), flatten(requested)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-
-
-def make_settings(job: Job, weights: str | None) -> Settings:
-    """The settings that decide what the tokens are (compared on resume; their hash is the fingerprint)."""
-    config = job.source.encoder.to_dict()
-    config.pop("name")
-    options = job.options
-    return Settings(
-        model=ModelSettings(job.source.name, config.get("family", "qwen3_vl"), weights, job.source.random_weights,
-                            config),
-        preprocess=job.preprocess.to_dict(),
-        features=tuple(job.features),
-        pool=options.pool,
-        compute_dtype=str(job.dtype).removeprefix("torch."),
-        store_dtype=options.store_dtype,
-        token_order=token_orders(job.source.encoder, job.features, options.token_order),
-        format=options.format,
-        shard_size=options.shard_size,
-        input={"kind": job.plan.kind if job.plan else (_kind(job.listing)), **job.reader_options.to_dict()},
-    )
-
-
-def _kind(listing: Listing | None) -> str:
-    return "files" if isinstance(listing, FileListing) else listing.kind if listing is not None else "files"
+        return feature_layouts(self.source.encoder, self.features)
 
 
 def check_out_folder(out: Path, overwrite: bool = False) -> RunHeader | None:
@@ -174,8 +117,7 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     part = detect_part(options.part, options.num_parts)
     source = resolve_model(options.model)
     prefetch_weights(source)  # the checkpoint's bytes come off the disk while torch imports and inputs are listed
-    features = check_features(source.encoder, options.features or default_features(source.encoder),
-                              options.pool)
+    features = check_features(source.encoder, options.features or default_features(source.encoder))
     preprocess = preprocess_for(source, options)
     reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
     plan = None if options.overwrite else load_plan(out)
@@ -288,9 +230,9 @@ def _absolute(source: str) -> str:
 def _compare(job: Job) -> PlanDiff | None:
     """None when the sources list exactly what the plan holds; the difference for --update; else refuse."""
     plan, listing = job.plan, job.listing
-    if _kind(listing) != plan.kind:
-        raise InputsChangedError(f"{job.out} holds a plan of {plan.kind} inputs; these sources are {_kind(listing)} "
-                                 "inputs: use another -o, or --overwrite")
+    if listing_kind(listing) != plan.kind:
+        raise InputsChangedError(f"{job.out} holds a plan of {plan.kind} inputs; these sources are "
+                                 f"{listing_kind(listing)} inputs: use another -o, or --overwrite")
     job.listing_digest = listing_digest(listing)
     if job.listing_digest == plan.latest.listing_digest:
         changes = PlanDiff([], [])
@@ -322,24 +264,6 @@ def _only_unlisted_before(plan: Plan, listing: Listing, changes: PlanDiff) -> bo
     else:
         paths = iter(changes.added)
     return all(any(path.startswith(folder) for folder in folders) for path in paths)
-
-
-def check_settings(job: Job, weights: str | None) -> None:
-    """Refuse a store written with other settings (the weights compared once they are known)."""
-    stored = job.header.settings.to_json()
-    requested = make_settings(job, weights).to_json()
-    if weights is None:
-        stored = {**stored, "model": {**stored["model"], "weights": None}}
-    stored.setdefault("input", requested["input"]) if job.header.schema == 1 else None
-    differences = diff_settings(stored, requested)
-    if job.header.schema != 2:
-        raise SettingsMismatchError(f"{job.out} was written by vitok {job.header.vitok_version} (store schema "
-                                    f"{job.header.schema}); this vitok writes schema 2: use another -o, or "
-                                    "--overwrite to start over")
-    if differences:
-        raise SettingsMismatchError(
-            f"{job.out} was written with other settings ({'; '.join(differences)}); use the same settings to "
-            "resume, another -o, or --overwrite to start over")
 
 
 # ---- which units are left --------------------------------------------------------------------------------------
@@ -397,51 +321,4 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
     return work
 
 
-def new_header(job: Job, settings: Settings, environment: dict[str, Any]) -> RunHeader:
-    """The header of a new store: its settings, the environment that wrote it and the identity of what made its
-    tokens."""
-    header = RunHeader(settings, __version__, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), environment,
-                       options=job.options.to_store())
-    header.identity = header_identity(settings, environment.get("decoders", {}))
-    return header
-
-
-def header_identity(settings: Settings, decoders: dict[str, Any]) -> dict[str, Any]:
-    """The run header's ``identity``: vision revision, decoder identity, and the algorithms of the record hashes."""
-    preprocess = settings.preprocess
-    return {
-        "vision_revision": vision_revision(settings.model.config, settings.model.weights),
-        "decoder": {**decoders, "decode": preprocess.get("decode", "exact"), "backend": preprocess.get("backend"),
-                    "fast_decode": preprocess.get("fast_decode", False)},
-        "content_id": CONTENT_ID,
-        "source_hash": SOURCE_HASH,
-    }
-
-
-def options_from_settings(stored: Settings) -> dict[str, Any]:
-    """The options a store made before headers recorded them was made with, as far as its settings tell."""
-    from ..encoder.presets import registry
-
-    settings = stored.to_json()
-    options: dict[str, Any] = {name: settings[name] for name in ("features", "pool", "store_dtype", "format",
-                                                                 "shard_size") if name in settings}
-    name = settings.get("model", {}).get("name")
-    if name in registry():
-        options["model"] = name
-    preprocess = settings.get("preprocess", {})
-    for option_name in ("min_pixels", "max_pixels", "backend", "max_image_pixels", "fast_decode", "allow_truncated",
-                        "decode"):
-        if option_name in preprocess:
-            options[option_name] = preprocess[option_name]
-    if preprocess.get("mode") == "fixed":
-        options["image_size"] = preprocess.get("image_size")
-    if any(order == "raster" for order in settings.get("token_order", {}).values()):
-        options["token_order"] = "raster"  # (the merged rows are "raster over the merged grid" either way)
-    for option_name in ("meta_fields", "image_column", "key_column"):
-        if settings.get("input", {}).get(option_name) is not None:
-            options[option_name] = settings["input"][option_name]
-    return options
-
-
-__all__ = ["Job", "Work", "check_settings", "iter_sidecars", "new_header", "prepare", "remaining_work",
-           "sidecar_path"]
+__all__ = ["Job", "Work", "iter_sidecars", "prepare", "remaining_work", "sidecar_path"]
