@@ -1,5 +1,5 @@
 """A store that never lies: each class of the ways users break things, tried as they do it (docs/guarantees.md
-says what each one promises, in the same order)."""
+says what each one promises)."""
 
 from __future__ import annotations
 

@@ -272,6 +272,18 @@ def test_options_to_flags_and_back(monkeypatch):
     assert make_options(**seen) == options and isinstance(options, ExtractOptions)
 
 
+def test_a_copy_of_options_keeps_which_were_given():
+    """A resume takes the options not given from the store; a copy made on the way (an engine fixing the device,
+    a bare --update adding its list) must not turn every option into a given one."""
+    options = make_options(model="qwen3-vl-tiny", shard_size=4)
+    copy = options.replace(device="cpu")
+    assert copy.given == frozenset({"model", "shard_size"})
+    resumed = copy.from_store({"model": "other", "shard_size": 4, "pool": "mean", "features": ["merged"]})
+    assert (resumed.model, resumed.pool, resumed.features, resumed.device) == ("qwen3-vl-tiny", "mean", ("merged",),
+                                                                                "cpu")
+    assert resumed.given == copy.given and resumed == copy.replace(pool="mean", features=("merged",))
+
+
 def test_settings_switches_read_set_and_override(monkeypatch):
     monkeypatch.setenv("VITOK_TRITON", "0")
     settings._values.pop("triton", None)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import enum
 import inspect
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 from typing import Annotated, Any
 
 import typer
 
-from ..run.options import ExtractOptions, flag_of
+from ..run.options import ExtractOptions, flag_of, option_fields
 
 
 def choice_type(name: str, choices: tuple[str, ...]) -> type[enum.Enum]:
@@ -23,7 +23,7 @@ def option_parameters(record: type = ExtractOptions, names: tuple[str, ...] | No
 
     hints = typing.get_type_hints(record)
     params = []
-    for f in fields(record):
+    for f in option_fields(record):
         if names is not None and f.name not in names:
             continue
         meta = f.metadata["cli"]

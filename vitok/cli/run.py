@@ -69,7 +69,7 @@ def _extract_command(
     from .progress import ProgressDisplay
 
     started_by_cli()
-    options.given = frozenset(_given_on_command_line(values) | ({"model"} if size else set()))
+    options = options.replace(given=frozenset(_given_on_command_line(values) | ({"model"} if size else set())))
     with ProgressDisplay(not quiet) as progress:
         summary = run_extract(sources, out, options, progress=progress)
     _report(summary, out)

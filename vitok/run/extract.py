@@ -9,14 +9,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import Interrupted
 from .engines import engine_class
 from .job import prepare
-from .options import ExtractOptions, make_options
+from .options import ExtractOptions, make_options, option_fields
 from .run_stats import import_seconds
 from .summary import ExtractSummary, ProgressEvent
 
@@ -43,7 +42,7 @@ def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-o
     if options is None:
         opts = make_options(**option_values)
     elif option_values:
-        opts = make_options(**{**{f.name: getattr(options, f.name) for f in fields(options)}, **option_values})
+        opts = make_options(**{**{f.name: getattr(options, f.name) for f in option_fields(options)}, **option_values})
     else:
         opts = options.validate()
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)

@@ -167,8 +167,7 @@ def recorded_sources(out: Path, plan: Plan, options: ExtractOptions) -> tuple[li
         raise UsageError(f"the plan of {out} records no sources to list again: give them with --update")
     logger.info("--update: listing the plan's sources again: %s", ", ".join([*sources, *filter(None, [files_from])]))
     if files_from:
-        given, options = options.given, options.replace(files_from=files_from)
-        options.given = given
+        options = options.replace(files_from=files_from)
     return list(sources), options
 
 

@@ -121,8 +121,8 @@ class ExtractOptions:
                                  "there is one, else start a local instance]", "Cluster", metavar="ADDRESS")
 
     # The options given (to make_options, so on the command line); None: all of them count as given. A resume
-    # takes the others from the store (``from_store``).
-    given: ClassVar[frozenset[str] | None] = None
+    # takes the others from the store (``from_store``). Not a flag; kept by ``replace``, left out of comparisons.
+    given: frozenset[str] | None = field(default=None, compare=False, repr=False, metadata={"cli": None})
     # Options that decide the tokens or the layout of the store: recorded in its header, taken from it on a resume
     STORED: ClassVar[tuple[str, ...]] = (
         "model", "seed", "dtype", "input_format", "image_column", "key_column", "meta_fields", "features", "pool",
@@ -141,7 +141,7 @@ class ExtractOptions:
 
     def validate(self) -> ExtractOptions:
         """Check every choice and bound; raises UsageError naming the flag and what it accepts."""
-        for f in fields(self):
+        for f in option_fields(self):
             meta, value = f.metadata["cli"], getattr(self, f.name)
             flag = flag_of(f)
             if value is None:
@@ -190,14 +190,12 @@ class ExtractOptions:
                  if name in self.STORED and name not in self.given}
         if not taken:
             return self
-        options = self.replace(**taken).validate()
-        options.given = self.given
-        return options
+        return self.replace(**taken).validate()
 
     def to_argv(self) -> list[str]:
         """Command-line flags that give these options (the defaults left out)."""
         argv: list[str] = []
-        for f in fields(self):
+        for f in option_fields(self):
             value = getattr(self, f.name)
             if value == f.default:
                 continue
@@ -211,6 +209,11 @@ class ExtractOptions:
             else:
                 argv += [flag, str(value)]
         return argv
+
+
+def option_fields(record: Any) -> list[dataclasses.Field]:
+    """The fields of an options record (class or instance) that are options: those declared with ``option``."""
+    return [f for f in fields(record) if f.metadata.get("cli")]
 
 
 def flag_of(f: dataclasses.Field) -> str:
@@ -227,10 +230,8 @@ def split_list(value: str, name: str = "value") -> tuple[str, ...]:
 
 def make_options(**values: Any) -> ExtractOptions:
     """Options from keyword arguments; unknown names are a usage error listing the valid ones."""
-    known = {f.name for f in fields(ExtractOptions)}
+    known = {f.name for f in option_fields(ExtractOptions)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise UsageError(f"unknown extract option(s) {unknown}; valid: {sorted(known)}")
-    options = ExtractOptions(**values).validate()
-    options.given = frozenset(values)
-    return options
+    return ExtractOptions(**values, given=frozenset(values)).validate()
