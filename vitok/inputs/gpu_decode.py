@@ -18,12 +18,11 @@ import torch
 from PIL import Image
 
 from ..errors import ImageError
-from .decode import pillow_limit
+from .decode import ORIENTATION_TAG, pillow_limit
 from .preprocess import PreparedImage, Preprocessor, patchify, resize_like_torchvision, target_size
 from .preprocess_config import PreprocessConfig
 
 logger = logging.getLogger(__name__)
-ORIENTATION_TAG = 0x0112
 
 
 def gpu_route(data: bytes, config: PreprocessConfig) -> PreparedImage | None:

@@ -60,7 +60,7 @@ class DevicePipeline:
         self._queue: list[_Launched | UnitEnd] = []  # launched batches and unit ends, in submission order
         self._launched = 0  # of which batches
         self.encode_seconds = self.device_wait_seconds = 0.0
-        self.tokens = 0  # patches queued so far (progress counts a batch when it is queued)
+        self.patches = 0  # queued so far (progress counts a batch when it is queued)
 
     def submit(self, batch: Batch) -> list[EncodedBatch | UnitEnd]:
         """Queue a batch; returns what finished to make room, in submission order (batches and unit ends)."""
@@ -81,7 +81,7 @@ class DevicePipeline:
         launched.skipped = failed
         self._queue.append(launched)
         self._launched += 1
-        self.tokens += sum(item.image.num_patches for item in batch.items)
+        self.patches += sum(item.image.num_patches for item in batch.items)
         return self._release(self.depth)
 
     def end(self, unit: int, info: UnitInfo) -> list[EncodedBatch | UnitEnd]:

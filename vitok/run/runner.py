@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..environment import describe_environment
 from ..errors import SettingsMismatchError
-from ..pipeline.batcher import Batcher
+from ..pipeline.batcher import Batcher, default_budget
 from ..pipeline.committer import CommitStats, Committer
 from ..pipeline.dedupe import Deduplicator, Donors, check_reuse
 from ..storage import RunHeader, SidecarStamp, get_format, new_store
@@ -184,7 +184,7 @@ class Run:
         from ..pipeline.types import Batch, EncodedBatch
 
         opts = self.job.options
-        budget = opts.token_budget or (32768 if encoder.device.type == "cuda" else 4096)
+        budget = opts.token_budget or default_budget(encoder.device.type)
         batcher: Batcher = Batcher(budget)
         workers = opts.workers if opts.workers is not None else default_workers(encoder.device)
         by_index = {u.index: u for u in units}
@@ -243,7 +243,7 @@ class Run:
                     deliver(pipeline.end(chunk.unit, unit_record(by_index[chunk.unit], chunk)))
                     shards += 1
                 if self.progress is not None:
-                    self.progress(ProgressEvent(seen, total, pipeline.tokens, skipped,
+                    self.progress(ProgressEvent(seen, total, pipeline.patches, skipped,
                                                 time.perf_counter() - self.started, shards, len(units)))
         finally:
             chunks.close()  # on any error: stop the decode workers now, not at interpreter exit
@@ -274,7 +274,7 @@ class Run:
             shards_written=stats.shards_written, shards_already_done=work.done_shards, shards_elsewhere=elsewhere,
             shards_other_parts=work.other_parts_pending, seconds=round(seconds, 3),
             images_per_second=round(done / seconds, 3) if seconds else 0.0,
-            tokens=pipeline.tokens if pipeline else 0, output_bytes=stats.output_bytes,
+            patches=pipeline.patches if pipeline else 0, output_bytes=stats.output_bytes,
             data_wait_seconds=round(self.wait_seconds, 3),
             encode_seconds=round(pipeline.encode_seconds, 3) if pipeline else 0.0,
             device_wait_seconds=round(pipeline.device_wait_seconds, 3) if pipeline else 0.0, **self.counts,
