@@ -18,7 +18,7 @@ from .flags import choice_type, option_parameters
 
 @app.command()
 def info(
-    out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
+    out: Annotated[str, typer.Argument(help="A store written by vitok extract.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Summarise a store: model, settings, planned vs done, images ok / skipped / failed (with reasons), damage."""
@@ -38,7 +38,7 @@ def info(
             "store": str(out), "model": settings.model.name, "weights": settings.model.weights,
             "features": list(settings.features), "pool": settings.pool, "store_dtype": settings.store_dtype,
             "format": settings.format, **report.to_dict(), "skipped": skipped, "failed": failed,
-            "last_run": latest_stats(Path(out)),  # start-up phases, stage rates, what limited it (None: not kept)
+            "last_run": latest_stats(store.root),  # start-up phases, stage rates, what limited it (None: not kept)
         }))
         return
     echo = typer.echo
@@ -73,7 +73,7 @@ def info(
         echo(f"  leftover {line}")
     from ..run.run_stats import describe, latest_stats
 
-    stats = latest_stats(Path(out))
+    stats = latest_stats(store.root)
     if stats is not None:
         echo(f"last run   {stats.get('images', '?')} images in {stats.get('seconds', 0):.1f} s on {stats['device']}")
         for line in describe(stats):
@@ -82,7 +82,7 @@ def info(
 
 @app.command()
 def verify(
-    out: Annotated[Path, typer.Argument(help="A store written by vitok extract.")],
+    out: Annotated[str, typer.Argument(help="A store written by vitok extract.")],
     quick: Annotated[bool, typer.Option(help="Check sizes, keys and rows only, not the checksums.")] = False,
     embeds: Annotated[bool, typer.Option(
         "--embeds", help="Check served embeddings instead: OUT is a vllm-ec or sglang export (or a store, checked as "
@@ -104,8 +104,9 @@ def verify(
     """
     if embeds:
         from ..consumers.serving import verify_embeds
+        from ..storage.location import local_store_path
 
-        result = verify_embeds(out)
+        result = verify_embeds(local_store_path(out, "OUT"))
         for problem in result.problems[:50]:
             typer.echo(f"problem: {_safe(problem)}", err=True)
         if len(result.problems) > 50:
@@ -149,7 +150,7 @@ def verify(
 
 
 
-def _export_command(store: Path, dest: Path, **values: Any) -> None:
+def _export_command(store: str, dest: str, **values: Any) -> None:
     """Write a store's tokens where retrieval tools and inference servers read them. DEST is written aside and
     swapped in whole; damaged or unfinished stores are refused; images with NaN/Inf tokens are left out and counted.
 
@@ -172,9 +173,9 @@ def _export_command(store: Path, dest: Path, **values: Any) -> None:
 
 _export_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
     inspect.Parameter("store", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
-        Path, typer.Argument(help="A store written by vitok extract.")]),
+        str, typer.Argument(help="A store written by vitok extract.")]),
     inspect.Parameter("dest", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
-        Path, typer.Argument(help="Output folder: new, empty, or an earlier export of this store (replaced whole).")]),
+        str, typer.Argument(help="Output folder: new, empty, or an earlier export of this store (replaced whole).")]),
     *option_parameters(ExportOptions),
 ])
 _export_command.__annotations__ = {}

@@ -6,7 +6,6 @@ import enum
 import inspect
 import json
 import os
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -18,7 +17,7 @@ from .flags import by_panel, option_parameters
 
 def _extract_command(
     sources: list[str] | None,
-    out: Path,
+    out: str,
     size: str | None,
     gpus: str | None,
     json_summary: bool,
@@ -57,6 +56,9 @@ def _extract_command(
                          "actor per GPU itself: give one of them")
     if gpus:
         from ..run.gpus import run_per_gpu
+        from ..storage.location import local_store_path
+
+        local_store_path(out, "-o")  # refused here, not by each child
 
         code, merged = run_per_gpu(gpus, out, sources, options, quiet)
         if code:
@@ -114,8 +116,8 @@ def _report(summary, out) -> None:
 _extract_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
     inspect.Parameter("sources", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
         list[str] | None, typer.Argument(help="Inputs; '-' reads one per line from stdin.", show_default=False)]),
-    *by_panel([inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=Path("vitok-out"),
-                                  annotation=Annotated[Path, typer.Option(
+    *by_panel([inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default="vitok-out",
+                                  annotation=Annotated[str, typer.Option(
                                       "-o", "--out", help="Output folder (resumed if it holds a store).",
                                       rich_help_panel="Outputs")]),
     inspect.Parameter("size", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
@@ -136,7 +138,7 @@ app.command("extract")(_extract_command)
 PLAN_OPTIONS = ("files_from", "input_format", "image_column", "key_column", "meta_fields", "shard_size")
 
 
-def _plan_command(sources: list[str] | None, out: Path, **values: Any) -> None:
+def _plan_command(sources: list[str] | None, out: str, **values: Any) -> None:
     """List SOURCES once and write OUT/plan, so the processes of a big job need not list millions of files.
 
     Example:
@@ -150,8 +152,10 @@ def _plan_command(sources: list[str] | None, out: Path, **values: Any) -> None:
     from ..inputs.readers import ReaderOptions
     from ..inputs.sources import list_inputs
     from ..run.options import make_options
+    from ..storage.location import local_store_path
     from ..storage.plan import diff, listing_digest, load_plan, write_generation
 
+    out = local_store_path(out, "-o")
     options = make_options(**{k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()})
     if not sources and not options.files_from:
         raise UsageError("give at least one source, '-' for stdin, or --files-from")
@@ -181,8 +185,8 @@ _plan_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
     inspect.Parameter("sources", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
         list[str] | None, typer.Argument(help="Inputs, as for extract; '-' reads them from stdin.",
                                          show_default=False)]),
-    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=Path("vitok-out"), annotation=Annotated[
-        Path, typer.Option("-o", "--out", help="Output folder that will hold the plan.")]),
+    inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default="vitok-out", annotation=Annotated[
+        str, typer.Option("-o", "--out", help="Output folder that will hold the plan.")]),
     *option_parameters(ExtractOptions, PLAN_OPTIONS),
 ])
 _plan_command.__annotations__ = {}

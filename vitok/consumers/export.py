@@ -276,10 +276,12 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
            pool: str | None = None, normalize: str | None = None, dtype: str = "float16", key: str = "store",
            allow_partial: bool = False) -> ExportResult:
     """Export a store into DEST in ``layout``; see the module docstring for the rules every layout follows."""
+    from ..storage.location import local_store_path
     from ..storage.store import open_store
     from ..version import __version__
     from .export_target import ExportMarker, ExportTarget, store_identity
 
+    dest = local_store_path(dest, "DEST")
     writer = make_layout(layout, feature, pool, normalize, dtype, key)
     store = open_store(store_path)
     try:

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import ImageError, UsageError
 from ..storage.layout import SHARDS_DIR, shard_name
+from ..storage.location import local_store_path
 
 IMAGE_COLUMN = "image"
 
@@ -161,7 +162,7 @@ def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", sha
     from ..storage import SidecarStamp, get_format, new_store
 
 
-    out = Path(out)
+    out = local_store_path(out, "out")
     if check_out_folder(out) is not None or (out / SHARDS_DIR).exists():
         raise UsageError(f"{out} already holds a store; write_store writes a new one (choose an empty folder)")
     spec = Spec({**options, "shard_size": shard_size})

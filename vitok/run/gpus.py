@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
@@ -15,7 +14,7 @@ from .options import ExtractOptions
 from .parallel import detect_part
 
 
-def run_per_gpu(gpus: str, out: Path, sources: list[str], options: ExtractOptions, quiet: bool = False
+def run_per_gpu(gpus: str, out: str, sources: list[str], options: ExtractOptions, quiet: bool = False
                 ) -> tuple[int, dict[str, Any] | None]:
     """One child process per GPU, each ``vitok extract --part i --num-parts n --device cuda:g`` into one OUT: this
     process's part split between its GPUs.

@@ -22,6 +22,7 @@ from ..pipeline.batcher import BUDGET_CPU, BUDGET_CUDA
 from ..pipeline.pool import POOLS
 from ..storage.dtypes import STORE_DTYPES
 from ..storage.hdf5 import COMPRESSIONS
+from ..storage.location import local_store_path
 from ..storage.plan.changes import MODES as CHANGE_MODES
 from ..storage.shards import FORMATS
 
@@ -161,6 +162,8 @@ class ExtractOptions:
             raise UsageError("--address names a Ray cluster; it needs --engine ray")
         if self.update and self.overwrite:
             raise UsageError("--update and --overwrite contradict each other; give one")
+        for store in self.reuse or ():
+            local_store_path(store, "--reuse")  # a URL it cannot serve: refused before anything is done
         return self
 
     def replace(self, **changes: Any) -> ExtractOptions:

@@ -26,6 +26,7 @@ from ..errors import StoreError
 from . import RunHeader, read_header
 from .dtypes import from_store_array
 from .format import ShardDataReader, row_offsets
+from .location import local_store_path
 from .plan import load_plan
 from .plan.retries import sidecar_attempt
 from .records import ImageRecord, Sidecar
@@ -325,7 +326,7 @@ def open_store(out: str | Path, index: bool = True) -> Store:
 
     With ``index`` (the default) through the store's key index (``vitok.storage.index``): built from the sidecars
     on the first open after a change and cached in ``OUT/.index``, then opened without reading a sidecar."""
-    root = Path(out)
+    root = local_store_path(out)
     header = read_header(root)
     if index:
         from .index import open_index

@@ -12,6 +12,7 @@ from . import read_header
 from .claims import Claims
 from .files import leftover_temps
 from .layout import PLAN_DIR
+from .location import local_store_path
 from .plan import load_plan
 from .plan.binding import Bindings
 from .plan.retries import sidecar_attempt
@@ -63,7 +64,7 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
     """Check every committed shard (checksums too, unless ``quick``) and the plan; nothing is modified.
     ``sources`` (a :mod:`vitok.storage.plan.changes` mode, ``mtime`` or ``hash``): also compare every record with its
     input as it is now, and list the stale ones."""
-    root = Path(out)
+    root = local_store_path(out)
     header = read_header(root)
     plan = load_plan(root)
     problems: list[str] = []
