@@ -278,7 +278,7 @@ def test_claims_are_exclusive_and_stale_ones_are_taken_over(tmp_path):
     dead.start()
     dead._stop.set()
     assert dead.try_claim("shard-000002")
-    os.rename(dead.run_file, dead.run_file.with_name("gone"))  # its process died without cleaning up
+    os.rename(tmp_path / dead.run_file, tmp_path / ".claims" / "runs" / "gone")  # its process died without cleaning up
     assert second.try_claim("shard-000002")  # stale: taken over
     first.stop()
     assert second.try_claim("shard-000001")  # released
@@ -307,7 +307,7 @@ def test_a_fresh_heartbeat_keeps_a_claim_whatever_its_pid_looks_like_here(tmp_pa
     assert live.try_claim("shard-000001")
     assert not mine.try_claim("shard-000001")  # its heartbeat is fresh: never taken over
     missed = time.time() - 3 * claims_module.HEARTBEAT_SECONDS - 30  # three beats missed, and its pid is dead here
-    os.utime(live.run_file, (missed, missed))
+    os.utime(tmp_path / live.run_file, (missed, missed))
     assert mine.try_claim("shard-000001")
     same = Claims(tmp_path, RunIdentity(mine.identity.host, 8, None, "same", **here))  # this namespace: pid trusted
     same.start()

@@ -10,6 +10,10 @@
     ├── StoreError                  an output store that is missing, damaged, incomplete or not writable
     │   ├── NotAStoreError          a path given as a store that does not exist or is not one (also a UsageError:
     │   │                           exit code 2)
+    │   ├── StoreAccessError        an object store refused: credentials missing or refused, no such bucket (also a
+    │   │                           UsageError: exit code 2)
+    │   ├── StoreUnavailableError   an object store throttled (503 SlowDown) or unreachable after the retries
+    │   │                           (exit code 75: temporary, rerun to resume)
     │   └── DiskFullError           no space left while writing a shard (nothing incomplete is listed)
     ├── WorkersDiedError            decode workers that keep dying even with every image decoded in a process of its own
     └── Interrupted                 SIGINT/SIGTERM: the run stopped cleanly (exit 130 / 143)
@@ -60,6 +64,19 @@ class NotAStoreError(StoreError, UsageError):
     """The path given as a store does not exist, is a file, or holds no run header: a usage error (exit 2)."""
 
     exit_code = 2
+
+
+class StoreAccessError(StoreError, UsageError):
+    """An object store refused the request as configured: no credentials, credentials refused, no such bucket."""
+
+    exit_code = 2
+
+
+class StoreUnavailableError(StoreError):
+    """An object store kept failing (throttled, 5xx, connections dropped) after the client's retries with backoff:
+    nothing is lost, a rerun resumes (EX_TEMPFAIL)."""
+
+    exit_code = 75
 
 
 class DiskFullError(StoreError):

@@ -165,7 +165,7 @@ def run(args, device, tmp: Path) -> None:
         index_scale(args, tmp)
 
 
-def synthetic_store(out: Path, images: int, rows: int, dim: int, fmt: str = "hdf5", per_shard: int = 1000,
+def synthetic_store(out, images: int, rows: int, dim: int, fmt: str = "hdf5", per_shard: int = 1000,
                     store_dtype: str = "float16") -> None:
     """A store of random tokens written through the real sink (no encoder): for timing reads."""
     import time as clock
@@ -174,16 +174,17 @@ def synthetic_store(out: Path, images: int, rows: int, dim: int, fmt: str = "hdf
 
     from ..pipeline.sink import ShardSink
     from ..pipeline.types import EncodedBatch
-    from ..storage import META_FILE, RunHeader, create_exclusive, get_format
+    from ..storage import RunHeader, get_format, new_store, store_root
     from ..storage.format import FeatureLayout
     from ..storage.layout import shard_name
-    from ..storage.records import ImageRecord, ModelSettings, Settings, dumps
+    from ..storage.records import ImageRecord, ModelSettings, Settings
     from ..version import __version__
 
     settings = Settings(ModelSettings("synthetic", weights="none", config={"spatial_merge_size": 2}),
                         features=("merged",), pool="mean" if rows == 1 else "none", store_dtype=store_dtype,
                         format=fmt, token_order={"merged": "raster"})
-    create_exclusive(out / META_FILE, dumps(RunHeader(settings, __version__, clock.strftime("%F")).to_json()))
+    out = store_root(out)
+    new_store(out, RunHeader(settings, __version__, clock.strftime("%F")))
     rng = np.random.default_rng(0)
     for shard, start in enumerate(range(0, images, per_shard)):
         count = min(per_shard, images - start)

@@ -12,22 +12,27 @@ import typer
 
 from ..consumers.export import ExportOptions  # light: the export's options record
 from ..storage.plan.changes import MODES as CHANGE_MODES
+from ..storage.roots import STORAGE_OPTION_HELP
 from .app import _safe, _setup_logging, app
 from .flags import choice_type, option_parameters
+
+StorageOption = Annotated[list[str] | None, typer.Option("--storage-option", metavar="KEY=VALUE",
+                                                         help=STORAGE_OPTION_HELP)]
 
 
 @app.command()
 def info(
-    out: Annotated[str, typer.Argument(help="A store written by vitok extract.")],
+    out: Annotated[str, typer.Argument(help="A store written by vitok extract (a folder, or s3://BUCKET/PREFIX).")],
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    storage_option: StorageOption = None,
 ) -> None:
     """Summarise a store: model, settings, planned vs done, images ok / skipped / failed (with reasons), damage."""
     _setup_logging(quiet=json_output)
     from ..storage.store import open_store
     from ..storage.verify import verify_store
 
-    store = open_store(out)
-    report = verify_store(out, quick=True)
+    store = open_store(out, storage_options=storage_option)
+    report = verify_store(store.root, quick=True)
     settings = store.header.settings
     skipped = {k: r for k, r in store.skipped.items() if k not in store.removed}
     failed = {k: r for k, r in store.failed.items() if k not in store.removed}
@@ -82,7 +87,7 @@ def info(
 
 @app.command()
 def verify(
-    out: Annotated[str, typer.Argument(help="A store written by vitok extract.")],
+    out: Annotated[str, typer.Argument(help="A store written by vitok extract (a folder, or s3://BUCKET/PREFIX).")],
     quick: Annotated[bool, typer.Option(help="Check sizes, keys and rows only, not the checksums.")] = False,
     embeds: Annotated[bool, typer.Option(
         "--embeds", help="Check served embeddings instead: OUT is a vllm-ec or sglang export (or a store, checked as "
@@ -94,6 +99,7 @@ def verify(
     detect_changes: Annotated[choice_type("verify_detect_changes", CHANGE_MODES[:2]), typer.Option(
         help="With --sources: compare size and modification time, or the content (reads every input).")] = "mtime",
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
+    storage_option: StorageOption = None,
 ) -> None:
     """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem, on an unfinished
     store (shards not done, inputs or archives that could not be read: what export refuses) or (with --sources) on a
@@ -115,10 +121,12 @@ def verify(
         if not result.clean:
             raise typer.Exit(1)
         return
+    from ..storage.roots import store_root
     from ..storage.verify import verify_store
 
     mode = getattr(detect_changes, "value", detect_changes)
-    report = verify_store(out, quick=quick, sources=mode if sources else None)
+    report = verify_store(store_root(out, storage_options=storage_option), quick=quick,
+                          sources=mode if sources else None)
     if json_output:
         typer.echo(json.dumps(report.to_dict()))
         if not report.clean:
@@ -189,6 +197,7 @@ def viz(
     out: Annotated[Path, typer.Option("-o", "--out", help="Picture to write (.png).")] = Path("tokens.png"),
     model: Annotated[str | None, typer.Option("--model", "-m", help="Encode an image file with this model.")] = None,
     feature: Annotated[str | None, typer.Option(help="Per-patch feature to draw. [default: patch]")] = None,
+    storage_option: StorageOption = None,
 ) -> None:
     """Draw an image beside the first three principal components of its patch tokens and their norms.
 
@@ -209,7 +218,7 @@ def viz(
             raise UsageError("give the image's KEY in the store (vitok info lists them), or an image file with --model")
         from ..storage.store import open_store
 
-        with open_store(target) as store:
+        with open_store(target, storage_options=storage_option) as store:
             written = token_picture(store, key, out, feature)
     typer.echo(f"wrote {written}")
 

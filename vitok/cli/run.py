@@ -56,9 +56,9 @@ def _extract_command(
                          "actor per GPU itself: give one of them")
     if gpus:
         from ..run.gpus import run_per_gpu
-        from ..storage.location import local_store_path
+        from ..storage.roots import check_location
 
-        local_store_path(out, "-o")  # refused here, not by each child
+        check_location(out, "-o")  # refused here, not by each child
 
         code, merged = run_per_gpu(gpus, out, sources, options, quiet)
         if code:
@@ -135,7 +135,8 @@ _extract_command.__annotations__ = {}
 app.command("extract")(_extract_command)
 
 
-PLAN_OPTIONS = ("files_from", "input_format", "image_column", "key_column", "meta_fields", "shard_size")
+PLAN_OPTIONS = ("files_from", "input_format", "image_column", "key_column", "meta_fields", "shard_size",
+                "storage_options")
 
 
 def _plan_command(sources: list[str] | None, out: str, **values: Any) -> None:
@@ -152,16 +153,16 @@ def _plan_command(sources: list[str] | None, out: str, **values: Any) -> None:
     from ..inputs.readers import ReaderOptions
     from ..inputs.sources import list_inputs
     from ..run.options import make_options
-    from ..storage.location import local_store_path
     from ..storage.plan import diff, listing_digest, load_plan, write_generation
+    from ..storage.roots import store_root
 
-    out = local_store_path(out, "-o")
     options = make_options(**{k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()})
+    out = store_root(out, "-o", options.storage_options)
     if not sources and not options.files_from:
         raise UsageError("give at least one source, '-' for stdin, or --files-from")
     shard_size = options.shard_size
     reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
-    listing = list_inputs(list(sources or []), options.files_from, None, options.input_format, out=out)
+    listing = list_inputs(list(sources or []), options.files_from, None, options.input_format, out=out.local_path())
     existing = load_plan(out)
     if existing is not None:
         if existing.latest.listing_digest != listing_digest(listing):
@@ -171,6 +172,7 @@ def _plan_command(sources: list[str] | None, out: str, **values: Any) -> None:
     files_from = options.files_from if options.files_from in (None, "-") else os.path.abspath(options.files_from)
     from ..storage.maintenance import remove_plan_leftovers
 
+    out.prepare()
     remove_plan_leftovers(out)
     generation = write_generation(out, listing, shard_size, 0, 0, [os.path.abspath(s) for s in sources or []],
                                   "initial", None, reader_options.to_dict(), files_from=files_from,
@@ -178,7 +180,7 @@ def _plan_command(sources: list[str] | None, out: str, **values: Any) -> None:
     header = generation.header
     size = f" of {shard_size}" if header.reader == "files" else ""
     items = "?" if header.num_items is None else header.num_items
-    typer.echo(f"{items} inputs in {header.num_units} shards{size} -> {out}/plan")
+    typer.echo(f"{items} inputs in {header.num_units} shards{size} -> {out.show('plan')}")
 
 
 _plan_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]

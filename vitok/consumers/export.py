@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from ..atomic import AtomicFile
 from ..errors import StoreError, UsageError
 from ..pipeline.pool import POOLS as ALL_POOLS
 from ..run.options import option
+from ..storage.roots import STORAGE_OPTION_HELP
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class ExportOptions:
                       choices=KEY_MODES)
     allow_partial: bool = option(False, "Export an unfinished store (shards not done, inputs that failed), saying "
                                  "what is missing.", "Outputs")
+    storage_options: tuple[str, ...] | None = option(None, STORAGE_OPTION_HELP, "Outputs", flags=("--storage-option",),
+                                                     metavar="KEY=VALUE", multiple=True)
 
 
 @dataclass
@@ -274,16 +276,17 @@ def make_layout(layout: str, feature: str | None = None, pool: str | None = None
 
 def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-reader", *, feature: str | None = None,
            pool: str | None = None, normalize: str | None = None, dtype: str = "float16", key: str = "store",
-           allow_partial: bool = False) -> ExportResult:
+           allow_partial: bool = False, storage_options=None) -> ExportResult:
     """Export a store into DEST in ``layout``; see the module docstring for the rules every layout follows."""
     from ..storage.location import local_store_path
+    from ..storage.roots import parse_storage_options
     from ..storage.store import open_store
     from ..version import __version__
     from .export_target import ExportMarker, ExportTarget, store_identity
 
     dest = local_store_path(dest, "DEST")
     writer = make_layout(layout, feature, pool, normalize, dtype, key)
-    store = open_store(store_path)
+    store = open_store(store_path, storage_options=parse_storage_options(storage_options))
     try:
         writer.check(store)
         identity = store_identity(store.header)
@@ -304,7 +307,7 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
             import datetime
 
             marker = ExportMarker(
-                layout=writer.name, store=os.path.abspath(store.root), store_id=identity,
+                layout=writer.name, store=store.root.where, store_id=identity,
                 fingerprint=store.header.fingerprint, images=count, vitok_version=__version__,
                 created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 options=writer.options, left_out=left_out, missing=missing,

@@ -29,6 +29,7 @@ from ..errors import StoreError, UsageError
 from ..storage.claims import STALE_AFTER, process_alive
 from ..storage.files import fsync_dir
 from ..storage.records import RunHeader, dumps
+from ..storage.roots import StoreRoot
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +95,16 @@ class ExportTarget:
             raise
     """
 
-    def __init__(self, dest: str | Path, store_id: str, store_root: Path) -> None:
+    def __init__(self, dest: str | Path, store_id: str, store_root: StoreRoot) -> None:
         self.dest = Path(os.path.abspath(dest))
         self.store_id = store_id
         self.tmp: Path | None = None
         self._made: list[Path] = []  # parent folders created by begin(), removed again by abort()
-        root = Path(os.path.abspath(store_root))
-        if self.dest == root or root in self.dest.parents:
+        folder = store_root.local_path()
+        root = Path(os.path.abspath(folder)) if folder is not None else None  # (a store in a bucket holds no DEST)
+        if root is not None and (self.dest == root or root in self.dest.parents):
             raise UsageError(f"DEST {dest} is inside the store {store_root}; export to a folder outside it")
-        if self.dest in root.parents:
+        if root is not None and self.dest in root.parents:
             raise UsageError(f"DEST {dest} holds the store {store_root}; export to a folder outside it")
         if self.dest.is_symlink() or (self.dest.exists() and not self.dest.is_dir()):
             raise UsageError(f"DEST {dest} is not a folder; give a new or empty folder, or an earlier export of this "

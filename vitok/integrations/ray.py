@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import os
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ImageError, UsageError
-from ..storage.layout import SHARDS_DIR, shard_name
-from ..storage.location import local_store_path
+from ..storage.layout import shard_name
 
 IMAGE_COLUMN = "image"
 
@@ -141,15 +139,16 @@ class Spec:
 
 
 def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", shard_size: int = 1000,
-                **options: Any) -> int:
+                storage_options: dict | None = None, **options: Any) -> int:
     """Write ``TokenEncoder``'s output into a new vitok store at ``out``; returns the number of shards.
 
     Args:
         dataset: a Ray Dataset (or any iterable of column batches) with ``key_column``, the feature columns,
             ``grid`` and ``vitok_error``.
-        out: a new or empty folder.
+        out: a new or empty folder, or ``s3://BUCKET/PREFIX``.
         key_column: the column of unique keys (``vitok.open(out)[key]``).
         shard_size: rows per shard.
+        storage_options: an object store's client options (``endpoint_url``...), after its own configuration.
         **options: the same options ``TokenEncoder`` was given (they are the store's settings; give ``dtype``
             explicitly when the actors' device differs from the driver's, since ``auto`` depends on the device).
     """
@@ -160,10 +159,11 @@ def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", sha
     from ..run.parallel import Part
     from ..run.settings_schema import make_settings, new_header
     from ..storage import SidecarStamp, get_format, new_store
+    from ..storage.layout import SHARDS_DIR
+    from ..storage.roots import store_root
 
-
-    out = local_store_path(out, "out")
-    if check_out_folder(out) is not None or (out / SHARDS_DIR).exists():
+    out = store_root(out, "out", storage_options)
+    if check_out_folder(out) is not None or out.list(SHARDS_DIR):
         raise UsageError(f"{out} already holds a store; write_store writes a new one (choose an empty folder)")
     spec = Spec({**options, "shard_size": shard_size})
     opts = spec.options
@@ -172,7 +172,7 @@ def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", sha
     job = Job(out, opts, Part(0, 1, None, "single"), spec.source, spec.preprocess, spec.features, ReaderOptions(),
               None, [], None, None, None, _device(opts.device), dtype)
     header = new_header(job, make_settings(job, encoder.weights_hash), describe_environment(encoder))
-    out.mkdir(parents=True, exist_ok=True)
+    out.prepare()
     header, created = new_store(out, header)
     if not created:
         raise UsageError(f"{out} was started by another writer meanwhile")
@@ -194,7 +194,7 @@ def _device(name: str):
 class _ShardWriter:
     """Rows in, shards of ``shard_size`` rows out, each committed by ``ShardSink`` (temporary file, sidecar)."""
 
-    def __init__(self, out: Path, fmt, spec: Spec, stamp) -> None:
+    def __init__(self, out, fmt, spec: Spec, stamp) -> None:
         self.out, self.fmt, self.spec, self.stamp = out, fmt, spec, stamp
         self.run = f"ray-{uuid.uuid4().hex[:8]}"
         self.sink, self.rows, self.shards = None, 0, 0

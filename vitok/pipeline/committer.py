@@ -15,13 +15,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..storage import SidecarStamp
 from ..storage.claims import Claims
 from ..storage.format import FeatureLayout, ShardFormat
 from ..storage.plan import UnitRef
 from ..storage.records import ImageRecord, Sidecar, UnitInfo
+from ..storage.roots import StoreRoot
 from .sink import ShardSink
 from .types import EncodedBatch, UnitEnd
 
@@ -42,7 +42,7 @@ class CommitStats:
 
 
 class Committer:
-    def __init__(self, out: Path, fmt: ShardFormat, layouts: dict[str, FeatureLayout], store_dtype: str,
+    def __init__(self, out: StoreRoot, fmt: ShardFormat, layouts: dict[str, FeatureLayout], store_dtype: str,
                  compression: str | None, claims: Claims, stamp: SidecarStamp,
                  on_commit: Callable[[Sidecar], None] | None = None) -> None:
         self.out, self.fmt, self.layouts = out, fmt, layouts

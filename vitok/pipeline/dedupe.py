@@ -20,7 +20,6 @@ by h5py/numpy/webdataset alone) and every reader works unchanged; the cost is th
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,10 @@ import numpy as np
 
 from ..errors import SettingsMismatchError, StoreError
 from ..storage import RunHeader, read_header
-from ..storage.files import checksum
 from ..storage.format import ShardDataReader
 from ..storage.records import ImageRecord, Settings, Sidecar, diff_settings
-from ..storage.shards import get_format, iter_sidecars, shards_dir
+from ..storage.roots import StoreRoot, store_root
+from ..storage.shards import data_name, get_format, iter_sidecars
 
 logger = logging.getLogger(__name__)
 MAX_OPEN = 16  # donor shard files held open
@@ -43,7 +42,7 @@ MAX_OPEN = 16  # donor shard files held open
 class Donor:
     """One committed image whose rows can be copied."""
 
-    root: Path  # the store
+    root: StoreRoot  # the store
     fmt: str
     data: str  # the shard's data name under shards/
     row: int
@@ -60,35 +59,38 @@ class Donors:
         self.features = features
         self._by_content: dict[str, Donor] = {}
         self._stores: list[tuple[str, Any]] = []  # (label, IndexedStore) of --reuse stores: their content index
-        self._readers: OrderedDict[tuple[Path, str], tuple[ShardDataReader, dict[str, np.ndarray]]] = OrderedDict()
+        self._readers: OrderedDict[tuple[str, str], tuple[ShardDataReader, dict[str, np.ndarray]]] = OrderedDict()
         self._intact: dict[tuple[str, str], bool] = {}  # (store, shard data) -> its files match their checksums
 
     def __len__(self) -> int:
         return len(self._by_content)
 
-    def add_sidecar(self, root: Path, sidecar: Sidecar, label: str = "") -> None:
+    def add_sidecar(self, root: Path | StoreRoot, sidecar: Sidecar, label: str = "") -> None:
         """Index a committed shard's ok images (called from the committer's thread as shards commit: a dict
         insertion is atomic, and the loop only looks entries up)."""
         files = tuple(sidecar.files.items())
+        root = store_root(root)
         for record in sidecar.records:
             if record.status == "ok" and record.content_id and record.row is not None:
                 self._by_content.setdefault(record.content_id,
-                                            Donor(Path(root), sidecar.format, sidecar.data, record.row, record.key,
+                                            Donor(root, sidecar.format, sidecar.data, record.row, record.key,
                                                   label, files))
 
-    def add_store(self, root: Path, fingerprint: str | None = None, exclude: set[str] = frozenset(),
+    def add_store(self, root: Path | StoreRoot, fingerprint: str | None = None, exclude: set[str] = frozenset(),
                   label: str = "") -> None:
         """Index a store's committed shards (those of ``fingerprint`` when given, minus ``exclude``)."""
+        root = store_root(root)
         for sidecar in iter_sidecars(root):
             if sidecar.shard in exclude or (fingerprint is not None and sidecar.fingerprint not in (None, fingerprint)):
                 continue
             self.add_sidecar(root, sidecar, label)
 
-    def add_reuse(self, root: Path) -> None:
+    def add_reuse(self, root: Path | StoreRoot) -> None:
         """A ``--reuse`` store, looked up through its content index (``vitok.storage.index``), not loaded."""
         from ..storage.store import open_store
 
-        self._stores.append((os.path.abspath(root), open_store(root)))
+        root = store_root(root)
+        self._stores.append((root.where, open_store(root)))
 
     def take(self, record: ImageRecord) -> tuple[dict[str, np.ndarray], bool] | None:
         """The stored rows of a committed image with the record's content id and whether they come from another
@@ -120,7 +122,7 @@ class Donors:
             if key is None:
                 continue
             sidecar = store.shards[store.info(key)["shard"]]
-            if not self._checks_out(Path(label), sidecar.data, tuple(sidecar.files.items())):
+            if not self._checks_out(store.root, sidecar.data, tuple(sidecar.files.items())):
                 continue
             try:
                 arrays = {f: np.array(store.stored_rows(key, f)) for f in self.features}
@@ -132,15 +134,15 @@ class Donors:
             return arrays
         return None
 
-    def _checks_out(self, root: Path, data: str, files: tuple) -> bool:
+    def _checks_out(self, root: StoreRoot, data: str, files: tuple) -> bool:
         """Whether a donor shard's files still match the checksums its sidecar recorded (read once per shard and
         run): rows are never copied from damaged data, which a copy would carry into a shard that verifies clean."""
-        where = (str(root), data)
+        where = (root.where, data)
         if where not in self._intact:
             problems = []
             for relative, expected in files:
                 try:
-                    if expected.blake2b and checksum(shards_dir(root) / relative) != expected.blake2b:
+                    if expected.blake2b and root.checksum(data_name(relative)) != expected.blake2b:
                         problems.append(relative)
                 except OSError as exc:
                     problems.append(f"{relative} ({exc.strerror})")
@@ -151,11 +153,11 @@ class Donors:
         return self._intact[where]
 
     def _read(self, donor: Donor) -> dict[str, np.ndarray]:
-        where = (donor.root, donor.data)
+        where = (donor.root.where, donor.data)
         if where in self._readers:
             self._readers.move_to_end(where)
         else:
-            reader = get_format(donor.fmt).open(shards_dir(donor.root) / donor.data)
+            reader = get_format(donor.fmt).open_at(donor.root, data_name(donor.data))
             self._readers[where] = (reader, {})
             while len(self._readers) > MAX_OPEN:
                 self._readers.popitem(last=False)[1][0].close()
@@ -176,7 +178,7 @@ class Donors:
             store.close()
 
 
-def check_reuse(root: Path, settings: Settings) -> RunHeader:
+def check_reuse(root: Path | StoreRoot, settings: Settings) -> RunHeader:
     """A ``--reuse`` store's header, refused unless its tokens were made with the same token settings."""
     try:
         header = read_header(root)

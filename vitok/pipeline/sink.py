@@ -15,15 +15,16 @@ from ..storage import shards
 from ..storage.files import is_no_space, raise_store_error, remove
 from ..storage.format import FeatureLayout, ShardFormat, row_offsets
 from ..storage.records import ImageRecord, Sidecar
+from ..storage.roots import StoreRoot, store_root
 from .types import EncodedBatch
 
 logger = logging.getLogger(__name__)
 
 
 class ShardSink:
-    def __init__(self, out: Path, fmt: ShardFormat, shard: str, layouts: dict[str, FeatureLayout],
+    def __init__(self, out: Path | StoreRoot, fmt: ShardFormat, shard: str, layouts: dict[str, FeatureLayout],
                  store_dtype: str, compression: str | None, run: str) -> None:
-        self.out, self.fmt, self.shard, self.layouts = Path(out), fmt, shard, layouts
+        self.out, self.fmt, self.shard, self.layouts = store_root(out), fmt, shard, layouts
         self.tmp = shards.temp_path(self.out, fmt, shard, run)
         self.records: list[ImageRecord] = []
         self.keys: list[str] = []

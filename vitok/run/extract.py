@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import Interrupted
-from ..storage.location import local_store_path
 from .engines import engine_class
 from .job import prepare
 from .options import ExtractOptions, make_options, option_fields
@@ -49,7 +48,7 @@ def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-o
     with stop_on_signals():
         engine = engine_class(opts.engine)
         opts, context = engine.configure(opts)
-        job = prepare([str(s) for s in sources], local_store_path(out, "-o"), opts, stdin)
+        job = prepare([str(s) for s in sources], out, opts, stdin)
         run = engine(job, progress, started=started, **context)
         if imports is not None:
             run.phases["imports"] = imports

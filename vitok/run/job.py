@@ -21,12 +21,13 @@ from ..inputs.preprocess_config import PreprocessConfig
 from ..inputs.readers import ReaderOptions
 from ..inputs.sources import FileListing, Listing, kind_of, list_inputs, listing_kind
 from ..storage import META_FILE, RunHeader, iter_sidecars, read_header
-from ..storage.layout import SHARDS_DIR, STORE_ENTRIES
+from ..storage.layout import STORE_ENTRIES
 from ..storage.plan import Plan, PlanDiff, diff, listing_digest, load_plan
 from ..storage.plan.binding import Bindings
 from ..storage.plan.changes import changed_inputs
 from ..storage.plan.retries import base_and_attempt, retry_units
-from ..storage.shards import check_shard, read_sidecar, sidecar_path
+from ..storage.roots import StoreRoot, store_root
+from ..storage.shards import check_shard, committed, read_sidecar
 from .options import ExtractOptions
 from .parallel import Part, detect_part
 from .settings_schema import check_settings, feature_layouts, options_from_settings
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Job:
-    out: Path
+    out: StoreRoot  # where the store lives (a folder, a bucket: ``storage.roots``)
     options: ExtractOptions
     part: Part
     source: ModelSource
@@ -61,25 +62,28 @@ class Job:
         return feature_layouts(self.source.encoder, self.features)
 
 
-def check_out_folder(out: Path, overwrite: bool = False) -> RunHeader | None:
+def check_out_folder(out: Path | StoreRoot, overwrite: bool = False) -> RunHeader | None:
     """The stored header, None for a new or empty folder; refuse a file or a folder that is not a store. A damaged
     header is no obstacle to ``overwrite`` (its repair hint says to use it)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"-o {out} exists and is not a folder")
-    if not out.is_dir():
-        above = next((p for p in Path(os.path.abspath(out)).parents if p.exists()), None)
-        if above is not None and not above.is_dir():  # refused before the model loads, not when the header is written
-            raise UsageError(f"-o {out} cannot be created: {above} is a file, not a folder")
-        return None
-    if (out / META_FILE).exists():
+    out = store_root(out)
+    local = out.local_path()
+    if local is not None:
+        if local.exists() and not local.is_dir():
+            raise UsageError(f"-o {out} exists and is not a folder")
+        if not local.is_dir():
+            above = next((p for p in Path(os.path.abspath(local)).parents if p.exists()), None)
+            if above is not None and not above.is_dir():  # refused before the model loads, not at the first write
+                raise UsageError(f"-o {out} cannot be created: {above} is a file, not a folder")
+            return None
+    entries = out.list()
+    if any(e.name == META_FILE for e in entries):
         try:
             return read_header(out)
         except StoreError:
             if overwrite:
                 return None
             raise
-    foreign = [p.name for p in out.iterdir() if not p.name.startswith(".")
-               and p.name not in STORE_ENTRIES]
+    foreign = [e.name for e in entries if not e.name.startswith(".") and e.name not in STORE_ENTRIES]
     if foreign:
         raise UsageError(f"-o {out} is a non-empty folder that is not a vitok store (it holds {foreign[0]}); choose "
                          "an empty or new folder")
@@ -109,8 +113,9 @@ def preprocess_for(source: ModelSource, options: ExtractOptions) -> PreprocessCo
     return preprocess
 
 
-def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) -> Job:
+def prepare(sources: list[str], out: Path | StoreRoot, options: ExtractOptions, stdin=None) -> Job:
     """Validate everything cheap and decide what to do; writes nothing."""
+    out = store_root(out, "-o", options.storage_options)
     header = check_out_folder(out, options.overwrite)
     if header is not None and not options.overwrite:  # a resume: options not given are the store's
         options = options.from_store(header.options or options_from_settings(header.settings))
@@ -127,8 +132,9 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
         list_cwd = plan.latest.list_cwd or list_cwd  # relative list lines mean what they meant when planned
     listing = None
     if sources or options.files_from:
+        local = out.local_path()
         listing = list_inputs(sources, options.files_from, stdin, options.input_format, cwd=list_cwd,
-                              out=os.path.abspath(out))
+                              out=os.path.abspath(local) if local is not None else None)
         report_listing(listing)
     elif plan is None:
         raise UsageError("give at least one source folder or file, '-' for stdin, or --files-from (or -o a store "
@@ -157,7 +163,7 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     return job
 
 
-def recorded_sources(out: Path, plan: Plan, options: ExtractOptions) -> tuple[list[str], ExtractOptions]:
+def recorded_sources(out: StoreRoot, plan: Plan, options: ExtractOptions) -> tuple[list[str], ExtractOptions]:
     """A bare ``--update``: the sources (and --files-from list) the plan was last listed from, to list them again."""
     sources, files_from = plan.sources, plan.latest.files_from
     if "-" in sources or files_from == "-":
@@ -208,17 +214,15 @@ def check_listing(listing: Listing, changes: PlanDiff | None, reader_options: Re
         check_columns(paths, reader_options.image_column, reader_options.key_column)
 
 
-def check_committed(out: Path, fingerprint: str) -> None:
+def check_committed(out: Path | StoreRoot, fingerprint: str) -> None:
     """A store whose header is gone: refuse settings other than those of its committed shards before a new header
     is written (a refused run writes nothing)."""
-    folder = out / SHARDS_DIR
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        if path.name.startswith("."):
-            continue
-        found = read_sidecar(path).fingerprint
+    out = store_root(out)
+    for shard in committed(out):
+        found = read_sidecar(out, shard).fingerprint
         if found not in (None, fingerprint):
             raise SettingsMismatchError(
-                f"shard {path.stem} in {out} was written with other settings (fingerprint {found}, this run "
+                f"shard {shard} in {out} was written with other settings (fingerprint {found}, this run "
                 f"{fingerprint}), and the store's header is gone; use the same settings, another -o, or --overwrite")
 
 
@@ -286,12 +290,14 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
     damaged: set[str] = set()
     bindings = Bindings(plan.units)
     names_mine = {u.name for u in plan.units if job.part.owns(u.index)}
-    for path in sorted((job.out / SHARDS_DIR).glob("*.json")) if (job.out / SHARDS_DIR).is_dir() else []:
-        name = path.stem
-        if base_and_attempt(name, plan.legacy_names)[0] not in names_mine or path.name.startswith("."):
+    shards = committed(job.out)
+    for name in shards:
+        if base_and_attempt(name, plan.legacy_names)[0] not in names_mine:
             continue
         try:
-            sidecar = read_sidecar(path)
+            sidecar = read_sidecar(job.out, name)
+        except FileNotFoundError:  # removed since it was listed
+            continue
         except StoreError as exc:  # a damaged sidecar vouches for nothing: the shard is redone
             logger.warning("shard %s will be redone: %s", name, exc)
             damaged.add(name)
@@ -314,10 +320,10 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
     work = Work(mine, todo + retries, damaged=damaged, bindings=bindings)
     work.done_shards = sum(u.name in done for u in mine)
     work.done_images = sum(s.count("ok") + s.count("skipped") for s in done.values())
-    committed = {p.stem for p in (job.out / SHARDS_DIR).glob("*.json")} if (job.out / SHARDS_DIR).is_dir() else set()
-    work.other_parts_pending = sum(1 for u in plan.units if not job.part.owns(u.index) and u.name not in committed
+    done_anywhere = set(shards)
+    work.other_parts_pending = sum(1 for u in plan.units if not job.part.owns(u.index) and u.name not in done_anywhere
                                    and u.name not in superseded)
     return work
 
 
-__all__ = ["Job", "Work", "iter_sidecars", "prepare", "remaining_work", "sidecar_path"]
+__all__ = ["Job", "Work", "iter_sidecars", "prepare", "remaining_work"]

@@ -22,8 +22,8 @@ from ..pipeline.batcher import BUDGET_CPU, BUDGET_CUDA
 from ..pipeline.pool import POOLS
 from ..storage.dtypes import STORE_DTYPES
 from ..storage.hdf5 import COMPRESSIONS
-from ..storage.location import local_store_path
 from ..storage.plan.changes import MODES as CHANGE_MODES
+from ..storage.roots import STORAGE_OPTION_HELP, check_location, parse_storage_options
 from ..storage.shards import FORMATS
 
 PANELS = ("Model", "Inputs", "Outputs", "Preprocessing", "Speed", "Cluster")
@@ -88,6 +88,8 @@ class ExtractOptions:
     reuse: tuple[str, ...] | None = option(None, "A finished store made with the same model and settings: images "
                                            "with equal pixels take its tokens, unencoded (repeatable).", "Outputs",
                                            metavar="STORE", multiple=True)
+    storage_options: tuple[str, ...] | None = option(None, STORAGE_OPTION_HELP, "Outputs", flags=("--storage-option",),
+                                                     metavar="KEY=VALUE", multiple=True)
     # ---- Preprocessing
     min_pixels: int | None = option(None, "Qwen resize: least pixels after resize. [default: the model's]",
                                     "Preprocessing", minimum=1)
@@ -140,6 +142,11 @@ class ExtractOptions:
                 setattr(self, name, tuple(value))
         if self.reuse is not None:
             self.reuse = (self.reuse,) if isinstance(self.reuse, str) else tuple(str(v) for v in self.reuse) or None
+        if isinstance(self.storage_options, dict):
+            self.storage_options = tuple(f"{k}={v}" for k, v in self.storage_options.items()) or None
+        elif self.storage_options is not None:
+            values = self.storage_options
+            self.storage_options = (values,) if isinstance(values, str) else tuple(str(v) for v in values) or None
 
     def validate(self) -> ExtractOptions:
         """Check every choice and bound; raises UsageError naming the flag and what it accepts."""
@@ -162,8 +169,9 @@ class ExtractOptions:
             raise UsageError("--address names a Ray cluster; it needs --engine ray")
         if self.update and self.overwrite:
             raise UsageError("--update and --overwrite contradict each other; give one")
+        parse_storage_options(self.storage_options)
         for store in self.reuse or ():
-            local_store_path(store, "--reuse")  # a URL it cannot serve: refused before anything is done
+            check_location(store, "--reuse")  # a URL it cannot serve: refused before anything is done
         return self
 
     def replace(self, **changes: Any) -> ExtractOptions:

@@ -252,7 +252,8 @@ class RayRun(Run):
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.enable_operator_progress_bars = False
-        ds = ray.data.from_items([{"unit": pickle.dumps(u)} for u in units], override_num_blocks=len(units))
+        ds = ray.data.from_items([{"unit": pickle.dumps(u.inlined())} for u in units],  # (no plan on the nodes)
+                                 override_num_blocks=len(units))
         ds = ds.flat_map(decode_unit, fn_kwargs={"kind": self.plan.kind, "reader_options": job.reader_options,
                                                  "preprocess": job.preprocess, "budget": budget}, num_cpus=1)
         actor = {"source": job.source, "device": self.actor_device, "dtype": str(job.dtype).removeprefix("torch."),

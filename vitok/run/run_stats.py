@@ -22,12 +22,11 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from ..storage.files import atomic_write_bytes
 from ..storage.layout import STATS_DIR  # OUT/stats/<run>.json: one file per run (vitok info shows the latest)
+from ..storage.roots import StoreRoot, store_root
 
 STARTUP_PHASES = ("imports", "torch_import", "plan", "weights_read", "weights_on_device", "workers_ready", "warm_up",
                   "first_batch_ready", "first_batch_done")  # in the order they happen; the last two are moments
@@ -250,21 +249,20 @@ class StageMeter:
         )
 
 
-def write_stats(out: Path, run_id: str, record: dict[str, Any]) -> None:
-    """OUT/stats/<run>.json, written atomically; a read-only or full disk only costs the file."""
-    folder = out / STATS_DIR
+def write_stats(out: StoreRoot, run_id: str, record: dict[str, Any]) -> None:
+    """OUT/stats/<run>.json, written whole; a read-only or full disk only costs the file."""
     try:
-        folder.mkdir(exist_ok=True)
-        atomic_write_bytes(folder / f"{run_id}.json", json.dumps(record, indent=1).encode())
+        store_root(out).write(f"{STATS_DIR}/{run_id}.json", json.dumps(record, indent=1).encode())
     except (OSError, StoreError):
         pass
 
 
-def latest_stats(out: Path) -> dict[str, Any] | None:
+def latest_stats(out: StoreRoot) -> dict[str, Any] | None:
     """The most recent run's stats file of a store, or None."""
+    root = store_root(out)
     try:
-        files = sorted((out / STATS_DIR).glob("*.json"), key=lambda p: p.stat().st_mtime)
-        return json.loads(files[-1].read_text()) if files else None
+        files = sorted((e for e in root.list(STATS_DIR) if e.name.endswith(".json")), key=lambda e: e.modified)
+        return json.loads(root.read(f"{STATS_DIR}/{files[-1].name}")) if files else None
     except (OSError, ValueError):
         return None
 

@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..environment import describe_environment
@@ -24,11 +23,11 @@ from ..pipeline.committer import CommitStats, Committer
 from ..pipeline.dedupe import Deduplicator, Donors, check_reuse
 from ..storage import RunHeader, SidecarStamp, get_format, new_store
 from ..storage.claims import Claims
-from ..storage.files import raise_store_error
 from ..storage.maintenance import remove_damaged, remove_plan_leftovers, wipe_store
 from ..storage.plan import Plan, load_plan, write_generation, write_update
 from ..storage.plan.retries import base_and_attempt
 from ..storage.records import Settings, UnitInfo
+from ..storage.roots import store_root
 from ..storage.shards import remove_temps
 from .job import Job, Work, check_committed, remaining_work
 from .options import ExtractOptions
@@ -79,7 +78,7 @@ class Run:
         elif not job.options.overwrite:
             check_committed(job.out, settings.fingerprint)
         for store in job.options.reuse or ():
-            check_reuse(Path(store), settings)
+            check_reuse(store_root(store, "--reuse", job.options.storage_options), settings)
         self.phases |= {k: v for k, v in encoder.load_seconds.items() if k != "model_built"}
         started = time.perf_counter()
         header = self._write_header(settings, encoder)
@@ -104,10 +103,7 @@ class Run:
         job = self.job
         if job.options.overwrite:
             wipe_store(job.out)
-        try:
-            job.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise_store_error(exc, job.out)
+        job.out.prepare()
         environment = describe_environment(encoder)
         header = new_header(job, settings, environment)
         stored, created = new_store(job.out, header)
@@ -160,7 +156,7 @@ class Run:
         donors = Donors(list(job.features))
         donors.add_store(job.out, header.fingerprint, exclude=work.damaged)
         for store in opts.reuse or ():
-            donors.add_reuse(Path(store))
+            donors.add_reuse(store_root(store, "--reuse", opts.storage_options))
         committer = Committer(job.out, fmt, job.layouts, opts.store_dtype, opts.compression, claims,
                               SidecarStamp(header.fingerprint, job.part.label),
                               on_commit=lambda sidecar: donors.add_sidecar(job.out, sidecar)).start()

@@ -30,26 +30,28 @@ from .files import atomic_write_text, create_exclusive
 from .format import FeatureLayout, ShardFormat
 from .layout import META_FILE, README_FILE, SHARDS_DIR
 from .records import SCHEMA_VERSION, ImageRecord, RunHeader, Sidecar, dumps
+from .roots import StoreRoot, store_root
 from .shards import FORMATS, check_shard, commit, get_format, iter_sidecars, register_format
 
 __all__ = [
     "FORMATS", "META_FILE", "README_FILE", "SCHEMA_VERSION", "SHARDS_DIR", "FeatureLayout", "ImageRecord",
-    "RunHeader", "ShardFormat", "Sidecar", "SidecarStamp", "atomic_write_text", "check_shard", "commit",
+    "RunHeader", "ShardFormat", "Sidecar", "SidecarStamp", "StoreRoot", "atomic_write_text", "check_shard", "commit",
     "create_exclusive", "get_format", "iter_sidecars", "new_store", "read_header", "register_format", "store_readme",
-    "write_readme",
+    "store_root", "write_readme",
 ]
 
 
-def read_header(out: str | Path) -> RunHeader:
+def read_header(out: str | Path | StoreRoot) -> RunHeader:
     """The run header of the store in ``out``; StoreError when there is none or it is damaged."""
-    root = Path(out)
-    path = root / META_FILE
-    if not root.exists():
+    root = store_root(out)
+    path = root.show(META_FILE)
+    local = root.local_path()
+    if local is not None and not local.exists():
         raise NotAStoreError(f"{root} does not exist (give a folder written by vitok extract)")
-    if not root.is_dir():
+    if local is not None and not local.is_dir():
         raise NotAStoreError(f"{root} is a file, not a vitok store (a folder holding {META_FILE})")
     try:
-        return RunHeader.from_json(json.loads(path.read_text()), str(path))
+        return RunHeader.from_json(json.loads(root.read(META_FILE)), path)
     except FileNotFoundError:
         raise NotAStoreError(f"{root} is not a vitok store (no {META_FILE})") from None
     except (ValueError, StoreError) as exc:
@@ -72,15 +74,15 @@ class SidecarStamp:
         return asdict(self)
 
 
-def new_store(out: str | Path, header: RunHeader) -> tuple[RunHeader, bool]:
+def new_store(out: str | Path | StoreRoot, header: RunHeader) -> tuple[RunHeader, bool]:
     """Start the store in ``out`` (which exists) with ``header``: created exclusively, so that of many processes
     starting one store at once exactly one writes it, and the README beside it. Returns the header in force and
     whether this call created it (if not, the caller compares it with its own)."""
-    root = Path(out)
-    created = create_exclusive(root / META_FILE, dumps(header.to_json()))
+    root = store_root(out)
+    created = root.create(META_FILE, dumps(header.to_json()).encode()) is not None
     if not created:
         header = read_header(root)
-    if not (root / README_FILE).exists():
+    if not root.exists(README_FILE):
         write_readme(root, header)
     return header, created
 
@@ -121,5 +123,5 @@ def store_readme(header: RunHeader) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_readme(out: Path, header: RunHeader) -> None:
-    atomic_write_text(Path(out) / README_FILE, store_readme(header))
+def write_readme(out: Path | StoreRoot, header: RunHeader) -> None:
+    store_root(out).write(README_FILE, store_readme(header).encode())

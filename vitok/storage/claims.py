@@ -1,10 +1,13 @@
 """Shard claims: two processes writing into one store never do the same shard, and never destroy each other's work.
 
 A process claims a shard before working on it by creating ``OUT/.claims/<shard>.claim`` exclusively (``O_EXCL``
-semantics through a hard link, which NFS honours too). The claim names its run; the run proves it is alive by
-touching ``OUT/.claims/runs/<run>`` every 30 seconds. A claim is stale, and taken over, when its run file is gone,
-or when its run file has not been touched for ``stale_after`` seconds (the times compared are both file-system
-times, so clock skew between hosts does not matter).
+semantics through a hard link, which NFS honours too; ``If-None-Match: *`` on an object store). The claim names its
+run; the run proves it is alive by rewriting ``OUT/.claims/runs/<run>`` every 30 seconds (``touch``: a file's mtime,
+an object's LastModified). A claim is stale, and taken over, when its run file is gone, or when its run file has not
+been rewritten for ``stale_after`` seconds (the times compared are both the store's, the holder's last beat against
+this run's own, so clock skew between hosts does not matter). Taking over is a swap that only one taker wins (the
+claim renamed aside and checked; ``If-Match`` on the stale claim's ETag), and a run releases only the claim it
+wrote (a claim taken over since is the taker's).
 
 A process id says something only inside its PID namespace on one boot of one kernel: containers often share the
 host's name while each has its own PID namespace, where every other container's process looks dead. So the PID
@@ -27,14 +30,15 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import create_exclusive, remove
 from .layout import CLAIMS_DIR
+from .roots import StoreRoot, store_root
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 30.0
 FRESH_SECONDS = 3 * HEARTBEAT_SECONDS  # a heartbeat younger than this proves its run alive, whatever its pid says
 STALE_AFTER = 600.0
+RUNS_DIR = f"{CLAIMS_DIR}/runs"  # one heartbeat file per running process
 
 
 def _read_first_line(path: str) -> str | None:
@@ -104,25 +108,25 @@ class RunIdentity:
 
 
 class Claims:
-    """This process's claims in one store, and its heartbeat."""
+    """This process's claims in one store, and its heartbeat, through the store's root (``roots.StoreRoot``)."""
 
-    def __init__(self, out: Path, identity: RunIdentity | None = None, stale_after: float = STALE_AFTER) -> None:
-        self.folder = Path(out) / CLAIMS_DIR
+    def __init__(self, out: Path | StoreRoot, identity: RunIdentity | None = None,
+                 stale_after: float = STALE_AFTER) -> None:
+        self.root = store_root(out)
         self.identity = identity or RunIdentity.current()
         self.stale_after = stale_after
-        self.held: set[str] = set()
+        self.held: dict[str, str] = {}  # shard -> the version of its claim this run wrote
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ---- the run's heartbeat ----------------------------------------------------------------------------------
 
     @property
-    def run_file(self) -> Path:
-        return self.folder / "runs" / self.identity.id
+    def run_file(self) -> str:
+        return f"{RUNS_DIR}/{self.identity.id}"
 
     def start(self) -> None:
-        self.run_file.parent.mkdir(parents=True, exist_ok=True)
-        self.run_file.write_text(self.identity.to_json())
+        self.root.write(self.run_file, self.identity.to_json().encode())
         self._thread = threading.Thread(target=self._beat, name="vitok-heartbeat", daemon=True)
         self._thread.start()
         self.remove_dead_runs()
@@ -131,89 +135,80 @@ class Claims:
         """Delete the run files of runs that are over (killed: a finished run removes its own), judged as claims
         are (``is_stale``); their claims, if any, stay stale and are taken over as before. Returns how many."""
         removed = 0
-        for path in (self.folder / "runs").iterdir() if (self.folder / "runs").is_dir() else ():
-            if path == self.run_file or path.name.startswith("."):
+        for entry in self.root.list(RUNS_DIR):
+            if entry.name == self.identity.id or entry.name.startswith(".") or entry.folder:
                 continue
-            holder = read_claim(path)
+            holder = read_claim(self.root, f"{RUNS_DIR}/{entry.name}")
             if holder is None:
-                holder = {"run": path.name}  # unreadable: judged by its age alone
-            if holder.get("run") != path.name:
+                holder = {"run": entry.name}  # unreadable: judged by its age alone
+            if holder.get("run") != entry.name:
                 continue
             if self.is_stale(holder):
                 with contextlib.suppress(OSError):
-                    path.unlink()
-                    removed += 1
+                    removed += self.root.delete(f"{RUNS_DIR}/{entry.name}")
         if removed:
             logger.info("removed the heartbeat files of %d run(s) that are over", removed)
         return removed
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
-            with contextlib.suppress(OSError):
-                os.utime(self.run_file)
+            with contextlib.suppress(Exception):  # a missed beat: the next one tries again
+                self.root.touch(self.run_file, self.identity.to_json().encode())
 
     def stop(self) -> None:
         """Release every claim still held, then the run file (a claim without its run file is stale)."""
         self._stop.set()
         for shard in list(self.held):
             self.release(shard)
-        with contextlib.suppress(OSError):
-            self.run_file.unlink()
+        with contextlib.suppress(Exception):
+            self.root.delete(self.run_file)
 
     # ---- claims ---------------------------------------------------------------------------------------------
 
-    def path(self, shard: str) -> Path:
-        return self.folder / f"{shard}.claim"
+    def path(self, shard: str) -> str:
+        return f"{CLAIMS_DIR}/{shard}.claim"
 
     def try_claim(self, shard: str) -> bool:
         """Claim ``shard`` for this run; False when a live run holds it."""
-        path = self.path(shard)
+        name = self.path(shard)
+        mine = self.identity.to_json().encode()
         for _ in range(3):
-            if create_exclusive(path, self.identity.to_json()):
-                self.held.add(shard)
+            version = self.root.create(name, mine)
+            if version is not None:
+                self.held[shard] = version
                 return True
-            holder = read_claim(path)
-            if holder is None:
-                continue  # released between our attempt and our read: try again
+            try:
+                data, stale_version = self.root.read_with_version(name)
+                holder = json.loads(data)
+            except (OSError, ValueError):
+                continue  # released between our attempt and our read (or being written): try again
             if not self.is_stale(holder):
                 return False
-            if self._take_over(path, holder):
+            version = self.root.swap(name, mine, stale_version)  # of many takers exactly one succeeds
+            if version is not None:
                 logger.info("shard %s: claim of run %s is stale, taking it over", shard, holder.get("run"))
+                self.held[shard] = version
+                return True
         return False
 
-    def _take_over(self, path: Path, holder: dict) -> bool:
-        """Move a stale claim aside; only one process succeeds, and a fresh claim moved by mistake goes back."""
-        aside = path.with_name(f"{path.name}.stale-{self.identity.token}")
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return False
-        moved = read_claim(aside)
-        if moved is not None and moved.get("run") != holder.get("run"):  # someone claimed it meanwhile: put back
-            with contextlib.suppress(OSError):
-                os.link(aside, path)
-        remove(aside)
-        return True
-
     def release(self, shard: str) -> None:
-        if shard in self.held:
-            self.held.discard(shard)
-            with contextlib.suppress(OSError):
-                self.path(shard).unlink()
+        version = self.held.pop(shard, None)
+        if version is not None:
+            with contextlib.suppress(Exception):  # only the claim this run wrote: never one taken over since
+                self.root.delete(self.path(shard), version or None)
 
     def is_stale(self, holder: dict) -> bool:
-        run_file = self.folder / "runs" / str(holder.get("run"))
-        try:
-            touched = run_file.stat().st_mtime
-        except OSError:
+        run_file = self.root.stat(f"{RUNS_DIR}/{holder.get('run')}")
+        if run_file is None:
             return True
+        touched = run_file.modified
         if self.identity.shares_pids_with(holder):  # the pid means the same process here
             pid = int(holder.get("pid", -1))
             if not process_alive(pid):
                 return True
             start = _proc_start(pid)
             return holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]
-        age = self._now() - touched  # file-system times, not clocks
+        age = self._now() - touched  # the store's times, not clocks
         if age > self.stale_after:
             return True
         if age <= FRESH_SECONDS or holder.get("host") != self.identity.host:
@@ -222,26 +217,25 @@ class Claims:
         return not process_alive(pid)
 
     def _now(self) -> float:
-        """The file system's time now (touching this run's own file), or the clock where that fails."""
+        """The store's time now (rewriting this run's own heartbeat), or the clock where that fails."""
         try:
-            os.utime(self.run_file)
-            return self.run_file.stat().st_mtime
-        except OSError:
+            return self.root.touch(self.run_file, self.identity.to_json().encode())
+        except Exception:
             return time.time()
 
     def holders(self) -> dict[str, dict]:
         """shard -> claim of every claim file in the store (live or stale)."""
         result = {}
-        if self.folder.is_dir():
-            for path in self.folder.glob("*.claim"):
-                holder = read_claim(path)
+        for entry in self.root.list(CLAIMS_DIR):
+            if entry.name.endswith(".claim") and not entry.folder:
+                holder = read_claim(self.root, f"{CLAIMS_DIR}/{entry.name}")
                 if holder is not None:
-                    result[path.name[: -len(".claim")]] = holder
+                    result[entry.name[: -len(".claim")]] = holder
         return result
 
 
-def read_claim(path: Path) -> dict | None:
+def read_claim(root: StoreRoot, name: str) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return json.loads(root.read(name))
     except (OSError, ValueError):
         return None

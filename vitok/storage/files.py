@@ -40,12 +40,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def create_exclusive(path: Path, text: str) -> bool:
+def create_exclusive(path: Path, text: str | bytes) -> bool:
     """Create ``path`` with ``text`` only if it does not exist yet, atomically; False if someone else won."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with AtomicFile(path.parent, path.name, path, exclusive=True) as atomic:
-            atomic.handle.write(text.encode())
+            atomic.handle.write(text.encode() if isinstance(text, str) else text)
         return True
     except FileExistsError:
         return False
@@ -116,13 +116,3 @@ def leftover_temps(folder: Path, untouched_for: float = 0.0) -> list[Path]:
             except OSError:
                 continue
     return sorted(found)
-
-
-def remove_leftover_temps(folder: Path, untouched_for: float) -> int:
-    """Delete the temporary files killed writers left in ``folder`` (see ``leftover_temps``); how many."""
-    removed = 0
-    for path in leftover_temps(folder, untouched_for):
-        with contextlib.suppress(OSError):
-            path.unlink()
-            removed += 1
-    return removed

@@ -112,6 +112,12 @@ class ShardFormat(ABC):
     @abstractmethod
     def open(self, path: Path) -> ShardDataReader: ...
 
+    def open_at(self, root, name: str) -> ShardDataReader:
+        """Open committed data in a store (``root``: a ``roots.StoreRoot``; ``name``: ``shards/<data>``): in place in a
+        local folder; elsewhere by byte ranges where the format allows it (this default reads a local copy)."""
+        path = root.local_path(name)
+        return self.open(path if path is not None else root.fetch(name))
+
     def data_files(self, path: Path) -> list[Path]:
         """The files that make up one shard's data (sized and checksummed in the sidecar)."""
         if path.is_dir():

@@ -170,11 +170,14 @@ class Hdf5Writer(ShardDataWriter):
 
 
 class Hdf5Reader(ShardDataReader):
-    def __init__(self, path: Path) -> None:
+    """A shard's HDF5 file, by path or through a seekable file (an object store's ranged reads)."""
+
+    def __init__(self, path) -> None:
         import h5py
 
         self.path = path
         self._file = h5py.File(path, "r")
+        self._handle = None if isinstance(path, (str, os.PathLike)) else path
 
     def keys(self) -> list[str]:
         return [_decode(k) for k in self._file["keys"][()]]
@@ -193,6 +196,8 @@ class Hdf5Reader(ShardDataReader):
 
     def close(self) -> None:
         self._file.close()
+        if self._handle is not None:
+            self._handle.close()
 
 
 def _decode(key) -> str:
@@ -209,3 +214,7 @@ class Hdf5Format(ShardFormat):
 
     def open(self, path) -> Hdf5Reader:
         return Hdf5Reader(path)
+
+    def open_at(self, root, name: str) -> Hdf5Reader:
+        path = root.local_path(name)
+        return Hdf5Reader(path if path is not None else root.open(name))  # h5py reads only what it needs

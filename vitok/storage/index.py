@@ -17,7 +17,9 @@ mtimes):
                      (first 8 bytes, the whole id, the position in the key arrays)
 
 The cache is written under temporary names and published by renaming ``catalog.json`` last, so a reader sees the
-old index or the new one; a store on a read-only mount is indexed in memory instead.
+old index or the new one; a store on a read-only mount is indexed in memory instead. The index of a store in an
+object store is cached on this machine (``StoreRoot.cache_folder``: ``$VITOK_CACHE_DIR/stores/<id>/.index``) and
+checked against the store's listing (names, sizes, ETags) on every open.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..atomic import AtomicFile
 from .files import atomic_write_text, remove
 from .format import ShardDataReader, ShardFormat, row_offsets
 from .layout import INDEX_DIR, PLAN_DIR, SHARDS_DIR
+from .roots import StoreRoot, store_root
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +56,15 @@ def key_hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-def sources_digest(root: Path) -> str:
-    """What the index is derived from: the name, size and mtime of every sidecar, shard data file (its byte offsets
-    are in the index) and plan file."""
+def sources_digest(root: Path | StoreRoot) -> str:
+    """What the index is derived from: the name, size and version (a file's mtime, an object's ETag) of every
+    sidecar, shard data file (its byte offsets are in the index) and plan file, from one listing of each folder."""
+    root = store_root(root)
     digest = hashlib.blake2b(digest_size=12)
-    for folder in (Path(root) / SHARDS_DIR, Path(root) / PLAN_DIR):
-        try:
-            entries = sorted((e.name, e.stat()) for e in os.scandir(folder) if not e.name.startswith("."))
-        except FileNotFoundError:
-            continue
-        for name, stat in entries:
-            digest.update(f"{folder.name}/{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    for folder in (SHARDS_DIR, PLAN_DIR):
+        for entry in root.list(folder):
+            if not entry.name.startswith("."):
+                digest.update(f"{folder}/{entry.name}|{entry.size}|{entry.version}\n".encode())
     return digest.hexdigest()
 
 
@@ -139,10 +140,10 @@ class StoreIndex:
                                       offsets[layout["first"]:layout["first"] + layout["count"]].tolist())
         return found
 
-    def save(self, root: Path) -> None:
+    def save(self, root: Path | StoreRoot) -> None:
         """Write the cache (arrays first, then the catalog that names them); older arrays are removed."""
-        folder = Path(root) / INDEX_DIR
-        folder.mkdir(exist_ok=True)
+        folder = store_root(root).cache_folder(INDEX_DIR)
+        folder.mkdir(parents=True, exist_ok=True)
         digest = self.catalog["digest"]
         for name, array in self.arrays.items():
             with AtomicFile(folder, f"{digest}.{name}", folder / f"{digest}.{name}.npy") as atomic:
@@ -155,9 +156,9 @@ class StoreIndex:
     # ---- loading ---------------------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, root: Path, digest: str) -> StoreIndex | None:
+    def load(cls, root: Path | StoreRoot, digest: str) -> StoreIndex | None:
         """The cached index if it was built from exactly the current sidecars and plan, else None."""
-        folder = Path(root) / INDEX_DIR
+        folder = store_root(root).cache_folder(INDEX_DIR)
         try:
             catalog = json.loads((folder / CATALOG).read_text())
             if catalog.get("version") != VERSION or catalog.get("digest") != digest:
@@ -214,7 +215,7 @@ def _load(path: Path) -> np.ndarray:
         return np.load(path)
 
 
-def open_index(root: Path, build) -> StoreIndex:
+def open_index(root: Path | StoreRoot, build) -> StoreIndex:
     """The store's index: the cached one when current, else ``build()`` (saved when the store is writable)."""
     digest = sources_digest(root)
     index = StoreIndex.load(root, digest)
@@ -229,14 +230,16 @@ def open_index(root: Path, build) -> StoreIndex:
     return index
 
 
-def feature_layout(fmt: str, path: Path, feature: str) -> dict[str, Any] | None:
-    """Where one shard's rows of a feature sit in its file, for reads by byte range without the format's library:
-    ``{"file": name under shards/, "dtype", "chunk": shape of each chunk (C order; rows on axis -2), "offsets": byte
-    offset of each chunk in row order}``. NPY is one chunk; uncompressed HDF5 lists its chunks. None when rows
-    cannot be read by position (compressed HDF5, webdataset tars): they are read through the format's reader."""
+def feature_layout(fmt: str, root: Path | StoreRoot, data: str, feature: str) -> dict[str, Any] | None:
+    """Where one shard's rows of a feature sit in its file (``data``: its name under shards/), for reads by byte
+    range without the format's library: ``{"file": name under shards/, "dtype", "chunk": shape of each chunk (C
+    order; rows on axis -2), "offsets": byte offset of each chunk in row order}``. NPY is one chunk; uncompressed
+    HDF5 lists its chunks. None when rows cannot be read by position (compressed HDF5, webdataset tars): they are
+    read through the format's reader. Only headers are read (a few ranges of an object)."""
+    root = store_root(root)
     if fmt == "npy":
-        file = path / f"{feature}.npy"
-        with open(file, "rb") as handle:
+        file = f"{data}/{feature}.npy"
+        with contextlib.closing(root.open(f"{SHARDS_DIR}/{file}")) as handle:
             version = np.lib.format.read_magic(handle)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
@@ -244,19 +247,21 @@ def feature_layout(fmt: str, path: Path, feature: str) -> dict[str, Any] | None:
             offset = handle.tell()
         if fortran or len(shape) < 2 or shape[-2] == 0:
             return None
-        return {"file": f"{path.name}/{file.name}", "dtype": dtype.str, "chunk": list(shape), "offsets": [offset]}
+        return {"file": file, "dtype": dtype.str, "chunk": list(shape), "offsets": [offset]}
     if fmt != "hdf5":
         return None
     import h5py
 
-    with h5py.File(path, "r") as handle:
+    local = root.local_path(f"{SHARDS_DIR}/{data}")
+    source = local if local is not None else root.open(f"{SHARDS_DIR}/{data}")
+    with contextlib.closing(source) if local is None else contextlib.nullcontext(), h5py.File(source, "r") as handle:
         dataset = handle[feature]
         rows_axis = dataset.ndim - 2
         if dataset.compression or dataset.ndim < 2 or dataset.shape[rows_axis] == 0:
             return None
         if dataset.chunks is None:  # contiguous
             offset = dataset.id.get_offset()
-            return None if offset is None else {"file": path.name, "dtype": dataset.dtype.str,
+            return None if offset is None else {"file": data, "dtype": dataset.dtype.str,
                                                 "chunk": list(dataset.shape), "offsets": [int(offset)]}
         per_chunk = dataset.chunks[rows_axis]
         count = -(-dataset.shape[rows_axis] // per_chunk)
@@ -264,13 +269,14 @@ def feature_layout(fmt: str, path: Path, feature: str) -> dict[str, Any] | None:
         if dataset.id.get_num_chunks() != count or not whole:
             return None
         infos = sorted((dataset.id.get_chunk_info(i) for i in range(count)), key=lambda c: c.chunk_offset[rows_axis])
-        return {"file": path.name, "dtype": dataset.dtype.str, "chunk": list(dataset.chunks),
+        return {"file": data, "dtype": dataset.dtype.str, "chunk": list(dataset.chunks),
                 "offsets": [int(info.byte_offset) for info in infos]}
 
 
-def read_range(fd: int, layout: tuple, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` read with ``os.pread`` from an open file, through a layout the index recorded
-    (``StoreIndex.layouts``): one read per chunk touched, K per chunk for (K, rows, dim) features."""
+def read_range(pread, layout: tuple, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` read with ``pread(size, offset)`` (``os.pread`` of an open file, a ranged GET), through
+    a layout the index recorded (``StoreIndex.layouts``): one read per chunk touched, K per chunk for (K, rows, dim)
+    features."""
     _file, dtype, chunk, offsets = layout
     per_chunk, dim = chunk[-2], chunk[-1]
     index, within = divmod(start, per_chunk)
@@ -278,41 +284,45 @@ def read_range(fd: int, layout: tuple, start: int, stop: int) -> np.ndarray:
         parts, row = [], start
         while row < stop:
             take = min(stop - row, per_chunk - row % per_chunk)
-            parts.append(read_range(fd, layout, row, row + take))
+            parts.append(read_range(pread, layout, row, row + take))
             row += take
         return np.concatenate(parts, axis=-2)
     size = (stop - start) * dim * dtype.itemsize
     first = offsets[index] + within * dim * dtype.itemsize
     if len(chunk) == 2:
-        return np.frombuffer(os.pread(fd, size, first), dtype=dtype).reshape(stop - start, dim)
+        return np.frombuffer(pread(size, first), dtype=dtype).reshape(stop - start, dim)
     level = per_chunk * dim * dtype.itemsize
-    data = b"".join(os.pread(fd, size, first + k * level) for k in range(chunk[0]))
+    data = b"".join(pread(size, first + k * level) for k in range(chunk[0]))
     return np.frombuffer(data, dtype=dtype).reshape(chunk[0], stop - start, dim)
 
 
 class RowReader:
-    """One shard of an indexed store: rows by byte range (``read_range``, a file descriptor per file read), and its
-    format's reader, opened when first needed (``keys``, ``offsets``, ``array``...), for the shards the index has
-    no byte layout for (compressed HDF5, webdataset) and for whole-shard reads."""
+    """One shard of an indexed store: rows by byte range (``read_range``: a file descriptor per local file read, a
+    ranged GET per chunk touched of an object), and its format's reader, opened when first needed (``keys``,
+    ``offsets``, ``array``...), for the shards the index has no byte layout for (compressed HDF5, webdataset) and
+    for whole-shard reads."""
 
-    def __init__(self, fmt: ShardFormat, path: Path) -> None:
-        self.fmt, self.path = fmt, path
+    def __init__(self, fmt: ShardFormat, root: StoreRoot, data: str) -> None:
+        self.fmt, self.root, self.data = fmt, root, data
         self._reader: ShardDataReader | None = None
         self._arrays: dict[str, Any] = {}
-        self._fds: dict[str, int] = {}  # files read by byte range (the shard's .h5, or its <feature>.npy files)
+        self._fds: dict[str, int] = {}  # local files read by byte range (the shard's .h5, or its <feature>.npy)
 
     def read_range(self, layout: tuple, start: int, stop: int) -> np.ndarray:
         """Rows by byte range through a layout the index recorded (no format library involved)."""
-        file = layout[0]
-        fd = self._fds.get(file)
+        name = f"{SHARDS_DIR}/{layout[0]}"
+        local = self.root.local_path(name)
+        if local is None:
+            return read_range(lambda size, offset: self.root.read_range(name, offset, size), layout, start, stop)
+        fd = self._fds.get(name)
         if fd is None:
-            fd = self._fds[file] = os.open(self.path.parent / file, os.O_RDONLY)
-        return read_range(fd, layout, start, stop)
+            fd = self._fds[name] = os.open(local, os.O_RDONLY)
+        return read_range(lambda size, offset: os.pread(fd, size, offset), layout, start, stop)
 
     @property
     def reader(self) -> ShardDataReader:
         if self._reader is None:
-            self._reader = self.fmt.open(self.path)
+            self._reader = self.fmt.open_at(self.root, f"{SHARDS_DIR}/{self.data}")
         return self._reader
 
     def __getattr__(self, name: str):  # keys, grids, offsets, array, stored_dtype, rows: the format reader's

@@ -2,8 +2,8 @@
 
 A URL (``scheme://...``) is never taken for a local path: ``Path("s3://bucket/feats")`` is the relative folder
 ``s3:/bucket/feats``, and a run would write it in the working directory while its user believes the tokens are in
-the bucket. A URL vitok does not serve is refused with one line naming what it does serve (``UsageError``, exit 2).
-``file://`` URLs are local paths.
+the bucket. ``s3://`` is served by ``s3.py`` (``roots.store_root``); any other URL is refused with one line naming
+what is served (``UsageError``, exit 2). ``file://`` URLs are local paths.
 """
 
 from __future__ import annotations
@@ -32,4 +32,4 @@ def local_store_path(location: str | os.PathLike, what: str = "the store") -> Pa
     if scheme == "file":
         return Path(unquote(urlsplit(str(location)).path))
     raise UsageError(f"{what} {location}: vitok cannot keep a store at a {scheme}:// URL; give a local folder (or "
-                     "a mounted file system)")
+                     "a mounted file system) or s3://BUCKET/PREFIX")

@@ -7,65 +7,53 @@ its data (a shard is never listed without its data), shards before the header an
 from __future__ import annotations
 
 import logging
-import shutil
-import sys
 from pathlib import Path
 
 from ..errors import StoreError
 from .claims import STALE_AFTER
-from .files import remove, remove_leftover_temps
-from .layout import WIPE_ORDER
-from .plan import plan_dir
-from .shards import read_sidecar, shards_dir, sidecar_path
+from .layout import PLAN_DIR, WIPE_ORDER
+from .roots import StoreRoot, store_root
+from .shards import data_name, read_sidecar, sidecar_name
 
 logger = logging.getLogger(__name__)
 
 
-def remove_damaged(out: Path, shard: str) -> None:
+def remove_damaged(out: Path | StoreRoot, shard: str) -> None:
     """Drop a committed shard whose data is damaged (called while holding its claim): sidecar first, then data."""
-    path = sidecar_path(out, shard)
+    root = store_root(out)
     try:
-        data = read_sidecar(path).data
+        data = read_sidecar(root, shard).data
     except Exception:  # a damaged sidecar: its data name is the shard's own
         data = None
-    remove(path)
+    root.delete(sidecar_name(shard))
     if data:
-        remove(shards_dir(out) / data)
+        root.delete_tree(data_name(data))
 
 
-def remove_plan_leftovers(out: Path) -> None:
+def remove_plan_leftovers(out: Path | StoreRoot) -> None:
     """Before a plan write: delete the temporary files of plan writes that were killed (untouched for STALE_AFTER;
     a plan of millions of inputs leaves tens of MB)."""
-    removed = remove_leftover_temps(plan_dir(out), STALE_AFTER)
+    root = store_root(out)
+    removed = 0
+    for leftover in root.leftovers(PLAN_DIR, STALE_AFTER):
+        try:
+            root.remove_leftover(PLAN_DIR, leftover)
+            removed += 1
+        except OSError:
+            continue
     if removed:
         logger.info("removed %d temporary plan file(s) left by interrupted runs", removed)
 
 
-def wipe_store(out: Path) -> None:
+def wipe_store(out: Path | StoreRoot) -> None:
     """--overwrite: remove what vitok wrote in OUT (and nothing else). Shards go first and the header and plan
     last, so a wipe killed midway leaves a store that still names its own shards; anything that cannot be removed
     stops the run (a shard left behind must never be taken for one of the new run's)."""
+    root = store_root(out)
     for name in WIPE_ORDER:
-        path = out / name
-        failures = _remove_tree(path)
-        if failures or path.exists() or path.is_symlink():
-            where, exc = failures[0] if failures else (str(path), None)
-            why = f" ({exc.strerror or exc})" if exc is not None else ""
+        failures = root.delete_tree(name)
+        if failures:
+            where, exc = failures[0]
+            why = f" ({exc.strerror or exc})" if exc.strerror or str(exc) else ""
             raise StoreError(f"--overwrite could not remove {where}{why}; nothing new was written: make it removable "
-                             f"(permissions, 'chattr -i') or delete {out} yourself, then rerun")
-
-
-def _remove_tree(path: Path) -> list[tuple[str, OSError]]:
-    """Delete a file or folder tree; what could not be deleted (a file already gone is not a failure)."""
-    failures: list[tuple[str, OSError]] = []
-    try:
-        if path.is_dir() and not path.is_symlink():
-            if sys.version_info >= (3, 12):
-                shutil.rmtree(path, onexc=lambda _f, p, exc: failures.append((p, exc)))
-            else:
-                shutil.rmtree(path, onerror=lambda _f, p, info: failures.append((p, info[1])))
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-    except OSError as exc:
-        failures.append((str(path), exc))
-    return [(p, exc) for p, exc in failures if not isinstance(exc, FileNotFoundError)]
+                             f"(permissions, 'chattr -i') or delete {root} yourself, then rerun")

@@ -13,6 +13,7 @@ joined, block by block, when the shard is finished (C order puts each level's ro
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -127,6 +128,78 @@ class NpyReader(ShardDataReader):
         return self._dtype
 
 
+class RangedNpy:
+    """A stored ``.npy`` array read by byte ranges (``read_range(start, size)``): the header once, then only the
+    rows asked for, ``[..., start:stop, :]`` (K reads for a (K, rows, dim) array); ``[...]`` reads it whole."""
+
+    def __init__(self, read_range) -> None:
+        self._read = read_range
+        head = read_range(0, HEADER_BYTES)
+        handle = io.BytesIO(head)
+        version = np.lib.format.read_magic(handle)
+        if len(head) < 12 or version not in ((1, 0), (2, 0)):
+            raise ValueError("not a .npy file vitok wrote")
+        length = int.from_bytes(head[8:10] if version == (1, 0) else head[8:12], "little")
+        start = (10 if version == (1, 0) else 12) + length
+        if start > len(head):
+            handle = io.BytesIO(read_range(0, start))
+            np.lib.format.read_magic(handle)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        self.shape, fortran, self.dtype = reader(handle)
+        if fortran:
+            raise ValueError("Fortran-ordered .npy")
+        self.ndim, self._start = len(self.shape), start
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        *levels, rows, dim = self.shape
+        row_bytes = dim * self.dtype.itemsize
+        parts = []
+        for k in range(levels[0] if levels else 1):
+            offset = self._start + (k * rows + start) * row_bytes
+            data = self._read(offset, (stop - start) * row_bytes) if stop > start else b""
+            parts.append(np.frombuffer(data, dtype=self.dtype).reshape(stop - start, dim))
+        return np.stack(parts) if levels else parts[0]
+
+    def __getitem__(self, item) -> np.ndarray:
+        if item is Ellipsis:
+            return self._rows(0, self.shape[-2])
+        if (isinstance(item, tuple) and len(item) == 3 and item[0] is Ellipsis and isinstance(item[1], slice)
+                and item[2] == slice(None) and item[1].step in (None, 1)):
+            start, stop, _ = item[1].indices(self.shape[-2])
+            return self._rows(start, max(start, stop))
+        return self[...][item]
+
+    def __array__(self, dtype=None, copy=None):
+        return self[...] if dtype is None else self[...].astype(dtype)
+
+
+class RemoteNpyReader(NpyReader):
+    """An NPY shard in an object store: the small files read whole, each feature by byte ranges (``RangedNpy``)."""
+
+    def __init__(self, root, name: str) -> None:
+        self.root, self.name, self.path = root, name, None
+        self._dtype = json.loads(root.read(f"{name}/meta.json"))["vitok_dtype"]
+
+    def _load(self, member: str) -> np.ndarray:
+        return np.load(io.BytesIO(self.root.read(f"{self.name}/{member}")))
+
+    def keys(self) -> list[str]:
+        return [str(k) for k in self._load("keys.npy")]
+
+    def grids(self) -> np.ndarray | None:
+        try:
+            return self._load("grids.npy")
+        except FileNotFoundError:
+            return None
+
+    def offsets(self, feature: str) -> np.ndarray:
+        return self._load(f"{feature}_offsets.npy")
+
+    def array(self, feature: str):
+        member = f"{self.name}/{feature}.npy"
+        return RangedNpy(lambda start, size: self.root.read_range(member, start, size))
+
+
 class NpyFormat(ShardFormat):
     name = "npy"
     suffix = ""  # a folder
@@ -137,3 +210,7 @@ class NpyFormat(ShardFormat):
 
     def open(self, path) -> NpyReader:
         return NpyReader(path)
+
+    def open_at(self, root, name: str) -> NpyReader:
+        path = root.local_path(name)
+        return NpyReader(path) if path is not None else RemoteNpyReader(root, name)

@@ -1,12 +1,16 @@
-"""The commit protocol, written and checked in one place.
+"""The commit protocol, written and checked in one place, over the store's root (``roots.StoreRoot``: a local
+folder or an object store).
 
-A shard is written under a temporary name, ``shards/.<data>.<run>.tmp``, streamed batch by batch. To commit it:
+A shard is written under a temporary name in local space (``root.staging``: ``shards/`` itself in a local store),
+``.<data>.<run>.tmp``, streamed batch by batch. To commit it:
 
 1. the writer finishes the data (per-image tables, flush, fsync) and every data file is sized and checksummed;
 2. if a sidecar for the shard appeared meanwhile (another process committed it), the temporary data is dropped;
 3. data left at the final name without a sidecar (a run killed between steps 4 and 5) is removed;
-4. the temporary data is renamed to its final name (``os.replace``: atomic for a file);
-5. the sidecar ``shards/<shard>.json`` is written atomically. **Its existence is the commit.**
+4. the data is put at its final name whole (``os.replace``; an upload that is visible only once complete, created
+   only if absent on an object store, so a late writer never replaces data that a sidecar vouches for);
+5. the sidecar ``shards/<shard>.json`` is created exclusively (a hard link; ``If-None-Match: *``). **Its existence
+   is the commit**, and of two writers of one shard exactly one commits.
 
 A shard counts as done only when its sidecar exists and its data checks out (sizes, keys and row counts; ``verify``
 also compares checksums), so a run killed at any moment loses at most the shards in progress, and committed data is
@@ -16,18 +20,19 @@ never replaced: claims (``vitok.storage.claims``) keep two processes off the sam
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import StoreError
-from .files import atomic_write_text, checksum, fsync_dir, remove
+from .files import checksum, remove
 from .format import ShardFormat
 from .hdf5 import Hdf5Format
 from .layout import SHARDS_DIR
 from .npy import NpyFormat
 from .records import FileSum, Sidecar, dumps
+from .roots import StoreRoot, store_root
 
 logger = logging.getLogger(__name__)
 
@@ -46,41 +51,45 @@ def get_format(name: str) -> ShardFormat:
     return FORMATS[name]()
 
 
-def shards_dir(out: Path) -> Path:
-    return Path(out) / SHARDS_DIR
+def data_name(name: str) -> str:
+    """A shard's data (or sidecar) file, as a name in the store."""
+    return f"{SHARDS_DIR}/{name}"
 
 
-def sidecar_path(out: Path, shard: str) -> Path:
-    return shards_dir(out) / f"{shard}.json"
+def sidecar_name(shard: str) -> str:
+    return f"{SHARDS_DIR}/{shard}.json"
 
 
-def temp_path(out: Path, fmt: ShardFormat, shard: str, run: str) -> Path:
-    return shards_dir(out) / f".{fmt.data_name(shard)}.{run}.tmp"
+def temp_path(out: Path | StoreRoot, fmt: ShardFormat, shard: str, run: str) -> Path:
+    return store_root(out).staging(SHARDS_DIR) / f".{fmt.data_name(shard)}.{run}.tmp"
 
 
-def temp_files(out: Path, shard: str | None = None) -> list[Path]:
-    """Temporary files of unfinished shards (all shards, or one): data and sidecars of interrupted runs."""
-    folder = shards_dir(out)
-    if not folder.is_dir():
-        return []
-    found = (p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
-    return sorted(p for p in found if shard is None or _temp_shard(p.name) == shard)
+def temp_files(out: Path | StoreRoot, shard: str | None = None) -> list[str]:
+    """What interrupted runs left of unfinished shards (all shards, or one): temporary data and sidecars, uploads
+    never completed. Names as shown to users."""
+    return sorted(leftover.name for leftover in _temps(store_root(out), shard))
 
 
-def _temp_shard(name: str) -> str:
-    """``.shard-000001.h5.<run>.tmp`` -> ``shard-000001`` (run ids and mkstemp suffixes have no dots)."""
-    data = name[1 : -len(".tmp")].rsplit(".", 1)[0]
+def _temps(root: StoreRoot, shard: str | None):
+    return [leftover for leftover in root.leftovers(SHARDS_DIR)
+            if shard is None or _shard_of(leftover.becomes) == shard]
+
+
+def _shard_of(data: str) -> str:
+    """``shard-000001.h5`` (or ``.json``, or an NPY folder's ``shard-000001/keys.npy``) -> ``shard-000001``."""
+    data = data.split("/", 1)[0]
     for suffix in [".json", *(fmt.suffix for fmt in FORMATS.values() if fmt.suffix)]:
         if data.endswith(suffix):
             return data[: -len(suffix)]
     return data
 
 
-def remove_temps(out: Path, shard: str) -> None:
+def remove_temps(out: Path | StoreRoot, shard: str) -> None:
     """Delete a shard's temporary data left by killed runs (call only while holding the shard's claim)."""
-    for path in temp_files(out, shard):
-        logger.info("removing %s, left by an interrupted run", path.name)
-        remove(path)
+    root = store_root(out)
+    for leftover in _temps(root, shard):
+        logger.info("removing %s, left by an interrupted run", leftover.name)
+        root.remove_leftover(SHARDS_DIR, leftover)
 
 
 def data_files(fmt: ShardFormat, path: Path, name: str) -> dict[str, Path]:
@@ -90,50 +99,60 @@ def data_files(fmt: ShardFormat, path: Path, name: str) -> dict[str, Path]:
     return {name: path}
 
 
-def commit(out: Path, fmt: ShardFormat, tmp: Path, sidecar: Sidecar) -> bool:
+def commit(out: Path | StoreRoot, fmt: ShardFormat, tmp: Path, sidecar: Sidecar) -> bool:
     """Steps 1-5 above for finished temporary data; False when another process committed the shard first."""
-    folder = shards_dir(out)
+    root = store_root(out)
     sidecar.files = {name: FileSum(path.stat().st_size, checksum(path))
                      for name, path in data_files(fmt, tmp, sidecar.data).items()}
-    final_sidecar = sidecar_path(out, sidecar.shard)
-    if final_sidecar.exists():
-        logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
+    final_sidecar = sidecar_name(sidecar.shard)
+    final = data_name(sidecar.data)
+    for _ in range(3):
+        if root.exists(final_sidecar):
+            logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
+            remove(tmp)
+            return False
+        if root.exists(final) or root.is_folder(final):  # data without a sidecar: a run killed before step 5
+            root.delete_tree(final)
+        if root.put(final, tmp, exclusive=True):
+            break
+    else:
         remove(tmp)
+        raise StoreError(f"{root.show(final)} keeps appearing while shard {sidecar.shard} is committed: another "
+                         "process writes the same shard (are two runs sharing one claim folder?)")
+    if root.create(final_sidecar, dumps(sidecar.to_json()).encode()) is None:
+        logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
         return False
-    final = folder / sidecar.data
-    if final.exists():  # data without a sidecar: a run killed between rename and sidecar
-        remove(final)
-    os.replace(tmp, final)
-    fsync_dir(folder)
-    atomic_write_text(final_sidecar, dumps(sidecar.to_json()))
-    fsync_dir(folder)
     return True
 
 
-def read_sidecar(path: Path) -> Sidecar:
-    import json
-
+def read_sidecar(out: Path | StoreRoot, shard: str) -> Sidecar:
+    root = store_root(out)
+    name = sidecar_name(shard)
     try:
-        return Sidecar.from_json(json.loads(path.read_text()), where=str(path))
+        return Sidecar.from_json(json.loads(root.read(name)), where=root.show(name))
     except ValueError as exc:
-        raise StoreError(f"{path} is damaged ({exc})") from None
+        raise StoreError(f"{root.show(name)} is damaged ({exc})") from None
 
 
-def iter_sidecars(out: Path, damaged: dict[str, str] | None = None) -> Iterator[Sidecar]:
+def committed(out: Path | StoreRoot) -> list[str]:
+    """The shards whose sidecar exists (committed, whether their data checks out or not), sorted."""
+    return [entry.name[: -len(".json")] for entry in store_root(out).list(SHARDS_DIR)
+            if entry.name.endswith(".json") and not entry.name.startswith(".") and not entry.folder]
+
+
+def iter_sidecars(out: Path | StoreRoot, damaged: dict[str, str] | None = None) -> Iterator[Sidecar]:
     """Every committed shard's sidecar, sorted by shard name. A damaged one raises StoreError, unless ``damaged``
     is given: then it is skipped and recorded there (shard name -> what is wrong and how to repair it)."""
-    folder = shards_dir(out)
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.glob("*.json")):
-        if path.name.startswith("."):
-            continue
+    root = store_root(out)
+    for shard in committed(root):
         try:
-            yield read_sidecar(path)
+            yield read_sidecar(root, shard)
+        except FileNotFoundError:  # removed since it was listed (a damaged shard being redone)
+            continue
         except StoreError as exc:
             if damaged is None:
                 raise
-            damaged[path.stem] = f"{exc}; {repair_hint(out, path.stem)}"
+            damaged[shard] = f"{exc}; {repair_hint(root, shard)}"
 
 
 def repair_hint(out: Path, shard: str, silent: bool = False) -> str:
@@ -146,29 +165,29 @@ def repair_hint(out: Path, shard: str, silent: bool = False) -> str:
             f"{SHARDS_DIR}/{shard}.* and rerun) to re-extract it")
 
 
-def check_shard(out: Path, sidecar: Sidecar, checksums: bool = False) -> list[str]:
+def check_shard(out: Path | StoreRoot, sidecar: Sidecar, checksums: bool = False) -> list[str]:
     """Problems with one committed shard's data (empty list = it checks out)."""
-    folder = shards_dir(out)
+    root = store_root(out)
     name = sidecar.shard
-    path = folder / sidecar.data
-    if not path.exists():
+    if not root.exists(data_name(sidecar.data)) and not root.is_folder(data_name(sidecar.data)):
         return [f"{name}: data {sidecar.data} is missing"]
     try:
         fmt = get_format(sidecar.format)
     except StoreError as exc:
         return [f"{name}: {exc}"]
     for relative, expected in sidecar.files.items():
-        file = folder / relative
-        if not file.exists():
+        file = data_name(relative)
+        entry = root.stat(file)
+        if entry is None:
             return [f"{name}: data file {relative} is missing"]
-        size = sum(f.stat().st_size for f in file.iterdir()) if file.is_dir() else file.stat().st_size
+        size = sum(e.size for e in root.list(file)) if entry.folder else entry.size
         if size != expected.bytes:
             return [f"{name}: {relative} has {size} bytes, the manifest says {expected.bytes}"]
-        if checksums and expected.blake2b and checksum(file) != expected.blake2b:
+        if checksums and expected.blake2b and root.checksum(file) != expected.blake2b:
             return [f"{name}: {relative} does not match its checksum (the data changed after it was written)"]
     reader = None
     try:
-        reader = fmt.open(path)
+        reader = fmt.open_at(root, data_name(sidecar.data))
         keys = reader.keys()
         if keys != [r.key for r in sidecar.ok_records()]:
             return [f"{name}: keys in the data do not match the manifest"]

@@ -26,11 +26,11 @@ from ..errors import StoreError
 from . import RunHeader, read_header
 from .dtypes import from_store_array
 from .format import ShardDataReader, row_offsets
-from .location import local_store_path
 from .plan import load_plan
 from .plan.retries import sidecar_attempt
 from .records import ImageRecord, Sidecar
-from .shards import get_format, iter_sidecars, shards_dir
+from .roots import StoreRoot, store_root
+from .shards import data_name, get_format, iter_sidecars
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def current_records(sidecar: Sidecar, plan) -> list[ImageRecord]:
 class Store:
     """A finished (or partly finished) extraction."""
 
-    root: Path
+    root: StoreRoot  # where the store lives (``roots.py``)
     header: RunHeader
     shards: dict[str, Sidecar] = field(default_factory=dict)  # committed shards (records dropped after indexing)
     skipped: dict[str, str] = field(default_factory=dict)  # key -> reason
@@ -194,7 +194,7 @@ class Store:
 
     def _open_reader(self, shard: str) -> ShardDataReader:
         sidecar = self.shards[shard]
-        return get_format(sidecar.format).open(shards_dir(self.root) / sidecar.data)
+        return get_format(sidecar.format).open_at(self.root, data_name(sidecar.data))
 
     def _reader(self, shard: str) -> ShardDataReader:
         return self._readers.get(shard)
@@ -321,12 +321,15 @@ def pack_tokens(batch):
     return keys, torch.cat(tensors, dim=-2), cu_seqlens
 
 
-def open_store(out: str | Path, index: bool = True) -> Store:
-    """Open an output folder written by ``vitok extract`` (any number of processes, finished or not).
+def open_store(out: str | Path | StoreRoot, index: bool = True, storage_options: dict | None = None) -> Store:
+    """Open a store written by ``vitok extract`` (any number of processes, finished or not): a folder, or
+    ``s3://BUCKET/PREFIX`` (``storage_options``: keyword arguments of the client, e.g. ``endpoint_url``; the
+    client's own configuration, ``AWS_*`` variables and profiles, applies first).
 
     With ``index`` (the default) through the store's key index (``vitok.storage.index``): built from the sidecars
-    on the first open after a change and cached in ``OUT/.index``, then opened without reading a sidecar."""
-    root = local_store_path(out)
+    on the first open after a change and cached in ``OUT/.index`` (an object store's on this machine), then opened
+    without reading a sidecar; a key's rows are then read by byte range, not the whole shard."""
+    root = store_root(out, storage_options=storage_options)
     header = read_header(root)
     if index:
         from .index import open_index
@@ -336,7 +339,7 @@ def open_store(out: str | Path, index: bool = True) -> Store:
     return _open_from_sidecars(root, header)
 
 
-def _open_from_sidecars(root: Path, header: RunHeader, on_sidecar=None) -> Store:
+def _open_from_sidecars(root: StoreRoot, header: RunHeader, on_sidecar=None) -> Store:
     """The store as its sidecars say (later attempts superseding earlier ones, only the records of inputs the plan
     holds now counting); ``on_sidecar`` sees each sidecar with its records before they are dropped."""
     store = Store(root, header)
@@ -372,7 +375,7 @@ def _open_from_sidecars(root: Path, header: RunHeader, on_sidecar=None) -> Store
 # ---- the indexed store: key lookups without the sidecars (vitok.storage.index) -------------------------------------
 
 
-def build_index(root: Path, header: RunHeader, digest: str):
+def build_index(root: StoreRoot, header: RunHeader, digest: str):
     """The key and content index of a store, from its sidecars (what ``open_store`` without the index reads)."""
     from .index import Entry, StoreIndex, feature_layout
 
@@ -402,7 +405,7 @@ def build_index(root: Path, header: RunHeader, digest: str):
     for name in names:
         sidecar = store.shards[name]
         try:
-            layouts.append({f: feature_layout(sidecar.format, shards_dir(root) / sidecar.data, f)
+            layouts.append({f: feature_layout(sidecar.format, root, sidecar.data, f)
                             for f in header.features})
         except Exception:  # unreadable data: its keys are read (and fail) through the format's reader
             layouts.append({})
@@ -435,7 +438,7 @@ class IndexedStore(Store):
     _owned_counts: list[int] | None = None  # keys the index places in each shard
 
     @classmethod
-    def from_index(cls, root: Path, header: RunHeader, index) -> IndexedStore:
+    def from_index(cls, root: StoreRoot, header: RunHeader, index) -> IndexedStore:
         catalog = index.catalog
         sidecars = [Sidecar.from_json(data) for data in catalog["shards"]]
         store = cls(root, header, shards={s.shard: s for s in sidecars}, skipped=dict(catalog["skipped"]),
@@ -483,9 +486,9 @@ class IndexedStore(Store):
             return Store._lookup(self, key)  # the KeyError naming why
         shard = self._shard_names[self._ix.arrays["shard"][position]]
         if shard not in self._sidecar_records:
-            from .shards import read_sidecar, sidecar_path
+            from .shards import read_sidecar
 
-            records = read_sidecar(sidecar_path(self.root, shard)).records
+            records = read_sidecar(self.root, shard).records
             self._sidecar_records[shard] = {r.key: r for r in records if r.status == "ok"}
             while len(self._sidecar_records) > 8:
                 self._sidecar_records.popitem(last=False)
@@ -524,4 +527,4 @@ class IndexedStore(Store):
         from .index import RowReader
 
         sidecar = self.shards[shard]
-        return RowReader(get_format(sidecar.format), shards_dir(self.root) / sidecar.data)
+        return RowReader(get_format(sidecar.format), self.root, sidecar.data)

@@ -10,12 +10,11 @@ from pathlib import Path
 
 from . import read_header
 from .claims import Claims
-from .files import leftover_temps
 from .layout import PLAN_DIR
-from .location import local_store_path
 from .plan import load_plan
 from .plan.binding import Bindings
 from .plan.retries import sidecar_attempt
+from .roots import StoreRoot, store_root
 from .shards import check_shard, iter_sidecars, repair_hint, temp_files
 from .store import attempt_order, current_records
 
@@ -60,11 +59,11 @@ class VerifyReport:
         return {**dataclasses.asdict(self), "clean": self.clean, "finished": self.finished}
 
 
-def verify_store(out: str | Path, quick: bool = False, sources: str | None = None) -> VerifyReport:
+def verify_store(out: str | Path | StoreRoot, quick: bool = False, sources: str | None = None) -> VerifyReport:
     """Check every committed shard (checksums too, unless ``quick``) and the plan; nothing is modified.
     ``sources`` (a :mod:`vitok.storage.plan.changes` mode, ``mtime`` or ``hash``): also compare every record with its
     input as it is now, and list the stale ones."""
-    root = local_store_path(out)
+    root = store_root(out)
     header = read_header(root)
     plan = load_plan(root)
     problems: list[str] = []
@@ -150,11 +149,11 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
     for shard, holder in sorted(claims.holders().items()):
         (report.leftovers if claims.is_stale(holder) else report.in_progress).append(
             f"{shard} (claimed by {holder.get('run')})")
-    report.leftovers += [f"{p.name} (temporary data of an interrupted run; the next extract of its shard removes it)"
-                         for p in temp_files(root)]
-    report.leftovers += [f"{PLAN_DIR}/{p.name} ({_size(p)}, temporary file of an interrupted plan write; the next "
-                         "plan write removes it once it is 10 minutes old, or delete it)"
-                         for p in leftover_temps(root / PLAN_DIR, untouched_for=60.0)]
+    report.leftovers += [f"{name} (temporary data of an interrupted run; the next extract of its shard removes it)"
+                         for name in temp_files(root)]
+    report.leftovers += [f"{PLAN_DIR}/{p.name} ({p.size / 2**20:.1f} MB, temporary file of an interrupted plan write; "
+                         "the next plan write removes it once it is 10 minutes old, or delete it)"
+                         for p in root.leftovers(PLAN_DIR, untouched_for=60.0)]
     return report
 
 
@@ -180,10 +179,3 @@ def unfinished_reasons(report: VerifyReport, failed: list[str], unread: list[str
 def _printable(text: str) -> str:
     """Bytes that were not UTF-8 (surrogate escapes in names) as ``\\xNN``."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _size(path: Path) -> str:
-    try:
-        return f"{path.stat().st_size / 2**20:.1f} MB"
-    except OSError:
-        return "? MB"

@@ -132,9 +132,14 @@ class _FeatureMembers:
 
 
 class WdsReader(ShardDataReader):
-    def __init__(self, path: Path) -> None:
+    """A shard's tar, by path or through a seekable file (an object store's ranged reads)."""
+
+    def __init__(self, path) -> None:
         self.path = path
-        self._tar = tarfile.open(path, "r")
+        if isinstance(path, (str, os.PathLike)):
+            self._tar = tarfile.open(path, "r")
+        else:
+            self._tar = tarfile.open(fileobj=path, mode="r")
         self._members = {m.name: m for m in self._tar.getmembers()}
         self.index = json.loads(self.member(INDEX))
 
@@ -171,3 +176,7 @@ class WdsFormat(ShardFormat):
 
     def open(self, path) -> WdsReader:
         return WdsReader(path)
+
+    def open_at(self, root, name: str) -> WdsReader:
+        path = root.local_path(name)
+        return WdsReader(path if path is not None else root.open(name))

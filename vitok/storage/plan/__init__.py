@@ -9,11 +9,11 @@
 """
 
 from .diff import PlanDiff, current_archives, diff, planned_keys
-from .model import PLAN_SCHEMA, SUFFIX, Current, Generation, Plan, PlanHeader, UnitRef, load_plan, plan_dir, unit_name
+from .model import PLAN_SCHEMA, SUFFIX, Current, Generation, Plan, PlanHeader, UnitRef, load_plan, unit_name
 from .write import archive_units, file_chunks, listing_digest, write_generation, write_update
 
 __all__ = [
     "PLAN_SCHEMA", "SUFFIX", "Current", "Generation", "Plan", "PlanDiff", "PlanHeader", "UnitRef", "archive_units",
-    "current_archives", "diff", "file_chunks", "listing_digest", "load_plan", "plan_dir", "planned_keys",
+    "current_archives", "diff", "file_chunks", "listing_digest", "load_plan", "planned_keys",
     "unit_name", "write_generation", "write_update",
 ]

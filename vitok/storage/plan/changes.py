@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ...inputs.sources import is_url
-from ..shards import shards_dir
+from ..roots import StoreRoot, store_root
+from ..shards import committed, sidecar_name
 from .diff import current_archives
 from .model import Plan
 
@@ -107,16 +108,13 @@ def _checked(entries: Iterable[tuple[str, str, int | None, int | None, str | Non
             yield from future.result()
 
 
-def _file_entries(out: Path, plan: Plan) -> Iterator[tuple[str, str, int | None, int | None, str | None]]:
+def _file_entries(out: StoreRoot, plan: Plan) -> Iterator[tuple[str, str, int | None, int | None, str | None]]:
     """The recorded size, time and hash of every loose file the store holds now, from the sidecars' JSON as it is
     (no record objects: a million records are read in seconds)."""
     current = plan.current()
-    folder = shards_dir(out)
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        if path.name.startswith("."):
-            continue
+    for shard in committed(out):
         try:
-            sidecar = json.loads(path.read_text())
+            sidecar = json.loads(out.read(sidecar_name(shard)))
         except (OSError, ValueError):
             continue  # damaged: the run redoes the shard, verify reports it
         generation = int((sidecar.get("unit") or {}).get("plan_generation", 0))
@@ -139,7 +137,7 @@ def changed_inputs(out: str | Path, plan: Plan, mode: str = "mtime") -> list[Cha
     """Inputs the store holds now whose source changed since (sorted; empty with mode ``off``)."""
     if mode == "off":
         return []
-    entries = _file_entries(Path(out), plan) if plan.kind == "files" else _archive_entries(plan)
+    entries = _file_entries(store_root(out), plan) if plan.kind == "files" else _archive_entries(plan)
     return sorted(_checked(entries, mode), key=lambda c: c.input)
 
 

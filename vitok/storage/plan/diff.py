@@ -69,7 +69,7 @@ def current_archives(plan: Plan) -> dict[str, dict[str, Any]]:
     current = plan.current()
     found: dict[str, dict[str, Any]] = {}
     for generation in plan.generations:
-        with open(generation.folder / generation.header.content, "rb") as handle:
+        with open(generation.file(generation.header.content), "rb") as handle:
             for line in handle:
                 description = json.loads(line)
                 if current.is_current(description["path"], generation.number):

@@ -39,6 +39,7 @@ import numpy as np
 from ...errors import StoreError
 from ...inputs.sources import Root
 from ..layout import PLAN_DIR, shard_name
+from ..roots import StoreRoot, store_root
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,13 @@ class UnitRef:
     def unit(self) -> str:
         """The planned unit's name (a retry's original)."""
         return self.base or self.name
+
+    def inlined(self) -> UnitRef:
+        """The unit with its content in it: readable on a node that has no copy of the plan (a Ray task's)."""
+        if self.inline is not None:
+            return self
+        content = self.read()
+        return dataclasses.replace(self, inline=tuple(content) if isinstance(content, list) else content)
 
     def read(self) -> list[tuple[str, str]] | dict[str, Any]:
         """Files: [(key, path)]; archives: the unit's description (path, row group, ...)."""
@@ -137,16 +145,21 @@ class PlanHeader:
 @dataclass
 class Generation:
     header: PlanHeader
-    folder: Path
+    root: StoreRoot  # the store (``storage.roots``)
 
     @property
     def number(self) -> int:
         return self.header.generation
 
+    def file(self, name: str) -> Path:
+        """A local file holding one of the generation's files (in the store's plan folder, or a cached copy of an
+        object: plan files are content-addressed and never rewritten)."""
+        return self.root.fetch(f"{PLAN_DIR}/{name}")
+
     def units(self) -> list[UnitRef]:
-        index = np.load(self.folder / self.header.index)
+        index = np.load(self.file(self.header.index))
         roots = tuple(Root(*r) for r in self.header.roots or ())
-        content = str(self.folder / self.header.content)
+        content = str(self.file(self.header.content))
         names = self.header.unit_names
         first = self.header.first_unit
         refs = []
@@ -159,11 +172,11 @@ class Generation:
     def removed(self) -> list[str]:
         if not self.header.removed:
             return []
-        return json.loads((self.folder / self.header.removed).read_text())
+        return json.loads(self.root.read(f"{PLAN_DIR}/{self.header.removed}"))
 
     def planned(self) -> Iterator[str]:
         """The inputs this generation plans: loose-file keys (in key order) or archive paths (one per unit)."""
-        with open(self.folder / self.header.content, "rb") as handle:
+        with open(self.file(self.header.content), "rb") as handle:
             for line in handle:  # read through once: one line per key, or per archive unit
                 value = json.loads(line)
                 yield value if isinstance(value, str) else value["path"] if isinstance(value, dict) else value[1]
@@ -191,7 +204,7 @@ class Current:
 
 @dataclass
 class Plan:
-    out: Path
+    out: StoreRoot
     generations: list[Generation]
     units: list[UnitRef] = field(init=False)
     _current: Current | None = field(default=None, init=False, repr=False)
@@ -257,7 +270,7 @@ class Plan:
         stale: set[str] = set()
         for generation in self.generations:
             names = [u.name for u in generation.units()]
-            with open(generation.folder / generation.header.content, "rb") as handle:
+            with open(generation.file(generation.header.content), "rb") as handle:
                 for name, line in zip(names, handle):
                     if not current.is_current(json.loads(line)["path"], generation.number):
                         stale.add(name)
@@ -265,21 +278,23 @@ class Plan:
         return stale
 
 
-def plan_dir(out: Path) -> Path:
-    return Path(out) / PLAN_DIR
+def is_generation_header(name: str) -> bool:
+    """``0000.json``, ``0001.json``...: a generation's header (the commit of a plan generation)."""
+    return len(name) == 9 and name.endswith(".json") and name[:4].isdigit()
 
 
-def load_plan(out: Path) -> Plan | None:
-    folder = plan_dir(out)
-    if not folder.is_dir():
-        return None
+def load_plan(out: Path | StoreRoot) -> Plan | None:
+    root = store_root(out)
     generations = []
-    for path in sorted(folder.glob("[0-9][0-9][0-9][0-9].json")):
+    for entry in root.list(PLAN_DIR):
+        if not is_generation_header(entry.name):
+            continue
+        name = f"{PLAN_DIR}/{entry.name}"
         try:
-            header = json.loads(path.read_text())
+            header = json.loads(root.read(name))
         except (OSError, ValueError) as exc:
-            raise StoreError(f"{path} is damaged ({exc})") from None
+            raise StoreError(f"{root.show(name)} is damaged ({exc})") from None
         if header.get("vitok_plan") != PLAN_SCHEMA:
-            raise StoreError(f"{path}: plan schema {header.get('vitok_plan')} is not {PLAN_SCHEMA}")
-        generations.append(Generation(PlanHeader.from_json(header), folder))
-    return Plan(Path(out), generations) if generations else None
+            raise StoreError(f"{root.show(name)}: plan schema {header.get('vitok_plan')} is not {PLAN_SCHEMA}")
+        generations.append(Generation(PlanHeader.from_json(header), root))
+    return Plan(root, generations) if generations else None

@@ -18,10 +18,11 @@ from ...atomic import AtomicFile
 from ...errors import InputsChangedError
 from ...inputs.archives import describe_archives
 from ...inputs.sources import ArchiveListing, FileListing, Listing, listing_kind
-from ..files import atomic_write_text, create_exclusive
+from ..layout import PLAN_DIR
+from ..roots import StoreRoot, store_root
 from .changes import archive_hashes
 from .diff import PlanDiff
-from .model import NAMES, PLAN_SCHEMA, SUFFIX, Generation, Plan, PlanHeader, plan_dir, unit_name
+from .model import NAMES, PLAN_SCHEMA, SUFFIX, Generation, Plan, PlanHeader, unit_name
 
 # ---- digests: what a rerun compares ------------------------------------------------------------------------------
 
@@ -83,12 +84,12 @@ def _encode_items(items: list[tuple[str, int]], multi_root: bool) -> bytes:
 # ---- writing a generation ----------------------------------------------------------------------------------------
 
 
-def _write_content(folder: Path, generation: int, chunks: Iterable[tuple[bytes, int, int]],
+def _write_content(root: StoreRoot, generation: int, chunks: Iterable[tuple[bytes, int, int]],
                    also=None) -> tuple[str, str, int, str]:
     """Stream unit chunks (content lines, lines, expected images) into a content-addressed file and its unit index
-    (byte offset, lines, expected images); ``also`` is another hasher fed the same bytes. Returns
-    (content file, index file, lines, digest)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    (byte offset, lines, expected images), written in the plan folder's staging space and put in the store whole;
+    ``also`` is another hasher fed the same bytes. Returns (content file, index file, lines, digest)."""
+    folder = root.staging(PLAN_DIR)
     digest = hashlib.blake2b(digest_size=16)
     index: list[tuple[int, int, int]] = []
     count = position = 0
@@ -106,17 +107,19 @@ def _write_content(folder: Path, generation: int, chunks: Iterable[tuple[bytes, 
         content.path = folder / f"{name}.jsonl"
     with AtomicFile(folder, name, folder / f"{name}.units.npy") as unit_index:
         np.save(unit_index.handle, np.array(index, dtype=np.int64).reshape(-1, 3))
+    for file in (f"{name}.jsonl", f"{name}.units.npy"):  # (in a local store: in place already)
+        root.put(f"{PLAN_DIR}/{file}", folder / file)
     return f"{name}.jsonl", f"{name}.units.npy", count, digest.hexdigest()
 
 
-def write_generation(out: Path, listing: Listing, shard_size: int, generation: int, first_unit: int,
+def write_generation(out: Path | StoreRoot, listing: Listing, shard_size: int, generation: int, first_unit: int,
                      sources: list[str], reason: str, listing_digest_: str | None = None,
                      reader_options: dict | None = None, items: list | None = None,
                      removed: list[str] | None = None, detect_changes: str = "mtime",
                      files_from: str | None = None, list_cwd: str | None = None) -> Generation:
     """Write one generation (all of ``listing``, or only ``items`` of it for an update) and commit its header.
     ``listing_digest_`` of the whole listing is computed while writing when not given."""
-    folder = plan_dir(out)
+    root = store_root(out)
     header: dict[str, Any] = {
         "vitok_plan": PLAN_SCHEMA, "generation": generation, "reader": listing_kind(listing), "reason": reason,
         "sources": sources, "shard_size": shard_size,
@@ -131,7 +134,7 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
     whole = _listing_hasher(listing) if listing_digest_ is None and items is None else None
     if isinstance(listing, FileListing):
         chunks = ((data, lines, lines) for data, lines in file_chunks(listing, shard_size, items))
-        content, index, lines, digest = _write_content(folder, generation, chunks, also=whole)
+        content, index, lines, digest = _write_content(root, generation, chunks, also=whole)
         header |= {"roots": [[r.dir, r.prefix] for r in listing.roots], "num_items": lines,
                    "num_units": (lines + shard_size - 1) // shard_size}
     else:
@@ -140,7 +143,7 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
             archive_hashes(units)
         chunks = (((json.dumps(u, sort_keys=True) + "\n").encode("ascii"), 1, u.get("expected", -1))
                   for u in units)
-        content, index, lines, digest = _write_content(folder, generation, chunks)
+        content, index, lines, digest = _write_content(root, generation, chunks)
         header |= {"num_units": len(units), "unit_names": [u["name"] for u in units],
                    "num_items": sum(max(0, u.get("expected", 0)) for u in units)}
     if listing_digest_ is None:
@@ -149,20 +152,21 @@ def write_generation(out: Path, listing: Listing, shard_size: int, generation: i
     header |= {"content": content, "index": index, "digest": digest}
     if removed:
         removed_name = content.replace(".jsonl", ".removed.json")
-        atomic_write_text(folder / removed_name, json.dumps(removed))
+        root.write(f"{PLAN_DIR}/{removed_name}", json.dumps(removed).encode())
         header["removed"] = removed_name
-    path = folder / f"{generation:04d}.json"
-    if not create_exclusive(path, json.dumps(PlanHeader.from_json(header).to_json(), indent=1, sort_keys=True)):
-        existing = json.loads(path.read_text())
+    name = f"{PLAN_DIR}/{generation:04d}.json"
+    text = json.dumps(PlanHeader.from_json(header).to_json(), indent=1, sort_keys=True)
+    if root.create(name, text.encode()) is None:
+        existing = json.loads(root.read(name))
         if existing.get("listing_digest") != listing_digest_ or existing.get("digest") != digest:
             raise InputsChangedError(
-                f"another process planned {out} at the same moment from other inputs ({path.name}); use the same "
-                "sources in every process, or plan once with 'vitok plan'")
+                f"another process planned {root} at the same moment from other inputs ({generation:04d}.json); use "
+                "the same sources in every process, or plan once with 'vitok plan'")
         header = existing
-    return Generation(PlanHeader.from_json(header), folder)
+    return Generation(PlanHeader.from_json(header), root)
 
 
-def write_update(out: Path, plan: Plan, listing: Listing, changes: PlanDiff, sources: list[str],
+def write_update(out: Path | StoreRoot, plan: Plan, listing: Listing, changes: PlanDiff, sources: list[str],
                  listing_digest_: str | None, reader_options: dict, detect_changes: str = "mtime",
                  files_from: str | None = None, list_cwd: str | None = None) -> Generation:
     """--update: a generation holding the inputs added or changed since ``plan``, in new units after the existing
