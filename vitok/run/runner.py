@@ -184,8 +184,8 @@ class Run:
     def _loop(self, units, encoder, pipeline: DevicePipeline, committer: Committer, donors: Donors | None = None,
               within_units: bool = True) -> None:
         from ..inputs.preprocess import Preprocessor
-        from ..pipeline.loader import default_workers, load_units
         from ..pipeline.types import Batch, EncodedBatch
+        from ..pipeline.workers import default_workers, load_units
 
         opts = self.job.options
         budget = opts.token_budget or default_budget(encoder.device.type)
