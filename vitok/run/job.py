@@ -56,6 +56,14 @@ class Job:
     list_cwd: str | None = None  # the directory its relative lines are read against, recorded with it
 
 
+    @classmethod
+    def for_stream(cls, out: Path, options: ExtractOptions, source: ModelSource, preprocess: PreprocessConfig,
+                   features: tuple[str, ...], device: Any, dtype: Any) -> Job:
+        """A job whose inputs come as a stream (``integrations.ray.write_store``): no listing, plan or stored
+        header, one part."""
+        return cls(out, options, Part(0, 1, None, "single"), source, preprocess, features, ReaderOptions(),
+                   listing=None, sources=[], plan=None, plan_diff=None, header=None, device=device, dtype=dtype)
+
     @property
     def layouts(self):
         return feature_layouts(self.source.encoder, self.features)
