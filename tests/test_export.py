@@ -349,6 +349,45 @@ def test_keys_that_are_not_utf8_export_in_every_layout(odd_keys):
     assert export(out, odd_keys / "sg", "sglang").images == 2
 
 
+def test_every_text_form_of_a_key_maps_back_to_exactly_one_key(tmp_path):
+    from vitok.consumers.serving import entry_name
+    from vitok.storage.keys import key_from_text, key_text
+
+    folder = tmp_path / "imgs"
+    # a name that is not UTF-8, a name spelled like its escape, a backslash, a control character
+    names = [b"caf\xe9.png", b"caf\\xe9.png", b"a\\b.png", b"tab\t.png", b"plain.png"]
+    for seed, name in enumerate(names):
+        photo(folder / f"{seed}.png", seed=seed)
+        try:
+            os.rename(os.fsencode(folder / f"{seed}.png"), os.fsencode(folder) + b"/" + name)
+        except OSError:
+            pytest.skip("this file system refuses names that are not UTF-8")
+    vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0, features=["merged", "deepstack"])
+    keys = set(vitok.open(tmp_path / "out").keys())
+    assert {os.fsencode(k) for k in keys} == set(names)
+    export(tmp_path / "out", tmp_path / "er", "embedding-reader", pool="mean")
+    export(tmp_path / "out", tmp_path / "ec", "vllm-ec")
+    export(tmp_path / "out", tmp_path / "sg", "sglang")
+    lines = [json.loads(line) for line in (tmp_path / "ec" / "uuids.jsonl").read_text().splitlines()]
+    uuid = {row["key"]: row["uuid"] for row in lines}  # the lookup the docs show
+    forms = {
+        "vllm-ec uuids.jsonl": [row["key"] for row in lines],
+        "sglang key column": [row["key"] for p in sorted((tmp_path / "sg").glob("*.parquet"))
+                              for row in pq.read_table(p).to_pylist()],
+        "embedding-reader key column": [row["key"] for p in sorted((tmp_path / "er" / "metadata").glob("*.parquet"))
+                                        for row in pq.read_table(p).to_pylist()],
+    }
+    for where, texts in forms.items():
+        assert len(set(texts)) == len(keys), where  # no two keys share a text form
+        assert {key_from_text(t) for t in texts} == keys, where  # and each text names its own key
+        assert all(t.isprintable() for t in texts), where
+    assert all(uuid[key_text(k)] == entry_name(k) for k in keys)  # each key finds its own entry
+    for text in ["caf\\xe9", "\\", "\\\\x41", "x\x00y", "caf\udce9", "\ud800", "\x7f", "a\nb", "", "é"]:
+        assert key_from_text(key_text(text)) == text and key_text(text).isprintable()
+    with pytest.raises(ValueError):
+        key_from_text("a\\qb")  # not a text form: a lone backslash
+
+
 def test_pictures_of_keys_that_are_not_utf8(odd_keys):
     pytest.importorskip("matplotlib")
     from vitok.consumers.viz import token_picture

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from ..consumers.export import ExportOptions  # light: the export's options record
+from ..storage.keys import key_text
 from ..storage.plan.changes import MODES as CHANGE_MODES
 from .app import _safe, _setup_logging, app
 from .flags import choice_type, option_parameters
@@ -55,7 +56,7 @@ def info(
          + (f", {report.images_removed} removed from the sources" if report.images_removed else ""))
     for title, table in (("skipped", skipped), ("failed", failed)):
         for key, reason in sorted(table.items())[:50]:
-            echo(f"  {title:8s} {_safe(key)}: {_safe(reason)}")
+            echo(f"  {title:8s} {key_text(key)}: {_safe(reason)}")
         if len(table) > 50:
             echo(f"  ... and {len(table) - 50} more {title}")
     for line in report.input_errors:  # of the last attempt of each input still in the sources
@@ -64,7 +65,7 @@ def info(
     if nonfinite:
         echo(f"nan/inf    {len(nonfinite)} image(s) hold NaN/Inf values (exports leave them out)")
         for key, count in sorted(nonfinite.items())[:10]:
-            echo(f"  nan/inf  {_safe(key)}: {count} value(s)")
+            echo(f"  nan/inf  {key_text(key)}: {count} value(s)")
     if report.problems:
         echo(f"damage     {len(report.problems)} problem(s); run 'vitok verify {out}'")
         for problem in report.problems[:5]:
