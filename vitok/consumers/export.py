@@ -34,8 +34,10 @@ from typing import Any
 
 from ..atomic import AtomicFile
 from ..errors import StoreError, UsageError
+from ..interrupts import stop_on_signals
 from ..pipeline.options import option
 from ..pipeline.pool import POOLS as ALL_POOLS
+from ..storage.files import is_no_space, raise_store_error
 from ..storage.keys import key_bytes, key_text
 
 logger = logging.getLogger(__name__)
@@ -285,15 +287,19 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
     from .export_target import ExportMarker, ExportTarget, store_identity
 
     writer = make_layout(layout, feature, pool, normalize, dtype, key)
-    store = open_store(store_path)
-    try:
+    with stop_on_signals(), open_store(store_path) as store:  # SIGTERM/SIGINT: Interrupted, the folder removed
         writer.check(store)
         identity = store_identity(store.header)
         target = ExportTarget(dest, identity, store.root)
         missing = check_store(store, allow_partial)
         folder = target.begin()
         try:
-            count, left_out = writer.write(store, folder)
+            try:
+                count, left_out = writer.write(store, folder)
+            except Exception as exc:  # (safetensors and pyarrow say ENOSPC in their own exception types)
+                if is_no_space(exc):
+                    raise_store_error(exc, target.dest)
+                raise
             if left_out and not count:
                 raise StoreError(f"every image of {store.root} holds NaN/Inf values ({len(left_out)}; e.g. "
                                  f"{key_text(next(iter(left_out)))!r}: {next(iter(left_out.values()))}): nothing to "
@@ -315,8 +321,6 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
         except BaseException:
             target.abort()
             raise
-    finally:
-        store.close()
     return ExportResult(writer.name, Path(dest), count, left_out, missing)
 
 

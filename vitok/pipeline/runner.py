@@ -10,11 +10,8 @@ stay, and a rerun of the same command resumes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -22,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..environment import describe_environment
-from ..errors import Interrupted, SettingsMismatchError
+from ..errors import SettingsMismatchError
+from ..interrupts import stop_on_signals
 from ..storage import RunHeader, SidecarStamp, get_format, new_store
 from ..storage.claims import Claims
 from ..storage.files import raise_store_error
@@ -139,26 +137,6 @@ def engine_class(name: str) -> type[Run]:
 
         return RayRun
     return Run
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM and SIGINT raise Interrupted in the main thread (once; repeats are ignored while cleaning up)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, _frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 class Run:
