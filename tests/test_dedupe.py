@@ -247,3 +247,15 @@ def test_rows_are_never_copied_from_a_shard_that_fails_its_checksums(tmp_path, w
     with vitok.open(out) as store:
         assert store.info(key).get("copied_from") is None
         np.testing.assert_array_equal(store.get(key, "merged"), expected[("img00.png", "merged")])
+
+
+def test_reuse_refuses_an_unfinished_store_naming_what_is_unfinished(tmp_path):
+    src = collection(tmp_path / "src", 6, {})
+    vitok.extract([str(src)], tmp_path / "half", shard_size=2, part=0, num_parts=2, **TINY)  # 2 of 3 shards done
+    from vitok.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--reuse .*half is not a finished store: 1 of 3 planned shard\(s\) not done"):
+        vitok.extract([str(src)], tmp_path / "b", reuse=[str(tmp_path / "half")], **TINY)
+    assert not (tmp_path / "b").exists()  # refused before anything is written
+    vitok.extract([str(src)], tmp_path / "half", shard_size=2, part=1, num_parts=2, **TINY)
+    assert vitok.extract([str(src)], tmp_path / "b", reuse=[str(tmp_path / "half")], **TINY).reused == 6
