@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageError, UsageError
+from ..storage.keys import key_text, unstorable
 from ..storage.layout import SHARDS_DIR, shard_name
 
 IMAGE_COLUMN = "image"
@@ -206,6 +207,9 @@ class _ShardWriter:
                                   spec.options.store_dtype, spec.options.compression, self.run)
         key = str(row[key_column])
         error = str(row.get("vitok_error") or "")
+        problem = unstorable(key)
+        if problem is not None:  # costs this row, not the shard
+            error = f"its key '{key_text(key)}' {problem}; not stored"
         if error:
             self.sink.add_record(ImageRecord(key, "skipped", "ray", reason=error))
         else:
