@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageError, UsageError
+from ..storage.keys import key_text, unstorable
 from ..storage.layout import shard_name
 
 IMAGE_COLUMN = "image"
@@ -45,9 +46,10 @@ class TokenEncoder:
 
     def __init__(self, image_column: str = IMAGE_COLUMN, **options: Any) -> None:
         from ..encoder.inference import load_encoder
+        from ..inputs.gpu_decode import device_decode
         from ..inputs.preprocess import Preprocessor
+        from ..pipeline.batcher import default_budget
         from ..pipeline.device import DevicePipeline
-        from ..run.ray_engine import default_budget
 
         self.image_column = image_column
         spec = Spec(options)
@@ -55,7 +57,8 @@ class TokenEncoder:
                                     attention=spec.options.attention, preprocess=spec.preprocess)
         self.spec, self.preprocessor = spec, Preprocessor(spec.preprocess)
         self.pipeline = DevicePipeline(self.encoder, spec.features, spec.options.pool, spec.options.store_dtype,
-                                       spec.options.token_order)
+                                       spec.options.token_order,
+                                       decode=device_decode(self.encoder.preprocess, self.encoder.device))
         self.budget = spec.options.token_budget or default_budget(self.encoder.device.type)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -152,11 +155,9 @@ def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", sha
         **options: the same options ``TokenEncoder`` was given (they are the store's settings; give ``dtype``
             explicitly when the actors' device differs from the driver's, since ``auto`` depends on the device).
     """
-    from ..encoder.inference import load_encoder, resolve_dtype
+    from ..encoder.inference import load_encoder, resolve_device, resolve_dtype
     from ..environment import describe_environment
-    from ..inputs.readers import ReaderOptions
     from ..run.job import Job, check_out_folder
-    from ..run.parallel import Part
     from ..run.settings_schema import make_settings, new_header
     from ..storage import SidecarStamp, get_format, new_store
     from ..storage.layout import SHARDS_DIR
@@ -168,9 +169,9 @@ def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", sha
     spec = Spec({**options, "shard_size": shard_size})
     opts = spec.options
     encoder = load_encoder(spec.source, "cpu", opts.dtype if opts.dtype != "auto" else "float32", seed=opts.seed)
-    dtype = resolve_dtype(opts.dtype, _device(opts.device))
-    job = Job(out, opts, Part(0, 1, None, "single"), spec.source, spec.preprocess, spec.features, ReaderOptions(),
-              None, [], None, None, None, _device(opts.device), dtype)
+    device = resolve_device(opts.device)
+    job = Job.for_stream(out, opts, spec.source, spec.preprocess, spec.features, device,
+                         resolve_dtype(opts.dtype, device))
     header = new_header(job, make_settings(job, encoder.weights_hash), describe_environment(encoder))
     out.prepare()
     header, created = new_store(out, header)
@@ -182,13 +183,6 @@ def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", sha
     for batch in batches:
         writer.add(batch, key_column)
     return writer.close()
-
-
-def _device(name: str):
-    import torch
-
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto"
-                        else name)
 
 
 class _ShardWriter:
@@ -214,6 +208,9 @@ class _ShardWriter:
                                   spec.options.store_dtype, spec.options.compression, self.run)
         key = str(row[key_column])
         error = str(row.get("vitok_error") or "")
+        problem = unstorable(key)
+        if problem is not None:  # costs this row, not the shard
+            error = f"its key '{key_text(key)}' {problem}; not stored"
         if error:
             self.sink.add_record(ImageRecord(key, "skipped", "ray", reason=error))
         else:

@@ -275,8 +275,8 @@ class RayRun(Run):
                 committer.put([batch])
                 seen += len(batch.records) + len(batch.skipped)
                 skipped += len(batch.skipped)
-                self.counts["batches_encoded"] += 1
-                self.counts["images_encoded"] += len(batch.records) + len(batch.skipped)
+                self.counts.batches_encoded += 1
+                self.counts.images_encoded += len(batch.records) + len(batch.skipped)
             pipeline.patches += step.patches
             pipeline.encode_seconds += step.encode_seconds
             pipeline.device_wait_seconds += step.device_wait_seconds

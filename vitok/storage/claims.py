@@ -106,6 +106,17 @@ class RunIdentity:
         return (holder.get("host") == self.host and self.pid_ns is not None and self.boot_id is not None
                 and holder.get("pid_ns") == self.pid_ns and holder.get("boot_id") == self.boot_id)
 
+    def judges_gone(self, holder: dict) -> bool | None:
+        """Whether ``holder``'s process is over, where its pid can be checked here (``shares_pids_with``): its pid
+        is not running, or runs a process started at another time (a recycled pid). None where it cannot be told."""
+        if not self.shares_pids_with(holder):
+            return None
+        pid = int(holder.get("pid", -1))
+        if not process_alive(pid):
+            return True
+        start = _proc_start(pid)
+        return holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]
+
 
 class Claims:
     """This process's claims in one store, and its heartbeat, through the store's root (``roots.StoreRoot``)."""
@@ -138,7 +149,7 @@ class Claims:
         for entry in self.root.list(RUNS_DIR):
             if entry.name == self.identity.id or entry.name.startswith(".") or entry.folder:
                 continue
-            holder = read_claim(self.root, f"{RUNS_DIR}/{entry.name}")
+            holder = read_claim_at(self.root, f"{RUNS_DIR}/{entry.name}")
             if holder is None:
                 holder = {"run": entry.name}  # unreadable: judged by its age alone
             if holder.get("run") != entry.name:
@@ -202,12 +213,9 @@ class Claims:
         if run_file is None:
             return True
         touched = run_file.modified
-        if self.identity.shares_pids_with(holder):  # the pid means the same process here
-            pid = int(holder.get("pid", -1))
-            if not process_alive(pid):
-                return True
-            start = _proc_start(pid)
-            return holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]
+        gone = self.identity.judges_gone(holder)
+        if gone is not None:  # the pid means the same process here
+            return gone
         age = self._now() - touched  # the store's times, not clocks
         if age > self.stale_after:
             return True
@@ -228,13 +236,22 @@ class Claims:
         result = {}
         for entry in self.root.list(CLAIMS_DIR):
             if entry.name.endswith(".claim") and not entry.folder:
-                holder = read_claim(self.root, f"{CLAIMS_DIR}/{entry.name}")
+                holder = read_claim_at(self.root, f"{CLAIMS_DIR}/{entry.name}")
                 if holder is not None:
                     result[entry.name[: -len(".claim")]] = holder
         return result
 
 
-def read_claim(root: StoreRoot, name: str) -> dict | None:
+def read_claim(path: Path) -> dict | None:
+    """A claim or run record in a local file (an export's owner record), None when unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_claim_at(root: StoreRoot, name: str) -> dict | None:
+    """A claim or heartbeat record in a store, None when unreadable."""
     try:
         return json.loads(root.read(name))
     except (OSError, ValueError):
