@@ -51,9 +51,11 @@ def read_header(out: str | Path | StoreRoot) -> RunHeader:
     if local is not None and not local.is_dir():
         raise NotAStoreError(f"{root} is a file, not a vitok store (a folder holding {META_FILE})")
     try:
-        return RunHeader.from_json(json.loads(root.read(META_FILE)), path)
+        data = root.read(META_FILE)
     except FileNotFoundError:
         raise NotAStoreError(f"{root} is not a vitok store (no {META_FILE})") from None
+    try:
+        return RunHeader.from_json(json.loads(data), path)
     except (ValueError, StoreError) as exc:
         damage = str(exc) if isinstance(exc, StoreError) else f"{path} is damaged ({exc})"
         raise StoreError(f"{damage}; the shards and the plan are intact: restore {META_FILE} from a copy, or delete "

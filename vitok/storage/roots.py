@@ -45,7 +45,7 @@ from .files import atomic_write_bytes, checksum, create_exclusive, fsync_dir, le
 from .location import local_store_path, url_scheme
 
 CHECKSUM_BLOCK = 8 << 20
-SERVED: tuple[str, ...] = ()  # URL schemes served by a root (others, but file://, are refused)
+SERVED = ("s3",)  # URL schemes served by a root (others, but file://, are refused)
 STORAGE_OPTION_HELP = ("Stores in S3 (s3://BUCKET/PREFIX): a KEY=VALUE for the client, on top of its own configuration "
                        "(AWS_* variables, profiles): endpoint_url, region_name, profile, aws_access_key_id, "
                        "multipart_threshold... (repeatable; never recorded in the store).")
@@ -463,6 +463,10 @@ def store_root(location: str | os.PathLike | StoreRoot, what: str = "the store",
     """The root a location names: a local folder, or an object store it serves; anything else is refused."""
     if isinstance(location, StoreRoot):
         return location
+    if url_scheme(location) == "s3":
+        from .s3 import S3Root
+
+        return S3Root.from_url(str(location), parse_storage_options(storage_options), what)
     if storage_options:
         raise UsageError(f"--storage-option applies to object stores (s3://...); {what} {location} is a local folder")
     return LocalRoot(local_store_path(location, what))

@@ -1,0 +1,276 @@
+"""Stores in S3 (``vitok/storage/s3.py``), against a real S3 endpoint on loopback: moto's server, started here on a
+free port, with a counting, fault-injecting proxy in front of it (``s3server.py``). What moto cannot prove is in
+docs/guarantees.md."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import urllib.request
+
+import numpy as np
+import pytest
+from helpers import TINY, make_folder, popen_vitok, wait_for
+from helpers import vitok as cli
+
+import vitok
+
+BUCKET = "vitok-test"
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'vitok[test]')")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    moto = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    yield moto.get_host_and_port()
+    moto.stop()
+
+
+class S3:
+    """The endpoint of one test: a fresh server state, the bucket, the proxy the code under test talks through,
+    and a client straight to the server for setting up and looking."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import boto3
+        from s3server import Proxy
+
+        urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"))
+        self.proxy = Proxy((host, port))
+        self.endpoint = self.proxy.start()
+        self.direct = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1",
+                                   aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.direct.create_bucket(Bucket=BUCKET)
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
+                    "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
+                    "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.direct.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", ()))
+
+    def requests(self, method: str | None = None, path: str = "") -> list:
+        return [s for s in self.proxy.seen if (method is None or s.method == method) and path in s.path]
+
+
+@pytest.fixture
+def s3(moto_endpoint, monkeypatch, tmp_path):
+    endpoint = S3(*moto_endpoint)
+    for key, value in endpoint.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the staging space of this test's runs
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    yield endpoint
+    endpoint.proxy.stop()
+
+
+def _root(path: str = "feats", **options):
+    from vitok.storage.roots import store_root
+
+    return store_root(f"s3://{BUCKET}/{path}", storage_options=options)
+
+
+# ---- the root: the store's operations on S3 ----------------------------------------------------------------------
+
+
+def test_exclusive_create_swap_and_a_lost_answer_of_our_own_write(s3):
+    root, other = _root(), _root()
+    assert root.create("a.claim", b"mine") is not None and other.create("a.claim", b"theirs") is None
+    data, version = other.read_with_version("a.claim")
+    assert data == b"mine"
+    taken = other.swap("a.claim", b"theirs", version)  # compare-and-swap on the ETag read
+    assert taken is not None and root.swap("a.claim", b"again", version) is None  # a stale ETag loses
+    assert not root.delete("a.claim", version) and root.read("a.claim") == b"theirs"  # never deletes theirs
+    assert other.delete("a.claim", taken) and not root.exists("a.claim")
+    s3.proxy.inject("PUT", r"/b\.claim", "lose")  # the server writes it, the answer is lost; botocore retries
+    assert root.create("b.claim", b"mine") is not None  # 412 on the retry, recognised as this very write
+    assert other.create("b.claim", b"theirs") is None and root.read("b.claim") == b"mine"
+    assert [s.status for s in s3.requests("PUT", "/b.claim")][:2] == [200, 412]
+
+
+def test_an_upload_is_whole_or_absent_and_a_killed_one_is_a_leftover(s3, tmp_path):
+    import threading
+
+    root = _root(multipart_threshold="1MiB", multipart_chunksize="5MiB")
+    staged = tmp_path / "data.bin"
+    staged.write_bytes(os.urandom(6 << 20) + b"end")
+    s3.proxy.inject("POST", r"uploadId=", "hang")  # the completion never answers: as if the process were killed
+    def upload() -> None:
+        with contextlib.suppress(Exception):  # (it fails once the proxy stops)
+            root.put("shards/shard-000000.h5", staged)
+
+    threading.Thread(target=upload, daemon=True).start()
+    assert wait_for(lambda: s3.requests("POST", "uploadId="), timeout=30)
+    assert len(s3.requests("PUT", "partNumber=")) == 2  # 5 MiB, then the rest
+    assert "feats/shards/shard-000000.h5" not in s3.keys()  # the parts are sent, nothing is visible
+    leftovers = root.leftovers("shards")
+    assert [lo.becomes for lo in leftovers] == ["shard-000000.h5"]
+    from vitok.storage.shards import remove_temps, temp_files
+
+    assert temp_files(root) == ["shard-000000.h5 (an upload never completed)"]
+    remove_temps(root, "shard-000000")
+    assert not root.leftovers("shards") and not s3.direct.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+
+
+# ---- whole runs -------------------------------------------------------------------------------------------------
+
+
+def _records(store) -> dict:
+    drop = {"shard"}
+    return {key: {k: v for k, v in store.info(key).items() if k not in drop} for key in store.keys()}
+
+
+def test_a_remote_store_equals_a_local_store_and_reads_verifies_and_exports(s3, tmp_path):
+    imgs = make_folder(tmp_path / "imgs", 6, with_odd=False)
+    local, remote = tmp_path / "local", f"s3://{BUCKET}/feats"
+    args = [str(imgs), *TINY, "--shard-size", "2", "--features", "merged,deepstack"]
+    cli("extract", *args, "-o", str(local), check=True)
+    cli("extract", *args, "-o", remote, check=True, cwd=tmp_path)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(":")]  # nothing local under the URL's name
+    assert "feats/vitok.json" in s3.keys() and len(s3.keys("feats/shards/")) == 6  # 3 shards, 3 sidecars
+    mine, theirs = vitok.open(local), vitok.open(remote)
+    assert theirs.keys() == mine.keys() and len(theirs) == 6
+    for key in mine.keys():
+        for feature in ("merged", "deepstack"):
+            np.testing.assert_array_equal(theirs.get(key, feature), mine.get(key, feature))
+    assert _records(theirs) == _records(mine)
+    for (k1, t1, o1), (k2, t2, o2) in zip(theirs.iter_shards(), mine.iter_shards()):
+        assert k1 == k2 and np.array_equal(t1, t2) and np.array_equal(o1, o2)
+    result = cli("verify", remote, "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["images_ok"] == 6, result.stderr
+    assert cli("extract", *args, "-o", remote, "--json", check=True).stdout.count('"shards_written": 0')  # resumed
+    for store, dest in ((str(local), tmp_path / "exported-local"), (remote, tmp_path / "exported-remote")):
+        cli("export", store, str(dest), "--pool", "mean", check=True)
+    for i in range(3):
+        name = f"img_emb/img_emb_{i}.npy"
+        assert np.array_equal(np.load(tmp_path / "exported-remote" / name), np.load(tmp_path / "exported-local" / name))
+
+
+def test_one_key_is_read_by_a_byte_range_of_its_rows(s3, tmp_path):
+    from vitok.bench.store import synthetic_store
+
+    synthetic_store(_root(), 60, 64, 256, per_shard=60)  # one shard of 60 images x 64 rows x 256 float16: ~2 MB
+    shard = next(k for k in s3.keys() if k.endswith(".h5"))
+    size = s3.direct.head_object(Bucket=BUCKET, Key=shard)["ContentLength"]
+    vitok.open(f"s3://{BUCKET}/feats").close()  # the first open builds the key index (cached on this machine)
+    s3.proxy.clear()
+    with vitok.open(f"s3://{BUCKET}/feats") as store:
+        tokens = store.get("img00000042")
+    assert tokens.shape == (64, 256)
+    reads = s3.requests("GET", "/feats/shards/shard-000000.h5")
+    row_bytes = 64 * 256 * 2
+    assert len(reads) == 1 and reads[0].received == row_bytes, reads  # one ranged GET of the key's rows
+    assert sum(s.received for s in s3.proxy.seen) < size / 10  # with the header and two listings
+    assert not [s for s in s3.requests("GET", "/shards/") if ".json" in s.path]  # no sidecar read: the index is
+    # the cache, checked against the store's listing
+
+
+def test_faults_mid_upload_are_retried_and_an_endpoint_that_keeps_failing_stops_with_one_line(s3, tmp_path):
+    imgs = make_folder(tmp_path / "imgs", 4, with_odd=False)
+    remote = f"s3://{BUCKET}/feats"
+    args = ["extract", str(imgs), "-o", remote, *TINY, "--shard-size", "2"]
+    s3.proxy.inject("PUT", r"/shards/shard-000000\.h5", "503", times=2)
+    s3.proxy.inject("PUT", r"/shards/shard-000001\.h5", "reset")
+    s3.proxy.inject("PUT", r"/shards/shard-000000\.json", "lose")  # the commit lands, its answer is lost
+    s3.proxy.inject("PUT", r"/\.claims/shard-000001\.claim", "reset")
+    cli(*args, check=True)
+    assert [f.hits for f in s3.proxy.faults] == [2, 1, 1, 1]
+    assert cli("verify", remote).returncode == 0 and len(vitok.open(remote)) == 4
+    s3.proxy.clear()
+    other = f"s3://{BUCKET}/other"
+    s3.proxy.inject("PUT", r"/other/shards/shard-000001\.h5", "503", times=100)  # throttled past every retry
+    result = cli(*args[:3], other, *args[4:], "--storage-option", "max_attempts=2")
+    assert result.returncode == 75, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("vitok: error: ") and "SlowDown" in last and "rerun" in last
+    assert "other/shards/shard-000001.json" not in s3.keys() and "other/shards/shard-000001.h5" not in s3.keys()
+    assert len(vitok.open(other)) == 2  # the shard committed before stays, nothing partial is listed
+    s3.proxy.clear()
+    cli(*args[:3], other, *args[4:], check=True)
+    assert cli("verify", other).returncode == 0 and len(vitok.open(other)) == 4
+
+
+def test_missing_or_refused_credentials_and_a_missing_bucket_get_one_line_and_exit_2(s3, tmp_path, monkeypatch):
+    imgs = make_folder(tmp_path / "imgs", 1, with_odd=False)
+
+    def refused(*args, env=None):
+        result = cli(*args, env=env)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and lines[-1].startswith("vitok: error: "), result.stderr
+        return lines[-1]
+
+    assert "does not exist" in refused("extract", str(imgs), "-o", "s3://no-such-bucket/feats", *TINY)
+    assert "does not exist" in refused("info", "s3://no-such-bucket/feats")
+    s3.proxy.refused_key = "badkey"
+    assert "refused" in refused("info", f"s3://{BUCKET}/feats", env={"AWS_ACCESS_KEY_ID": "badkey"})
+    s3.proxy.refused_key = None
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert "no credentials" in refused("extract", str(imgs), "-o", f"s3://{BUCKET}/feats", *TINY)
+    assert refused("info", f"s3://{BUCKET}/feats", "--storage-option", "nonsense")  # not KEY=VALUE
+    assert not s3.keys()
+
+
+def test_verify_names_a_damaged_remote_shard_and_the_next_run_redoes_it(s3, tmp_path):
+    imgs = make_folder(tmp_path / "imgs", 4, with_odd=False)
+    remote = f"s3://{BUCKET}/feats"
+    args = ["extract", str(imgs), "-o", remote, *TINY, "--shard-size", "2"]
+    cli(*args, check=True)
+    key = "feats/shards/shard-000001.h5"
+    body = bytearray(s3.direct.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    body[-100] ^= 0xFF  # silent corruption: same size
+    s3.direct.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    result = cli("verify", remote)
+    assert result.returncode == 1 and "shard-000001" in result.stderr and "checksum" in result.stderr
+    s3.direct.put_object(Bucket=BUCKET, Key=key, Body=bytes(body[:-10]))  # truncated: a resume sees it
+    assert cli(*args, "--json", check=True).stdout.count('"shards_written": 1')
+    assert cli("verify", remote).returncode == 0 and len(vitok.open(remote)) == 4
+
+
+# ---- processes -------------------------------------------------------------------------------------------------
+
+
+def test_kill_9_mid_upload_then_resume(s3, tmp_path):
+    imgs = make_folder(tmp_path / "imgs", 6, with_odd=False)
+    remote = f"s3://{BUCKET}/feats"
+    args = ["extract", str(imgs), "-o", remote, *TINY, "--shard-size", "2", "--storage-option",
+            "multipart_threshold=1"]
+    s3.proxy.inject("POST", r"/shards/shard-000001\.h5\?uploadId=", "hang")  # completing its upload never answers
+    process = popen_vitok(*args, env=s3.env)
+    assert wait_for(lambda: s3.requests("POST", "/shards/shard-000001.h5?uploadId="), timeout=120, process=process)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert "feats/shards/shard-000001.h5" not in s3.keys() and "feats/shards/shard-000001.json" not in s3.keys()
+    assert s3.direct.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+    assert len(vitok.open(remote)) == 2  # shard-000000 only: nothing of the killed upload is listed
+    report = cli("verify", remote, "--json")
+    assert report.returncode == 1 and any("never completed" in line for line in json.loads(report.stdout)["leftovers"])
+    s3.proxy.clear()
+    done = popen_vitok(*args, "--json", env=s3.env, capture=True)
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err[-2000:]
+    assert json.loads(out)["shards_written"] == 2  # the killed shard and the one never started; the first stays
+    assert cli("verify", remote).returncode == 0 and len(vitok.open(remote)) == 6
+    assert not s3.direct.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+
+
+def test_two_processes_racing_for_the_same_units_commit_each_once(s3, tmp_path):
+    imgs = make_folder(tmp_path / "imgs", 8, with_odd=False)
+    remote = f"s3://{BUCKET}/feats"
+    args = ["extract", str(imgs), "-o", remote, *TINY, "--shard-size", "2", "--json"]
+    processes = [popen_vitok(*args, env=s3.env, capture=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [o[1][-1500:] for o in outputs]
+    summaries = [json.loads(o[0]) for o in outputs]
+    assert sum(s["shards_written"] for s in summaries) == 4  # every unit committed once, none lost
+    sidecar_puts = [s for s in s3.requests("PUT", ".json") if "/feats/shards/" in s.path and s.status == 200]
+    assert len(sidecar_puts) == 4
+    assert cli("verify", remote).returncode == 0 and len(vitok.open(remote)) == 8

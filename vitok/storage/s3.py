@@ -1,0 +1,478 @@
+"""A store in an S3 bucket (AWS S3, or any server with S3's conditional writes: MinIO, R2, Ceph RGW...), through
+boto3: ``s3://BUCKET/PREFIX``.
+
+Why boto3: it sends every conditional S3 has (``If-None-Match: *`` on PutObject and CompleteMultipartUpload,
+``If-Match`` on PutObject and DeleteObject), ranged GETs, paged listings and multipart uploads as plain calls, and
+retries throttling (503 SlowDown), 5xx and dropped connections with exponential backoff itself (``standard``
+mode). s3fs has no compare-and-swap (``If-Match``) for a claim's takeover and caches listings, which would hide
+other processes' claims; obstore's create mode cannot be multipart (a 5 GiB cap on shards).
+
+How the store's operations map (``roots.StoreRoot``):
+
+- ``write`` is one PutObject: atomic per object, never visible partly.
+- ``create`` is PutObject ``If-None-Match: *``; 412 means another writer's object is there, unless it is this
+  writer's own (a retried request whose first answer was lost: every conditional write carries a nonce in its
+  metadata, checked on a 412).
+- ``swap`` (a stale claim taken over) is PutObject ``If-Match: <ETag read>``; ``delete(version)`` DeleteObject
+  ``If-Match``, so a run never deletes a claim another run took over.
+- ``put`` uploads a finished local file: one PutObject up to ``MULTIPART_BYTES``, else a multipart upload, which is
+  invisible until it completes (``If-None-Match: *`` on the completion when exclusive) and aborted on any error; a
+  killed upload is listed by ``leftovers`` (ListMultipartUploads) and aborted by the next run of its shard.
+- ``touch`` rewrites a heartbeat and returns its LastModified: the server's clock, never the hosts'.
+- ``staging`` is local temporary space (``$TMPDIR/vitok-staging/<store>``), holding only the shards being written.
+
+Credentials, region and endpoint come from boto3's own configuration (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``,
+``AWS_ENDPOINT_URL``, ``~/.aws/config``, instance roles), then ``--storage-option KEY=VALUE`` (``endpoint_url``,
+``region_name``, ``profile``, ``aws_access_key_id``, ``aws_secret_access_key``, ``aws_session_token``,
+``max_attempts``, ``multipart_threshold``, ``multipart_chunksize``). What fails gets one line: credentials missing
+or refused and a bucket that does not exist are ``StoreAccessError`` (exit 2: fix the configuration); throttling or
+an endpoint that keeps failing after the retries is ``StoreUnavailableError`` (exit 75: rerun the same command to
+resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..errors import StoreAccessError, StoreError, StoreUnavailableError, UsageError
+from .files import leftover_temps, remove
+from .layout import PLAN_DIR
+from .roots import Entry, Leftover, ReadAhead, StoreRoot, _temp_target
+
+MULTIPART_BYTES = 64 << 20  # files larger than this are uploaded in parts
+PART_BYTES = 32 << 20  # (at least 5 MiB; raised for files of more than 10,000 parts)
+MAX_ATTEMPTS = 8  # botocore's attempts per request (standard mode: exponential backoff with jitter)
+CLIENT_OPTIONS = ("endpoint_url", "region_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+                  "verify", "use_ssl")
+OWN_OPTIONS = ("profile", "max_attempts", "multipart_threshold", "multipart_chunksize")  # (s3transfer's names)
+WRITER = "vitok-writer"  # metadata of every conditional write: a nonce that tells a lost answer of our own write
+ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "AllAccessDisabled",
+          "InvalidToken", "ExpiredToken", "AccountProblem"}
+UNAVAILABLE = {"SlowDown", "ServiceUnavailable", "503", "InternalError", "500", "RequestTimeout", "Throttling",
+               "ThrottlingException", "RequestLimitExceeded", "502", "504"}
+
+
+def _bytes(value, name: str) -> int:
+    """``8388608``, ``8MiB``, ``8MB``, ``512KiB``... as bytes."""
+    text = str(value).strip()
+    units = {"": 1, "B": 1, "KB": 1000, "KIB": 1 << 10, "MB": 1000**2, "MIB": 1 << 20, "GB": 1000**3, "GIB": 1 << 30}
+    number = text.rstrip("KkMmGgIiBb")
+    try:
+        return int(float(number) * units[text[len(number):].upper()])
+    except (KeyError, ValueError):
+        raise UsageError(f"--storage-option {name}={value!r} is not a size (bytes, or 8MiB...)") from None
+
+
+def _code(exc) -> str:
+    error = getattr(exc, "response", {}).get("Error", {})
+    return str(error.get("Code") or getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode"))
+
+
+class S3Root(StoreRoot):
+    """A store under ``s3://BUCKET/PREFIX`` (see the module docstring)."""
+
+    def __init__(self, bucket: str, prefix: str, options: dict[str, str] | None = None) -> None:
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.options = dict(options or {})
+        unknown = sorted(set(self.options) - set(CLIENT_OPTIONS) - set(OWN_OPTIONS))
+        if unknown:
+            raise UsageError(f"--storage-option {unknown[0]} is not an option of the S3 client; options: "
+                             f"{', '.join((*CLIENT_OPTIONS, *OWN_OPTIONS))}")
+        self.multipart_bytes = _bytes(self.options.pop("multipart_threshold", MULTIPART_BYTES), "multipart_threshold")
+        self.part_bytes = max(5 << 20, _bytes(self.options.pop("multipart_chunksize", PART_BYTES),
+                                              "multipart_chunksize"))
+        self._client = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, options: dict[str, str], what: str = "the store") -> S3Root:
+        rest = url.split("://", 1)[1]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise UsageError(f"{what} {url}: name the bucket (s3://BUCKET/PREFIX)")
+        return cls(bucket, prefix, options)
+
+    # ---- the client and its errors -----------------------------------------------------------------------------
+
+    @property
+    def client(self):
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._make_client()
+        return self._client
+
+    def _make_client(self):
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise UsageError(f"{self.url}: stores in S3 need boto3 (pip install 'vitok[s3]')") from None
+        options = dict(self.options)
+        session = boto3.session.Session(profile_name=options.pop("profile", None) or None)
+        attempts = int(options.pop("max_attempts", MAX_ATTEMPTS))
+        for flag in ("verify", "use_ssl"):
+            if flag in options:
+                options[flag] = str(options[flag]).lower() not in ("0", "false", "no")
+        config = Config(retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=10, read_timeout=60,
+                        max_pool_connections=32)
+        try:
+            return session.client("s3", config=config, **options)
+        except Exception as exc:  # a profile that does not exist, a malformed endpoint
+            raise StoreAccessError(f"{self.url}: cannot set up the S3 client ({type(exc).__name__}: {exc})") from None
+
+    @contextlib.contextmanager
+    def _errors(self, name: str = ""):
+        """botocore's exceptions as the store's: missing -> FileNotFoundError; the rest one line each."""
+        from botocore import exceptions as bx
+
+        where = self.show(name) if name else self.url
+        try:
+            yield
+        except bx.ClientError as exc:
+            code = _code(exc)
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise FileNotFoundError(where) from None
+            if code == "NoSuchBucket":
+                raise StoreAccessError(f"{self.url}: the bucket {self.bucket!r} does not exist (create it, or check "
+                                       "the name and the endpoint)") from None
+            if code in ACCESS:
+                raise StoreAccessError(f"{where}: the credentials were refused ({code}); check AWS_ACCESS_KEY_ID/"
+                                       "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or --storage-option, and the bucket's "
+                                       "policy") from None
+            if code in UNAVAILABLE:
+                raise StoreUnavailableError(f"{where}: the endpoint kept answering {code} (throttled or unavailable) "
+                                            "after its retries; rerun the same command to resume") from None
+            message = exc.response.get("Error", {}).get("Message", "")
+            raise StoreError(f"{where}: {code} {message}".rstrip()) from None
+        except (bx.NoCredentialsError, bx.PartialCredentialsError) as exc:
+            raise StoreAccessError(f"{self.url}: no credentials for S3 ({exc}); set AWS_ACCESS_KEY_ID and "
+                                   "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or --storage-option") from None
+        except bx.ProfileNotFound as exc:
+            raise StoreAccessError(f"{self.url}: {exc}") from None
+        except (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError, bx.ConnectTimeoutError,
+                bx.ProxyConnectionError, bx.ResponseStreamingError) as exc:
+            raise StoreUnavailableError(f"{where}: the endpoint cannot be reached after its retries "
+                                        f"({type(exc).__name__}); rerun the same command to resume") from None
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix and name else (self.prefix or name)
+
+    def _prefix(self, folder: str) -> str:
+        key = self.key(folder)
+        return f"{key}/" if key else ""
+
+    # ---- reading ---------------------------------------------------------------------------------------------
+
+    def read(self, name: str) -> bytes:
+        return self.read_with_version(name)[0]
+
+    def read_with_version(self, name: str) -> tuple[bytes, str]:
+        with self._errors(name):
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
+            return response["Body"].read(), response["ETag"]
+
+    def read_range(self, name: str, start: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        try:
+            with self._errors(name):
+                response = self.client.get_object(Bucket=self.bucket, Key=self.key(name),
+                                                  Range=f"bytes={start}-{start + size - 1}")
+                return response["Body"].read()
+        except StoreError as exc:
+            if "InvalidRange" in str(exc):  # at or past the end
+                return b""
+            raise
+
+    def open(self, name: str) -> BinaryIO:
+        entry = self.stat(name)
+        if entry is None:
+            raise FileNotFoundError(self.show(name))
+        return ReadAhead(lambda start, size: self.read_range(name, start, size), entry.size)
+
+    def stat(self, name: str) -> Entry | None:
+        try:
+            with self._errors(name):
+                head = self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+        except FileNotFoundError:
+            return None
+        return Entry(name, int(head["ContentLength"]), head["ETag"], head["LastModified"].timestamp())
+
+    def _pages(self, method: str, **kwargs) -> Iterator[dict]:
+        with self._errors():
+            yield from self.client.get_paginator(method).paginate(Bucket=self.bucket, **kwargs)
+
+    def list(self, folder: str = "") -> list[Entry]:
+        prefix = self._prefix(folder)
+        found = []
+        for page in self._pages("list_objects_v2", Prefix=prefix, Delimiter="/"):
+            for item in page.get("Contents", ()):
+                name = item["Key"][len(prefix):]
+                if name:
+                    found.append(Entry(name, int(item["Size"]), item["ETag"], item["LastModified"].timestamp()))
+            for common in page.get("CommonPrefixes", ()):
+                found.append(Entry(common["Prefix"][len(prefix):].rstrip("/"), 0, "", 0.0, True))
+        return sorted(found, key=lambda e: e.name)
+
+    def is_folder(self, name: str) -> bool:
+        with self._errors(name):
+            page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._prefix(name), MaxKeys=1)
+        return bool(page.get("KeyCount") or page.get("Contents"))
+
+    def checksum(self, name: str) -> str:
+        digest = hashlib.blake2b(digest_size=16)
+        with self._errors(name):
+            body = self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"]
+            for chunk in body.iter_chunks(8 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def fetch(self, name: str) -> Path:
+        """A local copy, cached under the store's cache folder and taken again when the object changed (its ETag);
+        for the plan's files, which are content-addressed and read by every unit."""
+        entry = self.stat(name)
+        if entry is None:
+            raise FileNotFoundError(self.show(name))
+        path = self.cache_folder("files") / name
+        tag = path.with_name(path.name + ".etag")
+        with contextlib.suppress(OSError):
+            if tag.read_text() == entry.version and path.stat().st_size == entry.size:
+                return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with self._errors(name), open(partial, "wb") as handle:
+                response = self.client.get_object(Bucket=self.bucket, Key=self.key(name), IfMatch=entry.version)
+                for chunk in response["Body"].iter_chunks(8 << 20):
+                    handle.write(chunk)
+            os.replace(partial, path)
+        finally:
+            remove(partial)
+        tag.write_text(entry.version)
+        return path
+
+    # ---- writing ---------------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """The bucket exists, the credentials may write, and the server honours ``If-None-Match: *`` (a server that
+        ignores it would let two writers both create one claim or sidecar: refused)."""
+        with self._errors():
+            self.client.head_bucket(Bucket=self.bucket)
+        probe = f".vitok-probe/{uuid.uuid4().hex}"
+        if self.create(probe, b"") is None:
+            raise StoreError(f"{self.url}: could not create a new object (conditional write refused)")
+        try:
+            second = self._conditional_put(probe, b"", IfNoneMatch="*")
+        finally:
+            self.delete(probe)
+        if second is not None:
+            raise StoreError(f"{self.url}: the server ignores 'If-None-Match: *' (a second exclusive create of one "
+                             "object succeeded); vitok needs S3's conditional writes (AWS S3, MinIO, R2, Ceph RGW "
+                             "with them) to keep two writers off one shard")
+
+    def write(self, name: str, data: bytes) -> None:
+        with self._errors(name):
+            self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data)
+
+    def _conditional_put(self, name: str, data, **condition) -> str | None:
+        """PutObject with a condition; the new ETag, or None on 412 (unless the object is this very write, whose
+        first answer was lost and whose retry met it)."""
+        nonce = uuid.uuid4().hex
+        for attempt in range(6):
+            try:
+                with self._errors(name):
+                    return self._put_object(name, data, nonce, **condition)
+            except StoreError as exc:
+                if "PreconditionFailed" in str(exc):
+                    return self._if_ours(name, nonce)
+                if "ConditionalRequestConflict" in str(exc) and attempt < 5:  # a concurrent one: S3 says retry
+                    time.sleep(0.05 * 2**attempt)
+                    continue
+                raise
+            except FileNotFoundError:  # If-Match on an object that is gone
+                return None
+        return None  # pragma: no cover
+
+    def _put_object(self, name: str, data, nonce: str, **condition) -> str:
+        if hasattr(data, "seek"):
+            data.seek(0)
+        response = self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data,
+                                          Metadata={WRITER: nonce}, **condition)
+        return response["ETag"]
+
+    def _if_ours(self, name: str, nonce: str) -> str | None:
+        with self._errors(name):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+            except Exception as exc:
+                if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+        return head["ETag"] if head.get("Metadata", {}).get(WRITER) == nonce else None
+
+    def create(self, name: str, data: bytes) -> str | None:
+        return self._conditional_put(name, data, IfNoneMatch="*")
+
+    def swap(self, name: str, data: bytes, version: str) -> str | None:
+        return self._conditional_put(name, data, IfMatch=version)
+
+    def put(self, name: str, path: Path, exclusive: bool = False) -> bool:
+        path = Path(path)
+        if path.is_dir():
+            for file in sorted(p for p in path.iterdir() if p.is_file()):
+                if not self._put_file(f"{name}/{file.name}", file, exclusive):
+                    return False
+            shutil.rmtree(path, ignore_errors=True)
+            return True
+        if not self._put_file(name, path, exclusive):
+            return False
+        if name.startswith(f"{PLAN_DIR}/"):  # read back by this run: kept as the fetched copy
+            self._remember(name, path)
+        else:
+            remove(path)
+        return True
+
+    def _remember(self, name: str, path: Path) -> None:
+        entry = self.stat(name)
+        cached = self.cache_folder("files") / name
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(path, cached)
+        if entry is not None:
+            cached.with_name(cached.name + ".etag").write_text(entry.version)
+
+    def _put_file(self, name: str, path: Path, exclusive: bool) -> bool:
+        size = path.stat().st_size
+        condition = {"IfNoneMatch": "*"} if exclusive else {}
+        if size <= self.multipart_bytes:
+            with open(path, "rb") as handle:
+                if exclusive:
+                    return self._conditional_put(name, handle, **condition) is not None
+                with self._errors(name):
+                    self._put_object(name, handle, uuid.uuid4().hex)
+                return True
+        return self._multipart(name, path, size, condition)
+
+    def _multipart(self, name: str, path: Path, size: int, condition: dict[str, Any]) -> bool:
+        """Parts of ``PART_BYTES`` (more for files of over 10,000 parts), one in memory at a time; the object
+        appears only when the upload completes, and an upload that fails is aborted."""
+        part_bytes = max(self.part_bytes, -(-size // 10_000))
+        nonce = uuid.uuid4().hex
+        key = self.key(name)
+        with self._errors(name):
+            upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata={WRITER: nonce})
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            with open(path, "rb") as handle:
+                number = 1
+                while chunk := handle.read(part_bytes):
+                    with self._errors(name):
+                        part = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                       PartNumber=number, Body=chunk)
+                    parts.append({"ETag": part["ETag"], "PartNumber": number})
+                    number += 1
+            try:
+                with self._errors(name):
+                    self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                          MultipartUpload={"Parts": parts}, **condition)
+            except StoreError as exc:
+                if "PreconditionFailed" in str(exc):
+                    self._abort(key, upload_id)  # (a failed conditional completion leaves the upload open)
+                    return self._if_ours(name, nonce) is not None
+                raise
+            return True
+        except BaseException:
+            self._abort(key, upload_id)
+            raise
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        with contextlib.suppress(Exception):
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+
+    def delete(self, name: str, version: str | None = None) -> bool:
+        condition = {"IfMatch": version} if version else {}
+        try:
+            with self._errors(name):
+                self.client.delete_object(Bucket=self.bucket, Key=self.key(name), **condition)
+        except FileNotFoundError:
+            return False
+        except StoreError as exc:
+            if "PreconditionFailed" in str(exc):
+                return False
+            raise
+        return True
+
+    def delete_tree(self, name: str) -> list[tuple[str, OSError]]:
+        """The object ``name`` and every object under ``name/``, in batches of 1,000; the uploads begun there are
+        aborted."""
+        import errno
+
+        failures: list[tuple[str, OSError]] = []
+        prefix = self._prefix(name)
+        keys = [self.key(name)]
+        for page in self._pages("list_objects_v2", Prefix=prefix):
+            keys += [item["Key"] for item in page.get("Contents", ())]
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            with self._errors(name):
+                response = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            for error in response.get("Errors", ()):
+                if error.get("Code") != "NoSuchKey":
+                    failures.append((f"s3://{self.bucket}/{error['Key']}",
+                                     OSError(errno.EACCES, f"{error.get('Code')}: {error.get('Message', '')}")))
+        for upload in self._uploads(prefix)[0]:
+            self._abort(upload["Key"], upload["UploadId"])
+        return failures
+
+    def touch(self, name: str, data: bytes) -> float:
+        self.write(name, data)
+        entry = self.stat(name)
+        return entry.modified if entry is not None else time.time()
+
+    def staging(self, folder: str) -> Path:
+        where = hashlib.blake2b(self.url.encode(), digest_size=8).hexdigest()
+        path = Path(tempfile.gettempdir()) / "vitok-staging" / where / folder
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _uploads(self, prefix: str) -> tuple[list[dict], float]:
+        """Multipart uploads begun under ``prefix`` and never completed or aborted, and the server's time now."""
+        uploads, now = [], None
+        for page in self._pages("list_multipart_uploads", Prefix=prefix):
+            uploads += page.get("Uploads", ())
+            date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+            with contextlib.suppress(TypeError, ValueError):
+                now = parsedate_to_datetime(date).timestamp() if date else now
+        return uploads, now if now is not None else time.time()
+
+    def leftovers(self, folder: str, untouched_for: float = 0.0) -> list[Leftover]:
+        """Temporary files this machine's killed runs left in the staging space, and uploads never completed."""
+        found = [Leftover(p.name, _temp_target(p.name), p.stat().st_size if p.is_file() else 0)
+                 for p in leftover_temps(self.staging(folder), untouched_for)]
+        prefix = self._prefix(folder)
+        uploads, now = self._uploads(prefix)
+        for upload in uploads:
+            if now - upload["Initiated"].timestamp() >= untouched_for:
+                becomes = upload["Key"][len(prefix):]
+                found.append(Leftover(f"{becomes} (an upload never completed)", becomes, 0,
+                                      f"upload:{upload['UploadId']}"))
+        return found
+
+    def remove_leftover(self, folder: str, leftover: Leftover) -> None:
+        if leftover.handle.startswith("upload:"):
+            self._abort(self.key(f"{folder}/{leftover.becomes}"), leftover.handle[len("upload:"):])
+        else:
+            remove(self.staging(folder) / leftover.name)
