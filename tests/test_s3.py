@@ -238,6 +238,7 @@ def test_verify_names_a_damaged_remote_shard_and_the_next_run_redoes_it(s3, tmp_
 # ---- processes -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two whole processes
 def test_kill_9_mid_upload_then_resume(s3, tmp_path):
     imgs = make_folder(tmp_path / "imgs", 6, with_odd=False)
     remote = f"s3://{BUCKET}/feats"
@@ -262,6 +263,7 @@ def test_kill_9_mid_upload_then_resume(s3, tmp_path):
     assert not s3.direct.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
 
 
+@pytest.mark.slow  # two whole processes
 def test_two_processes_racing_for_the_same_units_commit_each_once(s3, tmp_path):
     imgs = make_folder(tmp_path / "imgs", 8, with_odd=False)
     remote = f"s3://{BUCKET}/feats"

@@ -19,7 +19,8 @@ How the store's operations map (``roots.StoreRoot``):
   invisible until it completes (``If-None-Match: *`` on the completion when exclusive) and aborted on any error; a
   killed upload is listed by ``leftovers`` (ListMultipartUploads) and aborted by the next run of its shard.
 - ``touch`` rewrites a heartbeat and returns its LastModified: the server's clock, never the hosts'.
-- ``staging`` is local temporary space (``$TMPDIR/vitok-staging/<store>``), holding only the shards being written.
+- ``staging`` is local temporary space of the process (``$TMPDIR/vitok-staging/<store>/<pid>-<token>``), holding only
+  the shards being written.
 
 Credentials, region and endpoint come from boto3's own configuration (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``,
 ``AWS_ENDPOINT_URL``, ``~/.aws/config``, instance roles), then ``--storage-option KEY=VALUE`` (``endpoint_url``,
@@ -32,6 +33,7 @@ resume).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -46,9 +48,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import StoreAccessError, StoreError, StoreUnavailableError, UsageError
-from .files import leftover_temps, remove
+from .files import remove
 from .layout import PLAN_DIR
-from .roots import Entry, Leftover, ReadAhead, StoreRoot, _temp_target
+from .roots import Entry, Leftover, ReadAhead, StoreRoot
 
 MULTIPART_BYTES = 64 << 20  # files larger than this are uploaded in parts
 PART_BYTES = 32 << 20  # (at least 5 MiB; raised for files of more than 10,000 parts)
@@ -61,6 +63,15 @@ ACCESS = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", 
           "InvalidToken", "ExpiredToken", "AccountProblem"}
 UNAVAILABLE = {"SlowDown", "ServiceUnavailable", "503", "InternalError", "500", "RequestTimeout", "Throttling",
                "ThrottlingException", "RequestLimitExceeded", "502", "504"}
+
+
+# what boto3 reads from the environment: a client is made again when one of them changes
+CONFIGURATION = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "AWS_CONFIG_FILE",
+                 "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE")
+_CLIENTS: dict = {}
+_CLIENTS_LOCK = threading.Lock()
 
 
 def _bytes(value, name: str) -> int:
@@ -95,6 +106,7 @@ class S3Root(StoreRoot):
                                               "multipart_chunksize"))
         self._client = None
         self._lock = threading.Lock()
+        self._staging: Path | None = None
 
     @classmethod
     def from_url(cls, url: str, options: dict[str, str], what: str = "the store") -> S3Root:
@@ -115,6 +127,15 @@ class S3Root(StoreRoot):
         return self._client
 
     def _make_client(self):
+        """One client per configuration in a process (making one costs a second: boto3 loads S3's API model), shared
+        by every root of that configuration and thread (boto3 clients are thread-safe)."""
+        key = (tuple(sorted(self.options.items())), tuple(os.environ.get(name) for name in CONFIGURATION))
+        with _CLIENTS_LOCK:
+            if key not in _CLIENTS:
+                _CLIENTS[key] = self._new_client()
+            return _CLIENTS[key]
+
+    def _new_client(self):
         try:
             import boto3
             from botocore.config import Config
@@ -443,8 +464,17 @@ class S3Root(StoreRoot):
         return entry.modified if entry is not None else time.time()
 
     def staging(self, folder: str) -> Path:
-        where = hashlib.blake2b(self.url.encode(), digest_size=8).hexdigest()
-        path = Path(tempfile.gettempdir()) / "vitok-staging" / where / folder
+        """This process's own local space (``$TMPDIR/vitok-staging/<store>/<pid>-<token>/``): two processes on one
+        machine stage files of the same name (a plan's content-addressed files). Spaces of processes gone from this
+        machine and untouched for ``STALE_AFTER`` are removed when a process first stages here."""
+        if self._staging is None:
+            store = Path(tempfile.gettempdir()) / "vitok-staging" / hashlib.blake2b(self.url.encode(),
+                                                                                      digest_size=8).hexdigest()
+            self._staging = store / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self._staging.mkdir(parents=True, exist_ok=True)
+            atexit.register(shutil.rmtree, self._staging, True)  # (ignore_errors)
+            _remove_dead_staging(store, self._staging)
+        path = self._staging / folder
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -459,9 +489,9 @@ class S3Root(StoreRoot):
         return uploads, now if now is not None else time.time()
 
     def leftovers(self, folder: str, untouched_for: float = 0.0) -> list[Leftover]:
-        """Temporary files this machine's killed runs left in the staging space, and uploads never completed."""
-        found = [Leftover(p.name, _temp_target(p.name), p.stat().st_size if p.is_file() else 0)
-                 for p in leftover_temps(self.staging(folder), untouched_for)]
+        """Uploads begun under ``folder`` and never completed (a killed run's; the parts are billed until aborted).
+        Killed runs' local staging files are removed by ``staging``."""
+        found = []
         prefix = self._prefix(folder)
         uploads, now = self._uploads(prefix)
         for upload in uploads:
@@ -472,7 +502,21 @@ class S3Root(StoreRoot):
         return found
 
     def remove_leftover(self, folder: str, leftover: Leftover) -> None:
-        if leftover.handle.startswith("upload:"):
-            self._abort(self.key(f"{folder}/{leftover.becomes}"), leftover.handle[len("upload:"):])
-        else:
-            remove(self.staging(folder) / leftover.name)
+        self._abort(self.key(f"{folder}/{leftover.becomes}"), leftover.handle[len("upload:"):])
+
+
+def _remove_dead_staging(store: Path, mine: Path) -> None:
+    """Staging spaces of this store left by processes that are gone (``<pid>-<token>``, the pid not running here) and
+    untouched for ``STALE_AFTER`` (a pid of another PID namespace sharing this folder looks dead: the wait protects
+    it)."""
+    from .claims import STALE_AFTER, process_alive
+
+    with contextlib.suppress(OSError):
+        for path in store.iterdir():
+            pid = path.name.split("-", 1)[0]
+            if path == mine or not pid.isdigit() or process_alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                newest = max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")])
+                if time.time() - newest > STALE_AFTER:
+                    shutil.rmtree(path, ignore_errors=True)
