@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -157,6 +159,22 @@ def test_a_killed_driver_resumes_to_the_same_store(cluster, folder, single, tmp_
     assert_same(out, single)
 
 
+@pytest.mark.slow  # a process of its own: a few seconds
+def test_a_driver_without_the_clusters_token_is_told_what_to_set(cluster, folder, tmp_path):
+    """Ray 2.60 starts a local instance with token authentication on; a driver that sends no token is refused."""
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        pytest.skip("the test cluster runs without token authentication")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"RAY_AUTH_MODE": "disabled",
+                                                                                  "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "vitok", "extract", str(folder), "-o", str(tmp_path / "out"),
+                             *TINY, "--engine", "ray", "--address", cluster["address"]], capture_output=True,
+                            text=True, env=env, timeout=90)
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "internal error" not in result.stderr, result.stderr
+    assert line.startswith(f"vitok: error: the Ray cluster at {cluster['address']} refused this driver's token")
+    assert "RAY_AUTH_MODE=token" in line and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # a Ray run costs several seconds on 2 cores
 def test_a_dead_worker_is_retried_by_ray_without_duplicate_rows(cluster, folder, single, tmp_path):
     cluster["arm"].touch()
@@ -234,3 +252,15 @@ def test_a_unit_is_cut_into_the_local_loops_batches_and_steps_are_kept_once_in_o
     assert sorted(replayed) == sorted((s.unit, s.seq) for s in steps) and len(set(replayed)) == len(replayed)
     for unit in units:
         assert [q for u, q in replayed if u == unit.index] == sorted(q for u, q in replayed if u == unit.index)
+
+
+def test_the_driver_ships_the_whole_vitok_package_to_the_workers(monkeypatch):
+    """``py_modules`` names the vitok package itself (not the folder of the engine's module), so a worker without
+    vitok installed imports the driver's."""
+    import vitok.run.ray_engine as engine
+
+    shipped = {}
+    monkeypatch.setattr(engine, "join", lambda address, timeout, runtime_env: shipped.update(runtime_env) or True)
+    assert engine.connect("127.0.0.1:6379", 5)
+    (package,) = shipped["py_modules"]
+    assert Path(package) == Path(vitok.__file__).resolve().parent

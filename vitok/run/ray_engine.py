@@ -41,6 +41,7 @@ from ..pipeline.batcher import Batcher
 from ..pipeline.types import UnitEnd
 from ..storage.records import ImageRecord
 from .options import ExtractOptions
+from .ray_connect import join
 from .runner import Run, unit_record
 from .summary import ProgressEvent
 
@@ -168,20 +169,18 @@ class EncodeActor:
 # ---- the driver -------------------------------------------------------------------------------------------------
 
 
-def connect(address: str | None) -> bool:
-    """Join the cluster at ``address`` (or the one Ray finds, or a new local instance); True if this call did.
+def connect(address: str | None, timeout: float) -> bool:
+    """Join the cluster at ``address`` (or the one Ray finds, or a new local instance), waiting at most ``timeout``
+    seconds for it to answer (``ray_connect``); True if this call started Ray.
 
     The driver's vitok travels with the job (``py_modules``), so every worker runs the same code as the driver."""
     try:
-        import ray
+        import ray  # noqa: F401
     except ImportError as exc:
         raise UsageError("--engine ray needs Ray Data: pip install 'ray[data]'") from exc
-    if ray.is_initialized():
-        return False
-    package = Path(__file__).resolve().parent
-    ray.init(address=address, include_dashboard=False, configure_logging=False,
-             runtime_env={"py_modules": [str(package)], "env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
-    return True
+    package = Path(__file__).resolve().parents[1]  # vitok/, whatever folder this module sits in
+    return join(address, timeout, {"py_modules": [str(package)],
+                                   "env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
 
 
 def cluster_devices(options: ExtractOptions) -> str:
@@ -224,7 +223,7 @@ class RayRun(Run):
                              "local engine to take tokens from other stores)")
         if options.workers is not None:
             logger.info("--workers is ignored with --engine ray: Ray decides how many decode tasks run")
-        started = connect(options.address)
+        started = connect(options.address, options.connect_timeout)
         kind = cluster_devices(options)
         dtype = options.dtype
         if dtype == "auto":
