@@ -118,9 +118,10 @@ class ExtractOptions:
                          "torchrun and SLURM parts are local engines) or ray (Ray Data: decode as CPU tasks on the "
                          "cluster, encode on a pool of GPU actors, one per GPU, or CPU actors without GPUs; this "
                          "process commits the shards). The store is the same.", "Cluster", choices=("local", "ray"))
-    address: str | None = option(None, "--engine ray: the Ray cluster to join ('auto' = the one started on this "
-                                 "node with 'ray start'; an address host:port). [default: join a running cluster if "
-                                 "there is one, else start a local instance]", "Cluster", metavar="ADDRESS")
+    address: str | None = option(None, "--engine ray: the Ray cluster to join: HOST:PORT (the head's GCS port, 6379 "
+                                 "by default), auto (the one running on this node), local (a new local instance) or "
+                                 "ray://HOST:PORT (Ray Client). [default: RAY_ADDRESS, else the cluster 'ray start' "
+                                 "started on this node, else a new local instance]", "Cluster", metavar="ADDRESS")
     connect_timeout: int = option(CONNECT_TIMEOUT, "--engine ray: seconds to wait for the Ray cluster at the address "
                                   "to answer before giving up.", "Cluster", minimum=1, metavar="SECONDS")
 

@@ -2,8 +2,9 @@
 cluster is bounded, and each way it fails is one line naming the address and the fix.
 
     --address, else RAY_ADDRESS    check_address: its form, a usage error (exit 2) before Ray is even imported
-      -> the address to join       auto, or none given: RAY_ADDRESS, else the cluster Ray finds on this node; none
-                                   given and none found: a new local instance (so no wait)
+      -> the address to join       auto, or none given: RAY_ADDRESS, else the cluster 'ray start' started on this
+                                   node (auto: else any running here); none given and none found: a new local
+                                   instance (so no wait)
       -> token authentication      RAY_AUTH_MODE=token needs the token before anything connects (Ray's native
                                    client ends the process without one); a missing or refused token: exit 2
       -> does a cluster answer?    a TCP connection, then the cluster's id from its GCS, within --connect-timeout
