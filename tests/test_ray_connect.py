@@ -126,6 +126,7 @@ def test_an_address_where_nothing_listens_is_given_up_at_once(tmp_path):
     assert seconds < 30, f"{seconds:.0f} s to give up on a refused connection"
 
 
+@pytest.mark.slow  # the timeout itself, and a process of its own
 def test_a_listener_that_is_not_a_ray_cluster_is_given_up_after_the_connect_timeout(tmp_path):
     with socket.socket() as listener:  # accepts connections (the kernel's backlog) and never says a word
         listener.bind(("", 0))  # every interface: Ray dials a loopback address as this node's own address
