@@ -1,8 +1,8 @@
 #!/bin/bash
 # A Ray cluster for `vitok extract --engine ray`: decode on every node's CPUs (CPU-only nodes add decode capacity),
 # encode on one actor per GPU, one store. Every node needs vitok (pip install 'vitok[ray]', the same version as the
-# driver: the driver also ships its vitok to the workers) and OUT, the inputs and OUT/plan at the same paths (a shared
-# file system, as for torchrun on several nodes).
+# driver: the driver also ships its vitok to the workers) and the inputs at the same paths (a shared file system, or
+# URLs); OUT is written by the driver alone (a folder on its node, a shared one, or s3://BUCKET/PREFIX).
 #
 #   head node (GPUs or not):   scripts/ray_cluster.sh head
 #   each other node:           scripts/ray_cluster.sh worker HEAD_IP       (CPU-only nodes too)
