@@ -30,6 +30,8 @@ Sections:
                 random key lookups through it
   train         a training step of a tiny Qwen3-VL on cached image features vs on pixels (CPU)
   memory        (CUDA) peak memory of small/base/large at 224x224, batch 1
+  s3            (not run by default) a store written into S3 (--s3-url, else moto's server on loopback): requests
+                and bytes per committed shard, the commit's MB/s against a plain upload of the same bytes
   ray           (not run by default; needs ray[data]) --engine ray on a local Ray instance vs the local engine,
                 whole runs on the same JPEGs; on CUDA, the GPU's node alone vs with a CPU-only node added
 """
@@ -46,7 +48,7 @@ import torch
 from .common import ROWS, have_transformers, matmul_rates, row
 
 SECTIONS = ("machine", "encoder", "encoder-full", "families", "data", "e2e", "loop", "startup", "bf16", "attention",
-            "decoders", "plan", "rss", "reads", "index", "train", "memory", "ray")  # as the docstring lists them
+            "decoders", "plan", "rss", "reads", "index", "train", "memory", "s3", "ray")  # as the docstring lists them
 DEFAULT_SECTIONS = "machine,encoder,encoder-full,data,e2e,memory"
 
 
@@ -103,6 +105,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-jpeg-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(512, 384))
     p.add_argument("--loop-images", type=int, default=3072, help="loop: JPEGs of the whole-process comparison")
     p.add_argument("--loop-workers", type=int, default=12, help="loop: the DataLoader loop's workers")
+    p.add_argument("--s3-url", default=None, help="s3: a bucket prefix to write into [default: moto on loopback]")
+    p.add_argument("--s3-shards", type=int, default=6, help="s3: shards committed")
+    p.add_argument("--s3-shard-mb", type=float, default=96.0, help="s3: MB per shard (multipart above 64 MiB)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     return p
 
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if not reference:
         print("# transformers is not installed: the reference comparisons (encoder, families, e2e) are skipped",
               flush=True)
-    from . import attention, cpu_bf16, data, decoders, e2e, encoder, ray, startup, store, train
+    from . import attention, cpu_bf16, data, decoders, e2e, encoder, objstore, ray, startup, store, train
     from .common import JSON_PATH
 
     if args.json:
@@ -155,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         if "train" in args.sections and reference:
             train.run(args, tmp_path)
         store.run(args, device, tmp_path)
+        if "s3" in args.sections:
+            objstore.run(args, tmp_path)
         if "ray" in args.sections:
             ray.run(args, device, tmp_path)
     if args.json:

@@ -27,7 +27,7 @@ from ..storage.plan.binding import Bindings
 from ..storage.plan.changes import changed_inputs
 from ..storage.plan.retries import base_and_attempt, retry_units
 from ..storage.roots import StoreRoot, store_root
-from ..storage.shards import check_shard, committed, read_sidecar
+from ..storage.shards import check_shard, committed, list_shards, read_sidecar
 from .options import ExtractOptions
 from .parallel import Part, detect_part
 from .settings_schema import check_settings, feature_layouts, options_from_settings
@@ -300,7 +300,8 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
     damaged: set[str] = set()
     bindings = Bindings(plan.units)
     names_mine = {u.name for u in plan.units if job.part.owns(u.index)}
-    shards = committed(job.out)
+    listed = list_shards(job.out)  # one listing: every committed shard's sizes (an object store: one request per 1,000)
+    shards = committed(job.out, listed)
     for name in shards:
         if base_and_attempt(name, plan.legacy_names)[0] not in names_mine:
             continue
@@ -316,7 +317,7 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
             raise SettingsMismatchError(
                 f"shard {name} in {job.out} was written with other settings (fingerprint {sidecar.fingerprint}, "
                 f"this run {fingerprint}): the store mixes runs; use another -o, or --overwrite to start over")
-        problems = check_shard(job.out, sidecar)
+        problems = check_shard(job.out, sidecar, listed=listed)
         unbound = None if problems else bindings.problem(sidecar, base_and_attempt(name, plan.legacy_names)[0])
         if problems or unbound:  # damaged, or made from other inputs than the plan's unit holds now
             logger.warning("shard %s will be redone: %s", name, problems[0] if problems else unbound)

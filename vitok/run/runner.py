@@ -30,7 +30,7 @@ from ..storage.plan import Plan, load_plan, write_generation, write_update
 from ..storage.plan.retries import base_and_attempt
 from ..storage.records import Settings, UnitInfo
 from ..storage.roots import store_root
-from ..storage.shards import remove_temps
+from ..storage.shards import remove_temps, temps_by_shard
 from .job import Job, Work, check_committed, remaining_work
 from .options import ExtractOptions
 from .run_stats import RunStats, StageMeter, verdict, write_stats
@@ -135,9 +135,10 @@ class Run:
 
     def _claim(self, claims: Claims, work: Work):
         mine, elsewhere = [], 0
+        leftovers = temps_by_shard(self.job.out)  # one listing for every unit
         for unit in work.todo:
             if claims.try_claim(unit.name):
-                remove_temps(self.job.out, unit.name)
+                remove_temps(self.job.out, unit.name, leftovers)
                 if unit.name in work.damaged:  # its data does not check out: the sidecar no longer vouches for it
                     for retry in sorted(n for n in work.damaged if n != unit.name  # its retries' records go too
                                         and base_and_attempt(n, self.plan.legacy_names)[0] == unit.name):

@@ -408,6 +408,11 @@ class ReadAhead(io.RawIOBase):
         self._position = max(0, base + offset)
         return self._position
 
+    def prime(self, start: int, data: bytes) -> None:
+        """Bytes already read from ``start`` (a multiple of the block size): kept as blocks."""
+        for offset in range(0, len(data), self._block):
+            self._blocks[(start + offset) // self._block] = data[offset : offset + self._block]
+
     def _get(self, index: int) -> bytes:
         data = self._blocks.pop(index, None)
         if data is None:

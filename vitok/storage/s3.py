@@ -54,6 +54,8 @@ from .roots import Entry, Leftover, ReadAhead, StoreRoot
 
 MULTIPART_BYTES = 64 << 20  # files larger than this are uploaded in parts
 PART_BYTES = 32 << 20  # (at least 5 MiB; raised for files of more than 10,000 parts)
+PARTS_IN_FLIGHT = 4  # parts of one upload sent at once (memory: this many parts)
+READ_BLOCK = 1 << 18  # ranged reads of HDF5 and tar readers: blocks of 256 KiB, the last 16 kept
 MAX_ATTEMPTS = 8  # botocore's attempts per request (standard mode: exponential backoff with jitter)
 CLIENT_OPTIONS = ("endpoint_url", "region_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
                   "verify", "use_ssl")
@@ -107,6 +109,7 @@ class S3Root(StoreRoot):
         self._client = None
         self._lock = threading.Lock()
         self._staging: Path | None = None
+        self._fetched: dict[str, Path] = {}
 
     @classmethod
     def from_url(cls, url: str, options: dict[str, str], what: str = "the store") -> S3Root:
@@ -219,10 +222,21 @@ class S3Root(StoreRoot):
             raise
 
     def open(self, name: str) -> BinaryIO:
-        entry = self.stat(name)
-        if entry is None:
-            raise FileNotFoundError(self.show(name))
-        return ReadAhead(lambda start, size: self.read_range(name, start, size), entry.size)
+        """A file read by ranged GETs, in blocks; its first block is the first request (which also tells the
+        object's size, so no HEAD is needed)."""
+        block = READ_BLOCK
+        with self._errors(name):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self.key(name), Range=f"bytes=0-{block - 1}")
+            except Exception as exc:
+                if _code(exc) != "InvalidRange":  # (an empty object)
+                    raise
+                return ReadAhead(lambda start, size: b"", 0, block)
+        first = response["Body"].read()
+        size = int(str(response.get("ContentRange", "")).rpartition("/")[2] or len(first))
+        handle = ReadAhead(lambda start, size: self.read_range(name, start, size), size, block)
+        handle.prime(0, first)
+        return handle
 
     def stat(self, name: str) -> Entry | None:
         try:
@@ -263,7 +277,13 @@ class S3Root(StoreRoot):
 
     def fetch(self, name: str) -> Path:
         """A local copy, cached under the store's cache folder and taken again when the object changed (its ETag);
-        for the plan's files, which are content-addressed and read by every unit."""
+        for the plan's files, which are content-addressed and read by every unit (checked once per root)."""
+        if name in self._fetched:
+            return self._fetched[name]
+        self._fetched[name] = path = self._fetch(name)
+        return path
+
+    def _fetch(self, name: str) -> Path:
         entry = self.stat(name)
         if entry is None:
             raise FileNotFoundError(self.show(name))
@@ -361,18 +381,19 @@ class S3Root(StoreRoot):
         if not self._put_file(name, path, exclusive):
             return False
         if name.startswith(f"{PLAN_DIR}/"):  # read back by this run: kept as the fetched copy
-            self._remember(name, path)
+            self._fetched[name] = self._remember(name, path)
         else:
             remove(path)
         return True
 
-    def _remember(self, name: str, path: Path) -> None:
+    def _remember(self, name: str, path: Path) -> Path:
         entry = self.stat(name)
         cached = self.cache_folder("files") / name
         cached.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(path, cached)
         if entry is not None:
             cached.with_name(cached.name + ".etag").write_text(entry.version)
+        return cached
 
     def _put_file(self, name: str, path: Path, exclusive: bool) -> bool:
         size = path.stat().st_size
@@ -387,24 +408,29 @@ class S3Root(StoreRoot):
         return self._multipart(name, path, size, condition)
 
     def _multipart(self, name: str, path: Path, size: int, condition: dict[str, Any]) -> bool:
-        """Parts of ``PART_BYTES`` (more for files of over 10,000 parts), one in memory at a time; the object
-        appears only when the upload completes, and an upload that fails is aborted."""
+        """Parts of ``multipart_chunksize`` (more for files of over 10,000 parts), ``PARTS_IN_FLIGHT`` uploaded at
+        once (each in memory while it is sent); the object appears only when the upload completes, and an upload
+        that fails is aborted."""
+        from concurrent.futures import ThreadPoolExecutor
+
         part_bytes = max(self.part_bytes, -(-size // 10_000))
         nonce = uuid.uuid4().hex
         key = self.key(name)
         with self._errors(name):
             upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata={WRITER: nonce})
         upload_id = upload["UploadId"]
-        try:
-            parts = []
+
+        def send(number: int) -> dict[str, Any]:
             with open(path, "rb") as handle:
-                number = 1
-                while chunk := handle.read(part_bytes):
-                    with self._errors(name):
-                        part = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                       PartNumber=number, Body=chunk)
-                    parts.append({"ETag": part["ETag"], "PartNumber": number})
-                    number += 1
+                chunk = os.pread(handle.fileno(), part_bytes, (number - 1) * part_bytes)
+            with self._errors(name):
+                part = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                               Body=chunk)
+            return {"ETag": part["ETag"], "PartNumber": number}
+
+        try:
+            with ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="vitok-upload") as pool:
+                parts = list(pool.map(send, range(1, -(-size // part_bytes) + 1)))
             try:
                 with self._errors(name):
                     self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,

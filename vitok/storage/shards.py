@@ -20,19 +20,21 @@ never replaced: claims (``vitok.storage.claims``) keep two processes off the sam
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import StoreError
-from .files import checksum, remove
+from .files import remove
 from .format import ShardFormat
 from .hdf5 import Hdf5Format
 from .layout import SHARDS_DIR
 from .npy import NpyFormat
 from .records import FileSum, Sidecar, dumps
-from .roots import StoreRoot, store_root
+from .roots import Entry, StoreRoot, store_root
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +86,20 @@ def _shard_of(data: str) -> str:
     return data
 
 
-def remove_temps(out: Path | StoreRoot, shard: str) -> None:
-    """Delete a shard's temporary data left by killed runs (call only while holding the shard's claim)."""
+def temps_by_shard(out: Path | StoreRoot) -> dict[str, list]:
+    """Every shard's leftovers (``Leftover``), found with one listing: for ``remove_temps`` over many shards."""
+    found: dict[str, list] = {}
+    for leftover in store_root(out).leftovers(SHARDS_DIR):
+        found.setdefault(_shard_of(leftover.becomes), []).append(leftover)
+    return found
+
+
+def remove_temps(out: Path | StoreRoot, shard: str, found: dict[str, list] | None = None) -> None:
+    """Delete a shard's temporary data left by killed runs (call only while holding the shard's claim); ``found``:
+    ``temps_by_shard``'s answer, listed before the claims were taken (a live writer's leftovers are never in it for
+    a shard this run holds, and one gone since is skipped)."""
     root = store_root(out)
-    for leftover in _temps(root, shard):
+    for leftover in (found.get(shard, []) if found is not None else _temps(root, shard)):
         logger.info("removing %s, left by an interrupted run", leftover.name)
         root.remove_leftover(SHARDS_DIR, leftover)
 
@@ -102,27 +114,52 @@ def data_files(fmt: ShardFormat, path: Path, name: str) -> dict[str, Path]:
 def commit(out: Path | StoreRoot, fmt: ShardFormat, tmp: Path, sidecar: Sidecar) -> bool:
     """Steps 1-5 above for finished temporary data; False when another process committed the shard first."""
     root = store_root(out)
-    sidecar.files = {name: FileSum(path.stat().st_size, checksum(path))
-                     for name, path in data_files(fmt, tmp, sidecar.data).items()}
-    final_sidecar = sidecar_name(sidecar.shard)
-    final = data_name(sidecar.data)
-    for _ in range(3):
-        if root.exists(final_sidecar):
-            logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
+    with _checksummed(data_files(fmt, tmp, sidecar.data)) as sums:  # (read while the data is put: one pass each)
+        final_sidecar = sidecar_name(sidecar.shard)
+        final = data_name(sidecar.data)
+        for _ in range(3):
+            if root.exists(final_sidecar):
+                logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
+                remove(tmp)
+                return False
+            if root.is_folder(final) if tmp.is_dir() else root.exists(final):  # data without a sidecar: a run
+                root.delete_tree(final)  # killed before step 5
+            if root.put(final, tmp, exclusive=True):
+                break
+        else:
             remove(tmp)
-            return False
-        if root.exists(final) or root.is_folder(final):  # data without a sidecar: a run killed before step 5
-            root.delete_tree(final)
-        if root.put(final, tmp, exclusive=True):
-            break
-    else:
-        remove(tmp)
-        raise StoreError(f"{root.show(final)} keeps appearing while shard {sidecar.shard} is committed: another "
-                         "process writes the same shard (are two runs sharing one claim folder?)")
+            raise StoreError(f"{root.show(final)} keeps appearing while shard {sidecar.shard} is committed: another "
+                             "process writes the same shard (are two runs sharing one claim folder?)")
+        sidecar.files = sums.result()
     if root.create(final_sidecar, dumps(sidecar.to_json()).encode()) is None:
         logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
         return False
     return True
+
+
+@contextlib.contextmanager
+def _checksummed(files: dict[str, Path]):
+    """Each file's size and blake2b, computed in a thread from files opened now (a put that moves or removes the
+    paths meanwhile does not matter: hashlib releases the GIL, so the checksum overlaps an upload)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    handles = {name: open(path, "rb") for name, path in files.items()}
+
+    def sums() -> dict[str, FileSum]:
+        found = {}
+        for name, handle in handles.items():
+            digest = hashlib.blake2b(digest_size=16)
+            while chunk := handle.read(8 << 20):
+                digest.update(chunk)
+            found[name] = FileSum(os.fstat(handle.fileno()).st_size, digest.hexdigest())
+        return found
+
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="vitok-checksum") as pool:
+            yield pool.submit(sums)
+    finally:
+        for handle in handles.values():
+            handle.close()
 
 
 def read_sidecar(out: Path | StoreRoot, shard: str) -> Sidecar:
@@ -134,10 +171,12 @@ def read_sidecar(out: Path | StoreRoot, shard: str) -> Sidecar:
         raise StoreError(f"{root.show(name)} is damaged ({exc})") from None
 
 
-def committed(out: Path | StoreRoot) -> list[str]:
-    """The shards whose sidecar exists (committed, whether their data checks out or not), sorted."""
-    return [entry.name[: -len(".json")] for entry in store_root(out).list(SHARDS_DIR)
-            if entry.name.endswith(".json") and not entry.name.startswith(".") and not entry.folder]
+def committed(out: Path | StoreRoot, listed: dict[str, Entry] | None = None) -> list[str]:
+    """The shards whose sidecar exists (committed, whether their data checks out or not), sorted; from
+    ``list_shards``'s answer when given."""
+    entries = listed.values() if listed is not None else store_root(out).list(SHARDS_DIR)
+    return sorted(entry.name[: -len(".json")] for entry in entries
+                  if entry.name.endswith(".json") and not entry.name.startswith(".") and not entry.folder)
 
 
 def iter_sidecars(out: Path | StoreRoot, damaged: dict[str, str] | None = None) -> Iterator[Sidecar]:
@@ -165,11 +204,25 @@ def repair_hint(out: Path, shard: str, silent: bool = False) -> str:
             f"{SHARDS_DIR}/{shard}.* and rerun) to re-extract it")
 
 
-def check_shard(out: Path | StoreRoot, sidecar: Sidecar, checksums: bool = False) -> list[str]:
-    """Problems with one committed shard's data (empty list = it checks out)."""
+def list_shards(out: Path | StoreRoot) -> dict[str, Entry]:
+    """What is in ``shards/`` (names, sizes), from one listing: ``check_shard``'s sizes for many shards."""
+    return {entry.name: entry for entry in store_root(out).list(SHARDS_DIR)}
+
+
+def check_shard(out: Path | StoreRoot, sidecar: Sidecar, checksums: bool = False,
+                listed: dict[str, Entry] | None = None) -> list[str]:
+    """Problems with one committed shard's data (empty list = it checks out). ``listed``: ``list_shards``'s answer,
+    whose sizes stand for a stat of each file directly in ``shards/``."""
     root = store_root(out)
     name = sidecar.shard
-    if not root.exists(data_name(sidecar.data)) and not root.is_folder(data_name(sidecar.data)):
+
+    def stat(relative: str, size: int | None = None) -> Entry | None:
+        entry = listed.get(relative) if listed is not None and "/" not in relative else None
+        if entry is not None and (size is None or entry.size == size):
+            return entry
+        return root.stat(data_name(relative))  # not listed (or listed otherwise): written since, or really missing
+
+    if sidecar.data not in sidecar.files and stat(sidecar.data) is None and not root.is_folder(data_name(sidecar.data)):
         return [f"{name}: data {sidecar.data} is missing"]
     try:
         fmt = get_format(sidecar.format)
@@ -177,7 +230,9 @@ def check_shard(out: Path | StoreRoot, sidecar: Sidecar, checksums: bool = False
         return [f"{name}: {exc}"]
     for relative, expected in sidecar.files.items():
         file = data_name(relative)
-        entry = root.stat(file)
+        entry = stat(relative, expected.bytes)
+        if entry is None and relative == sidecar.data:
+            return [f"{name}: data {sidecar.data} is missing"]
         if entry is None:
             return [f"{name}: data file {relative} is missing"]
         size = sum(e.size for e in root.list(file)) if entry.folder else entry.size

@@ -16,7 +16,7 @@ from .plan import load_plan
 from .plan.binding import Bindings
 from .plan.retries import sidecar_attempt
 from .roots import StoreRoot, store_root
-from .shards import check_shard, iter_sidecars, repair_hint, temp_files
+from .shards import check_shard, iter_sidecars, list_shards, repair_hint, temp_files
 from .store import attempt_order, current_records
 
 
@@ -81,10 +81,11 @@ def verify_store(out: str | Path | StoreRoot, quick: bool = False, sources: str 
     recorded: set[str] = set()  # every key any sidecar records (current or not)
     superseded = plan.superseded() if plan is not None else set()
     bindings = Bindings(plan.units if plan is not None else [])
+    listed = list_shards(root)
     for sidecar in attempt_order(list(iter_sidecars(root, damaged_sidecars))):
         base = sidecar_attempt(sidecar)[0]
         done.add(base)
-        shard_problems = check_shard(root, sidecar, checksums=not quick)
+        shard_problems = check_shard(root, sidecar, checksums=not quick, listed=listed)
         unbound = bindings.problem(sidecar, base)
         if unbound:  # the plan was written again since: its name holds other inputs now
             shard_problems.append(f"{sidecar.shard}: {unbound}")
