@@ -233,6 +233,12 @@ def test_verify_names_a_damaged_remote_shard_and_the_next_run_redoes_it(s3, tmp_
     s3.direct.put_object(Bucket=BUCKET, Key=key, Body=bytes(body[:-10]))  # truncated: a resume sees it
     assert cli(*args, "--json", check=True).stdout.count('"shards_written": 1')
     assert cli("verify", remote).returncode == 0 and len(vitok.open(remote)) == 4
+    s3.direct.delete_object(Bucket=BUCKET, Key="feats/shards/shard-000000.json")  # data left without its sidecar,
+    s3.proxy.clear()  # as by a run killed between the two
+    assert cli(*args, "--json", check=True).stdout.count('"shards_written": 1')
+    puts = [s.status for s in s3.requests("PUT", "/feats/shards/shard-000000.h5")]
+    assert puts == [412, 200]  # never over data that may be vouched for: found, removed, then put
+    assert cli("verify", remote).returncode == 0 and len(vitok.open(remote)) == 4
 
 
 # ---- processes -------------------------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ A shard is written under a temporary name in local space (``root.staging``: ``sh
 
 1. the writer finishes the data (per-image tables, flush, fsync) and every data file is sized and checksummed;
 2. if a sidecar for the shard appeared meanwhile (another process committed it), the temporary data is dropped;
-3. data left at the final name without a sidecar (a run killed between steps 4 and 5) is removed;
-4. the data is put at its final name whole (``os.replace``; an upload that is visible only once complete, created
-   only if absent on an object store, so a late writer never replaces data that a sidecar vouches for);
+3. the data is put at its final name whole, only if nothing is there (``os.replace``; an upload that is visible
+   only once complete, ``If-None-Match: *``, so a late writer never replaces data that a sidecar vouches for);
+4. if something was there, it is data without a sidecar (a run killed between steps 3 and 5): it is removed and
+   step 2 is taken again;
 5. the sidecar ``shards/<shard>.json`` is created exclusively (a hard link; ``If-None-Match: *``). **Its existence
    is the commit**, and of two writers of one shard exactly one commits.
 
@@ -122,10 +123,9 @@ def commit(out: Path | StoreRoot, fmt: ShardFormat, tmp: Path, sidecar: Sidecar)
                 logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
                 remove(tmp)
                 return False
-            if root.is_folder(final) if tmp.is_dir() else root.exists(final):  # data without a sidecar: a run
-                root.delete_tree(final)  # killed before step 5
             if root.put(final, tmp, exclusive=True):
                 break
+            root.delete_tree(final)  # data without a sidecar: a run killed before step 5
         else:
             remove(tmp)
             raise StoreError(f"{root.show(final)} keeps appearing while shard {sidecar.shard} is committed: another "
