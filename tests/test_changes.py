@@ -5,6 +5,7 @@ exactly what the sources hold through every reader; unit names cannot collide wi
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 
@@ -313,3 +314,178 @@ def test_a_bare_update_reads_relative_list_lines_against_the_directory_they_were
     store = vitok.open(tmp_path / "out")
     assert store.keys() == ["images/0.png", "images/1.png", "images/2.png"]
     assert store.info("images/2.png")["source"] == str(tmp_path / "images" / "2.png")
+
+
+# ---- plain readers (h5py, numpy, webdataset: no vitok) see exactly the store after any --update --------------------
+
+
+def plain_rows(out, fmt: str) -> list[tuple[str, np.ndarray]]:
+    """(key, merged tokens) of every row a reader without vitok finds where OUT/README.txt says to look: h5py over
+    shards/*.h5, numpy over shards/*/, webdataset over shards/*.tar."""
+    import glob
+
+    shards = os.path.join(out, "shards")
+    rows: list[tuple[str, np.ndarray]] = []
+    if fmt == "hdf5":
+        import h5py
+
+        for path in sorted(glob.glob(os.path.join(shards, "*.h5"))):
+            with h5py.File(path) as f:
+                keys = [k.decode("utf-8", "surrogateescape") for k in f["keys"][()]]
+                offsets = f["merged_offsets"][()]
+                rows += [(key, f["merged"][offsets[i]:offsets[i + 1]]) for i, key in enumerate(keys)]
+    elif fmt == "npy":
+        for folder in sorted(glob.glob(os.path.join(shards, "*", ""))):
+            keys = np.load(os.path.join(folder, "keys.npy"))
+            offsets = np.load(os.path.join(folder, "merged_offsets.npy"))
+            data = np.load(os.path.join(folder, "merged.npy"))
+            rows += [(str(key), data[offsets[i]:offsets[i + 1]]) for i, key in enumerate(keys)]
+    else:
+        import webdataset as wds
+
+        for sample in wds.WebDataset(sorted(glob.glob(os.path.join(shards, "*.tar"))), shardshuffle=False):
+            rows.append((json.loads(sample["json"])["key"], np.load(io.BytesIO(sample["merged.npy"]))))
+    return rows
+
+
+def assert_plain_readers_see_the_store(out, fmt: str) -> None:
+    """Every current key once, with the store's tokens; nothing superseded, nothing removed."""
+    rows = plain_rows(out, fmt)
+    with vitok.open(out) as store:
+        assert sorted(key for key, _ in rows) == store.keys()
+        for key, tokens in rows:
+            np.testing.assert_array_equal(np.asarray(tokens, np.float32), store[key])
+
+
+WDS_OPEN = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # webdataset leaves tars open
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", pytest.param("npy", marks=pytest.mark.slow),
+                                 pytest.param("wds", marks=[pytest.mark.slow, WDS_OPEN])])
+def test_plain_readers_see_exactly_the_stores_keys_after_files_change_move_and_go(tmp_path, fmt):
+    """Regression: the README's h5py recipe over every shard found 15 rows and 11 keys in a 10-key store (old rows
+    of a changed file, a renamed file under its old name) after two updates."""
+    folder = png_folder(tmp_path / "images", 10)
+    out = tmp_path / "out"
+    options = {**LIB, "shard_size": 4, "format": fmt}
+    vitok.extract([str(folder)], out, **options)
+    (folder / "1.png").write_bytes(png(20))  # changed in place
+    bump_mtime(folder / "1.png")
+    vitok.extract([str(folder)], out, update=True, **options)
+    assert_plain_readers_see_the_store(out, fmt)
+    os.rename(folder / "2.png", folder / "12.png")
+    os.remove(folder / "5.png")
+    vitok.extract([str(folder)], out, update=True, **options)
+    assert_plain_readers_see_the_store(out, fmt)
+    expected = sorted(f"{i}.png" for i in (0, 1, 3, 4, 6, 7, 8, 9, 12))
+    assert_views(out, expected)
+    fresh = tmp_path / "fresh"
+    vitok.extract([str(folder)], fresh, **options)
+    with vitok.open(out) as store, vitok.open(fresh) as other:
+        for key in expected:
+            np.testing.assert_array_equal(store[key], other[key])
+
+
+def joined_shard(out, tar) -> list:
+    """The store shards that join with input ``tar`` by name, as OUT/README.txt says: ``shards/<stem>.tar``, or
+    ``shards/<stem>~<suffix>.tar`` once vitok extracted the tar again (one of them, never both)."""
+    stem = os.path.basename(tar)[: -len(".tar")]
+    return [p for p in sorted((out / "shards").glob("*.tar")) if p.stem == stem or p.stem.startswith(stem + "~")]
+
+
+@WDS_OPEN
+def test_a_rewritten_tar_joins_by_name_with_its_new_tokens_and_a_removed_one_with_nothing(tmp_path):
+    """Regression: after --update of a tar rewritten with other pictures, the README's join by shard name paired
+    the new images with the old tokens (the old shards/00001.tar stayed beside 00001~g1.tar)."""
+    import webdataset as wds
+
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    write_tar(folder / "00000.tar", {"a": png(0), "b": png(1)})
+    write_tar(folder / "00001.tar", {"c": png(2), "d": png(3), "e": png(4)})
+    write_tar(folder / "00002.tar", {"f": png(5)})
+    out = tmp_path / "out"
+    options = {**LIB, "pool": "none", "format": "wds"}
+    vitok.extract([str(folder)], out, **options)
+    write_tar(folder / "00001.tar", {"c": png(12), "d": png(13), "e": png(14)})  # same keys, other pictures
+    bump_mtime(folder / "00001.tar")
+    os.remove(folder / "00002.tar")
+    vitok.extract([str(folder)], out, update=True, **options)
+    assert_plain_readers_see_the_store(out, "wds")
+    assert joined_shard(out, "00002.tar") == []
+    with vitok.open(out) as store:
+        for tar in sorted(folder.glob("*.tar")):
+            [shard] = joined_shard(out, tar)
+            sources = list(wds.WebDataset(str(tar), shardshuffle=False))
+            joined = list(wds.WebDataset(str(shard), shardshuffle=False))
+            assert len(sources) == len(joined)
+            for source, tokens in zip(sources, joined):
+                assert source["__key__"] == tokens["__key__"]
+                np.testing.assert_array_equal(np.load(io.BytesIO(tokens["merged.npy"])).astype(np.float32),
+                                              store[f"{tar.stem}/{source['__key__']}"])
+    assert verify_store(out).clean
+
+
+# ---- counts and provenance after an update -------------------------------------------------------------------------
+
+
+def test_info_after_updates_counts_only_the_shards_the_plan_holds_now(tmp_path):
+    """Regression: info said "2 done of 3 planned" on a finished store after a tar was rewritten (the superseded
+    unit counted as planned), and loose-file stores counted a superseded shard as done."""
+    from helpers import vitok as run_vitok
+
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    write_tar(folder / "00000.tar", {"a": png(0), "b": png(1)})
+    write_tar(folder / "00001.tar", {"c": png(2)})
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, **LIB)
+    write_tar(folder / "00001.tar", {"c": png(3), "d": png(4)})
+    bump_mtime(folder / "00001.tar")
+    vitok.extract([str(folder)], out, update=True, **LIB)
+    info = json.loads(run_vitok("info", str(out), "--json").stdout)
+    assert (info["shards_done"], info["planned_shards"], info["planned_images"]) == (2, 2, 4) and info["finished"]
+    assert "2 done of 2 planned; 0 not done" in run_vitok("info", str(out)).stdout
+
+    images = png_folder(tmp_path / "images", 6)
+    loose = tmp_path / "loose"
+    vitok.extract([str(images)], loose, shard_size=2, **LIB)
+    (images / "3.png").write_bytes(png(9))
+    bump_mtime(images / "3.png")
+    os.remove(images / "4.png")
+    vitok.extract([str(images)], loose, shard_size=2, update=True, **LIB)
+    info = json.loads(run_vitok("info", str(loose), "--json").stdout)
+    assert info["shards_done"] == info["planned_shards"] and info["finished"] and info["clean"]
+    assert info["images_ok"] == 5 and info["planned_images"] == 5 and info["images_removed"] == 1
+
+
+def copied_record(out, copied_from: str) -> dict:
+    """The record ``copied_from`` names (``<shard>/<key>``), read from that shard's sidecar as OUT/README.txt says:
+    ``shards/<shard>.json``, or ``shards/.superseded/<shard>.json`` once --update superseded the shard."""
+    shard, _, key = copied_from.partition("/")
+    for folder in (out / "shards", out / "shards" / ".superseded"):
+        if (folder / f"{shard}.json").exists():
+            records = json.loads((folder / f"{shard}.json").read_text())["records"]
+            return next(r for r in records if r["key"] == key)
+    raise AssertionError(f"no shard {shard!r} holds the record {copied_from!r}")
+
+
+def test_copied_from_names_a_record_of_those_pixels_after_the_donors_key_changes(tmp_path):
+    """Regression: copied_from named the key A.png, which an update then filled with other pixels: following it
+    read other tokens."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "A.png").write_bytes(png(0))
+    (folder / "B.png").write_bytes(png(1))
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, shard_size=2, **LIB)
+    (folder / "C.png").write_bytes(png(0))  # A's pixels: copied, not encoded
+    assert vitok.extract([str(folder)], out, shard_size=2, update=True, **LIB).duplicates == 1
+    (folder / "A.png").write_bytes(png(2))
+    bump_mtime(folder / "A.png")
+    vitok.extract([str(folder)], out, shard_size=2, update=True, **LIB)
+    with vitok.open(out) as store:
+        copy = store.info("C.png")
+        assert copy["copied_from"] is not None
+        assert copied_record(out, copy["copied_from"])["content_id"] == copy["content_id"]
+        assert store.info("A.png")["content_id"] != copy["content_id"]

@@ -292,6 +292,37 @@ def test_nan_weights_are_counted_per_image_reported_and_never_exported(tmp_path)
     assert code == 1 and "every image" in err and not (tmp_path / "ec").exists()
 
 
+@pytest.mark.slow
+def test_a_store_whose_every_image_is_nan_fails_extract_verify_and_export_alike(tmp_path):
+    """Regression: every image NaN extracted as all ok with exit 0 (no count in --json) and passed verify, while
+    export refused the store."""
+    from helpers import vitok as run_vitok
+    from test_checkpoint import checkpoint_folder
+
+    def poison(state):
+        state["merger.linear_fc2.weight"][0, 0] = float("nan")
+        return state
+
+    (tmp_path / "ckpt").mkdir()
+    model = checkpoint_folder(tmp_path / "ckpt", poison)
+    folder = make_folder(tmp_path / "imgs", count=3, with_odd=False)
+    out = str(tmp_path / "out")
+    result = run_vitok("extract", str(folder), "-o", out, "--model", model, "--workers", "0", "--json", "-q")
+    summary = json.loads(result.stdout)
+    assert result.returncode == 1 and summary["ok"] == 3 and summary["nonfinite"] == 3
+    assert "NaN/Inf" in result.stderr
+    verify = run_vitok("verify", out, "--json")
+    report = json.loads(verify.stdout)
+    assert verify.returncode == 1 and report["images_nonfinite"] == 3 and not report["clean"]
+    info = json.loads(run_vitok("info", out, "--json").stdout)
+    assert info["images_nonfinite"] == 3
+    exported = run_vitok("export", out, str(tmp_path / "ec"), "--layout", "vllm-ec")
+    assert exported.returncode == 1 and "every image" in exported.stderr and not (tmp_path / "ec").exists()
+    healthy = make_folder(tmp_path / "more", count=2, with_odd=False, seed=1)  # a usable image: exit 0
+    assert run_vitok("extract", str(healthy), "-o", str(tmp_path / "fine"), "--model", "qwen3-vl-tiny",
+                     "--workers", "0", "-q").returncode == 0
+
+
 def test_images_with_nan_are_left_out_with_a_count(store, tmp_path, warnings_seen):
     import shutil
 
