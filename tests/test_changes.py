@@ -18,6 +18,7 @@ import vitok
 from vitok.cli.app import app
 from vitok.errors import InputsChangedError
 from vitok.storage.plan import load_plan, unit_name
+from vitok.storage.shards import iter_retired
 
 verify_store = vitok.verify
 LIB = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", pool="mean")
@@ -71,7 +72,7 @@ def test_a_loose_file_replaced_in_place_is_refused_then_updated_and_reported_sta
     with pytest.raises(InputsChangedError, match="1 changed.*1.png"):
         vitok.extract([str(folder)], out, **LIB)
     summary = vitok.extract([str(folder)], out, update=True, **LIB)
-    assert summary.ok == 1
+    assert summary.ok == 3 and summary.images_encoded == 1  # its shard planned again whole; the others copied
     store = vitok.open(out)
     assert not np.array_equal(store["1.png"], old)
     np.testing.assert_array_equal(store["1.png"], store.get("1.png"))
@@ -281,7 +282,7 @@ def test_a_bare_update_lists_the_plans_recorded_sources_again(tmp_path, monkeypa
     (folder / "0.png").unlink()
     monkeypatch.chdir(folder)  # another working directory
     summary = vitok.extract([], out, update=True, **LIB)
-    assert summary.ok == 1
+    assert summary.images_encoded == 1  # 3.png; 1.png and 2.png, whose shard held the removed 0.png, are copied
     assert_views(out, ["1.png", "2.png", "3.png"])
 
     listed = tmp_path / "list.txt"  # a store planned from a --files-from list: the list is read again
@@ -489,3 +490,98 @@ def test_copied_from_names_a_record_of_those_pixels_after_the_donors_key_changes
         assert copy["copied_from"] is not None
         assert copied_record(out, copy["copied_from"])["content_id"] == copy["content_id"]
         assert store.info("A.png")["content_id"] != copy["content_id"]
+
+
+KILLER = """
+import os, signal, sys
+from vitok.storage import shards
+target, at = os.environ["VITOK_TEST_KILL"].split(":")
+real, calls = getattr(shards, target), []
+def hooked(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(shards, target, hooked)
+from vitok.cli.app import main
+sys.argv = ["vitok", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["_move:1", "_move:2", "_move:4", "commit:1"])
+def test_an_update_killed_while_it_moves_superseded_shards_resumes_and_plain_readers_never_see_a_key_twice(
+        tmp_path, kill):
+    """kill -9 at each move of the superseded-shard step (data, then sidecar, of two shards) and right after it,
+    before the first replacing shard is published: no key is ever twice where plain readers look, and a plain
+    resume gives the store a fresh extract gives, plain readers included."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from helpers import TINY
+
+    folder = png_folder(tmp_path / "images", 10)
+    out = tmp_path / "out"
+    args = ["--shard-size", "4", "--pool", "mean", "--store-dtype", "float32", *TINY]
+    vitok.extract([str(folder)], out, **LIB, shard_size=4)
+    (folder / "1.png").write_bytes(png(20))
+    bump_mtime(folder / "1.png")
+    os.remove(folder / "5.png")  # two shards superseded: shard-000000 and shard-000001
+    (tmp_path / "killer.py").write_text(KILLER)
+    killed = subprocess.run([sys.executable, str(tmp_path / "killer.py"), "extract", str(folder), "-o", str(out),
+                             "--update", *args], env=dict(os.environ, PYTHONPATH=str(ROOT), VITOK_TEST_KILL=kill))
+    assert killed.returncode == -9
+    keys = [key for key, _ in plain_rows(out, "hdf5")]
+    assert len(keys) == len(set(keys))
+    assert not verify_store(out).clean  # unfinished (and, before the step is done, shards left in view)
+    vitok.extract([], out, **LIB, shard_size=4)  # a plain resume
+    assert_plain_readers_see_the_store(out, "hdf5")
+    expected = sorted(f"{i}.png" for i in (0, 1, 2, 3, 4, 6, 7, 8, 9))
+    assert_views(out, expected)
+    fresh = tmp_path / "fresh"
+    vitok.extract([str(folder)], fresh, **LIB, shard_size=4)
+    with vitok.open(out) as store, vitok.open(fresh) as other:
+        for key in expected:
+            np.testing.assert_array_equal(store[key], other[key])
+    assert not any(kept for _, kept in iter_retired(out))  # the plan is done: superseded data dropped
+
+
+def test_a_superseded_shard_moved_halfway_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    """The step stopped between a shard's data and its sidecar (what kill -9 leaves, in process): plain readers see
+    neither its rows nor a duplicate; vitok's readers and verify do not count its records; a plain resume moves the
+    sidecar and ends where a fresh extract does."""
+    from vitok.storage import shards
+
+    class Stop(BaseException):
+        pass
+
+    folder = png_folder(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, **LIB, shard_size=3)
+    (folder / "4.png").write_bytes(png(20))
+    bump_mtime(folder / "4.png")
+    real = shards._move
+    calls = []
+
+    def stop_at_the_sidecar(source, target):
+        calls.append(source.name)
+        if len(calls) == 2:
+            raise Stop
+        real(source, target)
+
+    monkeypatch.setattr(shards, "_move", stop_at_the_sidecar)
+    with pytest.raises(Stop):
+        vitok.extract([str(folder)], out, **LIB, shard_size=3, update=True)
+    monkeypatch.setattr(shards, "_move", real)
+    assert calls == ["shard-000001.h5", "shard-000001.json"]
+    assert sorted(key for key, _ in plain_rows(out, "hdf5")) == ["0.png", "1.png", "2.png"]
+    with vitok.open(out) as store:
+        assert store.keys() == ["0.png", "1.png", "2.png"]
+    report = verify_store(out)
+    assert report.incomplete and not report.problems
+    vitok.extract([], out, **LIB, shard_size=3)
+    assert_plain_readers_see_the_store(out, "hdf5")
+    assert_views(out, [f"{i}.png" for i in range(6)])
+    assert not (out / "shards" / "shard-000001.json").exists()

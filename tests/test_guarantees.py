@@ -83,8 +83,12 @@ def test_added_and_removed_inputs_are_refused_then_planned_with_update(tmp_path)
     with pytest.raises(InputsChangedError, match="2 added, 1 removed"):
         vitok.extract([str(folder)], out, shard_size=2, **LIB)
     summary = vitok.extract([str(folder)], out, shard_size=2, update=True, **LIB)
-    assert summary.ok == 2 and summary.shards_written == 1
-    assert all(shard_times(out)[name] == t for name, t in before.items())
+    assert summary.images_encoded == 2 and summary.ok == 3 and summary.shards_written == 2  # the removed file's
+    # shard is replaced whole: its other image is copied beside the new ones
+    after = {**shard_times(out), **{f"{p.name}": p.stat().st_mtime_ns for p in (out / "shards" / ".superseded").glob(
+        "*.json")}}
+    assert all(after[name] == t for name, t in before.items() if name.endswith(".json"))  # moved, never rewritten
+    assert sum(name not in shard_times(out) for name in before) == 2  # that shard's sidecar and data
     store = vitok.open(out)
     key = removed.relative_to(folder).as_posix()
     assert key in store.removed and key not in store.keys() and {"new1.png", "new2.png"} <= set(store.keys())

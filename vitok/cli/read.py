@@ -69,6 +69,8 @@ def info(
         echo(f"damage     {len(report.problems)} problem(s); run 'vitok verify {out}'")
         for problem in report.problems[:5]:
             echo(f"  damage   {_safe(problem)}")
+    for line in report.in_view[:10]:
+        echo(f"  in view  {_safe(line)}")
     for line in report.leftovers[:10]:
         echo(f"  leftover {line}")
     from ..run.run_stats import describe, latest_stats
@@ -95,10 +97,10 @@ def verify(
         help="With --sources: compare size and modification time, or the content (reads every input).")] = "mtime",
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
 ) -> None:
-    """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem, on an unfinished
-    store (shards not done, inputs or archives that could not be read: what export refuses) or (with --sources) on a
-    stale record. With --embeds, check every embedding of a serving export against the
-    model's contract.
+    """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem, on what export
+    refuses (an unfinished store: shards not done, inputs or archives that could not be read; a store whose every
+    image holds NaN/Inf values), on superseded rows left where plain readers look, or (with --sources) on a stale
+    record. With --embeds, check every embedding of a serving export against the model's contract.
 
     Example: vitok verify out/ --sources
     """
@@ -125,6 +127,12 @@ def verify(
         return
     for problem in report.problems:
         typer.echo(f"problem: {_safe(problem)}", err=True)
+    if report.all_nonfinite:  # what export refuses
+        from ..consumers.export import every_image_nonfinite
+
+        typer.echo(f"problem: {_safe(every_image_nonfinite(out, report.images_nonfinite))}", err=True)
+    for line in report.in_view:
+        typer.echo(f"in view: {_safe(line)}", err=True)
     for reason in report.unfinished:  # the reasons export gives for refusing it
         typer.echo(f"incomplete: {_safe(reason)}", err=True)
     for line in report.in_progress[:10]:
@@ -142,7 +150,8 @@ def verify(
                    "--update to extract them again", err=True)
     typer.echo(f"{report.shards_ok} shard(s) ok, {report.images_ok} images ok, {report.images_skipped} skipped, "
                f"{report.images_failed} failed" + (f", {report.images_damaged} in damaged shards"
-                                                    if report.images_damaged else ""))
+                                                    if report.images_damaged else "")
+               + (f", {report.images_nonfinite} with NaN/Inf tokens" if report.images_nonfinite else ""))
     if not report.clean:
         raise typer.Exit(1)
 

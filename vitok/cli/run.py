@@ -75,7 +75,7 @@ def _extract_command(
     _report(summary, out)
     if json_summary:
         typer.echo(json.dumps(summary.to_dict()))
-    if summary.all_skipped:
+    if summary.nothing_usable:
         raise typer.Exit(1)
 
 
@@ -90,14 +90,21 @@ def _given_on_command_line(values: dict[str, Any]) -> set[str]:
 
 
 def _report(summary, out) -> None:
-    if summary.all_skipped:
+    if summary.nothing_usable and not summary.ok:
         logger.error("ALL %d input(s) of this run were skipped or failed: nothing was extracted. Check the sources "
                      "and settings; reasons: vitok info %s", summary.skipped + summary.failed, out)
-    elif summary.skipped or summary.failed:
+    elif summary.nothing_usable:
+        logger.error("ALL %d image(s) this run extracted hold NaN/Inf values in their tokens: nothing usable was "
+                     "extracted (exports leave such images out). Check the checkpoint and the store dtype; the "
+                     "images: vitok info %s", summary.ok, out)
+    if summary.ok and (summary.skipped or summary.failed):
         logger.info("skipped %d, failed %d input(s); reasons are in the manifest (vitok info %s)", summary.skipped,
                     summary.failed, out)
     if summary.failed:
         logger.info("%d input(s) could not be read; rerun the same command once they are readable", summary.failed)
+    if summary.nonfinite and not summary.nothing_usable:
+        logger.warning("%d image(s) hold NaN/Inf values in their tokens; exports leave them out (vitok info %s)",
+                       summary.nonfinite, out)
     logger.info("done: %d ok, %d skipped, %d failed, %d already done, %.1f s, %.2f images/s -> %s", summary.ok,
                 summary.skipped, summary.failed, summary.already_done, summary.seconds, summary.images_per_second, out)
     if summary.shards_elsewhere:

@@ -130,9 +130,17 @@ def check_store(store, allow_partial: bool) -> list[str]:
     if missing and not allow_partial:
         raise StoreError(f"{store.root} is incomplete: {'; '.join(missing)}. Finish it (rerun vitok extract), or "
                          "pass --allow-partial to export what it holds")
+    if report.all_nonfinite:  # one definition with vitok verify (ImageRecord.nonfinite_values)
+        raise StoreError(every_image_nonfinite(store.root, report.images_nonfinite))
     if missing:
         logger.warning("exporting a partial store; it lacks %s", "; ".join(missing))
     return missing
+
+
+def every_image_nonfinite(root, count: int, example: str = "") -> str:
+    """Why a store whose every image holds NaN/Inf values is refused (export and verify say the same)."""
+    return (f"every image of {root} holds NaN/Inf values ({count}{example}): nothing to export. Check the "
+            "checkpoint and the store dtype")
 
 
 # ---- embedding-reader -----------------------------------------------------------------------------------------------
@@ -290,10 +298,9 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
         folder = target.begin()
         try:
             count, left_out = writer.write(store, folder)
-            if left_out and not count:
-                raise StoreError(f"every image of {store.root} holds NaN/Inf values ({len(left_out)}; e.g. "
-                                 f"{printable(next(iter(left_out)))!r}: {next(iter(left_out.values()))}): nothing to "
-                                 "export. Check the checkpoint and the store dtype")
+            if left_out and not count:  # NaN/Inf found in the data now (pooled values too)
+                example = f"; e.g. {printable(next(iter(left_out)))!r}: {next(iter(left_out.values()))}"
+                raise StoreError(every_image_nonfinite(store.root, len(left_out), example))
             if left_out:
                 sample = ", ".join(repr(printable(k)) for k in list(left_out)[:5])
                 logger.warning("left out %d image(s) whose tokens hold NaN/Inf values (%s%s); the list is in %s",

@@ -34,6 +34,7 @@ class CommitStats:
     ok: int = 0
     skipped: int = 0
     failed: int = 0
+    nonfinite: int = 0  # of ok: images whose tokens hold NaN/Inf (ImageRecord.nonfinite_values)
     shards_written: int = 0
     output_bytes: int = 0
     reasons: dict[str, str] = field(default_factory=dict)  # key -> reason (skipped and failed)
@@ -53,6 +54,7 @@ class Committer:
         self._sinks: dict[int, ShardSink] = {}  # writer thread only
         self._units: dict[int, UnitRef] = {}
         self._inputs: dict[int, str | None] = {}  # digest of each unit's planned inputs (vitok.storage.plan.binding)
+        self._supersedes: dict[int, tuple[str, ...]] = {}  # committed shards each unit's shard replaces whole
         # within-unit duplicates (loop thread): content id -> (first key, skip reason) once its batch was queued;
         # duplicates waiting for their first copy's batch
         self._queued: defaultdict[int, dict[str, tuple[str, str | None]]] = defaultdict(dict)
@@ -68,10 +70,12 @@ class Committer:
         self._thread.start()
         return self
 
-    def begin(self, unit: UnitRef, inputs: str | None = None) -> None:
-        """A unit this run writes; ``inputs``: the digest of its planned inputs, recorded in its sidecar."""
+    def begin(self, unit: UnitRef, inputs: str | None = None, supersedes: tuple[str, ...] = ()) -> None:
+        """A unit this run writes; ``inputs``: the digest of its planned inputs, recorded in its sidecar;
+        ``supersedes``: committed shards its shard replaces whole (an archive's earlier attempts)."""
         self._units[unit.index] = unit
         self._inputs[unit.index] = inputs
+        self._supersedes[unit.index] = supersedes
 
     def put(self, events: list[EncodedBatch | UnitEnd]) -> None:
         """What the device stage finished, in its order: batches to write, unit ends to commit."""
@@ -87,26 +91,27 @@ class Committer:
             for record in event.skipped:
                 self._first_queued(event.unit, record, record.reason or "skipped")
 
-    def duplicate(self, unit: int, record: ImageRecord) -> None:
-        """An image of ``unit`` with the same pixels (``content_id``) as the earlier image ``record.copied_from``,
-        not encoded: written as a copy of its rows once the first copy's batch is in the shard (the queue keeps
-        that order), or skipped with it."""
+    def duplicate(self, unit: int, record: ImageRecord, first: str) -> None:
+        """An image of ``unit`` with the same pixels (``content_id``) as its earlier image ``first``, not encoded:
+        written as a copy of its rows once the first copy's batch is in the shard (the queue keeps that order), or
+        skipped with it. Its record names the copy's origin ``<shard>/<first>``."""
+        record.copied_from = f"{self._units[unit].name}/{first}"
         queued = self._queued[unit].get(record.content_id)
         if queued is None:
             self._waiting[unit][record.content_id].append(record)
         else:
-            self._put_copy(unit, record, queued[1])
+            self._put_copy(unit, record, *queued)
 
     def _first_queued(self, unit: int, record: ImageRecord, skipped: str | None) -> None:
         if record.content_id is None or record.copied_from is not None:
             return
         self._queued[unit].setdefault(record.content_id, (record.key, skipped))
         for duplicate in self._waiting[unit].pop(record.content_id, ()):
-            self._put_copy(unit, duplicate, skipped)
+            self._put_copy(unit, duplicate, record.key, skipped)
 
-    def _put_copy(self, unit: int, record: ImageRecord, skipped: str | None) -> None:
+    def _put_copy(self, unit: int, record: ImageRecord, first: str, skipped: str | None) -> None:
         if skipped is None:
-            self._put(("copy", unit, record))
+            self._put(("copy", unit, (record, first)))
         else:
             record.status, record.reason = "skipped", f"same pixels as {record.copied_from}: {skipped}"
             record.copied_from = None
@@ -172,7 +177,7 @@ class Committer:
                 elif kind == "record":
                     self._sink(unit).add_record(payload)
                 elif kind == "copy":
-                    self._sink(unit).add_copy(payload)
+                    self._sink(unit).add_copy(*payload)
                 else:
                     self._commit(unit, payload)
             except BaseException as exc:  # surfaced in the run loop
@@ -184,7 +189,7 @@ class Committer:
         sink = self._sink(unit)
         if info.inputs is None:
             info.inputs = self._inputs.get(unit)
-        sidecar = sink.commit(unit=info, **self.stamp.fields())
+        sidecar = sink.commit(self._supersedes.get(unit, ()), unit=info, **self.stamp.fields())
         del self._sinks[unit]
         self.claims.release(sink.shard)
         if sidecar is None:
@@ -195,6 +200,7 @@ class Committer:
         for record in sidecar.records:
             if record.status == "ok":
                 stats.ok += 1
+                stats.nonfinite += bool(record.nonfinite_values)
             else:
                 stats.skipped += record.status == "skipped"
                 stats.failed += record.status == "failed"

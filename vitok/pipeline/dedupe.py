@@ -4,12 +4,13 @@ An ok image (decoded on the CPU, so it has a ``content_id``, see ``vitok.inputs.
 
 1. **copied from a committed shard** when an image with the same content id is in one: a shard of a ``--reuse``
    store made with the same token settings (looked up first, through its content index), or a shard of this store
-   committed before this run started or during it (``Donors``). Its rows are read back in the stored dtype and
-   written to this image's shard: bit for bit the donor's tokens. The record says ``copied_from`` (``key``, or
-   ``STORE::key`` for another store).
+   committed before this run started or during it, or superseded by ``--update`` while its data is kept
+   (``Donors``). Its rows are read back in the stored dtype and written to this image's shard: bit for bit the
+   donor's tokens. The record says ``copied_from``: the record it was copied from, ``<shard>/<key>`` (or
+   ``STORE::<shard>/<key>`` for another store), which holds these pixels whatever its key holds later.
 2. **a duplicate within its unit** when an earlier image of the same unit had the same content id: it is not
    batched; the committer writes its first copy's rows again under its key once they are in the shard
-   (``Committer.duplicate``, ``ShardSink.add_copy``).
+   (``Committer.duplicate``, ``ShardSink.add_copy``); ``copied_from`` is ``<this shard>/<first key>``.
 3. **encoded** otherwise (its first copy may be in a unit of this run that is not committed yet: one unit never
    waits for another, so a run over parts or a resumed run decides the same way for every image of a unit).
 
@@ -33,7 +34,7 @@ from ..storage import RunHeader, read_header
 from ..storage.files import checksum
 from ..storage.format import ShardDataReader
 from ..storage.records import ImageRecord, Settings, Sidecar, diff_settings
-from ..storage.shards import get_format, iter_sidecars, shards_dir
+from ..storage.shards import get_format, iter_retired, iter_sidecars, retired_dir, shards_dir
 
 logger = logging.getLogger(__name__)
 MAX_OPEN = 16  # donor shard files held open
@@ -45,11 +46,18 @@ class Donor:
 
     root: Path  # the store
     fmt: str
-    data: str  # the shard's data name under shards/
+    data: str  # the shard's data name in ``folder``
     row: int
     key: str
     label: str  # "" for this store, else how records name the store (its path)
     files: tuple = ()  # the shard's (file, FileSum) pairs: its checksums, checked before any row is copied
+    shard: str = ""
+    folder: Path | None = None  # shards/, or shards/.superseded/ for a superseded shard
+
+    @property
+    def name(self) -> str:
+        """How a copy's record names it: ``<shard>/<key>``, after ``STORE::`` for another store."""
+        return f"{self.label}::{self.shard}/{self.key}" if self.label else f"{self.shard}/{self.key}"
 
 
 class Donors:
@@ -66,23 +74,30 @@ class Donors:
     def __len__(self) -> int:
         return len(self._by_content)
 
-    def add_sidecar(self, root: Path, sidecar: Sidecar, label: str = "") -> None:
+    def add_sidecar(self, root: Path, sidecar: Sidecar, label: str = "", folder: Path | None = None) -> None:
         """Index a committed shard's ok images (called from the committer's thread as shards commit: a dict
-        insertion is atomic, and the loop only looks entries up)."""
+        insertion is atomic, and the loop only looks entries up); ``folder``: where its data is (shards/)."""
         files = tuple(sidecar.files.items())
+        folder = folder or shards_dir(root)
         for record in sidecar.records:
             if record.status == "ok" and record.content_id and record.row is not None:
                 self._by_content.setdefault(record.content_id,
                                             Donor(Path(root), sidecar.format, sidecar.data, record.row, record.key,
-                                                  label, files))
+                                                  label, files, sidecar.shard, folder))
 
     def add_store(self, root: Path, fingerprint: str | None = None, exclude: set[str] = frozenset(),
                   label: str = "") -> None:
-        """Index a store's committed shards (those of ``fingerprint`` when given, minus ``exclude``)."""
+        """Index a store's committed shards (those of ``fingerprint`` when given, minus ``exclude``), then its
+        superseded shards whose data is still kept."""
+        def wanted(sidecar: Sidecar) -> bool:
+            return sidecar.shard not in exclude and (fingerprint is None or sidecar.fingerprint in (None, fingerprint))
+
         for sidecar in iter_sidecars(root):
-            if sidecar.shard in exclude or (fingerprint is not None and sidecar.fingerprint not in (None, fingerprint)):
-                continue
-            self.add_sidecar(root, sidecar, label)
+            if wanted(sidecar):
+                self.add_sidecar(root, sidecar, label)
+        for sidecar, kept in iter_retired(root):
+            if kept and wanted(sidecar):
+                self.add_sidecar(root, sidecar, label, retired_dir(root))
 
     def add_reuse(self, root: Path) -> None:
         """A ``--reuse`` store, looked up through its content index (``vitok.storage.index``), not loaded."""
@@ -101,7 +116,7 @@ class Donors:
         donor = self._by_content.get(record.content_id)
         if donor is None:
             return None
-        if not self._checks_out(donor.root, donor.data, donor.files):
+        if not self._checks_out(donor.root, donor.folder, donor.data, donor.files):
             self._by_content.pop(record.content_id, None)
             return None
         try:
@@ -111,7 +126,7 @@ class Donors:
                            type(exc).__name__, exc)
             self._by_content.pop(record.content_id, None)
             return None
-        record.copied_from = f"{donor.label}::{donor.key}" if donor.label else donor.key
+        record.copied_from = donor.name
         return arrays, bool(donor.label)
 
     def _take_reused(self, record: ImageRecord) -> dict[str, np.ndarray] | None:
@@ -119,8 +134,9 @@ class Donors:
             key = store.find_content(record.content_id)
             if key is None:
                 continue
-            sidecar = store.shards[store.info(key)["shard"]]
-            if not self._checks_out(Path(label), sidecar.data, tuple(sidecar.files.items())):
+            shard = store.info(key)["shard"]
+            sidecar = store.shards[shard]
+            if not self._checks_out(Path(label), shards_dir(label), sidecar.data, tuple(sidecar.files.items())):
                 continue
             try:
                 arrays = {f: np.array(store.stored_rows(key, f)) for f in self.features}
@@ -128,19 +144,20 @@ class Donors:
                 logger.warning("cannot copy %s's tokens from %s (%s: %s); encoding it", record.key, label,
                                type(exc).__name__, exc)
                 continue
-            record.copied_from = f"{label}::{key}"
+            record.copied_from = f"{label}::{shard}/{key}"
             return arrays
         return None
 
-    def _checks_out(self, root: Path, data: str, files: tuple) -> bool:
-        """Whether a donor shard's files still match the checksums its sidecar recorded (read once per shard and
-        run): rows are never copied from damaged data, which a copy would carry into a shard that verifies clean."""
-        where = (str(root), data)
+    def _checks_out(self, root: Path, folder: Path, data: str, files: tuple) -> bool:
+        """Whether a donor shard's files (in ``folder`` of store ``root``) still match the checksums its sidecar
+        recorded (read once per shard and run): rows are never copied from damaged data, which a copy would carry
+        into a shard that verifies clean."""
+        where = (str(folder), data)
         if where not in self._intact:
             problems = []
             for relative, expected in files:
                 try:
-                    if expected.blake2b and checksum(shards_dir(root) / relative) != expected.blake2b:
+                    if expected.blake2b and checksum(folder / relative) != expected.blake2b:
                         problems.append(relative)
                 except OSError as exc:
                     problems.append(f"{relative} ({exc.strerror})")
@@ -151,11 +168,11 @@ class Donors:
         return self._intact[where]
 
     def _read(self, donor: Donor) -> dict[str, np.ndarray]:
-        where = (donor.root, donor.data)
+        where = (donor.folder, donor.data)
         if where in self._readers:
             self._readers.move_to_end(where)
         else:
-            reader = get_format(donor.fmt).open(shards_dir(donor.root) / donor.data)
+            reader = get_format(donor.fmt).open(donor.folder / donor.data)
             self._readers[where] = (reader, {})
             while len(self._readers) > MAX_OPEN:
                 self._readers.popitem(last=False)[1][0].close()
@@ -219,8 +236,7 @@ class Deduplicator:
             return False
         firsts = self._firsts.setdefault(unit, {})
         if record.content_id in firsts:
-            record.copied_from = firsts[record.content_id]
-            self.committer.duplicate(unit, record)
+            self.committer.duplicate(unit, record, firsts[record.content_id])
             self.counts["duplicates"] += 1
             return True
         firsts[record.content_id] = record.key

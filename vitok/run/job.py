@@ -25,7 +25,7 @@ from ..storage.layout import SHARDS_DIR, STORE_ENTRIES
 from ..storage.plan import Plan, PlanDiff, diff, listing_digest, load_plan
 from ..storage.plan.binding import Bindings
 from ..storage.plan.changes import changed_inputs
-from ..storage.plan.retries import base_and_attempt, retry_units
+from ..storage.plan.retries import base_and_attempt, committed_units, retry_units
 from ..storage.shards import check_shard, read_sidecar, sidecar_path
 from .options import ExtractOptions
 from .parallel import Part, detect_part
@@ -307,14 +307,16 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
             damaged.add(name)
             continue
         done[name] = sidecar
-    superseded = plan.superseded()  # archives planned again by --update, or removed: never read
+    superseded = plan.superseded()  # replaced by a later generation (--update), or removed: never read
     mine = [u for u in plan.units if job.part.owns(u.index) and u.name not in superseded]
-    todo = [u for u in mine if u.name not in done]
+    done_units = {base_and_attempt(name, plan.legacy_names)[0] for name in done}  # an archive's latest attempt
+    # is its only committed shard (a retry replaces the earlier ones whole)
+    todo = [u for u in mine if u.name not in done_units]
     retries = retry_units(plan, done)
     work = Work(mine, todo + retries, damaged=damaged, bindings=bindings)
-    work.done_shards = sum(u.name in done for u in mine)
+    work.done_shards = sum(u.name in done_units for u in mine)
     work.done_images = sum(s.count("ok") + s.count("skipped") for s in done.values())
-    committed = {p.stem for p in (job.out / SHARDS_DIR).glob("*.json")} if (job.out / SHARDS_DIR).is_dir() else set()
+    committed = committed_units(job.out, plan)
     work.other_parts_pending = sum(1 for u in plan.units if not job.part.owns(u.index) and u.name not in committed
                                    and u.name not in superseded)
     return work

@@ -25,9 +25,15 @@ from ..pipeline.dedupe import Deduplicator, Donors, check_reuse
 from ..storage import RunHeader, SidecarStamp, get_format, new_store
 from ..storage.claims import Claims
 from ..storage.files import raise_store_error
-from ..storage.maintenance import remove_damaged, remove_plan_leftovers, wipe_store
+from ..storage.maintenance import (
+    drop_superseded_data,
+    remove_damaged,
+    remove_plan_leftovers,
+    retire_superseded,
+    wipe_store,
+)
 from ..storage.plan import Plan, load_plan, write_generation, write_update
-from ..storage.plan.retries import base_and_attempt
+from ..storage.plan.retries import base_and_attempt, earlier_attempts
 from ..storage.records import Settings, UnitInfo
 from ..storage.shards import remove_temps
 from .job import Job, Work, check_committed, remaining_work
@@ -68,6 +74,7 @@ class Run:
             work = remaining_work(job, plan, job.header.fingerprint)
             if not work.todo:  # nothing to do: no model, no writes (a finished store on a read-only mount)
                 logger.info("nothing to do: all %d shard(s) of part %s are done", work.done_shards, job.part.label)
+                self._tidy(plan, best_effort=True)
                 return self._summary(work, CommitStats(), None, None)
         from ..encoder.inference import load_encoder  # torch: only once there is work to do
 
@@ -84,6 +91,7 @@ class Run:
         started = time.perf_counter()
         header = self._write_header(settings, encoder)
         plan = self.plan = self._write_plan(plan)
+        retire_superseded(job.out, plan, get_format(job.options.format))  # before any shard of this plan commits
         self.phases["plan"] = self.phases.get("plan", 0.0) + time.perf_counter() - started
         # again now that the model is loaded: other processes may have committed shards in the meantime
         work = remaining_work(job, plan, header.fingerprint)
@@ -94,11 +102,26 @@ class Run:
             stats, pipeline = self._run(encoder, mine, claims, header, work) if mine else (CommitStats(), None)
         finally:
             claims.stop()
+        self._tidy(plan)
         summary = self._summary(work, stats, pipeline, encoder, elsewhere)
         if summary.shards_other_parts and job.part.count > 1:
             logger.info("%d shard(s) of other parts are not done yet (this was part %s)", summary.shards_other_parts,
                         job.part.label)
         return summary
+
+    def _tidy(self, plan: Plan, best_effort: bool = False) -> None:
+        """Superseded shards out of where plain readers look, and their data dropped once the plan is done (a store
+        written by an older vitok is put right by a resume; a read-only one, ``best_effort``, is left as it is)."""
+        try:
+            retire_superseded(self.job.out, plan, get_format(self.job.options.format))
+            dropped = drop_superseded_data(self.job.out, plan)
+        except OSError as exc:
+            if not best_effort:
+                raise
+            logger.debug("superseded shards of %s left in place: %s", self.job.out, exc)
+            return
+        if dropped:
+            logger.info("the plan is done: removed the data of %d superseded shard(s)", dropped)
 
     def _write_header(self, settings: Settings, encoder) -> RunHeader:
         job = self.job
@@ -137,10 +160,12 @@ class Run:
         for unit in work.todo:
             if claims.try_claim(unit.name):
                 remove_temps(self.job.out, unit.name)
-                if unit.name in work.damaged:  # its data does not check out: the sidecar no longer vouches for it
-                    for retry in sorted(n for n in work.damaged if n != unit.name  # its retries' records go too
-                                        and base_and_attempt(n, self.plan.legacy_names)[0] == unit.name):
-                        remove_damaged(self.job.out, retry)
+                # damaged shards of the unit (its data does not check out: the sidecar no longer vouches for it)
+                # go, its retries' with it: the unit is read again whole
+                for name in sorted(n for n in work.damaged if n != unit.name
+                                   and base_and_attempt(n, self.plan.legacy_names)[0] == unit.name):
+                    remove_damaged(self.job.out, name)
+                if unit.name in work.damaged:
                     remove_damaged(self.job.out, unit.name)
                 mine.append(unit)
             else:
@@ -165,7 +190,8 @@ class Run:
                               SidecarStamp(header.fingerprint, job.part.label),
                               on_commit=lambda sidecar: donors.add_sidecar(job.out, sidecar)).start()
         for unit in units:
-            committer.begin(unit, work.bindings.digest(unit.unit) if work.bindings else None)
+            committer.begin(unit, work.bindings.digest(unit.unit) if work.bindings else None,
+                            earlier_attempts(unit, self.plan.legacy_names))
         logger.info("part %s: %d shard(s) to do", job.part.label, len(units))
         try:
             self._loop(units, encoder, pipeline, committer, donors, fmt.reads_back)
@@ -278,6 +304,7 @@ class Run:
             data_wait_seconds=round(self.wait_seconds, 3),
             encode_seconds=round(pipeline.encode_seconds, 3) if pipeline else 0.0,
             device_wait_seconds=round(pipeline.device_wait_seconds, 3) if pipeline else 0.0, **self.counts,
+            nonfinite=stats.nonfinite,
             skipped_reasons=stats.reasons,
             phases=run_stats["phases"], stages=run_stats["stages"], bottleneck=run_stats["bottleneck"],
         )

@@ -75,7 +75,14 @@ class ImageRecord:
     meta: dict[str, Any] | None = None  # caption / json fields of an archive sample
     source_sha256: str | None = None  # sha256 of the file's bytes (vitok.inputs.identity)
     content_id: str | None = None  # sha256 of the grid and uint8 patches the encoder saw (vitok.inputs.identity)
-    copied_from: str | None = None  # not encoded: rows copied from an equal image ("key", or "STORE::key")
+    copied_from: str | None = None  # not encoded: the record its rows were copied from, "<shard>/<key>" (another
+    # store's: "STORE::<shard>/<key>"); that record holds these pixels whatever its key holds later
+
+    @property
+    def nonfinite_values(self) -> int:
+        """NaN/Inf values in the stored tokens, as counted at extraction: the encoder's, and float16 overflow (stored
+        as Inf). The one test of "this image's tokens are not finite" (extract, info, verify and export share it)."""
+        return (self.nonfinite or 0) + (self.float16_overflow or 0)
 
     def to_json(self) -> dict[str, Any]:
         return _compact(dataclasses.asdict(self))

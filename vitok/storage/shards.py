@@ -11,6 +11,19 @@ A shard is written under a temporary name, ``shards/.<data>.<run>.tmp``, streame
 A shard counts as done only when its sidecar exists and its data checks out (sizes, keys and row counts; ``verify``
 also compares checksums), so a run killed at any moment loses at most the shards in progress, and committed data is
 never replaced: claims (``vitok.storage.claims``) keep two processes off the same shard.
+
+**Superseded shards leave where plain readers look** (``retire``), so that h5py, numpy or webdataset over
+``shards/*`` find exactly the store's current rows. A shard is superseded whole, never in part: its unit was
+replaced by a later plan generation (``Plan.superseded``: moved out by ``maintenance.retire_superseded`` before
+any shard of that plan is committed), or it is an earlier attempt of an archive that a retry reads again whole
+(moved out by ``commit`` between steps 2 and 3 of the retry). Retiring moves the shard's data, then its sidecar,
+into ``shards/.superseded/`` (a hidden folder no ``shards/*`` pattern matches). It always happens before the shard
+that replaces it is published, so no two copies of a key are ever where plain readers look; a run killed midway
+leaves the sidecar of a shard whose records no longer count (the next run moves it), or, for an archive's retry, a
+unit with no attempt committed (the next run reads it again). Each move is a copy and a delete on storage without
+renames, in the same order. The data of retired shards is kept while the plan has units to do (an image of the same
+pixels copies its rows instead of being encoded again) and deleted once every unit the plan holds is committed; the
+retired sidecars stay, the record of what was extracted before (``store.removed``, ``copied_from``).
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ from ..errors import StoreError
 from .files import atomic_write_text, checksum, fsync_dir, remove
 from .format import ShardFormat
 from .hdf5 import Hdf5Format
-from .layout import SHARDS_DIR
+from .layout import SHARDS_DIR, SUPERSEDED_DIR
 from .npy import NpyFormat
 from .records import FileSum, Sidecar, dumps
 
@@ -52,6 +65,11 @@ def shards_dir(out: Path) -> Path:
 
 def sidecar_path(out: Path, shard: str) -> Path:
     return shards_dir(out) / f"{shard}.json"
+
+
+def retired_dir(out: Path) -> Path:
+    """Where superseded shards go: out of every ``shards/*`` pattern a plain reader uses."""
+    return shards_dir(out) / SUPERSEDED_DIR
 
 
 def temp_path(out: Path, fmt: ShardFormat, shard: str, run: str) -> Path:
@@ -90,8 +108,9 @@ def data_files(fmt: ShardFormat, path: Path, name: str) -> dict[str, Path]:
     return {name: path}
 
 
-def commit(out: Path, fmt: ShardFormat, tmp: Path, sidecar: Sidecar) -> bool:
-    """Steps 1-5 above for finished temporary data; False when another process committed the shard first."""
+def commit(out: Path, fmt: ShardFormat, tmp: Path, sidecar: Sidecar, supersedes: tuple[str, ...] = ()) -> bool:
+    """Steps 1-5 above for finished temporary data; False when another process committed the shard first.
+    ``supersedes``: committed shards this one replaces whole (an archive's earlier attempts), retired first."""
     folder = shards_dir(out)
     sidecar.files = {name: FileSum(path.stat().st_size, checksum(path))
                      for name, path in data_files(fmt, tmp, sidecar.data).items()}
@@ -100,6 +119,8 @@ def commit(out: Path, fmt: ShardFormat, tmp: Path, sidecar: Sidecar) -> bool:
         logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
         remove(tmp)
         return False
+    for name in supersedes:
+        retire_named(out, fmt, name)
     final = folder / sidecar.data
     if final.exists():  # data without a sidecar: a run killed between rename and sidecar
         remove(final)
@@ -108,6 +129,71 @@ def commit(out: Path, fmt: ShardFormat, tmp: Path, sidecar: Sidecar) -> bool:
     atomic_write_text(final_sidecar, dumps(sidecar.to_json()))
     fsync_dir(folder)
     return True
+
+
+def retire(out: Path, sidecar: Sidecar) -> None:
+    """Move a superseded shard out of where plain readers look: its data, then its sidecar, into
+    ``shards/.superseded/`` (see the module docstring). Parts already moved (a step killed midway, another process
+    retiring it too) are skipped."""
+    folder, target = shards_dir(out), retired_dir(out)
+    target.mkdir(exist_ok=True)
+    logger.info("shard %s is superseded: moving it to %s/%s", sidecar.shard, SHARDS_DIR, SUPERSEDED_DIR)
+    _move(folder / sidecar.data, target / sidecar.data)
+    fsync_dir(folder)
+    _move(sidecar_path(out, sidecar.shard), target / f"{sidecar.shard}.json")
+    fsync_dir(folder)
+    fsync_dir(target)
+
+
+def retire_named(out: Path, fmt: ShardFormat, shard: str) -> None:
+    """``retire`` a shard by name: through its sidecar, or (a damaged sidecar) its format's data name."""
+    path = sidecar_path(out, shard)
+    if not path.exists():
+        return
+    try:
+        retire(out, read_sidecar(path))
+    except StoreError:  # damaged: its data has the format's name
+        retire(out, Sidecar(shard, fmt.name, fmt.data_name(shard), {}, {}, []))
+
+
+def remove_named_data(out: Path, fmt: ShardFormat, shard: str) -> None:
+    """Data at a shard's final name without a sidecar (a run killed between steps 4 and 5): removed."""
+    data = shards_dir(out) / fmt.data_name(shard)
+    if not sidecar_path(out, shard).exists() and (data.exists() or data.is_symlink()):
+        logger.info("removing %s, left by an interrupted run", data.name)
+        remove(data)
+
+
+def _move(source: Path, target: Path) -> None:
+    """One move of the superseded-shard step (a rename here; a copy then a delete on object storage)."""
+    if not (source.exists() or source.is_symlink()):
+        return
+    if target.is_dir() and not target.is_symlink():
+        remove(target)  # an older copy of a shard of this name (a folder cannot be replaced by a rename)
+    os.replace(source, target)
+
+
+def iter_retired(out: Path) -> Iterator[tuple[Sidecar, bool]]:
+    """The sidecars of retired (superseded) shards, and whether their data is still kept beside them."""
+    folder = retired_dir(out)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.json")):
+        try:
+            sidecar = read_sidecar(path)
+        except StoreError:
+            continue  # a record of the past, not a shard of the store: nothing to repair
+        yield sidecar, (folder / sidecar.data).exists()
+
+
+def drop_retired_data(out: Path) -> int:
+    """Delete the data of retired shards (their sidecars stay); the number of shards whose data went."""
+    dropped = 0
+    for sidecar, kept in list(iter_retired(out)):
+        if kept:
+            remove(retired_dir(out) / sidecar.data)
+            dropped += 1
+    return dropped
 
 
 def read_sidecar(path: Path) -> Sidecar:

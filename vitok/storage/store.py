@@ -29,7 +29,7 @@ from .format import ShardDataReader, row_offsets
 from .plan import load_plan
 from .plan.retries import sidecar_attempt
 from .records import ImageRecord, Sidecar
-from .shards import get_format, iter_sidecars, shards_dir
+from .shards import get_format, iter_retired, iter_sidecars, shards_dir
 
 logger = logging.getLogger(__name__)
 
@@ -245,8 +245,7 @@ class Store:
         count. Exports leave them out."""
         found = {}
         for key in self._keys():
-            record = self._lookup(key)[1]
-            count = (record.nonfinite or 0) + (record.float16_overflow or 0)
+            count = self._lookup(key)[1].nonfinite_values
             if count:
                 found[key] = count
         return found
@@ -361,6 +360,8 @@ def _open_from_sidecars(root: Path, header: RunHeader, on_sidecar=None) -> Store
                 store._index.pop(key, None)
                 (store.skipped if record.status == "skipped" else store.failed)[key] = record.reason or ""
         sidecar.records = []
+    for sidecar, _ in iter_retired(root):  # superseded shards: their keys are gone unless held elsewhere now
+        stale.update(r.key for r in sidecar.records)
     store.removed = {key for key in stale if key not in store._index and key not in store.skipped
                      and key not in store.failed}
     for shard, why in store.damaged.items():
