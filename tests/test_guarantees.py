@@ -692,6 +692,19 @@ def test_all_inputs_skipped_is_loud_and_exits_1(tmp_path):
     assert result.returncode == 1 and "ALL 3 input(s)" in result.stderr
 
 
+def test_a_run_with_nothing_usable_is_decided_as_one_whose_every_input_was_skipped():
+    from vitok.run.summary import ExtractSummary
+
+    def summary(ok, skipped=0, failed=0, nonfinite=0):
+        return ExtractSummary("o", "0/1", None, ok, skipped, failed, 0, 1, 0, 0, 0, 1.0, 1.0, 0, 0, 0, 0, 0,
+                              nonfinite=nonfinite)
+
+    assert summary(0, skipped=3).nothing_usable and summary(0, failed=1).nothing_usable
+    assert summary(3, nonfinite=3).nothing_usable and summary(2, skipped=1, nonfinite=2).nothing_usable
+    assert not summary(3, nonfinite=2).nothing_usable and not summary(1, skipped=5).nothing_usable
+    assert not summary(0).nothing_usable  # nothing attempted (all done already): not a failure
+
+
 # ---- 14. a self-describing store, readable by colleagues ----------------------------------------------------------
 
 
