@@ -245,7 +245,7 @@ def test_plan_of_ten_thousand_listed_paths(tmp_path):
     from vitok.storage.plan import load_plan
 
     plan = load_plan(tmp_path / "out")
-    unit = plan.units[7].read()
+    unit = plan.units[7].files()
     assert unit[0] == (paths[7000], paths[7000]) and len(unit) == 1000
 
 
@@ -260,17 +260,17 @@ def test_env_part_reads_only_its_units(tmp_path):
         photo(folder / f"{i}.png", seed=i)
     run_vitok("plan", str(folder), "-o", str(tmp_path / "out"), "--shard-size", "3", check=True)
     reads = []
-    original = UnitRef.read
+    original = UnitRef.files
 
     def counting(self):
         reads.append(self.name)
         return original(self)
 
-    UnitRef.read = counting
+    UnitRef.files = counting
     try:
         vitok.extract([], tmp_path / "out", part=1, num_parts=3, shard_size=3, **LIB)
     finally:
-        UnitRef.read = original
+        UnitRef.files = original
     assert set(reads) == {"shard-000001"}
     assert os.path.exists(tmp_path / "out" / "shards" / "shard-000001.json")
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..errors import UsageError
-from ..storage.layout import is_store_listing
+from ..storage.layout import is_store
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ IMAGE_EXTENSIONS = frozenset(
 )
 ARCHIVE_SUFFIXES = {"wds": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",)}
 INPUT_FORMATS = ("auto", "files", "wds", "parquet")
+
+
+def is_tar(path: str) -> bool:
+    """A webdataset tar by its name (``.tar``, ``.tar.gz``, ``.tgz``)."""
+    return path.lower().endswith(ARCHIVE_SUFFIXES["wds"])
 
 
 def is_url(text: str) -> bool:
@@ -262,7 +267,7 @@ class Stores:
         self.left_out: list[str] = []
 
     def skip(self, dirpath: str, st: os.stat_result, dirnames: Sequence[str], filenames: Sequence[str]) -> bool:
-        if is_store_listing(filenames, dirnames) or (st.st_dev, st.st_ino) in self.out:
+        if is_store(filenames, dirnames) or (st.st_dev, st.st_ino) in self.out:
             if dirpath not in self.left_out:
                 self.left_out.append(dirpath)
             return True

@@ -165,7 +165,7 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
             current = plan.current()
             for unit in plan.units:
                 if unit.name in done:
-                    missing += [key for key, _ in unit.read()
+                    missing += [key for key, _ in unit.files()
                                 if key not in status and current.is_current(key, unit.generation)]
             problems += [f"key {k!r} is planned but missing from its shard" for k in missing[:20]]
     else:

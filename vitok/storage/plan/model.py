@@ -1,7 +1,8 @@
 """The plan: which inputs go into which output shard. Written once, identical for every process, never rewritten.
 
 A plan is a sequence of generations (``OUT/plan/NNNN.json``): generation 0 from the first listing, and one more
-for each ``--update`` (inputs added since) or retry (inputs that could not be read before and can be now). Each
+for each ``--update`` (inputs added, changed or removed since); retries of inputs that could not be read are units
+made at run time (``retries.py``), not generations. Each
 generation's header is created exclusively (the first process wins, the others compare) and names its content
 file and unit index, which are content-addressed so that two processes planning at once never mix files.
 
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import StoreError
+from ...inputs.archives import ArchiveUnit
 from ...inputs.sources import Root
 from ..layout import PLAN_DIR, shard_name
 
@@ -82,21 +84,27 @@ class UnitRef:
         """The planned unit's name (a retry's original)."""
         return self.base or self.name
 
-    def read(self) -> list[tuple[str, str]] | dict[str, Any]:
-        """Files: [(key, path)]; archives: the unit's description (path, row group, ...)."""
+    def files(self) -> list[tuple[str, str]]:
+        """A unit of loose files: its (key, path) pairs."""
         if self.inline is not None:
-            return list(self.inline) if isinstance(self.inline, tuple) else dict(self.inline)
-        with open(self.content, "rb") as handle:
-            handle.seek(self.offset)
-            lines = [handle.readline() for _ in range(self.count)]
-        if self.kind != "files":
-            return json.loads(lines[0])
+            return list(self.inline)
         items = []
-        for line in lines:
+        for line in self._lines():
             value = json.loads(line)
             root, key = (0, value) if isinstance(value, str) else value
             items.append((key, self.roots[root].path(key)))
         return items
+
+    def archive(self) -> ArchiveUnit:
+        """A unit of an archive: which archive (or row group) it is, as planned."""
+        if self.inline is not None:
+            return ArchiveUnit(dict(self.inline))
+        return ArchiveUnit(json.loads(self._lines()[0]))
+
+    def _lines(self) -> list[bytes]:
+        with open(self.content, "rb") as handle:
+            handle.seek(self.offset)
+            return [handle.readline() for _ in range(self.count)]
 
 
 @dataclass

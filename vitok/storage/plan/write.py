@@ -183,7 +183,7 @@ def write_update(out: Path, plan: Plan, listing: Listing, changes: PlanDiff, sou
     elif changes.changed or changes.removed:
         touched = units_holding(plan, [*changes.changed, *changes.removed])
         current = plan.current()
-        again = {key for unit in touched for key, _ in unit.read() if current.is_current(key, unit.generation)}
+        again = {key for unit in touched for key, _ in unit.files() if current.is_current(key, unit.generation)}
         again = (again | set(changes.changed)) - set(changes.removed)
         added = sorted([*added, *((key, root) for key, root in listing.items() if key in again)])
         supersedes = sorted(unit.name for unit in touched)
