@@ -83,8 +83,8 @@ def test_added_and_removed_inputs_are_refused_then_planned_with_update(tmp_path)
     with pytest.raises(InputsChangedError, match="2 added, 1 removed"):
         vitok.extract([str(folder)], out, shard_size=2, **LIB)
     summary = vitok.extract([str(folder)], out, shard_size=2, update=True, **LIB)
-    assert summary.images_encoded == 2 and summary.ok == 3 and summary.shards_written == 2  # the removed file's
-    # shard is replaced whole: its other image is copied beside the new ones
+    assert (summary.images_encoded, summary.carried, summary.ok, summary.shards_written) == (2, 1, 3, 2)  # the
+    # removed file's shard is replaced whole: its other image is carried beside the new ones
     after = {**shard_times(out), **{f"{p.name}": p.stat().st_mtime_ns for p in (out / "shards" / ".superseded").glob(
         "*.json")}}
     assert all(after[name] == t for name, t in before.items() if name.endswith(".json"))  # moved, never rewritten

@@ -118,18 +118,24 @@ class Donors:
         donor = self._by_content.get(record.content_id)
         if donor is None:
             return None
-        if not self._checks_out(donor.root, donor.folder, donor.data, donor.files):
-            self._by_content.pop(record.content_id, None)
-            return None
-        try:
-            arrays = self._read(donor)
-        except Exception as exc:  # a damaged or vanished donor shard costs an encoding, not the run
-            logger.warning("cannot copy %s's tokens from %s (%s: %s); encoding it", record.key, donor.data,
-                           type(exc).__name__, exc)
+        arrays = self.rows(donor, record.key)
+        if arrays is None:
             self._by_content.pop(record.content_id, None)
             return None
         record.copied_from = donor.name
         return arrays, bool(donor.label)
+
+    def rows(self, donor: Donor, key: str | None = None) -> dict[str, np.ndarray] | None:
+        """A donor's stored rows, per feature; None when its shard fails its checksums or cannot be read (a
+        damaged or vanished donor shard costs an encoding, not the run)."""
+        if not self._checks_out(donor.root, donor.folder, donor.data, donor.files):
+            return None
+        try:
+            return self._read(donor)
+        except Exception as exc:
+            logger.warning("cannot copy %s's tokens from %s (%s: %s); encoding it", key or donor.key, donor.data,
+                           type(exc).__name__, exc)
+            return None
 
     def _take_reused(self, record: ImageRecord) -> dict[str, np.ndarray] | None:
         for label, store in self._stores:

@@ -198,6 +198,7 @@ class Run:
                             earlier_attempts(unit, self.plan.legacy_names))
         logger.info("part %s: %d shard(s) to do", job.part.label, len(units))
         try:
+            units = self._carry(units, committer, donors)
             self._loop(units, encoder, pipeline, committer, donors, fmt.reads_back)
             stats = committer.finish()
         except BaseException:
@@ -206,6 +207,23 @@ class Run:
         finally:
             donors.close()
         return stats, pipeline
+
+    def _carry(self, units, committer: Committer, donors: Donors) -> list:
+        """Unchanged images of shards --update replaced go straight to their new shards (``pipeline.carry``); the
+        units left with something to read are returned."""
+        from ..pipeline.carry import carry
+        from ..pipeline.types import UnitEnd
+
+        if self.plan.kind != "files":
+            return units
+        carried = carry(self.job.out, self.plan, units, donors, self.job.options.detect_changes)
+        for unit in units:
+            if unit.index in carried.batches:
+                committer.put([carried.batches[unit.index]])
+        for unit in carried.whole:
+            committer.put([UnitEnd(unit.index, unit_record(unit, None))])
+        self.counts.carried += carried.count
+        return carried.to_read
 
     def _loop(self, units, encoder, pipeline: DevicePipeline, committer: Committer, donors: Donors | None = None,
               within_units: bool = True) -> None:
@@ -338,7 +356,7 @@ def unit_record(unit, chunk) -> UnitInfo:
         info.path, info.row_group, info.bytes, info.mtime_ns = archive.path, archive.row_group, archive.bytes, \
             archive.mtime_ns
         info.sha256 = archive.sha256
-    if chunk.unit_error:
+    if chunk is not None and chunk.unit_error:
         info.error, info.failed = chunk.unit_error, chunk.unit_failed
         logger.warning("shard %s: %s", unit.name, chunk.unit_error)
     return info

@@ -41,6 +41,7 @@ class ExtractSummary:
     batches_encoded: int = 0  # encoder batches this run ran
     duplicates: int = 0  # not encoded: the same pixels were encoded earlier in this unit or in a committed shard
     reused: int = 0  # not encoded: tokens taken from a --reuse store
+    carried: int = 0  # not read: unchanged images of a shard --update replaced, moved into its new shard
     nonfinite: int = 0  # of ok: images whose tokens hold NaN/Inf values (exports leave them out)
     skipped_reasons: dict[str, str] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # start-up, seconds (vitok.run.run_stats)

@@ -51,7 +51,7 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _compare(path: str, size: int | None, mtime_ns: int | None, sha256: str | None, mode: str) -> str | None:
+def compare_file(path: str, size: int | None, mtime_ns: int | None, sha256: str | None, mode: str) -> str | None:
     """Why the file at ``path`` differs from what was recorded; None when it does not (or cannot be read now: a
     retry's business)."""
     try:
@@ -82,7 +82,7 @@ def _checked(entries: Iterable[tuple[str, str, int | None, int | None, str | Non
     def block(entries: list) -> list[Change]:
         found = []
         for name, path, size, mtime_ns, sha256 in entries:
-            reason = _compare(path, size, mtime_ns, sha256, mode)
+            reason = compare_file(path, size, mtime_ns, sha256, mode)
             if reason is not None:
                 found.append(Change(name, path, reason))
         return found
