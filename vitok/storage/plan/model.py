@@ -258,6 +258,14 @@ class Plan:
     def sources(self) -> list[str]:
         return list(self.latest.sources)
 
+    def recorded_options(self) -> dict[str, Any]:
+        """The extract options the plan was made with (``vitok plan``'s flags, by ``ExtractOptions`` name): the shard
+        size of loose files and the input options recorded."""
+        options: dict[str, Any] = {k: v for k, v in (self.first.reader_options or {}).items() if v is not None}
+        if self.kind == "files" and self.first.shard_size is not None:
+            options["shard_size"] = self.shard_size
+        return options
+
     @property
     def num_images(self) -> int | None:
         sizes = [u.expected for u in self.units]
