@@ -614,3 +614,31 @@ def test_unchanged_files_of_a_replaced_shard_are_carried_not_read_again(tmp_path
         assert not np.array_equal(store["4.png"], before["4.png"])
     assert_plain_readers_see_the_store(out, "hdf5")
     assert verify_store(out).clean
+
+
+def test_a_shard_an_older_vitok_updated_in_part_is_flagged_then_replaced_whole_by_the_next_update(tmp_path):
+    """A store updated before shards were replaced whole: its first shard still holds the old rows of a changed
+    file beside current ones. verify says so (plain readers see that key twice), and the next update replaces the
+    shard whole."""
+    from vitok.inputs.sources import list_inputs
+    from vitok.storage.plan import write_generation
+
+    folder = png_folder(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, **LIB, shard_size=3)
+    (folder / "1.png").write_bytes(png(20))
+    bump_mtime(folder / "1.png")
+    plan = load_plan(out)  # the update as it was planned before: the changed file alone, nothing superseded
+    write_generation(out, list_inputs([str(folder)]), 3, 1, len(plan.units), [str(folder)], "update",
+                     items=[("1.png", 0)], removed=[])
+    vitok.extract([], out, **LIB, shard_size=3)
+    keys = [key for key, _ in plain_rows(out, "hdf5")]
+    assert keys.count("1.png") == 2
+    report = verify_store(out)
+    assert not report.clean and any("shard-000000" in line for line in report.in_view)
+    (folder / "4.png").write_bytes(png(21))
+    bump_mtime(folder / "4.png")
+    summary = vitok.extract([str(folder)], out, **LIB, shard_size=3, update=True)
+    assert (summary.images_encoded, summary.carried) == (1, 4)  # 4.png; 0, 2 (of the half-current shard), 3, 5
+    assert_plain_readers_see_the_store(out, "hdf5")
+    assert_views(out, [f"{i}.png" for i in range(6)])

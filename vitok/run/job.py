@@ -24,7 +24,7 @@ from ..storage import META_FILE, RunHeader, iter_sidecars, read_header
 from ..storage.layout import SHARDS_DIR, STORE_ENTRIES
 from ..storage.plan import Plan, PlanDiff, diff, listing_digest, load_plan
 from ..storage.plan.binding import Bindings
-from ..storage.plan.changes import changed_inputs
+from ..storage.plan.changes import changed_inputs, half_current_units
 from ..storage.plan.retries import base_and_attempt, committed_units, retry_units
 from ..storage.shards import check_shard, read_sidecar, sidecar_path
 from .options import ExtractOptions
@@ -253,6 +253,7 @@ def _compare(job: Job) -> PlanDiff | None:
     changes.reasons = {c.input: c.reason for c in found[:3]}
     if changes.empty:
         return None
+    changes.half_current = half_current_units(job.out, plan)
     if _only_unlisted_before(plan, listing, changes):
         logger.info("inputs of folders that could not be listed before: planned now (%s)", changes.describe())
         return changes

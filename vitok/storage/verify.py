@@ -126,8 +126,8 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
         stale_rows = sum(r.status == "ok" for r in sidecar.records) - sum(r.status == "ok" for r in counting)
         if stale_rows and sidecar.shard not in retired:  # updated by a vitok that replaced files in part
             in_view.append(f"{sidecar.shard}: {stale_rows} row(s) of records a later plan generation replaced, where "
-                           "plain readers look (the store was updated by a vitok that kept such shards: plain "
-                           "readers see those keys twice until it is extracted again)")
+                           "plain readers look (the store was updated by a vitok that kept such shards: the next "
+                           "'vitok extract --update' that finds a change replaces it whole)")
         for record in counting:
             if record.status == "ok" and record.nonfinite_values:
                 flagged.setdefault(record.key, {})[sidecar.shard] = record.nonfinite_values

@@ -29,6 +29,7 @@ from ...inputs.sources import is_url
 from ..shards import shards_dir
 from .diff import current_archives
 from .model import Plan
+from .retries import base_and_attempt
 
 MODES = ("mtime", "hash", "off")  # "off" last: verify --sources offers the two that compare
 STAT_THREADS = 16  # stats of a network file system overlap
@@ -127,6 +128,33 @@ def _file_entries(out: Path, plan: Plan) -> Iterator[tuple[str, str, int | None,
             if current.is_current(record["key"], generation):
                 yield (record["key"], record["source"], size, record.get("source_mtime_ns"),
                        record.get("source_sha256"))
+
+
+def half_current_units(out: str | Path, plan: Plan) -> set[str]:
+    """Loose-file units with a committed shard holding ok rows of records a later generation replaced, beside
+    current ones: what a vitok that replaced changed files in part left (an update now replaces such a unit whole,
+    so plain readers stop seeing those keys twice)."""
+    if plan.kind != "files":
+        return set()
+    current, superseded = plan.current(), plan.superseded()
+    found: set[str] = set()
+    folder = shards_dir(Path(out))
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        try:
+            sidecar = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        unit = sidecar.get("unit") or {}
+        name = unit.get("unit") or base_and_attempt(sidecar.get("shard", ""), plan.legacy_names)[0]
+        generation = int(unit.get("plan_generation", 0))
+        if name in superseded:
+            continue
+        if any(r.get("status") == "ok" and not current.is_current(r["key"], generation)
+               for r in sidecar.get("records", ())):
+            found.add(name)
+    return found
 
 
 def _archive_entries(plan: Plan) -> Iterator[tuple[str, str, int | None, int | None, str | None]]:

@@ -180,8 +180,11 @@ def write_update(out: Path, plan: Plan, listing: Listing, changes: PlanDiff, sou
                               legacy=plan.legacy_names)
         taken = {u.name for u in plan.units}
         added = [u if u["name"] not in taken else {**u, "name": f"{u['name']}{SUFFIX}g{number}"} for u in fresh]
-    elif changes.changed or changes.removed:
+    elif changes.changed or changes.removed or changes.half_current:
         touched = units_holding(plan, [*changes.changed, *changes.removed])
+        named = {u.name: u for u in plan.units}
+        touched += [named[name] for name in sorted(changes.half_current) if name in named and named[name] not in
+                    touched]
         current = plan.current()
         again = {key for unit in touched for key, _ in unit.files() if current.is_current(key, unit.generation)}
         again = (again | set(changes.changed)) - set(changes.removed)
