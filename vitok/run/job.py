@@ -175,10 +175,11 @@ def report_listing(listing: Listing) -> None:
     """Say what the listing left out: files of other kinds, archives among loose images, folders not listed."""
     beside = listing.beside
     if beside:
-        kinds = sorted({"wds" if kind_of(p) == "wds" else "parquet" for p in beside})
-        logger.warning("%d archive(s) beside the loose images were not read (%s%s): one store holds one kind of "
-                       "input; extract them into another store: vitok extract %s --input-format %s -o OTHER",
-                       len(beside), beside[0], ", ..." if len(beside) > 1 else "", os.path.dirname(beside[0]),
+        kinds = sorted({kind_of(p) for p in beside})
+        what = "video(s)" if kinds == ["video"] else "archive(s)" if "video" not in kinds else "archive(s) or video(s)"
+        logger.warning("%d %s beside the loose images were not read (%s%s): one store holds one kind of input; "
+                       "extract them into another store: vitok extract %s --input-format %s -o OTHER",
+                       len(beside), what, beside[0], ", ..." if len(beside) > 1 else "", os.path.dirname(beside[0]),
                        "|".join(kinds))
     others = listing.ignored - len(beside)
     if others > 0:

@@ -1,0 +1,223 @@
+"""Videos: preprocessing equal to transformers' Qwen video processors given the same decoded frames (sampling, the
+pixel budget, resize, patchify, timestamps), decoding equal to transformers' ``load_video``, the tower on video
+grids, the store's video records, and bad input. Every clip is encoded here with PyAV, in milliseconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vitok.errors import ImageError, UsageError
+from vitok.inputs.preprocess import normalize_patches
+from vitok.inputs.video_config import VIDEO_PROCESSOR_DEFAULTS, VideoConfig
+from vitok.inputs.video_preprocess import frames_to_patches, sample_indices, step_times, video_target_size
+
+# released settings (video_preprocessor_config.json of Qwen3-VL; Qwen2.5-VL ships none, so transformers reads its
+# preprocessor_config.json as the video processor's)
+QWEN3_HUB = {"size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16, "temporal_patch_size": 2,
+             "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+QWEN25_HUB = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+              "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def reference_processor(rule: str, data: dict):
+    if rule == "qwen2_vl":
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor as cls
+    else:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor as cls
+    return cls(**data)
+
+
+def synthetic_video(frames: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """(T, 3, H, W) uint8 with smooth structure and noise (a resize has something to get wrong)."""
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.linspace(0, 1, height)[:, None]
+    x = torch.linspace(0, 1, width)[None, :]
+    base = torch.stack([y * 200 + x * 40, x * 180 + 30 + 0 * y, (x + y) * 90])  # (3, H, W)
+    steps = torch.arange(frames, dtype=torch.float32)[:, None, None, None] * 3
+    noise = torch.randint(0, 40, (frames, 3, height, width), generator=generator)
+    return ((base[None] + steps) % 216 + noise).clamp(0, 255).to(torch.uint8)
+
+
+def ours(config: VideoConfig, video: torch.Tensor, fps: float | None):
+    indices = sample_indices(config, len(video), fps)
+    size = video_target_size(config, len(indices), video.shape[2], video.shape[3])
+    patches = frames_to_patches((video[int(i)] for i in indices), config, size, len(indices))
+    p = config.pixels.patch_size
+    grid = (patches.shape[0] // ((size[0] // p) * (size[1] // p)), size[0] // p, size[1] // p)
+    return indices, grid, normalize_patches(patches, config.pixels)
+
+
+def theirs(rule: str, data: dict, video: torch.Tensor, fps: float | None, **call):
+    from transformers.video_utils import VideoMetadata
+
+    processor = reference_processor(rule, data)
+    out = processor(videos=[video], video_metadata=[VideoMetadata(total_num_frames=len(video), fps=fps)],
+                    return_metadata=True, return_tensors="pt", **call)
+    indices = out["video_metadata"][0].frames_indices
+    indices = np.arange(len(video)) if indices is None else np.asarray(indices)
+    return indices, tuple(out["video_grid_thw"][0].tolist()), out["pixel_values_videos"]
+
+
+CASES = [  # (id, rule, settings, frames, height, width, fps)
+    ("qwen3-hub-2fps", "qwen3_vl", QWEN3_HUB, 50, 90, 120, 24.0),
+    ("qwen3-odd-steps", "qwen3_vl", QWEN3_HUB, 61, 64, 48, 30.0),  # int(61/30*2) = 4 frames... min 4
+    ("qwen3-fps-unknown", "qwen3_vl", QWEN3_HUB, 5, 70, 50, None),  # fps 24 assumed, as the reference
+    ("qwen3-tiny-frames", "qwen3_vl", QWEN3_HUB, 30, 20, 90, 10.0),  # a side under 32: scaled up first
+    ("qwen3-num-frames", "qwen3_vl", {**QWEN3_HUB, "fps": None, "num_frames": 7}, 40, 64, 64, 24.0),
+    ("qwen3-budget", "qwen3_vl", {**QWEN3_HUB, "size": {"shortest_edge": 4096, "longest_edge": 32 * 32 * 40}},
+     48, 160, 240, 8.0),
+    ("qwen3-cap", "qwen3_vl", {**QWEN3_HUB, "cap_pixels_per_frame": True, "max_video_tokens": 6}, 48, 160, 240, 8.0),
+    ("qwen3-more-asked", "qwen3_vl", {**QWEN3_HUB, "fps": None}, 3, 64, 64, 24.0),  # min 4 of 3: a repeated frame
+    ("qwen2.5-every-frame", "qwen2_vl", QWEN25_HUB, 9, 60, 84, 24.0),  # do_sample_frames False: all, odd padded
+    ("qwen2.5-2fps", "qwen2_vl", {**QWEN25_HUB, "do_sample_frames": True, "fps": 2}, 100, 60, 84, 24.0),
+    ("qwen2.5-num-frames", "qwen2_vl", {**QWEN25_HUB, "do_sample_frames": True, "num_frames": 5}, 31, 56, 56, 24.0),
+    ("qwen2.5-cap", "qwen2_vl", {**QWEN25_HUB, "do_sample_frames": True, "fps": 4, "cap_pixels_per_frame": True,
+                                 "max_video_tokens": 300}, 60, 120, 160, 24.0),
+    ("qwen2-class-defaults", "qwen2_vl", {}, 6, 100, 60, 25.0),
+]
+
+
+@pytest.mark.parametrize("rule, data, frames, height, width, fps", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_preprocessing_equals_the_reference_video_processor(rule, data, frames, height, width, fps):
+    video = synthetic_video(frames, height, width)
+    cap = {"cap_pixels_per_frame": bool(data.get("cap_pixels_per_frame"))}  # (its default warns in 5.24)
+    expected_indices, expected_grid, expected = theirs(rule, {k: v for k, v in data.items()
+                                                             if k != "cap_pixels_per_frame"}, video, fps, **cap)
+    config = VideoConfig.from_hf_video_processor_config(data, rule)
+    indices, grid, pixels = ours(config, video, fps)
+    assert indices.tolist() == [int(i) for i in expected_indices]
+    assert grid == expected_grid
+    assert torch.equal(pixels, expected)  # bit for bit
+
+
+def test_timestamps_are_the_qwen3_processors():
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    config = VideoConfig.from_hf_video_processor_config(QWEN3_HUB, "qwen3_vl")
+    indices = sample_indices(config, 240, 24.0)
+    times = [int(i) / 24.0 for i in indices]
+    expected = Qwen3VLProcessor._calculate_timestamps(None, indices.copy(), 24.0, 2)
+    assert step_times(times, 2) == expected
+    odd = sample_indices(config, 5, 24.0)[:3]  # three frames: the last repeated for its step
+    assert step_times([int(i) / 24 for i in odd], 2) == Qwen3VLProcessor._calculate_timestamps(None, odd.copy(), 24, 2)
+
+
+@pytest.mark.parametrize("rule", ["qwen2_vl", "qwen3_vl"])
+def test_processor_defaults_table_is_the_reference_class(rule):
+    processor = reference_processor(rule, {})
+    for key, value in VIDEO_PROCESSOR_DEFAULTS[rule].items():
+        got = getattr(type(processor), key, getattr(processor, key, None))
+        got = dict(got) if key == "size" else (tuple(got) if isinstance(got, (list, tuple)) else got)
+        assert got == (tuple(value) if isinstance(value, (list, tuple)) else value), key
+
+
+def test_qwen3_refuses_a_single_frame_and_qwen2_needs_a_frame_rate_to_sample_by_fps():
+    qwen3 = VideoConfig.from_hf_video_processor_config(QWEN3_HUB, "qwen3_vl")
+    with pytest.raises(ImageError, match="at least 2"):
+        video_target_size(qwen3, 1, 64, 64)
+    qwen2 = VideoConfig.from_hf_video_processor_config({**QWEN25_HUB, "do_sample_frames": True, "fps": 2}, "qwen2_vl")
+    with pytest.raises(ImageError, match="no frame rate"):
+        sample_indices(qwen2, 40, None)
+    with pytest.raises(ImageError, match="no frames to sample"):
+        sample_indices(qwen2, 1, 24.0)  # the reference divides by zero here
+
+
+def test_video_settings_flags_follow_the_processor():
+    config = VideoConfig.from_hf_video_processor_config(QWEN3_HUB, "qwen3_vl")
+    assert (config.fps, config.num_frames, config.pixels.max_pixels) == (2.0, None, 25165824)
+    counted = config.replace(num_frames=16)
+    assert (counted.fps, counted.num_frames, counted.do_sample_frames) == (None, 16, True)
+    with pytest.raises(UsageError, match="both set"):
+        VideoConfig.from_hf_video_processor_config({**QWEN3_HUB, "num_frames": 8}, "qwen3_vl")
+    with pytest.raises(UsageError, match="exclusive"):
+        VideoConfig(rule="qwen3_vl", pixels=config.pixels, do_sample_frames=True, fps=2.0, num_frames=8)
+    with pytest.raises(UsageError, match="--min-frames 9 is larger"):
+        config.replace(min_frames=9, max_frames=8)
+    qwen2 = VideoConfig.from_hf_video_processor_config(QWEN25_HUB, "qwen2_vl")
+    assert (qwen2.pixels.min_pixels, qwen2.pixels.max_pixels, qwen2.do_sample_frames) == (3136, 12845056, False)
+    assert qwen2.replace(fps=1.0).do_sample_frames  # a rate asked for is a rate sampled
+
+
+# ---- decoding: frames equal to transformers' load_video with the same backend ------------------------------------
+
+av = pytest.importorskip("av", reason="PyAV (the test extra) encodes the test clips")  # noqa: E402
+
+from helpers import video_clip  # noqa: E402
+
+from vitok.inputs.video_decode import open_video, unavailable  # noqa: E402
+from vitok.inputs.video_preprocess import VideoPreprocessor  # noqa: E402
+
+needs_torchcodec = pytest.mark.skipif(unavailable("torchcodec") is not None,
+                                      reason=f"torchcodec unusable here: {unavailable('torchcodec')}")
+CONTAINERS = [".mp4", ".webm", ".mkv", ".mov", ".avi"]
+
+
+def processor_on_file(rule: str, data: dict, path):
+    """The reference end to end on a file: the processor decodes it itself (torchcodec, ``fetch_videos``)."""
+    processor = reference_processor(rule, data)
+    out = processor(videos=[str(path)], return_metadata=True, return_tensors="pt", cap_pixels_per_frame=False)
+    metadata = out["video_metadata"][0]
+    return [int(i) for i in metadata.frames_indices], tuple(out["video_grid_thw"][0].tolist()), \
+        out["pixel_values_videos"], metadata
+
+
+@needs_torchcodec
+@pytest.mark.parametrize("suffix", CONTAINERS)
+def test_a_video_file_equals_the_reference_end_to_end(tmp_path, suffix):
+    path = video_clip(tmp_path / f"clip{suffix}", frames=27, size=(100, 70))
+    indices, grid, pixels, metadata = processor_on_file("qwen3_vl", QWEN3_HUB, path)
+    config = VideoConfig.from_hf_video_processor_config(QWEN3_HUB, "qwen3_vl")
+    prepared = VideoPreprocessor(config).load(str(path))
+    assert prepared.frames.indices == indices and prepared.grid_thw == grid
+    assert prepared.frames.fps == metadata.fps and prepared.frames.frame_count == metadata.total_num_frames
+    assert torch.equal(normalize_patches(prepared.patches, config.pixels), pixels)
+    from_bytes = VideoPreprocessor(config).load(path.read_bytes())  # a tar member's bytes decode the same
+    assert torch.equal(from_bytes.patches, prepared.patches)
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".avi"])  # where the reference's PyAV reader has a frame count
+def test_pyav_frames_equal_load_video_with_pyav(tmp_path, suffix):
+    from transformers.video_utils import load_video
+
+    path = video_clip(tmp_path / f"clip{suffix}", frames=30, size=(84, 60))
+    sampler = reference_processor("qwen3_vl", QWEN3_HUB).sample_frames
+    expected, metadata = load_video(str(path), backend="pyav", sample_indices_fn=sampler)
+    with open_video(str(path), "pyav") as video:
+        assert (video.info.frame_count, video.info.fps) == (metadata.total_num_frames, metadata.fps)
+        frames = torch.stack(list(video.frames([int(i) for i in metadata.frames_indices], per_read=4)))
+    assert torch.equal(frames, torch.from_numpy(expected).permute(0, 3, 1, 2))
+
+
+@needs_torchcodec
+@pytest.mark.parametrize("case", ["rotated", "10-bit"])
+def test_rotation_and_10_bit_decode_as_the_reference(tmp_path, case):
+    options = {"rotation": 90} if case == "rotated" else {"pix_fmt": "yuv420p10le"}
+    path = video_clip(tmp_path / "clip.mp4", frames=10, size=(96, 64), **options)
+    indices, grid, pixels, _ = processor_on_file("qwen2_vl", QWEN25_HUB, path)
+    config = VideoConfig.from_hf_video_processor_config(QWEN25_HUB, "qwen2_vl")
+    prepared = VideoPreprocessor(config).load(str(path))
+    assert prepared.grid_thw == grid and prepared.frames.indices == indices
+    assert torch.equal(normalize_patches(prepared.patches, config.pixels), pixels)
+    if case == "rotated":  # torchcodec turns the frames upright, as the reference
+        assert prepared.original_size == (64, 96) and any("rotation" in note for note in prepared.notes)
+
+
+def test_videos_are_found_by_extension_and_by_content(tmp_path):
+    from vitok.inputs.sources import list_inputs
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    video_clip(folder / "a.mp4", frames=4)
+    video_clip(folder / "no_suffix", frames=4, container="matroska")
+    (folder / "notes.bin").write_bytes(b"not a video at all" * 40)
+    listing = list_inputs([str(folder)], input_format="video")
+    assert listing.media == "video" and listing.keys == [["a.mp4", "no_suffix"]]
+    assert list_inputs([str(folder)]).keys == [["a.mp4", "no_suffix"]]  # a folder of videos, by its extensions
+    assert list_inputs([str(folder / "no_suffix")]).media == "video"  # a file named on the command line: sniffed
+    (folder / "photo.png").write_bytes(b"")
+    mixed = list_inputs([str(folder)])  # images win a mixed folder; the videos are reported beside them
+    assert mixed.media == "image" and mixed.beside == [str(folder / "a.mp4")]
+    with pytest.raises(UsageError, match="one store holds one kind"):
+        list_inputs([str(folder / "a.mp4"), str(folder / "photo.png")])
