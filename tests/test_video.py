@@ -221,3 +221,40 @@ def test_videos_are_found_by_extension_and_by_content(tmp_path):
     assert mixed.media == "image" and mixed.beside == [str(folder / "a.mp4")]
     with pytest.raises(UsageError, match="one store holds one kind"):
         list_inputs([str(folder / "a.mp4"), str(folder / "photo.png")])
+
+
+# ---- the tower on video grids ----------------------------------------------------------------------------------
+
+TOWERS = [("qwen2_5_vl", "qwen2_vl", QWEN25_HUB, (9, 64, 90)), ("qwen3_vl", "qwen3_vl", QWEN3_HUB, (13, 70, 96))]
+
+
+@pytest.mark.parametrize("family, rule, data, shape", TOWERS, ids=[t[0] for t in TOWERS])
+def test_the_tower_on_a_video_equals_the_reference_and_in_temporal_pieces(family, rule, data, shape):
+    from test_families import pair, reference_outputs
+
+    from vitok.encoder.inference import Encoder
+    from vitok.inputs.video_preprocess import PreparedVideo
+
+    reference, model = pair(family)
+    config = VideoConfig.from_hf_video_processor_config({**data, "do_sample_frames": True, "fps": None,
+                                                         "num_frames": shape[0]}, rule)
+    indices, grid, pixels = ours(config, synthetic_video(*shape), 24.0)
+    assert grid[0] >= 3  # several temporal steps
+    features = ("patch", "merged", "deepstack") if family == "qwen3_vl" else ("patch", "merged")
+    with torch.no_grad():
+        expected = reference_outputs(reference, family, pixels, [grid])
+        got = model(pixels, [grid], features=features).features
+    pairs = [(got["patch"], expected["patch"]), (got["merged"], expected["merged"])]
+    pairs += [(got["deepstack"][k], expected[f"deepstack{k}"]) for k in range(len(got.get("deepstack", [])))]
+    for mine, reference_tensor in pairs:
+        assert (mine - reference_tensor).abs().max().item() <= 1e-5
+    encoder = Encoder(model, None, config.pixels, torch.device("cpu"), torch.float32, "test")
+    size = video_target_size(config, len(indices), shape[1], shape[2])
+    patches = frames_to_patches((synthetic_video(*shape)[int(i)] for i in indices), config, size, len(indices))
+    video = PreparedVideo(patches, grid, (shape[2], shape[1]))
+    whole = encoder.encode([video], features)
+    pieces = encoder.encode([video], features, chunk_rows=2 * grid[1] * grid[2])  # two steps per piece
+    assert pieces.rows == whole.rows and pieces.grid_thw == [grid]
+    for name in features:  # the same arithmetic; the CPU's matrix kernels may round a shorter batch otherwise
+        torch.testing.assert_close(pieces.features[name], whole.features[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(whole.features[name], got[name], rtol=0, atol=1e-6)
