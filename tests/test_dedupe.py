@@ -247,3 +247,32 @@ def test_rows_are_never_copied_from_a_shard_that_fails_its_checksums(tmp_path, w
     with vitok.open(out) as store:
         assert store.info(key).get("copied_from") is None
         np.testing.assert_array_equal(store.get(key, "merged"), expected[("img00.png", "merged")])
+
+
+def test_within_unit_duplicates_follow_their_first_copy_to_the_committer():
+    """The deduplicator alone decides and orders within-unit copies: a duplicate seen before its first copy's batch
+    reaches the committer goes right after that batch; one whose first copy was skipped is skipped with it."""
+    from types import SimpleNamespace
+
+    from vitok.pipeline.committer import Commit, CopyRows, WriteBatch, WriteRecord
+    from vitok.pipeline.dedupe import Deduplicator, Donors
+    from vitok.pipeline.types import EncodedBatch, RunCounts, UnitEnd
+    from vitok.storage.records import ImageRecord, UnitInfo
+
+    sent = []
+    counts = RunCounts()
+    dedupe = Deduplicator(Donors(["merged"]), SimpleNamespace(send=sent.append), counts)
+
+    def item(key, content):
+        return SimpleNamespace(record=ImageRecord(key, "ok", key, content_id=content))
+
+    first, copy, lone, bad, bad_copy = (item("a", "c1"), item("b", "c1"), item("c", "c2"), item("d", "c3"),
+                                        item("e", "c3"))
+    assert [dedupe.skips(0, i) for i in (first, copy, lone, bad, bad_copy)] == [False, True, False, False, True]
+    assert sent == [] and (counts.duplicates, counts.reused) == (2, 0)
+    bad.record.status, bad.record.reason = "skipped", "out of memory"
+    batch = EncodedBatch(0, [first.record, lone.record], {}, {}, skipped=[bad.record])
+    dedupe.deliver([batch, UnitEnd(0, UnitInfo())])
+    assert [type(m) for m in sent] == [WriteBatch, CopyRows, WriteRecord, Commit]
+    assert sent[1].record.copied_from == "a" and sent[2].record is bad_copy.record
+    assert bad_copy.record.status == "skipped" and "same pixels as d: out of memory" in bad_copy.record.reason

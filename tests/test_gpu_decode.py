@@ -151,3 +151,36 @@ def test_the_decode_gpu_harness_runs_on_the_cpu_through_the_cli_and_finds_no_dif
     assert summary["routed_to_device"] >= 4 and summary["exact_path"] >= 3  # CMYK, progressive, rotated stay exact
     assert summary["exact_path_identical"] == summary["exact_path"]
     assert summary["worst_token_cosine"] > 0.9999 and summary["pixel_max_abs"] <= 1
+
+
+def test_the_device_stage_runs_the_injected_decode_step_before_it_encodes():
+    """The device stage does not decode itself: ``DeviceDecode`` is handed to it. Routed JPEGs come out encoded
+    with their records completed; a broken one leaves the batch as a skipped record with its reason."""
+    import types as pytypes
+
+    from vitok.inputs.gpu_decode import DeviceDecode, device_decode
+    from vitok.pipeline.device import DevicePipeline
+    from vitok.pipeline.types import Batch, EncodedBatch, Item
+    from vitok.storage.records import ImageRecord
+
+    class SumEncoder:
+        device, preprocess = torch.device("cpu"), CONFIG
+
+        def encode(self, images, features, token_order):
+            packed = torch.cat([im.patches.float().flatten(1).sum(1, keepdim=True) for im in images])
+            rows = {"patch": [im.num_patches for im in images]}
+            return pytypes.SimpleNamespace(features={"patch": packed}, rows=rows)
+
+    assert device_decode(CONFIG, torch.device("cpu")) is None
+    assert isinstance(device_decode(CONFIG.replace(decode="gpu"), torch.device("cpu")), DeviceDecode)
+    good, broken = encoded(photo()), encoded(photo(seed=1))
+    items = [Item(ImageRecord(key, "ok", key), gpu_route(data, CONFIG))
+             for key, data in (("good", good), ("broken", broken[: len(broken) // 2]))]
+    pipeline = DevicePipeline(SumEncoder(), ("patch",), "none", "float32", depth=1,
+                              decode=DeviceDecode(CONFIG, torch.device("cpu")))
+    events = pipeline.submit(Batch(0, items)) + pipeline.drain()
+    batches = [e for e in events if isinstance(e, EncodedBatch)]
+    assert [r.key for b in batches for r in b.records] == ["good"]
+    assert batches[0].records[0].decoder == "nvjpeg" and batches[0].records[0].grid == list(items[0].image.grid_thw)
+    skipped = [r for b in batches for r in b.skipped]
+    assert [r.key for r in skipped] == ["broken"] and skipped[0].status == "skipped" and skipped[0].reason

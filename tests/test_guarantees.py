@@ -502,7 +502,7 @@ def test_a_worker_death_is_not_raised_from_a_signal_handler_in_whatever_the_run_
     from vitok.inputs.preprocess_config import PreprocessConfig
     from vitok.inputs.readers import ReaderOptions
     from vitok.inputs.sources import list_inputs
-    from vitok.pipeline.loader import load_units
+    from vitok.pipeline.workers import load_units
     from vitok.storage.plan import load_plan, write_generation
 
     folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)
@@ -560,9 +560,9 @@ def test_an_image_that_crashes_its_decoder_is_recorded_and_the_run_goes_on(tmp_p
 
 @pytest.mark.slow
 def test_a_stalled_decode_worker_is_taken_as_dead_and_the_run_goes_on(tmp_path, monkeypatch):
-    from vitok.pipeline import loader
+    from vitok.pipeline import workers
 
-    monkeypatch.setattr(loader, "STALL_SECONDS", 2.0)
+    monkeypatch.setattr(workers, "STALL_SECONDS", 2.0)
     folder = _photos(tmp_path / "imgs", 24)
     marker = tmp_path / "stopped-once"
 

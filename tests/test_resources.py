@@ -164,7 +164,7 @@ def test_every_read_path_works_under_ulimit_n_64_on_a_store_of_many_shards(tmp_p
 
 
 def test_workers_are_clamped_to_what_the_machine_holds_with_one_warning(caplog):
-    from vitok.pipeline.loader import clamp_workers, workers_allowed
+    from vitok.pipeline.workers import clamp_workers, workers_allowed
 
     limit, why = workers_allowed()
     assert 1 <= limit <= 2 * os.cpu_count() and "cores" in why

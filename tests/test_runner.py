@@ -271,7 +271,7 @@ def test_progress_counts_the_tokens_of_every_image_by_the_last_event(folder, tmp
     events = []
     summary = vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0, progress=events.append)
     assert events[-1].images_done == events[-1].images_total
-    assert summary.tokens > 0 and events[-1].tokens_done == summary.tokens
+    assert summary.patches > 0 and events[-1].patches_done == summary.patches
 
 
 @pytest.mark.slow

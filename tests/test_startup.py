@@ -53,7 +53,7 @@ def test_decode_workers_start_when_the_loader_is_made_and_stop_on_close_before_a
     from vitok.inputs.preprocess import Preprocessor
     from vitok.inputs.readers import ReaderOptions
     from vitok.inputs.sources import list_inputs
-    from vitok.pipeline.loader import load_units
+    from vitok.pipeline.workers import load_units
     from vitok.storage.plan import load_plan, write_generation
 
     (tmp_path / "in").mkdir()

@@ -1,4 +1,4 @@
-"""vitok: batch visual-token extraction with the Qwen3-VL vision encoder.
+"""vitok: batch visual-token extraction with the Qwen vision encoders (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5).
 
     import vitok
     vitok.extract(["./imgs"], "out/", model="qwen3-vl-2b", features=["merged"])

@@ -19,7 +19,7 @@ def decode_rate(paths: list[Path], kind: str, workers: int, max_pixels: int, fas
     from ..inputs.preprocess_config import PreprocessConfig
     from ..inputs.readers import ReaderOptions
     from ..inputs.sources import list_inputs
-    from ..pipeline.loader import load_units
+    from ..pipeline.workers import load_units
     from ..storage.plan import load_plan, write_generation
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..pipeline.batcher import default_budget
 from .common import make_jpegs, make_tars, row, sync, timeit
 from .data import decode_rate
 from .encoder import reference_and_vitok, shallow
@@ -206,7 +207,7 @@ def in_process(args, device, dtype, folder: Path, tmp: Path) -> None:
     reference.to("meta")  # free its memory for the runs below
 
     grid = Preprocessor(PreprocessConfig(max_pixels=args.max_pixels)).load(paths[0]).grid_thw
-    budget = args.token_budget or (32768 if device.type == "cuda" else 4096)
+    budget = args.token_budget or default_budget(device.type)
     per_batch = max(1, budget // (grid[0] * grid[1] * grid[2]))
     pixels = torch.randn(per_batch * grid[0] * grid[1] * grid[2], config.patch_dim, device=device, dtype=dtype)
     with torch.inference_mode():

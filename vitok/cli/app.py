@@ -57,9 +57,6 @@ def _main(
     _state["debug"] = debug
 
 
-# ---- extract: flags generated from ExtractOptions ----------------------------------------------------------------
-
-
 
 def _safe(text: str) -> str:
     """Keys may hold surrogate escapes (names that were not UTF-8): print them escaped, never crash."""

@@ -37,7 +37,7 @@ class ProgressDisplay:
         if not self.enabled:
             return
         elapsed = max(event.elapsed, 1e-9)
-        rate = f"{event.images_done / elapsed:.1f} img/s, {event.tokens_done / elapsed:.0f} tok/s"
+        rate = f"{event.images_done / elapsed:.1f} img/s, {event.patches_done / elapsed:.0f} patches/s"
         if self._bar is not None:
             if self._task is None:
                 self._task = self._bar.add_task("extract", total=event.images_total, rate=rate)

@@ -13,7 +13,7 @@ import typer
 
 from ..run.options import ExtractOptions
 from .app import _setup_logging, app, logger
-from .flags import by_panel, choice_type, option_parameters  # noqa: F401
+from .flags import by_panel, option_parameters
 
 
 def _extract_command(

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
+from ..inputs.sources import is_tar
 
 
 def _pyplot():
@@ -55,7 +56,7 @@ def _image_of(record: dict):
 
     source, member = record.get("source", ""), record.get("member")
     try:
-        if member and source.lower().endswith((".tar", ".tar.gz", ".tgz")):
+        if member and is_tar(source):
             with tarfile.open(source) as tar:
                 return load_any_image(Image.open(io.BytesIO(tar.extractfile(member).read())))
         if member and source.lower().endswith(".parquet"):

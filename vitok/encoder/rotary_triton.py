@@ -1,6 +1,6 @@
 """The 2D rotary of q and k as one Triton kernel, for CUDA (imported only where Triton is installed).
 
-The eager form (``model.apply_rotary``) needs four elementwise kernels with broadcasting and mixed dtypes, each
+The eager form (``attention.apply_rotary``) needs four elementwise kernels with broadcasting and mixed dtypes, each
 reading and writing q and k (a large share of a GPU forward; docs/performance.md has the measurement). This kernel
 reads q and k once (bf16/fp16/fp32), rotates in float32 like the reference, and writes them once.
 """

@@ -44,7 +44,7 @@ from ..errors import ImageError, InputUnavailableError
 
 logger = logging.getLogger(__name__)
 
-ORIENTATION_TAG = 0x0112
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 # EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose)
 UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,

@@ -18,12 +18,11 @@ import torch
 from PIL import Image
 
 from ..errors import ImageError
-from .decode import pillow_limit
+from .decode import ORIENTATION_TAG, pillow_limit
 from .preprocess import PreparedImage, Preprocessor, patchify, resize_like_torchvision, target_size
 from .preprocess_config import PreprocessConfig
 
 logger = logging.getLogger(__name__)
-ORIENTATION_TAG = 0x0112
 
 
 def gpu_route(data: bytes, config: PreprocessConfig) -> PreparedImage | None:
@@ -114,3 +113,30 @@ def decode_on_device(images: list[PreparedImage], config: PreprocessConfig, devi
         image.jpeg = None
         reasons.append(reason)
     return reasons
+
+
+class DeviceDecode:
+    """``--decode gpu`` as a step of the device stage: of a batch's items, those whose JPEG was left to the device
+    come back with patches (and their records completed), or are removed with their records marked skipped."""
+
+    def __init__(self, config: PreprocessConfig, device: torch.device) -> None:
+        self.config, self.device = config, device
+
+    def __call__(self, items: list) -> tuple[list, list]:
+        undecoded = [item for item in items if item.image.jpeg is not None]
+        if not undecoded:
+            return items, []
+        reasons = decode_on_device([item.image for item in undecoded], self.config, self.device)
+        failed = []
+        for item, reason in zip(undecoded, reasons):
+            item.record.decoder, item.record.grid = item.image.decoder, list(item.image.grid_thw)
+            item.record.notes = item.image.notes or None
+            if reason is not None:
+                item.record.status, item.record.reason = "skipped", reason
+                failed.append(item.record)
+        return [item for item in items if item.image.patches is not None], failed
+
+
+def device_decode(config: PreprocessConfig, device: torch.device) -> DeviceDecode | None:
+    """The device stage's decode step for these settings (None unless ``--decode gpu``)."""
+    return DeviceDecode(config, device) if config.decode == "gpu" else None

@@ -172,7 +172,7 @@ class PreparedImage:
         return t * h * w
 
     def pin_memory(self) -> PreparedImage:
-        """Called by the DataLoader's pinning thread, so the copy to the GPU can be asynchronous."""
+        """Called by ``types.Chunk.pin_memory`` (on the loop's side), so the copy to the GPU can be asynchronous."""
         if self.patches is not None:
             self.patches = self.patches.pin_memory()
         return self

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..errors import UsageError
-from ..storage.layout import is_store_listing
+from ..storage.layout import is_store
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ IMAGE_EXTENSIONS = frozenset(
 VIDEO_EXTENSIONS = frozenset(".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .m2ts .mts .3gp .ogv .flv .wmv".split())
 ARCHIVE_SUFFIXES = {"wds": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",)}
 INPUT_FORMATS = ("auto", "files", "video", "wds", "parquet")
+
+
+def is_tar(path: str) -> bool:
+    """A webdataset tar by its name (``.tar``, ``.tar.gz``, ``.tgz``)."""
+    return path.lower().endswith(ARCHIVE_SUFFIXES["wds"])
 
 
 def is_url(text: str) -> bool:
@@ -296,7 +301,7 @@ class Stores:
         self.left_out: list[str] = []
 
     def skip(self, dirpath: str, st: os.stat_result, dirnames: Sequence[str], filenames: Sequence[str]) -> bool:
-        if is_store_listing(filenames, dirnames) or (st.st_dev, st.st_ino) in self.out:
+        if is_store(filenames, dirnames) or (st.st_dev, st.st_ino) in self.out:
             if dirpath not in self.left_out:
                 self.left_out.append(dirpath)
             return True

@@ -46,9 +46,10 @@ class TokenEncoder:
 
     def __init__(self, image_column: str = IMAGE_COLUMN, **options: Any) -> None:
         from ..encoder.inference import load_encoder
+        from ..inputs.gpu_decode import device_decode
         from ..inputs.preprocess import Preprocessor
+        from ..pipeline.batcher import default_budget
         from ..pipeline.device import DevicePipeline
-        from ..run.ray_engine import default_budget
 
         self.image_column = image_column
         spec = Spec(options)
@@ -56,7 +57,8 @@ class TokenEncoder:
                                     attention=spec.options.attention, preprocess=spec.preprocess)
         self.spec, self.preprocessor = spec, Preprocessor(spec.preprocess)
         self.pipeline = DevicePipeline(self.encoder, spec.features, spec.options.pool, spec.options.store_dtype,
-                                       spec.options.token_order)
+                                       spec.options.token_order,
+                                       decode=device_decode(self.encoder.preprocess, self.encoder.device))
         self.budget = spec.options.token_budget or default_budget(self.encoder.device.type)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

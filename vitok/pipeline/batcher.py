@@ -12,6 +12,15 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+BUDGET_CPU = 4096  # patches per batch: enough to keep a CPU's cores busy
+BUDGET_CUDA = 32768  # a GPU needs larger batches to reach its speed
+
+
+def default_budget(device_type: str) -> int:
+    """The default token budget for a kind of device (``cuda`` or else); every engine uses it, so that the same
+    images make the same batches whoever runs them."""
+    return BUDGET_CUDA if device_type == "cuda" else BUDGET_CPU
+
 
 def plan_batches(sizes: Sequence[int], budget: int) -> list[range]:
     """Consecutive index ranges of at most ``budget`` total size (or one item)."""

@@ -12,7 +12,6 @@ import logging
 import queue
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,42 @@ class CommitStats:
     queue_fill: float = 0.0  # mean fill of the queue when the loop put a message (1.0: the loop waited for disk)
 
 
+@dataclass
+class WriteBatch:
+    """Encoded images: their rows and records go into the unit's shard."""
+
+    unit: int
+    batch: EncodedBatch
+
+
+@dataclass
+class WriteRecord:
+    """An input with no rows of its own to write (skipped, failed): only its record."""
+
+    unit: int
+    record: ImageRecord
+
+
+@dataclass
+class CopyRows:
+    """An image with the same pixels as ``record.copied_from``, written earlier to this unit's shard: its rows are
+    read back and written again under its own key."""
+
+    unit: int
+    record: ImageRecord
+
+
+@dataclass
+class Commit:
+    """The unit's last message: commit its shard with ``info``."""
+
+    unit: int
+    info: UnitInfo
+
+
+Message = WriteBatch | WriteRecord | CopyRows | Commit
+
+
 class Committer:
     def __init__(self, out: Path, fmt: ShardFormat, layouts: dict[str, FeatureLayout], store_dtype: str,
                  compression: str | None, claims: Claims, stamp: SidecarStamp,
@@ -53,10 +88,6 @@ class Committer:
         self._sinks: dict[int, ShardSink] = {}  # writer thread only
         self._units: dict[int, UnitRef] = {}
         self._inputs: dict[int, str | None] = {}  # digest of each unit's planned inputs (vitok.storage.plan.binding)
-        # within-unit duplicates (loop thread): content id -> (first key, skip reason) once its batch was queued;
-        # duplicates waiting for their first copy's batch
-        self._queued: defaultdict[int, dict[str, tuple[str, str | None]]] = defaultdict(dict)
-        self._waiting: defaultdict[int, defaultdict[str, list[ImageRecord]]] = defaultdict(lambda: defaultdict(list))
         self._error: BaseException | None = None
         self._aborted = False
         self._puts, self._fill = 0, 0.0
@@ -76,48 +107,31 @@ class Committer:
     def put(self, events: list[EncodedBatch | UnitEnd]) -> None:
         """What the device stage finished, in its order: batches to write, unit ends to commit."""
         for event in events:
-            if isinstance(event, UnitEnd):
-                self._queued.pop(event.unit, None)
-                assert not self._waiting.pop(event.unit, None), "a duplicate's first copy never came back"
-                self._put(("commit", event.unit, event.info))
-                continue
-            self._put(("batch", event.unit, event))
-            for record in event.records:
-                self._first_queued(event.unit, record, None)
-            for record in event.skipped:
-                self._first_queued(event.unit, record, record.reason or "skipped")
-
-    def duplicate(self, unit: int, record: ImageRecord) -> None:
-        """An image of ``unit`` with the same pixels (``content_id``) as the earlier image ``record.copied_from``,
-        not encoded: written as a copy of its rows once the first copy's batch is in the shard (the queue keeps
-        that order), or skipped with it."""
-        queued = self._queued[unit].get(record.content_id)
-        if queued is None:
-            self._waiting[unit][record.content_id].append(record)
-        else:
-            self._put_copy(unit, record, queued[1])
-
-    def _first_queued(self, unit: int, record: ImageRecord, skipped: str | None) -> None:
-        if record.content_id is None or record.copied_from is not None:
-            return
-        self._queued[unit].setdefault(record.content_id, (record.key, skipped))
-        for duplicate in self._waiting[unit].pop(record.content_id, ()):
-            self._put_copy(unit, duplicate, skipped)
-
-    def _put_copy(self, unit: int, record: ImageRecord, skipped: str | None) -> None:
-        if skipped is None:
-            self._put(("copy", unit, record))
-        else:
-            record.status, record.reason = "skipped", f"same pixels as {record.copied_from}: {skipped}"
-            record.copied_from = None
-            self._put(("record", unit, record))
+            self.send(Commit(event.unit, event.info) if isinstance(event, UnitEnd) else WriteBatch(event.unit, event))
 
     def record(self, unit: int, record: ImageRecord) -> None:
-        self._put(("record", unit, record))
+        """An input with no tokens (skipped or failed): its record only."""
+        self.send(WriteRecord(unit, record))
+
+    def send(self, message: Message) -> None:
+        """Queue one message for the writer thread; they are carried out in the order sent."""
+        self._puts += 1
+        self._fill += self._queue.qsize() / QUEUE_DEPTH
+        self.stats.queue_fill = self._fill / self._puts
+        self._enqueue(message)
+
+    def _enqueue(self, message: Message | None) -> None:
+        self._raise()
+        while True:
+            try:
+                self._queue.put(message, timeout=1.0)
+                return
+            except queue.Full:
+                self._raise()
 
     def finish(self) -> CommitStats:
         """Wait for every queued write and commit; raise the thread's error if it had one."""
-        self._put(None)
+        self._enqueue(None)
         self._thread.join()
         self._raise()
         return self.stats
@@ -134,18 +148,6 @@ class Committer:
             sink.abort()
             self.claims.release(sink.shard)
             del self._sinks[unit]
-
-    def _put(self, message) -> None:
-        self._raise()
-        self._puts += 1
-        self._fill += self._queue.qsize() / QUEUE_DEPTH
-        self.stats.queue_fill = self._fill / self._puts
-        while True:
-            try:
-                self._queue.put(message, timeout=1.0)
-                return
-            except queue.Full:
-                self._raise()
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -164,17 +166,16 @@ class Committer:
             message = self._queue.get()
             if message is None or self._aborted:
                 return
-            kind, unit, payload = message
             started = time.perf_counter()
             try:
-                if kind == "batch":
-                    self._sink(unit).add_batch(payload)
-                elif kind == "record":
-                    self._sink(unit).add_record(payload)
-                elif kind == "copy":
-                    self._sink(unit).add_copy(payload)
+                if isinstance(message, WriteBatch):
+                    self._sink(message.unit).add_batch(message.batch)
+                elif isinstance(message, WriteRecord):
+                    self._sink(message.unit).add_record(message.record)
+                elif isinstance(message, CopyRows):
+                    self._sink(message.unit).add_copy(message.record)
                 else:
-                    self._commit(unit, payload)
+                    self._commit(message.unit, message.info)
             except BaseException as exc:  # surfaced in the run loop
                 self._error = exc
                 return

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ from ..storage.files import checksum
 from ..storage.format import ShardDataReader
 from ..storage.records import ImageRecord, Settings, Sidecar, diff_settings
 from ..storage.shards import get_format, iter_sidecars, shards_dir
+from .committer import Commit, CopyRows, WriteBatch, WriteRecord
+from .types import EncodedBatch, RunCounts, UnitEnd
 
 logger = logging.getLogger(__name__)
 MAX_OPEN = 16  # donor shard files held open
@@ -191,7 +193,6 @@ def check_reuse(root: Path, settings: Settings) -> RunHeader:
 
 def copied_batch(unit: int, records: list[ImageRecord], arrays: list[dict[str, np.ndarray]]):
     """One EncodedBatch of images copied from donors (rows in the stored dtype, as read)."""
-    from .types import EncodedBatch
 
     features = arrays[0].keys()
     joined = {f: np.concatenate([a[f] for a in arrays], axis=-2) for f in features}
@@ -200,37 +201,86 @@ def copied_batch(unit: int, records: list[ImageRecord], arrays: list[dict[str, n
 
 
 class Deduplicator:
-    """The run loop's per-image decision (this module's docstring): ``skips`` an image that needs no encoding and
-    says why in ``counts``; ``copies`` hands the copied rows gathered for a unit to the committer as one batch."""
+    """The run loop's per-image decision (this module's docstring), and the one owner of its bookkeeping.
 
-    def __init__(self, donors: Donors, committer, counts: dict[str, int], within_units: bool = True) -> None:
+    ``skips`` an image that needs no encoding and counts why; ``deliver`` hands what the device stage finished to
+    the committer, releasing after each batch the within-unit duplicates whose first copy it holds (the committer's
+    queue keeps that order, so the rows are in the shard when a copy reads them); ``send_copies`` hands the rows
+    gathered for a unit from committed shards to the committer as one batch."""
+
+    def __init__(self, donors: Donors, committer, counts: RunCounts, within_units: bool = True) -> None:
         self.donors, self.committer, self.counts, self.within_units = donors, committer, counts, within_units
         self._firsts: dict[int, dict[str, str]] = {}  # per open unit: content id -> key of its first image
         self._copied: dict[int, list] = {}  # per unit: (record, rows) copied from committed shards, not handed on
+        # per unit: content id -> (first key, skip reason) once its batch went to the committer; duplicates waiting
+        # for their first copy's batch
+        self._queued: defaultdict[int, dict[str, tuple[str, str | None]]] = defaultdict(dict)
+        self._waiting: defaultdict[int, defaultdict[str, list[ImageRecord]]] = defaultdict(lambda: defaultdict(list))
 
     def skips(self, unit: int, item) -> bool:
         record = item.record
         taken = self.donors.take(record)
         if taken is not None:
             self._copied.setdefault(unit, []).append((record, taken[0]))
-            self.counts["reused" if taken[1] else "duplicates"] += 1
+            if taken[1]:
+                self.counts.reused += 1
+            else:
+                self.counts.duplicates += 1
             return True
         if not self.within_units or record.content_id is None:
             return False
         firsts = self._firsts.setdefault(unit, {})
         if record.content_id in firsts:
             record.copied_from = firsts[record.content_id]
-            self.committer.duplicate(unit, record)
-            self.counts["duplicates"] += 1
+            self._duplicate(unit, record)
+            self.counts.duplicates += 1
             return True
         firsts[record.content_id] = record.key
         return False
 
-    def copies(self, unit: int) -> list:
-        """The rows copied for ``unit`` since the last call, as one batch (none: an empty list)."""
+    def deliver(self, events: list[EncodedBatch | UnitEnd]) -> None:
+        """What the device stage finished, in its order, to the committer: batches to write, unit ends to commit."""
+        for event in events:
+            if isinstance(event, UnitEnd):
+                self._queued.pop(event.unit, None)
+                assert not self._waiting.pop(event.unit, None), "a duplicate's first copy never came back"
+                self.committer.send(Commit(event.unit, event.info))
+                continue
+            self.committer.send(WriteBatch(event.unit, event))
+            for record in event.records:
+                self._first_queued(event.unit, record, None)
+            for record in event.skipped:
+                self._first_queued(event.unit, record, record.reason or "skipped")
+
+    def send_copies(self, unit: int) -> None:
+        """The rows copied for ``unit`` from committed shards since the last call, as one batch."""
         copied = self._copied.pop(unit, None)
-        return [copied_batch(unit, *map(list, zip(*copied)))] if copied else []
+        if copied:
+            self.deliver([copied_batch(unit, *map(list, zip(*copied)))])
 
     def end(self, unit: int) -> None:
         self._firsts.pop(unit, None)
 
+    def _duplicate(self, unit: int, record: ImageRecord) -> None:
+        """An image with the same pixels as the earlier ``record.copied_from`` of its unit: a copy of its rows once
+        the first copy's batch went to the committer, or skipped with it."""
+        queued = self._queued[unit].get(record.content_id)
+        if queued is None:
+            self._waiting[unit][record.content_id].append(record)
+        else:
+            self._send_copy(unit, record, queued[1])
+
+    def _first_queued(self, unit: int, record: ImageRecord, skipped: str | None) -> None:
+        if record.content_id is None or record.copied_from is not None:
+            return
+        self._queued[unit].setdefault(record.content_id, (record.key, skipped))
+        for duplicate in self._waiting[unit].pop(record.content_id, ()):
+            self._send_copy(unit, duplicate, skipped)
+
+    def _send_copy(self, unit: int, record: ImageRecord, skipped: str | None) -> None:
+        if skipped is None:
+            self.committer.send(CopyRows(unit, record))
+        else:
+            record.status, record.reason = "skipped", f"same pixels as {record.copied_from}: {skipped}"
+            record.copied_from = None
+            self.committer.send(WriteRecord(unit, record))

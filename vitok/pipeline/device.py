@@ -9,6 +9,7 @@ the queue drains; an image that does not fit alone is recorded as skipped.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,7 @@ from .cast import (
     to_store_tensor,
 )
 from .pool import pool_packed
-from .types import Batch, EncodedBatch, UnitEnd
+from .types import Batch, EncodedBatch, Item, UnitEnd
 
 
 @dataclass
@@ -51,20 +52,27 @@ def pipeline_depth(device: torch.device) -> int:
     return 2 if device.type == "cuda" else 1
 
 
+DecodeStep = Callable[[list[Item]], tuple[list[Item], list[ImageRecord]]]
+
+
 class DevicePipeline:
     def __init__(self, encoder: Encoder, features: tuple[str, ...], pool: str, store_dtype: str,
-                 token_order: str = "block", depth: int | None = None) -> None:
-        self.encoder, self.features, self.pool = encoder, features, pool
+                 token_order: str = "block", depth: int | None = None, decode: DecodeStep | None = None) -> None:
+        """``decode``: a step run on each batch before it is encoded, for images whose decoding was left to the
+        device (``inputs.gpu_decode.DeviceDecode``): items in, (items with patches, records of those refused) out."""
+        self.encoder, self.features, self.pool, self.decode = encoder, features, pool, decode
         self.store_dtype, self.token_order = store_dtype, token_order
         self.depth = depth if depth is not None else pipeline_depth(encoder.device)
         self._queue: list[_Launched | UnitEnd] = []  # launched batches and unit ends, in submission order
         self._launched = 0  # of which batches
         self.encode_seconds = self.device_wait_seconds = 0.0
-        self.tokens = 0  # patches queued so far (progress counts a batch when it is queued)
+        self.patches = 0  # queued so far (progress counts a batch when it is queued)
 
     def submit(self, batch: Batch) -> list[EncodedBatch | UnitEnd]:
         """Queue a batch; returns what finished to make room, in submission order (batches and unit ends)."""
-        failed = self._decode_on_device(batch)
+        failed: list[ImageRecord] = []
+        if self.decode is not None:
+            batch.items, failed = self.decode(batch.items)
         if not batch.items:
             return [EncodedBatch(batch.unit, [], {}, {}, skipped=failed)]
         # equal grids side by side: one attention call per run of them; remember the input order for the sink
@@ -81,32 +89,13 @@ class DevicePipeline:
         launched.skipped = failed
         self._queue.append(launched)
         self._launched += 1
-        self.tokens += sum(item.image.num_patches for item in batch.items)
+        self.patches += sum(item.image.num_patches for item in batch.items)
         return self._release(self.depth)
 
     def end(self, unit: int, info: UnitInfo) -> list[EncodedBatch | UnitEnd]:
         """The unit has no more batches: its ``UnitEnd`` comes out behind the last of them."""
         self._queue.append(UnitEnd(unit, info))
         return self._release(self.depth)
-
-    def _decode_on_device(self, batch: Batch) -> list[ImageRecord]:
-        """--decode gpu: decode the batch's JPEGs routed to the device; returns the records of images that could not
-        be decoded at all (removed from the batch)."""
-        undecoded = [item for item in batch.items if item.image.jpeg is not None]
-        if not undecoded:
-            return []
-        from ..inputs.gpu_decode import decode_on_device
-
-        reasons = decode_on_device([item.image for item in undecoded], self.encoder.preprocess, self.encoder.device)
-        failed = []
-        for item, reason in zip(undecoded, reasons):
-            item.record.decoder, item.record.grid = item.image.decoder, list(item.image.grid_thw)
-            item.record.notes = item.image.notes or None
-            if reason is not None:
-                item.record.status, item.record.reason = "skipped", reason
-                failed.append(item.record)
-        batch.items = [item for item in batch.items if item.image.patches is not None]
-        return failed
 
     def drain(self) -> list[EncodedBatch | UnitEnd]:
         """Finish every batch in flight."""

@@ -94,3 +94,13 @@ class UnitEnd:
 
     unit: int
     info: UnitInfo  # what the sidecar says about the unit (where it came from, why it stopped early)
+
+
+@dataclass
+class RunCounts:
+    """What the run loop did with the images it was handed, beside what the committer wrote."""
+
+    images_encoded: int = 0  # sent to the encoder
+    batches_encoded: int = 0  # encoder batches run
+    duplicates: int = 0  # not encoded: the same pixels were encoded earlier in this unit or in a committed shard
+    reused: int = 0  # not encoded: tokens taken from a --reuse store

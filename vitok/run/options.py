@@ -2,7 +2,7 @@
 
 Each field of :class:`ExtractOptions` carries its help, its panel in ``--help``, its choices (the owning modules'
 constants) and its lower bound;
-the CLI builds its flags from these fields (``vitok.cli.app``), ``validate`` checks them before anything is read or
+the CLI builds its flags from these fields (``vitok.cli.flags``), ``validate`` checks them before anything is read or
 written, and ``to_argv`` turns them back into flags (``--gpus`` starts its children with it). Adding an option is one
 field here.
 """
@@ -18,6 +18,7 @@ from ..encoder.config import ATTENTION_KERNELS, COMPUTE_DTYPES, TOKEN_ORDERS
 from ..errors import UsageError
 from ..inputs.preprocess_config import DECODERS, RESIZE_BACKENDS
 from ..inputs.sources import INPUT_FORMATS
+from ..pipeline.batcher import BUDGET_CPU, BUDGET_CUDA
 from ..pipeline.pool import POOLS
 from ..storage.dtypes import STORE_DTYPES
 from ..storage.hdf5 import COMPRESSIONS
@@ -105,8 +106,8 @@ class ExtractOptions:
     max_image_pixels: int | None = option(None, "Refuse images whose header claims more pixels. [default: "
                                           "178956970]", "Preprocessing", minimum=1)
     # ---- Speed
-    token_budget: int | None = option(None, "Patches per encoder batch. [default: 4096 on CPU, 32768 on CUDA]",
-                                      "Speed", minimum=1)
+    token_budget: int | None = option(None, f"Patches per encoder batch. [default: {BUDGET_CPU} on CPU, "
+                                      f"{BUDGET_CUDA} on CUDA]", "Speed", minimum=1)
     workers: int | None = option(None, "Decode worker processes (0 = decode in the main process). [default: from "
                                  "the CPU count]", "Speed", minimum=0)
     # ---- Cluster

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..pipeline.batcher import Batcher
+from ..pipeline.batcher import Batcher, default_budget
 from ..pipeline.types import UnitEnd
 from ..storage.records import ImageRecord
 from .options import ExtractOptions
@@ -47,11 +47,6 @@ from .summary import ProgressEvent
 logger = logging.getLogger(__name__)
 
 CPU_ACTOR_CORES = 4  # cores per CPU encode actor (torch threads); half the cluster's cores go to encoding
-
-
-def default_budget(device_kind: str) -> int:
-    """The local runner's default token budget for this kind of device (the batches must be the same)."""
-    return 32768 if device_kind == "cuda" else 4096
 
 
 @dataclass
@@ -68,7 +63,7 @@ class Step:
     end: bool = False  # the unit's last step
     unit_error: str | None = None
     unit_failed: bool = False
-    tokens: int = 0  # patches encoded (for the summary)
+    patches: int = 0  # encoded (for the summary)
     encode_seconds: float = 0.0
     device_wait_seconds: float = 0.0
 
@@ -155,10 +150,10 @@ class EncodeActor:
 
         if step.items:
             pipeline = self.pipeline
-            tokens, seconds, waited = pipeline.tokens, pipeline.encode_seconds, pipeline.device_wait_seconds
+            patches, seconds, waited = pipeline.patches, pipeline.encode_seconds, pipeline.device_wait_seconds
             # one batch at a time: a call returns its own batch (no queue left behind between calls)
             step.encoded = pipeline.submit(Batch(step.unit, step.unpack())) + pipeline.drain()
-            step.tokens = pipeline.tokens - tokens
+            step.patches = pipeline.patches - patches
             step.encode_seconds = pipeline.encode_seconds - seconds
             step.device_wait_seconds = pipeline.device_wait_seconds - waited
             step.items = None
@@ -279,16 +274,16 @@ class RayRun(Run):
                 committer.put([batch])
                 seen += len(batch.records) + len(batch.skipped)
                 skipped += len(batch.skipped)
-                self.counts["batches_encoded"] += 1
-                self.counts["images_encoded"] += len(batch.records) + len(batch.skipped)
-            pipeline.tokens += step.tokens
+                self.counts.batches_encoded += 1
+                self.counts.images_encoded += len(batch.records) + len(batch.skipped)
+            pipeline.patches += step.patches
             pipeline.encode_seconds += step.encode_seconds
             pipeline.device_wait_seconds += step.device_wait_seconds
             if step.end:
                 committer.put([UnitEnd(step.unit, unit_record(by_index[step.unit], step))])
                 shards += 1
             if self.progress is not None:
-                self.progress(ProgressEvent(seen, total, pipeline.tokens, skipped,
+                self.progress(ProgressEvent(seen, total, pipeline.patches, skipped,
                                             time.perf_counter() - self.started, shards, len(units)))
         if shards != len(units):
             raise RuntimeError(f"the Ray job ended with {len(units) - shards} unit(s) unfinished")

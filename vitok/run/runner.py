@@ -14,14 +14,16 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..environment import describe_environment
 from ..errors import SettingsMismatchError
-from ..pipeline.batcher import Batcher
+from ..pipeline.batcher import Batcher, default_budget
 from ..pipeline.committer import CommitStats, Committer
 from ..pipeline.dedupe import Deduplicator, Donors, check_reuse
+from ..pipeline.types import RunCounts
 from ..storage import RunHeader, SidecarStamp, get_format, new_store
 from ..storage.claims import Claims
 from ..storage.files import raise_store_error
@@ -50,7 +52,7 @@ class Run:
         self.wait_seconds = 0.0
         self.phases: dict[str, float] = {}  # start-up (vitok.run.run_stats); the loop's meter adds its own
         self.meter: StageMeter | None = None
-        self.counts = {"images_encoded": 0, "batches_encoded": 0, "duplicates": 0, "reused": 0}
+        self.counts = RunCounts()
 
     @classmethod
     def configure(cls, options: ExtractOptions) -> tuple[ExtractOptions, dict[str, Any]]:
@@ -152,11 +154,13 @@ class Run:
     # ---- the loop -------------------------------------------------------------------------------------------
 
     def _run(self, encoder, units, claims: Claims, header: RunHeader, work: Work):
+        from ..inputs.gpu_decode import device_decode
         from ..pipeline.device import DevicePipeline
 
         job, opts = self.job, self.job.options
         fmt = get_format(opts.format)
-        pipeline = DevicePipeline(encoder, job.features, opts.pool, opts.store_dtype, opts.token_order)
+        pipeline = DevicePipeline(encoder, job.features, opts.pool, opts.store_dtype, opts.token_order,
+                                  decode=device_decode(encoder.preprocess, encoder.device))
         donors = Donors(list(job.features))
         donors.add_store(job.out, header.fingerprint, exclude=work.damaged)
         for store in opts.reuse or ():
@@ -180,11 +184,11 @@ class Run:
     def _loop(self, units, encoder, pipeline: DevicePipeline, committer: Committer, donors: Donors | None = None,
               within_units: bool = True) -> None:
         from ..inputs.preprocess import Preprocessor
-        from ..pipeline.loader import default_workers, load_units
         from ..pipeline.types import Batch, EncodedBatch
+        from ..pipeline.workers import default_workers, load_units
 
         opts = self.job.options
-        budget = opts.token_budget or (32768 if encoder.device.type == "cuda" else 4096)
+        budget = opts.token_budget or default_budget(encoder.device.type)
         batcher: Batcher = Batcher(budget)
         workers = opts.workers if opts.workers is not None else default_workers(encoder.device)
         by_index = {u.index: u for u in units}
@@ -194,25 +198,25 @@ class Run:
         meter = self.meter = StageMeter(encoder.device, workers)
         meter.started = self.started
 
+        dedupe = Deduplicator(donors if donors is not None else Donors(list(self.job.features)), committer,
+                              self.counts, within_units)
+
         def deliver(events) -> None:
             """What the device stage finished goes to the committer, in order; the meter counts the batches."""
             for event in events:
                 if isinstance(event, EncodedBatch):
                     meter.batch_done()
-            committer.put(events)
+            dedupe.deliver(events)
 
         def submit(unit: int, items) -> None:
-            self.counts["batches_encoded"] += 1
-            self.counts["images_encoded"] += len(items)
+            self.counts.batches_encoded += 1
+            self.counts.images_encoded += len(items)
             meter.mark("first_batch_ready")
             events = meter.events()
             start = time.perf_counter()
             finished = pipeline.submit(Batch(unit, items))
             meter.batch_launched(len(items), time.perf_counter() - start, *meter.close_events(events))
             deliver(finished)
-
-        dedupe = Deduplicator(donors if donors is not None else Donors(list(self.job.features)), committer,
-                              self.counts, within_units)
 
         seen = skipped = shards = 0
         started = time.perf_counter()
@@ -235,7 +239,7 @@ class Run:
                         continue
                     for closed in batcher.add(chunk.unit, item, item.image.num_patches):
                         submit(chunk.unit, closed)
-                committer.put(dedupe.copies(chunk.unit))
+                dedupe.send_copies(chunk.unit)
                 if chunk.end:
                     dedupe.end(chunk.unit)
                     for closed in batcher.flush(chunk.unit):
@@ -243,7 +247,7 @@ class Run:
                     deliver(pipeline.end(chunk.unit, unit_record(by_index[chunk.unit], chunk)))
                     shards += 1
                 if self.progress is not None:
-                    self.progress(ProgressEvent(seen, total, pipeline.tokens, skipped,
+                    self.progress(ProgressEvent(seen, total, pipeline.patches, skipped,
                                                 time.perf_counter() - self.started, shards, len(units)))
         finally:
             chunks.close()  # on any error: stop the decode workers now, not at interpreter exit
@@ -274,10 +278,10 @@ class Run:
             shards_written=stats.shards_written, shards_already_done=work.done_shards, shards_elsewhere=elsewhere,
             shards_other_parts=work.other_parts_pending, seconds=round(seconds, 3),
             images_per_second=round(done / seconds, 3) if seconds else 0.0,
-            tokens=pipeline.tokens if pipeline else 0, output_bytes=stats.output_bytes,
+            patches=pipeline.patches if pipeline else 0, output_bytes=stats.output_bytes,
             data_wait_seconds=round(self.wait_seconds, 3),
             encode_seconds=round(pipeline.encode_seconds, 3) if pipeline else 0.0,
-            device_wait_seconds=round(pipeline.device_wait_seconds, 3) if pipeline else 0.0, **self.counts,
+            device_wait_seconds=round(pipeline.device_wait_seconds, 3) if pipeline else 0.0, **asdict(self.counts),
             skipped_reasons=stats.reasons,
             phases=run_stats["phases"], stages=run_stats["stages"], bottleneck=run_stats["bottleneck"],
         )
@@ -289,7 +293,7 @@ class Run:
         if self.meter is None:
             return result.to_dict()
         result.phases |= self.meter.phases
-        if not self.counts["images_encoded"]:  # every input copied, reused or skipped: no stage to judge
+        if not self.counts.images_encoded:  # every input copied, reused or skipped: no stage to judge
             return result.to_dict()
         result.stages = self.meter.rates(stats.busy_seconds, stats.output_bytes, stats.queue_fill)
         result.bottleneck = verdict(result, seconds + result.phases.get("imports", 0.0))

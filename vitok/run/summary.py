@@ -10,7 +10,7 @@ from typing import Any
 class ProgressEvent:
     images_done: int
     images_total: int | None  # None while archives of unknown size remain
-    tokens_done: int
+    patches_done: int  # input patches sent to the encoder
     skipped: int  # inputs not encoded: skipped (bad image) or failed (unreadable, retried later)
     elapsed: float
     shards_done: int = 0
@@ -32,7 +32,7 @@ class ExtractSummary:
     shards_other_parts: int  # not done, belonging to other parts
     seconds: float
     images_per_second: float
-    tokens: int
+    patches: int  # input patches this run encoded (merged tokens are patches / merge_size**2)
     output_bytes: int
     data_wait_seconds: float  # the loop waited for decoded images
     encode_seconds: float  # launching batches and finishing them (device waits included)

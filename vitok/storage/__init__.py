@@ -3,7 +3,8 @@
     OUT/README.txt              this layout, in words, for someone who finds the folder without vitok
     OUT/vitok.json              run header (``RunHeader``): vitok version, model, weights hash, resolved settings
                                 and their fingerprint, library versions (decoders included)
-    OUT/plan/0000.jsonl         the plan: what goes into which shard (``storage.plan``); 0001.jsonl... after --update
+    OUT/plan/NNNN.json          the plan: what goes into which shard (``storage.plan``), one generation per file:
+                                0000 from the first listing, one more per --update (and its content files)
     OUT/shards/<shard>.h5       token data of one shard (or <shard>/ holding .npy files, or <shard>.tar)
     OUT/shards/<shard>.json     the shard's sidecar (``Sidecar``): per-image records, file sizes and checksums,
                                 the settings fingerprint, the digest of its plan unit's inputs (``binding.py``). Its

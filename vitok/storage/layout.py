@@ -6,7 +6,6 @@ A leaf (it imports nothing from vitok), so every stage may ask what a store look
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection
 
 META_FILE = "vitok.json"  # the run header
@@ -31,17 +30,7 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}"
 
 
-def is_store_listing(filenames: Collection[str], dirnames: Collection[str]) -> bool:
-    """A folder holding these names is a vitok store: its header and its shards or its plan (a user's own
-    vitok.json beside images is not one)."""
+def is_store(filenames: Collection[str], dirnames: Collection[str]) -> bool:
+    """A folder holding these files and subfolders is a vitok store: its header and its shards or its plan (a
+    user's own vitok.json beside images is not one)."""
     return META_FILE in filenames and (SHARDS_DIR in dirnames or PLAN_DIR in dirnames)
-
-
-def is_store(folder: str | os.PathLike) -> bool:
-    """``folder`` is a vitok store (see ``is_store_listing``)."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return False
-    dirs = [n for n in (SHARDS_DIR, PLAN_DIR) if n in names and os.path.isdir(os.path.join(folder, n))]
-    return is_store_listing(names, dirs)

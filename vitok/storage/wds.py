@@ -33,8 +33,10 @@ INDEX = "__vitok__"  # a name webdataset's readers skip (``__*__``), holding JSO
 def sample_key(record: dict) -> str:
     """The sample's webdataset key: the input sample's own key (its member's path up to the first dot of the
     basename) for tar inputs, else the vitok key with ``%`` and ``.`` escaped (injective, no dot)."""
+    from ..inputs.sources import is_tar  # here: the input walk imports this package (for the store's layout)
+
     member, source = record.get("member"), str(record.get("source", ""))
-    if member and source.lower().endswith((".tar", ".tar.gz", ".tgz")):
+    if member and is_tar(source):
         folder, _, base = member.rpartition("/")
         return f"{folder}/{base.split('.')[0]}" if folder else base.split(".")[0]
     return record["key"].replace("%", "%25").replace(".", "%2E")

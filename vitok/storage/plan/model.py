@@ -1,7 +1,8 @@
 """The plan: which inputs go into which output shard. Written once, identical for every process, never rewritten.
 
 A plan is a sequence of generations (``OUT/plan/NNNN.json``): generation 0 from the first listing, and one more
-for each ``--update`` (inputs added since) or retry (inputs that could not be read before and can be now). Each
+for each ``--update`` (inputs added, changed or removed since); retries of inputs that could not be read are units
+made at run time (``retries.py``), not generations. Each
 generation's header is created exclusively (the first process wins, the others compare) and names its content
 file and unit index, which are content-addressed so that two processes planning at once never mix files.
 
