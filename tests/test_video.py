@@ -258,3 +258,72 @@ def test_the_tower_on_a_video_equals_the_reference_and_in_temporal_pieces(family
     for name in features:  # the same arithmetic; the CPU's matrix kernels may round a shorter batch otherwise
         torch.testing.assert_close(pieces.features[name], whole.features[name], rtol=0, atol=1e-6)
         torch.testing.assert_close(whole.features[name], got[name], rtol=0, atol=1e-6)
+
+
+# ---- the store: one record per video, tokens equal to the reference end to end -------------------------------
+
+def video_folder(folder, specs):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, frames, size, fps in specs:
+        video_clip(folder / name, frames=frames, size=size, fps=fps)
+    return folder
+
+
+CLIPS = [("a.mp4", 12, (96, 64), 24), ("b.webm", 9, (64, 80), 10)]
+CHECKPOINTS = [("qwen2_5_vl", "qwen2_vl", "preprocessor_config.json", QWEN25_HUB),
+               ("qwen3_vl", "qwen3_vl", "video_preprocessor_config.json", QWEN3_HUB)]
+
+
+@needs_torchcodec
+@pytest.mark.parametrize("family, rule, filename, settings", CHECKPOINTS, ids=[c[0] for c in CHECKPOINTS])
+def test_extract_videos_equals_the_reference_processor_and_tower(tmp_path, family, rule, filename, settings):
+    import json
+
+    from test_families import reference_outputs, released_folder
+
+    import vitok
+
+    reference = released_folder(tmp_path / "ckpt", family).eval()
+    (tmp_path / "ckpt" / filename).write_text(json.dumps(settings))
+    folder = video_folder(tmp_path / "videos", CLIPS)
+    features = ("merged", "deepstack") if family == "qwen3_vl" else ("merged",)
+    summary = vitok.extract([str(folder)], tmp_path / "out", model=str(tmp_path / "ckpt"), workers=0,
+                            store_dtype="float32", features=features)
+    assert summary.ok == len(CLIPS)
+    store = vitok.open(tmp_path / "out")
+    assert store.header.settings.video["rule"] == rule and store.keys() == [c[0] for c in CLIPS]
+    for name, *_ in CLIPS:
+        indices, grid, pixels, metadata = processor_on_file(rule, settings, folder / name)
+        with torch.no_grad():
+            expected = reference_outputs(reference, family, pixels, [grid])
+        info = store.info(name)
+        assert tuple(info["grid_thw"]) == grid and info["video"]["indices"] == indices
+        assert info["video"]["fps"] == metadata.fps and info["video"]["frame_count"] == metadata.total_num_frames
+        assert np.abs(store.get(name, "merged") - expected["merged"].numpy()).max() <= 1e-5
+        if family == "qwen3_vl":
+            from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+            assert info["video"]["step_times"] == Qwen3VLProcessor._calculate_timestamps(None, indices, metadata.fps,
+                                                                                         2)
+            for k, level in enumerate(store.get(name, "deepstack")):
+                assert np.abs(level - expected[f"deepstack{k}"].numpy()).max() <= 1e-5
+
+
+@needs_torchcodec
+def test_pooling_per_video_and_per_temporal_step(tmp_path):
+    import vitok
+
+    folder = video_folder(tmp_path / "videos", [("a.mp4", 20, (64, 64), 24), ("b.mp4", 9, (96, 64), 24)])
+    common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", num_frames=6)
+    vitok.extract([str(folder)], tmp_path / "tokens", **common)
+    vitok.extract([str(folder)], tmp_path / "steps", pool="mean", pool_steps=True, **common)
+    vitok.extract([str(folder)], tmp_path / "whole", pool="mean", **common)
+    tokens, steps, whole = (vitok.open(tmp_path / name) for name in ("tokens", "steps", "whole"))
+    assert steps.header.settings.pool_by == "step" and whole.header.settings.pool_by is None
+    for key in tokens.keys():
+        t, h, w = tokens.info(key)["grid_thw"]
+        rows = tokens.get(key).reshape(t, h * w // 4, -1)
+        assert len(steps.info(key)["video"]["step_times"]) == t == 3
+        np.testing.assert_allclose(steps.get(key), rows.mean(axis=1), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(whole.get(key)[0], rows.reshape(t * h * w // 4, -1).mean(axis=0), rtol=0,
+                                   atol=1e-6)

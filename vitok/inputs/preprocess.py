@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from ..errors import ImageError
-from .decode import DecodedImage, decode_image, load_any_image
+from .decode import DecodedImage, SourceFile, decode_image, load_any_image, read_source
 from .preprocess_config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 
 
@@ -183,6 +183,10 @@ class Preprocessor:
 
     def __init__(self, config: PreprocessConfig) -> None:
         self.config = config
+
+    def read(self, path: str) -> SourceFile:
+        """A loose input file's bytes (``decode.read_source``)."""
+        return read_source(path)
 
     def _draft_size(self, width: int, height: int) -> tuple[int, int] | None:
         try:

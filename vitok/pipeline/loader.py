@@ -24,8 +24,9 @@ from ..errors import ImageError, InputUnavailableError
 from ..inputs.identity import content_id, source_sha256
 from ..inputs.preprocess import Preprocessor
 from ..inputs.readers import ReaderOptions, Sample, UnitReadError, get_reader
+from ..inputs.video_preprocess import PreparedVideo
 from ..storage.plan import UnitRef
-from ..storage.records import ImageRecord
+from ..storage.records import ImageRecord, VideoRecord
 from .types import Chunk, Item
 
 CHUNK = 8  # images per message from a worker
@@ -42,14 +43,14 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
         return Item(record)
     try:
         if sample.data is None:
-            from ..inputs.decode import read_source
-
-            source = read_source(sample.source)
-            record.source_bytes, record.source_mtime_ns, data = source.size, source.mtime_ns, source.data
+            source = preprocessor.read(sample.source)  # a video is hashed as it is read; its decoder opens the file
+            record.source_bytes, record.source_mtime_ns = source.size, source.mtime_ns
+            data = source.data if source.data is not None else sample.source
+            record.source_sha256 = source.sha256 or source_sha256(data)
         else:
             data = sample.data
             record.source_bytes = len(data)
-        record.source_sha256 = source_sha256(data)
+            record.source_sha256 = source_sha256(data)
         image = preprocessor.load(data)
     except InputUnavailableError as exc:
         record.status, record.reason = "failed", str(exc)
@@ -62,6 +63,10 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
         return Item(record)
     record.grid, record.size = list(image.grid_thw), list(image.original_size)
     record.decoder, record.notes = image.decoder, (image.notes or None)
+    if isinstance(image, PreparedVideo):  # which frames were encoded, and when
+        frames = image.frames
+        record.video = VideoRecord(frames.frame_count, frames.fps, frames.duration, frames.indices, frames.timestamps,
+                                   frames.step_times, frames.decoder)
     if image.patches is not None:  # (a JPEG left for the GPU to decode has no pixels yet, and no content id)
         record.content_id = content_id(image.patches, image.grid_thw)
     return Item(record, image)
