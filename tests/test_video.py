@@ -327,3 +327,111 @@ def test_pooling_per_video_and_per_temporal_step(tmp_path):
         np.testing.assert_allclose(steps.get(key), rows.mean(axis=1), rtol=0, atol=1e-6)
         np.testing.assert_allclose(whole.get(key)[0], rows.reshape(t * h * w // 4, -1).mean(axis=0), rtol=0,
                                    atol=1e-6)
+
+
+# ---- bad input: recorded as skipped with a one-line reason, or decoded as the reference does -------------------
+
+def variable_rate_clip(path, frames: int = 40):
+    """Half the frames 33 ms apart, then 200 ms apart: an average frame rate that fits neither half."""
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        pts = 0
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 5, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            pts += 33 if i < frames // 2 else 200
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def audio_only_clip(path):
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=16000)
+        for i in range(8):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+@needs_torchcodec
+def test_bad_videos_are_skipped_with_their_reason_or_decoded_as_the_reference(tmp_path):
+    import vitok
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    whole = video_clip(tmp_path / "whole.mp4", frames=24).read_bytes()
+    (folder / "cut.mp4").write_bytes(whole[: len(whole) // 2])  # its index (moov) is at the end: gone
+    cut_mkv = video_clip(tmp_path / "whole.mkv", frames=48).read_bytes()
+    (folder / "cut.mkv").write_bytes(cut_mkv[: len(cut_mkv) // 2])  # the frames before the cut decode
+    audio_only_clip(folder / "audio.mp4")
+    (folder / "empty.webm").write_bytes(b"")
+    (folder / "text.avi").write_text("not a video")
+    video_clip(folder / "one-frame.mov", frames=1)  # Qwen3-VL's processor needs two frames
+    variable_rate_clip(folder / "vfr.mp4")
+    summary = vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0)
+    assert summary.ok + summary.skipped == 7 and summary.failed == 0
+    store = vitok.open(tmp_path / "out")
+    reasons = store.skipped
+    assert "cannot open as a video" in reasons["cut.mp4"] and "SingleStreamDecoder" not in reasons["cut.mp4"]
+    assert reasons["audio.mp4"].startswith("no video stream")
+    assert reasons["empty.webm"] == "empty file (0 bytes)"
+    assert "cannot open as a video" in reasons["text.avi"]
+    assert "at least 2" in reasons["one-frame.mov"]
+    assert all("\n" not in reason for reason in reasons.values())
+    for name in ("cut.mkv", "vfr.mp4"):  # decoded as transformers decodes them: frame ordinals over the average fps
+        indices, grid, _, metadata = processor_on_file("qwen3_vl", QWEN3_HUB, folder / name)
+        info = store.info(name)
+        assert info["status"] == "ok" and tuple(info["grid_thw"]) == grid and info["video"]["indices"] == indices
+        assert info["video"]["timestamps"] == [i / metadata.fps for i in indices]
+
+
+@needs_torchcodec
+def test_limits_refuse_a_video_from_its_metadata_before_decoding(tmp_path):
+    config = VideoConfig.from_hf_video_processor_config(QWEN3_HUB, "qwen3_vl")
+    path = str(video_clip(tmp_path / "clip.mp4", frames=30, size=(96, 64)))
+    for changes, reason in [(dict(max_video_frames=20), "claims 30 frames, more than --max-video-frames 20"),
+                            (dict(max_video_patches=10), "more than --max-video-patches 10"),
+                            (dict(pixels=config.pixels.replace(max_image_pixels=5000)), "exceeds the limit of 5000")]:
+        with pytest.raises(ImageError, match=reason):
+            VideoPreprocessor(config.replace(**changes)).load(path)
+
+
+@pytest.mark.slow
+@needs_torchcodec
+def test_kill_9_in_the_middle_of_videos_then_rerun_gives_every_video_once(tmp_path):
+    import signal
+
+    from helpers import popen_vitok, vitok, wait_for
+
+    import vitok as library
+
+    folder = video_folder(tmp_path / "videos", [(f"{i}.mp4", 36, (128, 96), 24) for i in range(5)])
+    out = tmp_path / "out"
+    args = ["extract", str(folder), "-o", str(out), "--model", "qwen3-vl-tiny", "--workers", "0", "--shard-size",
+            "1", "--num-frames", "16", "--quiet"]
+    proc = popen_vitok(*args)
+    assert wait_for(lambda: len(list((out / "shards").glob("*.json"))) >= 1 if (out / "shards").exists() else False,
+                    process=proc)
+    proc.send_signal(signal.SIGKILL)  # while the next video is decoded or encoded
+    proc.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.json")}
+    assert 1 <= len(finished) < 5
+    assert vitok(*args).returncode == 0
+    assert all((out / "shards" / n).stat().st_mtime_ns == t for n, t in finished.items())  # never rewritten
+    library.extract([str(folder)], tmp_path / "clean", model="qwen3-vl-tiny", workers=0, shard_size=1, num_frames=16)
+    resumed, clean = library.open(out), library.open(tmp_path / "clean")
+    assert resumed.keys() == clean.keys() == [f"{i}.mp4" for i in range(5)] and library.verify(out).clean
+    for key in clean.keys():
+        np.testing.assert_array_equal(resumed[key], clean[key])
+        assert resumed.info(key)["video"] == clean.info(key)["video"]

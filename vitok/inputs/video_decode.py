@@ -21,6 +21,7 @@ import contextlib
 import functools
 import io
 import logging
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,9 +51,12 @@ class VideoInfo:
     notes: list[str] = field(default_factory=list)
 
 
+_SOURCE_LOCATION = re.compile(r"^\w+, \S+\.(?:cpp|h|c):\d+, ")  # torchcodec's "Class, file.cpp:41, " prefix
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {_SOURCE_LOCATION.sub('', text[0])}" if text else type(exc).__name__
 
 
 class OpenVideo(ABC):

@@ -21,6 +21,7 @@ not say, as Qwen3-VL's processor assumes), and a temporal step's time is the mea
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -186,6 +187,13 @@ class PreparedVideo(PreparedImage):
     frames: SampledFrames | None = None
 
 
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
 class VideoPreprocessor:
     """Video file (a path) or its bytes (an archive member) -> :class:`PreparedVideo`. Picklable, so it runs the
     same in the decode workers."""
@@ -222,7 +230,8 @@ class VideoPreprocessor:
 
     def load(self, source: str | bytes) -> PreparedVideo:
         """Decode, sample and patchify one video; raises ImageError with a one-line reason."""
-        if isinstance(source, (bytes, bytearray, memoryview)) and len(source) == 0:
+        empty = len(source) == 0 if isinstance(source, (bytes, bytearray, memoryview)) else _size(source) == 0
+        if empty:
             raise ImageError("empty file (0 bytes)")
         config, pixels = self.config, self.config.pixels
         with open_video(source, config.decoder) as video:
