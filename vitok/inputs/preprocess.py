@@ -181,6 +181,8 @@ class PreparedImage:
 class Preprocessor:
     """File or image -> :class:`PreparedImage`. Picklable, so it runs the same in DataLoader workers."""
 
+    per_chunk = 8  # images per message from a decode worker
+
     def __init__(self, config: PreprocessConfig) -> None:
         self.config = config
 

@@ -198,6 +198,8 @@ class VideoPreprocessor:
     """Video file (a path) or its bytes (an archive member) -> :class:`PreparedVideo`. Picklable, so it runs the
     same in the decode workers."""
 
+    per_chunk = 1  # videos per message from a decode worker: a chunk holds one video's patches, not eight
+
     def __init__(self, config: VideoConfig) -> None:
         self.config = config
 

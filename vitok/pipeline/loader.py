@@ -3,8 +3,9 @@ processes themselves, and surviving their deaths: ``workers.py``).
 
 Work is cut into tasks: a few consecutive images of a loose-file unit (so a small run still uses every worker), or
 a whole archive (read sequentially by one worker). Task ``j`` goes to worker ``j % W``; each task's images come back
-as chunks of at most ``CHUNK`` images with their uint8 patches in one tensor (one message, one pinned copy per
-chunk). Every input gives an item: pixels, or a record saying why not.
+as chunks of at most ``CHUNK`` images (the preprocessor's ``per_chunk``: a video comes alone) with their uint8
+patches in one tensor (one message, one pinned copy per chunk). Every input gives an item: pixels, or a record
+saying why not.
 
 """
 
@@ -29,7 +30,7 @@ from ..storage.plan import UnitRef
 from ..storage.records import ImageRecord, VideoRecord
 from .types import Chunk, Item
 
-CHUNK = 8  # images per message from a worker
+CHUNK = Preprocessor.per_chunk  # images per message from a worker
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +107,14 @@ class Task:
     stop: int | None = None  # None: the whole unit
     resume: int = 0  # a whole unit whose first ``resume`` chunks were delivered before its worker died
     isolated: bool = False  # decode each image in a process of its own (the task was in flight when a worker died)
+    per_chunk: int = CHUNK  # inputs per chunk (the preprocessor's ``per_chunk``: one video, eight images)
 
 
-def make_tasks(units: Sequence[UnitRef], splittable: bool) -> list[Task]:
+def make_tasks(units: Sequence[UnitRef], splittable: bool, per_chunk: int = CHUNK) -> list[Task]:
     if not splittable:
-        return [Task(u) for u in units]
-    return [Task(u, start, min(u.count, start + CHUNK)) for u in units for start in range(0, u.count, CHUNK)]
+        return [Task(u, per_chunk=per_chunk) for u in units]
+    return [Task(u, start, min(u.count, start + per_chunk), per_chunk=per_chunk)
+            for u in units for start in range(0, u.count, per_chunk)]
 
 
 class UnitReading(torch.utils.data.IterableDataset):
@@ -134,16 +137,16 @@ class UnitReading(torch.utils.data.IterableDataset):
         if task.stop is not None:  # a slice of a loose-file unit: exactly one chunk
             items = [decode(s, self.preprocessor)
                      for s in reader.samples(unit, task.start, task.stop)]
-            yield Chunk(unit.index, task.start // CHUNK, items, end=task.stop >= unit.count,
+            yield Chunk(unit.index, task.start // task.per_chunk, items, end=task.stop >= unit.count,
                         busy=time.perf_counter() - started).pack()
             return
-        seq, items, delivered = task.resume, [], task.resume * CHUNK
+        seq, items, delivered = task.resume, [], task.resume * task.per_chunk
         try:
             for number, sample in enumerate(reader.samples(unit)):
                 if number < delivered:  # read again to reach the rest, not decoded again
                     continue
                 items.append(decode(sample, self.preprocessor))
-                if len(items) == CHUNK:
+                if len(items) == task.per_chunk:
                     chunk = Chunk(unit.index, seq, items, busy=time.perf_counter() - started).pack()
                     yield chunk
                     seq, items, started = seq + 1, [], time.perf_counter()
