@@ -18,6 +18,7 @@ from helpers import vitok as run_vitok
 from PIL import Image
 
 import vitok
+from vitok.storage.keys import key_text
 
 IMG2DATASET = Path(__file__).parent / "data" / "img2dataset"  # real img2dataset output, see its README.md
 LIB = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", features=["merged", "deepstack"])
@@ -241,7 +242,7 @@ def test_plan_of_ten_thousand_listed_paths(tmp_path):
     from vitok.storage.plan import load_plan
 
     plan = load_plan(tmp_path / "out")
-    unit = plan.units[7].read()
+    unit = plan.units[7].files()
     assert unit[0] == (paths[7000], paths[7000]) and len(unit) == 1000
 
 
@@ -256,17 +257,17 @@ def test_env_part_reads_only_its_units(tmp_path):
         photo(folder / f"{i}.png", seed=i)
     run_vitok("plan", str(folder), "-o", str(tmp_path / "out"), "--shard-size", "3", check=True)
     reads = []
-    original = UnitRef.read
+    original = UnitRef.files
 
     def counting(self):
         reads.append(self.name)
         return original(self)
 
-    UnitRef.read = counting
+    UnitRef.files = counting
     try:
         vitok.extract([], tmp_path / "out", part=1, num_parts=3, shard_size=3, **LIB)
     finally:
-        UnitRef.read = original
+        UnitRef.files = original
     assert set(reads) == {"shard-000001"}
     assert os.path.exists(tmp_path / "out" / "shards" / "shard-000001.json")
 
@@ -346,3 +347,60 @@ def test_a_hugging_face_image_cell_with_only_a_path_is_recorded_with_that_path(t
     with vitok.open(out) as store:
         assert store.keys() == ["x/a"]
         assert f"only its path {str(outside)!r}" in store.skipped["x/b"]
+
+
+# ---- keys a store cannot hold ------------------------------------------------------------------------------------
+
+
+def _nul_key_inputs(root: Path, source: str) -> tuple[list[str], list[str]]:
+    """Inputs of one kind whose keys hold NUL beside good ones: (sources, the vitok keys that hold NUL)."""
+    data = [encode(image, "PNG") for image in sample_images(5)]
+    if source == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        keys = ["ok", "x\x00a", "x\x00b", "tail\x00", "tail"]  # NUL inside, two that differ after it, one at the end
+        pq.write_table(pa.table({"key": keys, "png": pa.array(data, pa.binary())}), root / "ev.parquet")
+        return [str(root / "ev.parquet")], [f"ev/{k}" for k in keys if "\x00" in k]
+    if source == "tar":
+        with tarfile.open(root / "ev.tar", "w", format=tarfile.PAX_FORMAT) as tar:  # PAX names may hold NUL
+            for key, png in zip(["ok", "x\x00a", "x\x00b", "tail\x00", "tail"], data):
+                info = tarfile.TarInfo(f"{key}.png")
+                info.size, info.pax_headers = len(png), {"path": f"{key}.png"}  # (a ustar name would end at NUL)
+                tar.addfile(info, io.BytesIO(png))
+        with tarfile.open(root / "ev.tar") as tar:
+            names = [m.name for m in tar.getmembers()]
+        if not any("\x00" in n for n in names):
+            pytest.skip("this tarfile does not keep NUL in PAX member names")
+        return [str(root / "ev.tar")], [f"ev/{n.rsplit('.', 1)[0]}" for n in names if "\x00" in n]
+    (root / "imgs").mkdir()
+    for i, png in enumerate(data[:2]):
+        (root / "imgs" / f"{i}.png").write_bytes(png)
+    listed = [str(root / "imgs" / "0.png"), str(root / "imgs" / "1.png"), str(root / "imgs" / "b\x00d.png")]
+    (root / "list.txt").write_text("\n".join(listed) + "\n")
+    return ["--files-from", str(root / "list.txt")], [listed[2]]
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "npy", "wds"])
+@pytest.mark.parametrize("source", ["parquet", "tar", "files"])
+def test_a_key_holding_nul_costs_only_its_sample_in_every_format(tmp_path, fmt, source):
+    sources, bad = _nul_key_inputs(tmp_path, source)
+    args = ["extract", *sources, "-o", str(tmp_path / "out"), "--model", "qwen3-vl-tiny", "--workers", "0",
+            "--quiet", "--format", fmt]
+    result = run_vitok(*args)
+    assert result.returncode == 0, result.stderr
+    with vitok.open(tmp_path / "out") as store:
+        skipped = {k: r for k, r in store.skipped.items() if "\x00" in k}
+        assert sorted(skipped) == sorted(bad)
+        assert all("NUL" in reason and key_text(key) in reason for key, reason in skipped.items())
+        assert not any("\x00" in k for k in store.keys()) and len(store) == 2
+        for key in store.keys():
+            assert store[key].shape[0] == store.info(key)["tokens"]["merged"]
+        count = len(store)
+    assert run_vitok("verify", str(tmp_path / "out")).returncode == 0
+    again = run_vitok(*args)  # a rerun does not die on the same keys: there is nothing left to do
+    assert again.returncode == 0, again.stderr
+    if fmt == "wds":
+        with tarfile.open(next((tmp_path / "out" / "shards").glob("*.tar"))) as tar:
+            members = [m.name for m in tar.getmembers() if m.name != "__vitok__"]
+        assert len(members) == len(set(members)) == 2 * count  # <key>.merged.npy + <key>.json, no clash

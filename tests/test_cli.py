@@ -65,3 +65,69 @@ def test_plan_and_export_flags_come_from_the_options_records(command, record, on
             assert flag_of(field) in text, (command, field.name)
             for choice in field.metadata["cli"]["choices"] or ():
                 assert choice in text, (command, field.name, choice)
+
+
+# ---- flags that would do nothing are refused, or do what they say -------------------------------------------------
+
+
+def test_bench_refuses_an_unknown_section_naming_the_sections():
+    from vitok import bench
+
+    result = run_vitok("bench", "--sections", "machine,nope")  # refused before anything runs
+    assert result.returncode == 2, result.stderr
+    assert "'nope'" in result.stderr and all(name in result.stderr for name in bench.SECTIONS)
+    assert set(bench.DEFAULT_SECTIONS.split(",")) <= set(bench.SECTIONS)
+    assert all(f"\n  {name} " in bench.__doc__ or f"; {name}:" in bench.__doc__ for name in bench.SECTIONS)
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    import vitok
+
+    root = tmp_path_factory.mktemp("cli")
+    folder = make_folder(root / "imgs", count=2, with_odd=False)
+    vitok.extract([str(folder)], root / "out", model="qwen3-vl-tiny", workers=0, features=["merged", "deepstack"])
+    return root / "out"
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--embeds", "--sources"], "--sources"),
+    (["--embeds", "--quick"], "--quick"),
+    (["--detect-changes", "hash"], "--detect-changes applies with --sources"),
+])
+def test_verify_refuses_flags_that_would_do_nothing(small_store, flags, says):
+    result = run_vitok("verify", str(small_store), *flags)
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr and result.stderr.startswith("vitok: error:")
+
+
+def test_verify_embeds_prints_json_when_asked(small_store):
+    import json
+
+    result = run_vitok("verify", str(small_store), "--embeds", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["checked"] == 2 and report["clean"] and report["layout"] == "store" and report["problems"] == []
+
+
+def test_extract_of_a_planned_store_takes_the_plans_shard_size_and_reader_options(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from helpers import png
+
+    import vitok
+
+    folder = make_folder(tmp_path / "imgs", count=5, with_odd=False)
+    assert run_vitok("plan", str(folder), "-o", str(tmp_path / "p"), "--shard-size", "3").returncode == 0
+    refused = run_vitok("extract", "-o", str(tmp_path / "p"), "--model", "qwen3-vl-tiny", "--shard-size", "4")
+    assert refused.returncode == 2 and "planned in shards of 3" in refused.stderr
+    result = run_vitok("extract", "-o", str(tmp_path / "p"), "--model", "qwen3-vl-tiny", "--workers", "0", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert len(vitok.open(tmp_path / "p")) == 5 and vitok.open(tmp_path / "p").meta["settings"]["shard_size"] == 3
+    table = pa.table({"id": ["a", "b"], "key": ["x", "y"], "png": pa.array([png(0), png(1)], pa.binary())})
+    pq.write_table(table, tmp_path / "t.parquet")
+    assert run_vitok("plan", str(tmp_path / "t.parquet"), "-o", str(tmp_path / "q"), "--key-column",
+                     "id").returncode == 0
+    result = run_vitok("extract", "-o", str(tmp_path / "q"), "--model", "qwen3-vl-tiny", "--workers", "0", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert sorted(vitok.open(tmp_path / "q").keys()) == ["t/a", "t/b"]

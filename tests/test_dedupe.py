@@ -276,3 +276,15 @@ def test_within_unit_duplicates_follow_their_first_copy_to_the_committer():
     assert [type(m) for m in sent] == [WriteBatch, CopyRows, WriteRecord, Commit]
     assert sent[1].record.copied_from == "a" and sent[2].record is bad_copy.record
     assert bad_copy.record.status == "skipped" and "same pixels as d: out of memory" in bad_copy.record.reason
+
+
+def test_reuse_refuses_an_unfinished_store_naming_what_is_unfinished(tmp_path):
+    src = collection(tmp_path / "src", 6, {})
+    vitok.extract([str(src)], tmp_path / "half", shard_size=2, part=0, num_parts=2, **TINY)  # 2 of 3 shards done
+    from vitok.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--reuse .*half is not a finished store: 1 of 3 planned shard\(s\) not done"):
+        vitok.extract([str(src)], tmp_path / "b", reuse=[str(tmp_path / "half")], **TINY)
+    assert not (tmp_path / "b").exists()  # refused before anything is written
+    vitok.extract([str(src)], tmp_path / "half", shard_size=2, part=1, num_parts=2, **TINY)
+    assert vitok.extract([str(src)], tmp_path / "b", reuse=[str(tmp_path / "half")], **TINY).reused == 6

@@ -262,6 +262,97 @@ def test_an_interrupted_export_is_cleaned_up_by_the_next(store, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "index"]
 
 
+def _temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".vitok-export-" in p.name)
+
+
+def test_a_killed_exports_folder_goes_at_once_once_its_process_is_known_dead(store, tmp_path):
+    import subprocess
+    import sys
+
+    from vitok.consumers.export_target import OWNER
+    from vitok.storage.claims import RunIdentity, _proc_start
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        here = json.loads(RunIdentity.current().to_json())  # this host, PID namespace and boot: pids can be checked
+        cases = {"dead": (dead.pid, None), "recycled": (alive.pid, "1"), "alive": (alive.pid, _proc_start(alive.pid))}
+        for name, (pid, start) in cases.items():  # what a killed export leaves: its folder, its process's record
+            folder = tmp_path / f".index.vitok-export-{pid}-{name}.tmp"
+            (folder / "img_emb").mkdir(parents=True)
+            (folder / OWNER).write_text(json.dumps({**here, "pid": pid, "proc_start": start}))
+        export_embedding_reader(store, tmp_path / "index", pool="mean")  # each folder was written a moment ago
+        assert _temps(tmp_path) == [f".index.vitok-export-{alive.pid}-alive.tmp"]
+        assert OWNER not in os.listdir(tmp_path / "index")  # the record never reaches the export
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def _fill(mount: Path, leave: int) -> None:
+    """Fill a file system until only ``leave`` bytes are free."""
+    stat = os.statvfs(mount)
+    (mount / "fill").write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+
+
+@pytest.mark.parametrize("layout, pool", [("embedding-reader", "mean"), ("vllm-ec", None), ("sglang", None)])
+def test_a_full_disk_during_an_export_is_the_clear_out_of_space_error(store, small_tmpfs, layout, pool):
+    from helpers import vitok as run_vitok
+
+    _fill(small_tmpfs, 8 << 10)  # room to begin, not to finish
+    result = run_vitok("export", str(store), str(small_tmpfs / "dest"), "--layout", layout,
+                       *(["--pool", pool] if pool else []))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("vitok: error: no space left on the device holding ") and \
+        "free space and rerun the same command" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert sorted(os.listdir(small_tmpfs)) == ["fill"]  # no temporary folder, no DEST
+
+
+SLOW_EXPORT = """
+import sys, time
+from pathlib import Path
+import vitok.consumers.serving as serving
+
+def slow(self, store, folder):  # writes a file, then takes its time, as a big export does
+    (Path(folder) / "partial").write_text("x")
+    time.sleep(120)
+
+serving.VllmEcLayout.write = slow
+from vitok.cli.app import main
+sys.argv = ["vitok", "export", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130), ("SIGKILL", -9)])
+def test_a_signalled_export_leaves_nothing_beside_dest(store, tmp_path, sig, code):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from helpers import wait_for
+
+    dest = tmp_path / "ec"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, str(store), str(dest), "--layout", "vllm-ec"],
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert wait_for(lambda: any((tmp_path / t / "partial").exists() for t in _temps(tmp_path)), process=proc)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert not dest.exists()
+    if sig == "SIGKILL":  # the process could clean nothing: the next export removes its folder at once
+        assert len(_temps(tmp_path)) == 1
+        export(store, dest, "vllm-ec")
+        assert (dest / "uuids.jsonl").exists()
+    else:
+        assert err.splitlines()[-1] == f"vitok: interrupted by {sig}; rerun the same command to resume", err
+    assert not _temps(tmp_path)
+
+
 # ---- NaN / Inf ----------------------------------------------------------------------------------------------------
 
 
@@ -347,6 +438,45 @@ def test_keys_that_are_not_utf8_export_in_every_layout(odd_keys):
 
     assert verify_embeds(odd_keys / "ec").clean
     assert export(out, odd_keys / "sg", "sglang").images == 2
+
+
+def test_every_text_form_of_a_key_maps_back_to_exactly_one_key(tmp_path):
+    from vitok.consumers.serving import entry_name
+    from vitok.storage.keys import key_from_text, key_text
+
+    folder = tmp_path / "imgs"
+    # a name that is not UTF-8, a name spelled like its escape, a backslash, a control character
+    names = [b"caf\xe9.png", b"caf\\xe9.png", b"a\\b.png", b"tab\t.png", b"plain.png"]
+    for seed, name in enumerate(names):
+        photo(folder / f"{seed}.png", seed=seed)
+        try:
+            os.rename(os.fsencode(folder / f"{seed}.png"), os.fsencode(folder) + b"/" + name)
+        except OSError:
+            pytest.skip("this file system refuses names that are not UTF-8")
+    vitok.extract([str(folder)], tmp_path / "out", model="qwen3-vl-tiny", workers=0, features=["merged", "deepstack"])
+    keys = set(vitok.open(tmp_path / "out").keys())
+    assert {os.fsencode(k) for k in keys} == set(names)
+    export(tmp_path / "out", tmp_path / "er", "embedding-reader", pool="mean")
+    export(tmp_path / "out", tmp_path / "ec", "vllm-ec")
+    export(tmp_path / "out", tmp_path / "sg", "sglang")
+    lines = [json.loads(line) for line in (tmp_path / "ec" / "uuids.jsonl").read_text().splitlines()]
+    uuid = {row["key"]: row["uuid"] for row in lines}  # the lookup the docs show
+    forms = {
+        "vllm-ec uuids.jsonl": [row["key"] for row in lines],
+        "sglang key column": [row["key"] for p in sorted((tmp_path / "sg").glob("*.parquet"))
+                              for row in pq.read_table(p).to_pylist()],
+        "embedding-reader key column": [row["key"] for p in sorted((tmp_path / "er" / "metadata").glob("*.parquet"))
+                                        for row in pq.read_table(p).to_pylist()],
+    }
+    for where, texts in forms.items():
+        assert len(set(texts)) == len(keys), where  # no two keys share a text form
+        assert {key_from_text(t) for t in texts} == keys, where  # and each text names its own key
+        assert all(t.isprintable() for t in texts), where
+    assert all(uuid[key_text(k)] == entry_name(k) for k in keys)  # each key finds its own entry
+    for text in ["caf\\xe9", "\\", "\\\\x41", "x\x00y", "caf\udce9", "\ud800", "\x7f", "a\nb", "", "é"]:
+        assert key_from_text(key_text(text)) == text and key_text(text).isprintable()
+    with pytest.raises(ValueError):
+        key_from_text("a\\qb")  # not a text form: a lone backslash
 
 
 def test_pictures_of_keys_that_are_not_utf8(odd_keys):

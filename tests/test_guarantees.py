@@ -95,19 +95,6 @@ def test_added_and_removed_inputs_are_refused_then_planned_with_update(tmp_path)
 # ---- 3. a full disk ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
 @pytest.mark.parametrize("fmt", ["hdf5", "npy"])
 def test_a_full_disk_is_a_clear_error_and_a_rerun_resumes(tmp_path, small_tmpfs, fmt):
     folder = make_folder(tmp_path / "imgs", count=8, with_odd=False)

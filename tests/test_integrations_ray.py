@@ -30,3 +30,19 @@ def test_token_encoder_gives_each_row_the_tokens_of_extract_and_an_error_for_bad
     for row, photo in ((0, photos[0]), (2, photos[1])):
         np.testing.assert_array_equal(result["merged"][row], store[photo.name])
         assert list(result["grid"][row]) == store.info(photo.name)["grid_thw"]
+
+
+def test_write_store_records_a_key_holding_nul_as_skipped_and_writes_the_rest(tmp_path):
+    from vitok.integrations.ray import TokenEncoder, write_store
+
+    photo = next(p for p in sorted(PHOTOS.iterdir()) if p.suffix.lower() in (".jpg", ".png"))
+    options = dict(model="qwen3-vl-tiny", store_dtype="float32", features=("merged",), dtype="float32")
+    images = np.empty(3, dtype=object)
+    images[:] = [photo.read_bytes()] * 3
+    batch = TokenEncoder(**options)({"key": np.array(["a", "x\x00y", "b"], dtype=object), "image": images})
+    for fmt in ("hdf5", "npy", "wds"):
+        assert write_store([batch], tmp_path / fmt, format=fmt, **options) == 1
+        with vitok.open(tmp_path / fmt) as store:
+            assert store.keys() == ["a", "b"]
+            assert "NUL" in store.skipped["x\x00y"]
+            np.testing.assert_array_equal(store["a"], batch["merged"][0])

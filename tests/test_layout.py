@@ -32,14 +32,15 @@ def _imports(path: Path) -> set[str]:
 
 
 # The stages in flow order (docs/architecture.md draws it): a stage imports only the stages before it. The
-# exceptions are named: the store's layout is a leaf of names that the input walk reads (never to enter a store),
-# and the store's plan reads what the inputs are (listings, archive descriptions), never how they are decoded.
+# exceptions are named: the store's layout is a leaf of names that the input walk reads (never to enter a store), the
+# key rules a leaf the input readers ask (which keys a store can hold), and the store's plan reads what the inputs are
+# (listings, archive descriptions), never how they are decoded.
 STAGES = ("inputs", "encoder", "storage", "pipeline", "run", "consumers", "cli")
 ALLOWED = {
-    "inputs": ("vitok.storage.layout",),
+    "inputs": ("vitok.storage.layout", "vitok.storage.keys"),
     "storage": ("vitok.inputs.sources", "vitok.inputs.archives"),
 }
-LEAVES = ("vitok/version.py", "vitok/errors.py", "vitok/storage/layout.py")
+LEAVES = ("vitok/version.py", "vitok/errors.py", "vitok/storage/layout.py", "vitok/storage/keys.py")
 
 
 def _stage_rules():

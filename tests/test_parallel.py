@@ -8,12 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from conftest import ROOT
-from helpers import TINY, all_tokens, make_folder, popen_vitok
+from helpers import TINY, all_tokens, make_folder, popen_vitok, wait_for
 from helpers import vitok as run_vitok
 
 import vitok
@@ -125,11 +124,7 @@ def test_killed_part_is_finished_by_a_rerun_and_other_part_counts_redo_nothing(t
             "--quiet", "--store-dtype", "float32"]
     run_vitok(*args, "--part", "0", "--num-parts", "2", check=True)
     proc = popen_vitok(*args, "--part", "1", "--num-parts", "2")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((out / "shards").glob("*.json"))) >= 5:
-            break
-        time.sleep(0.05)
+    wait_for(lambda: len(list((out / "shards").glob("*.json"))) >= 5, process=proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert run_vitok("verify", str(out)).returncode == 1

@@ -38,3 +38,15 @@ def test_output_formats():
     assert isinstance(as_list, list) and len(as_list[0][0]) == 512
     with pytest.raises(UsageError):
         Qwen3VLPipeline("small", output_format="xml")
+
+
+@pytest.mark.slow
+def test_original_pipeline_tokens_equal_extracts(tmp_path):
+    """The original API is the same encoder and preprocessing as ``vitok.extract``, not a look-alike."""
+    import vitok
+
+    photo = PHOTOS / "rocket.jpg"
+    pipe = Qwen3VLPipeline(model_size="small", pooling_strategy="mean", device="cpu", output_format="numpy")
+    vitok.extract([str(photo)], tmp_path / "out", model="small", pool="mean", store_dtype="float32", workers=0)
+    stored = vitok.open(tmp_path / "out")
+    np.testing.assert_allclose(pipe.process_image(photo)[0], stored[stored.keys()[0]], rtol=1e-5, atol=1e-5)

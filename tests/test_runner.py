@@ -5,13 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import signal
-import time
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, all_tokens, make_folder, popen_vitok
+from helpers import TINY, all_tokens, make_folder, popen_vitok, wait_for
 from helpers import vitok as run_vitok
 
 import vitok
@@ -118,12 +117,7 @@ def test_resume_after_sigkill_redoes_nothing_finished(tmp_path):
     args = ["extract", str(folder), "-o", str(out), "--size", "small", "--workers", "0", "--shard-size", "2",
             "--quiet", "--store-dtype", "float32"]
     proc = popen_vitok(*args)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "shards").glob("*.json"))) < 2 if (out / "shards").exists() \
-            else time.time() < deadline:
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
+    wait_for(lambda: len(list((out / "shards").glob("*.json"))) >= 2, process=proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.json")}

@@ -122,7 +122,7 @@ def test_plan_units_and_seeking_to_one_unit(tmp_path):
     plan = load_plan(tmp_path / "out")
     assert [u.name for u in plan.units] == [f"shard-{i:06d}" for i in range(5)]
     assert [u.count for u in plan.units] == [5, 5, 5, 5, 3] and plan.num_images == 23
-    fourth = plan.units[3].read()
+    fourth = plan.units[3].files()
     assert [key for key, _ in fourth] == [f"{i:03d}.jpg" for i in range(15, 20)]
     assert fourth[0][1] == str(tmp_path / "imgs" / "015.jpg")
     assert plan.latest.listing_digest == listing_digest(listing)

@@ -45,12 +45,29 @@ import torch
 
 from .common import ROWS, have_transformers, matmul_rates, row
 
+SECTIONS = ("machine", "encoder", "encoder-full", "families", "data", "e2e", "loop", "startup", "bf16", "attention",
+            "decoders", "plan", "rss", "reads", "index", "train", "memory", "ray")  # as the docstring lists them
 DEFAULT_SECTIONS = "machine,encoder,encoder-full,data,e2e,memory"
 
 
+def sections(value: str) -> set[str]:
+    """``--sections``: a comma list of known sections (an unknown one is a usage error naming them all)."""
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    unknown = sorted(names - set(SECTIONS))
+    if unknown or not names:
+        what = f"unknown section(s) {', '.join(repr(n) for n in unknown)}" if unknown else "no section named"
+        raise argparse.ArgumentTypeError(f"{what}; sections: {', '.join(SECTIONS)}")
+    return names
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A usage error is one line and exit 2, as every vitok command's (``--help`` shows the usage)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vitok bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="vitok bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--preset", default="qwen3-vl-2b")
@@ -58,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
                    help="presets for the families section")
     p.add_argument("--depth", type=int, default=2, help="tower depth when not --full")
     p.add_argument("--full", action="store_true", help="full-depth tower")
-    p.add_argument("--sections", default=DEFAULT_SECTIONS, help=f"comma list; default {DEFAULT_SECTIONS}")
+    p.add_argument("--sections", type=sections, default=DEFAULT_SECTIONS,
+                   help=f"comma list of: {', '.join(SECTIONS)}; default {DEFAULT_SECTIONS}")
     p.add_argument("--images", type=int, default=16, help="JPEGs for e2e (16 distinct, the rest repeats)")
     p.add_argument("--data-images", type=int, default=16, help="JPEGs timed in the data section")
     p.add_argument("--decoder-images", type=int, default=256, help="JPEGs timed in the decoders section")
@@ -94,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     from .cpu_bf16 import cpu_features
 
     args = parser().parse_args(argv)
-    args.sections = set(args.sections.split(","))
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]

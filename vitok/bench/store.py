@@ -41,7 +41,7 @@ planned = time.perf_counter() - start
 start = time.perf_counter()
 plan = load_plan(out)
 mine = [u for u in plan.units if u.index % 64 == 5]
-first = mine[0].read()
+first = mine[0].files()
 started = time.perf_counter() - start
 print(planned, started, len(plan.units), len(mine), peak_mb())
 """

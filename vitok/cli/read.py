@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from ..consumers.export import ExportOptions  # light: the export's options record
+from ..storage.keys import key_text
 from ..storage.plan.changes import MODES as CHANGE_MODES
 from .app import _safe, _setup_logging, app
 from .flags import choice_type, option_parameters
@@ -55,7 +56,7 @@ def info(
          + (f", {report.images_removed} removed from the sources" if report.images_removed else ""))
     for title, table in (("skipped", skipped), ("failed", failed)):
         for key, reason in sorted(table.items())[:50]:
-            echo(f"  {title:8s} {_safe(key)}: {_safe(reason)}")
+            echo(f"  {title:8s} {key_text(key)}: {_safe(reason)}")
         if len(table) > 50:
             echo(f"  ... and {len(table) - 50} more {title}")
     for line in report.input_errors:  # of the last attempt of each input still in the sources
@@ -64,7 +65,7 @@ def info(
     if nonfinite:
         echo(f"nan/inf    {len(nonfinite)} image(s) hold NaN/Inf values (exports leave them out)")
         for key, count in sorted(nonfinite.items())[:10]:
-            echo(f"  nan/inf  {_safe(key)}: {count} value(s)")
+            echo(f"  nan/inf  {key_text(key)}: {count} value(s)")
     if report.problems:
         echo(f"damage     {len(report.problems)} problem(s); run 'vitok verify {out}'")
         for problem in report.problems[:5]:
@@ -91,21 +92,39 @@ def verify(
     sources: Annotated[bool, typer.Option(help="Also compare every record with its input as it is now: stale "
                                           "records (the input changed since it was extracted) fail the check."
                                           )] = False,
-    detect_changes: Annotated[choice_type("verify_detect_changes", CHANGE_MODES[:2]), typer.Option(
-        help="With --sources: compare size and modification time, or the content (reads every input).")] = "mtime",
+    detect_changes: Annotated[choice_type("verify_detect_changes", CHANGE_MODES[:2]) | None, typer.Option(
+        help="With --sources: compare size and modification time, or the content (reads every input). "
+             "[default: mtime]")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
 ) -> None:
     """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem, on an unfinished
     store (shards not done, inputs or archives that could not be read: what export refuses) or (with --sources) on a
-    stale record. With --embeds, check every embedding of a serving export against the
-    model's contract.
+    stale record. With --embeds, check every embedding of a serving export (or of a store, as it would be exported)
+    against the model's contract instead; the store checks (--sources, --quick) are a separate run.
 
     Example: vitok verify out/ --sources
     """
+    from ..errors import UsageError
+
+    mode = getattr(detect_changes, "value", detect_changes)
+    if embeds and (sources or quick):
+        given = " and ".join(f for f, on in (("--sources", sources), ("--quick", quick)) if on)
+        raise UsageError(f"--embeds checks served embeddings, {given} check a store's shards: run them apart "
+                         f"(vitok verify {out} --embeds; vitok verify {out}{' --sources' if sources else ''}"
+                         f"{' --quick' if quick else ''})")
+    if mode is not None and not sources:
+        raise UsageError("--detect-changes applies with --sources (it says how inputs are compared with their "
+                         "records)")
     if embeds:
         from ..consumers.serving import verify_embeds
 
         result = verify_embeds(out)
+        if json_output:
+            typer.echo(json.dumps({"checked": result.checked, "layout": result.layout, "problems": result.problems,
+                                   "clean": result.clean}))
+            if not result.clean:
+                raise typer.Exit(1)
+            return
         for problem in result.problems[:50]:
             typer.echo(f"problem: {_safe(problem)}", err=True)
         if len(result.problems) > 50:
@@ -116,8 +135,7 @@ def verify(
         return
     from ..storage.verify import verify_store
 
-    mode = getattr(detect_changes, "value", detect_changes)
-    report = verify_store(out, quick=quick, sources=mode if sources else None)
+    report = verify_store(out, quick=quick, sources=(mode or "mtime") if sources else None)
     if json_output:
         typer.echo(json.dumps(report.to_dict()))
         if not report.clean:

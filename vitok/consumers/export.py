@@ -17,9 +17,10 @@ Every layout goes through one gate, in this order, and nothing is created before
 
 Images whose tokens hold NaN or Inf (counted at extraction in the record's ``nonfinite``, float16 overflow, or
 found in the data) are **left out with a count**: logged, and listed with the reason in ``DEST/.vitok-export.json``
-(``left_out``). A store where every image would be left out is refused. Keys that are not valid UTF-8 (file names
-are bytes) are exported: parquet text columns carry them with ``\\xNN`` escapes, and a ``key_bytes`` column holds
-the exact bytes. pyarrow is the ``vitok[parquet]`` extra.
+(``left_out``). A store where every image would be left out is refused. Every key is exported: text columns
+(``key``, ``source``, ``member``) hold ``vitok.storage.keys.key_text``, the one injective text form of a name (a
+backslash doubled; bytes that are not UTF-8 and control characters as ``\\xNN``), and when any key's text differs
+from the key a ``key_bytes`` column holds the exact bytes. pyarrow is the ``vitok[parquet]`` extra.
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ from typing import Any
 
 from ..atomic import AtomicFile
 from ..errors import StoreError, UsageError
+from ..interrupts import stop_on_signals
 from ..pipeline.pool import POOLS as ALL_POOLS
 from ..run.options import option
+from ..storage.files import is_no_space, raise_store_error
+from ..storage.keys import key_bytes, key_text
 
 logger = logging.getLogger(__name__)
 
@@ -79,20 +83,22 @@ class ExportResult:
 # ---- helpers shared by the layouts ---------------------------------------------------------------------------------
 
 
-def key_bytes(key: str) -> bytes:
-    """The exact bytes of a key (keys from non-UTF-8 file names hold surrogate escapes)."""
-    return key.encode("utf-8", "surrogateescape")
-
-
 def printable(text: str | None) -> str | None:
-    """Text any UTF-8 consumer accepts: bytes that were not UTF-8 become ``\\xNN``; valid text is unchanged."""
+    """Free text (a caption) any UTF-8 consumer accepts: bytes that were not UTF-8 become ``\\xNN``; valid text is
+    unchanged. Names (keys, sources, members) are written with ``key_text`` instead, which is injective."""
     if text is None:
         return None
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def name_text(name: str | None) -> str | None:
+    """``key_text`` of a key, source or member; None stays None."""
+    return None if name is None else key_text(name)
+
+
 def needs_key_bytes(keys: list[str]) -> bool:
-    return any(printable(k) != k for k in keys)
+    """Whether a ``key_bytes`` column is written: some key's text form is not the key itself."""
+    return any(key_text(k) != k for k in keys)
 
 
 def nonfinite_reason(record: dict[str, Any], values=None) -> str | None:
@@ -228,8 +234,8 @@ class EmbeddingReaderLayout:
 def _metadata_table(keys: list[str], rows: list[dict[str, Any]]):
     import pyarrow as pa
 
-    table = {"key": [printable(k) for k in keys], "source": [printable(r.get("source")) for r in rows],
-             "member": [printable(r.get("member")) for r in rows]}
+    table = {"key": [key_text(k) for k in keys], "source": [name_text(r.get("source")) for r in rows],
+             "member": [name_text(r.get("member")) for r in rows]}
     if needs_key_bytes(keys):
         table["key_bytes"] = pa.array([key_bytes(k) for k in keys], type=pa.binary())
     captions = [(r.get("meta") or {}).get("caption") for r in rows]
@@ -281,21 +287,25 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
     from .export_target import ExportMarker, ExportTarget, store_identity
 
     writer = make_layout(layout, feature, pool, normalize, dtype, key)
-    store = open_store(store_path)
-    try:
+    with stop_on_signals(), open_store(store_path) as store:  # SIGTERM/SIGINT: Interrupted, the folder removed
         writer.check(store)
         identity = store_identity(store.header)
         target = ExportTarget(dest, identity, store.root)
         missing = check_store(store, allow_partial)
         folder = target.begin()
         try:
-            count, left_out = writer.write(store, folder)
+            try:
+                count, left_out = writer.write(store, folder)
+            except Exception as exc:  # (safetensors and pyarrow say ENOSPC in their own exception types)
+                if is_no_space(exc):
+                    raise_store_error(exc, target.dest)
+                raise
             if left_out and not count:
                 raise StoreError(f"every image of {store.root} holds NaN/Inf values ({len(left_out)}; e.g. "
-                                 f"{printable(next(iter(left_out)))!r}: {next(iter(left_out.values()))}): nothing to "
+                                 f"{key_text(next(iter(left_out)))!r}: {next(iter(left_out.values()))}): nothing to "
                                  "export. Check the checkpoint and the store dtype")
             if left_out:
-                sample = ", ".join(repr(printable(k)) for k in list(left_out)[:5])
+                sample = ", ".join(repr(key_text(k)) for k in list(left_out)[:5])
                 logger.warning("left out %d image(s) whose tokens hold NaN/Inf values (%s%s); the list is in %s",
                                len(left_out), sample, ", ..." if len(left_out) > 5 else "",
                                Path(dest) / ".vitok-export.json")
@@ -311,8 +321,6 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
         except BaseException:
             target.abort()
             raise
-    finally:
-        store.close()
     return ExportResult(writer.name, Path(dest), count, left_out, missing)
 
 

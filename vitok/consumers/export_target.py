@@ -6,8 +6,16 @@ the old export or the new one, never a mix of two stores or a half-written folde
                                 options, how many images, which were left out and why; written last, inside the
                                 temporary folder, so a folder holding it is a finished export
 
-An export killed midway leaves ``.<DEST name>.vitok-export-<pid>-<random>.tmp`` beside DEST; the next export to the
-same DEST removes it once its process is gone.
+The temporary folder is ``.<DEST name>.vitok-export-<pid>-<random>.tmp`` beside DEST, holding (until the swap) the
+exporting process's record ``.vitok-export-owner.json`` (host, pid, its start time, PID namespace and boot id, as
+shard claims record them: ``vitok.storage.claims``). SIGTERM and SIGINT remove it before the process ends; a process
+killed outright (SIGKILL, the OOM killer) leaves it, and the next export to the same DEST removes it:
+
+- at once, when the record shows a process of this host, PID namespace and boot that is gone (its pid not running,
+  or running a process started at another time);
+- otherwise (no readable record, another container or boot, so the pid cannot be judged here), once its pid does not
+  run here and nothing in the folder changed for 10 minutes (``STALE_AFTER``): an export running in another PID
+  namespace keeps writing and is never touched.
 """
 
 from __future__ import annotations
@@ -26,14 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError, UsageError
-from ..storage.claims import STALE_AFTER, process_alive
-from ..storage.files import fsync_dir
+from ..interrupts import signals_held
+from ..storage.claims import STALE_AFTER, RunIdentity, process_alive, read_claim
+from ..storage.files import fsync_dir, is_no_space, raise_store_error
 from ..storage.records import RunHeader, dumps
 
 logger = logging.getLogger(__name__)
 
 MARKER = ".vitok-export.json"
 MARKER_SCHEMA = 1
+OWNER = ".vitok-export-owner.json"  # in the temporary folder only: which process writes it
 _TEMP_TAG = ".vitok-export-"
 
 
@@ -146,18 +156,26 @@ class ExportTarget:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}{_TEMP_TAG}{os.getpid()}-", suffix=".tmp",
                                              dir=parent))
             os.chmod(self.tmp, 0o777 & ~_umask())
+            (self.tmp / OWNER).write_text(RunIdentity.current().to_json())
         except OSError as exc:
             self.abort()
+            if is_no_space(exc):
+                raise_store_error(exc, self.dest)
             raise StoreError(f"cannot write beside DEST {self.dest}: {exc.strerror or exc}") from None
         return self.tmp
 
     def _remove_stale_temps(self) -> None:
         prefix = f".{self.dest.name}{_TEMP_TAG}"
+        here = RunIdentity.current()
         for path in self.dest.parent.glob(f"{prefix}*.tmp"):
             pid = path.name[len(prefix):].split("-", 1)[0]
-            # a pid is only checked here in this PID namespace; an export in another container looks dead: its
-            # folder must also have been left untouched for a while
-            if pid.isdigit() and not process_alive(int(pid)) and _untouched_for(path, STALE_AFTER):
+            if not pid.isdigit():
+                continue
+            owner = read_claim(path / OWNER)
+            gone = here.judges_gone(owner) if owner is not None and owner.get("pid") == int(pid) else None
+            if gone is None:  # the pid cannot be judged here (another PID namespace looks dead): wait for quiet
+                gone = not process_alive(int(pid)) and _untouched_for(path, STALE_AFTER)
+            if gone:
                 logger.info("removing %s, left by an interrupted export", path.name)
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -166,21 +184,25 @@ class ExportTarget:
         assert self.tmp is not None, "begin() first"
         try:
             (self.tmp / MARKER).write_text(dumps(marker.to_json()) + "\n")
-            if self.replacing and self.dest.is_dir():
-                if self.dest.stat().st_ino != self._inode:
-                    raise StoreError(f"DEST {self.dest} changed during the export; nothing was replaced")
-                if not _exchange(self.tmp, self.dest):  # no renameat2: two renames, a moment without DEST
-                    old = self.tmp.with_name(self.tmp.name[:-len(".tmp")] + "-old.tmp")
-                    os.rename(self.dest, old)
-                    os.rename(self.tmp, self.dest)
-                    self.tmp = old
-                shutil.rmtree(self.tmp, ignore_errors=True)  # now the old export
-            else:
-                os.rename(self.tmp, self.dest)  # fails if DEST appeared meanwhile with content
-            self.tmp = None
+            with signals_held():  # SIGTERM/SIGINT wait for the swap: never DEST gone and the old export aside
+                (self.tmp / OWNER).unlink()
+                if self.replacing and self.dest.is_dir():
+                    if self.dest.stat().st_ino != self._inode:
+                        raise StoreError(f"DEST {self.dest} changed during the export; nothing was replaced")
+                    if not _exchange(self.tmp, self.dest):  # no renameat2: two renames, a moment without DEST
+                        old = self.tmp.with_name(self.tmp.name[:-len(".tmp")] + "-old.tmp")
+                        os.rename(self.dest, old)
+                        os.rename(self.tmp, self.dest)
+                        self.tmp = old
+                    shutil.rmtree(self.tmp, ignore_errors=True)  # now the old export
+                else:
+                    os.rename(self.tmp, self.dest)  # fails if DEST appeared meanwhile with content
+                self.tmp = None
             fsync_dir(self.dest.parent)
         except OSError as exc:
             self.abort()
+            if is_no_space(exc):
+                raise_store_error(exc, self.dest)
             raise StoreError(f"cannot put the export in place at {self.dest}: {exc.strerror or exc}") from None
 
     def abort(self) -> None:

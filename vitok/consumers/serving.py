@@ -14,17 +14,18 @@ and counts a hit by ``os.path.exists``) and the Qwen3-VL tower of ``vllm/model_e
                                             Qwen3-VL (merger output first, then the levels in order), out_hidden_size
                                             for Qwen2-VL / Qwen2.5-VL / Qwen3.5
     DEST/uuids.jsonl                        one line per image: {"key", "uuid" (= <name>), "image_grid_thw", "tokens"};
-                                            pass "uuid" as the request's multi_modal_uuids. A key that is not
-                                            UTF-8 (a file name's bytes) is written with ``\\xNN`` escapes and its
-                                            exact bytes in "key_bytes_hex", so strict JSON readers accept the line
+                                            pass "uuid" as the request's multi_modal_uuids. "key" is the key's
+                                            text form (``vitok.storage.keys.key_text``: injective, printable;
+                                            a backslash doubled, bytes that are not UTF-8 as ``\\xNN``); where it
+                                            differs from the key, "key_bytes_hex" holds the exact bytes
 
 ``<name>`` is the key made file-system safe (characters outside ``[A-Za-z0-9._-]`` become ``_``, at most its last
 60) followed by ``-`` and 32 hex digits of blake2b over the key's bytes: distinct keys get distinct names, also on
 case-insensitive file systems. ``--key content`` names entries by the record's ``content_id`` instead (one entry
 per distinct content).
 
-**sglang**: ``DEST/embeds-NNNNN.parquet``, one row per image: ``key`` (text; ``\\xNN`` for bytes that are not
-UTF-8), ``key_bytes`` (the exact key), ``feature`` (the same tensor as vllm-ec, packed bfloat16 little-endian, row
+**sglang**: ``DEST/embeds-NNNNN.parquet``, one row per image: ``key`` (its text form, as in uuids.jsonl),
+``key_bytes`` (the exact key), ``feature`` (the same tensor as vllm-ec, packed bfloat16 little-endian, row
 major), ``dtype`` ("bfloat16"), ``shape`` ([tokens, width]), ``image_grid_thw`` ([[t, h, w]]). Readable with
 pyarrow alone; ``examples/sglang_precomputed.py`` builds SGLang's ``{"format": "precomputed_embedding", ...}`` item.
 """
@@ -40,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError, UsageError
-from .export import key_bytes, nonfinite_reason, printable
+from ..storage.keys import key_bytes, key_text
+from .export import nonfinite_reason
 
 ENTRY_FILE = "encoder_cache.safetensors"
 TENSOR_NAME = "ec_cache"
@@ -117,7 +119,7 @@ class EmbedsContract:
     def check(self, key: str, tensor, grid) -> None:
         found = self.problems(tensor, grid)
         if found:
-            raise StoreError(f"image {printable(key)!r} cannot be served: {'; '.join(found)}; nothing exported")
+            raise StoreError(f"image {key_text(key)!r} cannot be served: {'; '.join(found)}; nothing exported")
 
 
 def entry_name(key: str) -> str:
@@ -179,7 +181,7 @@ class _ServingLayout:
             lacking = [k for k in store.keys() if not store.info(k).get("content_id")]
             if lacking:
                 raise UsageError(f"--key content needs a content_id in every image record; {len(lacking)} of "
-                                 f"{len(store)} lack one (e.g. {printable(lacking[0])!r}): this store was written "
+                                 f"{len(store)} lack one (e.g. {key_text(lacking[0])!r}): this store was written "
                                  "before content ids. Use --key store")
 
 
@@ -205,14 +207,14 @@ class VllmEcLayout(_ServingLayout):
                 else:
                     name = entry_name(key)
                 if name.lower() in written and (self.key_mode == "store" or written[name.lower()] != name):
-                    raise StoreError(f"image {printable(key)!r}: its entry name {name!r} collides with another's")
+                    raise StoreError(f"image {key_text(key)!r}: its entry name {name!r} collides with another's")
                 if name.lower() not in written:
                     written[name.lower()] = name
                     (folder / name).mkdir()
                     save_file({TENSOR_NAME: embeds}, str(folder / name / ENTRY_FILE))
-                line = {"key": printable(key), "uuid": name, "image_grid_thw": grid.tolist(),
+                line = {"key": key_text(key), "uuid": name, "image_grid_thw": grid.tolist(),
                         "tokens": int(embeds.shape[0])}
-                if line["key"] != key:  # lone surrogates are not JSON every reader accepts
+                if line["key"] != key:  # (the text form is exact too; the bytes save a reader the unescaping)
                     line["key_bytes_hex"] = key_bytes(key).hex()
                 uuids.write(json.dumps(line, ensure_ascii=True) + "\n")
                 count += 1
@@ -257,7 +259,7 @@ class SglangLayout(_ServingLayout):
                     if writer is not None:
                         writer.close()
                     writer = pq.ParquetWriter(folder / f"embeds-{count // ROWS_PER_FILE:05d}.parquet", self.schema())
-                rows.append({"key": printable(key), "key_bytes": key_bytes(key), "feature": pack_bf16(embeds),
+                rows.append({"key": key_text(key), "key_bytes": key_bytes(key), "feature": pack_bf16(embeds),
                              "dtype": "bfloat16", "shape": list(embeds.shape), "image_grid_thw": grid.tolist()})
                 count += 1
                 if len(rows) >= ROWS_PER_GROUP:
@@ -311,7 +313,7 @@ def _vllm_ec_entries(folder: Path) -> Iterator[tuple[str, Any, Any, str | None]]
             try:
                 entry = json.loads(line)
                 key, name, grid = entry["key"], entry["uuid"], entry["image_grid_thw"]
-                if "key_bytes_hex" in entry:  # the exact key of a name that is not UTF-8
+                if "key_bytes_hex" in entry:  # the exact key, where its text form differs
                     key = bytes.fromhex(entry["key_bytes_hex"]).decode("utf-8", "surrogateescape")
             except (ValueError, KeyError, TypeError):
                 yield f"{UUIDS_FILE} line {number}", None, None, "not a JSON line with key, uuid and image_grid_thw"
@@ -384,7 +386,7 @@ def verify_embeds(path: str | Path) -> EmbedsReport:
                 checked += 1
                 found = ([reason] if reason else []) + contract.problems(embeds, grid)
                 if found:
-                    problems.append(f"{printable(key)!r}: {'; '.join(found)}")
+                    problems.append(f"{key_text(key)!r}: {'; '.join(found)}")
             return EmbedsReport(checked, problems, "store")
     if marker.layout not in ("vllm-ec", "sglang") or not marker.contract:
         raise UsageError(f"{path} is a {marker.layout} export; --embeds checks the vllm-ec and sglang layouts")
@@ -395,7 +397,7 @@ def verify_embeds(path: str | Path) -> EmbedsReport:
         checked += 1
         found = [problem] if problem else contract.problems(tensor, grid)
         if found:
-            problems.append(f"{printable(key)!r}: {'; '.join(found)}")
+            problems.append(f"{key_text(key)!r}: {'; '.join(found)}")
     if checked != marker.images:
         problems.append(f"{checked} embedding(s) found, the marker says {marker.images} were exported")
     return EmbedsReport(checked, problems, marker.layout)

@@ -6,12 +6,59 @@ from __future__ import annotations
 import json
 import os
 import stat as stat_module
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .sources import archive_stem, is_url, open_regular
+
+
+@dataclass(frozen=True)
+class ArchiveUnit:
+    """One plan unit of an archive input (a tar, or a parquet row group), as the plan stores it: one JSON object,
+    kept whole (fields a later version adds survive a read and a rewrite)."""
+
+    data: Mapping[str, Any]
+
+    @property
+    def path(self) -> str:
+        return self.data["path"]
+
+    @property
+    def stem(self) -> str:
+        return self.data["stem"]
+
+    @property
+    def name(self) -> str | None:
+        return self.data.get("name")
+
+    @property
+    def row_group(self) -> int | None:  # parquet: the row group (None: the file has none or cannot be read)
+        return self.data.get("row_group")
+
+    @property
+    def bytes(self) -> int | None:  # the archive's size and modification time when planned (None: a URL)
+        return self.data.get("bytes")
+
+    @property
+    def mtime_ns(self) -> int | None:
+        return self.data.get("mtime_ns")
+
+    @property
+    def sha256(self) -> str | None:  # planned with --detect-changes hash
+        return self.data.get("sha256")
+
+    @property
+    def error(self) -> str | None:  # why the archive could not be read when planned
+        return self.data.get("error")
+
+    @property
+    def expected(self) -> int:  # images, -1 when not known before reading
+        return self.data.get("expected", -1)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.data)
 
 
 @dataclass

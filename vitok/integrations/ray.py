@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageError, UsageError
+from ..storage.keys import key_text, unstorable
 from ..storage.layout import SHARDS_DIR, shard_name
 
 IMAGE_COLUMN = "image"
@@ -154,11 +155,9 @@ def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", sha
         **options: the same options ``TokenEncoder`` was given (they are the store's settings; give ``dtype``
             explicitly when the actors' device differs from the driver's, since ``auto`` depends on the device).
     """
-    from ..encoder.inference import load_encoder, resolve_dtype
+    from ..encoder.inference import load_encoder, resolve_device, resolve_dtype
     from ..environment import describe_environment
-    from ..inputs.readers import ReaderOptions
     from ..run.job import Job, check_out_folder
-    from ..run.parallel import Part
     from ..run.settings_schema import make_settings, new_header
     from ..storage import SidecarStamp, get_format, new_store
 
@@ -169,9 +168,9 @@ def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", sha
     spec = Spec({**options, "shard_size": shard_size})
     opts = spec.options
     encoder = load_encoder(spec.source, "cpu", opts.dtype if opts.dtype != "auto" else "float32", seed=opts.seed)
-    dtype = resolve_dtype(opts.dtype, _device(opts.device))
-    job = Job(out, opts, Part(0, 1, None, "single"), spec.source, spec.preprocess, spec.features, ReaderOptions(),
-              None, [], None, None, None, _device(opts.device), dtype)
+    device = resolve_device(opts.device)
+    job = Job.for_stream(out, opts, spec.source, spec.preprocess, spec.features, device,
+                         resolve_dtype(opts.dtype, device))
     header = new_header(job, make_settings(job, encoder.weights_hash), describe_environment(encoder))
     out.mkdir(parents=True, exist_ok=True)
     header, created = new_store(out, header)
@@ -183,13 +182,6 @@ def write_store(dataset, out: str | os.PathLike, *, key_column: str = "key", sha
     for batch in batches:
         writer.add(batch, key_column)
     return writer.close()
-
-
-def _device(name: str):
-    import torch
-
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto"
-                        else name)
 
 
 class _ShardWriter:
@@ -215,6 +207,9 @@ class _ShardWriter:
                                   spec.options.store_dtype, spec.options.compression, self.run)
         key = str(row[key_column])
         error = str(row.get("vitok_error") or "")
+        problem = unstorable(key)
+        if problem is not None:  # costs this row, not the shard
+            error = f"its key '{key_text(key)}' {problem}; not stored"
         if error:
             self.sink.add_record(ImageRecord(key, "skipped", "ray", reason=error))
         else:

@@ -28,12 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SettingsMismatchError, StoreError
+from ..errors import SettingsMismatchError, StoreError, UsageError
 from ..storage import RunHeader, read_header
 from ..storage.files import checksum
 from ..storage.format import ShardDataReader
 from ..storage.records import ImageRecord, Settings, Sidecar, diff_settings
 from ..storage.shards import get_format, iter_sidecars, shards_dir
+from ..storage.verify import verify_store
 from .committer import Commit, CopyRows, WriteBatch, WriteRecord
 from .types import EncodedBatch, RunCounts, UnitEnd
 
@@ -179,7 +180,8 @@ class Donors:
 
 
 def check_reuse(root: Path, settings: Settings) -> RunHeader:
-    """A ``--reuse`` store's header, refused unless its tokens were made with the same token settings."""
+    """A ``--reuse`` store's header, refused unless it is a finished store (as ``vitok verify`` and export judge it)
+    whose tokens were made with the same token settings."""
     try:
         header = read_header(root)
     except StoreError as exc:
@@ -188,6 +190,10 @@ def check_reuse(root: Path, settings: Settings) -> RunHeader:
     if differences:
         raise SettingsMismatchError(f"--reuse {root} was made with other token settings ({'; '.join(differences)}); "
                                     "reuse only stores made with the same model, weights and settings")
+    unfinished = verify_store(root, quick=True).unfinished
+    if unfinished:
+        raise UsageError(f"--reuse {root} is not a finished store: {'; '.join(unfinished)}; finish it first "
+                         f"(vitok extract -o {root}), or leave it out")
     return header
 
 

@@ -1,18 +1,15 @@
 """``vitok.extract``: options checked, the engine chosen, the job decided (``job.prepare``), then run; SIGTERM and
-SIGINT raise ``Interrupted`` in the main thread so that the run stops cleanly."""
+SIGINT raise ``Interrupted`` in the main thread (``vitok.interrupts``) so that the run stops cleanly."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import Interrupted
+from ..interrupts import stop_on_signals
 from .engines import engine_class
 from .job import prepare
 from .options import ExtractOptions, make_options, option_fields
@@ -57,23 +54,3 @@ def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-o
             run.phases["torch_import"] = job.torch_import_seconds
         run.phases["plan"] = time.perf_counter() - started - job.torch_import_seconds
         return run.execute()
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM and SIGINT raise Interrupted in the main thread (once; repeats are ignored while cleaning up)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, _frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

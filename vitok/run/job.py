@@ -68,6 +68,14 @@ class Job:
         return Preprocessor(self.preprocess)
 
 
+    @classmethod
+    def for_stream(cls, out: Path, options: ExtractOptions, source: ModelSource, preprocess: PreprocessConfig,
+                   features: tuple[str, ...], device: Any, dtype: Any) -> Job:
+        """A job whose inputs come as a stream (``integrations.ray.write_store``): no listing, plan or stored
+        header, one part."""
+        return cls(out, options, Part(0, 1, None, "single"), source, preprocess, features, ReaderOptions(),
+                   listing=None, sources=[], plan=None, plan_diff=None, header=None, device=device, dtype=dtype)
+
     @property
     def layouts(self):
         return feature_layouts(self.source.encoder, self.features)
@@ -158,13 +166,15 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     header = check_out_folder(out, options.overwrite)
     if header is not None and not options.overwrite:  # a resume: options not given are the store's
         options = options.from_store(header.options or options_from_settings(header.settings))
+    plan = None if options.overwrite else load_plan(out)
+    if plan is not None and header is None:  # planned (vitok plan), not extracted yet: options not given are the plan's
+        options = options.from_store(plan.recorded_options())
     part = detect_part(options.part, options.num_parts)
     source = resolve_model(options.model)
     prefetch_weights(source)  # the checkpoint's bytes come off the disk while torch imports and inputs are listed
     features = check_features(source.encoder, options.features or default_features(source.encoder))
     preprocess = preprocess_for(source, options)
     reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
-    plan = None if options.overwrite else load_plan(out)
     list_cwd = os.getcwd()
     if options.update and not sources and not options.files_from and plan is not None:
         sources, options = recorded_sources(out, plan, options)

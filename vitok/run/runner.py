@@ -307,10 +307,10 @@ def unit_record(unit, chunk) -> UnitInfo:
     """What the sidecar says about the input shard: where it came from, and why it stopped early if it did."""
     info = UnitInfo(unit.kind, unit.generation, unit.unit, unit.attempt)
     if unit.kind != "files":
-        description = unit.read()
-        info.path, info.row_group = description.get("path"), description.get("row_group")
-        info.bytes, info.mtime_ns = description.get("bytes"), description.get("mtime_ns")
-        info.sha256 = description.get("sha256")
+        archive = unit.archive()
+        info.path, info.row_group, info.bytes, info.mtime_ns = archive.path, archive.row_group, archive.bytes, \
+            archive.mtime_ns
+        info.sha256 = archive.sha256
     if chunk.unit_error:
         info.error, info.failed = chunk.unit_error, chunk.unit_failed
         logger.warning("shard %s: %s", unit.name, chunk.unit_error)

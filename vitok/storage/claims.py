@@ -102,6 +102,17 @@ class RunIdentity:
         return (holder.get("host") == self.host and self.pid_ns is not None and self.boot_id is not None
                 and holder.get("pid_ns") == self.pid_ns and holder.get("boot_id") == self.boot_id)
 
+    def judges_gone(self, holder: dict) -> bool | None:
+        """Whether ``holder``'s process is over, where its pid can be checked here (``shares_pids_with``): its pid
+        is not running, or runs a process started at another time (a recycled pid). None where it cannot be told."""
+        if not self.shares_pids_with(holder):
+            return None
+        pid = int(holder.get("pid", -1))
+        if not process_alive(pid):
+            return True
+        start = _proc_start(pid)
+        return holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]
+
 
 class Claims:
     """This process's claims in one store, and its heartbeat."""
@@ -207,12 +218,9 @@ class Claims:
             touched = run_file.stat().st_mtime
         except OSError:
             return True
-        if self.identity.shares_pids_with(holder):  # the pid means the same process here
-            pid = int(holder.get("pid", -1))
-            if not process_alive(pid):
-                return True
-            start = _proc_start(pid)
-            return holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]
+        gone = self.identity.judges_gone(holder)
+        if gone is not None:  # the pid means the same process here
+            return gone
         age = self._now() - touched  # file-system times, not clocks
         if age > self.stale_after:
             return True

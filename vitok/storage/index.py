@@ -37,16 +37,13 @@ import numpy as np
 from ..atomic import AtomicFile
 from .files import atomic_write_text, remove
 from .format import ShardDataReader, ShardFormat, row_offsets
+from .keys import key_bytes
 from .layout import INDEX_DIR, PLAN_DIR, SHARDS_DIR
 
 logger = logging.getLogger(__name__)
 
 CATALOG = "catalog.json"
 VERSION = 1
-
-
-def key_bytes(key: str) -> bytes:
-    return key.encode("utf-8", "surrogateescape")
 
 
 def key_hash(data: bytes) -> int:

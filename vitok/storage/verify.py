@@ -11,6 +11,7 @@ from pathlib import Path
 from . import read_header
 from .claims import Claims
 from .files import leftover_temps
+from .keys import key_text
 from .layout import PLAN_DIR
 from .plan import load_plan
 from .plan.binding import Bindings
@@ -133,7 +134,7 @@ def verify_store(out: str | Path, quick: bool = False, sources: str | None = Non
             current = plan.current()
             for unit in plan.units:
                 if unit.name in done:
-                    missing += [key for key, _ in unit.read()
+                    missing += [key for key, _ in unit.files()
                                 if key not in status and current.is_current(key, unit.generation)]
             problems += [f"key {k!r} is planned but missing from its shard" for k in missing[:20]]
     else:
@@ -167,7 +168,7 @@ def unfinished_reasons(report: VerifyReport, failed: list[str], unread: list[str
         planned = f" of {report.planned_shards} planned" if report.planned_shards else ""
         reasons.append(f"{len(report.incomplete)}{planned} shard(s) not done ({names})")
     if failed:
-        sample = ", ".join(repr(_printable(k)) for k in failed[:3]) + (", ..." if len(failed) > 3 else "")
+        sample = ", ".join(repr(key_text(k)) for k in failed[:3]) + (", ..." if len(failed) > 3 else "")
         reasons.append(f"{len(failed)} input(s) that could not be read ({sample})")
     unread = [*unread, *(f"could not list {path}: {why}" for path, why in
                          (plan.latest.listing_errors or [] if plan is not None else []))]

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ...errors import UsageError
+from ...storage.keys import key_text, unstorable
 
 
 @dataclass
 class Sample:
-    """One input as a reader finds it."""
+    """One input as a reader finds it. A key no store can hold (NUL in it: ``vitok.storage.keys.unstorable``) makes
+    the sample skipped with that reason, whichever reader made it: it costs that sample, never the shard."""
 
     key: str
     source: str  # file, or the archive holding it
@@ -29,6 +31,12 @@ class Sample:
     data: bytes | None = None  # image bytes; None = read ``source`` from disk
     meta: dict[str, Any] | None = None  # caption / json fields kept in the record
     skip: str | None = None  # a reason to record it as skipped without decoding
+
+    def __post_init__(self) -> None:
+        problem = unstorable(self.key)
+        if problem is not None and self.skip is None:
+            where = f"{self.source} [{key_text(self.member)}]" if self.member else self.source  # [row_group/row]
+            self.skip, self.data = f"its key '{key_text(self.key)}' {problem} ({where}); not extracted", None
 
 
 class KeyRule:

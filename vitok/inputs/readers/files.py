@@ -17,7 +17,7 @@ class FilesReader(InputReader):
 
     def items(self, unit) -> list[tuple[str, str]]:
         if self._cached is None or self._cached[0] != unit.index:
-            self._cached = (unit.index, unit.read())
+            self._cached = (unit.index, unit.files())
         return self._cached[1]
 
     def samples(self, unit, start: int = 0, stop: int | None = None) -> Iterator[Sample]:

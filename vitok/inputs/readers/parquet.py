@@ -109,16 +109,16 @@ class ParquetReader(InputReader):
     kind = "parquet"
 
     def samples(self, unit, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
-        description = unit.read() if hasattr(unit, "read") else unit
-        path, stem, group = description["path"], description["stem"], description.get("row_group")
-        if description.get("error") or group is None:
+        archive = unit.archive()
+        path, stem, group = archive.path, archive.stem, archive.row_group
+        if archive.error or group is None:
             try:
                 check_regular(path) if not is_url(path) else None
             except NotRegularFileError as exc:  # never readable: not retried
                 raise UnitReadError(f"{path}: {exc}") from None
             except OSError:
                 pass
-            raise UnitReadError(description.get("error") or f"{path} has no row groups", failed=True)
+            raise UnitReadError(archive.error or f"{path} has no row groups", failed=True)
         try:
             handle = _open(path)
         except NotRegularFileError as exc:

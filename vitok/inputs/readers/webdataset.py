@@ -59,8 +59,8 @@ class WebDatasetReader(InputReader):
     kind = "wds"
 
     def samples(self, unit, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
-        description = unit.read() if hasattr(unit, "read") else unit
-        path, stem = description["path"], description["stem"]
+        archive = unit.archive()
+        path, stem = archive.path, archive.stem
         try:
             stream = open_binary(path)
         except NotRegularFileError as exc:

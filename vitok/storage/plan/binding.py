@@ -34,7 +34,7 @@ def unit_digest(unit: UnitRef) -> str:
             for _ in range(unit.count):
                 digest.update(handle.readline())
     else:
-        description = unit.read()
+        description = unit.archive().data
         identity = {k: description.get(k) for k in ARCHIVE_IDENTITY}
         digest.update(json.dumps(identity, sort_keys=True).encode("utf-8", "surrogateescape"))
     return "blake2b:" + digest.hexdigest()
@@ -73,14 +73,14 @@ def _legacy_problem(sidecar: Sidecar, unit: UnitRef) -> str | None:
     if unit.kind == "files":
         if sidecar.unit.kind not in ("files", None):
             return f"holds {sidecar.unit.kind} inputs, the plan's unit {unit.name} loose files"
-        planned: dict[str, Any] = dict(unit.read())
+        planned: dict[str, Any] = dict(unit.files())
         for record in sidecar.records:
             if record.key not in planned or planned[record.key] != record.source:
                 return f"holds {record.key!r} ({record.source}), which the plan's unit {unit.name} does not hold"
         return None
-    description = unit.read()
-    if sidecar.unit.path is not None and sidecar.unit.path != description.get("path"):
-        return f"was made from {sidecar.unit.path}, the plan's unit {unit.name} is {description.get('path')}"
-    if sidecar.unit.row_group is not None and sidecar.unit.row_group != description.get("row_group"):
-        return f"holds row group {sidecar.unit.row_group}, the plan's unit {unit.name} {description.get('row_group')}"
+    archive = unit.archive()
+    if sidecar.unit.path is not None and sidecar.unit.path != archive.path:
+        return f"was made from {sidecar.unit.path}, the plan's unit {unit.name} is {archive.path}"
+    if sidecar.unit.row_group is not None and sidecar.unit.row_group != archive.row_group:
+        return f"holds row group {sidecar.unit.row_group}, the plan's unit {unit.name} {archive.row_group}"
     return None

@@ -130,9 +130,9 @@ def _file_entries(out: Path, plan: Plan) -> Iterator[tuple[str, str, int | None,
 
 
 def _archive_entries(plan: Plan) -> Iterator[tuple[str, str, int | None, int | None, str | None]]:
-    for path, description in sorted(current_archives(plan).items()):
-        if not is_url(path) and description.get("bytes") is not None:
-            yield path, path, description["bytes"], description.get("mtime_ns"), description.get("sha256")
+    for path, unit in sorted(current_archives(plan).items()):
+        if not is_url(path) and unit.bytes is not None:
+            yield path, path, unit.bytes, unit.mtime_ns, unit.sha256
 
 
 def changed_inputs(out: str | Path, plan: Plan, mode: str = "mtime") -> list[Change]:

@@ -6,8 +6,8 @@ import heapq
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
+from ...inputs.archives import ArchiveUnit
 from ...inputs.sources import FileListing, Listing
 from .model import Plan
 
@@ -64,14 +64,14 @@ def diff(plan: Plan, listing: Listing) -> PlanDiff:
     return PlanDiff(sorted(paths - current), sorted(current - paths))
 
 
-def current_archives(plan: Plan) -> dict[str, dict[str, Any]]:
-    """Archive path -> the description of its unit in the generation that holds it now (for removed archives none)."""
+def current_archives(plan: Plan) -> dict[str, ArchiveUnit]:
+    """Archive path -> its (first) unit in the generation that holds it now (for removed archives none)."""
     current = plan.current()
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, ArchiveUnit] = {}
     for generation in plan.generations:
         with open(generation.folder / generation.header.content, "rb") as handle:
             for line in handle:
-                description = json.loads(line)
-                if current.is_current(description["path"], generation.number):
-                    found.setdefault(description["path"], description)
+                unit = ArchiveUnit(json.loads(line))
+                if current.is_current(unit.path, generation.number):
+                    found.setdefault(unit.path, unit)
     return found

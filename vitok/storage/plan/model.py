@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import StoreError
+from ...inputs.archives import ArchiveUnit
 from ...inputs.sources import Root
 from ..layout import PLAN_DIR, shard_name
 
@@ -76,21 +77,27 @@ class UnitRef:
         """The planned unit's name (a retry's original)."""
         return self.base or self.name
 
-    def read(self) -> list[tuple[str, str]] | dict[str, Any]:
-        """Files: [(key, path)]; archives: the unit's description (path, row group, ...)."""
+    def files(self) -> list[tuple[str, str]]:
+        """A unit of loose files: its (key, path) pairs."""
         if self.inline is not None:
-            return list(self.inline) if isinstance(self.inline, tuple) else dict(self.inline)
-        with open(self.content, "rb") as handle:
-            handle.seek(self.offset)
-            lines = [handle.readline() for _ in range(self.count)]
-        if self.kind != "files":
-            return json.loads(lines[0])
+            return list(self.inline)
         items = []
-        for line in lines:
+        for line in self._lines():
             value = json.loads(line)
             root, key = (0, value) if isinstance(value, str) else value
             items.append((key, self.roots[root].path(key)))
         return items
+
+    def archive(self) -> ArchiveUnit:
+        """A unit of an archive: which archive (or row group) it is, as planned."""
+        if self.inline is not None:
+            return ArchiveUnit(dict(self.inline))
+        return ArchiveUnit(json.loads(self._lines()[0]))
+
+    def _lines(self) -> list[bytes]:
+        with open(self.content, "rb") as handle:
+            handle.seek(self.offset)
+            return [handle.readline() for _ in range(self.count)]
 
 
 @dataclass
@@ -219,6 +226,14 @@ class Plan:
     @property
     def sources(self) -> list[str]:
         return list(self.latest.sources)
+
+    def recorded_options(self) -> dict[str, Any]:
+        """The extract options the plan was made with (``vitok plan``'s flags, by ``ExtractOptions`` name): the shard
+        size of loose files and the input options recorded."""
+        options: dict[str, Any] = {k: v for k, v in (self.first.reader_options or {}).items() if v is not None}
+        if self.kind == "files" and self.first.shard_size is not None:
+            options["shard_size"] = self.shard_size
+        return options
 
     @property
     def num_images(self) -> int | None:

@@ -54,9 +54,9 @@ def retry_units(plan: Plan, done: dict[str, Sidecar]) -> list[UnitRef]:
         name = f"{base}{SUFFIX}r{attempt + 1}"
         retry = {"index": next_index, "name": name, "attempt": attempt + 1, "base": base}
         if origin.kind != "files":
-            description = origin.read()
-            if sidecar.unit.failed and is_readable(description["path"]):
-                units.append(replace(origin, inline=dict(description), **retry))
+            archive = origin.archive()
+            if sidecar.unit.failed and is_readable(archive.path):
+                units.append(replace(origin, inline=archive.to_json(), **retry))
                 next_index += 1
             continue
         items = tuple((r.key, r.source) for r in sorted(sidecar.records, key=lambda r: r.key)
