@@ -310,12 +310,12 @@ def test_extract_videos_equals_the_reference_processor_and_tower(tmp_path, famil
 
 
 @needs_torchcodec
-def test_pooling_per_video_and_per_temporal_step(tmp_path):
+def test_pooling_and_exports_per_video_and_per_temporal_step(tmp_path):
     import vitok
 
     folder = video_folder(tmp_path / "videos", [("a.mp4", 20, (64, 64), 24), ("b.mp4", 9, (96, 64), 24)])
     common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", num_frames=6)
-    vitok.extract([str(folder)], tmp_path / "tokens", **common)
+    vitok.extract([str(folder)], tmp_path / "tokens", features=("merged", "deepstack"), **common)
     vitok.extract([str(folder)], tmp_path / "steps", pool="mean", pool_steps=True, **common)
     vitok.extract([str(folder)], tmp_path / "whole", pool="mean", **common)
     tokens, steps, whole = (vitok.open(tmp_path / name) for name in ("tokens", "steps", "whole"))
@@ -327,6 +327,28 @@ def test_pooling_per_video_and_per_temporal_step(tmp_path):
         np.testing.assert_allclose(steps.get(key), rows.mean(axis=1), rtol=0, atol=1e-6)
         np.testing.assert_allclose(whole.get(key)[0], rows.reshape(t * h * w // 4, -1).mean(axis=0), rtol=0,
                                    atol=1e-6)
+    embeds, grid, metadata = tokens.video_embeds("a.mp4")  # vLLM's video_embeds + video_grid_thw (+ metadata)
+    merged, deepstack = tokens.get("a.mp4"), tokens.get("a.mp4", "deepstack")
+    assert tuple(embeds.shape) == (len(merged), merged.shape[1] * (1 + len(deepstack)))
+    assert grid.tolist() == [tokens.info("a.mp4")["grid_thw"]]
+    assert metadata["frames_indices"] == tokens.info("a.mp4")["video"]["indices"] and metadata["fps"] == 24.0
+
+    import pyarrow.parquet as pq
+
+    from vitok.consumers.export import export
+
+    export(tmp_path / "tokens", tmp_path / "per-step", pool="mean", steps=True, dtype="float32")
+    export(tmp_path / "steps", tmp_path / "from-steps", steps=True, dtype="float32")
+    export(tmp_path / "steps", tmp_path / "per-video", dtype="float32")  # the steps pooled again: the video's mean
+    for name in ("per-step", "from-steps"):
+        vectors = np.load(tmp_path / name / "img_emb" / "img_emb_0.npy")
+        table = pq.read_table(tmp_path / name / "metadata" / "metadata_0.parquet").to_pylist()
+        assert [(r["key"], r["step"]) for r in table] == [("a.mp4", s) for s in range(3)] + [("b.mp4", s)
+                                                                                             for s in range(3)]
+        assert [r["time"] for r in table[:3]] == steps.info("a.mp4")["video"]["step_times"]
+        np.testing.assert_allclose(vectors, np.concatenate([steps.get("a.mp4"), steps.get("b.mp4")]), atol=1e-6)
+    per_video = np.load(tmp_path / "per-video" / "img_emb" / "img_emb_0.npy")
+    np.testing.assert_allclose(per_video, np.concatenate([whole.get("a.mp4"), whole.get("b.mp4")]), atol=1e-6)
 
 
 # ---- bad input: recorded as skipped with a one-line reason, or decoded as the reference does -------------------
