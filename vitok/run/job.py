@@ -194,13 +194,15 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
         check_media(options, video=True)
         video = video_for(source, options)
         preprocess = video.pixels  # the device normalises a video's patches with its processor's settings
-        from ..inputs.video_decode import check_decoder
-
-        check_decoder(video.decoder)
     else:
         check_media(options, video=False)
     started = time.perf_counter()
     from ..encoder.inference import resolve_device, resolve_dtype  # torch: only once the cheap checks passed
+
+    if video is not None:  # the decoder loads here (torchcodec: FFmpeg's libraries, and torch's compiler stack)
+        from ..inputs.video_decode import check_decoder
+
+        check_decoder(video.decoder)
 
     torch_seconds = time.perf_counter() - started
     from .parallel import device_for
