@@ -457,3 +457,37 @@ def test_kill_9_in_the_middle_of_videos_then_rerun_gives_every_video_once(tmp_pa
     for key in clean.keys():
         np.testing.assert_array_equal(resumed[key], clean[key])
         assert resumed.info(key)["video"] == clean.info(key)["video"]
+
+
+@needs_torchcodec
+def test_video2dataset_tars_give_the_tokens_of_the_loose_videos(tmp_path):
+    import json
+
+    from test_archives import write_tar
+
+    import vitok
+
+    loose = video_folder(tmp_path / "loose", [("000000000.mp4", 12, (96, 64), 24), ("000000002.mp4", 9, (64, 64), 24)])
+    samples = []
+    for index in range(3):
+        key = f"{index:09d}"
+        meta = {"url": f"http://x/{key}.mp4", "key": key, "status": "success", "error_message": None}
+        if index == 1:  # a sample video2dataset could not fetch: written without its video
+            meta.update(status="failed_to_download", error_message="HTTP Error 404: Not Found")
+            samples.append((key, {"txt": b"gone", "json": json.dumps(meta).encode()}))
+            continue
+        samples.append((key, {"mp4": (loose / f"{key}.mp4").read_bytes(), "txt": f"clip {index}".encode(),
+                              "json": json.dumps(meta).encode()}))
+    write_tar(tmp_path / "00000.tar", samples)
+    common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", token_budget=1)  # one video per batch
+    summary = vitok.extract([str(tmp_path / "00000.tar")], tmp_path / "tars", input_format="video", **common)
+    assert summary.ok == 2 and summary.skipped == 1
+    vitok.extract([str(loose)], tmp_path / "files", **common)
+    tars, files = vitok.open(tmp_path / "tars"), vitok.open(tmp_path / "files")
+    assert tars.header.settings.input == {**tars.header.settings.input, "kind": "wds", "media": "video"}
+    assert "failed_to_download (HTTP Error 404: Not Found)" in tars.skipped["00000/000000001"]
+    for key in ("000000000", "000000002"):
+        info = tars.info(f"00000/{key}")
+        assert info["member"] == f"{key}.mp4" and info["meta"]["caption"].startswith("clip")
+        assert info["video"] == files.info(f"{key}.mp4")["video"]
+        np.testing.assert_array_equal(tars[f"00000/{key}"], files[f"{key}.mp4"])

@@ -192,6 +192,7 @@ class ArchiveListing:
     missing_ok: set[str] = field(default_factory=set)  # listed but absent (recorded when read)
     errors: list[tuple[str, str]] = field(default_factory=list)  # folders that could not be listed: (path, why)
     beside: list[str] = field(default_factory=list)
+    media: str = "image"  # image | video: what the samples hold (video2dataset's tars with --input-format video)
 
 
 Listing = FileListing | ArchiveListing
@@ -346,7 +347,7 @@ def _walk(root: str, wanted, errors: list[tuple[str, str]] | None = None,
 
 
 def _folder_kind(folder: str, requested: str, stores: Stores) -> str:
-    if requested != "auto":
+    if requested not in ("auto", "video"):
         return requested
     counts = dict.fromkeys(("files", "video", "wds", "parquet"), 0)
     for dirpath, dirs, names in os.walk(folder, followlinks=True):
@@ -360,8 +361,10 @@ def _folder_kind(folder: str, requested: str, stores: Stores) -> str:
             kind = kind_of(name)
             if kind:
                 counts[kind] += 1
-        if counts["files"]:
+        if counts["files"] and requested == "auto":
             return "files"
+    if requested == "video":  # a folder of videos, or of webdataset tars of videos
+        return "wds" if counts["wds"] and not counts["video"] else "video"
     return next((kind for kind in ("video", "wds", "parquet") if counts[kind]), "files")
 
 
@@ -371,7 +374,8 @@ class _Collector:
 
     def __init__(self, input_format: str, cwd: str, stores: Stores) -> None:
         self.format, self.cwd, self.stores = input_format, cwd, stores
-        self.kind: str | None = None if input_format == "auto" else input_format
+        # ``video``: loose videos, or webdataset tars of videos (video2dataset's): their kind is found
+        self.kind: str | None = None if input_format in ("auto", "video") else input_format
         self.roots: dict[Root, list[str]] = {}
         self.archives: list[str] = []
         self.ignored = 0
@@ -414,9 +418,9 @@ class _Collector:
                 self._set_kind(self.format, entry)
                 self.archives += remote_folder(entry, self.format)
                 return
-            if kind not in ("wds", "parquet"):
+            if kind not in ("wds", "parquet") or (self.format == "video" and kind != "wds"):
                 raise UsageError(f"{entry}: remote inputs must be .tar or .parquet files (or a folder of them with "
-                                 "--input-format wds|parquet)")
+                                 "--input-format wds|parquet; videos: .tar files of them)")
             self._set_kind(kind, entry)
             self.archives.append(entry)
             return
@@ -429,7 +433,8 @@ class _Collector:
             kind = "video"  # by its content: a name that says nothing
         if kind is None and self.format in ("auto", "files", "video"):
             kind = "files" if self.format == "auto" else self.format
-        if kind is None or (self.format != "auto" and kind != self.format):
+        video_tar = self.format == "video" and kind == "wds"  # a webdataset tar of videos
+        if kind is None or (self.format != "auto" and kind != self.format and not video_tar):
             raise UsageError(f"{entry} is not a {self.format} input (by its extension)")
         if explicit and not os.path.exists(path):
             raise UsageError(f"source {entry!r} does not exist")
@@ -526,7 +531,8 @@ def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None)
                                  "clash: give them in separate runs")
             stems[stem] = path
         missing = {p for p in paths if not is_url(p) and not os.path.exists(p)}
-        return ArchiveListing(collect.kind, paths, collect.ignored, missing, collect.errors)
+        return ArchiveListing(collect.kind, paths, collect.ignored, missing, collect.errors,
+                              media="video" if collect.format == "video" else "image")
     roots = list(collect.roots)
     keys = []
     for root in roots:

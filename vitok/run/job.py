@@ -174,7 +174,8 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     prefetch_weights(source)  # the checkpoint's bytes come off the disk while torch imports and inputs are listed
     features = check_features(source.encoder, options.features or default_features(source.encoder))
     preprocess = preprocess_for(source, options)
-    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
+    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column,
+                                   media="video" if options.input_format == "video" else "image")
     list_cwd = os.getcwd()
     if options.update and not sources and not options.files_from and plan is not None:
         sources, options = recorded_sources(out, plan, options)
