@@ -7,11 +7,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import video_clip
 
 from vitok.errors import ImageError, UsageError
 from vitok.inputs.preprocess import normalize_patches
 from vitok.inputs.video_config import VIDEO_PROCESSOR_DEFAULTS, VideoConfig
-from vitok.inputs.video_preprocess import frames_to_patches, sample_indices, step_times, video_target_size
+from vitok.inputs.video_decode import open_video, unavailable
+from vitok.inputs.video_preprocess import (
+    VideoPreprocessor,
+    frames_to_patches,
+    sample_indices,
+    step_times,
+    video_target_size,
+)
+
+# PyAV encodes the test clips (the test extra has it); torchcodec needs FFmpeg's shared libraries (.ci/run installs
+# Debian's ffmpeg): without them the tests that decode with it skip, saying why
+needs_av = pytest.mark.skipif(unavailable("pyav") is not None, reason=f"PyAV unusable here: {unavailable('pyav')}")
+needs_torchcodec = pytest.mark.skipif(unavailable("torchcodec") is not None,
+                                      reason=f"torchcodec unusable here: {unavailable('torchcodec')}")
 
 # released settings (video_preprocessor_config.json of Qwen3-VL; Qwen2.5-VL ships none, so transformers reads its
 # preprocessor_config.json as the video processor's)
@@ -142,15 +156,6 @@ def test_video_settings_flags_follow_the_processor():
 
 # ---- decoding: frames equal to transformers' load_video with the same backend ------------------------------------
 
-av = pytest.importorskip("av", reason="PyAV (the test extra) encodes the test clips")  # noqa: E402
-
-from helpers import video_clip  # noqa: E402
-
-from vitok.inputs.video_decode import open_video, unavailable  # noqa: E402
-from vitok.inputs.video_preprocess import VideoPreprocessor  # noqa: E402
-
-needs_torchcodec = pytest.mark.skipif(unavailable("torchcodec") is not None,
-                                      reason=f"torchcodec unusable here: {unavailable('torchcodec')}")
 CONTAINERS = [".mp4", ".webm", ".mkv", ".mov", ".avi"]
 
 
@@ -163,6 +168,7 @@ def processor_on_file(rule: str, data: dict, path):
         out["pixel_values_videos"], metadata
 
 
+@needs_av
 @needs_torchcodec
 @pytest.mark.parametrize("suffix", CONTAINERS)
 def test_a_video_file_equals_the_reference_end_to_end(tmp_path, suffix):
@@ -177,6 +183,7 @@ def test_a_video_file_equals_the_reference_end_to_end(tmp_path, suffix):
     assert torch.equal(from_bytes.patches, prepared.patches)
 
 
+@needs_av
 @pytest.mark.parametrize("suffix", [".mp4", ".mov", ".avi"])  # where the reference's PyAV reader has a frame count
 def test_pyav_frames_equal_load_video_with_pyav(tmp_path, suffix):
     from transformers.video_utils import load_video
@@ -190,6 +197,7 @@ def test_pyav_frames_equal_load_video_with_pyav(tmp_path, suffix):
     assert torch.equal(frames, torch.from_numpy(expected).permute(0, 3, 1, 2))
 
 
+@needs_av
 @needs_torchcodec
 @pytest.mark.parametrize("case", ["rotated", "10-bit"])
 def test_rotation_and_10_bit_decode_as_the_reference(tmp_path, case):
@@ -204,6 +212,7 @@ def test_rotation_and_10_bit_decode_as_the_reference(tmp_path, case):
         assert prepared.original_size == (64, 96) and any("rotation" in note for note in prepared.notes)
 
 
+@needs_av
 def test_videos_are_found_by_extension_and_by_content(tmp_path):
     from vitok.inputs.sources import list_inputs
 
@@ -274,6 +283,7 @@ CHECKPOINTS = [("qwen2_5_vl", "qwen2_vl", "preprocessor_config.json", QWEN25_HUB
                ("qwen3_vl", "qwen3_vl", "video_preprocessor_config.json", QWEN3_HUB)]
 
 
+@needs_av
 @needs_torchcodec
 @pytest.mark.parametrize("family, rule, filename, settings", CHECKPOINTS, ids=[c[0] for c in CHECKPOINTS])
 def test_extract_videos_equals_the_reference_processor_and_tower(tmp_path, family, rule, filename, settings):
@@ -309,6 +319,7 @@ def test_extract_videos_equals_the_reference_processor_and_tower(tmp_path, famil
                 assert np.abs(level - expected[f"deepstack{k}"].numpy()).max() <= 1e-5
 
 
+@needs_av
 @needs_torchcodec
 def test_pooling_and_exports_per_video_and_per_temporal_step(tmp_path):
     import vitok
@@ -357,6 +368,8 @@ def variable_rate_clip(path, frames: int = 40):
     """Half the frames 33 ms apart, then 200 ms apart: an average frame rate that fits neither half."""
     from fractions import Fraction
 
+    import av
+
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=30)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
@@ -374,6 +387,8 @@ def variable_rate_clip(path, frames: int = 40):
 
 
 def audio_only_clip(path):
+    import av
+
     with av.open(str(path), "w") as out:
         stream = out.add_stream("aac", rate=16000)
         for i in range(8):
@@ -386,6 +401,7 @@ def audio_only_clip(path):
     return path
 
 
+@needs_av
 @needs_torchcodec
 def test_bad_videos_are_skipped_with_their_reason_or_decoded_as_the_reference(tmp_path):
     import vitok
@@ -418,6 +434,7 @@ def test_bad_videos_are_skipped_with_their_reason_or_decoded_as_the_reference(tm
         assert info["video"]["timestamps"] == [i / metadata.fps for i in indices]
 
 
+@needs_av
 @needs_torchcodec
 def test_limits_refuse_a_video_from_its_metadata_before_decoding(tmp_path):
     config = VideoConfig.from_hf_video_processor_config(QWEN3_HUB, "qwen3_vl")
@@ -430,6 +447,7 @@ def test_limits_refuse_a_video_from_its_metadata_before_decoding(tmp_path):
 
 
 @pytest.mark.slow
+@needs_av
 @needs_torchcodec
 def test_kill_9_in_the_middle_of_videos_then_rerun_gives_every_video_once(tmp_path):
     import signal
@@ -459,6 +477,7 @@ def test_kill_9_in_the_middle_of_videos_then_rerun_gives_every_video_once(tmp_pa
         assert resumed.info(key)["video"] == clean.info(key)["video"]
 
 
+@needs_av
 @needs_torchcodec
 def test_video2dataset_tars_give_the_tokens_of_the_loose_videos(tmp_path):
     import json

@@ -174,8 +174,7 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     prefetch_weights(source)  # the checkpoint's bytes come off the disk while torch imports and inputs are listed
     features = check_features(source.encoder, options.features or default_features(source.encoder))
     preprocess = preprocess_for(source, options)
-    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column,
-                                   media="video" if options.input_format == "video" else "image")
+    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
     list_cwd = os.getcwd()
     if options.update and not sources and not options.files_from and plan is not None:
         sources, options = recorded_sources(out, plan, options)
@@ -192,6 +191,7 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
         options = options.replace(input_format="video")  # recorded: a resume lists videos again
     video = None
     if options.input_format == "video":
+        reader_options.media = "video"  # (decided by the listing when the format was auto)
         check_media(options, video=True)
         video = video_for(source, options)
         preprocess = video.pixels  # the device normalises a video's patches with its processor's settings
