@@ -510,3 +510,17 @@ def test_video2dataset_tars_give_the_tokens_of_the_loose_videos(tmp_path):
         assert info["member"] == f"{key}.mp4" and info["meta"]["caption"].startswith("clip")
         assert info["video"] == files.info(f"{key}.mp4")["video"]
         np.testing.assert_array_equal(tars[f"00000/{key}"], files[f"{key}.mp4"])
+
+
+@needs_av
+@needs_torchcodec
+def test_a_folder_of_videos_planned_first_is_extracted_as_videos(tmp_path):
+    from helpers import vitok as cli
+
+    import vitok
+
+    folder = video_folder(tmp_path / "videos", [("a.mp4", 8, (64, 64), 24)])
+    assert cli("plan", str(folder), "-o", str(tmp_path / "out")).returncode == 0
+    vitok.extract([], tmp_path / "out", model="qwen3-vl-tiny", workers=0)  # the plan's media, not the default's
+    store = vitok.open(tmp_path / "out")
+    assert store.header.settings.video is not None and store.info("a.mp4")["video"]["indices"] == [0, 2, 5, 7]
