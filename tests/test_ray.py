@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from conftest import ROOT
-from helpers import TINY, make_folder, popen_vitok, wait_for
+from helpers import TINY, make_folder, png_folder, popen_vitok, wait_for
 
 import vitok
 
@@ -129,6 +131,35 @@ def test_loose_files_equal_one_process_and_undecodable_images_are_recorded(clust
 
 
 @pytest.mark.slow  # a Ray run costs several seconds on 2 cores
+def test_a_ray_run_reports_the_figures_of_its_tasks_and_actors_and_a_bare_resume_takes_the_stored_settings(
+        cluster, tmp_path, monkeypatch):
+    import time
+
+    import vitok.run.ray_engine as engine
+    from vitok.run.run_stats import latest_stats
+
+    folder, out = png_folder(tmp_path / "imgs", 4), tmp_path / "out"
+    joining = engine.connect
+
+    def slow_to_join(*args):  # Ray's start-up, long enough to tell apart from planning
+        time.sleep(2.0)
+        return joining(*args)
+
+    monkeypatch.setattr(engine, "connect", slow_to_join)
+    summary = vitok.extract([str(folder)], out, engine="ray", **(LIB | {"shard_size": 2}))
+    phases, stages = summary.phases, summary.stages
+    assert phases["ray_init"] >= 2.0 and phases["plan"] < 2.0, phases
+    assert stages["images"] >= 1 and stages["workers"] >= 1 and stages["encoders"] >= 1, stages
+    assert stages["decode_img_s"] > 0 and 0 < stages["decode_busy"] <= 1 and stages["decode_capacity_img_s"] > 0
+    assert 0 < stages["encoder_busy"] <= 1 and stages["encoder_img_s"] > 0, stages
+    assert stages["writer_mb_s"] > 0 and 0 < stages["writer_busy"] <= 1, stages
+    assert summary.bottleneck and latest_stats(out)["stages"] == stages and latest_stats(out)["engine"] == "ray"
+    # a bare resume through the Ray engine takes the store's settings (model, shard size, features, dtype)
+    again = vitok.extract([], out, engine="ray")
+    assert again.shards_already_done == 2 and again.ok == 0
+
+
+@pytest.mark.slow  # a Ray run costs several seconds on 2 cores
 def test_img2dataset_tars_equal_one_process(cluster, tmp_path):
     source = [str(IMG2DATASET / "webdataset")]
     vitok.extract(source, tmp_path / "single", **LIB)
@@ -155,6 +186,22 @@ def test_a_killed_driver_resumes_to_the_same_store(cluster, folder, single, tmp_
     summary = vitok.extract([str(folder)], out, engine="ray", **LIB)
     assert summary.shards_already_done >= committed and summary.shards_written == len(single) - committed
     assert_same(out, single)
+
+
+@pytest.mark.slow  # a process of its own: a few seconds
+def test_a_driver_without_the_clusters_token_is_told_what_to_set(cluster, folder, tmp_path):
+    """Ray 2.60 starts a local instance with token authentication on; a driver that sends no token is refused."""
+    if os.environ.get("RAY_AUTH_MODE") != "token":
+        pytest.skip("the test cluster runs without token authentication")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"RAY_AUTH_MODE": "disabled",
+                                                                                  "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "vitok", "extract", str(folder), "-o", str(tmp_path / "out"),
+                             *TINY, "--engine", "ray", "--address", cluster["address"]], capture_output=True,
+                            text=True, env=env, timeout=90)
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "internal error" not in result.stderr, result.stderr
+    assert line.startswith(f"vitok: error: the Ray cluster at {cluster['address']} refused this driver's token")
+    assert "RAY_AUTH_MODE=token" in line and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow  # a Ray run costs several seconds on 2 cores
@@ -204,7 +251,7 @@ def test_a_unit_is_cut_into_the_local_loops_batches_and_steps_are_kept_once_in_o
     from vitok.pipeline.loader import in_unit_order
     from vitok.run.job import preprocess_for
     from vitok.run.options import make_options
-    from vitok.run.ray_engine import decode_unit, unit_steps
+    from vitok.run.ray_engine import decode_unit, process_name, unit_steps
     from vitok.storage.plan import load_plan
 
     folder = make_folder(tmp_path / "imgs", count=7, with_odd=False)
@@ -224,6 +271,10 @@ def test_a_unit_is_cut_into_the_local_loops_batches_and_steps_are_kept_once_in_o
         keys = [key for batch in batches for key in batch]
         assert [len(r) for r in plan_batches(sizes, 700)] == [len(b) for b in batches]
         assert len(keys) + sum(len(s.records) for s in unit_steps_list) == unit.count
+        # the decode figures travel with the steps: every input once, the task's busy time, its process
+        assert sum(s.decoded for s in unit_steps_list) == unit.count
+        assert sum(s.decode_seconds for s in unit_steps_list) > 0
+        assert {s.decoder for s in unit_steps_list} == {process_name()}
         steps += unit_steps_list
     rows = [row for unit in units for row in decode_unit({"unit": pickle.dumps(unit)}, "files", ReaderOptions(),
                                                          preprocess, 700)]
@@ -234,3 +285,15 @@ def test_a_unit_is_cut_into_the_local_loops_batches_and_steps_are_kept_once_in_o
     assert sorted(replayed) == sorted((s.unit, s.seq) for s in steps) and len(set(replayed)) == len(replayed)
     for unit in units:
         assert [q for u, q in replayed if u == unit.index] == sorted(q for u, q in replayed if u == unit.index)
+
+
+def test_the_driver_ships_the_whole_vitok_package_to_the_workers(monkeypatch):
+    """``py_modules`` names the vitok package itself (not the folder of the engine's module), so a worker without
+    vitok installed imports the driver's."""
+    import vitok.run.ray_engine as engine
+
+    shipped = {}
+    monkeypatch.setattr(engine, "join", lambda address, timeout, runtime_env: shipped.update(runtime_env) or True)
+    assert engine.connect("127.0.0.1:6379", 5)
+    (package,) = shipped["py_modules"]
+    assert Path(package) == Path(vitok.__file__).resolve().parent

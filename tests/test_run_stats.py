@@ -50,6 +50,33 @@ def test_a_short_run_is_start_up_bound_and_names_its_largest_phases():
     assert line.index("imports") < line.index("weights read") < line.index("plan")
 
 
+def test_a_ray_run_is_judged_by_its_pools_not_by_the_drivers_wait_for_the_cluster():
+    """Under --engine ray the driver waits for the cluster most of the time: that wait alone is no input-bound run;
+    the busier pool names the limit, and a driver that hardly waits limits the run itself."""
+    def ray(**rates) -> RunStats:
+        return RunStats(dict(STARTED), StageRates(**({"workers": 6, "encoders": 2} | rates)), device="cuda",
+                        engine="ray")
+
+    line = verdict(ray(decode_busy=0.3, encoder_busy=0.7, encoder_img_s=40.0, data_wait=0.8), 100.0)
+    assert line.startswith("encoder-bound: 2 encode actors (GPU) 70 % busy at 40.0 img/s each, 6 decode workers")
+    assert "more GPUs" in line
+    line = verdict(ray(decode_busy=0.9, encoder_busy=0.4, data_wait=0.6), 100.0)
+    assert line.startswith("decode-bound: 6 decode workers 90 % busy") and "more CPUs" in line
+    assert verdict(ray(decode_busy=0.2, encoder_busy=0.3, data_wait=0.05), 100.0).startswith("driver-bound")
+    assert verdict(ray(decode_busy=0.1, encoder_busy=0.2, data_wait=0.9), 100.0).startswith("input-bound")
+    # the actors' mean share: two actors busy 3 s each in a 4 s steady state are 75 % busy, at 1 img/s each
+    meter = StageMeter("cpu", 6, encoders=2)
+    meter.batch_launched(1, 0.5)  # the first batch back: the steady state starts
+    meter._steady["t"] -= 4.0
+    meter.batch_launched(3, 3.0)
+    meter.batch_launched(3, 3.0)
+    rates = meter.rates(0.0, 0, 0.0)
+    assert rates.encoders == 2 and rates.encoder_busy == pytest.approx(0.75, abs=0.01)
+    assert rates.encoder_img_s == pytest.approx(1.0)
+    lines = describe({"phases": {"ray_init": 4.2, "plan": 0.1}, "stages": ray().stages.__dict__})
+    assert lines[0] == "start-up   ray init 4.20 s, plan 0.10 s" and "encoders (2, mean)" in lines[1]
+
+
 class FakeEvent:
     """A CUDA event's interface on a clock of our choosing: which batches' device time is counted, and when."""
 

@@ -12,6 +12,7 @@
     │   │                           exit code 2)
     │   └── DiskFullError           no space left while writing a shard (nothing incomplete is listed)
     ├── WorkersDiedError            decode workers that keep dying even with every image decoded in a process of its own
+    ├── ClusterError                no Ray cluster answers at the address (--engine ray), or it cannot be joined
     └── Interrupted                 SIGINT/SIGTERM: the run stopped cleanly (exit 130 / 143)
 
 Per-image problems are ``ImageError``: the extractor records them in the manifest and goes on.
@@ -69,6 +70,11 @@ class DiskFullError(StoreError):
 class WorkersDiedError(VitokError):
     """Decode workers died again and again without delivering an image, each image already isolated: not one bad
     image (that is recorded and skipped) but the machine (memory, a limit) or the input's reading."""
+
+
+class ClusterError(VitokError):
+    """``--engine ray``: nothing that answers as a Ray cluster at the address (or found by ``auto``), or Ray could
+    not join or start one. A malformed address or a missing token is a ``UsageError`` instead."""
 
 
 class Interrupted(BaseException):

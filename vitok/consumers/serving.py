@@ -19,6 +19,9 @@ and counts a hit by ``os.path.exists``) and the Qwen3-VL tower of ``vllm/model_e
                                             a backslash doubled, bytes that are not UTF-8 as ``\\xNN``); where it
                                             differs from the key, "key_bytes_hex" holds the exact bytes
 
+A consumer serves an entry only for a request that carries its uuid and no ``mm_processor_kwargs`` or
+``media_io_kwargs`` (``vitok.consumers.vllm_client`` builds such requests, the grid-only one among them).
+
 ``<name>`` is the key made file-system safe (characters outside ``[A-Za-z0-9._-]`` become ``_``, at most its last
 60) followed by ``-`` and 32 hex digits of blake2b over the key's bytes: distinct keys get distinct names, also on
 case-insensitive file systems. ``--key content`` names entries by the record's ``content_id`` instead (one entry
@@ -28,12 +31,15 @@ per distinct content).
 ``key_bytes`` (the exact key), ``feature`` (the same tensor as vllm-ec, packed bfloat16 little-endian, row
 major), ``dtype`` ("bfloat16"), ``shape`` ([tokens, width]), ``image_grid_thw`` ([[t, h, w]]). Readable with
 pyarrow alone; ``examples/sglang_precomputed.py`` builds SGLang's ``{"format": "precomputed_embedding", ...}`` item.
+SGLang 0.5.23 uses such an item as the embedding for Qwen2.5-VL, but its Qwen3-VL feeds it to the vision tower as
+pixels: the layout serves Qwen3-VL stores to no released SGLang (docs/exports.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -43,6 +49,8 @@ from typing import Any
 from ..errors import StoreError, UsageError
 from ..storage.keys import key_bytes, key_text
 from .export import nonfinite_reason
+
+logger = logging.getLogger(__name__)
 
 ENTRY_FILE = "encoder_cache.safetensors"
 TENSOR_NAME = "ec_cache"
@@ -225,6 +233,12 @@ class SglangLayout(_ServingLayout):
     """Parquet records of packed bfloat16 features for SGLang's precomputed_embedding items (module docstring)."""
 
     name = "sglang"
+
+    def check(self, store) -> None:
+        super().check(store)
+        if self.contract.family == "qwen3_vl":
+            logger.warning("SGLang 0.5.23 feeds a precomputed Qwen3-VL item to its vision tower as pixels, so it "
+                           "cannot serve this export; serve Qwen3-VL through vLLM's encoder cache (--layout vllm-ec)")
 
     @staticmethod
     def schema():

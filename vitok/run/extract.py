@@ -45,12 +45,16 @@ def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-o
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     with stop_on_signals():
         engine = engine_class(opts.engine)
+        configuring = time.perf_counter()
         opts, context = engine.configure(opts)
+        configured = time.perf_counter() - configuring
         job = prepare([str(s) for s in sources], Path(out), opts, stdin)
         run = engine(job, progress, started=started, **context)
         if imports is not None:
             run.phases["imports"] = imports
         if job.torch_import_seconds >= 0.01:  # (inside the run's time: after the cheap checks, before the model)
             run.phases["torch_import"] = job.torch_import_seconds
-        run.phases["plan"] = time.perf_counter() - started - job.torch_import_seconds
+        if engine.configure_phase:
+            run.phases[engine.configure_phase] = configured
+        run.phases["plan"] = time.perf_counter() - started - configured - job.torch_import_seconds
         return run.execute()

@@ -25,7 +25,9 @@ from ..storage.dtypes import STORE_DTYPES
 from ..storage.hdf5 import COMPRESSIONS
 from ..storage.plan.changes import MODES as CHANGE_MODES
 from ..storage.shards import FORMATS
+from .ray_connect import check_address
 
+CONNECT_TIMEOUT = 30  # seconds: a healthy cluster answers in well under one
 PANELS = ("Model", "Inputs", "Outputs", "Preprocessing", "Video", "Speed", "Cluster")
 
 
@@ -146,9 +148,12 @@ class ExtractOptions:
                          "torchrun and SLURM parts are local engines) or ray (Ray Data: decode as CPU tasks on the "
                          "cluster, encode on a pool of GPU actors, one per GPU, or CPU actors without GPUs; this "
                          "process commits the shards). The store is the same.", "Cluster", choices=("local", "ray"))
-    address: str | None = option(None, "--engine ray: the Ray cluster to join ('auto' = the one started on this "
-                                 "node with 'ray start'; an address host:port). [default: join a running cluster if "
-                                 "there is one, else start a local instance]", "Cluster", metavar="ADDRESS")
+    address: str | None = option(None, "--engine ray: the Ray cluster to join: HOST:PORT (the head's GCS port, 6379 "
+                                 "by default), auto (the one running on this node), local (a new local instance) or "
+                                 "ray://HOST:PORT (Ray Client). [default: RAY_ADDRESS, else the cluster 'ray start' "
+                                 "started on this node, else a new local instance]", "Cluster", metavar="ADDRESS")
+    connect_timeout: int = option(CONNECT_TIMEOUT, "--engine ray: seconds to wait for the Ray cluster at the address "
+                                  "to answer before giving up.", "Cluster", minimum=1, metavar="SECONDS")
 
     # The options given (to make_options, so on the command line); None: all of them count as given. A resume
     # takes the others from the store (``from_store``). Not a flag; kept by ``replace``, left out of comparisons.
@@ -190,6 +195,10 @@ class ExtractOptions:
             raise UsageError(f"--part {self.part} must be in 0..{self.num_parts - 1}")
         if self.address is not None and self.engine != "ray":
             raise UsageError("--address names a Ray cluster; it needs --engine ray")
+        if self.address is not None:
+            check_address(self.address)
+        if self.connect_timeout != CONNECT_TIMEOUT and self.engine != "ray":
+            raise UsageError("--connect-timeout is the wait for a Ray cluster; it needs --engine ray")
         if self.update and self.overwrite:
             raise UsageError("--update and --overwrite contradict each other; give one")
         if self.fps is not None and self.num_frames is not None:

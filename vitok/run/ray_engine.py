@@ -29,7 +29,9 @@ queued on a GPU).
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +43,8 @@ from ..pipeline.batcher import Batcher, default_budget
 from ..pipeline.types import UnitEnd
 from ..storage.records import ImageRecord
 from .options import ExtractOptions
+from .ray_connect import join
+from .run_stats import StageMeter
 from .runner import Run, unit_record
 from .summary import ProgressEvent
 
@@ -64,8 +68,13 @@ class Step:
     unit_error: str | None = None
     unit_failed: bool = False
     patches: int = 0  # encoded (for the summary)
-    encode_seconds: float = 0.0
+    encode_seconds: float = 0.0  # the actor's time on this batch (run_stats: the encoder's busy time)
     device_wait_seconds: float = 0.0
+    decoded: int = 0  # inputs this step carries (its batch and the skipped ones before it)
+    decode_seconds: float = 0.0  # the decode task's busy time on them (reading, decoding, batching)
+    decoder: str = ""  # the process that decoded them, "host:pid"
+    encoder: str = ""  # the actor's process that encoded the batch, "host:pid"
+    encoded_images: int = 0
 
     def pack(self) -> Step:
         import torch
@@ -101,24 +110,37 @@ def unit_steps(unit, kind: str, reader_options, preprocess, budget: int) -> Iter
     batcher: Batcher = Batcher(budget)
     pending: list[ImageRecord] = []
     seq = 0
+    busy = 0.0  # decode seconds not yet handed on with a step
+    me = process_name()
 
     def step(**values) -> Step:
-        nonlocal seq, pending
-        made = Step(unit.index, seq, pending, **values)
-        seq, pending = seq + 1, []
+        nonlocal seq, pending, busy
+        made = Step(unit.index, seq, pending, **values, decode_seconds=busy, decoder=me)
+        made.decoded = len(made.items or ()) + len(made.records)
+        seq, pending, busy = seq + 1, [], 0.0
         return made
 
     for chunk in UnitReading([Task(unit)], kind, reader_options, Preprocessor(preprocess)):
+        started = time.perf_counter()
+        busy += chunk.busy
         for item in chunk.unpack():
             if item.image is None:
                 pending.append(item.record)
                 continue
             for closed in batcher.add(unit.index, item, item.image.num_patches):
+                busy += time.perf_counter() - started
                 yield step(items=closed).pack()
+                started = time.perf_counter()
+        busy += time.perf_counter() - started
         if chunk.end:
             for closed in batcher.flush(unit.index):
                 yield step(items=closed).pack()
             yield step(end=True, unit_error=chunk.unit_error, unit_failed=chunk.unit_failed)
+
+
+def process_name() -> str:
+    """This process, as the stage figures count workers and actors: "host:pid"."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def decode_unit(row: dict[str, Any], kind: str, reader_options, preprocess, budget: int) -> Iterator[dict[str, Any]]:
@@ -140,6 +162,7 @@ class EncodeActor:
 
         encoder = load_encoder(source, device, dtype, seed=seed, attention=attention, preprocess=preprocess)
         self.pipeline = DevicePipeline(encoder, features, pool, store_dtype, token_order)
+        self.name = process_name()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = [self._encode(pickle.loads(data)) for data in batch["step"]]
@@ -156,6 +179,7 @@ class EncodeActor:
             step.patches = pipeline.patches - patches
             step.encode_seconds = pipeline.encode_seconds - seconds
             step.device_wait_seconds = pipeline.device_wait_seconds - waited
+            step.encoded_images, step.encoder = len(step.items), self.name
             step.items = None
         return _row(step)
 
@@ -163,20 +187,18 @@ class EncodeActor:
 # ---- the driver -------------------------------------------------------------------------------------------------
 
 
-def connect(address: str | None) -> bool:
-    """Join the cluster at ``address`` (or the one Ray finds, or a new local instance); True if this call did.
+def connect(address: str | None, timeout: float) -> bool:
+    """Join the cluster at ``address`` (or the one Ray finds, or a new local instance), waiting at most ``timeout``
+    seconds for it to answer (``ray_connect``); True if this call started Ray.
 
     The driver's vitok travels with the job (``py_modules``), so every worker runs the same code as the driver."""
     try:
-        import ray
+        import ray  # noqa: F401
     except ImportError as exc:
         raise UsageError("--engine ray needs Ray Data: pip install 'ray[data]'") from exc
-    if ray.is_initialized():
-        return False
-    package = Path(__file__).resolve().parent
-    ray.init(address=address, include_dashboard=False, configure_logging=False,
-             runtime_env={"py_modules": [str(package)], "env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
-    return True
+    package = Path(__file__).resolve().parents[1]  # vitok/, whatever folder this module sits in
+    return join(address, timeout, {"py_modules": [str(package)],
+                                   "env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
 
 
 def cluster_devices(options: ExtractOptions) -> str:
@@ -208,6 +230,9 @@ def _bf16_on_cluster_gpu() -> bool:
 class RayRun(Run):
     """The run with Ray Data spreading decode and encode; set-up, claims, commits and summary are ``Run``'s."""
 
+    engine = "ray"
+    configure_phase = "ray_init"  # configure joins (or starts) the cluster: Ray's start-up, apart from the plan
+
     @classmethod
     def configure(cls, options: ExtractOptions) -> tuple[ExtractOptions, dict[str, Any]]:
         """Join the cluster and fix what depends on it before the job is prepared: the actors' device and compute
@@ -219,7 +244,7 @@ class RayRun(Run):
                              "local engine to take tokens from other stores)")
         if options.workers is not None:
             logger.info("--workers is ignored with --engine ray: Ray decides how many decode tasks run")
-        started = connect(options.address)
+        started = connect(options.address, options.connect_timeout)
         kind = cluster_devices(options)
         dtype = options.dtype
         if dtype == "auto":
@@ -230,6 +255,9 @@ class RayRun(Run):
                  started_ray: bool = False) -> None:
         super().__init__(job, progress, started)
         self.actor_device, self.started_ray = actor_device, started_ray
+
+    def _encode_device(self, encoder) -> str:
+        return self.actor_device
 
     def execute(self):
         try:
@@ -264,8 +292,20 @@ class RayRun(Run):
         by_index = {u.index: u for u in units}
         totals = [u.expected for u in units]
         total = None if any(t is None for t in totals) else sum(totals)
+        # the stage figures come with the steps: each decode task's and actor's own time (``run_stats``)
+        meter = self.meter = StageMeter("cpu", 0)
+        meter.started = self.started
+        decoders: set[str] = set()
+        encoders: set[str] = set()
+        waited = 0.0
         seen = skipped = shards = 0
         for step in in_unit_order(self._steps(ds)):
+            meter.chunk(step.decoded, step.decode_seconds, self.wait_seconds - waited)
+            waited = self.wait_seconds
+            decoders.add(step.decoder)
+            if step.encoded_images:
+                encoders.add(step.encoder)
+                meter.batch_launched(step.encoded_images, step.encode_seconds)
             for record in step.records:
                 committer.record(step.unit, record)
             seen += len(step.records)
@@ -285,6 +325,7 @@ class RayRun(Run):
             if self.progress is not None:
                 self.progress(ProgressEvent(seen, total, pipeline.patches, skipped,
                                             time.perf_counter() - self.started, shards, len(units)))
+        meter.workers, meter.encoders = len(decoders - {""}), max(1, len(encoders))
         if shards != len(units):
             raise RuntimeError(f"the Ray job ended with {len(units) - shards} unit(s) unfinished")
 

@@ -3,16 +3,20 @@ stage that limits it (the run's last line).
 
 The stages measure themselves without adding a wait on the hot path: decode workers time their own work and send it
 with each chunk; the device stage brackets each batch with CUDA events (read once the batch's copies are done, which
-the run waits for anyway); the writer thread times its writes. ``verdict`` is a pure function of those figures.
+the run waits for anyway); the writer thread times its writes. Under ``--engine ray`` the decode tasks and encode
+actors time their own work and send it with each batch, and the driver's loop and writer are the local run's.
+``verdict`` is a pure function of those figures.
 
     phases (seconds)   imports: process start -> the run's start (interpreter, imports, option parsing)
+                       ray_init: joining or starting the Ray cluster and asking it for its devices (--engine ray)
                        plan: listing the sources, checking the store, writing the plan
                        weights_read / weights_on_device: reading the checkpoint / the model on its device
                        workers_ready: starting the decode workers; warm_up: a dummy batch while they start
                        first_batch_ready / first_batch_done: from the run's start to the first batch queued / back
     stages (steady state, after the first batch came back)
                        decode: images/s delivered, the workers' busy share (their capacity in images/s)
-                       encoder: the device's busy share and images/s; writer: MB/s and its busy share
+                       encoder: the device's busy share and images/s (Ray: the actors' mean share, each one's
+                       images/s); writer: MB/s and its busy share
                        queues: the share of chunk requests the loader answered at once, the writer queue's mean fill
 """
 
@@ -29,8 +33,9 @@ from ..errors import StoreError
 from ..storage.files import atomic_write_bytes
 from ..storage.layout import STATS_DIR  # OUT/stats/<run>.json: one file per run (vitok info shows the latest)
 
-STARTUP_PHASES = ("imports", "torch_import", "plan", "weights_read", "weights_on_device", "workers_ready", "warm_up",
-                  "first_batch_ready", "first_batch_done")  # in the order they happen; the last two are moments
+# in the order they happen; the last two are moments
+STARTUP_PHASES = ("imports", "torch_import", "ray_init", "plan", "weights_read", "weights_on_device", "workers_ready",
+                  "warm_up", "first_batch_ready", "first_batch_done")
 STARTUP_BOUND = 0.5  # start-up over this share of the run: the verdict is about start-up
 BUSY = 0.85  # a stage this busy is saturated
 
@@ -67,15 +72,16 @@ class StageRates:
 
     seconds: float = 0.0
     images: int = 0
-    workers: int = 0  # 0: decoding happens on the run loop's thread
+    workers: int = 0  # 0: decoding happens on the run loop's thread; Ray: the processes that ran decode tasks
     decode_img_s: float = 0.0  # images/s the loader delivered
     decode_busy: float = 0.0  # workers' busy share (busy seconds / (workers x seconds)); on the loop thread: share
     decode_capacity_img_s: float = 0.0  # what the workers could deliver at 100 % busy
-    encoder_busy: float = 0.0  # the device's busy share (CUDA events; on CPU the encode calls' share)
-    encoder_img_s: float = 0.0  # images/s while busy (the encoder's own rate)
+    encoder_busy: float = 0.0  # the device's busy share (CUDA events; on CPU the encode calls' share); of several: mean
+    encoder_img_s: float = 0.0  # images/s while busy (the encoder's own rate; of several: each one's)
+    encoders: int = 1  # devices encoding: the local run's one, or Ray's encode actors
     writer_mb_s: float = 0.0  # MB/s while writing
     writer_busy: float = 0.0
-    data_wait: float = 0.0  # share of the run the loop waited for decoded images
+    data_wait: float = 0.0  # share of the run the loop waited for decoded images (Ray: for encoded batches)
     loader_ready: float = 0.0  # share of chunk requests answered without waiting (the loader's queue was full)
     writer_queue_fill: float = 0.0  # mean fill of the writer's queue (1.0 = the loop waited for the disk)
 
@@ -84,14 +90,15 @@ class StageRates:
 class RunStats:
     phases: dict[str, float] = field(default_factory=dict)
     stages: StageRates = field(default_factory=StageRates)
-    device: str = "cpu"
+    device: str = "cpu"  # where the encoder ran (Ray: the encode actors' device kind)
     decode: str = "exact"
     bottleneck: str = ""
+    engine: str = "local"  # --engine: under ray the loop waits for the cluster, not for decoding alone
 
     def to_dict(self) -> dict[str, Any]:
         return {"phases": {k: round(v, 3) for k, v in self.phases.items()},
                 "stages": {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self.stages).items()},
-                "device": self.device, "decode": self.decode, "bottleneck": self.bottleneck}
+                "device": self.device, "decode": self.decode, "bottleneck": self.bottleneck, "engine": self.engine}
 
 
 def _pct(share: float) -> str:
@@ -114,9 +121,14 @@ def verdict(stats: RunStats, total_seconds: float) -> str:
     workers = f"{s.workers} workers" if s.workers else "decoding on the main thread"
     decode = f"{workers} {_pct(s.decode_busy)} busy"
     encoder = f"{device} {_pct(s.encoder_busy)} busy"
+    if stats.engine == "ray":
+        decode = f"{_count(s.workers, 'decode worker')} {_pct(s.decode_busy)} busy"
+        encoder = f"{_count(s.encoders, 'encode actor')} ({device}) {_pct(s.encoder_busy)} busy"
     if s.writer_busy >= BUSY and s.writer_busy >= max(s.encoder_busy, s.decode_busy):
         return (f"writer-bound: writing {s.writer_mb_s:.0f} MB/s, {_pct(s.writer_busy)} busy, {encoder}; a faster "
                 "disk, --pool or --store-dtype float16 (fewer bytes) would help")
+    if stats.engine == "ray":
+        return _ray_verdict(s, decode, encoder, gpu)
     if s.encoder_busy >= BUSY or (s.encoder_busy >= s.decode_busy and s.data_wait < 0.2):
         extra = ("" if gpu else "; --dtype bfloat16 may help on CPUs with AMX/AVX512-BF16 (not exact), or a GPU")
         return f"encoder-bound: {encoder} at {s.encoder_img_s:.1f} img/s, {decode}{extra}"
@@ -135,14 +147,41 @@ def verdict(stats: RunStats, total_seconds: float) -> str:
             "(batching, copies) limits it; a larger --token-budget would help")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _ray_verdict(s: StageRates, decode: str, encoder: str, gpu: bool) -> str:
+    """``--engine ray``: the driver waits for the cluster (decode tasks, then encode actors), so its wait says that
+    the cluster limits the run, and the busier pool says which part of it."""
+    more_encoders = ("more GPUs (an actor each) would help" if gpu else
+                     "GPUs would help (the actors encode on CPUs; --dtype bfloat16 may help there, not exact)")
+    if s.encoder_busy >= BUSY:
+        return f"encoder-bound: {encoder} at {s.encoder_img_s:.1f} img/s each, {decode}; {more_encoders}"
+    if s.decode_busy >= BUSY:
+        return f"decode-bound: {decode}, {encoder}; more CPUs in the cluster or --fast-decode would help"
+    if s.data_wait < 0.2:
+        return (f"driver-bound: the driver waited for the cluster {_pct(s.data_wait)} of the time ({decode}, "
+                f"{encoder}, writer {_pct(s.writer_busy)} busy); it receives and writes every token itself: "
+                "--num-parts N splits the job into N drivers")
+    if max(s.encoder_busy, s.decode_busy) >= 0.5:
+        if s.encoder_busy >= s.decode_busy:
+            return f"encoder-bound: {encoder} at {s.encoder_img_s:.1f} img/s each, {decode}; {more_encoders}"
+        return f"decode-bound: {decode}, {encoder}; more CPUs in the cluster or --fast-decode would help"
+    return (f"input-bound: the driver waited {_pct(s.data_wait)} of the time while {decode} and {encoder}; reading "
+            "the inputs is slow, or fewer units are in flight than the cluster has cores (one decode task per unit: "
+            "a smaller --shard-size gives more)")
+
+
 class StageMeter:
     """Collects the figures during a run; the runner calls it at stage boundaries (cheap: a few additions)."""
 
-    def __init__(self, device, workers: int) -> None:
+    def __init__(self, device, workers: int, encoders: int = 1) -> None:
         self.started = time.perf_counter()
         self.device = device  # a torch.device, or its type's name
         self.cuda = getattr(device, "type", device) == "cuda"
         self.workers = workers
+        self.encoders = encoders  # busy seconds are summed over them (Ray's actors)
         self.phases: dict[str, float] = {}
         self.images = 0
         self.decode_busy = 0.0
@@ -241,7 +280,8 @@ class StageMeter:
             decode_img_s=d["images"] / seconds,
             decode_busy=min(1.0, d["decode_busy"] / (capacity * seconds)),
             decode_capacity_img_s=capacity * d["images"] / d["decode_busy"] if d["decode_busy"] else 0.0,
-            encoder_busy=min(1.0, busy / seconds), encoder_img_s=d["encoded"] / busy if busy else 0.0,
+            encoder_busy=min(1.0, busy / (self.encoders * seconds)), encoder_img_s=d["encoded"] / busy if busy else 0.0,
+            encoders=self.encoders,
             writer_mb_s=writer_bytes / 1e6 / writer_busy if writer_busy else 0.0,
             writer_busy=min(1.0, writer_busy / (time.perf_counter() - self.started)),
             data_wait=min(1.0, d["waits"] / seconds),
@@ -276,9 +316,11 @@ def describe(stats: dict[str, Any]) -> list[str]:
     lines = ["start-up   " + ", ".join(f"{k.replace('_', ' ')} {phases[k]:.2f} s" for k in STARTUP_PHASES
                                       if k in phases)]
     if s:
-        workers = f"{s['workers']} worker" + ("" if s["workers"] == 1 else "s")
+        workers = _count(s["workers"], "worker")
+        encoders = s.get("encoders", 1)
+        encoder = "encoder" if encoders == 1 else f"encoders ({encoders}, mean)"
         lines.append(f"stages     decode {s['decode_img_s']:.1f} img/s ({workers}, "
-                     f"{_pct(s['decode_busy'])} busy); encoder {_pct(s['encoder_busy'])} busy, "
+                     f"{_pct(s['decode_busy'])} busy); {encoder} {_pct(s['encoder_busy'])} busy, "
                      f"{s['encoder_img_s']:.1f} img/s; writer {s['writer_mb_s']:.1f} MB/s, {_pct(s['writer_busy'])} "
                      f"busy; loop waited {_pct(s['data_wait'])}")
     if stats.get("bottleneck"):

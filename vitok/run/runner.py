@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..environment import describe_environment
 from ..errors import SettingsMismatchError
@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 
 class Run:
+    engine: ClassVar[str] = "local"  # --engine
+    configure_phase: ClassVar[str | None] = None  # the start-up phase ``configure``'s time is reported as, if any
+
     def __init__(self, job: Job, progress: Callable[[ProgressEvent], None] | None = None,
                  started: float | None = None) -> None:
         self.job, self.progress = job, progress
@@ -286,10 +289,14 @@ class Run:
             phases=run_stats["phases"], stages=run_stats["stages"], bottleneck=run_stats["bottleneck"],
         )
 
+    def _encode_device(self, encoder) -> str:
+        """Where the batches were encoded (the stage figures' device)."""
+        return str(encoder.device) if encoder else "cpu"
+
     def _run_stats(self, stats: CommitStats, encoder, seconds: float) -> dict[str, Any]:
         """Phases, stage rates and the verdict; written to OUT/stats/<run>.json when the run encoded anything."""
-        result = RunStats(dict(self.phases), device=str(encoder.device) if encoder else "cpu",
-                          decode=self.job.options.decode)
+        result = RunStats(dict(self.phases), device=self._encode_device(encoder), decode=self.job.options.decode,
+                          engine=self.engine)
         if self.meter is None:
             return result.to_dict()
         result.phases |= self.meter.phases
