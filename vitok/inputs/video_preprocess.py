@@ -199,6 +199,7 @@ class VideoPreprocessor:
     same in the decode workers."""
 
     per_chunk = 1  # videos per message from a decode worker: a chunk holds one video's patches, not eight
+    stall_seconds = 3600.0  # a decode worker silent this long is taken as hung (a long video decodes for minutes)
 
     def __init__(self, config: VideoConfig) -> None:
         self.config = config

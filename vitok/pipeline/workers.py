@@ -155,11 +155,15 @@ class WorkerChunks:
 
     def _watch(self) -> None:
         """A worker stopped (SIGSTOP) or hung (a decoder loop, storage that never answers) stalls the run: killed
-        after ``STALL_SECONDS`` of waiting, it is then a dead worker like any other."""
-        while not self._closed.wait(min(5.0, STALL_SECONDS / 4)):
+        after ``STALL_SECONDS`` of waiting (the preprocessor's ``stall_seconds`` when it has one: decoding a long
+        video takes minutes), it is then a dead worker like any other."""
+        while True:
+            stall = getattr(self._preprocessor, "stall_seconds", None) or STALL_SECONDS
+            if self._closed.wait(min(5.0, stall / 4)):
+                return
             since = self._awaited_since
-            if since is not None and time.monotonic() - since > STALL_SECONDS:
-                logger.warning("no image from the decode workers for %.0f s: taking them as hung", STALL_SECONDS)
+            if since is not None and time.monotonic() - since > stall:
+                logger.warning("no input from the decode workers for %.0f s: taking them as hung", stall)
                 self._awaited_since = None
                 self._kill_workers()
 
