@@ -45,13 +45,20 @@ def info(
     echo = typer.echo
     echo(f"store      {out}")
     echo(f"model      {settings.model.name} ({settings.model.weights})")
-    echo(f"features   {', '.join(settings.features)}  pool={settings.pool}  stored as "
+    pool = f"{settings.pool} per temporal step" if settings.pool_by == "step" else settings.pool
+    echo(f"features   {', '.join(settings.features)}  pool={pool}  stored as "
          f"{settings.store_dtype}  computed in {settings.compute_dtype}  format={settings.format}")
+    if settings.video is not None:
+        video = settings.video
+        sampling = (f"{video['num_frames']} frames" if video.get("num_frames") else f"{video['fps']:g} fps"
+                    if video.get("fps") and video.get("do_sample_frames") else "every frame")
+        echo(f"sampling   {video['rule']} video processor, {sampling}, decoded by {video['decoder']}")
     planned = f" of {report.planned_shards} planned" if report.planned_shards else ""
     damaged = f", {len(report.shards_damaged)} damaged" if report.shards_damaged else ""
     echo(f"shards     {report.shards_done} done{planned}; {len(report.incomplete)} not done, "
          f"{len(report.in_progress)} in progress{damaged}")
-    echo(f"images     {report.images_ok} ok, {report.images_skipped} skipped, {report.images_failed} failed"
+    inputs = "videos" if settings.video is not None else "images"
+    echo(f"{inputs:10s} {report.images_ok} ok, {report.images_skipped} skipped, {report.images_failed} failed"
          + (f", {report.images_damaged} in damaged shards" if report.images_damaged else "")
          + (f", {report.images_removed} removed from the sources" if report.images_removed else ""))
     for title, table in (("skipped", skipped), ("failed", failed)):

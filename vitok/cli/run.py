@@ -163,8 +163,10 @@ def _plan_command(sources: list[str] | None, out: Path, **values: Any) -> None:
     if not sources and not options.files_from:
         raise UsageError("give at least one source, '-' for stdin, or --files-from")
     shard_size = options.shard_size
-    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
     listing = list_inputs(list(sources or []), options.files_from, None, options.input_format, out=out)
+    video = options.input_format == "video" or getattr(listing, "media", "image") == "video"
+    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column,
+                                   media="video" if video else "image")
     existing = load_plan(out)
     if existing is not None:
         if existing.latest.listing_digest != listing_digest(listing):

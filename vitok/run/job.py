@@ -20,6 +20,7 @@ from ..errors import InputsChangedError, SettingsMismatchError, StoreError, Usag
 from ..inputs.preprocess_config import PreprocessConfig
 from ..inputs.readers import ReaderOptions
 from ..inputs.sources import FileListing, Listing, kind_of, list_inputs, listing_kind
+from ..inputs.video_config import VideoConfig
 from ..storage import META_FILE, RunHeader, iter_sidecars, read_header
 from ..storage.layout import SHARDS_DIR, STORE_ENTRIES
 from ..storage.plan import Plan, PlanDiff, diff, listing_digest, load_plan
@@ -54,6 +55,17 @@ class Job:
     torch_import_seconds: float = 0.0  # spent importing torch while preparing (a start-up phase of its own)
     files_from: str | None = None  # the --files-from list, absolute ("-": stdin), recorded in the plan
     list_cwd: str | None = None  # the directory its relative lines are read against, recorded with it
+    video: VideoConfig | None = None  # a store of videos: how they are sampled and preprocessed
+
+    def preprocessor(self):
+        """What turns this job's inputs into patches in the decode workers: images or videos (one store holds one)."""
+        if self.video is not None:
+            from ..inputs.video_preprocess import VideoPreprocessor
+
+            return VideoPreprocessor(self.video)
+        from ..inputs.preprocess import Preprocessor
+
+        return Preprocessor(self.preprocess)
 
 
     @classmethod
@@ -117,6 +129,38 @@ def preprocess_for(source: ModelSource, options: ExtractOptions) -> PreprocessCo
     return preprocess
 
 
+VIDEO_ONLY = ("pool_steps", "fps", "num_frames", "min_frames", "max_frames", "video_min_pixels", "video_max_pixels",
+              "cap_pixels_per_frame", "max_video_patches", "max_video_frames")
+IMAGE_ONLY = ("min_pixels", "max_pixels", "image_size", "backend", "fast_decode", "allow_truncated")
+
+
+def video_for(source: ModelSource, options: ExtractOptions) -> VideoConfig:
+    """The model's video processor with the options' overrides (the frame-level limits included)."""
+    video = source.video()
+    pixels = video.pixels.replace(min_pixels=options.video_min_pixels, max_pixels=options.video_max_pixels,
+                                  max_image_pixels=options.max_image_pixels)
+    if pixels.min_pixels > pixels.max_pixels and (options.video_min_pixels or options.video_max_pixels):
+        raise UsageError(f"--video-min-pixels {pixels.min_pixels} is larger than --video-max-pixels "
+                         f"{pixels.max_pixels}")
+    return video.replace(pixels=pixels, fps=options.fps, num_frames=options.num_frames, min_frames=options.min_frames,
+                         max_frames=options.max_frames, cap_pixels_per_frame=options.cap_pixels_per_frame or None,
+                         decoder=options.video_decoder, max_video_patches=options.max_video_patches,
+                         max_video_frames=options.max_video_frames)
+
+
+def check_media(options: ExtractOptions, video: bool) -> None:
+    """Options of the other medium are refused (they would be recorded and do nothing)."""
+    wrong = [name for name in (IMAGE_ONLY if video else VIDEO_ONLY)
+             if getattr(options, name) not in (None, False) and (options.given is None or name in options.given)]
+    if wrong:
+        flag = "--" + wrong[0].replace("_", "-")
+        raise UsageError(f"{flag} applies to {'images' if video else 'videos'}; these inputs are "
+                         f"{'videos' if video else 'images'}" + (" (their pixel budget: --video-min-pixels, "
+                                                                 "--video-max-pixels)" if video else ""))
+    if video and options.engine != "local":
+        raise UsageError("--engine ray does not read videos yet; extract them with the local engine")
+
+
 def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) -> Job:
     """Validate everything cheap and decide what to do; writes nothing."""
     header = check_out_folder(out, options.overwrite)
@@ -143,8 +187,23 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     elif plan is None:
         raise UsageError("give at least one source folder or file, '-' for stdin, or --files-from (or -o a store "
                          "that already holds a plan, to resume it)")
+    if isinstance(listing, FileListing) and listing.media == "video" and options.input_format == "auto":
+        options = options.replace(input_format="video")  # recorded: a resume lists videos again
+    video = None
+    if options.input_format == "video":
+        reader_options.media = "video"  # (decided by the listing when the format was auto)
+        check_media(options, video=True)
+        video = video_for(source, options)
+        preprocess = video.pixels  # the device normalises a video's patches with its processor's settings
+    else:
+        check_media(options, video=False)
     started = time.perf_counter()
     from ..encoder.inference import resolve_device, resolve_dtype  # torch: only once the cheap checks passed
+
+    if video is not None:  # the decoder loads here (torchcodec: FFmpeg's libraries, and torch's compiler stack)
+        from ..inputs.video_decode import check_decoder
+
+        check_decoder(video.decoder)
 
     torch_seconds = time.perf_counter() - started
     from .parallel import device_for
@@ -154,7 +213,8 @@ def prepare(sources: list[str], out: Path, options: ExtractOptions, stdin=None) 
     job = Job(out, options, part, source, preprocess, features, reader_options, listing,
               [_absolute(s) for s in sources], plan, None, None if options.overwrite else header,
               device, resolve_dtype(options.dtype, device), torch_import_seconds=torch_seconds,
-              files_from=_absolute(options.files_from) if options.files_from else None, list_cwd=list_cwd)
+              files_from=_absolute(options.files_from) if options.files_from else None, list_cwd=list_cwd,
+              video=video)
     if plan is not None and listing is not None:
         job.plan_diff = _compare(job)
     if listing is not None and (plan is None or job.plan_diff is not None):
@@ -185,10 +245,11 @@ def report_listing(listing: Listing) -> None:
     """Say what the listing left out: files of other kinds, archives among loose images, folders not listed."""
     beside = listing.beside
     if beside:
-        kinds = sorted({"wds" if kind_of(p) == "wds" else "parquet" for p in beside})
-        logger.warning("%d archive(s) beside the loose images were not read (%s%s): one store holds one kind of "
-                       "input; extract them into another store: vitok extract %s --input-format %s -o OTHER",
-                       len(beside), beside[0], ", ..." if len(beside) > 1 else "", os.path.dirname(beside[0]),
+        kinds = sorted({kind_of(p) for p in beside})
+        what = "video(s)" if kinds == ["video"] else "archive(s)" if "video" not in kinds else "archive(s) or video(s)"
+        logger.warning("%d %s beside the loose images were not read (%s%s): one store holds one kind of input; "
+                       "extract them into another store: vitok extract %s --input-format %s -o OTHER",
+                       len(beside), what, beside[0], ", ..." if len(beside) > 1 else "", os.path.dirname(beside[0]),
                        "|".join(kinds))
     others = listing.ignored - len(beside)
     if others > 0:

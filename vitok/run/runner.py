@@ -188,7 +188,8 @@ class Run:
         job, opts = self.job, self.job.options
         fmt = get_format(opts.format)
         pipeline = DevicePipeline(encoder, job.features, opts.pool, opts.store_dtype, opts.token_order,
-                                  decode=device_decode(encoder.preprocess, encoder.device))
+                                  decode=device_decode(encoder.preprocess, encoder.device), pool_steps=opts.pool_steps,
+                                  chunk_rows=opts.token_budget or default_budget(encoder.device.type))
         donors = Donors(list(job.features))
         donors.add_store(job.out, header.fingerprint, exclude=work.damaged)
         for store in opts.reuse or ():
@@ -230,7 +231,6 @@ class Run:
 
     def _loop(self, units, encoder, pipeline: DevicePipeline, committer: Committer, donors: Donors | None = None,
               within_units: bool = True) -> None:
-        from ..inputs.preprocess import Preprocessor
         from ..pipeline.types import Batch, EncodedBatch
         from ..pipeline.workers import default_workers, load_units
 
@@ -268,7 +268,7 @@ class Run:
         seen = skipped = shards = 0
         started = time.perf_counter()
         chunks = load_units(units, self.plan.kind, self.job.reader_options,
-                            Preprocessor(encoder.preprocess), workers, pin_memory=encoder.device.type == "cuda")
+                            self.job.preprocessor(), workers, pin_memory=encoder.device.type == "cuda")
         meter.phase("workers_ready", time.perf_counter() - started)
         if encoder.needs_warm_up(workers):  # while the workers decode the first images
             started = time.perf_counter()

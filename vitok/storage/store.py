@@ -240,6 +240,21 @@ class Store:
         grid = torch.tensor([self.info(key)["grid"]], dtype=torch.long)
         return (embeds.to(dtype) if dtype is not None else embeds), grid
 
+    def video_embeds(self, key: str, dtype=None):
+        """vLLM's precomputed video embeddings, as ``image_embeds`` (the same rows: the merger's tokens, with
+        Qwen3-VL's DeepStack levels concatenated) with ``G`` = ``[[t, h, w]]`` the video's ``video_grid_thw``, and
+        the metadata its prompt's timestamps come from. Pass ``{"video_embeds": E, "video_grid_thw": G}`` as the
+        video of a prompt; ``M`` (``fps``, ``frames_indices``, ``total_num_frames``, ``duration``) is the video
+        metadata Qwen3-VL's processor reads."""
+        record = self._lookup(key)[1]
+        if record.video is None:
+            raise KeyError(f"{key!r} is not a video; use image_embeds")
+        embeds, grid = self.image_embeds(key, dtype)
+        video = record.video
+        metadata = {"fps": video.fps if video.fps else 24.0, "frames_indices": list(video.indices),
+                    "total_num_frames": video.frame_count, "duration": video.duration}
+        return embeds, grid, metadata
+
     def nonfinite(self) -> dict[str, int]:
         """Images whose tokens hold NaN/Inf values, as counted at extraction (float16 overflow included): key ->
         count. Exports leave them out."""

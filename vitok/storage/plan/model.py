@@ -262,6 +262,8 @@ class Plan:
         """The extract options the plan was made with (``vitok plan``'s flags, by ``ExtractOptions`` name): the shard
         size of loose files and the input options recorded."""
         options: dict[str, Any] = {k: v for k, v in (self.first.reader_options or {}).items() if v is not None}
+        if options.pop("media", None) == "video":  # planned as videos (loose, or video2dataset's tars)
+            options["input_format"] = "video"
         if self.kind == "files" and self.first.shard_size is not None:
             options["shard_size"] = self.shard_size
         return options
