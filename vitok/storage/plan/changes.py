@@ -108,18 +108,24 @@ def _checked(entries: Iterable[tuple[str, str, int | None, int | None, str | Non
             yield from future.result()
 
 
-def _file_entries(out: Path, plan: Plan) -> Iterator[tuple[str, str, int | None, int | None, str | None]]:
-    """The recorded size, time and hash of every loose file the store holds now, from the sidecars' JSON as it is
-    (no record objects: a million records are read in seconds)."""
-    current = plan.current()
+def _sidecar_json(out: Path) -> Iterator[dict[str, Any]]:
+    """Every committed sidecar of the store as the JSON it is (a damaged one is left out: the run redoes its shard,
+    verify reports it)."""
     folder = shards_dir(out)
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         if path.name.startswith("."):
             continue
         try:
-            sidecar = json.loads(path.read_text())
+            yield json.loads(path.read_text())
         except (OSError, ValueError):
-            continue  # damaged: the run redoes the shard, verify reports it
+            continue
+
+
+def _file_entries(out: Path, plan: Plan) -> Iterator[tuple[str, str, int | None, int | None, str | None]]:
+    """The recorded size, time and hash of every loose file the store holds now, from the sidecars' JSON as it is
+    (no record objects: a million records are read in seconds)."""
+    current = plan.current()
+    for sidecar in _sidecar_json(out):
         generation = int((sidecar.get("unit") or {}).get("plan_generation", 0))
         for record in sidecar.get("records", ()):
             size = record.get("source_bytes")
@@ -138,14 +144,7 @@ def half_current_units(out: str | Path, plan: Plan) -> set[str]:
         return set()
     current, superseded = plan.current(), plan.superseded()
     found: set[str] = set()
-    folder = shards_dir(Path(out))
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        if path.name.startswith("."):
-            continue
-        try:
-            sidecar = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+    for sidecar in _sidecar_json(Path(out)):
         unit = sidecar.get("unit") or {}
         name = unit.get("unit") or base_and_attempt(sidecar.get("shard", ""), plan.legacy_names)[0]
         generation = int(unit.get("plan_generation", 0))
