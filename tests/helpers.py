@@ -134,3 +134,35 @@ def all_tokens(out: Path, feature: str | None = None) -> dict[str, np.ndarray]:
 
     store = vitok.open(out)
     return {key: store.get(key, feature) for key in store.keys()}
+
+
+VIDEO_CODECS = {".mp4": "libx264", ".mov": "libx264", ".mkv": "libx264", ".webm": "libvpx-vp9", ".avi": "mpeg4"}
+
+
+def video_clip(path: Path, frames: int = 12, size: tuple[int, int] = (96, 64), fps: int = 24, codec: str | None = None,
+               pix_fmt: str = "yuv420p", rotation: int | None = None, container: str | None = None,
+               seed: int = 0) -> Path:
+    """A short clip encoded with PyAV (milliseconds): moving gradients and noise, ``size`` = (width, height). The
+    codec follows the suffix unless given; ``rotation`` writes a display matrix; ``container`` names the format when
+    the suffix does not (a clip without one)."""
+    import av
+
+    width, height = size
+    codec = codec or VIDEO_CODECS.get(path.suffix.lower(), "libx264")
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w", format=container) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if codec == "libvpx-vp9":
+            stream.options = {"deadline": "realtime", "cpu-used": "8"}
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for i in range(frames):
+            pixels = np.stack([(x * 2 + 5 * i) % 256, (y * 3 + 2 * i) % 256, ((x + y) * 4 + 9 * i) % 256], -1)
+            pixels = (pixels + rng.integers(0, 24, pixels.shape)).clip(0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path

@@ -199,6 +199,10 @@ def test_a_missing_tar_that_appears_later_is_retried(collection, tmp_path):
     assert second.shards_written == 1 and second.ok == 4
     store = vitok.open(tmp_path / "out")
     assert sum(k.startswith("00002/") for k in store.keys()) == 4 and vitok.verify(tmp_path / "out").clean
+    shards = tmp_path / "out" / "shards"  # the retry replaced the first attempt whole: one shard named for the tar
+    assert sorted(p.name for p in shards.glob("00002*")) == ["00002~r1.h5", "00002~r1.json"]
+    assert (shards / ".superseded" / "00002.json").exists()
+    assert vitok.extract([source], tmp_path / "out", **LIB).shards_written == 0  # and it counts as done
 
 
 @pytest.mark.slow

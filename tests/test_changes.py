@@ -5,6 +5,7 @@ exactly what the sources hold through every reader; unit names cannot collide wi
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 
@@ -17,6 +18,7 @@ import vitok
 from vitok.cli.app import app
 from vitok.errors import InputsChangedError
 from vitok.storage.plan import load_plan, unit_name
+from vitok.storage.shards import iter_retired
 
 verify_store = vitok.verify
 LIB = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", pool="mean")
@@ -70,7 +72,8 @@ def test_a_loose_file_replaced_in_place_is_refused_then_updated_and_reported_sta
     with pytest.raises(InputsChangedError, match="1 changed.*1.png"):
         vitok.extract([str(folder)], out, **LIB)
     summary = vitok.extract([str(folder)], out, update=True, **LIB)
-    assert summary.ok == 1
+    assert (summary.ok, summary.images_encoded, summary.carried) == (3, 1, 2)  # its shard replaced whole; the
+    # unchanged two carried into the new one
     store = vitok.open(out)
     assert not np.array_equal(store["1.png"], old)
     np.testing.assert_array_equal(store["1.png"], store.get("1.png"))
@@ -280,7 +283,8 @@ def test_a_bare_update_lists_the_plans_recorded_sources_again(tmp_path, monkeypa
     (folder / "0.png").unlink()
     monkeypatch.chdir(folder)  # another working directory
     summary = vitok.extract([], out, update=True, **LIB)
-    assert summary.ok == 1
+    assert (summary.images_encoded, summary.carried) == (1, 2)  # 3.png; 1.png and 2.png, whose shard held the
+    # removed 0.png, are carried
     assert_views(out, ["1.png", "2.png", "3.png"])
 
     listed = tmp_path / "list.txt"  # a store planned from a --files-from list: the list is read again
@@ -313,3 +317,328 @@ def test_a_bare_update_reads_relative_list_lines_against_the_directory_they_were
     store = vitok.open(tmp_path / "out")
     assert store.keys() == ["images/0.png", "images/1.png", "images/2.png"]
     assert store.info("images/2.png")["source"] == str(tmp_path / "images" / "2.png")
+
+
+# ---- plain readers (h5py, numpy, webdataset: no vitok) see exactly the store after any --update --------------------
+
+
+def plain_rows(out, fmt: str) -> list[tuple[str, np.ndarray]]:
+    """(key, merged tokens) of every row a reader without vitok finds where OUT/README.txt says to look: h5py over
+    shards/*.h5, numpy over shards/*/, webdataset over shards/*.tar."""
+    import glob
+
+    shards = os.path.join(out, "shards")
+    rows: list[tuple[str, np.ndarray]] = []
+    if fmt == "hdf5":
+        import h5py
+
+        for path in sorted(glob.glob(os.path.join(shards, "*.h5"))):
+            with h5py.File(path) as f:
+                keys = [k.decode("utf-8", "surrogateescape") for k in f["keys"][()]]
+                offsets = f["merged_offsets"][()]
+                rows += [(key, f["merged"][offsets[i]:offsets[i + 1]]) for i, key in enumerate(keys)]
+    elif fmt == "npy":
+        for folder in sorted(glob.glob(os.path.join(shards, "*", ""))):
+            keys = np.load(os.path.join(folder, "keys.npy"))
+            offsets = np.load(os.path.join(folder, "merged_offsets.npy"))
+            data = np.load(os.path.join(folder, "merged.npy"))
+            rows += [(str(key), data[offsets[i]:offsets[i + 1]]) for i, key in enumerate(keys)]
+    else:
+        import webdataset as wds
+
+        for sample in wds.WebDataset(sorted(glob.glob(os.path.join(shards, "*.tar"))), shardshuffle=False):
+            rows.append((json.loads(sample["json"])["key"], np.load(io.BytesIO(sample["merged.npy"]))))
+    return rows
+
+
+def assert_plain_readers_see_the_store(out, fmt: str) -> None:
+    """Every current key once, with the store's tokens; nothing superseded, nothing removed."""
+    rows = plain_rows(out, fmt)
+    with vitok.open(out) as store:
+        assert sorted(key for key, _ in rows) == store.keys()
+        for key, tokens in rows:
+            np.testing.assert_array_equal(np.asarray(tokens, np.float32), store[key])
+
+
+WDS_OPEN = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # webdataset leaves tars open
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", pytest.param("npy", marks=pytest.mark.slow),
+                                 pytest.param("wds", marks=[pytest.mark.slow, WDS_OPEN])])
+def test_plain_readers_see_exactly_the_stores_keys_after_files_change_move_and_go(tmp_path, fmt):
+    """Regression: the README's h5py recipe over every shard found 15 rows and 11 keys in a 10-key store (old rows
+    of a changed file, a renamed file under its old name) after two updates."""
+    folder = png_folder(tmp_path / "images", 10)
+    out = tmp_path / "out"
+    options = {**LIB, "shard_size": 4, "format": fmt}
+    vitok.extract([str(folder)], out, **options)
+    (folder / "1.png").write_bytes(png(20))  # changed in place
+    bump_mtime(folder / "1.png")
+    vitok.extract([str(folder)], out, update=True, **options)
+    assert_plain_readers_see_the_store(out, fmt)
+    os.rename(folder / "2.png", folder / "12.png")
+    os.remove(folder / "5.png")
+    vitok.extract([str(folder)], out, update=True, **options)
+    assert_plain_readers_see_the_store(out, fmt)
+    assert_views(out, sorted(f"{i}.png" for i in (0, 1, 3, 4, 6, 7, 8, 9, 12)))
+
+
+def joined_shard(out, tar) -> list:
+    """The store shards that join with input ``tar`` by name, as OUT/README.txt says: ``shards/<stem>.tar``, or
+    ``shards/<stem>~<suffix>.tar`` once vitok extracted the tar again (one of them, never both)."""
+    stem = os.path.basename(tar)[: -len(".tar")]
+    return [p for p in sorted((out / "shards").glob("*.tar")) if p.stem == stem or p.stem.startswith(stem + "~")]
+
+
+@WDS_OPEN
+def test_a_rewritten_tar_joins_by_name_with_its_new_tokens_and_a_removed_one_with_nothing(tmp_path):
+    """Regression: after --update of a tar rewritten with other pictures, the README's join by shard name paired
+    the new images with the old tokens (the old shards/00001.tar stayed beside 00001~g1.tar)."""
+    import webdataset as wds
+
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    write_tar(folder / "00000.tar", {"a": png(0), "b": png(1)})
+    write_tar(folder / "00001.tar", {"c": png(2), "d": png(3), "e": png(4)})
+    write_tar(folder / "00002.tar", {"f": png(5)})
+    out = tmp_path / "out"
+    options = {**LIB, "pool": "none", "format": "wds"}
+    vitok.extract([str(folder)], out, **options)
+    write_tar(folder / "00001.tar", {"c": png(12), "d": png(13), "e": png(14)})  # same keys, other pictures
+    bump_mtime(folder / "00001.tar")
+    os.remove(folder / "00002.tar")
+    vitok.extract([str(folder)], out, update=True, **options)
+    assert_plain_readers_see_the_store(out, "wds")
+    assert joined_shard(out, "00002.tar") == []
+    with vitok.open(out) as store:
+        for tar in sorted(folder.glob("*.tar")):
+            [shard] = joined_shard(out, tar)
+            sources = list(wds.WebDataset(str(tar), shardshuffle=False))
+            joined = list(wds.WebDataset(str(shard), shardshuffle=False))
+            assert len(sources) == len(joined)
+            for source, tokens in zip(sources, joined):
+                assert source["__key__"] == tokens["__key__"]
+                np.testing.assert_array_equal(np.load(io.BytesIO(tokens["merged.npy"])).astype(np.float32),
+                                              store[f"{tar.stem}/{source['__key__']}"])
+    assert verify_store(out).clean
+
+
+# ---- counts and provenance after an update -------------------------------------------------------------------------
+
+
+def test_info_after_updates_counts_only_the_shards_the_plan_holds_now(tmp_path):
+    """Regression: info said "2 done of 3 planned" on a finished store after a tar was rewritten (the superseded
+    unit counted as planned), and loose-file stores counted a superseded shard as done."""
+    from helpers import vitok as run_vitok
+
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    write_tar(folder / "00000.tar", {"a": png(0), "b": png(1)})
+    write_tar(folder / "00001.tar", {"c": png(2)})
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, **LIB)
+    write_tar(folder / "00001.tar", {"c": png(3), "d": png(4)})
+    bump_mtime(folder / "00001.tar")
+    vitok.extract([str(folder)], out, update=True, **LIB)
+    info = json.loads(run_vitok("info", str(out), "--json").stdout)
+    assert (info["shards_done"], info["planned_shards"], info["planned_images"]) == (2, 2, 4) and info["finished"]
+    assert "2 done of 2 planned; 0 not done" in run_vitok("info", str(out)).stdout
+
+
+def test_info_after_a_loose_file_update_counts_the_replacing_shards_not_the_replaced(tmp_path):
+    from helpers import vitok as run_vitok
+
+    images = png_folder(tmp_path / "images", 6)
+    loose = tmp_path / "loose"
+    vitok.extract([str(images)], loose, shard_size=2, **LIB)
+    (images / "3.png").write_bytes(png(9))
+    bump_mtime(images / "3.png")
+    os.remove(images / "4.png")
+    vitok.extract([str(images)], loose, shard_size=2, update=True, **LIB)
+    info = json.loads(run_vitok("info", str(loose), "--json").stdout)
+    assert info["shards_done"] == info["planned_shards"] and info["finished"] and info["clean"]
+    assert info["images_ok"] == 5 and info["planned_images"] == 5 and info["images_removed"] == 1
+
+
+def copied_record(out, copied_from: str) -> dict:
+    """The record ``copied_from`` names (``<shard>/<key>``), read from that shard's sidecar as OUT/README.txt says:
+    ``shards/<shard>.json``, or ``shards/.superseded/<shard>.json`` once --update superseded the shard."""
+    shard, _, key = copied_from.partition("/")
+    for folder in (out / "shards", out / "shards" / ".superseded"):
+        if (folder / f"{shard}.json").exists():
+            records = json.loads((folder / f"{shard}.json").read_text())["records"]
+            return next(r for r in records if r["key"] == key)
+    raise AssertionError(f"no shard {shard!r} holds the record {copied_from!r}")
+
+
+def test_copied_from_names_a_record_of_those_pixels_after_the_donors_key_changes(tmp_path):
+    """Regression: copied_from named the key A.png, which an update then filled with other pixels: following it
+    read other tokens."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "A.png").write_bytes(png(0))
+    (folder / "B.png").write_bytes(png(1))
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, shard_size=2, **LIB)
+    (folder / "C.png").write_bytes(png(0))  # A's pixels: copied, not encoded
+    assert vitok.extract([str(folder)], out, shard_size=2, update=True, **LIB).duplicates == 1
+    (folder / "A.png").write_bytes(png(2))
+    bump_mtime(folder / "A.png")
+    vitok.extract([str(folder)], out, shard_size=2, update=True, **LIB)
+    with vitok.open(out) as store:
+        copy = store.info("C.png")
+        assert copy["copied_from"] is not None
+        assert copied_record(out, copy["copied_from"])["content_id"] == copy["content_id"]
+        assert store.info("A.png")["content_id"] != copy["content_id"]
+
+
+KILLER = """
+import os, signal, sys
+from vitok.storage import shards
+target, at = os.environ["VITOK_TEST_KILL"].split(":")
+real, calls = getattr(shards, target), []
+def hooked(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+setattr(shards, target, hooked)
+from vitok.cli.app import main
+sys.argv = ["vitok", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["_move:1", "_move:2", "_move:4", "commit:1"])
+def test_an_update_killed_while_it_moves_superseded_shards_resumes_and_plain_readers_never_see_a_key_twice(
+        tmp_path, kill):
+    """kill -9 at each move of the superseded-shard step (data, then sidecar, of two shards) and right after it,
+    before the first replacing shard is published: no key is ever twice where plain readers look, and a plain
+    resume gives the store a fresh extract gives, plain readers included."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from helpers import TINY
+
+    folder = png_folder(tmp_path / "images", 10)
+    out = tmp_path / "out"
+    args = ["--shard-size", "4", "--pool", "mean", "--store-dtype", "float32", *TINY]
+    vitok.extract([str(folder)], out, **LIB, shard_size=4)
+    (folder / "1.png").write_bytes(png(20))
+    bump_mtime(folder / "1.png")
+    os.remove(folder / "5.png")  # two shards superseded: shard-000000 and shard-000001
+    (tmp_path / "killer.py").write_text(KILLER)
+    killed = subprocess.run([sys.executable, str(tmp_path / "killer.py"), "extract", str(folder), "-o", str(out),
+                             "--update", *args], env=dict(os.environ, PYTHONPATH=str(ROOT), VITOK_TEST_KILL=kill))
+    assert killed.returncode == -9
+    keys = [key for key, _ in plain_rows(out, "hdf5")]
+    assert len(keys) == len(set(keys))
+    assert not verify_store(out).clean  # unfinished (and, before the step is done, shards left in view)
+    vitok.extract([], out, **LIB, shard_size=4)  # a plain resume
+    assert_plain_readers_see_the_store(out, "hdf5")
+    expected = sorted(f"{i}.png" for i in (0, 1, 2, 3, 4, 6, 7, 8, 9))
+    assert_views(out, expected)
+    fresh = tmp_path / "fresh"
+    vitok.extract([str(folder)], fresh, **LIB, shard_size=4)
+    with vitok.open(out) as store, vitok.open(fresh) as other:
+        for key in expected:
+            np.testing.assert_array_equal(store[key], other[key])
+    assert not any(kept for _, kept in iter_retired(out))  # the plan is done: superseded data dropped
+
+
+def test_a_superseded_shard_moved_halfway_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    """The step stopped between a shard's data and its sidecar (what kill -9 leaves, in process): plain readers see
+    neither its rows nor a duplicate; vitok's readers and verify do not count its records; a plain resume moves the
+    sidecar and ends where a fresh extract does."""
+    from vitok.storage import shards
+
+    class Stop(BaseException):
+        pass
+
+    folder = png_folder(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, **LIB, shard_size=3)
+    (folder / "4.png").write_bytes(png(20))
+    bump_mtime(folder / "4.png")
+    real = shards._move
+    calls = []
+
+    def stop_at_the_sidecar(root, source, target):
+        calls.append(source.rsplit("/", 1)[-1])
+        if len(calls) == 2:
+            raise Stop
+        real(root, source, target)
+
+    monkeypatch.setattr(shards, "_move", stop_at_the_sidecar)
+    with pytest.raises(Stop):
+        vitok.extract([str(folder)], out, **LIB, shard_size=3, update=True)
+    monkeypatch.setattr(shards, "_move", real)
+    assert calls == ["shard-000001.h5", "shard-000001.json"]
+    assert sorted(key for key, _ in plain_rows(out, "hdf5")) == ["0.png", "1.png", "2.png"]
+    with vitok.open(out) as store:
+        assert store.keys() == ["0.png", "1.png", "2.png"]
+    report = verify_store(out)
+    assert report.incomplete and not report.problems
+    vitok.extract([], out, **LIB, shard_size=3)
+    assert_plain_readers_see_the_store(out, "hdf5")
+    assert_views(out, [f"{i}.png" for i in range(6)])
+    assert not (out / "shards" / "shard-000001.json").exists()
+
+
+def test_unchanged_files_of_a_replaced_shard_are_carried_not_read_again(tmp_path, monkeypatch):
+    from vitok.inputs.readers.files import FilesReader
+
+    folder = png_folder(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, **LIB, shard_size=3)
+    with vitok.open(out) as store:
+        before = {key: store[key] for key in store.keys()}
+    (folder / "4.png").write_bytes(png(20))
+    bump_mtime(folder / "4.png")
+    read = []
+    samples = FilesReader.samples
+
+    def reading(self, unit, start=0, stop=None):
+        read.extend(key for key, _ in unit.files()[start:stop])
+        return samples(self, unit, start, stop)
+
+    monkeypatch.setattr(FilesReader, "samples", reading)
+    summary = vitok.extract([str(folder)], out, **LIB, shard_size=3, update=True)
+    assert read == ["4.png"] and (summary.carried, summary.images_encoded, summary.duplicates) == (2, 1, 0)
+    with vitok.open(out) as store:
+        assert store.info("3.png")["shard"] == store.info("4.png")["shard"] != "shard-000001"
+        for key in ("0.png", "1.png", "2.png", "3.png", "5.png"):  # bit for bit
+            np.testing.assert_array_equal(store[key], before[key])
+        assert not np.array_equal(store["4.png"], before["4.png"])
+    assert_plain_readers_see_the_store(out, "hdf5")
+    assert verify_store(out).clean
+
+
+def test_a_shard_an_older_vitok_updated_in_part_is_flagged_then_replaced_whole_by_the_next_update(tmp_path):
+    """A store updated before shards were replaced whole: its first shard still holds the old rows of a changed
+    file beside current ones. verify says so (plain readers see that key twice), and the next update replaces the
+    shard whole."""
+    from vitok.inputs.sources import list_inputs
+    from vitok.storage.plan import write_generation
+
+    folder = png_folder(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, **LIB, shard_size=3)
+    (folder / "1.png").write_bytes(png(20))
+    bump_mtime(folder / "1.png")
+    plan = load_plan(out)  # the update as it was planned before: the changed file alone, nothing superseded
+    write_generation(out, list_inputs([str(folder)]), 3, 1, len(plan.units), [str(folder)], "update",
+                     items=[("1.png", 0)], removed=[])
+    vitok.extract([], out, **LIB, shard_size=3)
+    keys = [key for key, _ in plain_rows(out, "hdf5")]
+    assert keys.count("1.png") == 2
+    report = verify_store(out)
+    assert not report.clean and any("shard-000000" in line for line in report.in_view)
+    (folder / "4.png").write_bytes(png(21))
+    bump_mtime(folder / "4.png")
+    summary = vitok.extract([str(folder)], out, **LIB, shard_size=3, update=True)
+    assert (summary.images_encoded, summary.carried) == (1, 4)  # 4.png; 0, 2 (of the half-current shard), 3, 5
+    assert_plain_readers_see_the_store(out, "hdf5")
+    assert_views(out, [f"{i}.png" for i in range(6)])

@@ -122,7 +122,9 @@ def test_thirty_percent_duplicates_encode_seventy_percent(tmp_path, fmt, budget)
     assert report.clean, report.problems
     copied = {k: store.info(k)["copied_from"] for k in store.keys() if store.info(k).get("copied_from")}
     assert len(copied) == 6
-    for key, first in copied.items():
+    for key, origin in copied.items():  # <shard>/<key>: this shard's record of the first copy
+        shard, _, first = origin.partition("/")
+        assert shard == store.info(key)["shard"]
         assert names.index(key) // 10 == names.index(first) // 10  # within its unit
         assert np.array_equal(tokens[(key, "merged")], tokens[(first, "merged")])
         assert store.info(key)["content_id"] == store.info(first)["content_id"]
@@ -153,7 +155,8 @@ def test_reuse_runs_no_encoder_batch_and_copies_bit_for_bit(tmp_path):
     for key in a:
         assert a[key].dtype == b[key].dtype == numpy_dtype("bfloat16")
         np.testing.assert_array_equal(a[key], b[key])
-    assert vitok.open(second).info("img04.png")["copied_from"] == f"{first}::img04.png"
+    origin = vitok.open(first).info("img04.png")["shard"]
+    assert vitok.open(second).info("img04.png")["copied_from"] == f"{first}::{origin}/img04.png"
 
 
 def test_reuse_refuses_a_store_of_other_token_settings(tmp_path):
@@ -176,8 +179,8 @@ def test_parts_and_resume_copy_from_committed_shards(tmp_path):
     s1 = vitok.extract([str(src)], out, shard_size=5, part=1, num_parts=2, **TINY)
     assert counts(s1) == {"ok": 5, "images_encoded": 0, "batches_encoded": 0, "duplicates": 5, "reused": 0}
     store = vitok.open(out)
-    assert store.info("img05.bmp")["copied_from"] == "img00.png" and store.info("img05.bmp")["shard"] != \
-        store.info("img00.png")["shard"]
+    assert store.info("img05.bmp")["copied_from"] == f"{store.info('img00.png')['shard']}/img00.png"
+    assert store.info("img05.bmp")["shard"] != store.info("img00.png")["shard"]
     tokens = raw_tokens(out)
     for i in range(5):
         np.testing.assert_array_equal(tokens[(f"img{i + 5:02d}.bmp", "merged")], tokens[(f"img{i:02d}.png", "merged")])
@@ -261,7 +264,7 @@ def test_within_unit_duplicates_follow_their_first_copy_to_the_committer():
 
     sent = []
     counts = RunCounts()
-    dedupe = Deduplicator(Donors(["merged"]), SimpleNamespace(send=sent.append), counts)
+    dedupe = Deduplicator(Donors(["merged"]), SimpleNamespace(send=sent.append), counts, names={0: "shard-000000"})
 
     def item(key, content):
         return SimpleNamespace(record=ImageRecord(key, "ok", key, content_id=content))
@@ -274,8 +277,9 @@ def test_within_unit_duplicates_follow_their_first_copy_to_the_committer():
     batch = EncodedBatch(0, [first.record, lone.record], {}, {}, skipped=[bad.record])
     dedupe.deliver([batch, UnitEnd(0, UnitInfo())])
     assert [type(m) for m in sent] == [WriteBatch, CopyRows, WriteRecord, Commit]
-    assert sent[1].record.copied_from == "a" and sent[2].record is bad_copy.record
-    assert bad_copy.record.status == "skipped" and "same pixels as d: out of memory" in bad_copy.record.reason
+    assert sent[1].record.copied_from == "shard-000000/a" and sent[1].first == "a" and sent[2].record is bad_copy.record
+    assert bad_copy.record.status == "skipped" and "same pixels as shard-000000/d: out of memory" in \
+        bad_copy.record.reason
 
 
 def test_reuse_refuses_an_unfinished_store_naming_what_is_unfinished(tmp_path):

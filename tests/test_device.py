@@ -24,7 +24,7 @@ class FakeEncoder:
         self.calls: list[int] = []
         self.oom_from = oom_from
 
-    def encode(self, images, features, token_order):
+    def encode(self, images, features, token_order, chunk_rows=None):
         self.calls.append(len(images))
         if self.oom_from is not None and len(self.calls) > self.oom_from and len(images) > 1:
             raise torch.OutOfMemoryError("simulated")
@@ -98,7 +98,7 @@ def test_out_of_memory_splits_the_batch_into_images_and_keeps_the_input_order():
 
 def test_an_image_too_large_alone_is_skipped_with_its_reason():
     class AlwaysOOM(FakeEncoder):
-        def encode(self, images, features, token_order):
+        def encode(self, images, features, token_order, chunk_rows=None):
             raise torch.OutOfMemoryError("simulated")
 
     pipeline = DevicePipeline(AlwaysOOM(), ("patch",), "none", "float32", depth=1)

@@ -379,9 +379,41 @@ def test_nan_weights_are_counted_per_image_reported_and_never_exported(tmp_path)
     code, out, _ = _invoke(main, ["info", str(tmp_path / "out")])
     assert "3 image(s) hold NaN/Inf" in out
     code, _, err = _invoke(main, ["verify", str(tmp_path / "out")])
-    assert err.count("NaN/Inf") == 3
+    assert err.count("NaN/Inf value(s) in its tokens") == 3 and code == 1  # every image: what export refuses
     code, _, err = _invoke(main, ["export", str(tmp_path / "out"), str(tmp_path / "ec"), "--layout", "vllm-ec"])
     assert code == 1 and "every image" in err and not (tmp_path / "ec").exists()
+
+
+@pytest.mark.slow
+def test_a_store_whose_every_image_is_nan_fails_extract_verify_and_export_alike(tmp_path):
+    """Regression: every image NaN extracted as all ok with exit 0 (no count in --json) and passed verify, while
+    export refused the store."""
+    from helpers import vitok as run_vitok
+    from test_checkpoint import checkpoint_folder
+
+    def poison(state):
+        state["merger.linear_fc2.weight"][0, 0] = float("nan")
+        return state
+
+    (tmp_path / "ckpt").mkdir()
+    model = checkpoint_folder(tmp_path / "ckpt", poison)
+    folder = make_folder(tmp_path / "imgs", count=3, with_odd=False)
+    out = str(tmp_path / "out")
+    result = run_vitok("extract", str(folder), "-o", out, "--model", model, "--workers", "0", "--json", "-q",
+                       "--features", "merged,deepstack")
+    summary = json.loads(result.stdout)
+    assert result.returncode == 1 and summary["ok"] == 3 and summary["nonfinite"] == 3
+    assert "NaN/Inf" in result.stderr
+    verify = run_vitok("verify", out, "--json")
+    report = json.loads(verify.stdout)
+    assert verify.returncode == 1 and report["images_nonfinite"] == 3 and not report["clean"]
+    info = json.loads(run_vitok("info", out, "--json").stdout)
+    assert info["images_nonfinite"] == 3
+    exported = run_vitok("export", out, str(tmp_path / "ec"), "--layout", "vllm-ec")
+    assert exported.returncode == 1 and "every image" in exported.stderr and not (tmp_path / "ec").exists()
+    healthy = make_folder(tmp_path / "more", count=2, with_odd=False, seed=1)  # a usable image: exit 0
+    assert run_vitok("extract", str(healthy), "-o", str(tmp_path / "fine"), "--model", "qwen3-vl-tiny",
+                     "--workers", "0", "-q").returncode == 0
 
 
 def test_images_with_nan_are_left_out_with_a_count(store, tmp_path, warnings_seen):
@@ -401,6 +433,30 @@ def test_images_with_nan_are_left_out_with_a_count(store, tmp_path, warnings_see
         assert marker["left_out"] == {bad: "7 NaN/Inf value(s) in its tokens (counted at extraction)"}
     exported = [json.loads(line)["key"] for line in (tmp_path / "vllm-ec" / "uuids.jsonl").read_text().splitlines()]
     assert bad not in exported and len(exported) == 4
+
+
+def test_verify_fails_on_what_export_refuses_a_store_whose_every_image_holds_nan(store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(store, copy)
+    sidecars = sorted((copy / "shards").glob("*.json"))
+    for path in sidecars:  # as the device stage records NaN/Inf
+        data = json.loads(path.read_text())
+        for record in data["records"]:
+            record["nonfinite"] = 3
+        path.write_text(json.dumps(data))
+    report = vitok.verify(copy)
+    assert report.images_nonfinite == report.images_ok == 5 and report.all_nonfinite and not report.clean
+    with pytest.raises(StoreError, match="every image"):
+        export(copy, tmp_path / "ec", "vllm-ec")
+    assert not (tmp_path / "ec").exists()
+    data = json.loads(sidecars[0].read_text())
+    data["records"][0].pop("nonfinite")  # one image left usable: counted and left out, not refused
+    sidecars[0].write_text(json.dumps(data))
+    report = vitok.verify(copy)
+    assert report.images_nonfinite == 4 and not report.all_nonfinite and report.clean
+    assert export(copy, tmp_path / "ec", "vllm-ec").images == 1
 
 
 # ---- keys that are not UTF-8 ---------------------------------------------------------------------------------------

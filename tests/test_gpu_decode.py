@@ -166,7 +166,7 @@ def test_the_device_stage_runs_the_injected_decode_step_before_it_encodes():
     class SumEncoder:
         device, preprocess = torch.device("cpu"), CONFIG
 
-        def encode(self, images, features, token_order):
+        def encode(self, images, features, token_order, chunk_rows=None):
             packed = torch.cat([im.patches.float().flatten(1).sum(1, keepdim=True) for im in images])
             rows = {"patch": [im.num_patches for im in images]}
             return pytypes.SimpleNamespace(features={"patch": packed}, rows=rows)

@@ -83,8 +83,12 @@ def test_added_and_removed_inputs_are_refused_then_planned_with_update(tmp_path)
     with pytest.raises(InputsChangedError, match="2 added, 1 removed"):
         vitok.extract([str(folder)], out, shard_size=2, **LIB)
     summary = vitok.extract([str(folder)], out, shard_size=2, update=True, **LIB)
-    assert summary.ok == 2 and summary.shards_written == 1
-    assert all(shard_times(out)[name] == t for name, t in before.items())
+    assert (summary.images_encoded, summary.carried, summary.ok, summary.shards_written) == (2, 1, 3, 2)  # the
+    # removed file's shard is replaced whole: its other image is carried beside the new ones
+    after = {**shard_times(out), **{f"{p.name}": p.stat().st_mtime_ns for p in (out / "shards" / ".superseded").glob(
+        "*.json")}}
+    assert all(after[name] == t for name, t in before.items() if name.endswith(".json"))  # moved, never rewritten
+    assert sum(name not in shard_times(out) for name in before) == 2  # that shard's sidecar and data
     store = vitok.open(out)
     key = removed.relative_to(folder).as_posix()
     assert key in store.removed and key not in store.keys() and {"new1.png", "new2.png"} <= set(store.keys())
@@ -673,6 +677,19 @@ def test_all_inputs_skipped_is_loud_and_exits_1(tmp_path):
         (folder / f"{i}.jpg").write_bytes(b"not a jpeg")
     result = run_vitok("extract", str(folder), "-o", str(tmp_path / "out"), *TINY[:-1])
     assert result.returncode == 1 and "ALL 3 input(s)" in result.stderr
+
+
+def test_a_run_with_nothing_usable_is_decided_as_one_whose_every_input_was_skipped():
+    from vitok.run.summary import ExtractSummary
+
+    def summary(ok, skipped=0, failed=0, nonfinite=0):
+        return ExtractSummary("o", "0/1", None, ok, skipped, failed, 0, 1, 0, 0, 0, 1.0, 1.0, 0, 0, 0, 0, 0,
+                              nonfinite=nonfinite)
+
+    assert summary(0, skipped=3).nothing_usable and summary(0, failed=1).nothing_usable
+    assert summary(3, nonfinite=3).nothing_usable and summary(2, skipped=1, nonfinite=2).nothing_usable
+    assert not summary(3, nonfinite=2).nothing_usable and not summary(1, skipped=5).nothing_usable
+    assert not summary(0).nothing_usable  # nothing attempted (all done already): not a failure
 
 
 # ---- 14. a self-describing store, readable by colleagues ----------------------------------------------------------

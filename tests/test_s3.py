@@ -241,6 +241,26 @@ def test_verify_names_a_damaged_remote_shard_and_the_next_run_redoes_it(s3, tmp_
     assert cli("verify", remote).returncode == 0 and len(vitok.open(remote)) == 4
 
 
+def test_an_update_of_a_remote_store_moves_the_shards_it_replaces_aside(s3, tmp_path):
+    from PIL import Image
+
+    imgs = make_folder(tmp_path / "imgs", 4, with_odd=False)
+    remote = f"s3://{BUCKET}/feats"
+    args = ["extract", str(imgs), "-o", remote, *TINY, "--shard-size", "2"]
+    cli(*args, check=True)
+    changed = sorted(imgs.rglob("*.png"))[0]
+    Image.new("RGB", (72, 40), (200, 10, 10)).save(changed)  # one input rewritten in place
+    os.utime(changed, (1, 1))
+    assert cli(*args).returncode == 2  # refused without --update, naming the change
+    cli(*args, "--update", check=True)
+    moved = s3.keys("feats/shards/.superseded/")
+    assert moved and all(k.endswith((".h5", ".json")) for k in moved)  # data and sidecar, copied then deleted
+    assert not set(k.replace(".superseded/", "") for k in moved) & set(s3.keys("feats/shards/"))
+    store = vitok.open(remote)
+    assert len(store) == 4 and store.info(changed.relative_to(imgs).as_posix())["size"] == [72, 40]
+    assert cli("verify", remote).returncode == 0
+
+
 # ---- processes -------------------------------------------------------------------------------------------------
 
 

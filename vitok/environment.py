@@ -73,6 +73,8 @@ def decoder_versions() -> dict[str, str | None]:
         "libjpeg_turbo": features.version("libjpeg_turbo") if features.check("libjpeg_turbo") else None,
         "simplejpeg": _version("simplejpeg") if settings.enabled("simplejpeg") else None,
         "torchvision": _version("torchvision"),
+        "torchcodec": _version("torchcodec"),  # videos (with the system's FFmpeg libraries)
+        "av": _version("av"),  # videos with --video-decoder pyav (its FFmpeg bundled)
     }
 
 

@@ -34,6 +34,9 @@ Sections:
                 and bytes per committed shard, the commit's MB/s against a plain upload of the same bytes
   ray           (not run by default; needs ray[data]) --engine ray on a local Ray instance vs the local engine,
                 whole runs on the same JPEGs; on CUDA, the GPU's node alone vs with a CPU-only node added
+  video         (not run by default; needs the video extra and transformers) decode + preprocess of --video-clips
+                clips with each decoder vs transformers' video processor, and vitok.extract vs the transformers loop
+                (processor + tower per clip): videos/s and sampled frames/s per core, largest differences
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ import torch
 from .common import ROWS, have_transformers, matmul_rates, row
 
 SECTIONS = ("machine", "encoder", "encoder-full", "families", "data", "e2e", "loop", "startup", "bf16", "attention",
-            "decoders", "plan", "rss", "reads", "index", "train", "memory", "s3", "ray")  # as the docstring lists them
+            "decoders", "plan", "rss", "reads", "index", "train", "memory", "s3", "ray", "video")  # as the docstring
+            # lists them
 DEFAULT_SECTIONS = "machine,encoder,encoder-full,data,e2e,memory"
 
 
@@ -108,6 +112,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-url", default=None, help="s3: a bucket prefix to write into [default: moto on loopback]")
     p.add_argument("--s3-shards", type=int, default=6, help="s3: shards committed")
     p.add_argument("--s3-shard-mb", type=float, default=96.0, help="s3: MB per shard (multipart above 64 MiB)")
+    p.add_argument("--video-clips", type=int, default=4, help="video: h264 clips encoded for the section")
+    p.add_argument("--video-frames", type=int, default=120, help="video: frames per clip (24 fps)")
+    p.add_argument("--video-size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(640, 360))
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     return p
 
@@ -164,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             objstore.run(args, tmp_path)
         if "ray" in args.sections:
             ray.run(args, device, tmp_path)
+        if "video" in args.sections and reference:
+            from . import video
+
+            video.run(args, device, dtype, tmp_path)
     if args.json:
         Path(args.json).write_text(json.dumps(ROWS, indent=2))
     return 0

@@ -50,13 +50,20 @@ def info(
     echo = typer.echo
     echo(f"store      {out}")
     echo(f"model      {settings.model.name} ({settings.model.weights})")
-    echo(f"features   {', '.join(settings.features)}  pool={settings.pool}  stored as "
+    pool = f"{settings.pool} per temporal step" if settings.pool_by == "step" else settings.pool
+    echo(f"features   {', '.join(settings.features)}  pool={pool}  stored as "
          f"{settings.store_dtype}  computed in {settings.compute_dtype}  format={settings.format}")
+    if settings.video is not None:
+        video = settings.video
+        sampling = (f"{video['num_frames']} frames" if video.get("num_frames") else f"{video['fps']:g} fps"
+                    if video.get("fps") and video.get("do_sample_frames") else "every frame")
+        echo(f"sampling   {video['rule']} video processor, {sampling}, decoded by {video['decoder']}")
     planned = f" of {report.planned_shards} planned" if report.planned_shards else ""
     damaged = f", {len(report.shards_damaged)} damaged" if report.shards_damaged else ""
     echo(f"shards     {report.shards_done} done{planned}; {len(report.incomplete)} not done, "
          f"{len(report.in_progress)} in progress{damaged}")
-    echo(f"images     {report.images_ok} ok, {report.images_skipped} skipped, {report.images_failed} failed"
+    inputs = "videos" if settings.video is not None else "images"
+    echo(f"{inputs:10s} {report.images_ok} ok, {report.images_skipped} skipped, {report.images_failed} failed"
          + (f", {report.images_damaged} in damaged shards" if report.images_damaged else "")
          + (f", {report.images_removed} removed from the sources" if report.images_removed else ""))
     for title, table in (("skipped", skipped), ("failed", failed)):
@@ -75,6 +82,8 @@ def info(
         echo(f"damage     {len(report.problems)} problem(s); run 'vitok verify {out}'")
         for problem in report.problems[:5]:
             echo(f"  damage   {_safe(problem)}")
+    for line in report.in_view[:10]:
+        echo(f"  in view  {_safe(line)}")
     for line in report.leftovers[:10]:
         echo(f"  leftover {line}")
     from ..run.run_stats import describe, latest_stats
@@ -103,9 +112,10 @@ def verify(
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
     storage_option: StorageOption = None,
 ) -> None:
-    """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem, on an unfinished
-    store (shards not done, inputs or archives that could not be read: what export refuses) or (with --sources) on a
-    stale record. With --embeds, check every embedding of a serving export (or of a store, as it would be exported)
+    """Check every shard against the manifest (checksums too) and the plan; exit 1 on any problem, on what export
+    refuses (an unfinished store: shards not done, inputs or archives that could not be read; a store whose every
+    image holds NaN/Inf values), on superseded rows left where plain readers look, or (with --sources) on a stale
+    record. With --embeds, check every embedding of a serving export (or of a store, as it would be exported)
     against the model's contract instead; the store checks (--sources, --quick) are a separate run.
 
     Example: vitok verify out/ --sources
@@ -152,6 +162,12 @@ def verify(
         return
     for problem in report.problems:
         typer.echo(f"problem: {_safe(problem)}", err=True)
+    if report.all_nonfinite:  # what export refuses
+        from ..consumers.export import every_image_nonfinite
+
+        typer.echo(f"problem: {_safe(every_image_nonfinite(out, report.images_nonfinite))}", err=True)
+    for line in report.in_view:
+        typer.echo(f"in view: {_safe(line)}", err=True)
     for reason in report.unfinished:  # the reasons export gives for refusing it
         typer.echo(f"incomplete: {_safe(reason)}", err=True)
     for line in report.in_progress[:10]:
@@ -169,7 +185,8 @@ def verify(
                    "--update to extract them again", err=True)
     typer.echo(f"{report.shards_ok} shard(s) ok, {report.images_ok} images ok, {report.images_skipped} skipped, "
                f"{report.images_failed} failed" + (f", {report.images_damaged} in damaged shards"
-                                                    if report.images_damaged else ""))
+                                                    if report.images_damaged else "")
+               + (f", {report.images_nonfinite} with NaN/Inf tokens" if report.images_nonfinite else ""))
     if not report.clean:
         raise typer.Exit(1)
 

@@ -77,7 +77,7 @@ def _extract_command(
     _report(summary, out)
     if json_summary:
         typer.echo(json.dumps(summary.to_dict()))
-    if summary.all_skipped:
+    if summary.nothing_usable:
         raise typer.Exit(1)
 
 
@@ -92,14 +92,21 @@ def _given_on_command_line(values: dict[str, Any]) -> set[str]:
 
 
 def _report(summary, out) -> None:
-    if summary.all_skipped:
+    if summary.nothing_usable and not summary.ok:
         logger.error("ALL %d input(s) of this run were skipped or failed: nothing was extracted. Check the sources "
                      "and settings; reasons: vitok info %s", summary.skipped + summary.failed, out)
-    elif summary.skipped or summary.failed:
+    elif summary.nothing_usable:
+        logger.error("ALL %d image(s) this run extracted hold NaN/Inf values in their tokens: nothing usable was "
+                     "extracted (exports leave such images out). Check the checkpoint and the store dtype; the "
+                     "images: vitok info %s", summary.ok, out)
+    if summary.ok and (summary.skipped or summary.failed):
         logger.info("skipped %d, failed %d input(s); reasons are in the manifest (vitok info %s)", summary.skipped,
                     summary.failed, out)
     if summary.failed:
         logger.info("%d input(s) could not be read; rerun the same command once they are readable", summary.failed)
+    if summary.nonfinite and not summary.nothing_usable:
+        logger.warning("%d image(s) hold NaN/Inf values in their tokens; exports leave them out (vitok info %s)",
+                       summary.nonfinite, out)
     logger.info("done: %d ok, %d skipped, %d failed, %d already done, %.1f s, %.2f images/s -> %s", summary.ok,
                 summary.skipped, summary.failed, summary.already_done, summary.seconds, summary.images_per_second, out)
     if summary.shards_elsewhere:
@@ -161,8 +168,10 @@ def _plan_command(sources: list[str] | None, out: str, **values: Any) -> None:
     if not sources and not options.files_from:
         raise UsageError("give at least one source, '-' for stdin, or --files-from")
     shard_size = options.shard_size
-    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column)
     listing = list_inputs(list(sources or []), options.files_from, None, options.input_format, out=out.local_path())
+    video = options.input_format == "video" or getattr(listing, "media", "image") == "video"
+    reader_options = ReaderOptions(options.meta_fields, options.image_column, options.key_column,
+                                   media="video" if video else "image")
     existing = load_plan(out)
     if existing is not None:
         if existing.latest.listing_digest != listing_digest(listing):

@@ -2,7 +2,9 @@
 
     embedding-reader   DEST/img_emb/img_emb_{i}.npy      (n_i, D) float16 or float32, one file per non-empty shard
                        DEST/metadata/metadata_{i}.parquet the same rows in order: key, source, member, caption (when
-                                                          the input had one), the json fields of archive samples
+                                                          the input had one), the json fields of archive samples;
+                                                          with ``steps``, one row per temporal step of a video, its
+                                                          ``step`` and ``time`` (seconds) added
     vllm-ec            vLLM's encoder-cache connector folder (``vitok.consumers.serving``)
     sglang             parquet records for SGLang's precomputed_embedding items (``vitok.consumers.serving``)
 
@@ -69,6 +71,8 @@ class ExportOptions:
                       choices=KEY_MODES)
     allow_partial: bool = option(False, "Export an unfinished store (shards not done, inputs that failed), saying "
                                  "what is missing.", "Outputs")
+    steps: bool = option(False, "Videos (embedding-reader): one vector per temporal step, a pair of frames fused, "
+                         "with its step and time in the metadata, instead of one per video.", "Outputs")
     storage_options: tuple[str, ...] | None = option(None, STORAGE_OPTION_HELP, "Outputs", flags=("--storage-option",),
                                                      metavar="KEY=VALUE", multiple=True)
 
@@ -138,9 +142,17 @@ def check_store(store, allow_partial: bool) -> list[str]:
     if missing and not allow_partial:
         raise StoreError(f"{store.root} is incomplete: {'; '.join(missing)}. Finish it (rerun vitok extract), or "
                          "pass --allow-partial to export what it holds")
+    if report.all_nonfinite:  # one definition with vitok verify (ImageRecord.nonfinite_values)
+        raise StoreError(every_image_nonfinite(store.root, report.images_nonfinite))
     if missing:
         logger.warning("exporting a partial store; it lacks %s", "; ".join(missing))
     return missing
+
+
+def every_image_nonfinite(root, count: int, example: str = "") -> str:
+    """Why a store whose every image holds NaN/Inf values is refused (export and verify say the same)."""
+    return (f"every image of {root} holds NaN/Inf values ({count}{example}): nothing to export. Check the "
+            "checkpoint and the store dtype")
 
 
 # ---- embedding-reader -----------------------------------------------------------------------------------------------
@@ -171,18 +183,21 @@ class EmbeddingReaderLayout:
 
     name = "embedding-reader"
 
-    def __init__(self, feature: str | None, pool: str | None, normalize: str | None, dtype: str) -> None:
+    def __init__(self, feature: str | None, pool: str | None, normalize: str | None, dtype: str,
+                 steps: bool = False) -> None:
         if pool is not None and pool not in POOLS:
             raise UsageError(f"--pool {pool!r} is not one of: {', '.join(POOLS)}")
         if normalize is not None and normalize not in NORMALIZE:
             raise UsageError(f"--normalize {normalize!r} is not one of: {', '.join(NORMALIZE)}")
         if dtype not in EXPORT_DTYPES:
             raise UsageError(f"--dtype {dtype!r} is not one of: {', '.join(EXPORT_DTYPES)}")
-        self.feature, self.pool, self.normalize, self.dtype = feature, pool, normalize, dtype
+        self.feature, self.pool, self.normalize, self.dtype, self.steps = feature, pool, normalize, dtype, steps
+        self.by_step = False  # the store holds one pooled row per temporal step (extract --pool-steps)
 
     @property
     def options(self) -> dict[str, Any]:
-        return {"feature": self.feature, "pool": self.pool, "normalize": self.normalize, "dtype": self.dtype}
+        options = {"feature": self.feature, "pool": self.pool, "normalize": self.normalize, "dtype": self.dtype}
+        return {**options, "steps": True} if self.steps else options
 
     def check(self, store) -> None:
         from ..inputs.readers.parquet import pyarrow_parquet
@@ -192,9 +207,20 @@ class EmbeddingReaderLayout:
         if self.feature == "deepstack":
             raise UsageError("the embedding-reader layout writes one vector per image: choose merged or patch, not "
                              "deepstack")
-        if self.pool is None and store.header.settings.pool == "none":
+        settings = store.header.settings
+        if self.pool is None and settings.pool == "none":
             raise UsageError("this store holds every token of each image: pass --pool mean|max|cls to export one "
                              "vector per image")
+        self.by_step = settings.pool_by == "step"
+        if self.steps and settings.video is None:
+            raise UsageError("--steps exports a video's temporal steps; this store holds images")
+        if self.steps and settings.pool != "none" and not self.by_step:
+            raise UsageError("this store holds one pooled row per video: --steps needs a store of every token or "
+                             "one extracted with --pool-steps")
+        if self.steps and self.by_step and self.pool is not None:
+            raise UsageError("this store is pooled per temporal step already: leave --pool out with --steps")
+        if self.by_step and not self.steps and self.pool is None:  # one row per video: its steps' rows pooled again
+            self.pool = settings.pool  # (equal-sized steps: the same mean, max or first token as the whole)
 
     def write(self, store, folder: Path) -> tuple[int, dict[str, str]]:
         import numpy as np
@@ -208,11 +234,13 @@ class EmbeddingReaderLayout:
         for keys, tokens, offsets in store.iter_shards(self.feature):
             if not keys:  # a shard with no usable image (empty tar, every sample skipped, superseded)
                 continue
-            vectors = _pooled(tokens, offsets, self.pool)
+            records = [store.info(key) for key in keys]
+            if self.steps:  # each video's rows split into its temporal steps: a "row" is now one step
+                keys, records, offsets = _steps(keys, records, offsets)
+            vectors = _pooled(tokens, offsets, None if self.steps and self.by_step else self.pool)
             if self.normalize == "l2":
                 with np.errstate(invalid="ignore", over="ignore"):
                     vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
-            records = [store.info(key) for key in keys]
             keep = []
             for i, (key, record) in enumerate(zip(keys, records)):
                 segment = tokens[offsets[i]:offsets[i + 1]]
@@ -233,6 +261,23 @@ class EmbeddingReaderLayout:
         return count, left_out
 
 
+def _steps(keys: list[str], records: list[dict[str, Any]], offsets):
+    """Per temporal step of each video: its key, its record with ``step`` and ``time`` added, and the row offsets
+    of the step (a video's rows are its steps' rows, step after step, equal in number)."""
+    import numpy as np
+
+    step_keys, step_records, step_offsets = [], [], [0]
+    for i, (key, record) in enumerate(zip(keys, records)):
+        steps = int(record["grid_thw"][0])
+        size = (int(offsets[i + 1]) - int(offsets[i])) // steps
+        times = (record.get("video") or {}).get("step_times") or [None] * steps
+        for step in range(steps):
+            step_keys.append(key)
+            step_records.append({**record, "step": step, "time": times[step]})
+            step_offsets.append(step_offsets[-1] + size)
+    return step_keys, step_records, np.asarray(step_offsets)
+
+
 def _metadata_table(keys: list[str], rows: list[dict[str, Any]]):
     import pyarrow as pa
 
@@ -246,6 +291,9 @@ def _metadata_table(keys: list[str], rows: list[dict[str, Any]]):
     extra = [(r.get("meta") or {}).get("json") for r in rows]
     if any(e is not None for e in extra):
         table["json"] = [json.dumps(e) if e is not None else None for e in extra]  # ASCII escapes: always valid
+    if rows and "step" in rows[0]:  # one row per temporal step of a video: which, and when (seconds)
+        table["step"] = pa.array([r["step"] for r in rows], type=pa.int32())
+        table["time"] = pa.array([r["time"] for r in rows], type=pa.float64())
     return pa.table(table)
 
 
@@ -260,7 +308,7 @@ def feature_of(store, feature: str | None) -> str:
 
 
 def make_layout(layout: str, feature: str | None = None, pool: str | None = None, normalize: str | None = None,
-                dtype: str = "float16", key: str = "store"):
+                dtype: str = "float16", key: str = "store", steps: bool = False):
     if layout not in LAYOUTS:
         raise UsageError(f"--layout {layout!r} is not one of: {', '.join(LAYOUTS)}")
     if key not in KEY_MODES:
@@ -268,7 +316,9 @@ def make_layout(layout: str, feature: str | None = None, pool: str | None = None
     if layout == "embedding-reader":
         if key != "store":
             raise UsageError("--key content applies to the vllm-ec layout")
-        return EmbeddingReaderLayout(feature, pool, normalize, dtype)
+        return EmbeddingReaderLayout(feature, pool, normalize, dtype, steps)
+    if steps:
+        raise UsageError("--steps applies to the embedding-reader layout")
     if pool is not None or normalize is not None or feature is not None:
         raise UsageError(f"--layout {layout} exports every token of each image as the model's encoder output; "
                          "--feature, --pool and --normalize apply to embedding-reader")
@@ -282,7 +332,7 @@ def make_layout(layout: str, feature: str | None = None, pool: str | None = None
 
 def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-reader", *, feature: str | None = None,
            pool: str | None = None, normalize: str | None = None, dtype: str = "float16", key: str = "store",
-           allow_partial: bool = False, storage_options=None) -> ExportResult:
+           allow_partial: bool = False, steps: bool = False, storage_options=None) -> ExportResult:
     """Export a store into DEST in ``layout``; see the module docstring for the rules every layout follows."""
     from ..storage.location import local_store_path
     from ..storage.roots import parse_storage_options
@@ -291,7 +341,7 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
     from .export_target import ExportMarker, ExportTarget, store_identity
 
     dest = local_store_path(dest, "DEST")
-    writer = make_layout(layout, feature, pool, normalize, dtype, key)
+    writer = make_layout(layout, feature, pool, normalize, dtype, key, steps)
     with stop_on_signals(), open_store(store_path, storage_options=parse_storage_options(storage_options)) as store:
         # (SIGTERM/SIGINT: Interrupted, the folder removed)
         writer.check(store)
@@ -306,10 +356,9 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
                 if is_no_space(exc):
                     raise_store_error(exc, target.dest)
                 raise
-            if left_out and not count:
-                raise StoreError(f"every image of {store.root} holds NaN/Inf values ({len(left_out)}; e.g. "
-                                 f"{key_text(next(iter(left_out)))!r}: {next(iter(left_out.values()))}): nothing to "
-                                 "export. Check the checkpoint and the store dtype")
+            if left_out and not count:  # NaN/Inf found in the data now (pooled values too)
+                example = f"; e.g. {key_text(next(iter(left_out)))!r}: {next(iter(left_out.values()))}"
+                raise StoreError(every_image_nonfinite(store.root, len(left_out), example))
             if left_out:
                 sample = ", ".join(repr(key_text(k)) for k in list(left_out)[:5])
                 logger.warning("left out %d image(s) whose tokens hold NaN/Inf values (%s%s); the list is in %s",

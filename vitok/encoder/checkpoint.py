@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # resolving a model (config.json, presets) must not import to
 
 from ..errors import CheckpointError, UsageError
 from ..inputs.preprocess_config import PreprocessConfig
-from .config import MODEL_TYPES, EncoderConfig, check_preprocess_fits, preprocess_for_tower
+from ..inputs.video_config import VideoConfig
+from .config import MODEL_TYPES, EncoderConfig, check_preprocess_fits, preprocess_for_tower, video_for_tower
 from .presets import registry
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,16 @@ class ModelSource:
     preprocess: PreprocessConfig
     weight_files: list[Path]  # safetensors files that hold the tower ([] = seeded random weights)
     prefix: str = ""  # tensor-name prefix of the tower inside those files
+    video_settings: dict | None = None  # the checkpoint's video processor settings as found (None: the released)
+    video_where: str = "the released video processor settings"  # where they were found
 
     @property
     def random_weights(self) -> bool:
         return not self.weight_files
+
+    def video(self) -> VideoConfig:
+        """How this model's video processor samples and preprocesses videos (UsageError when it cannot)."""
+        return video_for_tower(self.encoder, self.video_settings, self.video_where)
 
 
 def resolve_model(spec: str | os.PathLike) -> ModelSource:
@@ -115,7 +122,22 @@ def _read_json(path: Path) -> dict:
 def _resolve_folder(folder: Path, name: str) -> ModelSource:
     encoder, preprocess = _read_folder_configs(folder, name)
     files, prefix = _tower_files(folder)
-    return ModelSource(name, encoder, preprocess, files, prefix)
+    return ModelSource(name, encoder, preprocess, files, prefix, *_video_processor_config(folder))
+
+
+def _video_processor_config(folder: Path) -> tuple[dict, str]:
+    """The video processor's settings as transformers' ``get_video_processor_dict`` finds them: nested under
+    ``video_processor`` in ``processor_config.json``, else ``video_preprocessor_config.json``, else the image
+    processor's ``preprocessor_config.json`` read as the video processor's; none of them: the class's defaults."""
+    nested = folder / "processor_config.json"
+    if nested.is_file():
+        data = _read_json(nested)
+        if isinstance(data, dict) and isinstance(data.get("video_processor"), dict):
+            return data["video_processor"], f"{nested} (video_processor)"
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        if (folder / name).is_file():
+            return _read_json(folder / name), str(folder / name)
+    return {}, f"{folder} (no video processor settings: the class defaults)"
 
 
 def _read_folder_configs(folder: Path, name: str) -> tuple[EncoderConfig, PreprocessConfig]:
@@ -237,7 +259,7 @@ def _resolve_single_file(path: Path) -> ModelSource:
         return ModelSource(name, encoder, preprocess_for_tower(encoder), [path], prefix)
     if (path.parent / "config.json").is_file():
         encoder, preprocess = _read_folder_configs(path.parent, name)
-        return ModelSource(name, encoder, preprocess, [path], prefix)
+        return ModelSource(name, encoder, preprocess, [path], prefix, *_video_processor_config(path.parent))
     for preset in registry().values():
         if _expected_shapes(preset.encoder) == shapes:
             logger.info("%s: tensor shapes match preset %s; using its architecture", path, preset.name)
@@ -287,7 +309,7 @@ def _resolve_hub(repo_id: str) -> ModelSource:
         folder = Path(
             huggingface_hub.snapshot_download(
                 repo_id, allow_patterns=["config.json", "preprocessor_config.json", "processor_config.json",
-                                  "*.index.json"]
+                                  "video_preprocessor_config.json", "*.index.json"]
             )
         )
         index = folder / "model.safetensors.index.json"

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..inputs.preprocess_config import CLIP_MEAN, CLIP_STD, PreprocessConfig
+from ..inputs.video_config import VideoConfig, rule_of
 
 FEATURES = ("patch", "merged", "deepstack")
 # family -> what differs, as configuration: module names (merger, MLP) and defaults of the released towers
@@ -242,3 +243,27 @@ def check_preprocess_fits(preprocess: PreprocessConfig, encoder: EncoderConfig, 
     for ours, value, theirs, tower in pairs:
         if value != tower:
             raise UsageError(f"{where}: {ours} {value} does not fit the vision tower's {theirs} {tower}")
+
+
+# The video processor settings the released checkpoints ship: Qwen3-VL's video_preprocessor_config.json (Qwen3.5
+# reuses its processor); Qwen2-VL and Qwen2.5-VL ship none, so transformers reads their image processor's
+# preprocessor_config.json as the video processor's (its min_pixels / max_pixels become the per-frame budget).
+RELEASED_VIDEO = {
+    "qwen3_vl": {"size": {"shortest_edge": 4096, "longest_edge": 25165824}},
+    "qwen2_vl": {"min_pixels": 3136, "max_pixels": 12845056},
+}
+
+
+def video_for_tower(encoder: EncoderConfig, settings: dict[str, Any] | None = None,
+                    where: str = "the released video processor settings") -> VideoConfig:
+    """How videos are preprocessed for a tower: its checkpoint's video processor ``settings`` as transformers finds
+    them (None: the family's released settings, with the tower's patch sizes), checked against the tower."""
+    if not encoder.has_merger or encoder.spatial_merge_size != 2:
+        raise UsageError(f"{encoder.name}: videos need a Qwen tower (a merger of 2x2 patches); this one has none")
+    rule = rule_of(encoder.family)
+    if settings is None:
+        settings = {**RELEASED_VIDEO[rule], "patch_size": encoder.patch_size,
+                    "temporal_patch_size": encoder.temporal_patch_size, "merge_size": encoder.spatial_merge_size}
+    video = VideoConfig.from_hf_video_processor_config(settings, rule, where)
+    check_preprocess_fits(video.pixels, encoder, where)
+    return video

@@ -87,9 +87,17 @@ class Encoder:
 
     @torch.inference_mode()
     def encode(
-        self, images: Sequence[PreparedImage], features: Sequence[str] = ("patch",), token_order: str = "block"
+        self, images: Sequence[PreparedImage], features: Sequence[str] = ("patch",), token_order: str = "block",
+        chunk_rows: int | None = None,
     ) -> EncoderOutput:
-        """Run a packed batch of prepared images; uint8 patches go to the device and are normalised there."""
+        """Run a packed batch of prepared images; uint8 patches go to the device and are normalised there.
+
+        A lone video of more than ``chunk_rows`` patches is encoded a few temporal steps at a time: each step attends
+        only to itself in every family's tower (attention segments, Qwen2.5-VL's windows, the position tables are
+        all per step), so the pieces' outputs joined are the whole video's, while activations stay bounded."""
+        if chunk_rows is not None and len(images) == 1 and images[0].grid_thw[0] > 1 \
+                and images[0].num_patches > chunk_rows:
+            return self._encode_in_steps(images[0], features, token_order, chunk_rows)
         if len(images) == 1:
             patches = images[0].patches.to(self.device, non_blocking=True)
         else:
@@ -101,6 +109,21 @@ class Encoder:
                 rows.copy_(im.patches, non_blocking=True)
         pixel_values = normalize_patches(patches, self.preprocess)
         return self.model(pixel_values, [im.grid_thw for im in images], features=features, token_order=token_order)
+
+    def _encode_in_steps(self, video: PreparedImage, features: Sequence[str], token_order: str,
+                         chunk_rows: int) -> EncoderOutput:
+        t, h, w = video.grid_thw
+        steps = max(1, chunk_rows // (h * w))  # temporal steps per piece
+        pieces = []
+        for start in range(0, t, steps):
+            count = min(steps, t - start)
+            rows = video.patches[start * h * w:(start + count) * h * w]
+            piece = PreparedImage(rows, (count, h, w), video.original_size)
+            pieces.append(self.encode([piece], features, token_order))
+        joined = {name: torch.cat([p.features[name] for p in pieces], dim=1 if name == "deepstack" else 0)
+                  for name in pieces[0].features}
+        rows = {name: [sum(p.rows[name][0] for p in pieces)] for name in joined}
+        return EncoderOutput([video.grid_thw], joined, rows, pieces[0].token_order)
 
     def needs_warm_up(self, workers: int) -> bool:
         """Whether to warm up while the decode workers start: always on a GPU (one-time set-up); on a CPU only when

@@ -79,11 +79,13 @@ MAX_FILE_BYTES = 4 << 30  # a larger "image" is refused before it is read into m
 
 @dataclass
 class SourceFile:
-    """An input file's bytes, with what identifies its version on disk."""
+    """An input file's bytes (None: read by its decoder, which opens the file itself), with what identifies its
+    version on disk."""
 
-    data: bytes
+    data: bytes | None
     size: int
     mtime_ns: int | None = None
+    sha256: str | None = None  # when hashed while read (``read_source_streamed``); else of ``data``
 
 
 def read_source(path: str | Path) -> SourceFile:
@@ -103,6 +105,28 @@ def read_source(path: str | Path) -> SourceFile:
         reason = f"cannot read: {exc.strerror or _one_line(exc)}"
         raise (InputUnavailableError(reason) if exc.errno in UNAVAILABLE else ImageError(reason)) from None
     return SourceFile(data, len(data), stat.st_mtime_ns)
+
+
+def read_source_streamed(path: str | Path, block: int = 1 << 20) -> SourceFile:
+    """An input file's size, modification time and sha256, read a block at a time and never held whole (a video,
+    which its decoder opens itself); errors as ``read_source``'s."""
+    from .identity import Sha256
+    from .sources import NotRegularFileError, open_regular
+
+    digest = Sha256()
+    try:
+        with open_regular(str(path)) as handle:
+            stat = os.fstat(handle.fileno())
+            size = 0
+            while chunk := handle.read(block):
+                digest.update(chunk)
+                size += len(chunk)
+    except NotRegularFileError as exc:
+        raise ImageError(str(exc)) from None
+    except OSError as exc:
+        reason = f"cannot read: {exc.strerror or _one_line(exc)}"
+        raise (InputUnavailableError(reason) if exc.errno in UNAVAILABLE else ImageError(reason)) from None
+    return SourceFile(None, size, stat.st_mtime_ns, digest.hexdigest())
 
 
 @contextmanager

@@ -8,8 +8,9 @@ Every ok record carries two hashes, and the run header the identity of what turn
                         sha256( b"vitok-pixels/1 grid=T,H,W patch=C,P,P\\n" + the uint8 patch bytes )
                     the patches being the resized image cut into (T*H*W, C, P, P) uint8 rows in the encoder's row
                     order (2x2 merge blocks, ``vitok.inputs.preprocess.patchify``), one frame (before the temporal
-                    repeat), T, H, W the grid in patches. Equal pixels give an equal id whatever the file's bytes,
-                    name or format; a change of resize settings or decoder output gives another.
+                    repeat), T, H, W the grid in patches; a video's rows hold their F frames each
+                    (``patch=C,F,P,P``, ``vitok.inputs.video_preprocess``). Equal pixels give an equal id whatever
+                    the file's bytes, name or format; a change of resize settings or decoder output gives another.
     header "identity" (written by the run, ``run.settings_schema.header_identity``)
         vision_revision  sha256( canonical JSON of the encoder config (the header's settings.model.config) + b"\\n"
                          + the weights hash (settings.model.weights) ), lowercase hex
@@ -39,16 +40,21 @@ def source_sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+Sha256 = hashlib.sha256  # the same hash fed block by block (a file too large to hold: a video)
+
+
 def content_id(patches: Any, grid: Sequence[int]) -> str:
     """The pixel content id of an image: ``patches`` is the (T*H*W, C, P, P) uint8 array (numpy, or a CPU torch
-    tensor) in the encoder's row order, ``grid`` its (T, H, W) in patches."""
+    tensor) in the encoder's row order, ``grid`` its (T, H, W) in patches. A video's patches are (T*H*W, C, F, P, P),
+    F frames per row (the temporal patch), and its header says ``patch=C,F,P,P``."""
     if hasattr(patches, "numpy"):  # a torch tensor (on the CPU)
         patches = patches.numpy()
-    n, c, p, q = patches.shape
+    n, c, *frames, p, q = patches.shape if patches.ndim in (4, 5) else (0, 0, 0, 0)
     t, h, w = (int(v) for v in grid)
     if patches.dtype.itemsize != 1 or n != t * h * w or p != q:
         raise ValueError(f"content_id wants (T*H*W, C, P, P) uint8 patches for grid {tuple(grid)}, got "
                          f"{patches.dtype} {tuple(patches.shape)}")
-    digest = hashlib.sha256(f"vitok-pixels/1 grid={t},{h},{w} patch={c},{p},{q}\n".encode())
+    patch = ",".join(str(v) for v in (c, *frames, p, q))
+    digest = hashlib.sha256(f"vitok-pixels/1 grid={t},{h},{w} patch={patch}\n".encode())
     digest.update(memoryview(patches.reshape(-1)) if patches.flags.c_contiguous else patches.tobytes())
     return digest.hexdigest()

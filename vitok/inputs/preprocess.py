@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from ..errors import ImageError
-from .decode import DecodedImage, decode_image, load_any_image
+from .decode import DecodedImage, SourceFile, decode_image, load_any_image, read_source
 from .preprocess_config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 
 
@@ -125,13 +125,17 @@ def _channel_constants(
 
 
 def normalize_patches(patches: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
-    """uint8 (N, C, p, p) -> float32 (N, C*T*p*p) pixel_values, on whatever device the patches are.
+    """uint8 (N, C, p, p) -> float32 (N, C*T*p*p) pixel_values, on whatever device the patches are; a video's
+    (N, C, T, p, p) patches keep their own T frames (an image's one frame is repeated T times).
 
     torchvision backend: rescale and normalise fused, (x - mean/rescale) / (std/rescale), as the reference.
     PIL backend: float32(x * rescale), then (x - mean) / std, as the reference's NumPy path.
     Either step may be off (``do_rescale`` / ``do_normalize``), as in the reference; with both off the pixels are the
     uint8 values, which the reference's tower casts to its dtype.
     """
+    frames = patches.shape[2] if patches.ndim == 5 else None  # a video's rows hold their own frames
+    if frames is not None:
+        patches = patches.reshape(patches.shape[0], patches.shape[1], frames * patches.shape[3], patches.shape[4])
     n, c, p, _ = patches.shape
     pil = config.backend == "pil"
     if config.do_rescale and (pil or not config.do_normalize):
@@ -145,6 +149,8 @@ def normalize_patches(patches: torch.Tensor, config: PreprocessConfig) -> torch.
         mean, std = _channel_constants(config.do_rescale and not pil, tuple(config.image_mean),
                                        tuple(config.image_std), config.rescale_factor, patches.device)
         x = x.sub_(mean).div_(std)
+    if frames is not None:  # (N, C, T*p, p) -> (N, C*T*p*p): columns (c, t, ph, pw), as the reference
+        return x.reshape(n, -1)
     t = config.temporal_patch_size
     return x[:, :, None].expand(n, c, t, p, p).reshape(n, c * t * p * p)
 
@@ -175,8 +181,14 @@ class PreparedImage:
 class Preprocessor:
     """File or image -> :class:`PreparedImage`. Picklable, so it runs the same in DataLoader workers."""
 
+    per_chunk = 8  # images per message from a decode worker
+
     def __init__(self, config: PreprocessConfig) -> None:
         self.config = config
+
+    def read(self, path: str) -> SourceFile:
+        """A loose input file's bytes (``decode.read_source``)."""
+        return read_source(path)
 
     def _draft_size(self, width: int, height: int) -> tuple[int, int] | None:
         try:

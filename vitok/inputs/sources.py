@@ -2,9 +2,10 @@
 
 What a source may be:
 
-- a folder: walked recursively for images (``--input-format files``), tars (``wds``) or parquet files (``parquet``);
-  with ``auto`` (the default) a folder holding images is a folder of images, else one of tars, else of parquet;
-- a file: an image, a ``.tar``/``.tar.gz``/``.tgz`` (webdataset), or a ``.parquet``;
+- a folder: walked recursively for images (``--input-format files``), videos (``video``), tars (``wds``) or parquet
+  files (``parquet``); with ``auto`` (the default) a folder holding images is a folder of images, else one of
+  videos, else of tars, else of parquet;
+- a file: an image, a video, a ``.tar``/``.tar.gz``/``.tgz`` (webdataset), or a ``.parquet``;
 - a brace pattern, quoted so the shell leaves it: ``'/data/{00000..01023}.tar'`` (zero padding kept, as webdataset);
 - a URL (``s3://``, ``gs://``, ``https://``...) of a tar or parquet file, read through fsspec (``vitok[remote]``);
 - ``-``: one input per line on stdin; ``--files-from LIST`` reads them from a file (or ``-``). List lines are paths
@@ -15,6 +16,13 @@ Keys of loose files are their paths relative to the folder given (prefixed with 
 folders are given), or the path as given for files and list lines. Every path is kept absolute, so a store can be
 resumed from any working directory. File names are bytes on POSIX: names that are not UTF-8 are kept as Python's
 surrogate escapes (``os.fsdecode``), written to the plan and the shards as their original bytes, never refused.
+
+Videos are found by extension (``VIDEO_EXTENSIONS``) and by content: a file whose name says nothing (no image,
+video or archive extension) is a video when its first bytes are a video container's (``sniff_video``: MP4/MOV,
+Matroska/WebM, AVI, MPEG-TS/PS). Content is read for such files named on the command line or in a list, and in a
+folder of videos (``--input-format video``, or ``auto`` finding video extensions and no images: a folder's kind is
+decided by extensions alone). One store holds images or videos, never both (a listing's ``media``); videos beside
+the images of a folder are left out and reported.
 """
 
 from __future__ import annotations
@@ -39,8 +47,9 @@ IMAGE_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .jfif .png .apng .gif .bmp .dib .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico .jp2 .j2k .avif"
     .split()
 )
+VIDEO_EXTENSIONS = frozenset(".mp4 .m4v .mov .mkv .webm .avi .mpg .mpeg .ts .m2ts .mts .3gp .ogv .flv .wmv".split())
 ARCHIVE_SUFFIXES = {"wds": (".tar", ".tar.gz", ".tgz"), "parquet": (".parquet",)}
-INPUT_FORMATS = ("auto", "files", "wds", "parquet")
+INPUT_FORMATS = ("auto", "files", "video", "wds", "parquet")
 
 
 def is_tar(path: str) -> bool:
@@ -86,12 +95,36 @@ def open_regular(path: str) -> BinaryIO:
 
 
 def kind_of(path: str) -> str | None:
-    """files | wds | parquet by the name's extension (any case); None for anything else."""
+    """files | video | wds | parquet by the name's extension (any case); None for anything else."""
     lower = path.lower()
     for kind, suffixes in ARCHIVE_SUFFIXES.items():
         if lower.endswith(suffixes):
             return kind
-    return "files" if os.path.splitext(lower)[1] in IMAGE_EXTENSIONS else None
+    extension = os.path.splitext(lower)[1]
+    return "files" if extension in IMAGE_EXTENSIONS else "video" if extension in VIDEO_EXTENSIONS else None
+
+
+def sniff_video(head: bytes) -> bool:
+    """The first bytes of a file are a video container's: ISO media (MP4, MOV, M4V, 3GP: a box type at 4), Matroska
+    or WebM (the EBML magic), AVI (a RIFF ``AVI `` form), MPEG transport (sync bytes 188 apart) or program stream."""
+    if len(head) >= 8 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"):
+        return True
+    if head.startswith(b"\x1a\x45\xdf\xa3") or head.startswith(b"\x00\x00\x01\xba"):
+        return True
+    if head.startswith(b"RIFF") and head[8:12] == b"AVI ":
+        return True
+    return len(head) > 376 and head[0] == head[188] == head[376] == 0x47
+
+
+def is_video_file(path: str) -> bool:
+    """``path`` holds a video container by its content (False when it cannot be read: the walk never fails)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as handle:
+            return sniff_video(handle.read(512))
+    except OSError:
+        return False
 
 
 def archive_stem(path: str) -> str:
@@ -119,13 +152,14 @@ class Root:
 
 @dataclass
 class FileListing:
-    """Loose image files: per root, its keys sorted. ``items()`` merges them in key order."""
+    """Loose image or video files: per root, its keys sorted. ``items()`` merges them in key order."""
 
     roots: list[Root]
     keys: list[list[str]]
     ignored: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)  # folders that could not be listed: (path, why)
-    beside: list[str] = field(default_factory=list)  # archives found among the loose images (not read)
+    beside: list[str] = field(default_factory=list)  # archives (and videos) found among the loose images (not read)
+    media: str = "image"  # image | video: what the files hold (one store holds one)
 
     def items(self) -> Iterator[tuple[str, int]]:
         """(key, root index) in key order, each key once; two different files with one key are an error."""
@@ -158,6 +192,7 @@ class ArchiveListing:
     missing_ok: set[str] = field(default_factory=set)  # listed but absent (recorded when read)
     errors: list[tuple[str, str]] = field(default_factory=list)  # folders that could not be listed: (path, why)
     beside: list[str] = field(default_factory=list)
+    media: str = "image"  # image | video: what the samples hold (video2dataset's tars with --input-format video)
 
 
 Listing = FileListing | ArchiveListing
@@ -276,9 +311,9 @@ class Stores:
 
 def _walk(root: str, wanted, errors: list[tuple[str, str]] | None = None,
           beside: list[str] | None = None, stores: Stores | None = None) -> tuple[list[str], int]:
-    """Relative paths of the wanted files under root, following symlinks but never a folder twice (loop safe) nor a
-    vitok store (``stores``). Folders that cannot be listed go to ``errors`` as (path, why); archives among unwanted
-    files to ``beside``."""
+    """Relative paths of the wanted files under root (``wanted(name, folder)``), following symlinks but never a folder
+    twice (loop safe) nor a vitok store (``stores``). Folders that cannot be listed go to ``errors`` as (path, why);
+    archives and videos among unwanted files to ``beside``."""
     found: list[str] = []
     ignored = 0
     seen: set[tuple[int, int]] = set()
@@ -302,19 +337,19 @@ def _walk(root: str, wanted, errors: list[tuple[str, str]] | None = None,
         dirnames.sort()
         base = dirpath[len(root):].lstrip("/")
         for name in filenames:
-            if wanted(name):
+            if wanted(name, dirpath):
                 found.append(f"{base}/{name}" if base else name)
             else:
                 ignored += 1
-                if beside is not None and kind_of(name) in ARCHIVE_SUFFIXES:
+                if beside is not None and kind_of(name) in (*ARCHIVE_SUFFIXES, "video"):
                     beside.append(f"{dirpath}/{name}")
     return found, ignored
 
 
 def _folder_kind(folder: str, requested: str, stores: Stores) -> str:
-    if requested != "auto":
+    if requested not in ("auto", "video"):
         return requested
-    counts = dict.fromkeys(("files", "wds", "parquet"), 0)
+    counts = dict.fromkeys(("files", "video", "wds", "parquet"), 0)
     for dirpath, dirs, names in os.walk(folder, followlinks=True):
         try:
             if stores.skip(dirpath, os.stat(dirpath), dirs, names):
@@ -326,17 +361,21 @@ def _folder_kind(folder: str, requested: str, stores: Stores) -> str:
             kind = kind_of(name)
             if kind:
                 counts[kind] += 1
-        if counts["files"]:
+        if counts["files"] and requested == "auto":
             return "files"
-    return "wds" if counts["wds"] else "parquet" if counts["parquet"] else "files"
+    if requested == "video":  # a folder of videos, or of webdataset tars of videos
+        return "wds" if counts["wds"] and not counts["video"] else "video"
+    return next((kind for kind in ("video", "wds", "parquet") if counts[kind]), "files")
 
 
 class _Collector:
-    """Accumulates inputs of one kind; a second kind is a usage error (one store holds one kind of input)."""
+    """Accumulates inputs of one kind; a second kind is a usage error (one store holds one kind of input). Loose
+    images are kind ``files``, loose videos ``video``."""
 
     def __init__(self, input_format: str, cwd: str, stores: Stores) -> None:
         self.format, self.cwd, self.stores = input_format, cwd, stores
-        self.kind: str | None = None if input_format == "auto" else input_format
+        # ``video``: loose videos, or webdataset tars of videos (video2dataset's): their kind is found
+        self.kind: str | None = None if input_format in ("auto", "video") else input_format
         self.roots: dict[Root, list[str]] = {}
         self.archives: list[str] = []
         self.ignored = 0
@@ -379,9 +418,9 @@ class _Collector:
                 self._set_kind(self.format, entry)
                 self.archives += remote_folder(entry, self.format)
                 return
-            if kind not in ("wds", "parquet"):
+            if kind not in ("wds", "parquet") or (self.format == "video" and kind != "wds"):
                 raise UsageError(f"{entry}: remote inputs must be .tar or .parquet files (or a folder of them with "
-                                 "--input-format wds|parquet)")
+                                 "--input-format wds|parquet; videos: .tar files of them)")
             self._set_kind(kind, entry)
             self.archives.append(entry)
             return
@@ -389,13 +428,18 @@ class _Collector:
         if explicit and os.path.isdir(path):
             self.folder(entry, path)
             return
-        kind = kind_of(entry) or ("files" if self.format in ("auto", "files") else None)
-        if kind is None or (self.format != "auto" and kind != self.format):
+        kind = kind_of(entry)
+        if kind is None and self.format in ("auto", "video") and is_video_file(path):
+            kind = "video"  # by its content: a name that says nothing
+        if kind is None and self.format in ("auto", "files", "video"):
+            kind = "files" if self.format == "auto" else self.format
+        video_tar = self.format == "video" and kind == "wds"  # a webdataset tar of videos
+        if kind is None or (self.format != "auto" and kind != self.format and not video_tar):
             raise UsageError(f"{entry} is not a {self.format} input (by its extension)")
         if explicit and not os.path.exists(path):
             raise UsageError(f"source {entry!r} does not exist")
         self._set_kind(kind, entry)
-        if kind == "files":
+        if kind in ("files", "video"):
             root = Root("" if os.path.isabs(entry) else self.cwd)
             self.roots.setdefault(root, []).append(_normal(entry))
         else:
@@ -405,14 +449,23 @@ class _Collector:
         kind = _folder_kind(path, self.format, self.stores)
         self._set_kind(kind, given)
         path = os.path.normpath(path)
-        if kind == "files":
-            rels, ignored = _walk(path, lambda name: os.path.splitext(name.lower())[1] in IMAGE_EXTENSIONS,
-                                  self.errors, self.beside, self.stores)
+        if kind in ("files", "video"):
+            rels, ignored = _walk(path, _wanted_images if kind == "files" else _wanted_videos, self.errors,
+                                  self.beside, self.stores)
             self.roots.setdefault(Root(path, prefix), []).extend(prefix + rel for rel in rels)
         else:
-            rels, ignored = _walk(path, lambda name: kind_of(name) == kind, self.errors, stores=self.stores)
+            rels, ignored = _walk(path, lambda name, _: kind_of(name) == kind, self.errors, stores=self.stores)
             self.archives += [f"{path}/{rel}" for rel in rels]
         self.ignored += ignored
+
+
+def _wanted_images(name: str, _folder: str) -> bool:
+    return os.path.splitext(name.lower())[1] in IMAGE_EXTENSIONS
+
+
+def _wanted_videos(name: str, folder: str) -> bool:
+    kind = kind_of(name)
+    return kind == "video" or (kind is None and is_video_file(f"{folder}/{name}"))
 
 
 def list_inputs(
@@ -478,7 +531,8 @@ def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None)
                                  "clash: give them in separate runs")
             stems[stem] = path
         missing = {p for p in paths if not is_url(p) and not os.path.exists(p)}
-        return ArchiveListing(collect.kind, paths, collect.ignored, missing, collect.errors)
+        return ArchiveListing(collect.kind, paths, collect.ignored, missing, collect.errors,
+                              media="video" if collect.format == "video" else "image")
     roots = list(collect.roots)
     keys = []
     for root in roots:
@@ -490,7 +544,9 @@ def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None)
     if not any(keys):
         unlisted = f"; {len(collect.errors)} folder(s) could not be listed ({collect.errors[0][0]}: " \
             f"{collect.errors[0][1]})" if collect.errors else ""
-        beside = f"; it holds archives ({collect.beside[0]}...): pass --input-format wds or parquet" \
-            if collect.beside else ""
-        raise UsageError(f"no images found in {what}{extra}{unlisted}{beside}")
-    return FileListing(roots, keys, collect.ignored, collect.errors, collect.beside)
+        beside = f"; it holds archives or videos ({collect.beside[0]}...): pass --input-format video, wds or " \
+            "parquet" if collect.beside else ""
+        found = "videos" if collect.kind == "video" else "images"
+        raise UsageError(f"no {found} found in {what}{extra}{unlisted}{beside}")
+    return FileListing(roots, keys, collect.ignored, collect.errors, collect.beside,
+                       "video" if collect.kind == "video" else "image")

@@ -1,5 +1,6 @@
 """The stages, in the order the data flows through them (``vitok.run`` decides what to do and wires them).
 
+    carry.py      unchanged images of a shard --update replaced: moved into the new shard, not read again
     loader.py     what a decode worker runs: units -> chunks of prepared images, in order within each unit;
                   workers.py: the worker processes (how many, ending with the run, surviving one that dies)
     dedupe.py     each distinct image encoded once: rows copied from a committed shard or an earlier copy

@@ -33,6 +33,7 @@ class CommitStats:
     ok: int = 0
     skipped: int = 0
     failed: int = 0
+    nonfinite: int = 0  # of ok: images whose tokens hold NaN/Inf (ImageRecord.nonfinite_values)
     shards_written: int = 0
     output_bytes: int = 0
     reasons: dict[str, str] = field(default_factory=dict)  # key -> reason (skipped and failed)
@@ -58,11 +59,12 @@ class WriteRecord:
 
 @dataclass
 class CopyRows:
-    """An image with the same pixels as ``record.copied_from``, written earlier to this unit's shard: its rows are
-    read back and written again under its own key."""
+    """An image with the same pixels as ``first``, written earlier to this unit's shard: its rows are read back and
+    written again under its own key."""
 
     unit: int
     record: ImageRecord
+    first: str
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Committer:
         self._sinks: dict[int, ShardSink] = {}  # writer thread only
         self._units: dict[int, UnitRef] = {}
         self._inputs: dict[int, str | None] = {}  # digest of each unit's planned inputs (vitok.storage.plan.binding)
+        self._supersedes: dict[int, tuple[str, ...]] = {}  # committed shards each unit's shard replaces whole
         self._error: BaseException | None = None
         self._aborted = False
         self._puts, self._fill = 0, 0.0
@@ -99,10 +102,12 @@ class Committer:
         self._thread.start()
         return self
 
-    def begin(self, unit: UnitRef, inputs: str | None = None) -> None:
-        """A unit this run writes; ``inputs``: the digest of its planned inputs, recorded in its sidecar."""
+    def begin(self, unit: UnitRef, inputs: str | None = None, supersedes: tuple[str, ...] = ()) -> None:
+        """A unit this run writes; ``inputs``: the digest of its planned inputs, recorded in its sidecar;
+        ``supersedes``: committed shards its shard replaces whole (an archive's earlier attempts)."""
         self._units[unit.index] = unit
         self._inputs[unit.index] = inputs
+        self._supersedes[unit.index] = supersedes
 
     def put(self, events: list[EncodedBatch | UnitEnd]) -> None:
         """What the device stage finished, in its order: batches to write, unit ends to commit."""
@@ -173,7 +178,7 @@ class Committer:
                 elif isinstance(message, WriteRecord):
                     self._sink(message.unit).add_record(message.record)
                 elif isinstance(message, CopyRows):
-                    self._sink(message.unit).add_copy(message.record)
+                    self._sink(message.unit).add_copy(message.record, message.first)
                 else:
                     self._commit(message.unit, message.info)
             except BaseException as exc:  # surfaced in the run loop
@@ -185,7 +190,7 @@ class Committer:
         sink = self._sink(unit)
         if info.inputs is None:
             info.inputs = self._inputs.get(unit)
-        sidecar = sink.commit(unit=info, **self.stamp.fields())
+        sidecar = sink.commit(self._supersedes.get(unit, ()), unit=info, **self.stamp.fields())
         del self._sinks[unit]
         self.claims.release(sink.shard)
         if sidecar is None:
@@ -196,6 +201,7 @@ class Committer:
         for record in sidecar.records:
             if record.status == "ok":
                 stats.ok += 1
+                stats.nonfinite += bool(record.nonfinite_values)
             else:
                 stats.skipped += record.status == "skipped"
                 stats.failed += record.status == "failed"

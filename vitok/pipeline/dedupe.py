@@ -4,12 +4,13 @@ An ok image (decoded on the CPU, so it has a ``content_id``, see ``vitok.inputs.
 
 1. **copied from a committed shard** when an image with the same content id is in one: a shard of a ``--reuse``
    store made with the same token settings (looked up first, through its content index), or a shard of this store
-   committed before this run started or during it (``Donors``). Its rows are read back in the stored dtype and
-   written to this image's shard: bit for bit the donor's tokens. The record says ``copied_from`` (``key``, or
-   ``STORE::key`` for another store).
+   committed before this run started or during it, or superseded by ``--update`` while its data is kept
+   (``Donors``). Its rows are read back in the stored dtype and written to this image's shard: bit for bit the
+   donor's tokens. The record says ``copied_from``: the record it was copied from, ``<shard>/<key>`` (or
+   ``STORE::<shard>/<key>`` for another store), which holds these pixels whatever its key holds later.
 2. **a duplicate within its unit** when an earlier image of the same unit had the same content id: it is not
    batched; the committer writes its first copy's rows again under its key once they are in the shard
-   (``Committer.duplicate``, ``ShardSink.add_copy``).
+   (``CopyRows``, ``ShardSink.add_copy``); ``copied_from`` is ``<this shard>/<first key>``.
 3. **encoded** otherwise (its first copy may be in a unit of this run that is not committed yet: one unit never
    waits for another, so a run over parts or a resumed run decides the same way for every image of a unit).
 
@@ -30,9 +31,10 @@ import numpy as np
 from ..errors import SettingsMismatchError, StoreError, UsageError
 from ..storage import RunHeader, read_header
 from ..storage.format import ShardDataReader
+from ..storage.layout import SHARDS_DIR
 from ..storage.records import ImageRecord, Settings, Sidecar, diff_settings
 from ..storage.roots import StoreRoot, store_root
-from ..storage.shards import data_name, get_format, iter_sidecars
+from ..storage.shards import RETIRED_DIR, get_format, iter_retired, iter_sidecars
 from ..storage.verify import verify_store
 from .committer import Commit, CopyRows, WriteBatch, WriteRecord
 from .types import EncodedBatch, RunCounts, UnitEnd
@@ -47,11 +49,18 @@ class Donor:
 
     root: StoreRoot  # the store
     fmt: str
-    data: str  # the shard's data name under shards/
+    data: str  # the shard's data name in ``folder``
     row: int
     key: str
     label: str  # "" for this store, else how records name the store (its path)
     files: tuple = ()  # the shard's (file, FileSum) pairs: its checksums, checked before any row is copied
+    shard: str = ""
+    folder: str = SHARDS_DIR  # shards/, or shards/.superseded/ for a superseded shard (in the store)
+
+    @property
+    def name(self) -> str:
+        """How a copy's record names it: ``<shard>/<key>``, after ``STORE::`` for another store."""
+        return f"{self.label}::{self.shard}/{self.key}" if self.label else f"{self.shard}/{self.key}"
 
 
 class Donors:
@@ -62,31 +71,40 @@ class Donors:
         self.features = features
         self._by_content: dict[str, Donor] = {}
         self._stores: list[tuple[str, Any]] = []  # (label, IndexedStore) of --reuse stores: their content index
-        self._readers: OrderedDict[tuple[str, str], tuple[ShardDataReader, dict[str, np.ndarray]]] = OrderedDict()
-        self._intact: dict[tuple[str, str], bool] = {}  # (store, shard data) -> its files match their checksums
+        self._readers: OrderedDict[tuple[str, str, str], tuple[ShardDataReader, dict[str, np.ndarray]]] = \
+            OrderedDict()
+        self._intact: dict[tuple[str, str, str], bool] = {}  # (store, shard data) -> its files match their checksums
 
     def __len__(self) -> int:
         return len(self._by_content)
 
-    def add_sidecar(self, root: Path | StoreRoot, sidecar: Sidecar, label: str = "") -> None:
+    def add_sidecar(self, root: Path | StoreRoot, sidecar: Sidecar, label: str = "", folder: str = SHARDS_DIR
+                    ) -> None:
         """Index a committed shard's ok images (called from the committer's thread as shards commit: a dict
-        insertion is atomic, and the loop only looks entries up)."""
+        insertion is atomic, and the loop only looks entries up); ``folder``: where its data is (shards/)."""
         files = tuple(sidecar.files.items())
         root = store_root(root)
         for record in sidecar.records:
             if record.status == "ok" and record.content_id and record.row is not None:
                 self._by_content.setdefault(record.content_id,
                                             Donor(root, sidecar.format, sidecar.data, record.row, record.key,
-                                                  label, files))
+                                                  label, files, sidecar.shard, folder))
 
     def add_store(self, root: Path | StoreRoot, fingerprint: str | None = None, exclude: set[str] = frozenset(),
                   label: str = "") -> None:
-        """Index a store's committed shards (those of ``fingerprint`` when given, minus ``exclude``)."""
+        """Index a store's committed shards (those of ``fingerprint`` when given, minus ``exclude``), then its
+        superseded shards whose data is still kept."""
         root = store_root(root)
+
+        def wanted(sidecar: Sidecar) -> bool:
+            return sidecar.shard not in exclude and (fingerprint is None or sidecar.fingerprint in (None, fingerprint))
+
         for sidecar in iter_sidecars(root):
-            if sidecar.shard in exclude or (fingerprint is not None and sidecar.fingerprint not in (None, fingerprint)):
-                continue
-            self.add_sidecar(root, sidecar, label)
+            if wanted(sidecar):
+                self.add_sidecar(root, sidecar, label)
+        for sidecar, kept in iter_retired(root):
+            if kept and wanted(sidecar):
+                self.add_sidecar(root, sidecar, label, RETIRED_DIR)
 
     def add_reuse(self, root: Path | StoreRoot) -> None:
         """A ``--reuse`` store, looked up through its content index (``vitok.storage.index``), not loaded."""
@@ -106,26 +124,33 @@ class Donors:
         donor = self._by_content.get(record.content_id)
         if donor is None:
             return None
-        if not self._checks_out(donor.root, donor.data, donor.files):
+        arrays = self.rows(donor, record.key)
+        if arrays is None:
             self._by_content.pop(record.content_id, None)
+            return None
+        record.copied_from = donor.name
+        return arrays, bool(donor.label)
+
+    def rows(self, donor: Donor, key: str | None = None) -> dict[str, np.ndarray] | None:
+        """A donor's stored rows, per feature; None when its shard fails its checksums or cannot be read (a
+        damaged or vanished donor shard costs an encoding, not the run)."""
+        if not self._checks_out(donor.root, donor.folder, donor.data, donor.files):
             return None
         try:
-            arrays = self._read(donor)
-        except Exception as exc:  # a damaged or vanished donor shard costs an encoding, not the run
-            logger.warning("cannot copy %s's tokens from %s (%s: %s); encoding it", record.key, donor.data,
+            return self._read(donor)
+        except Exception as exc:
+            logger.warning("cannot copy %s's tokens from %s (%s: %s); encoding it", key or donor.key, donor.data,
                            type(exc).__name__, exc)
-            self._by_content.pop(record.content_id, None)
             return None
-        record.copied_from = f"{donor.label}::{donor.key}" if donor.label else donor.key
-        return arrays, bool(donor.label)
 
     def _take_reused(self, record: ImageRecord) -> dict[str, np.ndarray] | None:
         for label, store in self._stores:
             key = store.find_content(record.content_id)
             if key is None:
                 continue
-            sidecar = store.shards[store.info(key)["shard"]]
-            if not self._checks_out(store.root, sidecar.data, tuple(sidecar.files.items())):
+            shard = store.info(key)["shard"]
+            sidecar = store.shards[shard]
+            if not self._checks_out(store.root, SHARDS_DIR, sidecar.data, tuple(sidecar.files.items())):
                 continue
             try:
                 arrays = {f: np.array(store.stored_rows(key, f)) for f in self.features}
@@ -133,19 +158,20 @@ class Donors:
                 logger.warning("cannot copy %s's tokens from %s (%s: %s); encoding it", record.key, label,
                                type(exc).__name__, exc)
                 continue
-            record.copied_from = f"{label}::{key}"
+            record.copied_from = f"{label}::{shard}/{key}"
             return arrays
         return None
 
-    def _checks_out(self, root: StoreRoot, data: str, files: tuple) -> bool:
-        """Whether a donor shard's files still match the checksums its sidecar recorded (read once per shard and
-        run): rows are never copied from damaged data, which a copy would carry into a shard that verifies clean."""
-        where = (root.where, data)
+    def _checks_out(self, root: StoreRoot, folder: str, data: str, files: tuple) -> bool:
+        """Whether a donor shard's files (in ``folder`` of store ``root``) still match the checksums its sidecar
+        recorded (read once per shard and run): rows are never copied from damaged data, which a copy would carry
+        into a shard that verifies clean."""
+        where = (root.where, folder, data)
         if where not in self._intact:
             problems = []
             for relative, expected in files:
                 try:
-                    if expected.blake2b and root.checksum(data_name(relative)) != expected.blake2b:
+                    if expected.blake2b and root.checksum(f"{folder}/{relative}") != expected.blake2b:
                         problems.append(relative)
                 except OSError as exc:
                     problems.append(f"{relative} ({exc.strerror})")
@@ -156,11 +182,11 @@ class Donors:
         return self._intact[where]
 
     def _read(self, donor: Donor) -> dict[str, np.ndarray]:
-        where = (donor.root.where, donor.data)
+        where = (donor.root.where, donor.folder, donor.data)
         if where in self._readers:
             self._readers.move_to_end(where)
         else:
-            reader = get_format(donor.fmt).open_at(donor.root, data_name(donor.data))
+            reader = get_format(donor.fmt).open_at(donor.root, f"{donor.folder}/{donor.data}")
             self._readers[where] = (reader, {})
             while len(self._readers) > MAX_OPEN:
                 self._readers.popitem(last=False)[1][0].close()
@@ -216,8 +242,10 @@ class Deduplicator:
     queue keeps that order, so the rows are in the shard when a copy reads them); ``send_copies`` hands the rows
     gathered for a unit from committed shards to the committer as one batch."""
 
-    def __init__(self, donors: Donors, committer, counts: RunCounts, within_units: bool = True) -> None:
+    def __init__(self, donors: Donors, committer, counts: RunCounts, within_units: bool = True,
+                 names: dict[int, str] | None = None) -> None:
         self.donors, self.committer, self.counts, self.within_units = donors, committer, counts, within_units
+        self.names = names or {}  # unit -> its shard's name (how a within-unit copy names its first copy)
         self._firsts: dict[int, dict[str, str]] = {}  # per open unit: content id -> key of its first image
         self._copied: dict[int, list] = {}  # per unit: (record, rows) copied from committed shards, not handed on
         # per unit: content id -> (first key, skip reason) once its batch went to the committer; duplicates waiting
@@ -239,7 +267,7 @@ class Deduplicator:
             return False
         firsts = self._firsts.setdefault(unit, {})
         if record.content_id in firsts:
-            record.copied_from = firsts[record.content_id]
+            record.copied_from = f"{self.names.get(unit, unit)}/{firsts[record.content_id]}"
             self._duplicate(unit, record)
             self.counts.duplicates += 1
             return True
@@ -270,24 +298,24 @@ class Deduplicator:
         self._firsts.pop(unit, None)
 
     def _duplicate(self, unit: int, record: ImageRecord) -> None:
-        """An image with the same pixels as the earlier ``record.copied_from`` of its unit: a copy of its rows once
-        the first copy's batch went to the committer, or skipped with it."""
+        """An image with the same pixels as an earlier image of its unit (``record.copied_from``): a copy of its
+        rows once the first copy's batch went to the committer, or skipped with it."""
         queued = self._queued[unit].get(record.content_id)
         if queued is None:
             self._waiting[unit][record.content_id].append(record)
         else:
-            self._send_copy(unit, record, queued[1])
+            self._send_copy(unit, record, *queued)
 
     def _first_queued(self, unit: int, record: ImageRecord, skipped: str | None) -> None:
         if record.content_id is None or record.copied_from is not None:
             return
         self._queued[unit].setdefault(record.content_id, (record.key, skipped))
         for duplicate in self._waiting[unit].pop(record.content_id, ()):
-            self._send_copy(unit, duplicate, skipped)
+            self._send_copy(unit, duplicate, record.key, skipped)
 
-    def _send_copy(self, unit: int, record: ImageRecord, skipped: str | None) -> None:
+    def _send_copy(self, unit: int, record: ImageRecord, first: str, skipped: str | None) -> None:
         if skipped is None:
-            self.committer.send(CopyRows(unit, record))
+            self.committer.send(CopyRows(unit, record, first))
         else:
             record.status, record.reason = "skipped", f"same pixels as {record.copied_from}: {skipped}"
             record.copied_from = None

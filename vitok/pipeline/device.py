@@ -57,10 +57,14 @@ DecodeStep = Callable[[list[Item]], tuple[list[Item], list[ImageRecord]]]
 
 class DevicePipeline:
     def __init__(self, encoder: Encoder, features: tuple[str, ...], pool: str, store_dtype: str,
-                 token_order: str = "block", depth: int | None = None, decode: DecodeStep | None = None) -> None:
+                 token_order: str = "block", depth: int | None = None, decode: DecodeStep | None = None,
+                 pool_steps: bool = False, chunk_rows: int | None = None) -> None:
         """``decode``: a step run on each batch before it is encoded, for images whose decoding was left to the
-        device (``inputs.gpu_decode.DeviceDecode``): items in, (items with patches, records of those refused) out."""
+        device (``inputs.gpu_decode.DeviceDecode``): items in, (items with patches, records of those refused) out.
+        ``pool_steps``: pool each temporal step of a video to a row of its own (an image has one step).
+        ``chunk_rows``: a video of more patches is encoded a few temporal steps at a time (``Encoder.encode``)."""
         self.encoder, self.features, self.pool, self.decode = encoder, features, pool, decode
+        self.pool_steps, self.chunk_rows = pool_steps, chunk_rows
         self.store_dtype, self.token_order = store_dtype, token_order
         self.depth = depth if depth is not None else pipeline_depth(encoder.device)
         self._queue: list[_Launched | UnitEnd] = []  # launched batches and unit ends, in submission order
@@ -136,12 +140,14 @@ class DevicePipeline:
     def _launch(self, batch: Batch) -> _Launched:
         """Queue encoder, pooling, stored-dtype cast and device-to-host copies; nothing here waits for the device."""
         images = [item.image for item in batch.items]
-        output = self.encoder.encode(images, self.features, self.token_order)
+        output = self.encoder.encode(images, self.features, self.token_order, chunk_rows=self.chunk_rows)
         launched = _Launched(batch, {}, {}, {}, {})
+        steps = [image.grid_thw[0] if self.pool_steps else 1 for image in images]  # pooled rows per input
         for feature in self.features:
             packed, rows = output.features[feature], output.rows[feature]
-            if self.pool != "none":
-                packed, rows = pool_packed(packed, rows, self.pool), [1] * len(rows)
+            if self.pool != "none":  # each input's rows are its steps' rows, step after step
+                per_step = [n // t for n, t in zip(rows, steps) for _ in range(t)]
+                packed, rows = pool_packed(packed, per_step, self.pool), list(steps)
             stored, overflow = to_store_tensor(packed, self.store_dtype)
             launched.device[feature], launched.rows[feature] = packed, rows
             launched.host[feature] = _to_host(stored)

@@ -3,8 +3,9 @@ processes themselves, and surviving their deaths: ``workers.py``).
 
 Work is cut into tasks: a few consecutive images of a loose-file unit (so a small run still uses every worker), or
 a whole archive (read sequentially by one worker). Task ``j`` goes to worker ``j % W``; each task's images come back
-as chunks of at most ``CHUNK`` images with their uint8 patches in one tensor (one message, one pinned copy per
-chunk). Every input gives an item: pixels, or a record saying why not.
+as chunks of at most ``CHUNK`` images (the preprocessor's ``per_chunk``: a video comes alone) with their uint8
+patches in one tensor (one message, one pinned copy per chunk). Every input gives an item: pixels, or a record
+saying why not.
 
 """
 
@@ -24,11 +25,12 @@ from ..errors import ImageError, InputUnavailableError
 from ..inputs.identity import content_id, source_sha256
 from ..inputs.preprocess import Preprocessor
 from ..inputs.readers import ReaderOptions, Sample, UnitReadError, get_reader
+from ..inputs.video_preprocess import PreparedVideo
 from ..storage.plan import UnitRef
-from ..storage.records import ImageRecord
+from ..storage.records import ImageRecord, VideoRecord
 from .types import Chunk, Item
 
-CHUNK = 8  # images per message from a worker
+CHUNK = Preprocessor.per_chunk  # images per message from a worker
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +44,14 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
         return Item(record)
     try:
         if sample.data is None:
-            from ..inputs.decode import read_source
-
-            source = read_source(sample.source)
-            record.source_bytes, record.source_mtime_ns, data = source.size, source.mtime_ns, source.data
+            source = preprocessor.read(sample.source)  # a video is hashed as it is read; its decoder opens the file
+            record.source_bytes, record.source_mtime_ns = source.size, source.mtime_ns
+            data = source.data if source.data is not None else sample.source
+            record.source_sha256 = source.sha256 or source_sha256(data)
         else:
             data = sample.data
             record.source_bytes = len(data)
-        record.source_sha256 = source_sha256(data)
+            record.source_sha256 = source_sha256(data)
         image = preprocessor.load(data)
     except InputUnavailableError as exc:
         record.status, record.reason = "failed", str(exc)
@@ -62,6 +64,10 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
         return Item(record)
     record.grid, record.size = list(image.grid_thw), list(image.original_size)
     record.decoder, record.notes = image.decoder, (image.notes or None)
+    if isinstance(image, PreparedVideo):  # which frames were encoded, and when
+        frames = image.frames
+        record.video = VideoRecord(frames.frame_count, frames.fps, frames.duration, frames.indices, frames.timestamps,
+                                   frames.step_times, frames.decoder)
     if image.patches is not None:  # (a JPEG left for the GPU to decode has no pixels yet, and no content id)
         record.content_id = content_id(image.patches, image.grid_thw)
     return Item(record, image)
@@ -101,12 +107,14 @@ class Task:
     stop: int | None = None  # None: the whole unit
     resume: int = 0  # a whole unit whose first ``resume`` chunks were delivered before its worker died
     isolated: bool = False  # decode each image in a process of its own (the task was in flight when a worker died)
+    per_chunk: int = CHUNK  # inputs per chunk (the preprocessor's ``per_chunk``: one video, eight images)
 
 
-def make_tasks(units: Sequence[UnitRef], splittable: bool) -> list[Task]:
+def make_tasks(units: Sequence[UnitRef], splittable: bool, per_chunk: int = CHUNK) -> list[Task]:
     if not splittable:
-        return [Task(u) for u in units]
-    return [Task(u, start, min(u.count, start + CHUNK)) for u in units for start in range(0, u.count, CHUNK)]
+        return [Task(u, per_chunk=per_chunk) for u in units]
+    return [Task(u, start, min(u.count, start + per_chunk), per_chunk=per_chunk)
+            for u in units for start in range(0, u.count, per_chunk)]
 
 
 class UnitReading(torch.utils.data.IterableDataset):
@@ -129,16 +137,16 @@ class UnitReading(torch.utils.data.IterableDataset):
         if task.stop is not None:  # a slice of a loose-file unit: exactly one chunk
             items = [decode(s, self.preprocessor)
                      for s in reader.samples(unit, task.start, task.stop)]
-            yield Chunk(unit.index, task.start // CHUNK, items, end=task.stop >= unit.count,
+            yield Chunk(unit.index, task.start // task.per_chunk, items, end=task.stop >= unit.count,
                         busy=time.perf_counter() - started).pack()
             return
-        seq, items, delivered = task.resume, [], task.resume * CHUNK
+        seq, items, delivered = task.resume, [], task.resume * task.per_chunk
         try:
             for number, sample in enumerate(reader.samples(unit)):
                 if number < delivered:  # read again to reach the rest, not decoded again
                     continue
                 items.append(decode(sample, self.preprocessor))
-                if len(items) == CHUNK:
+                if len(items) == task.per_chunk:
                     chunk = Chunk(unit.index, seq, items, busy=time.perf_counter() - started).pack()
                     yield chunk
                     seq, items, started = seq + 1, [], time.perf_counter()

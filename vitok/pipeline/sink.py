@@ -71,10 +71,10 @@ class ShardSink:
     def add_record(self, record: ImageRecord) -> None:
         self.records.append(record)
 
-    def add_copy(self, record: ImageRecord) -> None:
-        """An image with the same pixels as ``record.copied_from``, written earlier to this shard: its rows are read
-        back and written again under its own key (every shard stays self-contained, every reader unchanged)."""
-        original = self._written[record.copied_from]
+    def add_copy(self, record: ImageRecord, first: str) -> None:
+        """An image with the same pixels as ``first``, written earlier to this shard: its rows are read back and
+        written again under its own key (every shard stays self-contained, every reader unchanged)."""
+        original = self._written[first]
         first = original.row
         arrays, rows = {}, {}
         for feature, counts in self.rows.items():
@@ -84,8 +84,9 @@ class ShardSink:
         record.float16_overflow = original.float16_overflow
         self.add_batch(EncodedBatch(-1, [record], arrays, rows))
 
-    def commit(self, **sidecar_fields: Any) -> Sidecar | None:
-        """Finish the data and commit it; None when another process committed the shard first."""
+    def commit(self, supersedes: tuple[str, ...] = (), **sidecar_fields: Any) -> Sidecar | None:
+        """Finish the data and commit it; None when another process committed the shard first. ``supersedes``: the
+        committed shards it replaces whole, moved out of where plain readers look first (``shards.commit``)."""
         offsets = {f: row_offsets(r) for f, r in self.rows.items()}
         grids = np.array(self.grids, dtype=np.int32).reshape(-1, 3)
         try:
@@ -93,7 +94,7 @@ class ShardSink:
             sidecar = Sidecar(shard=self.shard, format=self.fmt.name, data=self.fmt.data_name(self.shard),
                               files={}, features={f: int(sum(r)) for f, r in self.rows.items()},
                               records=self.records, **sidecar_fields)
-            return sidecar if shards.commit(self.out, self.fmt, self.tmp, sidecar) else None
+            return sidecar if shards.commit(self.out, self.fmt, self.tmp, sidecar, supersedes) else None
         except Exception as exc:
             self._fail(exc)
 

@@ -104,3 +104,4 @@ class RunCounts:
     batches_encoded: int = 0  # encoder batches run
     duplicates: int = 0  # not encoded: the same pixels were encoded earlier in this unit or in a committed shard
     reused: int = 0  # not encoded: tokens taken from a --reuse store
+    carried: int = 0  # not read: unchanged images of a shard --update replaced, moved into its new shard

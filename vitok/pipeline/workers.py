@@ -118,7 +118,9 @@ def load_units(units: Sequence[UnitRef], kind: str, reader_options: ReaderOption
     worker that dies (killed, out of memory, a decoder crash) does not end the run: see ``WorkerChunks``."""
     splittable = get_reader(kind, reader_options).splittable
     workers = clamp_workers(workers)
-    return WorkerChunks(make_tasks(units, splittable), kind, reader_options, preprocessor, workers, pin_memory)
+    per_chunk = getattr(preprocessor, "per_chunk", CHUNK)
+    return WorkerChunks(make_tasks(units, splittable, per_chunk), kind, reader_options, preprocessor, workers,
+                        pin_memory)
 
 
 WORKER_DEATHS = 3  # worker deaths in a row, without a chunk delivered in between, that end the run
@@ -153,11 +155,15 @@ class WorkerChunks:
 
     def _watch(self) -> None:
         """A worker stopped (SIGSTOP) or hung (a decoder loop, storage that never answers) stalls the run: killed
-        after ``STALL_SECONDS`` of waiting, it is then a dead worker like any other."""
-        while not self._closed.wait(min(5.0, STALL_SECONDS / 4)):
+        after ``STALL_SECONDS`` of waiting (the preprocessor's ``stall_seconds`` when it has one: decoding a long
+        video takes minutes), it is then a dead worker like any other."""
+        while True:
+            stall = getattr(self._preprocessor, "stall_seconds", None) or STALL_SECONDS
+            if self._closed.wait(min(5.0, stall / 4)):
+                return
             since = self._awaited_since
-            if since is not None and time.monotonic() - since > STALL_SECONDS:
-                logger.warning("no image from the decode workers for %.0f s: taking them as hung", STALL_SECONDS)
+            if since is not None and time.monotonic() - since > stall:
+                logger.warning("no input from the decode workers for %.0f s: taking them as hung", stall)
                 self._awaited_since = None
                 self._kill_workers()
 
@@ -219,8 +225,10 @@ class WorkerChunks:
             if not undelivered[i]:
                 continue
             if task.stop is None:  # a whole unit goes on after the chunks it delivered
-                task = Task(task.unit, resume=self._delivered_chunks(task.unit.index), isolated=task.isolated)
-            left.append(Task(task.unit, task.start, task.stop, task.resume, task.isolated or i in in_flight))
+                task = Task(task.unit, resume=self._delivered_chunks(task.unit.index), isolated=task.isolated,
+                            per_chunk=task.per_chunk)
+            left.append(Task(task.unit, task.start, task.stop, task.resume, task.isolated or i in in_flight,
+                             task.per_chunk))
         self._tasks = left
         logger.warning("%s; decode workers started again on the %d task(s) left, images in flight decoded one "
                        "process each", error.rstrip("."), len(self._tasks))
@@ -228,7 +236,7 @@ class WorkerChunks:
 
     def _done(self, task: Task) -> bool:
         if task.stop is not None:
-            return (task.unit.index, task.start // CHUNK) in self._delivered
+            return (task.unit.index, task.start // task.per_chunk) in self._delivered
         return task.unit.index in self._ended
 
     def _delivered_chunks(self, unit: int) -> int:

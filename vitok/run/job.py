@@ -16,18 +16,26 @@ from typing import Any
 
 from ..encoder.checkpoint import ModelSource, prefetch_weights, resolve_model
 from ..encoder.features import check_features, default_features
-from ..errors import InputsChangedError, SettingsMismatchError, StoreError, UsageError
+from ..errors import (
+    InputsChangedError,
+    SettingsMismatchError,
+    StoreAccessError,
+    StoreError,
+    StoreUnavailableError,
+    UsageError,
+)
 from ..inputs.preprocess_config import PreprocessConfig
 from ..inputs.readers import ReaderOptions
 from ..inputs.sources import FileListing, Listing, kind_of, list_inputs, listing_kind
+from ..inputs.video_config import VideoConfig
 from ..storage import META_FILE, RunHeader, iter_sidecars, read_header
 from ..storage.layout import STORE_ENTRIES
 from ..storage.plan import Plan, PlanDiff, diff, listing_digest, load_plan
 from ..storage.plan.binding import Bindings
-from ..storage.plan.changes import changed_inputs
-from ..storage.plan.retries import base_and_attempt, retry_units
+from ..storage.plan.changes import changed_inputs, half_current_units
+from ..storage.plan.retries import base_and_attempt, committed_units, retry_units
 from ..storage.roots import StoreRoot, store_root
-from ..storage.shards import check_shard, committed, list_shards, read_sidecar
+from ..storage.shards import check_shard, committed, in_parallel, list_shards, read_sidecar
 from .options import ExtractOptions
 from .parallel import Part, detect_part
 from .settings_schema import check_settings, feature_layouts, options_from_settings
@@ -55,6 +63,17 @@ class Job:
     torch_import_seconds: float = 0.0  # spent importing torch while preparing (a start-up phase of its own)
     files_from: str | None = None  # the --files-from list, absolute ("-": stdin), recorded in the plan
     list_cwd: str | None = None  # the directory its relative lines are read against, recorded with it
+    video: VideoConfig | None = None  # a store of videos: how they are sampled and preprocessed
+
+    def preprocessor(self):
+        """What turns this job's inputs into patches in the decode workers: images or videos (one store holds one)."""
+        if self.video is not None:
+            from ..inputs.video_preprocess import VideoPreprocessor
+
+            return VideoPreprocessor(self.video)
+        from ..inputs.preprocess import Preprocessor
+
+        return Preprocessor(self.preprocess)
 
 
     @classmethod
@@ -121,6 +140,38 @@ def preprocess_for(source: ModelSource, options: ExtractOptions) -> PreprocessCo
     return preprocess
 
 
+VIDEO_ONLY = ("pool_steps", "fps", "num_frames", "min_frames", "max_frames", "video_min_pixels", "video_max_pixels",
+              "cap_pixels_per_frame", "max_video_patches", "max_video_frames")
+IMAGE_ONLY = ("min_pixels", "max_pixels", "image_size", "backend", "fast_decode", "allow_truncated")
+
+
+def video_for(source: ModelSource, options: ExtractOptions) -> VideoConfig:
+    """The model's video processor with the options' overrides (the frame-level limits included)."""
+    video = source.video()
+    pixels = video.pixels.replace(min_pixels=options.video_min_pixels, max_pixels=options.video_max_pixels,
+                                  max_image_pixels=options.max_image_pixels)
+    if pixels.min_pixels > pixels.max_pixels and (options.video_min_pixels or options.video_max_pixels):
+        raise UsageError(f"--video-min-pixels {pixels.min_pixels} is larger than --video-max-pixels "
+                         f"{pixels.max_pixels}")
+    return video.replace(pixels=pixels, fps=options.fps, num_frames=options.num_frames, min_frames=options.min_frames,
+                         max_frames=options.max_frames, cap_pixels_per_frame=options.cap_pixels_per_frame or None,
+                         decoder=options.video_decoder, max_video_patches=options.max_video_patches,
+                         max_video_frames=options.max_video_frames)
+
+
+def check_media(options: ExtractOptions, video: bool) -> None:
+    """Options of the other medium are refused (they would be recorded and do nothing)."""
+    wrong = [name for name in (IMAGE_ONLY if video else VIDEO_ONLY)
+             if getattr(options, name) not in (None, False) and (options.given is None or name in options.given)]
+    if wrong:
+        flag = "--" + wrong[0].replace("_", "-")
+        raise UsageError(f"{flag} applies to {'images' if video else 'videos'}; these inputs are "
+                         f"{'videos' if video else 'images'}" + (" (their pixel budget: --video-min-pixels, "
+                                                                 "--video-max-pixels)" if video else ""))
+    if video and options.engine != "local":
+        raise UsageError("--engine ray does not read videos yet; extract them with the local engine")
+
+
 def prepare(sources: list[str], out: Path | StoreRoot, options: ExtractOptions, stdin=None) -> Job:
     """Validate everything cheap and decide what to do; writes nothing."""
     out = store_root(out, "-o", options.storage_options)
@@ -149,8 +200,23 @@ def prepare(sources: list[str], out: Path | StoreRoot, options: ExtractOptions, 
     elif plan is None:
         raise UsageError("give at least one source folder or file, '-' for stdin, or --files-from (or -o a store "
                          "that already holds a plan, to resume it)")
+    if isinstance(listing, FileListing) and listing.media == "video" and options.input_format == "auto":
+        options = options.replace(input_format="video")  # recorded: a resume lists videos again
+    video = None
+    if options.input_format == "video":
+        reader_options.media = "video"  # (decided by the listing when the format was auto)
+        check_media(options, video=True)
+        video = video_for(source, options)
+        preprocess = video.pixels  # the device normalises a video's patches with its processor's settings
+    else:
+        check_media(options, video=False)
     started = time.perf_counter()
     from ..encoder.inference import resolve_device, resolve_dtype  # torch: only once the cheap checks passed
+
+    if video is not None:  # the decoder loads here (torchcodec: FFmpeg's libraries, and torch's compiler stack)
+        from ..inputs.video_decode import check_decoder
+
+        check_decoder(video.decoder)
 
     torch_seconds = time.perf_counter() - started
     from .parallel import device_for
@@ -160,7 +226,8 @@ def prepare(sources: list[str], out: Path | StoreRoot, options: ExtractOptions, 
     job = Job(out, options, part, source, preprocess, features, reader_options, listing,
               [_absolute(s) for s in sources], plan, None, None if options.overwrite else header,
               device, resolve_dtype(options.dtype, device), torch_import_seconds=torch_seconds,
-              files_from=_absolute(options.files_from) if options.files_from else None, list_cwd=list_cwd)
+              files_from=_absolute(options.files_from) if options.files_from else None, list_cwd=list_cwd,
+              video=video)
     if plan is not None and listing is not None:
         job.plan_diff = _compare(job)
     if listing is not None and (plan is None or job.plan_diff is not None):
@@ -191,10 +258,11 @@ def report_listing(listing: Listing) -> None:
     """Say what the listing left out: files of other kinds, archives among loose images, folders not listed."""
     beside = listing.beside
     if beside:
-        kinds = sorted({"wds" if kind_of(p) == "wds" else "parquet" for p in beside})
-        logger.warning("%d archive(s) beside the loose images were not read (%s%s): one store holds one kind of "
-                       "input; extract them into another store: vitok extract %s --input-format %s -o OTHER",
-                       len(beside), beside[0], ", ..." if len(beside) > 1 else "", os.path.dirname(beside[0]),
+        kinds = sorted({kind_of(p) for p in beside})
+        what = "video(s)" if kinds == ["video"] else "archive(s)" if "video" not in kinds else "archive(s) or video(s)"
+        logger.warning("%d %s beside the loose images were not read (%s%s): one store holds one kind of input; "
+                       "extract them into another store: vitok extract %s --input-format %s -o OTHER",
+                       len(beside), what, beside[0], ", ..." if len(beside) > 1 else "", os.path.dirname(beside[0]),
                        "|".join(kinds))
     others = listing.ignored - len(beside)
     if others > 0:
@@ -257,6 +325,7 @@ def _compare(job: Job) -> PlanDiff | None:
     changes.reasons = {c.input: c.reason for c in found[:3]}
     if changes.empty:
         return None
+    changes.half_current = half_current_units(job.out, plan)
     if _only_unlisted_before(plan, listing, changes):
         logger.info("inputs of folders that could not be listed before: planned now (%s)", changes.describe())
         return changes
@@ -302,37 +371,48 @@ def remaining_work(job: Job, plan: Plan, fingerprint: str | None) -> Work:
     names_mine = {u.name for u in plan.units if job.part.owns(u.index)}
     listed = list_shards(job.out)  # one listing: every committed shard's sizes (an object store: one request per 1,000)
     shards = committed(job.out, listed)
-    for name in shards:
-        if base_and_attempt(name, plan.legacy_names)[0] not in names_mine:
-            continue
+
+    def examine(name: str):
+        """The shard's sidecar (or why it cannot be read) and what is wrong with its data (sizes, keys, rows)."""
         try:
             sidecar = read_sidecar(job.out, name)
-        except FileNotFoundError:  # removed since it was listed
+        except (StoreAccessError, StoreUnavailableError):
+            raise  # the store cannot be read: not a damaged shard
+        except (FileNotFoundError, StoreError) as exc:
+            return exc, None
+        if fingerprint is not None and sidecar.fingerprint not in (None, fingerprint):
+            return sidecar, None  # refused below, in order
+        return sidecar, check_shard(job.out, sidecar, listed=listed)
+
+    ours = [name for name in shards if base_and_attempt(name, plan.legacy_names)[0] in names_mine]
+    for name, (sidecar, problems) in zip(ours, in_parallel(examine, ours)):  # (an object store: one GET each)
+        if isinstance(sidecar, FileNotFoundError):  # removed since it was listed
             continue
-        except StoreError as exc:  # a damaged sidecar vouches for nothing: the shard is redone
-            logger.warning("shard %s will be redone: %s", name, exc)
+        if isinstance(sidecar, StoreError):  # a damaged sidecar vouches for nothing: the shard is redone
+            logger.warning("shard %s will be redone: %s", name, sidecar)
             damaged.add(name)
             continue
         if fingerprint is not None and sidecar.fingerprint not in (None, fingerprint):
             raise SettingsMismatchError(
                 f"shard {name} in {job.out} was written with other settings (fingerprint {sidecar.fingerprint}, "
                 f"this run {fingerprint}): the store mixes runs; use another -o, or --overwrite to start over")
-        problems = check_shard(job.out, sidecar, listed=listed)
         unbound = None if problems else bindings.problem(sidecar, base_and_attempt(name, plan.legacy_names)[0])
         if problems or unbound:  # damaged, or made from other inputs than the plan's unit holds now
             logger.warning("shard %s will be redone: %s", name, problems[0] if problems else unbound)
             damaged.add(name)
             continue
         done[name] = sidecar
-    superseded = plan.superseded()  # archives planned again by --update, or removed: never read
+    superseded = plan.superseded()  # replaced by a later generation (--update), or removed: never read
     mine = [u for u in plan.units if job.part.owns(u.index) and u.name not in superseded]
-    todo = [u for u in mine if u.name not in done]
+    done_units = {base_and_attempt(name, plan.legacy_names)[0] for name in done}  # an archive's latest attempt
+    # is its only committed shard (a retry replaces the earlier ones whole)
+    todo = [u for u in mine if u.name not in done_units]
     retries = retry_units(plan, done)
     work = Work(mine, todo + retries, damaged=damaged, bindings=bindings)
-    work.done_shards = sum(u.name in done for u in mine)
+    work.done_shards = sum(u.name in done_units for u in mine)
     work.done_images = sum(s.count("ok") + s.count("skipped") for s in done.values())
-    done_anywhere = set(shards)
-    work.other_parts_pending = sum(1 for u in plan.units if not job.part.owns(u.index) and u.name not in done_anywhere
+    units_done = committed_units(job.out, plan, listed)
+    work.other_parts_pending = sum(1 for u in plan.units if not job.part.owns(u.index) and u.name not in units_done
                                    and u.name not in superseded)
     return work
 

@@ -18,6 +18,7 @@ from ..encoder.config import ATTENTION_KERNELS, COMPUTE_DTYPES, TOKEN_ORDERS
 from ..errors import UsageError
 from ..inputs.preprocess_config import DECODERS, RESIZE_BACKENDS
 from ..inputs.sources import INPUT_FORMATS
+from ..inputs.video_config import MAX_VIDEO_FRAMES, MAX_VIDEO_PATCHES, VIDEO_DECODERS
 from ..pipeline.batcher import BUDGET_CPU, BUDGET_CUDA
 from ..pipeline.pool import POOLS
 from ..storage.dtypes import STORE_DTYPES
@@ -28,7 +29,7 @@ from ..storage.shards import FORMATS
 from .ray_connect import check_address
 
 CONNECT_TIMEOUT = 30  # seconds: a healthy cluster answers in well under one
-PANELS = ("Model", "Inputs", "Outputs", "Preprocessing", "Speed", "Cluster")
+PANELS = ("Model", "Inputs", "Outputs", "Preprocessing", "Video", "Speed", "Cluster")
 
 
 def option(default: Any, help: str, panel: str, *, choices: Sequence[str] | None = None, minimum: int | None = None,
@@ -57,7 +58,8 @@ class ExtractOptions:
     files_from: str | None = option(None, "File with one input (image, tar or parquet path) per line; '-' = stdin.",
                                     "Inputs", metavar="LIST")
     input_format: str = option("auto", "Kind of input: auto decides by extension (a folder holding images is a "
-                               "folder of images, else of tars, else of parquet files).", "Inputs",
+                               "folder of images, else of videos, else of tars, else of parquet files); video: "
+                               "loose video files, found by extension or content.", "Inputs",
                                choices=INPUT_FORMATS)
     image_column: str | None = option(None, "Parquet: the column holding image bytes. [default: found]", "Inputs",
                                       metavar="COLUMN")
@@ -75,8 +77,10 @@ class ExtractOptions:
     features: tuple[str, ...] | None = option(None, "Comma list of patch, merged, deepstack, block:N. [default: "
                                               "merged for Qwen towers, patch for small/base/large]", "Outputs",
                                               listing=True, metavar="A,B")
-    pool: str = option("none", "Reduce each image to one row; 'cls' is the FIRST token (the encoder has no class "
-                       "token).", "Outputs", choices=POOLS)
+    pool: str = option("none", "Reduce each image (each video) to one row; 'cls' is the FIRST token (the encoder has "
+                       "no class token).", "Outputs", choices=POOLS)
+    pool_steps: bool = option(False, "Videos with --pool: one row per temporal step (a pair of frames fused; its time "
+                              "is the record's video.step_times) instead of one per video.", "Outputs")
     store_dtype: str = option("float16", "Stored dtype; bfloat16 is kept losslessly as its bits.", "Outputs",
                               choices=STORE_DTYPES)
     format: str = option("hdf5", "Shard format: one HDF5 file, a folder of .npy files, or a webdataset tar with one "
@@ -108,8 +112,33 @@ class ExtractOptions:
                          choices=DECODERS)
     allow_truncated: bool = option(False, "Decode truncated files as far as they go (the record says so).",
                                    "Preprocessing")
-    max_image_pixels: int | None = option(None, "Refuse images whose header claims more pixels. [default: "
-                                          "178956970]", "Preprocessing", minimum=1)
+    max_image_pixels: int | None = option(None, "Refuse images whose header claims more pixels (video frames too). "
+                                          "[default: 178956970]", "Preprocessing", minimum=1)
+    # ---- Video (named as transformers' video processors name them; defaults: the model's video processor)
+    fps: float | None = option(None, "Frames sampled per second of video (turns sampling on). [default: the model's "
+                               "video processor: 2 for Qwen3-VL; every frame for Qwen2-VL/2.5-VL]", "Video",
+                               metavar="FPS")
+    num_frames: int | None = option(None, "Sample this many frames per video instead of --fps.", "Video", minimum=1)
+    min_frames: int | None = option(None, "Least frames sampled by --fps. [default: the model's, 4]", "Video",
+                                    minimum=1)
+    max_frames: int | None = option(None, "Most frames sampled by --fps. [default: the model's, 768]", "Video",
+                                    minimum=1)
+    video_min_pixels: int | None = option(None, "The video pixel budget's floor (size.shortest_edge): per frame for "
+                                          "Qwen2-VL/2.5-VL, over frames x height x width for Qwen3-VL/3.5. "
+                                          "[default: the model's]", "Video", minimum=1)
+    video_max_pixels: int | None = option(None, "The video pixel budget (size.longest_edge): per frame for "
+                                          "Qwen2-VL/2.5-VL, over frames x height x width for Qwen3-VL/3.5. "
+                                          "[default: the model's]", "Video", minimum=1)
+    cap_pixels_per_frame: bool = option(False, "Cap each frame's pixels as qwen-vl-utils does (transformers' "
+                                        "cap_pixels_per_frame). [default: the model's; off in transformers 5.24]",
+                                        "Video")
+    video_decoder: str = option("torchcodec", "Video decoder: torchcodec (what transformers' video processors use; "
+                                "needs FFmpeg's libraries) or pyav (bundles FFmpeg; ignores rotation metadata, as "
+                                "transformers' PyAV reader).", "Video", choices=VIDEO_DECODERS)
+    max_video_patches: int | None = option(None, f"Refuse videos whose sampled frames give more patches. [default: "
+                                           f"{MAX_VIDEO_PATCHES}]", "Video", minimum=1)
+    max_video_frames: int | None = option(None, f"Refuse video files that claim more frames. [default: "
+                                          f"{MAX_VIDEO_FRAMES}]", "Video", minimum=1)
     # ---- Speed
     token_budget: int | None = option(None, f"Patches per encoder batch. [default: {BUDGET_CPU} on CPU, "
                                       f"{BUDGET_CUDA} on CUDA]", "Speed", minimum=1)
@@ -136,7 +165,9 @@ class ExtractOptions:
     STORED: ClassVar[tuple[str, ...]] = (
         "model", "seed", "dtype", "input_format", "image_column", "key_column", "meta_fields", "features", "pool",
         "store_dtype", "format", "shard_size", "compression", "token_order", "min_pixels", "max_pixels",
-        "image_size", "backend", "fast_decode", "decode", "allow_truncated", "max_image_pixels")
+        "image_size", "backend", "fast_decode", "decode", "allow_truncated", "max_image_pixels", "pool_steps", "fps",
+        "num_frames", "min_frames", "max_frames", "video_min_pixels", "video_max_pixels", "cap_pixels_per_frame",
+        "video_decoder", "max_video_patches", "max_video_frames")
 
     def __post_init__(self) -> None:
         for name in ("features", "meta_fields"):
@@ -178,6 +209,10 @@ class ExtractOptions:
             raise UsageError("--connect-timeout is the wait for a Ray cluster; it needs --engine ray")
         if self.update and self.overwrite:
             raise UsageError("--update and --overwrite contradict each other; give one")
+        if self.fps is not None and self.num_frames is not None:
+            raise UsageError("--fps and --num-frames are exclusive (as in transformers' video processors); give one")
+        if self.pool_steps and self.pool == "none":
+            raise UsageError("--pool-steps pools each temporal step: give --pool mean, max or cls with it")
         parse_storage_options(self.storage_options)
         for store in self.reuse or ():
             check_location(store, "--reuse")  # a URL it cannot serve: refused before anything is done

@@ -18,16 +18,22 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..environment import describe_environment
-from ..errors import SettingsMismatchError
+from ..errors import SettingsMismatchError, StoreError
 from ..pipeline.batcher import Batcher, default_budget
 from ..pipeline.committer import CommitStats, Committer
 from ..pipeline.dedupe import Deduplicator, Donors, check_reuse
 from ..pipeline.types import RunCounts
 from ..storage import RunHeader, SidecarStamp, get_format, new_store
 from ..storage.claims import Claims
-from ..storage.maintenance import remove_damaged, remove_plan_leftovers, wipe_store
+from ..storage.maintenance import (
+    drop_superseded_data,
+    remove_damaged,
+    remove_plan_leftovers,
+    retire_superseded,
+    wipe_store,
+)
 from ..storage.plan import Plan, load_plan, write_generation, write_update
-from ..storage.plan.retries import base_and_attempt
+from ..storage.plan.retries import base_and_attempt, earlier_attempts
 from ..storage.records import Settings, UnitInfo
 from ..storage.roots import store_root
 from ..storage.shards import remove_temps, temps_by_shard
@@ -72,6 +78,7 @@ class Run:
             work = remaining_work(job, plan, job.header.fingerprint)
             if not work.todo:  # nothing to do: no model, no writes (a finished store on a read-only mount)
                 logger.info("nothing to do: all %d shard(s) of part %s are done", work.done_shards, job.part.label)
+                self._tidy(plan, best_effort=True)
                 return self._summary(work, CommitStats(), None, None)
         from ..encoder.inference import load_encoder  # torch: only once there is work to do
 
@@ -88,6 +95,7 @@ class Run:
         started = time.perf_counter()
         header = self._write_header(settings, encoder)
         plan = self.plan = self._write_plan(plan)
+        retire_superseded(job.out, plan, get_format(job.options.format))  # before any shard of this plan commits
         self.phases["plan"] = self.phases.get("plan", 0.0) + time.perf_counter() - started
         # again now that the model is loaded: other processes may have committed shards in the meantime
         work = remaining_work(job, plan, header.fingerprint)
@@ -98,6 +106,7 @@ class Run:
             stats, pipeline = self._run(encoder, mine, claims, header, work) if mine else (CommitStats(), None)
         finally:
             claims.stop()
+        self._tidy(plan)
         summary = self._summary(work, stats, pipeline, encoder, elsewhere)
         if summary.shards_other_parts and job.part.count > 1:
             logger.info("%d shard(s) of other parts are not done yet (this was part %s)", summary.shards_other_parts,
@@ -116,6 +125,20 @@ class Run:
             raise SettingsMismatchError(f"another process started {job.out} with other settings at the same "
                                         "moment; use the same settings in every process")
         return stored
+
+    def _tidy(self, plan: Plan, best_effort: bool = False) -> None:
+        """Superseded shards out of where plain readers look, and their data dropped once the plan is done (a store
+        written by an older vitok is put right by a resume; a read-only one, ``best_effort``, is left as it is)."""
+        try:
+            retire_superseded(self.job.out, plan, get_format(self.job.options.format))
+            dropped = drop_superseded_data(self.job.out, plan)
+        except (OSError, StoreError) as exc:  # (a read-only mount; read-only credentials)
+            if not best_effort:
+                raise
+            logger.debug("superseded shards of %s left in place: %s", self.job.out, exc)
+            return
+        if dropped:
+            logger.info("the plan is done: removed the data of %d superseded shard(s)", dropped)
 
     def _write_plan(self, plan: Plan | None) -> Plan:
         job = self.job
@@ -139,10 +162,12 @@ class Run:
         for unit in work.todo:
             if claims.try_claim(unit.name):
                 remove_temps(self.job.out, unit.name, leftovers)
-                if unit.name in work.damaged:  # its data does not check out: the sidecar no longer vouches for it
-                    for retry in sorted(n for n in work.damaged if n != unit.name  # its retries' records go too
-                                        and base_and_attempt(n, self.plan.legacy_names)[0] == unit.name):
-                        remove_damaged(self.job.out, retry)
+                # damaged shards of the unit (its data does not check out: the sidecar no longer vouches for it)
+                # go, its retries' with it: the unit is read again whole
+                for name in sorted(n for n in work.damaged if n != unit.name
+                                   and base_and_attempt(n, self.plan.legacy_names)[0] == unit.name):
+                    remove_damaged(self.job.out, name)
+                if unit.name in work.damaged:
                     remove_damaged(self.job.out, unit.name)
                 mine.append(unit)
             else:
@@ -160,7 +185,8 @@ class Run:
         job, opts = self.job, self.job.options
         fmt = get_format(opts.format)
         pipeline = DevicePipeline(encoder, job.features, opts.pool, opts.store_dtype, opts.token_order,
-                                  decode=device_decode(encoder.preprocess, encoder.device))
+                                  decode=device_decode(encoder.preprocess, encoder.device), pool_steps=opts.pool_steps,
+                                  chunk_rows=opts.token_budget or default_budget(encoder.device.type))
         donors = Donors(list(job.features))
         donors.add_store(job.out, header.fingerprint, exclude=work.damaged)
         for store in opts.reuse or ():
@@ -169,9 +195,11 @@ class Run:
                               SidecarStamp(header.fingerprint, job.part.label),
                               on_commit=lambda sidecar: donors.add_sidecar(job.out, sidecar)).start()
         for unit in units:
-            committer.begin(unit, work.bindings.digest(unit.unit) if work.bindings else None)
+            committer.begin(unit, work.bindings.digest(unit.unit) if work.bindings else None,
+                            earlier_attempts(unit, self.plan.legacy_names))
         logger.info("part %s: %d shard(s) to do", job.part.label, len(units))
         try:
+            units = self._carry(units, committer, donors)
             self._loop(units, encoder, pipeline, committer, donors, fmt.reads_back)
             stats = committer.finish()
         except BaseException:
@@ -181,9 +209,25 @@ class Run:
             donors.close()
         return stats, pipeline
 
+    def _carry(self, units, committer: Committer, donors: Donors) -> list:
+        """Unchanged images of shards --update replaced go straight to their new shards (``pipeline.carry``); the
+        units left with something to read are returned."""
+        from ..pipeline.carry import carry
+        from ..pipeline.types import UnitEnd
+
+        if self.plan.kind != "files":
+            return units
+        carried = carry(self.job.out, self.plan, units, donors, self.job.options.detect_changes)
+        for unit in units:
+            if unit.index in carried.batches:
+                committer.put([carried.batches[unit.index]])
+        for unit in carried.whole:
+            committer.put([UnitEnd(unit.index, unit_record(unit, None))])
+        self.counts.carried += carried.count
+        return carried.to_read
+
     def _loop(self, units, encoder, pipeline: DevicePipeline, committer: Committer, donors: Donors | None = None,
               within_units: bool = True) -> None:
-        from ..inputs.preprocess import Preprocessor
         from ..pipeline.types import Batch, EncodedBatch
         from ..pipeline.workers import default_workers, load_units
 
@@ -199,7 +243,7 @@ class Run:
         meter.started = self.started
 
         dedupe = Deduplicator(donors if donors is not None else Donors(list(self.job.features)), committer,
-                              self.counts, within_units)
+                              self.counts, within_units, {u.index: u.name for u in units})
 
         def deliver(events) -> None:
             """What the device stage finished goes to the committer, in order; the meter counts the batches."""
@@ -221,7 +265,7 @@ class Run:
         seen = skipped = shards = 0
         started = time.perf_counter()
         chunks = load_units(units, self.plan.kind, self.job.reader_options,
-                            Preprocessor(encoder.preprocess), workers, pin_memory=encoder.device.type == "cuda")
+                            self.job.preprocessor(), workers, pin_memory=encoder.device.type == "cuda")
         meter.phase("workers_ready", time.perf_counter() - started)
         if encoder.needs_warm_up(workers):  # while the workers decode the first images
             started = time.perf_counter()
@@ -282,6 +326,7 @@ class Run:
             data_wait_seconds=round(self.wait_seconds, 3),
             encode_seconds=round(pipeline.encode_seconds, 3) if pipeline else 0.0,
             device_wait_seconds=round(pipeline.device_wait_seconds, 3) if pipeline else 0.0, **asdict(self.counts),
+            nonfinite=stats.nonfinite,
             skipped_reasons=stats.reasons,
             phases=run_stats["phases"], stages=run_stats["stages"], bottleneck=run_stats["bottleneck"],
         )
@@ -315,7 +360,7 @@ def unit_record(unit, chunk) -> UnitInfo:
         info.path, info.row_group, info.bytes, info.mtime_ns = archive.path, archive.row_group, archive.bytes, \
             archive.mtime_ns
         info.sha256 = archive.sha256
-    if chunk.unit_error:
+    if chunk is not None and chunk.unit_error:
         info.error, info.failed = chunk.unit_error, chunk.unit_failed
         logger.warning("shard %s: %s", unit.name, chunk.unit_error)
     return info

@@ -47,12 +47,14 @@ def make_settings(job: Job, weights: str | None) -> Settings:
         preprocess=job.preprocess.to_dict(),
         features=tuple(job.features),
         pool=options.pool,
+        pool_by="step" if options.pool_steps else None,
         compute_dtype=str(job.dtype).removeprefix("torch."),
         store_dtype=options.store_dtype,
         token_order=token_orders(job.source.encoder, job.features, options.token_order),
         format=options.format,
         shard_size=options.shard_size,
         input={"kind": job.plan.kind if job.plan else listing_kind(job.listing), **job.reader_options.to_dict()},
+        video=job.video.to_dict() if job.video is not None else None,
     )
 
 

@@ -41,15 +41,18 @@ class ExtractSummary:
     batches_encoded: int = 0  # encoder batches this run ran
     duplicates: int = 0  # not encoded: the same pixels were encoded earlier in this unit or in a committed shard
     reused: int = 0  # not encoded: tokens taken from a --reuse store
+    carried: int = 0  # not read: unchanged images of a shard --update replaced, moved into its new shard
+    nonfinite: int = 0  # of ok: images whose tokens hold NaN/Inf values (exports leave them out)
     skipped_reasons: dict[str, str] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # start-up, seconds (vitok.run.run_stats)
     stages: dict[str, Any] = field(default_factory=dict)  # steady-state rates per stage (vitok.run.run_stats)
     bottleneck: str = ""  # what limited the run, in words (the run's last line)
 
     @property
-    def all_skipped(self) -> bool:
-        """Every input this run attempted was skipped or failed: almost always a wrong path or setting."""
-        return self.ok == 0 and self.skipped + self.failed > 0
+    def nothing_usable(self) -> bool:
+        """No input this run attempted gave usable tokens: every one was skipped, failed, or holds NaN/Inf values
+        (almost always a wrong path, setting or checkpoint). The run then exits 1."""
+        return self.ok == self.nonfinite and self.ok + self.skipped + self.failed > 0
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "skipped_reasons"}

@@ -9,6 +9,8 @@
     OUT/shards/<shard>.json     the shard's sidecar (``Sidecar``): per-image records, file sizes and checksums,
                                 the settings fingerprint, the digest of its plan unit's inputs (``binding.py``). Its
                                 existence is the commit (``vitok.storage.shards``).
+    OUT/shards/.superseded/     shards a later plan generation or attempt replaced whole, moved out of where plain
+                                readers look before what replaces them is published (``shards.retire``)
     OUT/.claims/                which running process holds which shard (``claims.py``)
     OUT/.index/                 key and content index, a cache of the sidecars (``index.py``; rebuilt on change)
     OUT/stats/<run>.json        what each run measured: start-up phases, stage rates, the verdict
@@ -78,13 +80,18 @@ class SidecarStamp:
 
 def new_store(out: str | Path | StoreRoot, header: RunHeader) -> tuple[RunHeader, bool]:
     """Start the store in ``out`` (which exists) with ``header``: created exclusively, so that of many processes
-    starting one store at once exactly one writes it, and the README beside it. Returns the header in force and
+    starting one store at once exactly one writes it, and the README beside it (written again when this version
+    describes the store otherwise). Returns the header in force and
     whether this call created it (if not, the caller compares it with its own)."""
     root = store_root(out)
     created = root.create(META_FILE, dumps(header.to_json()).encode()) is not None
     if not created:
         header = read_header(root)
-    if not root.exists(README_FILE):
+    try:
+        current = root.read(README_FILE).decode("utf-8", "replace")
+    except OSError:
+        current = None
+    if current != store_readme(header):  # new, or written by a vitok that promised plain readers otherwise
         write_readme(root, header)
     return header, created
 
@@ -113,11 +120,21 @@ def store_readme(header: RunHeader) -> str:
         "      <feature>         (rows, dim) tokens of all images concatenated; deepstack (K, rows, dim)",
         "      <feature>_offsets (n+1,) int64: image i owns rows offsets[i]:offsets[i+1]",
         "  A shard without its .json sidecar is unfinished: ignore it.",
+        "  shards/.superseded/   shards that later runs replaced whole (an input changed, removed or rewritten, then",
+        "                        vitok extract --update; an archive read again by a retry). Each is moved here before",
+        "                        what replaces it is written, so shards/*.h5 (or shards/*/, shards/*.tar) hold every",
+        "                        key of the store exactly once, with its current tokens, and nothing else: read them",
+        "                        all and you read the store. Their sidecars stay here, a record of what was there",
+        "                        before; their data is deleted once every shard the plan holds is done.",
+        "  A tar input NAME.tar has one shard: shards/NAME.<ext>, or shards/NAME~<suffix>.<ext> once vitok read it",
+        "  again (~gN: rewritten, then --update; ~rN: a retry). Join an input with its tokens through that one file.",
         "  .index/               a cache of the sidecars for fast key lookups (vitok rebuilds it; safe to delete)",
         "Records also carry source_sha256 (sha256 of the file's bytes) and content_id (sha256 of",
-        "'vitok-pixels/1 grid=T,H,W patch=C,P,P\\n' + the uint8 patches the encoder saw, in its row order); an image",
-        "whose pixels equal another's has copied_from naming it (its rows are a copy). vitok.json's 'identity' holds",
-        "the vision revision (sha256 of the encoder config and the weights hash) and the decoders.",
+        "'vitok-pixels/1 grid=T,H,W patch=C,P,P\\n' + the uint8 patches the encoder saw, in its row order). An image",
+        "whose pixels equal another's has copied_from naming the record its rows were copied from, '<shard>/<key>'",
+        "(that shard's sidecar, in shards/ or shards/.superseded/, holds it; its content_id is this record's, whatever",
+        "the key holds later). vitok.json's 'identity' holds the vision revision (sha256 of the encoder config and the",
+        "weights hash) and the decoders.",
         "",
         "Token order: " + "; ".join(f"{f}: {o}" for f, o in settings.token_order.items()),
         "Read it with vitok:  import vitok; store = vitok.open(this_folder); store[key]",

@@ -11,6 +11,7 @@ from collections.abc import Collection
 META_FILE = "vitok.json"  # the run header
 README_FILE = "README.txt"  # the layout in words, for a reader without vitok
 SHARDS_DIR = "shards"  # shard data and their sidecars (a sidecar's existence is the commit)
+SUPERSEDED_DIR = ".superseded"  # in shards/: superseded shards, out of where plain readers look
 PLAN_DIR = "plan"  # the plan, one generation per file
 CLAIMS_DIR = ".claims"  # which process holds which shard
 INDEX_DIR = ".index"  # a cache of the sidecars (safe to delete)

@@ -54,8 +54,31 @@ def _compact(data: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
+class VideoRecord:
+    """Which frames of a video were encoded and when (a video store's records carry one; ``grid`` is its
+    ``video_grid_thw``): times are the reference processor's, a frame's index over the file's average fps."""
+
+    frame_count: int  # frames in the file, as its decoder counts them
+    fps: float | None  # the file's average frame rate (None: the file does not say; times then assume 24)
+    duration: float | None  # seconds, as the decoder reports it
+    indices: list[int]  # sampled frame ordinals, in order
+    timestamps: list[float]  # seconds, one per sampled frame
+    step_times: list[float]  # seconds, one per temporal step (a pair of frames fused): its rows' time
+    decoder: str  # torchcodec | pyav
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VideoRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
 class ImageRecord:
-    """What happened to one input. ``row`` is its position among the shard's ok images."""
+    """What happened to one input (an image, or a video: ``video`` set). ``row`` is its position among the shard's
+    ok inputs."""
 
     key: str
     status: str  # ok | skipped | failed
@@ -75,7 +98,15 @@ class ImageRecord:
     meta: dict[str, Any] | None = None  # caption / json fields of an archive sample
     source_sha256: str | None = None  # sha256 of the file's bytes (vitok.inputs.identity)
     content_id: str | None = None  # sha256 of the grid and uint8 patches the encoder saw (vitok.inputs.identity)
-    copied_from: str | None = None  # not encoded: rows copied from an equal image ("key", or "STORE::key")
+    copied_from: str | None = None  # not encoded: the record its rows were copied from, "<shard>/<key>" (another
+    # store's: "STORE::<shard>/<key>"); that record holds these pixels whatever its key holds later
+    video: VideoRecord | None = None  # a video's frames and times
+
+    @property
+    def nonfinite_values(self) -> int:
+        """NaN/Inf values in the stored tokens, as counted at extraction: the encoder's, and float16 overflow (stored
+        as Inf). The one test of "this image's tokens are not finite" (extract, info, verify and export share it)."""
+        return (self.nonfinite or 0) + (self.float16_overflow or 0)
 
     def to_json(self) -> dict[str, Any]:
         return _compact(dataclasses.asdict(self))
@@ -83,7 +114,10 @@ class ImageRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ImageRecord:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        record = cls(**{k: v for k, v in data.items() if k in known})
+        if isinstance(record.video, dict):
+            record.video = VideoRecord.from_json(record.video)
+        return record
 
 
 @dataclass(frozen=True)
@@ -108,12 +142,14 @@ class Settings:
     preprocess: dict[str, Any] = field(default_factory=dict)  # PreprocessConfig.to_dict
     features: tuple[str, ...] = ()
     pool: str = "none"
+    pool_by: str | None = None  # "step": one pooled row per temporal step of a video (None: one per input)
     compute_dtype: str = "float32"
     store_dtype: str = "float16"
     token_order: dict[str, str] = field(default_factory=dict)  # feature -> how its rows are ordered, in words
     format: str = "hdf5"
     shard_size: int | None = None
     input: dict[str, Any] | None = None  # what the readers were told (kind, columns, meta fields)
+    video: dict[str, Any] | None = None  # a store of videos: their sampling, decoder and limits (VideoConfig)
     extra: dict[str, Any] = field(default_factory=dict)
     NOT_FOR_TOKENS: ClassVar[tuple[str, ...]] = ("format", "shard_size", "input")  # layout only: tokens unchanged
 

@@ -15,6 +15,7 @@ once, over these operations:
                                                                 a rename aside; PUT If-Match)
     put(name, path, exclusive)                                  a finished local file or folder, whole (a rename; an
                                                                 upload, multipart when large, never visible partly)
+    move(source, target)                                        a superseded shard aside (a rename; copy, delete)
     delete(name, version) / delete_tree(name)
     touch(name) -> time                                         rewrite a heartbeat, return the store's clock now
     staging(folder)                                             local room for a shard being written (the folder
@@ -177,6 +178,12 @@ class StoreRoot(ABC):
         ``exclusive``: False, and nothing written, when something is at ``name`` already."""
 
     @abstractmethod
+    def move(self, source: str, target: str) -> bool:
+        """Move a file or folder to another name (replacing what is there); False when ``source`` is gone. Not
+        atomic on an object store (each object copied, then deleted): callers order their moves so that a move
+        killed midway leaves both names or the target, never neither."""
+
+    @abstractmethod
     def delete(self, name: str, version: str | None = None) -> bool:
         """Delete a file (only if it still holds ``version``, when given); whether it was deleted."""
 
@@ -314,6 +321,19 @@ class LocalRoot(StoreRoot):
             return False
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, final)
+        fsync_dir(final.parent)
+        return True
+
+    def move(self, source: str, target: str) -> bool:
+        """A rename (a folder at ``target``, an older copy, is removed first: a rename cannot replace one)."""
+        origin, final = self.path / source, self.path / target
+        if not (origin.exists() or origin.is_symlink()):
+            return False
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.is_dir() and not final.is_symlink():
+            remove(final)
+        os.replace(origin, final)
+        fsync_dir(origin.parent)
         fsync_dir(final.parent)
         return True
 

@@ -449,6 +449,26 @@ class S3Root(StoreRoot):
         with contextlib.suppress(Exception):
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
+    def move(self, source: str, target: str) -> bool:
+        """Each object of ``source`` (a file, or every object under ``source/``) copied on the server (a managed
+        copy: multipart above 5 GB), then the originals deleted; what was at ``target`` is replaced."""
+        pairs = [(self.key(source), self.key(target))] if self.stat(source) is not None else []
+        prefix = self._prefix(source)
+        for page in self._pages("list_objects_v2", Prefix=prefix):
+            pairs += [(item["Key"], self._prefix(target) + item["Key"][len(prefix):])
+                      for item in page.get("Contents", ())]
+        if not pairs:
+            return False
+        if len(pairs) > 1 or pairs[0][0] != self.key(source):
+            self.delete_tree(target)  # an older copy of a folder of this name
+        for origin, final in pairs:
+            with self._errors(source):
+                self.client.copy({"Bucket": self.bucket, "Key": origin}, self.bucket, final)
+        for origin, _ in pairs:
+            with self._errors(source):
+                self.client.delete_object(Bucket=self.bucket, Key=origin)
+        return True
+
     def delete(self, name: str, version: str | None = None) -> bool:
         condition = {"IfMatch": version} if version else {}
         try:

@@ -16,6 +16,20 @@ A shard is written under a temporary name in local space (``root.staging``: ``sh
 A shard counts as done only when its sidecar exists and its data checks out (sizes, keys and row counts; ``verify``
 also compares checksums), so a run killed at any moment loses at most the shards in progress, and committed data is
 never replaced: claims (``vitok.storage.claims``) keep two processes off the same shard.
+
+**Superseded shards leave where plain readers look** (``retire``), so that h5py, numpy or webdataset over
+``shards/*`` find exactly the store's current rows. A shard is superseded whole, never in part: its unit was
+replaced by a later plan generation (``Plan.superseded``: moved out by ``maintenance.retire_superseded`` before
+any shard of that plan is committed), or it is an earlier attempt of an archive that a retry reads again whole
+(moved out by ``commit`` between steps 2 and 3 of the retry). Retiring moves the shard's data, then its sidecar,
+into ``shards/.superseded/`` (a hidden folder no ``shards/*`` pattern matches). It always happens before the shard
+that replaces it is published, so no two copies of a key are ever where plain readers look; a run killed midway
+leaves the sidecar of a shard whose records no longer count (the next run moves it), or, for an archive's retry, a
+unit with no attempt committed (the next run reads it again). Each move is ``StoreRoot.move``: a rename in a folder,
+a copy and a delete of each object on an object store, in the same order. The data of retired shards is kept while
+the plan has units to do (an image of the same pixels copies its rows instead of being encoded again) and deleted
+once every unit the plan holds is committed; the retired sidecars stay, the record of what was extracted before
+(``store.removed``, ``copied_from``).
 """
 
 from __future__ import annotations
@@ -28,11 +42,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import StoreError
+from ..errors import StoreAccessError, StoreError, StoreUnavailableError
 from .files import remove
 from .format import ShardFormat
 from .hdf5 import Hdf5Format
-from .layout import SHARDS_DIR
+from .layout import SHARDS_DIR, SUPERSEDED_DIR
 from .npy import NpyFormat
 from .records import FileSum, Sidecar, dumps
 from .roots import Entry, StoreRoot, store_root
@@ -40,6 +54,7 @@ from .roots import Entry, StoreRoot, store_root
 logger = logging.getLogger(__name__)
 
 FORMATS: dict[str, type[ShardFormat]] = {"hdf5": Hdf5Format, "npy": NpyFormat}
+RETIRED_DIR = f"{SHARDS_DIR}/{SUPERSEDED_DIR}"  # superseded shards: out of every shards/* pattern plain readers use
 
 
 def register_format(format_class: type[ShardFormat]) -> type[ShardFormat]:
@@ -112,8 +127,10 @@ def data_files(fmt: ShardFormat, path: Path, name: str) -> dict[str, Path]:
     return {name: path}
 
 
-def commit(out: Path | StoreRoot, fmt: ShardFormat, tmp: Path, sidecar: Sidecar) -> bool:
-    """Steps 1-5 above for finished temporary data; False when another process committed the shard first."""
+def commit(out: Path | StoreRoot, fmt: ShardFormat, tmp: Path, sidecar: Sidecar,
+           supersedes: tuple[str, ...] = ()) -> bool:
+    """Steps 1-5 above for finished temporary data; False when another process committed the shard first.
+    ``supersedes``: committed shards this one replaces whole (an archive's earlier attempts), retired first."""
     root = store_root(out)
     with _checksummed(data_files(fmt, tmp, sidecar.data)) as sums:  # (read while the data is put: one pass each)
         final_sidecar = sidecar_name(sidecar.shard)
@@ -123,6 +140,8 @@ def commit(out: Path | StoreRoot, fmt: ShardFormat, tmp: Path, sidecar: Sidecar)
                 logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
                 remove(tmp)
                 return False
+            for name in supersedes:
+                retire_named(root, fmt, name)
             if root.put(final, tmp, exclusive=True):
                 break
             root.delete_tree(final)  # data without a sidecar: a run killed before step 5
@@ -162,9 +181,72 @@ def _checksummed(files: dict[str, Path]):
             handle.close()
 
 
-def read_sidecar(out: Path | StoreRoot, shard: str) -> Sidecar:
+def retire(out: Path | StoreRoot, sidecar: Sidecar) -> None:
+    """Move a superseded shard out of where plain readers look: its data, then its sidecar, into
+    ``shards/.superseded/`` (see the module docstring). Parts already moved (a step killed midway, another process
+    retiring it too) are skipped."""
     root = store_root(out)
-    name = sidecar_name(shard)
+    logger.info("shard %s is superseded: moving it to %s", sidecar.shard, RETIRED_DIR)
+    _move(root, data_name(sidecar.data), f"{RETIRED_DIR}/{sidecar.data}")
+    _move(root, sidecar_name(sidecar.shard), f"{RETIRED_DIR}/{sidecar.shard}.json")
+
+
+def _move(root: StoreRoot, source: str, target: str) -> None:
+    """One move of the superseded-shard step (a rename in a folder; a copy then a delete on object storage)."""
+    root.move(source, target)
+
+
+def retire_named(out: Path | StoreRoot, fmt: ShardFormat, shard: str) -> None:
+    """``retire`` a shard by name: through its sidecar, or (a damaged sidecar) its format's data name."""
+    root = store_root(out)
+    if not root.exists(sidecar_name(shard)):
+        return
+    try:
+        retire(root, read_sidecar(root, shard))
+    except FileNotFoundError:  # retired meanwhile
+        return
+    except StoreError:  # damaged: its data has the format's name
+        retire(root, Sidecar(shard, fmt.name, fmt.data_name(shard), {}, {}, []))
+
+
+def remove_named_data(out: Path | StoreRoot, fmt: ShardFormat, shard: str) -> None:
+    """Data at a shard's final name without a sidecar (a run killed between steps 3 and 5): removed."""
+    root = store_root(out)
+    data = data_name(fmt.data_name(shard))
+    if not root.exists(sidecar_name(shard)) and (root.exists(data) or root.is_folder(data)):
+        logger.info("removing %s, left by an interrupted run", fmt.data_name(shard))
+        root.delete_tree(data)
+
+
+def iter_retired(out: Path | StoreRoot) -> Iterator[tuple[Sidecar, bool]]:
+    """The sidecars of retired (superseded) shards, and whether their data is still kept beside them."""
+    root = store_root(out)
+    for entry in root.list(RETIRED_DIR):
+        if not entry.name.endswith(".json") or entry.folder:
+            continue
+        try:
+            sidecar = read_sidecar(root, entry.name[: -len(".json")], RETIRED_DIR)
+        except (OSError, StoreError):
+            continue  # a record of the past, not a shard of the store: nothing to repair
+        data = f"{RETIRED_DIR}/{sidecar.data}"
+        yield sidecar, root.exists(data) or root.is_folder(data)
+
+
+def drop_retired_data(out: Path | StoreRoot) -> int:
+    """Delete the data of retired shards (their sidecars stay); the number of shards whose data went."""
+    root = store_root(out)
+    dropped = 0
+    for sidecar, kept in list(iter_retired(root)):
+        if kept:
+            root.delete_tree(f"{RETIRED_DIR}/{sidecar.data}")
+            dropped += 1
+    return dropped
+
+
+def read_sidecar(out: Path | StoreRoot, shard: str, folder: str = SHARDS_DIR) -> Sidecar:
+    """A shard's sidecar (in ``shards/``, or ``shards/.superseded/`` given as ``folder``)."""
+    root = store_root(out)
+    name = f"{folder}/{shard}.json"
     try:
         return Sidecar.from_json(json.loads(root.read(name)), where=root.show(name))
     except ValueError as exc:
@@ -179,19 +261,52 @@ def committed(out: Path | StoreRoot, listed: dict[str, Entry] | None = None) -> 
                   if entry.name.endswith(".json") and not entry.name.startswith(".") and not entry.folder)
 
 
+READERS = 16  # sidecars read at once (an object store answers each GET in tens of milliseconds)
+
+
+def in_parallel(function, items: list, workers: int = READERS) -> Iterator:
+    """``function`` over ``items`` in threads, its results in the items' order, at most ``4 * workers`` ahead of the
+    consumer (memory stays bounded over a million shards). Exceptions are the function's to return."""
+    if len(items) < 2:
+        yield from map(function, items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="vitok-read") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def iter_sidecars(out: Path | StoreRoot, damaged: dict[str, str] | None = None) -> Iterator[Sidecar]:
-    """Every committed shard's sidecar, sorted by shard name. A damaged one raises StoreError, unless ``damaged``
-    is given: then it is skipped and recorded there (shard name -> what is wrong and how to repair it)."""
+    """Every committed shard's sidecar, sorted by shard name (read ``READERS`` at a time). A damaged one raises
+    StoreError, unless ``damaged`` is given: then it is skipped and recorded there (shard name -> what is wrong and
+    how to repair it)."""
     root = store_root(out)
-    for shard in committed(root):
+
+    def read(shard: str):
         try:
-            yield read_sidecar(root, shard)
-        except FileNotFoundError:  # removed since it was listed (a damaged shard being redone)
+            return read_sidecar(root, shard)
+        except (StoreAccessError, StoreUnavailableError):
+            raise  # the store cannot be read: not a damaged sidecar
+        except (FileNotFoundError, StoreError) as exc:
+            return exc
+
+    shards = committed(root)
+    for shard, sidecar in zip(shards, in_parallel(read, shards)):
+        if isinstance(sidecar, FileNotFoundError):  # removed since it was listed (a damaged shard being redone)
             continue
-        except StoreError as exc:
+        if isinstance(sidecar, StoreError):
             if damaged is None:
-                raise
-            damaged[shard] = f"{exc}; {repair_hint(root, shard)}"
+                raise sidecar
+            damaged[shard] = f"{sidecar}; {repair_hint(root, shard)}"
+            continue
+        yield sidecar
 
 
 def repair_hint(out: Path, shard: str, silent: bool = False) -> str:

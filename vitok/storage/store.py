@@ -30,7 +30,7 @@ from .plan import load_plan
 from .plan.retries import sidecar_attempt
 from .records import ImageRecord, Sidecar
 from .roots import StoreRoot, store_root
-from .shards import data_name, get_format, iter_sidecars
+from .shards import data_name, get_format, iter_retired, iter_sidecars
 
 logger = logging.getLogger(__name__)
 
@@ -241,13 +241,27 @@ class Store:
         grid = torch.tensor([self.info(key)["grid"]], dtype=torch.long)
         return (embeds.to(dtype) if dtype is not None else embeds), grid
 
+    def video_embeds(self, key: str, dtype=None):
+        """vLLM's precomputed video embeddings, as ``image_embeds`` (the same rows: the merger's tokens, with
+        Qwen3-VL's DeepStack levels concatenated) with ``G`` = ``[[t, h, w]]`` the video's ``video_grid_thw``, and
+        the metadata its prompt's timestamps come from. Pass ``{"video_embeds": E, "video_grid_thw": G}`` as the
+        video of a prompt; ``M`` (``fps``, ``frames_indices``, ``total_num_frames``, ``duration``) is the video
+        metadata Qwen3-VL's processor reads."""
+        record = self._lookup(key)[1]
+        if record.video is None:
+            raise KeyError(f"{key!r} is not a video; use image_embeds")
+        embeds, grid = self.image_embeds(key, dtype)
+        video = record.video
+        metadata = {"fps": video.fps if video.fps else 24.0, "frames_indices": list(video.indices),
+                    "total_num_frames": video.frame_count, "duration": video.duration}
+        return embeds, grid, metadata
+
     def nonfinite(self) -> dict[str, int]:
         """Images whose tokens hold NaN/Inf values, as counted at extraction (float16 overflow included): key ->
         count. Exports leave them out."""
         found = {}
         for key in self._keys():
-            record = self._lookup(key)[1]
-            count = (record.nonfinite or 0) + (record.float16_overflow or 0)
+            count = self._lookup(key)[1].nonfinite_values
             if count:
                 found[key] = count
         return found
@@ -365,6 +379,8 @@ def _open_from_sidecars(root: StoreRoot, header: RunHeader, on_sidecar=None) -> 
                 store._index.pop(key, None)
                 (store.skipped if record.status == "skipped" else store.failed)[key] = record.reason or ""
         sidecar.records = []
+    for sidecar, _ in iter_retired(root):  # superseded shards: their keys are gone unless held elsewhere now
+        stale.update(r.key for r in sidecar.records)
     store.removed = {key for key in stale if key not in store._index and key not in store.skipped
                      and key not in store.failed}
     for shard, why in store.damaged.items():

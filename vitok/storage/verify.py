@@ -11,12 +11,12 @@ from pathlib import Path
 from . import read_header
 from .claims import Claims
 from .keys import key_text
-from .layout import PLAN_DIR
+from .layout import PLAN_DIR, SHARDS_DIR, SUPERSEDED_DIR
 from .plan import load_plan
 from .plan.binding import Bindings
-from .plan.retries import sidecar_attempt
+from .plan.retries import sidecar_attempt, superseded_shards
 from .roots import StoreRoot, store_root
-from .shards import check_shard, iter_sidecars, list_shards, repair_hint, temp_files
+from .shards import check_shard, iter_retired, iter_sidecars, list_shards, repair_hint, temp_files
 from .store import attempt_order, current_records
 
 
@@ -36,6 +36,9 @@ class VerifyReport:
     leftovers: list[str] = field(default_factory=list)  # temporary files and stale claims of interrupted runs
     input_errors: list[str] = field(default_factory=list)  # archives that could not be read (whole or in part)
     nonfinite: list[str] = field(default_factory=list)  # ok images whose tokens hold NaN/Inf (a warning)
+    images_nonfinite: int = 0  # of images_ok: tokens holding NaN/Inf (ImageRecord.nonfinite_values); exports leave
+    # them out, and refuse a store where that is every image (all_nonfinite)
+    in_view: list[str] = field(default_factory=list)  # superseded shards, or rows, still where plain readers look
     stale: list[str] = field(default_factory=list)  # --sources: inputs changed since they were extracted
     planned_shards: int = 0
     planned_images: int | None = None
@@ -48,8 +51,13 @@ class VerifyReport:
     # refuses it for these): planned shards not done, inputs that could not be read, archives or folders unread
 
     @property
+    def all_nonfinite(self) -> bool:
+        """Every ok image's tokens hold NaN/Inf values: an export would write nothing, and refuses the store."""
+        return self.images_ok > 0 and self.images_nonfinite == self.images_ok
+
+    @property
     def clean(self) -> bool:
-        return not self.problems and not self.unfinished and not self.stale
+        return not (self.problems or self.unfinished or self.stale or self.in_view or self.all_nonfinite)
 
     @property
     def finished(self) -> bool:
@@ -57,7 +65,8 @@ class VerifyReport:
         return not self.unfinished
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "clean": self.clean, "finished": self.finished}
+        return {**dataclasses.asdict(self), "clean": self.clean, "finished": self.finished,
+                "all_nonfinite": self.all_nonfinite}
 
 
 def verify_store(out: str | Path | StoreRoot, quick: bool = False, sources: str | None = None) -> VerifyReport:
@@ -78,12 +87,24 @@ def verify_store(out: str | Path | StoreRoot, quick: bool = False, sources: str 
     errors: dict[str, str | None] = {}  # unit -> the read error of its last attempt
     unavailable: dict[str, bool] = {}  # unit -> its last attempt could not read the rest of it (to be retried)
     flagged: dict[str, dict[str, int]] = {}  # key -> shard -> NaN/Inf values counted at extraction
-    recorded: set[str] = set()  # every key any sidecar records (current or not)
+    recorded: set[str] = {r.key for sidecar, _ in iter_retired(root) for r in sidecar.records}  # every key any
+    # sidecar records (current or not, superseded shards' included)
     superseded = plan.superseded() if plan is not None else set()
     bindings = Bindings(plan.units if plan is not None else [])
     listed = list_shards(root)
-    for sidecar in attempt_order(list(iter_sidecars(root, damaged_sidecars))):
+    in_view: list[str] = []  # rows plain readers find that are not the store's
+    sidecars = attempt_order(list(iter_sidecars(root, damaged_sidecars)))
+    retired = superseded_shards(plan, sidecars)
+    for sidecar in sidecars:
         base = sidecar_attempt(sidecar)[0]
+        if sidecar.shard in retired:  # its records do not count, and it must not be where plain readers look
+            if sidecar.count("ok"):
+                in_view.append(f"{sidecar.shard}: superseded (by a later plan generation or a later attempt), still "
+                               f"in {SHARDS_DIR}/ where plain readers look; the next 'vitok extract -o {root}' moves "
+                               f"it to {SHARDS_DIR}/{SUPERSEDED_DIR}/")
+            recorded.update(r.key for r in sidecar.records)
+            if base in superseded:
+                continue
         done.add(base)
         shard_problems = check_shard(root, sidecar, checksums=not quick, listed=listed)
         unbound = bindings.problem(sidecar, base)
@@ -102,10 +123,15 @@ def verify_store(out: str | Path | StoreRoot, quick: bool = False, sources: str 
         keys = Counter(r.key for r in sidecar.records)
         recorded.update(keys)
         repeats += [f"key {k!r} appears {n} times in {sidecar.shard}" for k, n in keys.items() if n > 1]
-        for record in current_records(sidecar, plan):  # records of inputs planned again since are not counted
-            if record.status == "ok" and (record.nonfinite or record.float16_overflow):
-                flagged.setdefault(record.key, {})[sidecar.shard] = (record.nonfinite or 0) + (
-                    record.float16_overflow or 0)
+        counting = current_records(sidecar, plan)  # records of inputs planned again since are not counted
+        stale_rows = sum(r.status == "ok" for r in sidecar.records) - sum(r.status == "ok" for r in counting)
+        if stale_rows and sidecar.shard not in retired:  # updated by a vitok that replaced files in part
+            in_view.append(f"{sidecar.shard}: {stale_rows} row(s) of records a later plan generation replaced, where "
+                           "plain readers look (the store was updated by a vitok that kept such shards: the next "
+                           "'vitok extract --update' that finds a change replaces it whole)")
+        for record in counting:
+            if record.status == "ok" and record.nonfinite_values:
+                flagged.setdefault(record.key, {})[sidecar.shard] = record.nonfinite_values
             if record.key in latest and latest[record.key][0] != base:  # a retry supersedes its own unit only
                 repeats.append(f"key {record.key!r} appears in {latest[record.key][1]} and {sidecar.shard}")
             latest[record.key] = (base, sidecar.shard)
@@ -122,12 +148,18 @@ def verify_store(out: str | Path | StoreRoot, quick: bool = False, sources: str 
                           sum(s == "skipped" for s in counted.values()), sum(s == "failed" for s in counted.values()),
                           problems, [], input_errors=[e for b, e in errors.items() if e and b not in superseded],
                           images_damaged=damaged_ok, images_removed=len(removed & recorded),
-                          shards_damaged=sorted(bad_shards | set(damaged_sidecars)), nonfinite=nonfinite)
+                          shards_damaged=sorted(bad_shards | set(damaged_sidecars)), nonfinite=nonfinite,
+                          images_nonfinite=sum(1 for key in flagged if latest[key][1] in flagged[key]
+                                               and counted.get(key) == "ok" and latest[key][1] not in bad_shards),
+                          in_view=in_view)
     if plan is not None:
         report.input_errors += [f"could not list {path}: {why} (the next extract lists it again)"
                                 for path, why in plan.latest.listing_errors or []]
-        report.planned_shards = len(plan.units)
-        report.planned_images = plan.num_images
+        planned = [u for u in plan.units if u.name not in superseded]  # superseded units are not planned work
+        report.planned_shards = len(planned)
+        held = Counter(base for base, _ in latest.values())  # images each unit's shards hold (archives' sizes)
+        sizes = [u.expected if u.expected is not None else held[u.name] if u.name in done else None for u in planned]
+        report.planned_images = None if None in sizes else sum(sizes)
         report.incomplete = [u.name for u in plan.units if u.name not in done and u.name not in superseded]
         report.shards_done = sum(1 for u in plan.units if u.name in done and u.name not in superseded)
         if plan.kind == "files":

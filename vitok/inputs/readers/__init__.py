@@ -73,11 +73,13 @@ class ReaderOptions:
     meta_fields: tuple[str, ...] | None = None  # json fields / parquet columns to keep (None: json whole, caption)
     image_column: str | None = None  # parquet
     key_column: str | None = None  # parquet
+    media: str = "image"  # image | video: what a webdataset sample's member is
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"meta_fields": list(self.meta_fields) if self.meta_fields is not None else None,
+        data = {"meta_fields": list(self.meta_fields) if self.meta_fields is not None else None,
                 "image_column": self.image_column, "key_column": self.key_column}
+        return {**data, "media": self.media} if self.media != "image" else data  # (image stores: as before)
 
 
 class InputReader(ABC):

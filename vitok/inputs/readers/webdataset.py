@@ -20,13 +20,14 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..sources import IMAGE_EXTENSIONS, NotRegularFileError
+from ..sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, NotRegularFileError
 from . import InputReader, KeyRule, Sample, UnitReadError
 from .remote import open_binary
 
 KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 META_MEMBER = re.compile(r"__[^/]*__($|/)")
 IMAGE_TYPES = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+VIDEO_TYPES = frozenset(ext.lstrip(".") for ext in VIDEO_EXTENSIONS)
 
 
 @dataclass
@@ -55,8 +56,32 @@ def is_image_extension(extension: str) -> bool:
     return extension.lower().rsplit(".", 1)[-1] in IMAGE_TYPES
 
 
+def is_video_extension(extension: str) -> bool:
+    return extension.lower().rsplit(".", 1)[-1] in VIDEO_TYPES
+
+
+def _status(members: dict[str, Member]) -> str | None:
+    """A sample's json ``status`` when it is not ``success`` (with its ``error_message``), else None."""
+    info = members.get("json")
+    try:
+        data = json.loads(info.data) if info is not None and info.data is not None else None
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("status") in (None, "success"):
+        return None
+    message = str(data.get("error_message") or "").strip().splitlines()
+    return f"{data['status']}" + (f" ({message[0]})" if message else "")
+
+
 class WebDatasetReader(InputReader):
+    """Samples of images, or of videos (``ReaderOptions.media``: video2dataset's tars, ``KEY.mp4`` + ``KEY.json``
+    + ``KEY.txt``; a sample it could not fetch holds no video and a json ``status`` other than ``success``, and is
+    recorded as skipped with that status and its ``error_message``)."""
+
     kind = "wds"
+
+    def _wanted(self, extension: str) -> bool:
+        return (is_video_extension if self.options.media == "video" else is_image_extension)(extension)
 
     def samples(self, unit, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
         archive = unit.archive()
@@ -94,7 +119,7 @@ class WebDatasetReader(InputReader):
                     group[extension] = member
                     tar.members = []  # streaming: do not keep every member's header
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            if group_key is not None and any(is_image_extension(e) for e in group):
+            if group_key is not None and any(self._wanted(e) for e in group):
                 yield self._sample(stem, path, group_key, group, seen)
             where = f"after member {last_member}" if last_member else "before the first member"
             raise UnitReadError(f"{path} is damaged or truncated {where}: {type(exc).__name__}: {exc}") from None
@@ -104,7 +129,8 @@ class WebDatasetReader(InputReader):
     def _sample(self, stem: str, path: str, key: str, members: dict[str, Member], seen: KeyRule) -> Sample:
         name, n = seen.assign(key)
         vitok_key = f"{stem}/{key}"
-        images = [e for e in members if is_image_extension(e.split("#")[0])]
+        images = [e for e in members if self._wanted(e.split("#")[0])]
+        what = "video" if self.options.media == "video" else "image"
         readable = [e for e in images if members[e].data is not None]
         meta = self._meta(members)
         if n > 1:
@@ -114,17 +140,20 @@ class WebDatasetReader(InputReader):
             if images:
                 first = members[images[0]]
                 return Sample(vitok_key, path, member=first.name, meta=meta,
-                              skip=f"the image member is {first.not_regular}: not read (links in a tar are not "
+                              skip=f"the {what} member is {first.not_regular}: not read (links in a tar are not "
                                    "followed, as webdataset)")
             kinds = ", ".join(sorted(members)) or "nothing"
-            return Sample(vitok_key, path, member=key, meta=meta, skip=f"no image in this sample (members: {kinds})")
+            status = _status(members)  # the writer (video2dataset, img2dataset) says why there is nothing
+            why = f"; its status is {status}" if status is not None else ""
+            return Sample(vitok_key, path, member=key, meta=meta,
+                          skip=f"no {what} in this sample (members: {kinds}){why}")
         first = members[readable[0]]
         sample = Sample(vitok_key, path, member=first.name, data=first.data, meta=meta)
         if len(images) > 1:
             sample.meta = {**(meta or {}), "other_images": [members[e].name for e in images if e != readable[0]]}
         return sample
 
-    def _meta(self, members: dict[str, bytes]) -> dict | None:
+    def _meta(self, members: dict[str, Member]) -> dict | None:
         meta = {}
         fields = self.options.meta_fields
         text, info = members.get("txt"), members.get("json")

@@ -30,6 +30,7 @@ from ..roots import StoreRoot, store_root
 from ..shards import committed, sidecar_name
 from .diff import current_archives
 from .model import Plan
+from .retries import base_and_attempt
 
 MODES = ("mtime", "hash", "off")  # "off" last: verify --sources offers the two that compare
 STAT_THREADS = 16  # stats of a network file system overlap
@@ -52,7 +53,7 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _compare(path: str, size: int | None, mtime_ns: int | None, sha256: str | None, mode: str) -> str | None:
+def compare_file(path: str, size: int | None, mtime_ns: int | None, sha256: str | None, mode: str) -> str | None:
     """Why the file at ``path`` differs from what was recorded; None when it does not (or cannot be read now: a
     retry's business)."""
     try:
@@ -83,7 +84,7 @@ def _checked(entries: Iterable[tuple[str, str, int | None, int | None, str | Non
     def block(entries: list) -> list[Change]:
         found = []
         for name, path, size, mtime_ns, sha256 in entries:
-            reason = _compare(path, size, mtime_ns, sha256, mode)
+            reason = compare_file(path, size, mtime_ns, sha256, mode)
             if reason is not None:
                 found.append(Change(name, path, reason))
         return found
@@ -108,15 +109,22 @@ def _checked(entries: Iterable[tuple[str, str, int | None, int | None, str | Non
             yield from future.result()
 
 
-def _file_entries(out: StoreRoot, plan: Plan) -> Iterator[tuple[str, str, int | None, int | None, str | None]]:
+def _sidecar_json(out: Path | StoreRoot) -> Iterator[dict[str, Any]]:
+    """Every committed sidecar of the store as the JSON it is (a damaged one is left out: the run redoes its shard,
+    verify reports it)."""
+    root = store_root(out)
+    for shard in committed(root):
+        try:
+            yield json.loads(root.read(sidecar_name(shard)))
+        except (OSError, ValueError):
+            continue
+
+
+def _file_entries(out: Path | StoreRoot, plan: Plan) -> Iterator[tuple[str, str, int | None, int | None, str | None]]:
     """The recorded size, time and hash of every loose file the store holds now, from the sidecars' JSON as it is
     (no record objects: a million records are read in seconds)."""
     current = plan.current()
-    for shard in committed(out):
-        try:
-            sidecar = json.loads(out.read(sidecar_name(shard)))
-        except (OSError, ValueError):
-            continue  # damaged: the run redoes the shard, verify reports it
+    for sidecar in _sidecar_json(out):
         generation = int((sidecar.get("unit") or {}).get("plan_generation", 0))
         for record in sidecar.get("records", ()):
             size = record.get("source_bytes")
@@ -125,6 +133,26 @@ def _file_entries(out: StoreRoot, plan: Plan) -> Iterator[tuple[str, str, int | 
             if current.is_current(record["key"], generation):
                 yield (record["key"], record["source"], size, record.get("source_mtime_ns"),
                        record.get("source_sha256"))
+
+
+def half_current_units(out: str | Path | StoreRoot, plan: Plan) -> set[str]:
+    """Loose-file units with a committed shard holding ok rows of records a later generation replaced, beside
+    current ones: what a vitok that replaced changed files in part left (an update now replaces such a unit whole,
+    so plain readers stop seeing those keys twice)."""
+    if plan.kind != "files":
+        return set()
+    current, superseded = plan.current(), plan.superseded()
+    found: set[str] = set()
+    for sidecar in _sidecar_json(out):
+        unit = sidecar.get("unit") or {}
+        name = unit.get("unit") or base_and_attempt(sidecar.get("shard", ""), plan.legacy_names)[0]
+        generation = int(unit.get("plan_generation", 0))
+        if name in superseded:
+            continue
+        if any(r.get("status") == "ok" and not current.is_current(r["key"], generation)
+               for r in sidecar.get("records", ())):
+            found.add(name)
+    return found
 
 
 def _archive_entries(plan: Plan) -> Iterator[tuple[str, str, int | None, int | None, str | None]]:

@@ -18,6 +18,8 @@ class PlanDiff:
     removed: list[str]
     changed: list[str] = field(default_factory=list)  # keys or archive paths whose content changed since extraction
     reasons: dict[str, str] = field(default_factory=dict)  # changed input -> how it changed
+    half_current: set[str] = field(default_factory=set)  # loose-file units an older vitok updated in part: replaced
+    # whole by the update (changes.half_current_units)
 
     @property
     def empty(self) -> bool:

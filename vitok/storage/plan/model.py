@@ -22,10 +22,17 @@ Which generation holds an input now (``Plan.current()``): the last one that plan
 it. Records of any other generation are stale: readers leave them out, so after ``--update`` a store holds exactly
 what the sources hold (a rewritten archive's dropped samples and a removed archive's samples disappear; a file
 removed and added again comes back).
+
+Which units are superseded (``Plan.superseded()``): units none of whose inputs the plan holds there now. An
+``--update`` never leaves a unit half current: a rewritten or removed archive supersedes its unit whole, and a loose
+file changed or removed supersedes the whole unit holding it, whose other files the update plans again (the header's
+``supersedes`` names those units). So every shard is either current whole or superseded whole, and a superseded
+shard can leave where plain readers look (``vitok.storage.maintenance.retire_superseded``).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import logging
@@ -135,6 +142,7 @@ class PlanHeader:
     roots: list[list[str]] | None = None  # loose files: (folder, key prefix) of each root
     unit_names: list[str] | None = None  # archives: each unit's name
     removed: str | None = None  # file listing the inputs this generation removed
+    supersedes: list[str] | None = None  # loose files: units of earlier generations this one replaces whole
     listing_errors: list[list[str]] | None = None  # folders that could not be listed: (path, reason)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -153,6 +161,8 @@ class PlanHeader:
 class Generation:
     header: PlanHeader
     root: StoreRoot  # the store (``storage.roots``)
+    _firsts: list[str] | None = field(default=None, init=False, repr=False)  # each unit's first key (loose files)
+    _units: list[UnitRef] | None = field(default=None, init=False, repr=False)
 
     @property
     def number(self) -> int:
@@ -164,6 +174,11 @@ class Generation:
         return self.root.fetch(f"{PLAN_DIR}/{name}")
 
     def units(self) -> list[UnitRef]:
+        if self._units is None:
+            self._units = self._read_units()
+        return self._units
+
+    def _read_units(self) -> list[UnitRef]:
         index = np.load(self.file(self.header.index))
         roots = tuple(Root(*r) for r in self.header.roots or ())
         content = str(self.file(self.header.content))
@@ -181,12 +196,28 @@ class Generation:
             return []
         return json.loads(self.root.read(f"{PLAN_DIR}/{self.header.removed}"))
 
+    def unit_holding(self, key: str) -> UnitRef | None:
+        """The unit of this loose-file generation whose key range holds ``key`` (content lines are in key order, and
+        a unit is a run of consecutive lines); whether it plans ``key`` is the caller's to know."""
+        units = self.units()
+        if self._firsts is None:
+            self._firsts = [_first_key(unit) for unit in units]
+        position = bisect.bisect_right(self._firsts, key) - 1
+        return units[position] if position >= 0 else None
+
     def planned(self) -> Iterator[str]:
         """The inputs this generation plans: loose-file keys (in key order) or archive paths (one per unit)."""
         with open(self.file(self.header.content), "rb") as handle:
             for line in handle:  # read through once: one line per key, or per archive unit
                 value = json.loads(line)
                 yield value if isinstance(value, str) else value["path"] if isinstance(value, dict) else value[1]
+
+
+def _first_key(unit: UnitRef) -> str:
+    with open(unit.content, "rb") as handle:
+        handle.seek(unit.offset)
+        value = json.loads(handle.readline())
+    return value if isinstance(value, str) else value[1]
 
 
 @dataclass
@@ -244,6 +275,8 @@ class Plan:
         """The extract options the plan was made with (``vitok plan``'s flags, by ``ExtractOptions`` name): the shard
         size of loose files and the input options recorded."""
         options: dict[str, Any] = {k: v for k, v in (self.first.reader_options or {}).items() if v is not None}
+        if options.pop("media", None) == "video":  # planned as videos (loose, or video2dataset's tars)
+            options["input_format"] = "video"
         if self.kind == "files" and self.first.shard_size is not None:
             options["shard_size"] = self.shard_size
         return options
@@ -275,11 +308,14 @@ class Plan:
         return self.current().removed_now()
 
     def superseded(self) -> set[str]:
-        """Names of archive units whose archive a later generation planned again or removed: not to be read (their
-        records would not count). Loose-file units always hold some current key and are never superseded whole."""
-        if self.kind == "files":
-            return set()
+        """Names of the units none of whose inputs the plan holds there now: archive units whose archive a later
+        generation planned again or removed, loose-file units a later generation replaced whole (``supersedes``).
+        They are not to be read, their shards are not done work, and their records never count; their retries'
+        shards (``<unit>~rN``) are superseded with them."""
         if self._superseded is not None:
+            return self._superseded
+        if self.kind == "files":
+            self._superseded = {name for g in self.generations for name in g.header.supersedes or ()}
             return self._superseded
         current = self.current()
         stale: set[str] = set()

@@ -5,6 +5,10 @@ them readable again extracts them into a retry shard ``<shard>~r<k>`` beside the
 supersede the failed ones; finished shards are never rewritten. Retries belong to the original shard's part.
 A retry's sidecar names its unit and attempt; plans written before unit names were escaped named retries
 ``<shard>.retry<k>``, which only such plans read as retries (``legacy``): ``a.retry1.tar`` is an archive of its own.
+
+An archive's retry reads the archive again from the start, so it replaces its earlier attempts whole: they are moved
+out of where plain readers look before it is published (``earlier_attempts``, ``superseded_shards``). A loose-file
+retry holds only the inputs that failed, beside the shard that holds the others.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import replace
 
 from ...inputs.sources import is_readable
 from ..records import Sidecar
+from ..shards import committed
 from .model import SUFFIX, Plan, UnitRef
 
 RETRY = re.compile(r"^(?P<base>.+)~r(?P<k>\d+)$")
@@ -25,6 +30,45 @@ def base_and_attempt(name: str, legacy: bool = False) -> tuple[str, int]:
     before unit names were escaped, whose retries were ``shard-000003.retry2``."""
     match = RETRY.match(name) or (LEGACY_RETRY.match(name) if legacy else None)
     return (match["base"], int(match["k"])) if match else (name, 0)
+
+
+def committed_units(out, plan: Plan, listed: dict | None = None) -> set[str]:
+    """The planned units with a committed shard (any attempt: an archive's latest attempt is its only one); from
+    ``shards.list_shards``'s answer when given."""
+    return {base_and_attempt(name, plan.legacy_names)[0] for name in committed(out, listed)}
+
+
+def earlier_attempts(unit: UnitRef, legacy: bool = False) -> tuple[str, ...]:
+    """The shards an archive's retry replaces whole: its earlier attempts (a retry reads the archive again from the
+    start). A loose-file retry holds only the inputs that failed and replaces no shard."""
+    if not unit.attempt or unit.kind == "files":
+        return ()
+    base = unit.unit
+    names = [base, *(f"{base}{SUFFIX}r{k}" for k in range(1, unit.attempt))]
+    if legacy:
+        names += [f"{base}.retry{k}" for k in range(1, unit.attempt)]
+    return tuple(names)
+
+
+def superseded_shards(plan: Plan | None, sidecars: list[Sidecar]) -> set[str]:
+    """The committed shards (of ``sidecars``) whose records no longer count, to be moved out of where plain readers
+    look: those of a unit the plan supersedes (and their retries), and an archive's attempts older than one committed
+    since (its retry read the archive again whole)."""
+    superseded = plan.superseded() if plan is not None else set()
+    found = set()
+    latest: dict[str, tuple[int, str]] = {}
+    for sidecar in sidecars:
+        base, attempt = sidecar_attempt(sidecar)
+        if base in superseded:
+            found.add(sidecar.shard)
+        elif sidecar.unit.kind not in ("files", "ray", None):
+            if base in latest:
+                older = min((attempt, sidecar.shard), latest[base])
+                found.add(older[1])
+                latest[base] = max((attempt, sidecar.shard), latest[base])
+            else:
+                latest[base] = (attempt, sidecar.shard)
+    return found
 
 
 def sidecar_attempt(sidecar: Sidecar) -> tuple[str, int]:

@@ -22,7 +22,7 @@ from ..layout import PLAN_DIR
 from ..roots import StoreRoot, store_root
 from .changes import archive_hashes
 from .diff import PlanDiff
-from .model import NAMES, PLAN_SCHEMA, SUFFIX, Generation, Plan, PlanHeader, unit_name
+from .model import NAMES, PLAN_SCHEMA, SUFFIX, Generation, Plan, PlanHeader, UnitRef, unit_name
 
 # ---- digests: what a rerun compares ------------------------------------------------------------------------------
 
@@ -116,7 +116,8 @@ def write_generation(out: Path | StoreRoot, listing: Listing, shard_size: int, g
                      sources: list[str], reason: str, listing_digest_: str | None = None,
                      reader_options: dict | None = None, items: list | None = None,
                      removed: list[str] | None = None, detect_changes: str = "mtime",
-                     files_from: str | None = None, list_cwd: str | None = None) -> Generation:
+                     files_from: str | None = None, list_cwd: str | None = None,
+                     supersedes: list[str] | None = None) -> Generation:
     """Write one generation (all of ``listing``, or only ``items`` of it for an update) and commit its header.
     ``listing_digest_`` of the whole listing is computed while writing when not given."""
     root = store_root(out)
@@ -129,6 +130,8 @@ def write_generation(out: Path | StoreRoot, listing: Listing, shard_size: int, g
     }
     if generation == 0:
         header["names"] = NAMES
+    if supersedes:  # units of earlier generations this one replaces whole (loose files; see write_update)
+        header["supersedes"] = supersedes
     if listing.errors:  # folders that could not be listed: the next run lists them again
         header["listing_errors"] = [list(e) for e in listing.errors]
     whole = _listing_hasher(listing) if listing_digest_ is None and items is None else None
@@ -170,20 +173,44 @@ def write_update(out: Path | StoreRoot, plan: Plan, listing: Listing, changes: P
                  listing_digest_: str | None, reader_options: dict, detect_changes: str = "mtime",
                  files_from: str | None = None, list_cwd: str | None = None) -> Generation:
     """--update: a generation holding the inputs added or changed since ``plan``, in new units after the existing
-    ones, and the inputs removed. An archive planned before gets a new unit name, so its finished shard stays."""
+    ones, and the inputs removed. Units are replaced whole, never in part, so that no shard is left half current:
+    an archive planned before gets a new unit name (the old unit is superseded), and a unit holding a changed or
+    removed loose file is superseded, its other files planned again beside the added and changed ones."""
     number = plan.generations[-1].number + 1
     added = changes.added
+    supersedes = None
     if plan.kind != "files":
         fresh = archive_units(ArchiveListing(plan.kind, [*added, *changes.changed]),
                               legacy=plan.legacy_names)
         taken = {u.name for u in plan.units}
         added = [u if u["name"] not in taken else {**u, "name": f"{u['name']}{SUFFIX}g{number}"} for u in fresh]
-    elif changes.changed:  # changed files: planned again (with the listing's root) beside the added ones
-        changed = set(changes.changed)
-        added = sorted([*added, *((key, root) for key, root in listing.items() if key in changed)])
+    elif changes.changed or changes.removed or changes.half_current:
+        touched = units_holding(plan, [*changes.changed, *changes.removed])
+        named = {u.name: u for u in plan.units}
+        touched += [named[name] for name in sorted(changes.half_current) if name in named and named[name] not in
+                    touched]
+        current = plan.current()
+        again = {key for unit in touched for key, _ in unit.files() if current.is_current(key, unit.generation)}
+        again = (again | set(changes.changed)) - set(changes.removed)
+        added = sorted([*added, *((key, root) for key, root in listing.items() if key in again)])
+        supersedes = sorted(unit.name for unit in touched)
     return write_generation(out, listing, plan.shard_size, number, len(plan.units), sources, "update",
                             listing_digest_, reader_options, items=added, removed=list(changes.removed),
-                            detect_changes=detect_changes, files_from=files_from, list_cwd=list_cwd)
+                            detect_changes=detect_changes, files_from=files_from, list_cwd=list_cwd,
+                            supersedes=supersedes)
+
+
+def units_holding(plan: Plan, keys: Iterable[str]) -> list[UnitRef]:
+    """The units that hold these loose-file keys now (each key's unit in the generation that holds it)."""
+    current = plan.current()
+    generations = {g.number: g for g in plan.generations}
+    found: dict[str, UnitRef] = {}
+    for key in keys:
+        number = current.generation(key)
+        unit = generations[number].unit_holding(key) if number in generations else None
+        if unit is not None:
+            found.setdefault(unit.name, unit)
+    return list(found.values())
 
 
 def archive_units(listing: ArchiveListing, legacy: bool = False) -> list[dict[str, Any]]:
