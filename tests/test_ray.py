@@ -287,6 +287,27 @@ def test_a_unit_is_cut_into_the_local_loops_batches_and_steps_are_kept_once_in_o
         assert [q for u, q in replayed if u == unit.index] == sorted(q for u, q in replayed if u == unit.index)
 
 
+def test_a_unit_sent_to_a_decode_task_needs_no_plan_on_its_node(tmp_path):
+    """The driver sends each unit with its inputs in it (``UnitRef.inlined``): a node holding neither OUT nor its
+    plan (a store in a bucket) reads the same inputs."""
+    import pickle
+    import shutil
+
+    from vitok.storage.plan import write_generation
+    from vitok.storage.plan.model import load_plan
+
+    folder = make_folder(tmp_path / "imgs", count=5, with_odd=False)
+    out = tmp_path / "out"
+    from vitok.inputs.sources import list_inputs
+
+    write_generation(out, list_inputs([str(folder)]), 2, 0, 0, [str(folder)], "initial")
+    units = load_plan(out).units
+    planned = [unit.files() for unit in units]
+    sent = [pickle.dumps(unit.inlined()) for unit in units]
+    shutil.rmtree(out)
+    assert [pickle.loads(data).files() for data in sent] == planned and all(planned)
+
+
 def test_the_driver_ships_the_whole_vitok_package_to_the_workers(monkeypatch):
     """``py_modules`` names the vitok package itself (not the folder of the engine's module), so a worker without
     vitok installed imports the driver's."""
