@@ -47,14 +47,40 @@ def content_id(patches: Any, grid: Sequence[int]) -> str:
     """The pixel content id of an image: ``patches`` is the (T*H*W, C, P, P) uint8 array (numpy, or a CPU torch
     tensor) in the encoder's row order, ``grid`` its (T, H, W) in patches. A video's patches are (T*H*W, C, F, P, P),
     F frames per row (the temporal patch), and its header says ``patch=C,F,P,P``."""
-    if hasattr(patches, "numpy"):  # a torch tensor (on the CPU)
-        patches = patches.numpy()
+    patches = _as_numpy(patches)
     n, c, *frames, p, q = patches.shape if patches.ndim in (4, 5) else (0, 0, 0, 0)
     t, h, w = (int(v) for v in grid)
     if patches.dtype.itemsize != 1 or n != t * h * w or p != q:
         raise ValueError(f"content_id wants (T*H*W, C, P, P) uint8 patches for grid {tuple(grid)}, got "
                          f"{patches.dtype} {tuple(patches.shape)}")
-    patch = ",".join(str(v) for v in (c, *frames, p, q))
-    digest = hashlib.sha256(f"vitok-pixels/1 grid={t},{h},{w} patch={patch}\n".encode())
-    digest.update(memoryview(patches.reshape(-1)) if patches.flags.c_contiguous else patches.tobytes())
+    digest = ContentHash(grid, patches.shape[1:])
+    digest.update(patches)
     return digest.hexdigest()
+
+
+class ContentHash:
+    """``content_id`` fed a piece at a time (a video cut in time: its rows in order, each piece's patches): the same
+    digest as ``content_id`` of all the rows at once."""
+
+    def __init__(self, grid: Sequence[int], row_shape: Sequence[int]) -> None:
+        c, *frames, p, q = (int(v) for v in row_shape) if len(row_shape) in (3, 4) else (0, 0, 0)
+        if p != q:
+            raise ValueError(f"content_id wants square patches, got rows of shape {tuple(row_shape)}")
+        t, h, w = (int(v) for v in grid)
+        self.row_shape = tuple(int(v) for v in row_shape)
+        patch = ",".join(str(v) for v in (c, *frames, p, q))
+        self._digest = hashlib.sha256(f"vitok-pixels/1 grid={t},{h},{w} patch={patch}\n".encode())
+
+    def update(self, patches: Any) -> None:
+        patches = _as_numpy(patches)
+        if patches.dtype.itemsize != 1 or tuple(patches.shape[1:]) != self.row_shape:
+            raise ValueError(f"content_id wants uint8 rows of shape {self.row_shape}, got {patches.dtype} "
+                             f"{tuple(patches.shape)}")
+        self._digest.update(memoryview(patches.reshape(-1)) if patches.flags.c_contiguous else patches.tobytes())
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def _as_numpy(patches: Any) -> Any:
+    return patches.numpy() if hasattr(patches, "numpy") else patches  # a torch tensor (on the CPU)

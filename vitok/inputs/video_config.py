@@ -18,8 +18,12 @@ from .preprocess_config import CLIP_MEAN, CLIP_STD, PreprocessConfig
 
 RULES = ("qwen2_vl", "qwen3_vl")
 VIDEO_DECODERS = ("torchcodec", "pyav")
-MAX_VIDEO_PATCHES = 1 << 18  # patches of one video (t*h*w): 262144, about 300 MB of uint8 patches at p=14
+# patches of one video (t*h*w): its tokens are held until its record is written (its patches are not: long videos are
+# cut in time, VIDEO_CHUNK_PATCHES at a time); 1048576 patches are 262144 merged tokens, 1 GiB at width 1024 in fp32
+MAX_VIDEO_PATCHES = 1 << 20
 MAX_VIDEO_FRAMES = 1_000_000  # frames a video file may claim (about 9 hours at 30 fps)
+MAX_VIDEO_SECONDS = 36_000.0  # seconds a video file may claim to last (10 hours)
+VIDEO_CHUNK_PATCHES = 1 << 16  # a video of more patches is decoded and encoded in pieces of about this many
 
 
 def rule_of(family: str) -> str:
@@ -66,6 +70,7 @@ class VideoConfig:
     decoder: Literal["torchcodec", "pyav"] = "torchcodec"  # the backend of transformers' load_video to match
     max_video_patches: int = MAX_VIDEO_PATCHES  # refuse videos whose sampled frames give more patches
     max_video_frames: int = MAX_VIDEO_FRAMES  # refuse files claiming more frames (a decompression bomb in time)
+    max_video_seconds: float = MAX_VIDEO_SECONDS  # refuse files claiming to last longer (the same bomb, in seconds)
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:

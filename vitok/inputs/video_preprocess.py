@@ -8,9 +8,15 @@
       -> (t*h*w, C, 2, p, p) uint8 rows in the encoder's order (t, 2x2 merge blocks), the last frame repeated when
          the count is odd (the reference pads the same way); the device normalises them (``normalize_patches``)
 
-Only the patches of the whole clip and a few decoded frames are ever held: a video whose sampled frames would give
-more than ``max_video_patches`` patches, whose frames are larger than ``max_image_pixels`` or that claims more than
-``max_video_frames`` frames is refused from its metadata, before any frame is decoded. Each refusal, and anything the
+A video of more patches than ``chunk_patches`` is cut in time (``load_pieces``): the sampling and the target size are
+decided for the whole clip first (Qwen3-VL's size depends on how many frames are sampled), then pieces of whole
+temporal steps are decoded, resized and patchified one after another, the last frame repeated only at the true end;
+what is held is one piece's patches and a few decoded frames. The pieces' steps are a multiple of the steps the encoder
+takes at a time (``group_patches``, its token budget), so the device encodes a cut video in the very calls it
+encodes the whole one in (bit for bit the same tokens). A video whose sampled frames would give more than
+``max_video_patches`` patches (its tokens are held until its record is written), whose frames are larger than
+``max_image_pixels``, that claims more than ``max_video_frames`` frames or lasts more than ``max_video_seconds`` is
+refused from its metadata, before any frame is decoded. Each refusal, and anything the
 decoder cannot read, is an ImageError whose message is the record's one-line reason.
 
 Timestamps are the reference's: a frame's time is its index over the source's average fps (24 when the file does
@@ -20,9 +26,10 @@ not say, as Qwen3-VL's processor assumes), and a temporal step's time is the mea
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,11 +187,36 @@ def frames_to_patches(frames, config: VideoConfig, size: tuple[int, int], count:
     return patches
 
 
+@dataclass(frozen=True)
+class VideoPiece:
+    """Where a piece of a video cut in time lies: its first temporal step, and the whole video's grid."""
+
+    first_step: int
+    video_grid: tuple[int, int, int]  # the whole video's (t, h, w)
+    last: bool  # the piece that ends the video (its ``frames`` are set)
+
+
 @dataclass
 class PreparedVideo(PreparedImage):
-    """One video ready for the encoder: ``patches`` are (t*h*w, C, T, p, p) uint8; ``frames`` says which."""
+    """One video ready for the encoder: ``patches`` are (t*h*w, C, T, p, p) uint8; ``frames`` says which. A piece
+    of a video cut in time has ``piece`` set; its ``grid_thw`` is the piece's, ``frames`` set on the last only."""
 
     frames: SampledFrames | None = None
+    piece: VideoPiece | None = None
+
+
+def steps_per_piece(steps: int, per_step: int, chunk_patches: int | None, group_patches: int | None) -> int:
+    """Temporal steps per piece of a video of ``steps`` steps of ``per_step`` patches: as many as ``chunk_patches``
+    holds (at least one), rounded down to a multiple of the steps the encoder takes at a time (``group_patches`` //
+    ``per_step``, ``Encoder.encode``), so that cutting never changes the encoder's calls; ``steps`` (one piece) when
+    the video fits."""
+    if chunk_patches is None or steps * per_step <= chunk_patches:
+        return steps
+    group = max(1, (group_patches or 1) // per_step)
+    if steps * per_step <= (group_patches or 0):  # the encoder takes it whole: so must the decode
+        return steps
+    most = max(1, chunk_patches // per_step)
+    return max(group, most // group * group)
 
 
 def _size(path: str) -> int | None:
@@ -198,11 +230,15 @@ class VideoPreprocessor:
     """Video file (a path) or its bytes (an archive member) -> :class:`PreparedVideo`. Picklable, so it runs the
     same in the decode workers."""
 
-    per_chunk = 1  # videos per message from a decode worker: a chunk holds one video's patches, not eight
+    per_chunk = 1  # videos per message from a decode worker: a chunk holds one video's (or piece's) patches
     stall_seconds = 3600.0  # a decode worker silent this long is taken as hung (a long video decodes for minutes)
 
-    def __init__(self, config: VideoConfig) -> None:
-        self.config = config
+    def __init__(self, config: VideoConfig, chunk_patches: int | None = None, group_patches: int | None = None
+                 ) -> None:
+        """``chunk_patches``: a video of more patches is decoded and sent in pieces of about this many
+        (``load_pieces``; None: never cut); ``group_patches``: the encoder's token budget, whose step groups the
+        pieces keep."""
+        self.config, self.chunk_patches, self.group_patches = config, chunk_patches, group_patches
 
     def read(self, path: str) -> SourceFile:
         """A video file's size, time and sha256, hashed as it is read (never held whole); the decoder opens the
@@ -216,6 +252,9 @@ class VideoPreprocessor:
         if info.frame_count > config.max_video_frames:
             raise ImageError(f"refused: the file claims {info.frame_count} frames, more than --max-video-frames "
                              f"{config.max_video_frames} (a decompression bomb in time?; raise the limit to allow)")
+        if info.duration is not None and info.duration > config.max_video_seconds:
+            raise ImageError(f"refused: the file claims {info.duration:.0f} seconds, more than --max-video-seconds "
+                             f"{config.max_video_seconds:g} (a decompression bomb in time?; raise the limit to allow)")
         if info.width <= 0 or info.height <= 0:
             raise ImageError(f"video frames have no pixels ({info.width}x{info.height})")
         if info.width * info.height > pixels.max_image_pixels:
@@ -232,24 +271,75 @@ class VideoPreprocessor:
         return indices, (th, tw)
 
     def load(self, source: str | bytes) -> PreparedVideo:
-        """Decode, sample and patchify one video; raises ImageError with a one-line reason."""
+        """Decode, sample and patchify one video whole; raises ImageError with a one-line reason."""
+        with self._opened(source) as (video, indices, size):
+            patches = frames_to_patches(video.frames(indices.tolist(), FRAMES_PER_READ), self.config, size,
+                                        len(indices))
+            return self._prepared(patches, video.info, indices, size)
+
+    def load_pieces(self, source: str | bytes) -> Iterator[PreparedVideo]:
+        """The video whole (one ``PreparedVideo``, ``piece`` None) when it fits ``chunk_patches``, else its pieces in
+        time order (``steps_per_piece`` steps each, the last one carrying ``frames``); ImageError with a one-line
+        reason, raised before the first piece or between two (a stream that ends early)."""
+        with self._opened(source) as (video, indices, size):
+            pixels = self.config.pixels
+            tps, p = pixels.temporal_patch_size, pixels.patch_size
+            steps, per_step = -(-len(indices) // tps), (size[0] // p) * (size[1] // p)
+            each = steps_per_piece(steps, per_step, self.chunk_patches, self.group_patches)
+            if each >= steps:
+                patches = frames_to_patches(video.frames(indices.tolist(), FRAMES_PER_READ), self.config, size,
+                                            len(indices))
+                yield self._prepared(patches, video.info, indices, size)
+                return
+            frames = video.frames(indices.tolist(), FRAMES_PER_READ)  # one pass over the file, consumed piece by piece
+            grid = (steps, size[0] // p, size[1] // p)
+            for first in range(0, steps, each):
+                count = min(len(indices), (first + each) * tps) - first * tps  # even, but at the true end
+                patches = frames_to_patches(itertools.islice(frames, count), self.config, size, count)
+                last = first + each >= steps
+                piece = PreparedVideo(patches, (len(patches) // per_step, *grid[1:]), (video.info.width,
+                                      video.info.height), decoder=self.config.decoder,
+                                      piece=VideoPiece(first, grid, last))
+                if last:
+                    whole = self._prepared(None, video.info, indices, size)
+                    piece.notes, piece.frames = whole.notes, whole.frames
+                yield piece
+
+    def _opened(self, source: str | bytes):
+        """The open video, its sampled indices and target size (refused from its metadata before any decoding)."""
         empty = len(source) == 0 if isinstance(source, (bytes, bytearray, memoryview)) else _size(source) == 0
         if empty:
             raise ImageError("empty file (0 bytes)")
-        config, pixels = self.config, self.config.pixels
-        with open_video(source, config.decoder) as video:
-            info = video.info
-            indices, (th, tw) = self.plan(info)
-            patches = frames_to_patches(video.frames(indices.tolist(), FRAMES_PER_READ), config, (th, tw),
-                                        len(indices))
+        return _Opened(open_video(source, self.config.decoder), self)
+
+    def _prepared(self, patches, info: VideoInfo, indices: np.ndarray, size: tuple[int, int]) -> PreparedVideo:
+        pixels = self.config.pixels
+        th, tw = size
         fps = info.fps if info.fps else None
         times = [int(i) / (fps or UNKNOWN_FPS) for i in indices]
         notes = list(info.notes)
         if fps is None:
             notes.append(f"the file gives no frame rate: times assume {UNKNOWN_FPS:g} fps, as the reference")
         sampled = SampledFrames(info.frame_count, fps, info.duration, [int(i) for i in indices], times,
-                                step_times(times, pixels.temporal_patch_size), config.decoder, info.width,
+                                step_times(times, pixels.temporal_patch_size), self.config.decoder, info.width,
                                 info.height)
-        grid = (patches.shape[0] // ((th // pixels.patch_size) * (tw // pixels.patch_size)), th // pixels.patch_size,
-                tw // pixels.patch_size)
-        return PreparedVideo(patches, grid, (info.width, info.height), notes, config.decoder, frames=sampled)
+        grid = (-(-len(indices) // pixels.temporal_patch_size), th // pixels.patch_size, tw // pixels.patch_size)
+        return PreparedVideo(patches, grid, (info.width, info.height), notes, self.config.decoder, frames=sampled)
+
+
+class _Opened:
+    """``with``: the video opened and planned, closed on the way out (a generator's end or its error included)."""
+
+    def __init__(self, video, preprocessor: VideoPreprocessor) -> None:
+        self.video, self.preprocessor = video, preprocessor
+
+    def __enter__(self):
+        try:
+            indices, size = self.preprocessor.plan(self.video.info)
+        except BaseException:
+            self.video.close()
+            raise
+        return self.video, indices, size
+
+    def __exit__(self, *exc) -> None:
+        self.video.close()

@@ -13,6 +13,8 @@ An ok image (decoded on the CPU, so it has a ``content_id``, see ``vitok.inputs.
    (``CopyRows``, ``ShardSink.add_copy``); ``copied_from`` is ``<this shard>/<first key>``.
 3. **encoded** otherwise (its first copy may be in a unit of this run that is not committed yet: one unit never
    waits for another, so a run over parts or a resumed run decides the same way for every image of a unit).
+   A video cut in time is always encoded (its content id is known only after its last piece; ``first`` makes it
+   the first copy of what follows in its unit).
 
 Rows are copied, not pointed to: every shard stays self-contained (a shard can be moved, verified, exported or read
 by h5py/numpy/webdataset alone) and every reader works unchanged; the cost is the duplicates' bytes on disk.
@@ -273,6 +275,12 @@ class Deduplicator:
             return True
         firsts[record.content_id] = record.key
         return False
+
+    def first(self, unit: int, record: ImageRecord) -> None:
+        """An input encoded without asking ``skips`` (a video cut in time: its content id is known only once its
+        pieces were encoded): later inputs of the unit with its pixels are its copies."""
+        if self.within_units and record.content_id is not None:
+            self._firsts.setdefault(unit, {}).setdefault(record.content_id, record.key)
 
     def deliver(self, events: list[EncodedBatch | UnitEnd]) -> None:
         """What the device stage finished, in its order, to the committer: batches to write, unit ends to commit."""

@@ -4,6 +4,11 @@ Launching a batch queues the encoder, pooling, the cast to the stored dtype and 
 waiting for the device; up to ``depth`` batches stay queued (two on a GPU, so host hiccups never leave it idle).
 Finishing the oldest waits for its copies. A batch that runs out of device memory is retried image by image after
 the queue drains; an image that does not fit alone is recorded as skipped.
+
+A video cut in time comes as pieces, each a batch of its own (``Item.part``): each piece is encoded as it comes and
+its tokens (before pooling) stay on the device; with the last piece they are joined and go through the same pooling,
+cast and copies as a video encoded whole, as one batch with the video's record. The pieces keep the encoder's step
+groups (``inputs.video_preprocess.steps_per_piece``), so the tokens are the whole video's bit for bit.
 """
 
 from __future__ import annotations
@@ -68,12 +73,16 @@ class DevicePipeline:
         self.store_dtype, self.token_order = store_dtype, token_order
         self.depth = depth if depth is not None else pipeline_depth(encoder.device)
         self._queue: list[_Launched | UnitEnd] = []  # launched batches and unit ends, in submission order
+        self._pieces: dict[tuple[int, str], list[dict[str, torch.Tensor]]] = {}  # (unit, key) -> a video's pieces
+        self._dropped: set[tuple[int, str]] = set()  # videos whose pieces ran out of memory: the rest is ignored
         self._launched = 0  # of which batches
         self.encode_seconds = self.device_wait_seconds = 0.0
         self.patches = 0  # queued so far (progress counts a batch when it is queued)
 
     def submit(self, batch: Batch) -> list[EncodedBatch | UnitEnd]:
         """Queue a batch; returns what finished to make room, in submission order (batches and unit ends)."""
+        if len(batch.items) == 1 and batch.items[0].part is not None:
+            return self._submit_piece(batch)
         failed: list[ImageRecord] = []
         if self.decode is not None:
             batch.items, failed = self.decode(batch.items)
@@ -95,6 +104,50 @@ class DevicePipeline:
         self._launched += 1
         self.patches += sum(item.image.num_patches for item in batch.items)
         return self._release(self.depth)
+
+    def _submit_piece(self, batch: Batch) -> list[EncodedBatch | UnitEnd]:
+        """Encode one piece of a video cut in time and keep its tokens; with the last, launch the joined video."""
+        item = batch.items[0]
+        key = (batch.unit, item.record.key)
+        if key in self._dropped:
+            if item.last:
+                self._dropped.discard(key)
+            return []
+        start = time.perf_counter()
+        try:
+            output = self.encoder.encode([item.image], self.features, self.token_order, chunk_rows=self.chunk_rows)
+            pieces = self._pieces.setdefault(key, [])
+            pieces.append(output.features)
+            self.patches += item.image.num_patches
+            if not item.last:
+                return []
+            del self._pieces[key]
+            joined = {f: torch.cat([piece[f] for piece in pieces], dim=-2) for f in self.features}
+            del pieces
+            video_grid = item.image.piece.video_grid
+            launched = self._to_store(batch, joined, {f: [int(joined[f].shape[-2])] for f in self.features},
+                                      [video_grid])
+        except torch.OutOfMemoryError:
+            self._pieces.pop(key, None)
+            if not item.last:
+                self._dropped.add(key)
+            if self.encoder.device.type == "cuda":
+                torch.cuda.empty_cache()
+            record = item.record
+            record.status = "skipped"
+            record.reason = (f"out of memory encoding a piece of {item.image.num_patches} patches of this video "
+                             "(lower --video-chunk-patches or --token-budget)")
+            return [*self.drain(), EncodedBatch(batch.unit, [], {}, {}, skipped=[record])]
+        finally:
+            self.encode_seconds += time.perf_counter() - start
+        self._queue.append(launched)
+        self._launched += 1
+        return self._release(self.depth)
+
+    def abandon(self, unit: int, key: str) -> None:
+        """A video cut in time whose decoding stopped after some pieces: its pieces' tokens are dropped."""
+        self._pieces.pop((unit, key), None)
+        self._dropped.discard((unit, key))
 
     def end(self, unit: int, info: UnitInfo) -> list[EncodedBatch | UnitEnd]:
         """The unit has no more batches: its ``UnitEnd`` comes out behind the last of them."""
@@ -141,10 +194,15 @@ class DevicePipeline:
         """Queue encoder, pooling, stored-dtype cast and device-to-host copies; nothing here waits for the device."""
         images = [item.image for item in batch.items]
         output = self.encoder.encode(images, self.features, self.token_order, chunk_rows=self.chunk_rows)
+        return self._to_store(batch, output.features, output.rows, [image.grid_thw for image in images])
+
+    def _to_store(self, batch: Batch, features: dict[str, torch.Tensor], feature_rows: dict[str, list[int]],
+                  grids: list) -> _Launched:
+        """Pooling, stored-dtype cast and device-to-host copies of a batch's tokens (``grids``: its inputs')."""
         launched = _Launched(batch, {}, {}, {}, {})
-        steps = [image.grid_thw[0] if self.pool_steps else 1 for image in images]  # pooled rows per input
+        steps = [grid[0] if self.pool_steps else 1 for grid in grids]  # pooled rows per input
         for feature in self.features:
-            packed, rows = output.features[feature], output.rows[feature]
+            packed, rows = features[feature], feature_rows[feature]
             if self.pool != "none":  # each input's rows are its steps' rows, step after step
                 per_step = [n // t for n, t in zip(rows, steps) for _ in range(t)]
                 packed, rows = pool_packed(packed, per_step, self.pool), list(steps)

@@ -11,6 +11,7 @@ saying why not.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ImageError, InputUnavailableError
-from ..inputs.identity import content_id, source_sha256
+from ..inputs.identity import ContentHash, content_id, source_sha256
 from ..inputs.preprocess import Preprocessor
 from ..inputs.readers import ReaderOptions, Sample, UnitReadError, get_reader
 from ..inputs.video_preprocess import PreparedVideo
@@ -38,10 +39,23 @@ logger = logging.getLogger(__name__)
 def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
     """Read and decode one sample; never raises (a bug or an exotic decoder failure costs one image, not the run).
     The record gets the file's sha256 and, once decoded here, the pixel content id (``inputs.identity``)."""
+    return next(_prepared(sample, preprocessor, preprocessor.load))
+
+
+def prepare_pieces(sample: Sample, preprocessor: Preprocessor) -> Iterator[Item]:
+    """``prepare`` for a preprocessor that cuts long inputs in time (``load_pieces``: videos): one whole item, or
+    the video's pieces in order (``Item.part``), the last one with the complete record and the content id hashed
+    over every piece; a video whose decoding stops after some pieces ends with its skipped record and no image."""
+    return _prepared(sample, preprocessor, preprocessor.load_pieces, pieces=True)
+
+
+def _prepared(sample: Sample, preprocessor, load, pieces: bool = False) -> Iterator[Item]:
     record = ImageRecord(sample.key, "ok", sample.source, member=sample.member, meta=sample.meta)
     if sample.skip is not None:
         record.status, record.reason = "skipped", sample.skip
-        return Item(record)
+        yield Item(record)
+        return
+    part = None
     try:
         if sample.data is None:
             source = preprocessor.read(sample.source)  # a video is hashed as it is read; its decoder opens the file
@@ -52,23 +66,44 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
             data = sample.data
             record.source_bytes = len(data)
             record.source_sha256 = source_sha256(data)
-        image = preprocessor.load(data)
+        if not pieces:
+            yield _finished(record, load(data), None)
+            return
+        digest = None
+        for image in load(data):
+            if image.piece is None:  # it fits: whole
+                yield _finished(record, image, None)
+                return
+            if digest is None:
+                digest = ContentHash(image.piece.video_grid, image.patches.shape[1:])
+            digest.update(image.patches)
+            part = 0 if part is None else part + 1
+            if image.piece.last:
+                yield Item(_finished(record, image, digest).record, image, part=part, last=True)
+                return
+            yield Item(dataclasses.replace(record), image, part=part, last=False)
     except InputUnavailableError as exc:
         record.status, record.reason = "failed", str(exc)
-        return Item(record)
     except ImageError as exc:
         record.status, record.reason = "skipped", str(exc)
-        return Item(record)
     except Exception as exc:
         record.status, record.reason = "skipped", f"internal error while decoding: {type(exc).__name__}: {exc}"
-        return Item(record)
-    record.grid, record.size = list(image.grid_thw), list(image.original_size)
+    yield Item(record, part=None if part is None else part + 1)
+
+
+def _finished(record: ImageRecord, image, digest: ContentHash | None) -> Item:
+    """The record of a decoded input (a video cut in time: its last piece, ``digest`` fed every piece)."""
+    video = isinstance(image, PreparedVideo)
+    record.grid = list(image.piece.video_grid if video and image.piece else image.grid_thw)
+    record.size = list(image.original_size)
     record.decoder, record.notes = image.decoder, (image.notes or None)
-    if isinstance(image, PreparedVideo):  # which frames were encoded, and when
+    if video:  # which frames were encoded, and when
         frames = image.frames
         record.video = VideoRecord(frames.frame_count, frames.fps, frames.duration, frames.indices, frames.timestamps,
                                    frames.step_times, frames.decoder)
-    if image.patches is not None:  # (a JPEG left for the GPU to decode has no pixels yet, and no content id)
+    if digest is not None:
+        record.content_id = digest.hexdigest()
+    elif image.patches is not None:  # (a JPEG left for the GPU to decode has no pixels yet, and no content id)
         record.content_id = content_id(image.patches, image.grid_thw)
     return Item(record, image)
 
@@ -76,28 +111,52 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
 def prepare_isolated(sample: Sample, preprocessor: Preprocessor) -> Item:
     """``prepare`` in a forked child process: an image whose decoder crashes or is killed (a segfault, the kernel's
     out-of-memory killer) costs that image, recorded with the signal, instead of the worker and with it the run."""
+    return next(_isolated(sample, preprocessor, prepare))
+
+
+def prepare_pieces_isolated(sample: Sample, preprocessor: Preprocessor) -> Iterator[Item]:
+    """``prepare_pieces`` in a forked child process, its items streamed back one by one (a long video's pieces are
+    never all held); a child that dies mid-video ends the video with its skipped record."""
+    return _isolated(sample, preprocessor, prepare_pieces)
+
+
+def _isolated(sample: Sample, preprocessor, decode) -> Iterator[Item]:
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: decode, send the item, leave without running the parent's exit handlers
+    if pid == 0:  # the child: decode, send the items, leave without running the parent's exit handlers
         code = 0
         try:
             os.close(read_end)
             with os.fdopen(write_end, "wb") as pipe:
-                pickle.dump(prepare(sample, preprocessor), pipe, protocol=pickle.HIGHEST_PROTOCOL)
+                items = decode(sample, preprocessor)
+                for item in [items] if isinstance(items, Item) else items:
+                    pickle.dump(item, pipe, protocol=pickle.HIGHEST_PROTOCOL)
+                    pipe.flush()
         except BaseException:
             code = 1
         os._exit(code)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and data:
-        return pickle.loads(data)
+    last: Item | None = None
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            while True:
+                try:
+                    item = pickle.load(pipe)
+                except (EOFError, pickle.UnpicklingError):  # the end, or a message cut short by the child's death
+                    break
+                if not item.last:
+                    yield item
+                last = item
+    finally:
+        _, status = os.waitpid(pid, 0)
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and last is not None and last.last:
+        yield last
+        return
     record = ImageRecord(sample.key, "skipped", sample.source, member=sample.member, meta=sample.meta)
     how = (f"was killed by signal {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)
            else f"exited with status {os.WEXITSTATUS(status)}")
     record.reason = f"decoding it crashed the decoding process (it {how}); the image is not decoded"
-    return Item(record)
+    yield Item(record, part=None if last is None or last.part is None else last.part + 1)
 
 
 @dataclass(frozen=True)
@@ -133,19 +192,41 @@ class UnitReading(torch.utils.data.IterableDataset):
     def _task(self, reader, task: Task) -> Iterator[Chunk]:
         unit = task.unit
         started = time.perf_counter()
-        decode = prepare_isolated if task.isolated else prepare
-        if task.stop is not None:  # a slice of a loose-file unit: exactly one chunk
-            items = [decode(s, self.preprocessor)
-                     for s in reader.samples(unit, task.start, task.stop)]
-            yield Chunk(unit.index, task.start // task.per_chunk, items, end=task.stop >= unit.count,
-                        busy=time.perf_counter() - started).pack()
+        if hasattr(self.preprocessor, "load_pieces"):  # long videos come in pieces, each its own chunk
+            decode = prepare_pieces_isolated if task.isolated else prepare_pieces
+        else:
+            whole = prepare_isolated if task.isolated else prepare
+            decode = lambda sample, preprocessor: [whole(sample, preprocessor)]  # noqa: E731
+        if task.stop is not None:  # a slice of a loose-file unit: its inputs in one chunk, or a video's pieces
+            items, pieced = [], False
+            for sample in reader.samples(unit, task.start, task.stop):
+                for item in decode(sample, self.preprocessor):
+                    if item.part is None:
+                        items.append(item)
+                        continue
+                    pieced = True  # (per_chunk is 1 where inputs come in pieces: the slice is this video)
+                    yield Chunk(unit.index, task.start // task.per_chunk, [item], end=item.last and task.stop >=
+                                unit.count, part=item.part, more=not item.last,
+                                busy=time.perf_counter() - started).pack()
+                    started = time.perf_counter()
+            if not pieced:
+                yield Chunk(unit.index, task.start // task.per_chunk, items, end=task.stop >= unit.count,
+                            busy=time.perf_counter() - started).pack()
             return
         seq, items, delivered = task.resume, [], task.resume * task.per_chunk
         try:
             for number, sample in enumerate(reader.samples(unit)):
                 if number < delivered:  # read again to reach the rest, not decoded again
                     continue
-                items.append(decode(sample, self.preprocessor))
+                for item in decode(sample, self.preprocessor):
+                    if item.part is not None:  # (per_chunk is 1 where inputs come in pieces: items is empty)
+                        yield Chunk(unit.index, seq, [item], part=item.part, more=not item.last,
+                                    busy=time.perf_counter() - started).pack()
+                        started = time.perf_counter()
+                        if item.last:
+                            seq += 1
+                        continue
+                    items.append(item)
                 if len(items) == task.per_chunk:
                     chunk = Chunk(unit.index, seq, items, busy=time.perf_counter() - started).pack()
                     yield chunk
@@ -158,11 +239,14 @@ class UnitReading(torch.utils.data.IterableDataset):
 
 
 def in_unit_order(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
-    expected: dict[int, int] = {}
-    waiting: dict[tuple[int, int], Chunk] = {}
+    """Each unit's chunks in their order (``seq``, then a video's pieces by ``part``), whatever order workers send
+    (anything with ``unit`` and ``seq``: the Ray engine's steps come in no pieces)."""
+    expected: dict[int, tuple[int, int]] = {}
+    waiting: dict[tuple[int, int, int], Chunk] = {}
     for chunk in chunks:
-        waiting[(chunk.unit, chunk.seq)] = chunk
-        while (chunk.unit, expected.get(chunk.unit, 0)) in waiting:
-            ready = waiting.pop((chunk.unit, expected.get(chunk.unit, 0)))
-            expected[chunk.unit] = ready.seq + 1
+        waiting[(chunk.unit, chunk.seq, getattr(chunk, "part", 0))] = chunk
+        while (chunk.unit, *expected.get(chunk.unit, (0, 0))) in waiting:
+            ready = waiting.pop((chunk.unit, *expected.get(chunk.unit, (0, 0))))
+            more = getattr(ready, "more", False)
+            expected[chunk.unit] = (ready.seq, ready.part + 1) if more else (ready.seq + 1, 0)
             yield ready

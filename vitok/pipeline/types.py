@@ -1,8 +1,10 @@
 """The data that moves between the run's stages, in a module without heavy imports (torch is imported only by the
 methods that handle tensors), so the writer side, the store and the CLI can name these types without torch.
 
-    Item          one input after the decode stage: its record, and its pixels when ok
-    Chunk         what a decode worker sends: consecutive items of one unit, their patches in one tensor
+    Item          one input after the decode stage: its record, and its pixels when ok (or one piece of a long
+                  video's: ``part``)
+    Chunk         what a decode worker sends: consecutive items of one unit, their patches in one tensor, or one
+                  piece of a video cut in time (``part``, ``more``)
     Batch         items of one unit encoded together (the batcher's output)
     EncodedBatch  a finished batch on the host: records in row order and packed arrays in the stored dtype
     UnitEnd       a unit has no more inputs; the device stage emits it after the unit's last batch
@@ -29,6 +31,11 @@ class Item:
 
     record: ImageRecord
     image: PreparedImage | None = None
+    # A piece of a video cut in time (``inputs.video_preprocess.VideoPiece``): its position among the video's pieces,
+    # which come in order; the last one's record is complete (ok, or skipped with no image: decoding stopped and the
+    # pieces before it are dropped). None: a whole input.
+    part: int | None = None
+    last: bool = True
 
 
 @dataclass
@@ -37,6 +44,8 @@ class Chunk:
     seq: int  # position of this chunk in its unit
     items: list[Item]
     end: bool = False  # the unit's last chunk
+    part: int = 0  # a piece of a video cut in time: which (its one item's ``part``); chunks of one seq come in order
+    more: bool = False  # more pieces of this seq follow
     unit_error: str | None = None  # why the rest of the unit could not be read
     unit_failed: bool = False  # ... because it was unavailable (retried later) rather than damaged
     rows: list[int] = field(default_factory=list)  # patch rows of each decoded image, in order

@@ -144,7 +144,8 @@ class WorkerChunks:
         self._kind, self._reader_options, self._preprocessor = kind, reader_options, preprocessor
         self._workers, self._pin_memory = workers, pin_memory
         self._tasks = tasks
-        self._delivered: set[tuple[int, int]] = set()  # (unit, seq) of chunks received
+        self._delivered: set[tuple[int, int]] = set()  # (unit, seq) of chunks received (a video's: all its pieces)
+        self._parts: dict[tuple[int, int], int] = {}  # (unit, seq) -> pieces received of a video cut in time
         self._ended: set[int] = set()  # units whose last chunk was received
         self._iterator = self._start(tasks)  # the workers start now, not at the first chunk asked for
         self._ordered = in_unit_order(self._received())
@@ -207,7 +208,16 @@ class WorkerChunks:
             finally:
                 self._awaited_since = None
             deaths = 0
-            self._delivered.add((chunk.unit, chunk.seq))
+            key = (chunk.unit, chunk.seq)
+            if chunk.more:  # a piece of a video: one decoded again after a worker's death restarts at its first
+                if chunk.part < self._parts.get(key, 0):
+                    continue  # delivered before the death (decoding is deterministic: the same patches)
+                self._parts[key] = chunk.part + 1
+                yield chunk
+                continue
+            # a video's end after its pieces (decoding it again may have stopped sooner, in a process of its own)
+            chunk.part = max(chunk.part, self._parts.pop(key, 0))
+            self._delivered.add(key)
             if chunk.end:
                 self._ended.add(chunk.unit)
             yield chunk

@@ -65,12 +65,14 @@ class Job:
     list_cwd: str | None = None  # the directory its relative lines are read against, recorded with it
     video: VideoConfig | None = None  # a store of videos: how they are sampled and preprocessed
 
-    def preprocessor(self):
-        """What turns this job's inputs into patches in the decode workers: images or videos (one store holds one)."""
+    def preprocessor(self, token_budget: int | None = None):
+        """What turns this job's inputs into patches in the decode workers: images or videos (one store holds one);
+        ``token_budget``: the encoder's, whose step groups a long video's pieces keep (``--video-chunk-patches``)."""
         if self.video is not None:
             from ..inputs.video_preprocess import VideoPreprocessor
 
-            return VideoPreprocessor(self.video)
+            chunk = max(self.options.video_chunk_patches, token_budget or 0)  # at least one encoder batch
+            return VideoPreprocessor(self.video, chunk, token_budget)
         from ..inputs.preprocess import Preprocessor
 
         return Preprocessor(self.preprocess)
@@ -141,7 +143,7 @@ def preprocess_for(source: ModelSource, options: ExtractOptions) -> PreprocessCo
 
 
 VIDEO_ONLY = ("pool_steps", "fps", "num_frames", "min_frames", "max_frames", "video_min_pixels", "video_max_pixels",
-              "cap_pixels_per_frame", "max_video_patches", "max_video_frames")
+              "cap_pixels_per_frame", "max_video_patches", "max_video_frames", "max_video_seconds")
 IMAGE_ONLY = ("min_pixels", "max_pixels", "image_size", "backend", "fast_decode", "allow_truncated")
 
 
@@ -156,7 +158,7 @@ def video_for(source: ModelSource, options: ExtractOptions) -> VideoConfig:
     return video.replace(pixels=pixels, fps=options.fps, num_frames=options.num_frames, min_frames=options.min_frames,
                          max_frames=options.max_frames, cap_pixels_per_frame=options.cap_pixels_per_frame or None,
                          decoder=options.video_decoder, max_video_patches=options.max_video_patches,
-                         max_video_frames=options.max_video_frames)
+                         max_video_frames=options.max_video_frames, max_video_seconds=options.max_video_seconds)
 
 
 def check_media(options: ExtractOptions, video: bool) -> None:

@@ -18,7 +18,13 @@ from ..encoder.config import ATTENTION_KERNELS, COMPUTE_DTYPES, TOKEN_ORDERS
 from ..errors import UsageError
 from ..inputs.preprocess_config import DECODERS, RESIZE_BACKENDS
 from ..inputs.sources import INPUT_FORMATS
-from ..inputs.video_config import MAX_VIDEO_FRAMES, MAX_VIDEO_PATCHES, VIDEO_DECODERS
+from ..inputs.video_config import (
+    MAX_VIDEO_FRAMES,
+    MAX_VIDEO_PATCHES,
+    MAX_VIDEO_SECONDS,
+    VIDEO_CHUNK_PATCHES,
+    VIDEO_DECODERS,
+)
 from ..pipeline.batcher import BUDGET_CPU, BUDGET_CUDA
 from ..pipeline.pool import POOLS
 from ..storage.dtypes import STORE_DTYPES
@@ -135,10 +141,19 @@ class ExtractOptions:
     video_decoder: str = option("torchcodec", "Video decoder: torchcodec (what transformers' video processors use; "
                                 "needs FFmpeg's libraries) or pyav (bundles FFmpeg; ignores rotation metadata, as "
                                 "transformers' PyAV reader).", "Video", choices=VIDEO_DECODERS)
-    max_video_patches: int | None = option(None, f"Refuse videos whose sampled frames give more patches. [default: "
+    max_video_patches: int | None = option(None, "Refuse videos whose sampled frames give more patches (a video's "
+                                           "tokens are held until its record is written). [default: "
                                            f"{MAX_VIDEO_PATCHES}]", "Video", minimum=1)
-    max_video_frames: int | None = option(None, f"Refuse video files that claim more frames. [default: "
-                                          f"{MAX_VIDEO_FRAMES}]", "Video", minimum=1)
+    max_video_frames: int | None = option(None, "Refuse video files whose metadata claims more frames (a "
+                                          f"decompression bomb in time). [default: {MAX_VIDEO_FRAMES}]", "Video",
+                                          minimum=1)
+    max_video_seconds: float | None = option(None, "Refuse video files whose metadata claims a longer duration, in "
+                                             f"seconds. [default: {MAX_VIDEO_SECONDS:g}]", "Video", metavar="SECONDS")
+    video_chunk_patches: int = option(VIDEO_CHUNK_PATCHES, "A video whose sampled frames give more patches is decoded, "
+                                      "resized and encoded a piece of whole temporal steps at a time, about this many "
+                                      "patches each (at least one encoder batch, --token-budget), so memory holds a "
+                                      "piece's frames and patches, not the video's; its tokens are those of the video "
+                                      "encoded whole, bit for bit.", "Video", minimum=1, metavar="PATCHES")
     # ---- Speed
     token_budget: int | None = option(None, f"Patches per encoder batch. [default: {BUDGET_CPU} on CPU, "
                                       f"{BUDGET_CUDA} on CUDA]", "Speed", minimum=1)
@@ -167,7 +182,7 @@ class ExtractOptions:
         "store_dtype", "format", "shard_size", "compression", "token_order", "min_pixels", "max_pixels",
         "image_size", "backend", "fast_decode", "decode", "allow_truncated", "max_image_pixels", "pool_steps", "fps",
         "num_frames", "min_frames", "max_frames", "video_min_pixels", "video_max_pixels", "cap_pixels_per_frame",
-        "video_decoder", "max_video_patches", "max_video_frames")
+        "video_decoder", "max_video_patches", "max_video_frames", "max_video_seconds")
 
     def __post_init__(self) -> None:
         for name in ("features", "meta_fields"):

@@ -252,9 +252,9 @@ class Run:
                     meter.batch_done()
             dedupe.deliver(events)
 
-        def submit(unit: int, items) -> None:
+        def submit(unit: int, items, images: int | None = None) -> None:
             self.counts.batches_encoded += 1
-            self.counts.images_encoded += len(items)
+            self.counts.images_encoded += len(items) if images is None else images
             meter.mark("first_batch_ready")
             events = meter.events()
             start = time.perf_counter()
@@ -265,7 +265,7 @@ class Run:
         seen = skipped = shards = 0
         started = time.perf_counter()
         chunks = load_units(units, self.plan.kind, self.job.reader_options,
-                            self.job.preprocessor(), workers, pin_memory=encoder.device.type == "cuda")
+                            self.job.preprocessor(budget), workers, pin_memory=encoder.device.type == "cuda")
         meter.phase("workers_ready", time.perf_counter() - started)
         if encoder.needs_warm_up(workers):  # while the workers decode the first images
             started = time.perf_counter()
@@ -274,6 +274,19 @@ class Run:
         try:
             for chunk in self._timed(chunks):
                 for item in chunk.unpack():
+                    if item.part is not None:  # a piece of a video cut in time: encoded alone, as it comes
+                        for closed in batcher.flush(chunk.unit):  # (what came before it, first)
+                            submit(chunk.unit, closed)
+                        seen += item.last
+                        if item.image is None:  # its decoding stopped: the pieces before are dropped
+                            pipeline.abandon(chunk.unit, item.record.key)
+                            skipped += 1
+                            committer.record(chunk.unit, item.record)
+                        else:
+                            if item.last:  # its content id is known now: later copies in the unit are copies
+                                dedupe.first(chunk.unit, item.record)
+                            submit(chunk.unit, [item], images=int(item.last))
+                        continue
                     seen += 1
                     if item.image is None:
                         skipped += 1
