@@ -70,7 +70,9 @@ class VideoConfig:
     decoder: Literal["torchcodec", "pyav"] = "torchcodec"  # the backend of transformers' load_video to match
     max_video_patches: int = MAX_VIDEO_PATCHES  # refuse videos whose sampled frames give more patches
     max_video_frames: int = MAX_VIDEO_FRAMES  # refuse files claiming more frames (a decompression bomb in time)
-    max_video_seconds: float = MAX_VIDEO_SECONDS  # refuse files claiming to last longer (the same bomb, in seconds)
+    # refuse files claiming to last longer (the same bomb, in seconds); None: MAX_VIDEO_SECONDS, and left out of the
+    # header, as in the stores made before this limit (so that they resume)
+    max_video_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -83,6 +85,8 @@ class VideoConfig:
             raise UsageError(f"--fps must be positive, got {self.fps}")
         if self.num_frames is not None and self.num_frames < 1:
             raise UsageError(f"--num-frames must be at least 1, got {self.num_frames}")
+        if self.max_video_seconds is not None and self.max_video_seconds <= 0:
+            raise UsageError(f"--max-video-seconds must be positive, got {self.max_video_seconds}")
         if self.min_frames > self.max_frames:
             raise UsageError(f"--min-frames {self.min_frames} is larger than --max-frames {self.max_frames}")
         if self.pixels.mode != "qwen":
@@ -92,6 +96,8 @@ class VideoConfig:
         """The settings that decide a video's tokens besides ``pixels`` (stored in the header as ``video``)."""
         data = dataclasses.asdict(self)
         data.pop("pixels")
+        if data["max_video_seconds"] is None:
+            data.pop("max_video_seconds")
         return data
 
     @classmethod

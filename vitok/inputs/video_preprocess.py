@@ -38,7 +38,7 @@ import torch
 from ..errors import ImageError
 from .decode import SourceFile, read_source_streamed
 from .preprocess import PreparedImage, resize_like_torchvision, smart_resize
-from .video_config import VideoConfig
+from .video_config import MAX_VIDEO_SECONDS, VideoConfig
 from .video_decode import VideoInfo, open_video
 
 FRAMES_PER_READ = 8  # frames decoded per call to the decoder (the memory of a few decoded frames, not a clip's)
@@ -252,9 +252,10 @@ class VideoPreprocessor:
         if info.frame_count > config.max_video_frames:
             raise ImageError(f"refused: the file claims {info.frame_count} frames, more than --max-video-frames "
                              f"{config.max_video_frames} (a decompression bomb in time?; raise the limit to allow)")
-        if info.duration is not None and info.duration > config.max_video_seconds:
+        seconds = config.max_video_seconds or MAX_VIDEO_SECONDS
+        if info.duration is not None and info.duration > seconds:
             raise ImageError(f"refused: the file claims {info.duration:.0f} seconds, more than --max-video-seconds "
-                             f"{config.max_video_seconds:g} (a decompression bomb in time?; raise the limit to allow)")
+                             f"{seconds:g} (a decompression bomb in time?; raise the limit to allow)")
         if info.width <= 0 or info.height <= 0:
             raise ImageError(f"video frames have no pixels ({info.width}x{info.height})")
         if info.width * info.height > pixels.max_image_pixels:
@@ -303,7 +304,9 @@ class VideoPreprocessor:
                 if last:
                     whole = self._prepared(None, video.info, indices, size)
                     piece.notes, piece.frames = whole.notes, whole.frames
+                del patches  # held by the piece only: once it is sent, nothing here keeps it
                 yield piece
+                del piece
 
     def _opened(self, source: str | bytes):
         """The open video, its sampled indices and target size (refused from its metadata before any decoding)."""

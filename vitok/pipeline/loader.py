@@ -81,7 +81,10 @@ def _prepared(sample: Sample, preprocessor, load, pieces: bool = False) -> Itera
             if image.piece.last:
                 yield Item(_finished(record, image, digest).record, image, part=part, last=True)
                 return
-            yield Item(dataclasses.replace(record), image, part=part, last=False)
+            item = Item(dataclasses.replace(record), image, part=part, last=False)
+            del image  # the item holds the piece: once it is sent, nothing here keeps its patches
+            yield item
+            del item
     except InputUnavailableError as exc:
         record.status, record.reason = "failed", str(exc)
     except ImageError as exc:

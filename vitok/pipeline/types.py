@@ -58,7 +58,7 @@ class Chunk:
         if present:
             import torch
 
-            self.patches = torch.cat(present)
+            self.patches = torch.cat(present) if len(present) > 1 else present[0]  # (a video's piece: no copy)
             self.rows = [len(p) for p in present]
             for image in images:
                 image.patches = None  # sent once, inside ``patches``
