@@ -259,7 +259,8 @@ class Run:
             events = meter.events()
             start = time.perf_counter()
             finished = pipeline.submit(Batch(unit, items))
-            meter.batch_launched(len(items), time.perf_counter() - start, *meter.close_events(events))
+            meter.batch_launched(len(items) if images is None else images, time.perf_counter() - start,
+                                 *meter.close_events(events))
             deliver(finished)
 
         seen = skipped = shards = 0
