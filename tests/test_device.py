@@ -137,3 +137,45 @@ def test_committer_commits_a_unit_on_its_end_with_every_batch(tmp_path):
     (sidecar,) = committed
     rows = {r.key: r.row for r in sidecar.records}  # a batch is encoded sorted by grid: y (1 patch) before x (2)
     assert rows == {"y": 0, "x": 1, "z": 2}
+
+
+def pieces(key: str, steps: list[int], values: list[int], per_step: int = 2) -> list[Item]:
+    """A video cut in time: one item per piece (``steps`` temporal steps each), the last one with the record."""
+    from vitok.inputs.video_preprocess import PreparedVideo, VideoPiece
+
+    grid, items, first = (sum(steps), 1, per_step), [], 0
+    for part, (count, value) in enumerate(zip(steps, values)):
+        last = part == len(steps) - 1
+        image = PreparedVideo(torch.full((count * per_step, 1, 1, 1), value, dtype=torch.uint8), (count, 1, per_step),
+                              (1, 1), piece=VideoPiece(first, grid, last))
+        record = ImageRecord(key, "ok", key)
+        record.grid, record.content_id = list(grid), f"{key}-pixels" if last else None
+        items.append(Item(record, image, part=part, last=last))
+        first += count
+    return items
+
+
+def test_a_videos_pieces_come_out_as_one_batch_and_a_piece_out_of_memory_skips_the_video_once():
+    class OOMOnValue(FakeEncoder):  # a piece whose patches hold 9 runs out of memory
+        def encode(self, images, features, token_order, chunk_rows=None):
+            if int(images[0].patches.flatten()[0]) == 9:
+                raise torch.OutOfMemoryError("simulated")
+            return super().encode(images, features, token_order, chunk_rows)
+
+    pipeline = DevicePipeline(OOMOnValue(), ("patch",), "none", "float32", depth=2)
+    events = []
+    for piece in pieces("v", [2, 2, 1], [1, 2, 3]):
+        events += pipeline.submit(Batch(0, [piece]))
+    for piece in pieces("oom", [2, 2, 1], [4, 9, 5]):  # its second piece: out of memory
+        events += pipeline.submit(Batch(0, [piece]))
+    for piece in pieces("gone", [2, 2], [6, 7])[:1]:  # its decoding stopped after one piece
+        events += pipeline.submit(Batch(0, [piece]))
+    pipeline.abandon(0, "gone")
+    events += pipeline.end(0, UnitInfo()) + pipeline.drain()
+    batches = [e for e in events if isinstance(e, EncodedBatch)]
+    assert [r.key for b in batches for r in b.records] == ["v"] and batches[0].rows == {"patch": [10]}
+    np.testing.assert_array_equal(rows_by_key(batches[:1])["v"][:, 0], [1] * 4 + [2] * 4 + [3] * 2)
+    skipped = [r for b in batches for r in b.skipped]
+    assert [r.key for r in skipped] == ["oom"] and skipped[0].content_id == "oom-pixels"  # the complete record
+    assert "out of memory encoding a piece of 4 patches" in skipped[0].reason
+    assert isinstance(events[-1], UnitEnd) and not pipeline._pieces

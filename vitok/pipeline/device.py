@@ -74,7 +74,8 @@ class DevicePipeline:
         self.depth = depth if depth is not None else pipeline_depth(encoder.device)
         self._queue: list[_Launched | UnitEnd] = []  # launched batches and unit ends, in submission order
         self._pieces: dict[tuple[int, str], list[dict[str, torch.Tensor]]] = {}  # (unit, key) -> a video's pieces
-        self._dropped: set[tuple[int, str]] = set()  # videos whose pieces ran out of memory: the rest is ignored
+        self._dropped: dict[tuple[int, str], str] = {}  # a video whose piece ran out of memory -> why: the rest is
+        # ignored, and its last piece's record (the complete one) is recorded skipped
         self._launched = 0  # of which batches
         self.encode_seconds = self.device_wait_seconds = 0.0
         self.patches = 0  # queued so far (progress counts a batch when it is queued)
@@ -110,9 +111,10 @@ class DevicePipeline:
         item = batch.items[0]
         key = (batch.unit, item.record.key)
         if key in self._dropped:
-            if item.last:
-                self._dropped.discard(key)
-            return []
+            if not item.last:
+                return []
+            item.record.status, item.record.reason = "skipped", self._dropped.pop(key)
+            return [EncodedBatch(batch.unit, [], {}, {}, skipped=[item.record])]
         start = time.perf_counter()
         try:
             output = self.encoder.encode([item.image], self.features, self.token_order, chunk_rows=self.chunk_rows)
@@ -129,15 +131,15 @@ class DevicePipeline:
                                       [video_grid])
         except torch.OutOfMemoryError:
             self._pieces.pop(key, None)
-            if not item.last:
-                self._dropped.add(key)
             if self.encoder.device.type == "cuda":
                 torch.cuda.empty_cache()
-            record = item.record
-            record.status = "skipped"
-            record.reason = (f"out of memory encoding a piece of {item.image.num_patches} patches of this video "
-                             "(lower --video-chunk-patches or --token-budget)")
-            return [*self.drain(), EncodedBatch(batch.unit, [], {}, {}, skipped=[record])]
+            reason = (f"out of memory encoding a piece of {item.image.num_patches} patches of this video (lower "
+                      "--video-chunk-patches or --token-budget)")
+            if not item.last:  # recorded with the video's last piece, whose record is complete
+                self._dropped[key] = reason
+                return self.drain()
+            item.record.status, item.record.reason = "skipped", reason
+            return [*self.drain(), EncodedBatch(batch.unit, [], {}, {}, skipped=[item.record])]
         finally:
             self.encode_seconds += time.perf_counter() - start
         self._queue.append(launched)
@@ -147,7 +149,7 @@ class DevicePipeline:
     def abandon(self, unit: int, key: str) -> None:
         """A video cut in time whose decoding stopped after some pieces: its pieces' tokens are dropped."""
         self._pieces.pop((unit, key), None)
-        self._dropped.discard((unit, key))
+        self._dropped.pop((unit, key), None)
 
     def end(self, unit: int, info: UnitInfo) -> list[EncodedBatch | UnitEnd]:
         """The unit has no more batches: its ``UnitEnd`` comes out behind the last of them."""
