@@ -275,3 +275,108 @@ def test_faiss_script_finds_each_image_as_its_own_neighbour(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "faiss_index.py"), str(tmp_path / "index")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "100.0%" in result.stdout, result.stdout + result.stderr
+
+
+# ---- videos: training from cached video features, equal to the model on the processor's pixels -----------------
+
+QWEN3_VIDEO = {"size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16, "temporal_patch_size": 2,
+               "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+QWEN3_IMAGE = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3,
+               "image_std": [0.5] * 3, "size": {"shortest_edge": 4096, "longest_edge": 96 * 96}}
+
+
+def char_tokenizer():
+    """A tokenizer of one token per character, with the Qwen vision special tokens at the tiny model's ids."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vitok.bench.train import VIDEO
+
+    special = {IMAGE: "<|image_pad|>", VIDEO: "<|video_pad|>", START: "<|vision_start|>", END: "<|vision_end|>"}
+    free = (i for i in range(128) if i not in special)
+    vocab = {chr(c): next(free) for c in range(32, 127)}
+    vocab["[PAD]"] = next(free)
+    vocab.update({text: i for i, text in special.items()})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.add_special_tokens([AddedToken(text, special=True) for text in special.values()])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]")
+
+
+@pytest.fixture(scope="module")
+def cached_videos(tmp_path_factory):
+    """A tiny full Qwen3-VL checkpoint, two clips (6 and 5 frames sampled: an odd count is padded) and a store of
+    them made with its own tower, and a store of two images."""
+    from helpers import video_clip
+
+    from vitok.inputs.video_decode import unavailable
+
+    for decoder in ("pyav", "torchcodec"):  # PyAV encodes the clips, torchcodec decodes them (as the processor)
+        if unavailable(decoder):
+            pytest.skip(f"{decoder} unusable here: {unavailable(decoder)}")
+
+    root = tmp_path_factory.mktemp("videos")
+    model = tiny_qwen3_vl()
+    model.save_pretrained(root / "model")
+    (root / "model" / "video_preprocessor_config.json").write_text(json.dumps(QWEN3_VIDEO))
+    (root / "model" / "preprocessor_config.json").write_text(json.dumps(QWEN3_IMAGE))
+    (root / "vids").mkdir()
+    video_clip(root / "vids" / "a.mp4", frames=24, size=(96, 64), fps=8)  # 2 fps: 6 frames, grid (3, 4, 6)
+    video_clip(root / "vids" / "b.mp4", frames=20, size=(64, 64), fps=8, seed=1)  # 5 frames: grid (3, 4, 4)
+    for i, size in enumerate([(64, 64), (96, 64)]):
+        photo(root / "imgs" / f"{i}.png", size=size, seed=i)
+    common = dict(model=str(root / "model"), features=["merged", "deepstack"], store_dtype="float32", workers=0)
+    assert vitok.extract([str(root / "vids")], root / "video-store", **common).ok == 2
+    assert vitok.extract([str(root / "imgs")], root / "image-store", **common).ok == 2
+    return model, root
+
+
+@pytest.mark.slow  # about 15 s on 2 cores: two extractions, the processor, two passes of the model
+def test_language_model_on_cached_video_features_equals_the_model_on_the_processors_pixels(cached_videos):
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from vitok.integrations.transformers import CachedVideosCollator
+
+    model, root = cached_videos
+    tokenizer = char_tokenizer()
+    processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**QWEN3_IMAGE), tokenizer=tokenizer,
+                                 video_processor=Qwen3VLVideoProcessor(**QWEN3_VIDEO))
+    video = "<|vision_start|><|video_pad|><|vision_end|>"  # as the chat template writes a video
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    texts = [f"Q: {video} what?", f"{image} and {video}<|video_pad|> then"]  # a bare placeholder too
+    samples = [{"input_ids": tokenizer.encode(text, add_special_tokens=False), "videos": videos, "images": images}
+               for text, videos, images in ((texts[0], ["a.mp4"], []), (texts[1], ["b.mp4", "a.mp4"], ["1.png"]))]
+    for sample in samples:
+        sample["labels"] = list(sample["input_ids"])
+    collate = CachedVideosCollator(vitok.open(root / "video-store"), model.config, tokenizer=tokenizer,
+                                   pad_token_id=tokenizer.pad_token_id, images=vitok.open(root / "image-store"))
+    batch = collate(samples)
+    reference_inputs = processor(text=texts, images=[Image.open(root / "imgs" / "1.png").convert("RGB")],
+                                 videos=[str(root / "vids" / name) for name in ("a.mp4", "b.mp4", "a.mp4")],
+                                 padding=True, return_tensors="pt", cap_pixels_per_frame=False)
+    # the collator's expansion is the processor's: timestamps as text, a vision start/end pair per temporal step
+    for name in ("input_ids", "attention_mask", "mm_token_type_ids", "video_grid_thw", "image_grid_thw"):
+        assert torch.equal(batch[name], reference_inputs[name]), name
+    assert batch["video_grid_thw"].tolist() == [[3, 4, 6], [3, 4, 4], [3, 4, 6]]
+
+    model.zero_grad()
+    reference = model(**{k: v for k, v in reference_inputs.items() if k != "video_metadata"}, labels=batch["labels"])
+    reference.loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if "language_model" in n}
+
+    def no_tower(*args, **kwargs):
+        raise AssertionError("the vision tower ran")
+
+    model.zero_grad()
+    model.model.visual.forward = no_tower
+    try:
+        cached_out = model(**batch)
+        cached_out.loss.backward()
+    finally:
+        del model.model.visual.forward
+    assert rel_error(cached_out.logits, reference.logits) <= 1e-5
+    assert abs(cached_out.loss.item() - reference.loss.item()) <= 1e-5 * abs(reference.loss.item())
+    for name, grad in expected.items():
+        assert rel_error(dict(model.named_parameters())[name].grad, grad) <= 1e-4, name
