@@ -36,15 +36,20 @@ TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids, as transformers' processors w
 TIMESTAMP_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # Qwen3VLProcessor: times as text
 
 
+def _holds(store, kind: str) -> None:
+    """KeyError unless ``store`` is a store of ``kind`` (image or video): one store holds one kind."""
+    videos = store.header.settings.video is not None
+    if videos != (kind == "video"):
+        other = "video" if videos else "image"
+        raise KeyError(f"this store holds {other}s; {kind}s come from a store of {kind}s (one store holds one kind)")
+
+
 def _features(store, keys: Sequence[str], kind: str, device=None, dtype=None):
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
     if "merged" not in store.features or store.header.settings.pool != "none":
         raise KeyError("the store must hold every merged token (--features merged, no --pool)")
-    videos = store.header.settings.video is not None
-    if videos != (kind == "video"):
-        other = "video" if videos else "image"
-        raise KeyError(f"this store holds {other}s; {kind}s come from a store of {kind}s (one store holds one kind)")
+    _holds(store, kind)
 
     def tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
@@ -121,9 +126,10 @@ class CachedFeaturesCollator:
         self._timestamp_ids: dict[str, list[int]] = {}
         wants_deepstack = bool(_tapped(getattr(vision, "deepstack_visual_indexes", None), getattr(vision, "depth",
                                                                                                  None)))
-        for store in self.stores.values():
+        for kind, store in self.stores.items():
             if store is None:
                 continue
+            _holds(store, kind)
             if wants_deepstack and "deepstack" not in store.features:
                 raise KeyError("this model adds DeepStack features: extract them too (--features merged,deepstack)")
             check_store_fits(store, vision)
