@@ -211,10 +211,9 @@ class CachedFeaturesCollator:
 
     def _second_per_grid_ts(self, key: str) -> float:
         """Qwen2.5-VL: temporal_patch_size / the sampled frame rate (transformers' VideoMetadata.sampled_fps)."""
-        video = self.stores["video"].info(key)["video"]
-        fps, total, indices = video.get("fps"), video.get("frame_count"), video.get("indices")
-        sampled = len(indices) / total * fps if fps and total and indices is not None else (fps or 24)
-        return self.temporal_patch / sampled
+        from ..consumers.serving import second_per_grid_ts
+
+        return second_per_grid_ts(self.stores["video"].info(key)["video"], self.temporal_patch)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         expanded = [self._expand(s["input_ids"], s.get("labels"), {"image": s.get("images", []),
