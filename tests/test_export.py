@@ -645,6 +645,7 @@ def video_store(tmp_path_factory):
     return root / "out"
 
 
+@pytest.mark.slow  # about 11 s on 2 cores: decoding and encoding two clips, two exports
 def test_video_stores_export_video_items_to_vllm_ec_and_sglang(video_store, tmp_path):
     from safetensors.torch import load_file
 
