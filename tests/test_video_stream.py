@@ -52,6 +52,7 @@ def test_pieces_are_the_whole_videos_patches_cut_at_its_steps(tmp_path, decoder)
     assert len(fits) == 1 and fits[0].piece is None  # a video that fits is sent whole, as before
 
 
+@pytest.mark.slow
 @needs_av
 @needs_torchcodec
 @pytest.mark.parametrize("family, filename, settings, sampling, pooled", FAMILIES, ids=[f[0] for f in FAMILIES])
