@@ -221,3 +221,25 @@ def test_a_decode_worker_killed_mid_video_sends_no_piece_twice_and_a_video_that_
     for key in ("a.mp4", "c.mp4"):
         assert store[key].tobytes() == clean[key].tobytes() and store.info(key)["video"] == clean.info(key)["video"]
     assert not vitok.verify(tmp_path / "out").problems
+
+
+@pytest.mark.slow
+@needs_av
+@needs_torchcodec
+def test_a_store_made_when_the_patch_limit_was_lower_resumes_with_its_own_limit(tmp_path):
+    import vitok
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(2):
+        video_clip(folder / f"{i}.mp4", frames=8, size=(64, 48), seed=i)
+    out = tmp_path / "out"
+    vitok.extract([str(folder)], out, model="qwen3-vl-tiny", workers=0, shard_size=1, max_video_patches=1 << 18)
+    header = json.loads((out / "vitok.json").read_text())
+    del header["options"]["max_video_patches"]  # as vitok wrote it when 262144 was the default: not recorded
+    (out / "vitok.json").write_text(json.dumps(header))
+    for data in (out / "shards").glob("shard-000001.*"):  # its second shard is not done yet
+        data.unlink()
+    summary = vitok.extract([str(folder)], out, model="qwen3-vl-tiny", workers=0)  # the resume
+    assert summary.ok == 1 and summary.already_done == 1
+    assert vitok.open(out).header.settings.video["max_video_patches"] == 1 << 18

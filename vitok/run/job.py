@@ -38,7 +38,7 @@ from ..storage.roots import StoreRoot, store_root
 from ..storage.shards import check_shard, committed, in_parallel, list_shards, read_sidecar
 from .options import ExtractOptions
 from .parallel import Part, detect_part
-from .settings_schema import check_settings, feature_layouts, options_from_settings
+from .settings_schema import check_settings, feature_layouts, options_from_settings, video_limits_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,8 @@ def prepare(sources: list[str], out: Path | StoreRoot, options: ExtractOptions, 
     out = store_root(out, "-o", options.storage_options)
     header = check_out_folder(out, options.overwrite)
     if header is not None and not options.overwrite:  # a resume: options not given are the store's
-        options = options.from_store(header.options or options_from_settings(header.settings))
+        options = options.from_store({**video_limits_from_settings(header.settings),
+                                      **(header.options or options_from_settings(header.settings))})
     plan = None if options.overwrite else load_plan(out)
     if plan is not None and header is None:  # planned (vitok plan), not extracted yet: options not given are the plan's
         options = options.from_store(plan.recorded_options())

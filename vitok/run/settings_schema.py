@@ -119,3 +119,11 @@ def options_from_settings(stored: Settings) -> dict[str, Any]:
         if settings.get("input", {}).get(option_name) is not None:
             options[option_name] = settings["input"][option_name]
     return options
+
+
+def video_limits_from_settings(stored: Settings) -> dict[str, Any]:
+    """The limits a store of videos was made with, from its settings: a store made when a limit's default was
+    another (``--max-video-patches`` was 262144 before long videos were cut in time) resumes with its own."""
+    video = stored.video or {}
+    return {name: video[name] for name in ("max_video_patches", "max_video_frames", "max_video_seconds")
+            if video.get(name) is not None}
