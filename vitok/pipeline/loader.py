@@ -145,7 +145,7 @@ def _isolated(sample: Sample, preprocessor, decode) -> Iterator[Item]:
             while True:
                 try:
                     item = pickle.load(pipe)
-                except (EOFError, pickle.UnpicklingError):  # the end, or a message cut short by the child's death
+                except Exception:  # the end (EOFError), or a message cut short by the child's death
                     break
                 if not item.last:
                     yield item
