@@ -133,9 +133,8 @@ def verify(
                          "records)")
     if embeds:
         from ..consumers.serving import verify_embeds
-        from ..storage.location import local_store_path
 
-        result = verify_embeds(local_store_path(out, "OUT"))
+        result = verify_embeds(out, storage_options=storage_option)
         if json_output:
             typer.echo(json.dumps({"checked": result.checked, "layout": result.layout, "problems": result.problems,
                                    "clean": result.clean}))
@@ -216,9 +215,11 @@ def _export_command(store: str, dest: str, **values: Any) -> None:
 
 _export_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
     inspect.Parameter("store", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
-        str, typer.Argument(help="A store written by vitok extract.")]),
+        str, typer.Argument(help="A store written by vitok extract (a folder, or s3://BUCKET/PREFIX).")]),
     inspect.Parameter("dest", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
-        str, typer.Argument(help="Output folder: new, empty, or an earlier export of this store (replaced whole).")]),
+        str, typer.Argument(help="Output folder, or s3://BUCKET/PREFIX: new, empty, or an earlier export of this store "
+                                 "(replaced whole; in a bucket, finished when its .vitok-export.json appears, "
+                                 "written last).")]),
     *option_parameters(ExportOptions),
 ])
 _export_command.__annotations__ = {}

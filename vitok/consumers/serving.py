@@ -198,7 +198,8 @@ class VllmEcLayout(_ServingLayout):
 
     name = "vllm-ec"
 
-    def write(self, store, folder: Path) -> tuple[int, dict[str, str]]:
+    def write(self, store, folder: Path, done=None) -> tuple[int, dict[str, str]]:
+        """Write the entries and ``uuids.jsonl`` into ``folder``, calling ``done(path)`` on each finished file."""
         from safetensors.torch import save_file
 
         left_out: dict[str, str] = {}
@@ -220,12 +221,16 @@ class VllmEcLayout(_ServingLayout):
                     written[name.lower()] = name
                     (folder / name).mkdir()
                     save_file({TENSOR_NAME: embeds}, str(folder / name / ENTRY_FILE))
+                    if done is not None:
+                        done(folder / name / ENTRY_FILE)
                 line = {"key": key_text(key), "uuid": name, "image_grid_thw": grid.tolist(),
                         "tokens": int(embeds.shape[0])}
                 if line["key"] != key:  # (the text form is exact too; the bytes save a reader the unescaping)
                     line["key_bytes_hex"] = key_bytes(key).hex()
                 uuids.write(json.dumps(line, ensure_ascii=True) + "\n")
                 count += 1
+        if done is not None:
+            done(folder / UUIDS_FILE)
         return count, left_out
 
 
@@ -248,14 +253,15 @@ class SglangLayout(_ServingLayout):
                           ("dtype", pa.string()), ("shape", pa.list_(pa.int64())),
                           ("image_grid_thw", pa.list_(pa.list_(pa.int64())))])
 
-    def write(self, store, folder: Path) -> tuple[int, dict[str, str]]:
+    def write(self, store, folder: Path, done=None) -> tuple[int, dict[str, str]]:
+        """Write the parquet files into ``folder``, calling ``done(path)`` on each once it is closed."""
         import pyarrow as pa
 
         from ..inputs.readers.parquet import pyarrow_parquet
 
         pq = pyarrow_parquet()
         left_out: dict[str, str] = {}
-        count, writer, rows = 0, None, []
+        count, writer, rows, path = 0, None, [], folder
 
         def flush() -> None:
             if rows:
@@ -272,7 +278,11 @@ class SglangLayout(_ServingLayout):
                     flush()
                     if writer is not None:
                         writer.close()
-                    writer = pq.ParquetWriter(folder / f"embeds-{count // ROWS_PER_FILE:05d}.parquet", self.schema())
+                        writer = None
+                        if done is not None:
+                            done(path)
+                    path = folder / f"embeds-{count // ROWS_PER_FILE:05d}.parquet"
+                    writer = pq.ParquetWriter(path, self.schema())
                 rows.append({"key": key_text(key), "key_bytes": key_bytes(key), "feature": pack_bf16(embeds),
                              "dtype": "bfloat16", "shape": list(embeds.shape), "image_grid_thw": grid.tolist()})
                 count += 1
@@ -282,6 +292,8 @@ class SglangLayout(_ServingLayout):
         finally:
             if writer is not None:
                 writer.close()
+        if writer is not None and done is not None:
+            done(path)
         return count, left_out
 
 
@@ -315,54 +327,59 @@ class EmbedsReport:
         return not self.problems
 
 
-def _vllm_ec_entries(folder: Path) -> Iterator[tuple[str, Any, Any, str | None]]:
+def _vllm_ec_entries(root) -> Iterator[tuple[str, Any, Any, str | None]]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    path = folder / UUIDS_FILE
-    if not path.exists():
-        raise StoreError(f"{folder} has no {UUIDS_FILE}: not a vllm-ec export")
-    with open(path, encoding="ascii") as lines:
-        for number, line in enumerate(lines, 1):
-            try:
-                entry = json.loads(line)
-                key, name, grid = entry["key"], entry["uuid"], entry["image_grid_thw"]
-                if "key_bytes_hex" in entry:  # the exact key, where its text form differs
-                    key = bytes.fromhex(entry["key_bytes_hex"]).decode("utf-8", "surrogateescape")
-            except (ValueError, KeyError, TypeError):
-                yield f"{UUIDS_FILE} line {number}", None, None, "not a JSON line with key, uuid and image_grid_thw"
-                continue
-            file = folder / name / ENTRY_FILE
-            if "/" in name or name in (".", ".."):
-                yield key, None, grid, f"entry name {name!r} is not a plain folder name"
-                continue
-            try:
-                tensors = load_file(str(file))  # as the connector loads it
-            except FileNotFoundError:
-                yield key, None, grid, f"{name}/{ENTRY_FILE} is missing"
-                continue
-            except (SafetensorError, OSError, ValueError) as exc:
-                yield key, None, grid, f"{name}/{ENTRY_FILE} cannot be read ({exc})"
-                continue
-            if set(tensors) != {TENSOR_NAME}:
-                yield key, None, grid, f"{name}/{ENTRY_FILE} holds {sorted(tensors)}, not exactly [{TENSOR_NAME!r}]"
-                continue
-            yield key, tensors[TENSOR_NAME], grid, None
+    try:
+        text = root.read(UUIDS_FILE).decode("ascii")
+    except FileNotFoundError:
+        raise StoreError(f"{root} has no {UUIDS_FILE}: not a vllm-ec export") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            entry = json.loads(line)
+            key, name, grid = entry["key"], entry["uuid"], entry["image_grid_thw"]
+            if "key_bytes_hex" in entry:  # the exact key, where its text form differs
+                key = bytes.fromhex(entry["key_bytes_hex"]).decode("utf-8", "surrogateescape")
+        except (ValueError, KeyError, TypeError):
+            yield f"{UUIDS_FILE} line {number}", None, None, "not a JSON line with key, uuid and image_grid_thw"
+            continue
+        if "/" in name or name in (".", ".."):
+            yield key, None, grid, f"entry name {name!r} is not a plain folder name"
+            continue
+        try:
+            tensors = load(root.read(f"{name}/{ENTRY_FILE}"))  # the file's bytes, parsed as the connector parses them
+        except FileNotFoundError:
+            yield key, None, grid, f"{name}/{ENTRY_FILE} is missing"
+            continue
+        except (SafetensorError, OSError, ValueError) as exc:
+            yield key, None, grid, f"{name}/{ENTRY_FILE} cannot be read ({exc})"
+            continue
+        if set(tensors) != {TENSOR_NAME}:
+            yield key, None, grid, f"{name}/{ENTRY_FILE} holds {sorted(tensors)}, not exactly [{TENSOR_NAME!r}]"
+            continue
+        yield key, tensors[TENSOR_NAME], grid, None
 
 
-def read_sglang(folder: Path) -> Iterator[dict[str, Any]]:
-    """The rows of an sglang export, in order (the reader shipped beside the writer)."""
+def read_sglang(folder, storage_options=None) -> Iterator[dict[str, Any]]:
+    """The rows of an sglang export (a folder, ``s3://BUCKET/PREFIX`` or a store root), in order (the reader
+    shipped beside the writer)."""
     from ..inputs.readers.parquet import pyarrow_parquet
+    from ..storage.roots import store_root
 
     pq = pyarrow_parquet()
-    for path in sorted(Path(folder).glob("embeds-*.parquet")):
-        parquet = pq.ParquetFile(path)
-        for group in range(parquet.num_row_groups):
-            yield from parquet.read_row_group(group).to_pylist()
+    root = store_root(folder, "DEST", storage_options)
+    for entry in root.list(""):
+        if entry.folder or not re.fullmatch(r"embeds-.*\.parquet", entry.name):
+            continue
+        with root.open(entry.name) as handle:
+            parquet = pq.ParquetFile(handle)
+            for group in range(parquet.num_row_groups):
+                yield from parquet.read_row_group(group).to_pylist()
 
 
-def _sglang_entries(folder: Path) -> Iterator[tuple[str, Any, Any, str | None]]:
-    for row in read_sglang(folder):
+def _sglang_entries(root) -> Iterator[tuple[str, Any, Any, str | None]]:
+    for row in read_sglang(root):
         key = (row.get("key_bytes") or b"").decode("utf-8", "surrogateescape") or row.get("key") or "?"
         shape, data, dtype = row.get("shape") or [], row.get("feature") or b"", row.get("dtype")
         if dtype != "bfloat16":
@@ -378,17 +395,19 @@ def _sglang_entries(folder: Path) -> Iterator[tuple[str, Any, Any, str | None]]:
         yield key, unpack_bf16(data, shape), row.get("image_grid_thw"), None
 
 
-def verify_embeds(path: str | Path) -> EmbedsReport:
+def verify_embeds(path, storage_options=None) -> EmbedsReport:
     """Check every embedding of a vllm-ec or sglang export (or, given a store, every image as it would be exported)
     against the model family's contract: token count vs grid and merge size, width, dtype, finiteness, dense and
-    contiguous. Nothing is modified."""
+    contiguous. ``path``: a folder, ``s3://BUCKET/PREFIX`` (``storage_options`` for its client) or a store root.
+    Nothing is modified."""
     from ..storage import META_FILE
+    from ..storage.roots import store_root
     from .export_target import read_marker
 
-    folder = Path(path)
+    folder = store_root(path, "OUT", storage_options)
     marker = read_marker(folder)
     if marker is None:
-        if not (folder / META_FILE).exists():
+        if not folder.exists(META_FILE):
             raise UsageError(f"{path} is neither a vitok export (no .vitok-export.json) nor a store")
         from ..storage.store import open_store
 
