@@ -194,7 +194,8 @@ def verify(
 
 def _export_command(store: str, dest: str, **values: Any) -> None:
     """Write a store's tokens where retrieval tools and inference servers read them. DEST is written aside and
-    swapped in whole; damaged or unfinished stores are refused; images with NaN/Inf tokens are left out and counted.
+    swapped in whole (in a bucket: each file put whole, the marker .vitok-export.json last); damaged or unfinished
+    stores are refused; images with NaN/Inf tokens are left out and counted.
 
     Examples:
 
@@ -203,6 +204,8 @@ def _export_command(store: str, dest: str, **values: Any) -> None:
         vitok export out/ /shared/ec-cache --layout vllm-ec
 
         vitok export out/ embeds/ --layout sglang
+
+        vitok export s3://bucket/feats s3://bucket/ec-cache --layout vllm-ec
     """
     _setup_logging()
     from ..consumers.export import export as run_export
