@@ -373,28 +373,35 @@ def test_a_fault_mid_export_leaves_no_marker_and_the_rerun_finishes_it(s3, every
     cli("export", str(every_token_store), str(local), "--layout", "vllm-ec", check=True)
     dest = f"s3://{BUCKET}/ec"
     args = ["export", store, dest, "--layout", "vllm-ec"]
-    cli(*args, check=True)
+    cli(*args, "--key", "content", check=True)  # an earlier export of this store, its entries named otherwise
+    earlier = set(_objects(s3, "ec"))
     s3.proxy.inject("PUT", r"/ec/.*encoder_cache\.safetensors", "reset")  # dropped once: retried, unseen
     s3.proxy.inject("PUT", r"/ec/uuids\.jsonl", "503", times=100)  # the last file: throttled past every retry
     result = cli(*args, "--storage-option", "max_attempts=2")
     assert result.returncode == 75, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("vitok: error: ") and "SlowDown" in last and "rerun" in last
-    left = s3.keys("ec/")
-    assert "ec/" + MARKER not in left and "ec/" + PENDING in left  # unfinished, and marked so
+    left = {k.removeprefix("ec/") for k in s3.keys("ec/")}
+    assert MARKER not in left and PENDING in left  # unfinished, and marked so
+    assert left - {PENDING} == (earlier - {MARKER}) | (set(_files(local)) - {MARKER, "uuids.jsonl"})
     assert json.loads(s3.direct.get_object(Bucket=BUCKET, Key="ec/" + PENDING)["Body"].read())["run"] is None
     refused = cli("verify", dest, "--embeds")
     assert refused.returncode == 2 and "neither a vitok export" in refused.stderr  # no reader takes it as done
+    entry = next(name for name in sorted(_files(local)) if name.endswith(".safetensors"))
+    damaged = bytearray(s3.direct.get_object(Bucket=BUCKET, Key=f"ec/{entry}")["Body"].read())
+    damaged[-1] ^= 0xFF  # same size, other bytes: must not be taken for the file
+    s3.direct.put_object(Bucket=BUCKET, Key=f"ec/{entry}", Body=bytes(damaged))
     s3.proxy.clear()
     cli(*args, check=True)  # the ownerless record is taken over at once
     theirs, their_marker = _without_marker(_objects(s3, "ec"))
     mine, mine_marker = _without_marker(_files(local))
-    assert theirs == mine
+    assert theirs == mine  # the earlier export's entries deleted, the damaged one put again
     assert {k: v for k, v in their_marker.items() if k != "store"} == {k: v for k, v in mine_marker.items()
                                                                          if k != "store"}
-    puts = [s.path.split("?")[0] for s in s3.requests("PUT", "/ec/") if s.status == 200]
-    assert puts[-1] == f"/{BUCKET}/ec/{MARKER}"  # the marker last, after every file
-    assert {p.split("/ec/", 1)[1] for p in puts[:-1]} >= set(mine) | {PENDING}
+    puts = [s.path.split("?")[0].split("/ec/", 1)[1] for s in s3.requests("PUT", "/ec/") if s.status == 200
+            and "/.vitok-probe/" not in s.path]  # (the bucket's check that conditional writes are honoured)
+    assert puts[-1] == MARKER  # the marker last, after every file
+    assert set(puts[:-1]) == {PENDING, entry, "uuids.jsonl"}  # what was up and equal is not sent again
     assert s3.requests("DELETE", "/ec/" + PENDING)[-1].status == 204  # then the record goes
 
 

@@ -30,16 +30,18 @@ the marker is what makes the export finished:
    ``If-Match`` between files at least every minute, younger than ``STALE_AFTER`` by the store's clock); a record
    left by a process that is gone is taken over by a compare-and-swap that one taker wins.
 2. Each file is written in a local staging folder (``StoreRoot.staging``) and uploaded as soon as the layout closes
-   it, then removed: local space holds the files being written, not the export.
-3. Before the first upload, the earlier export's marker is deleted: from then on DEST is unfinished.
+   it, then removed: local space holds the files being written, not the export. A file whose object is there already
+   with its size and its MD5 as ETag (a rerun of a stopped export; the same tokens exported again) is not uploaded
+   again; any other ETag (multipart, KMS) never matches, so that file is.
+3. Before DEST's first change, the earlier export's marker is deleted: from then on DEST is unfinished.
 4. At the end: the record is checked to still be ours (``If-Match``), objects under DEST this export did not write
    (an earlier export's files) are deleted, the marker is created, the record deleted.
 
 A reader mid-export finds no marker (a pending record instead): files appear whole one by one, an earlier export's
 files stay until step 4. A failed export (an error, SIGTERM/SIGINT) into a new DEST deletes what it wrote; one that
 replaced an earlier export leaves DEST unfinished with its record marked ownerless, and the next export to DEST takes
-it over at once and redoes it; one killed outright is taken over once its process is judged gone (as above). A
-failure before any upload leaves an earlier export as it was.
+it over at once and finishes it (step 2 skips what is up already); one killed outright is taken over once its
+process is judged gone (as above). A failure before any change leaves an earlier export as it was.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ OWNER = ".vitok-export-owner.json"  # in the temporary folder only: which proces
 PENDING = ".vitok-export-pending.json"  # in an object-store DEST while an export writes it
 HEARTBEAT = 60.0  # seconds between rewrites of PENDING (between files)
 _TEMP_TAG = ".vitok-export-"
+_TRANSIENT = (".vitok-probe", f"{_TEMP_TAG}clock-")  # objects a root or a takeover writes and deletes at once
 
 
 def store_identity(header: RunHeader) -> str:
@@ -320,10 +323,12 @@ class RootTarget(ExportTarget):
         self.written: set[str] = set()  # names put by this export
         self.identity = RunIdentity.current()
         super().__init__(root.where, store_id, store_root)
-        entries = [entry.name for entry in root.list("")]
+        entries = [entry.name for entry in root.list("") if not entry.name.startswith(_TRANSIENT)]
         self.state = "new" if not entries else "finished" if MARKER in entries else "unfinished"
         self._check_existing(entries, lambda: read_marker(root), self._pending)
         self._beat = 0.0
+        self._there: dict[str, Any] | None = None  # what DEST held when the first file went up: name -> Entry
+        self._unfinished = False  # the earlier export's marker deleted
 
     def _pending(self) -> dict | None:
         try:
@@ -409,9 +414,13 @@ class RootTarget(ExportTarget):
         assert self.folder is not None, "begin() first"
         path = Path(path)
         name = path.relative_to(self.folder).as_posix()
-        if not self.written and self.state == "finished":  # from now on the earlier export is not whole
-            self.root.delete(MARKER)
-        self.root.put(name, path)
+        if self._there is None:
+            self._there = {entry.name: entry for entry in self.root.walk("")}
+        if _same_object(self._there.get(name), path):  # (a rerun, an export of the same tokens again)
+            path.unlink()
+        else:
+            self._unfinish()
+            self.root.put(name, path)
         self.written.add(name)
         parent = path.parent
         while parent != self.folder:  # (a vllm-ec entry's folder)
@@ -423,6 +432,12 @@ class RootTarget(ExportTarget):
         if time.monotonic() - self._beat > HEARTBEAT:
             self._renew()
 
+    def _unfinish(self) -> None:
+        """Before DEST's first change: an earlier export's marker goes (from now on that export is not whole)."""
+        if self.state == "finished" and not self._unfinished:
+            self.root.delete(MARKER)
+        self._unfinished = True
+
     def commit(self, marker: ExportMarker) -> None:
         """Upload what the layout did not hand over, delete what an earlier export left that this one did not write,
         then create the marker and delete PENDING."""
@@ -430,6 +445,7 @@ class RootTarget(ExportTarget):
         for path in sorted(p for p in self.folder.rglob("*") if p.is_file()):
             self.done(path)
         self._renew()
+        self._unfinish()
         for entry in self.root.walk(""):
             if entry.name not in self.written and entry.name not in (PENDING, MARKER):
                 self.root.delete(entry.name)
@@ -455,11 +471,26 @@ class RootTarget(ExportTarget):
             if self.state == "new":
                 for name in sorted(self.written):
                     self.root.delete(name)
-            if self.state == "new" or (self.state == "finished" and not self.written):
+            if self.state == "new" or (self.state == "finished" and not self._unfinished):
                 self.root.delete(PENDING, self.version)
             else:
                 self.root.swap(PENDING, self._record(owned=False), self.version)
         self.version = None
+
+def _same_object(entry, path: Path) -> bool:
+    """Whether an object already holds exactly this local file: same size, and an ETag that is the file's MD5 (a
+    single-part upload without KMS encryption; any other ETag never matches, so the file is uploaded again)."""
+    if entry is None or entry.size != path.stat().st_size:
+        return False
+    etag = entry.version.strip('"')
+    if len(etag) != 32 or "-" in etag:
+        return False
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest() == etag
+
 
 def _umask() -> int:
     mask = os.umask(0o022)
