@@ -450,3 +450,25 @@ def test_an_unrelated_prefix_or_one_being_written_is_refused_and_a_killed_export
     _upload_store(s3, every_token_store, "feats")
     result = cli("export", other.replace("other-store", "feats"), f"s3://{BUCKET}/feats/inside", *given)
     assert result.returncode == 2 and "inside the store" in result.stderr
+
+
+def test_an_export_whose_record_another_took_over_stops_without_a_marker(s3, tmp_path):
+    from vitok.consumers.export_target import ExportMarker, open_target
+    from vitok.errors import StoreError
+    from vitok.storage.roots import LocalRoot
+
+    store = LocalRoot(tmp_path / "store")  # (only its location matters here: DEST must not overlap it)
+    target = open_target(f"s3://{BUCKET}/ec", "blake2b:1", store)
+    folder = target.begin()
+    (folder / "a.bin").write_bytes(b"first")
+    target.done(folder / "a.bin")
+    # another export takes DEST over (as one on another host does once this one's heartbeat looks stale)
+    s3.direct.put_object(Bucket=BUCKET, Key="ec/" + PENDING, Body=b'{"store_id": "blake2b:1", "run": null}')
+    (folder / "b.bin").write_bytes(b"second")  # not handed over: commit puts it, then finds the record not its own
+    marker = ExportMarker("vllm-ec", str(store), "blake2b:1", "f", 2, "0", "now")
+    with pytest.raises(StoreError, match="another export took it over"):
+        target.commit(marker)
+    target.abort()
+    assert "ec/" + MARKER not in s3.keys() and "ec/b.bin" in s3.keys()  # never marked finished by this one
+    assert json.loads(s3.direct.get_object(Bucket=BUCKET, Key="ec/" + PENDING)["Body"].read()) == {
+        "store_id": "blake2b:1", "run": None}  # the taker's record is left alone
