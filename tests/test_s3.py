@@ -452,23 +452,26 @@ def test_an_unrelated_prefix_or_one_being_written_is_refused_and_a_killed_export
     assert result.returncode == 2 and "inside the store" in result.stderr
 
 
-def test_an_export_whose_record_another_took_over_stops_without_a_marker(s3, tmp_path):
-    from vitok.consumers.export_target import ExportMarker, open_target
+def test_an_export_beats_its_record_and_stops_without_a_marker_once_another_took_it_over(s3, tmp_path, monkeypatch):
+    from vitok.consumers import export_target
     from vitok.errors import StoreError
     from vitok.storage.roots import LocalRoot
 
+    monkeypatch.setattr(export_target, "HEARTBEAT", 0.2)
     store = LocalRoot(tmp_path / "store")  # (only its location matters here: DEST must not overlap it)
-    target = open_target(f"s3://{BUCKET}/ec", "blake2b:1", store)
+    target = export_target.open_target(f"s3://{BUCKET}/ec", "blake2b:1", store)
     folder = target.begin()
     (folder / "a.bin").write_bytes(b"first")
     target.done(folder / "a.bin")
+    beats = lambda status: [s for s in s3.requests("PUT", "/ec/" + PENDING) if s.status == status]  # noqa: E731
+    assert wait_for(lambda: len(beats(200)) >= 3, timeout=30)  # created, then rewritten while nothing is uploaded
     # another export takes DEST over (as one on another host does once this one's heartbeat looks stale)
     s3.direct.put_object(Bucket=BUCKET, Key="ec/" + PENDING, Body=b'{"store_id": "blake2b:1", "run": null}')
-    (folder / "b.bin").write_bytes(b"second")  # not handed over: commit puts it, then finds the record not its own
-    marker = ExportMarker("vllm-ec", str(store), "blake2b:1", "f", 2, "0", "now")
+    assert wait_for(lambda: beats(412) and target._lost is not None, timeout=30)  # the next beat finds it not its own
+    (folder / "b.bin").write_bytes(b"second")
     with pytest.raises(StoreError, match="another export took it over"):
-        target.commit(marker)
+        target.done(folder / "b.bin")
     target.abort()
-    assert "ec/" + MARKER not in s3.keys() and "ec/b.bin" in s3.keys()  # never marked finished by this one
+    assert s3.keys("ec/") == ["ec/" + PENDING, "ec/a.bin"]  # never marked finished by this one, b.bin never sent
     assert json.loads(s3.direct.get_object(Bucket=BUCKET, Key="ec/" + PENDING)["Body"].read()) == {
         "store_id": "blake2b:1", "run": None}  # the taker's record is left alone

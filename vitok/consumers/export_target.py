@@ -27,7 +27,7 @@ the marker is what makes the export finished:
 1. ``DEST/.vitok-export-pending.json`` (``PENDING``: the store's identity and the exporting process's record) is
    created exclusively (``If-None-Match: *``): one export writes DEST at a time. Another export into DEST is refused
    while the record's process runs (on this host: its pid; elsewhere: a heartbeat, the record rewritten with
-   ``If-Match`` between files at least every minute, younger than ``STALE_AFTER`` by the store's clock); a record
+   ``If-Match`` every minute by a thread of the export, younger than ``STALE_AFTER`` by the store's clock); a record
    left by a process that is gone is taken over by a compare-and-swap that one taker wins.
 2. Each file is written in a local staging folder (``StoreRoot.staging``) and uploaded as soon as the layout closes
    it, then removed: local space holds the files being written, not the export. A file whose object is there already
@@ -56,7 +56,7 @@ import logging
 import os
 import shutil
 import tempfile
-import time
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,7 +75,7 @@ MARKER = ".vitok-export.json"
 MARKER_SCHEMA = 1
 OWNER = ".vitok-export-owner.json"  # in the temporary folder only: which process writes it
 PENDING = ".vitok-export-pending.json"  # in an object-store DEST while an export writes it
-HEARTBEAT = 60.0  # seconds between rewrites of PENDING (between files)
+HEARTBEAT = 60.0  # seconds between rewrites of PENDING (a thread of the export, during uploads too)
 _TEMP_TAG = ".vitok-export-"
 _TRANSIENT = (".vitok-probe", f"{_TEMP_TAG}clock-")  # objects a root or a takeover writes and deletes at once
 
@@ -326,7 +326,11 @@ class RootTarget(ExportTarget):
         entries = [entry.name for entry in root.list("") if not entry.name.startswith(_TRANSIENT)]
         self.state = "new" if not entries else "finished" if MARKER in entries else "unfinished"
         self._check_existing(entries, lambda: read_marker(root), self._pending)
-        self._beat = 0.0
+        self._started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        self._lock = threading.Lock()  # (the heartbeat thread and the export both rewrite PENDING)
+        self._stop = threading.Event()
+        self._beats: threading.Thread | None = None
+        self._lost: StoreError | None = None  # set by the heartbeat thread when another export took DEST over
         self._there: dict[str, Any] | None = None  # what DEST held when the first file went up: name -> Entry
         self._unfinished = False  # the earlier export's marker deleted
 
@@ -339,7 +343,7 @@ class RootTarget(ExportTarget):
 
     def _record(self, owned: bool = True) -> bytes:
         record = {"vitok_export_pending": 1, "store_id": self.store_id, "store": self.store,
-                  "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                  "started": self._started,
                   "run": json.loads(self.identity.to_json()) if owned else None}
         return (json.dumps(record) + "\n").encode()
 
@@ -349,7 +353,8 @@ class RootTarget(ExportTarget):
         record = self._record()
         version = self.root.create(PENDING, record)
         self.version = version if version is not None else self._take_over(record)
-        self._beat = time.monotonic()
+        self._beats = threading.Thread(target=self._beat, name="vitok-export-heartbeat", daemon=True)
+        self._beats.start()
         try:
             self.folder = self.root.staging(f"{_TEMP_TAG.lstrip('.')}{self.identity.token}")
         except OSError as exc:
@@ -401,17 +406,41 @@ class RootTarget(ExportTarget):
 
     def _renew(self) -> None:
         """Rewrite PENDING if it still holds our version: the heartbeat, and the check that no one took DEST over."""
-        version = self.root.swap(PENDING, self._record(), self.version)
-        if version is None:
-            self.version = None
-            raise StoreError(f"DEST {self.shown}: another export took it over while this one wrote it; this one "
-                             "stopped, nothing marked finished (that export finishes it)")
-        self.version = version
-        self._beat = time.monotonic()
+        with self._lock:
+            if self._lost is None and self.version is not None:
+                version = self.root.swap(PENDING, self._record(), self.version)
+                if version is None:
+                    self.version = None
+                    self._lost = StoreError(f"DEST {self.shown}: another export took it over while this one wrote "
+                                            "it; this one stopped, nothing marked finished (that export finishes it)")
+                else:
+                    self.version = version
+            if self._lost is not None:
+                raise self._lost
+
+    def _beat(self) -> None:
+        """The heartbeat thread: PENDING rewritten every ``HEARTBEAT`` seconds until the export ends (a store that
+        fails now is retried at the next beat; a record taken over stops it)."""
+        while not self._stop.wait(HEARTBEAT):
+            try:
+                self._renew()
+            except StoreError:
+                if self._lost is not None:
+                    return
+            except Exception:  # noqa: BLE001 (the export's own requests report the store's faults)
+                pass
+
+    def _stop_beating(self) -> None:
+        self._stop.set()
+        if self._beats is not None:
+            self._beats.join()
+            self._beats = None
 
     def done(self, path: Path) -> None:
         """Upload a finished file at its name under DEST (whole, or not visible) and remove the local copy."""
         assert self.folder is not None, "begin() first"
+        if self._lost is not None:  # (found by the heartbeat thread)
+            raise self._lost
         path = Path(path)
         name = path.relative_to(self.folder).as_posix()
         if self._there is None:
@@ -429,8 +458,8 @@ class RootTarget(ExportTarget):
             except OSError:
                 break
             parent = parent.parent
-        if time.monotonic() - self._beat > HEARTBEAT:
-            self._renew()
+        if self._lost is not None:
+            raise self._lost
 
     def _unfinish(self) -> None:
         """Before DEST's first change: an earlier export's marker goes (from now on that export is not whole)."""
@@ -444,6 +473,7 @@ class RootTarget(ExportTarget):
         assert self.folder is not None and self.version is not None, "begin() first"
         for path in sorted(p for p in self.folder.rglob("*") if p.is_file()):
             self.done(path)
+        self._stop_beating()
         self._renew()
         self._unfinish()
         for entry in self.root.walk(""):
@@ -462,6 +492,7 @@ class RootTarget(ExportTarget):
         """Into a new DEST: delete what this export put there. Before any upload: DEST as it was. Else: DEST left
         unfinished, PENDING ownerless, so the next export takes it over at once. (Errors of the store here are
         dropped: the one that stopped the export is the one reported.)"""
+        self._stop_beating()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
