@@ -366,14 +366,15 @@ def test_every_layout_exported_into_a_bucket_equals_the_same_export_into_a_folde
     assert cache.entries == VllmCache.from_export(tmp_path / "vllm-ec").entries
 
 
-@pytest.mark.slow  # four exports, three of a store in the bucket, and botocore's backoff (~11 s on 2 cores)
+@pytest.mark.slow  # four exports, two of a store in the bucket, and botocore's backoff (~8 s on 2 cores)
 def test_a_fault_mid_export_leaves_no_marker_and_the_rerun_finishes_it(s3, every_token_store, tmp_path):
     store = _upload_store(s3, every_token_store, "feats")  # a remote store, exported into the same bucket
     local = tmp_path / "ec"
     cli("export", str(every_token_store), str(local), "--layout", "vllm-ec", check=True)
     dest = f"s3://{BUCKET}/ec"
     args = ["export", store, dest, "--layout", "vllm-ec"]
-    cli(*args, "--key", "content", check=True)  # an earlier export of this store, its entries named otherwise
+    cli("export", str(every_token_store), dest, "--layout", "vllm-ec", "--key", "content", check=True)  # an earlier
+    # export of this store (the same store, local: its identity is its header's), its entries named otherwise
     earlier = set(_objects(s3, "ec"))
     s3.proxy.inject("PUT", r"/ec/.*encoder_cache\.safetensors", "reset")  # dropped once: retried, unseen
     s3.proxy.inject("PUT", r"/ec/uuids\.jsonl", "503", times=100)  # the last file: throttled past every retry
@@ -405,6 +406,7 @@ def test_a_fault_mid_export_leaves_no_marker_and_the_rerun_finishes_it(s3, every
     assert s3.requests("DELETE", "/ec/" + PENDING)[-1].status == 204  # then the record goes
 
 
+@pytest.mark.slow  # five exports (~4.5 s on 2 cores)
 def test_an_unrelated_prefix_or_one_being_written_is_refused_and_a_killed_export_is_taken_over(
         s3, every_token_store, tmp_path, monkeypatch):
     import subprocess
