@@ -366,13 +366,18 @@ def test_every_layout_exported_into_a_bucket_equals_the_same_export_into_a_folde
     assert cache.entries == VllmCache.from_export(tmp_path / "vllm-ec").entries
 
 
-@pytest.mark.slow  # four exports, two of a store in the bucket, and botocore's backoff (~8 s on 2 cores)
+@pytest.mark.slow  # five exports, two of a store in the bucket, and botocore's backoff (~9 s on 2 cores)
 def test_a_fault_mid_export_leaves_no_marker_and_the_rerun_finishes_it(s3, every_token_store, tmp_path):
     store = _upload_store(s3, every_token_store, "feats")  # a remote store, exported into the same bucket
     local = tmp_path / "ec"
     cli("export", str(every_token_store), str(local), "--layout", "vllm-ec", check=True)
     dest = f"s3://{BUCKET}/ec"
     args = ["export", store, dest, "--layout", "vllm-ec"]
+    s3.proxy.inject("PUT", r"/fresh/uuids\.jsonl", "503", times=100)
+    failed = cli("export", str(every_token_store), f"s3://{BUCKET}/fresh", "--layout", "vllm-ec", "--storage-option",
+                 "max_attempts=2")
+    assert failed.returncode == 75 and not s3.keys("fresh/")  # into an empty prefix: what it had put is deleted
+    s3.proxy.clear()
     cli("export", str(every_token_store), dest, "--layout", "vllm-ec", "--key", "content", check=True)  # an earlier
     # export of this store (the same store, local: its identity is its header's), its entries named otherwise
     earlier = set(_objects(s3, "ec"))
