@@ -489,7 +489,7 @@ class RootTarget(ExportTarget):
         self.folder = None
 
     def abort(self) -> None:
-        """Into a new DEST: delete what this export put there. Before any upload: DEST as it was. Else: DEST left
+        """Into a new DEST: delete what this export put there. Before any change: DEST as it was. Else: DEST left
         unfinished, PENDING ownerless, so the next export takes it over at once. (Errors of the store here are
         dropped: the one that stopped the export is the one reported.)"""
         self._stop_beating()
@@ -507,6 +507,7 @@ class RootTarget(ExportTarget):
             else:
                 self.root.swap(PENDING, self._record(owned=False), self.version)
         self.version = None
+
 
 def _same_object(entry, path: Path) -> bool:
     """Whether an object already holds exactly this local file: same size, and an ETag that is the file's MD5 (a
