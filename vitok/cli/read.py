@@ -100,8 +100,9 @@ def verify(
     out: Annotated[str, typer.Argument(help="A store written by vitok extract (a folder, or s3://BUCKET/PREFIX).")],
     quick: Annotated[bool, typer.Option(help="Check sizes, keys and rows only, not the checksums.")] = False,
     embeds: Annotated[bool, typer.Option(
-        "--embeds", help="Check served embeddings instead: OUT is a vllm-ec or sglang export (or a store, checked as "
-                         "it would be exported): tokens vs grid and merge size, width, dtype, finite, contiguous."
+        "--embeds", help="Check served embeddings instead: OUT is a vllm-ec or sglang export, a folder or "
+                         "s3://BUCKET/PREFIX (or a store, checked as it would be exported): tokens vs grid and merge "
+                         "size, width, dtype, finite, contiguous."
     )] = False,
     sources: Annotated[bool, typer.Option(help="Also compare every record with its input as it is now: stale "
                                           "records (the input changed since it was extracted) fail the check."
