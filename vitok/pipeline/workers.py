@@ -126,6 +126,7 @@ def load_units(units: Sequence[UnitRef], kind: str, reader_options: ReaderOption
 WORKER_DEATHS = 3  # worker deaths in a row, without a chunk delivered in between, that end the run
 PREFETCH = 2  # tasks' chunks a worker may have made ahead of the one awaited (DataLoader's prefetch_factor)
 STALL_SECONDS = 300.0  # a worker silent this long while its chunk is awaited is taken as dead (stopped, hung)
+DEATH_WAIT = 2.0  # seconds an error met while receiving waits for a worker's death to be seen
 
 
 class WorkerChunks:
@@ -265,8 +266,16 @@ class WorkerChunks:
             self.close()
             raise
 
-    def _a_worker_died(self) -> bool:
-        return any(worker.exitcode not in (None, 0) for worker in getattr(self._iterator, "_workers", ()))
+    def _a_worker_died(self, wait: float = DEATH_WAIT) -> bool:
+        """Whether a worker died; an error met in the moment of a death (a chunk whose shared memory the dead worker
+        was to hand over: ConnectionResetError) may come before its exit is seen, so it is waited for a moment."""
+        deadline = time.monotonic() + wait
+        while True:
+            if any(worker.exitcode not in (None, 0) for worker in getattr(self._iterator, "_workers", ())):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     def _shutdown(self) -> None:
         shutdown = getattr(self._iterator, "_shutdown_workers", None)
