@@ -243,3 +243,30 @@ def test_a_store_made_when_the_patch_limit_was_lower_resumes_with_its_own_limit(
     summary = vitok.extract([str(folder)], out, model="qwen3-vl-tiny", workers=0)  # the resume
     assert summary.ok == 1 and summary.already_done == 1
     assert vitok.open(out).header.settings.video["max_video_patches"] == 1 << 18
+
+
+@needs_av
+@needs_torchcodec
+def test_videos_of_a_tar_cut_in_time_give_the_tokens_of_the_loose_videos_whole(tmp_path):
+    from test_archives import write_tar
+
+    import vitok
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    samples = []
+    for index, frames in enumerate([24, 6, 20]):  # each cut in 10 pieces (6 frames: 20 sampled, frames repeated)
+        key = f"{index:09d}"
+        video_clip(loose / f"{key}.mp4", frames=frames, size=(64, 48), seed=index)
+        samples.append((key, {"mp4": (loose / f"{key}.mp4").read_bytes(), "json": b'{"status": "success"}'}))
+    write_tar(tmp_path / "00000.tar", samples)
+    common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", num_frames=20, token_budget=16)
+    summary = vitok.extract([str(tmp_path / "00000.tar")], tmp_path / "tar", input_format="video",
+                            video_chunk_patches=16, **common)
+    vitok.extract([str(loose)], tmp_path / "files", video_chunk_patches=10**6, **common)
+    tar, files = vitok.open(tmp_path / "tar"), vitok.open(tmp_path / "files")
+    assert summary.ok == 3 and tar.keys() == [f"00000/{i:09d}" for i in range(3)]
+    for index in range(3):
+        key = f"{index:09d}"
+        assert tar[f"00000/{key}"].tobytes() == files[f"{key}.mp4"].tobytes()
+        assert tar.info(f"00000/{key}")["video"] == files.info(f"{key}.mp4")["video"]
