@@ -1,6 +1,8 @@
 """A real S3 endpoint on loopback for the tests: moto's server (``ThreadedMotoServer``, any free port), and a small
 proxy in front of it that counts every request and can answer chosen ones with a fault instead (503 SlowDown, a
 connection dropped before or after the request reached the server, 403 for a key id). Only 127.0.0.1 is talked to.
+The fixtures (``moto_endpoint``: one server for the session; ``s3``: a fresh state, the bucket and a proxy per test,
+its ``AWS_*`` variables set for the test) are shared with every test module through conftest.py.
 
 moto's server is a real HTTP endpoint speaking S3, with conditional writes; what it does not prove is in
 docs/guarantees.md (it checks a condition and then writes, without a lock, and never answers 409).
@@ -9,11 +11,19 @@ docs/guarantees.md (it checks a condition and then writes, without a lock, and n
 from __future__ import annotations
 
 import http.client
+import logging
+import os
 import re
 import socket
 import threading
+import urllib.request
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+BUCKET = "vitok-test"
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request '
              b'rate.</Message></Error>')
@@ -163,3 +173,61 @@ class Proxy:
         self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'vitok[test]')")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    moto = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    yield moto.get_host_and_port()
+    moto.stop()
+
+
+class S3:
+    """The endpoint of one test: a fresh server state, the bucket, the proxy the code under test talks through,
+    and a client straight to the server for setting up and looking."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import boto3
+
+        urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"))
+        self.proxy = Proxy((host, port))
+        self.endpoint = self.proxy.start()
+        self.direct = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1",
+                                   aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.direct.create_bucket(Bucket=BUCKET)
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
+                    "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
+                    "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.direct.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", ()))
+
+    def requests(self, method: str | None = None, path: str = "") -> list:
+        return [s for s in self.proxy.seen if (method is None or s.method == method) and path in s.path]
+
+    def download(self, prefix: str, folder: Path) -> Path:
+        """Every object under ``prefix/`` as a file under ``folder`` (what a plain reader with boto3 gets)."""
+        for key in self.keys(f"{prefix}/"):
+            path = folder / key[len(prefix) + 1:]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(self.direct.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        return folder
+
+
+@pytest.fixture
+def s3(moto_endpoint, monkeypatch, tmp_path):
+    endpoint = S3(*moto_endpoint)
+    for key, value in endpoint.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the staging space of this test's runs
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    yield endpoint
+    endpoint.proxy.stop()

@@ -6,70 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
-import urllib.request
 
 import numpy as np
 import pytest
 from helpers import TINY, make_folder, popen_vitok, wait_for
 from helpers import vitok as cli
+from s3server import BUCKET
 
 import vitok
-
-BUCKET = "vitok-test"
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'vitok[test]')")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    moto = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    yield moto.get_host_and_port()
-    moto.stop()
-
-
-class S3:
-    """The endpoint of one test: a fresh server state, the bucket, the proxy the code under test talks through,
-    and a client straight to the server for setting up and looking."""
-
-    def __init__(self, host: str, port: int) -> None:
-        import boto3
-        from s3server import Proxy
-
-        urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"))
-        self.proxy = Proxy((host, port))
-        self.endpoint = self.proxy.start()
-        self.direct = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1",
-                                   aws_access_key_id="testing", aws_secret_access_key="testing")
-        self.direct.create_bucket(Bucket=BUCKET)
-        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
-                    "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
-                    "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-
-    def keys(self, prefix: str = "") -> list[str]:
-        pages = self.direct.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-        return sorted(item["Key"] for page in pages for item in page.get("Contents", ()))
-
-    def requests(self, method: str | None = None, path: str = "") -> list:
-        return [s for s in self.proxy.seen if (method is None or s.method == method) and path in s.path]
-
-
-@pytest.fixture
-def s3(moto_endpoint, monkeypatch, tmp_path):
-    endpoint = S3(*moto_endpoint)
-    for key, value in endpoint.env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the staging space of this test's runs
-    (tmp_path / "tmp").mkdir()
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", None)
-    yield endpoint
-    endpoint.proxy.stop()
 
 
 def _root(path: str = "feats", **options):
