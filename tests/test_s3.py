@@ -248,3 +248,54 @@ def test_two_processes_racing_for_the_same_units_commit_each_once(s3, tmp_path):
     sidecar_puts = [s for s in s3.requests("PUT", ".json") if "/feats/shards/" in s.path and s.status == 200]
     assert len(sidecar_puts) == 4
     assert cli("verify", remote).returncode == 0 and len(vitok.open(remote)) == 8
+
+
+@pytest.mark.slow  # three processes at once
+def test_a_slurm_array_with_gpus_children_writes_one_bucket_at_once_each_unit_once(s3, tmp_path, monkeypatch):
+    """Two SLURM array tasks into one bucket at the same moment: task 0 runs ``--gpus 0,1`` (its part split between
+    two children, parts 0/4 and 2/4), task 1 runs alone (part 1/2). The endpoint comes from ``--storage-option``
+    alone, which ``--gpus`` passes on to its children. ``--gpus`` needs CUDA: each child is started with ``--device
+    cuda:G``, which a machine without GPUs refuses (exit 2), so here the children are started as ``--gpus`` builds
+    them with only that flag replaced by ``--device cpu``."""
+    import subprocess
+
+    from conftest import ROOT
+
+    imgs = make_folder(tmp_path / "imgs", 8, with_odd=False)
+    local, remote = tmp_path / "local", f"s3://{BUCKET}/feats"
+    args = [str(imgs), *TINY, "--shard-size", "2", "--features", "merged,deepstack"]
+    cli("extract", *args, "-o", str(local), check=True)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    flags = [*args, "-o", remote, "--storage-option", f"endpoint_url={s3.endpoint}", "--json"]
+    array = {"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "1", "SLURM_ARRAY_TASK_COUNT": "2"}
+    alone = popen_vitok("extract", *flags, env=array | {"SLURM_ARRAY_TASK_ID": "1"}, capture=True)
+    started, real = [], subprocess.Popen
+
+    def on_cpu(cmd, **kwargs):
+        started.append(cmd)
+        return real([("cpu" if arg.startswith("cuda:") else arg) for arg in cmd], **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", on_cpu)
+    split = cli("extract", *flags, "--gpus", "0,1", env=array | {"SLURM_ARRAY_TASK_ID": "0", "PYTHONPATH": str(ROOT)})
+    monkeypatch.setattr(subprocess, "Popen", real)
+    out, err = alone.communicate(timeout=300)
+    assert split.returncode == 0 and alone.returncode == 0, (split.stderr[-1500:], err[-1500:])
+    assert [cmd[cmd.index("--device") + 1] for cmd in started] == ["cuda:0", "cuda:1"]
+    assert all(f"endpoint_url={s3.endpoint}" in cmd for cmd in started)
+    summaries = [json.loads(split.stdout.strip().splitlines()[-1]), json.loads(out.strip().splitlines()[-1])]
+    assert [s["part"] for s in summaries] == ["0/4,2/4", "1/2"]
+    assert sum(s["shards_written"] for s in summaries) == 4
+    commits = sorted(s.path for s in s3.requests("PUT", "/feats/shards/") if s.path.endswith(".json")
+                     and s.status == 200)
+    assert commits == [f"/{BUCKET}/feats/shards/shard-{i:06d}.json" for i in range(4)]  # each unit once
+    parts = [json.loads(s3.direct.get_object(Bucket=BUCKET, Key=f"feats/shards/shard-{i:06d}.json")["Body"].read())
+             ["part"] for i in range(4)]
+    assert parts == ["0/4", "1/2", "2/4", "1/2"]
+    assert len([s for s in s3.requests("PUT", "/feats/vitok.json") if s.status == 200]) == 1
+    mine, theirs = vitok.open(local), vitok.open(remote, storage_options={"endpoint_url": s3.endpoint})
+    assert theirs.keys() == mine.keys() and len(mine) == 8
+    for key in mine.keys():
+        for feature in ("merged", "deepstack"):
+            np.testing.assert_array_equal(theirs.get(key, feature), mine.get(key, feature))
+    assert _records(theirs) == _records(mine)
+    assert cli("verify", remote, "--storage-option", f"endpoint_url={s3.endpoint}").returncode == 0
