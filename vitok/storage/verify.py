@@ -69,11 +69,12 @@ class VerifyReport:
                 "all_nonfinite": self.all_nonfinite}
 
 
-def verify_store(out: str | Path | StoreRoot, quick: bool = False, sources: str | None = None) -> VerifyReport:
+def verify_store(out: str | Path | StoreRoot, quick: bool = False, sources: str | None = None,
+                 storage_options: dict | None = None) -> VerifyReport:
     """Check every committed shard (checksums too, unless ``quick``) and the plan; nothing is modified.
     ``sources`` (a :mod:`vitok.storage.plan.changes` mode, ``mtime`` or ``hash``): also compare every record with its
-    input as it is now, and list the stale ones."""
-    root = store_root(out)
+    input as it is now, and list the stale ones. ``storage_options``: as ``vitok.open``'s, for ``s3://BUCKET/PREFIX``."""
+    root = store_root(out, storage_options=storage_options)
     header = read_header(root)
     plan = load_plan(root)
     problems: list[str] = []
