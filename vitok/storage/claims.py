@@ -231,6 +231,30 @@ class Claims:
         except Exception:
             return time.time()
 
+    def remove_over(self, committed_shards) -> int:
+        """Delete the claims of committed shards (``committed_shards()``, asked only when there are claims) whose run
+        is over: a run killed between a commit and the release of its claim leaves the claim, and no later run claims
+        a done shard again, so nothing else would ever remove it. Judged without this run's clock (no heartbeat is
+        written): the run file is gone, or the pid is checkable here and gone; a claim taken over since it was read
+        is kept (deleted at the version read). One listing of the claims, a read per claim of a committed shard.
+        Returns how many were deleted."""
+        claims = [e.name for e in self.root.list(CLAIMS_DIR) if not e.folder and e.name.endswith(".claim")]
+        done = {f"{shard}.claim" for shard in committed_shards()} if claims else set()
+        removed = 0
+        for claim in claims:
+            if claim not in done:
+                continue
+            name = f"{CLAIMS_DIR}/{claim}"
+            try:
+                data, version = self.root.read_with_version(name)
+                holder = json.loads(data)
+            except (OSError, ValueError):
+                continue
+            over = self.root.stat(f"{RUNS_DIR}/{holder.get('run')}") is None or self.identity.judges_gone(holder)
+            if over and self.root.delete(name, version):
+                removed += 1
+        return removed
+
     def holders(self) -> dict[str, dict]:
         """shard -> claim of every claim file in the store (live or stale)."""
         result = {}
