@@ -313,6 +313,9 @@ def test_claims_a_killed_run_left_on_committed_shards_are_removed_by_the_next_ru
         assert claims.try_claim(shard)  # and never released: as a kill leaves it
     assert sorted(vitok.verify(out).leftovers + vitok.verify(out).in_progress) == [
         "shard-000000 (claimed by " + dead.identity.id + ")", "shard-000001 (claimed by " + live.identity.id + ")"]
+    runs = out / ".claims" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == sorted([dead.identity.id, live.identity.id])  # verify judged
+    # the other host's heartbeat by the store's clock without writing one of its own (before: its own run file, left)
     summary = vitok.extract([str(folder)], out, **options)
     assert summary.shards_written == 0  # (nothing to do: the run that only tidies)
     report = vitok.verify(out)

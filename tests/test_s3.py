@@ -187,6 +187,24 @@ def test_verify_names_a_damaged_remote_shard_and_the_next_run_redoes_it(s3, tmp_
     assert cli("verify", remote).returncode == 0 and len(vitok.open(remote)) == 4
 
 
+def test_verify_while_another_host_writes_judges_its_claim_by_the_servers_clock_and_writes_nothing(s3):
+    """``vitok verify s3://…`` from a machine other than the writers' (a laptop, while a cluster runs): the claim of
+    a live run on another host is judged by its heartbeat's age on the server's clock; before, verify wrote a
+    heartbeat of its own to read that clock, and left it in the bucket."""
+    from vitok.bench.store import synthetic_store
+    from vitok.storage.claims import Claims, RunIdentity
+
+    synthetic_store(_root(), 4, 8, 16, per_shard=2)
+    live = Claims(_root(), RunIdentity("other-host", 1, None, "cafecafe"))
+    live.root.write(live.run_file, live.identity.to_json().encode())
+    assert live.try_claim("shard-000001")
+    before = s3.keys()
+    s3.proxy.clear()
+    report = vitok.verify(f"s3://{BUCKET}/feats")
+    assert report.in_progress == [f"shard-000001 (claimed by {live.identity.id})"] and not report.leftovers
+    assert not [s for s in s3.proxy.seen if s.method in ("PUT", "POST", "DELETE")] and s3.keys() == before
+
+
 def test_an_update_of_a_remote_store_moves_the_shards_it_replaces_aside(s3, tmp_path):
     from PIL import Image
 

@@ -122,10 +122,12 @@ class Claims:
     """This process's claims in one store, and its heartbeat, through the store's root (``roots.StoreRoot``)."""
 
     def __init__(self, out: Path | StoreRoot, identity: RunIdentity | None = None,
-                 stale_after: float = STALE_AFTER) -> None:
+                 stale_after: float = STALE_AFTER, read_only: bool = False) -> None:
         self.root = store_root(out)
         self.identity = identity or RunIdentity.current()
         self.stale_after = stale_after
+        self.read_only = read_only  # a reader judging claims (verify): the store's clock read, no heartbeat written
+        self._clock: float | None = None
         self.held: dict[str, str] = {}  # shard -> the version of its claim this run wrote
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -225,8 +227,13 @@ class Claims:
         return not process_alive(pid)
 
     def _now(self) -> float:
-        """The store's time now (rewriting this run's own heartbeat), or the clock where that fails."""
+        """The store's time now (rewriting this run's own heartbeat; a reader: read once, nothing written), or the
+        clock where that fails."""
         try:
+            if self.read_only:
+                if self._clock is None:
+                    self._clock = self.root.clock()
+                return self._clock
             return self.root.touch(self.run_file, self.identity.to_json().encode())
         except Exception:
             return time.time()

@@ -196,6 +196,11 @@ class StoreRoot(ABC):
         """Write ``name`` (a heartbeat) and return the store's time of that write: the clock every staleness is
         judged by, so that the hosts' clocks never matter."""
 
+    def clock(self) -> float:
+        """The store's time now, read without writing anything (for readers that judge heartbeats: ``verify``): a
+        local folder, this host's clock; an object store, the time its server answers with."""
+        return time.time()
+
     @abstractmethod
     def staging(self, folder: str) -> Path:
         """A local folder where temporary files for ``folder`` are written before ``put``."""

@@ -509,6 +509,16 @@ class S3Root(StoreRoot):
         entry = self.stat(name)
         return entry.modified if entry is not None else time.time()
 
+    def clock(self) -> float:
+        """The server's time (the Date of a HEAD on the bucket), as LastModified is; the host's clock if it says
+        none."""
+        with self._errors():
+            response = self.client.head_bucket(Bucket=self.bucket)
+        date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        with contextlib.suppress(TypeError, ValueError):
+            return parsedate_to_datetime(date).timestamp() if date else time.time()
+        return time.time()
+
     def staging(self, folder: str) -> Path:
         """This process's own local space (``$TMPDIR/vitok-staging/<store>/<pid>-<token>/``): two processes on one
         machine stage files of the same name (a plan's content-addressed files). Spaces of processes gone from this

@@ -180,7 +180,7 @@ def verify_store(out: str | Path | StoreRoot, quick: bool = False, sources: str 
     report.unfinished = unfinished_reasons(report, sorted(k for k, v in counted.items() if v == "failed"),
                                            [e for b, e in errors.items() if e and unavailable.get(b)
                                             and b not in superseded], plan)
-    claims = Claims(root)
+    claims = Claims(root, read_only=True)  # (verify writes nothing, not even a heartbeat)
     for shard, holder in sorted(claims.holders().items()):
         (report.leftovers if claims.is_stale(holder) else report.in_progress).append(
             f"{shard} (claimed by {holder.get('run')})")
