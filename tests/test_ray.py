@@ -187,6 +187,22 @@ def test_a_ray_run_into_a_bucket_equals_one_process_and_its_resume_sends_no_shar
     assert not [s for s in s3.proxy.seen if s.method in ("PUT", "POST", "DELETE")], "the resume wrote to the bucket"
 
 
+def test_a_job_refused_after_ray_started_leaves_no_instance_running(cluster, folder, s3, monkeypatch):
+    """``vitok.extract(engine="ray")`` joins (or starts) Ray before the job is prepared; a job refused then (a bucket
+    that does not exist, other settings) used to leave the instance it had started running in the caller's
+    process. Here joining is said to have started Ray (the module's cluster stands in for it) and the shutdown is
+    counted, not done."""
+    import vitok.run.ray_engine as engine
+    from vitok.errors import StoreAccessError
+
+    shutdowns = []
+    monkeypatch.setattr(engine, "connect", lambda address, timeout: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
+    with pytest.raises(StoreAccessError, match="does not exist"):
+        vitok.extract([str(folder)], "s3://no-such-bucket/feats", engine="ray", **LIB)
+    assert shutdowns == [True]
+
+
 @pytest.mark.slow  # a Ray run costs several seconds on 2 cores
 def test_img2dataset_tars_equal_one_process(cluster, tmp_path):
     source = [str(IMG2DATASET / "webdataset")]

@@ -253,6 +253,15 @@ class RayRun(Run):
             dtype = "bfloat16" if kind == "cuda" and _bf16_on_cluster_gpu() else "float32"
         return options.replace(device="cpu", dtype=dtype), {"actor_device": kind, "started_ray": started}
 
+    @classmethod
+    def release(cls, context: dict[str, Any]) -> None:
+        """A Ray instance ``configure`` started in this process is shut down (the caller of ``vitok.extract`` keeps
+        none running after a refused job)."""
+        if context.get("started_ray"):
+            import ray
+
+            ray.shutdown()
+
     def __init__(self, job, progress=None, started: float | None = None, actor_device: str = "cpu",
                  started_ray: bool = False) -> None:
         super().__init__(job, progress, started)

@@ -67,6 +67,11 @@ class Run:
         """Options as the job should be prepared with, and what the engine's constructor needs besides the job."""
         return options, {}
 
+    @classmethod
+    def release(cls, context: dict[str, Any]) -> None:
+        """Give back what ``configure`` acquired when the job is refused before a run is made of it (a store that
+        cannot be reached, other settings): the run's own end does it otherwise."""
+
     # ---- set-up: the first writes happen here ----------------------------------------------------------------
 
     def execute(self) -> ExtractSummary:
