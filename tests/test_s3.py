@@ -302,3 +302,50 @@ def test_two_processes_racing_for_the_same_units_commit_each_once(s3, tmp_path):
     sidecar_puts = [s for s in s3.requests("PUT", ".json") if "/feats/shards/" in s.path and s.status == 200]
     assert len(sidecar_puts) == 4
     assert cli("verify", remote).returncode == 0 and len(vitok.open(remote)) == 8
+
+
+# ---- reads whose answer is cut midway -----------------------------------------------------------------------------
+
+
+def _tokens(url: str) -> dict:
+    with vitok.open(url) as store:
+        return {key: store.get(key) for key in store.keys()}
+
+
+def test_reads_cut_mid_body_are_resumed_and_give_the_same_tokens(s3):
+    from vitok.bench.store import synthetic_store
+
+    synthetic_store(_root(), 8, 16, 256, per_shard=4)  # two shards of 4 images x 16 rows x 256 float16
+    remote = f"s3://{BUCKET}/feats"
+    expected = _tokens(remote)
+    s3.proxy.clear()
+    row_bytes = 16 * 256 * 2
+    s3.proxy.inject("GET", r"/shards/shard-000000\.h5", "cut", times=2, after=row_bytes // 3)
+    s3.proxy.inject("GET", r"/shards/shard-000001\.h5", "cut-reset", times=2, after=row_bytes // 2)
+    got = _tokens(remote)
+    assert [f.hits for f in s3.proxy.faults] == [2, 2]
+    assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in expected)
+    resumed = [s.range for s in s3.requests("GET", "/shards/shard-000000.h5")][:3]
+    first = int(resumed[0].split("=")[1].split("-")[0])  # the key's rows; then from the first byte still needed
+    assert resumed[1].startswith(f"bytes={first + row_bytes // 3}-") and resumed[1].split("-")[1] == \
+        resumed[0].split("-")[1], resumed
+    s3.proxy.clear()  # whole objects (a checksum's GET, the sidecars): cut after a few bytes, twice each
+    s3.proxy.inject("GET", r"/shards/shard-000000\.h5", "cut", times=2, after=4096)
+    s3.proxy.inject("GET", r"/shards/shard-000001\.json", "cut-reset", times=2, after=100)
+    result = cli("verify", remote, "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["images_ok"] == 8, result.stderr
+    assert [f.hits for f in s3.proxy.faults] == [2, 2]
+    assert _tokens(remote).keys() == expected.keys()
+
+
+def test_a_read_cut_every_time_stops_with_one_line_and_exit_75(s3):
+    from vitok.bench.store import synthetic_store
+
+    synthetic_store(_root(), 4, 16, 256, per_shard=4)
+    remote = f"s3://{BUCKET}/feats"
+    s3.proxy.inject("GET", r"/shards/shard-000000\.h5", "cut", times=1000, after=10)
+    result = cli("verify", remote, "--storage-option", "max_attempts=3")
+    assert result.returncode == 75, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("vitok: error: ") and "dropped while reading" in last and "rerun" in last, last
+    assert len(s3.requests("GET", "/shards/shard-000000.h5")) == 3  # bounded: max_attempts in all

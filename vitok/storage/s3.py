@@ -36,7 +36,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import io
+import logging
 import os
+import random
 import shutil
 import tempfile
 import threading
@@ -72,6 +75,7 @@ CONFIGURATION = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKE
                  "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
                  "AWS_CONFIG_FILE",
                  "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE")
+logger = logging.getLogger(__name__)
 _CLIENTS: dict = {}
 _CLIENTS_LOCK = threading.Lock()
 
@@ -106,6 +110,11 @@ class S3Root(StoreRoot):
         self.multipart_bytes = _bytes(self.options.pop("multipart_threshold", MULTIPART_BYTES), "multipart_threshold")
         self.part_bytes = max(5 << 20, _bytes(self.options.pop("multipart_chunksize", PART_BYTES),
                                               "multipart_chunksize"))
+        try:
+            self.attempts = max(1, int(self.options.get("max_attempts", MAX_ATTEMPTS)))  # (also a body cut's)
+        except ValueError:
+            raise UsageError(f"--storage-option max_attempts={self.options['max_attempts']!r} is not a whole "
+                             "number") from None
         self._client = None
         self._lock = threading.Lock()
         self._staging: Path | None = None
@@ -204,35 +213,82 @@ class S3Root(StoreRoot):
         return self.read_with_version(name)[0]
 
     def read_with_version(self, name: str) -> tuple[bytes, str]:
-        with self._errors(name):
-            response = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
-            return response["Body"].read(), response["ETag"]
+        buffer = io.BytesIO()
+        version = self._download(name, buffer)[0]
+        return buffer.getvalue(), version
 
     def read_range(self, name: str, start: int, size: int) -> bytes:
         if size <= 0:
             return b""
+        buffer = io.BytesIO()
         try:
-            with self._errors(name):
-                response = self.client.get_object(Bucket=self.bucket, Key=self.key(name),
-                                                  Range=f"bytes={start}-{start + size - 1}")
-                return response["Body"].read()
+            self._download(name, buffer, start, size)
         except StoreError as exc:
             if "InvalidRange" in str(exc):  # at or past the end
                 return b""
             raise
+        return buffer.getvalue()
+
+    def _download(self, name: str, target, start: int = 0, size: int | None = None,
+                  version: str | None = None) -> tuple[str, dict]:
+        """GET ``name`` (``size`` bytes from ``start``; to its end when None) into ``target`` (``write``; ``seek`` and
+        ``truncate`` to start again), and the object's ETag and first answer's headers. botocore retries a request
+        that fails before its answer begins; a body cut midway (a connection closed or reset after part of it) is
+        retried here, from the first byte still needed, pinned to the ETag first read (``If-Match``: never one
+        object's head spliced to another's tail; an object rewritten meanwhile is read again from its start, unless
+        ``version`` was asked for), with backoff, ``max_attempts`` times in all; then one line and exit 75."""
+        from botocore import exceptions as bx
+        from urllib3.exceptions import HTTPError
+
+        cut = (bx.ResponseStreamingError, bx.IncompleteReadError, bx.ReadTimeoutError, bx.ConnectionClosedError,
+               HTTPError)
+        got, tag, first, failures = 0, version, None, 0
+        while True:
+            request: dict[str, str] = {"IfMatch": tag} if tag else {}
+            if start + got or size is not None:
+                request["Range"] = f"bytes={start + got}-{'' if size is None else start + size - 1}"
+            try:
+                with self._errors(name):
+                    response = self.client.get_object(Bucket=self.bucket, Key=self.key(name), **request)
+            except StoreError as exc:
+                if "PreconditionFailed" not in str(exc) or version is not None or failures >= self.attempts:
+                    raise
+                failures += 1  # rewritten since the first part was read: all of it again
+                target.seek(0)
+                target.truncate()
+                got, tag, first = 0, None, None
+                continue
+            tag, first = tag or response["ETag"], first or response
+            body = response["Body"]
+            try:
+                for chunk in body.iter_chunks(1 << 20):
+                    target.write(chunk)
+                    got += len(chunk)
+                return tag, first
+            except cut as exc:
+                failures += 1
+                if failures >= self.attempts:
+                    raise StoreUnavailableError(
+                        f"{self.show(name)}: the connection dropped while reading it, {failures} times "
+                        f"({type(exc).__name__}); rerun the same command to resume") from None
+                logger.debug("%s: read cut after %d bytes (%s); again from byte %d", self.show(name), got,
+                             type(exc).__name__, start + got)
+                time.sleep(min(2.0, 0.05 * 2**failures) * (0.5 + random.random() / 2))
+            finally:
+                body.close()
 
     def open(self, name: str) -> BinaryIO:
         """A file read by ranged GETs, in blocks; its first block is the first request (which also tells the
         object's size, so no HEAD is needed)."""
         block = READ_BLOCK
-        with self._errors(name):
-            try:
-                response = self.client.get_object(Bucket=self.bucket, Key=self.key(name), Range=f"bytes=0-{block - 1}")
-            except Exception as exc:
-                if _code(exc) != "InvalidRange":  # (an empty object)
-                    raise
-                return ReadAhead(lambda start, size: b"", 0, block)
-        first = response["Body"].read()
+        buffer = io.BytesIO()
+        try:
+            _, response = self._download(name, buffer, 0, block)
+        except StoreError as exc:
+            if "InvalidRange" not in str(exc):  # (an empty object)
+                raise
+            return ReadAhead(lambda start, size: b"", 0, block)
+        first = buffer.getvalue()
         size = int(str(response.get("ContentRange", "")).rpartition("/")[2] or len(first))
         handle = ReadAhead(lambda start, size: self.read_range(name, start, size), size, block)
         handle.prime(0, first)
@@ -268,11 +324,8 @@ class S3Root(StoreRoot):
         return bool(page.get("KeyCount") or page.get("Contents"))
 
     def checksum(self, name: str) -> str:
-        digest = hashlib.blake2b(digest_size=16)
-        with self._errors(name):
-            body = self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"]
-            for chunk in body.iter_chunks(8 << 20):
-                digest.update(chunk)
+        digest = _Digest()
+        self._download(name, digest)
         return digest.hexdigest()
 
     def fetch(self, name: str) -> Path:
@@ -295,10 +348,8 @@ class S3Root(StoreRoot):
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            with self._errors(name), open(partial, "wb") as handle:
-                response = self.client.get_object(Bucket=self.bucket, Key=self.key(name), IfMatch=entry.version)
-                for chunk in response["Body"].iter_chunks(8 << 20):
-                    handle.write(chunk)
+            with open(partial, "wb") as handle:
+                self._download(name, handle, version=entry.version)
             os.replace(partial, path)
         finally:
             remove(partial)
@@ -549,6 +600,25 @@ class S3Root(StoreRoot):
 
     def remove_leftover(self, folder: str, leftover: Leftover) -> None:
         self._abort(self.key(f"{folder}/{leftover.becomes}"), leftover.handle[len("upload:"):])
+
+
+class _Digest:
+    """blake2b-128 of what is written to it; ``truncate`` starts it again (``_download`` reading an object anew)."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.blake2b(digest_size=16)
+
+    def write(self, data: bytes) -> None:
+        self._digest.update(data)
+
+    def seek(self, _offset: int) -> None:
+        pass
+
+    def truncate(self) -> None:
+        self._digest = hashlib.blake2b(digest_size=16)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def _remove_dead_staging(store: Path, mine: Path) -> None:
