@@ -349,3 +349,40 @@ def test_a_read_cut_every_time_stops_with_one_line_and_exit_75(s3):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("vitok: error: ") and "dropped while reading" in last and "rerun" in last, last
     assert len(s3.requests("GET", "/shards/shard-000000.h5")) == 3  # bounded: max_attempts in all
+
+
+# ---- 409 ConditionalRequestConflict: a concurrent conditional write of the same key ------------------------------
+
+
+def test_a_conditional_write_answered_409_looks_then_loses_or_sends_again(s3, tmp_path):
+    from vitok.errors import StoreUnavailableError
+
+    root = _root(multipart_threshold="1MiB", multipart_chunksize="5MiB")
+
+    def theirs(key: str):  # another writer's object lands while ours is answered 409
+        return lambda: s3.direct.put_object(Bucket=BUCKET, Key=f"feats/{key}", Body=b"theirs")
+
+    s3.proxy.inject("PUT", r"/a\.json", "409")
+    assert root.create("a.json", b"mine") is not None and root.read("a.json") == b"mine"  # nobody's: sent again
+    assert [s.status for s in s3.requests("PUT", "/a.json")] == [409, 200]
+    s3.proxy.inject("PUT", r"/b\.json", "409", then=theirs("b.json"))
+    assert root.create("b.json", b"mine") is None and root.read("b.json") == b"theirs"  # lost, as to a 412
+    assert [s.status for s in s3.requests("PUT", "/b.json")] == [409]  # settled by a look, not sent again
+    version = root.stat("a.json").version
+    s3.proxy.inject("PUT", r"/a\.json", "409", then=theirs("a.json"))  # a swap: the object changed meanwhile
+    assert root.swap("a.json", b"again", version) is None and root.read("a.json") == b"theirs"
+
+    staged = tmp_path / "data.bin"
+    body = os.urandom(6 << 20)
+    for name, then, outcome in (("c.h5", None, True), ("d.h5", theirs("d.h5"), False)):
+        staged.write_bytes(body)
+        s3.proxy.inject("POST", rf"/{name}\?uploadId=", "409", then=then)  # the completion
+        assert root.put(name, staged, exclusive=True) is outcome
+        assert root.read(name) == (body if outcome else b"theirs")
+        begun = [s for s in s3.requests("POST", f"/{name}?uploads")]
+        assert len(begun) == (2 if outcome else 1)  # begun again only when nobody else's object is there
+        assert not s3.direct.list_multipart_uploads(Bucket=BUCKET).get("Uploads")  # none left open
+    s3.proxy.inject("PUT", r"/e\.json", "409", times=100)
+    with pytest.raises(StoreUnavailableError, match="409 ConditionalRequestConflict.*rerun"):
+        root.create("e.json", b"mine")
+    assert len(s3.requests("PUT", "/e.json")) == 5 and not root.exists("e.json")  # bounded

@@ -59,6 +59,7 @@ MULTIPART_BYTES = 64 << 20  # files larger than this are uploaded in parts
 PART_BYTES = 32 << 20  # (at least 5 MiB; raised for files of more than 10,000 parts)
 PARTS_IN_FLIGHT = 4  # parts of one upload sent at once (memory: this many parts)
 READ_BLOCK = 1 << 18  # ranged reads of HDF5 and tar readers: blocks of 256 KiB, the last 16 kept
+CONFLICT_RETRIES = 4  # a write answered 409 ConditionalRequestConflict is sent again at most this many times
 MAX_ATTEMPTS = 8  # botocore's attempts per request (standard mode: exponential backoff with jitter)
 CLIENT_OPTIONS = ("endpoint_url", "region_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
                   "verify", "use_ssl")
@@ -273,7 +274,7 @@ class S3Root(StoreRoot):
                         f"({type(exc).__name__}); rerun the same command to resume") from None
                 logger.debug("%s: read cut after %d bytes (%s); again from byte %d", self.show(name), got,
                              type(exc).__name__, start + got)
-                time.sleep(min(2.0, 0.05 * 2**failures) * (0.5 + random.random() / 2))
+                _backoff(failures - 1)
             finally:
                 body.close()
 
@@ -381,22 +382,44 @@ class S3Root(StoreRoot):
 
     def _conditional_put(self, name: str, data, **condition) -> str | None:
         """PutObject with a condition; the new ETag, or None on 412 (unless the object is this very write, whose
-        first answer was lost and whose retry met it)."""
+        first answer was lost and whose retry met it). A 409 (ConditionalRequestConflict: a conditional write of the
+        same key was in progress) is settled by looking: an object now there that is not this write's means another
+        writer won (as a 412 would have said), else the write is sent again, with backoff, ``CONFLICT_RETRIES``
+        times; then one line and exit 75."""
         nonce = uuid.uuid4().hex
-        for attempt in range(6):
+        for attempt in range(CONFLICT_RETRIES + 1):
             try:
                 with self._errors(name):
                     return self._put_object(name, data, nonce, **condition)
             except StoreError as exc:
                 if "PreconditionFailed" in str(exc):
                     return self._if_ours(name, nonce)
-                if "ConditionalRequestConflict" in str(exc) and attempt < 5:  # a concurrent one: S3 says retry
-                    time.sleep(0.05 * 2**attempt)
-                    continue
-                raise
+                if "ConditionalRequestConflict" not in str(exc):
+                    raise
             except FileNotFoundError:  # If-Match on an object that is gone
                 return None
-        return None  # pragma: no cover
+            settled = self._after_conflict(name, nonce, condition)
+            if settled is not None:
+                return settled or None
+            _backoff(attempt)
+        raise self._conflicted(name)
+
+    def _after_conflict(self, name: str, nonce: str, condition: dict[str, Any]) -> str | None:
+        """After a 409: the outcome when the object already tells it (this write's ETag; "" when another writer's
+        object is there, which a conditional write loses), None when the write must be sent again."""
+        entry = self._head(name)
+        if entry is not None and entry.get("Metadata", {}).get(WRITER) == nonce:
+            return entry["ETag"]  # (it landed after all)
+        if "IfNoneMatch" in condition:
+            return "" if entry is not None else None
+        if "IfMatch" in condition:
+            return "" if entry is None or entry["ETag"] != condition["IfMatch"] else None
+        return None
+
+    def _conflicted(self, name: str) -> StoreUnavailableError:
+        return StoreUnavailableError(f"{self.show(name)}: the endpoint kept answering 409 ConditionalRequestConflict "
+                                     f"({CONFLICT_RETRIES + 1} tries: another write of this object is in progress); "
+                                     "rerun the same command to resume")
 
     def _put_object(self, name: str, data, nonce: str, **condition) -> str:
         if hasattr(data, "seek"):
@@ -405,15 +428,18 @@ class S3Root(StoreRoot):
                                           Metadata={WRITER: nonce}, **condition)
         return response["ETag"]
 
-    def _if_ours(self, name: str, nonce: str) -> str | None:
+    def _head(self, name: str) -> dict | None:
         with self._errors(name):
             try:
-                head = self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+                return self.client.head_object(Bucket=self.bucket, Key=self.key(name))
             except Exception as exc:
                 if _code(exc) in ("404", "NoSuchKey", "NotFound"):
                     return None
                 raise
-        return head["ETag"] if head.get("Metadata", {}).get(WRITER) == nonce else None
+
+    def _if_ours(self, name: str, nonce: str) -> str | None:
+        head = self._head(name)
+        return head["ETag"] if head is not None and head.get("Metadata", {}).get(WRITER) == nonce else None
 
     def create(self, name: str, data: bytes) -> str | None:
         return self._conditional_put(name, data, IfNoneMatch="*")
@@ -461,11 +487,26 @@ class S3Root(StoreRoot):
     def _multipart(self, name: str, path: Path, size: int, condition: dict[str, Any]) -> bool:
         """Parts of ``multipart_chunksize`` (more for files of over 10,000 parts), ``PARTS_IN_FLIGHT`` uploaded at
         once (each in memory while it is sent); the object appears only when the upload completes, and an upload
-        that fails is aborted."""
+        that fails is aborted. A completion answered 409 (ConditionalRequestConflict) is settled as a PutObject's
+        (``_after_conflict``): another writer's object there loses the race, else the upload is aborted and begun
+        again (AWS: "start a new multipart upload"), ``CONFLICT_RETRIES`` times; then one line and exit 75."""
+        nonce = uuid.uuid4().hex
+        for attempt in range(CONFLICT_RETRIES + 1):
+            done = self._upload_parts(name, path, size, condition, nonce)
+            if done is not None:
+                return done
+            settled = self._after_conflict(name, nonce, condition)
+            if settled is not None:
+                return bool(settled)
+            _backoff(attempt)
+        raise self._conflicted(name)
+
+    def _upload_parts(self, name: str, path: Path, size: int, condition: dict[str, Any], nonce: str) -> bool | None:
+        """One multipart upload: True when it completed, False when its conditional completion lost (412, and the
+        object is not this upload's), None when the completion was answered 409 (the upload aborted)."""
         from concurrent.futures import ThreadPoolExecutor
 
         part_bytes = max(self.part_bytes, -(-size // 10_000))
-        nonce = uuid.uuid4().hex
         key = self.key(name)
         with self._errors(name):
             upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata={WRITER: nonce})
@@ -490,6 +531,9 @@ class S3Root(StoreRoot):
                 if "PreconditionFailed" in str(exc):
                     self._abort(key, upload_id)  # (a failed conditional completion leaves the upload open)
                     return self._if_ours(name, nonce) is not None
+                if "ConditionalRequestConflict" in str(exc):
+                    self._abort(key, upload_id)
+                    return None
                 raise
             return True
         except BaseException:
@@ -600,6 +644,11 @@ class S3Root(StoreRoot):
 
     def remove_leftover(self, folder: str, leftover: Leftover) -> None:
         self._abort(self.key(f"{folder}/{leftover.becomes}"), leftover.handle[len("upload:"):])
+
+
+def _backoff(attempt: int) -> None:
+    """Exponential backoff with jitter (0.05 s doubled per attempt, at most 2 s)."""
+    time.sleep(min(2.0, 0.05 * 2 ** (attempt + 1)) * (0.5 + random.random() / 2))
 
 
 class _Digest:
