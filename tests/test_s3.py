@@ -386,3 +386,37 @@ def test_a_conditional_write_answered_409_looks_then_loses_or_sends_again(s3, tm
     with pytest.raises(StoreUnavailableError, match="409 ConditionalRequestConflict.*rerun"):
         root.create("e.json", b"mine")
     assert len(s3.requests("PUT", "/e.json")) == 5 and not root.exists("e.json")  # bounded
+
+
+# ---- whole shards: one GET each -----------------------------------------------------------------------------------
+
+
+def test_a_whole_shard_is_one_get_and_a_key_one_ranged_get(s3, tmp_path):
+    from vitok.bench.store import synthetic_store
+
+    synthetic_store(_root(), 24, 64, 1024, per_shard=12)  # two shards of 12 images x 64 rows x 1024 float16: 1.5 MB
+    remote = f"s3://{BUCKET}/feats"
+    vitok.open(remote).close()  # (the key index, built once and cached on this machine)
+
+    def gets() -> list[int]:
+        return [len(s3.requests("GET", f"/feats/shards/shard-00000{i}.h5")) for i in range(2)]
+
+    s3.proxy.clear()
+    with vitok.open(remote) as store:
+        shards = list(store.iter_shards(dtype=None))
+        assert gets() == [1, 1]  # each shard's object fetched once, not a GET per 1 MB chunk or 256 KiB block
+        key = store.keys()[17]
+        tokens = store.stored_rows(key)
+        assert gets() == [1, 2]  # one key: one ranged GET of its rows
+    assert s3.requests("GET", "/shard-000001.h5")[-1].received == 64 * 1024 * 2
+    keys, data, offsets = shards[1]
+    i = keys.index(key)
+    assert np.array_equal(data[offsets[i]:offsets[i + 1]], tokens)
+    s3.proxy.clear()
+    result = cli("verify", remote, "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["images_ok"] == 24, result.stderr
+    assert gets() == [1, 1]  # checksummed and opened from one copy
+    s3.proxy.clear()
+    cli("export", remote, str(tmp_path / "exported"), "--pool", "mean", check=True)
+    assert gets() == [2, 2]  # the export's check (as verify), then the shard's tokens
+    assert not [p for p in (tmp_path / "tmp").rglob("*") if p.is_file()]  # the copies are gone

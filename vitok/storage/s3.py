@@ -329,6 +329,18 @@ class S3Root(StoreRoot):
         self._download(name, digest)
         return digest.hexdigest()
 
+    @contextlib.contextmanager
+    def local_copy(self, name: str) -> Iterator[Path]:
+        """The object in one GET (resumed where a connection drops, ``_download``) into this process's staging space
+        (``staging``), removed at exit: a whole shard is one request, not one per block."""
+        path = self.staging(".copies") / f"{uuid.uuid4().hex[:8]}-{name.rsplit('/', 1)[-1]}"
+        try:
+            with open(path, "wb") as handle:
+                self._download(name, handle)
+            yield path
+        finally:
+            remove(path)
+
     def fetch(self, name: str) -> Path:
         """A local copy, cached under the store's cache folder and taken again when the object changed (its ETag);
         for the plan's files, which are content-addressed and read by every unit (checked once per root)."""

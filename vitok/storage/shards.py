@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import StoreAccessError, StoreError, StoreUnavailableError
+from .files import checksum as file_checksum
 from .files import remove
 from .format import ShardFormat
 from .hdf5 import Hdf5Format
@@ -343,21 +344,36 @@ def check_shard(out: Path | StoreRoot, sidecar: Sidecar, checksums: bool = False
         fmt = get_format(sidecar.format)
     except StoreError as exc:
         return [f"{name}: {exc}"]
-    for relative, expected in sidecar.files.items():
-        file = data_name(relative)
-        entry = stat(relative, expected.bytes)
-        if entry is None and relative == sidecar.data:
-            return [f"{name}: data {sidecar.data} is missing"]
-        if entry is None:
-            return [f"{name}: data file {relative} is missing"]
-        size = sum(e.size for e in root.list(file)) if entry.folder else entry.size
-        if size != expected.bytes:
-            return [f"{name}: {relative} has {size} bytes, the manifest says {expected.bytes}"]
-        if checksums and expected.blake2b and root.checksum(file) != expected.blake2b:
-            return [f"{name}: {relative} does not match its checksum (the data changed after it was written)"]
-    reader = None
+    with contextlib.ExitStack() as copies:
+        copy = None  # the data file read whole once when checksummed: checked, then opened from this local copy
+        for relative, expected in sidecar.files.items():
+            file = data_name(relative)
+            entry = stat(relative, expected.bytes)
+            if entry is None and relative == sidecar.data:
+                return [f"{name}: data {sidecar.data} is missing"]
+            if entry is None:
+                return [f"{name}: data file {relative} is missing"]
+            size = sum(e.size for e in root.list(file)) if entry.folder else entry.size
+            if size != expected.bytes:
+                return [f"{name}: {relative} has {size} bytes, the manifest says {expected.bytes}"]
+            if not (checksums and expected.blake2b):
+                continue
+            if relative == sidecar.data and not entry.folder:
+                copy = copies.enter_context(root.local_copy(file))
+                digest = file_checksum(copy)
+            else:
+                digest = root.checksum(file)
+            if digest != expected.blake2b:
+                return [f"{name}: {relative} does not match its checksum (the data changed after it was written)"]
+        return _check_data(fmt, root, sidecar, copy)
+
+
+def _check_data(fmt: ShardFormat, root: StoreRoot, sidecar: Sidecar, copy: Path | None) -> list[str]:
+    """The data's keys and rows against the sidecar (``copy``: a local copy of its file, else read where it is). A
+    store that cannot be reached is no damage: that error is raised."""
+    name, reader = sidecar.shard, None
     try:
-        reader = fmt.open_at(root, data_name(sidecar.data))
+        reader = fmt.open(copy) if copy is not None else fmt.open_at(root, data_name(sidecar.data))
         keys = reader.keys()
         if keys != [r.key for r in sidecar.ok_records()]:
             return [f"{name}: keys in the data do not match the manifest"]
@@ -366,6 +382,8 @@ def check_shard(out: Path | StoreRoot, sidecar: Sidecar, checksums: bool = False
             stored = reader.rows(feature)
             if len(offsets) != len(keys) + 1 or int(offsets[-1]) != rows or stored != rows:
                 return [f"{name}: {feature} has {stored} rows, the manifest says {rows}"]
+    except (StoreUnavailableError, StoreAccessError):
+        raise
     except StoreError as exc:
         return [str(exc)]
     except Exception as exc:  # h5py/numpy/tarfile raise many types for damaged files
