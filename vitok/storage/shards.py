@@ -5,11 +5,13 @@ A shard is written under a temporary name in local space (``root.staging``: ``sh
 ``.<data>.<run>.tmp``, streamed batch by batch. To commit it:
 
 1. the writer finishes the data (per-image tables, flush, fsync) and every data file is sized and checksummed;
-2. if a sidecar for the shard appeared meanwhile (another process committed it), the temporary data is dropped;
-3. the data is put at its final name whole, only if nothing is there (``os.replace``; an upload that is visible
+2. the data is put at its final name whole, only if nothing is there (``os.replace``; an upload that is visible
    only once complete, ``If-None-Match: *``, so a late writer never replaces data that a sidecar vouches for);
-4. if something was there, it is data without a sidecar (a run killed between steps 3 and 5): it is removed and
-   step 2 is taken again;
+3. if something was there and a sidecar for the shard exists (another process committed it), the temporary data is
+   dropped;
+4. else it is data without a sidecar (a run killed between steps 2 and 5): it is removed and step 2 is taken again
+   (asking for the sidecar only when the put finds the name taken saves a request per shard on an object store; a
+   committed shard always has its data, so the put finds it);
 5. the sidecar ``shards/<shard>.json`` is created exclusively (a hard link; ``If-None-Match: *``). **Its existence
    is the commit**, and of two writers of one shard exactly one commits.
 
@@ -21,7 +23,7 @@ never replaced: claims (``vitok.storage.claims``) keep two processes off the sam
 ``shards/*`` find exactly the store's current rows. A shard is superseded whole, never in part: its unit was
 replaced by a later plan generation (``Plan.superseded``: moved out by ``maintenance.retire_superseded`` before
 any shard of that plan is committed), or it is an earlier attempt of an archive that a retry reads again whole
-(moved out by ``commit`` between steps 2 and 3 of the retry). Retiring moves the shard's data, then its sidecar,
+(moved out by ``commit`` before step 2 of the retry). Retiring moves the shard's data, then its sidecar,
 into ``shards/.superseded/`` (a hidden folder no ``shards/*`` pattern matches). It always happens before the shard
 that replaces it is published, so no two copies of a key are ever where plain readers look; a run killed midway
 leaves the sidecar of a shard whose records no longer count (the next run moves it), or, for an archive's retry, a
@@ -137,14 +139,14 @@ def commit(out: Path | StoreRoot, fmt: ShardFormat, tmp: Path, sidecar: Sidecar,
         final_sidecar = sidecar_name(sidecar.shard)
         final = data_name(sidecar.data)
         for _ in range(3):
-            if root.exists(final_sidecar):
-                logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
-                remove(tmp)
-                return False
             for name in supersedes:
                 retire_named(root, fmt, name)
             if root.put(final, tmp, exclusive=True):
                 break
+            if root.exists(final_sidecar):
+                logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
+                remove(tmp)
+                return False
             root.delete_tree(final)  # data without a sidecar: a run killed before step 5
         else:
             remove(tmp)
@@ -211,7 +213,7 @@ def retire_named(out: Path | StoreRoot, fmt: ShardFormat, shard: str) -> None:
 
 
 def remove_named_data(out: Path | StoreRoot, fmt: ShardFormat, shard: str) -> None:
-    """Data at a shard's final name without a sidecar (a run killed between steps 3 and 5): removed."""
+    """Data at a shard's final name without a sidecar (a run killed between steps 2 and 5): removed."""
     root = store_root(out)
     data = data_name(fmt.data_name(shard))
     if not root.exists(sidecar_name(shard)) and (root.exists(data) or root.is_folder(data)):
