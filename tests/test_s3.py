@@ -349,6 +349,8 @@ def test_a_read_cut_every_time_stops_with_one_line_and_exit_75(s3):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("vitok: error: ") and "dropped while reading" in last and "rerun" in last, last
     assert len(s3.requests("GET", "/shards/shard-000000.h5")) == 3  # bounded: max_attempts in all
+    quick = cli("verify", remote, "--quick", "--storage-option", "max_attempts=2")  # no checksum: opened by ranges
+    assert quick.returncode == 75 and "dropped while reading" in quick.stderr, quick.stderr  # unreachable, not damaged
 
 
 # ---- 409 ConditionalRequestConflict: a concurrent conditional write of the same key ------------------------------
