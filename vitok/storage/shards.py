@@ -135,7 +135,7 @@ def commit(out: Path | StoreRoot, fmt: ShardFormat, tmp: Path, sidecar: Sidecar,
     """Steps 1-5 above for finished temporary data; False when another process committed the shard first.
     ``supersedes``: committed shards this one replaces whole (an archive's earlier attempts), retired first."""
     root = store_root(out)
-    with _checksummed(data_files(fmt, tmp, sidecar.data)) as sums:  # (read while the data is put: one pass each)
+    with _checksummed(data_files(fmt, tmp, sidecar.data), sidecar) as body:  # (made while the data is put)
         final_sidecar = sidecar_name(sidecar.shard)
         final = data_name(sidecar.data)
         for _ in range(3):
@@ -152,33 +152,35 @@ def commit(out: Path | StoreRoot, fmt: ShardFormat, tmp: Path, sidecar: Sidecar,
             remove(tmp)
             raise StoreError(f"{root.show(final)} keeps appearing while shard {sidecar.shard} is committed: another "
                              "process writes the same shard (are two runs sharing one claim folder?)")
-        sidecar.files = sums.result()
-    if root.create(final_sidecar, dumps(sidecar.to_json()).encode()) is None:
+        data = body.result()
+    if root.create(final_sidecar, data) is None:
         logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
         return False
     return True
 
 
 @contextlib.contextmanager
-def _checksummed(files: dict[str, Path]):
-    """Each file's size and blake2b, computed in a thread from files opened now (a put that moves or removes the
-    paths meanwhile does not matter: hashlib releases the GIL, so the checksum overlaps an upload)."""
+def _checksummed(files: dict[str, Path], sidecar: Sidecar):
+    """The sidecar's bytes, made in a thread from files opened now: each file's size and blake2b set as its
+    ``files``, then the JSON (a put that moves or removes the paths meanwhile does not matter; hashlib releases the
+    GIL and the upload mostly waits on its socket, so both overlap the data's upload instead of following it)."""
     from concurrent.futures import ThreadPoolExecutor
 
     handles = {name: open(path, "rb") for name, path in files.items()}
 
-    def sums() -> dict[str, FileSum]:
+    def make() -> bytes:
         found = {}
         for name, handle in handles.items():
             digest = hashlib.blake2b(digest_size=16)
             while chunk := handle.read(8 << 20):
                 digest.update(chunk)
             found[name] = FileSum(os.fstat(handle.fileno()).st_size, digest.hexdigest())
-        return found
+        sidecar.files = found
+        return dumps(sidecar.to_json()).encode()
 
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="vitok-checksum") as pool:
-            yield pool.submit(sums)
+            yield pool.submit(make)
     finally:
         for handle in handles.values():
             handle.close()
