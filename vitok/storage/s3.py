@@ -18,6 +18,10 @@ How the store's operations map (``roots.StoreRoot``):
 - ``put`` uploads a finished local file: one PutObject up to ``MULTIPART_BYTES``, else a multipart upload, which is
   invisible until it completes (``If-None-Match: *`` on the completion when exclusive) and aborted on any error; a
   killed upload is listed by ``leftovers`` (ListMultipartUploads) and aborted by the next run of its shard.
+- ``read``, ``read_range``, ``open``, ``checksum``, ``fetch`` and ``local_copy`` (a whole shard in one GET) are GETs
+  whose body, when a connection drops midway, is asked for again from the first byte missing (``_download``).
+- a conditional write answered 409 (ConditionalRequestConflict) is settled by a HEAD, or sent again
+  (``_conditional_put``; a multipart upload begun again).
 - ``touch`` rewrites a heartbeat and returns its LastModified: the server's clock, never the hosts'.
 - ``staging`` is local temporary space of the process (``$TMPDIR/vitok-staging/<store>/<pid>-<token>``), holding only
   the shards being written.
