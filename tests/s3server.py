@@ -1,6 +1,7 @@
 """A real S3 endpoint on loopback for the tests: moto's server (``ThreadedMotoServer``, any free port), and a small
-proxy in front of it that counts every request and can answer chosen ones with a fault instead (503 SlowDown, a
-connection dropped before or after the request reached the server, 403 for a key id). Only 127.0.0.1 is talked to.
+proxy in front of it that counts every request and can answer chosen ones with a fault instead (503 SlowDown, 409
+ConditionalRequestConflict, a connection dropped before or after the request reached the server or in the middle of
+the answer's body, 403 for a key id). Only 127.0.0.1 is talked to.
 The fixtures (``moto_endpoint``: one server for the session; ``s3``: a fresh state, the bucket and a proxy per test,
 its ``AWS_*`` variables set for the test) are shared with every test module through conftest.py.
 
@@ -15,8 +16,10 @@ import logging
 import os
 import re
 import socket
+import struct
 import threading
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,18 +32,27 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
              b'rate.</Message></Error>')
 REFUSED = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidAccessKeyId</Code><Message>The AWS Access Key '
            b'Id you provided does not exist in our records.</Message></Error>')
+CONFLICT = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ConditionalRequestConflict</Code><Message>A '
+            b'conflicting conditional operation is currently in progress against this resource. Please try '
+            b'again.</Message></Error>')
 
 
 @dataclass
 class Fault:
     """Answer the next ``times`` requests matching ``method`` and ``path`` (a regex on path and query) with
-    ``action``: ``503`` (SlowDown), ``reset`` (the connection dropped, the request never forwarded), ``lose`` (the
-    request forwarded and done, the answer dropped), ``hang`` (held until the proxy stops)."""
+    ``action``: ``503`` (SlowDown), ``409`` (ConditionalRequestConflict, the request never forwarded), ``reset`` (the
+    connection dropped, the request never forwarded), ``lose`` (the request forwarded and done, the answer dropped),
+    ``cut`` / ``cut-reset`` (the answer's status and headers sent, with the whole body's Content-Length, then only
+    its first ``after`` bytes before the connection is closed / reset with an RST), ``hang`` (held until the proxy
+    stops). ``then``, when given, runs as the fault fires, before it is answered (another writer's request landing
+    meanwhile)."""
 
     method: str
     path: str
     action: str
     times: int = 1
+    after: int = 0
+    then: Callable[[], None] | None = None
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -54,6 +66,7 @@ class Seen:
     status: int
     sent: int  # request body bytes
     received: int  # response body bytes
+    range: str = ""  # the request's Range header
 
 
 @dataclass
@@ -107,12 +120,17 @@ class Proxy:
                     fault = next((f for f in proxy.faults if f.matches(self.command, self.path)), None)
                     if fault is not None:
                         fault.hits += 1
+                if fault is not None and fault.then is not None:
+                    fault.then()
                 if proxy.refused_key and f"Credential={proxy.refused_key}/" in self.headers.get("Authorization", ""):
                     proxy._note(self.command, self.path, 403, len(body), len(REFUSED))
                     return self._reply(403, REFUSED)
                 if fault is not None and fault.action == "503":
                     proxy._note(self.command, self.path, 503, len(body), len(SLOW_DOWN))
                     return self._reply(503, SLOW_DOWN)
+                if fault is not None and fault.action == "409":
+                    proxy._note(self.command, self.path, 409, len(body), len(CONFLICT))
+                    return self._reply(409, CONFLICT)
                 if fault is not None and fault.action == "reset":
                     proxy._note(self.command, self.path, 0, len(body), 0)
                     return self._drop()
@@ -132,7 +150,9 @@ class Proxy:
                     data = response.read()
                 finally:
                     upstream.close()
-                proxy._note(self.command, self.path, response.status, len(body), len(data))
+                cut = fault is not None and fault.action in ("cut", "cut-reset")
+                proxy._note(self.command, self.path, response.status, len(body),
+                            min(fault.after, len(data)) if cut else len(data), self.headers.get("Range", ""))
                 if fault is not None and fault.action == "lose":
                     return self._drop()
                 self.send_response(response.status)
@@ -144,6 +164,13 @@ class Proxy:
                 length = response.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", length or str(len(data)))  # (HEAD: the object's size)
                 self.end_headers()
+                if cut:
+                    self.wfile.write(data[: fault.after])
+                    if fault.action == "cut-reset":  # closed with an RST, not a FIN: the client's read is reset
+                        self.close_connection = True
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return self.connection.close()
+                    return self._drop()
                 if self.command != "HEAD":
                     self.wfile.write(data)
 
@@ -154,12 +181,13 @@ class Proxy:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def _note(self, method: str, path: str, status: int, sent: int, received: int) -> None:
+    def _note(self, method: str, path: str, status: int, sent: int, received: int, range: str = "") -> None:
         with self.lock:
-            self.seen.append(Seen(method, path, status, sent, received))
+            self.seen.append(Seen(method, path, status, sent, received, range))
 
-    def inject(self, method: str, path: str, action: str, times: int = 1) -> Fault:
-        fault = Fault(method, path, action, times)
+    def inject(self, method: str, path: str, action: str, times: int = 1, after: int = 0,
+               then: Callable[[], None] | None = None) -> Fault:
+        fault = Fault(method, path, action, times, after, then)
         with self.lock:
             self.faults.append(fault)
         return fault

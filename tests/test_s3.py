@@ -319,6 +319,126 @@ def test_a_slurm_array_with_gpus_children_writes_one_bucket_at_once_each_unit_on
     assert cli("verify", remote, "--storage-option", f"endpoint_url={s3.endpoint}").returncode == 0
 
 
+# ---- reads whose answer is cut midway -----------------------------------------------------------------------------
+
+
+def _tokens(url: str) -> dict:
+    with vitok.open(url) as store:
+        return {key: store.get(key) for key in store.keys()}
+
+
+def test_reads_cut_mid_body_are_resumed_and_give_the_same_tokens(s3):
+    from vitok.bench.store import synthetic_store
+
+    synthetic_store(_root(), 8, 16, 256, per_shard=4)  # two shards of 4 images x 16 rows x 256 float16
+    remote = f"s3://{BUCKET}/feats"
+    expected = _tokens(remote)
+    s3.proxy.clear()
+    row_bytes = 16 * 256 * 2
+    s3.proxy.inject("GET", r"/shards/shard-000000\.h5", "cut", times=2, after=row_bytes // 3)
+    s3.proxy.inject("GET", r"/shards/shard-000001\.h5", "cut-reset", times=2, after=row_bytes // 2)
+    got = _tokens(remote)
+    assert [f.hits for f in s3.proxy.faults] == [2, 2]
+    assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in expected)
+    resumed = [s.range for s in s3.requests("GET", "/shards/shard-000000.h5")][:3]
+    first = int(resumed[0].split("=")[1].split("-")[0])  # the key's rows; then from the first byte still needed
+    assert resumed[1].startswith(f"bytes={first + row_bytes // 3}-") and resumed[1].split("-")[1] == \
+        resumed[0].split("-")[1], resumed
+    s3.proxy.clear()  # whole objects (a checksum's GET, the sidecars): cut after a few bytes, twice each
+    s3.proxy.inject("GET", r"/shards/shard-000000\.h5", "cut", times=2, after=4096)
+    s3.proxy.inject("GET", r"/shards/shard-000001\.json", "cut-reset", times=2, after=100)
+    result = cli("verify", remote, "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["images_ok"] == 8, result.stderr
+    assert [f.hits for f in s3.proxy.faults] == [2, 2]
+    assert _tokens(remote).keys() == expected.keys()
+
+
+def test_a_read_cut_every_time_stops_with_one_line_and_exit_75(s3):
+    from vitok.bench.store import synthetic_store
+
+    synthetic_store(_root(), 4, 16, 256, per_shard=4)
+    remote = f"s3://{BUCKET}/feats"
+    s3.proxy.inject("GET", r"/shards/shard-000000\.h5", "cut", times=1000, after=10)
+    result = cli("verify", remote, "--storage-option", "max_attempts=3")
+    assert result.returncode == 75, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("vitok: error: ") and "dropped while reading" in last and "rerun" in last, last
+    assert len(s3.requests("GET", "/shards/shard-000000.h5")) == 3  # bounded: max_attempts in all
+    quick = cli("verify", remote, "--quick", "--storage-option", "max_attempts=2")  # no checksum: opened by ranges
+    assert quick.returncode == 75 and "dropped while reading" in quick.stderr, quick.stderr  # unreachable, not damaged
+
+
+# ---- 409 ConditionalRequestConflict: a concurrent conditional write of the same key ------------------------------
+
+
+def test_a_conditional_write_answered_409_looks_then_loses_or_sends_again(s3, tmp_path):
+    from vitok.errors import StoreUnavailableError
+
+    root = _root(multipart_threshold="1MiB", multipart_chunksize="5MiB")
+
+    def theirs(key: str):  # another writer's object lands while ours is answered 409
+        return lambda: s3.direct.put_object(Bucket=BUCKET, Key=f"feats/{key}", Body=b"theirs")
+
+    s3.proxy.inject("PUT", r"/a\.json", "409")
+    assert root.create("a.json", b"mine") is not None and root.read("a.json") == b"mine"  # nobody's: sent again
+    assert [s.status for s in s3.requests("PUT", "/a.json")] == [409, 200]
+    s3.proxy.inject("PUT", r"/b\.json", "409", then=theirs("b.json"))
+    assert root.create("b.json", b"mine") is None and root.read("b.json") == b"theirs"  # lost, as to a 412
+    assert [s.status for s in s3.requests("PUT", "/b.json")] == [409]  # settled by a look, not sent again
+    version = root.stat("a.json").version
+    s3.proxy.inject("PUT", r"/a\.json", "409", then=theirs("a.json"))  # a swap: the object changed meanwhile
+    assert root.swap("a.json", b"again", version) is None and root.read("a.json") == b"theirs"
+
+    staged = tmp_path / "data.bin"
+    body = os.urandom(6 << 20)
+    for name, then, outcome in (("c.h5", None, True), ("d.h5", theirs("d.h5"), False)):
+        staged.write_bytes(body)
+        s3.proxy.inject("POST", rf"/{name}\?uploadId=", "409", then=then)  # the completion
+        assert root.put(name, staged, exclusive=True) is outcome
+        assert root.read(name) == (body if outcome else b"theirs")
+        begun = [s for s in s3.requests("POST", f"/{name}?uploads")]
+        assert len(begun) == (2 if outcome else 1)  # begun again only when nobody else's object is there
+        assert not s3.direct.list_multipart_uploads(Bucket=BUCKET).get("Uploads")  # none left open
+    s3.proxy.inject("PUT", r"/e\.json", "409", times=100)
+    with pytest.raises(StoreUnavailableError, match="409 ConditionalRequestConflict.*rerun"):
+        root.create("e.json", b"mine")
+    assert len(s3.requests("PUT", "/e.json")) == 5 and not root.exists("e.json")  # bounded
+
+
+# ---- whole shards: one GET each -----------------------------------------------------------------------------------
+
+
+def test_a_whole_shard_is_one_get_and_a_key_one_ranged_get(s3, tmp_path):
+    from vitok.bench.store import synthetic_store
+
+    synthetic_store(_root(), 24, 64, 1024, per_shard=12)  # two shards of 12 images x 64 rows x 1024 float16: 1.5 MB
+    remote = f"s3://{BUCKET}/feats"
+    vitok.open(remote).close()  # (the key index, built once and cached on this machine)
+
+    def gets() -> list[int]:
+        return [len(s3.requests("GET", f"/feats/shards/shard-00000{i}.h5")) for i in range(2)]
+
+    s3.proxy.clear()
+    with vitok.open(remote) as store:
+        shards = list(store.iter_shards(dtype=None))
+        assert gets() == [1, 1]  # each shard's object fetched once, not a GET per 1 MB chunk or 256 KiB block
+        key = store.keys()[17]
+        tokens = store.stored_rows(key)
+        assert gets() == [1, 2]  # one key: one ranged GET of its rows
+    assert s3.requests("GET", "/shard-000001.h5")[-1].received == 64 * 1024 * 2
+    keys, data, offsets = shards[1]
+    i = keys.index(key)
+    assert np.array_equal(data[offsets[i]:offsets[i + 1]], tokens)
+    s3.proxy.clear()
+    result = cli("verify", remote, "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["images_ok"] == 24, result.stderr
+    assert gets() == [1, 1]  # checksummed and opened from one copy
+    s3.proxy.clear()
+    cli("export", remote, str(tmp_path / "exported"), "--pool", "mean", check=True)
+    assert gets() == [2, 2]  # the export's check (as verify), then the shard's tokens
+    assert not [p for p in (tmp_path / "tmp").rglob("*") if p.is_file()]  # the copies are gone
+
+
 # ---- exports into a bucket ------------------------------------------------------------------------------------
 
 MARKER, PENDING = ".vitok-export.json", ".vitok-export-pending.json"

@@ -6,6 +6,8 @@ exclusive creation, the claims and their heartbeats (``claims.py``), the index's
 once, over these operations:
 
     read(name) / read_range(name, start, size) / open(name)    bytes, a byte range, a seekable file to read
+    local_copy(name)                                            a local file of it while the context lasts (the file
+                                                                itself; a bucket's object in one GET: a whole shard)
     stat(name) -> Entry | None, list(folder) -> [Entry]         size, version (changes on every rewrite), the store's
                                                                 time of the last write; entries directly in a folder
     walk(folder) -> [Entry]                                     every file under a folder, at any depth (one paged
@@ -40,6 +42,7 @@ import shutil
 import stat as stat_module
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -152,6 +155,15 @@ class StoreRoot(ABC):
         path = self.local_path(name)
         assert path is not None, "a root that is not a local folder implements fetch"
         return path
+
+    @contextlib.contextmanager
+    def local_copy(self, name: str) -> Iterator[Path]:
+        """A local file holding ``name``'s bytes while the context lasts, for reading all of it: the file itself in
+        a local folder; elsewhere a copy in this process's temporary space (one request), removed at exit. A reader
+        opened inside keeps its file open after (POSIX), so the space is held only while it is read."""
+        path = self.local_path(name)
+        assert path is not None, "a root that is not a local folder implements local_copy"
+        yield path
 
     def checksum(self, name: str) -> str:
         """blake2b-128 of the file's bytes (what sidecars record), read in blocks."""
