@@ -223,7 +223,6 @@ def test_a_decode_worker_killed_mid_video_sends_no_piece_twice_and_a_video_that_
     assert not vitok.verify(tmp_path / "out").problems
 
 
-@pytest.mark.slow
 @needs_av
 @needs_torchcodec
 def test_a_store_made_when_the_patch_limit_was_lower_resumes_with_its_own_limit(tmp_path):
