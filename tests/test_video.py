@@ -497,9 +497,10 @@ def test_video2dataset_tars_give_the_tokens_of_the_loose_videos(tmp_path):
             continue
         samples.append((key, {"mp4": (loose / f"{key}.mp4").read_bytes(), "txt": f"clip {index}".encode(),
                               "json": json.dumps(meta).encode()}))
-    write_tar(tmp_path / "00000.tar", samples)
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "00000.tar", samples)
     common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", token_budget=1)  # one video per batch
-    summary = vitok.extract([str(tmp_path / "00000.tar")], tmp_path / "tars", input_format="video", **common)
+    summary = vitok.extract([str(tmp_path / "shards")], tmp_path / "tars", **common)  # told from its members
     assert summary.ok == 2 and summary.skipped == 1
     vitok.extract([str(loose)], tmp_path / "files", **common)
     tars, files = vitok.open(tmp_path / "tars"), vitok.open(tmp_path / "files")
@@ -524,3 +525,86 @@ def test_a_folder_of_videos_planned_first_is_extracted_as_videos(tmp_path):
     vitok.extract([], tmp_path / "out", model="qwen3-vl-tiny", workers=0)  # the plan's media, not the default's
     store = vitok.open(tmp_path / "out")
     assert store.header.settings.video is not None and store.info("a.mp4")["video"]["indices"] == [0, 2, 5, 7]
+
+
+@needs_av
+def test_video_tars_are_told_from_their_members_and_a_mixed_tar_is_refused(tmp_path):
+    import json
+
+    from helpers import vitok as cli
+    from test_archives import encode, sample_images, write_tar
+
+    from vitok.inputs.readers import ReaderOptions
+    from vitok.inputs.readers.webdataset import WebDatasetReader
+    from vitok.inputs.sources import list_inputs
+    from vitok.storage.plan import UnitRef
+
+    def read(tar, medium):  # the samples a decode worker is given for one planned tar
+        unit = UnitRef(0, "00000", "wds", "", 0, 1, None, 0, inline={"path": str(tmp_path / tar), "stem": "00000"})
+        return {s.key: s for s in WebDatasetReader(ReaderOptions(media=medium)).samples(unit)}
+
+    clip = video_clip(tmp_path / "clip.mp4", frames=4).read_bytes()
+    jpeg = encode(sample_images(1)[0], "JPEG")
+    failed = json.dumps({"status": "failed_to_download", "error_message": "HTTP Error 404"}).encode()
+    audio = clip[:4] + b"ftypM4A " + clip[12:]  # an m4a's box: never taken for a video by its bytes
+    tars = {"videos/00000.tar": [("0", {"json": failed}), ("1", {"mp4": clip, "json": b"{}"})],  # video2dataset's
+            "unnamed/00000.tar": [("0", {"bin": clip, "txt": b"a clip, its member named .bin"})],  # by content
+            "thumbs/00000.tar": [("0", {"jpg": jpeg, "mp4": clip})],  # a video with its thumbnail: a video sample
+            "images/00000.tar": [("0", {"jpg": jpeg, "m4a": audio})],
+            "mixed/00000.tar": [("0", {"jpg": jpeg}), ("1", {"mp4": clip})]}
+    for name, samples in tars.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        write_tar(tmp_path / name, samples)
+    media = {name.split("/")[0]: list_inputs([str(tmp_path / name.split("/")[0])]).media for name in tars
+             if not name.startswith("mixed")}
+    assert media == {"videos": "video", "unnamed": "video", "thumbs": "video", "images": "image"}
+    with pytest.raises(UsageError, match="image and video samples .*one store holds one kind") as refused:
+        list_inputs([str(tmp_path / "mixed")])
+    assert "\n" not in str(refused.value) and "mixed/00000.tar [0.jpg]" in str(refused.value)
+    result = cli("extract", str(tmp_path / "mixed"), "-o", str(tmp_path / "out"), "--model", "qwen3-vl-tiny")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    # a medium named: the other medium's samples are recorded as skipped, naming the flag that reads them
+    listing = list_inputs([str(tmp_path / "mixed")], input_format="wds")
+    assert listing.media == "image"
+    for medium, skipped, flag in (("image", "00000/1", "--input-format video"),
+                                  ("video", "00000/0", "--input-format wds")):
+        samples = read("mixed/00000.tar", medium)
+        assert samples[skipped].skip.endswith(f"extract it into another store with {flag}")
+        assert [k for k, s in samples.items() if s.skip is None] == [k for k in samples if k != skipped]
+    unnamed = read("unnamed/00000.tar", "video")["00000/0"]
+    assert unnamed.data == clip and unnamed.member == "0.bin"
+
+
+@needs_av
+@needs_torchcodec
+def test_remote_videos_over_http_give_the_tokens_of_the_local_files(tmp_path, monkeypatch):
+    import tempfile
+
+    from helpers import serve_folder
+    from test_archives import write_tar
+
+    import vitok
+    from vitok.inputs.sources import list_inputs
+
+    pytest.importorskip("aiohttp", reason="fsspec reads https:// through aiohttp (the test extra has it)")
+    folder = video_folder(tmp_path / "site", CLIPS)
+    write_tar(folder / "00000.tar", [("0", {"mp4": (folder / "a.mp4").read_bytes(), "json": b"{}"})])
+    scratch = tmp_path / "scratch"  # the temporary space remote videos are streamed to
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32")
+    with serve_folder(folder) as (url, requests):
+        (tmp_path / "list.txt").write_text(f"{url}/a.mp4\n{url}/b.webm\n{url}/gone.mp4\n")
+        summary = vitok.extract([], tmp_path / "remote", files_from=str(tmp_path / "list.txt"), **common)
+        assert summary.ok == 2 and summary.failed == 1  # not there now: recorded as failed, a later run retries it
+        assert list_inputs([f"{url}/00000.tar"]).media == "video"  # a remote tar of videos, told from its members
+        assert any(r.startswith("GET /a.mp4") for r in requests)
+    assert list(scratch.iterdir()) == []  # every local copy removed once decoded
+    vitok.extract([str(folder)], tmp_path / "local", **common)
+    remote, local = vitok.open(tmp_path / "remote"), vitok.open(tmp_path / "local")
+    assert "not found" in remote.failed[f"{url}/gone.mp4"]
+    for name, *_ in CLIPS:
+        key = f"{url}/{name}"
+        assert remote.info(key)["source"] == key and remote.info(key)["video"] == local.info(name)["video"]
+        assert remote.info(key)["source_sha256"] == local.info(name)["source_sha256"]
+        np.testing.assert_array_equal(remote[key], local[name])

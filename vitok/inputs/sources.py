@@ -265,8 +265,35 @@ def remote_folder(url: str, kind: str) -> list[str]:
 
     fs, path = fsspec_module().core.url_to_fs(url)
     protocol = url.split("://", 1)[0]
-    return sorted(f"{protocol}://{p.lstrip('/')}" if protocol != "file" else f"file://{p}"
-                  for p in fs.find(path) if kind_of(p) == kind)
+    return sorted(p if is_url(p) else f"{protocol}://{p.lstrip('/')}" if protocol != "file" else f"file://{p}"
+                  for p in fs.find(path) if kind_of(p) == kind)  # (http's file system lists whole URLs)
+
+
+def check_protocol(url: str, _checked: set[str] = set()) -> None:  # noqa: B006  (a cache: once per protocol)
+    """UsageError naming the package to install when fsspec cannot read ``url``'s protocol here."""
+    protocol = url.split("://", 1)[0]
+    if protocol in _checked:
+        return
+    from .readers.remote import fsspec_module
+
+    try:
+        fsspec_module().core.url_to_fs(url)
+    except ImportError as exc:
+        raise UsageError(f"{url}: {exc}") from None
+    _checked.add(protocol)
+
+
+def remote_is_folder(url: str) -> bool:
+    """The URL names a folder on its file system (False when that cannot be told: then it is taken as a file)."""
+    from .readers.remote import fsspec_module
+
+    try:
+        fs, path = fsspec_module().core.url_to_fs(url)
+        return bool(fs.isdir(path))
+    except ImportError as exc:
+        raise UsageError(f"{url}: {exc}") from None
+    except Exception:
+        return False
 
 
 def is_readable(path: str) -> bool:
@@ -418,9 +445,18 @@ class _Collector:
                 self._set_kind(self.format, entry)
                 self.archives += remote_folder(entry, self.format)
                 return
+            if kind is None and self.format == "video":  # a video named without an extension, or a folder of them
+                videos = remote_folder(entry, "video") if remote_is_folder(entry) else [entry]
+                for video in videos:
+                    self._remote_video(video)
+                return
+            if kind == "video" and self.format in ("auto", "video"):
+                self._remote_video(entry)
+                return
             if kind not in ("wds", "parquet") or (self.format == "video" and kind != "wds"):
                 raise UsageError(f"{entry}: remote inputs must be .tar or .parquet files (or a folder of them with "
-                                 "--input-format wds|parquet; videos: .tar files of them)")
+                                 "--input-format wds|parquet), or videos (a folder of them with --input-format "
+                                 "video); a remote image is read from a tar or parquet file")
             self._set_kind(kind, entry)
             self.archives.append(entry)
             return
@@ -444,6 +480,12 @@ class _Collector:
             self.roots.setdefault(root, []).append(_normal(entry))
         else:
             self.archives.append(os.path.normpath(path))
+
+    def _remote_video(self, url: str) -> None:
+        """A video file at a URL: a loose input keyed by the URL as given, fetched by its decode worker."""
+        check_protocol(url)
+        self._set_kind("video", url)
+        self.roots.setdefault(Root(""), []).append(url)
 
     def folder(self, given: str, path: str, prefix: str = "") -> None:
         kind = _folder_kind(path, self.format, self.stores)
@@ -511,6 +553,22 @@ def list_inputs(
     return _finish(collect, sources, files_from)
 
 
+def tar_medium(paths: list[str]) -> str:
+    """``image`` or ``video``: what webdataset tars hold, decided from their first members (extension, else content:
+    ``readers.webdataset.tar_media``); image when no sample looked at holds either (as before media were told apart).
+    Tars whose samples hold images and videos are refused: one store holds one kind."""
+    from .readers.webdataset import tar_media
+
+    found = tar_media(paths)
+    if found.medium == "mixed":
+        raise UsageError(f"these tars hold image and video samples ({found.image}, {found.video}); one store holds "
+                         "one kind: pass --input-format wds for the images or --input-format video for the videos "
+                         "(the other kind's samples are recorded as skipped) and extract the other into another -o")
+    if found.medium == "video":
+        logger.info("webdataset tars of videos (%s): extracted as videos", found.video)
+    return found.medium or "image"
+
+
 def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None) -> Listing:
     what = ", ".join(sources) or files_from or "(no sources)"
     left_out = collect.stores.left_out
@@ -531,8 +589,10 @@ def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None)
                                  "clash: give them in separate runs")
             stems[stem] = path
         missing = {p for p in paths if not is_url(p) and not os.path.exists(p)}
-        return ArchiveListing(collect.kind, paths, collect.ignored, missing, collect.errors,
-                              media="video" if collect.format == "video" else "image")
+        media = "video" if collect.format == "video" else "image"
+        if collect.kind == "wds" and collect.format == "auto":
+            media = tar_medium(paths)
+        return ArchiveListing(collect.kind, paths, collect.ignored, missing, collect.errors, media=media)
     roots = list(collect.roots)
     keys = []
     for root in roots:

@@ -42,11 +42,12 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
     if sample.skip is not None:
         record.status, record.reason = "skipped", sample.skip
         return Item(record)
+    source = None
     try:
         if sample.data is None:
             source = preprocessor.read(sample.source)  # a video is hashed as it is read; its decoder opens the file
             record.source_bytes, record.source_mtime_ns = source.size, source.mtime_ns
-            data = source.data if source.data is not None else sample.source
+            data = source.data if source.data is not None else source.local or sample.source  # (local: a URL's copy)
             record.source_sha256 = source.sha256 or source_sha256(data)
         else:
             data = sample.data
@@ -62,6 +63,9 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
     except Exception as exc:
         record.status, record.reason = "skipped", f"internal error while decoding: {type(exc).__name__}: {exc}"
         return Item(record)
+    finally:
+        if source is not None:
+            source.close()
     record.grid, record.size = list(image.grid_thw), list(image.original_size)
     record.decoder, record.notes = image.decoder, (image.notes or None)
     if isinstance(image, PreparedVideo):  # which frames were encoded, and when

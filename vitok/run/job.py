@@ -200,7 +200,7 @@ def prepare(sources: list[str], out: Path | StoreRoot, options: ExtractOptions, 
     elif plan is None:
         raise UsageError("give at least one source folder or file, '-' for stdin, or --files-from (or -o a store "
                          "that already holds a plan, to resume it)")
-    if isinstance(listing, FileListing) and listing.media == "video" and options.input_format == "auto":
+    if listing is not None and listing.media == "video" and options.input_format == "auto":
         options = options.replace(input_format="video")  # recorded: a resume lists videos again
     video = None
     if options.input_format == "video":

@@ -20,7 +20,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ..sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, NotRegularFileError
+from ..sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, NotRegularFileError, sniff_video
 from . import InputReader, KeyRule, Sample, UnitReadError
 from .remote import open_binary
 
@@ -28,6 +28,10 @@ KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's b
 META_MEMBER = re.compile(r"__[^/]*__($|/)")
 IMAGE_TYPES = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 VIDEO_TYPES = frozenset(ext.lstrip(".") for ext in VIDEO_EXTENSIONS)
+# members that are never a sample's image or video, whatever their bytes (audio in an MP4 box is ``ftyp`` too)
+NOT_MEDIA_TYPES = frozenset("txt json cls cls2 caption text npy npz pth pickle pyd mp3 m4a aac wav flac ogg oga opus "
+                            "wma parquet".split())
+SNIFF_BYTES = 512  # the head of a member whose name says nothing, read to tell a video container by its content
 
 
 @dataclass
@@ -60,6 +64,23 @@ def is_video_extension(extension: str) -> bool:
     return extension.lower().rsplit(".", 1)[-1] in VIDEO_TYPES
 
 
+def is_sniffable(extension: str) -> bool:
+    """A member whose extension is neither an image's, a video's nor a known other kind (text, json, audio): its
+    content decides whether it is a video."""
+    last = extension.lower().rsplit(".", 1)[-1]
+    return last not in IMAGE_TYPES and last not in VIDEO_TYPES and last not in NOT_MEDIA_TYPES
+
+
+def member_medium(extension: str, head: bytes | None) -> str | None:
+    """``image`` or ``video`` for a sample's member, by its extension, else by its first bytes (``sniff_video``;
+    ``head`` None: not read); None when it is neither."""
+    if is_image_extension(extension):
+        return "image"
+    if is_video_extension(extension):
+        return "video"
+    return "video" if head is not None and is_sniffable(extension) and sniff_video(head) else None
+
+
 def _status(members: dict[str, Member]) -> str | None:
     """A sample's json ``status`` when it is not ``success`` (with its ``error_message``), else None."""
     info = members.get("json")
@@ -80,8 +101,9 @@ class WebDatasetReader(InputReader):
 
     kind = "wds"
 
-    def _wanted(self, extension: str) -> bool:
-        return (is_video_extension if self.options.media == "video" else is_image_extension)(extension)
+    def _wanted(self, extension: str, member: Member | None = None) -> bool:
+        head = member.data[:SNIFF_BYTES] if member is not None and member.data is not None else None
+        return member_medium(extension, head) == self.options.media
 
     def samples(self, unit, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
         archive = unit.archive()
@@ -119,7 +141,7 @@ class WebDatasetReader(InputReader):
                     group[extension] = member
                     tar.members = []  # streaming: do not keep every member's header
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            if group_key is not None and any(self._wanted(e) for e in group):
+            if group_key is not None and any(self._wanted(e.split("#")[0], m) for e, m in group.items()):
                 yield self._sample(stem, path, group_key, group, seen)
             where = f"after member {last_member}" if last_member else "before the first member"
             raise UnitReadError(f"{path} is damaged or truncated {where}: {type(exc).__name__}: {exc}") from None
@@ -129,7 +151,7 @@ class WebDatasetReader(InputReader):
     def _sample(self, stem: str, path: str, key: str, members: dict[str, Member], seen: KeyRule) -> Sample:
         name, n = seen.assign(key)
         vitok_key = f"{stem}/{key}"
-        images = [e for e in members if self._wanted(e.split("#")[0])]
+        images = [e for e, m in members.items() if self._wanted(e.split("#")[0], m)]
         what = "video" if self.options.media == "video" else "image"
         readable = [e for e in images if members[e].data is not None]
         meta = self._meta(members)
@@ -143,6 +165,13 @@ class WebDatasetReader(InputReader):
                               skip=f"the {what} member is {first.not_regular}: not read (links in a tar are not "
                                    "followed, as webdataset)")
             kinds = ", ".join(sorted(members)) or "nothing"
+            other = _other_medium(members, self.options.media)
+            if other is not None:  # a sample of the other medium: one store holds images or videos, never both
+                flag = "video" if self.options.media == "image" else "wds"
+                return Sample(vitok_key, path, member=other, meta=meta,
+                              skip=f"a{'n' if what == 'video' else ''} {'video' if what == 'image' else 'image'} "
+                                   f"sample ({other}) in a store of {what}s: one store holds one kind; extract it "
+                                   f"into another store with --input-format {flag}")
             status = _status(members)  # the writer (video2dataset, img2dataset) says why there is nothing
             why = f"; its status is {status}" if status is not None else ""
             return Sample(vitok_key, path, member=key, meta=meta,
@@ -170,3 +199,81 @@ class WebDatasetReader(InputReader):
                 if data:
                     meta["json"] = data
         return meta or None
+
+
+def _other_medium(members: dict[str, Member], media: str) -> str | None:
+    """The name of a sample's first member of the medium other than ``media`` (None: it has none)."""
+    for extension, member in members.items():
+        head = member.data[:SNIFF_BYTES] if member.data is not None else None
+        found = member_medium(extension.split("#")[0], head)
+        if found is not None and found != media:
+            return member.name
+    return None
+
+
+@dataclass
+class TarMedia:
+    """What the first samples of webdataset tars hold: the first image and video member seen (a tar's path and the
+    member's name), and what could not be read (a missing or damaged tar: its samples are read, or recorded, later)."""
+
+    image: str | None = None
+    video: str | None = None
+    unread: list[str] | None = None
+
+    @property
+    def medium(self) -> str | None:
+        """``image``, ``video``, ``mixed`` or None (no sample seen holds either)."""
+        if self.image and self.video:
+            return "mixed"
+        return "video" if self.video else "image" if self.image else None
+
+
+SCAN_MEMBERS = 256  # members of a tar looked at to tell what it holds (a tar's samples are alike: its first decide)
+SCAN_BYTES = 256 << 20  # nor more of it than this read (a stream that cannot seek reads what it skips)
+SCAN_TARS = 8  # tars looked at before giving up (a shard of only failed downloads holds no media)
+
+
+def tar_media(paths: list[str], members: int = SCAN_MEMBERS, limit: int = SCAN_BYTES,
+              tars: int = SCAN_TARS) -> TarMedia:
+    """Whether webdataset tars hold images or videos, from their first members: a member is an image or a video by
+    its extension, or (a name that says nothing) by its first bytes. Tars are looked at in order until one shows a
+    medium (at most ``tars``); within one, at most ``members`` members and ``limit`` bytes, stopping once both media
+    are seen. Never raises: a tar that cannot be read is noted in ``unread`` and the next one looked at."""
+    found = TarMedia(unread=[])
+
+    def ended(sample: dict[str, str]) -> bool:  # a sample with a video is a video's (its images: thumbnails)
+        medium = "video" if "video" in sample else "image" if "image" in sample else None
+        if medium is not None and getattr(found, medium) is None:
+            setattr(found, medium, sample[medium])
+        return found.medium == "mixed"
+
+    for path in paths[:tars]:
+        try:
+            stream = open_binary(path)
+        except OSError:  # missing now (recorded when read), or not a regular file
+            found.unread.append(path)
+            continue
+        sample: dict[str, str] = {}
+        sample_key = None
+        try:
+            with stream, tarfile.open(fileobj=stream, mode="r:*" if stream.seekable() else "r|*") as tar:
+                for count, info in enumerate(tar):
+                    if count >= members or tar.offset > limit:
+                        break
+                    key, extension = split_member(info.name)
+                    if key is None or info.isdir() or META_MEMBER.match(info.name) or not info.isreg():
+                        continue
+                    if key != sample_key:
+                        if ended(sample):
+                            return found
+                        sample, sample_key = {}, key
+                    head = tar.extractfile(info).read(SNIFF_BYTES) if is_sniffable(extension) else None
+                    medium = member_medium(extension, head)
+                    if medium is not None:
+                        sample.setdefault(medium, f"{path} [{info.name}]")
+                    tar.members = []
+        except (tarfile.TarError, EOFError, OSError, ValueError):
+            found.unread.append(path)
+        if ended(sample) or found.medium is not None:
+            return found
+    return found
