@@ -597,14 +597,43 @@ def test_remote_videos_over_http_give_the_tokens_of_the_local_files(tmp_path, mo
         (tmp_path / "list.txt").write_text(f"{url}/a.mp4\n{url}/b.webm\n{url}/gone.mp4\n")
         summary = vitok.extract([], tmp_path / "remote", files_from=str(tmp_path / "list.txt"), **common)
         assert summary.ok == 2 and summary.failed == 1  # not there now: recorded as failed, a later run retries it
+        assert "not found" in vitok.open(tmp_path / "remote").failed[f"{url}/gone.mp4"]
+        (folder / "gone.mp4").write_bytes((folder / "a.mp4").read_bytes())
+        again = vitok.extract([], tmp_path / "remote", files_from=str(tmp_path / "list.txt"), **common)
+        assert again.ok == 1 and again.failed == 0
         assert list_inputs([f"{url}/00000.tar"]).media == "video"  # a remote tar of videos, told from its members
         assert any(r.startswith("GET /a.mp4") for r in requests)
     assert list(scratch.iterdir()) == []  # every local copy removed once decoded
     vitok.extract([str(folder)], tmp_path / "local", **common)
     remote, local = vitok.open(tmp_path / "remote"), vitok.open(tmp_path / "local")
-    assert "not found" in remote.failed[f"{url}/gone.mp4"]
+    assert not remote.failed and remote.info(f"{url}/gone.mp4")["video"] == local.info("a.mp4")["video"]
     for name, *_ in CLIPS:
         key = f"{url}/{name}"
         assert remote.info(key)["source"] == key and remote.info(key)["video"] == local.info(name)["video"]
         assert remote.info(key)["source_sha256"] == local.info(name)["source_sha256"]
         np.testing.assert_array_equal(remote[key], local[name])
+
+
+def test_a_remote_video_larger_than_the_temporary_space_is_not_fetched(tmp_path, small_tmpfs):
+    import hashlib
+    from pathlib import Path
+
+    from helpers import serve_folder
+
+    from vitok.errors import InputUnavailableError
+    from vitok.inputs.readers.remote import fetch_to_temporary
+
+    pytest.importorskip("aiohttp", reason="fsspec reads https:// through aiohttp (the test extra has it)")
+    (tmp_path / "big.mp4").write_bytes(b"\0" * (300 << 10))  # more than the 256 KiB tmpfs holds
+    (tmp_path / "small.mp4").write_bytes(b"\1" * (100 << 10))
+    with serve_folder(tmp_path) as (url, requests):
+        with pytest.raises(InputUnavailableError, match=r"307200 bytes, more than the \d+ bytes free .*TMPDIR"):
+            fetch_to_temporary(f"{url}/big.mp4", str(small_tmpfs))
+        assert not any(r.startswith("GET /big.mp4") for r in requests)  # its size asked for, its bytes never
+        with pytest.raises(InputUnavailableError, match="not found"):
+            fetch_to_temporary(f"{url}/gone.mp4", str(small_tmpfs))
+        fetched = fetch_to_temporary(f"{url}/small.mp4", str(small_tmpfs))
+    assert fetched.size == 100 << 10 and fetched.sha256 == hashlib.sha256(b"\1" * (100 << 10)).hexdigest()
+    assert Path(fetched.local).read_bytes() == b"\1" * (100 << 10)
+    fetched.close()
+    assert list(small_tmpfs.iterdir()) == []

@@ -5,7 +5,7 @@ for gs://, aiohttp for https://).
 A remote video is never held in memory: ``fetch_to_temporary`` streams it (fsspec's ``get_file``, a block at a time)
 into a file of the local temporary space (``TMPDIR``), hashing it as it comes; its decoder opens that copy, which is
 removed once the video is decoded. One video per decode worker is held there at a time; one larger than the space
-free there is refused before it is fetched.
+free there is not fetched (recorded as failed: a later run, with more space, retries it).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from typing import BinaryIO
 
-from ...errors import ImageError, InputUnavailableError, UsageError
+from ...errors import InputUnavailableError, UsageError
 from ..decode import SourceFile
 from ..identity import Sha256
 from ..sources import is_url, open_regular
@@ -65,9 +65,9 @@ class _HashingWriter(io.RawIOBase):
 
 def fetch_to_temporary(url: str, folder: str | None = None) -> SourceFile:
     """A remote file streamed to a temporary local file (``SourceFile.local``; the caller's ``close`` removes it),
-    with its size and sha256. InputUnavailableError when it cannot be fetched now (missing, the network, no space
-    left: a later run retries it); ImageError when it is larger than the temporary space free (``folder``, else
-    ``TMPDIR``)."""
+    with its size and sha256. InputUnavailableError when it cannot be fetched now (missing, the network, larger than
+    the temporary space free in ``folder`` (else ``TMPDIR``), checked before fetching when the size is known, or
+    that space filled while fetching): recorded as failed, a later run retries it."""
     fs, inner = fsspec_module().core.url_to_fs(url)
     folder = folder or tempfile.gettempdir()
     try:
@@ -78,8 +78,8 @@ def fetch_to_temporary(url: str, folder: str | None = None) -> SourceFile:
         size = None
     free = shutil.disk_usage(folder).free
     if size is not None and size > free:
-        raise ImageError(f"refused: {size} bytes, more than the {free} bytes free in the temporary space {folder} "
-                         "(set TMPDIR to a larger one)")
+        raise InputUnavailableError(f"cannot fetch: {size} bytes, more than the {free} bytes free in the temporary "
+                                    f"space {folder} (set TMPDIR to a larger one; a later run retries it)")
     handle = tempfile.NamedTemporaryFile(prefix="vitok-remote-", suffix=os.path.splitext(inner)[1][:16], dir=folder,
                                          delete=False)
     source = SourceFile(None, 0, local=handle.name)
