@@ -168,8 +168,6 @@ def check_media(options: ExtractOptions, video: bool) -> None:
         raise UsageError(f"{flag} applies to {'images' if video else 'videos'}; these inputs are "
                          f"{'videos' if video else 'images'}" + (" (their pixel budget: --video-min-pixels, "
                                                                  "--video-max-pixels)" if video else ""))
-    if video and options.engine != "local":
-        raise UsageError("--engine ray does not read videos yet; extract them with the local engine")
 
 
 def prepare(sources: list[str], out: Path | StoreRoot, options: ExtractOptions, stdin=None) -> Job:
