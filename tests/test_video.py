@@ -637,3 +637,24 @@ def test_a_remote_video_larger_than_the_temporary_space_is_not_fetched(tmp_path,
     assert Path(fetched.local).read_bytes() == b"\1" * (100 << 10)
     fetched.close()
     assert list(small_tmpfs.iterdir()) == []
+
+
+@needs_av
+@needs_torchcodec
+def test_decode_gpu_decodes_videos_exactly_on_the_cpu_saying_so(tmp_path, caplog):
+    import logging
+
+    import vitok
+
+    folder = video_folder(tmp_path / "videos", [("a.mp4", 8, (64, 64), 24)])
+    common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", device="cpu")
+    with caplog.at_level(logging.WARNING, logger="vitok"):
+        vitok.extract([str(folder)], tmp_path / "gpu", decode="gpu", **common)  # (images: a CUDA device needed)
+    said = [r.getMessage() for r in caplog.records if "--decode gpu" in r.getMessage()]
+    assert len(said) == 1 and "videos are decoded on the CPU, exactly" in said[0]
+    vitok.extract([str(folder)], tmp_path / "exact", **common)
+    gpu, exact = vitok.open(tmp_path / "gpu"), vitok.open(tmp_path / "exact")
+    assert gpu.header.settings.to_json() == exact.header.settings.to_json()  # the store says exact: it is
+    np.testing.assert_array_equal(gpu["a.mp4"], exact["a.mp4"])
+    assert gpu.info("a.mp4")["decoder"] == exact.info("a.mp4")["decoder"] == "torchcodec"
+    assert vitok.extract([str(folder)], tmp_path / "gpu", **common).shards_already_done == 1  # resumed without it

@@ -204,6 +204,11 @@ def prepare(sources: list[str], out: Path | StoreRoot, options: ExtractOptions, 
     if options.input_format == "video":
         reader_options.media = "video"  # (decided by the listing when the format was auto)
         check_media(options, video=True)
+        if options.decode == "gpu":  # nvJPEG takes JPEGs; a video is decoded exactly, as an image nvJPEG refuses
+            logger.warning("--decode gpu applies to JPEG images only: videos are decoded on the CPU, exactly, by "
+                           "--video-decoder %s (as with --decode exact; the store records exact)",
+                           options.video_decoder)
+            options = options.replace(decode="exact")
         video = video_for(source, options)
         preprocess = video.pixels  # the device normalises a video's patches with its processor's settings
     else:

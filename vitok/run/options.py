@@ -108,7 +108,8 @@ class ExtractOptions:
     fast_decode: bool = option(False, "Decode JPEGs at reduced DCT scale when the target is at least 2x smaller "
                                "(faster, not bit-exact).", "Preprocessing")
     decode: str = option("exact", "Where images are decoded. exact: on the CPU, as the reference. gpu: baseline JPEGs "
-                         "by nvJPEG on the CUDA device (not bit-exact; other images stay exact).", "Preprocessing",
+                         "by nvJPEG on the CUDA device (not bit-exact; other images stay exact; videos are always "
+                         "decoded exactly on the CPU).", "Preprocessing",
                          choices=DECODERS)
     allow_truncated: bool = option(False, "Decode truncated files as far as they go (the record says so).",
                                    "Preprocessing")
