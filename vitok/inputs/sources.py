@@ -440,6 +440,7 @@ class _Collector:
     def entry(self, entry: str, explicit: bool) -> None:
         """One path from the command line (explicit) or from a list."""
         if is_url(entry):
+            check_protocol(entry)  # the file system's package is here (s3fs, gcsfs, aiohttp): else a usage error now
             kind = kind_of(entry)
             if kind is None and self.format in ("wds", "parquet"):  # a remote folder of archives
                 self._set_kind(self.format, entry)
@@ -483,7 +484,6 @@ class _Collector:
 
     def _remote_video(self, url: str) -> None:
         """A video file at a URL: a loose input keyed by the URL as given, fetched by its decode worker."""
-        check_protocol(url)
         self._set_kind("video", url)
         self.roots.setdefault(Root(""), []).append(url)
 
