@@ -37,6 +37,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
+from urllib.parse import urlsplit
 
 from ..errors import UsageError
 from ..storage.layout import is_store
@@ -61,6 +62,14 @@ def is_url(text: str) -> bool:
     """``scheme://...`` (s3, gs, https, memory, file...): read through fsspec."""
     head = text.split("/", 1)[0]
     return head.endswith(":") and text[len(head):].startswith("//")
+
+
+def url_path(url: str) -> str:
+    """What a URL's name is judged by: an http(s) URL's path, without its query (a signed URL's ``?X-Amz-...``) or
+    fragment; any other URL whole (``#`` and ``?`` may be part of an object's key)."""
+    if url.lower().startswith(("http://", "https://")):
+        return urlsplit(url).path
+    return url
 
 
 class NotRegularFileError(OSError):
@@ -269,10 +278,14 @@ def remote_folder(url: str, kind: str) -> list[str]:
                   for p in fs.find(path) if kind_of(p) == kind)  # (http's file system lists whole URLs)
 
 
-def check_protocol(url: str, _checked: set[str] = set()) -> None:  # noqa: B006  (a cache: once per protocol)
-    """UsageError naming the package to install when fsspec cannot read ``url``'s protocol here."""
+_PROTOCOLS_CHECKED: set[str] = set()
+
+
+def check_protocol(url: str) -> None:
+    """UsageError naming the package to install when fsspec cannot read ``url``'s protocol here (once per
+    protocol)."""
     protocol = url.split("://", 1)[0]
-    if protocol in _checked:
+    if protocol in _PROTOCOLS_CHECKED:
         return
     from .readers.remote import fsspec_module
 
@@ -280,7 +293,7 @@ def check_protocol(url: str, _checked: set[str] = set()) -> None:  # noqa: B006 
         fsspec_module().core.url_to_fs(url)
     except ImportError as exc:
         raise UsageError(f"{url}: {exc}") from None
-    _checked.add(protocol)
+    _PROTOCOLS_CHECKED.add(protocol)
 
 
 def remote_is_folder(url: str) -> bool:
@@ -441,7 +454,7 @@ class _Collector:
         """One path from the command line (explicit) or from a list."""
         if is_url(entry):
             check_protocol(entry)  # the file system's package is here (s3fs, gcsfs, aiohttp): else a usage error now
-            kind = kind_of(entry)
+            kind = kind_of(url_path(entry))
             if kind is None and self.format in ("wds", "parquet"):  # a remote folder of archives
                 self._set_kind(self.format, entry)
                 self.archives += remote_folder(entry, self.format)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tempfile
 from typing import BinaryIO
@@ -19,7 +20,7 @@ from typing import BinaryIO
 from ...errors import InputUnavailableError, UsageError
 from ..decode import SourceFile
 from ..identity import Sha256
-from ..sources import is_url, open_regular
+from ..sources import is_url, open_regular, url_path
 
 
 def fsspec_module():
@@ -80,8 +81,8 @@ def fetch_to_temporary(url: str, folder: str | None = None) -> SourceFile:
     if size is not None and size > free:
         raise InputUnavailableError(f"cannot fetch: {size} bytes, more than the {free} bytes free in the temporary "
                                     f"space {folder} (set TMPDIR to a larger one; a later run retries it)")
-    handle = tempfile.NamedTemporaryFile(prefix="vitok-remote-", suffix=os.path.splitext(inner)[1][:16], dir=folder,
-                                         delete=False)
+    suffix = re.sub(r"[^0-9A-Za-z.]", "", os.path.splitext(url_path(url))[1])[:16]  # (FFmpeg reads by content)
+    handle = tempfile.NamedTemporaryFile(prefix="vitok-remote-", suffix=suffix, dir=folder, delete=False)
     source = SourceFile(None, 0, local=handle.name)
     try:
         with handle:
