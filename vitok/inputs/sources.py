@@ -297,7 +297,10 @@ def check_protocol(url: str) -> None:
 
 
 def remote_is_folder(url: str) -> bool:
-    """The URL names a folder on its file system (False when that cannot be told: then it is taken as a file)."""
+    """The URL names a folder on its file system (False when that cannot be told: then it is taken as a file). An
+    http(s) URL is a file: HTTP has no folders (fsspec would fetch the body to look for links in it)."""
+    if url.lower().startswith(("http://", "https://")):
+        return False
     from .readers.remote import fsspec_module
 
     try:
