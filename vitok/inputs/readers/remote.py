@@ -15,12 +15,14 @@ import os
 import re
 import shutil
 import tempfile
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ...errors import InputUnavailableError, UsageError
-from ..decode import SourceFile
 from ..identity import Sha256
 from ..sources import is_url, open_regular, url_path
+
+if TYPE_CHECKING:
+    from ..decode import SourceFile
 
 
 def fsspec_module():
@@ -69,6 +71,8 @@ def fetch_to_temporary(url: str, folder: str | None = None) -> SourceFile:
     with its size and sha256. InputUnavailableError when it cannot be fetched now (missing, the network, larger than
     the temporary space free in ``folder`` (else ``TMPDIR``), checked before fetching when the size is known, or
     that space filled while fetching): recorded as failed, a later run retries it."""
+    from ..decode import SourceFile  # (Pillow: only where a file is fetched, not where a URL is listed)
+
     fs, inner = fsspec_module().core.url_to_fs(url)
     folder = folder or tempfile.gettempdir()
     try:
