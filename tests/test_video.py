@@ -479,12 +479,15 @@ def test_kill_9_in_the_middle_of_videos_then_rerun_gives_every_video_once(tmp_pa
 
 @needs_av
 @needs_torchcodec
-def test_video2dataset_tars_give_the_tokens_of_the_loose_videos(tmp_path):
+def test_video2dataset_tars_give_the_tokens_of_the_loose_videos(tmp_path, monkeypatch):
+    """(a member larger than SPOOL_BYTES is copied to the temporary space rather than held in memory)"""
     import json
+    import tempfile
 
     from test_archives import write_tar
 
     import vitok
+    from vitok.inputs.readers import webdataset
 
     loose = video_folder(tmp_path / "loose", [("000000000.mp4", 12, (96, 64), 24), ("000000002.mp4", 9, (64, 64), 24)])
     samples = []
@@ -500,7 +503,14 @@ def test_video2dataset_tars_give_the_tokens_of_the_loose_videos(tmp_path):
     (tmp_path / "shards").mkdir()
     write_tar(tmp_path / "shards" / "00000.tar", samples)
     common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", token_budget=1)  # one video per batch
+    scratch = tmp_path / "scratch"  # where video members larger than SPOOL_BYTES are copied while decoded
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(webdataset, "SPOOL_BYTES", (loose / "000000002.mp4").stat().st_size)  # 000000000 is larger
+    spooled, spool = [], webdataset.spool
+    monkeypatch.setattr(webdataset, "spool", lambda handle, name: spooled.append(name) or spool(handle, name))
     summary = vitok.extract([str(tmp_path / "shards")], tmp_path / "tars", **common)  # told from its members
+    assert spooled == ["000000000.mp4"] and list(scratch.iterdir()) == []
     assert summary.ok == 2 and summary.skipped == 1
     vitok.extract([str(loose)], tmp_path / "files", **common)
     tars, files = vitok.open(tmp_path / "tars"), vitok.open(tmp_path / "files")
@@ -657,3 +667,33 @@ def test_decode_gpu_decodes_videos_exactly_on_the_cpu_saying_so(tmp_path, caplog
     np.testing.assert_array_equal(gpu["a.mp4"], exact["a.mp4"])
     assert gpu.info("a.mp4")["decoder"] == exact.info("a.mp4")["decoder"] == "torchcodec"
     assert vitok.extract([str(folder)], tmp_path / "gpu", **common).shards_already_done == 1  # resumed without it
+
+
+def test_large_video_members_are_copied_to_the_temporary_space_and_never_left_there(tmp_path, small_tmpfs,
+                                                                                     monkeypatch):
+    import tempfile
+    from pathlib import Path
+
+    from test_archives import write_tar
+
+    from vitok.inputs.readers import ReaderOptions, UnitReadError, webdataset
+    from vitok.storage.plan import UnitRef
+
+    monkeypatch.setattr(tempfile, "tempdir", str(small_tmpfs))  # 256 KiB
+    monkeypatch.setattr(webdataset, "SPOOL_BYTES", 1 << 10)
+    head = b"\0\0\0\x18ftypisom"  # any bytes: the reader does not decode
+    write_tar(tmp_path / "00000.tar", [(str(n), {"mp4": head + bytes([n]) * size})  # the last: more than the space
+                                       for n, size in ((0, 40 << 10), (1, 40 << 10), (2, 300 << 10))])
+    unit = UnitRef(0, "00000", "wds", "", 0, 1, None, 0,
+                   inline={"path": str(tmp_path / "00000.tar"), "stem": "00000"})
+    reader = webdataset.WebDatasetReader(ReaderOptions(media="video"))
+    samples = reader.samples(unit)
+    first = next(samples)  # (the next sample's member is read, and copied, before this one is handed on)
+    assert first.data is None and Path(first.local).read_bytes() == head + bytes([0]) * (40 << 10)
+    samples.close()  # a reader stopped early: the copy it held is removed; the sample's is the taker's
+    assert [p.name for p in small_tmpfs.iterdir()] == [first.local.rsplit("/", 1)[-1]]
+    first.discard()
+    with pytest.raises(UnitReadError, match="cannot copy member 2.mp4 .* to the temporary space") as full:
+        for sample in reader.samples(unit):
+            sample.discard()
+    assert full.value.failed and list(small_tmpfs.iterdir()) == []  # retried by a later run; no partial copy

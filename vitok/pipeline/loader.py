@@ -37,7 +37,15 @@ logger = logging.getLogger(__name__)
 
 def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
     """Read and decode one sample; never raises (a bug or an exotic decoder failure costs one image, not the run).
-    The record gets the file's sha256 and, once decoded here, the pixel content id (``inputs.identity``)."""
+    The record gets the file's sha256 and, once decoded here, the pixel content id (``inputs.identity``). A sample's
+    temporary copy (``Sample.local``: a large video member of a tar) is removed once it is decoded."""
+    try:
+        return _prepare(sample, preprocessor)
+    finally:
+        sample.discard()
+
+
+def _prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
     record = ImageRecord(sample.key, "ok", sample.source, member=sample.member, meta=sample.meta)
     if sample.skip is not None:
         record.status, record.reason = "skipped", sample.skip
@@ -45,9 +53,10 @@ def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
     source = None
     try:
         if sample.data is None:
-            source = preprocessor.read(sample.source)  # a video is hashed as it is read; its decoder opens the file
-            record.source_bytes, record.source_mtime_ns = source.size, source.mtime_ns
-            data = source.data if source.data is not None else source.local or sample.source  # (local: a URL's copy)
+            # a video is hashed as it is read; its decoder opens the file (or its temporary copy: a tar member's)
+            source = preprocessor.read(sample.local or sample.source)
+            record.source_bytes, record.source_mtime_ns = source.size, None if sample.local else source.mtime_ns
+            data = source.data if source.data is not None else source.local or sample.local or sample.source
             record.source_sha256 = source.sha256 or source_sha256(data)
         else:
             data = sample.data
@@ -95,6 +104,7 @@ def prepare_isolated(sample: Sample, preprocessor: Preprocessor) -> Item:
     with os.fdopen(read_end, "rb") as pipe:
         data = pipe.read()
     _, status = os.waitpid(pid, 0)
+    sample.discard()  # (the child removed its temporary copy, unless it crashed first)
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and data:
         return pickle.loads(data)
     record = ImageRecord(sample.key, "skipped", sample.source, member=sample.member, meta=sample.meta)
@@ -148,6 +158,7 @@ class UnitReading(torch.utils.data.IterableDataset):
         try:
             for number, sample in enumerate(reader.samples(unit)):
                 if number < delivered:  # read again to reach the rest, not decoded again
+                    sample.discard()
                     continue
                 items.append(decode(sample, self.preprocessor))
                 if len(items) == task.per_chunk:

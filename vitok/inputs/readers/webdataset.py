@@ -14,9 +14,12 @@ one tar is recorded under ``<key>#2`` (skipped, with the reason), never dropped 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -36,11 +39,57 @@ SNIFF_BYTES = 512  # the head of a member whose name says nothing, read to tell 
 
 @dataclass
 class Member:
-    """One tar member of a sample: its real name, its bytes (None: not a regular file, not read) and what it is."""
+    """One tar member of a sample: its real name, its bytes (None: not a regular file, not read, or copied to
+    ``local``) and what it is."""
 
     name: str
     data: bytes | None
     not_regular: str | None = None
+    local: str | None = None  # a large video member: the temporary file holding it (``spool``)
+    first_bytes: bytes | None = None  # of a member in ``local``: its head, to tell what it is
+
+    @property
+    def head(self) -> bytes | None:
+        return self.data[:SNIFF_BYTES] if self.data is not None else self.first_bytes
+
+    @property
+    def readable(self) -> bool:
+        return self.data is not None or self.local is not None
+
+    def discard(self) -> None:
+        if self.local is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.local)
+            self.local = None
+
+
+SPOOL_BYTES = 64 << 20  # a video member larger than this is copied to the temporary space, not held in memory
+
+
+class SpoolError(Exception):
+    """The temporary space cannot take a member's copy (no space left)."""
+
+
+def spool(handle, name: str, folder: str | None = None) -> Member:
+    """A tar member's bytes copied a block at a time to a file in the temporary space (``folder``, else
+    ``TMPDIR``). SpoolError when that space cannot take it; what reading the tar raises goes through. A partial copy
+    is removed either way."""
+    first = handle.read(SNIFF_BYTES)
+    out = tempfile.NamedTemporaryFile(prefix="vitok-member-", dir=folder, delete=False)
+    try:
+        with out:
+            block = first
+            while block:
+                try:
+                    out.write(block)
+                except OSError as exc:
+                    raise SpoolError(exc.strerror or str(exc)) from None
+                block = handle.read(1 << 20)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(out.name)
+        raise
+    return Member(name, None, local=out.name, first_bytes=first)
 
 
 def _not_regular(info: tarfile.TarInfo) -> str:
@@ -102,8 +151,20 @@ class WebDatasetReader(InputReader):
     kind = "wds"
 
     def _wanted(self, extension: str, member: Member | None = None) -> bool:
-        head = member.data[:SNIFF_BYTES] if member is not None and member.data is not None else None
-        return member_medium(extension, head) == self.options.media
+        return member_medium(extension, member.head if member is not None else None) == self.options.media
+
+    def _read(self, tar: tarfile.TarFile, info: tarfile.TarInfo, extension: str) -> Member:
+        """A member's bytes; a large one that may be a video (by its extension, or a name that says nothing) is
+        copied to the temporary space when videos are read (memory holds a block of it, never the video)."""
+        handle = tar.extractfile(info)
+        large = info.size > SPOOL_BYTES and (is_video_extension(extension) or is_sniffable(extension))
+        if not (large and self.options.media == "video"):
+            return Member(info.name, handle.read())
+        try:
+            return spool(handle, info.name)
+        except SpoolError as exc:  # no space left: the tar is read again by a later run
+            raise UnitReadError(f"cannot copy member {info.name} ({info.size} bytes) to the temporary space: {exc} "
+                                "(set TMPDIR to a larger one)", failed=True) from None
 
     def samples(self, unit, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
         archive = unit.archive()
@@ -127,33 +188,50 @@ class WebDatasetReader(InputReader):
                     if key is None:
                         continue
                     if info.isreg():
-                        member = Member(info.name, tar.extractfile(info).read())
+                        member = self._read(tar, info, extension)
                     else:  # a link or a special file: not read (as webdataset), recorded if it is the sample's image
                         member = Member(info.name, None, _not_regular(info))
                     last_member = info.name
-                    if key != group_key:
-                        if group_key is not None:
-                            yield self._sample(stem, path, group_key, group, seen)
-                        group_key, group = key, {}
                     extension = extension.lower()
-                    if extension in group:
-                        extension = f"{extension}#{sum(e.startswith(extension) for e in group) + 1}"
-                    group[extension] = member
+                    if key != group_key:  # (the new member in its group first: held where ``finally`` sees it)
+                        finished, finished_key = group, group_key
+                        group_key, group = key, {extension: member}
+                        if finished_key is not None:
+                            yield self._sample(stem, path, finished_key, finished, seen)
+                    else:
+                        if extension in group:
+                            extension = f"{extension}#{sum(e.startswith(extension) for e in group) + 1}"
+                        group[extension] = member
                     tar.members = []  # streaming: do not keep every member's header
+            if group_key is not None:
+                yield self._sample(stem, path, group_key, group, seen)
+        except UnitReadError:
+            raise
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             if group_key is not None and any(self._wanted(e.split("#")[0], m) for e, m in group.items()):
                 yield self._sample(stem, path, group_key, group, seen)
             where = f"after member {last_member}" if last_member else "before the first member"
             raise UnitReadError(f"{path} is damaged or truncated {where}: {type(exc).__name__}: {exc}") from None
-        if group_key is not None:
-            yield self._sample(stem, path, group_key, group, seen)
+        finally:  # a reader stopped early, or damage: no temporary copy of a member left behind
+            for member in group.values():
+                member.discard()
 
     def _sample(self, stem: str, path: str, key: str, members: dict[str, Member], seen: KeyRule) -> Sample:
+        """The sample of a group of members; a temporary copy it does not hand on is removed here, the one it does
+        goes with the sample (``Sample.local``)."""
+        sample = self._make_sample(stem, path, key, members, seen)
+        for member in members.values():
+            if member.local is not None and member.local == sample.local:
+                member.local = None  # the sample's now
+            member.discard()
+        return sample
+
+    def _make_sample(self, stem: str, path: str, key: str, members: dict[str, Member], seen: KeyRule) -> Sample:
         name, n = seen.assign(key)
         vitok_key = f"{stem}/{key}"
         images = [e for e, m in members.items() if self._wanted(e.split("#")[0], m)]
         what = "video" if self.options.media == "video" else "image"
-        readable = [e for e in images if members[e].data is not None]
+        readable = [e for e in images if members[e].readable]
         meta = self._meta(members)
         if n > 1:
             return Sample(f"{stem}/{name}", path, member=key, meta=meta,
@@ -177,7 +255,7 @@ class WebDatasetReader(InputReader):
             return Sample(vitok_key, path, member=key, meta=meta,
                           skip=f"no {what} in this sample (members: {kinds}){why}")
         first = members[readable[0]]
-        sample = Sample(vitok_key, path, member=first.name, data=first.data, meta=meta)
+        sample = Sample(vitok_key, path, member=first.name, data=first.data, meta=meta, local=first.local)
         if len(images) > 1:
             sample.meta = {**(meta or {}), "other_images": [members[e].name for e in images if e != readable[0]]}
         return sample
@@ -204,8 +282,7 @@ class WebDatasetReader(InputReader):
 def _other_medium(members: dict[str, Member], media: str) -> str | None:
     """The name of a sample's first member of the medium other than ``media`` (None: it has none)."""
     for extension, member in members.items():
-        head = member.data[:SNIFF_BYTES] if member.data is not None else None
-        found = member_medium(extension.split("#")[0], head)
+        found = member_medium(extension.split("#")[0], member.head)
         if found is not None and found != media:
             return member.name
     return None
