@@ -275,3 +275,180 @@ def test_faiss_script_finds_each_image_as_its_own_neighbour(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "faiss_index.py"), str(tmp_path / "index")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "100.0%" in result.stdout, result.stdout + result.stderr
+
+
+# ---- videos: training from cached video features, equal to the model on the processor's pixels -----------------
+
+QWEN3_VIDEO = {"size": {"longest_edge": 25165824, "shortest_edge": 4096}, "patch_size": 16, "temporal_patch_size": 2,
+               "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+QWEN3_IMAGE = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3,
+               "image_std": [0.5] * 3, "size": {"shortest_edge": 4096, "longest_edge": 96 * 96}}
+# Qwen2.5-VL ships no video processor file: its preprocessor_config.json is read as both processors'
+QWEN25_PROCESSOR = {"min_pixels": 3136, "max_pixels": 96 * 96, "patch_size": 14, "temporal_patch_size": 2,
+                    "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                    "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def tiny_qwen2_5_vl(seed: int = 0):
+    """A randomly initialised full Qwen2.5-VL (windowed tower, M-RoPE with time) small enough for a CPU test."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from vitok.bench.train import VIDEO
+
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=80, num_heads=4, out_hidden_size=48,
+                           window_size=56, fullatt_block_indexes=[1], patch_size=14, tokens_per_second=2),
+        text_config=dict(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]}),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1.0 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.05 * noise)
+    return model
+
+
+def qwen3_vl_processor(tokenizer):
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**QWEN3_IMAGE), tokenizer=tokenizer,
+                            video_processor=Qwen3VLVideoProcessor(**QWEN3_VIDEO))
+
+
+def qwen2_5_vl_processor(tokenizer):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**QWEN25_PROCESSOR), tokenizer=tokenizer,
+                               video_processor=Qwen2VLVideoProcessor(**QWEN25_PROCESSOR))
+
+
+# family: (model, checkpoint files, processor, video grids of a.mp4 and b.mp4). Qwen3-VL samples at 2 fps (6 and 5
+# frames: an odd count is padded); Qwen2.5-VL keeps every frame (24 and 20)
+VIDEO_FAMILIES = {
+    "qwen3_vl": (tiny_qwen3_vl, {"video_preprocessor_config.json": QWEN3_VIDEO,
+                                 "preprocessor_config.json": QWEN3_IMAGE}, qwen3_vl_processor, ([3, 4, 6], [3, 4, 4])),
+    "qwen2_5_vl": (tiny_qwen2_5_vl, {"preprocessor_config.json": QWEN25_PROCESSOR}, qwen2_5_vl_processor,
+                   ([12, 4, 6], [10, 4, 4])),
+}
+
+
+def char_tokenizer():
+    """A tokenizer of one token per character, with the Qwen vision special tokens at the tiny model's ids."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vitok.bench.train import VIDEO
+
+    special = {IMAGE: "<|image_pad|>", VIDEO: "<|video_pad|>", START: "<|vision_start|>", END: "<|vision_end|>"}
+    free = (i for i in range(128) if i not in special)
+    vocab = {chr(c): next(free) for c in range(32, 127)}
+    vocab["[PAD]"] = next(free)
+    vocab.update({text: i for i, text in special.items()})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.add_special_tokens([AddedToken(text, special=True) for text in special.values()])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]")
+
+
+@pytest.fixture(scope="module", params=list(VIDEO_FAMILIES))
+def cached_videos(request, tmp_path_factory):
+    """A tiny full model of the family saved as a checkpoint, two clips, and a store of them and a store of two
+    images, made with its own tower."""
+    from helpers import video_clip
+
+    from vitok.inputs.video_decode import unavailable
+
+    for decoder in ("pyav", "torchcodec"):  # PyAV encodes the clips, torchcodec decodes them (as the processor)
+        if unavailable(decoder):
+            pytest.skip(f"{decoder} unusable here: {unavailable(decoder)}")
+    build, files, processor, grids = VIDEO_FAMILIES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    model = build()
+    model.save_pretrained(root / "model")
+    for name, data in files.items():
+        (root / "model" / name).write_text(json.dumps(data))
+    (root / "vids").mkdir()
+    video_clip(root / "vids" / "a.mp4", frames=24, size=(96, 64), fps=8)
+    video_clip(root / "vids" / "b.mp4", frames=20, size=(64, 64), fps=8, seed=1)
+    for i, size in enumerate([(64, 64), (96, 64)]):
+        photo(root / "imgs" / f"{i}.png", size=size, seed=i)
+    features = ["merged", "deepstack"] if request.param == "qwen3_vl" else ["merged"]
+    common = dict(model=str(root / "model"), features=features, store_dtype="float32", workers=0)
+    assert vitok.extract([str(root / "vids")], root / "video-store", **common).ok == 2
+    assert vitok.extract([str(root / "imgs")], root / "image-store", **common).ok == 2
+    return model, root, processor, grids
+
+
+@pytest.mark.slow  # about 15 s a family on 2 cores: two extractions, the processor, two passes of the model
+def test_language_model_on_cached_video_features_equals_the_model_on_the_processors_pixels(cached_videos):
+    from PIL import Image
+
+    from vitok.integrations.transformers import CachedVideosCollator
+
+    model, root, make_processor, (grid_a, grid_b) = cached_videos
+    tokenizer = char_tokenizer()
+    processor = make_processor(tokenizer)
+    video = "<|vision_start|><|video_pad|><|vision_end|>"  # as the chat template writes a video
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    texts = [f"Q: {video} what?", f"{image} and {video}<|video_pad|> then"]  # a bare placeholder too
+    samples = [{"input_ids": tokenizer.encode(text, add_special_tokens=False), "videos": videos, "images": images}
+               for text, videos, images in ((texts[0], ["a.mp4"], []), (texts[1], ["b.mp4", "a.mp4"], ["1.png"]))]
+    for sample in samples:
+        sample["labels"] = list(sample["input_ids"])
+    collate = CachedVideosCollator(vitok.open(root / "video-store"), model.config, tokenizer=tokenizer,
+                                   pad_token_id=tokenizer.pad_token_id, images=vitok.open(root / "image-store"))
+    batch = collate(samples)
+    if model.config.model_type == "qwen3_vl":  # the step times are text: without the tokenizer, a clear refusal
+        with pytest.raises(ValueError, match="pass the model's tokenizer"):
+            CachedVideosCollator(vitok.open(root / "video-store"), model.config)
+    reference_inputs = processor(text=texts, images=[Image.open(root / "imgs" / "1.png").convert("RGB")],
+                                 videos=[str(root / "vids" / name) for name in ("a.mp4", "b.mp4", "a.mp4")],
+                                 padding=True, return_tensors="pt", cap_pixels_per_frame=False)
+    reference_inputs.pop("video_metadata", None)
+    # the collator's expansion is the processor's (Qwen3-VL: timestamps as text, a vision start/end pair per step)
+    for name in ("input_ids", "attention_mask", "mm_token_type_ids", "video_grid_thw", "image_grid_thw"):
+        assert torch.equal(batch[name], reference_inputs[name]), name
+    assert batch["video_grid_thw"].tolist() == [grid_a, grid_b, grid_a]
+    if "second_per_grid_ts" in reference_inputs:  # Qwen2.5-VL: M-RoPE's time step per video
+        assert torch.equal(batch["second_per_grid_ts"], torch.as_tensor(reference_inputs["second_per_grid_ts"]))
+
+    model.zero_grad()
+    reference = model(**reference_inputs, labels=batch["labels"])
+    reference.loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if "language_model" in n}
+
+    def no_tower(*args, **kwargs):
+        raise AssertionError("the vision tower ran")
+
+    model.zero_grad()
+    model.model.visual.forward = no_tower
+    try:
+        cached_out = model(**batch)
+        cached_out.loss.backward()
+    finally:
+        del model.model.visual.forward
+    assert rel_error(cached_out.logits, reference.logits) <= 1e-5
+    assert abs(cached_out.loss.item() - reference.loss.item()) <= 1e-5 * abs(reference.loss.item())
+    for name, grad in expected.items():
+        assert rel_error(dict(model.named_parameters())[name].grad, grad) <= 1e-4, name
+
+
+def test_the_video_collator_names_what_it_lacks(cached):
+    from vitok.bench.train import VIDEO
+    from vitok.integrations.transformers import CachedImagesCollator, CachedVideosCollator
+
+    model, _, root = cached
+    images = vitok.open(root / "store")
+    with pytest.raises(KeyError, match="this store holds images; videos come from a store of videos"):
+        CachedVideosCollator(images, model.config, tokenizer=char_tokenizer())
+    collate = CachedImagesCollator(images, model.config)
+    with pytest.raises(ValueError, match="given no store of videos"):
+        collate([{"input_ids": [5, START, VIDEO, END], "videos": ["0.png"]}])
+    with pytest.raises(ValueError, match="1 image placeholder.* for 2 image key"):
+        collate([{"input_ids": [5, START, IMAGE, END], "images": ["0.png", "1.png"]}])

@@ -626,6 +626,68 @@ def test_sglang_records_decode_back_to_image_embeds_without_vitok(store, tmp_pat
         example.expand_prompt([1, pad, 2], item["image_grid_thw"], pad)
 
 
+@pytest.fixture(scope="module")
+def video_store(tmp_path_factory):
+    """A store of two clips (Qwen3-VL tiny, merged + DeepStack, 6 frames sampled: 3 temporal steps each)."""
+    from helpers import video_clip
+
+    from vitok.inputs.video_decode import unavailable
+
+    for decoder in ("pyav", "torchcodec"):  # PyAV encodes the clips, torchcodec decodes them
+        if unavailable(decoder):
+            pytest.skip(f"{decoder} unusable here: {unavailable(decoder)}")
+    root = tmp_path_factory.mktemp("video-serving")
+    (root / "vids").mkdir()
+    video_clip(root / "vids" / "a.mp4", frames=20, size=(64, 64), fps=24)
+    video_clip(root / "vids" / "b.mp4", frames=9, size=(96, 64), fps=10, seed=1)
+    vitok.extract([str(root / "vids")], root / "out", model="qwen3-vl-tiny", workers=0,
+                  features=("merged", "deepstack"), num_frames=6)
+    return root / "out"
+
+
+@pytest.mark.slow  # about 11 s on 2 cores: decoding and encoding two clips, two exports
+def test_video_stores_export_video_items_to_vllm_ec_and_sglang(video_store, tmp_path):
+    from safetensors.torch import load_file
+
+    from vitok.consumers.serving import read_sglang, unpack_bf16, verify_embeds
+    from vitok.consumers.vllm_client import VllmCache
+
+    opened = vitok.open(video_store)
+    expected = {key: opened.video_embeds(key, dtype=torch.bfloat16) for key in opened.keys()}
+    assert export(video_store, tmp_path / "ec", "vllm-ec").images == 2
+    lines = [json.loads(line) for line in (tmp_path / "ec" / "uuids.jsonl").read_text().splitlines()]
+    for line in lines:
+        embeds, grid, metadata = expected[line["key"]]
+        assert line["modality"] == "video" and "image_grid_thw" not in line
+        assert line["video_grid_thw"] == grid.tolist() and line["video_metadata"] == metadata
+        ec_cache = load_file(str(tmp_path / "ec" / line["uuid"] / "encoder_cache.safetensors"))["ec_cache"]
+        assert torch.equal(ec_cache, embeds) and ec_cache.shape[1] == 96 * 2  # merger + one DeepStack level
+        assert line["tokens"] == ec_cache.shape[0] == int(grid.prod()) // 4
+    assert export(video_store, tmp_path / "sg", "sglang").images == 2
+    rows = list(read_sglang(tmp_path / "sg"))
+    assert [row["key"] for row in rows] == opened.keys()
+    for row in rows:
+        embeds, grid, metadata = expected[row["key"]]
+        assert torch.equal(unpack_bf16(row["feature"], row["shape"]), embeds) and "image_grid_thw" not in row
+        assert row["video_grid_thw"] == grid.tolist() and row["frames_indices"] == metadata["frames_indices"]
+        assert row["fps"] == metadata["fps"] and row["total_num_frames"] == metadata["total_num_frames"]
+        assert row["second_per_grid_ts"] is None  # Qwen2.5-VL's alone
+    for where in (tmp_path / "ec", tmp_path / "sg", video_store):
+        report = verify_embeds(where)
+        assert report.clean and report.checked == 2, report.problems
+    cache = VllmCache.from_export(tmp_path / "ec")  # the client reads a video export; its image requests refuse it
+    assert cache["a.mp4"].modality == "video" and cache["a.mp4"] == VllmCache.from_store(video_store)["a.mp4"]
+    with pytest.raises(ValueError, match="is a video"):
+        cache.request("<|image_pad|>", ["a.mp4"])
+
+    lines[0]["video_metadata"]["frames_indices"] = lines[0]["video_metadata"]["frames_indices"][:2]
+    lines[1].pop("video_grid_thw")
+    (tmp_path / "ec" / "uuids.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    problems = verify_embeds(tmp_path / "ec").problems
+    assert len(problems) == 2 and "2 frame(s), 1 temporal step(s); the grid has 3" in problems[0]
+    assert "the grid of its modality" in problems[1]
+
+
 def test_contract_of_families_without_deepstack():
     from vitok.consumers.serving import EmbedsContract
     from vitok.storage.records import ModelSettings, RunHeader, Settings

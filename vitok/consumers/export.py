@@ -59,7 +59,9 @@ class ExportOptions:
     layout: str = option("embedding-reader", "embedding-reader: img_emb/img_emb_N.npy + metadata/metadata_N.parquet "
                          "(clip-retrieval, embedding-reader, autofaiss); vllm-ec: vLLM's encoder-cache connector "
                          "folder (UUID/encoder_cache.safetensors + uuids.jsonl); sglang: parquet records of bf16 "
-                         "features for SGLang's precomputed_embedding items.", "Outputs", choices=LAYOUTS)
+                         "features for SGLang's precomputed_embedding items. From a store of videos, vllm-ec and "
+                         "sglang write one video item per video (video_grid_thw and the frames' metadata).",
+                         "Outputs", choices=LAYOUTS)
     feature: str | None = option(None, "Feature to export (embedding-reader). [default: the store's first]",
                                  "Outputs", metavar="NAME")
     pool: str | None = option(None, "Reduce each image's tokens to one vector (needed when the store holds every "

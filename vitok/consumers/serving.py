@@ -22,6 +22,13 @@ and counts a hit by ``os.path.exists``) and the Qwen3-VL tower of ``vllm/model_e
 A consumer serves an entry only for a request that carries its uuid and no ``mm_processor_kwargs`` or
 ``media_io_kwargs`` (``vitok.consumers.vllm_client`` builds such requests, the grid-only one among them).
 
+**Videos** (a store of videos): an entry is one video item, the tensor vLLM's ``_process_video_input`` splits per
+video (``video_embeds.split(grid_thw.prod(-1) // merge**2)``, ``qwen3_vl.py`` at 002d7b9): the same rows and width
+as an image's, ``Store.video_embeds``'s tensor. Its uuids.jsonl line says ``"modality": "video"`` and carries
+``video_grid_thw`` instead of ``image_grid_thw`` and ``video_metadata`` (``fps``, ``frames_indices``,
+``total_num_frames``, ``duration``: Qwen3-VL's prompt takes its ``<t seconds>`` from them); pass the uuid as
+``multi_modal_uuids={"video": [uuid]}``.
+
 ``<name>`` is the key made file-system safe (characters outside ``[A-Za-z0-9._-]`` become ``_``, at most its last
 60) followed by ``-`` and 32 hex digits of blake2b over the key's bytes: distinct keys get distinct names, also on
 case-insensitive file systems. ``--key content`` names entries by the record's ``content_id`` instead (one entry
@@ -32,7 +39,10 @@ per distinct content).
 major), ``dtype`` ("bfloat16"), ``shape`` ([tokens, width]), ``image_grid_thw`` ([[t, h, w]]). Readable with
 pyarrow alone; ``examples/sglang_precomputed.py`` builds SGLang's ``{"format": "precomputed_embedding", ...}`` item.
 SGLang 0.5.23 uses such an item as the embedding for Qwen2.5-VL, but its Qwen3-VL feeds it to the vision tower as
-pixels: the layout serves Qwen3-VL stores to no released SGLang (docs/exports.md).
+pixels: the layout serves Qwen3-VL stores to no released SGLang (docs/exports.md). A store of videos gives
+``video_grid_thw`` in place of ``image_grid_thw`` and the columns ``fps``, ``frames_indices``, ``total_num_frames``
+and ``second_per_grid_ts`` (Qwen2.5-VL's M-RoPE time step, ``temporal_patch_size`` over the sampled frame rate;
+null for other families), for an item ``{"format": "precomputed_embedding", "feature": F, "video_grid_thw": G}``.
 """
 
 from __future__ import annotations
@@ -58,6 +68,46 @@ UUIDS_FILE = "uuids.jsonl"
 ROWS_PER_FILE = 4096  # sglang: images per parquet file
 ROWS_PER_GROUP = 64  # sglang: images per row group (bounds the memory of a write and of a reader's batch)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+GRID_FIELDS = {"image": "image_grid_thw", "video": "video_grid_thw"}  # an entry's grid, by its modality
+
+
+def store_modality(store) -> str:
+    """image or video: what the store's records are (one store holds one kind)."""
+    return "video" if store.header.settings.video is not None else "image"
+
+
+def entry_grid(entry: dict[str, Any]) -> Any:
+    """The grid of a uuids.jsonl line or an sglang row, whichever modality it is (None: neither field)."""
+    return entry.get("video_grid_thw", entry.get("image_grid_thw"))
+
+
+def second_per_grid_ts(video: dict[str, Any], temporal_patch_size: int = 2) -> float:
+    """Qwen2.5-VL's M-RoPE time step of a video (its record's ``video``: fps, frame_count, indices):
+    ``temporal_patch_size`` over the sampled frame rate, as transformers' ``Qwen2_5_VLProcessor`` computes it from
+    ``VideoMetadata.sampled_fps`` (``len(indices) / frames * fps``; the fps, 24 when unknown, where any is missing)."""
+    fps, total, indices = video.get("fps"), video.get("frame_count"), video.get("indices")
+    sampled = len(indices) / total * fps if fps and total and indices is not None else (fps or 24)
+    return temporal_patch_size / sampled
+
+
+def video_problems(metadata: Any, grid: Any, temporal_patch_size: int = 2) -> list[str]:
+    """Why a video entry's metadata cannot give its prompt (Qwen3-VL: one ``<t seconds>`` per temporal step, from
+    ``frames_indices`` and ``fps``); empty when it can."""
+    if not isinstance(metadata, dict):
+        return [f"video_metadata {metadata!r} is not an object with fps and frames_indices"]
+    indices, fps = metadata.get("frames_indices"), metadata.get("fps")
+    if not isinstance(indices, list) or not indices or not all(isinstance(i, int) and i >= 0 for i in indices):
+        return [f"video_metadata frames_indices {indices!r} is not a list of frame numbers"]
+    if not isinstance(fps, (int, float)) or fps <= 0:
+        return [f"video_metadata fps {fps!r} is not a positive frame rate"]
+    try:
+        steps = int(grid[0][0])
+    except (TypeError, ValueError, IndexError):
+        return []  # the grid's own problem is reported by the contract
+    expected = -(-len(indices) // temporal_patch_size)
+    if expected != steps:
+        return [f"video_metadata holds {len(indices)} frame(s), {expected} temporal step(s); the grid has {steps}"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -101,9 +151,9 @@ class EmbedsContract:
         try:
             thw = [[int(v) for v in row] for row in (grid.tolist() if hasattr(grid, "tolist") else grid)]
         except (TypeError, ValueError):
-            return [f"image_grid_thw {grid!r} is not [[t, h, w]]"]
+            return [f"grid {grid!r} is not [[t, h, w]]"]
         if len(thw) != 1 or len(thw[0]) != 3 or min(thw[0]) < 1:
-            return [f"image_grid_thw {thw} is not one [t, h, w] of positive integers"]
+            return [f"grid {thw} is not one [t, h, w] of positive integers"]
         t, h, w = thw[0]
         found = []
         if h % self.merge_size or w % self.merge_size:
@@ -127,7 +177,7 @@ class EmbedsContract:
     def check(self, key: str, tensor, grid) -> None:
         found = self.problems(tensor, grid)
         if found:
-            raise StoreError(f"image {key_text(key)!r} cannot be served: {'; '.join(found)}; nothing exported")
+            raise StoreError(f"{key_text(key)!r} cannot be served: {'; '.join(found)}; nothing exported")
 
 
 def entry_name(key: str) -> str:
@@ -157,14 +207,18 @@ def _embeds_needs(store) -> None:
                          f"{', '.join(missing)} (extract with --features {','.join(needed)})")
 
 
-def _served(store, keys) -> Iterator[tuple[str, Any, Any, str | None]]:
-    """(key, bf16 tensor, grid, reason to leave it out or None) for each key."""
+def _served(store, keys) -> Iterator[tuple[str, Any, Any, str | None, dict[str, Any] | None]]:
+    """(key, bf16 tensor, grid, reason to leave it out or None, video metadata or None) for each key."""
     import torch
 
+    videos = store_modality(store) == "video"
     for key in keys:
-        embeds, grid = store.image_embeds(key, dtype=torch.bfloat16)
+        if videos:
+            embeds, grid, metadata = store.video_embeds(key, dtype=torch.bfloat16)
+        else:
+            (embeds, grid), metadata = store.image_embeds(key, dtype=torch.bfloat16), None
         embeds = embeds.contiguous()
-        yield key, embeds, grid, nonfinite_reason(store.info(key), embeds)
+        yield key, embeds, grid, nonfinite_reason(store.info(key), embeds), metadata
 
 
 class _ServingLayout:
@@ -205,7 +259,7 @@ class VllmEcLayout(_ServingLayout):
         written: dict[str, str] = {}  # entry name folded to lower case (case-insensitive file systems) -> name
         count = 0
         with open(folder / UUIDS_FILE, "w", encoding="ascii") as uuids:
-            for key, embeds, grid, reason in _served(store, store.keys()):
+            for key, embeds, grid, reason, metadata in _served(store, store.keys()):
                 if reason:
                     left_out[key] = reason
                     continue
@@ -215,13 +269,18 @@ class VllmEcLayout(_ServingLayout):
                 else:
                     name = entry_name(key)
                 if name.lower() in written and (self.key_mode == "store" or written[name.lower()] != name):
-                    raise StoreError(f"image {key_text(key)!r}: its entry name {name!r} collides with another's")
+                    raise StoreError(f"{key_text(key)!r}: its entry name {name!r} collides with another's")
                 if name.lower() not in written:
                     written[name.lower()] = name
                     (folder / name).mkdir()
                     save_file({TENSOR_NAME: embeds}, str(folder / name / ENTRY_FILE))
-                line = {"key": key_text(key), "uuid": name, "image_grid_thw": grid.tolist(),
-                        "tokens": int(embeds.shape[0])}
+                line: dict[str, Any] = {"key": key_text(key), "uuid": name}
+                if metadata is not None:
+                    line["modality"] = "video"
+                line[GRID_FIELDS["image" if metadata is None else "video"]] = grid.tolist()
+                line["tokens"] = int(embeds.shape[0])
+                if metadata is not None:
+                    line["video_metadata"] = metadata
                 if line["key"] != key:  # (the text form is exact too; the bytes save a reader the unescaping)
                     line["key_bytes_hex"] = key_bytes(key).hex()
                 uuids.write(json.dumps(line, ensure_ascii=True) + "\n")
@@ -241,12 +300,16 @@ class SglangLayout(_ServingLayout):
                            "cannot serve this export; serve Qwen3-VL through vLLM's encoder cache (--layout vllm-ec)")
 
     @staticmethod
-    def schema():
+    def schema(modality: str = "image"):
         import pyarrow as pa
 
-        return pa.schema([("key", pa.string()), ("key_bytes", pa.binary()), ("feature", pa.binary()),
-                          ("dtype", pa.string()), ("shape", pa.list_(pa.int64())),
-                          ("image_grid_thw", pa.list_(pa.list_(pa.int64())))])
+        fields = [("key", pa.string()), ("key_bytes", pa.binary()), ("feature", pa.binary()),
+                  ("dtype", pa.string()), ("shape", pa.list_(pa.int64())),
+                  (GRID_FIELDS[modality], pa.list_(pa.list_(pa.int64())))]
+        if modality == "video":
+            fields += [("fps", pa.float64()), ("frames_indices", pa.list_(pa.int64())),
+                       ("total_num_frames", pa.int64()), ("second_per_grid_ts", pa.float64())]
+        return pa.schema(fields)
 
     def write(self, store, folder: Path) -> tuple[int, dict[str, str]]:
         import pyarrow as pa
@@ -256,14 +319,17 @@ class SglangLayout(_ServingLayout):
         pq = pyarrow_parquet()
         left_out: dict[str, str] = {}
         count, writer, rows = 0, None, []
+        modality = store_modality(store)
+        schema = self.schema(modality)
+        temporal = int(store.header.settings.model.config.get("temporal_patch_size", 2))
 
         def flush() -> None:
             if rows:
-                writer.write_table(pa.Table.from_pylist(rows, schema=self.schema()))
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
                 rows.clear()
 
         try:
-            for key, embeds, grid, reason in _served(store, store.keys()):
+            for key, embeds, grid, reason, metadata in _served(store, store.keys()):
                 if reason:
                     left_out[key] = reason
                     continue
@@ -272,9 +338,15 @@ class SglangLayout(_ServingLayout):
                     flush()
                     if writer is not None:
                         writer.close()
-                    writer = pq.ParquetWriter(folder / f"embeds-{count // ROWS_PER_FILE:05d}.parquet", self.schema())
-                rows.append({"key": key_text(key), "key_bytes": key_bytes(key), "feature": pack_bf16(embeds),
-                             "dtype": "bfloat16", "shape": list(embeds.shape), "image_grid_thw": grid.tolist()})
+                    writer = pq.ParquetWriter(folder / f"embeds-{count // ROWS_PER_FILE:05d}.parquet", schema)
+                row = {"key": key_text(key), "key_bytes": key_bytes(key), "feature": pack_bf16(embeds),
+                       "dtype": "bfloat16", "shape": list(embeds.shape), GRID_FIELDS[modality]: grid.tolist()}
+                if metadata is not None:
+                    row.update(fps=metadata["fps"], frames_indices=metadata["frames_indices"],
+                               total_num_frames=metadata["total_num_frames"],
+                               second_per_grid_ts=second_per_grid_ts(store.info(key)["video"], temporal)
+                               if self.contract.family == "qwen2_5_vl" else None)
+                rows.append(row)
                 count += 1
                 if len(rows) >= ROWS_PER_GROUP:
                     flush()
@@ -315,7 +387,8 @@ class EmbedsReport:
         return not self.problems
 
 
-def _vllm_ec_entries(folder: Path) -> Iterator[tuple[str, Any, Any, str | None]]:
+def _vllm_ec_entries(folder: Path) -> Iterator[tuple[str, Any, Any, str | None, Any]]:
+    """(key, tensor, grid, problem or None, video metadata or None) per line of uuids.jsonl."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -326,28 +399,34 @@ def _vllm_ec_entries(folder: Path) -> Iterator[tuple[str, Any, Any, str | None]]
         for number, line in enumerate(lines, 1):
             try:
                 entry = json.loads(line)
-                key, name, grid = entry["key"], entry["uuid"], entry["image_grid_thw"]
+                key, name, grid = entry["key"], entry["uuid"], entry_grid(entry)
+                video = entry.get("modality", "image") == "video"
+                if grid is None or video != ("video_grid_thw" in entry):
+                    raise KeyError(GRID_FIELDS["video" if video else "image"])
+                metadata = entry.get("video_metadata") if video else None
                 if "key_bytes_hex" in entry:  # the exact key, where its text form differs
                     key = bytes.fromhex(entry["key_bytes_hex"]).decode("utf-8", "surrogateescape")
-            except (ValueError, KeyError, TypeError):
-                yield f"{UUIDS_FILE} line {number}", None, None, "not a JSON line with key, uuid and image_grid_thw"
+            except (ValueError, KeyError, TypeError, AttributeError):
+                yield f"{UUIDS_FILE} line {number}", None, None, "not a JSON line with key, uuid and the grid of its " \
+                                                                 "modality (image_grid_thw, video_grid_thw)", None
                 continue
             file = folder / name / ENTRY_FILE
             if "/" in name or name in (".", ".."):
-                yield key, None, grid, f"entry name {name!r} is not a plain folder name"
+                yield key, None, grid, f"entry name {name!r} is not a plain folder name", metadata
                 continue
             try:
                 tensors = load_file(str(file))  # as the connector loads it
             except FileNotFoundError:
-                yield key, None, grid, f"{name}/{ENTRY_FILE} is missing"
+                yield key, None, grid, f"{name}/{ENTRY_FILE} is missing", metadata
                 continue
             except (SafetensorError, OSError, ValueError) as exc:
-                yield key, None, grid, f"{name}/{ENTRY_FILE} cannot be read ({exc})"
+                yield key, None, grid, f"{name}/{ENTRY_FILE} cannot be read ({exc})", metadata
                 continue
             if set(tensors) != {TENSOR_NAME}:
-                yield key, None, grid, f"{name}/{ENTRY_FILE} holds {sorted(tensors)}, not exactly [{TENSOR_NAME!r}]"
+                yield key, None, grid, f"{name}/{ENTRY_FILE} holds {sorted(tensors)}, not exactly [{TENSOR_NAME!r}]", \
+                    metadata
                 continue
-            yield key, tensors[TENSOR_NAME], grid, None
+            yield key, tensors[TENSOR_NAME], grid, None, {} if video and metadata is None else metadata
 
 
 def read_sglang(folder: Path) -> Iterator[dict[str, Any]]:
@@ -361,21 +440,23 @@ def read_sglang(folder: Path) -> Iterator[dict[str, Any]]:
             yield from parquet.read_row_group(group).to_pylist()
 
 
-def _sglang_entries(folder: Path) -> Iterator[tuple[str, Any, Any, str | None]]:
+def _sglang_entries(folder: Path) -> Iterator[tuple[str, Any, Any, str | None, Any]]:
     for row in read_sglang(folder):
         key = (row.get("key_bytes") or b"").decode("utf-8", "surrogateescape") or row.get("key") or "?"
         shape, data, dtype = row.get("shape") or [], row.get("feature") or b"", row.get("dtype")
+        grid = entry_grid(row)
+        metadata = {"fps": row.get("fps"), "frames_indices": row.get("frames_indices")} \
+            if "video_grid_thw" in row else None
         if dtype != "bfloat16":
-            yield key, None, row.get("image_grid_thw"), f"dtype {dtype!r}, not 'bfloat16'"
+            yield key, None, grid, f"dtype {dtype!r}, not 'bfloat16'", metadata
             continue
         expected = 2
         for size in shape:
             expected *= int(size)
         if len(shape) != 2 or len(data) != expected:
-            yield key, None, row.get("image_grid_thw"), f"{len(data)} bytes do not hold a bfloat16 tensor of shape " \
-                                                        f"{shape}"
+            yield key, None, grid, f"{len(data)} bytes do not hold a bfloat16 tensor of shape {shape}", metadata
             continue
-        yield key, unpack_bf16(data, shape), row.get("image_grid_thw"), None
+        yield key, unpack_bf16(data, shape), grid, None, metadata
 
 
 def verify_embeds(path: str | Path) -> EmbedsReport:
@@ -396,9 +477,11 @@ def verify_embeds(path: str | Path) -> EmbedsReport:
             contract = EmbedsContract.of_store(store.header)
             _embeds_needs(store)
             problems, checked = [], 0
-            for key, embeds, grid, reason in _served(store, store.keys()):
+            for key, embeds, grid, reason, metadata in _served(store, store.keys()):
                 checked += 1
                 found = ([reason] if reason else []) + contract.problems(embeds, grid)
+                if metadata is not None:
+                    found += video_problems(metadata, grid.tolist())
                 if found:
                     problems.append(f"{key_text(key)!r}: {'; '.join(found)}")
             return EmbedsReport(checked, problems, "store")
@@ -407,9 +490,11 @@ def verify_embeds(path: str | Path) -> EmbedsReport:
     contract = EmbedsContract.from_json(marker.contract)
     entries = _vllm_ec_entries(folder) if marker.layout == "vllm-ec" else _sglang_entries(folder)
     problems, checked = [], 0
-    for key, tensor, grid, problem in entries:
+    for key, tensor, grid, problem, metadata in entries:
         checked += 1
         found = [problem] if problem else contract.problems(tensor, grid)
+        if metadata is not None and not problem:  # a video: its prompt's times must fit its grid
+            found += video_problems(metadata, grid)
         if found:
             problems.append(f"{key_text(key)!r}: {'; '.join(found)}")
     if checked != marker.images:

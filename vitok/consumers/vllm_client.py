@@ -43,12 +43,14 @@ IMAGE_PAD = "<|image_pad|>"  # Qwen's image placeholder: one per image in a text
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """One image as the cache holds it: its exact store key, the entry's uuid, its grid in patches, its rows."""
+    """One image (or video) as the cache holds it: its exact store key, the entry's uuid, its grid in patches (a
+    video's ``video_grid_thw``), its rows."""
 
     key: str
     uuid: str
     image_grid_thw: tuple[int, int, int]
     tokens: int
+    modality: str = "image"  # or video: an entry of a store of videos
 
 
 class VllmCache:
@@ -61,7 +63,7 @@ class VllmCache:
     def from_export(cls, dest: str | os.PathLike) -> VllmCache:
         """The entries a vllm-ec export lists in ``uuids.jsonl`` (exact keys from ``key_bytes_hex`` or the text)."""
         from .export_target import read_marker
-        from .serving import UUIDS_FILE
+        from .serving import UUIDS_FILE, entry_grid
 
         marker = read_marker(Path(dest))
         if marker is None or marker.layout != "vllm-ec":
@@ -74,8 +76,9 @@ class VllmCache:
                     key = bytes.fromhex(row["key_bytes_hex"]).decode("utf-8", "surrogateescape")
                 else:
                     key = key_from_text(row["key"])
-                (t, h, w), = row["image_grid_thw"]
-                entries.append(CacheEntry(key, row["uuid"], (int(t), int(h), int(w)), int(row["tokens"])))
+                (t, h, w), = entry_grid(row)
+                entries.append(CacheEntry(key, row["uuid"], (int(t), int(h), int(w)), int(row["tokens"]),
+                                          row.get("modality", "image")))
         return cls(entries)
 
     @classmethod
@@ -85,7 +88,7 @@ class VllmCache:
         export leaves them out (export also leaves out values found non-finite then: ``from_export`` is exact)."""
         from ..storage.store import open_store
         from .export import KEY_MODES, nonfinite_reason
-        from .serving import EmbedsContract, _embeds_needs, content_entry_name, entry_name
+        from .serving import EmbedsContract, _embeds_needs, content_entry_name, entry_name, store_modality
 
         if key not in KEY_MODES:
             raise UsageError(f"key {key!r} is not one of: {', '.join(KEY_MODES)}")
@@ -93,6 +96,7 @@ class VllmCache:
         try:
             merge = EmbedsContract.of_store(opened.header).merge_size
             _embeds_needs(opened)
+            modality = store_modality(opened)
             entries = []
             for name in opened.keys():
                 record = opened.info(name)
@@ -102,7 +106,7 @@ class VllmCache:
                     raise UsageError(f"key 'content' needs a content_id in every record; {key_text(name)!r} has none")
                 t, h, w = (int(v) for v in record["grid"])
                 uuid = content_entry_name(str(record["content_id"])) if key == "content" else entry_name(name)
-                entries.append(CacheEntry(name, uuid, (t, h, w), t * h * w // merge**2))
+                entries.append(CacheEntry(name, uuid, (t, h, w), t * h * w // merge**2, modality))
             return cls(entries)
         finally:
             if opened is not store:
@@ -134,6 +138,11 @@ class VllmCache:
         entries = [self[k] for k in keys]
         if not entries:
             raise ValueError("a request needs at least one image")
+        videos = [e for e in entries if e.modality != "image"]
+        if videos:  # vLLM's video items need their frames' metadata; a grid-only video item is not verified
+            raise ValueError(f"{key_text(videos[0].key)!r} is a video: request() builds image requests; pass the "
+                             "video's uuid as multi_modal_uuids={'video': [uuid]} (uuids.jsonl gives its "
+                             "video_grid_thw and video_metadata)")
         if isinstance(prompt, str) and prompt.count(IMAGE_PAD) != len(entries):
             raise ValueError(f"the prompt holds {prompt.count(IMAGE_PAD)} {IMAGE_PAD} placeholder(s) for "
                              f"{len(entries)} image(s)")
