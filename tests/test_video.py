@@ -672,6 +672,7 @@ def test_decode_gpu_decodes_videos_exactly_on_the_cpu_saying_so(tmp_path, caplog
 def test_large_video_members_are_copied_to_the_temporary_space_and_never_left_there(tmp_path, small_tmpfs,
                                                                                      monkeypatch):
     import tempfile
+    import tracemalloc
     from pathlib import Path
 
     from test_archives import write_tar
@@ -693,6 +694,17 @@ def test_large_video_members_are_copied_to_the_temporary_space_and_never_left_th
     samples.close()  # a reader stopped early: the copy it held is removed; the sample's is the taker's
     assert [p.name for p in small_tmpfs.iterdir()] == [first.local.rsplit("/", 1)[-1]]
     first.discard()
+    write_tar(tmp_path / "big.tar", [("0", {"mp4": head + bytes(32 << 20)})])
+    big = UnitRef(0, "big", "wds", "", 0, 1, None, 0, inline={"path": str(tmp_path / "big.tar"), "stem": "big"})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for medium in ("video", "image"):  # copied a block at a time, or (a video in a store of images) never read
+        tracemalloc.start()
+        for sample in webdataset.WebDatasetReader(ReaderOptions(media=medium)).samples(big):
+            sample.discard()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 6 << 20, (medium, peak)  # (a few 1 MiB blocks, whatever the member's size)
+    monkeypatch.setattr(tempfile, "tempdir", str(small_tmpfs))
     with pytest.raises(UnitReadError, match="cannot copy member 2.mp4 .* to the temporary space") as full:
         for sample in reader.samples(unit):
             sample.discard()

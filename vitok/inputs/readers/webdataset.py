@@ -158,6 +158,8 @@ class WebDatasetReader(InputReader):
         copied to the temporary space when videos are read (memory holds a block of it, never the video)."""
         handle = tar.extractfile(info)
         large = info.size > SPOOL_BYTES and (is_video_extension(extension) or is_sniffable(extension))
+        if large and self.options.media == "image" and is_video_extension(extension):
+            return Member(info.name, None)  # a video in a store of images: never decoded, so never read
         if not (large and self.options.media == "video"):
             return Member(info.name, handle.read())
         try:
