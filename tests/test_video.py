@@ -614,6 +614,16 @@ def test_remote_videos_over_http_give_the_tokens_of_the_local_files(tmp_path, mo
         assert list_inputs([f"{url}/00000.tar"]).media == "video"  # a remote tar of videos, told from its members
         assert any(r.startswith("GET /a.mp4") for r in requests)
     assert list(scratch.iterdir()) == []  # every local copy removed once decoded
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")  # a folder of a file system that has folders (a bucket's prefix)
+    memory.pipe("/vidinputs/shards/00000.tar", (folder / "00000.tar").read_bytes())
+    memory.pipe("/vidinputs/clips/a.mp4", (folder / "a.mp4").read_bytes())
+    tars, clips = (list_inputs([f"memory://vidinputs/{name}/"], input_format="video") for name in ("shards", "clips"))
+    assert (tars.kind, tars.media, tars.paths) == ("wds", "video", ["memory://vidinputs/shards/00000.tar"])
+    assert clips.media == "video" and clips.keys == [["memory://vidinputs/clips/a.mp4"]]
+    with pytest.raises(UsageError, match="no videos found"):
+        list_inputs(["memory://vidinputs/nothing/"], input_format="video")
+    memory.rm("/vidinputs", recursive=True)
     vitok.extract([str(folder)], tmp_path / "local", **common)
     remote, local = vitok.open(tmp_path / "remote"), vitok.open(tmp_path / "local")
     assert not remote.failed and remote.info(f"{url}/gone.mp4")["video"] == local.info("a.mp4")["video"]

@@ -463,7 +463,12 @@ class _Collector:
                 self.archives += remote_folder(entry, self.format)
                 return
             if kind is None and self.format == "video":  # a video named without an extension, or a folder of them
-                videos = remote_folder(entry, "video") if remote_is_folder(entry) else [entry]
+                folder = entry.endswith("/") or remote_is_folder(entry)
+                videos = remote_folder(entry, "video") if folder else [entry]
+                tars = remote_folder(entry, "wds") if folder and not videos else []
+                if tars:  # a folder of webdataset tars of videos (as for a local folder)
+                    self._set_kind("wds", entry)
+                    self.archives += tars
                 for video in videos:
                     self._remote_video(video)
                 return
@@ -622,7 +627,7 @@ def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None)
             f"{collect.errors[0][1]})" if collect.errors else ""
         beside = f"; it holds archives or videos ({collect.beside[0]}...): pass --input-format video, wds or " \
             "parquet" if collect.beside else ""
-        found = "videos" if collect.kind == "video" else "images"
+        found = "videos" if "video" in (collect.kind, collect.format) else "images"
         raise UsageError(f"no {found} found in {what}{extra}{unlisted}{beside}")
     return FileListing(roots, keys, collect.ignored, collect.errors, collect.beside,
                        "video" if collect.kind == "video" else "image")
