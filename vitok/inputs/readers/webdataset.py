@@ -7,6 +7,13 @@ image is one is recorded as skipped, saying so. The sample's image is its first 
 image type (any case; the record's ``member`` is its real name); ``txt`` becomes the caption and ``json`` the
 metadata kept in the record (or only the fields named with ``--meta-fields``). A vitok key is ``<tar stem>/<key>``.
 
+Videos (video2dataset's tars, ``ReaderOptions.media`` ``video``): the sample's video is its first member with a video
+extension, or whose name says nothing and whose first bytes are a video container's (``member_medium``); a sample of
+the other medium is recorded as skipped naming the flag that reads it. A video member larger than ``SPOOL_BYTES`` is
+copied to the temporary space a block at a time (``Sample.local``, removed by whoever takes the sample), never held
+in memory; in a store of images it is never read. ``tar_media`` tells from a tar's first members which medium it
+holds, for ``--input-format auto``.
+
 Damage costs only what is damaged: a truncated tar gives every sample completed before the cut and raises
 :class:`UnitReadError` naming where it stopped; a sample without an image is recorded as skipped; a key seen twice in
 one tar is recorded under ``<key>#2`` (skipped, with the reason), never dropped or overwritten.
