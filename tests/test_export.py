@@ -316,7 +316,7 @@ import sys, time
 from pathlib import Path
 import vitok.consumers.serving as serving
 
-def slow(self, store, folder):  # writes a file, then takes its time, as a big export does
+def slow(self, store, folder, done=None):  # writes a file, then takes its time, as a big export does
     (Path(folder) / "partial").write_text("x")
     time.sleep(120)
 

@@ -302,3 +302,183 @@ def test_two_processes_racing_for_the_same_units_commit_each_once(s3, tmp_path):
     sidecar_puts = [s for s in s3.requests("PUT", ".json") if "/feats/shards/" in s.path and s.status == 200]
     assert len(sidecar_puts) == 4
     assert cli("verify", remote).returncode == 0 and len(vitok.open(remote)) == 8
+
+
+# ---- exports into a bucket ------------------------------------------------------------------------------------
+
+MARKER, PENDING = ".vitok-export.json", ".vitok-export-pending.json"
+LAYOUTS = {"embedding-reader": ["--pool", "mean"], "vllm-ec": [], "sglang": []}
+
+
+@pytest.fixture(scope="module")
+def every_token_store(tmp_path_factory):
+    """Four images, every token, merged + DeepStack, two shards (what every layout can export)."""
+    root = tmp_path_factory.mktemp("export-store")
+    vitok.extract([str(make_folder(root / "imgs", 4, with_odd=False))], root / "out", model="qwen3-vl-tiny",
+                  workers=0, shard_size=2, features=["merged", "deepstack"])
+    return root / "out"
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _objects(s3, prefix: str) -> dict[str, bytes]:
+    return {k[len(prefix) + 1:]: s3.direct.get_object(Bucket=BUCKET, Key=k)["Body"].read()
+            for k in s3.keys(prefix + "/")}
+
+
+def _without_marker(files: dict[str, bytes]) -> tuple[dict[str, bytes], dict]:
+    marker = json.loads(files.pop(MARKER))
+    marker.pop("created")
+    return files, marker
+
+
+def _upload_store(s3, folder, prefix: str) -> str:
+    """A copy of a local store in the bucket, object for object (a store is its files)."""
+    for name, data in _files(folder).items():
+        if not name.startswith(".index/"):
+            s3.direct.put_object(Bucket=BUCKET, Key=f"{prefix}/{name}", Body=data)
+    return f"s3://{BUCKET}/{prefix}"
+
+
+@pytest.mark.slow  # three exports each way (~6 s on 2 cores)
+def test_every_layout_exported_into_a_bucket_equals_the_same_export_into_a_folder(s3, every_token_store, tmp_path):
+    for layout, args in LAYOUTS.items():
+        local = tmp_path / layout
+        cli("export", str(every_token_store), str(local), "--layout", layout, *args, check=True)
+        remote = f"s3://{BUCKET}/exports/{layout}"
+        cli("export", str(every_token_store), remote, "--layout", layout, *args, check=True)
+        mine, mine_marker = _without_marker(_files(local))
+        theirs, their_marker = _without_marker(_objects(s3, f"exports/{layout}"))
+        assert theirs == mine and mine, sorted(theirs)  # same names, same bytes; no pending record left
+        assert their_marker == mine_marker
+        if layout != "embedding-reader":  # read back from the bucket as a server would load it
+            report = cli("verify", remote, "--embeds", "--json", check=True)
+            assert json.loads(report.stdout) == {"checked": 4, "layout": layout, "problems": [], "clean": True}
+    staged = [p for p in (tmp_path / "tmp").rglob("*") if p.is_file()]
+    assert not staged  # the local staging space is emptied as files go up
+    from vitok.consumers.serving import read_sglang
+    from vitok.consumers.vllm_client import VllmCache
+
+    assert len(list(read_sglang(f"s3://{BUCKET}/exports/sglang"))) == 4
+    cache = VllmCache.from_export(f"s3://{BUCKET}/exports/vllm-ec")
+    assert cache.entries == VllmCache.from_export(tmp_path / "vllm-ec").entries
+
+
+@pytest.mark.slow  # five exports, two of a store in the bucket, and botocore's backoff (~9 s on 2 cores)
+def test_a_fault_mid_export_leaves_no_marker_and_the_rerun_finishes_it(s3, every_token_store, tmp_path):
+    store = _upload_store(s3, every_token_store, "feats")  # a remote store, exported into the same bucket
+    local = tmp_path / "ec"
+    cli("export", str(every_token_store), str(local), "--layout", "vllm-ec", check=True)
+    dest = f"s3://{BUCKET}/ec"
+    args = ["export", store, dest, "--layout", "vllm-ec"]
+    s3.proxy.inject("PUT", r"/fresh/uuids\.jsonl", "503", times=100)
+    failed = cli("export", str(every_token_store), f"s3://{BUCKET}/fresh", "--layout", "vllm-ec", "--storage-option",
+                 "max_attempts=2")
+    assert failed.returncode == 75 and not s3.keys("fresh/")  # into an empty prefix: what it had put is deleted
+    s3.proxy.clear()
+    cli("export", str(every_token_store), dest, "--layout", "vllm-ec", "--key", "content", check=True)  # an earlier
+    # export of this store (the same store, local: its identity is its header's), its entries named otherwise
+    earlier = set(_objects(s3, "ec"))
+    s3.proxy.inject("PUT", r"/ec/.*encoder_cache\.safetensors", "reset")  # dropped once: retried, unseen
+    s3.proxy.inject("PUT", r"/ec/uuids\.jsonl", "503", times=100)  # the last file: throttled past every retry
+    result = cli(*args, "--storage-option", "max_attempts=2")
+    assert result.returncode == 75, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("vitok: error: ") and "SlowDown" in last and "rerun" in last
+    left = {k.removeprefix("ec/") for k in s3.keys("ec/")}
+    assert MARKER not in left and PENDING in left  # unfinished, and marked so
+    assert left - {PENDING} == (earlier - {MARKER}) | (set(_files(local)) - {MARKER, "uuids.jsonl"})
+    assert json.loads(s3.direct.get_object(Bucket=BUCKET, Key="ec/" + PENDING)["Body"].read())["run"] is None
+    refused = cli("verify", dest, "--embeds")
+    assert refused.returncode == 2 and "neither a vitok export" in refused.stderr  # no reader takes it as done
+    entry = next(name for name in sorted(_files(local)) if name.endswith(".safetensors"))
+    damaged = bytearray(s3.direct.get_object(Bucket=BUCKET, Key=f"ec/{entry}")["Body"].read())
+    damaged[-1] ^= 0xFF  # same size, other bytes: must not be taken for the file
+    s3.direct.put_object(Bucket=BUCKET, Key=f"ec/{entry}", Body=bytes(damaged))
+    s3.proxy.clear()
+    cli(*args, check=True)  # the ownerless record is taken over at once
+    theirs, their_marker = _without_marker(_objects(s3, "ec"))
+    mine, mine_marker = _without_marker(_files(local))
+    assert theirs == mine  # the earlier export's entries deleted, the damaged one put again
+    assert {k: v for k, v in their_marker.items() if k != "store"} == {k: v for k, v in mine_marker.items()
+                                                                         if k != "store"}
+    puts = [s.path.split("?")[0].split("/ec/", 1)[1] for s in s3.requests("PUT", "/ec/") if s.status == 200
+            and "/.vitok-probe/" not in s.path]  # (the bucket's check that conditional writes are honoured)
+    assert puts[-1] == MARKER  # the marker last, after every file
+    assert set(puts[:-1]) == {PENDING, entry, "uuids.jsonl"}  # what was up and equal is not sent again
+    assert s3.requests("DELETE", "/ec/" + PENDING)[-1].status == 204  # then the record goes
+
+
+@pytest.mark.slow  # five exports (~4.5 s on 2 cores)
+def test_an_unrelated_prefix_or_one_being_written_is_refused_and_a_killed_export_is_taken_over(
+        s3, every_token_store, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from vitok.storage.claims import RunIdentity
+
+    store = str(every_token_store)
+    endpoint = s3.env["AWS_ENDPOINT_URL"]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # DEST's endpoint from --storage-option, as for stores
+    given = ["--layout", "vllm-ec", "--storage-option", f"endpoint_url={endpoint}"]
+    s3.direct.put_object(Bucket=BUCKET, Key="mine/notes.txt", Body=b"keep me")
+    for dest, message in ((f"s3://{BUCKET}/mine", "not a vitok export"),
+                          ("s3://no-such-bucket/ec", "does not exist")):
+        result = cli("export", store, dest, *given)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert s3.keys() == ["mine/notes.txt"]
+    result = cli("export", store, str(tmp_path / "local"), *given)  # neither the store nor DEST is in a bucket
+    assert result.returncode == 2 and "neither the store nor DEST" in result.stderr
+
+    me = json.loads(RunIdentity.current().to_json())
+    pending = {"vitok_export_pending": 1, "store_id": None, "store": store, "started": "x", "run": me}
+    from vitok.consumers.export_target import store_identity
+
+    pending["store_id"] = store_identity(vitok.open(store).header)
+    s3.direct.put_object(Bucket=BUCKET, Key="busy/" + PENDING, Body=json.dumps(pending).encode())
+    result = cli("export", store, f"s3://{BUCKET}/busy", *given)  # a live export (this process) writes it
+    assert result.returncode == 1 and "being written by another export" in result.stderr, result.stderr
+    assert s3.keys("busy/") == ["busy/" + PENDING]
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pending["run"] = {**me, "pid": int(dead.stdout)}  # killed outright: its process is gone on this host
+    s3.direct.put_object(Bucket=BUCKET, Key="busy/" + PENDING, Body=json.dumps(pending).encode())
+    s3.direct.put_object(Bucket=BUCKET, Key="busy/gone-0000/encoder_cache.safetensors", Body=b"it had uploaded")
+    cli("export", store, f"s3://{BUCKET}/busy", *given, check=True)
+    names = [k.removeprefix("busy/") for k in s3.keys("busy/")]
+    assert names == sorted([MARKER, "uuids.jsonl", *(f"{line['uuid']}/encoder_cache.safetensors" for line in map(
+        json.loads, s3.direct.get_object(Bucket=BUCKET, Key="busy/uuids.jsonl")["Body"].read().splitlines()))])
+    assert "gone-0000/encoder_cache.safetensors" not in names  # what the killed one left, deleted
+
+    other = f"s3://{BUCKET}/other-store"
+    _upload_store(s3, every_token_store, "feats")
+    result = cli("export", other.replace("other-store", "feats"), f"s3://{BUCKET}/feats/inside", *given)
+    assert result.returncode == 2 and "inside the store" in result.stderr
+
+
+def test_an_export_beats_its_record_and_stops_without_a_marker_once_another_took_it_over(s3, tmp_path, monkeypatch):
+    from vitok.consumers import export_target
+    from vitok.errors import StoreError
+    from vitok.storage.roots import LocalRoot
+
+    monkeypatch.setattr(export_target, "HEARTBEAT", 0.2)
+    store = LocalRoot(tmp_path / "store")  # (only its location matters here: DEST must not overlap it)
+    target = export_target.open_target(f"s3://{BUCKET}/ec", "blake2b:1", store)
+    folder = target.begin()
+    (folder / "a.bin").write_bytes(b"first")
+    target.done(folder / "a.bin")
+    beats = lambda status: [s for s in s3.requests("PUT", "/ec/" + PENDING) if s.status == status]  # noqa: E731
+    assert wait_for(lambda: len(beats(200)) >= 3, timeout=30)  # created, then rewritten while nothing is uploaded
+    # another export takes DEST over (as one on another host does once this one's heartbeat looks stale)
+    s3.direct.put_object(Bucket=BUCKET, Key="ec/" + PENDING, Body=b'{"store_id": "blake2b:1", "run": null}')
+    assert wait_for(lambda: beats(412) and target._lost is not None, timeout=30)  # the next beat finds it not its own
+    (folder / "b.bin").write_bytes(b"second")
+    with pytest.raises(StoreError, match="another export took it over"):
+        target.done(folder / "b.bin")
+    target.abort()
+    assert s3.keys("ec/") == ["ec/" + PENDING, "ec/a.bin"]  # never marked finished by this one, b.bin never sent
+    assert json.loads(s3.direct.get_object(Bucket=BUCKET, Key="ec/" + PENDING)["Body"].read()) == {
+        "store_id": "blake2b:1", "run": None}  # the taker's record is left alone

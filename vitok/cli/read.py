@@ -100,8 +100,9 @@ def verify(
     out: Annotated[str, typer.Argument(help="A store written by vitok extract (a folder, or s3://BUCKET/PREFIX).")],
     quick: Annotated[bool, typer.Option(help="Check sizes, keys and rows only, not the checksums.")] = False,
     embeds: Annotated[bool, typer.Option(
-        "--embeds", help="Check served embeddings instead: OUT is a vllm-ec or sglang export (or a store, checked as "
-                         "it would be exported): tokens vs grid and merge size, width, dtype, finite, contiguous."
+        "--embeds", help="Check served embeddings instead: OUT is a vllm-ec or sglang export, a folder or "
+                         "s3://BUCKET/PREFIX (or a store, checked as it would be exported): tokens vs grid and merge "
+                         "size, width, dtype, finite, contiguous."
     )] = False,
     sources: Annotated[bool, typer.Option(help="Also compare every record with its input as it is now: stale "
                                           "records (the input changed since it was extracted) fail the check."
@@ -133,9 +134,8 @@ def verify(
                          "records)")
     if embeds:
         from ..consumers.serving import verify_embeds
-        from ..storage.location import local_store_path
 
-        result = verify_embeds(local_store_path(out, "OUT"))
+        result = verify_embeds(out, storage_options=storage_option)
         if json_output:
             typer.echo(json.dumps({"checked": result.checked, "layout": result.layout, "problems": result.problems,
                                    "clean": result.clean}))
@@ -195,7 +195,8 @@ def verify(
 
 def _export_command(store: str, dest: str, **values: Any) -> None:
     """Write a store's tokens where retrieval tools and inference servers read them. DEST is written aside and
-    swapped in whole; damaged or unfinished stores are refused; images with NaN/Inf tokens are left out and counted.
+    swapped in whole (in a bucket: each file put whole, the marker .vitok-export.json last); damaged or unfinished
+    stores are refused; images with NaN/Inf tokens are left out and counted.
 
     Examples:
 
@@ -204,6 +205,8 @@ def _export_command(store: str, dest: str, **values: Any) -> None:
         vitok export out/ /shared/ec-cache --layout vllm-ec
 
         vitok export out/ embeds/ --layout sglang
+
+        vitok export s3://bucket/feats s3://bucket/ec-cache --layout vllm-ec
     """
     _setup_logging()
     from ..consumers.export import export as run_export
@@ -216,9 +219,11 @@ def _export_command(store: str, dest: str, **values: Any) -> None:
 
 _export_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
     inspect.Parameter("store", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
-        str, typer.Argument(help="A store written by vitok extract.")]),
+        str, typer.Argument(help="A store written by vitok extract (a folder, or s3://BUCKET/PREFIX).")]),
     inspect.Parameter("dest", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
-        str, typer.Argument(help="Output folder: new, empty, or an earlier export of this store (replaced whole).")]),
+        str, typer.Argument(help="Output folder, or s3://BUCKET/PREFIX: new, empty, or an earlier export of this store "
+                                 "(replaced whole; in a bucket, finished when its .vitok-export.json appears, "
+                                 "written last).")]),
     *option_parameters(ExportOptions),
 ])
 _export_command.__annotations__ = {}

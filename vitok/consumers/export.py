@@ -43,6 +43,8 @@ from ..storage.keys import key_bytes, key_text
 from ..storage.roots import STORAGE_OPTION_HELP
 
 logger = logging.getLogger(__name__)
+EXPORT_STORAGE_OPTION_HELP = ("The store, DEST, or both in S3 (s3://BUCKET/PREFIX; one client configuration for both): "
+                              + STORAGE_OPTION_HELP.removeprefix("Stores in S3 (s3://BUCKET/PREFIX): "))
 
 LAYOUTS = ("embedding-reader", "vllm-ec", "sglang")
 POOLS = tuple(p for p in ALL_POOLS if p != "none")  # an export is one vector per image
@@ -75,14 +77,15 @@ class ExportOptions:
                                  "what is missing.", "Outputs")
     steps: bool = option(False, "Videos (embedding-reader): one vector per temporal step, a pair of frames fused, "
                          "with its step and time in the metadata, instead of one per video.", "Outputs")
-    storage_options: tuple[str, ...] | None = option(None, STORAGE_OPTION_HELP, "Outputs", flags=("--storage-option",),
+    storage_options: tuple[str, ...] | None = option(None, EXPORT_STORAGE_OPTION_HELP, "Outputs",
+                                                     flags=("--storage-option",),
                                                      metavar="KEY=VALUE", multiple=True)
 
 
 @dataclass
 class ExportResult:
     layout: str
-    dest: Path
+    dest: Path | str  # a local folder, or the URL of an object-store prefix
     images: int  # exported
     left_out: dict[str, str] = field(default_factory=dict)  # key -> why it was not exported
     missing: list[str] = field(default_factory=list)  # what a partial store lacked (--allow-partial)
@@ -173,6 +176,10 @@ def _pooled(tokens, offsets, pool: str | None):
         return pool_packed(tokens, np.diff(offsets).tolist(), pool)
 
 
+def _no_callback(path: Path) -> None:
+    pass
+
+
 def _save_npy(path: Path, array) -> None:
     import numpy as np
 
@@ -224,14 +231,13 @@ class EmbeddingReaderLayout:
         if self.by_step and not self.steps and self.pool is None:  # one row per video: its steps' rows pooled again
             self.pool = settings.pool  # (equal-sized steps: the same mean, max or first token as the whole)
 
-    def write(self, store, folder: Path) -> tuple[int, dict[str, str]]:
+    def write(self, store, folder: Path, done=_no_callback) -> tuple[int, dict[str, str]]:
+        """Write the files into ``folder``, calling ``done(path)`` on each once it is finished."""
         import numpy as np
 
         from ..inputs.readers.parquet import pyarrow_parquet
 
         pq = pyarrow_parquet()
-        (folder / "img_emb").mkdir()
-        (folder / "metadata").mkdir()
         count, index, left_out = 0, 0, {}
         for keys, tokens, offsets in store.iter_shards(self.feature):
             if not keys:  # a shard with no usable image (empty tar, every sample skipped, superseded)
@@ -255,9 +261,13 @@ class EmbeddingReaderLayout:
                 continue
             vectors = vectors[keep].astype(self.dtype)
             kept_keys = [keys[i] for i in keep]
+            for sub in ("img_emb", "metadata"):
+                (folder / sub).mkdir(exist_ok=True)
             _save_npy(folder / "img_emb" / f"img_emb_{index}.npy", vectors)
+            done(folder / "img_emb" / f"img_emb_{index}.npy")
             pq.write_table(_metadata_table(kept_keys, [records[i] for i in keep]),
                            folder / "metadata" / f"metadata_{index}.parquet")
+            done(folder / "metadata" / f"metadata_{index}.parquet")
             index += 1
             count += len(keep)
         return count, left_out
@@ -336,27 +346,31 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
            pool: str | None = None, normalize: str | None = None, dtype: str = "float16", key: str = "store",
            allow_partial: bool = False, steps: bool = False, storage_options=None) -> ExportResult:
     """Export a store into DEST in ``layout``; see the module docstring for the rules every layout follows."""
-    from ..storage.location import local_store_path
-    from ..storage.roots import parse_storage_options
+    from ..storage.location import url_scheme
+    from ..storage.roots import SERVED, check_location, parse_storage_options
     from ..storage.store import open_store
     from ..version import __version__
-    from .export_target import ExportMarker, ExportTarget, store_identity
+    from .export_target import ExportMarker, open_target, store_identity
 
-    dest = local_store_path(dest, "DEST")
+    check_location(dest, "DEST")
+    options = parse_storage_options(storage_options)  # for whichever of the store and DEST is an object store
+    remote_store, remote_dest = url_scheme(store_path) in SERVED, url_scheme(dest) in SERVED
+    if options and not (remote_store or remote_dest):
+        raise UsageError("--storage-option applies to object stores (s3://...); neither the store nor DEST is one")
     writer = make_layout(layout, feature, pool, normalize, dtype, key, steps)
-    with stop_on_signals(), open_store(store_path, storage_options=parse_storage_options(storage_options)) as store:
+    with stop_on_signals(), open_store(store_path, storage_options=options if remote_store else None) as store:
         # (SIGTERM/SIGINT: Interrupted, the folder removed)
         writer.check(store)
         identity = store_identity(store.header)
-        target = ExportTarget(dest, identity, store.root)
+        target = open_target(dest, identity, store.root, options if remote_dest else None)
         missing = check_store(store, allow_partial)
         folder = target.begin()
         try:
             try:
-                count, left_out = writer.write(store, folder)
+                count, left_out = writer.write(store, folder, target.done)
             except Exception as exc:  # (safetensors and pyarrow say ENOSPC in their own exception types)
                 if is_no_space(exc):
-                    raise_store_error(exc, target.dest)
+                    raise_store_error(exc, getattr(target, "dest", folder))
                 raise
             if left_out and not count:  # NaN/Inf found in the data now (pooled values too)
                 example = f"; e.g. {key_text(next(iter(left_out)))!r}: {next(iter(left_out.values()))}"
@@ -365,7 +379,7 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
                 sample = ", ".join(repr(key_text(k)) for k in list(left_out)[:5])
                 logger.warning("left out %d image(s) whose tokens hold NaN/Inf values (%s%s); the list is in %s",
                                len(left_out), sample, ", ..." if len(left_out) > 5 else "",
-                               Path(dest) / ".vitok-export.json")
+                               target.show(".vitok-export.json"))
             import datetime
 
             marker = ExportMarker(
@@ -378,7 +392,7 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
         except BaseException:
             target.abort()
             raise
-    return ExportResult(writer.name, Path(dest), count, left_out, missing)
+    return ExportResult(writer.name, dest if remote_dest else Path(dest), count, left_out, missing)
 
 
 def export_embedding_reader(store_path, dest, feature: str | None = None, pool: str | None = None,

@@ -252,7 +252,8 @@ class VllmEcLayout(_ServingLayout):
 
     name = "vllm-ec"
 
-    def write(self, store, folder: Path) -> tuple[int, dict[str, str]]:
+    def write(self, store, folder: Path, done=None) -> tuple[int, dict[str, str]]:
+        """Write the entries and ``uuids.jsonl`` into ``folder``, calling ``done(path)`` on each finished file."""
         from safetensors.torch import save_file
 
         left_out: dict[str, str] = {}
@@ -274,6 +275,8 @@ class VllmEcLayout(_ServingLayout):
                     written[name.lower()] = name
                     (folder / name).mkdir()
                     save_file({TENSOR_NAME: embeds}, str(folder / name / ENTRY_FILE))
+                    if done is not None:
+                        done(folder / name / ENTRY_FILE)
                 line: dict[str, Any] = {"key": key_text(key), "uuid": name}
                 if metadata is not None:
                     line["modality"] = "video"
@@ -285,6 +288,8 @@ class VllmEcLayout(_ServingLayout):
                     line["key_bytes_hex"] = key_bytes(key).hex()
                 uuids.write(json.dumps(line, ensure_ascii=True) + "\n")
                 count += 1
+        if done is not None:
+            done(folder / UUIDS_FILE)
         return count, left_out
 
 
@@ -311,14 +316,15 @@ class SglangLayout(_ServingLayout):
                        ("total_num_frames", pa.int64()), ("second_per_grid_ts", pa.float64())]
         return pa.schema(fields)
 
-    def write(self, store, folder: Path) -> tuple[int, dict[str, str]]:
+    def write(self, store, folder: Path, done=None) -> tuple[int, dict[str, str]]:
+        """Write the parquet files into ``folder``, calling ``done(path)`` on each once it is closed."""
         import pyarrow as pa
 
         from ..inputs.readers.parquet import pyarrow_parquet
 
         pq = pyarrow_parquet()
         left_out: dict[str, str] = {}
-        count, writer, rows = 0, None, []
+        count, writer, rows, path = 0, None, [], folder
         modality = store_modality(store)
         schema = self.schema(modality)
         temporal = int(store.header.settings.model.config.get("temporal_patch_size", 2))
@@ -338,7 +344,11 @@ class SglangLayout(_ServingLayout):
                     flush()
                     if writer is not None:
                         writer.close()
-                    writer = pq.ParquetWriter(folder / f"embeds-{count // ROWS_PER_FILE:05d}.parquet", schema)
+                        writer = None
+                        if done is not None:
+                            done(path)
+                    path = folder / f"embeds-{count // ROWS_PER_FILE:05d}.parquet"
+                    writer = pq.ParquetWriter(path, schema)
                 row = {"key": key_text(key), "key_bytes": key_bytes(key), "feature": pack_bf16(embeds),
                        "dtype": "bfloat16", "shape": list(embeds.shape), GRID_FIELDS[modality]: grid.tolist()}
                 if metadata is not None:
@@ -354,6 +364,8 @@ class SglangLayout(_ServingLayout):
         finally:
             if writer is not None:
                 writer.close()
+        if writer is not None and done is not None:
+            done(path)
         return count, left_out
 
 
@@ -387,61 +399,66 @@ class EmbedsReport:
         return not self.problems
 
 
-def _vllm_ec_entries(folder: Path) -> Iterator[tuple[str, Any, Any, str | None, Any]]:
+def _vllm_ec_entries(root) -> Iterator[tuple[str, Any, Any, str | None, Any]]:
     """(key, tensor, grid, problem or None, video metadata or None) per line of uuids.jsonl."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    path = folder / UUIDS_FILE
-    if not path.exists():
-        raise StoreError(f"{folder} has no {UUIDS_FILE}: not a vllm-ec export")
-    with open(path, encoding="ascii") as lines:
-        for number, line in enumerate(lines, 1):
-            try:
-                entry = json.loads(line)
-                key, name, grid = entry["key"], entry["uuid"], entry_grid(entry)
-                video = entry.get("modality", "image") == "video"
-                if grid is None or video != ("video_grid_thw" in entry):
-                    raise KeyError(GRID_FIELDS["video" if video else "image"])
-                metadata = entry.get("video_metadata") if video else None
-                if "key_bytes_hex" in entry:  # the exact key, where its text form differs
-                    key = bytes.fromhex(entry["key_bytes_hex"]).decode("utf-8", "surrogateescape")
-            except (ValueError, KeyError, TypeError, AttributeError):
-                yield f"{UUIDS_FILE} line {number}", None, None, "not a JSON line with key, uuid and the grid of its " \
-                                                                 "modality (image_grid_thw, video_grid_thw)", None
-                continue
-            file = folder / name / ENTRY_FILE
-            if "/" in name or name in (".", ".."):
-                yield key, None, grid, f"entry name {name!r} is not a plain folder name", metadata
-                continue
-            try:
-                tensors = load_file(str(file))  # as the connector loads it
-            except FileNotFoundError:
-                yield key, None, grid, f"{name}/{ENTRY_FILE} is missing", metadata
-                continue
-            except (SafetensorError, OSError, ValueError) as exc:
-                yield key, None, grid, f"{name}/{ENTRY_FILE} cannot be read ({exc})", metadata
-                continue
-            if set(tensors) != {TENSOR_NAME}:
-                yield key, None, grid, f"{name}/{ENTRY_FILE} holds {sorted(tensors)}, not exactly [{TENSOR_NAME!r}]", \
-                    metadata
-                continue
-            yield key, tensors[TENSOR_NAME], grid, None, {} if video and metadata is None else metadata
+    try:
+        text = root.read(UUIDS_FILE).decode("ascii")
+    except FileNotFoundError:
+        raise StoreError(f"{root} has no {UUIDS_FILE}: not a vllm-ec export") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            entry = json.loads(line)
+            key, name, grid = entry["key"], entry["uuid"], entry_grid(entry)
+            video = entry.get("modality", "image") == "video"
+            if grid is None or video != ("video_grid_thw" in entry):
+                raise KeyError(GRID_FIELDS["video" if video else "image"])
+            metadata = entry.get("video_metadata") if video else None
+            if "key_bytes_hex" in entry:  # the exact key, where its text form differs
+                key = bytes.fromhex(entry["key_bytes_hex"]).decode("utf-8", "surrogateescape")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            yield f"{UUIDS_FILE} line {number}", None, None, "not a JSON line with key, uuid and the grid of its " \
+                                                             "modality (image_grid_thw, video_grid_thw)", None
+            continue
+        if "/" in name or name in (".", ".."):
+            yield key, None, grid, f"entry name {name!r} is not a plain folder name", metadata
+            continue
+        try:
+            tensors = load(root.read(f"{name}/{ENTRY_FILE}"))  # the file's bytes, parsed as the connector parses them
+        except FileNotFoundError:
+            yield key, None, grid, f"{name}/{ENTRY_FILE} is missing", metadata
+            continue
+        except (SafetensorError, OSError, ValueError) as exc:
+            yield key, None, grid, f"{name}/{ENTRY_FILE} cannot be read ({exc})", metadata
+            continue
+        if set(tensors) != {TENSOR_NAME}:
+            yield key, None, grid, f"{name}/{ENTRY_FILE} holds {sorted(tensors)}, not exactly [{TENSOR_NAME!r}]", \
+                metadata
+            continue
+        yield key, tensors[TENSOR_NAME], grid, None, {} if video and metadata is None else metadata
 
 
-def read_sglang(folder: Path) -> Iterator[dict[str, Any]]:
-    """The rows of an sglang export, in order (the reader shipped beside the writer)."""
+def read_sglang(folder, storage_options=None) -> Iterator[dict[str, Any]]:
+    """The rows of an sglang export (a folder, ``s3://BUCKET/PREFIX`` or a store root), in order (the reader
+    shipped beside the writer)."""
     from ..inputs.readers.parquet import pyarrow_parquet
+    from ..storage.roots import store_root
 
     pq = pyarrow_parquet()
-    for path in sorted(Path(folder).glob("embeds-*.parquet")):
-        parquet = pq.ParquetFile(path)
-        for group in range(parquet.num_row_groups):
-            yield from parquet.read_row_group(group).to_pylist()
+    root = store_root(folder, "DEST", storage_options)
+    for entry in root.list(""):
+        if entry.folder or not re.fullmatch(r"embeds-.*\.parquet", entry.name):
+            continue
+        with root.open(entry.name) as handle:
+            parquet = pq.ParquetFile(handle)
+            for group in range(parquet.num_row_groups):
+                yield from parquet.read_row_group(group).to_pylist()
 
 
-def _sglang_entries(folder: Path) -> Iterator[tuple[str, Any, Any, str | None, Any]]:
-    for row in read_sglang(folder):
+def _sglang_entries(root) -> Iterator[tuple[str, Any, Any, str | None, Any]]:
+    for row in read_sglang(root):
         key = (row.get("key_bytes") or b"").decode("utf-8", "surrogateescape") or row.get("key") or "?"
         shape, data, dtype = row.get("shape") or [], row.get("feature") or b"", row.get("dtype")
         grid = entry_grid(row)
@@ -459,17 +476,19 @@ def _sglang_entries(folder: Path) -> Iterator[tuple[str, Any, Any, str | None, A
         yield key, unpack_bf16(data, shape), grid, None, metadata
 
 
-def verify_embeds(path: str | Path) -> EmbedsReport:
+def verify_embeds(path, storage_options=None) -> EmbedsReport:
     """Check every embedding of a vllm-ec or sglang export (or, given a store, every image as it would be exported)
     against the model family's contract: token count vs grid and merge size, width, dtype, finiteness, dense and
-    contiguous. Nothing is modified."""
+    contiguous. ``path``: a folder, ``s3://BUCKET/PREFIX`` (``storage_options`` for its client) or a store root.
+    Nothing is modified."""
     from ..storage import META_FILE
+    from ..storage.roots import store_root
     from .export_target import read_marker
 
-    folder = Path(path)
+    folder = store_root(path, "OUT", storage_options)
     marker = read_marker(folder)
     if marker is None:
-        if not (folder / META_FILE).exists():
+        if not folder.exists(META_FILE):
             raise UsageError(f"{path} is neither a vitok export (no .vitok-export.json) nor a store")
         from ..storage.store import open_store
 

@@ -32,7 +32,6 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
@@ -60,25 +59,27 @@ class VllmCache:
         self.entries = {entry.key: entry for entry in entries}
 
     @classmethod
-    def from_export(cls, dest: str | os.PathLike) -> VllmCache:
-        """The entries a vllm-ec export lists in ``uuids.jsonl`` (exact keys from ``key_bytes_hex`` or the text)."""
+    def from_export(cls, dest: str | os.PathLike, storage_options=None) -> VllmCache:
+        """The entries a vllm-ec export (a folder, or ``s3://BUCKET/PREFIX``) lists in ``uuids.jsonl`` (exact keys
+        from ``key_bytes_hex`` or the text)."""
+        from ..storage.roots import store_root
         from .export_target import read_marker
         from .serving import UUIDS_FILE, entry_grid
 
-        marker = read_marker(Path(dest))
+        root = store_root(dest, "DEST", storage_options)
+        marker = read_marker(root)
         if marker is None or marker.layout != "vllm-ec":
             raise UsageError(f"{dest} is not a vllm-ec export (vitok export STORE DEST --layout vllm-ec writes one)")
         entries = []
-        with open(Path(dest) / UUIDS_FILE, encoding="ascii") as lines:
-            for line in lines:
-                row = json.loads(line)
-                if "key_bytes_hex" in row:
-                    key = bytes.fromhex(row["key_bytes_hex"]).decode("utf-8", "surrogateescape")
-                else:
-                    key = key_from_text(row["key"])
-                (t, h, w), = entry_grid(row)
-                entries.append(CacheEntry(key, row["uuid"], (int(t), int(h), int(w)), int(row["tokens"]),
-                                          row.get("modality", "image")))
+        for line in root.read(UUIDS_FILE).decode("ascii").splitlines():
+            row = json.loads(line)
+            if "key_bytes_hex" in row:
+                key = bytes.fromhex(row["key_bytes_hex"]).decode("utf-8", "surrogateescape")
+            else:
+                key = key_from_text(row["key"])
+            (t, h, w), = entry_grid(row)
+            entries.append(CacheEntry(key, row["uuid"], (int(t), int(h), int(w)), int(row["tokens"]),
+                                      row.get("modality", "image")))
         return cls(entries)
 
     @classmethod

@@ -8,6 +8,8 @@ once, over these operations:
     read(name) / read_range(name, start, size) / open(name)    bytes, a byte range, a seekable file to read
     stat(name) -> Entry | None, list(folder) -> [Entry]         size, version (changes on every rewrite), the store's
                                                                 time of the last write; entries directly in a folder
+    walk(folder) -> [Entry]                                     every file under a folder, at any depth (one paged
+                                                                listing of a bucket)
     write(name, data)                                           whole or not at all (a rename; one PUT)
     create(name, data) -> version | None                        only if absent: of many writers exactly one wins
                                                                 (a hard link; PUT If-None-Match: *)
@@ -118,6 +120,17 @@ class StoreRoot(ABC):
     @abstractmethod
     def list(self, folder: str = "") -> list[Entry]:
         """Files and folders directly in ``folder``, sorted by name (empty when it does not exist)."""
+
+    def walk(self, folder: str = "") -> list[Entry]:
+        """Every file under ``folder`` at any depth, named relative to it (``a/b.npy``), sorted by name."""
+        found = []
+        for entry in self.list(folder):
+            inner = f"{folder}/{entry.name}" if folder else entry.name
+            if entry.folder:
+                found += [Entry(f"{entry.name}/{e.name}", e.size, e.version, e.modified) for e in self.walk(inner)]
+            else:
+                found.append(entry)
+        return sorted(found, key=lambda e: e.name)
 
     def read_with_version(self, name: str) -> tuple[bytes, str]:
         """The file and the version it had when read (for ``swap``)."""

@@ -262,6 +262,13 @@ class S3Root(StoreRoot):
                 found.append(Entry(common["Prefix"][len(prefix):].rstrip("/"), 0, "", 0.0, True))
         return sorted(found, key=lambda e: e.name)
 
+    def walk(self, folder: str = "") -> list[Entry]:
+        """One listing without a delimiter: every object under ``folder/``, 1,000 a page."""
+        prefix = self._prefix(folder)
+        found = [Entry(item["Key"][len(prefix):], int(item["Size"]), item["ETag"], item["LastModified"].timestamp())
+                 for page in self._pages("list_objects_v2", Prefix=prefix) for item in page.get("Contents", ())]
+        return sorted((e for e in found if e.name), key=lambda e: e.name)
+
     def is_folder(self, name: str) -> bool:
         with self._errors(name):
             page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._prefix(name), MaxKeys=1)
