@@ -611,6 +611,8 @@ def test_remote_videos_over_http_give_the_tokens_of_the_local_files(tmp_path, mo
         (folder / "gone.mp4").write_bytes((folder / "a.mp4").read_bytes())
         again = vitok.extract([], tmp_path / "remote", files_from=str(tmp_path / "list.txt"), **common)
         assert again.ok == 1 and again.failed == 0
+        update = vitok.extract([], tmp_path / "remote", files_from=str(tmp_path / "list.txt"), update=True, **common)
+        assert update.ok == 0 and update.shards_written == 0  # a URL has no mtime: taken as unchanged, not gone
         assert list_inputs([f"{url}/00000.tar"]).media == "video"  # a remote tar of videos, told from its members
         assert any(r.startswith("GET /a.mp4") for r in requests)
     assert list(scratch.iterdir()) == []  # every local copy removed once decoded
