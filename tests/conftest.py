@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from s3server import moto_endpoint, s3  # noqa: F401  (fixtures: a real S3 endpoint on loopback)
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "examples" / "images"

@@ -46,3 +46,34 @@ def test_write_store_records_a_key_holding_nul_as_skipped_and_writes_the_rest(tm
             assert store.keys() == ["a", "b"]
             assert "NUL" in store.skipped["x\x00y"]
             np.testing.assert_array_equal(store["a"], batch["merged"][0])
+
+
+def test_write_store_into_a_bucket_equals_a_local_one_and_a_second_writer_is_refused(s3, tmp_path, monkeypatch):
+    """``write_store(dataset, "s3://...")`` (any iterable of batches: the driver writes, the rows come from
+    wherever): the same shards as into a folder, the endpoint from ``storage_options`` alone."""
+    import pytest
+    from s3server import BUCKET
+
+    from vitok.errors import UsageError
+    from vitok.integrations.ray import TokenEncoder, write_store
+
+    photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".png"))[:3]
+    options = dict(model="qwen3-vl-tiny", store_dtype="float32", features=("merged",), dtype="float32",
+                   token_budget=1)
+    images = np.empty(4, dtype=object)
+    images[:] = [p.read_bytes() for p in photos] + [b"not an image"]
+    batch = TokenEncoder(**options)({"key": np.array(["a", "b", "c", "bad"]), "image": images})
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    remote, endpoint = f"s3://{BUCKET}/written", {"endpoint_url": s3.endpoint}
+    assert write_store([batch], remote, shard_size=2, storage_options=endpoint, **options) == 2
+    assert write_store([batch], tmp_path / "local", shard_size=2, **options) == 2
+    with pytest.raises(UsageError, match="already holds a store"):
+        write_store([batch], remote, shard_size=2, storage_options=endpoint, **options)
+    assert len(s3.keys("written/shards/")) == 4  # two shards, two sidecars: nothing added by the refused writer
+    with vitok.open(remote, storage_options=endpoint) as theirs, vitok.open(tmp_path / "local") as mine:
+        assert theirs.keys() == mine.keys() == ["a", "b", "c"] and "not an image" in theirs.skipped["bad"]
+        for key in mine.keys():
+            np.testing.assert_array_equal(theirs[key], mine[key])
+            assert {k: v for k, v in theirs.info(key).items() if k != "shard"} == \
+                {k: v for k, v in mine.info(key).items() if k != "shard"}
+    assert vitok.verify(remote, storage_options=endpoint).clean

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from helpers import TINY, make_folder, png_folder, popen_vitok, wait_for
+from helpers import vitok as cli
 
 import vitok
 
@@ -157,6 +158,49 @@ def test_a_ray_run_reports_the_figures_of_its_tasks_and_actors_and_a_bare_resume
     # a bare resume through the Ray engine takes the store's settings (model, shard size, features, dtype)
     again = vitok.extract([], out, engine="ray")
     assert again.shards_already_done == 2 and again.ok == 0
+
+
+@pytest.mark.slow  # a Ray run costs several seconds on 2 cores
+def test_a_ray_run_into_a_bucket_equals_one_process_and_its_resume_sends_no_shard(cluster, folder, single, s3,
+                                                                                  tmp_path, monkeypatch):
+    """``--engine ray -o s3://``: only the driver talks to the bucket (plan, claims, commits), so workers that cannot
+    reach it (the endpoint is this test's proxy, on a port they were never told) still make the store a local run
+    makes, bit for bit; the driver has the endpoint from ``--storage-option`` alone."""
+    from s3server import BUCKET
+
+    @ray.remote
+    def configuration() -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+    assert s3.endpoint not in ray.get(configuration.remote()).values()
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the driver has it only from the flag
+    remote = f"s3://{BUCKET}/feats"
+    args = ["extract", str(folder), "-o", remote, *TINY, "--store-dtype", "float32", "--features", "merged,deepstack",
+            "--shard-size", "4", "--engine", "ray", "--address", cluster["address"], "--storage-option",
+            f"endpoint_url={s3.endpoint}", "--json"]
+    first = cli(*args, check=True)
+    assert json.loads(first.stdout)["shards_written"] == len(single)
+    assert_same(s3.download("feats", tmp_path / "copy"), single)
+    s3.proxy.clear()
+    again = json.loads(cli(*args, check=True).stdout)
+    assert again["shards_written"] == 0 and again["shards_already_done"] == len(single)
+    assert not [s for s in s3.proxy.seen if s.method in ("PUT", "POST", "DELETE")], "the resume wrote to the bucket"
+
+
+def test_a_job_refused_after_ray_started_leaves_no_instance_running(cluster, folder, s3, monkeypatch):
+    """``vitok.extract(engine="ray")`` joins (or starts) Ray before the job is prepared; a job refused then (a bucket
+    that does not exist, other settings) used to leave the instance it had started running in the caller's
+    process. Here joining is said to have started Ray (the module's cluster stands in for it) and the shutdown is
+    counted, not done."""
+    import vitok.run.ray_engine as engine
+    from vitok.errors import StoreAccessError
+
+    shutdowns = []
+    monkeypatch.setattr(engine, "connect", lambda address, timeout: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
+    with pytest.raises(StoreAccessError, match="does not exist"):
+        vitok.extract([str(folder)], "s3://no-such-bucket/feats", engine="ray", **LIB)
+    assert shutdowns == [True]
 
 
 @pytest.mark.slow  # a Ray run costs several seconds on 2 cores

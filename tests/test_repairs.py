@@ -289,3 +289,34 @@ def test_a_killed_plan_write_leaves_a_temporary_file_that_is_shown_then_removed(
     report = vitok.verify(out)
     assert any(".0000.l1v3ly.tmp" in line and "interrupted plan write" in line for line in report.leftovers)
     assert ".0000.l1v3ly.tmp" in invoke("info", str(out)).output
+
+
+def test_claims_a_killed_run_left_on_committed_shards_are_removed_by_the_next_run(tmp_path):
+    """A run killed between committing a shard and releasing its claim leaves the claim (and its run file); no later
+    run claims a done shard, so before the fix the claim stayed forever, a leftover in every ``verify``. The next run,
+    even one with nothing to do, removes it; a claim of a live run is kept."""
+    import socket
+    import subprocess
+    import sys
+
+    from vitok.storage.claims import Claims, RunIdentity, pid_namespace
+
+    folder = make_folder(tmp_path / "imgs", count=4, with_odd=False)
+    out = tmp_path / "out"
+    options = dict(LIB, shard_size=2)
+    vitok.extract([str(folder)], out, **options)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = Claims(out, RunIdentity(socket.gethostname(), int(gone.stdout), None, "deadbeef", **pid_namespace()))
+    live = Claims(out, RunIdentity("other-host", 1, None, "cafecafe"))  # another host, beating recently
+    for claims, shard in ((dead, "shard-000000"), (live, "shard-000001")):
+        claims.root.write(claims.run_file, claims.identity.to_json().encode())
+        assert claims.try_claim(shard)  # and never released: as a kill leaves it
+    assert sorted(vitok.verify(out).leftovers + vitok.verify(out).in_progress) == [
+        "shard-000000 (claimed by " + dead.identity.id + ")", "shard-000001 (claimed by " + live.identity.id + ")"]
+    runs = out / ".claims" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == sorted([dead.identity.id, live.identity.id])  # verify judged
+    # the other host's heartbeat by the store's clock without writing one of its own (before: its own run file, left)
+    summary = vitok.extract([str(folder)], out, **options)
+    assert summary.shards_written == 0  # (nothing to do: the run that only tidies)
+    report = vitok.verify(out)
+    assert not report.leftovers and report.in_progress == [f"shard-000001 (claimed by {live.identity.id})"]

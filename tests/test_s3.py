@@ -6,70 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
-import urllib.request
 
 import numpy as np
 import pytest
 from helpers import TINY, make_folder, popen_vitok, wait_for
 from helpers import vitok as cli
+from s3server import BUCKET
 
 import vitok
-
-BUCKET = "vitok-test"
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'vitok[test]')")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    moto = server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    yield moto.get_host_and_port()
-    moto.stop()
-
-
-class S3:
-    """The endpoint of one test: a fresh server state, the bucket, the proxy the code under test talks through,
-    and a client straight to the server for setting up and looking."""
-
-    def __init__(self, host: str, port: int) -> None:
-        import boto3
-        from s3server import Proxy
-
-        urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"))
-        self.proxy = Proxy((host, port))
-        self.endpoint = self.proxy.start()
-        self.direct = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1",
-                                   aws_access_key_id="testing", aws_secret_access_key="testing")
-        self.direct.create_bucket(Bucket=BUCKET)
-        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
-                    "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
-                    "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-
-    def keys(self, prefix: str = "") -> list[str]:
-        pages = self.direct.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-        return sorted(item["Key"] for page in pages for item in page.get("Contents", ()))
-
-    def requests(self, method: str | None = None, path: str = "") -> list:
-        return [s for s in self.proxy.seen if (method is None or s.method == method) and path in s.path]
-
-
-@pytest.fixture
-def s3(moto_endpoint, monkeypatch, tmp_path):
-    endpoint = S3(*moto_endpoint)
-    for key, value in endpoint.env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the staging space of this test's runs
-    (tmp_path / "tmp").mkdir()
-    import tempfile
-
-    monkeypatch.setattr(tempfile, "tempdir", None)
-    yield endpoint
-    endpoint.proxy.stop()
 
 
 def _root(path: str = "feats", **options):
@@ -241,6 +187,24 @@ def test_verify_names_a_damaged_remote_shard_and_the_next_run_redoes_it(s3, tmp_
     assert cli("verify", remote).returncode == 0 and len(vitok.open(remote)) == 4
 
 
+def test_verify_while_another_host_writes_judges_its_claim_by_the_servers_clock_and_writes_nothing(s3):
+    """``vitok verify s3://…`` from a machine other than the writers' (a laptop, while a cluster runs): the claim of
+    a live run on another host is judged by its heartbeat's age on the server's clock; before, verify wrote a
+    heartbeat of its own to read that clock, and left it in the bucket."""
+    from vitok.bench.store import synthetic_store
+    from vitok.storage.claims import Claims, RunIdentity
+
+    synthetic_store(_root(), 4, 8, 16, per_shard=2)
+    live = Claims(_root(), RunIdentity("other-host", 1, None, "cafecafe"))
+    live.root.write(live.run_file, live.identity.to_json().encode())
+    assert live.try_claim("shard-000001")
+    before = s3.keys()
+    s3.proxy.clear()
+    report = vitok.verify(f"s3://{BUCKET}/feats")
+    assert report.in_progress == [f"shard-000001 (claimed by {live.identity.id})"] and not report.leftovers
+    assert not [s for s in s3.proxy.seen if s.method in ("PUT", "POST", "DELETE")] and s3.keys() == before
+
+
 def test_an_update_of_a_remote_store_moves_the_shards_it_replaces_aside(s3, tmp_path):
     from PIL import Image
 
@@ -302,6 +266,177 @@ def test_two_processes_racing_for_the_same_units_commit_each_once(s3, tmp_path):
     sidecar_puts = [s for s in s3.requests("PUT", ".json") if "/feats/shards/" in s.path and s.status == 200]
     assert len(sidecar_puts) == 4
     assert cli("verify", remote).returncode == 0 and len(vitok.open(remote)) == 8
+
+
+@pytest.mark.slow  # three processes at once
+def test_a_slurm_array_with_gpus_children_writes_one_bucket_at_once_each_unit_once(s3, tmp_path, monkeypatch):
+    """Two SLURM array tasks into one bucket at the same moment: task 0 runs ``--gpus 0,1`` (its part split between
+    two children, parts 0/4 and 2/4), task 1 runs alone (part 1/2). The endpoint comes from ``--storage-option``
+    alone, which ``--gpus`` passes on to its children. ``--gpus`` needs CUDA: each child is started with ``--device
+    cuda:G``, which a machine without GPUs refuses (exit 2), so here the children are started as ``--gpus`` builds
+    them with only that flag replaced by ``--device cpu``."""
+    import subprocess
+
+    from conftest import ROOT
+
+    imgs = make_folder(tmp_path / "imgs", 8, with_odd=False)
+    local, remote = tmp_path / "local", f"s3://{BUCKET}/feats"
+    args = [str(imgs), *TINY, "--shard-size", "2", "--features", "merged,deepstack"]
+    cli("extract", *args, "-o", str(local), check=True)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    flags = [*args, "-o", remote, "--storage-option", f"endpoint_url={s3.endpoint}", "--json"]
+    array = {"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "1", "SLURM_ARRAY_TASK_COUNT": "2"}
+    alone = popen_vitok("extract", *flags, env=array | {"SLURM_ARRAY_TASK_ID": "1"}, capture=True)
+    started, real = [], subprocess.Popen
+
+    def on_cpu(cmd, **kwargs):
+        started.append(cmd)
+        return real([("cpu" if arg.startswith("cuda:") else arg) for arg in cmd], **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", on_cpu)
+    split = cli("extract", *flags, "--gpus", "0,1", env=array | {"SLURM_ARRAY_TASK_ID": "0", "PYTHONPATH": str(ROOT)})
+    monkeypatch.setattr(subprocess, "Popen", real)
+    out, err = alone.communicate(timeout=300)
+    assert split.returncode == 0 and alone.returncode == 0, (split.stderr[-1500:], err[-1500:])
+    assert [cmd[cmd.index("--device") + 1] for cmd in started] == ["cuda:0", "cuda:1"]
+    assert all(f"endpoint_url={s3.endpoint}" in cmd for cmd in started)
+    summaries = [json.loads(split.stdout.strip().splitlines()[-1]), json.loads(out.strip().splitlines()[-1])]
+    assert [s["part"] for s in summaries] == ["0/4,2/4", "1/2"]
+    assert sum(s["shards_written"] for s in summaries) == 4
+    commits = sorted(s.path for s in s3.requests("PUT", "/feats/shards/") if s.path.endswith(".json")
+                     and s.status == 200)
+    assert commits == [f"/{BUCKET}/feats/shards/shard-{i:06d}.json" for i in range(4)]  # each unit once
+    parts = [json.loads(s3.direct.get_object(Bucket=BUCKET, Key=f"feats/shards/shard-{i:06d}.json")["Body"].read())
+             ["part"] for i in range(4)]
+    assert parts == ["0/4", "1/2", "2/4", "1/2"]
+    assert len([s for s in s3.requests("PUT", "/feats/vitok.json") if s.status == 200]) == 1
+    mine, theirs = vitok.open(local), vitok.open(remote, storage_options={"endpoint_url": s3.endpoint})
+    assert theirs.keys() == mine.keys() and len(mine) == 8
+    for key in mine.keys():
+        for feature in ("merged", "deepstack"):
+            np.testing.assert_array_equal(theirs.get(key, feature), mine.get(key, feature))
+    assert _records(theirs) == _records(mine)
+    assert cli("verify", remote, "--storage-option", f"endpoint_url={s3.endpoint}").returncode == 0
+
+
+# ---- reads whose answer is cut midway -----------------------------------------------------------------------------
+
+
+def _tokens(url: str) -> dict:
+    with vitok.open(url) as store:
+        return {key: store.get(key) for key in store.keys()}
+
+
+def test_reads_cut_mid_body_are_resumed_and_give_the_same_tokens(s3):
+    from vitok.bench.store import synthetic_store
+
+    synthetic_store(_root(), 8, 16, 256, per_shard=4)  # two shards of 4 images x 16 rows x 256 float16
+    remote = f"s3://{BUCKET}/feats"
+    expected = _tokens(remote)
+    s3.proxy.clear()
+    row_bytes = 16 * 256 * 2
+    s3.proxy.inject("GET", r"/shards/shard-000000\.h5", "cut", times=2, after=row_bytes // 3)
+    s3.proxy.inject("GET", r"/shards/shard-000001\.h5", "cut-reset", times=2, after=row_bytes // 2)
+    got = _tokens(remote)
+    assert [f.hits for f in s3.proxy.faults] == [2, 2]
+    assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in expected)
+    resumed = [s.range for s in s3.requests("GET", "/shards/shard-000000.h5")][:3]
+    first = int(resumed[0].split("=")[1].split("-")[0])  # the key's rows; then from the first byte still needed
+    assert resumed[1].startswith(f"bytes={first + row_bytes // 3}-") and resumed[1].split("-")[1] == \
+        resumed[0].split("-")[1], resumed
+    s3.proxy.clear()  # whole objects (a checksum's GET, the sidecars): cut after a few bytes, twice each
+    s3.proxy.inject("GET", r"/shards/shard-000000\.h5", "cut", times=2, after=4096)
+    s3.proxy.inject("GET", r"/shards/shard-000001\.json", "cut-reset", times=2, after=100)
+    result = cli("verify", remote, "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["images_ok"] == 8, result.stderr
+    assert [f.hits for f in s3.proxy.faults] == [2, 2]
+    assert _tokens(remote).keys() == expected.keys()
+
+
+def test_a_read_cut_every_time_stops_with_one_line_and_exit_75(s3):
+    from vitok.bench.store import synthetic_store
+
+    synthetic_store(_root(), 4, 16, 256, per_shard=4)
+    remote = f"s3://{BUCKET}/feats"
+    s3.proxy.inject("GET", r"/shards/shard-000000\.h5", "cut", times=1000, after=10)
+    result = cli("verify", remote, "--storage-option", "max_attempts=3")
+    assert result.returncode == 75, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("vitok: error: ") and "dropped while reading" in last and "rerun" in last, last
+    assert len(s3.requests("GET", "/shards/shard-000000.h5")) == 3  # bounded: max_attempts in all
+    quick = cli("verify", remote, "--quick", "--storage-option", "max_attempts=2")  # no checksum: opened by ranges
+    assert quick.returncode == 75 and "dropped while reading" in quick.stderr, quick.stderr  # unreachable, not damaged
+
+
+# ---- 409 ConditionalRequestConflict: a concurrent conditional write of the same key ------------------------------
+
+
+def test_a_conditional_write_answered_409_looks_then_loses_or_sends_again(s3, tmp_path):
+    from vitok.errors import StoreUnavailableError
+
+    root = _root(multipart_threshold="1MiB", multipart_chunksize="5MiB")
+
+    def theirs(key: str):  # another writer's object lands while ours is answered 409
+        return lambda: s3.direct.put_object(Bucket=BUCKET, Key=f"feats/{key}", Body=b"theirs")
+
+    s3.proxy.inject("PUT", r"/a\.json", "409")
+    assert root.create("a.json", b"mine") is not None and root.read("a.json") == b"mine"  # nobody's: sent again
+    assert [s.status for s in s3.requests("PUT", "/a.json")] == [409, 200]
+    s3.proxy.inject("PUT", r"/b\.json", "409", then=theirs("b.json"))
+    assert root.create("b.json", b"mine") is None and root.read("b.json") == b"theirs"  # lost, as to a 412
+    assert [s.status for s in s3.requests("PUT", "/b.json")] == [409]  # settled by a look, not sent again
+    version = root.stat("a.json").version
+    s3.proxy.inject("PUT", r"/a\.json", "409", then=theirs("a.json"))  # a swap: the object changed meanwhile
+    assert root.swap("a.json", b"again", version) is None and root.read("a.json") == b"theirs"
+
+    staged = tmp_path / "data.bin"
+    body = os.urandom(6 << 20)
+    for name, then, outcome in (("c.h5", None, True), ("d.h5", theirs("d.h5"), False)):
+        staged.write_bytes(body)
+        s3.proxy.inject("POST", rf"/{name}\?uploadId=", "409", then=then)  # the completion
+        assert root.put(name, staged, exclusive=True) is outcome
+        assert root.read(name) == (body if outcome else b"theirs")
+        begun = [s for s in s3.requests("POST", f"/{name}?uploads")]
+        assert len(begun) == (2 if outcome else 1)  # begun again only when nobody else's object is there
+        assert not s3.direct.list_multipart_uploads(Bucket=BUCKET).get("Uploads")  # none left open
+    s3.proxy.inject("PUT", r"/e\.json", "409", times=100)
+    with pytest.raises(StoreUnavailableError, match="409 ConditionalRequestConflict.*rerun"):
+        root.create("e.json", b"mine")
+    assert len(s3.requests("PUT", "/e.json")) == 5 and not root.exists("e.json")  # bounded
+
+
+# ---- whole shards: one GET each -----------------------------------------------------------------------------------
+
+
+def test_a_whole_shard_is_one_get_and_a_key_one_ranged_get(s3, tmp_path):
+    from vitok.bench.store import synthetic_store
+
+    synthetic_store(_root(), 24, 64, 1024, per_shard=12)  # two shards of 12 images x 64 rows x 1024 float16: 1.5 MB
+    remote = f"s3://{BUCKET}/feats"
+    vitok.open(remote).close()  # (the key index, built once and cached on this machine)
+
+    def gets() -> list[int]:
+        return [len(s3.requests("GET", f"/feats/shards/shard-00000{i}.h5")) for i in range(2)]
+
+    s3.proxy.clear()
+    with vitok.open(remote) as store:
+        shards = list(store.iter_shards(dtype=None))
+        assert gets() == [1, 1]  # each shard's object fetched once, not a GET per 1 MB chunk or 256 KiB block
+        key = store.keys()[17]
+        tokens = store.stored_rows(key)
+        assert gets() == [1, 2]  # one key: one ranged GET of its rows
+    assert s3.requests("GET", "/shard-000001.h5")[-1].received == 64 * 1024 * 2
+    keys, data, offsets = shards[1]
+    i = keys.index(key)
+    assert np.array_equal(data[offsets[i]:offsets[i + 1]], tokens)
+    s3.proxy.clear()
+    result = cli("verify", remote, "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["images_ok"] == 24, result.stderr
+    assert gets() == [1, 1]  # checksummed and opened from one copy
+    s3.proxy.clear()
+    cli("export", remote, str(tmp_path / "exported"), "--pool", "mean", check=True)
+    assert gets() == [2, 2]  # the export's check (as verify), then the shard's tokens
+    assert not [p for p in (tmp_path / "tmp").rglob("*") if p.is_file()]  # the copies are gone
 
 
 # ---- exports into a bucket ------------------------------------------------------------------------------------

@@ -5,11 +5,17 @@ Against ``--s3-url s3://BUCKET/PREFIX`` (the client's own configuration: ``AWS_*
 moto server started here on loopback (``moto[server]``, the test extra), which measures the protocol's requests and
 vitok's own overhead, not a network or a service. Shards are synthetic tokens of ``--s3-shard-mb`` each, written
 through the real sink and commit (``storage.shards.commit`` over ``storage.s3.S3Root``); every request is counted by
-the client's own events.
+the client's own events. Each shard's commit is timed beside a plain ``upload_file`` of a copy of the same bytes, on
+the same client and server, the two in turn and in alternating order (neither gets the warmer cache or the quieter
+moment); the row gives the ratio of the sums, the per-shard ratios' median and range, where the commit's time went
+(data requests, the sidecar, any other request; the checksum's time alone, though it runs while the data is sent)
+and the load average.
 """
 
 from __future__ import annotations
 
+import shutil
+import threading
 import time
 import uuid
 from collections import Counter
@@ -41,6 +47,7 @@ def run(args, tmp: Path) -> None:
     from ..pipeline.sink import ShardSink
     from ..pipeline.types import EncodedBatch
     from ..storage import RunHeader, get_format, new_store
+    from ..storage.files import checksum
     from ..storage.format import FeatureLayout, row_offsets
     from ..storage.layout import shard_name
     from ..storage.records import ImageRecord, ModelSettings, Settings
@@ -71,6 +78,23 @@ def run(args, tmp: Path) -> None:
                 "Content-Length") or 0)
 
         client.meta.events.register("before-send.s3", count)
+        spent: Counter = Counter()  # seconds per kind of request of the commit (data, sidecar, other)
+        began: dict = {}
+
+        def before(model, params, **_):  # (params: the request, its path holding the key)
+            kind = "sidecar" if str(params.get("url_path", "")).split("?")[0].endswith(".json") else (
+                "data" if model.name in ("PutObject", "UploadPart", "CreateMultipartUpload",
+                                         "CompleteMultipartUpload") else model.name)
+            began[threading.get_ident()] = kind, time.perf_counter()
+
+        def after(**_):
+            kind, started = began.pop(threading.get_ident(), ("", 0.0))
+            if timing[0] and kind:
+                spent[kind] += time.perf_counter() - started
+
+        timing = [False]
+        client.meta.events.register("before-call.s3", before)
+        client.meta.events.register("after-call.s3", after)
         dim, rows = 1024, 64
         images = max(1, int(args.s3_shard_mb * 2**20 // (rows * dim * 2)))
         settings = Settings(ModelSettings("synthetic", weights="none", config={"spatial_merge_size": 2}),
@@ -81,7 +105,8 @@ def run(args, tmp: Path) -> None:
         counts.clear()
         sent[0] = 0
         rng = np.random.default_rng(0)
-        commit_seconds, sizes = 0.0, []
+        commits, plains, sizes, checksums = [], [], [], []
+        load = os.getloadavg()[0]
         for shard in range(args.s3_shards):
             sink = ShardSink(root, get_format("hdf5"), shard_name(shard), {"merged": FeatureLayout(dim)}, "float16",
                              None, "bench")
@@ -92,20 +117,39 @@ def run(args, tmp: Path) -> None:
             sink.writer.finish(sink.keys, {f: row_offsets(r) for f, r in sink.rows.items()},
                                np.array(sink.grids, dtype=np.int32).reshape(-1, 3))  # only the commit is timed
             sizes.append(sink.tmp.stat().st_size)
+            plain = tmp / f"plain-{shard}.bin"
+            shutil.copyfile(sink.tmp, plain)  # the same bytes, uploaded plainly
             started = time.perf_counter()
-            sidecar = _commit(sink, RunHeader(settings, "", "").fingerprint)
-            commit_seconds += time.perf_counter() - started
-            assert sidecar is not None
+            checksum(sink.tmp)
+            checksums.append(time.perf_counter() - started)
+            for first in ((False, True) if shard % 2 else (True, False)):  # the order alternates: neither is favoured
+                if first:
+                    timing[0] = True
+                    started = time.perf_counter()
+                    sidecar = _commit(sink, RunHeader(settings, "", "").fingerprint)
+                    commits.append(time.perf_counter() - started)
+                    timing[0] = False
+                    assert sidecar is not None
+                else:
+                    before_plain = dict(counts), sent[0]
+                    plains.append(_plain_seconds(client, root, plain, shard))
+                    counts.clear()
+                    counts.update(before_plain[0])
+                    sent[0] = before_plain[1]
         per_shard = {method: n / args.s3_shards for method, n in counts.items()}
         sent_per_shard = sent[0] / args.s3_shards
         total = sum(sizes)
-        plain_seconds = _plain_seconds(client, root, sizes, tmp)
+        ratios = sorted(p / c for p, c in zip(plains, commits))
+        ms = {f"{kind}_ms": 1000 * seconds / args.s3_shards for kind, seconds in spent.items()}
         row("s3", f"commit of {args.s3_shards} HDF5 shards of {total / len(sizes) / 2**20:.0f} MB "
-            f"({'moto on loopback' if server else url})",
+            f"({'moto on loopback' if server else url}), each beside a plain upload of its bytes",
             requests_per_shard=sum(per_shard.values()), **{f"{m.lower()}_per_shard": v for m, v in per_shard.items()},
             mb_sent_per_shard=sent_per_shard / 2**20, shard_mb=total / len(sizes) / 2**20,
-            vitok_mb_s=total / 2**20 / commit_seconds, plain_mb_s=total / 2**20 / plain_seconds,
-            ratio=plain_seconds / commit_seconds)
+            vitok_mb_s=total / 2**20 / sum(commits), plain_mb_s=total / 2**20 / sum(plains),
+            ratio=sum(plains) / sum(commits), ratio_median=ratios[len(ratios) // 2], ratio_min=ratios[0],
+            ratio_max=ratios[-1], commit_ms=1000 * sum(commits) / len(commits),
+            plain_ms=1000 * sum(plains) / len(plains), **ms,
+            checksum_ms=1000 * sum(checksums) / len(checksums), load_average=max(load, os.getloadavg()[0]))
     finally:
         for key, value in saved.items():
             if value is None:
@@ -127,20 +171,14 @@ def _commit(sink, fingerprint: str):
     return sidecar if shards.commit(sink.out, sink.fmt, sink.tmp, sidecar) else None
 
 
-def _plain_seconds(client, root, sizes: list[int], tmp: Path) -> float:
-    """Seconds to upload files of the same sizes with a plain PutObject each (multipart above vitok's threshold,
-    as boto3's own upload does), on the same client and server."""
-    import os
-
+def _plain_seconds(client, root, path: Path, shard: int) -> float:
+    """Seconds to upload a file plainly: boto3's ``upload_file`` (multipart above vitok's threshold, in parts of
+    vitok's size), on the same client and server; the file is removed after."""
     from boto3.s3.transfer import TransferConfig
 
     config = TransferConfig(multipart_threshold=root.multipart_bytes, multipart_chunksize=root.part_bytes)
-    seconds = 0.0
-    for shard, size in enumerate(sizes):
-        path = tmp / f"plain-{shard}.bin"
-        path.write_bytes(os.urandom(size))
-        started = time.perf_counter()
-        client.upload_file(str(path), root.bucket, root.key(f"plain/{shard}"), Config=config)
-        seconds += time.perf_counter() - started
-        path.unlink()
+    started = time.perf_counter()
+    client.upload_file(str(path), root.bucket, root.key(f"plain/{shard}"), Config=config)
+    seconds = time.perf_counter() - started
+    path.unlink()
     return seconds

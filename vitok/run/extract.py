@@ -47,7 +47,11 @@ def extract(sources: Sequence[str] | str = (), out: str | os.PathLike = "vitok-o
         configuring = time.perf_counter()
         opts, context = engine.configure(opts)
         configured = time.perf_counter() - configuring
-        job = prepare([str(s) for s in sources], out, opts, stdin)
+        try:
+            job = prepare([str(s) for s in sources], out, opts, stdin)
+        except BaseException:
+            engine.release(context)
+            raise
         run = engine(job, progress, started=started, **context)
         if imports is not None:
             run.phases["imports"] = imports

@@ -16,8 +16,10 @@ batches with the same ``Batcher`` and token budget as the local loop, so every b
 skipped images among the others can differ (it already differs between a CPU and a GPU run); readers look records
 up by key.
 
-The driver needs the store's folder and the workers need the inputs and the plan (``OUT/plan``) at the same paths:
-a shared file system, as for torchrun on several nodes.
+Only the driver talks to the store (header, plan, claims, commits: a folder or a bucket, with the driver's
+credentials and ``--storage-option``); each decode task is sent its unit with the unit's inputs in it
+(``UnitRef.inlined``), so the workers need the inputs at the same paths (or URLs they can read) and the model, never
+OUT, its plan or the bucket's credentials.
 
 What scales: decoding (tasks on every node's CPUs; CPU-only nodes add decode rate) and encoding (an actor per GPU).
 What does not, yet: every token travels to the driver, which writes them all (one writer per job, bound by its
@@ -253,6 +255,15 @@ class RayRun(Run):
         if dtype == "auto":
             dtype = "bfloat16" if kind == "cuda" and _bf16_on_cluster_gpu() else "float32"
         return options.replace(device="cpu", dtype=dtype), {"actor_device": kind, "started_ray": started}
+
+    @classmethod
+    def release(cls, context: dict[str, Any]) -> None:
+        """A Ray instance ``configure`` started in this process is shut down (the caller of ``vitok.extract`` keeps
+        none running after a refused job)."""
+        if context.get("started_ray"):
+            import ray
+
+            ray.shutdown()
 
     def __init__(self, job, progress=None, started: float | None = None, actor_device: str = "cpu",
                  started_ray: bool = False) -> None:

@@ -36,7 +36,7 @@ from ..storage.plan import Plan, load_plan, write_generation, write_update
 from ..storage.plan.retries import base_and_attempt, earlier_attempts
 from ..storage.records import Settings, UnitInfo
 from ..storage.roots import store_root
-from ..storage.shards import remove_temps, temps_by_shard
+from ..storage.shards import committed, remove_temps, temps_by_shard
 from .job import Job, Work, check_committed, remaining_work
 from .options import ExtractOptions
 from .run_stats import RunStats, StageMeter, verdict, write_stats
@@ -66,6 +66,11 @@ class Run:
     def configure(cls, options: ExtractOptions) -> tuple[ExtractOptions, dict[str, Any]]:
         """Options as the job should be prepared with, and what the engine's constructor needs besides the job."""
         return options, {}
+
+    @classmethod
+    def release(cls, context: dict[str, Any]) -> None:
+        """Give back what ``configure`` acquired when the job is refused before a run is made of it (a store that
+        cannot be reached, other settings): the run's own end does it otherwise."""
 
     # ---- set-up: the first writes happen here ----------------------------------------------------------------
 
@@ -127,8 +132,9 @@ class Run:
         return stored
 
     def _tidy(self, plan: Plan, best_effort: bool = False) -> None:
-        """Superseded shards out of where plain readers look, and their data dropped once the plan is done (a store
-        written by an older vitok is put right by a resume; a read-only one, ``best_effort``, is left as it is)."""
+        """Superseded shards out of where plain readers look, and their data dropped once the plan is done, and claims
+        of committed shards left by killed runs removed (a store written by an older vitok is put right by a resume;
+        a read-only one, ``best_effort``, is left as it is)."""
         try:
             retire_superseded(self.job.out, plan, get_format(self.job.options.format))
             dropped = drop_superseded_data(self.job.out, plan)
@@ -139,6 +145,13 @@ class Run:
             return
         if dropped:
             logger.info("the plan is done: removed the data of %d superseded shard(s)", dropped)
+        try:  # harmless where they stay: never a reason to fail a run whose work is done
+            left = Claims(self.job.out).remove_over(lambda: committed(self.job.out))
+        except (OSError, StoreError) as exc:
+            logger.debug("claims of committed shards in %s left in place: %s", self.job.out, exc)
+            return
+        if left:
+            logger.info("removed %d claim(s) of committed shards left by killed runs", left)
 
     def _write_plan(self, plan: Plan | None) -> Plan:
         job = self.job

@@ -122,10 +122,12 @@ class Claims:
     """This process's claims in one store, and its heartbeat, through the store's root (``roots.StoreRoot``)."""
 
     def __init__(self, out: Path | StoreRoot, identity: RunIdentity | None = None,
-                 stale_after: float = STALE_AFTER) -> None:
+                 stale_after: float = STALE_AFTER, read_only: bool = False) -> None:
         self.root = store_root(out)
         self.identity = identity or RunIdentity.current()
         self.stale_after = stale_after
+        self.read_only = read_only  # a reader judging claims (verify): the store's clock read, no heartbeat written
+        self._clock: float | None = None
         self.held: dict[str, str] = {}  # shard -> the version of its claim this run wrote
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -225,11 +227,40 @@ class Claims:
         return not process_alive(pid)
 
     def _now(self) -> float:
-        """The store's time now (rewriting this run's own heartbeat), or the clock where that fails."""
+        """The store's time now (rewriting this run's own heartbeat; a reader: read once, nothing written), or the
+        clock where that fails."""
         try:
+            if self.read_only:
+                if self._clock is None:
+                    self._clock = self.root.clock()
+                return self._clock
             return self.root.touch(self.run_file, self.identity.to_json().encode())
         except Exception:
             return time.time()
+
+    def remove_over(self, committed_shards) -> int:
+        """Delete the claims of committed shards (``committed_shards()``, asked only when there are claims) whose run
+        is over: a run killed between a commit and the release of its claim leaves the claim, and no later run claims
+        a done shard again, so nothing else would ever remove it. Judged without this run's clock (no heartbeat is
+        written): the run file is gone, or the pid is checkable here and gone; a claim taken over since it was read
+        is kept (deleted at the version read). One listing of the claims, a read per claim of a committed shard.
+        Returns how many were deleted."""
+        claims = [e.name for e in self.root.list(CLAIMS_DIR) if not e.folder and e.name.endswith(".claim")]
+        done = {f"{shard}.claim" for shard in committed_shards()} if claims else set()
+        removed = 0
+        for claim in claims:
+            if claim not in done:
+                continue
+            name = f"{CLAIMS_DIR}/{claim}"
+            try:
+                data, version = self.root.read_with_version(name)
+                holder = json.loads(data)
+            except (OSError, ValueError):
+                continue
+            over = self.root.stat(f"{RUNS_DIR}/{holder.get('run')}") is None or self.identity.judges_gone(holder)
+            if over and self.root.delete(name, version):
+                removed += 1
+        return removed
 
     def holders(self) -> dict[str, dict]:
         """shard -> claim of every claim file in the store (live or stale)."""

@@ -118,6 +118,16 @@ class ShardFormat(ABC):
         path = root.local_path(name)
         return self.open(path if path is not None else root.fetch(name))
 
+    def open_whole(self, root, name: str) -> ShardDataReader:
+        """Open committed data to read all of it (``iter_shards``, exports, ``verify``): in place in a local folder;
+        elsewhere fetched once into local temporary space (one request per file, not one per block), freed when the
+        reader closes. Single keys are read with ``open_at``, by byte ranges."""
+        path = root.local_path(name)
+        if path is not None:
+            return self.open(path)
+        with root.local_copy(name) as copy:
+            return self.open(copy)
+
     def data_files(self, path: Path) -> list[Path]:
         """The files that make up one shard's data (sized and checksummed in the sidecar)."""
         if path.is_dir():

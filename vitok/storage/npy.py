@@ -214,3 +214,7 @@ class NpyFormat(ShardFormat):
     def open_at(self, root, name: str) -> NpyReader:
         path = root.local_path(name)
         return NpyReader(path) if path is not None else RemoteNpyReader(root, name)
+
+    def open_whole(self, root, name: str) -> NpyReader:
+        """A folder of files: each small file is one GET, and a feature's ``[...]`` one ranged GET of all of it."""
+        return self.open_at(root, name)

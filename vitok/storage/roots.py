@@ -6,6 +6,8 @@ exclusive creation, the claims and their heartbeats (``claims.py``), the index's
 once, over these operations:
 
     read(name) / read_range(name, start, size) / open(name)    bytes, a byte range, a seekable file to read
+    local_copy(name)                                            a local file of it while the context lasts (the file
+                                                                itself; a bucket's object in one GET: a whole shard)
     stat(name) -> Entry | None, list(folder) -> [Entry]         size, version (changes on every rewrite), the store's
                                                                 time of the last write; entries directly in a folder
     walk(folder) -> [Entry]                                     every file under a folder, at any depth (one paged
@@ -20,6 +22,7 @@ once, over these operations:
     move(source, target)                                        a superseded shard aside (a rename; copy, delete)
     delete(name, version) / delete_tree(name)
     touch(name) -> time                                         rewrite a heartbeat, return the store's clock now
+    clock() -> time                                             the store's clock, nothing written (verify)
     staging(folder)                                             local room for a shard being written (the folder
                                                                 itself; bounded temporary space for a bucket)
     leftovers(folder)                                           what killed writers left (temporary files;
@@ -39,6 +42,7 @@ import shutil
 import stat as stat_module
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -152,6 +156,15 @@ class StoreRoot(ABC):
         assert path is not None, "a root that is not a local folder implements fetch"
         return path
 
+    @contextlib.contextmanager
+    def local_copy(self, name: str) -> Iterator[Path]:
+        """A local file holding ``name``'s bytes while the context lasts, for reading all of it: the file itself in
+        a local folder; elsewhere a copy in this process's temporary space (one request), removed at exit. A reader
+        opened inside keeps its file open after (POSIX), so the space is held only while it is read."""
+        path = self.local_path(name)
+        assert path is not None, "a root that is not a local folder implements local_copy"
+        yield path
+
     def checksum(self, name: str) -> str:
         """blake2b-128 of the file's bytes (what sidecars record), read in blocks."""
         digest = hashlib.blake2b(digest_size=16)
@@ -208,6 +221,11 @@ class StoreRoot(ABC):
     def touch(self, name: str, data: bytes) -> float:
         """Write ``name`` (a heartbeat) and return the store's time of that write: the clock every staleness is
         judged by, so that the hosts' clocks never matter."""
+
+    def clock(self) -> float:
+        """The store's time now, read without writing anything (for readers that judge heartbeats: ``verify``): a
+        local folder, this host's clock; an object store, the time its server answers with."""
+        return time.time()
 
     @abstractmethod
     def staging(self, folder: str) -> Path:

@@ -18,6 +18,10 @@ How the store's operations map (``roots.StoreRoot``):
 - ``put`` uploads a finished local file: one PutObject up to ``MULTIPART_BYTES``, else a multipart upload, which is
   invisible until it completes (``If-None-Match: *`` on the completion when exclusive) and aborted on any error; a
   killed upload is listed by ``leftovers`` (ListMultipartUploads) and aborted by the next run of its shard.
+- ``read``, ``read_range``, ``open``, ``checksum``, ``fetch`` and ``local_copy`` (a whole shard in one GET) are GETs
+  whose body, when a connection drops midway, is asked for again from the first byte missing (``_download``).
+- a conditional write answered 409 (ConditionalRequestConflict) is settled by a HEAD, or sent again
+  (``_conditional_put``; a multipart upload begun again).
 - ``touch`` rewrites a heartbeat and returns its LastModified: the server's clock, never the hosts'.
 - ``staging`` is local temporary space of the process (``$TMPDIR/vitok-staging/<store>/<pid>-<token>``), holding only
   the shards being written.
@@ -36,7 +40,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import io
+import logging
 import os
+import random
 import shutil
 import tempfile
 import threading
@@ -56,6 +63,7 @@ MULTIPART_BYTES = 64 << 20  # files larger than this are uploaded in parts
 PART_BYTES = 32 << 20  # (at least 5 MiB; raised for files of more than 10,000 parts)
 PARTS_IN_FLIGHT = 4  # parts of one upload sent at once (memory: this many parts)
 READ_BLOCK = 1 << 18  # ranged reads of HDF5 and tar readers: blocks of 256 KiB, the last 16 kept
+CONFLICT_RETRIES = 4  # a write answered 409 ConditionalRequestConflict is sent again at most this many times
 MAX_ATTEMPTS = 8  # botocore's attempts per request (standard mode: exponential backoff with jitter)
 CLIENT_OPTIONS = ("endpoint_url", "region_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
                   "verify", "use_ssl")
@@ -72,6 +80,7 @@ CONFIGURATION = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKE
                  "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
                  "AWS_CONFIG_FILE",
                  "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE")
+logger = logging.getLogger(__name__)
 _CLIENTS: dict = {}
 _CLIENTS_LOCK = threading.Lock()
 
@@ -106,6 +115,11 @@ class S3Root(StoreRoot):
         self.multipart_bytes = _bytes(self.options.pop("multipart_threshold", MULTIPART_BYTES), "multipart_threshold")
         self.part_bytes = max(5 << 20, _bytes(self.options.pop("multipart_chunksize", PART_BYTES),
                                               "multipart_chunksize"))
+        try:
+            self.attempts = max(1, int(self.options.get("max_attempts", MAX_ATTEMPTS)))  # (also a body cut's)
+        except ValueError:
+            raise UsageError(f"--storage-option max_attempts={self.options['max_attempts']!r} is not a whole "
+                             "number") from None
         self._client = None
         self._lock = threading.Lock()
         self._staging: Path | None = None
@@ -204,35 +218,82 @@ class S3Root(StoreRoot):
         return self.read_with_version(name)[0]
 
     def read_with_version(self, name: str) -> tuple[bytes, str]:
-        with self._errors(name):
-            response = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
-            return response["Body"].read(), response["ETag"]
+        buffer = io.BytesIO()
+        version = self._download(name, buffer)[0]
+        return buffer.getvalue(), version
 
     def read_range(self, name: str, start: int, size: int) -> bytes:
         if size <= 0:
             return b""
+        buffer = io.BytesIO()
         try:
-            with self._errors(name):
-                response = self.client.get_object(Bucket=self.bucket, Key=self.key(name),
-                                                  Range=f"bytes={start}-{start + size - 1}")
-                return response["Body"].read()
+            self._download(name, buffer, start, size)
         except StoreError as exc:
             if "InvalidRange" in str(exc):  # at or past the end
                 return b""
             raise
+        return buffer.getvalue()
+
+    def _download(self, name: str, target, start: int = 0, size: int | None = None,
+                  version: str | None = None) -> tuple[str, dict]:
+        """GET ``name`` (``size`` bytes from ``start``; to its end when None) into ``target`` (``write``; ``seek`` and
+        ``truncate`` to start again), and the object's ETag and first answer's headers. botocore retries a request
+        that fails before its answer begins; a body cut midway (a connection closed or reset after part of it) is
+        retried here, from the first byte still needed, pinned to the ETag first read (``If-Match``: never one
+        object's head spliced to another's tail; an object rewritten meanwhile is read again from its start, unless
+        ``version`` was asked for), with backoff, ``max_attempts`` times in all; then one line and exit 75."""
+        from botocore import exceptions as bx
+        from urllib3.exceptions import HTTPError
+
+        cut = (bx.ResponseStreamingError, bx.IncompleteReadError, bx.ReadTimeoutError, bx.ConnectionClosedError,
+               HTTPError)
+        got, tag, first, failures = 0, version, None, 0
+        while True:
+            request: dict[str, str] = {"IfMatch": tag} if tag else {}
+            if start + got or size is not None:
+                request["Range"] = f"bytes={start + got}-{'' if size is None else start + size - 1}"
+            try:
+                with self._errors(name):
+                    response = self.client.get_object(Bucket=self.bucket, Key=self.key(name), **request)
+            except StoreError as exc:
+                if "PreconditionFailed" not in str(exc) or version is not None or failures >= self.attempts:
+                    raise
+                failures += 1  # rewritten since the first part was read: all of it again
+                target.seek(0)
+                target.truncate()
+                got, tag, first = 0, None, None
+                continue
+            tag, first = tag or response["ETag"], first or response
+            body = response["Body"]
+            try:
+                for chunk in body.iter_chunks(1 << 20):
+                    target.write(chunk)
+                    got += len(chunk)
+                return tag, first
+            except cut as exc:
+                failures += 1
+                if failures >= self.attempts:
+                    raise StoreUnavailableError(
+                        f"{self.show(name)}: the connection dropped while reading it, {failures} times "
+                        f"({type(exc).__name__}); rerun the same command to resume") from None
+                logger.debug("%s: read cut after %d bytes (%s); again from byte %d", self.show(name), got,
+                             type(exc).__name__, start + got)
+                _backoff(failures - 1)
+            finally:
+                body.close()
 
     def open(self, name: str) -> BinaryIO:
         """A file read by ranged GETs, in blocks; its first block is the first request (which also tells the
         object's size, so no HEAD is needed)."""
         block = READ_BLOCK
-        with self._errors(name):
-            try:
-                response = self.client.get_object(Bucket=self.bucket, Key=self.key(name), Range=f"bytes=0-{block - 1}")
-            except Exception as exc:
-                if _code(exc) != "InvalidRange":  # (an empty object)
-                    raise
-                return ReadAhead(lambda start, size: b"", 0, block)
-        first = response["Body"].read()
+        buffer = io.BytesIO()
+        try:
+            _, response = self._download(name, buffer, 0, block)
+        except StoreError as exc:
+            if "InvalidRange" not in str(exc):  # (an empty object)
+                raise
+            return ReadAhead(lambda start, size: b"", 0, block)
+        first = buffer.getvalue()
         size = int(str(response.get("ContentRange", "")).rpartition("/")[2] or len(first))
         handle = ReadAhead(lambda start, size: self.read_range(name, start, size), size, block)
         handle.prime(0, first)
@@ -275,12 +336,21 @@ class S3Root(StoreRoot):
         return bool(page.get("KeyCount") or page.get("Contents"))
 
     def checksum(self, name: str) -> str:
-        digest = hashlib.blake2b(digest_size=16)
-        with self._errors(name):
-            body = self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"]
-            for chunk in body.iter_chunks(8 << 20):
-                digest.update(chunk)
+        digest = _Digest()
+        self._download(name, digest)
         return digest.hexdigest()
+
+    @contextlib.contextmanager
+    def local_copy(self, name: str) -> Iterator[Path]:
+        """The object in one GET (resumed where a connection drops, ``_download``) into this process's staging space
+        (``staging``), removed at exit: a whole shard is one request, not one per block."""
+        path = self.staging(".copies") / f"{uuid.uuid4().hex[:8]}-{name.rsplit('/', 1)[-1]}"
+        try:
+            with open(path, "wb") as handle:
+                self._download(name, handle)
+            yield path
+        finally:
+            remove(path)
 
     def fetch(self, name: str) -> Path:
         """A local copy, cached under the store's cache folder and taken again when the object changed (its ETag);
@@ -302,10 +372,8 @@ class S3Root(StoreRoot):
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            with self._errors(name), open(partial, "wb") as handle:
-                response = self.client.get_object(Bucket=self.bucket, Key=self.key(name), IfMatch=entry.version)
-                for chunk in response["Body"].iter_chunks(8 << 20):
-                    handle.write(chunk)
+            with open(partial, "wb") as handle:
+                self._download(name, handle, version=entry.version)
             os.replace(partial, path)
         finally:
             remove(partial)
@@ -337,22 +405,44 @@ class S3Root(StoreRoot):
 
     def _conditional_put(self, name: str, data, **condition) -> str | None:
         """PutObject with a condition; the new ETag, or None on 412 (unless the object is this very write, whose
-        first answer was lost and whose retry met it)."""
+        first answer was lost and whose retry met it). A 409 (ConditionalRequestConflict: a conditional write of the
+        same key was in progress) is settled by looking: an object now there that is not this write's means another
+        writer won (as a 412 would have said), else the write is sent again, with backoff, ``CONFLICT_RETRIES``
+        times; then one line and exit 75."""
         nonce = uuid.uuid4().hex
-        for attempt in range(6):
+        for attempt in range(CONFLICT_RETRIES + 1):
             try:
                 with self._errors(name):
                     return self._put_object(name, data, nonce, **condition)
             except StoreError as exc:
                 if "PreconditionFailed" in str(exc):
                     return self._if_ours(name, nonce)
-                if "ConditionalRequestConflict" in str(exc) and attempt < 5:  # a concurrent one: S3 says retry
-                    time.sleep(0.05 * 2**attempt)
-                    continue
-                raise
+                if "ConditionalRequestConflict" not in str(exc):
+                    raise
             except FileNotFoundError:  # If-Match on an object that is gone
                 return None
-        return None  # pragma: no cover
+            settled = self._after_conflict(name, nonce, condition)
+            if settled is not None:
+                return settled or None
+            _backoff(attempt)
+        raise self._conflicted(name)
+
+    def _after_conflict(self, name: str, nonce: str, condition: dict[str, Any]) -> str | None:
+        """After a 409: the outcome when the object already tells it (this write's ETag; "" when another writer's
+        object is there, which a conditional write loses), None when the write must be sent again."""
+        entry = self._head(name)
+        if entry is not None and entry.get("Metadata", {}).get(WRITER) == nonce:
+            return entry["ETag"]  # (it landed after all)
+        if "IfNoneMatch" in condition:
+            return "" if entry is not None else None
+        if "IfMatch" in condition:
+            return "" if entry is None or entry["ETag"] != condition["IfMatch"] else None
+        return None
+
+    def _conflicted(self, name: str) -> StoreUnavailableError:
+        return StoreUnavailableError(f"{self.show(name)}: the endpoint kept answering 409 ConditionalRequestConflict "
+                                     f"({CONFLICT_RETRIES + 1} tries: another write of this object is in progress); "
+                                     "rerun the same command to resume")
 
     def _put_object(self, name: str, data, nonce: str, **condition) -> str:
         if hasattr(data, "seek"):
@@ -361,15 +451,18 @@ class S3Root(StoreRoot):
                                           Metadata={WRITER: nonce}, **condition)
         return response["ETag"]
 
-    def _if_ours(self, name: str, nonce: str) -> str | None:
+    def _head(self, name: str) -> dict | None:
         with self._errors(name):
             try:
-                head = self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+                return self.client.head_object(Bucket=self.bucket, Key=self.key(name))
             except Exception as exc:
                 if _code(exc) in ("404", "NoSuchKey", "NotFound"):
                     return None
                 raise
-        return head["ETag"] if head.get("Metadata", {}).get(WRITER) == nonce else None
+
+    def _if_ours(self, name: str, nonce: str) -> str | None:
+        head = self._head(name)
+        return head["ETag"] if head is not None and head.get("Metadata", {}).get(WRITER) == nonce else None
 
     def create(self, name: str, data: bytes) -> str | None:
         return self._conditional_put(name, data, IfNoneMatch="*")
@@ -417,11 +510,26 @@ class S3Root(StoreRoot):
     def _multipart(self, name: str, path: Path, size: int, condition: dict[str, Any]) -> bool:
         """Parts of ``multipart_chunksize`` (more for files of over 10,000 parts), ``PARTS_IN_FLIGHT`` uploaded at
         once (each in memory while it is sent); the object appears only when the upload completes, and an upload
-        that fails is aborted."""
+        that fails is aborted. A completion answered 409 (ConditionalRequestConflict) is settled as a PutObject's
+        (``_after_conflict``): another writer's object there loses the race, else the upload is aborted and begun
+        again (AWS: "start a new multipart upload"), ``CONFLICT_RETRIES`` times; then one line and exit 75."""
+        nonce = uuid.uuid4().hex
+        for attempt in range(CONFLICT_RETRIES + 1):
+            done = self._upload_parts(name, path, size, condition, nonce)
+            if done is not None:
+                return done
+            settled = self._after_conflict(name, nonce, condition)
+            if settled is not None:
+                return bool(settled)
+            _backoff(attempt)
+        raise self._conflicted(name)
+
+    def _upload_parts(self, name: str, path: Path, size: int, condition: dict[str, Any], nonce: str) -> bool | None:
+        """One multipart upload: True when it completed, False when its conditional completion lost (412, and the
+        object is not this upload's), None when the completion was answered 409 (the upload aborted)."""
         from concurrent.futures import ThreadPoolExecutor
 
         part_bytes = max(self.part_bytes, -(-size // 10_000))
-        nonce = uuid.uuid4().hex
         key = self.key(name)
         with self._errors(name):
             upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata={WRITER: nonce})
@@ -446,6 +554,9 @@ class S3Root(StoreRoot):
                 if "PreconditionFailed" in str(exc):
                     self._abort(key, upload_id)  # (a failed conditional completion leaves the upload open)
                     return self._if_ours(name, nonce) is not None
+                if "ConditionalRequestConflict" in str(exc):
+                    self._abort(key, upload_id)
+                    return None
                 raise
             return True
         except BaseException:
@@ -516,6 +627,16 @@ class S3Root(StoreRoot):
         entry = self.stat(name)
         return entry.modified if entry is not None else time.time()
 
+    def clock(self) -> float:
+        """The server's time (the Date of a HEAD on the bucket), as LastModified is; the host's clock if it says
+        none."""
+        with self._errors():
+            response = self.client.head_bucket(Bucket=self.bucket)
+        date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        with contextlib.suppress(TypeError, ValueError):
+            return parsedate_to_datetime(date).timestamp() if date else time.time()
+        return time.time()
+
     def staging(self, folder: str) -> Path:
         """This process's own local space (``$TMPDIR/vitok-staging/<store>/<pid>-<token>/``): two processes on one
         machine stage files of the same name (a plan's content-addressed files). Spaces of processes gone from this
@@ -556,6 +677,30 @@ class S3Root(StoreRoot):
 
     def remove_leftover(self, folder: str, leftover: Leftover) -> None:
         self._abort(self.key(f"{folder}/{leftover.becomes}"), leftover.handle[len("upload:"):])
+
+
+def _backoff(attempt: int) -> None:
+    """Exponential backoff with jitter (0.05 s doubled per attempt, at most 2 s)."""
+    time.sleep(min(2.0, 0.05 * 2 ** (attempt + 1)) * (0.5 + random.random() / 2))
+
+
+class _Digest:
+    """blake2b-128 of what is written to it; ``truncate`` starts it again (``_download`` reading an object anew)."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.blake2b(digest_size=16)
+
+    def write(self, data: bytes) -> None:
+        self._digest.update(data)
+
+    def seek(self, _offset: int) -> None:
+        pass
+
+    def truncate(self) -> None:
+        self._digest = hashlib.blake2b(digest_size=16)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def _remove_dead_staging(store: Path, mine: Path) -> None:

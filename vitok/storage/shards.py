@@ -5,11 +5,13 @@ A shard is written under a temporary name in local space (``root.staging``: ``sh
 ``.<data>.<run>.tmp``, streamed batch by batch. To commit it:
 
 1. the writer finishes the data (per-image tables, flush, fsync) and every data file is sized and checksummed;
-2. if a sidecar for the shard appeared meanwhile (another process committed it), the temporary data is dropped;
-3. the data is put at its final name whole, only if nothing is there (``os.replace``; an upload that is visible
+2. the data is put at its final name whole, only if nothing is there (``os.replace``; an upload that is visible
    only once complete, ``If-None-Match: *``, so a late writer never replaces data that a sidecar vouches for);
-4. if something was there, it is data without a sidecar (a run killed between steps 3 and 5): it is removed and
-   step 2 is taken again;
+3. if something was there and a sidecar for the shard exists (another process committed it), the temporary data is
+   dropped;
+4. else it is data without a sidecar (a run killed between steps 2 and 5): it is removed and step 2 is taken again
+   (asking for the sidecar only when the put finds the name taken saves a request per shard on an object store; a
+   committed shard always has its data, so the put finds it);
 5. the sidecar ``shards/<shard>.json`` is created exclusively (a hard link; ``If-None-Match: *``). **Its existence
    is the commit**, and of two writers of one shard exactly one commits.
 
@@ -21,7 +23,7 @@ never replaced: claims (``vitok.storage.claims``) keep two processes off the sam
 ``shards/*`` find exactly the store's current rows. A shard is superseded whole, never in part: its unit was
 replaced by a later plan generation (``Plan.superseded``: moved out by ``maintenance.retire_superseded`` before
 any shard of that plan is committed), or it is an earlier attempt of an archive that a retry reads again whole
-(moved out by ``commit`` between steps 2 and 3 of the retry). Retiring moves the shard's data, then its sidecar,
+(moved out by ``commit`` before step 2 of the retry). Retiring moves the shard's data, then its sidecar,
 into ``shards/.superseded/`` (a hidden folder no ``shards/*`` pattern matches). It always happens before the shard
 that replaces it is published, so no two copies of a key are ever where plain readers look; a run killed midway
 leaves the sidecar of a shard whose records no longer count (the next run moves it), or, for an archive's retry, a
@@ -43,6 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import StoreAccessError, StoreError, StoreUnavailableError
+from .files import checksum as file_checksum
 from .files import remove
 from .format import ShardFormat
 from .hdf5 import Hdf5Format
@@ -132,50 +135,52 @@ def commit(out: Path | StoreRoot, fmt: ShardFormat, tmp: Path, sidecar: Sidecar,
     """Steps 1-5 above for finished temporary data; False when another process committed the shard first.
     ``supersedes``: committed shards this one replaces whole (an archive's earlier attempts), retired first."""
     root = store_root(out)
-    with _checksummed(data_files(fmt, tmp, sidecar.data)) as sums:  # (read while the data is put: one pass each)
+    with _checksummed(data_files(fmt, tmp, sidecar.data), sidecar) as body:  # (made while the data is put)
         final_sidecar = sidecar_name(sidecar.shard)
         final = data_name(sidecar.data)
         for _ in range(3):
-            if root.exists(final_sidecar):
-                logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
-                remove(tmp)
-                return False
             for name in supersedes:
                 retire_named(root, fmt, name)
             if root.put(final, tmp, exclusive=True):
                 break
+            if root.exists(final_sidecar):
+                logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
+                remove(tmp)
+                return False
             root.delete_tree(final)  # data without a sidecar: a run killed before step 5
         else:
             remove(tmp)
             raise StoreError(f"{root.show(final)} keeps appearing while shard {sidecar.shard} is committed: another "
                              "process writes the same shard (are two runs sharing one claim folder?)")
-        sidecar.files = sums.result()
-    if root.create(final_sidecar, dumps(sidecar.to_json()).encode()) is None:
+        data = body.result()
+    if root.create(final_sidecar, data) is None:
         logger.info("shard %s was committed by another process meanwhile; dropping this copy", sidecar.shard)
         return False
     return True
 
 
 @contextlib.contextmanager
-def _checksummed(files: dict[str, Path]):
-    """Each file's size and blake2b, computed in a thread from files opened now (a put that moves or removes the
-    paths meanwhile does not matter: hashlib releases the GIL, so the checksum overlaps an upload)."""
+def _checksummed(files: dict[str, Path], sidecar: Sidecar):
+    """The sidecar's bytes, made in a thread from files opened now: each file's size and blake2b set as its
+    ``files``, then the JSON (a put that moves or removes the paths meanwhile does not matter; hashlib releases the
+    GIL and the upload mostly waits on its socket, so both overlap the data's upload instead of following it)."""
     from concurrent.futures import ThreadPoolExecutor
 
     handles = {name: open(path, "rb") for name, path in files.items()}
 
-    def sums() -> dict[str, FileSum]:
+    def make() -> bytes:
         found = {}
         for name, handle in handles.items():
             digest = hashlib.blake2b(digest_size=16)
             while chunk := handle.read(8 << 20):
                 digest.update(chunk)
             found[name] = FileSum(os.fstat(handle.fileno()).st_size, digest.hexdigest())
-        return found
+        sidecar.files = found
+        return dumps(sidecar.to_json()).encode()
 
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="vitok-checksum") as pool:
-            yield pool.submit(sums)
+            yield pool.submit(make)
     finally:
         for handle in handles.values():
             handle.close()
@@ -210,7 +215,7 @@ def retire_named(out: Path | StoreRoot, fmt: ShardFormat, shard: str) -> None:
 
 
 def remove_named_data(out: Path | StoreRoot, fmt: ShardFormat, shard: str) -> None:
-    """Data at a shard's final name without a sidecar (a run killed between steps 3 and 5): removed."""
+    """Data at a shard's final name without a sidecar (a run killed between steps 2 and 5): removed."""
     root = store_root(out)
     data = data_name(fmt.data_name(shard))
     if not root.exists(sidecar_name(shard)) and (root.exists(data) or root.is_folder(data)):
@@ -343,21 +348,36 @@ def check_shard(out: Path | StoreRoot, sidecar: Sidecar, checksums: bool = False
         fmt = get_format(sidecar.format)
     except StoreError as exc:
         return [f"{name}: {exc}"]
-    for relative, expected in sidecar.files.items():
-        file = data_name(relative)
-        entry = stat(relative, expected.bytes)
-        if entry is None and relative == sidecar.data:
-            return [f"{name}: data {sidecar.data} is missing"]
-        if entry is None:
-            return [f"{name}: data file {relative} is missing"]
-        size = sum(e.size for e in root.list(file)) if entry.folder else entry.size
-        if size != expected.bytes:
-            return [f"{name}: {relative} has {size} bytes, the manifest says {expected.bytes}"]
-        if checksums and expected.blake2b and root.checksum(file) != expected.blake2b:
-            return [f"{name}: {relative} does not match its checksum (the data changed after it was written)"]
-    reader = None
+    with contextlib.ExitStack() as copies:
+        copy = None  # the data file read whole once when checksummed: checked, then opened from this local copy
+        for relative, expected in sidecar.files.items():
+            file = data_name(relative)
+            entry = stat(relative, expected.bytes)
+            if entry is None and relative == sidecar.data:
+                return [f"{name}: data {sidecar.data} is missing"]
+            if entry is None:
+                return [f"{name}: data file {relative} is missing"]
+            size = sum(e.size for e in root.list(file)) if entry.folder else entry.size
+            if size != expected.bytes:
+                return [f"{name}: {relative} has {size} bytes, the manifest says {expected.bytes}"]
+            if not (checksums and expected.blake2b):
+                continue
+            if relative == sidecar.data and not entry.folder:
+                copy = copies.enter_context(root.local_copy(file))
+                digest = file_checksum(copy)
+            else:
+                digest = root.checksum(file)
+            if digest != expected.blake2b:
+                return [f"{name}: {relative} does not match its checksum (the data changed after it was written)"]
+        return _check_data(fmt, root, sidecar, copy)
+
+
+def _check_data(fmt: ShardFormat, root: StoreRoot, sidecar: Sidecar, copy: Path | None) -> list[str]:
+    """The data's keys and rows against the sidecar (``copy``: a local copy of its file, else read where it is). A
+    store that cannot be reached is no damage: that error is raised."""
+    name, reader = sidecar.shard, None
     try:
-        reader = fmt.open_at(root, data_name(sidecar.data))
+        reader = fmt.open(copy) if copy is not None else fmt.open_at(root, data_name(sidecar.data))
         keys = reader.keys()
         if keys != [r.key for r in sidecar.ok_records()]:
             return [f"{name}: keys in the data do not match the manifest"]
@@ -366,6 +386,8 @@ def check_shard(out: Path | StoreRoot, sidecar: Sidecar, checksums: bool = False
             stored = reader.rows(feature)
             if len(offsets) != len(keys) + 1 or int(offsets[-1]) != rows or stored != rows:
                 return [f"{name}: {feature} has {stored} rows, the manifest says {rows}"]
+    except (StoreUnavailableError, StoreAccessError):
+        raise
     except StoreError as exc:
         return [str(exc)]
     except Exception as exc:  # h5py/numpy/tarfile raise many types for damaged files

@@ -272,21 +272,26 @@ class Store:
         out. ``dtype=None`` keeps the stored dtype (bfloat16 as uint16 bits)."""
         feature = self._feature(feature)
         for shard in sorted(self.shards):
-            reader = self._reader(shard)
-            keys = reader.keys()
-            offsets = np.asarray(reader.offsets(feature), dtype=np.int64)
-            data = reader.array(feature)
-            if not isinstance(data, np.ndarray):  # an HDF5 dataset: read it whole
-                data = data[...]
-            wanted = self._owned(shard, keys)
-            if len(wanted) < len(keys):  # drop rows of keys that live elsewhere
-                rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in wanted] or [np.zeros(0, int)])
-                data = data[..., rows, :]
-                offsets = row_offsets([offsets[i + 1] - offsets[i] for i in wanted])
-                keys = [keys[i] for i in wanted]
-            if dtype is not None:
-                data = from_store_array(data, reader.stored_dtype(feature)).astype(dtype, copy=False)
-            yield keys, data, offsets
+            sidecar = self.shards[shard]
+            reader = get_format(sidecar.format).open_whole(self.root, data_name(sidecar.data))  # (a bucket: one GET)
+            try:
+                keys = reader.keys()
+                offsets = np.asarray(reader.offsets(feature), dtype=np.int64)
+                data = reader.array(feature)
+                if not isinstance(data, np.ndarray):  # an HDF5 dataset: read it whole
+                    data = data[...]
+                wanted = self._owned(shard, keys)
+                if len(wanted) < len(keys):  # drop rows of keys that live elsewhere
+                    rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in wanted]
+                                          or [np.zeros(0, int)])
+                    data = data[..., rows, :]
+                    offsets = row_offsets([offsets[i + 1] - offsets[i] for i in wanted])
+                    keys = [keys[i] for i in wanted]
+                if dtype is not None:
+                    data = from_store_array(data, reader.stored_dtype(feature)).astype(dtype, copy=False)
+                yield keys, data, offsets
+            finally:
+                reader.close()
 
     def _owned(self, shard: str, keys: list[str]) -> list[int]:
         """Positions of the shard's keys that are its own (not superseded by another shard, not removed)."""

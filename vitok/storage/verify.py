@@ -69,11 +69,12 @@ class VerifyReport:
                 "all_nonfinite": self.all_nonfinite}
 
 
-def verify_store(out: str | Path | StoreRoot, quick: bool = False, sources: str | None = None) -> VerifyReport:
+def verify_store(out: str | Path | StoreRoot, quick: bool = False, sources: str | None = None,
+                 storage_options: dict | None = None) -> VerifyReport:
     """Check every committed shard (checksums too, unless ``quick``) and the plan; nothing is modified.
     ``sources`` (a :mod:`vitok.storage.plan.changes` mode, ``mtime`` or ``hash``): also compare every record with its
-    input as it is now, and list the stale ones."""
-    root = store_root(out)
+    input as it is now, and list the stale ones. ``storage_options``: as ``vitok.open``'s, for ``s3://BUCKET/PREFIX``."""
+    root = store_root(out, storage_options=storage_options)
     header = read_header(root)
     plan = load_plan(root)
     problems: list[str] = []
@@ -179,7 +180,7 @@ def verify_store(out: str | Path | StoreRoot, quick: bool = False, sources: str 
     report.unfinished = unfinished_reasons(report, sorted(k for k, v in counted.items() if v == "failed"),
                                            [e for b, e in errors.items() if e and unavailable.get(b)
                                             and b not in superseded], plan)
-    claims = Claims(root)
+    claims = Claims(root, read_only=True)  # (verify writes nothing, not even a heartbeat)
     for shard, holder in sorted(claims.holders().items()):
         (report.leftovers if claims.is_stale(holder) else report.in_progress).append(
             f"{shard} (claimed by {holder.get('run')})")
