@@ -166,3 +166,65 @@ def video_clip(path: Path, frames: int = 12, size: tuple[int, int] = (96, 64), f
         for packet in stream.encode():
             out.mux(packet)
     return path
+
+
+def serve_folder(folder: Path):
+    """A real HTTP server on a free loopback port serving ``folder`` in a thread: http.server's file handler plus
+    single byte ranges (``Range: bytes=a-b``, as object stores and web servers answer them: fsspec reads a seekable
+    remote file in ranges). A context manager giving (base URL, the requests it received)."""
+    import contextlib
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    requests: list[str] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # quiet; what was asked is kept in ``requests``
+            requests.append(f"{self.command} {self.path} {self.headers.get('Range', '')}".strip())
+
+        def send_head(self):
+            wanted = self.headers.get("Range")
+            path = Path(self.translate_path(self.path))
+            if not wanted or not path.is_file():
+                return super().send_head()
+            size = path.stat().st_size
+            first, _, last = wanted.removeprefix("bytes=").partition("-")
+            start, stop = int(first or 0), min(int(last) if last else size - 1, size - 1)
+            handle = open(path, "rb")
+            handle.seek(start)
+            self.send_response(206)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Range", f"bytes {start}-{stop}/{size}")
+            self.send_header("Content-Length", str(stop - start + 1))
+            self.end_headers()
+            return _Limited(handle, stop - start + 1)
+
+    @contextlib.contextmanager
+    def running():
+        server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}", requests
+        finally:
+            server.shutdown()
+            server.server_close()
+
+    return running()
+
+
+class _Limited:
+    """A file's next ``left`` bytes, as http.server's ``copyfile`` reads them."""
+
+    def __init__(self, handle, left: int) -> None:
+        self.handle, self.left = handle, left
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.handle.read(size)
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.handle.close()

@@ -213,6 +213,29 @@ def test_img2dataset_tars_equal_one_process(cluster, tmp_path):
 
 
 @pytest.mark.slow  # a Ray run costs several seconds on 2 cores
+def test_videos_through_ray_equal_one_process(cluster, tmp_path):
+    from helpers import video_clip
+
+    from vitok.inputs.video_decode import unavailable
+
+    if unavailable("torchcodec") or unavailable("pyav"):
+        pytest.skip(f"videos need torchcodec and PyAV here: {unavailable('torchcodec') or unavailable('pyav')}")
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name, frames, size in (("a.mp4", 12, (96, 64)), ("b.webm", 9, (64, 80))):
+        video_clip(folder / name, frames=frames, size=size)
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    # per temporal step, and a token budget under a video's patches: its steps are encoded in pieces
+    common = dict(LIB, features=["merged"], pool="mean", pool_steps=True, token_budget=64, shard_size=2)
+    vitok.extract([str(folder)], tmp_path / "single", **common)
+    summary = vitok.extract([str(folder)], tmp_path / "ray", engine="ray", **common)
+    assert summary.ok == 2 and summary.skipped == 1
+    assert_same(tmp_path / "ray", contents(tmp_path / "single"))
+    store = vitok.open(tmp_path / "ray")
+    assert store.header.settings.pool_by == "step" and store["a.mp4"].shape[0] == store.info("a.mp4")["grid_thw"][0]
+
+
+@pytest.mark.slow  # a Ray run costs several seconds on 2 cores
 def test_a_killed_driver_resumes_to_the_same_store(cluster, folder, single, tmp_path):
     out = tmp_path / "out"
     driver = popen_vitok("extract", str(folder), "-o", str(out), *TINY, "--store-dtype", "float32", "--features",
@@ -290,6 +313,7 @@ def test_a_unit_is_cut_into_the_local_loops_batches_and_steps_are_kept_once_in_o
     import pickle
     import random
 
+    from vitok.inputs.preprocess import Preprocessor
     from vitok.inputs.readers import ReaderOptions
     from vitok.pipeline.batcher import plan_batches
     from vitok.pipeline.loader import in_unit_order
@@ -304,7 +328,7 @@ def test_a_unit_is_cut_into_the_local_loops_batches_and_steps_are_kept_once_in_o
     vitok.extract([str(folder)], out, **LIB)
     units = load_plan(out).units
     options = make_options(**LIB)
-    preprocess = preprocess_for(vitok.encoder.checkpoint.resolve_model(options.model), options)
+    preprocess = Preprocessor(preprocess_for(vitok.encoder.checkpoint.resolve_model(options.model), options))
     steps = []
     for unit in units:
         unit_steps_list = list(unit_steps(unit, "files", ReaderOptions(), preprocess, 700))

@@ -479,12 +479,15 @@ def test_kill_9_in_the_middle_of_videos_then_rerun_gives_every_video_once(tmp_pa
 
 @needs_av
 @needs_torchcodec
-def test_video2dataset_tars_give_the_tokens_of_the_loose_videos(tmp_path):
+def test_video2dataset_tars_give_the_tokens_of_the_loose_videos(tmp_path, monkeypatch):
+    """(a member larger than SPOOL_BYTES is copied to the temporary space rather than held in memory)"""
     import json
+    import tempfile
 
     from test_archives import write_tar
 
     import vitok
+    from vitok.inputs.readers import webdataset
 
     loose = video_folder(tmp_path / "loose", [("000000000.mp4", 12, (96, 64), 24), ("000000002.mp4", 9, (64, 64), 24)])
     samples = []
@@ -497,9 +500,17 @@ def test_video2dataset_tars_give_the_tokens_of_the_loose_videos(tmp_path):
             continue
         samples.append((key, {"mp4": (loose / f"{key}.mp4").read_bytes(), "txt": f"clip {index}".encode(),
                               "json": json.dumps(meta).encode()}))
-    write_tar(tmp_path / "00000.tar", samples)
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "00000.tar", samples)
     common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", token_budget=1)  # one video per batch
-    summary = vitok.extract([str(tmp_path / "00000.tar")], tmp_path / "tars", input_format="video", **common)
+    scratch = tmp_path / "scratch"  # where video members larger than SPOOL_BYTES are copied while decoded
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(webdataset, "SPOOL_BYTES", (loose / "000000002.mp4").stat().st_size)  # 000000000 is larger
+    spooled, spool = [], webdataset.spool
+    monkeypatch.setattr(webdataset, "spool", lambda handle, name: spooled.append(name) or spool(handle, name))
+    summary = vitok.extract([str(tmp_path / "shards")], tmp_path / "tars", **common)  # told from its members
+    assert spooled == ["000000000.mp4"] and list(scratch.iterdir()) == []
     assert summary.ok == 2 and summary.skipped == 1
     vitok.extract([str(loose)], tmp_path / "files", **common)
     tars, files = vitok.open(tmp_path / "tars"), vitok.open(tmp_path / "files")
@@ -524,3 +535,189 @@ def test_a_folder_of_videos_planned_first_is_extracted_as_videos(tmp_path):
     vitok.extract([], tmp_path / "out", model="qwen3-vl-tiny", workers=0)  # the plan's media, not the default's
     store = vitok.open(tmp_path / "out")
     assert store.header.settings.video is not None and store.info("a.mp4")["video"]["indices"] == [0, 2, 5, 7]
+
+
+@needs_av
+def test_video_tars_are_told_from_their_members_and_a_mixed_tar_is_refused(tmp_path):
+    import json
+
+    from helpers import vitok as cli
+    from test_archives import encode, sample_images, write_tar
+
+    from vitok.inputs.readers import ReaderOptions
+    from vitok.inputs.readers.webdataset import WebDatasetReader
+    from vitok.inputs.sources import list_inputs
+    from vitok.storage.plan import UnitRef
+
+    def read(tar, medium):  # the samples a decode worker is given for one planned tar
+        unit = UnitRef(0, "00000", "wds", "", 0, 1, None, 0, inline={"path": str(tmp_path / tar), "stem": "00000"})
+        return {s.key: s for s in WebDatasetReader(ReaderOptions(media=medium)).samples(unit)}
+
+    clip = video_clip(tmp_path / "clip.mp4", frames=4).read_bytes()
+    jpeg = encode(sample_images(1)[0], "JPEG")
+    failed = json.dumps({"status": "failed_to_download", "error_message": "HTTP Error 404"}).encode()
+    audio = clip[:4] + b"ftypM4A " + clip[12:]  # an m4a's box: never taken for a video by its bytes
+    tars = {"videos/00000.tar": [("0", {"json": failed}), ("1", {"mp4": clip, "json": b"{}"})],  # video2dataset's
+            "unnamed/00000.tar": [("0", {"bin": clip, "txt": b"a clip, its member named .bin"})],  # by content
+            "thumbs/00000.tar": [("0", {"jpg": jpeg, "mp4": clip})],  # a video with its thumbnail: a video sample
+            "images/00000.tar": [("0", {"jpg": jpeg, "m4a": audio})],
+            "mixed/00000.tar": [("0", {"jpg": jpeg}), ("1", {"mp4": clip})]}
+    for name, samples in tars.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        write_tar(tmp_path / name, samples)
+    media = {name.split("/")[0]: list_inputs([str(tmp_path / name.split("/")[0])]).media for name in tars
+             if not name.startswith("mixed")}
+    assert media == {"videos": "video", "unnamed": "video", "thumbs": "video", "images": "image"}
+    with pytest.raises(UsageError, match="image and video samples .*one store holds one kind") as refused:
+        list_inputs([str(tmp_path / "mixed")])
+    assert "\n" not in str(refused.value) and "mixed/00000.tar [0.jpg]" in str(refused.value)
+    result = cli("extract", str(tmp_path / "mixed"), "-o", str(tmp_path / "out"), "--model", "qwen3-vl-tiny")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    # a medium named: the other medium's samples are recorded as skipped, naming the flag that reads them
+    listing = list_inputs([str(tmp_path / "mixed")], input_format="wds")
+    assert listing.media == "image"
+    for medium, skipped, flag in (("image", "00000/1", "--input-format video"),
+                                  ("video", "00000/0", "--input-format wds")):
+        samples = read("mixed/00000.tar", medium)
+        assert samples[skipped].skip.endswith(f"extract it into another store with {flag}")
+        assert [k for k, s in samples.items() if s.skip is None] == [k for k in samples if k != skipped]
+    unnamed = read("unnamed/00000.tar", "video")["00000/0"]
+    assert unnamed.data == clip and unnamed.member == "0.bin"
+
+
+@needs_av
+@needs_torchcodec
+def test_remote_videos_over_http_give_the_tokens_of_the_local_files(tmp_path, monkeypatch):
+    import tempfile
+
+    from helpers import serve_folder
+    from test_archives import write_tar
+
+    import vitok
+    from vitok.inputs.sources import list_inputs
+
+    pytest.importorskip("aiohttp", reason="fsspec reads https:// through aiohttp (the test extra has it)")
+    folder = video_folder(tmp_path / "site", CLIPS)
+    write_tar(folder / "00000.tar", [("0", {"mp4": (folder / "a.mp4").read_bytes(), "json": b"{}"})])
+    scratch = tmp_path / "scratch"  # the temporary space remote videos are streamed to
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32")
+    with serve_folder(folder) as (url, requests):
+        (tmp_path / "list.txt").write_text(f"{url}/a.mp4\n{url}/b.webm?sig=x/y\n{url}/gone.mp4\n")  # (signed)
+        summary = vitok.extract([], tmp_path / "remote", files_from=str(tmp_path / "list.txt"), **common)
+        assert summary.ok == 2 and summary.failed == 1  # not there now: recorded as failed, a later run retries it
+        assert "not found" in vitok.open(tmp_path / "remote").failed[f"{url}/gone.mp4"]
+        (folder / "gone.mp4").write_bytes((folder / "a.mp4").read_bytes())
+        again = vitok.extract([], tmp_path / "remote", files_from=str(tmp_path / "list.txt"), **common)
+        assert again.ok == 1 and again.failed == 0
+        update = vitok.extract([], tmp_path / "remote", files_from=str(tmp_path / "list.txt"), update=True, **common)
+        assert update.ok == 0 and update.shards_written == 0  # a URL has no mtime: taken as unchanged, not gone
+        assert list_inputs([f"{url}/00000.tar"]).media == "video"  # a remote tar of videos, told from its members
+        assert any(r.startswith("GET /a.mp4") for r in requests)
+    assert list(scratch.iterdir()) == []  # every local copy removed once decoded
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")  # a folder of a file system that has folders (a bucket's prefix)
+    memory.pipe("/vidinputs/shards/00000.tar", (folder / "00000.tar").read_bytes())
+    memory.pipe("/vidinputs/clips/a.mp4", (folder / "a.mp4").read_bytes())
+    tars, clips = (list_inputs([f"memory://vidinputs/{name}/"], input_format="video") for name in ("shards", "clips"))
+    assert (tars.kind, tars.media, tars.paths) == ("wds", "video", ["memory://vidinputs/shards/00000.tar"])
+    assert clips.media == "video" and clips.keys == [["memory://vidinputs/clips/a.mp4"]]
+    with pytest.raises(UsageError, match="no videos found"):
+        list_inputs(["memory://vidinputs/nothing/"], input_format="video")
+    memory.rm("/vidinputs", recursive=True)
+    vitok.extract([str(folder)], tmp_path / "local", **common)
+    remote, local = vitok.open(tmp_path / "remote"), vitok.open(tmp_path / "local")
+    assert not remote.failed and remote.info(f"{url}/gone.mp4")["video"] == local.info("a.mp4")["video"]
+    for name, key in (("a.mp4", f"{url}/a.mp4"), ("b.webm", f"{url}/b.webm?sig=x/y")):
+        assert remote.info(key)["source"] == key and remote.info(key)["video"] == local.info(name)["video"]
+        assert remote.info(key)["source_sha256"] == local.info(name)["source_sha256"]
+        np.testing.assert_array_equal(remote[key], local[name])
+
+
+def test_a_remote_video_larger_than_the_temporary_space_is_not_fetched(tmp_path, small_tmpfs):
+    import hashlib
+    from pathlib import Path
+
+    from helpers import serve_folder
+
+    from vitok.errors import InputUnavailableError
+    from vitok.inputs.readers.remote import fetch_to_temporary
+
+    pytest.importorskip("aiohttp", reason="fsspec reads https:// through aiohttp (the test extra has it)")
+    (tmp_path / "big.mp4").write_bytes(b"\0" * (300 << 10))  # more than the 256 KiB tmpfs holds
+    (tmp_path / "small.mp4").write_bytes(b"\1" * (100 << 10))
+    with serve_folder(tmp_path) as (url, requests):
+        with pytest.raises(InputUnavailableError, match=r"307200 bytes, more than the \d+ bytes free .*TMPDIR"):
+            fetch_to_temporary(f"{url}/big.mp4", str(small_tmpfs))
+        assert not any(r.startswith("GET /big.mp4") for r in requests)  # its size asked for, its bytes never
+        with pytest.raises(InputUnavailableError, match="not found"):
+            fetch_to_temporary(f"{url}/gone.mp4", str(small_tmpfs))
+        fetched = fetch_to_temporary(f"{url}/small.mp4", str(small_tmpfs))
+    assert fetched.size == 100 << 10 and fetched.sha256 == hashlib.sha256(b"\1" * (100 << 10)).hexdigest()
+    assert Path(fetched.local).read_bytes() == b"\1" * (100 << 10)
+    fetched.close()
+    assert list(small_tmpfs.iterdir()) == []
+
+
+@needs_av
+@needs_torchcodec
+def test_decode_gpu_decodes_videos_exactly_on_the_cpu_saying_so(tmp_path, caplog):
+    import logging
+
+    import vitok
+
+    folder = video_folder(tmp_path / "videos", [("a.mp4", 8, (64, 64), 24)])
+    common = dict(model="qwen3-vl-tiny", workers=0, store_dtype="float32", device="cpu")
+    with caplog.at_level(logging.WARNING, logger="vitok"):
+        vitok.extract([str(folder)], tmp_path / "gpu", decode="gpu", **common)  # (images: a CUDA device needed)
+    said = [r.getMessage() for r in caplog.records if "--decode gpu" in r.getMessage()]
+    assert len(said) == 1 and "videos are decoded on the CPU, exactly" in said[0]
+    vitok.extract([str(folder)], tmp_path / "exact", **common)
+    gpu, exact = vitok.open(tmp_path / "gpu"), vitok.open(tmp_path / "exact")
+    assert gpu.header.settings.to_json() == exact.header.settings.to_json()  # the store says exact: it is
+    np.testing.assert_array_equal(gpu["a.mp4"], exact["a.mp4"])
+    assert gpu.info("a.mp4")["decoder"] == exact.info("a.mp4")["decoder"] == "torchcodec"
+    assert vitok.extract([str(folder)], tmp_path / "gpu", **common).shards_already_done == 1  # resumed without it
+
+
+def test_large_video_members_are_copied_to_the_temporary_space_and_never_left_there(tmp_path, small_tmpfs,
+                                                                                     monkeypatch):
+    import tempfile
+    import tracemalloc
+    from pathlib import Path
+
+    from test_archives import write_tar
+
+    from vitok.inputs.readers import ReaderOptions, UnitReadError, webdataset
+    from vitok.storage.plan import UnitRef
+
+    monkeypatch.setattr(tempfile, "tempdir", str(small_tmpfs))  # 256 KiB
+    monkeypatch.setattr(webdataset, "SPOOL_BYTES", 1 << 10)
+    head = b"\0\0\0\x18ftypisom"  # any bytes: the reader does not decode
+    write_tar(tmp_path / "00000.tar", [(str(n), {"mp4": head + bytes([n]) * size})  # the last: more than the space
+                                       for n, size in ((0, 40 << 10), (1, 40 << 10), (2, 300 << 10))])
+    unit = UnitRef(0, "00000", "wds", "", 0, 1, None, 0,
+                   inline={"path": str(tmp_path / "00000.tar"), "stem": "00000"})
+    reader = webdataset.WebDatasetReader(ReaderOptions(media="video"))
+    samples = reader.samples(unit)
+    first = next(samples)  # (the next sample's member is read, and copied, before this one is handed on)
+    assert first.data is None and Path(first.local).read_bytes() == head + bytes([0]) * (40 << 10)
+    samples.close()  # a reader stopped early: the copy it held is removed; the sample's is the taker's
+    assert [p.name for p in small_tmpfs.iterdir()] == [first.local.rsplit("/", 1)[-1]]
+    first.discard()
+    write_tar(tmp_path / "big.tar", [("0", {"mp4": head + bytes(32 << 20)})])
+    big = UnitRef(0, "big", "wds", "", 0, 1, None, 0, inline={"path": str(tmp_path / "big.tar"), "stem": "big"})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for medium in ("video", "image"):  # copied a block at a time, or (a video in a store of images) never read
+        tracemalloc.start()
+        for sample in webdataset.WebDatasetReader(ReaderOptions(media=medium)).samples(big):
+            sample.discard()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 6 << 20, (medium, peak)  # (a few 1 MiB blocks, whatever the member's size)
+    monkeypatch.setattr(tempfile, "tempdir", str(small_tmpfs))
+    with pytest.raises(UnitReadError, match="cannot copy member 2.mp4 .* to the temporary space") as full:
+        for sample in reader.samples(unit):
+            sample.discard()
+    assert full.value.failed and list(small_tmpfs.iterdir()) == []  # retried by a later run; no partial copy

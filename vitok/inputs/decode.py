@@ -23,6 +23,7 @@ cannot decode (truncated, damaged), goes through Pillow, which gives the reason.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import io
@@ -86,6 +87,14 @@ class SourceFile:
     size: int
     mtime_ns: int | None = None
     sha256: str | None = None  # when hashed while read (``read_source_streamed``); else of ``data``
+    local: str | None = None  # a temporary local copy the decoder opens (a remote video), removed by ``close``
+
+    def close(self) -> None:
+        """Remove the temporary local copy, if any."""
+        if self.local is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.local)
+            self.local = None
 
 
 def read_source(path: str | Path) -> SourceFile:

@@ -37,6 +37,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
+from urllib.parse import urlsplit
 
 from ..errors import UsageError
 from ..storage.layout import is_store
@@ -61,6 +62,14 @@ def is_url(text: str) -> bool:
     """``scheme://...`` (s3, gs, https, memory, file...): read through fsspec."""
     head = text.split("/", 1)[0]
     return head.endswith(":") and text[len(head):].startswith("//")
+
+
+def url_path(url: str) -> str:
+    """What a URL's name is judged by: an http(s) URL's path, without its query (a signed URL's ``?X-Amz-...``) or
+    fragment; any other URL whole (``#`` and ``?`` may be part of an object's key)."""
+    if url.lower().startswith(("http://", "https://")):
+        return urlsplit(url).path
+    return url
 
 
 class NotRegularFileError(OSError):
@@ -265,8 +274,42 @@ def remote_folder(url: str, kind: str) -> list[str]:
 
     fs, path = fsspec_module().core.url_to_fs(url)
     protocol = url.split("://", 1)[0]
-    return sorted(f"{protocol}://{p.lstrip('/')}" if protocol != "file" else f"file://{p}"
-                  for p in fs.find(path) if kind_of(p) == kind)
+    return sorted(p if is_url(p) else f"{protocol}://{p.lstrip('/')}" if protocol != "file" else f"file://{p}"
+                  for p in fs.find(path) if kind_of(p) == kind)  # (http's file system lists whole URLs)
+
+
+_PROTOCOLS_CHECKED: set[str] = set()
+
+
+def check_protocol(url: str) -> None:
+    """UsageError naming the package to install when fsspec cannot read ``url``'s protocol here (once per
+    protocol)."""
+    protocol = url.split("://", 1)[0]
+    if protocol in _PROTOCOLS_CHECKED:
+        return
+    from .readers.remote import fsspec_module
+
+    try:
+        fsspec_module().core.url_to_fs(url)
+    except ImportError as exc:
+        raise UsageError(f"{url}: {exc}") from None
+    _PROTOCOLS_CHECKED.add(protocol)
+
+
+def remote_is_folder(url: str) -> bool:
+    """The URL names a folder on its file system (False when that cannot be told: then it is taken as a file). An
+    http(s) URL is a file: HTTP has no folders (fsspec would fetch the body to look for links in it)."""
+    if url.lower().startswith(("http://", "https://")):
+        return False
+    from .readers.remote import fsspec_module
+
+    try:
+        fs, path = fsspec_module().core.url_to_fs(url)
+        return bool(fs.isdir(path))
+    except ImportError as exc:
+        raise UsageError(f"{url}: {exc}") from None
+    except Exception:
+        return False
 
 
 def is_readable(path: str) -> bool:
@@ -413,14 +456,29 @@ class _Collector:
     def entry(self, entry: str, explicit: bool) -> None:
         """One path from the command line (explicit) or from a list."""
         if is_url(entry):
-            kind = kind_of(entry)
+            check_protocol(entry)  # the file system's package is here (s3fs, gcsfs, aiohttp): else a usage error now
+            kind = kind_of(url_path(entry))
             if kind is None and self.format in ("wds", "parquet"):  # a remote folder of archives
                 self._set_kind(self.format, entry)
                 self.archives += remote_folder(entry, self.format)
                 return
+            if kind is None and self.format == "video":  # a video named without an extension, or a folder of them
+                folder = entry.endswith("/") or remote_is_folder(entry)
+                videos = remote_folder(entry, "video") if folder else [entry]
+                tars = remote_folder(entry, "wds") if folder and not videos else []
+                if tars:  # a folder of webdataset tars of videos (as for a local folder)
+                    self._set_kind("wds", entry)
+                    self.archives += tars
+                for video in videos:
+                    self._remote_video(video)
+                return
+            if kind == "video" and self.format in ("auto", "video"):
+                self._remote_video(entry)
+                return
             if kind not in ("wds", "parquet") or (self.format == "video" and kind != "wds"):
                 raise UsageError(f"{entry}: remote inputs must be .tar or .parquet files (or a folder of them with "
-                                 "--input-format wds|parquet; videos: .tar files of them)")
+                                 "--input-format wds|parquet), or videos (a folder of them with --input-format "
+                                 "video); a remote image is read from a tar or parquet file")
             self._set_kind(kind, entry)
             self.archives.append(entry)
             return
@@ -444,6 +502,11 @@ class _Collector:
             self.roots.setdefault(root, []).append(_normal(entry))
         else:
             self.archives.append(os.path.normpath(path))
+
+    def _remote_video(self, url: str) -> None:
+        """A video file at a URL: a loose input keyed by the URL as given, fetched by its decode worker."""
+        self._set_kind("video", url)
+        self.roots.setdefault(Root(""), []).append(url)
 
     def folder(self, given: str, path: str, prefix: str = "") -> None:
         kind = _folder_kind(path, self.format, self.stores)
@@ -511,6 +574,22 @@ def list_inputs(
     return _finish(collect, sources, files_from)
 
 
+def tar_medium(paths: list[str]) -> str:
+    """``image`` or ``video``: what webdataset tars hold, decided from their first members (extension, else content:
+    ``readers.webdataset.tar_media``); image when no sample looked at holds either (as before media were told apart).
+    Tars whose samples hold images and videos are refused: one store holds one kind."""
+    from .readers.webdataset import tar_media
+
+    found = tar_media(paths)
+    if found.medium == "mixed":
+        raise UsageError(f"these tars hold image and video samples ({found.image}, {found.video}); one store holds "
+                         "one kind: pass --input-format wds for the images or --input-format video for the videos "
+                         "(the other kind's samples are recorded as skipped) and extract the other into another -o")
+    if found.medium == "video":
+        logger.info("webdataset tars of videos (%s): extracted as videos", found.video)
+    return found.medium or "image"
+
+
 def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None) -> Listing:
     what = ", ".join(sources) or files_from or "(no sources)"
     left_out = collect.stores.left_out
@@ -531,8 +610,10 @@ def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None)
                                  "clash: give them in separate runs")
             stems[stem] = path
         missing = {p for p in paths if not is_url(p) and not os.path.exists(p)}
-        return ArchiveListing(collect.kind, paths, collect.ignored, missing, collect.errors,
-                              media="video" if collect.format == "video" else "image")
+        media = "video" if collect.format == "video" else "image"
+        if collect.kind == "wds" and collect.format == "auto":
+            media = tar_medium(paths)
+        return ArchiveListing(collect.kind, paths, collect.ignored, missing, collect.errors, media=media)
     roots = list(collect.roots)
     keys = []
     for root in roots:
@@ -546,7 +627,7 @@ def _finish(collect: _Collector, sources: Sequence[str], files_from: str | None)
             f"{collect.errors[0][1]})" if collect.errors else ""
         beside = f"; it holds archives or videos ({collect.beside[0]}...): pass --input-format video, wds or " \
             "parquet" if collect.beside else ""
-        found = "videos" if collect.kind == "video" else "images"
+        found = "videos" if "video" in (collect.kind, collect.format) else "images"
         raise UsageError(f"no {found} found in {what}{extra}{unlisted}{beside}")
     return FileListing(roots, keys, collect.ignored, collect.errors, collect.beside,
                        "video" if collect.kind == "video" else "image")

@@ -38,6 +38,7 @@ import torch
 from ..errors import ImageError
 from .decode import SourceFile, read_source_streamed
 from .preprocess import PreparedImage, resize_like_torchvision, smart_resize
+from .sources import is_url
 from .video_config import MAX_VIDEO_SECONDS, VideoConfig
 from .video_decode import VideoInfo, open_video
 
@@ -242,7 +243,12 @@ class VideoPreprocessor:
 
     def read(self, path: str) -> SourceFile:
         """A video file's size, time and sha256, hashed as it is read (never held whole); the decoder opens the
-        file itself."""
+        file itself. A URL is streamed to a temporary local copy first (``readers.remote.fetch_to_temporary``:
+        ``SourceFile.local``, removed by its ``close``)."""
+        if is_url(path):
+            from .readers.remote import fetch_to_temporary
+
+            return fetch_to_temporary(path)
         return read_source_streamed(path)
 
     def plan(self, info: VideoInfo) -> tuple[np.ndarray, tuple[int, int]]:

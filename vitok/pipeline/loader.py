@@ -38,15 +38,24 @@ logger = logging.getLogger(__name__)
 
 def prepare(sample: Sample, preprocessor: Preprocessor) -> Item:
     """Read and decode one sample; never raises (a bug or an exotic decoder failure costs one image, not the run).
-    The record gets the file's sha256 and, once decoded here, the pixel content id (``inputs.identity``)."""
-    return next(_prepared(sample, preprocessor, preprocessor.load))
+    The record gets the file's sha256 and, once decoded here, the pixel content id (``inputs.identity``). A sample's
+    temporary copy (``Sample.local``: a large video member of a tar) is removed once it is decoded."""
+    items = _prepared(sample, preprocessor, preprocessor.load)
+    try:
+        return next(items)
+    finally:
+        items.close()
+        sample.discard()
 
 
 def prepare_pieces(sample: Sample, preprocessor: Preprocessor) -> Iterator[Item]:
     """``prepare`` for a preprocessor that cuts long inputs in time (``load_pieces``: videos): one whole item, or
     the video's pieces in order (``Item.part``), the last one with the complete record and the content id hashed
     over every piece; a video whose decoding stops after some pieces ends with its skipped record and no image."""
-    return _prepared(sample, preprocessor, preprocessor.load_pieces, pieces=True)
+    try:
+        yield from _prepared(sample, preprocessor, preprocessor.load_pieces, pieces=True)
+    finally:
+        sample.discard()
 
 
 def _prepared(sample: Sample, preprocessor, load, pieces: bool = False) -> Iterator[Item]:
@@ -56,11 +65,13 @@ def _prepared(sample: Sample, preprocessor, load, pieces: bool = False) -> Itera
         yield Item(record)
         return
     part = None
+    source = None
     try:
         if sample.data is None:
-            source = preprocessor.read(sample.source)  # a video is hashed as it is read; its decoder opens the file
-            record.source_bytes, record.source_mtime_ns = source.size, source.mtime_ns
-            data = source.data if source.data is not None else sample.source
+            # a video is hashed as it is read; its decoder opens the file (or its temporary copy: a tar member's)
+            source = preprocessor.read(sample.local or sample.source)
+            record.source_bytes, record.source_mtime_ns = source.size, None if sample.local else source.mtime_ns
+            data = source.data if source.data is not None else source.local or sample.local or sample.source
             record.source_sha256 = source.sha256 or source_sha256(data)
         else:
             data = sample.data
@@ -91,6 +102,9 @@ def _prepared(sample: Sample, preprocessor, load, pieces: bool = False) -> Itera
         record.status, record.reason = "skipped", str(exc)
     except Exception as exc:
         record.status, record.reason = "skipped", f"internal error while decoding: {type(exc).__name__}: {exc}"
+    finally:
+        if source is not None:
+            source.close()
     yield Item(record, part=None if part is None else part + 1)
 
 
@@ -152,6 +166,7 @@ def _isolated(sample: Sample, preprocessor, decode) -> Iterator[Item]:
                 last = item
     finally:
         _, status = os.waitpid(pid, 0)
+        sample.discard()  # (the child removed its temporary copy, unless it crashed first)
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and last is not None and last.last:
         yield last
         return
@@ -220,6 +235,7 @@ class UnitReading(torch.utils.data.IterableDataset):
         try:
             for number, sample in enumerate(reader.samples(unit)):
                 if number < delivered:  # read again to reach the rest, not decoded again
+                    sample.discard()
                     continue
                 for item in decode(sample, self.preprocessor):
                     if item.part is not None:  # (per_chunk is 1 where inputs come in pieces: items is empty)

@@ -170,8 +170,6 @@ def check_media(options: ExtractOptions, video: bool) -> None:
         raise UsageError(f"{flag} applies to {'images' if video else 'videos'}; these inputs are "
                          f"{'videos' if video else 'images'}" + (" (their pixel budget: --video-min-pixels, "
                                                                  "--video-max-pixels)" if video else ""))
-    if video and options.engine != "local":
-        raise UsageError("--engine ray does not read videos yet; extract them with the local engine")
 
 
 def prepare(sources: list[str], out: Path | StoreRoot, options: ExtractOptions, stdin=None) -> Job:
@@ -203,12 +201,17 @@ def prepare(sources: list[str], out: Path | StoreRoot, options: ExtractOptions, 
     elif plan is None:
         raise UsageError("give at least one source folder or file, '-' for stdin, or --files-from (or -o a store "
                          "that already holds a plan, to resume it)")
-    if isinstance(listing, FileListing) and listing.media == "video" and options.input_format == "auto":
+    if listing is not None and listing.media == "video" and options.input_format == "auto":
         options = options.replace(input_format="video")  # recorded: a resume lists videos again
     video = None
     if options.input_format == "video":
         reader_options.media = "video"  # (decided by the listing when the format was auto)
         check_media(options, video=True)
+        if options.decode == "gpu":  # nvJPEG takes JPEGs; a video is decoded exactly, as an image nvJPEG refuses
+            logger.warning("--decode gpu applies to JPEG images only: videos are decoded on the CPU, exactly, by "
+                           "--video-decoder %s (as with --decode exact; the store records exact)",
+                           options.video_decoder)
+            options = options.replace(decode="exact")
         video = video_for(source, options)
         preprocess = video.pixels  # the device normalises a video's patches with its processor's settings
     else:

@@ -61,11 +61,12 @@ class ExtractOptions:
                             choices=("auto", *ATTENTION_KERNELS))
     seed: int = option(0, "Seed of the random weights of a preset without a checkpoint.", "Model")
     # ---- Inputs
-    files_from: str | None = option(None, "File with one input (image, tar or parquet path) per line; '-' = stdin.",
-                                    "Inputs", metavar="LIST")
+    files_from: str | None = option(None, "File with one input per line (an image, video, tar or parquet path, or a "
+                                    "URL of a video, tar or parquet file); '-' = stdin.", "Inputs", metavar="LIST")
     input_format: str = option("auto", "Kind of input: auto decides by extension (a folder holding images is a "
-                               "folder of images, else of videos, else of tars, else of parquet files); video: "
-                               "loose video files, found by extension or content.", "Inputs",
+                               "folder of images, else of videos, else of tars, else of parquet files) and whether "
+                               "tars hold images or videos by their first members; wds: tars of images; video: "
+                               "video files (found by extension or content) or tars of videos.", "Inputs",
                                choices=INPUT_FORMATS)
     image_column: str | None = option(None, "Parquet: the column holding image bytes. [default: found]", "Inputs",
                                       metavar="COLUMN")
@@ -114,7 +115,8 @@ class ExtractOptions:
     fast_decode: bool = option(False, "Decode JPEGs at reduced DCT scale when the target is at least 2x smaller "
                                "(faster, not bit-exact).", "Preprocessing")
     decode: str = option("exact", "Where images are decoded. exact: on the CPU, as the reference. gpu: baseline JPEGs "
-                         "by nvJPEG on the CUDA device (not bit-exact; other images stay exact).", "Preprocessing",
+                         "by nvJPEG on the CUDA device (not bit-exact; other images stay exact; videos are always "
+                         "decoded exactly on the CPU).", "Preprocessing",
                          choices=DECODERS)
     allow_truncated: bool = option(False, "Decode truncated files as far as they go (the record says so).",
                                    "Preprocessing")

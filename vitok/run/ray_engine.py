@@ -104,9 +104,9 @@ def _row(step: Step) -> dict[str, Any]:
 # ---- the CPU side: one task per unit ----------------------------------------------------------------------------
 
 
-def unit_steps(unit, kind: str, reader_options, preprocess, budget: int) -> Iterator[Step]:
-    """A unit's inputs read and decoded in plan order, cut into the local loop's batches (the same ``Batcher``)."""
-    from ..inputs.preprocess import Preprocessor
+def unit_steps(unit, kind: str, reader_options, preprocessor, budget: int) -> Iterator[Step]:
+    """A unit's inputs read and decoded in plan order by the job's preprocessor (images or videos:
+    ``Job.preprocessor``), cut into the local loop's batches (the same ``Batcher``)."""
     from ..pipeline.loader import Task, UnitReading
 
     batcher: Batcher = Batcher(budget)
@@ -122,7 +122,7 @@ def unit_steps(unit, kind: str, reader_options, preprocess, budget: int) -> Iter
         seq, pending, busy = seq + 1, [], 0.0
         return made
 
-    for chunk in UnitReading([Task(unit)], kind, reader_options, Preprocessor(preprocess)):
+    for chunk in UnitReading([Task(unit, per_chunk=preprocessor.per_chunk)], kind, reader_options, preprocessor):
         started = time.perf_counter()
         busy += chunk.busy
         for item in chunk.unpack():
@@ -145,9 +145,9 @@ def process_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def decode_unit(row: dict[str, Any], kind: str, reader_options, preprocess, budget: int) -> Iterator[dict[str, Any]]:
+def decode_unit(row: dict[str, Any], kind: str, reader_options, preprocessor, budget: int) -> Iterator[dict[str, Any]]:
     """``Dataset.flat_map``: a planned unit -> its steps, streamed (memory holds one batch, not the unit)."""
-    for step in unit_steps(pickle.loads(row["unit"]), kind, reader_options, preprocess, budget):
+    for step in unit_steps(pickle.loads(row["unit"]), kind, reader_options, preprocessor, budget):
         yield _row(step)
 
 
@@ -158,12 +158,15 @@ class EncodeActor:
     """``Dataset.map_batches`` actor: loads the encoder once, encodes one vitok batch per call."""
 
     def __init__(self, source, device: str, dtype: str, seed: int, attention: str, preprocess,
-                 features: tuple[str, ...], pool: str, store_dtype: str, token_order: str) -> None:
+                 features: tuple[str, ...], pool: str, store_dtype: str, token_order: str, pool_steps: bool = False,
+                 chunk_rows: int | None = None) -> None:
         from ..encoder.inference import load_encoder
         from ..pipeline.device import DevicePipeline
 
         encoder = load_encoder(source, device, dtype, seed=seed, attention=attention, preprocess=preprocess)
-        self.pipeline = DevicePipeline(encoder, features, pool, store_dtype, token_order)
+        # (as the local run's: a video's steps pooled apart with --pool-steps, a long one encoded in temporal pieces)
+        self.pipeline = DevicePipeline(encoder, features, pool, store_dtype, token_order, pool_steps=pool_steps,
+                                       chunk_rows=chunk_rows)
         self.name = process_name()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -294,11 +297,11 @@ class RayRun(Run):
         ds = ray.data.from_items([{"unit": pickle.dumps(u.inlined())} for u in units],  # (no plan on the nodes)
                                  override_num_blocks=len(units))
         ds = ds.flat_map(decode_unit, fn_kwargs={"kind": self.plan.kind, "reader_options": job.reader_options,
-                                                 "preprocess": job.preprocess, "budget": budget}, num_cpus=1)
+                                                 "preprocessor": job.preprocessor(), "budget": budget}, num_cpus=1)
         actor = {"source": job.source, "device": self.actor_device, "dtype": str(job.dtype).removeprefix("torch."),
                  "seed": opts.seed, "attention": opts.attention, "preprocess": job.preprocess,
                  "features": job.features, "pool": opts.pool, "store_dtype": opts.store_dtype,
-                 "token_order": opts.token_order}
+                 "token_order": opts.token_order, "pool_steps": opts.pool_steps, "chunk_rows": budget}
         ds = ds.map_batches(EncodeActor, batch_size=1, batch_format="numpy", fn_constructor_kwargs=actor,
                             **self._actors(opts))
         by_index = {u.index: u for u in units}

@@ -11,6 +11,8 @@ before the error counts. A new kind of input is one class registered in ``READER
 
 from __future__ import annotations
 
+import contextlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,12 +33,22 @@ class Sample:
     data: bytes | None = None  # image bytes; None = read ``source`` from disk
     meta: dict[str, Any] | None = None  # caption / json fields kept in the record
     skip: str | None = None  # a reason to record it as skipped without decoding
+    local: str | None = None  # a temporary file holding the bytes instead of ``data`` (a large video member of a
+    # tar): whoever takes the sample removes it (``discard``)
 
     def __post_init__(self) -> None:
         problem = unstorable(self.key)
         if problem is not None and self.skip is None:
             where = f"{self.source} [{key_text(self.member)}]" if self.member else self.source  # [row_group/row]
             self.skip, self.data = f"its key '{key_text(self.key)}' {problem} ({where}); not extracted", None
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the temporary file, if any (idempotent)."""
+        if self.local is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.local)
+            self.local = None
 
 
 class KeyRule:

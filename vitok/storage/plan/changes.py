@@ -55,7 +55,9 @@ def file_sha256(path: str) -> str:
 
 def compare_file(path: str, size: int | None, mtime_ns: int | None, sha256: str | None, mode: str) -> str | None:
     """Why the file at ``path`` differs from what was recorded; None when it does not (or cannot be read now: a
-    retry's business)."""
+    retry's business). A URL (a remote video) is taken as unchanged: it has no modification time to compare."""
+    if is_url(path):
+        return None
     try:
         stat = os.stat(path)
     except FileNotFoundError:
