@@ -232,6 +232,23 @@ def test_videos_are_found_by_extension_and_by_content(tmp_path):
         list_inputs([str(folder / "a.mp4"), str(folder / "photo.png")])
 
 
+@needs_av
+@needs_torchcodec
+@pytest.mark.parametrize("decoder", ["torchcodec", "pyav"])
+def test_a_file_name_that_is_not_utf8_decodes_as_the_same_file_under_another_name(tmp_path, decoder):
+    """A folder listing gives such names decoded with surrogateescape; torchcodec took only UTF-8 paths."""
+    import os
+
+    clip = video_clip(tmp_path / "clip.mp4", frames=6)
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9.mp4")
+    with open(odd, "wb") as out:
+        out.write(clip.read_bytes())
+    config = VideoConfig.from_hf_video_processor_config(QWEN3_HUB, "qwen3_vl").replace(decoder=decoder)
+    expected, got = VideoPreprocessor(config).load(str(clip)), VideoPreprocessor(config).load(odd)
+    assert got.grid_thw == expected.grid_thw and got.frames.indices == expected.frames.indices
+    assert torch.equal(got.patches, expected.patches)
+
+
 # ---- the tower on video grids ----------------------------------------------------------------------------------
 
 TOWERS = [("qwen2_5_vl", "qwen2_vl", QWEN25_HUB, (9, 64, 90)), ("qwen3_vl", "qwen3_vl", QWEN3_HUB, (13, 70, 96))]

@@ -84,11 +84,20 @@ class TorchcodecVideo(OpenVideo):
     def __init__(self, source: str | bytes) -> None:
         from torchcodec.decoders import VideoDecoder
 
+        self._file = None
+        if isinstance(source, str) and not _utf8(source):
+            # torchcodec passes a path to C++ as UTF-8 and cannot take a name that is not (a file name's bytes
+            # decoded with surrogateescape, as os.listdir gives them): the same file, opened here, decodes the same
+            try:
+                self._file = open(source, "rb")  # noqa: SIM115  (closed in close())
+            except OSError as exc:
+                raise VideoError(f"cannot open as a video: {_one_line(exc)}") from None
         try:
-            self._decoder = VideoDecoder(source if isinstance(source, str) else bytes(source), seek_mode="exact",
-                                         num_ffmpeg_threads=0, device="cpu")
+            self._decoder = VideoDecoder(self._file if self._file is not None else source if isinstance(source, str)
+                                         else bytes(source), seek_mode="exact", num_ffmpeg_threads=0, device="cpu")
             meta = self._decoder.metadata
         except Exception as exc:
+            self.close()
             raise VideoError(_opening_reason(exc)) from None
         notes = []
         if meta.rotation:
@@ -107,6 +116,17 @@ class TorchcodecVideo(OpenVideo):
 
     def close(self) -> None:
         self._decoder = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class PyAVVideo(OpenVideo):
