@@ -149,6 +149,11 @@ def test_video_settings_flags_follow_the_processor():
         VideoConfig(rule="qwen3_vl", pixels=config.pixels, do_sample_frames=True, fps=2.0, num_frames=8)
     with pytest.raises(UsageError, match="--min-frames 9 is larger"):
         config.replace(min_frames=9, max_frames=8)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):  # nan and inf reached the sampler: every video skipped
+        with pytest.raises(UsageError, match="--fps must be a positive finite number"):
+            config.replace(fps=bad)
+        with pytest.raises(UsageError, match="--max-video-seconds must be a positive finite number"):
+            config.replace(max_video_seconds=bad)
     qwen2 = VideoConfig.from_hf_video_processor_config(QWEN25_HUB, "qwen2_vl")
     assert (qwen2.pixels.min_pixels, qwen2.pixels.max_pixels, qwen2.do_sample_frames) == (3136, 12845056, False)
     assert qwen2.replace(fps=1.0).do_sample_frames  # a rate asked for is a rate sampled

@@ -10,6 +10,7 @@ the clip together for ``qwen3_vl``). torch-free: the run decides with it before 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -81,12 +82,13 @@ class VideoConfig:
             raise UsageError(f"--video-decoder {self.decoder!r} is not one of: {', '.join(VIDEO_DECODERS)}")
         if self.fps is not None and self.num_frames is not None:
             raise UsageError("--fps and --num-frames are exclusive (as in transformers' video processors); give one")
-        if self.fps is not None and self.fps <= 0:
-            raise UsageError(f"--fps must be positive, got {self.fps}")
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):  # nan and inf fail the sampler
+            raise UsageError(f"--fps must be a positive finite number, got {self.fps}")
         if self.num_frames is not None and self.num_frames < 1:
             raise UsageError(f"--num-frames must be at least 1, got {self.num_frames}")
-        if self.max_video_seconds is not None and self.max_video_seconds <= 0:
-            raise UsageError(f"--max-video-seconds must be positive, got {self.max_video_seconds}")
+        if self.max_video_seconds is not None and not (math.isfinite(self.max_video_seconds)
+                                                      and self.max_video_seconds > 0):  # nan: no video refused
+            raise UsageError(f"--max-video-seconds must be a positive finite number, got {self.max_video_seconds}")
         if self.min_frames > self.max_frames:
             raise UsageError(f"--min-frames {self.min_frames} is larger than --max-frames {self.max_frames}")
         if self.pixels.mode != "qwen":
