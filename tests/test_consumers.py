@@ -452,3 +452,23 @@ def test_the_video_collator_names_what_it_lacks(cached):
         collate([{"input_ids": [5, START, VIDEO, END], "videos": ["0.png"]}])
     with pytest.raises(ValueError, match="1 image placeholder.* for 2 image key"):
         collate([{"input_ids": [5, START, IMAGE, END], "images": ["0.png", "1.png"]}])
+
+
+def test_the_collators_refuse_malformed_samples_naming_the_fault(cached, tmp_path):
+    from vitok.integrations.transformers import CachedImagesCollator, CachedVideosCollator
+
+    model, _, root = cached
+    collate = CachedImagesCollator(vitok.open(root / "store"), model.config)
+    ids = [5, START, IMAGE, END, 6]
+    for labels in (ids[:2], [*ids, 7, 8]):  # shorter: an IndexError; longer: the labels were shifted silently
+        with pytest.raises(ValueError, match=f"labels has {len(labels)} entries for 5 input_ids"):
+            collate([{"input_ids": ids, "labels": labels, "images": ["0.png"]}])
+    with pytest.raises(ValueError, match="must be a list of keys; got the string '0.png'"):
+        collate([{"input_ids": ids, "images": "0.png"}])  # was: "1 image placeholder(s) ... for 5 image key(s)"
+    with pytest.raises(ValueError, match="no samples to collate"):
+        collate([])
+    vitok.extract([str(root / "imgs")], tmp_path / "pooled", model=str(root / "model"), pool="mean", workers=0)
+    with pytest.raises(KeyError, match="must hold every merged token"):  # was: "extract DeepStack features too"
+        CachedImagesCollator(vitok.open(tmp_path / "pooled"), model.config)
+    with pytest.raises(KeyError, match="this store holds images"):
+        CachedVideosCollator(vitok.open(tmp_path / "pooled"), model.config, tokenizer=char_tokenizer())

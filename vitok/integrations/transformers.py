@@ -130,6 +130,8 @@ class CachedFeaturesCollator:
             if store is None:
                 continue
             _holds(store, kind)
+            if "merged" not in store.features or store.header.settings.pool != "none":  # before DeepStack's advice
+                raise KeyError(f"the store of {kind}s must hold every merged token (--features merged, no --pool)")
             if wants_deepstack and "deepstack" not in store.features:
                 raise KeyError("this model adds DeepStack features: extract them too (--features merged,deepstack)")
             check_store_fits(store, vision)
@@ -172,8 +174,13 @@ class CachedFeaturesCollator:
 
     def _expand(self, ids: Sequence[int], labels: Sequence[int] | None, keys: dict[str, Sequence[str]]):
         ids = [int(i) for i in ids]
+        if labels is not None and len(labels) != len(ids):  # shorter: an IndexError; longer: labels shifted silently
+            raise ValueError(f"labels has {len(labels)} entries for {len(ids)} input_ids: give one label per input id")
         remaining = {}
         for kind, names in keys.items():
+            if isinstance(names, (str, bytes)):  # a key, not a list: its characters were taken as keys
+                raise ValueError(f"a sample's {kind}s must be a list of keys; got the string {names!r} "
+                                 f"(write {kind}s=[{names!r}])")
             if names and self.token_ids[kind] < 0:
                 raise ValueError(f"samples name {kind}s but the model's config has no {kind}_token_id")
             placeholders = sum(i == self.token_ids[kind] for i in ids)
@@ -216,6 +223,8 @@ class CachedFeaturesCollator:
         return second_per_grid_ts(self.stores["video"].info(key)["video"], self.temporal_patch)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not samples:
+            raise ValueError("no samples to collate (an empty batch)")
         expanded = [self._expand(s["input_ids"], s.get("labels"), {"image": s.get("images", []),
                                                                     "video": s.get("videos", [])}) for s in samples]
         length = max(len(ids) for ids, _, _ in expanded)
