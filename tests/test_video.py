@@ -237,6 +237,20 @@ def test_videos_are_found_by_extension_and_by_content(tmp_path):
         list_inputs([str(folder / "a.mp4"), str(folder / "photo.png")])
 
 
+
+def test_a_folder_read_as_videos_says_its_other_files_are_not_videos(tmp_path, caplog):
+    import logging
+
+    from vitok.inputs.sources import list_inputs
+    from vitok.run.job import report_listing
+
+    video_clip(tmp_path / "a.mp4", frames=4)
+    (tmp_path / "photo.png").write_bytes(b"")
+    with caplog.at_level(logging.INFO, logger="vitok.run.job"):
+        report_listing(list_inputs([str(tmp_path)], input_format="video"))
+    assert "ignored 1 file(s) that are not videos (by extension or content)" in caplog.text  # was: "an image extension"
+
+
 @needs_av
 @needs_torchcodec
 @pytest.mark.parametrize("decoder", ["torchcodec", "pyav"])

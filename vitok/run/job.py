@@ -272,7 +272,9 @@ def report_listing(listing: Listing) -> None:
                        "|".join(kinds))
     others = listing.ignored - len(beside)
     if others > 0:
-        logger.info("ignored %d file(s) without an image extension", others)
+        media = getattr(listing, "media", "image")  # a folder read as videos ignores its images
+        logger.info("ignored %d file(s) that are not %ss (by extension%s)", others, media,
+                    " or content" if media == "video" else "")
     for path, reason in listing.errors[:20]:
         logger.warning("could not list %s: %s (recorded; the next run lists it again)", path, reason)
 
