@@ -44,6 +44,13 @@ def test_help_is_grouped_in_panels_and_shows_choices():
     assert run_vitok("--version").stdout.startswith("vitok ")
 
 
+def test_bench_help_lists_the_benchmarks_own_options():
+    """``vitok bench --help`` reaches the benchmark's parser: its sections and sizes, not an empty option list."""
+    result = run_vitok("bench", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--sections" in result.stdout and "--s3-url" in result.stdout and "--video-clips" in result.stdout
+
+
 @pytest.mark.parametrize("command, record, only", [
     ("plan", "vitok.run.options:ExtractOptions", "PLAN_OPTIONS"),
     ("export", "vitok.consumers.export:ExportOptions", None),

@@ -786,3 +786,30 @@ def test_options_that_do_not_apply_to_a_serving_layout_are_refused(store, tmp_pa
     with pytest.raises(UsageError, match="--dtype applies to embedding-reader"):
         export(store, tmp_path / "ec", "vllm-ec", dtype="float32")
     assert not (tmp_path / "ec").exists()
+
+
+def test_an_export_holds_the_store_as_checked_not_as_first_opened(tmp_path, monkeypatch):
+    """A run that commits a shard between the export's opening the store and its check (a store still being
+    written) made the export hold only the shards of the first opening, marked finished: 2 of 4 images."""
+    from vitok.bench.store import synthetic_store
+    from vitok.consumers import export as module
+
+    store = tmp_path / "store"
+    store.mkdir()
+    synthetic_store(store, 4, 1, 8, per_shard=2)
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for path in (store / "shards").glob("shard-000001.*"):
+        path.rename(aside / path.name)
+    check = module.check_store
+
+    def committed_meanwhile(opened, allow_partial):  # the other run's commit: data, then its sidecar
+        for name in ("shard-000001.h5", "shard-000001.json"):
+            (aside / name).rename(store / "shards" / name)
+        return check(opened, allow_partial)
+
+    monkeypatch.setattr(module, "check_store", committed_meanwhile)
+    result = export(store, tmp_path / "dest", pool="mean")
+    assert result.images == len(vitok.open(store).keys()) == 4
+    marker = json.loads((tmp_path / "dest" / MARKER).read_text())
+    assert marker["images"] == 4

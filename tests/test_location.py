@@ -64,3 +64,17 @@ def test_the_library_refuses_a_url_it_cannot_serve(tmp_path, monkeypatch):
 def test_a_file_url_is_a_local_folder(tmp_path, local_store):
     result = vitok("info", local_store.as_uri(), "--json", check=True)
     assert '"images_ok": 4' in result.stdout
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/picture.png", *UNSERVED[:1]])
+def test_viz_refuses_a_url_for_its_picture(tmp_path, local_store, url):
+    """``viz -o`` writes a local file only: a URL was written as the relative folder ``s3:/bucket/picture.png``."""
+    result = vitok("viz", str(local_store), "anykey", "-o", url, cwd=tmp_path)
+    _one_line_refusal(result, url)
+    _nothing_local(tmp_path)
+
+
+def test_viz_of_a_key_not_in_the_store_is_one_line(tmp_path, local_store):
+    result = vitok("viz", str(local_store), "no/such.png", "-o", str(tmp_path / "p.png"), cwd=tmp_path)
+    _one_line_refusal(result, "no/such.png")
+    assert not (tmp_path / "p.png").exists()

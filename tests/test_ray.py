@@ -225,8 +225,10 @@ def test_videos_through_ray_equal_one_process(cluster, tmp_path):
     for name, frames, size in (("a.mp4", 12, (96, 64)), ("b.webm", 9, (64, 80))):
         video_clip(folder / name, frames=frames, size=size)
     (folder / "broken.mp4").write_bytes(b"not a video")
-    # per temporal step, and a token budget under a video's patches: its steps are encoded in pieces
-    common = dict(LIB, features=["merged"], pool="mean", pool_steps=True, token_budget=64, shard_size=2)
+    # per temporal step, and a token budget under a video's patches: its steps are encoded in pieces; the single
+    # process also cuts each video in time (decoded a piece at a time), which Ray's tasks do not
+    common = dict(LIB, features=["merged"], pool="mean", pool_steps=True, token_budget=64, shard_size=2,
+                  video_chunk_patches=1)
     vitok.extract([str(folder)], tmp_path / "single", **common)
     summary = vitok.extract([str(folder)], tmp_path / "ray", engine="ray", **common)
     assert summary.ok == 2 and summary.skipped == 1

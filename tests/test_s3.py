@@ -617,3 +617,36 @@ def test_an_export_beats_its_record_and_stops_without_a_marker_once_another_took
     assert s3.keys("ec/") == ["ec/" + PENDING, "ec/a.bin"]  # never marked finished by this one, b.bin never sent
     assert json.loads(s3.direct.get_object(Bucket=BUCKET, Key="ec/" + PENDING)["Body"].read()) == {
         "store_id": "blake2b:1", "run": None}  # the taker's record is left alone
+
+
+@pytest.mark.parametrize("option", ["max_attempts=-1", "max_attempts=0", "endpoint_url=ftp://host", "verify=maybe",
+                                    "verify=/no/such/ca.pem", "use_ssl=perhaps", "multipart_threshold=-5",
+                                    "multipart_chunksize=-1MiB"])
+def test_a_storage_option_the_client_cannot_take_is_one_line(tmp_path, option):
+    """Values botocore refuses only later (an internal error, exit 1) or reads as something else (any string as
+    verify=True, a CA bundle's path dropped) are refused up front, naming the value."""
+    result = cli("info", f"s3://{BUCKET}/feats", "--storage-option", option)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("vitok: error: "), result.stderr
+    assert option.split("=", 1)[1] in lines[0]
+
+
+def test_verify_takes_a_ca_bundle_file_and_an_endpoint_from_the_environment_is_checked(tmp_path, monkeypatch):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    assert _root(verify=str(bundle)).options["verify"] == str(bundle)  # botocore's verify: a bundle's path
+    assert _root(verify="false").options["verify"] is False
+    from vitok.errors import StoreAccessError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "ftp://host")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with pytest.raises(StoreAccessError, match="ftp://host"):
+        _root().exists("vitok.json")
+
+
+def test_a_store_url_that_is_not_utf8_is_one_line(tmp_path):
+    url = f"s3://{BUCKET}/caf" + b"\xe9".decode("utf-8", "surrogateescape")
+    result = cli("info", url)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"vitok: error: the store s3://{BUCKET}/caf\\xe9: an S3 bucket or key must be UTF-8 text; rename the prefix")

@@ -86,7 +86,8 @@ def models() -> None:
     Console(width=160).print(table)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(add_help_option=False,  # '--help' goes to the benchmark's own parser, which lists its options
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
     """Run the benchmark (vitok vs the transformers reference, printed as ratios); '--help' lists its options."""
     from ..bench import main as bench_main

@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import inspect
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -234,7 +233,8 @@ app.command("export")(_export_command)
 def viz(
     target: Annotated[str, typer.Argument(help="A store (then give KEY) or an image file (then give --model).")],
     key: Annotated[str | None, typer.Argument(help="The image's key in the store.")] = None,
-    out: Annotated[Path, typer.Option("-o", "--out", help="Picture to write (.png).")] = Path("tokens.png"),
+    out: Annotated[str, typer.Option("-o", "--out", help="Picture to write (.png): a local path (a URL is "
+                                                          "refused).")] = "tokens.png",
     model: Annotated[str | None, typer.Option("--model", "-m", help="Encode an image file with this model.")] = None,
     feature: Annotated[str | None, typer.Option(help="Per-patch feature to draw. [default: patch]")] = None,
     storage_option: StorageOption = None,
@@ -250,7 +250,9 @@ def viz(
     _setup_logging()
     from ..consumers.viz import image_picture, token_picture
     from ..errors import UsageError
+    from ..storage.location import local_file_path
 
+    out = local_file_path(out, "--out")
     if model is not None:
         written = image_picture(target, model, out)
     else:

@@ -27,6 +27,7 @@ from the key a ``key_bytes`` column holds the exact bytes. pyarrow is the ``vito
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -358,12 +359,15 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
     if options and not (remote_store or remote_dest):
         raise UsageError("--storage-option applies to object stores (s3://...); neither the store nor DEST is one")
     writer = make_layout(layout, feature, pool, normalize, dtype, key, steps)
-    with stop_on_signals(), open_store(store_path, storage_options=options if remote_store else None) as store:
-        # (SIGTERM/SIGINT: Interrupted, the folder removed)
-        writer.check(store)
-        identity = store_identity(store.header)
-        target = open_target(dest, identity, store.root, options if remote_dest else None)
-        missing = check_store(store, allow_partial)
+    with stop_on_signals(), contextlib.ExitStack() as stack:  # (SIGTERM/SIGINT: Interrupted, the folder removed)
+        first = stack.enter_context(open_store(store_path, storage_options=options if remote_store else None))
+        writer.check(first)
+        identity = store_identity(first.header)
+        target = open_target(dest, identity, first.root, options if remote_dest else None)
+        missing = check_store(first, allow_partial)
+        # opened again after the check: what a run still writing committed since the first opening is exported with
+        # the rest (the first opening's key list would leave it out of an export the check called finished)
+        store = stack.enter_context(open_store(first.root))
         folder = target.begin()
         try:
             try:

@@ -92,9 +92,12 @@ def token_picture(store, key: str, out, feature: str | None = None) -> Path:
     """The picture of one stored image's per-patch tokens (``patch`` or ``block:N``; else ``merged``)."""
     per_patch = [f for f in store.features if f == "patch" or f.startswith("block:")]
     feature = feature or (per_patch[0] if per_patch else "merged")
+    try:
+        record = store.info(key)
+    except KeyError as exc:  # not in the store, or skipped/failed there (the reason)
+        raise UsageError(f"{exc.args[0]}; vitok info {store.root} lists the keys and skips") from None
     if store.header.settings.pool != "none" or feature == "deepstack":
         raise UsageError("a picture needs every token of one feature: a store without --pool, not deepstack")
-    record = store.info(key)
     _, h, w = record["grid"]
     merge = int(store.header.settings.model.config.get("spatial_merge_size", 2))
     tokens = store.get(key, feature)

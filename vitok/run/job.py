@@ -65,14 +65,15 @@ class Job:
     list_cwd: str | None = None  # the directory its relative lines are read against, recorded with it
     video: VideoConfig | None = None  # a store of videos: how they are sampled and preprocessed
 
-    def preprocessor(self, token_budget: int | None = None):
+    def preprocessor(self, token_budget: int | None = None, cut_in_time: bool = True):
         """What turns this job's inputs into patches in the decode workers: images or videos (one store holds one);
-        ``token_budget``: the encoder's, whose step groups a long video's pieces keep (``--video-chunk-patches``)."""
+        ``token_budget``: the encoder's, whose step groups a long video's pieces keep (``--video-chunk-patches``);
+        ``cut_in_time`` False: every video whole, for an engine whose encoders take no pieces (``--engine ray``)."""
         if self.video is not None:
             from ..inputs.video_preprocess import VideoPreprocessor
 
             chunk = max(self.options.video_chunk_patches, token_budget or 0)  # at least one encoder batch
-            return VideoPreprocessor(self.video, chunk, token_budget)
+            return VideoPreprocessor(self.video, chunk if cut_in_time else None, token_budget)
         from ..inputs.preprocess import Preprocessor
 
         return Preprocessor(self.preprocess)

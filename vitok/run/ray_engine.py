@@ -297,7 +297,8 @@ class RayRun(Run):
         ds = ray.data.from_items([{"unit": pickle.dumps(u.inlined())} for u in units],  # (no plan on the nodes)
                                  override_num_blocks=len(units))
         ds = ds.flat_map(decode_unit, fn_kwargs={"kind": self.plan.kind, "reader_options": job.reader_options,
-                                                 "preprocessor": job.preprocessor(), "budget": budget}, num_cpus=1)
+                                                 "preprocessor": job.preprocessor(cut_in_time=False),  # (whole videos)
+                                                 "budget": budget}, num_cpus=1)
         actor = {"source": job.source, "device": self.actor_device, "dtype": str(job.dtype).removeprefix("torch."),
                  "seed": opts.seed, "attention": opts.attention, "preprocess": job.preprocess,
                  "features": job.features, "pool": opts.pool, "store_dtype": opts.store_dtype,

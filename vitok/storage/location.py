@@ -33,3 +33,15 @@ def local_store_path(location: str | os.PathLike, what: str = "the store") -> Pa
         return Path(unquote(urlsplit(str(location)).path))
     raise UsageError(f"{what} {location}: vitok cannot keep a store at a {scheme}:// URL; give a local folder (or "
                      "a mounted file system) or s3://BUCKET/PREFIX")
+
+
+def local_file_path(location: str | os.PathLike, what: str) -> Path:
+    """``location`` as a local file that only a local path can name (a picture, a report); any URL but ``file://``
+    is refused (``UsageError``) rather than written as the relative folder ``scheme:/...``."""
+    scheme = url_scheme(location)
+    if scheme is None:
+        return Path(location)
+    if scheme == "file":
+        return Path(unquote(urlsplit(str(location)).path))
+    raise UsageError(f"{what} {location}: only a local file can be written here, not a {scheme}:// URL; give a "
+                     "local path")

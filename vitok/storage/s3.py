@@ -53,6 +53,7 @@ from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 from ..errors import StoreAccessError, StoreError, StoreUnavailableError, UsageError
 from .files import remove
@@ -91,9 +92,25 @@ def _bytes(value, name: str) -> int:
     units = {"": 1, "B": 1, "KB": 1000, "KIB": 1 << 10, "MB": 1000**2, "MIB": 1 << 20, "GB": 1000**3, "GIB": 1 << 30}
     number = text.rstrip("KkMmGgIiBb")
     try:
-        return int(float(number) * units[text[len(number):].upper()])
-    except (KeyError, ValueError):
-        raise UsageError(f"--storage-option {name}={value!r} is not a size (bytes, or 8MiB...)") from None
+        size = int(float(number) * units[text[len(number):].upper()])
+    except (KeyError, ValueError, OverflowError):
+        size = -1
+    if size < 0:
+        raise UsageError(f"--storage-option {name}={value!r} is not a size (bytes, or 8MiB...)")
+    return size
+
+
+def _flag_or_bundle(name: str, value) -> bool | str:
+    """``verify``/``use_ssl`` as botocore takes them: true/false words; ``verify`` also takes a CA bundle's path."""
+    text = str(value).strip()
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    if name == "verify" and text and os.path.isfile(text):
+        return text
+    also = " or the path of a CA bundle file" if name == "verify" else ""
+    raise UsageError(f"--storage-option {name}={value!r} is not true or false{also}")
 
 
 def _code(exc) -> str:
@@ -116,10 +133,21 @@ class S3Root(StoreRoot):
         self.part_bytes = max(5 << 20, _bytes(self.options.pop("multipart_chunksize", PART_BYTES),
                                               "multipart_chunksize"))
         try:
-            self.attempts = max(1, int(self.options.get("max_attempts", MAX_ATTEMPTS)))  # (also a body cut's)
+            self.attempts = int(self.options.get("max_attempts", MAX_ATTEMPTS))  # (also a body cut's)
         except ValueError:
+            self.attempts = 0
+        if self.attempts < 1:
             raise UsageError(f"--storage-option max_attempts={self.options['max_attempts']!r} is not a whole "
-                             "number") from None
+                             "number of at least 1")
+        for flag in ("verify", "use_ssl"):
+            if flag in self.options:
+                self.options[flag] = _flag_or_bundle(flag, self.options[flag])
+        endpoint = self.options.get("endpoint_url")
+        if endpoint is not None:
+            parts = urlsplit(str(endpoint))
+            if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+                raise UsageError(f"--storage-option endpoint_url={endpoint!r} is not an http:// or https:// URL "
+                                 "with a host (e.g. endpoint_url=http://host:9000)")
         self._client = None
         self._lock = threading.Lock()
         self._staging: Path | None = None
@@ -131,6 +159,11 @@ class S3Root(StoreRoot):
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise UsageError(f"{what} {url}: name the bucket (s3://BUCKET/PREFIX)")
+        try:
+            rest.encode("utf-8")
+        except UnicodeEncodeError:  # a byte that is not UTF-8 (a surrogate escape): S3 names are UTF-8
+            shown = url.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise UsageError(f"{what} {shown}: an S3 bucket or key must be UTF-8 text; rename the prefix") from None
         return cls(bucket, prefix, options)
 
     # ---- the client and its errors -----------------------------------------------------------------------------
@@ -160,10 +193,7 @@ class S3Root(StoreRoot):
             raise UsageError(f"{self.url}: stores in S3 need boto3 (pip install 'vitok[s3]')") from None
         options = dict(self.options)
         session = boto3.session.Session(profile_name=options.pop("profile", None) or None)
-        attempts = int(options.pop("max_attempts", MAX_ATTEMPTS))
-        for flag in ("verify", "use_ssl"):
-            if flag in options:
-                options[flag] = str(options[flag]).lower() not in ("0", "false", "no")
+        attempts = int(options.pop("max_attempts", MAX_ATTEMPTS))  # (verify, use_ssl: parsed in __init__)
         config = Config(retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=10, read_timeout=60,
                         max_pool_connections=32)
         try:
@@ -200,6 +230,8 @@ class S3Root(StoreRoot):
                                    "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or --storage-option") from None
         except bx.ProfileNotFound as exc:
             raise StoreAccessError(f"{self.url}: {exc}") from None
+        except bx.EndpointResolutionError as exc:  # AWS_ENDPOINT_URL (or a profile's endpoint) not an http(s) URL
+            raise StoreAccessError(f"{self.url}: cannot set up the S3 client ({exc})") from None
         except (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError, bx.ConnectTimeoutError,
                 bx.ProxyConnectionError, bx.ResponseStreamingError) as exc:
             raise StoreUnavailableError(f"{where}: the endpoint cannot be reached after its retries "
