@@ -39,6 +39,27 @@ def cached(tmp_path_factory):
     return model, processor, root
 
 
+def assert_cached_step_equals(model, batch, reference) -> None:
+    """The model on the collator's ``batch`` (the vision tower made to fail if it runs) gives the logits, loss and
+    language-model gradients of ``reference``, the step on pixels just taken (its gradients still on the model)."""
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if "language_model" in n}
+
+    def no_tower(*args, **kwargs):
+        raise AssertionError("the vision tower ran")
+
+    model.zero_grad()
+    model.model.visual.forward = no_tower
+    try:
+        cached_out = model(**batch)
+        cached_out.loss.backward()
+    finally:
+        del model.model.visual.forward
+    assert rel_error(cached_out.logits, reference.logits) <= 1e-5
+    assert abs(cached_out.loss.item() - reference.loss.item()) <= 1e-5 * abs(reference.loss.item())
+    for name, grad in expected.items():
+        assert rel_error(dict(model.named_parameters())[name].grad, grad) <= 1e-4, name
+
+
 def test_language_model_on_cached_features_equals_the_model_on_pixels(cached):
     from PIL import Image
 
@@ -60,22 +81,7 @@ def test_language_model_on_cached_features_equals_the_model_on_pixels(cached):
     model.zero_grad()
     reference = model(**text, pixel_values=pixels["pixel_values"])
     reference.loss.backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters() if "language_model" in n}
-
-    def no_tower(*args, **kwargs):
-        raise AssertionError("the vision tower ran")
-
-    model.zero_grad()
-    model.model.visual.forward = no_tower
-    try:
-        cached_out = model(**batch)
-        cached_out.loss.backward()
-    finally:
-        del model.model.visual.forward
-    assert rel_error(cached_out.logits, reference.logits) <= 1e-5
-    assert abs(cached_out.loss.item() - reference.loss.item()) <= 1e-5 * abs(reference.loss.item())
-    for name, grad in expected.items():
-        assert rel_error(dict(model.named_parameters())[name].grad, grad) <= 1e-4, name
+    assert_cached_step_equals(model, batch, reference)
 
 
 def test_vllm_image_embeds_layout(cached):
@@ -421,22 +427,7 @@ def test_language_model_on_cached_video_features_equals_the_model_on_the_process
     model.zero_grad()
     reference = model(**reference_inputs, labels=batch["labels"])
     reference.loss.backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters() if "language_model" in n}
-
-    def no_tower(*args, **kwargs):
-        raise AssertionError("the vision tower ran")
-
-    model.zero_grad()
-    model.model.visual.forward = no_tower
-    try:
-        cached_out = model(**batch)
-        cached_out.loss.backward()
-    finally:
-        del model.model.visual.forward
-    assert rel_error(cached_out.logits, reference.logits) <= 1e-5
-    assert abs(cached_out.loss.item() - reference.loss.item()) <= 1e-5 * abs(reference.loss.item())
-    for name, grad in expected.items():
-        assert rel_error(dict(model.named_parameters())[name].grad, grad) <= 1e-4, name
+    assert_cached_step_equals(model, batch, reference)
 
 
 def test_the_video_collator_names_what_it_lacks(cached):

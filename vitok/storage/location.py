@@ -24,24 +24,24 @@ def url_scheme(location: str | os.PathLike) -> str | None:
     return match.group(1).lower() if match else None
 
 
-def local_store_path(location: str | os.PathLike, what: str = "the store") -> Path:
-    """``location`` as a local folder; a URL vitok cannot serve as a store is refused (``UsageError``)."""
+def _local_path(location: str | os.PathLike, refusal) -> Path:
+    """A plain path or a ``file://`` URL as a path; any other URL is refused with ``refusal(scheme)``."""
     scheme = url_scheme(location)
     if scheme is None:
         return Path(location)
     if scheme == "file":
         return Path(unquote(urlsplit(str(location)).path))
-    raise UsageError(f"{what} {location}: vitok cannot keep a store at a {scheme}:// URL; give a local folder (or "
-                     "a mounted file system) or s3://BUCKET/PREFIX")
+    raise UsageError(refusal(scheme))
+
+
+def local_store_path(location: str | os.PathLike, what: str = "the store") -> Path:
+    """``location`` as a local folder; a URL vitok cannot serve as a store is refused (``UsageError``)."""
+    return _local_path(location, lambda scheme: f"{what} {location}: vitok cannot keep a store at a {scheme}:// URL; "
+                       "give a local folder (or a mounted file system) or s3://BUCKET/PREFIX")
 
 
 def local_file_path(location: str | os.PathLike, what: str) -> Path:
     """``location`` as a local file that only a local path can name (a picture, a report); any URL but ``file://``
     is refused (``UsageError``) rather than written as the relative folder ``scheme:/...``."""
-    scheme = url_scheme(location)
-    if scheme is None:
-        return Path(location)
-    if scheme == "file":
-        return Path(unquote(urlsplit(str(location)).path))
-    raise UsageError(f"{what} {location}: only a local file can be written here, not a {scheme}:// URL; give a "
-                     "local path")
+    return _local_path(location, lambda scheme: f"{what} {location}: only a local file can be written here, not a "
+                       f"{scheme}:// URL; give a local path")
