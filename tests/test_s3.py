@@ -66,6 +66,23 @@ def test_an_upload_is_whole_or_absent_and_a_killed_one_is_a_leftover(s3, tmp_pat
     assert not root.leftovers("shards") and not s3.direct.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
 
 
+def test_a_multipart_upload_declares_its_parts_checksums_as_boto3s_transfer_does(s3, tmp_path, monkeypatch):
+    # The service checks each part on arrival and keeps their composite checksum; undeclared, it computes a
+    # whole-object checksum at completion (moto in Python: a third of the commit's time on 96 MB shards).
+    staged = tmp_path / "data.bin"
+    payload = os.urandom(11 << 20)
+    for calculation, declared in (("when_supported", "CRC32"), ("when_required", None)):
+        monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", calculation)
+        root = _root(multipart_threshold="1MiB", multipart_chunksize="5MiB")
+        staged.write_bytes(payload)
+        assert root.put(f"shards/{calculation}.h5", staged, exclusive=True)
+        head = s3.direct.head_object(Bucket=BUCKET, Key=f"feats/shards/{calculation}.h5", ChecksumMode="ENABLED")
+        assert head["ContentLength"] == len(payload) and root.read(f"shards/{calculation}.h5") == payload
+        if declared:
+            assert "ChecksumCRC32" in head
+        else:
+            assert "ChecksumCRC32" not in head
+
 # ---- whole runs -------------------------------------------------------------------------------------------------
 
 

@@ -79,8 +79,8 @@ UNAVAILABLE = {"SlowDown", "ServiceUnavailable", "503", "InternalError", "500", 
 # what boto3 reads from the environment: a client is made again when one of them changes
 CONFIGURATION = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                  "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "AWS_CONFIG_FILE",
-                 "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE")
+                 "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE",
+                 "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
 logger = logging.getLogger(__name__)
 _CLIENTS: dict = {}
 _CLIENTS_LOCK = threading.Lock()
@@ -563,8 +563,10 @@ class S3Root(StoreRoot):
 
         part_bytes = max(self.part_bytes, -(-size // 10_000))
         key = self.key(name)
+        checksum = self._part_checksum()
         with self._errors(name):
-            upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata={WRITER: nonce})
+            upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata={WRITER: nonce},
+                                                         **checksum)
         upload_id = upload["UploadId"]
 
         def send(number: int) -> dict[str, Any]:
@@ -572,8 +574,10 @@ class S3Root(StoreRoot):
                 chunk = os.pread(handle.fileno(), part_bytes, (number - 1) * part_bytes)
             with self._errors(name):
                 part = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                               Body=chunk)
-            return {"ETag": part["ETag"], "PartNumber": number}
+                                               Body=chunk, **checksum)
+            sums = {f"Checksum{a.upper()}": part[f"Checksum{a.upper()}"] for a in checksum.values()
+                    if f"Checksum{a.upper()}" in part}
+            return {"ETag": part["ETag"], "PartNumber": number, **sums}
 
         try:
             with ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="vitok-upload") as pool:
@@ -594,6 +598,16 @@ class S3Root(StoreRoot):
         except BaseException:
             self._abort(key, upload_id)
             raise
+
+    def _part_checksum(self) -> dict[str, str]:
+        """The checksum each part declares, as boto3's own transfer manager does (CRC32 unless the client is configured
+        ``request_checksum_calculation = when_required``): the service checks every part's bytes on arrival and
+        keeps the parts' composite checksum with the object, instead of computing a whole-object one at completion."""
+        from botocore.httpchecksum import DEFAULT_CHECKSUM_ALGORITHM
+
+        if getattr(self.client.meta.config, "request_checksum_calculation", None) == "when_required":
+            return {}
+        return {"ChecksumAlgorithm": DEFAULT_CHECKSUM_ALGORITHM}
 
     def _abort(self, key: str, upload_id: str) -> None:
         with contextlib.suppress(Exception):
