@@ -336,6 +336,45 @@ def test_a_slurm_array_with_gpus_children_writes_one_bucket_at_once_each_unit_on
     assert cli("verify", remote, "--storage-option", f"endpoint_url={s3.endpoint}").returncode == 0
 
 
+@pytest.mark.slow
+def test_torchrun_processes_write_one_bucket_each_unit_once(s3, tmp_path):
+    """``torchrun --nproc-per-node 2`` into one bucket: each rank takes its part from the launcher's environment and
+    commits through the same conditional writes; the bucket equals a one-process local store."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun not installed")
+    imgs = make_folder(tmp_path / "imgs", 8, with_odd=False)
+    local, remote = tmp_path / "local", f"s3://{BUCKET}/feats"
+    args = [str(imgs), *TINY, "--shard-size", "2", "--device", "cpu"]
+    cli("extract", *args, "-o", str(local), check=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    result = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", port, "-m", "vitok", "extract",
+                             *args, "-o", remote], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    commits = sorted(s.path for s in s3.requests("PUT", "/feats/shards/") if s.path.endswith(".json")
+                     and s.status == 200)
+    assert commits == [f"/{BUCKET}/feats/shards/shard-{i:06d}.json" for i in range(4)]  # each unit once
+    parts = {json.loads(s3.direct.get_object(Bucket=BUCKET, Key=f"feats/shards/shard-{i:06d}.json")["Body"].read())
+             ["part"] for i in range(4)}
+    assert parts == {"0/2", "1/2"}
+    mine, theirs = vitok.open(local), vitok.open(remote)
+    assert theirs.keys() == mine.keys() and len(mine) == 8
+    for key in mine.keys():
+        np.testing.assert_array_equal(theirs.get(key), mine.get(key))
+    assert _records(theirs) == _records(mine)
+    assert cli("verify", remote).returncode == 0
+
+
 # ---- reads whose answer is cut midway -----------------------------------------------------------------------------
 
 
