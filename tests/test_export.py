@@ -377,7 +377,7 @@ def test_nan_weights_are_counted_per_image_reported_and_never_exported(tmp_path)
     from vitok.cli.app import main
 
     code, out, _ = _invoke(main, ["info", str(tmp_path / "out")])
-    assert "3 image(s) hold NaN/Inf" in out
+    assert "3 images hold NaN/Inf" in out
     code, _, err = _invoke(main, ["verify", str(tmp_path / "out")])
     assert err.count("NaN/Inf value(s) in its tokens") == 3 and code == 1  # every image: what export refuses
     code, _, err = _invoke(main, ["export", str(tmp_path / "out"), str(tmp_path / "ec"), "--layout", "vllm-ec"])

@@ -398,6 +398,31 @@ def test_pooling_and_exports_per_video_and_per_temporal_step(tmp_path):
     np.testing.assert_allclose(per_video, np.concatenate([whole.get("a.mp4"), whole.get("b.mp4")]), atol=1e-6)
 
 
+@needs_av
+@needs_torchcodec
+def test_the_commands_count_a_video_store_in_videos(tmp_path):
+    """Progress, the summary, the stage rates and verdict, info, verify and export count videos (and temporal
+    steps), not images."""
+    from helpers import vitok as cli
+
+    folder = video_folder(tmp_path / "videos", [("a.mp4", 12, (64, 64), 24), ("b.mp4", 9, (96, 64), 24)])
+    out = tmp_path / "out"
+    run = cli("extract", str(folder), "-o", str(out), "--model", "qwen3-vl-tiny", "--workers", "0",
+              "--num-frames", "4", check=True)
+    assert "2/2 videos, 1/1 shards" in run.stderr and "videos/s ->" in run.stderr
+    assert "decode " in run.stderr and "videos/s (0 workers" in run.stderr
+    info = cli("info", str(out), check=True).stdout
+    assert "videos     2 ok" in info and "last run   2 videos in" in info and "img/s" not in info
+    assert "2 videos ok" in cli("verify", str(out), check=True).stdout
+    refused = cli("export", str(out), str(tmp_path / "index"))
+    assert refused.returncode == 2 and "every token of each video" in refused.stderr
+    assert "2 videos -> " in cli("export", str(out), str(tmp_path / "index"), "--pool", "mean", check=True).stdout
+    steps = cli("export", str(out), str(tmp_path / "steps"), "--pool", "mean", "--steps", check=True).stdout
+    assert steps.startswith("4 temporal steps -> ")
+    for result in (run.stderr, info):
+        assert " images" not in result and "img/s" not in result, result
+
+
 # ---- bad input: recorded as skipped with a one-line reason, or decoded as the reference does -------------------
 
 def variable_rate_clip(path, frames: int = 40):

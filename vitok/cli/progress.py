@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from ..storage.records import per_second
+
 logger = logging.getLogger("vitok")
 
 
@@ -26,7 +28,8 @@ class ProgressDisplay:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self._bar = Progress(
-                TextColumn("[bold]extract"), BarColumn(), TextColumn("{task.completed}/{task.total} images"),
+                TextColumn("[bold]extract"), BarColumn(),
+                TextColumn("{task.completed}/{task.total} {task.fields[media]}"),
                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                 console=Console(stderr=True), transient=False,
             )
@@ -37,15 +40,16 @@ class ProgressDisplay:
         if not self.enabled:
             return
         elapsed = max(event.elapsed, 1e-9)
-        rate = f"{event.images_done / elapsed:.1f} img/s, {event.patches_done / elapsed:.0f} patches/s"
+        rate = (f"{event.images_done / elapsed:.1f} {per_second(event.media)}, "
+                f"{event.patches_done / elapsed:.0f} patches/s")
         if self._bar is not None:
             if self._task is None:
-                self._task = self._bar.add_task("extract", total=event.images_total, rate=rate)
+                self._task = self._bar.add_task("extract", total=event.images_total, rate=rate, media=event.media)
             self._bar.update(self._task, completed=event.images_done, total=event.images_total, rate=rate)
         elif time.monotonic() - self._last > 10 or event.shards_done == event.shards_total:
             self._last = time.monotonic()
             total = event.images_total if event.images_total is not None else "?"
-            logger.info("%d/%s images, %d/%d shards, %d skipped or failed, %s", event.images_done, total,
+            logger.info("%d/%s %s, %d/%d shards, %d skipped or failed, %s", event.images_done, total, event.media,
                         event.shards_done, event.shards_total, event.skipped, rate)
 
     def __exit__(self, *exc) -> None:

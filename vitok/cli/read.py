@@ -61,8 +61,7 @@ def info(
     damaged = f", {len(report.shards_damaged)} damaged" if report.shards_damaged else ""
     echo(f"shards     {report.shards_done} done{planned}; {len(report.incomplete)} not done, "
          f"{len(report.in_progress)} in progress{damaged}")
-    inputs = "videos" if settings.video is not None else "images"
-    echo(f"{inputs:10s} {report.images_ok} ok, {report.images_skipped} skipped, {report.images_failed} failed"
+    echo(f"{settings.media:10s} {report.images_ok} ok, {report.images_skipped} skipped, {report.images_failed} failed"
          + (f", {report.images_damaged} in damaged shards" if report.images_damaged else "")
          + (f", {report.images_removed} removed from the sources" if report.images_removed else ""))
     for title, table in (("skipped", skipped), ("failed", failed)):
@@ -74,7 +73,7 @@ def info(
         echo(f"  input    {_safe(line)}")
     nonfinite = store.nonfinite()
     if nonfinite:
-        echo(f"nan/inf    {len(nonfinite)} image(s) hold NaN/Inf values (exports leave them out)")
+        echo(f"nan/inf    {len(nonfinite)} {settings.media} hold NaN/Inf values (exports leave them out)")
         for key, count in sorted(nonfinite.items())[:10]:
             echo(f"  nan/inf  {key_text(key)}: {count} value(s)")
     if report.problems:
@@ -89,7 +88,8 @@ def info(
 
     stats = latest_stats(store.root)
     if stats is not None:
-        echo(f"last run   {stats.get('images', '?')} images in {stats.get('seconds', 0):.1f} s on {stats['device']}")
+        echo(f"last run   {stats.get('images', '?')} {stats.get('media', settings.media)} in "
+             f"{stats.get('seconds', 0):.1f} s on {stats['device']}")
         for line in describe(stats):
             echo(line)
 
@@ -164,7 +164,8 @@ def verify(
     if report.all_nonfinite:  # what export refuses
         from ..consumers.export import every_image_nonfinite
 
-        typer.echo(f"problem: {_safe(every_image_nonfinite(out, report.images_nonfinite))}", err=True)
+        typer.echo(f"problem: {_safe(every_image_nonfinite(out, report.images_nonfinite, media=report.media))}",
+                   err=True)
     for line in report.in_view:
         typer.echo(f"in view: {_safe(line)}", err=True)
     for reason in report.unfinished:  # the reasons export gives for refusing it
@@ -182,9 +183,9 @@ def verify(
     if report.stale:
         typer.echo(f"stale: {len(report.stale)} input(s) changed since they were extracted; rerun extract with "
                    "--update to extract them again", err=True)
-    typer.echo(f"{report.shards_ok} shard(s) ok, {report.images_ok} images ok, {report.images_skipped} skipped, "
-               f"{report.images_failed} failed" + (f", {report.images_damaged} in damaged shards"
-                                                    if report.images_damaged else "")
+    typer.echo(f"{report.shards_ok} shard(s) ok, {report.images_ok} {report.media} ok, "
+               f"{report.images_skipped} skipped, {report.images_failed} failed"
+               + (f", {report.images_damaged} in damaged shards" if report.images_damaged else "")
                + (f", {report.images_nonfinite} with NaN/Inf tokens" if report.images_nonfinite else ""))
     if not report.clean:
         raise typer.Exit(1)
@@ -213,7 +214,7 @@ def _export_command(store: str, dest: str, **values: Any) -> None:
     result = run_export(store, dest, **{k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()})
     left = f"; {len(result.left_out)} left out (NaN/Inf)" if result.left_out else ""
     partial = "; PARTIAL store" if result.missing else ""
-    typer.echo(f"{result.images} image(s) -> {dest} ({result.layout} layout{left}{partial})")
+    typer.echo(f"{result.images} {result.counted} -> {dest} ({result.layout} layout{left}{partial})")
 
 
 _export_command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]

@@ -96,25 +96,26 @@ def _report(summary, out) -> None:
         logger.error("ALL %d input(s) of this run were skipped or failed: nothing was extracted. Check the sources "
                      "and settings; reasons: vitok info %s", summary.skipped + summary.failed, out)
     elif summary.nothing_usable:
-        logger.error("ALL %d image(s) this run extracted hold NaN/Inf values in their tokens: nothing usable was "
-                     "extracted (exports leave such images out). Check the checkpoint and the store dtype; the "
-                     "images: vitok info %s", summary.ok, out)
+        logger.error("ALL %d %s this run extracted hold NaN/Inf values in their tokens: nothing usable was "
+                     "extracted (exports leave them out). Check the checkpoint and the store dtype; which: "
+                     "vitok info %s", summary.ok, summary.media, out)
     if summary.ok and (summary.skipped or summary.failed):
         logger.info("skipped %d, failed %d input(s); reasons are in the manifest (vitok info %s)", summary.skipped,
                     summary.failed, out)
     if summary.failed:
         logger.info("%d input(s) could not be read; rerun the same command once they are readable", summary.failed)
     if summary.nonfinite and not summary.nothing_usable:
-        logger.warning("%d image(s) hold NaN/Inf values in their tokens; exports leave them out (vitok info %s)",
-                       summary.nonfinite, out)
-    logger.info("done: %d ok, %d skipped, %d failed, %d already done, %.1f s, %.2f images/s -> %s", summary.ok,
-                summary.skipped, summary.failed, summary.already_done, summary.seconds, summary.images_per_second, out)
+        logger.warning("%d %s hold NaN/Inf values in their tokens; exports leave them out (vitok info %s)",
+                       summary.nonfinite, summary.media, out)
+    logger.info("done: %d ok, %d skipped, %d failed, %d already done, %.1f s, %.2f %s/s -> %s", summary.ok,
+                summary.skipped, summary.failed, summary.already_done, summary.seconds, summary.images_per_second,
+                summary.media, out)
     if summary.shards_elsewhere:
         logger.info("%d shard(s) are still being written by another process", summary.shards_elsewhere)
     if summary.phases and summary.ok + summary.skipped + summary.failed:  # (a run with nothing to do measured nothing)
         from ..run.run_stats import describe
 
-        for line in describe({"phases": summary.phases, "stages": summary.stages}):
+        for line in describe({"phases": summary.phases, "stages": summary.stages, "media": summary.media}):
             logger.info("%s", line)
     if summary.bottleneck:
         logger.info("%s", summary.bottleneck)

@@ -87,9 +87,10 @@ class ExportOptions:
 class ExportResult:
     layout: str
     dest: Path | str  # a local folder, or the URL of an object-store prefix
-    images: int  # exported
+    images: int  # exported: images, videos, or a video store's temporal steps (``counted``)
     left_out: dict[str, str] = field(default_factory=dict)  # key -> why it was not exported
     missing: list[str] = field(default_factory=list)  # what a partial store lacked (--allow-partial)
+    counted: str = "images"  # what ``images`` counts: "images", "videos" or "temporal steps"
 
 
 # ---- helpers shared by the layouts ---------------------------------------------------------------------------------
@@ -149,15 +150,15 @@ def check_store(store, allow_partial: bool) -> list[str]:
         raise StoreError(f"{store.root} is incomplete: {'; '.join(missing)}. Finish it (rerun vitok extract), or "
                          "pass --allow-partial to export what it holds")
     if report.all_nonfinite:  # one definition with vitok verify (ImageRecord.nonfinite_values)
-        raise StoreError(every_image_nonfinite(store.root, report.images_nonfinite))
+        raise StoreError(every_image_nonfinite(store.root, report.images_nonfinite, media=report.media))
     if missing:
         logger.warning("exporting a partial store; it lacks %s", "; ".join(missing))
     return missing
 
 
-def every_image_nonfinite(root, count: int, example: str = "") -> str:
-    """Why a store whose every image holds NaN/Inf values is refused (export and verify say the same)."""
-    return (f"every image of {root} holds NaN/Inf values ({count}{example}): nothing to export. Check the "
+def every_image_nonfinite(root, count: int, example: str = "", media: str = "images") -> str:
+    """Why a store whose every image (or video) holds NaN/Inf values is refused (export and verify say the same)."""
+    return (f"every {media[:-1]} of {root} holds NaN/Inf values ({count}{example}): nothing to export. Check the "
             "checkpoint and the store dtype")
 
 
@@ -214,13 +215,14 @@ class EmbeddingReaderLayout:
 
         pyarrow_parquet()  # the extra is installed
         self.feature = feature_of(store, self.feature)
-        if self.feature == "deepstack":
-            raise UsageError("the embedding-reader layout writes one vector per image: choose merged or patch, not "
-                             "deepstack")
         settings = store.header.settings
+        one = settings.media[:-1]
+        if self.feature == "deepstack":
+            raise UsageError(f"the embedding-reader layout writes one vector per {one}: choose merged or patch, not "
+                             "deepstack")
         if self.pool is None and settings.pool == "none":
-            raise UsageError("this store holds every token of each image: pass --pool mean|max|cls to export one "
-                             "vector per image")
+            raise UsageError(f"this store holds every token of each {one}: pass --pool mean|max|cls to export one "
+                             f"vector per {one}" + (" (or --steps, one per temporal step)" if settings.video else ""))
         self.by_step = settings.pool_by == "step"
         if self.steps and settings.video is None:
             raise UsageError("--steps exports a video's temporal steps; this store holds images")
@@ -333,7 +335,7 @@ def make_layout(layout: str, feature: str | None = None, pool: str | None = None
     if steps:
         raise UsageError("--steps applies to the embedding-reader layout")
     if pool is not None or normalize is not None or feature is not None:
-        raise UsageError(f"--layout {layout} exports every token of each image as the model's encoder output; "
+        raise UsageError(f"--layout {layout} exports every token of each input as the model's encoder output; "
                          "--feature, --pool and --normalize apply to embedding-reader")
     if dtype != "float16":
         raise UsageError(f"--dtype applies to embedding-reader vectors; --layout {layout} writes bfloat16, the "
@@ -378,11 +380,11 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
                 raise
             if left_out and not count:  # NaN/Inf found in the data now (pooled values too)
                 example = f"; e.g. {key_text(next(iter(left_out)))!r}: {next(iter(left_out.values()))}"
-                raise StoreError(every_image_nonfinite(store.root, len(left_out), example))
+                raise StoreError(every_image_nonfinite(store.root, len(left_out), example, store.header.settings.media))
             if left_out:
                 sample = ", ".join(repr(key_text(k)) for k in list(left_out)[:5])
-                logger.warning("left out %d image(s) whose tokens hold NaN/Inf values (%s%s); the list is in %s",
-                               len(left_out), sample, ", ..." if len(left_out) > 5 else "",
+                logger.warning("left out %d %s whose tokens hold NaN/Inf values (%s%s); the list is in %s",
+                               len(left_out), store.header.settings.media, sample, ", ..." if len(left_out) > 5 else "",
                                target.show(".vitok-export.json"))
             import datetime
 
@@ -396,7 +398,8 @@ def export(store_path: str | Path, dest: str | Path, layout: str = "embedding-re
         except BaseException:
             target.abort()
             raise
-    return ExportResult(writer.name, dest if remote_dest else Path(dest), count, left_out, missing)
+    counted = "temporal steps" if getattr(writer, "steps", False) else store.header.settings.media
+    return ExportResult(writer.name, dest if remote_dest else Path(dest), count, left_out, missing, counted)
 
 
 def export_embedding_reader(store_path, dest, feature: str | None = None, pool: str | None = None,

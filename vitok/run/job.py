@@ -34,6 +34,7 @@ from ..storage.plan import Plan, PlanDiff, diff, listing_digest, load_plan
 from ..storage.plan.binding import Bindings
 from ..storage.plan.changes import changed_inputs, half_current_units
 from ..storage.plan.retries import base_and_attempt, committed_units, retry_units
+from ..storage.records import media_noun
 from ..storage.roots import StoreRoot, store_root
 from ..storage.shards import check_shard, committed, in_parallel, list_shards, read_sidecar
 from .options import ExtractOptions
@@ -64,6 +65,11 @@ class Job:
     files_from: str | None = None  # the --files-from list, absolute ("-": stdin), recorded in the plan
     list_cwd: str | None = None  # the directory its relative lines are read against, recorded with it
     video: VideoConfig | None = None  # a store of videos: how they are sampled and preprocessed
+
+    @property
+    def media(self) -> str:
+        """What this job's inputs are called in its messages: "images" or "videos"."""
+        return media_noun(self.video)
 
     def preprocessor(self, token_budget: int | None = None, cut_in_time: bool = True):
         """What turns this job's inputs into patches in the decode workers: images or videos (one store holds one);

@@ -340,7 +340,7 @@ class RayRun(Run):
                 shards += 1
             if self.progress is not None:
                 self.progress(ProgressEvent(seen, total, pipeline.patches, skipped,
-                                            time.perf_counter() - self.started, shards, len(units)))
+                                            time.perf_counter() - self.started, shards, len(units), self.job.media))
         meter.workers, meter.encoders = len(decoders - {""}), max(1, len(encoders))
         if shards != len(units):
             raise RuntimeError(f"the Ray job ended with {len(units) - shards} unit(s) unfinished")

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..errors import StoreError
 from ..storage.layout import STATS_DIR  # OUT/stats/<run>.json: one file per run (vitok info shows the latest)
+from ..storage.records import per_second
 from ..storage.roots import StoreRoot, store_root
 
 # in the order they happen; the last two are moments
@@ -93,11 +94,13 @@ class RunStats:
     decode: str = "exact"
     bottleneck: str = ""
     engine: str = "local"  # --engine: under ray the loop waits for the cluster, not for decoding alone
+    media: str = "images"  # what the rates count: "images" or "videos"
 
     def to_dict(self) -> dict[str, Any]:
         return {"phases": {k: round(v, 3) for k, v in self.phases.items()},
                 "stages": {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self.stages).items()},
-                "device": self.device, "decode": self.decode, "bottleneck": self.bottleneck, "engine": self.engine}
+                "device": self.device, "decode": self.decode, "bottleneck": self.bottleneck, "engine": self.engine,
+                "media": self.media}
 
 
 def _pct(share: float) -> str:
@@ -127,12 +130,12 @@ def verdict(stats: RunStats, total_seconds: float) -> str:
         return (f"writer-bound: writing {s.writer_mb_s:.0f} MB/s, {_pct(s.writer_busy)} busy, {encoder}; a faster "
                 "disk, --pool or --store-dtype float16 (fewer bytes) would help")
     if stats.engine == "ray":
-        return _ray_verdict(s, decode, encoder, gpu)
+        return _ray_verdict(s, decode, encoder, gpu, per_second(stats.media))
     if s.encoder_busy >= BUSY or (s.encoder_busy >= s.decode_busy and s.data_wait < 0.2):
         extra = ("" if gpu else "; --dtype bfloat16 may help on CPUs with AMX/AVX512-BF16 (not exact), or a GPU")
-        return f"encoder-bound: {encoder} at {s.encoder_img_s:.1f} img/s, {decode}{extra}"
+        return f"encoder-bound: {encoder} at {s.encoder_img_s:.1f} {per_second(stats.media)}, {decode}{extra}"
     if s.decode_busy >= BUSY or s.data_wait >= 0.2:
-        if s.decode_busy < 0.5:  # waiting for images while the workers idle: reading, not decoding
+        if s.decode_busy < 0.5:  # waiting for inputs while the workers idle: reading, not decoding
             return (f"input-bound: the loop waited {_pct(s.data_wait)} of the time while {decode}; reading the "
                     "inputs is slow (storage or network): tars/parquet or more --workers would help")
         helps = []
@@ -150,13 +153,13 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def _ray_verdict(s: StageRates, decode: str, encoder: str, gpu: bool) -> str:
+def _ray_verdict(s: StageRates, decode: str, encoder: str, gpu: bool, unit: str) -> str:
     """``--engine ray``: the driver waits for the cluster (decode tasks, then encode actors), so its wait says that
     the cluster limits the run, and the busier pool says which part of it."""
     more_encoders = ("more GPUs (an actor each) would help" if gpu else
                      "GPUs would help (the actors encode on CPUs; --dtype bfloat16 may help there, not exact)")
     if s.encoder_busy >= BUSY:
-        return f"encoder-bound: {encoder} at {s.encoder_img_s:.1f} img/s each, {decode}; {more_encoders}"
+        return f"encoder-bound: {encoder} at {s.encoder_img_s:.1f} {unit} each, {decode}; {more_encoders}"
     if s.decode_busy >= BUSY:
         return f"decode-bound: {decode}, {encoder}; more CPUs in the cluster or --fast-decode would help"
     if s.data_wait < 0.2:
@@ -165,7 +168,7 @@ def _ray_verdict(s: StageRates, decode: str, encoder: str, gpu: bool) -> str:
                 "--num-parts N splits the job into N drivers")
     if max(s.encoder_busy, s.decode_busy) >= 0.5:
         if s.encoder_busy >= s.decode_busy:
-            return f"encoder-bound: {encoder} at {s.encoder_img_s:.1f} img/s each, {decode}; {more_encoders}"
+            return f"encoder-bound: {encoder} at {s.encoder_img_s:.1f} {unit} each, {decode}; {more_encoders}"
         return f"decode-bound: {decode}, {encoder}; more CPUs in the cluster or --fast-decode would help"
     return (f"input-bound: the driver waited {_pct(s.data_wait)} of the time while {decode} and {encoder}; reading "
             "the inputs is slow, or fewer units are in flight than the cluster has cores (one decode task per unit: "
@@ -317,9 +320,10 @@ def describe(stats: dict[str, Any]) -> list[str]:
         workers = _count(s["workers"], "worker")
         encoders = s.get("encoders", 1)
         encoder = "encoder" if encoders == 1 else f"encoders ({encoders}, mean)"
-        lines.append(f"stages     decode {s['decode_img_s']:.1f} img/s ({workers}, "
+        unit = per_second(stats.get("media", "images"))
+        lines.append(f"stages     decode {s['decode_img_s']:.1f} {unit} ({workers}, "
                      f"{_pct(s['decode_busy'])} busy); {encoder} {_pct(s['encoder_busy'])} busy, "
-                     f"{s['encoder_img_s']:.1f} img/s; writer {s['writer_mb_s']:.1f} MB/s, {_pct(s['writer_busy'])} "
+                     f"{s['encoder_img_s']:.1f} {unit}; writer {s['writer_mb_s']:.1f} MB/s, {_pct(s['writer_busy'])} "
                      f"busy; loop waited {_pct(s['data_wait'])}")
     if stats.get("bottleneck"):
         lines.append(f"limit      {stats['bottleneck']}")

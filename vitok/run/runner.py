@@ -319,7 +319,8 @@ class Run:
                     shards += 1
                 if self.progress is not None:
                     self.progress(ProgressEvent(seen, total, pipeline.patches, skipped,
-                                                time.perf_counter() - self.started, shards, len(units)))
+                                                time.perf_counter() - self.started, shards, len(units),
+                                                self.job.media))
         finally:
             chunks.close()  # on any error: stop the decode workers now, not at interpreter exit
         deliver(pipeline.drain())
@@ -356,6 +357,7 @@ class Run:
             nonfinite=stats.nonfinite,
             skipped_reasons=stats.reasons,
             phases=run_stats["phases"], stages=run_stats["stages"], bottleneck=run_stats["bottleneck"],
+            media=self.job.media,
         )
 
     def _encode_device(self, encoder) -> str:
@@ -365,7 +367,7 @@ class Run:
     def _run_stats(self, stats: CommitStats, encoder, seconds: float) -> dict[str, Any]:
         """Phases, stage rates and the verdict; written to OUT/stats/<run>.json when the run encoded anything."""
         result = RunStats(dict(self.phases), device=self._encode_device(encoder), decode=self.job.options.decode,
-                          engine=self.engine)
+                          engine=self.engine, media=self.job.media)
         if self.meter is None:
             return result.to_dict()
         result.phases |= self.meter.phases

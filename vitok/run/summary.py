@@ -15,6 +15,7 @@ class ProgressEvent:
     elapsed: float
     shards_done: int = 0
     shards_total: int = 0
+    media: str = "images"  # what the counts count: "images" or "videos" (storage.records.media_noun)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ExtractSummary:
     phases: dict[str, float] = field(default_factory=dict)  # start-up, seconds (vitok.run.run_stats)
     stages: dict[str, Any] = field(default_factory=dict)  # steady-state rates per stage (vitok.run.run_stats)
     bottleneck: str = ""  # what limited the run, in words (the run's last line)
+    media: str = "images"  # what ok/skipped/failed and the rates count: "images" or "videos"
 
     @property
     def nothing_usable(self) -> bool:

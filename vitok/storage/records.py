@@ -131,6 +131,16 @@ class ModelSettings:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+def media_noun(video) -> str:
+    """"videos" for a store of videos (its ``video`` settings set), else "images": the noun its messages count."""
+    return "videos" if video is not None else "images"
+
+
+def per_second(media: str) -> str:
+    """The unit of a rate of ``media``: img/s, videos/s."""
+    return "img/s" if media == "images" else f"{media}/s"
+
+
 @dataclass(frozen=True)
 class Settings:
     """What decides a store's tokens and layout, compared on every resume; ``fingerprint`` hashes its JSON.
@@ -164,6 +174,11 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def media(self) -> str:
+        """What the store's inputs are called in messages (a store holds one kind)."""
+        return media_noun(self.video)
 
     @property
     def fingerprint(self) -> str:

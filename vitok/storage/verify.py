@@ -46,6 +46,7 @@ class VerifyReport:
     shards_damaged: list[str] = field(default_factory=list)  # committed shards whose data or sidecar is damaged
     images_damaged: int = 0  # recorded ok, in a damaged shard
     images_removed: int = 0  # recorded, but removed from the sources by --update (not counted above)
+    media: str = "images"  # what the images_* counts count: "images" or "videos" (the store holds one kind)
 
     unfinished: list[str] = field(default_factory=list)  # why the store is not finished, one reason each (export
     # refuses it for these): planned shards not done, inputs that could not be read, archives or folders unread
@@ -152,7 +153,7 @@ def verify_store(out: str | Path | StoreRoot, quick: bool = False, sources: str 
                           shards_damaged=sorted(bad_shards | set(damaged_sidecars)), nonfinite=nonfinite,
                           images_nonfinite=sum(1 for key in flagged if latest[key][1] in flagged[key]
                                                and counted.get(key) == "ok" and latest[key][1] not in bad_shards),
-                          in_view=in_view)
+                          in_view=in_view, media=header.settings.media)
     if plan is not None:
         report.input_errors += [f"could not list {path}: {why} (the next extract lists it again)"
                                 for path, why in plan.latest.listing_errors or []]
