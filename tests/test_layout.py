@@ -40,7 +40,8 @@ ALLOWED = {
     "inputs": ("vitok.storage.layout", "vitok.storage.keys"),
     "storage": ("vitok.inputs.sources", "vitok.inputs.archives"),
 }
-LEAVES = ("vitok/version.py", "vitok/errors.py", "vitok/storage/layout.py", "vitok/storage/keys.py")
+LEAVES = ("vitok/version.py", "vitok/errors.py", "vitok/processes.py", "vitok/storage/layout.py",
+          "vitok/storage/keys.py")
 
 
 def _stage_rules():

@@ -742,6 +742,50 @@ def test_decode_gpu_decodes_videos_exactly_on_the_cpu_saying_so(tmp_path, caplog
     assert vitok.extract([str(folder)], tmp_path / "gpu", **common).shards_already_done == 1  # resumed without it
 
 
+def test_copies_left_by_a_killed_process_are_removed_by_the_next_one_to_copy(tmp_path, monkeypatch):
+    """A process killed with SIGKILL cannot remove its copy of a video (gigabytes, maybe): the next process that
+    copies an input into the same folder removes it once untouched for ORPHANED_AFTER; a copy of a live process, or
+    one touched lately (a process of another PID namespace may be using it), stays."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from conftest import ROOT
+
+    from vitok.inputs import temporary
+
+    killed = """
+import os, signal, sys
+from vitok.inputs.temporary import temporary_copy
+for kind in ("member", "remote", "member"):
+    with temporary_copy(kind, sys.argv[1]) as out:
+        out.write(b"frames" * 1000)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    result = subprocess.run([sys.executable, "-c", killed, str(tmp_path)], env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode == -9
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 3 and all(name.startswith(("vitok-member-", "vitok-remote-")) for name in left)
+    old = time.time() - temporary.ORPHANED_AFTER - 60
+    for name in left[:2]:
+        os.utime(tmp_path / name, (old, old))
+    with temporary.temporary_copy("member", str(tmp_path)):  # what a live process of another run holds
+        pass
+    live = {p.name for p in tmp_path.iterdir()} - set(left)
+    for name in live:
+        os.utime(tmp_path / name, (old, old))
+    (tmp_path / "vitok-notes.txt").write_text("not a copy")
+    os.utime(tmp_path / "vitok-notes.txt", (old, old))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(temporary, "_swept", set())
+    with temporary.temporary_copy("remote") as new:  # the next process to copy (here: this one, looking afresh)
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({left[2], *live, "vitok-notes.txt",
+                                                                 os.path.basename(new.name)})
+
+
 def test_large_video_members_are_copied_to_the_temporary_space_and_never_left_there(tmp_path, small_tmpfs,
                                                                                      monkeypatch):
     import tempfile

@@ -30,6 +30,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..processes import process_alive
 from .layout import CLAIMS_DIR
 from .roots import StoreRoot, store_root
 
@@ -66,17 +67,6 @@ def _proc_start(pid: int) -> str | None:
             return handle.read().rsplit(b")", 1)[1].split()[19].decode()
     except (OSError, IndexError):
         return None
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process of this machine still runs (one of another user counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from ...errors import InputUnavailableError, UsageError
 from ..identity import Sha256
 from ..sources import is_url, open_regular, url_path
+from ..temporary import temporary_copy
 
 if TYPE_CHECKING:
     from ..decode import SourceFile
@@ -86,7 +87,7 @@ def fetch_to_temporary(url: str, folder: str | None = None) -> SourceFile:
         raise InputUnavailableError(f"cannot fetch: {size} bytes, more than the {free} bytes free in the temporary "
                                     f"space {folder} (set TMPDIR to a larger one; a later run retries it)")
     suffix = re.sub(r"[^0-9A-Za-z.]", "", os.path.splitext(url_path(url))[1])[:16]  # (FFmpeg reads by content)
-    handle = tempfile.NamedTemporaryFile(prefix="vitok-remote-", suffix=suffix, dir=folder, delete=False)
+    handle = temporary_copy("remote", folder, suffix)
     source = SourceFile(None, 0, local=handle.name)
     try:
         with handle:

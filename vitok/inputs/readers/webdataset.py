@@ -26,11 +26,11 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..sources import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, NotRegularFileError, sniff_video
+from ..temporary import temporary_copy
 from . import InputReader, KeyRule, Sample, UnitReadError
 from .remote import open_binary
 
@@ -82,7 +82,7 @@ def spool(handle, name: str, folder: str | None = None) -> Member:
     ``TMPDIR``). SpoolError when that space cannot take it; what reading the tar raises goes through. A partial copy
     is removed either way."""
     first = handle.read(SNIFF_BYTES)
-    out = tempfile.NamedTemporaryFile(prefix="vitok-member-", dir=folder, delete=False)
+    out = temporary_copy("member", folder)
     try:
         with out:
             block = first
