@@ -228,3 +228,40 @@ class _Limited:
 
     def close(self) -> None:
         self.handle.close()
+
+
+KILLED_AT_CALL = """
+import importlib, os, signal, sys, time
+from pathlib import Path
+target, call, shards, wanted, sent = sys.argv[1:6]
+module, _, name = target.partition(":")
+owner = importlib.import_module(module)
+*path, attribute = name.split(".")
+for part in path:
+    owner = getattr(owner, part)
+real, calls = getattr(owner, attribute), []
+def hooked(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(call):
+        deadline = time.time() + 120
+        while len(list(Path(shards).glob("*.json"))) < int(wanted) and time.time() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), getattr(signal, sent))
+    return real(*args, **kwargs)
+setattr(owner, attribute, hooked)
+from vitok.cli.app import main
+sys.argv = ["vitok", *sys.argv[6:]]
+main()
+"""
+
+
+def vitok_killed_at(target: str, call: int, *args: str, shards: Path | None = None, published: int = 0,
+                    sent: str = "SIGKILL", env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``vitok ARGS`` in a real process that sends itself ``sent`` as the ``call``-th call of ``target``
+    ("module:Class.method" or "module:function") begins, once ``shards`` holds ``published`` finished shards.
+
+    A kill sent from outside races the run: on a fast machine a small job ends between the test seeing its first
+    shard and the signal, and the kill lands nowhere. Here the point is fixed by the work itself."""
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, "-c", KILLED_AT_CALL, target, str(call), str(shards or "."), str(published),
+                           sent, *args], env=full_env, capture_output=True, text=True, timeout=300)

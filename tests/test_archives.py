@@ -7,14 +7,13 @@ import io
 import json
 import os
 import shutil
-import signal
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import popen_vitok, wait_for
 from helpers import vitok as run_vitok
+from helpers import vitok_killed_at
 from PIL import Image
 
 import vitok
@@ -159,11 +158,8 @@ def test_kill_in_the_middle_of_a_tar_then_rerun_gives_every_sample_once(tmp_path
     out = tmp_path / "out"
     args = ["extract", str(tmp_path / "{00000..00005}.tar"), "-o", str(out), "--size", "small", "--workers", "1",
             "--quiet"]
-    proc = popen_vitok(*args)
-    assert wait_for(lambda: len(list((out / "shards").glob("*.json"))) >= 1 if (out / "shards").exists() else False,
-                    process=proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed = vitok_killed_at("vitok.storage.shards:commit", 2, *args)  # as the second tar's shard is committed
+    assert killed.returncode == -9, killed.stderr
     finished = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.json")}
     assert 1 <= len(finished) < 6
     assert run_vitok(*args).returncode == 0

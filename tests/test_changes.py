@@ -492,23 +492,6 @@ def test_copied_from_names_a_record_of_those_pixels_after_the_donors_key_changes
         assert store.info("A.png")["content_id"] != copy["content_id"]
 
 
-KILLER = """
-import os, signal, sys
-from vitok.storage import shards
-target, at = os.environ["VITOK_TEST_KILL"].split(":")
-real, calls = getattr(shards, target), []
-def hooked(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == int(at):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(*args, **kwargs)
-setattr(shards, target, hooked)
-from vitok.cli.app import main
-sys.argv = ["vitok", *sys.argv[1:]]
-main()
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", ["_move:1", "_move:2", "_move:4", "commit:1"])
 def test_an_update_killed_while_it_moves_superseded_shards_resumes_and_plain_readers_never_see_a_key_twice(
@@ -516,11 +499,7 @@ def test_an_update_killed_while_it_moves_superseded_shards_resumes_and_plain_rea
     """kill -9 at each move of the superseded-shard step (data, then sidecar, of two shards) and right after it,
     before the first replacing shard is published: no key is ever twice where plain readers look, and a plain
     resume gives the store a fresh extract gives, plain readers included."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-    from helpers import TINY
+    from helpers import TINY, vitok_killed_at
 
     folder = png_folder(tmp_path / "images", 10)
     out = tmp_path / "out"
@@ -529,9 +508,9 @@ def test_an_update_killed_while_it_moves_superseded_shards_resumes_and_plain_rea
     (folder / "1.png").write_bytes(png(20))
     bump_mtime(folder / "1.png")
     os.remove(folder / "5.png")  # two shards superseded: shard-000000 and shard-000001
-    (tmp_path / "killer.py").write_text(KILLER)
-    killed = subprocess.run([sys.executable, str(tmp_path / "killer.py"), "extract", str(folder), "-o", str(out),
-                             "--update", *args], env=dict(os.environ, PYTHONPATH=str(ROOT), VITOK_TEST_KILL=kill))
+    target, at = kill.split(":")
+    killed = vitok_killed_at(f"vitok.storage.shards:{target}", int(at), "extract", str(folder), "-o", str(out),
+                             "--update", *args)
     assert killed.returncode == -9
     keys = [key for key, _ in plain_rows(out, "hdf5")]
     assert len(keys) == len(set(keys))

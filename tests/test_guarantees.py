@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import ROOT
-from helpers import TINY, make_folder, photo, popen_vitok, wait_for
+from helpers import TINY, make_folder, photo, popen_vitok, vitok_killed_at
 from helpers import vitok as run_vitok
 
 import vitok
@@ -345,12 +345,9 @@ def test_a_signal_stops_cleanly_and_a_rerun_resumes(tmp_path, sig, code):
     folder = make_folder(tmp_path / "imgs", count=24, with_odd=False)
     out = tmp_path / "out"
     args = ["extract", str(folder), "-o", str(out), "--size", "small", "--workers", "1", "--shard-size", "2"]
-    proc = popen_vitok(*args, capture=True)
-    assert wait_for(lambda: len(list((out / "shards").glob("*.json"))) >= 1 if (out / "shards").exists()
-                    else False, process=proc)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == code, stderr[-1000:]
+    stopped = vitok_killed_at("vitok.storage.shards:commit", 2, *args, sent=sig.name)  # as the second shard commits
+    stderr = stopped.stderr
+    assert stopped.returncode == code, stderr[-1000:]
     assert "rerun the same command to resume" in stderr
     assert not leftovers(out) and not list((out / ".claims").glob("*.claim"))
     done = shard_times(out)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from conftest import ROOT
-from helpers import TINY, all_tokens, make_folder, popen_vitok, wait_for
+from helpers import TINY, all_tokens, make_folder, popen_vitok, vitok_killed_at
 from helpers import vitok as run_vitok
 
 import vitok
@@ -123,10 +122,8 @@ def test_killed_part_is_finished_by_a_rerun_and_other_part_counts_redo_nothing(t
     args = ["extract", str(folder), "-o", str(out), "--size", "small", "--workers", "0", "--shard-size", "2",
             "--quiet", "--store-dtype", "float32"]
     run_vitok(*args, "--part", "0", "--num-parts", "2", check=True)
-    proc = popen_vitok(*args, "--part", "1", "--num-parts", "2")
-    wait_for(lambda: len(list((out / "shards").glob("*.json"))) >= 5, process=proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed = vitok_killed_at("vitok.storage.shards:commit", 2, *args, "--part", "1", "--num-parts", "2")
+    assert killed.returncode == -9, killed.stderr  # as part 1's second shard is committed
     assert run_vitok("verify", str(out)).returncode == 1
     run_vitok(*args, "--part", "1", "--num-parts", "2", check=True)
     assert run_vitok("verify", str(out)).returncode == 0

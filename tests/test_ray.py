@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import ROOT
-from helpers import TINY, make_folder, png_folder, popen_vitok, wait_for
+from helpers import TINY, make_folder, png_folder, vitok_killed_at
 from helpers import vitok as cli
 
 import vitok
@@ -240,16 +239,10 @@ def test_videos_through_ray_equal_one_process(cluster, tmp_path):
 @pytest.mark.slow  # a Ray run costs several seconds on 2 cores
 def test_a_killed_driver_resumes_to_the_same_store(cluster, folder, single, tmp_path):
     out = tmp_path / "out"
-    driver = popen_vitok("extract", str(folder), "-o", str(out), *TINY, "--store-dtype", "float32", "--features",
-                         "merged,deepstack", "--shard-size", "4", "--engine", "ray", "--address", cluster["address"])
-    try:
-        assert wait_for(lambda: any((out / "shards").glob("*.json")), timeout=240, process=driver)
-        assert driver.poll() is None, "the run ended before it could be killed"
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+    driver = vitok_killed_at("vitok.storage.shards:commit", 2, "extract", str(folder), "-o", str(out), *TINY,
+                             "--store-dtype", "float32", "--features", "merged,deepstack", "--shard-size", "4",
+                             "--engine", "ray", "--address", cluster["address"])
+    assert driver.returncode == -9, driver.stderr[-2000:]  # as the driver commits the second shard
     committed = len(list((out / "shards").glob("*.json")))
     assert 0 < committed < len(single)
     summary = vitok.extract([str(folder)], out, engine="ray", **LIB)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import errno
 import json
-import signal
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, all_tokens, make_folder, popen_vitok, wait_for
+from helpers import TINY, all_tokens, make_folder, vitok_killed_at
 from helpers import vitok as run_vitok
 
 import vitok
@@ -116,10 +115,8 @@ def test_resume_after_sigkill_redoes_nothing_finished(tmp_path):
     out = tmp_path / "out"
     args = ["extract", str(folder), "-o", str(out), "--size", "small", "--workers", "0", "--shard-size", "2",
             "--quiet", "--store-dtype", "float32"]
-    proc = popen_vitok(*args)
-    wait_for(lambda: len(list((out / "shards").glob("*.json"))) >= 2, process=proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed = vitok_killed_at("vitok.storage.shards:commit", 3, *args)  # as the third shard is committed
+    assert killed.returncode == -9, killed.stderr
     done_before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.json")}
     assert 1 <= len(done_before) < 8, "the kill should land part-way"
     assert run_vitok("verify", str(out)).returncode == 1  # incomplete

@@ -511,21 +511,20 @@ def test_limits_refuse_a_video_from_its_metadata_before_decoding(tmp_path):
 @needs_av
 @needs_torchcodec
 def test_kill_9_in_the_middle_of_videos_then_rerun_gives_every_video_once(tmp_path):
-    import signal
-
-    from helpers import popen_vitok, vitok, wait_for
+    from helpers import vitok, vitok_killed_at
 
     import vitok as library
 
-    folder = video_folder(tmp_path / "videos", [(f"{i}.mp4", 36, (128, 96), 24) for i in range(5)])
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(5):  # other pixels each: a copy of a video encoded before would cost no encoder call
+        video_clip(folder / f"{i}.mp4", frames=36, size=(128, 96), seed=i)
     out = tmp_path / "out"
     args = ["extract", str(folder), "-o", str(out), "--model", "qwen3-vl-tiny", "--workers", "0", "--shard-size",
             "1", "--num-frames", "16", "--quiet"]
-    proc = popen_vitok(*args)
-    assert wait_for(lambda: len(list((out / "shards").glob("*.json"))) >= 1 if (out / "shards").exists() else False,
-                    process=proc)
-    proc.send_signal(signal.SIGKILL)  # while the next video is decoded or encoded
-    proc.wait()
+    # as the third video's encoding begins, once the first is published (the second is decoded and encoded)
+    killed = vitok_killed_at("vitok.encoder.inference:Encoder.encode", 3, *args, shards=out / "shards", published=1)
+    assert killed.returncode == -9, killed.stderr
     finished = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.json")}
     assert 1 <= len(finished) < 5
     assert vitok(*args).returncode == 0

@@ -147,10 +147,8 @@ def test_a_stream_shorter_than_its_metadata_is_skipped_after_some_pieces_and_lea
 @needs_av
 @needs_torchcodec
 def test_kill_9_in_the_middle_of_a_video_cut_in_time_then_rerun_gives_every_video_once(tmp_path):
-    import signal
-
-    from helpers import popen_vitok, wait_for
     from helpers import vitok as cli
+    from helpers import vitok_killed_at
 
     import vitok
 
@@ -162,11 +160,11 @@ def test_kill_9_in_the_middle_of_a_video_cut_in_time_then_rerun_gives_every_vide
     args = ["extract", str(folder), "-o", str(out), "--model", "qwen3-vl-tiny", "--workers", "0", "--shard-size",
             "1", "--num-frames", "32", "--token-budget", "96", "--video-chunk-patches", "96", "--store-dtype",
             "float32", "--quiet"]
-    proc = popen_vitok(*args)
-    assert wait_for(lambda: len(list((out / "shards").glob("*.json"))) >= 1 if (out / "shards").exists() else False,
-                    process=proc)
-    proc.send_signal(signal.SIGKILL)  # a video of 8 pieces is being decoded and encoded
-    proc.wait()
+    # each video is 8 pieces, one encoder call each: killed as the third video's third piece begins, once the
+    # first video is published (a video's shard is committed behind the next video's last piece)
+    process = vitok_killed_at("vitok.encoder.inference:Encoder.encode", 8 + 8 + 3, *args, shards=out / "shards",
+                              published=1)
+    assert process.returncode == -9, process.stderr
     finished = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.json")}
     assert 1 <= len(finished) < 3
     killed = vitok.open(out)  # what a reader sees meanwhile: whole videos only
